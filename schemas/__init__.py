@@ -1,1 +1,50 @@
+"""moecap.schemas — the trace format: table schemas, run metadata, writer and reader.
 
+Imports only pyarrow (and numpy, which pyarrow requires) and the standard library.
+"""
+
+from .errors import TraceError
+from .metadata import (
+    ClockAnchor,
+    EngineInfo,
+    GpuInfo,
+    ModelInfo,
+    MoEInfo,
+    Parallelism,
+    RankIdentity,
+    RunMetadata,
+    new_run_id,
+)
+from .reader import TraceFile, TraceRun, TraceSet, expand_paths, open_traces, read_trace_file
+from .tables import PHASES, SCHEMA_VERSION, TABLE_KINDS, TABLES, Column, arrow_schema, required_columns
+from .writer import TraceWriter, WriterStats, rows_to_batch, trace_file_name
+
+__all__ = [
+    "PHASES",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "TABLE_KINDS",
+    "ClockAnchor",
+    "Column",
+    "EngineInfo",
+    "GpuInfo",
+    "ModelInfo",
+    "MoEInfo",
+    "Parallelism",
+    "RankIdentity",
+    "RunMetadata",
+    "TraceError",
+    "TraceFile",
+    "TraceRun",
+    "TraceSet",
+    "TraceWriter",
+    "WriterStats",
+    "arrow_schema",
+    "expand_paths",
+    "new_run_id",
+    "open_traces",
+    "read_trace_file",
+    "required_columns",
+    "rows_to_batch",
+    "trace_file_name",
+]
