@@ -38,7 +38,9 @@ def render_markdown() -> str:
     """The whole docs page as Markdown."""
     out = [_INTRO]
     for table, columns in TABLES.items():
-        out.append(f"\n## Table `{table}`\n\n| column | type | nullable | unit | meaning |\n|---|---|---|---|---|")
+        out.append(
+            f"\n## Table `{table}`\n\n| column | type | nullable | unit | meaning |\n|---|---|---|---|---|"
+        )
         for c in columns:
             out.append(
                 f"| `{c.name}` | `{c.type}` | {'yes' if c.nullable else 'no'} | {c.unit} | {c.description} |"

@@ -178,7 +178,9 @@ def _build(cls: Any, data: dict[str, Any], source: str, path: str) -> Any:
     missing = [
         name
         for name, f in hints.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise TraceError(f"{source}: {path} lacks required field(s) {', '.join(missing)}")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -23,6 +24,7 @@ from .tables import SCHEMA_VERSION, TABLES
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_FILE_MAGIC = b"ARROW1"
 _STREAM_CONTINUATION = b"\xff\xff\xff\xff"
+_END_OF_STREAM = _STREAM_CONTINUATION + b"\x00\x00\x00\x00"
 
 
 @dataclass
@@ -120,7 +122,9 @@ def _read_bytes(path: Path, data: bytes) -> TraceFile:
     if data[:4] == _PARQUET_MAGIC:
         raise TraceError(f"{path}: is a Parquet file, expected an Arrow IPC stream trace (.arrow)")
     if data[:6] == _ARROW_FILE_MAGIC:
-        raise TraceError(f"{path}: is an Arrow IPC *file* (random-access format), expected an IPC stream trace")
+        raise TraceError(
+            f"{path}: is an Arrow IPC *file* (random-access format), expected an IPC stream trace"
+        )
     if data[:4] != _STREAM_CONTINUATION:
         raise TraceError(f"{path}: not an Arrow IPC stream (bad leading bytes), expected a moecap trace")
     source = pa.BufferReader(pa.py_buffer(data))
@@ -141,8 +145,9 @@ def _read_bytes(path: Path, data: bytes) -> TraceFile:
         try:
             batch, custom = reader.read_next_batch_with_custom_metadata()
         except StopIteration:
-            complete = True
-            good_end = source.tell()
+            # pyarrow also stops cleanly at EOF on a message boundary; only the end-of-stream
+            # marker written by close() proves the writer finished.
+            complete = data.endswith(_END_OF_STREAM)
             break
         except (pa.ArrowException, OSError, ValueError, EOFError):
             break
@@ -184,7 +189,9 @@ def _read_bytes(path: Path, data: bytes) -> TraceFile:
 def _validate_schema(path: Path, schema: pa.Schema) -> tuple[str, str, RunMetadata]:
     meta = schema.metadata or {}
     if b"moecap.table" not in meta:
-        raise TraceError(f"{path}: an Arrow stream without moecap metadata (moecap.table), not a moecap trace")
+        raise TraceError(
+            f"{path}: an Arrow stream without moecap metadata (moecap.table), not a moecap trace"
+        )
     kind = meta[b"moecap.table"].decode()
     if kind not in TABLES:
         raise TraceError(f"{path}: unknown table kind {kind!r}; expected one of {', '.join(TABLES)}")
@@ -227,7 +234,7 @@ def _major(version: str) -> int | None:
     return int(parts[0])
 
 
-def _batch_info(custom: pa.KeyValueMetadata) -> dict[str, object] | None:
+def _batch_info(custom: pa.KeyValueMetadata) -> dict[str, Any] | None:
     raw = custom.get(b"moecap.batch") if hasattr(custom, "get") else None
     if raw is None:
         return None
@@ -279,7 +286,9 @@ def _check_name(tf: TraceFile) -> None:
     if name.endswith(f".{tf.table_kind}.arrow") and name.count(".") >= 3:
         prefix = name[: -len(f".{tf.table_kind}.arrow")].rsplit(".", 1)[0]
         if prefix != tf.run.run_id and _looks_like_run_id(prefix):
-            raise TraceError(f"{tf.path}: file name says run {prefix!r} but its metadata says {tf.run.run_id!r}")
+            raise TraceError(
+                f"{tf.path}: file name says run {prefix!r} but its metadata says {tf.run.run_id!r}"
+            )
 
 
 def _looks_like_run_id(text: str) -> bool:
@@ -297,6 +306,10 @@ def _conflict(run: TraceRun, tf: TraceFile) -> str | None:
             f"in {run.files[0].path.name})"
         )
     for other in run.files:
-        if other.table_kind == tf.table_kind and other.run.rank == tf.run.rank and other.table_kind != "gpu_samples":
+        if (
+            other.table_kind == tf.table_kind
+            and other.run.rank == tf.run.rank
+            and other.table_kind != "gpu_samples"
+        ):
             return f"{tf.path}: duplicate {tf.table_kind} file for run {tf.run.run_id!r} rank {tf.run.rank.tag()}"
     return None

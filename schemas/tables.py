@@ -42,52 +42,147 @@ _PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 TABLES: dict[str, tuple[Column, ...]] = {
     "steps": (
-        _c("step", pa.int64(), False, "", "The engine's own step key (vLLM EngineCore step, SGLang forward_pass_id, "
-           "HF batch-processor step), so ranks align and a lost batch shifts nothing."),
+        _c(
+            "step",
+            pa.int64(),
+            False,
+            "",
+            "The engine's own step key (vLLM EngineCore step, SGLang forward_pass_id, "
+            "HF batch-processor step), so ranks align and a lost batch shifts nothing.",
+        ),
         _c("t_start_ns", pa.int64(), False, "ns (host monotonic)", "Host time when the step was launched."),
-        _c("t_end_ns", pa.int64(), False, "ns (host monotonic)", "Host time when the step's launch call returned "
-           "(under asynchronous engines this bounds CPU dispatch, not GPU execution)."),
-        _c("gpu_start_ns", pa.int64(), True, "ns (host monotonic)", "Start of the step's GPU span from CUDA events, "
-           "mapped to the host clock. Metrics use the GPU span where present."),
-        _c("gpu_end_ns", pa.int64(), True, "ns (host monotonic)", "End of the step's GPU span from CUDA events."),
+        _c(
+            "t_end_ns",
+            pa.int64(),
+            False,
+            "ns (host monotonic)",
+            "Host time when the step's launch call returned "
+            "(under asynchronous engines this bounds CPU dispatch, not GPU execution).",
+        ),
+        _c(
+            "gpu_start_ns",
+            pa.int64(),
+            True,
+            "ns (host monotonic)",
+            "Start of the step's GPU span from CUDA events, "
+            "mapped to the host clock. Metrics use the GPU span where present.",
+        ),
+        _c(
+            "gpu_end_ns",
+            pa.int64(),
+            True,
+            "ns (host monotonic)",
+            "End of the step's GPU span from CUDA events.",
+        ),
         _c("phase", _PHASE_TYPE, False, "", "prefill | decode | mixed | idle | verify (see PHASES)."),
         _c("is_draft", pa.bool_(), False, "", "True for a speculative-decoding draft-model pass."),
         _c("num_reqs", pa.int32(), False, "requests", "Requests in the batch."),
-        _c("num_tokens", pa.int32(), False, "tokens", "Tokens computed this step (sum of req_new_tokens; "
-           "includes draft tokens being verified; excludes padding)."),
+        _c(
+            "num_tokens",
+            pa.int32(),
+            False,
+            "tokens",
+            "Tokens computed this step (sum of req_new_tokens; "
+            "includes draft tokens being verified; excludes padding).",
+        ),
         _c("req_ids", pa.list_(pa.string()), False, "", "Engine request ids in batch order."),
-        _c("req_prefix_lens", pa.list_(pa.int32()), False, "tokens", "Per request: tokens already in the KV cache "
-           "before this step (prefix-cache hits and earlier chunks included)."),
-        _c("req_new_tokens", pa.list_(pa.int32()), False, "tokens", "Per request: tokens computed this step."),
-        _c("req_num_logits", pa.list_(pa.int16()), True, "rows", "Per request: logit rows sampled this step (0 for a "
-           "non-final prefill chunk; >1 under speculative decoding). Null where the engine does not say."),
-        _c("req_spec_tokens", pa.list_(pa.int16()), True, "tokens", "Per request: draft tokens verified this step "
-           "(included in req_new_tokens). Null without speculative decoding."),
+        _c(
+            "req_prefix_lens",
+            pa.list_(pa.int32()),
+            False,
+            "tokens",
+            "Per request: tokens already in the KV cache "
+            "before this step (prefix-cache hits and earlier chunks included).",
+        ),
+        _c(
+            "req_new_tokens", pa.list_(pa.int32()), False, "tokens", "Per request: tokens computed this step."
+        ),
+        _c(
+            "req_num_logits",
+            pa.list_(pa.int16()),
+            True,
+            "rows",
+            "Per request: logit rows sampled this step (0 for a "
+            "non-final prefill chunk; >1 under speculative decoding). Null where the engine does not say.",
+        ),
+        _c(
+            "req_spec_tokens",
+            pa.list_(pa.int16()),
+            True,
+            "tokens",
+            "Per request: draft tokens verified this step "
+            "(included in req_new_tokens). Null without speculative decoding.",
+        ),
     ),
     "experts": (
         _c("step", pa.int64(), False, "", "Joins steps.step of the same file rank."),
-        _c("counts", pa.list_(pa.int32()), False, "tokens", "Tokens routed to each expert, flat, layer-major: "
-           "index = moe_layer_index * num_experts + expert (layers in run.moe.layer_ids order, restricted to this "
-           "file's layer range). Real tokens only (no padding); one token counts once per top-k choice."),
+        _c(
+            "counts",
+            pa.list_(pa.int32()),
+            False,
+            "tokens",
+            "Tokens routed to each expert, flat, layer-major: "
+            "index = moe_layer_index * num_experts + expert (layers in run.moe.layer_ids order, restricted to this "
+            "file's layer range). Real tokens only (no padding); one token counts once per top-k choice.",
+        ),
     ),
     "requests": (
-        _c("req_id", pa.string(), False, "", "The driver's request id (sent to the engine: X-Request-Id / rid)."),
+        _c(
+            "req_id",
+            pa.string(),
+            False,
+            "",
+            "The driver's request id (sent to the engine: X-Request-Id / rid).",
+        ),
         _c("engine_req_id", pa.string(), True, "", "The engine's id for the request, where it differs."),
         _c("sample_id", pa.string(), True, "", "Dataset sample id (joins outputs.sample_id)."),
         _c("arrival_ns", pa.int64(), False, "ns (host monotonic)", "When the client sent the request."),
         _c("first_token_ns", pa.int64(), True, "ns (host monotonic)", "When the first output token arrived."),
-        _c("finish_ns", pa.int64(), True, "ns (host monotonic)", "When the last byte of the response arrived."),
-        _c("prompt_tokens", pa.int32(), True, "tokens", "Prompt length (from usage where the server reports it)."),
+        _c(
+            "finish_ns",
+            pa.int64(),
+            True,
+            "ns (host monotonic)",
+            "When the last byte of the response arrived.",
+        ),
+        _c(
+            "prompt_tokens",
+            pa.int32(),
+            True,
+            "tokens",
+            "Prompt length (from usage where the server reports it).",
+        ),
         _c("output_tokens", pa.int32(), True, "tokens", "Generated tokens (from usage where reported)."),
         _c("cached_prompt_tokens", pa.int32(), True, "tokens", "Prompt tokens served from the prefix cache."),
-        _c("chunk_times_ns", pa.list_(pa.int64()), True, "ns (host monotonic)", "Arrival time of every streamed "
-           "chunk that carried tokens."),
-        _c("chunk_tokens", pa.list_(pa.int32()), True, "tokens", "Tokens carried by each chunk (a chunk can carry "
-           "several)."),
-        _c("queue_ns", pa.int64(), True, "ns", "Time queued in the engine before the first scheduled step, where "
-           "the engine says."),
+        _c(
+            "chunk_times_ns",
+            pa.list_(pa.int64()),
+            True,
+            "ns (host monotonic)",
+            "Arrival time of every streamed chunk that carried tokens.",
+        ),
+        _c(
+            "chunk_tokens",
+            pa.list_(pa.int32()),
+            True,
+            "tokens",
+            "Tokens carried by each chunk (a chunk can carry several).",
+        ),
+        _c(
+            "queue_ns",
+            pa.int64(),
+            True,
+            "ns",
+            "Time queued in the engine before the first scheduled step, where the engine says.",
+        ),
         _c("preemptions", pa.int32(), True, "", "Times the engine preempted the request, where it says."),
-        _c("finish_reason", pa.string(), True, "", "stop | length | abort | error … as the engine reports it."),
+        _c(
+            "finish_reason",
+            pa.string(),
+            True,
+            "",
+            "stop | length | abort | error … as the engine reports it.",
+        ),
         _c("error", pa.string(), True, "", "Error text for a failed request; null when it succeeded."),
         _c("retries", pa.int16(), False, "", "Retries the client made before this outcome."),
     ),
