@@ -1,0 +1,271 @@
+"""MoE-CAP per-step records (`batch_data.json`): loading, and the polars frame the formulas run on.
+
+A record is one forward pass as the reference's server-side recorder writes it. The frame has one
+row per record with these columns (all optional except where a formula needs them; extra keys in the
+records are ignored):
+
+=================  =====================================  ===============================================
+column             dtype                                  meaning
+=================  =====================================  ===============================================
+forward_mode       String                                 "prefill" (any extend pass), "decode"; vLLM also
+                                                          "mixed", the client fallback "decoding"
+batch_size         Float64                                requests in the pass
+seq_lens_sum       Float64                                context tokens of the pass (cached + new, summed
+                                                          over the batch), tokens
+latency            Float64                                synchronised wall time of the forward call, s
+ttft               Float64                                pass duration in file-shape traces without
+                                                          `latency`, s (run-level values only)
+expert_activation  Float64                                distinct experts hit, averaged over layers;
+                                                          null or < 0 = invalid (record skipped)
+gpu_num            Int64 (String if a record has "N/A")   GPUs of the server process (tp x pp)
+gpu_raw_type       String                                 reference GPU key, e.g. NVIDIA-H100-HBM3-80GB
+per_req_info       List(Struct)                           prefill only: one entry per request in the pass,
+                                                          fields below
+scheduled_tokens   Float64                                tokens the pass actually ran (cached excluded)
+=================  =====================================  ===============================================
+
+`per_req_info` entries: `req_id` (String; ids are compared by their string form), `req_id_present`
+(Boolean: the entry had a `req_id` key, even with a null value - the reference then keys the request
+by that null instead of by `req_pool_idx`; null means "present iff req_id is not null"),
+`req_pool_idx` (Int64), `extend_len` (Int64, new tokens of this chunk), `total_len` (Int64, tokens of
+the request so far), `is_last_chunk` (Boolean).
+
+Null and absent are the same in a frame. Where the reference tells them apart we follow "absent",
+except for `req_id` (kept exact through `req_id_present`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from moecap.analyze.errors import InputError
+
+PER_REQ_INFO_FIELDS: dict[str, pl.DataType] = {
+    "req_id": pl.String(),
+    "req_id_present": pl.Boolean(),
+    "req_pool_idx": pl.Int64(),
+    "extend_len": pl.Int64(),
+    "total_len": pl.Int64(),
+    "is_last_chunk": pl.Boolean(),
+}
+
+RECORD_SCHEMA: dict[str, pl.DataType] = {
+    "forward_mode": pl.String(),
+    "batch_size": pl.Float64(),
+    "seq_lens_sum": pl.Float64(),
+    "latency": pl.Float64(),
+    "ttft": pl.Float64(),
+    "expert_activation": pl.Float64(),
+    "gpu_num": pl.Int64(),
+    "gpu_raw_type": pl.String(),
+    "per_req_info": pl.List(pl.Struct(PER_REQ_INFO_FIELDS)),
+    "scheduled_tokens": pl.Float64(),
+}
+
+_EXPECTED = 'a JSON list of records, {"records": [...]}, or JSON Lines (one record object per line)'
+
+
+def load_reference_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a MoE-CAP `batch_data.json`: a JSON list, ``{"records": [...]}``, or JSONL; one dict per pass.
+
+    Raises InputError (one line naming the file) for a missing, empty or differently shaped file.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{p}: cannot read ({exc.__class__.__name__}: {exc}); expected {_EXPECTED}"
+        ) from None
+    if not text.strip():
+        raise InputError(f"{p}: empty file; expected {_EXPECTED}")
+    try:
+        doc: Any = json.loads(text)
+    except json.JSONDecodeError:
+        doc = _read_json_lines(p, text)
+    if isinstance(doc, Mapping):
+        if "records" in doc:
+            doc = doc["records"]
+        elif "forward_mode" in doc:  # JSON Lines with a single record
+            doc = [doc]
+        else:
+            raise InputError(f"{p}: a JSON object without a 'records' list; expected {_EXPECTED}")
+    if not isinstance(doc, list):
+        raise InputError(f"{p}: top-level JSON {type(doc).__name__}; expected {_EXPECTED}")
+    bad = next((i for i, r in enumerate(doc) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise InputError(
+            f"{p}: record {bad} is a {type(doc[bad]).__name__}, not an object; expected {_EXPECTED}"
+        )
+    return [dict(r) for r in doc]
+
+
+def _read_json_lines(p: Path, text: str) -> list[Any]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p}: line {lineno} is not JSON ({exc.msg}); expected {_EXPECTED}") from None
+    return out
+
+
+def records_to_frame(records: Sequence[Mapping[str, Any]], *, gpu_columns: bool = True) -> pl.DataFrame:
+    """The records as a frame with the documented columns (RECORD_SCHEMA), one row per record.
+
+    `gpu_columns=False` leaves out `gpu_num` / `gpu_raw_type` (the metrics read them from the first
+    record only). Raises InputError when a field has a value of the wrong type.
+    """
+    schema = dict(RECORD_SCHEMA)
+    if not gpu_columns:
+        del schema["gpu_num"], schema["gpu_raw_type"]
+    source_schema = dict(schema)
+    # The source dicts carry no req_id_present; it is added below.
+    source_schema["per_req_info"] = pl.List(
+        pl.Struct({k: v for k, v in PER_REQ_INFO_FIELDS.items() if k != "req_id_present"})
+    )
+    try:
+        frame = _build(records, source_schema)
+    except InputError:
+        if not gpu_columns:
+            raise
+        # The client-only fallback of the reference writes gpu_num "N/A".
+        source_schema["gpu_num"] = pl.String()
+        frame = _build(records, source_schema)
+    return _add_req_id_present(frame, records)
+
+
+def _build(records: Sequence[Mapping[str, Any]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    try:
+        return pl.DataFrame(records, schema=schema, strict=False)
+    except (pl.exceptions.PolarsError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise InputError(f"records do not fit the reference record columns: {first}") from None
+
+
+def _add_req_id_present(frame: pl.DataFrame, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """Add `per_req_info[].req_id_present`. Only entries whose req_id is null are ambiguous (absent key or
+    explicit null); for those, and only those, the source dicts are consulted."""
+    info = pl.col("per_req_info")
+    frame = frame.with_columns(
+        info.list.eval(
+            pl.element().struct.with_fields(pl.field("req_id").is_not_null().alias("req_id_present"))
+        )
+    )
+    entries = (
+        frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"), info)
+        .filter(info.list.len() > 0)
+        .explode("per_req_info")
+        .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over("_row").alias("_pos"))
+    )
+    ambiguous = entries.filter(info.struct.field("req_id").is_null())
+    rows, positions = ambiguous["_row"].to_list(), ambiguous["_pos"].to_list()
+    present = ["req_id" in records[r]["per_req_info"][q] for r, q in zip(rows, positions, strict=True)]
+    if not any(present):
+        return frame.with_columns(info.cast(RECORD_SCHEMA["per_req_info"]))
+    flags = pl.DataFrame({"_row": rows, "_pos": positions, "_null_present": present})
+    rebuilt = (
+        entries.join(flags, on=["_row", "_pos"], how="left")
+        .with_columns(
+            info.struct.with_fields(
+                (pl.field("req_id_present") | pl.col("_null_present").fill_null(False)).alias(
+                    "req_id_present"
+                )
+            )
+        )
+        .group_by("_row", maintain_order=True)
+        .agg(info.alias("_info"))
+    )
+    return (
+        frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"))
+        .join(rebuilt, on="_row", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("_info", info).cast(RECORD_SCHEMA["per_req_info"]).alias("per_req_info"))
+        .drop("_row", "_info")
+    )
+
+
+#: Columns the formulas read (a subset of RECORD_SCHEMA).
+METRIC_COLUMNS = (
+    "forward_mode",
+    "batch_size",
+    "seq_lens_sum",
+    "latency",
+    "ttft",
+    "expert_activation",
+    "per_req_info",
+    "scheduled_tokens",
+)
+
+
+def normalize_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The metric columns of `frame` with the documented dtypes; missing columns (and missing
+    per_req_info fields) are added as nulls. Raises InputError when a column cannot be cast."""
+    schema = frame.schema
+    exprs = []
+    for name in METRIC_COLUMNS:
+        dtype = RECORD_SCHEMA[name]
+        if name not in schema:
+            exprs.append(pl.lit(None, dtype).alias(name))
+        elif name == "per_req_info":
+            exprs.append(_complete_entries(schema[name]).cast(dtype).alias(name))
+        else:
+            exprs.append(pl.col(name).cast(dtype))
+    try:
+        return frame.select(exprs)
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise InputError(f"record frame does not fit the reference record columns: {first}") from None
+
+
+def _complete_entries(dtype: pl.DataType) -> pl.Expr:
+    """per_req_info rebuilt field by field (by name) with the documented fields and dtypes; fields a
+    hand-built frame lacks become nulls."""
+    info = pl.col("per_req_info")
+    target = RECORD_SCHEMA["per_req_info"]
+    if dtype == target:
+        return info
+    inner = getattr(dtype, "inner", None)
+    if not isinstance(inner, pl.Struct):
+        return info
+    have = {f.name for f in inner.fields}
+    fields = [
+        pl.element().struct.field(name).cast(t) if name in have else pl.lit(None, t).alias(name)
+        for name, t in PER_REQ_INFO_FIELDS.items()
+    ]
+    return info.list.eval(pl.struct(fields))
+
+
+def frame_to_records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """The frame back as reference records: null fields are left out (absent), `req_id_present` decides
+    whether a null `req_id` is written. Not used by the formulas; for exporting reduced traces."""
+    out: list[dict[str, Any]] = []
+    for row in frame.to_dicts():
+        rec = {k: v for k, v in row.items() if v is not None and k != "per_req_info"}
+        if isinstance(rec.get("gpu_num"), str) and rec["gpu_num"].isdigit():
+            rec["gpu_num"] = int(rec["gpu_num"])
+        for k in ("batch_size", "seq_lens_sum", "scheduled_tokens"):
+            v = rec.get(k)
+            if isinstance(v, float) and v.is_integer():
+                rec[k] = int(v)
+        entries = row.get("per_req_info")
+        if entries is not None:
+            rec["per_req_info"] = [_entry_to_dict(e) for e in entries]
+        out.append(rec)
+    return out
+
+
+def _entry_to_dict(entry: Mapping[str, Any]) -> dict[str, Any]:
+    present = entry.get("req_id_present")
+    if present is None:
+        present = entry.get("req_id") is not None
+    d = {k: v for k, v in entry.items() if v is not None and k != "req_id_present"}
+    if present and "req_id" not in d:
+        d["req_id"] = None
+    return d
