@@ -10,7 +10,8 @@ from setuptools import find_packages, setup
 ROOTS = ("schemas", "collect", "analyze")
 
 packages = [
-    f"moecap.{name}" for name in find_packages(include=[f"{root}{suffix}" for root in ROOTS for suffix in ("", ".*")])
+    f"moecap.{name}"
+    for name in find_packages(include=[f"{root}{suffix}" for root in ROOTS for suffix in ("", ".*")])
 ]
 
 setup(packages=packages, package_dir={f"moecap.{root}": root for root in ROOTS})
