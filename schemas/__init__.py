@@ -15,7 +15,17 @@ from .metadata import (
     RunMetadata,
     new_run_id,
 )
-from .reader import TraceFile, TraceRun, TraceSet, expand_paths, open_traces, read_trace_file
+from .reader import (
+    TraceFile,
+    TraceRun,
+    TraceScan,
+    TraceSet,
+    expand_paths,
+    open_traces,
+    read_trace_file,
+    read_trace_header,
+    scan_trace_file,
+)
 from .tables import PHASES, SCHEMA_VERSION, TABLE_KINDS, TABLES, Column, arrow_schema, required_columns
 from .writer import TraceWriter, WriterStats, rows_to_batch, trace_file_name
 
@@ -36,6 +46,7 @@ __all__ = [
     "TraceError",
     "TraceFile",
     "TraceRun",
+    "TraceScan",
     "TraceSet",
     "TraceWriter",
     "WriterStats",
@@ -44,7 +55,9 @@ __all__ = [
     "new_run_id",
     "open_traces",
     "read_trace_file",
+    "read_trace_header",
     "required_columns",
     "rows_to_batch",
+    "scan_trace_file",
     "trace_file_name",
 ]

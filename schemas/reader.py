@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,82 +108,139 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def read_trace_file(path: str | os.PathLike[str]) -> TraceFile:
     """Read and validate one trace file, recovering every complete record batch of a truncated one."""
+    batches: list[pa.RecordBatch] = []
+    scan = scan_trace_file(path, batches.append)
+    table = pa.Table.from_batches(batches, schema=scan.schema) if batches else scan.schema.empty_table()
+    _check_nulls(scan.path, scan.table_kind, table)
+    return TraceFile(
+        path=scan.path,
+        table_kind=scan.table_kind,
+        schema_version=scan.schema_version,
+        run=scan.run,
+        table=table,
+        batches=scan.batches,
+        complete=scan.complete,
+        lost_bytes=scan.lost_bytes,
+        rows_dropped=scan.rows_dropped,
+        batch_anchors=scan.batch_anchors,
+        warnings=scan.warnings,
+    )
+
+
+@dataclass
+class TraceScan:
+    """What `scan_trace_file` learned about a file while streaming its batches to a callback."""
+
+    path: Path
+    table_kind: str
+    schema_version: str
+    run: RunMetadata
+    schema: pa.Schema
+    batches: int = 0
+    rows: int = 0
+    complete: bool = False
+    lost_bytes: int = 0
+    rows_dropped: int = 0
+    batch_anchors: list[tuple[int, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_trace_header(path: str | os.PathLike[str]) -> TraceScan:
+    """Validate a file's schema and metadata without reading its batches."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return _read_bytes(path, data)
+    with _open_mapped(path) as source:
+        _, _, scan = _open_stream(path, source)
+    return scan
 
 
-def _read_bytes(path: Path, data: bytes) -> TraceFile:
-    if not data:
-        raise TraceError(f"{path}: empty file, expected an Arrow IPC stream trace")
-    if data[:4] == _PARQUET_MAGIC:
+def scan_trace_file(path: str | os.PathLike[str], on_batch: Callable[[pa.RecordBatch], None]) -> TraceScan:
+    """Stream every complete record batch of a trace file to `on_batch` (memory-mapped, so a file
+    larger than memory is fine); stops quietly at a truncation and reports what was lost."""
+    path = Path(path)
+    with _open_mapped(path) as source:
+        size = source.size()
+        reader, good_end, scan = _open_stream(path, source)
+        while True:
+            try:
+                batch, custom = reader.read_next_batch_with_custom_metadata()
+            except StopIteration:
+                # pyarrow also stops cleanly at EOF on a message boundary; only the end-of-stream
+                # marker written by close() proves the writer finished.
+                scan.complete = _ends_with_eos(source, size)
+                break
+            except (pa.ArrowException, OSError, ValueError, EOFError):
+                break
+            on_batch(batch)
+            scan.batches += 1
+            scan.rows += batch.num_rows
+            good_end = source.tell()
+            info = _batch_info(custom) if custom is not None else None
+            if info:
+                scan.rows_dropped = max(scan.rows_dropped, int(info.get("rows_dropped_before", 0)))
+                if "monotonic_ns" in info and "unix_ns" in info:
+                    scan.batch_anchors.append((int(info["monotonic_ns"]), int(info["unix_ns"])))
+    if not scan.complete:
+        scan.lost_bytes = size - good_end
+        scan.warnings.append(
+            f"{path}: truncated stream: recovered {scan.batches} complete batch(es), {scan.rows} rows; "
+            f"{scan.lost_bytes} trailing byte(s) lost"
+        )
+    if scan.rows_dropped:
+        scan.warnings.append(f"{path}: the writer dropped {scan.rows_dropped} row(s) while recording")
+    if scan.schema_version.split(".")[1:2] > SCHEMA_VERSION.split(".")[1:2]:
+        scan.warnings.append(
+            f"{path}: written by newer format {scan.schema_version} (this reader knows {SCHEMA_VERSION})"
+        )
+    return scan
+
+
+class _open_mapped:
+    """Memory-map a file (an empty or unreadable one gives a TraceError)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.source: pa.MemoryMappedFile | None = None
+
+    def __enter__(self) -> pa.MemoryMappedFile:
+        try:
+            if self.path.stat().st_size == 0:
+                raise TraceError(f"{self.path}: empty file, expected an Arrow IPC stream trace")
+            self.source = pa.memory_map(str(self.path), "r")
+        except OSError as exc:
+            raise TraceError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        return self.source
+
+    def __exit__(self, *exc: object) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def _ends_with_eos(source: pa.MemoryMappedFile, size: int) -> bool:
+    if size < len(_END_OF_STREAM):
+        return False
+    return source.read_at(len(_END_OF_STREAM), size - len(_END_OF_STREAM)) == _END_OF_STREAM
+
+
+def _open_stream(
+    path: Path, source: pa.MemoryMappedFile
+) -> tuple[ipc.RecordBatchStreamReader, int, TraceScan]:
+    head = source.read_at(min(8, source.size()), 0)
+    if head[:4] == _PARQUET_MAGIC:
         raise TraceError(f"{path}: is a Parquet file, expected an Arrow IPC stream trace (.arrow)")
-    if data[:6] == _ARROW_FILE_MAGIC:
+    if head[:6] == _ARROW_FILE_MAGIC:
         raise TraceError(
             f"{path}: is an Arrow IPC *file* (random-access format), expected an IPC stream trace"
         )
-    if data[:4] != _STREAM_CONTINUATION:
+    if head[:4] != _STREAM_CONTINUATION:
         raise TraceError(f"{path}: not an Arrow IPC stream (bad leading bytes), expected a moecap trace")
-    source = pa.BufferReader(pa.py_buffer(data))
     try:
         reader = ipc.open_stream(source)
         schema = reader.schema
     except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
         raise TraceError(f"{path}: truncated or corrupt before the schema ended ({_short(exc)})") from None
-
     kind, version, run = _validate_schema(path, schema)
-    batches: list[pa.RecordBatch] = []
-    anchors: list[tuple[int, int]] = []
-    rows_dropped = 0
-    good_end = source.tell()
-    complete = False
-    warnings: list[str] = []
-    while True:
-        try:
-            batch, custom = reader.read_next_batch_with_custom_metadata()
-        except StopIteration:
-            # pyarrow also stops cleanly at EOF on a message boundary; only the end-of-stream
-            # marker written by close() proves the writer finished.
-            complete = data.endswith(_END_OF_STREAM)
-            break
-        except (pa.ArrowException, OSError, ValueError, EOFError):
-            break
-        batches.append(batch)
-        good_end = source.tell()
-        if custom is not None:
-            info = _batch_info(custom)
-            if info:
-                rows_dropped = max(rows_dropped, int(info.get("rows_dropped_before", 0)))
-                if "monotonic_ns" in info and "unix_ns" in info:
-                    anchors.append((int(info["monotonic_ns"]), int(info["unix_ns"])))
-    lost = len(data) - good_end if not complete else 0
-    table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
-    if not complete:
-        warnings.append(
-            f"{path}: truncated stream: recovered {len(batches)} complete batch(es), {table.num_rows} rows; "
-            f"{lost} trailing byte(s) lost"
-        )
-    if rows_dropped:
-        warnings.append(f"{path}: the writer dropped {rows_dropped} row(s) while recording")
-    _check_nulls(path, kind, table)
-    if version != SCHEMA_VERSION and version.split(".")[1:2] > SCHEMA_VERSION.split(".")[1:2]:
-        warnings.append(f"{path}: written by newer format {version} (this reader knows {SCHEMA_VERSION})")
-    return TraceFile(
-        path=path,
-        table_kind=kind,
-        schema_version=version,
-        run=run,
-        table=table,
-        batches=len(batches),
-        complete=complete,
-        lost_bytes=lost,
-        rows_dropped=rows_dropped,
-        batch_anchors=anchors,
-        warnings=warnings,
-    )
+    scan = TraceScan(path=path, table_kind=kind, schema_version=version, run=run, schema=schema)
+    return reader, source.tell(), scan
 
 
 def _validate_schema(path: Path, schema: pa.Schema) -> tuple[str, str, RunMetadata]:
