@@ -282,14 +282,20 @@ def _per_request(
     info = pl.col("per_req_info")
     field = info.struct.field
     present = pl.coalesce(field("req_id_present"), field("req_id").is_not_null())
-    raw_key = pl.when(present).then(field("req_id")).otherwise(field("req_pool_idx").cast(pl.String))
+    # A None key (req_id present but null, or neither field) is one shared key, as in the reference.
+    # String ids and integer slots are told apart by a tag; ids are compared by their string form.
+    raw_key = (
+        pl.when(present)
+        .then(pl.concat_str(pl.lit("id:"), field("req_id")))
+        .otherwise(pl.concat_str(pl.lit("pool:"), field("req_pool_idx").cast(pl.String)))
+    )
     entries = (
         marked.lazy()
         .filter(request_level)
         .select("latency", "expert_activation", info)
         .explode("per_req_info")
         .select(
-            pl.concat_str(pl.lit("v:"), raw_key).fill_null("none").alias("key"),
+            raw_key.fill_null("none").alias("key"),
             pl.col("latency"),
             pl.col("expert_activation"),
             field("extend_len").fill_null(0).alias("extend_len"),
