@@ -560,15 +560,11 @@ def _build_gpt_oss(cfg: Mapping[str, Any]) -> _Parts:
     bias = bool(cfg.get("attention_bias", True))
     window = int(cfg.get("sliding_window") or 128)
     mlp = f"{_LAYER}.mlp"
-    # Experts are stored fused over the expert axis (gate_up_proj [E, D, 2F], down_proj [E, F, D])
-    # with biases (2F + D per expert); the router has a bias; attention has one sink per head.
-    expert = ParamGroup(
-        (
-            LinearWeight(f"{mlp}.experts.gate_up_proj", 2 * f, d),
-            LinearWeight(f"{mlp}.experts.down_proj", d, f),
-        ),
-        other=2 * f + d,
-    )
+    # Experts are stored fused over the expert axis as parameters of one module `mlp.experts`
+    # (gate_up_proj [E, D, 2F], down_proj [E, F, D]; ignore lists name that module) with biases
+    # (2F + D per expert); the router has a bias; attention has one sink per head.
+    experts = f"{mlp}.experts"
+    expert = ParamGroup((LinearWeight(experts, 2 * f, d), LinearWeight(experts, d, f)), other=2 * f + d)
     groups: dict[ModuleClass, ParamGroup] = {
         "attention": _gqa_attention(d, h_q, g, hd, qkv_bias=bias, o_bias=bias, sinks=h_q),
         "router": ParamGroup(other=e * d + e),

@@ -41,8 +41,10 @@ MODULE_CLASSES: tuple[ModuleClass, ...] = (
 class LinearWeight:
     """One linear layer's weight matrix (bias excluded), as stored in the checkpoint.
 
-    `name` is the checkpoint module name with `{layer}` / `{expert}` placeholders, e.g.
-    ``model.layers.{layer}.self_attn.q_proj``; quantisation ignore lists are matched against it.
+    `name` is the checkpoint name of the module holding the weight, with `{layer}` / `{expert}`
+    placeholders, e.g. ``model.layers.{layer}.self_attn.q_proj`` (gpt-oss's fused experts: both
+    weights belong to ``model.layers.{layer}.mlp.experts``); quantisation ignore lists are matched
+    against it.
     """
 
     name: str
