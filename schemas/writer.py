@@ -117,6 +117,11 @@ class TraceWriter:
         except Exception as exc:  # pragma: no cover - defensive: never raise into the engine
             self._record_error(exc)
 
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Queue a prebuilt record batch of this table's columns (bulk producers, importers)."""
+        self.flush()
+        self._hand_over(batch)
+
     def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Queue several rows."""
         for row in rows:
@@ -129,7 +134,7 @@ class TraceWriter:
         if rows:
             self._hand_over(rows)
 
-    def _hand_over(self, rows: list[Mapping[str, Any]]) -> None:
+    def _hand_over(self, rows: list[Mapping[str, Any]] | pa.RecordBatch) -> None:
         try:
             self._queue.put_nowait(rows)
         except queue.Full:
@@ -162,13 +167,18 @@ class TraceWriter:
             last_flush = time.monotonic()
         self._finish()
 
-    def _write_batch(self, rows: list[Mapping[str, Any]]) -> None:
+    def _write_batch(self, rows: list[Mapping[str, Any]] | pa.RecordBatch) -> None:
         t0 = time.perf_counter()
         try:
-            batch = rows_to_batch(rows, self.table, self.schema)
-            self._writer.write_batch(batch, custom_metadata=self._batch_metadata(len(rows)))
+            if isinstance(rows, pa.RecordBatch):
+                batch = pa.RecordBatch.from_arrays(
+                    [rows.column(c.name).cast(c.type) for c in self._columns], schema=self.schema
+                )
+            else:
+                batch = rows_to_batch(rows, self.table, self.schema)
+            self._writer.write_batch(batch, custom_metadata=self._batch_metadata(len(batch)))
             self._sink.flush()
-            self.stats.rows_written += len(rows)
+            self.stats.rows_written += batch.num_rows
             self.stats.batches_written += 1
             self.stats.bytes_written = self._sink.tell()
         except Exception as exc:

@@ -192,6 +192,6 @@ def resolve_gpu(name: str, *, overrides_yaml: str | Path | None = None) -> GpuSp
             f"unknown GPU {name!r}; known: {', '.join(gpu_names(overrides_yaml))}. "
             "To use another GPU, pass a YAML file with a `gpus:` list (fields as in "
             "moecap/analyze/specs/data/gpus.yaml: name, memory_gb, memory_bandwidth_tb_s, tflops_dense, ...) "
-            "as overrides_yaml (moecap-analyze: --gpu FILE)"
+            "(moecap-analyze --gpu-overrides FILE)"
         )
     return match

@@ -1,0 +1,380 @@
+"""The analysis facade: loaded traces + specs + options -> per-step metrics and metrics.json.
+
+Per-step costs are computed once per (steps file, model spec) on flat buffers and cached as
+Parquet; every aggregate is then a DuckDB query over the `step_metrics` view, so windows, phases
+and GPU re-targeting are cheap and memory stays bounded for huge traces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError, SpecError
+from .load import LoadedFile, LoadedRun, TraceDB
+from .metrics.step_costs import cost_model, step_costs
+from .specs import GpuSpec, ModelSpec, model_spec_from_config, resolve_gpu
+
+METRICS_SCHEMA = "moecap.metrics/1"
+_STEP_COLUMNS = [
+    "step",
+    "t_start_ns",
+    "t_end_ns",
+    "gpu_start_ns",
+    "gpu_end_ns",
+    "phase",
+    "is_draft",
+    "num_reqs",
+    "num_tokens",
+    "req_prefix_lens",
+    "req_new_tokens",
+    "req_num_logits",
+]
+
+
+@dataclass
+class Options:
+    """What the user chose. gpu: re-analyse as this GPU (default: the trace's). window: steady |
+    all | steps:A-B | time:A-B (seconds from the run's first step)."""
+
+    gpu: str | None = None
+    gpu_overrides: str | None = None
+    window: str = "steady"
+    steady_fraction: float = 0.9
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    model_config: dict[str, Any] | None = None
+    num_gpus: int | None = None
+
+
+@dataclass
+class RunContext:
+    """A run with its resolved model and GPU specs."""
+
+    run: LoadedRun
+    spec: ModelSpec | None
+    spec_error: str | None
+    gpu: GpuSpec | None
+    gpu_error: str | None
+    num_gpus: int
+    peak_dtype: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_context(run: LoadedRun, options: Options) -> RunContext:
+    """Model spec from the embedded config.json, GPU spec from the trace (or --gpu)."""
+    md = run.metadata
+    warnings: list[str] = []
+    spec = None
+    spec_error = None
+    config = options.model_config or md.model.config
+    try:
+        if not config:
+            raise SpecError(f"run {run.run_id}: the trace embeds no model config.json; pass --model-config")
+        spec = model_spec_from_config(config)
+    except SpecError as exc:
+        spec_error = str(exc)
+    gpu = None
+    gpu_error = None
+    gpu_name = options.gpu or (md.gpus[0].name if md.gpus else None)
+    try:
+        if not gpu_name:
+            raise SpecError("the trace names no GPU; pass --gpu")
+        gpu = resolve_gpu(gpu_name, overrides_yaml=options.gpu_overrides)
+    except SpecError as exc:
+        if options.gpu:
+            raise  # the user named it: an error, not a warning
+        gpu_error = f"{exc}; pass --gpu to analyse as a known GPU"
+    uuids = {g.uuid for f in run.files for g in f.run.gpus if g.uuid} | {
+        u for f in run.files for u in f.run.rank.gpu_uuids if u
+    }
+    num_gpus = options.num_gpus or len(uuids) or len(md.gpus) or 1
+    peak_dtype = spec.activation_dtype("routed_expert") if spec else "bf16"
+    return RunContext(run, spec, spec_error, gpu, gpu_error, num_gpus, peak_dtype, warnings)
+
+
+# -- per-step metrics -----------------------------------------------------------------------------
+def _gpus_per_file(f: LoadedFile, ctx: RunContext) -> int:
+    """GPUs a recording file's steps stand for: its rank's listed GPUs, else its stage's TP ranks."""
+    if f.run.rank.gpu_uuids:
+        return len(f.run.rank.gpu_uuids)
+    return max(1, f.run.parallelism.tp) if ctx.num_gpus > 1 else 1
+
+
+def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
+    assert ctx.spec is not None
+    raw = json.dumps(
+        [
+            repr(ctx.spec),
+            f.run.rank.layer_start,
+            f.run.rank.layer_end,
+            f.run.model.kv_bytes_per_token_per_layer,
+            "v2",
+        ],
+        default=str,
+    )
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def step_metrics_files(db: TraceDB, ctx: RunContext) -> list[str]:
+    """Cached Parquet of per-step costs for the run's recording files (computed when missing)."""
+    out = []
+    if ctx.spec is None:
+        return out
+    for f in ctx.run.recording_files:
+        steps_parquet = f.parquet["steps"]
+        target = steps_parquet.with_name(
+            steps_parquet.name.replace(".steps.parquet", f".step_metrics.{_spec_key(ctx, f)}.parquet")
+        )
+        if not target.exists():
+            _compute_step_metrics(ctx, f, target)
+        out.append(str(target))
+    return out
+
+
+def _active_experts_for(ctx: RunContext, f: LoadedFile) -> tuple[np.ndarray, np.ndarray] | None:
+    experts = [
+        g
+        for g in ctx.run.files_of("experts")
+        if (g.run.rank.dp, g.run.rank.pp, g.run.rank.tp) == (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp)
+    ]
+    if not experts or not f.run.moe.counts_available:
+        return None
+    t = pq.read_table(experts[0].parquet["expert_step_stats"], columns=["step", "active_experts"])
+    steps = t.column("step").to_numpy()
+    order = np.argsort(steps, kind="stable")
+    return steps[order], t.column("active_experts").to_numpy()[order].astype(np.float64)
+
+
+def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
+    assert ctx.spec is not None
+    model = cost_model(
+        ctx.spec,
+        layer_start=f.run.rank.layer_start,
+        layer_end=f.run.rank.layer_end,
+        kv_bytes_per_token_per_layer=f.run.model.kv_bytes_per_token_per_layer,
+    )
+    active = _active_experts_for(ctx, f)
+    gpus = _gpus_per_file(f, ctx)
+    pf = pq.ParquetFile(f.parquet["steps"])
+    tmp = target.with_suffix(".tmp")
+    writer: pq.ParquetWriter | None = None
+    for batch in pf.iter_batches(
+        batch_size=65536, columns=["run_id", "dp", "pp", "tp", "ep", *_STEP_COLUMNS]
+    ):
+        steps = batch.column("step").to_numpy()
+        act = None
+        if active is not None:
+            keys, values = active
+            pos = np.clip(np.searchsorted(keys, steps), 0, max(len(keys) - 1, 0))
+            hit = (keys[pos] == steps) if len(keys) else np.zeros(len(steps), bool)
+            act = np.where(hit, values[pos] if len(keys) else np.nan, np.nan)
+        costs = step_costs(batch, model, act)
+        t_start = batch.column("t_start_ns").to_numpy().astype(np.int64)
+        t_end = batch.column("t_end_ns").to_numpy().astype(np.int64)
+        g0 = batch.column("gpu_start_ns").to_numpy(zero_copy_only=False)
+        g1 = batch.column("gpu_end_ns").to_numpy(zero_copy_only=False)
+        g0f = np.asarray(g0, dtype=np.float64)
+        g1f = np.asarray(g1, dtype=np.float64)
+        has_gpu = ~(np.isnan(g0f) | np.isnan(g1f))
+        busy = np.where(has_gpu, (g1f - g0f) / 1e9, (t_end - t_start) / 1e9)
+        cols = {
+            "run_id": batch.column("run_id"),
+            "dp": batch.column("dp"),
+            "pp": batch.column("pp"),
+            "tp": batch.column("tp"),
+            "ep": batch.column("ep"),
+            "step": batch.column("step"),
+            "phase": batch.column("phase"),
+            "is_draft": batch.column("is_draft"),
+            "num_reqs": batch.column("num_reqs"),
+            "num_tokens": batch.column("num_tokens"),
+            "t_start_ns": pa.array(t_start),
+            "t_end_ns": pa.array(t_end),
+            "time_s": pa.array(busy),
+            "time_source": pa.array(np.where(has_gpu, "gpu", "host")),
+            "gpus": pa.array(np.full(len(steps), gpus, dtype=np.int32)),
+            "active_experts": pa.array(np.full(len(steps), np.nan) if act is None else act),
+        }
+        for k, v in costs.items():
+            cols[k] = pa.array(v)
+        table = pa.table(cols)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+        writer.write_table(table)
+    if writer is None:
+        raise InputError(f"{f.path}: no steps to analyse")
+    writer.close()
+    os.replace(tmp, target)
+
+
+def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
+    """`step_metrics`: per-step costs + per-step S-MBU / S-MFU on each run's (re-targeted) GPU."""
+    parts = []
+    for ctx in contexts:
+        files = step_metrics_files(db, ctx)
+        if not files or ctx.gpu is None:
+            continue
+        bw = ctx.gpu.memory_bandwidth
+        peak = ctx.gpu.peak_flops(ctx.peak_dtype, fallback="bf16")
+        listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
+        parts.append(
+            f"""SELECT s.*,
+                   lead(t_start_ns) OVER (PARTITION BY run_id, dp, pp ORDER BY step) AS next_start_ns,
+                   bytes_total / ({bw!r} * time_s * gpus) AS smbu,
+                   flops_total / ({peak!r} * time_s * gpus) AS smfu,
+                   {bw!r} AS gpu_bandwidth, {peak!r} AS gpu_peak_flops
+            FROM read_parquet([{listing}]) s"""
+        )
+    if parts:
+        body = " UNION ALL ".join(parts)
+        db.con.execute(
+            f"""CREATE OR REPLACE VIEW step_metrics AS
+            SELECT *, (coalesce(next_start_ns, t_end_ns) - t_start_ns) / 1e9 AS wall_s,
+                   greatest((coalesce(next_start_ns, t_end_ns) - t_start_ns) / 1e9 - time_s, 0) AS host_gap_s
+            FROM ({body})"""
+        )
+    else:
+        db.con.execute(
+            "CREATE OR REPLACE VIEW step_metrics AS SELECT NULL::VARCHAR run_id, NULL::BIGINT step, NULL::VARCHAR phase, "
+            "NULL::DOUBLE time_s, NULL::DOUBLE smbu, NULL::DOUBLE smfu WHERE false"
+        )
+
+
+# -- windows --------------------------------------------------------------------------------------
+_WINDOW = re.compile(r"^(all|steady|steps:(\d+)-(\d+)|time:([\d.]+)-([\d.]+))$")
+
+
+def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[str, dict[str, Any]]:
+    """SQL predicate over step_metrics selecting the window, and its description."""
+    m = _WINDOW.match(options.window)
+    if not m:
+        raise InputError(
+            f"--window {options.window!r}: expected steady, all, steps:A-B or time:A-B (seconds)"
+        )
+    rid = ctx.run.run_id.replace("'", "''")
+    if options.window == "all":
+        return "TRUE", {"kind": "all", "description": "every recorded step"}
+    if m.group(2) is not None:
+        a, b = int(m.group(2)), int(m.group(3))
+        return f"step BETWEEN {a} AND {b}", {"kind": "steps", "first_step": a, "last_step": b}
+    if m.group(4) is not None:
+        a, b = float(m.group(4)), float(m.group(5))
+        t0 = (
+            db.con.execute(f"SELECT min(t_start_ns) FROM step_metrics WHERE run_id = '{rid}'").fetchall()[0][
+                0
+            ]
+            or 0
+        )
+        return (
+            f"t_start_ns BETWEEN {t0 + int(a * 1e9)} AND {t0 + int(b * 1e9)}",
+            {"kind": "time", "start_s": a, "end_s": b},
+        )
+    wl = ctx.run.metadata.workload or {}
+    target = wl.get("batch_size") or wl.get("concurrency")
+    if not target:
+        return "TRUE", {
+            "kind": "all",
+            "description": "steady state asked, but the trace states no target concurrency",
+        }
+    threshold = math.ceil(options.steady_fraction * int(target))
+    n = db.con.execute(
+        f"SELECT count(*) FROM step_metrics WHERE run_id = '{rid}' AND num_reqs >= {threshold} AND NOT is_draft"
+    ).fetchall()[0][0]
+    if not n:
+        return "TRUE", {
+            "kind": "all",
+            "description": f"no step reached {threshold} requests ({options.steady_fraction:.0%} of batch size {target}); every step used",
+        }
+    return f"num_reqs >= {threshold}", {
+        "kind": "steady",
+        "description": f"steps with >= {threshold} requests ({options.steady_fraction:.0%} of target concurrency {target})",
+        "min_requests": threshold,
+    }
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
+    """Per phase and overall: ratio-of-sums S-MBU/S-MFU over GPU time, distributions, throughput."""
+    rid = ctx.run.run_id.replace("'", "''")
+    rows = db.con.execute(
+        f"""
+        SELECT coalesce(phase, 'all') AS phase, count(*) AS steps, sum(num_tokens) AS tokens,
+               sum(logit_rows) AS logit_rows,
+               sum(bytes_total) AS bytes, sum(flops_total) AS flops,
+               sum(bytes_routed_experts) AS bytes_routed, sum(bytes_kv_read) AS bytes_kv_read,
+               sum(time_s * gpus) AS gpu_seconds, sum(time_s) AS busy_s, sum(wall_s) AS wall_s,
+               sum(host_gap_s) AS host_gap_s,
+               min(t_start_ns) AS t0, max(t_end_ns) AS t1,
+               sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) AS smbu,
+               sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
+               quantile_cont(smbu, [0.5, 0.9, 0.99]) AS smbu_q, quantile_cont(smfu, [0.5, 0.9, 0.99]) AS smfu_q,
+               quantile_cont(time_s, [0.5, 0.9, 0.99]) AS time_q, avg(time_s) AS time_mean,
+               avg(active_experts) AS active_experts_mean, avg(num_reqs) AS batch_mean,
+               count(*) FILTER (WHERE time_s <= 0) AS zero_time_steps,
+               count(*) FILTER (WHERE isnan(active_experts)) AS steps_without_counts
+        FROM step_metrics WHERE run_id = '{rid}' AND NOT is_draft AND ({where}) AND time_s > 0
+        GROUP BY ROLLUP (phase) ORDER BY phase NULLS LAST
+        """
+    ).fetchall()
+    names = [d[0] for d in db.con.description]
+    out: dict[str, Any] = {}
+    for row in rows:
+        r = dict(zip(names, row, strict=True))
+        wall = (r["t1"] - r["t0"]) / 1e9 if r["t1"] is not None else None
+        smbu = None if r["steps_without_counts"] else _num(r["smbu"])
+        out[r["phase"]] = {
+            "steps": r["steps"],
+            "tokens": r["tokens"],
+            "output_tokens": _num(r["logit_rows"]),
+            "s_mbu": smbu,
+            "s_mfu": _num(r["smfu"]),
+            "s_mbu_p50_p90_p99": None if smbu is None else [_num(x) for x in r["smbu_q"]],
+            "s_mfu_p50_p90_p99": [_num(x) for x in r["smfu_q"]],
+            "step_time_s_mean": _num(r["time_mean"]),
+            "step_time_s_p50_p90_p99": [_num(x) for x in r["time_q"]],
+            "bytes_total": _num(r["bytes"]),
+            "bytes_routed_experts": _num(r["bytes_routed"]),
+            "bytes_kv_read": _num(r["bytes_kv_read"]),
+            "flops_total": _num(r["flops"]),
+            "gpu_seconds": _num(r["gpu_seconds"]),
+            "gpu_busy_s": _num(r["busy_s"]),
+            "host_gap_s": _num(r["host_gap_s"]),
+            "wall_s": wall,
+            "gpu_busy_fraction": _num(r["busy_s"] / r["wall_s"]) if r["wall_s"] else None,
+            "activated_experts_per_step_mean": _num(r["active_experts_mean"]),
+            "activated_experts_per_layer_mean": _num(
+                r["active_experts_mean"] / max(1, ctx.spec.num_moe_layers)
+            )
+            if ctx.spec and r["active_experts_mean"] is not None
+            else None,
+            "batch_size_mean": _num(r["batch_mean"]),
+        }
+        if r["phase"] == "all" and wall:
+            out["all"]["throughput_tokens_per_s"] = r["tokens"] / wall
+            out["all"]["throughput_output_tokens_per_s"] = (r["logit_rows"] or 0) / wall
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def asdict_safe(obj: Any) -> Any:
+    return asdict(obj)

@@ -1,0 +1,267 @@
+"""`moecap-analyze`: a thin typer layer over the analyzer library.
+
+`moecap-analyze PATHS…` is `moecap-analyze summary PATHS…`. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from moecap.schemas import TraceError
+
+from .errors import AnalyzeError
+
+app = typer.Typer(
+    name="moecap-analyze",
+    help="Derive Cost/Accuracy/Performance metrics (S-MBU, S-MFU, TTFT, TPOT, expert load, …) from moecap traces "
+    "or MoE-CAP record files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+Paths = Annotated[
+    list[str], typer.Argument(help="Trace files, directories or globs (or MoE-CAP batch_data.json files).")
+]
+Formula = Annotated[
+    str,
+    typer.Option(
+        "--formula", help="moecap (default, fixes the reference's defects) or reference (MoE-CAP exactly)."
+    ),
+]
+Gpu = Annotated[
+    str | None, typer.Option("--gpu", help="Analyse as this GPU (H100, H200, NVIDIA-A100-SXM4-80GB, …).")
+]
+GpuYaml = Annotated[
+    str | None, typer.Option("--gpu-overrides", help="YAML file adding or replacing GPU table entries.")
+]
+Window = Annotated[
+    str, typer.Option("--window", help="steady (default), all, steps:A-B, time:A-B (seconds).")
+]
+Out = Annotated[
+    Path | None, typer.Option("--out", help="Directory for metrics.json and per-step / per-request tables.")
+]
+Fmt = Annotated[str, typer.Option("--format", help="table (default), json or csv on stdout.")]
+ModelConfig = Annotated[
+    str | None,
+    typer.Option("--model-config", help="config.json path or bundled name (needed for MoE-CAP records)."),
+]
+ModelName = Annotated[
+    str | None,
+    typer.Option(
+        "--model-name", help="Model id the reference dispatches on (default: the config's _name_or_path)."
+    ),
+]
+NumGpus = Annotated[
+    int | None, typer.Option("--num-gpus", help="GPU count (default: from the trace / records).")
+]
+Precision = Annotated[
+    str | None, typer.Option("--precision", help="Reference mode: the reference's --precision flag.")
+]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable or truncated file.")]
+CacheDir = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Parquet cache (default ~/.cache/moecap).")
+]
+
+
+def _progress_printer(enabled: bool):
+    if not enabled:
+        return None
+
+    def progress(done: int, total: int, path: str) -> None:
+        if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
+            err.print(f"loading {done}/{total} files", end="\r")
+
+    return progress
+
+
+def _is_record_file(path: str) -> bool:
+    return path.endswith((".json", ".jsonl"))
+
+
+@app.command()
+def summary(
+    paths: Paths,
+    formula: Formula = "moecap",
+    gpu: Gpu = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    out: Out = None,
+    format: Fmt = "table",
+    model_config: ModelConfig = None,
+    model_name: ModelName = None,
+    num_gpus: NumGpus = None,
+    precision: Precision = None,
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="TTFT SLO for goodput, ms.")] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO for goodput, ms.")] = None,
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Compute every metric and print a summary (and write metrics.json with --out).
+
+    Example: moecap-analyze traces/*.arrow --out results/
+    """
+    from .analysis import Options
+    from .output import print_summary, write_outputs
+    from .pipeline import Analysis, analyze_paths
+    from .specs import load_model_config
+
+    if formula not in ("moecap", "reference"):
+        raise typer.BadParameter("expected moecap or reference", param_hint="--formula")
+    if format not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
+    options = Options(
+        gpu=gpu,
+        gpu_overrides=gpu_overrides,
+        window=window,
+        slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms,
+        model_config=load_model_config(model_config) if model_config else None,
+        num_gpus=num_gpus,
+    )
+    record_files = [p for p in paths if _is_record_file(p)]
+    trace_paths = [p for p in paths if not _is_record_file(p)]
+    if formula == "reference":
+        from .pipeline import METRICS_SCHEMA
+        from .reference_bridge import reference_document_for_records, reference_document_for_run
+
+        runs = [
+            reference_document_for_records(
+                Path(p),
+                model_config=model_config,
+                model_name=model_name,
+                gpu=gpu,
+                num_gpus=num_gpus,
+                precision=precision,
+            )
+            for p in record_files
+        ]
+        analysis = None
+        if trace_paths:
+            from .load import load_traces, require_runs
+
+            db = load_traces(trace_paths, cache_dir=cache_dir, strict=strict)
+            require_runs(db)
+            runs += [reference_document_for_run(db, rid, options, precision) for rid in db.runs]
+        document = {"schema": METRICS_SCHEMA, "formula": "reference", "runs": runs}
+        analysis = Analysis(db=None, contexts=[], document=document, windows={})  # type: ignore[arg-type]
+    else:
+        if record_files:
+            raise AnalyzeError(
+                f"{record_files[0]}: MoE-CAP record files are analysed with --formula reference "
+                "(their records lack what the moecap formulas need)"
+            )
+        analysis = analyze_paths(
+            trace_paths, options, cache_dir=cache_dir, strict=strict, progress=_progress_printer(True)
+        )
+    if out is not None:
+        write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
+    if format == "json":
+        typer.echo(json.dumps(analysis.document, indent=2, default=str))
+    elif format == "csv":
+        _print_csv(analysis.document)
+    else:
+        print_summary(analysis.document)
+        if out is not None:
+            err.print(f"wrote {out / 'metrics.json'}")
+
+
+def _print_csv(document: dict) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["run_id", "section", "phase", "metric", "value"])
+    for run in document["runs"]:
+        if "batch_metrics" in run:
+            for k, v in {**run["batch_metrics"], **run["run_level"]}.items():
+                writer.writerow([run["run_id"], "reference", "", k, v])
+            continue
+        for phase, values in run["metrics"]["steps"].items():
+            for k, v in values.items():
+                if not isinstance(v, list):
+                    writer.writerow([run["run_id"], "steps", phase, k, v])
+        for k, v in run["metrics"]["requests"].items():
+            if isinstance(v, dict):
+                for kk, vv in v.items():
+                    writer.writerow([run["run_id"], "requests", "", f"{k}.{kk}", vv])
+            elif not isinstance(v, list):
+                writer.writerow([run["run_id"], "requests", "", k, v])
+
+
+@app.command()
+def report(
+    paths: Paths,
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for report.html, metrics.json and chart exports.")
+    ] = Path("moecap-report"),
+    gpu: Gpu = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write metrics.json and an HTML report.
+
+    Example: moecap-analyze report traces/*.arrow --out report/
+    """
+    from .analysis import Options
+    from .output import print_summary, write_outputs
+    from .pipeline import analyze_paths
+
+    options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
+    analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict)
+    write_outputs(analysis, out)
+    try:
+        from .report.html import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None:
+        path = write_report(analysis, out)
+        err.print(f"wrote {path}")
+    print_summary(analysis.document)
+
+
+@app.command()
+def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> None:
+    """Reconcile the tables of each run and print warnings (exit 1 if any).
+
+    Example: moecap-analyze check traces/
+    """
+    from .checks import check_run
+    from .load import load_traces, require_runs
+
+    db = load_traces(paths, cache_dir=cache_dir, strict=strict)
+    require_runs(db)
+    problems = 0
+    for run in db.runs.values():
+        findings = check_run(db, run)
+        status = "ok" if not findings else f"{len(findings)} warning(s)"
+        typer.echo(f"{run.run_id}: {status}")
+        for f in findings:
+            typer.echo(f"  - {f}")
+        problems += len(findings)
+    for e in db.errors:
+        typer.echo(f"skipped: {e}")
+    raise typer.Exit(1 if problems or db.errors else 0)
+
+
+_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "--help", "-h"}
+
+
+def main() -> None:
+    """Console-script entry point: `moecap-analyze PATHS…` means `moecap-analyze summary PATHS…`."""
+    argv = sys.argv[1:]
+    if argv and argv[0] not in _COMMANDS:
+        sys.argv.insert(1, "summary")
+    try:
+        app()
+    except (AnalyzeError, TraceError) as exc:
+        err.print(f"moecap-analyze: error: {exc}", markup=False, highlight=False)
+        sys.exit(2)

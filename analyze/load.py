@@ -1,0 +1,609 @@
+"""Loading: trace files -> validated, cached Parquet -> DuckDB views (a documented public interface).
+
+DuckDB cannot re-scan an Arrow IPC stream, so every trace file is converted once to Parquet in a
+cache keyed by (absolute path, size, mtime, schema version, cache layout version), streaming batch by
+batch (memory stays bounded for traces larger than memory). Expert counts are summarised on flat
+numpy buffers during that pass: per step (activated experts, routed tokens, imbalance) and per
+(phase, layer, expert) totals, so reports never unnest millions of count vectors.
+
+Views (columns documented in docs/sql.md):
+  runs, steps, experts, expert_tokens (long form, lazy), expert_step_stats, expert_totals,
+  requests, outputs, gpu_samples.
+Rank rules: of several TP ranks of one (run, dp, pp) only the lowest writes rows into the views
+(TP ranks route the same tokens); PP stages keep their own layer ranges; DP ranks are separate
+step streams of one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from moecap.schemas import (
+    PHASES,
+    SCHEMA_VERSION,
+    TABLES,
+    RunMetadata,
+    TraceError,
+    expand_paths,
+    read_trace_header,
+    scan_trace_file,
+)
+
+from .errors import InputError
+
+CACHE_LAYOUT = "3"
+"""Bump when the cached Parquet layout changes (invalidates every cache entry)."""
+
+_RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
+_VIEW_TABLES = (
+    "steps",
+    "experts",
+    "expert_step_stats",
+    "expert_totals",
+    "requests",
+    "outputs",
+    "gpu_samples",
+)
+
+
+def default_cache_dir() -> Path:
+    """`$MOECAP_CACHE_DIR`, else `$XDG_CACHE_HOME/moecap`, else `~/.cache/moecap`."""
+    if os.environ.get("MOECAP_CACHE_DIR"):
+        return Path(os.environ["MOECAP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moecap"
+
+
+@dataclass
+class LoadedFile:
+    """One trace file as loaded: where its cached Parquet lives and what the scan said."""
+
+    path: Path
+    table_kind: str
+    run: RunMetadata
+    rows: int
+    complete: bool
+    lost_bytes: int
+    rows_dropped: int
+    parquet: dict[str, Path]
+    """View name -> cached Parquet file (an experts file yields experts, expert_step_stats, expert_totals)."""
+    warnings: list[str] = field(default_factory=list)
+    from_cache: bool = False
+
+
+@dataclass
+class LoadedRun:
+    """All loaded files of one run."""
+
+    run_id: str
+    files: list[LoadedFile] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> RunMetadata:
+        engine = [f for f in self.files if f.table_kind in ("steps", "experts")]
+        return (engine or self.files)[0].run
+
+    def files_of(self, kind: str) -> list[LoadedFile]:
+        return [f for f in self.files if f.table_kind == kind]
+
+    @property
+    def recording_files(self) -> list[LoadedFile]:
+        """Steps files that feed the views (one TP rank per (dp, pp))."""
+        return [f for f in self.files_of("steps") if _is_recorder(f, self.files_of("steps"))]
+
+
+@dataclass
+class TraceDB:
+    """A DuckDB connection with the views defined, plus what loading found."""
+
+    con: duckdb.DuckDBPyConnection
+    runs: dict[str, LoadedRun]
+    errors: list[str]
+    warnings: list[str]
+
+    def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(query, params=params)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def load_traces(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    memory_limit: str | None = None,
+) -> TraceDB:
+    """Load trace files (files, directories, globs) into a DuckDB connection with the views.
+
+    Each unusable file adds one line to `errors` and the others still load; `strict=True` raises
+    the first as `TraceError`. `progress(done, total, path)` is called per file.
+    """
+    files = expand_paths(paths)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    warnings: list[str] = []
+    runs: dict[str, LoadedRun] = {}
+    headers = []
+    for path in files:
+        try:
+            headers.append((path, read_trace_header(path)))
+        except TraceError as exc:
+            if strict:
+                raise
+            errors.append(str(exc))
+    # Steps before experts: the expert summary needs each step's phase.
+    headers.sort(key=lambda h: (h[1].table_kind != "steps", str(h[0])))
+    phase_maps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for i, (path, header) in enumerate(headers):
+        if progress:
+            progress(i, len(headers), str(path))
+        run = header.run
+        conflict = _conflict(runs.get(run.run_id), header.run, path)
+        if conflict:
+            if strict:
+                raise TraceError(conflict)
+            errors.append(conflict)
+            continue
+        try:
+            loaded = _load_file(path, header.table_kind, run, cache, phase_maps)
+        except TraceError as exc:
+            if strict:
+                raise
+            errors.append(str(exc))
+            continue
+        if strict and not loaded.complete:
+            raise TraceError(loaded.warnings[0])
+        warnings.extend(loaded.warnings)
+        runs.setdefault(run.run_id, LoadedRun(run.run_id)).files.append(loaded)
+    if progress:
+        progress(len(headers), len(headers), "")
+    con = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
+    define_views(con, runs)
+    return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings)
+
+
+def _conflict(existing: LoadedRun | None, run: RunMetadata, path: Path) -> str | None:
+    if existing is None or not existing.files:
+        return None
+    first = existing.files[0].run
+    if first.model.id != run.model.id or first.engine.name != run.engine.name:
+        return (
+            f"{path}: run {run.run_id!r} mixes files of different runs (model {run.model.id!r}/{run.engine.name} "
+            f"vs {first.model.id!r}/{first.engine.name} in {existing.files[0].path.name})"
+        )
+    return None
+
+
+def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:
+    same_stage = [g for g in steps_files if (g.run.rank.dp, g.run.rank.pp) == (f.run.rank.dp, f.run.rank.pp)]
+    return f.run.rank.tp == min(g.run.rank.tp for g in same_stage)
+
+
+# -- conversion -----------------------------------------------------------------------------------
+def _cache_key(path: Path, version: str, extra: str = "") -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{version}|{CACHE_LAYOUT}|{extra}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+def _load_file(
+    path: Path,
+    kind: str,
+    run: RunMetadata,
+    cache: Path,
+    phase_maps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+) -> LoadedFile:
+    rank_key = (run.run_id, run.rank.tag())
+    extra = ""
+    if kind == "experts":
+        steps_key = phase_maps.get(rank_key)
+        extra = "with-phases" if steps_key is not None else "no-phases"
+    key = _cache_key(path, run.clock.__class__.__name__ + SCHEMA_VERSION, extra)
+    info_path = cache / f"{key}.json"
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text())
+            parquet = {k: cache / v for k, v in info["parquet"].items()}
+            if all(p.exists() for p in parquet.values()):
+                loaded = LoadedFile(
+                    path=path,
+                    table_kind=kind,
+                    run=run,
+                    rows=info["rows"],
+                    complete=info["complete"],
+                    lost_bytes=info["lost_bytes"],
+                    rows_dropped=info["rows_dropped"],
+                    parquet=parquet,
+                    warnings=info["warnings"],
+                    from_cache=True,
+                )
+                if kind == "steps":
+                    phase_maps[rank_key] = _read_phase_map(parquet["steps"])
+                return loaded
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt
+    identity = {
+        "run_id": run.run_id,
+        "dp": run.rank.dp,
+        "pp": run.rank.pp,
+        "tp": run.rank.tp,
+        "ep": run.rank.ep,
+    }
+    if kind == "experts":
+        parquet, scan = _convert_experts(path, run, identity, cache, key, phase_maps.get(rank_key))
+    else:
+        parquet, scan = _convert_plain(path, kind, identity, cache, key)
+        if kind == "steps":
+            phase_maps[rank_key] = _read_phase_map(parquet["steps"])
+    info = {
+        "rows": scan.rows,
+        "complete": scan.complete,
+        "lost_bytes": scan.lost_bytes,
+        "rows_dropped": scan.rows_dropped,
+        "warnings": scan.warnings,
+        "parquet": {k: v.name for k, v in parquet.items()},
+    }
+    info_path.write_text(json.dumps(info))
+    return LoadedFile(
+        path=path,
+        table_kind=kind,
+        run=run,
+        rows=scan.rows,
+        complete=scan.complete,
+        lost_bytes=scan.lost_bytes,
+        rows_dropped=scan.rows_dropped,
+        parquet=parquet,
+        warnings=list(scan.warnings),
+    )
+
+
+def _with_identity(batch: pa.RecordBatch, identity: dict[str, Any]) -> pa.RecordBatch:
+    n = batch.num_rows
+    cols = [
+        pa.array(np.full(n, v, dtype=np.int32)) if k != "run_id" else pa.array([v] * n, pa.string())
+        for k, v in identity.items()
+    ]
+    names = list(identity)
+    arrays = [*cols, *batch.columns]
+    if "phase" in batch.schema.names:
+        i = batch.schema.names.index("phase")
+        arrays[len(cols) + i] = batch.column(i).cast(pa.string())
+    return pa.RecordBatch.from_arrays(arrays, names=[*names, *batch.schema.names])
+
+
+def _check_batch_nulls(path: Path, kind: str, batch: pa.RecordBatch) -> None:
+    for c in TABLES[kind]:
+        if not c.nullable and batch.column(c.name).null_count:
+            raise TraceError(f"{path}: column {kind}.{c.name} holds nulls but is not nullable")
+
+
+class _ParquetSink:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_suffix(".tmp")
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, batch.schema, compression="zstd")
+        self.writer.write_batch(batch)
+
+    def close(self, empty_schema: pa.Schema) -> Path:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, empty_schema, compression="zstd")
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
+def _identity_schema(kind_schema: pa.Schema) -> pa.Schema:
+    fields = [pa.field("run_id", pa.string())] + [pa.field(k, pa.int32()) for k in _RANK_COLUMNS[1:]]
+    for f in kind_schema:
+        fields.append(pa.field(f.name, pa.string()) if f.name == "phase" else f.remove_metadata())
+    return pa.schema(fields)
+
+
+def _convert_plain(path: Path, kind: str, identity: dict[str, Any], cache: Path, key: str):
+    sink = _ParquetSink(cache / f"{key}.{kind}.parquet")
+
+    def on_batch(batch: pa.RecordBatch) -> None:
+        _check_batch_nulls(path, kind, batch)
+        sink.write(_with_identity(batch, identity))
+
+    scan = scan_trace_file(path, on_batch)
+    out = sink.close(_identity_schema(scan.schema))
+    return {kind: out}, scan
+
+
+def _read_phase_map(steps_parquet: Path) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(steps_parquet, columns=["step", "phase"])
+    steps = t.column("step").to_numpy()
+    lookup = {p: i for i, p in enumerate(PHASES)}
+    phases = np.fromiter(
+        (lookup.get(p, 0) for p in t.column("phase").to_pylist()), dtype=np.int8, count=len(steps)
+    )
+    order = np.argsort(steps, kind="stable")
+    return steps[order], phases[order]
+
+
+def _convert_experts(
+    path: Path,
+    run: RunMetadata,
+    identity: dict[str, Any],
+    cache: Path,
+    key: str,
+    phase_map: tuple[np.ndarray, np.ndarray] | None,
+):
+    experts_sink = _ParquetSink(cache / f"{key}.experts.parquet")
+    stats_sink = _ParquetSink(cache / f"{key}.expert_step_stats.parquet")
+    n_experts = max(1, int(run.moe.num_experts))
+    layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
+    n_layers = len(layer_ids)
+    totals = np.zeros((len(PHASES) + 1, max(n_layers, 1), n_experts), dtype=np.int64)
+    active_steps = np.zeros_like(totals)
+
+    def on_batch(batch: pa.RecordBatch) -> None:
+        _check_batch_nulls(path, "experts", batch)
+        counts_col = batch.column("counts")
+        lengths = pc.list_value_length(counts_col).to_numpy(zero_copy_only=False)
+        width = n_layers * n_experts
+        if n_layers and np.any(lengths != width):
+            bad = int(lengths[lengths != width][0])
+            raise TraceError(
+                f"{path}: experts.counts has {bad} values in a row, expected {n_layers} MoE layers x "
+                f"{n_experts} experts = {width} (run.moe.layer_ids / num_experts)"
+            )
+        experts_sink.write(_with_identity(batch, identity))
+        if not n_layers or batch.num_rows == 0:
+            return
+        flat = counts_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        counts = flat.reshape(batch.num_rows, n_layers, n_experts)
+        active = counts > 0
+        layer_active = active.sum(axis=2)  # [rows, layers]
+        layer_tokens = counts.sum(axis=2)
+        layer_max = counts.max(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = layer_tokens / n_experts
+            imbalance = np.where(layer_tokens > 0, layer_max / mean, np.nan)
+        step = batch.column("step").to_numpy()
+        stats = pa.RecordBatch.from_arrays(
+            [
+                pa.array(step),
+                pa.array(layer_active.sum(axis=1).astype(np.int32)),
+                pa.array(layer_tokens.sum(axis=1)),
+                pa.array(
+                    np.nanmean(np.where(np.isnan(imbalance), np.nan, imbalance), axis=1) if n_layers else []
+                ),
+                pa.array(np.nanmax(np.where(np.isnan(imbalance), -np.inf, imbalance), axis=1)),
+                pa.array(layer_tokens.min(axis=1)),
+                pa.array(layer_tokens.max(axis=1)),
+            ],
+            names=[
+                "step",
+                "active_experts",
+                "routed_tokens",
+                "imbalance_mean",
+                "imbalance_max",
+                "layer_tokens_min",
+                "layer_tokens_max",
+            ],
+        )
+        stats_sink.write(_with_identity(stats, identity))
+        if phase_map is not None:
+            steps_sorted, phases_sorted = phase_map
+            pos = np.searchsorted(steps_sorted, step)
+            pos = np.clip(pos, 0, max(len(steps_sorted) - 1, 0))
+            found = len(steps_sorted) > 0
+            phase_idx = np.where(
+                found & (steps_sorted[pos] == step) if found else np.zeros(len(step), bool),
+                phases_sorted[pos] if found else 0,
+                len(PHASES),
+            )
+        else:
+            phase_idx = np.full(len(step), len(PHASES))
+        for ph in np.unique(phase_idx):
+            sel = phase_idx == ph
+            totals[ph] += counts[sel].sum(axis=0)
+            active_steps[ph] += active[sel].sum(axis=0)
+
+    scan = scan_trace_file(path, on_batch)
+    out = {
+        "experts": experts_sink.close(_identity_schema(scan.schema)),
+        "expert_step_stats": stats_sink.close(
+            pa.schema(
+                [pa.field("run_id", pa.string())]
+                + [pa.field(k, pa.int32()) for k in _RANK_COLUMNS[1:]]
+                + [
+                    pa.field("step", pa.int64()),
+                    pa.field("active_experts", pa.int32()),
+                    pa.field("routed_tokens", pa.int64()),
+                    pa.field("imbalance_mean", pa.float64()),
+                    pa.field("imbalance_max", pa.float64()),
+                    pa.field("layer_tokens_min", pa.int64()),
+                    pa.field("layer_tokens_max", pa.int64()),
+                ]
+            )
+        ),
+    }
+    phase_names = [*PHASES, "unknown"]
+    ph, li, ex = np.nonzero(np.ones_like(totals, dtype=bool)) if n_layers else (np.array([]),) * 3
+    keep = (active_steps[ph, li, ex] > 0) | (totals[ph, li, ex] > 0) if n_layers else np.array([], bool)
+    # Keep every (phase, layer, expert) of phases that occurred, so dead experts show as zeros.
+    seen_phase = totals.sum(axis=(1, 2)) > 0 if n_layers else np.array([], bool)
+    keep = seen_phase[ph] if n_layers else keep
+    n = int(np.count_nonzero(keep))
+    totals_table = pa.table(
+        {
+            "run_id": pa.array([identity["run_id"]] * n, pa.string()),
+            **{k: pa.array(np.full(n, identity[k], np.int32)) for k in _RANK_COLUMNS[1:]},
+            "phase": pa.array([phase_names[i] for i in ph[keep]], pa.string()),
+            "moe_layer": pa.array(li[keep].astype(np.int32)),
+            "layer": pa.array(layer_ids[li[keep]] if n_layers else np.array([], np.int32)),
+            "expert": pa.array(ex[keep].astype(np.int32)),
+            "tokens": pa.array(totals[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)),
+            "active_steps": pa.array(
+                active_steps[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)
+            ),
+        }
+    )
+    totals_path = cache / f"{key}.expert_totals.parquet"
+    pq.write_table(totals_table, totals_path.with_suffix(".tmp"), compression="zstd")
+    os.replace(totals_path.with_suffix(".tmp"), totals_path)
+    out["expert_totals"] = totals_path
+    return out, scan
+
+
+def _file_layer_ids(run: RunMetadata) -> list[int]:
+    """Decoder-layer ids of the MoE layers this file counts (its rank's layer range)."""
+    start = run.rank.layer_start
+    end = run.rank.layer_end if run.rank.layer_end is not None else 1 << 30
+    return [lid for lid in run.moe.layer_ids if start <= lid < end]
+
+
+# -- views ----------------------------------------------------------------------------------------
+def _empty_view_sql(view: str) -> str:
+    if view in TABLES:
+        schema = _identity_schema(pa.schema([pa.field(c.name, c.type) for c in TABLES[view]]))
+    elif view == "expert_step_stats":
+        return (
+            "SELECT NULL::VARCHAR run_id, NULL::INT dp, NULL::INT pp, NULL::INT tp, NULL::INT ep, NULL::BIGINT step, "
+            "NULL::INT active_experts, NULL::BIGINT routed_tokens, NULL::DOUBLE imbalance_mean, "
+            "NULL::DOUBLE imbalance_max, NULL::BIGINT layer_tokens_min, NULL::BIGINT layer_tokens_max WHERE false"
+        )
+    else:  # expert_totals
+        return (
+            "SELECT NULL::VARCHAR run_id, NULL::INT dp, NULL::INT pp, NULL::INT tp, NULL::INT ep, NULL::VARCHAR phase, "
+            "NULL::INT moe_layer, NULL::INT layer, NULL::INT expert, NULL::BIGINT tokens, NULL::BIGINT active_steps WHERE false"
+        )
+    cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in schema)
+    return f"SELECT {cols} WHERE false"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return {
+        pa.int8(): "TINYINT",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
+        pa.string(): "VARCHAR",
+    }.get(t, "VARCHAR")
+
+
+def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> None:
+    """(Re)define every view over the cached Parquet of `runs`."""
+    sources: dict[str, list[str]] = {v: [] for v in _VIEW_TABLES}
+    for run in runs.values():
+        recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in run.recording_files}
+        for f in run.files:
+            engine_side = f.table_kind in ("steps", "experts")
+            if engine_side and recorders and (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) not in recorders:
+                continue  # a non-recording TP rank's duplicate
+            for view, parquet in f.parquet.items():
+                sources[view].append(str(parquet))
+    for view, files in sources.items():
+        if files:
+            listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
+            con.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)"
+            )
+        else:
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS {_empty_view_sql(view)}")
+    con.execute(_RUNS_TABLE_SQL)
+    rows = [_run_row(run) for run in runs.values()]
+    if rows:
+        con.executemany("INSERT INTO runs VALUES (" + ", ".join("?" * len(rows[0])) + ")", rows)
+    con.execute(_MOE_LAYERS_SQL)
+    layer_rows = [
+        (run.run_id, i, lid) for run in runs.values() for i, lid in enumerate(run.metadata.moe.layer_ids)
+    ]
+    if layer_rows:
+        con.executemany("INSERT INTO moe_layers VALUES (?, ?, ?)", layer_rows)
+    con.execute(_EXPERT_TOKENS_VIEW)
+
+
+_RUNS_TABLE_SQL = """
+CREATE OR REPLACE TABLE runs (
+    run_id VARCHAR, model_id VARCHAR, engine VARCHAR, engine_version VARCHAR, gpu_name VARCHAR,
+    num_gpus INTEGER, tp INTEGER, pp INTEGER, dp INTEGER, ep INTEGER, dataset VARCHAR, batch_size INTEGER,
+    num_experts INTEGER, top_k INTEGER, num_moe_layers INTEGER, counts_available BOOLEAN,
+    random_weights BOOLEAN, created_at VARCHAR, files INTEGER, metadata_json VARCHAR
+)
+"""
+
+_MOE_LAYERS_SQL = "CREATE OR REPLACE TABLE moe_layers (run_id VARCHAR, moe_layer INTEGER, layer INTEGER)"
+
+# Long form of the expert counts, computed only when queried; filters on run/rank/step columns are
+# pushed into the Parquet scan before the unnest.
+_EXPERT_TOKENS_VIEW = """
+CREATE OR REPLACE VIEW expert_tokens AS
+WITH flat AS (
+    SELECT e.run_id, e.dp, e.pp, e.tp, e.ep, e.step,
+           unnest(e.counts) AS tokens, generate_subscripts(e.counts, 1) - 1 AS idx
+    FROM experts e
+)
+SELECT f.run_id, f.dp, f.pp, f.tp, f.ep, f.step,
+       m.layer AS layer, (f.idx % r.num_experts)::INTEGER AS expert, f.tokens
+FROM flat f
+JOIN runs r USING (run_id)
+JOIN moe_layers m ON m.run_id = f.run_id AND m.moe_layer = (f.idx // r.num_experts)
+"""
+
+
+def _run_row(run: LoadedRun) -> tuple[Any, ...]:
+    md = run.metadata
+    uuids = {g.uuid for g in md.gpus if g.uuid}
+    for f in run.files:
+        uuids.update(u for u in f.run.rank.gpu_uuids if u)
+        uuids.update(g.uuid for g in f.run.gpus if g.uuid)
+    num_gpus = len(uuids) or len(md.gpus) or None
+    wl = md.workload or {}
+    return (
+        run.run_id,
+        md.model.id,
+        md.engine.name,
+        md.engine.version,
+        md.gpus[0].name if md.gpus else None,
+        num_gpus,
+        md.parallelism.tp,
+        md.parallelism.pp,
+        md.parallelism.dp,
+        md.parallelism.ep,
+        wl.get("dataset"),
+        wl.get("batch_size") or wl.get("concurrency"),
+        md.moe.num_experts,
+        md.moe.top_k,
+        len(md.moe.layer_ids),
+        bool(md.moe.counts_available) and bool(run.files_of("experts")),
+        bool(md.model.random_weights),
+        md.created_at,
+        len(run.files),
+        md.to_json(),
+    )
+
+
+def require_runs(db: TraceDB) -> None:
+    """InputError when nothing could be loaded (with the file errors)."""
+    if not db.runs:
+        detail = f": {db.errors[0]}" if db.errors else ""
+        raise InputError(f"no readable moecap trace among the inputs{detail}")

@@ -1,0 +1,57 @@
+"""Expert-activation statistics (metrics.md §8.8) from per-(layer, expert) token totals.
+
+Input: the `expert_totals` view for one run and phase set (columns layer, expert, tokens). Per layer:
+load imbalance = max / mean tokens per expert, coefficient of variation, share of tokens on the
+top 10 % experts, dead experts (no token in the run), normalised entropy (1 = uniform).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+
+def expert_stats(totals: pl.DataFrame, num_experts: int) -> dict[str, Any]:
+    """Run-level and per-layer statistics; `totals` may hold several phases (summed here)."""
+    if totals.is_empty():
+        return {}
+    per = totals.group_by("layer", "expert").agg(pl.col("tokens").sum()).sort("layer", "expert")
+    layers = per["layer"].unique().sort().to_list()
+    mat = np.zeros((len(layers), num_experts), dtype=np.float64)
+    li = {layer: i for i, layer in enumerate(layers)}
+    mat[[li[x] for x in per["layer"].to_list()], per["expert"].to_numpy()] = per["tokens"].to_numpy()
+    total = mat.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, mat / total, 0.0)
+        mean = total[:, 0] / num_experts
+        imbalance = np.where(mean > 0, mat.max(axis=1) / mean, np.nan)
+        cv = np.where(mean > 0, mat.std(axis=1) / mean, np.nan)
+        plogp = np.where(share > 0, share * np.log(share), 0.0)
+        entropy = -plogp.sum(axis=1) / np.log(num_experts) if num_experts > 1 else np.ones(len(layers))
+    top_n = max(1, round(0.1 * num_experts))
+    top_share = np.sort(share, axis=1)[:, ::-1][:, :top_n].sum(axis=1)
+    dead = (mat == 0).sum(axis=1)
+    hottest = mat.argmax(axis=1)
+
+    def f(x: np.ndarray) -> list[float | None]:
+        return [None if np.isnan(v) else float(v) for v in x]
+
+    return {
+        "layers": layers,
+        "imbalance_max_over_mean": f(imbalance),
+        "cv": f(cv),
+        "top10pct_token_share": f(top_share),
+        "dead_experts": [int(v) for v in dead],
+        "entropy_normalized": f(entropy),
+        "hottest_expert": [int(v) for v in hottest],
+        "summary": {
+            "imbalance_max_over_mean_mean": float(np.nanmean(imbalance)) if len(layers) else None,
+            "cv_mean": float(np.nanmean(cv)) if len(layers) else None,
+            "top10pct_token_share_mean": float(top_share.mean()) if len(layers) else None,
+            "dead_experts_total": int(dead.sum()),
+            "entropy_normalized_mean": float(np.nanmean(entropy)) if len(layers) else None,
+            "routed_tokens_total": int(mat.sum()),
+        },
+    }

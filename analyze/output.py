@@ -1,0 +1,135 @@
+"""Writing results: metrics.json, per-step / per-request tables, and the terminal summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import InputError
+
+
+def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> list[Path]:
+    """metrics.json plus step_metrics / requests tables (Parquet or CSV) under `out`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "metrics.json"]
+        (out / "metrics.json").write_text(
+            json.dumps(analysis.document, indent=2, default=_json_default) + "\n"
+        )
+        if analysis.db is not None:
+            for name, query in (
+                ("step_metrics", "SELECT * FROM step_metrics ORDER BY run_id, dp, pp, step"),
+                (
+                    "requests",
+                    "SELECT * EXCLUDE (chunk_times_ns, chunk_tokens) FROM requests ORDER BY run_id, arrival_ns",
+                ),
+            ):
+                target = out / f"{name}.{table_format}"
+                fmt = "PARQUET" if table_format == "parquet" else "CSV, HEADER"
+                path = str(target).replace("'", "''")
+                analysis.db.con.execute(f"COPY ({query}) TO '{path}' (FORMAT {fmt})")
+                written.append(target)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    return written
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, float)):
+        v = value * scale
+        if unit == "%":
+            return f"{v:.{max(1, digits - 2)}f} %"
+        text = f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return f"{text} {unit}".strip()
+    return str(value)
+
+
+def print_summary(document: dict[str, Any], console: Console | None = None) -> None:
+    """A compact table per run (moecap formula) or the reference batch metrics."""
+    console = console or Console()
+    for run in document.get("runs", []):
+        if run.get("formula") == "reference" or document.get("formula") == "reference":
+            table = Table(title=f"{run['run_id']} — reference formula (MoE-CAP)", show_header=True)
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for k, v in {**run.get("batch_metrics", {}), **run.get("run_level", {})}.items():
+                table.add_row(k, _fmt(v, digits=6))
+            console.print(table)
+            for w in run.get("warnings", []):
+                console.print(f"[yellow]warning:[/] {w}")
+            continue
+        m = run["metrics"]
+        steps = m.get("steps", {})
+        gpu = run.get("constants", {}).get("gpu", {})
+        title = (
+            f"{run['model']} · {run['engine']['name']} {run['engine']['version']} · "
+            f"{gpu.get('name') or run['gpu']['name']} ×{run['gpu']['count']}"
+            + (" (re-targeted)" if gpu.get("retargeted") else "")
+        )
+        console.print(f"[bold]{run['run_id']}[/]  {title}")
+        console.print(f"window: {run['window'].get('description', run['window'].get('kind'))}")
+        table = Table(show_header=True)
+        for col, justify in (
+            ("phase", "left"),
+            ("steps", "right"),
+            ("tokens", "right"),
+            ("S-MBU", "right"),
+            ("S-MFU", "right"),
+            ("step time p50", "right"),
+            ("experts/layer", "right"),
+            ("GPU busy", "right"),
+        ):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for phase, s in steps.items():
+            p50 = (s.get("step_time_s_p50_p90_p99") or [None])[0]
+            table.add_row(
+                phase,
+                _fmt(s["steps"]),
+                _fmt(s["tokens"]),
+                _fmt(s["s_mbu"], "%", 100),
+                _fmt(s["s_mfu"], "%", 100),
+                _fmt(p50, "ms", 1e3),
+                _fmt(s.get("activated_experts_per_layer_mean")),
+                _fmt(s.get("gpu_busy_fraction"), "%", 100),
+            )
+        console.print(table)
+        r = m.get("requests", {})
+        if r.get("requests"):
+            console.print(
+                f"requests: {r['succeeded']}/{r['requests']} ok · TTFT mean {_fmt(r['ttft_s']['mean'], 'ms', 1e3)}"
+                f" p99 {_fmt(r['ttft_s']['p99'], 'ms', 1e3)} · TPOT mean {_fmt(r['tpot_s']['mean'], 'ms', 1e3)}"
+                f" · ITL p50 {_fmt(r['itl_s']['p50'], 'ms', 1e3)} · {_fmt(r.get('output_tokens_per_s'), 'tok/s')}"
+            )
+        all_steps = steps.get("all", {})
+        if all_steps.get("throughput_tokens_per_s"):
+            console.print(
+                f"throughput (window): {_fmt(all_steps['throughput_tokens_per_s'], 'tok/s')} computed, "
+                f"{_fmt(all_steps['throughput_output_tokens_per_s'], 'tok/s')} generated"
+            )
+        e = m.get("experts", {}).get("summary")
+        if e:
+            console.print(
+                f"experts: imbalance max/mean {_fmt(e['imbalance_max_over_mean_mean'])} · top-10% share "
+                f"{_fmt(e['top10pct_token_share_mean'], '%', 100)} · dead {e['dead_experts_total']} · "
+                f"entropy {_fmt(e['entropy_normalized_mean'])}"
+            )
+        for w in run.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {w}")
+        console.print()
+    for e in document.get("load_errors", []):
+        console.print(f"[red]skipped:[/] {e}")

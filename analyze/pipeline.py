@@ -1,0 +1,170 @@
+"""From paths to a metrics document: load -> specs -> per-step costs -> aggregates (moecap formula).
+
+`analyze_paths` is the library entry point behind `moecap-analyze PATHS…`. The document follows the
+`moecap.metrics/1` schema: one object per run with run info, formula, window, constants, metrics,
+warnings and the per-file load report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import polars as pl
+
+from . import __version__
+from .analysis import (
+    METRICS_SCHEMA,
+    Options,
+    RunContext,
+    define_step_metrics_view,
+    resolve_context,
+    step_aggregates,
+    window_predicate,
+)
+from .load import TraceDB, load_traces, require_runs
+from .metrics.experts import expert_stats
+from .metrics.requests import request_metrics
+
+
+@dataclass
+class Analysis:
+    """The loaded traces, their resolved contexts and the metrics document."""
+
+    db: TraceDB
+    contexts: list[RunContext]
+    document: dict[str, Any]
+    windows: dict[str, str]
+    """run_id -> SQL predicate over step_metrics for that run's window."""
+
+
+def analyze_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    options: Options | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Analysis:
+    """Load traces and compute every moecap-formula metric per run."""
+    options = options or Options()
+    db = load_traces(paths, cache_dir=cache_dir, strict=strict, progress=progress)
+    require_runs(db)
+    contexts = [resolve_context(run, options) for run in db.runs.values()]
+    define_step_metrics_view(db, contexts)
+    runs = []
+    windows: dict[str, str] = {}
+    for ctx in contexts:
+        run_doc, where = _run_document(db, ctx, options)
+        windows[ctx.run.run_id] = where
+        runs.append(run_doc)
+    document = {
+        "schema": METRICS_SCHEMA,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "moecap_version": __version__,
+        "formula": "moecap",
+        "runs": runs,
+        "load_errors": db.errors,
+        "load_warnings": db.warnings,
+    }
+    return Analysis(db=db, contexts=contexts, document=document, windows=windows)
+
+
+def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[str, Any], str]:
+    md = ctx.run.metadata
+    warnings = list(ctx.warnings)
+    rid = ctx.run.run_id.replace("'", "''")
+    if ctx.spec_error:
+        warnings.append(f"model spec: {ctx.spec_error}")
+    if ctx.gpu_error:
+        warnings.append(f"gpu spec: {ctx.gpu_error}")
+    counts = bool(md.moe.counts_available) and bool(ctx.run.files_of("experts"))
+    if not counts:
+        reason = md.moe.counts_unavailable_reason or "the run has no experts table"
+        warnings.append(f"no expert counts ({reason}): S-MBU and expert statistics are null")
+    where = "TRUE"
+    window: dict[str, Any] = {"kind": "all"}
+    steps_doc: dict[str, Any] = {}
+    if ctx.spec is not None and ctx.gpu is not None and ctx.run.recording_files:
+        where, window = window_predicate(db, ctx, options)
+        steps_doc = step_aggregates(db, ctx, where)
+        zero = db.con.execute(
+            f"SELECT count(*) FROM step_metrics WHERE run_id = '{rid}' AND time_s <= 0"
+        ).fetchall()[0][0]
+        if zero:
+            warnings.append(f"{zero} step(s) with zero or negative duration were left out of every metric")
+    requests = db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    req_doc = request_metrics(
+        requests,
+        slo_ttft_s=options.slo_ttft_ms / 1e3 if options.slo_ttft_ms else None,
+        slo_tpot_s=options.slo_tpot_ms / 1e3 if options.slo_tpot_ms else None,
+    )
+    totals = db.con.sql(f"SELECT layer, expert, tokens, phase FROM expert_totals WHERE run_id = '{rid}'").pl()
+    experts_doc = expert_stats(totals, md.moe.num_experts) if counts else {}
+    if experts_doc:
+        experts_doc["by_phase"] = {
+            phase: expert_stats(totals.filter(pl.col("phase") == phase), md.moe.num_experts)["summary"]
+            for phase in sorted(totals["phase"].unique().to_list())
+        }
+    constants: dict[str, Any] = {}
+    if ctx.gpu is not None:
+        constants["gpu"] = {
+            "name": ctx.gpu.name,
+            "memory_bandwidth_bytes_per_s": ctx.gpu.memory_bandwidth,
+            "peak_flops_dense": ctx.gpu.peak_flops(ctx.peak_dtype, fallback="bf16"),
+            "peak_dtype": ctx.peak_dtype,
+            "source": ctx.gpu.source,
+            "retargeted": options.gpu is not None,
+        }
+    if ctx.spec is not None:
+        constants["model"] = {
+            "family": ctx.spec.family,
+            "num_layers": ctx.spec.num_layers,
+            "num_moe_layers": ctx.spec.num_moe_layers,
+            "num_experts": ctx.spec.num_experts,
+            "top_k": ctx.spec.top_k,
+            "total_params": ctx.spec.total_params(),
+            "active_params": ctx.spec.active_params(),
+            "weight_bytes": ctx.spec.weight_bytes(),
+            "kv_bytes_per_token_per_layer": md.model.kv_bytes_per_token_per_layer
+            or [ctx.spec.kv_bytes_per_token_per_layer()] * ctx.spec.num_layers,
+            "kv_bytes_source": "trace metadata (engine allocation)"
+            if md.model.kv_bytes_per_token_per_layer
+            else "derived from config (engine did not record it)",
+        }
+    constants["num_gpus"] = ctx.num_gpus
+    file_report = [
+        {
+            "path": str(f.path),
+            "table": f.table_kind,
+            "rank": f.run.rank.tag(),
+            "rows": f.rows,
+            "complete": f.complete,
+            "lost_bytes": f.lost_bytes,
+            "rows_dropped": f.rows_dropped,
+        }
+        for f in ctx.run.files
+    ]
+    for f in ctx.run.files:
+        if not f.complete:
+            warnings.append(f"{f.path.name}: truncated; {f.lost_bytes} trailing bytes lost")
+        if f.rows_dropped:
+            warnings.append(f"{f.path.name}: the writer dropped {f.rows_dropped} rows while recording")
+    doc = {
+        "run_id": ctx.run.run_id,
+        "model": md.model.id,
+        "engine": {"name": md.engine.name, "version": md.engine.version},
+        "gpu": {"name": md.gpus[0].name if md.gpus else None, "count": ctx.num_gpus},
+        "parallelism": asdict(md.parallelism),
+        "workload": md.workload,
+        "random_weights": md.model.random_weights,
+        "window": window,
+        "constants": constants,
+        "metrics": {"steps": steps_doc, "requests": req_doc, "experts": experts_doc},
+        "warnings": warnings,
+        "files": file_report,
+    }
+    return doc, where
