@@ -255,8 +255,27 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> N
 _COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "--help", "-h"}
 
 
+# Sub-commands that live beside their library code register themselves here: each module defines
+# `register(app)`. A module that is not installed yet is skipped; an error inside one is not hidden.
+_COMMAND_MODULES = ("moecap.analyze.report.cli", "moecap.analyze.sql.cli", "moecap.analyze.whatif.cli")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue
+            raise
+        module.register(app)
+
+
 def main() -> None:
     """Console-script entry point: `moecap-analyze PATHS…` means `moecap-analyze summary PATHS…`."""
+    _register_commands()
     argv = sys.argv[1:]
     if argv and argv[0] not in _COMMANDS:
         sys.argv.insert(1, "summary")
