@@ -69,7 +69,9 @@ def _child(kind: str, trace_dir: str, cache_dir: str) -> dict:
         run_id = next(iter(db.runs))
         frame = records_from_trace(db, run_id, "NVIDIA-H100-HBM3-80GB", 1).head(1_000_000)
         cfg = db.runs[run_id].metadata.model.config
-        kwargs = dict(model_config=cfg, model_name="Qwen/Qwen1.5-MoE-A2.7B", gpu="NVIDIA-H100-HBM3-80GB", num_gpus=1)
+        kwargs = dict(
+            model_config=cfg, model_name="Qwen/Qwen1.5-MoE-A2.7B", gpu="NVIDIA-H100-HBM3-80GB", num_gpus=1
+        )
         if kind == "reference":
             t0 = time.perf_counter()
             r = reference_metrics(frame, **kwargs)
@@ -87,7 +89,9 @@ def _child(kind: str, trace_dir: str, cache_dir: str) -> dict:
 
 
 def _measure(kind: str, trace_dir: str, cache_dir: str) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", kind, trace_dir, cache_dir], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--child", kind, trace_dir, cache_dir], capture_output=True, text=True
+    )
     if res.returncode:
         raise SystemExit(f"{kind} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -127,7 +131,9 @@ def main() -> None:
                         "seconds": round(full["seconds"], 2),
                         "seconds_warm": round(warm["seconds"], 2),
                         "steps_per_s": round(n / full["seconds"]),
-                        "peak_rss_mb": round(max(full["peak_rss_mb"], warm["peak_rss_mb"], ref["peak_rss_mb"])),
+                        "peak_rss_mb": round(
+                            max(full["peak_rss_mb"], warm["peak_rss_mb"], ref["peak_rss_mb"])
+                        ),
                         "floor_seconds": round(floor["seconds"], 2),
                         "x_of_duckdb_floor": round(full["seconds"] / floor["seconds"], 2),
                         "reference_records": ref["records"],

@@ -208,7 +208,15 @@ def simulate_run(
         if experts_w:
             experts_w.write({"step": step, "counts": counts.ravel()})
         step_truth.append(
-            {"step": step, "bytes": nbytes, "flops": flops, "time_s": dt, "tokens": tokens, "phase": phase}
+            {
+                "step": step,
+                "bytes": nbytes,
+                "flops": flops,
+                "time_s": dt,
+                "tokens": tokens,
+                "phase": phase,
+                "num_reqs": len(ids),
+            }
         )
         for r, pp, lg in zip(ids, prompt_phase, logits):
             st = running[r]

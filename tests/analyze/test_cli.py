@@ -1,0 +1,84 @@
+"""End-to-end: the moecap-analyze commands on real trace files, in a subprocess like a user."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args, cwd=None):
+    code = "from moecap.analyze.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_summary_prints_and_writes_metrics_json(synthetic_run, tmp_path):
+    trace, truth = synthetic_run
+    r = _cli(trace, "--out", tmp_path / "out", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert "S-MBU" in r.stdout and "requests: 16/16 ok" in r.stdout
+    doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert doc["schema"] == "moecap.metrics/1" and doc["formula"] == "moecap"
+    run = doc["runs"][0]
+    assert run["window"]["kind"] == "steady"
+    total = run["metrics"]["steps"]["all"]
+    # Steady state: steps with at least 90 % of the 4 concurrent requests.
+    assert total["steps"] == sum(1 for s in truth["steps"] if s["num_reqs"] >= 4) < len(truth["steps"])
+    assert 0 < total["s_mbu"] < 1 and 0 < total["s_mfu"] < 1
+    assert (tmp_path / "out" / "step_metrics.parquet").exists()
+
+
+def test_json_output_and_window_all_counts_every_step(synthetic_run, tmp_path):
+    trace, truth = synthetic_run
+    r = _cli(trace, "--format", "json", "--window", "all", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    steps = doc["runs"][0]["metrics"]["steps"]
+    assert steps["all"]["steps"] == len(truth["steps"])
+    assert steps["all"]["tokens"] == sum(s["tokens"] for s in truth["steps"])
+    by_phase = {p: v["steps"] for p, v in steps.items() if p != "all"}
+    expected = {}
+    for s in truth["steps"]:
+        expected[s["phase"]] = expected.get(s["phase"], 0) + 1
+    assert by_phase == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["/definitely/not/here.arrow"], "no such file"),
+        (["{trace}", "--window", "bogus"], "--window 'bogus'"),
+        (["{trace}", "--gpu", "NoSuchGPU"], "unknown GPU"),
+        (["{trace}", "--formula", "nope"], "expected moecap or reference"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(synthetic_run, tmp_path, args, expected):
+    trace, _ = synthetic_run
+    r = _cli(*[a.format(trace=trace) for a in args], "--cache-dir", tmp_path / "c")
+    assert r.returncode == 2
+    assert expected in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_passes_on_a_consistent_run_and_flags_a_damaged_one(synthetic_run, tmp_path):
+    trace, _ = synthetic_run
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0 and ": ok" in r.stdout, r.stdout + r.stderr
+    steps_file = next(trace.glob("*.steps.arrow"))
+    data = steps_file.read_bytes()
+    steps_file.write_bytes(data[: len(data) // 2])
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 1
+    assert "truncated" in r.stdout
+
+
+def test_retargeting_to_a_faster_gpu_lowers_smbu_by_the_bandwidth_ratio(synthetic_run, tmp_path):
+    trace, _ = synthetic_run
+    h100 = json.loads(_cli(trace, "--format", "json", "--cache-dir", tmp_path / "c").stdout)
+    h200 = json.loads(_cli(trace, "--format", "json", "--gpu", "H200", "--cache-dir", tmp_path / "c").stdout)
+    a = h100["runs"][0]["metrics"]["steps"]["all"]["s_mbu"]
+    b = h200["runs"][0]["metrics"]["steps"]["all"]["s_mbu"]
+    assert b == pytest.approx(a * 3.35 / 4.8, rel=1e-9)  # datasheet bandwidths, TB/s
