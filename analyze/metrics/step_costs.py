@@ -90,7 +90,14 @@ def cost_model(
     linear = (
         n_layers * up["attention"].linear_params
         + n_moe
-        * (spec.top_k * up["routed_expert"].linear_params + up["shared_experts"].params + up["router"].params)
+        * (
+            spec.top_k * up["routed_expert"].linear_params
+            # Matmul weights only (§8.3): biases (DeepSeek-V2 mlp_bias, the gpt-oss router bias,
+            # DeepSeek-V3's e_score_correction_bias) are no matmul; Qwen2's shared gate is (D -> 1).
+            + up["shared_experts"].linear_params
+            + (D if spec.shared_expert_gate else 0)
+            + spec.num_experts * D
+        )
         + n_dense * up["dense_ffn"].linear_params
     )
     return CostModel(

@@ -1,0 +1,81 @@
+"""Helpers for the per-step cost tests: `steps` batches, synthetic traces, trace rewriting, analysis."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from moecap.analyze.analysis import Options
+from moecap.analyze.pipeline import analyze_paths
+from moecap.schemas import TraceWriter, read_trace_file
+
+# The synthetic-trace generator lives with the benchmarks (benchmarks/ is not a package).
+_BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
+if str(_BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(_BENCHMARKS))
+
+import synthetic_traces  # noqa: E402
+
+QWEN15_MOE_CONFIG = synthetic_traces.QWEN15_MOE_CONFIG
+SimConfig = synthetic_traces.SimConfig
+TimeModel = synthetic_traces.TimeModel
+simulate_run = synthetic_traces.simulate_run
+run_metadata = synthetic_traces.run_metadata
+
+
+def steps_batch(
+    prefix: Sequence[Sequence[int]],
+    new: Sequence[Sequence[int]],
+    logits: Sequence[Sequence[int] | None] | None = None,
+) -> pa.Table:
+    """A `steps` table with one row per step: per-request cached prefix, new tokens and logit rows
+    (None: the engine did not record logit rows for that step)."""
+    if logits is None:
+        logits = [None] * len(prefix)
+    return pa.table(
+        {
+            "num_tokens": pa.array([sum(n) for n in new], pa.int32()),
+            "num_reqs": pa.array([len(n) for n in new], pa.int32()),
+            "req_prefix_lens": pa.array([list(p) for p in prefix], pa.list_(pa.int32())),
+            "req_new_tokens": pa.array([list(n) for n in new], pa.list_(pa.int32())),
+            "req_num_logits": pa.array(
+                [None if g is None else list(g) for g in logits], pa.list_(pa.int16())
+            ),
+        }
+    )
+
+
+def rewrite_steps(src: Path, dst: Path, edit: Callable[[pa.Table], pa.Table]) -> Path:
+    """Copy the trace directory `src` to `dst`, passing its steps table through `edit`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.glob("*.arrow")):
+        if not path.name.endswith(".steps.arrow"):
+            shutil.copy(path, dst / path.name)
+            continue
+        trace = read_trace_file(path)
+        table = edit(trace.table)
+        with TraceWriter(dst / path.name, "steps", trace.run) as writer:
+            for batch in table.to_batches():
+                writer.write_batch(batch)
+    return dst
+
+
+def scale_times(table: pa.Table, factor: int) -> pa.Table:
+    """Every timestamp moved to t0 + factor·(t − t0): each step span and gap grows `factor` times."""
+    t0 = min(table.column("t_start_ns").to_pylist())
+    for name in ("t_start_ns", "t_end_ns", "gpu_start_ns", "gpu_end_ns"):
+        i = table.schema.get_field_index(name)
+        values = [None if v is None else t0 + factor * (v - t0) for v in table.column(name).to_pylist()]
+        table = table.set_column(i, name, pa.array(values, table.schema.field(name).type))
+    return table
+
+
+def run_document(paths: Sequence[Path | str], cache: Path, **options: Any) -> dict[str, Any]:
+    """The metrics document of `paths` analysed over every step (window "all" unless given)."""
+    options.setdefault("window", "all")
+    return analyze_paths([str(p) for p in paths], Options(**options), cache_dir=cache).document
