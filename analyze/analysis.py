@@ -128,7 +128,7 @@ def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
 
 def step_metrics_files(db: TraceDB, ctx: RunContext) -> list[str]:
     """Cached Parquet of per-step costs for the run's recording files (computed when missing)."""
-    out = []
+    out: list[str] = []
     if ctx.spec is None:
         return out
     for f in ctx.run.recording_files:
@@ -269,7 +269,7 @@ def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[st
         a, b = int(m.group(2)), int(m.group(3))
         return f"step BETWEEN {a} AND {b}", {"kind": "steps", "first_step": a, "last_step": b}
     if m.group(4) is not None:
-        a, b = float(m.group(4)), float(m.group(5))
+        start_s, end_s = float(m.group(4)), float(m.group(5))
         t0 = (
             db.con.execute(f"SELECT min(t_start_ns) FROM step_metrics WHERE run_id = '{rid}'").fetchall()[0][
                 0
@@ -277,8 +277,8 @@ def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[st
             or 0
         )
         return (
-            f"t_start_ns BETWEEN {t0 + int(a * 1e9)} AND {t0 + int(b * 1e9)}",
-            {"kind": "time", "start_s": a, "end_s": b},
+            f"t_start_ns BETWEEN {t0 + int(start_s * 1e9)} AND {t0 + int(end_s * 1e9)}",
+            {"kind": "time", "start_s": start_s, "end_s": end_s},
         )
     wl = ctx.run.metadata.workload or {}
     target = wl.get("batch_size") or wl.get("concurrency")

@@ -42,6 +42,11 @@ def itl_samples(requests: pl.DataFrame) -> np.ndarray:
     return np.repeat(per_token, reps)
 
 
+def _scalar(value: Any) -> float:
+    """A polars scalar aggregate as a float (polars types them as any Python scalar)."""
+    return float(value)
+
+
 def _dist(values: np.ndarray | pl.Series) -> dict[str, Any]:
     arr = np.asarray(
         values.drop_nulls().to_numpy() if isinstance(values, pl.Series) else values, dtype=np.float64
@@ -68,13 +73,15 @@ def request_metrics(
         return {"requests": 0}
     t = request_table(requests)
     ok = t.filter(pl.col("ok"))
-    makespan = None
+    makespan: float | None = None
     if ok.height:
-        makespan = (ok["finish_ns"].max() - t["arrival_ns"].min()) / 1e9
+        makespan = (_scalar(ok["finish_ns"].max()) - _scalar(t["arrival_ns"].min())) / 1e9
     decode = ok.filter(pl.col("output_tokens") > 1)
     weighted = None
     if decode.height:
-        weighted = float((decode["e2e_s"] - decode["ttft_s"]).sum() / (decode["output_tokens"] - 1).sum())
+        weighted = _scalar((decode["e2e_s"] - decode["ttft_s"]).sum()) / _scalar(
+            (decode["output_tokens"] - 1).sum()
+        )
     out: dict[str, Any] = {
         "requests": t.height,
         "succeeded": ok.height,
@@ -89,7 +96,7 @@ def request_metrics(
         "prompt_tokens": int(ok["prompt_tokens"].sum() or 0),
         "makespan_s": makespan,
         "requests_per_s": ok.height / makespan if makespan else None,
-        "output_tokens_per_s": float(ok["output_tokens"].sum() or 0) / makespan if makespan else None,
+        "output_tokens_per_s": _scalar(ok["output_tokens"].sum() or 0) / makespan if makespan else None,
     }
     if slo_ttft_s is not None or slo_tpot_s is not None:
         good = ok
