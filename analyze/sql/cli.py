@@ -1,0 +1,164 @@
+"""`moecap-analyze sql` and `moecap-analyze shell`: thin commands over `moecap.analyze.sql`.
+
+Registered by `moecap.analyze.cli` (its `_COMMAND_MODULES`). Errors print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from moecap.schemas import TraceError
+
+from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
+from ..errors import AnalyzeError
+
+if TYPE_CHECKING:
+    from .tables import Tables
+
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="table (default), csv, json, jsonl or parquet; default: from --out's suffix, else table.",
+    ),
+]
+OutFile = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Write the result to this file instead of stdout.")
+]
+MaxRows = Annotated[
+    int,
+    typer.Option("--max-rows", help="Rows shown in table format (0 = all). Other formats write every row."),
+]
+MemoryLimit = Annotated[
+    str | None, typer.Option("--memory-limit", help="DuckDB memory limit, e.g. 2GB (it spills beyond it).")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    sys.stderr.write(f"moecap-analyze: error: {message}\n")
+    return typer.Exit(2)
+
+
+def _load(
+    paths: list[str],
+    gpu: str | None,
+    gpu_overrides: str | None,
+    window: str,
+    strict: bool,
+    cache_dir: Path | None,
+    memory_limit: str | None,
+) -> Tables:
+    from ..analysis import Options
+    from .tables import tables
+
+    def progress(done: int, total: int, path: str) -> None:
+        if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
+            sys.stderr.write(f"loading {done}/{total} files\r")
+
+    t = tables(
+        paths,
+        Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window),
+        cache_dir=cache_dir,
+        strict=strict,
+        memory_limit=memory_limit,
+        progress=progress,
+    )
+    for e in t.errors:
+        sys.stderr.write(f"skipped: {e}\n")
+    return t
+
+
+def sql(
+    query: Annotated[
+        str, typer.Argument(help='SQL (several statements: ";"-separated), @FILE, or - for stdin.')
+    ],
+    paths: Paths,
+    format: Format = None,
+    out: OutFile = None,
+    max_rows: MaxRows = 100,
+    gpu: Gpu = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    memory_limit: MemoryLimit = None,
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Run a SQL query over the trace views and print the result (views and columns: docs/sql.md).
+
+    Example: moecap-analyze sql "SELECT phase, count(*) AS steps, avg(time_s) FROM step_metrics GROUP BY phase" traces/*.arrow
+
+    Example: moecap-analyze sql "SELECT * FROM request_metrics" traces/ --out requests.parquet
+    """
+    from .query import QueryError, infer_format, read_query, run, write_result
+
+    try:
+        text = read_query(query)
+        fmt = infer_format(format, out)
+        if fmt == "parquet" and out is None:
+            raise QueryError("--format parquet needs --out FILE")
+        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
+        with t:
+            rel = run(t.con, text)
+            if rel is None:
+                return
+            note = write_result(rel, fmt, out=out, max_rows=max_rows)
+        if out is not None or fmt == "table":
+            sys.stderr.write(note + "\n")
+    except (AnalyzeError, TraceError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def shell(
+    paths: Paths,
+    python: Annotated[
+        bool, typer.Option("--python", help="A Python REPL with t (Tables), con, sql, lazy and pl bound.")
+    ] = False,
+    save: Annotated[
+        Path | None,
+        typer.Option(
+            "--save",
+            help="Write a DuckDB database file with the views (for the duckdb CLI or any client) and exit.",
+        ),
+    ] = None,
+    gpu: Gpu = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    memory_limit: MemoryLimit = None,
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """An interactive SQL prompt with the trace views defined (.help for commands; statements end with ;).
+
+    Example: moecap-analyze shell traces/
+
+    Example: echo "SELECT count(*) FROM steps;" | moecap-analyze shell traces/
+    """
+    from .shell import SqlShell, python_repl, save_database
+
+    try:
+        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
+        with t:
+            if save is not None:
+                names = save_database(t, save)
+                sys.stderr.write(
+                    f"wrote {save} ({len(names)} views and tables); open it with: duckdb {save}\n"
+                )
+                return
+            if python:
+                python_repl(t)
+                return
+            code = SqlShell(t).loop()
+    except (AnalyzeError, TraceError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `sql` and `shell` commands to `moecap-analyze`."""
+    app.command(name="sql")(sql)
+    app.command(name="shell")(shell)
