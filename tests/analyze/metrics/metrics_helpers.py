@@ -79,3 +79,70 @@ def run_document(paths: Sequence[Path | str], cache: Path, **options: Any) -> di
     """The metrics document of `paths` analysed over every step (window "all" unless given)."""
     options.setdefault("window", "all")
     return analyze_paths([str(p) for p in paths], Options(**options), cache_dir=cache).document
+
+
+# ---- tiny configs with hand-derived costs (tests/analyze/metrics/test_step_costs_hand.py) -----
+# Qwen2-MoE, bf16: L = 3 layers, D = 8, H = 2 query heads, G = 1 KV head, h = D/H = 4, V = 16,
+# E = 4 experts of width F = 6, top-k = 2, one shared expert of width Fs = 10 with its D -> 1 gate.
+# Layer 0 is dense (mlp_only_layers, width 12), layers 1 and 2 are MoE; layers 0, 1 use full
+# attention, layer 2 (>= max_window_layers) a sliding window W = 4.
+TINY_QWEN2: dict[str, Any] = {
+    "model_type": "qwen2_moe",
+    "num_hidden_layers": 3,
+    "hidden_size": 8,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 16,
+    "intermediate_size": 12,
+    "moe_intermediate_size": 6,
+    "shared_expert_intermediate_size": 10,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "mlp_only_layers": [0],
+    "qkv_bias": True,
+    "use_sliding_window": True,
+    "sliding_window": 4,
+    "max_window_layers": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+# DeepSeek-V2-like MLA, bf16: L = 2 (layer 0 dense, layer 1 MoE), D = 8, H = 2, d_n = 3, d_r = 2,
+# d_v = 4, r_kv = 5, queries projected directly (q_lora_rank None), V = 16.
+TINY_MLA: dict[str, Any] = {
+    "model_type": "deepseek_v2",
+    "num_hidden_layers": 2,
+    "hidden_size": 8,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 16,
+    "intermediate_size": 12,
+    "moe_intermediate_size": 6,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": None,
+    "kv_lora_rank": 5,
+    "qk_rope_head_dim": 2,
+    "qk_nope_head_dim": 3,
+    "v_head_dim": 4,
+    "torch_dtype": "bfloat16",
+}
+
+# gpt-oss, bf16: L = 2 (layer 0 sliding, W = 3; layer 1 full), D = 8, H = 2, G = 1, h = 4, V = 16,
+# E = 4 experts of width F = 6 with biases, top-2, a router with a bias, one sink per head.
+TINY_GPT_OSS: dict[str, Any] = {
+    "model_type": "gpt_oss",
+    "num_hidden_layers": 2,
+    "hidden_size": 8,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 4,
+    "vocab_size": 16,
+    "intermediate_size": 6,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 3,
+    "torch_dtype": "bfloat16",
+}
