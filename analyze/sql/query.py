@@ -59,7 +59,7 @@ def read_query(text: str, stdin: IO[str] | None = None) -> str:
 
 def run(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation | None:
     """Run `query` (several `;`-separated statements run in order; the last one's result is returned,
-    None when it returns no rows, e.g. SET or CREATE). DuckDB errors become one-line QueryErrors."""
+    None where DuckDB gives no relation for it). DuckDB errors become one-line QueryErrors."""
     try:
         return con.sql(query)
     except duckdb.Error as exc:
@@ -80,7 +80,9 @@ def infer_format(fmt: str | None, out: Path | None) -> str:
 
 def _batches(rel: duckdb.DuckDBPyRelation) -> Iterator[pa.RecordBatch]:
     try:
-        reader = rel.fetch_arrow_reader(_BATCH_ROWS)
+        # to_arrow_reader is DuckDB >= 1.4's name; fetch_arrow_reader the older one (deprecated since).
+        to_reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+        reader = to_reader(_BATCH_ROWS)
         while True:
             try:
                 yield reader.read_next_batch()
