@@ -25,6 +25,7 @@ from .analysis import (
     step_aggregates,
     window_predicate,
 )
+from .cost.section import cost_section, settings_for
 from .load import TraceDB, load_traces, require_runs
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
@@ -102,6 +103,8 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
         slo_ttft_s=options.slo_ttft_ms / 1e3 if options.slo_ttft_ms else None,
         slo_tpot_s=options.slo_tpot_ms / 1e3 if options.slo_tpot_ms else None,
     )
+    cost_doc = cost_section(db, ctx, where, steps_doc, req_doc, settings_for(options))
+    warnings.extend(cost_doc["warnings"])
     totals = db.con.sql(f"SELECT layer, expert, tokens, phase FROM expert_totals WHERE run_id = '{rid}'").pl()
     experts_doc = expert_stats(totals, md.moe.num_experts) if counts else {}
     if experts_doc:
@@ -163,7 +166,7 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
         "random_weights": md.model.random_weights,
         "window": window,
         "constants": constants,
-        "metrics": {"steps": steps_doc, "requests": req_doc, "experts": experts_doc},
+        "metrics": {"steps": steps_doc, "requests": req_doc, "experts": experts_doc, "cost": cost_doc},
         "warnings": warnings,
         "files": file_report,
     }
