@@ -146,3 +146,9 @@ TINY_GPT_OSS: dict[str, Any] = {
     "sliding_window": 3,
     "torch_dtype": "bfloat16",
 }
+
+
+def analysis(paths: Sequence[Path | str], cache: Path, **options: Any) -> Any:
+    """The full `Analysis` (document + DuckDB views) of `paths` over every step unless told."""
+    options.setdefault("window", "all")
+    return analyze_paths([str(p) for p in paths], Options(**options), cache_dir=cache)

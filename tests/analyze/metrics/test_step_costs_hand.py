@@ -179,3 +179,16 @@ def test_gpt_oss_biases_are_read_but_not_multiplied() -> None:
     assert got["flops_attention"][0] == (3 + 6) * 32
     # KV: 2·G·h·2 B = 16 B per token and layer; the sliding layer reads min(5, 3) cached tokens.
     assert got["bytes_kv_read"][0] == (3 + 5) * 16
+
+
+def test_tied_embeddings_read_the_table_once_as_the_lm_head() -> None:
+    """With tied embeddings the LM head is the embedding table (V·D = 256 B), read once per step
+    that computes a logit; the gathered embedding rows are counted as usual."""
+    untied = model_spec_from_config(TINY_QWEN2)
+    tied = model_spec_from_config({**TINY_QWEN2, "tie_word_embeddings": True})
+    assert tied.total_params() == untied.total_params() - 16 * 8
+    table = steps_batch([[3, 10], [0]], [[1, 1], [4]], [[1, 1], [0]])
+    a = step_costs(table, cost_model(untied), np.array([5.0, 5.0]))
+    b = step_costs(table, cost_model(tied), np.array([5.0, 5.0]))
+    for column in a:
+        assert b[column].tolist() == a[column].tolist(), column
