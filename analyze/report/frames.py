@@ -1,0 +1,580 @@
+"""Chart-ready data frames: SQL over the analyzer's views, aggregated so a chart stays small.
+
+Every function here returns a Polars frame whose size is bounded by its arguments (bins, top-N,
+points), never by the trace: a 10-hour trace with millions of steps gives the same few thousand
+rows as a 30-second one. The chart functions in `charts.py` take these frames (or any frame with
+the same columns, e.g. from a notebook). Times are in milliseconds (`*_ms`) or seconds (`*_s`),
+shares are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ..load import TraceDB
+from ..metrics.requests import itl_samples, request_table
+
+PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
+
+
+def _q(db: TraceDB, sql: str, params: list[Any]) -> Any:
+    """A DuckDB relation over `sql` with positional parameters (`.pl()`, `.fetchall()`)."""
+    return db.con.sql(sql, params=params)
+
+
+def _one(db: TraceDB, sql: str, params: list[Any]) -> tuple[Any, ...]:
+    rows = _q(db, sql, params).fetchall()
+    return rows[0] if rows else ()
+
+
+def run_info(db: TraceDB, run_id: str) -> dict[str, Any]:
+    """The `runs` row of one run as a dict (num_experts, num_moe_layers, top_k, …)."""
+    rel = _q(db, "SELECT * EXCLUDE (metadata_json) FROM runs WHERE run_id = ?", [run_id])
+    rows = rel.fetchall()
+    return dict(zip(rel.columns, rows[0], strict=True)) if rows else {}
+
+
+# -- experts ---------------------------------------------------------------------------------------
+def expert_share_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
+    """Tokens routed to each (phase, layer, expert) over every recorded step, and each expert's
+    share of its layer's routed tokens in that phase. Columns: phase, layer, expert, tokens, share.
+
+    DP/EP ranks are summed (the experts are shared); `layer` is the decoder-layer index.
+    """
+    df = _q(
+        db,
+        """SELECT phase, layer, expert, sum(tokens)::BIGINT AS tokens
+           FROM expert_totals WHERE run_id = ? GROUP BY phase, layer, expert""",
+        [run_id],
+    ).pl()
+    if df.is_empty():
+        return pl.DataFrame(
+            schema={
+                "phase": pl.String,
+                "layer": pl.Int32,
+                "expert": pl.Int32,
+                "tokens": pl.Int64,
+                "share": pl.Float64,
+            }
+        )
+    total = pl.col("tokens").sum().over("phase", "layer")
+    df = df.with_columns(share=pl.when(total > 0).then(pl.col("tokens") / total).otherwise(0.0))
+    # A phase that routed nothing (e.g. the `unknown` bucket of steps without a phase) is noise.
+    live = df.group_by("phase").agg(pl.col("tokens").sum()).filter(pl.col("tokens") > 0)["phase"]
+    df = _order_phases(df.filter(pl.col("phase").is_in(live.implode())))
+    return df.sort("phase_rank", "layer", "expert").drop("phase_rank")
+
+
+def layer_imbalance_frame(shares: pl.DataFrame, num_experts: int | None = None) -> pl.DataFrame:
+    """Per (phase, layer): load imbalance = max / mean tokens per expert (1 = perfectly even),
+    coefficient of variation, and dead experts. Input: `expert_share_frame`'s columns.
+
+    The mean is over `num_experts` (default: the distinct experts in the frame), so experts that
+    never received a token count as zeros."""
+    if shares.is_empty():
+        return pl.DataFrame(
+            schema={
+                "phase": pl.String,
+                "layer": pl.Int32,
+                "imbalance": pl.Float64,
+                "cv": pl.Float64,
+                "dead_experts": pl.Int64,
+            }
+        )
+    e = num_experts or shares["expert"].n_unique()
+    out = (
+        shares.group_by("phase", "layer")
+        .agg(
+            total=pl.col("tokens").sum(),
+            max=pl.col("tokens").max(),
+            sumsq=(pl.col("tokens").cast(pl.Float64) ** 2).sum(),
+            seen=pl.len(),
+            alive=(pl.col("tokens") > 0).sum(),
+        )
+        .with_columns(mean=pl.col("total") / e)
+        .with_columns(
+            imbalance=pl.when(pl.col("mean") > 0).then(pl.col("max") / pl.col("mean")),
+            cv=pl.when(pl.col("mean") > 0).then(
+                ((pl.col("sumsq") / e - pl.col("mean") ** 2).clip(0.0).sqrt()) / pl.col("mean")
+            ),
+            dead_experts=(e - pl.col("alive")).cast(pl.Int64),
+        )
+        .select("phase", "layer", "imbalance", "cv", "dead_experts")
+    )
+    return _order_phases(out).sort("phase_rank", "layer").drop("phase_rank")
+
+
+def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 120) -> pl.DataFrame:
+    """Load over time of the `top_n` hottest (layer, expert) pairs: steps are binned into at most
+    `bins` equal step ranges and each expert's tokens summed per bin. `share` is the expert's share
+    of its layer's routed tokens in the bin (uniform routing gives 1 / num_experts).
+
+    Columns: bin, step_start, step_end, steps, expert_label ("L3 E17"), layer, expert, tokens, share.
+    Counts are read by list index from the experts view (no unnest), so cost is one scan.
+    """
+    info = run_info(db, run_id)
+    n_experts = int(info.get("num_experts") or 0)
+    empty = pl.DataFrame(
+        schema={
+            "bin": pl.Int64,
+            "step_start": pl.Int64,
+            "step_end": pl.Int64,
+            "steps": pl.Int64,
+            "expert_label": pl.String,
+            "layer": pl.Int32,
+            "expert": pl.Int32,
+            "tokens": pl.Int64,
+            "share": pl.Float64,
+        }
+    )
+    if not n_experts or top_n <= 0:
+        return empty
+    top = _q(
+        db,
+        """SELECT pp, moe_layer, layer, expert, sum(tokens) AS t FROM expert_totals WHERE run_id = ?
+           GROUP BY pp, moe_layer, layer, expert HAVING sum(tokens) > 0
+           ORDER BY t DESC, layer, expert LIMIT ?""",
+        [run_id, int(top_n)],
+    ).fetchall()
+    lo_hi = _one(db, "SELECT min(step), max(step) FROM experts WHERE run_id = ?", [run_id])
+    if not top or not lo_hi or lo_hi[0] is None:
+        return empty
+    lo, hi = int(lo_hi[0]), int(lo_hi[1])
+    width = max(1, math.ceil((hi - lo + 1) / max(1, bins)))
+    cols = []
+    for i, (pp, moe_layer, _layer, expert, _t) in enumerate(top):
+        # DuckDB lists are 1-based; a file's counts are layer-major over the layers it holds.
+        idx = int(moe_layer) * n_experts + int(expert) + 1
+        first, last = int(moe_layer) * n_experts + 1, (int(moe_layer) + 1) * n_experts
+        cols.append(
+            f"sum(CASE WHEN pp = {int(pp)} THEN counts[{idx}] END)::BIGINT AS e{i}, "
+            f"sum(CASE WHEN pp = {int(pp)} THEN list_sum(counts[{first}:{last}]) END)::BIGINT AS l{i}"
+        )
+    wide = _q(
+        db,
+        f"""SELECT (step - {lo}) // {width} AS bin, min(step) AS step_start, max(step) AS step_end,
+                   count(DISTINCT step) AS steps, {", ".join(cols)}
+            FROM experts WHERE run_id = ? GROUP BY bin ORDER BY bin""",
+        [run_id],
+    ).pl()
+    parts = []
+    for i, (_pp, _ml, layer, expert, _t) in enumerate(top):
+        parts.append(
+            wide.select(
+                "bin",
+                "step_start",
+                "step_end",
+                "steps",
+                expert_label=pl.lit(f"L{layer} E{expert}"),
+                layer=pl.lit(int(layer), pl.Int32),
+                expert=pl.lit(int(expert), pl.Int32),
+                tokens=pl.col(f"e{i}").fill_null(0),
+                share=pl.when(pl.col(f"l{i}") > 0).then(pl.col(f"e{i}") / pl.col(f"l{i}")),
+            )
+        )
+    return pl.concat(parts).with_columns(pl.col("bin").cast(pl.Int64), pl.col("steps").cast(pl.Int64))
+
+
+# -- steps ----------------------------------------------------------------------------------------
+def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFrame:
+    """Steps grouped by (phase, batch tokens) with the measured step time and the roofline bound
+    for that batch. A phase keeps one row per distinct token count when it has few enough, else
+    tokens are binned into equal-width buckets so the frame has at most ~`max_points` rows.
+
+    Columns: phase, tokens (mean of the group), tokens_min, tokens_max, steps, time_ms (mean GPU
+    span), time_ms_p10, time_ms_p90, memory_bound_ms (bytes / (bandwidth x GPUs)), compute_bound_ms
+    (FLOPs / (peak x GPUs)), active_experts_per_layer (mean; null without expert counts).
+    Every recorded non-draft step with a positive duration is used, not only the metrics window.
+    """
+    info = run_info(db, run_id)
+    n_moe = max(1, int(info.get("num_moe_layers") or 1))
+    n_phases = _one(
+        db,
+        "SELECT count(DISTINCT phase) FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0",
+        [run_id],
+    )
+    per_phase = max(10, max_points // max(1, int(n_phases[0] if n_phases else 1)))
+    df = _q(
+        db,
+        f"""
+        WITH s AS (
+            SELECT phase, num_tokens, time_s,
+                   CASE WHEN isnan(active_experts) THEN NULL ELSE active_experts END AS active,
+                   bytes_total / (gpu_bandwidth * gpus) AS mem_s,
+                   flops_total / (gpu_peak_flops * gpus) AS comp_s
+            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0
+        ), w AS (
+            SELECT phase, min(num_tokens) AS lo, count(DISTINCT num_tokens) AS distinct_tokens,
+                   greatest(1, ceil((max(num_tokens) - min(num_tokens) + 1) / {per_phase}))::BIGINT AS width
+            FROM s GROUP BY phase
+        )
+        SELECT s.phase,
+               CASE WHEN w.distinct_tokens <= {per_phase} THEN s.num_tokens
+                    ELSE w.lo + (s.num_tokens - w.lo) // w.width * w.width END AS bucket,
+               avg(num_tokens) AS tokens, min(num_tokens) AS tokens_min, max(num_tokens) AS tokens_max,
+               count(*) AS steps,
+               avg(time_s) * 1e3 AS time_ms,
+               quantile_cont(time_s, 0.1) * 1e3 AS time_ms_p10,
+               quantile_cont(time_s, 0.9) * 1e3 AS time_ms_p90,
+               avg(mem_s) * 1e3 AS memory_bound_ms,
+               avg(comp_s) * 1e3 AS compute_bound_ms,
+               avg(active) / {n_moe} AS active_experts_per_layer
+        FROM s JOIN w USING (phase)
+        GROUP BY s.phase, bucket
+        """,
+        [run_id],
+    ).pl()
+    return _order_phases(df).sort("phase_rank", "tokens").drop("phase_rank", "bucket")
+
+
+def timeline_frame(db: TraceDB, run_id: str, where: str = "TRUE", *, bins: int = 150) -> pl.DataFrame:
+    """Steps binned over wall time (seconds from the run's first step; at most `bins` bins).
+
+    Per bin: steps, tokens, busy_ms_per_step (mean GPU span), host_gap_ms_per_step (mean gap to the
+    next step's start beyond the GPU span), S-MBU and S-MFU as ratios of sums over the bin (S-MBU
+    null where a step lacks expert counts), and in_window = the fraction of the bin's steps inside
+    the metrics window `where` (an SQL predicate over step_metrics, e.g. `Analysis.windows[run]`).
+    Columns: bin, t_start_s, t_end_s, steps, tokens, busy_ms_per_step, host_gap_ms_per_step, smbu,
+    smfu, in_window.
+    """
+    n = _one(
+        db,
+        "SELECT count(*), max(t_start_ns) - min(t_start_ns) FROM step_metrics WHERE run_id = ? AND NOT is_draft",
+        [run_id],
+    )
+    if not n or not n[0]:
+        return pl.DataFrame(
+            schema={
+                "bin": pl.Int64,
+                "t_start_s": pl.Float64,
+                "t_end_s": pl.Float64,
+                "steps": pl.Int64,
+                "tokens": pl.Int64,
+                "busy_ms_per_step": pl.Float64,
+                "host_gap_ms_per_step": pl.Float64,
+                "smbu": pl.Float64,
+                "smfu": pl.Float64,
+                "in_window": pl.Float64,
+            }
+        )
+    k = max(1, min(int(bins), int(n[0])))
+    span_s = max((n[1] or 0) / 1e9, 1e-9)
+    width = span_s / k
+    df = _q(
+        db,
+        f"""
+        WITH s AS (
+            SELECT *, (t_start_ns - min(t_start_ns) OVER ()) / 1e9 AS t_s, ({where}) AS in_win
+            FROM step_metrics WHERE run_id = ? AND NOT is_draft
+        )
+        SELECT least(floor(t_s / {width!r}), {k - 1})::BIGINT AS bin,
+               count(*) AS steps, sum(num_tokens)::BIGINT AS tokens,
+               avg(time_s) * 1e3 AS busy_ms_per_step, avg(host_gap_s) * 1e3 AS host_gap_ms_per_step,
+               CASE WHEN count(*) FILTER (WHERE isnan(active_experts)) > 0 THEN NULL
+                    ELSE sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) END AS smbu,
+               sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
+               avg(in_win::INTEGER) AS in_window
+        FROM s WHERE time_s > 0 GROUP BY 1 ORDER BY 1
+        """,
+        [run_id],
+    ).pl()
+    return df.with_columns(
+        t_start_s=pl.col("bin") * width,
+        t_end_s=(pl.col("bin") + 1) * width,
+        steps=pl.col("steps").cast(pl.Int64),
+    ).select(
+        "bin",
+        "t_start_s",
+        "t_end_s",
+        "steps",
+        "tokens",
+        "busy_ms_per_step",
+        "host_gap_ms_per_step",
+        "smbu",
+        "smfu",
+        "in_window",
+    )
+
+
+# -- requests and runs ----------------------------------------------------------------------------
+def latency_cdf_frame(db: TraceDB, labels: dict[str, str], *, points: int = 200) -> pl.DataFrame:
+    """Empirical CDFs of TTFT, TPOT and ITL per run (client clock, successful requests), each
+    reduced to at most `points` quantiles. Columns: run (label), metric, value_ms, cdf."""
+    parts = []
+    for run_id, label in labels.items():
+        req = _q(db, "SELECT * FROM requests WHERE run_id = ?", [run_id]).pl()
+        if req.is_empty():
+            continue
+        ok = request_table(req).filter(pl.col("ok"))
+        series = {
+            "TTFT": ok["ttft_s"].drop_nulls().to_numpy(),
+            "TPOT": ok["tpot_s"].drop_nulls().to_numpy(),
+            "ITL": itl_samples(ok),
+        }
+        for metric, values in series.items():
+            v = np.sort(np.asarray(values, dtype=np.float64))
+            v = v[~np.isnan(v)]
+            if v.size == 0:
+                continue
+            if v.size <= points:
+                cdf = np.arange(1, v.size + 1) / v.size
+                vals = v
+            else:
+                cdf = np.linspace(0.0, 1.0, points)
+                vals = np.quantile(v, cdf)
+            parts.append(
+                pl.DataFrame(
+                    {
+                        "run": [label] * len(vals),
+                        "metric": [metric] * len(vals),
+                        "value_ms": vals * 1e3,
+                        "cdf": cdf,
+                    }
+                )
+            )
+    if not parts:
+        return pl.DataFrame(
+            schema={"run": pl.String, "metric": pl.String, "value_ms": pl.Float64, "cdf": pl.Float64}
+        )
+    return pl.concat(parts)
+
+
+def throughput_frame(
+    db: TraceDB, labels: dict[str, str], document: dict[str, Any] | None = None, *, min_steps: int = 3
+) -> pl.DataFrame:
+    """Generated tokens per second against batch size (requests in the step).
+
+    kind = "steps": per run and batch size, Σ logit rows / Σ step wall time over that run's steps
+    with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run": the
+    run's window throughput (metrics.json `steps.all.throughput_output_tokens_per_s`) at its
+    workload batch size. Columns: run, kind, batch_size, output_tokens_per_s, steps.
+    """
+    ids = list(labels)
+    parts = []
+    if ids:
+        df = _q(
+            db,
+            f"""SELECT run_id, num_reqs AS batch_size,
+                       sum(coalesce(logit_rows, 0)) / sum(wall_s) AS output_tokens_per_s,
+                       count(*) AS steps
+                FROM step_metrics
+                WHERE run_id IN ({", ".join("?" * len(ids))}) AND NOT is_draft AND wall_s > 0
+                GROUP BY run_id, num_reqs HAVING count(*) >= {int(min_steps)}""",
+            ids,
+        ).pl()
+        parts.append(
+            df.with_columns(
+                run=pl.col("run_id").replace_strict(labels, return_dtype=pl.String),
+                kind=pl.lit("steps"),
+                batch_size=pl.col("batch_size").cast(pl.Int64),
+                steps=pl.col("steps").cast(pl.Int64),
+            ).select("run", "kind", "batch_size", "output_tokens_per_s", "steps")
+        )
+    if document is not None:
+        rows = []
+        for run in document.get("runs", []):
+            if run.get("run_id") not in labels:
+                continue
+            wl = run.get("workload") or {}
+            bs = wl.get("batch_size") or wl.get("concurrency")
+            tps = (
+                ((run.get("metrics") or {}).get("steps") or {})
+                .get("all", {})
+                .get("throughput_output_tokens_per_s")
+            )
+            if bs and tps:
+                rows.append(
+                    {
+                        "run": labels[run["run_id"]],
+                        "kind": "run",
+                        "batch_size": int(bs),
+                        "output_tokens_per_s": float(tps),
+                        "steps": int(run["metrics"]["steps"]["all"].get("steps") or 0),
+                    }
+                )
+        if rows:
+            parts.append(pl.DataFrame(rows, schema=parts[0].schema if parts else None))
+    if not parts:
+        return pl.DataFrame(
+            schema={
+                "run": pl.String,
+                "kind": pl.String,
+                "batch_size": pl.Int64,
+                "output_tokens_per_s": pl.Float64,
+                "steps": pl.Int64,
+            }
+        )
+    return pl.concat(parts).sort("run", "kind", "batch_size")
+
+
+def run_labels(document: dict[str, Any]) -> dict[str, str]:
+    """run_id -> a short, unique legend label: "model · engine · GPU×n · bs N"."""
+    base: dict[str, str] = {}
+    for run in document.get("runs", []):
+        model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
+        engine = (run.get("engine") or {}).get("name") or "?"
+        gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get(
+            "name"
+        )
+        count = (run.get("gpu") or {}).get("count") or 1
+        wl = run.get("workload") or {}
+        bs = wl.get("batch_size") or wl.get("concurrency")
+        label = f"{model} · {engine} · {gpu or '?'}×{count}"
+        if bs:
+            label += f" · bs {bs}"
+        base[run["run_id"]] = label
+    seen: dict[str, int] = {}
+    for label in base.values():
+        seen[label] = seen.get(label, 0) + 1
+    return {rid: (f"{label} · {rid}" if seen[label] > 1 else label) for rid, label in base.items()}
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -> pl.DataFrame:
+    """One row per run of a metrics document with the CAP figures the cross-run charts and the
+    leaderboard use. Missing figures are null (cost and accuracy come from other analyses and are
+    often absent).
+
+    Columns: run, run_id, model, engine, engine_version, gpu, num_gpus, batch_size, dataset,
+    created_at, cost_usd_per_m_output_tokens (+ cost_band_low/high: the cost model's sensitivity band),
+    accuracy (exact match, fraction), accuracy_correct,
+    accuracy_total, ttft_ms, tpot_ms, itl_ms (p50), output_tokens_per_s (window), requests_per_s,
+    prefill_smbu, prefill_smfu, decode_smbu, decode_smfu, warnings.
+    """
+    labels = labels or run_labels(document)
+    rows = []
+    for run in document.get("runs", []):
+        m = run.get("metrics") or {}
+        steps = m.get("steps") or {}
+        req = m.get("requests") or {}
+        acc: dict[str, Any] = m["accuracy"] if isinstance(m.get("accuracy"), dict) else {}
+        cost, cost_lo, cost_hi = cost_per_million_output_tokens(m)
+        gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
+        wl = run.get("workload") or {}
+        out_tps = _float(_get(steps, "all", "throughput_output_tokens_per_s"))
+        if out_tps is None:
+            out_tps = _float(req.get("output_tokens_per_s"))
+        rows.append(
+            {
+                "run": labels.get(run["run_id"], run["run_id"]),
+                "run_id": run["run_id"],
+                "model": run.get("model"),
+                "engine": _get(run, "engine", "name"),
+                "engine_version": _get(run, "engine", "version"),
+                "gpu": gpu,
+                "num_gpus": _get(run, "gpu", "count"),
+                "batch_size": wl.get("batch_size") or wl.get("concurrency"),
+                "dataset": wl.get("dataset"),
+                "created_at": run.get("created_at") or _created_at(run["run_id"]),
+                "cost_usd_per_m_output_tokens": cost,
+                "cost_band_low": cost_lo,
+                "cost_band_high": cost_hi,
+                "accuracy": accuracy_fraction(m),
+                "accuracy_correct": _float(acc.get("correct")),
+                "accuracy_total": _float(acc.get("total")),
+                "ttft_ms": _ms(_get(req, "ttft_s", "mean")),
+                "tpot_ms": _ms(_get(req, "tpot_s", "mean")),
+                "itl_ms": _ms(_get(req, "itl_s", "p50")),
+                "output_tokens_per_s": out_tps,
+                "requests_per_s": _float(req.get("requests_per_s")),
+                "prefill_smbu": _float(_get(steps, "prefill", "s_mbu")),
+                "prefill_smfu": _float(_get(steps, "prefill", "s_mfu")),
+                "decode_smbu": _float(_get(steps, "decode", "s_mbu")),
+                "decode_smfu": _float(_get(steps, "decode", "s_mfu")),
+                "warnings": len(run.get("warnings") or []),
+            }
+        )
+    schema = {
+        "run": pl.String,
+        "run_id": pl.String,
+        "model": pl.String,
+        "engine": pl.String,
+        "engine_version": pl.String,
+        "gpu": pl.String,
+        "num_gpus": pl.Int64,
+        "batch_size": pl.Int64,
+        "dataset": pl.String,
+        "created_at": pl.String,
+        "cost_usd_per_m_output_tokens": pl.Float64,
+        "cost_band_low": pl.Float64,
+        "cost_band_high": pl.Float64,
+        "accuracy": pl.Float64,
+        "accuracy_correct": pl.Float64,
+        "accuracy_total": pl.Float64,
+        "ttft_ms": pl.Float64,
+        "tpot_ms": pl.Float64,
+        "itl_ms": pl.Float64,
+        "output_tokens_per_s": pl.Float64,
+        "requests_per_s": pl.Float64,
+        "prefill_smbu": pl.Float64,
+        "prefill_smfu": pl.Float64,
+        "decode_smbu": pl.Float64,
+        "decode_smfu": pl.Float64,
+        "warnings": pl.Int64,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+_COST_KEYS = ("usd_per_1m_output_tokens", "usd_per_million_output_tokens", "usd_per_m_output_tokens")
+
+
+def cost_per_million_output_tokens(
+    metrics: dict[str, Any],
+) -> tuple[float | None, float | None, float | None]:
+    """(USD per 1M output tokens, band low, band high) from a run's `metrics.cost`, or Nones."""
+    cost = metrics.get("cost")
+    if not isinstance(cost, dict):
+        return None, None, None
+    value = next((_float(cost[k]) for k in _COST_KEYS if k in cost), None)
+    band = cost.get("band_usd_per_1m_output_tokens")
+    lo, hi = (_float(band[0]), _float(band[1])) if isinstance(band, list) and len(band) == 2 else (None, None)
+    return value, lo, hi
+
+
+def accuracy_fraction(metrics: dict[str, Any]) -> float | None:
+    """Exact match in [0, 1] from a run's `metrics.accuracy` ({exact_match} or {correct, total})."""
+    acc = metrics.get("accuracy")
+    if not isinstance(acc, dict):
+        return None
+    em = _float(acc.get("exact_match"))
+    if em is None and _float(acc.get("total")):
+        correct = _float(acc.get("correct"))
+        em = None if correct is None else correct / float(acc["total"])
+    return em
+
+
+def _created_at(run_id: str) -> str | None:
+    # run ids start with a UTC timestamp (20260101T000000Z-…); the document does not carry created_at.
+    head = run_id.split("-", 1)[0]
+    return head if len(head) == 16 and head.endswith("Z") else None
+
+
+def _ms(x: Any) -> float | None:
+    v = _float(x)
+    return None if v is None else v * 1e3
+
+
+def _order_phases(df: pl.DataFrame) -> pl.DataFrame:
+    rank = {p: i for i, p in enumerate(PHASE_ORDER)}
+    return df.with_columns(
+        phase_rank=pl.col("phase").replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
+    )
