@@ -1,12 +1,22 @@
-"""The reference's `_calculate_continuous_metrics`, vectorised with polars (metrics.md sections 3-4).
+"""The reference's `_calculate_continuous_metrics`, vectorised (metrics.md sections 3-4).
 
 Every kept record gives one sample of S-MBU / S-MFU / throughput / latency / KV size; with per-request
 (chunked prefill) accounting the prefill samples come from completed requests instead. Published values
-are unweighted means of the samples, 0 without samples. Nothing loops over records in Python.
+are unweighted means of the samples, 0 without samples.
+
+Each family's per-record formula is linear in the activation a and the context c (metrics.md 3.1-3.2):
+
+    W = w0 + wa.a + k.c     (weights + KV read, T-units)      S-MBU = W.b / t / (N.BW)
+    C = c0 + s.c            (compute per token, T-units)      S-MFU = C.2.X / (N.P/2)
+
+so the mean over records needs only a handful of sums (sum 1/t, a/t, c/t, ...) instead of per-record
+values; they agree with the reference's per-record evaluation to rounding (~1e-15 relative for
+non-negative inputs), which `benchmarks/reference_loop.py` and the tests check. No Python loop touches
+records.
 
 Where the reference raises (ZeroDivisionError on a zero latency, zero peak bandwidth / FLOPS, a
 missing field, a non-numeric GPU count) `continuous_metrics` raises `ReferenceCrash` with a one-line
-reason instead; `reference_metrics` turns it into null metrics + `reason`.
+reason; `reference_metrics` turns it into null metrics + `reason`.
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
+import numpy as np
 
+from .arrays import BoolArray, FloatArray, IntArray, RecordArrays
 from .model import ReferenceModelSizes
 
 #: Result keys of `_calculate_continuous_metrics`, in its order.
@@ -46,208 +57,211 @@ class ReferenceHardware:
     peak_flops_tf: float
 
 
+@dataclass(frozen=True)
+class FormulaCoefficients:
+    """W = w0 + wa.a + k.c and C = c0 + s.c for one model (T-units; k and s per context token)."""
+
+    w0: float
+    wa: float
+    k: float
+    c0: float
+    s: float
+
+
+def formula_coefficients(sizes: ReferenceModelSizes) -> FormulaCoefficients:
+    """The family formulas of metrics.md 3.1-3.2 written as coefficients of a and c."""
+    ec = sizes.expert_config
+    n_layers = sizes.dims.n_layers
+    attn = sizes.attention_size_per_token
+    e = ec["expert_size"]
+    if sizes.family == "qwen":
+        shared = ec["shared_experts_size_total"]
+        w0, wa, c0 = n_layers * (shared + attn), n_layers * e, n_layers * (attn + e + shared)
+    elif sizes.family == "qwen3":
+        n_moe = ec.get("num_moe_layers", 0)
+        dense = ec.get("num_dense_layers", n_layers) * ec.get("dense_ffn_size", 0)
+        w0, wa, c0 = dense + n_layers * attn, n_moe * e, n_moe * e + dense + n_layers * attn
+    elif sizes.family == "deepseek":
+        n_sparse = ec["deepseek_sparse_layer_num"]
+        shared = ec["shared_experts_size_total"]
+        dense = ec["deepseek_num_dense_layer"] * ec["deepseek_dense_ffn_size"]
+        w0 = n_layers * attn + n_sparse * shared + dense
+        wa = n_sparse * e
+        c0 = n_layers * attn + n_sparse * (e + shared) + dense
+    else:
+        w0, wa, c0 = n_layers * attn, n_layers * e, n_layers * (attn + e)
+    if sizes.score_mla:
+        s = (sizes.score_k_size + sizes.score_v_size) / 1e12
+    else:
+        s = 2 * sizes.score_kv_size / 1e12
+    return FormulaCoefficients(w0=w0, wa=wa, k=sizes.per_token_kv_size / 1e12, c0=c0, s=s)
+
+
 def is_number(value: Any) -> bool:
     """True for int / float (what the reference's arithmetic accepts for a GPU count)."""
     return isinstance(value, (int, float))
 
 
-def _gt(expr: pl.Expr, value: float) -> pl.Expr:
-    # Python's NaN > x is False; polars orders NaN above every number.
-    return (expr > value) & expr.is_not_nan()
+@dataclass
+class _Sums:
+    """Sums over the samples of one phase; means are sum / n."""
+
+    n: int = 0
+    smbu: float = 0.0
+    smfu: float = 0.0
+    throughput: float = 0.0
+    latency: float = 0.0
+    kv: float = 0.0
+
+    def add(self, other: _Sums) -> None:
+        self.n += other.n
+        self.smbu += other.smbu
+        self.smfu += other.smfu
+        self.throughput += other.throughput
+        self.latency += other.latency
+        self.kv += other.kv
 
 
-def _attention_score(sizes: ReferenceModelSizes, c: pl.Expr) -> pl.Expr:
-    """Sc in T-units for context c (output_len fixed at 1, so the triangular term is zero)."""
-    if sizes.score_mla:
-        return (c * sizes.score_k_size + c * sizes.score_v_size) / 1e12
-    return c * sizes.score_kv_size * 2 / 1e12
+@dataclass(frozen=True)
+class _Scales:
+    coef: FormulaCoefficients
+    kv_per_token: float
+    mbu: float
+    """b / (N.BW): S-MBU = W/t x mbu."""
+    mfu: float
+    """2 / (N.P/2): S-MFU = C.X x mfu."""
 
-
-def _weights_read(sizes: ReferenceModelSizes, a: pl.Expr, kv_read: pl.Expr, *, prefill: bool) -> pl.Expr:
-    """W (T-units), metrics.md 3.1, grouped as the reference groups it."""
-    ec = sizes.expert_config
-    n_layers = sizes.dims.n_layers
-    attn = sizes.attention_size_per_token
-    e = ec["expert_size"]
-    if sizes.family == "generic":
-        return n_layers * (a * e + attn) + kv_read
-    if sizes.family == "qwen":
-        return n_layers * (a * e + ec["shared_experts_size_total"] + attn) + kv_read
-    if sizes.family == "qwen3":
-        n_moe = ec.get("num_moe_layers", 0)
-        n_dense = ec.get("num_dense_layers", n_layers)
-        moe = n_moe * (a * e) if prefill else n_moe * a * e
-        return moe + n_dense * ec.get("dense_ffn_size", 0) + n_layers * attn + kv_read
-    return (
-        n_layers * attn
-        + ec["deepseek_sparse_layer_num"] * (a * e + ec["shared_experts_size_total"])
-        + ec["deepseek_num_dense_layer"] * ec["deepseek_dense_ffn_size"]
-        + kv_read
-    )
-
-
-def _compute_per_token(sizes: ReferenceModelSizes, score: pl.Expr) -> pl.Expr:
-    """C (T-units per token), metrics.md 3.2: one routed expert per MoE layer, plus the score term."""
-    ec = sizes.expert_config
-    n_layers = sizes.dims.n_layers
-    attn = sizes.attention_size_per_token
-    e = ec["expert_size"]
-    if sizes.family == "generic":
-        return n_layers * (attn + e) + score
-    if sizes.family == "qwen":
-        return n_layers * (attn + e + ec["shared_experts_size_total"]) + score
-    if sizes.family == "qwen3":
-        n_moe = ec.get("num_moe_layers", 0)
-        n_dense = ec.get("num_dense_layers", n_layers)
-        return n_moe * e + n_dense * ec.get("dense_ffn_size", 0) + n_layers * attn + score
-    return (
-        n_layers * attn
-        + ec["deepseek_sparse_layer_num"] * (e + ec["shared_experts_size_total"])
-        + ec["deepseek_num_dense_layer"] * ec["deepseek_dense_ffn_size"]
-        + score
-    )
-
-
-def _samples(
-    sizes: ReferenceModelSizes,
-    hw: ReferenceHardware,
-    num_gpus: float,
-    precision_bytes: float,
-    *,
-    c: pl.Expr,
-    a: pl.Expr,
-    t_eff: pl.Expr,
-    x: pl.Expr,
-    prefill: bool | pl.Expr,
-) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(S-MBU, S-MFU, kv record value) per sample. `x` is tokens/s (prefill) or requests/s (decode)."""
-    kv = sizes.per_token_kv_size
-    kv_read = c * kv / 1e12
-    if isinstance(prefill, bool):
-        w = _weights_read(sizes, a, kv_read, prefill=prefill)
-    else:
-        w = (
-            pl.when(prefill)
-            .then(_weights_read(sizes, a, kv_read, prefill=True))
-            .otherwise(_weights_read(sizes, a, kv_read, prefill=False))
+    def sums(self, n: int, w_over_t: float, c_x: float, x: float, t: float, c: float) -> _Sums:
+        """A phase's sums from sum(W/t), sum(C.X), sum(X), sum(t) and sum(c) over its n samples."""
+        return _Sums(
+            n=n,
+            smbu=w_over_t * self.mbu,
+            smfu=c_x * self.mfu,
+            throughput=x,
+            latency=t,
+            kv=(c + n) * self.kv_per_token / 1e6,
         )
-    bw_denominator = num_gpus * hw.peak_bandwidth_tb
-    flops_denominator = num_gpus * hw.peak_flops_tf / 2
-    # Denominators of 0 are caught before the results are used (ReferenceCrash), never divided by.
-    smbu = w * precision_bytes / t_eff / (bw_denominator or 1.0)
-    smfu = _compute_per_token(sizes, _attention_score(sizes, c)) * 2 * x / (flops_denominator or 1.0)
-    kv_record = (c * kv + kv) / 1e9 * 1e3
-    return smbu, smfu, kv_record
 
 
-def _first_row(frame: pl.DataFrame, cond: pl.Expr) -> int | None:
-    idx = frame.select(cond.arg_true().first()).item()
-    return None if idx is None else int(idx)
+def _dot(x: FloatArray, y: FloatArray) -> float:
+    """sum(x * y) in one pass. Not `x @ y`: BLAS dot spins up threads, which costs far more than it
+    saves on 1e6 elements (30x slower on a busy 2-core host)."""
+    return float(np.einsum("i,i->", x, y))
+
+
+def _phase_sums(
+    sc: _Scales, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None, mask: BoolArray | None
+) -> _Sums:
+    """Sums over one phase's per-record samples: decode (b given, X = B/t requests/s) or prefill
+    (X = c/t tokens/s). With a mask, records outside it get weight 1/t = 0."""
+    n = len(t) if mask is None else int(np.count_nonzero(mask))
+    if n == 0:
+        return _Sums()
+    if mask is None:
+        inv_t = 1.0 / t
+    else:
+        inv_t = np.zeros(len(t))
+        np.divide(1.0, t, out=inv_t, where=mask)
+    sums = _weighted_sums(inv_t, a, c, b)
+    if mask is not None and not np.isfinite(sums).all():
+        # A NaN / inf of a record outside the mask (a null, or a genuine one) leaked through its zero
+        # weight: redo with those records' values zeroed, so only the samples' own values count.
+        a, c = np.where(mask, a, 0.0), np.where(mask, c, 0.0)
+        sums = _weighted_sums(inv_t, a, c, None if b is None else np.where(mask, b, 0.0))
+    sum_inv, sum_a, sum_c, sum_x, sum_cx = (float(v) for v in sums)
+    coef = sc.coef
+    w_over_t = coef.w0 * sum_inv + coef.wa * sum_a + coef.k * sum_c
+    c_x = coef.c0 * sum_x + coef.s * sum_cx
+    latency = float(t.sum() if mask is None else np.add.reduce(t, where=mask))
+    context = float(c.sum() if mask is None else np.add.reduce(c, where=mask))
+    return sc.sums(n, w_over_t, c_x, sum_x, latency, context)
+
+
+def _weighted_sums(inv_t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None) -> np.ndarray:
+    """[sum 1/t, sum a/t, sum c/t, sum X, sum c.X] with X = B/t (decode) or c/t (prefill, b None)."""
+    sum_c = _dot(c, inv_t)
+    if b is None:
+        return np.array([inv_t.sum(), _dot(a, inv_t), sum_c, sum_c, _dot(c * c, inv_t)])
+    x = b * inv_t
+    return np.array([inv_t.sum(), _dot(a, inv_t), sum_c, x.sum(), _dot(c, x)])
+
+
+def _first(mask: BoolArray, rows: IntArray | None = None) -> int | None:
+    """Record index of the first True (mask over records, or over the records listed in rows)."""
+    if not mask.any():
+        return None
+    pos = int(np.argmax(mask))
+    return pos if rows is None else int(rows[pos])
 
 
 def continuous_metrics(
-    frame: pl.DataFrame,
+    arr: RecordArrays,
     sizes: ReferenceModelSizes,
     hw: ReferenceHardware,
     num_gpus: Any,
     precision_bytes: float,
 ) -> dict[str, Any]:
-    """The nine `_calculate_continuous_metrics` values (fractions, tokens/s, s, KV elements / 1e6) plus
-    `chunked_prefill_accounting` (whether per-request mode was used). Raises ReferenceCrash.
-
-    `frame` must have the metric columns (`records.normalize_frame`).
+    """The nine `_calculate_continuous_metrics` values (fractions, tokens/s, requests/s, s, KV elements
+    / 1e6) plus `chunked_prefill_accounting` (whether per-request mode was used). Raises ReferenceCrash.
     """
-    lf = frame.lazy()
-    fm = pl.col("forward_mode")
-    is_prefill = fm == "prefill"
-    has_info = pl.col("per_req_info").list.len().fill_null(0) > 0
-    ea = pl.col("expert_activation")
-    t = pl.col("latency")
-    c = pl.col("seq_lens_sum")
-    bsz = pl.col("batch_size")
+    # Filters: activation missing or < 0 -> skipped; prefill with seq_lens_sum <= 10 (or missing) -> skipped.
+    with np.errstate(invalid="ignore"):
+        dec = ~arr.activation_null & ~(arr.activation < 0) & ~arr.prefill
+        pp = arr.prefill_passes
+        kept = ~pp.activation_null & ~(pp.activation < 0) & ~pp.seq_null & ~(pp.seq_lens_sum <= 10)
+    chunked = bool(pp.has_info.any())
+    per_request = kept & pp.has_info if chunked else np.zeros(len(kept), dtype=bool)
+    per_record = kept & ~per_request
 
-    marked = lf.select(
-        is_prefill.fill_null(False).alias("_prefill"),
-        has_info.alias("_info"),
-        (ea.is_not_null() & ~(ea < 0)).alias("_valid"),
-        fm.is_null().alias("_no_mode"),
-        c,
-        t,
-        bsz,
-        ea,
-        pl.col("per_req_info"),
-    ).collect()
-    chunked = bool(marked.select((pl.col("_prefill") & pl.col("_info")).any()).item())
-
-    p = pl.col("_prefill")
-    kept = pl.col("_valid") & ~(p & (c.fill_null(0) <= 10))
-    record_level = kept & ~(p & pl.col("_info")) if chunked else kept
-    request_level = kept & p & pl.col("_info") if chunked else pl.lit(False)
-
-    checks: list[tuple[pl.Expr, str]] = [
-        (kept & pl.col("_no_mode"), "KeyError: record without forward_mode"),
-        ((record_level | request_level) & t.is_null(), "TypeError: record without latency"),
-        (record_level & ~p & c.is_null(), "KeyError: decode record without seq_lens_sum"),
-        (record_level & ~p & bsz.is_null(), "TypeError: decode record without batch_size"),
-        (record_level & (t == 0), "ZeroDivisionError: float division by zero (record latency 0)"),
+    checks: list[tuple[BoolArray, IntArray | None, str]] = [
+        (dec & arr.mode_null, None, "KeyError: record without forward_mode"),
+        (dec & arr.latency_null, None, "TypeError: record without latency"),
+        (dec & arr.seq_null, None, "KeyError: decode record without seq_lens_sum"),
+        (dec & arr.batch_null, None, "TypeError: decode record without batch_size"),
+        (kept & pp.latency_null, pp.index, "TypeError: record without latency"),
+        (dec & (arr.latency == 0), None, "ZeroDivisionError: float division by zero (record latency 0)"),
+        (
+            per_record & (pp.latency == 0),
+            pp.index,
+            "ZeroDivisionError: float division by zero (record latency 0)",
+        ),
     ]
-    for cond, what in checks:
-        row = _first_row(marked, cond)
+    for cond, rows, what in checks:
+        row = _first(cond, rows)
         if row is not None:
             raise ReferenceCrash(f"{what} at record {row}")
 
-    smbu, smfu, kvr = _samples(
-        sizes,
-        hw,
-        num_gpus if is_number(num_gpus) else 0,
-        precision_bytes,
-        c=c,
-        a=ea,
-        t_eff=t,
-        x=pl.when(p).then(c / t).otherwise(bsz / t),
-        prefill=p,
-    )
-    rec = marked.lazy().filter(record_level)
-    pre, dec = p, ~p
-    agg = rec.select(
-        pre.sum().alias("n_prefill"),
-        (~p).sum().alias("n_decode"),
-        smbu.filter(pre).sum().alias("prefill_smbu"),
-        smfu.filter(pre).sum().alias("prefill_smfu"),
-        smbu.filter(dec).sum().alias("decoding_smbu"),
-        smfu.filter(dec).sum().alias("decoding_smfu"),
-        (bsz / t).filter(dec).sum().alias("decoding_throughput"),
-        (c / t).filter(pre).sum().alias("prefill_tp"),
-        t.filter(pre).sum().alias("ttft"),
-        t.filter(dec).sum().alias("tpot"),
-        kvr.sum().alias("kv_size"),
-    ).collect()
-    sums = agg.row(0, named=True)
-    n_prefill, n_decode = int(sums["n_prefill"]), int(sums["n_decode"])
-
-    n_requests = 0
-    if chunked:
-        req_sums, n_requests = _per_request(marked, request_level, sizes, hw, num_gpus, precision_bytes)
-        for key, value in req_sums.items():
-            sums[key] += value
-
-    if n_prefill + n_decode + n_requests > 0:
+    requests = _request_table(arr, per_request) if chunked else None
+    n_requests = len(requests.tokens) if requests is not None else 0
+    if int(np.count_nonzero(dec)) + int(np.count_nonzero(per_record)) + n_requests > 0:
         _check_denominators(hw, num_gpus)
+    n_gpus = num_gpus if is_number(num_gpus) else 1
+    sc = _Scales(
+        coef=formula_coefficients(sizes),
+        kv_per_token=sizes.per_token_kv_size,
+        mbu=precision_bytes / ((n_gpus * hw.peak_bandwidth_tb) or 1.0),
+        mfu=2 / ((n_gpus * hw.peak_flops_tf / 2) or 1.0),
+    )
+    pre = _phase_sums(
+        sc, pp.latency[per_record], pp.activation[per_record], pp.seq_lens_sum[per_record], None, None
+    )
+    if requests is not None and n_requests:
+        pre.add(_request_sums(requests, sizes, sc))
+    dec_sums = _phase_sums(sc, arr.latency, arr.activation, arr.seq_lens_sum, arr.batch_size, dec)
 
-    def mean(key: str, n: int) -> float:
-        return sums[key] / n if n else 0
+    def mean(total: float, n: int) -> float:
+        return total / n if n else 0
 
-    n_pre_all = n_prefill + n_requests
     return {
-        "prefill_smbu": mean("prefill_smbu", n_pre_all),
-        "prefill_smfu": mean("prefill_smfu", n_pre_all),
-        "decoding_smbu": mean("decoding_smbu", n_decode),
-        "decoding_smfu": mean("decoding_smfu", n_decode),
-        "kv_size": mean("kv_size", n_pre_all + n_decode),
-        "decoding_throughput": mean("decoding_throughput", n_decode),
-        "prefill_tp": mean("prefill_tp", n_pre_all),
-        "ttft": mean("ttft", n_pre_all),
-        "tpot": mean("tpot", n_decode),
+        "prefill_smbu": mean(pre.smbu, pre.n),
+        "prefill_smfu": mean(pre.smfu, pre.n),
+        "decoding_smbu": mean(dec_sums.smbu, dec_sums.n),
+        "decoding_smfu": mean(dec_sums.smfu, dec_sums.n),
+        "kv_size": mean(pre.kv + dec_sums.kv, pre.n + dec_sums.n),
+        "decoding_throughput": mean(dec_sums.throughput, dec_sums.n),
+        "prefill_tp": mean(pre.throughput, pre.n),
+        "ttft": mean(pre.latency, pre.n),
+        "tpot": mean(dec_sums.latency, dec_sums.n),
         "chunked_prefill_accounting": chunked,
     }
 
@@ -266,94 +280,76 @@ def _check_denominators(hw: ReferenceHardware, num_gpus: Any) -> None:
         )
 
 
-def _per_request(
-    marked: pl.DataFrame,
-    request_level: pl.Expr,
-    sizes: ReferenceModelSizes,
-    hw: ReferenceHardware,
-    num_gpus: Any,
-    precision_bytes: float,
-) -> tuple[dict[str, float], int]:
-    """Chunked-prefill samples: one per completed request key (metrics.md section 4).
+@dataclass(frozen=True)
+class _Requests:
+    """Completed requests of the chunked-prefill accounting (in key order: the reference's dict order
+    only changes the rounding of the means)."""
 
-    Key = req_id when the entry has that key (even null), else req_pool_idx; keys are never reset, so
-    a reused pool slot merges requests (defect 7.14). Each request is charged the whole pass latency.
+    latency_sum: FloatArray
+    tokens: FloatArray
+    activation: FloatArray
+    first_row: IntArray
+    """Record index of each request's first chunk (for messages)."""
+
+
+def group_starts(keys: np.ndarray) -> tuple[IntArray, IntArray]:
+    """(order, starts): an argsort of keys and where each run of equal keys starts in it. The sort
+    need not be stable: what depends on order within a group is taken by entry position."""
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    return order, starts
+
+
+def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
+    """Per request key: summed pass latency (s), tokens, activation of its last pass; completed only.
+
+    Only entries of passes counted per request (kept, with per_req_info) take part. Keys are never
+    reset, so a reused pool slot merges requests (defect 7.14). Each request is charged the whole pass
+    latency; tokens = last total_len if > 0 else the summed extend_len.
     """
-    info = pl.col("per_req_info")
-    field = info.struct.field
-    present = pl.coalesce(field("req_id_present"), field("req_id").is_not_null())
-    # A None key (req_id present but null, or neither field) is one shared key, as in the reference.
-    # String ids and integer slots are told apart by a tag; ids are compared by their string form.
-    raw_key = (
-        pl.when(present)
-        .then(pl.concat_str(pl.lit("id:"), field("req_id")))
-        .otherwise(pl.concat_str(pl.lit("pool:"), field("req_pool_idx").cast(pl.String)))
+    e, pp = arr.entries, arr.prefill_passes
+    pos = np.flatnonzero(per_request[e.prefill_pos])  # entry positions, in record / entry order
+    if len(pos) == 0:
+        empty = np.zeros(0)
+        return _Requests(empty, empty, empty, np.zeros(0, dtype=np.int64))
+    order, starts = group_starts(e.key[pos])
+    entry = pos[order]  # entry positions grouped by request
+    passes = e.prefill_pos[entry]
+    latency_sum = np.add.reduceat(pp.latency[passes], starts)
+    extend_sum = np.add.reduceat(e.extend_len[entry], starts)
+    # total_len: the last one seen (an entry without it leaves it unchanged), 0 before any.
+    last_total = np.maximum.reduceat(np.where(e.total_null[entry], -1, entry), starts)
+    total = np.where(last_total >= 0, e.total_len[np.maximum(last_total, 0)], 0.0)
+    tokens = np.where(total > 0, total, extend_sum)
+    completed = np.logical_or.reduceat(e.is_last_chunk[entry], starts)
+    last_entry = np.maximum.reduceat(entry, starts)
+    first_entry = np.minimum.reduceat(entry, starts)
+    return _Requests(
+        latency_sum=latency_sum[completed],
+        tokens=tokens[completed],
+        activation=pp.activation[e.prefill_pos[last_entry]][completed],
+        first_row=pp.index[e.prefill_pos[first_entry]][completed],
     )
-    entries = (
-        marked.lazy()
-        .filter(request_level)
-        .select("latency", "expert_activation", info)
-        .explode("per_req_info")
-        .select(
-            raw_key.fill_null("none").alias("key"),
-            pl.col("latency"),
-            pl.col("expert_activation"),
-            field("extend_len").fill_null(0).alias("extend_len"),
-            field("total_len").alias("total_len"),
-            field("is_last_chunk").fill_null(False).alias("is_last_chunk"),
-        )
-    )
-    per_key = (
-        entries.group_by("key", maintain_order=True)
-        .agg(
-            pl.col("latency").sum().alias("latency_sum"),
-            pl.col("extend_len").sum().alias("extend_sum"),
-            pl.col("total_len").drop_nulls().last().fill_null(0).alias("total"),
-            pl.col("expert_activation").last().alias("activation"),
-            pl.col("is_last_chunk").any().alias("completed"),
-        )
-        .filter(pl.col("completed"))
-        .with_columns(
-            pl.when(pl.col("total") > 0)
-            .then(pl.col("total"))
-            .otherwise(pl.col("extend_sum"))
-            .cast(pl.Float64)
-            .alias("tokens")
-        )
-        .collect()
-    )
-    n = per_key.height
-    if n == 0:
-        return {}, 0
-    ttft = pl.col("latency_sum")
-    tokens = pl.col("tokens")
-    tp = pl.when(_gt(ttft, 0)).then(tokens / ttft).otherwise(0.0)
-    if sizes.family == "generic":
-        t_eff = pl.when(ttft == 0).then(1.0).otherwise(ttft)  # the generic path's `ttft or 1`
-    else:
-        row = _first_row(per_key, ttft == 0)
-        if row is not None:
+
+
+def _request_sums(requests: _Requests, sizes: ReferenceModelSizes, sc: _Scales) -> _Sums:
+    """Sums of the per-request prefill samples (c := tokens, t := latency_sum, X := tokens / t)."""
+    t, c, a = requests.latency_sum, requests.tokens, requests.activation
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # prefill_tp = tokens / ttft if ttft > 0 else 0 (NaN > 0 is False in Python too).
+        x = np.where(t > 0, c / t, 0.0)
+    ttft_sum = float(t.sum())
+    zero = t == 0
+    if zero.any():
+        if sizes.family != "generic":
+            row = int(requests.first_row[zero].min())
             raise ReferenceCrash(
                 "ZeroDivisionError: float division by zero (a completed chunked-prefill request has summed "
-                f"latency 0; request key {per_key['key'][row]})"
+                f"latency 0; its first chunk is at record {row})"
             )
-        t_eff = ttft
-    smbu, smfu, kvr = _samples(
-        sizes,
-        hw,
-        num_gpus if is_number(num_gpus) else 0,
-        precision_bytes,
-        c=tokens,
-        a=pl.col("activation"),
-        t_eff=t_eff,
-        x=tp,
-        prefill=True,
-    )
-    sums = per_key.select(
-        smbu.sum().alias("prefill_smbu"),
-        smfu.sum().alias("prefill_smfu"),
-        tp.sum().alias("prefill_tp"),
-        ttft.sum().alias("ttft"),
-        kvr.sum().alias("kv_size"),
-    ).row(0, named=True)
-    return sums, n
+        t = np.where(zero, 1.0, t)  # the generic path's `ttft or 1`
+    coef = sc.coef
+    w_over_t = float(((coef.w0 + coef.wa * a + coef.k * c) / t).sum())
+    c_x = float(((coef.c0 + coef.s * c) * x).sum())
+    return sc.sums(len(t), w_over_t, c_x, float(x.sum()), ttft_sum, float(c.sum()))

@@ -21,6 +21,7 @@ import polars as pl
 
 from moecap.analyze.errors import InputError, SpecError
 
+from .arrays import record_arrays
 from .continuous import CONTINUOUS_KEYS, ReferenceCrash, ReferenceHardware, continuous_metrics
 from .model import normalize_model_id, reference_family, reference_model_sizes
 from .precision import check_cli_precision, reference_effective_precision, reference_precision_bytes
@@ -123,12 +124,13 @@ def reference_metrics(
         frame = normalize_frame(records)
     else:
         frame = normalize_frame(records_to_frame(records, gpu_columns=False))
+    arrays = record_arrays(frame)
 
     continuous: dict[str, Any] | None
     reason: str | None = None
     try:
         sizes = reference_model_sizes(model_config, model_name)
-        continuous = continuous_metrics(frame, sizes, hw, n_gpus, precision_bytes)
+        continuous = continuous_metrics(arrays, sizes, hw, n_gpus, precision_bytes)
     except (SpecError, ReferenceCrash) as exc:
         continuous = None
         reason = f"the reference raises here: {exc}"
@@ -136,7 +138,7 @@ def reference_metrics(
     result: dict[str, Any] = {key: (continuous[key] if continuous else None) for key in CONTINUOUS_KEYS}
     result.update(
         run_level_values(
-            frame,
+            arrays,
             continuous=continuous,
             gpu=gpu_key,
             num_gpus=n_gpus,

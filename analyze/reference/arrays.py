@@ -1,0 +1,220 @@
+"""The record frame as flat numpy arrays: what the section-4 and run-level computations read.
+
+Extracted once per run from a frame with the metric columns (`records.normalize_frame`):
+
+* per record (`RecordArrays`): latency, activation, context, batch size (null -> NaN plus a null mask,
+  because the reference treats a missing field and a NaN differently) and forward-mode masks;
+* per prefill pass (`PrefillArrays`): the same plus ttft, scheduled_tokens and whether it carries
+  `per_req_info` - only prefill passes have those, and they are a small share of a trace;
+* per `per_req_info` entry (`EntryArrays`): the entry fields and two integer request keys.
+
+Decode steps are usually ~95 % of a trace, so the work over all records is a few numpy passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+BoolArray = np.ndarray
+FloatArray = np.ndarray
+IntArray = np.ndarray
+
+#: Modes the run-level decode aggregates count (the reference's runner; section 4 counts every
+#: non-prefill mode as decode).
+DECODE_LIKE_MODES = ("decode", "decoding", "mixed")
+
+
+@dataclass(frozen=True)
+class PrefillArrays:
+    """One entry per prefill pass, in record order; `index` is the record index of each."""
+
+    index: IntArray
+    latency: FloatArray
+    latency_null: BoolArray
+    ttft: FloatArray
+    ttft_null: BoolArray
+    activation: FloatArray
+    activation_null: BoolArray
+    seq_lens_sum: FloatArray
+    seq_null: BoolArray
+    batch_size: FloatArray
+    batch_null: BoolArray
+    scheduled_tokens: FloatArray
+    scheduled_null: BoolArray
+    has_info: BoolArray
+
+
+@dataclass(frozen=True)
+class EntryArrays:
+    """One entry per `per_req_info` entry of a prefill pass that is not a warm-up probe (seq_lens_sum
+    present and <= 10), in record then entry order.
+
+    `key` groups entries as `_calculate_continuous_metrics` does (req_id if the entry has that field,
+    even null, else req_pool_idx; None is a key of its own); `server_key` as `_mean_server_request_ttft`
+    does (req_id if not null, else req_pool_idx), valid where `server_keyed`. Equal keys = same request;
+    string ids and integer slots never share a key.
+    """
+
+    prefill_pos: IntArray
+    """Position of the entry's pass in PrefillArrays."""
+    extend_len: FloatArray
+    total_len: FloatArray
+    total_null: BoolArray
+    is_last_chunk: BoolArray
+    key: np.ndarray
+    server_key: np.ndarray
+    server_keyed: BoolArray
+
+    @property
+    def n(self) -> int:
+        return len(self.prefill_pos)
+
+
+@dataclass(frozen=True)
+class RecordArrays:
+    """Per-record arrays (length n), float arrays NaN where null, plus the prefill passes and entries."""
+
+    n: int
+    prefill: BoolArray
+    decode_like: BoolArray
+    mode_null: BoolArray
+    latency: FloatArray
+    latency_null: BoolArray
+    activation: FloatArray
+    activation_null: BoolArray
+    seq_lens_sum: FloatArray
+    seq_null: BoolArray
+    batch_size: FloatArray
+    batch_null: BoolArray
+    prefill_passes: PrefillArrays
+    entries: EntryArrays
+
+
+def _values(column: pl.Series) -> tuple[FloatArray, BoolArray]:
+    nulls = column.is_null().to_numpy() if column.null_count() else np.zeros(len(column), dtype=bool)
+    return column.cast(pl.Float64).to_numpy(), nulls
+
+
+def _distinct(values: np.ndarray) -> int:
+    if len(values) == 0:
+        return 0
+    ordered = np.sort(values)
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+
+
+def _request_keys(info: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, BoolArray]:
+    """(key, server_key, server_keyed): 64-bit hashes of the req_id or the pool slot (0 for the None key).
+
+    Exact: the number of distinct hashes is checked against the number of distinct ids and slots; if two
+    different keys ever hash alike, dense ranks are used instead.
+    """
+    req_id, pool = info.get_column("req_id"), info.get_column("req_pool_idx")
+    id_null = req_id.is_null().to_numpy()
+    pool_null = pool.is_null().to_numpy()
+    present = (
+        info.select(pl.coalesce("req_id_present", pl.col("req_id").is_not_null())).to_series().to_numpy()
+    )
+    by_id, by_pool = present & ~id_null, ~present & ~pool_null
+    server_by_id, server_by_pool = ~id_null, id_null & ~pool_null
+
+    def build(id_codes: np.ndarray, pool_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
+        server = np.where(server_by_id, id_codes, np.where(server_by_pool, pool_codes, 0))
+        return key, server
+
+    # Distinct hashes / slot codes tagged apart (a salted hash keeps ids and slots in different places).
+    key, server = build(req_id.hash(seed=1).to_numpy(), pool.hash(seed=2).to_numpy())
+    server_keyed = server_by_id | server_by_pool
+
+    def n_unique(series: pl.Series, mask: BoolArray) -> int:
+        return int(series.filter(pl.Series(mask)).n_unique())
+
+    expected = n_unique(req_id, by_id) + n_unique(pool, by_pool) + int((~(by_id | by_pool)).any())
+    expected_server = n_unique(req_id, server_by_id) + n_unique(pool, server_by_pool)
+    if _distinct(key) != expected or _distinct(server[server_keyed]) != expected_server:
+        # A hash collision (about 1 in 1e8 for a million requests): fall back to exact dense ranks.
+        ids = req_id.rank("dense").fill_null(0).cast(pl.UInt64).to_numpy()
+        slots = (pool.rank("dense").fill_null(0).cast(pl.UInt64) + (int(ids.max(initial=0)) + 1)).to_numpy()
+        key, server = build(ids, slots)
+    return key, server, server_keyed
+
+
+def _entries(info: pl.Series, passes: PrefillArrays) -> EntryArrays:
+    with np.errstate(invalid="ignore"):
+        usable = passes.has_info & ~(~passes.seq_null & (passes.seq_lens_sum <= 10))
+    pos = np.flatnonzero(usable)
+    exploded = (
+        pl.DataFrame({"_pos": pos, "info": info.gather(pos)}, schema_overrides={"_pos": pl.Int64})
+        .explode("info")
+        .unnest("info")
+    )
+    key, server_key, server_keyed = _request_keys(exploded)
+    total, total_null = _values(exploded.get_column("total_len"))
+    return EntryArrays(
+        prefill_pos=exploded.get_column("_pos").to_numpy(),
+        extend_len=exploded.get_column("extend_len").fill_null(0).cast(pl.Float64).to_numpy(),
+        total_len=total,
+        total_null=total_null,
+        is_last_chunk=exploded.get_column("is_last_chunk").fill_null(False).to_numpy(),
+        key=key,
+        server_key=server_key,
+        server_keyed=server_keyed,
+    )
+
+
+def record_arrays(frame: pl.DataFrame) -> RecordArrays:
+    """Arrays of a normalised record frame (see `records.normalize_frame`)."""
+    n = frame.height
+    mode = frame.get_column("forward_mode")
+    prefill = (mode == "prefill").fill_null(False).to_numpy()
+    decode = (mode == "decode").fill_null(False).to_numpy()
+    mode_null = mode.is_null().to_numpy() if mode.null_count() else np.zeros(n, dtype=bool)
+    decode_like = decode
+    # Most traces have only prefill and decode; look for the rarer names only when something else is there.
+    if np.count_nonzero(prefill) + np.count_nonzero(decode) < n:
+        decode_like = mode.is_in(DECODE_LIKE_MODES).fill_null(False).to_numpy()
+
+    latency, latency_null = _values(frame.get_column("latency"))
+    activation, activation_null = _values(frame.get_column("expert_activation"))
+    seq, seq_null = _values(frame.get_column("seq_lens_sum"))
+    batch, batch_null = _values(frame.get_column("batch_size"))
+
+    index = np.flatnonzero(prefill)
+    ttft, ttft_null = _values(frame.get_column("ttft").gather(index))
+    sched, sched_null = _values(frame.get_column("scheduled_tokens").gather(index))
+    info = frame.get_column("per_req_info").gather(index)
+    passes = PrefillArrays(
+        index=index,
+        latency=latency[index],
+        latency_null=latency_null[index],
+        ttft=ttft,
+        ttft_null=ttft_null,
+        activation=activation[index],
+        activation_null=activation_null[index],
+        seq_lens_sum=seq[index],
+        seq_null=seq_null[index],
+        batch_size=batch[index],
+        batch_null=batch_null[index],
+        scheduled_tokens=sched,
+        scheduled_null=sched_null,
+        has_info=(info.list.len().fill_null(0) > 0).to_numpy(),
+    )
+    return RecordArrays(
+        n=n,
+        prefill=prefill,
+        decode_like=decode_like,
+        mode_null=mode_null,
+        latency=latency,
+        latency_null=latency_null,
+        activation=activation,
+        activation_null=activation_null,
+        seq_lens_sum=seq,
+        seq_null=seq_null,
+        batch_size=batch,
+        batch_null=batch_null,
+        prefill_passes=passes,
+        entries=_entries(info, passes),
+    )
