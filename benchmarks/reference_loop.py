@@ -2,9 +2,10 @@
 
 This computes what `moecap.analyze.reference.reference_metrics` computes, the way the reference
 (`continuous_batching_utils._calculate_continuous_metrics`, `openai_api_profile.run_async`) does it:
-a Python loop over record dicts, one function call per record and family. Static, once-per-run facts
-(config reading, precision, GPU tables, cost) come from `moecap.analyze.reference`; everything that
-touches records is written out here. Used only as the baseline of the speed benchmark and as a
+a Python loop over record dicts with the reference's per-record call structure (per-record size dict,
+attention score with attribute checks on the config, dispatch on the model name, family function).
+Static, once-per-run facts (config reading, precision, GPU tables, cost) come from
+`moecap.analyze.reference`; everything that touches records is written out here. Used only as the baseline of the speed benchmark and as a
 second, independent path in the tests.
 
     reference_loop_metrics(records, model_config=..., model_name=..., gpu=..., num_gpus=...,
@@ -14,6 +15,7 @@ second, independent path in the tests.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from moecap.analyze.errors import InputError, SpecError
@@ -31,85 +33,188 @@ from moecap.analyze.reference import (
     resolve_reference_gpu,
 )
 
+# --- per-record helpers, structured as the reference's basic_utils / qwen_utils / deepseek_utils ---
 
-def _kv_and_score(sizes: ReferenceModelSizes, ctx_len: float) -> tuple[float, float, float]:
-    """(kv read T-units, true kv in elements/1e6, attention score T-units) of one record."""
-    if sizes.score_mla:
-        score = ctx_len * sizes.score_k_size + 0 * sizes.score_k_size / 2
-        score = score + ctx_len * sizes.score_v_size + 0 * sizes.score_v_size / 2
+
+def _attention_score(
+    model_name: str, hf_config: Any, ctx_len: float, n_layers: Any, heads: Any, d_head: Any
+) -> float:
+    """Attention-score term (T-units) of one record; output length fixed at 1 as in the streaming path."""
+    output_len = 1
+    if (
+        "DeepSeek" in model_name
+        and hasattr(hf_config, "qk_rope_head_dim")
+        and hasattr(hf_config, "qk_nope_head_dim")
+        and hasattr(hf_config, "v_head_dim")
+    ):
+        k_size = n_layers * heads * (hf_config.qk_rope_head_dim + hf_config.qk_nope_head_dim)
+        v_size = n_layers * heads * hf_config.v_head_dim
+        score = (
+            ctx_len * k_size
+            + (output_len - 1) * k_size / 2
+            + ctx_len * v_size
+            + (output_len - 1) * v_size / 2
+        )
     else:
-        score = (ctx_len * sizes.score_kv_size + 0 * sizes.score_kv_size / 2) * 2
-    kv = sizes.per_token_kv_size
-    return ctx_len * kv / 1e12, (ctx_len * kv + 1 * kv) / 1e9 * 1e3, score / 1e12
+        per_token = n_layers * heads * d_head
+        score = (ctx_len * per_token + (output_len - 1) * per_token / 2) * 2
+    return score / 1e12
 
 
-def _prefill(
-    s: ReferenceModelSizes,
-    a: float,
-    hw: tuple[float, float],
+def _record_sizes(
+    out: Mapping[str, Any], kv_per_token: float, model_name: str, hf_config: Any, dims: Any
+) -> dict[str, float]:
+    """KV read (T-units), KV record value (elements / 1e6) and attention score of one record."""
+    kvs, true_kvs, scores = [], [], []
+    ctx_len = out["seq_lens_sum"]
+    scores.append(
+        _attention_score(model_name, hf_config, ctx_len, dims.n_layers, dims.n_attn_heads, dims.d_head)
+    )
+    kvs.append(ctx_len * kv_per_token / 1e12)
+    true_kvs.append((ctx_len * kv_per_token + 1 * kv_per_token) / 1e9)
+    return {
+        "kv_size": sum(kvs) / len(kvs),
+        "true_kv_size": sum(true_kvs) * 1e3,
+        "attention_score": sum(scores) / len(scores),
+    }
+
+
+def _generic(
+    n_layers: Any,
+    attn: float,
+    ec: dict,
+    act: float,
+    hw: dict,
     n: Any,
     b: float,
-    ttft: float,
-    tp: float,
-    kv: float,
-    sc: float,
+    t: float,
+    x: float,
+    md: dict,
+    *,
+    prefill: bool,
 ) -> tuple[float, float]:
-    ec, L, A = s.expert_config, s.dims.n_layers, s.attention_size_per_token
-    E = ec["expert_size"]
-    if s.family == "qwen":
-        num = (L * (a * E + ec["shared_experts_size_total"] + A) + kv) * b / ttft
-        c = L * (A + E + ec["shared_experts_size_total"]) + sc
-    elif s.family == "qwen3":
-        n_moe, n_dense = ec.get("num_moe_layers", 0), ec.get("num_dense_layers", L)
-        dense = n_dense * ec.get("dense_ffn_size", 0)
-        num = (n_moe * (a * E) + dense + L * A + kv) * b / ttft
-        c = n_moe * E + dense + L * A + sc
-    elif s.family == "deepseek":
-        sp, nd = ec["deepseek_sparse_layer_num"], ec["deepseek_num_dense_layer"]
-        S, Dn = ec["shared_experts_size_total"], ec["deepseek_dense_ffn_size"]
-        num = (L * A + sp * (a * E + S) + nd * Dn + kv) * b / ttft
-        c = L * A + sp * (E + S) + nd * Dn + sc
-    else:
-        num = (L * (a * E + A) + kv) * b / (ttft or 1)
-        c = L * (A + E) + sc
-    return num / (n * hw[0]), c * 2 * tp / (n * hw[1] / 2)
+    t_eff = (t or 1) if prefill else t
+    smbu = (
+        (n_layers * (act * ec["expert_size"] + attn) + md["kv_size"])
+        * b
+        / t_eff
+        / (n * hw["peak_bandwidth_tb"])
+    )
+    smfu = (
+        (n_layers * (attn + ec["expert_size"]) + md["attention_score"])
+        * 2
+        * x
+        / (n * hw["peak_flops_tf"] / 2)
+    )
+    return smbu, smfu
 
 
-def _decode(
-    s: ReferenceModelSizes,
-    a: float,
-    hw: tuple[float, float],
+def _qwen(
+    n_layers: Any,
+    attn: float,
+    ec: dict,
+    act: float,
+    hw: dict,
     n: Any,
     b: float,
-    tpot: float,
-    tp: float,
-    kv: float,
-    sc: float,
+    t: float,
+    x: float,
+    md: dict,
+    *,
+    prefill: bool,
 ) -> tuple[float, float]:
-    ec, L, A = s.expert_config, s.dims.n_layers, s.attention_size_per_token
-    E = ec["expert_size"]
-    if s.family == "qwen":
-        num = (L * (a * E + ec["shared_experts_size_total"] + A) + kv) * b / tpot
-        c = L * (A + E + ec["shared_experts_size_total"]) + sc
-    elif s.family == "qwen3":
-        n_moe, n_dense = ec.get("num_moe_layers", 0), ec.get("num_dense_layers", L)
-        dense = n_dense * ec.get("dense_ffn_size", 0)
-        num = (n_moe * a * E + dense + L * A + kv) * b / tpot
-        c = n_moe * E + dense + L * A + sc
-    elif s.family == "deepseek":
-        sp, nd = ec["deepseek_sparse_layer_num"], ec["deepseek_num_dense_layer"]
-        S, Dn = ec["shared_experts_size_total"], ec["deepseek_dense_ffn_size"]
-        num = (L * A + sp * (a * E + S) + nd * Dn + kv) * b / tpot
-        c = L * A + sp * (E + S) + nd * Dn + sc
-    else:
-        num = (L * (a * E + A) + kv) * b / tpot
-        c = L * (A + E) + sc
-    return num / (n * hw[0]), c * 2 * tp / (n * hw[1] / 2)
+    shared = ec["shared_experts_size_total"]
+    smbu = (
+        (n_layers * (act * ec["expert_size"] + shared + attn) + md["kv_size"])
+        * b
+        / t
+        / (n * hw["peak_bandwidth_tb"])
+    )
+    smfu = (
+        (n_layers * (attn + ec["expert_size"] + shared) + md["attention_score"])
+        * 2
+        * x
+        / (n * hw["peak_flops_tf"] / 2)
+    )
+    return smbu, smfu
+
+
+def _qwen3(
+    n_layers: Any,
+    attn: float,
+    ec: dict,
+    act: float,
+    hw: dict,
+    n: Any,
+    b: float,
+    t: float,
+    x: float,
+    md: dict,
+    *,
+    prefill: bool,
+) -> tuple[float, float]:
+    n_moe = ec.get("num_moe_layers", 0)
+    n_dense = ec.get("num_dense_layers", n_layers)
+    moe = n_moe * (act * ec["expert_size"]) if prefill else n_moe * act * ec["expert_size"]
+    dense = n_dense * ec.get("dense_ffn_size", 0)
+    attention = n_layers * attn
+    smbu = (moe + dense + attention + md["kv_size"]) * b / t / (n * hw["peak_bandwidth_tb"])
+    smfu = (
+        (n_moe * ec["expert_size"] + dense + attention + md["attention_score"])
+        * 2
+        * x
+        / (n * hw["peak_flops_tf"] / 2)
+    )
+    return smbu, smfu
+
+
+def _deepseek(
+    n_layers: Any,
+    attn: float,
+    ec: dict,
+    act: float,
+    hw: dict,
+    n: Any,
+    b: float,
+    t: float,
+    x: float,
+    md: dict,
+    *,
+    prefill: bool,
+) -> tuple[float, float]:
+    sparse, shared = ec["deepseek_sparse_layer_num"], ec["shared_experts_size_total"]
+    dense = ec["deepseek_num_dense_layer"] * ec["deepseek_dense_ffn_size"]
+    weights = n_layers * attn + sparse * (act * ec["expert_size"] + shared) + dense + md["kv_size"]
+    smbu = weights * b / t / (n * hw["peak_bandwidth_tb"])
+    compute = n_layers * attn + sparse * (ec["expert_size"] + shared) + dense + md["attention_score"]
+    smfu = compute * 2 * x / (n * hw["peak_flops_tf"] / 2)
+    return smbu, smfu
+
+
+def _dispatch(model_name: str) -> Any:
+    if "Qwen" in model_name and "Qwen3" not in model_name:
+        return _qwen
+    if "Qwen3" in model_name:
+        return _qwen3
+    if "DeepSeek" in model_name:
+        return _deepseek
+    return _generic
+
+
+def _prefill_metrics(model_name: str, **kw: Any) -> tuple[float, float]:
+    return _dispatch(model_name)(**kw, prefill=True)
+
+
+def _decoding_metrics(model_name: str, **kw: Any) -> tuple[float, float]:
+    return _dispatch(model_name)(**kw, prefill=False)
 
 
 def _continuous(
-    records: Sequence[Mapping[str, Any]], s: ReferenceModelSizes, hw: tuple[float, float], n: Any, b: float
+    records: Sequence[Mapping[str, Any]], s: ReferenceModelSizes, hf_config: Any, hw: dict, n: Any, b: float
 ) -> dict[str, Any]:
+    """`_calculate_continuous_metrics`, record by record."""
+    name, dims, ec, attn = s.model_name, s.dims, s.expert_config, s.attention_size_per_token
+    kv_per_token = s.per_token_kv_size
     ttfts: list[float] = []
     tpots: list[float] = []
     prefill_tps: list[float] = []
@@ -120,63 +225,82 @@ def _continuous(
     d_smbu: list[float] = []
     d_smfu: list[float] = []
 
-    def prefill_sample(ctx: float, a: float, ttft: float, tp: float) -> None:
-        kv, true_kv, sc = _kv_and_score(s, ctx)
-        kvs.append(true_kv)
-        mbu, mfu = _prefill(s, a, hw, n, b, ttft, tp, kv, sc)
-        p_smbu.append(mbu)
-        p_smfu.append(mfu)
-
-    def decode_sample(out: Mapping[str, Any]) -> None:
-        kv, true_kv, sc = _kv_and_score(s, out["seq_lens_sum"])
-        kvs.append(true_kv)
-        tpot = out["latency"]
-        tp = out["batch_size"] / tpot
-        tpots.append(tpot)
-        decoding_tps.append(tp)
-        mbu, mfu = _decode(s, out.get("expert_activation", 0), hw, n, b, tpot, tp, kv, sc)
-        d_smbu.append(mbu)
-        d_smfu.append(mfu)
+    def common(act: float, t: float, x: float, md: dict) -> dict[str, Any]:
+        return {
+            "n_layers": dims.n_layers,
+            "attn": attn,
+            "ec": ec,
+            "act": act,
+            "hw": hw,
+            "n": n,
+            "b": b,
+            "t": t,
+            "x": x,
+            "md": md,
+        }
 
     chunked = any(out.get("forward_mode") == "prefill" and out.get("per_req_info") for out in records)
     accum: dict[Any, dict[str, Any]] = {}
     for out in records:
-        ea = out.get("expert_activation")
-        if ea is None or ea < 0:
+        if out.get("expert_activation") is None or out.get("expert_activation", 0) < 0:
             continue
         if out["forward_mode"] == "prefill" and out.get("seq_lens_sum", 0) <= 10:
             continue
         if out["forward_mode"] != "prefill":
-            decode_sample(out)
+            md = _record_sizes(out, kv_per_token, name, hf_config, dims)
+            kvs.append(md["true_kv_size"])
+            act = out.get("expert_activation", 0)
+            tpot = out["latency"]
+            batch_size = out["batch_size"]
+            tp = batch_size / tpot
+            tpots.append(tpot)
+            decoding_tps.append(tp)
+            mbu, mfu = _decoding_metrics(name, **common(act, tpot, tp, md))
+            d_smbu.append(mbu)
+            d_smfu.append(mfu)
             continue
         info = out.get("per_req_info", []) if chunked else None
         if not info:
+            act = out.get("expert_activation", 0)
             ttft = out["latency"]
             tp = out["seq_lens_sum"] / ttft
             ttfts.append(ttft)
             prefill_tps.append(tp)
-            prefill_sample(out["seq_lens_sum"], ea, ttft, tp)
+            md = _record_sizes(out, kv_per_token, name, hf_config, dims)
+            kvs.append(md["true_kv_size"])
+            mbu, mfu = _prefill_metrics(name, **common(act, ttft, tp, md))
+            p_smbu.append(mbu)
+            p_smfu.append(mfu)
             continue
         latency = out["latency"]
         for req in info:
             key = req.get("req_id", req.get("req_pool_idx"))
-            acc = accum.setdefault(key, {"lat": 0.0, "total": 0, "ext": 0, "act": 0, "done": False})
+            if key not in accum:
+                accum[key] = {"lat": 0.0, "total": 0, "ext": 0, "act": 0, "last": None, "done": False}
+            acc = accum[key]
             acc["lat"] += latency
             acc["ext"] += req.get("extend_len", 0)
             if "total_len" in req:
                 acc["total"] = req["total_len"]
-            acc["act"] = ea
+            acc["act"] = out.get("expert_activation", 0)
+            acc["last"] = out
             if req.get("is_last_chunk"):
                 acc["done"] = True
     for acc in accum.values():
-        if not acc["done"]:
+        if not acc["done"] or acc["last"] is None:
             continue
         ttft = acc["lat"]
         tokens = acc["total"] if acc["total"] > 0 else acc["ext"]
         tp = tokens / ttft if ttft > 0 else 0
         ttfts.append(ttft)
         prefill_tps.append(tp)
-        prefill_sample(tokens, acc["act"], ttft, tp)
+        aggregated = dict(acc["last"])
+        aggregated["seq_lens_sum"] = tokens
+        md = _record_sizes(aggregated, kv_per_token, name, hf_config, dims)
+        kvs.append(md["true_kv_size"])
+        mbu, mfu = _prefill_metrics(name, **common(acc["act"], ttft, tp, md))
+        p_smbu.append(mbu)
+        p_smfu.append(mfu)
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else 0
@@ -276,13 +400,18 @@ def reference_loop_metrics(
     gpu_key = resolve_reference_gpu(gpu if gpu is not None else first.get("gpu_raw_type"))
     used_dtype = reference_effective_precision(model_config, precision)
     b = reference_precision_bytes(used_dtype)
-    hw = (reference_peak_bw(gpu_key) / 1e12, reference_peak_flops(gpu_key, used_dtype) / 1e12)
+    hw = {
+        "peak_bandwidth_tb": reference_peak_bw(gpu_key) / 1e12,
+        "peak_flops_tf": reference_peak_flops(gpu_key, used_dtype) / 1e12,
+    }
+    # The reference's family helpers read the config as attributes (a transformers config object).
+    hf_config = SimpleNamespace(**model_config)
 
     reason = None
     continuous: dict[str, Any] | None
     try:
         sizes = reference_model_sizes(model_config, model_name)
-        continuous = _continuous(records, sizes, hw, n, b)
+        continuous = _continuous(records, sizes, hf_config, hw, n, b)
     except (SpecError, ZeroDivisionError, TypeError, KeyError) as exc:
         continuous, reason = None, f"the reference raises here: {exc.__class__.__name__}: {exc}"
 
@@ -344,3 +473,102 @@ def reference_loop_metrics(
         }
     )
     return result
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """n reference records: every 20th a chunked prefill pass of 1-4 requests, the rest decode steps."""
+    import random
+
+    rng = random.Random(seed)
+    records: list[dict[str, Any]] = []
+    for i in range(n):
+        common = {"gpu_num": 8, "gpu_raw_type": "NVIDIA-H200-141GB"}
+        if i % 20 == 0:
+            bs = rng.randint(1, 4)
+            info = [
+                {
+                    "req_pool_idx": (i // 20 * 4 + j) % 512,
+                    "req_id": f"{(i // 20 * 4 + j) % 512}_{i // 40}",
+                    "extend_len": 512,
+                    "total_len": 2048,
+                    "is_last_chunk": rng.random() < 0.5,
+                }
+                for j in range(bs)
+            ]
+            records.append(
+                common
+                | {
+                    "forward_mode": "prefill",
+                    "batch_size": bs,
+                    "seq_lens_sum": 2048 * bs,
+                    "latency": rng.uniform(0.05, 0.3),
+                    "expert_activation": rng.uniform(10, 60),
+                    "per_req_info": info,
+                    "scheduled_tokens": 512 * bs,
+                }
+            )
+        else:
+            bs = rng.randint(1, 64)
+            records.append(
+                common
+                | {
+                    "forward_mode": "decode",
+                    "batch_size": bs,
+                    "seq_lens_sum": bs * rng.randint(100, 4000),
+                    "latency": rng.uniform(0.01, 0.05),
+                    "expert_activation": rng.uniform(1, 60) if rng.random() > 0.01 else -1,
+                }
+            )
+    return records
+
+
+def _main() -> None:
+    """Time the loop against the vectorised mode: python benchmarks/reference_loop.py [N]."""
+    import sys
+    import time
+
+    from moecap.analyze.reference import records_to_frame, reference_metrics
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    config = {
+        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "model_config": config,
+        "model_name": "Qwen/Qwen3-30B-A3B",
+        "gpu": "NVIDIA-H200-141GB",
+        "num_gpus": 8,
+        "num_requests": n // 10,
+        "total_time_s": 3600.0,
+    }
+    records = synthetic_records(n)
+
+    def best(fn: Any, repeat: int) -> tuple[float, Any]:
+        times, result = [], None
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+        return min(times), result
+
+    t_loop, by_loop = best(lambda: reference_loop_metrics(records, **kwargs), 3)
+    t_build, frame = best(lambda: records_to_frame(records), 3)
+    t_frame, by_frame = best(lambda: reference_metrics(frame, **kwargs), 15)
+    t_records, by_records = best(lambda: reference_metrics(records, **kwargs), 3)
+    same = all(
+        v == by_frame[k] or abs(v - by_frame[k]) <= 1e-9 * abs(v)
+        for k, v in by_loop.items()
+        if isinstance(v, float)
+    )
+    print(f"{n} records, best of 3 / 15 runs; results agree to 1e-9: {same}")
+    print(f"loop (reference structure)       {t_loop * 1e3:9.1f} ms")
+    print(f"vectorised, from a record frame  {t_frame * 1e3:9.1f} ms   {t_loop / t_frame:6.1f}x")
+    print(f"records -> frame (polars)        {t_build * 1e3:9.1f} ms")
+    print(f"vectorised, from list[dict]      {t_records * 1e3:9.1f} ms   {t_loop / t_records:6.1f}x")
+    assert by_records == by_frame
+
+
+if __name__ == "__main__":
+    _main()

@@ -111,3 +111,13 @@ def test_loop_and_vectorised_agree(
     assert (loop["reason"] is None) == (vec["reason"] is None), (loop["reason"], vec["reason"])
     diff = [(k, v, vec[k]) for k, v in loop.items() if k != "reason" and not close(v, vec[k], rel_tol=1e-9)]
     assert diff == []
+
+
+def test_hash_collision_fallback_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Request keys are 64-bit hashes checked for collisions; the exact fallback must agree."""
+    from moecap.analyze.reference import arrays
+
+    case = next(c for c in METRICS_CASES if c["name"].startswith("chunked|"))
+    expected = reference_metrics(case["records"], **kwargs_of(case))
+    monkeypatch.setattr(arrays, "_distinct", lambda values: -1)
+    assert reference_metrics(case["records"], **kwargs_of(case)) == expected
