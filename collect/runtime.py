@@ -1,0 +1,132 @@
+"""Facts about the live process for the run metadata: GPUs, driver, package versions, git revision.
+
+Everything here is best effort and never raises: a missing NVML, a CPU-only host or a source tree
+without git just leaves the field empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from moecap.schemas import GpuInfo
+
+_PACKAGES = ("moecap", "torch", "transformers", "pyarrow", "numpy", "vllm", "sglang", "nvidia-ml-py")
+
+
+def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
+    """Installed versions of the packages that shape a run (absent ones are left out)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def collector_version() -> str:
+    try:
+        return importlib.metadata.version("moecap")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree on PYTHONPATH
+        return "0+unknown"
+
+
+def git_revision(start: str | Path | None = None) -> str | None:
+    """`git describe --always --dirty` of the source tree holding this package, or None."""
+    here = Path(start) if start is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def _nvml_info() -> tuple[str, dict[int, dict[str, Any]]]:
+    """(driver version, {cuda index: {uuid, name, memory_bytes}}) from NVML, or ("", {})."""
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return "", {}
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return "", {}
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        found: dict[int, dict[str, Any]] = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            found[i] = {
+                "uuid": uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                "name": name.decode() if isinstance(name, bytes) else str(name),
+                "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+            }
+        return driver, found
+    except Exception:
+        return "", {}
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def gpu_infos() -> list[GpuInfo]:
+    """One `GpuInfo` per CUDA device visible to torch (name, UUID, memory, driver); [] without CUDA.
+
+    NVML indexes all GPUs of the host while torch sees CUDA_VISIBLE_DEVICES; the two are joined by
+    UUID (torch >= 2.1 reports it), falling back to the index.
+    """
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    driver, nvml = _nvml_info()
+    by_uuid = {v["uuid"]: v for v in nvml.values()}
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid and not uuid.startswith("GPU-"):
+            uuid = f"GPU-{uuid}"
+        info = by_uuid.get(uuid) or nvml.get(i) or {}
+        gpus.append(
+            GpuInfo(
+                index=i,
+                name=str(info.get("name") or props.name),
+                uuid=str(info.get("uuid") or uuid),
+                memory_bytes=int(info.get("memory_bytes") or props.total_memory),
+                driver=driver,
+            )
+        )
+    return gpus
+
+
+def host_facts() -> dict[str, Any]:
+    """Package versions, git revision and the torch/CUDA build, for `RunMetadata.extra`."""
+    facts: dict[str, Any] = {"packages": package_versions()}
+    rev = git_revision()
+    if rev:
+        facts["git_rev"] = rev
+    try:
+        import torch
+
+        facts["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return facts

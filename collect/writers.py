@@ -1,0 +1,89 @@
+"""The trace files of one recorded run: steps (+ experts) from the engine side, requests + outputs from the client side.
+
+Engine-agnostic: an adapter hands `step(row, counts)` its rows, the workload loop hands `request(row)` and
+`output(row)`. Every file flushes every `rows_per_batch` rows or `flush_interval_s` seconds, so a killed
+process loses at most its last unflushed batch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moecap.schemas import RunMetadata, TraceWriter, WriterStats, trace_file_name
+
+from .errors import CollectError
+
+
+def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
+    """Create `out` if needed and prove it is writable; a `CollectError` (one line) if not."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".moecap-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CollectError(f"--out {str(out)!r} is not a writable directory ({reason})") from None
+    return path
+
+
+class RunWriters:
+    """Open writers for the tables of one run; `close()` returns each file's `WriterStats`."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        run: RunMetadata,
+        *,
+        experts: bool,
+        client_tables: bool = True,
+        rows_per_batch: int = 256,
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.run = run
+        tables = (
+            ["steps"] + (["experts"] if experts else []) + (["requests", "outputs"] if client_tables else [])
+        )
+        self.writers: dict[str, TraceWriter] = {}
+        try:
+            for table in tables:
+                self.writers[table] = TraceWriter(
+                    self.out_dir / trace_file_name(run, table),
+                    table,
+                    run,
+                    rows_per_batch=rows_per_batch,
+                    flush_interval_s=flush_interval_s,
+                )
+        except OSError as exc:
+            self.close()
+            raise CollectError(
+                f"cannot write trace files in {str(self.out_dir)!r} ({exc.strerror or exc})"
+            ) from None
+        self.steps = 0
+        self.requests = 0
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {table: w.path for table, w in self.writers.items()}
+
+    def step(self, row: dict[str, Any], counts: Any | None) -> None:
+        """One `steps` row and, when counts are recorded, its `experts` row (same step key)."""
+        self.writers["steps"].write(row)
+        experts = self.writers.get("experts")
+        if experts is not None and counts is not None:
+            experts.write({"step": row["step"], "counts": counts})
+        self.steps += 1
+
+    def request(self, row: dict[str, Any]) -> None:
+        self.writers["requests"].write(row)
+        self.requests += 1
+
+    def output(self, row: dict[str, Any]) -> None:
+        self.writers["outputs"].write(row)
+
+    def close(self) -> dict[str, WriterStats]:
+        return {table: w.close() for table, w in self.writers.items()}
