@@ -218,13 +218,10 @@ def report(
     options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
     analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict)
     write_outputs(analysis, out)
-    try:
-        from .report.html import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        path = write_report(analysis, out)
-        err.print(f"wrote {path}")
+    from .report.html import write_report
+
+    path = write_report(analysis, out)
+    err.print(f"wrote {path}")
     print_summary(analysis.document)
 
 

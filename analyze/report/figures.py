@@ -1,0 +1,169 @@
+"""Which charts a report holds: an `Analysis` → sections of named charts (frames → charts).
+
+A chart whose data is absent (no expert counts, no requests, no cost in any run) is left out and
+the section says why, so every chart that is drawn has data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import altair as alt
+
+from . import charts as C
+from . import frames as F
+
+
+@dataclass
+class Figure:
+    """One chart of the report; `slug` names its exported files (unique within a report)."""
+
+    slug: str
+    title: str
+    chart: alt.TopLevelMixin
+
+
+@dataclass
+class Section:
+    """A group of figures: the cross-run comparison or one run."""
+
+    id: str
+    title: str
+    run_id: str | None = None
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FigureOptions:
+    """How far large traces are reduced before charting."""
+
+    top_experts: int = 8
+    step_bins: int = 120
+    time_bins: int = 150
+    step_points: int = 1500
+    cdf_points: int = 200
+    heatmap_max_cells: int = 20_000
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """A file-name-safe form of a run id (letters, digits, . _ - only)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "run"
+
+
+def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOptions) -> Section:
+    """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs."""
+    db, document = analysis.db, analysis.document
+    sec = Section(id="compare", title="Across runs")
+    lat = F.latency_cdf_frame(db, labels, points=options.cdf_points)
+    if lat.height:
+        sec.figures.append(Figure("compare-latency_cdf", "Latency distributions (CDF)", C.latency_cdf(lat)))
+    else:
+        sec.notes.append("no request timings in any run: latency CDFs left out")
+    tput = F.throughput_frame(db, labels, document)
+    if tput.height:
+        sec.figures.append(
+            Figure("compare-throughput_vs_batch", "Throughput vs batch size", C.throughput_vs_batch(tput))
+        )
+    else:
+        sec.notes.append("no steps with wall time: throughput vs batch size left out")
+    runs = F.runs_frame(document, labels)
+    geometry, _ = C.radar_frame(runs)
+    if geometry.filter(geometry["kind"] == "run").height:
+        sec.figures.append(Figure("compare-cap_radar", "CAP radar", C.cap_radar(runs)))
+    else:
+        sec.notes.append("no run has the radar's figures: CAP radar left out")
+    has_cost = runs["cost_usd_per_m_output_tokens"].drop_nulls().len() > 0
+    y = "cost" if has_cost else "tpot"
+    pts, _, _, _ = C.pareto_points(runs, y)
+    if not has_cost:
+        sec.notes.append("no run has a cost figure: the Pareto front uses TPOT instead of cost")
+    if pts.height:
+        name = "Cost–throughput Pareto front" if has_cost else "TPOT–throughput Pareto front"
+        sec.figures.append(Figure(f"compare-pareto_{y}", name, C.pareto_front(runs, y)))
+    else:
+        sec.notes.append("no run has throughput and cost/TPOT: Pareto front left out")
+    return sec
+
+
+def run_section(analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions) -> Section:
+    """Expert, step and time-accounting charts of one run."""
+    db = analysis.db
+    rid = ctx.run.run_id
+    where = analysis.windows.get(rid, "TRUE")
+    info = F.run_info(db, rid)
+    n_experts = int(info.get("num_experts") or 0) or None
+    top_k = int(info.get("top_k") or 0) or None
+    prefix = f"run{index}-{safe_name(rid)}"
+    sec = Section(id=f"run-{index}", title=label, run_id=rid)
+
+    shares = F.expert_share_frame(db, rid)
+    if shares.height:
+        sec.figures.append(
+            Figure(
+                f"{prefix}-expert_heatmap",
+                "Expert heatmap",
+                C.expert_heatmap(shares, max_cells=options.heatmap_max_cells),
+            )
+        )
+        load = F.expert_load_frame(db, rid, top_n=options.top_experts, bins=options.step_bins)
+        if load.height:
+            sec.figures.append(
+                Figure(
+                    f"{prefix}-expert_load",
+                    "Expert load over time",
+                    C.expert_load_over_time(load, num_experts=n_experts),
+                )
+            )
+        sec.figures.append(
+            Figure(
+                f"{prefix}-layer_imbalance",
+                "Load imbalance per layer",
+                C.layer_imbalance(F.layer_imbalance_frame(shares, n_experts)),
+            )
+        )
+    else:
+        sec.notes.append("no expert counts in this run: expert heatmap, load and imbalance left out")
+
+    steps = F.step_frame(db, rid, max_points=options.step_points)
+    if steps.height:
+        if steps["active_experts_per_layer"].drop_nulls().len():
+            sec.figures.append(
+                Figure(
+                    f"{prefix}-activated_experts",
+                    "Activated experts vs batch tokens",
+                    C.activated_experts_vs_tokens(steps, num_experts=n_experts, top_k=top_k),
+                )
+            )
+        sec.figures.append(
+            Figure(f"{prefix}-step_time", "Step time vs batch tokens", C.step_time_vs_tokens(steps))
+        )
+    else:
+        reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
+        sec.notes.append(f"no per-step metrics ({reason}): step charts left out")
+
+    timeline = F.timeline_frame(db, rid, where, bins=options.time_bins)
+    if timeline.height:
+        if timeline["smfu"].drop_nulls().len():
+            sec.figures.append(
+                Figure(f"{prefix}-utilisation", "S-MBU / S-MFU over time", C.utilisation_over_time(timeline))
+            )
+        sec.figures.append(
+            Figure(f"{prefix}-time_accounting", "GPU-busy vs host-gap time", C.time_accounting(timeline))
+        )
+    return sec
+
+
+def report_sections(analysis: Any, options: FigureOptions | None = None) -> list[Section]:
+    """The cross-run section followed by one section per run, in the document's run order."""
+    options = options or FigureOptions()
+    labels = F.run_labels(analysis.document)
+    sections = [cross_run_section(analysis, labels, options)]
+    by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
+    for i, run in enumerate(analysis.document.get("runs", []), start=1):
+        ctx = by_id.get(run["run_id"])
+        if ctx is not None:
+            sections.append(run_section(analysis, ctx, labels[run["run_id"]], i, options))
+    return sections

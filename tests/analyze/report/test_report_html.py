@@ -1,0 +1,92 @@
+"""`moecap-analyze report`: one self-contained report.html with the summary, charts, constants and
+provenance, every user string escaped, and a PNG + SVG per chart."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import pytest
+from conftest import EVIL_DATASET, EVIL_MODEL, RUNS, TRACE_DIR_NAME
+
+from moecap.analyze.report.html import esc, script_json
+
+
+@pytest.fixture(scope="module")
+def page(report_run) -> str:
+    proc, out = report_run
+    assert proc.returncode == 0, proc.stderr
+    return (out / "report.html").read_text(encoding="utf-8")
+
+
+def _figures(page: str) -> list[str]:
+    return re.findall(r'<figure class="chart" data-slug="([^"]+)">', page)
+
+
+def test_report_writes_metrics_html_and_a_png_and_svg_per_chart(report_run, page):
+    proc, out = report_run
+    assert f"wrote {out / 'report.html'}" in proc.stderr.replace("\n", "")
+    assert (out / "metrics.json").exists()
+    slugs = _figures(page)
+    # 4 cross-run charts + 7 per run with expert counts (x3) + 3 for the run without counts.
+    assert len(slugs) == 4 + 7 * 3 + 3
+    for slug in slugs:
+        png = out / "charts" / f"{slug}.png"
+        svg = out / "charts" / f"{slug}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", slug
+        assert svg.read_text(encoding="utf-8").lstrip().startswith("<svg"), slug
+        assert f'href="charts/{slug}.png"' in page
+
+
+def test_the_page_loads_nothing_from_the_network(page):
+    assert "<script src" not in page and "<link" not in page
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
+    assert csp and "default-src 'none'" in html.unescape(csp.group(1))
+    # The Vega libraries are inline: one bundle defining vegaEmbed.
+    assert "window.vegaEmbed=" in page.replace(" ", "")
+
+
+def test_every_chart_spec_is_embedded_as_json_once(page):
+    blob = re.search(r'<script type="application/json" id="moecap-specs">(.*?)</script>', page, re.S)
+    assert blob
+    specs = json.loads(blob.group(1))
+    ids = re.findall(r'<div class="vega" id="(chart-\d+)"></div>', page)
+    assert sorted(specs) == sorted(ids) and len(ids) == len(_figures(page))
+    assert len(page) < 8_000_000  # bundle (~0.9 MB) + aggregated specs
+
+
+def test_user_strings_are_escaped(page):
+    assert EVIL_MODEL not in page
+    assert "<script>window.__pwned" not in page and "<img src=x" not in page
+    assert esc(EVIL_MODEL) in page  # shown as text in the summary and provenance
+    assert esc(EVIL_DATASET) in page
+    assert esc(TRACE_DIR_NAME) in page and "<i>x</i>" not in page  # file paths in provenance
+    # Exactly the three script elements the report itself writes.
+    assert page.count("<script") == 3
+
+
+def test_script_json_cannot_close_its_element():
+    text = script_json({"m": "</script><script>alert(1)</script>", "amp": "a&b", "sep": "\u2028"})
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == {"m": "</script><script>alert(1)</script>", "amp": "a&b", "sep": "\u2028"}
+
+
+def test_summary_constants_and_provenance(analysis, page):
+    summary = page[page.index('id="summary"') : page.index('id="compare"')]
+    assert summary.count("<tr><td>") == len(RUNS)
+    assert "60.0 %" in summary or "60.1 %" in summary  # the synthetic engine runs at 60 % of peak bandwidth
+    constants = page[page.index('id="constants"') : page.index('id="provenance"')]
+    assert "memory_bandwidth_bytes_per_s" in constants and "3.35e+12" in constants
+    assert "cost constant" in constants  # the cost model's constants, with their sources
+    provenance = page[page.index('id="provenance"') :]
+    for run in analysis.document["runs"]:
+        assert esc(run["run_id"]) in provenance
+        for f in run["files"]:
+            assert esc(f["path"]) in provenance
+    assert "NVIDIA H100 80GB HBM3" in provenance and "synthetic" in provenance
+
+
+def test_missing_charts_are_explained(page):
+    section = page[page.index("nocounts") :]
+    assert "no expert counts in this run: expert heatmap, load and imbalance left out" in section
