@@ -1,0 +1,140 @@
+"""`moecap-analyze leaderboard`: a thin command over `moecap.analyze.report.leaderboard`.
+
+Registered by `moecap.analyze.cli` (its `_COMMAND_MODULES`); `report` itself lives in that module
+and calls `moecap.analyze.report.html.write_report`. Heavy imports happen inside the command so
+registering it costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
+from ..errors import InputError
+
+Sort = Annotated[
+    str,
+    typer.Option(
+        "--sort",
+        help="Rank by throughput (default), cost, accuracy, ttft, tpot, itl, decode_smbu, decode_smfu, "
+        "prefill_smbu or prefill_smfu; the better direction is implied.",
+    ),
+]
+Export = Annotated[
+    str,
+    typer.Option("--export", help="Chart files to write with --out: png,svg (default), png, svg or none."),
+]
+
+
+TERMINAL_COLUMNS = (
+    "rank",
+    "model",
+    "engine",
+    "gpu",
+    "num_gpus",
+    "batch_size",
+    "dataset",
+    "accuracy",
+    "cost_usd_per_m_output_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "output_tokens_per_s",
+    "decode_smbu",
+    "decode_smfu",
+)
+_SHORT = {
+    "num_gpus": "×",
+    "batch_size": "bs",
+    "accuracy": "EM",
+    "cost_usd_per_m_output_tokens": "$/1M out",
+    "ttft_ms": "TTFT ms",
+    "tpot_ms": "TPOT ms",
+    "output_tokens_per_s": "tok/s",
+    "decode_smbu": "dec S-MBU",
+    "decode_smfu": "dec S-MFU",
+}
+_LEFT = {"model", "engine", "gpu", "dataset"}
+
+
+def parse_export(value: str) -> tuple[str, ...]:
+    """'png,svg' -> ('png', 'svg'); 'none' or '' -> ()."""
+    parts = tuple(p.strip().lower() for p in value.split(",") if p.strip() and p.strip().lower() != "none")
+    bad = [p for p in parts if p not in ("png", "svg")]
+    if bad:
+        raise InputError(f"--export {value!r}: expected png, svg, png,svg or none")
+    return parts
+
+
+def leaderboard(
+    paths: Paths,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for leaderboard.csv/.json/.html and the radar/Pareto charts."),
+    ] = None,
+    sort: Sort = "throughput",
+    format: Annotated[
+        str, typer.Option("--format", help="table (default), csv or json on stdout.")
+    ] = "table",
+    export: Export = "png,svg",
+    gpu: Gpu = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Rank runs: one row per (model, engine, GPU, batch size, dataset), like the MoE-CAP leaderboard.
+
+    Example: moecap-analyze leaderboard traces/*.arrow --sort cost --out board/
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..analysis import Options
+    from ..pipeline import analyze_paths
+    from .leaderboard import COLUMNS, SORT_KEYS, display_rows, leaderboard_frame, write_leaderboard
+
+    if sort not in SORT_KEYS:
+        raise typer.BadParameter(f"expected one of {', '.join(SORT_KEYS)}", param_hint="--sort")
+    if format not in ("table", "csv", "json"):
+        raise typer.BadParameter("expected table, csv or json", param_hint="--format")
+    formats = parse_export(export)
+    analysis = analyze_paths(
+        paths,
+        Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window),
+        cache_dir=cache_dir,
+        strict=strict,
+    )
+    created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in analysis.contexts}
+    board = leaderboard_frame(analysis.document, sort=sort, created_at=created)
+    err = Console(stderr=True)
+    if format == "csv":
+        typer.echo(board.select([c for c, _, _ in COLUMNS]).write_csv(), nl=False)
+    elif format == "json":
+        typer.echo(json.dumps(board.to_dicts(), indent=2, default=str))
+    else:
+        # The terminal gets the headline columns; CSV/JSON/HTML carry all of them.
+        table = Table(title=f"moecap leaderboard — ranked by {sort}", show_header=True)
+        index = {c: i for i, (c, _, _) in enumerate(COLUMNS)}
+        for c in TERMINAL_COLUMNS:
+            table.add_column(_SHORT.get(c, COLUMNS[index[c]][1]), justify="left" if c in _LEFT else "right")
+        for cells in display_rows(board):
+            row = [cells[index[c]] or "n/a" for c in TERMINAL_COLUMNS]
+            row[TERMINAL_COLUMNS.index("model")] = (
+                row[TERMINAL_COLUMNS.index("model")].rstrip("/").split("/")[-1]
+            )
+            table.add_row(*row)
+        Console().print(table)
+    if out is not None:
+        written = write_leaderboard(analysis, out, sort=sort, export=formats)
+        err.print(f"wrote {written['html']}, {written['csv'].name}, {written['json'].name}", markup=False)
+    for e in analysis.document.get("load_errors", []):
+        err.print(f"skipped: {e}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `leaderboard` command to `moecap-analyze`."""
+    app.command(name="leaderboard")(leaderboard)

@@ -1,0 +1,83 @@
+"""`moecap-analyze leaderboard`: one row per configuration, ranked, as CSV/JSON/HTML + charts."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+
+import pytest
+from conftest import EVIL_MODEL, RUNS
+
+from moecap.analyze.errors import InputError
+from moecap.analyze.report.leaderboard import COLUMNS, leaderboard_frame
+
+
+def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
+    proc, out = leaderboard_run
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    tps = [float(r["output_tokens_per_s"]) for r in rows]
+    assert tps == sorted(tps, reverse=True)
+    assert {r["run_id"] for r in rows} == {r[0] for r in RUNS}
+    assert EVIL_MODEL in {r["model"] for r in rows}  # CSV keeps the string as it is
+    doc = {r["run_id"]: r for r in analysis.document["runs"]}
+    for r in rows:
+        expected = doc[r["run_id"]]["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"]
+        assert float(r["output_tokens_per_s"]) == pytest.approx(expected)
+        assert r["batch_size"] == str(doc[r["run_id"]]["workload"]["batch_size"])
+    # Files: CSV, JSON, HTML and the two charts in both formats.
+    assert (out / "leaderboard.csv").read_text().splitlines()[0].split(",") == [c for c, _, _ in COLUMNS]
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["sort"] == {"by": "throughput", "column": "output_tokens_per_s", "higher_is_better": True}
+    assert [r["run_id"] for r in board["rows"]] == [r["run_id"] for r in rows]
+    charts = sorted(p.name for p in (out / "charts").iterdir())
+    assert charts == [
+        "leaderboard-cap_radar.png",
+        "leaderboard-cap_radar.svg",
+        "leaderboard-pareto_cost.png",
+        "leaderboard-pareto_cost.svg",
+    ]
+
+
+def test_sort_direction_follows_the_metric(analysis):
+    tpot = leaderboard_frame(analysis.document, sort="tpot")["tpot_ms"].to_list()
+    assert tpot == sorted(tpot)
+    cost = leaderboard_frame(analysis.document, sort="cost")["cost_usd_per_m_output_tokens"].to_list()
+    assert cost == sorted(cost)
+    with pytest.raises(InputError, match="--sort 'speed'"):
+        leaderboard_frame(analysis.document, sort="speed")
+
+
+def test_runs_without_the_sort_figure_rank_last(analysis):
+    doc = copy.deepcopy(analysis.document)
+    doc["runs"][0]["metrics"]["accuracy"] = {"exact_match": 0.25}
+    doc["runs"][1]["metrics"]["accuracy"] = {"correct": 9, "total": 10}
+    board = leaderboard_frame(doc, sort="accuracy")
+    assert board["accuracy"].to_list() == [0.9, 0.25, None, None]
+    assert board["rank"].to_list() == [1, 2, 3, 4]
+
+
+def test_one_row_per_configuration_the_latest_run_stands_for_it(analysis):
+    doc = copy.deepcopy(analysis.document)
+    newer = copy.deepcopy(doc["runs"][1])
+    newer["run_id"] = "20270101T000000Z-rerun"
+    newer["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"] = 1.0
+    doc["runs"].append(newer)
+    board = leaderboard_frame(doc)
+    assert board.height == len(RUNS)
+    row = board.filter(board["run_id"] == "20270101T000000Z-rerun").row(0, named=True)
+    assert row["other_runs"] == RUNS[1][0] and row["rank"] == len(RUNS)
+    # created_at from the traces decides, not the run id.
+    board = leaderboard_frame(
+        doc, created_at={"20270101T000000Z-rerun": "2020-01-01T00:00:00+00:00", RUNS[1][0]: "2026-01-01"}
+    )
+    assert RUNS[1][0] in board["run_id"].to_list()
+
+
+def test_cli_user_errors_are_one_line(cli, trace_dir, cache_dir):
+    r = cli("leaderboard", trace_dir, "--export", "gif", "--cache-dir", cache_dir)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "moecap-analyze: error: --export 'gif': expected png, svg, png,svg or none"
