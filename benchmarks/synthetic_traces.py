@@ -12,6 +12,7 @@ against them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,23 @@ QWEN15_MOE_CONFIG: dict[str, Any] = {
 
 @dataclass
 class TimeModel:
-    """Known step-time model: t = max(bytes / (bw * eff_bw), flops / (peak * eff_flops)) + host_s."""
+    """Known step-time model: t = max(bytes / (bw * eff_bw), flops / (peak * eff_flops)) + launch_s + host_s.
+
+    The GPU span of a step is the roofline time + launch_s (a fixed per-step GPU-side overhead:
+    launches, small kernels); host_s is spent on the host around it (half before, half after).
+    """
 
     bandwidth: float = 3.35e12  # bytes/s (H100 SXM)
     peak_flops: float = 989.4e12  # dense bf16 FLOP/s
     eff_bw: float = 0.6
     eff_flops: float = 0.5
     host_s: float = 0.002
+    launch_s: float = 0.0
 
     def step_time(self, nbytes: float, flops: float) -> float:
         return (
             max(nbytes / (self.bandwidth * self.eff_bw), flops / (self.peak_flops * self.eff_flops))
+            + self.launch_s
             + self.host_s
         )
 
@@ -87,6 +94,11 @@ class SimConfig:
     time_model: TimeModel = field(default_factory=TimeModel)
     write_experts: bool = True
     run_id: str = "20260101T000000Z-synthetic-qwen15moe-0000"
+    step_cost: Callable[[dict[str, Any]], tuple[float, float]] | None = None
+    """(bytes, FLOPs) of a step from the caller's formulas instead of the hand formula below; gets the
+    step's row (num_reqs, num_tokens, req_prefix_lens, req_new_tokens, req_num_logits) plus
+    active_experts (experts with >= 1 token, summed over layers). Lets a test of something downstream
+    of the byte/FLOP formulas (the what-if projection) see times that follow them exactly."""
 
 
 def _hand_step_cost(
@@ -180,7 +192,19 @@ def simulate_run(
         tokens = int(sum(new))
         counts = np.stack([rng.multinomial(tokens * k, skew[layer]) for layer in range(L)]).astype(np.int32)
         active = int((counts > 0).sum())
-        nbytes, flops = _hand_step_cost(cfg, tokens, active, int(sum(prefix)))
+        if sim.step_cost is None:
+            nbytes, flops = _hand_step_cost(cfg, tokens, active, int(sum(prefix)))
+        else:
+            nbytes, flops = sim.step_cost(
+                {
+                    "num_reqs": len(ids),
+                    "num_tokens": tokens,
+                    "req_prefix_lens": prefix,
+                    "req_new_tokens": new,
+                    "req_num_logits": logits,
+                    "active_experts": active,
+                }
+            )
         dt = sim.time_model.step_time(nbytes, flops)
         host_ns = int(sim.time_model.host_s * 1e9)
         t_start = t
@@ -213,6 +237,7 @@ def simulate_run(
                 "bytes": nbytes,
                 "flops": flops,
                 "time_s": dt,
+                "gpu_time_s": (gpu_end - gpu_start) / 1e9,
                 "tokens": tokens,
                 "phase": phase,
                 "num_reqs": len(ids),
