@@ -1,0 +1,301 @@
+"""`moecap-analyze whatif`: a thin command over `moecap.analyze.whatif` (and the cost flags).
+
+Registered by `moecap.analyze.cli` (its `_COMMAND_MODULES`). User errors raise AnalyzeError, which
+the entry point prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import CacheDir, GpuYaml, Paths, Strict, Window
+from ..errors import InputError
+
+CostOverrides = Annotated[
+    str | None,
+    typer.Option(
+        "--cost-overrides",
+        help="YAML file replacing cost constants (layout of moecap/analyze/cost/data/cost_constants.yaml).",
+    ),
+]
+CostModel = Annotated[
+    str | None,
+    typer.Option("--cost-model", help="ownership (capex + energy, default) or cloud ($/GPU-hour)."),
+]
+GpuPrice = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gpu-price-usd", help="Purchase price per GPU, USD: H200=35000, or a bare number for every GPU."
+    ),
+]
+GpuHour = Annotated[
+    list[str] | None,
+    typer.Option("--usd-per-gpu-hour", help="Cloud price per GPU-hour, USD: H200=5.4, or a bare number."),
+]
+Electricity = Annotated[
+    float | None, typer.Option("--electricity-usd-per-kwh", help="Electricity price, USD/kWh.")
+]
+Lifetime = Annotated[float | None, typer.Option("--lifetime-years", help="Years the capex is spread over.")]
+Utilization = Annotated[
+    float | None, typer.Option("--utilization", help="Share of the lifetime's hours the GPUs serve, (0, 1].")
+]
+Pue = Annotated[float | None, typer.Option("--pue", help="Facility energy / IT energy.")]
+
+
+def cost_settings_from_flags(
+    gpu_overrides: str | None,
+    cost_overrides: str | None,
+    cost_model: str | None,
+    gpu_price_usd: list[str] | None,
+    usd_per_gpu_hour: list[str] | None,
+    electricity_usd_per_kwh: float | None,
+    lifetime_years: float | None,
+    utilization: float | None,
+    pue: float | None,
+):
+    """CostSettings from the cost flags (on top of --cost-overrides, else $MOECAP_COST_OVERRIDES)."""
+    from ..cost import load_cost_settings, parse_gpu_values
+
+    flags = {
+        "model": cost_model,
+        "price_usd": parse_gpu_values(gpu_price_usd, "--gpu-price-usd") or None,
+        "usd_per_gpu_hour": parse_gpu_values(usd_per_gpu_hour, "--usd-per-gpu-hour") or None,
+        "electricity_usd_per_kwh": electricity_usd_per_kwh,
+        "lifetime_years": lifetime_years,
+        "utilization": utilization,
+        "pue": pue,
+    }
+    return load_cost_settings(cost_overrides, flags=flags, gpu_overrides=gpu_overrides, use_env=True)
+
+
+def whatif(
+    paths: Paths,
+    gpu: Annotated[
+        list[str] | None,
+        typer.Option("--gpu", help="Target GPU(s) to project onto (repeat: --gpu H200 --gpu B200)."),
+    ] = None,
+    compare_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare-to",
+            help="Traces of the same workloads measured on the target GPU: print the projection error per "
+            "batch size against both baselines (repeatable; files, directories or globs).",
+        ),
+    ] = None,
+    source_gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--source-gpu", help="The GPU the measured traces ran on, if the trace's name is unknown."
+        ),
+    ] = None,
+    gpu_overrides: GpuYaml = None,
+    window: Window = "steady",
+    out: Annotated[Path | None, typer.Option("--out", help="Directory to write whatif.json into.")] = None,
+    format: Annotated[str, typer.Option("--format", help="table (default) or json on stdout.")] = "table",
+    cost_overrides: CostOverrides = None,
+    cost_model: CostModel = None,
+    gpu_price_usd: GpuPrice = None,
+    usd_per_gpu_hour: GpuHour = None,
+    electricity_usd_per_kwh: Electricity = None,
+    lifetime_years: Lifetime = None,
+    utilization: Utilization = None,
+    pue: Pue = None,
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Project measured runs onto other GPUs: step times, TTFT/TPOT, throughput, S-MBU/S-MFU, cost.
+
+    Each step is re-timed from its bytes and FLOPs on the target's roofline, with efficiencies and a
+    per-step overhead fitted per phase on the measured run; baselines "no change" and "bandwidth
+    ratio" are shown beside it.
+
+    Examples:
+      moecap-analyze whatif traces/h100/ --gpu H200 --gpu B200
+      moecap-analyze whatif traces/h100/ --compare-to traces/h200/      # projection error per batch size
+    """
+    from ..analysis import Options
+    from ..pipeline import analyze_paths
+    from ..specs import resolve_gpu
+    from .compare import compare_runs
+    from .project import whatif as whatif_doc
+
+    if format not in ("table", "json"):
+        raise typer.BadParameter("expected table or json", param_hint="--format")
+    if not gpu and not compare_to:
+        raise InputError("whatif needs a target: --gpu NAME (repeatable) and/or --compare-to PATHS")
+    settings = cost_settings_from_flags(
+        gpu_overrides,
+        cost_overrides,
+        cost_model,
+        gpu_price_usd,
+        usd_per_gpu_hour,
+        electricity_usd_per_kwh,
+        lifetime_years,
+        utilization,
+        pue,
+    )
+    targets = [resolve_gpu(g, overrides_yaml=gpu_overrides) for g in gpu or []]
+    source = analyze_paths(
+        paths,
+        Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window=window),
+        cache_dir=cache_dir,
+        strict=strict,
+    )
+    if compare_to:
+        other = analyze_paths(
+            compare_to,
+            Options(gpu_overrides=gpu_overrides, window=window),
+            cache_dir=cache_dir,
+            strict=strict,
+        )
+        document = compare_runs(source, other, settings, targets)
+    else:
+        document = whatif_doc(source, targets, settings)
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "whatif.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    if format == "json":
+        typer.echo(json.dumps(document, indent=2, default=str))
+    else:
+        print_whatif(document)
+        if out is not None:
+            Console(stderr=True).print(f"wrote {out / 'whatif.json'}")
+
+
+# -- terminal output -------------------------------------------------------------------------------
+_ROWS = (
+    ("decode step (GPU)", ("phases", "decode", "step_time_s_mean"), "ms"),
+    ("decode step (wall)", ("phases", "decode", "wall_s_mean"), "ms"),
+    ("prefill step (GPU)", ("phases", "prefill", "step_time_s_mean"), "ms"),
+    ("TTFT mean", ("requests", "ttft_s_mean"), "ms"),
+    ("TPOT mean", ("requests", "tpot_s_mean"), "ms"),
+    ("output tok/s (window)", ("phases", "all", "throughput_output_tokens_per_s"), ""),
+    ("S-MBU (decode)", ("phases", "decode", "s_mbu"), "%"),
+    ("S-MFU (all)", ("phases", "all", "s_mfu"), "%"),
+    ("$ / 1M output tokens", ("cost", "usd_per_1m_output_tokens"), "$"),
+)
+
+
+def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = doc
+    for key in path:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(key)
+    return cur
+
+
+def _fmt(value: Any, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "ms":
+        return f"{value * 1e3:.3g} ms"
+    if unit == "%":
+        return f"{value * 100:.3g} %"
+    if unit == "$":
+        return f"${value:.3g}"
+    return f"{value:,.4g}"
+
+
+def _err(value: Any) -> str:
+    return "" if value is None else f" ({value * 100:+.1f}%)"
+
+
+def print_whatif(document: dict[str, Any], console: Console | None = None) -> None:
+    """Per run: the calibration and a table of measured vs projected metrics per target GPU; with a
+    comparison, the projection errors per pair, per batch size and their summary."""
+    console = console or Console()
+    for run in document["runs"]:
+        console.print(
+            f"[bold]{run['run_id']}[/]  {run['model']} · {run['engine']} · batch {run['batch_size']} · "
+            f"measured on {run['source_gpu']} ×{run['num_gpus']}"
+        )
+        cal = run["calibration"]
+        for phase, fit in cal["fits"].items():
+            ident = "" if fit["bandwidth_identified"] and fit["flops_identified"] else " (prior used)"
+            console.print(
+                f"  fit {phase:<8} η_bw {fit['eta_bw']:.3f}  η_f {fit['eta_flops']:.3f}  overhead "
+                f"{fit['overhead_s'] * 1e3:.3g} ms  steps {fit['n_steps']}  MAPE {fit['mape'] * 100:.2g} %{ident}"
+            )
+        models = ("projection", "no_change", "bandwidth_ratio")
+        for target, t in run["targets"].items():
+            table = Table(title=f"on {target}", show_header=True)
+            table.add_column("metric")
+            table.add_column(f"measured\n{run['source_gpu']}", justify="right")
+            for model in models:
+                table.add_column(model.replace("_", " "), justify="right")
+            for label, path, unit in _ROWS:
+                cells = [_fmt(_get(run["measured"], path), unit)]
+                cells += [_fmt(_get(t["models"][m], path), unit) for m in models]
+                table.add_row(label, *cells)
+            console.print(table)
+        for w in run.get("warnings", []):
+            console.print(f"[yellow]note:[/] {w}", markup=True, highlight=False)
+        console.print()
+    comparison = document.get("comparison")
+    if comparison:
+        _print_comparison(comparison, console)
+    console.print("assumptions: " + "; ".join(document["assumptions"]), highlight=False)
+
+
+def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
+    models = ("projection", "no_change", "bandwidth_ratio")
+    for pair in comparison["pairs"]:
+        console.print(
+            f"[bold]batch {pair['batch_size']}[/]: {pair['source_run']} ({pair['source_gpu']}) projected vs "
+            f"{pair['compare_run']} measured on {pair['target_gpu']}"
+        )
+        table = Table(show_header=True)
+        table.add_column("metric")
+        table.add_column("measured", justify="right")
+        for m in models:
+            table.add_column(m.replace("_", " ") + " (error)", justify="right")
+        for label, entry in pair["metrics"].items():
+            unit = "ms" if "(s)" in label else "%" if "S-MBU" in label else "$" if "$" in label else ""
+            table.add_row(
+                label,
+                _fmt(entry["measured"], unit),
+                *[_fmt(entry[m], unit) + _err(entry[f"{m}_error"]) for m in models],
+            )
+        console.print(table)
+        rows = pair["decode_by_batch_size"]
+        if rows:
+            bt = Table(title="decode step time (GPU) per batch size", show_header=True)
+            bt.add_column("requests in step", justify="right")
+            bt.add_column("measured", justify="right")
+            for m in models:
+                bt.add_column(m.replace("_", " ") + " (error)", justify="right")
+            for r in rows:
+                bt.add_row(
+                    str(r["num_reqs"]),
+                    _fmt(r["measured_step_time_s"], "ms"),
+                    *[
+                        _fmt(r.get(f"{m}_step_time_s"), "ms") + _err(r.get(f"{m}_step_time_error"))
+                        for m in models
+                    ],
+                )
+            console.print(bt)
+    summary = comparison["summary"]
+    st = Table(title=f"mean |error| over {summary['pairs']} pair(s)", show_header=True)
+    st.add_column("metric")
+    for m in models:
+        st.add_column(m.replace("_", " "), justify="right")
+    for label, entry in summary["mean_abs_error"].items():
+        st.add_row(label, *["—" if entry[m] is None else f"{entry[m] * 100:.1f}%" for m in models])
+    console.print(st)
+    for n in comparison.get("notes", []):
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `whatif` command to `moecap-analyze`."""
+    app.command(name="whatif")(whatif)

@@ -1,0 +1,208 @@
+"""Validation: projections of measured runs against runs of the same workload measured on the target.
+
+Each run of the source traces (e.g. H100) is paired with the run of the compare-to traces (e.g.
+H200) that has the same model, engine, dataset and batch size (the workload's `batch_size` or
+`concurrency`). For each pair the source run is projected onto the compare run's GPU, and every
+metric of the projection and of both baselines is set against the compare run's measured value:
+error = predicted / measured − 1. Decode step times are also compared per batch size (number of
+requests in the step), which needs no pairing of whole runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ..analysis import RunContext
+from ..cost import CostSettings
+from ..pipeline import Analysis
+from ..specs import GpuSpec
+from .project import (
+    ASSUMPTIONS,
+    MODELS,
+    WHATIF_SCHEMA,
+    TimeWarp,
+    measured_power_fraction,
+    step_frame,
+    view_metrics,
+    whatif_run,
+    window_cost,
+)
+
+#: (label, path into a view's metrics) of the run-level metrics compared.
+COMPARED = (
+    ("decode step time mean (s)", ("phases", "decode", "step_time_s_mean")),
+    ("decode step wall mean (s)", ("phases", "decode", "wall_s_mean")),
+    ("prefill step time mean (s)", ("phases", "prefill", "step_time_s_mean")),
+    ("TPOT mean (s)", ("requests", "tpot_s_mean")),
+    ("TTFT mean (s)", ("requests", "ttft_s_mean")),
+    ("E2E mean (s)", ("requests", "e2e_s_mean")),
+    ("output tokens/s (window)", ("phases", "all", "throughput_output_tokens_per_s")),
+    ("output tokens/s (requests)", ("requests", "output_tokens_per_s")),
+    ("decode S-MBU", ("phases", "decode", "s_mbu")),
+    ("$ per 1M output tokens", ("cost", "usd_per_1m_output_tokens")),
+)
+
+
+def _get(doc: dict[str, Any], path: Sequence[str]) -> float | None:
+    cur: Any = doc
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return None
+        cur = cur[key]
+    return float(cur) if isinstance(cur, (int, float)) else None
+
+
+def _error(pred: float | None, meas: float | None) -> float | None:
+    if pred is None or meas is None or meas == 0:
+        return None
+    return pred / meas - 1
+
+
+def workload_key(ctx: RunContext) -> tuple[Any, ...]:
+    """What makes two runs 'the same workload': model, engine, dataset, batch size."""
+    md = ctx.run.metadata
+    wl = md.workload or {}
+    return (md.model.id, md.engine.name, wl.get("dataset"), wl.get("batch_size") or wl.get("concurrency"))
+
+
+def pair_runs(source: Analysis, other: Analysis) -> tuple[list[tuple[RunContext, RunContext]], list[str]]:
+    """Pairs (source run, compare run) of the same workload, and a line per run left unpaired."""
+    by_key: dict[tuple[Any, ...], list[RunContext]] = {}
+    for ctx in other.contexts:
+        by_key.setdefault(workload_key(ctx), []).append(ctx)
+    pairs, notes = [], []
+    used: set[str] = set()
+    for ctx in source.contexts:
+        key = workload_key(ctx)
+        cands = [c for c in by_key.get(key, []) if c.run.run_id not in used]
+        if not cands:
+            notes.append(f"{ctx.run.run_id}: no compare-to run with model/engine/dataset/batch size {key}")
+            continue
+        same = [c for c in cands if c.run.metadata.workload == ctx.run.metadata.workload]
+        chosen = sorted(same or cands, key=lambda c: c.run.run_id)[0]
+        if len(same or cands) > 1:
+            notes.append(f"{ctx.run.run_id}: several compare-to runs match {key}; using {chosen.run.run_id}")
+        used.add(chosen.run.run_id)
+        pairs.append((ctx, chosen))
+    notes += [
+        f"{c.run.run_id}: compare-to run not paired" for c in other.contexts if c.run.run_id not in used
+    ]
+    return pairs, notes
+
+
+def measured_view(analysis: Analysis, ctx: RunContext, settings: CostSettings) -> dict[str, Any]:
+    """A run's metrics on its own GPU, computed exactly as the projections are (same windows,
+    same throughput definition), so differences are the model's, not the bookkeeping's."""
+    assert ctx.gpu is not None
+    df = step_frame(analysis, ctx)
+    rid = ctx.run.run_id.replace("'", "''")
+    requests = analysis.db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    view = view_metrics(
+        df, df["time_s"].to_numpy().astype(np.float64), ctx.gpu, ctx.peak_dtype, requests, TimeWarp.identity()
+    )
+    view["cost"] = window_cost(ctx.gpu, ctx.num_gpus, view, settings, measured_power_fraction(analysis, ctx))
+    return view
+
+
+def _by_batch(measured: dict[str, Any], models: dict[str, Any]) -> list[dict[str, Any]]:
+    meas = pl.DataFrame(measured["decode_by_batch_size"] or [], schema_overrides={"num_reqs": pl.Int64})
+    if meas.is_empty():
+        return []
+    rows = []
+    for m in meas.to_dicts():
+        row: dict[str, Any] = {
+            "num_reqs": m["num_reqs"],
+            "steps_measured": m["steps"],
+            "measured_step_time_s": m["step_time_s_mean"],
+            "measured_wall_s": m["wall_s_mean"],
+        }
+        for model in MODELS:
+            hit = [x for x in models[model]["decode_by_batch_size"] if x["num_reqs"] == m["num_reqs"]]
+            if not hit:
+                continue
+            row[f"{model}_step_time_s"] = hit[0]["step_time_s_mean"]
+            row[f"{model}_wall_s"] = hit[0]["wall_s_mean"]
+            row[f"{model}_step_time_error"] = _error(hit[0]["step_time_s_mean"], m["step_time_s_mean"])
+            row[f"{model}_wall_error"] = _error(hit[0]["wall_s_mean"], m["wall_s_mean"])
+            row["steps_projected"] = hit[0]["steps"]
+        if "steps_projected" in row:
+            rows.append(row)
+    return rows
+
+
+def compare_pair(projected_run: dict[str, Any], target: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """Every COMPARED metric of each model against the measured target run, plus per batch size."""
+    models = projected_run["targets"][target]["models"]
+    metrics = {}
+    for label, path in COMPARED:
+        meas = _get(measured, path)
+        entry: dict[str, Any] = {"measured": meas}
+        for model in MODELS:
+            pred = _get(models[model], path)
+            entry[model] = pred
+            entry[f"{model}_error"] = _error(pred, meas)
+        metrics[label] = entry
+    return {"metrics": metrics, "decode_by_batch_size": _by_batch(measured, models)}
+
+
+def _summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean absolute error per metric and model over the pairs, and over all batch-size rows."""
+    out: dict[str, Any] = {}
+    for label, _ in COMPARED:
+        entry = {}
+        for model in MODELS:
+            errs = [c["metrics"][label][f"{model}_error"] for c in comparisons]
+            errs = [abs(e) for e in errs if e is not None]
+            entry[model] = float(np.mean(errs)) if errs else None
+        out[label] = entry
+    rows = [r for c in comparisons for r in c["decode_by_batch_size"]]
+    entry = {}
+    for model in MODELS:
+        errs = [
+            abs(r[f"{model}_step_time_error"]) for r in rows if r.get(f"{model}_step_time_error") is not None
+        ]
+        entry[model] = float(np.mean(errs)) if errs else None
+    out["decode step time per batch size"] = entry
+    return {"mean_abs_error": out, "pairs": len(comparisons), "batch_size_rows": len(rows)}
+
+
+def compare_runs(
+    source: Analysis,
+    other: Analysis,
+    settings: CostSettings,
+    extra_targets: Sequence[GpuSpec] = (),
+) -> dict[str, Any]:
+    """What-if of every source run onto its paired run's GPU (and `extra_targets`), with the
+    projection errors against the paired run's measurements."""
+    pairs, notes = pair_runs(source, other)
+    runs, comparisons = [], []
+    for src, dst in pairs:
+        assert dst.gpu is not None
+        targets = [dst.gpu, *[g for g in extra_targets if g.name != dst.gpu.name]]
+        projected = whatif_run(source, src, targets, settings)
+        measured = measured_view(other, dst, settings)
+        comp = compare_pair(projected, dst.gpu.name, measured)
+        comparisons.append(
+            {
+                "source_run": src.run.run_id,
+                "compare_run": dst.run.run_id,
+                "batch_size": projected["batch_size"],
+                "source_gpu": projected["source_gpu"],
+                "target_gpu": dst.gpu.name,
+                **comp,
+                "measured_target": measured,
+            }
+        )
+        runs.append(projected)
+    comparisons.sort(key=lambda c: (c["batch_size"] is None, c["batch_size"] or 0, c["source_run"]))
+    return {
+        "schema": WHATIF_SCHEMA,
+        "assumptions": list(ASSUMPTIONS),
+        "cost_settings": {"model": settings.model, "layers": list(settings.layers)},
+        "runs": runs,
+        "comparison": {"pairs": comparisons, "summary": _summary(comparisons), "notes": notes},
+    }

@@ -1,0 +1,514 @@
+"""What-if: re-time every recorded step on another GPU and recompute the run's metrics there.
+
+1. Calibrate (per phase) the roofline model of `roofline.py` on the measured steps: per-GPU bytes
+   and FLOPs of each step (the analyzer's `step_metrics`) against its GPU time.
+2. Project each step's GPU time on the target GPU with the same efficiencies and overhead; its host
+   gap (wall time minus GPU time) is kept.
+3. Recompute on the projected timeline: per-phase step times, S-MBU / S-MFU against the target's
+   peaks, window throughput, request latencies (every request timestamp is carried over by a
+   piecewise-linear time warp built from the step boundaries) and cost.
+
+Two naive baselines are computed the same way, for validation: `no_change` (the measured times)
+and `bandwidth_ratio` (a step that is memory-bound on the source GPU's nominal roofline takes
+t · BW_src / BW_tgt, a compute-bound one t · P_src / P_tgt).
+
+Assumptions (also printed in every result): the same batch composition and schedule (the engine
+would form the same batches in the same order), the same routing, the same kernels (no new
+kernels or fusions on the target), the same host (host gaps unchanged), per-GPU bytes and FLOPs
+unchanged (same parallel layout and GPU count), and efficiencies that carry over between GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..analysis import RunContext
+from ..cost import CostSettings, EnergyResult, GpuEnergyReading, Work, estimate_cost
+from ..errors import InputError
+from ..metrics.requests import request_metrics
+from ..pipeline import Analysis
+from ..specs import GpuSpec
+from .roofline import RooflineFit, fit_roofline
+
+WHATIF_SCHEMA = "moecap.whatif/1"
+MODELS = ("projection", "no_change", "bandwidth_ratio")
+FIT_PHASES = ("prefill", "decode", "mixed")
+MIN_PHASE_STEPS = 10
+"""A phase with fewer measured steps uses the fit over all steps."""
+
+ASSUMPTIONS = (
+    "same batch composition and schedule: the engine forms the same batches in the same order",
+    "same routing: the same experts receive the same tokens",
+    "same kernels: no new kernels, fusions or CUDA graphs on the target",
+    "same host: each step's host gap (wall time minus GPU time) is unchanged",
+    "same parallel layout and GPU count: per-GPU bytes and FLOPs are unchanged",
+    "the efficiencies (fraction of peak bandwidth / FLOPs) and the per-step overhead fitted on the "
+    "measured run carry over to the target GPU, per phase",
+)
+
+_STEP_COLUMNS = (
+    "dp, pp, step, phase, is_draft, num_reqs, num_tokens, logit_rows, time_s, wall_s, host_gap_s, gpus, "
+    "bytes_total, flops_total, t_start_ns, t_end_ns"
+)
+
+
+@dataclass
+class Calibration:
+    """Per-phase fits of one run on its measured GPU."""
+
+    gpu: GpuSpec
+    peak_dtype: str
+    peak_flops: float
+    fits: dict[str, RooflineFit]
+    """"all" plus every phase with enough steps."""
+    notes: list[str] = field(default_factory=list)
+
+    def fit_for(self, phase: str) -> RooflineFit:
+        return self.fits.get(phase) or self.fits["all"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu.name,
+            "peak_dtype": self.peak_dtype,
+            "bandwidth_bytes_per_s": self.gpu.memory_bandwidth,
+            "peak_flops": self.peak_flops,
+            "fits": {k: v.as_dict() for k, v in self.fits.items()},
+            "phase_uses": {p: p if p in self.fits else "all" for p in FIT_PHASES},
+            "notes": self.notes,
+        }
+
+
+def peak_flops_of(gpu: GpuSpec, dtype: str) -> float:
+    return gpu.peak_flops(dtype, fallback="bf16")
+
+
+def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
+    """The run's steps from `step_metrics`, with `in_window` (the analysis window) and per-GPU
+    bytes / FLOPs, ordered by stream and step."""
+    rid = ctx.run.run_id.replace("'", "''")
+    where = analysis.windows.get(ctx.run.run_id, "TRUE")
+    df = analysis.db.con.sql(
+        f"SELECT {_STEP_COLUMNS}, coalesce(({where}), false) AS in_window FROM step_metrics "
+        f"WHERE run_id = '{rid}' ORDER BY dp, pp, step"
+    ).pl()
+    return df.with_columns(
+        bytes_per_gpu=pl.col("bytes_total") / pl.col("gpus"),
+        flops_per_gpu=pl.col("flops_total") / pl.col("gpus"),
+    )
+
+
+def _fittable(df: pl.DataFrame) -> pl.DataFrame:
+    return df.filter(
+        ~pl.col("is_draft")
+        & (pl.col("time_s") > 0)
+        & pl.col("bytes_per_gpu").is_finite()
+        & pl.col("flops_per_gpu").is_finite()
+        & (pl.col("bytes_per_gpu") > 0)
+        & (pl.col("flops_per_gpu") > 0)
+    )
+
+
+def _priors(gpu: GpuSpec, peak: float, dtype: str) -> tuple[float, float, str]:
+    """Priors for an efficiency the data cannot identify: the GPU table's measured matmul ceiling
+    (mamf_*) over its dense peak for FLOPs, else 0.8; 0.8 for bandwidth."""
+    key = "mamf_fp8_tflops" if dtype == "fp8" else "mamf_bf16_tflops"
+    mamf = gpu.extra.get(key)
+    if isinstance(mamf, (int, float)) and mamf > 0 and peak > 0:
+        return 0.8, min(1.0, mamf * 1e12 / peak), f"FLOP prior = {key} / dense peak of {gpu.name}"
+    return 0.8, 0.8, "FLOP prior = 0.8 (the GPU table has no measured matmul ceiling)"
+
+
+def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
+    """Fit the roofline model per phase (and over all steps) on the measured run."""
+    if ctx.gpu is None:
+        raise InputError(
+            f"run {ctx.run.run_id}: no GPU spec for the measured run ({ctx.gpu_error}); pass --source-gpu"
+        )
+    peak = peak_flops_of(ctx.gpu, ctx.peak_dtype)
+    bw_prior, fl_prior, prior_note = _priors(ctx.gpu, peak, ctx.peak_dtype)
+    usable = _fittable(df)
+    if usable.height < 3:
+        missing = df.filter(~pl.col("bytes_total").is_finite()).height
+        why = f" ({missing} steps lack bytes: no expert counts)" if missing else ""
+        raise InputError(
+            f"run {ctx.run.run_id}: too few steps with bytes, FLOPs and a GPU time to calibrate "
+            f"the roofline ({usable.height}){why}"
+        )
+
+    def fit(part: pl.DataFrame) -> RooflineFit:
+        return fit_roofline(
+            part["bytes_per_gpu"].to_numpy(),
+            part["flops_per_gpu"].to_numpy(),
+            part["time_s"].to_numpy(),
+            bandwidth=ctx.gpu.memory_bandwidth,  # type: ignore[union-attr]
+            peak_flops=peak,
+            eta_bw_prior=bw_prior,
+            eta_flops_prior=fl_prior,
+        )
+
+    fits = {"all": fit(usable)}
+    notes = []
+    for phase in FIT_PHASES:
+        part = usable.filter(pl.col("phase") == phase)
+        if part.height >= MIN_PHASE_STEPS:
+            fits[phase] = fit(part)
+        elif part.height:
+            notes.append(
+                f"{phase}: {part.height} step(s), fewer than {MIN_PHASE_STEPS}; the fit over all steps is used"
+            )
+    for which, test in (("FLOP", "flops_identified"), ("bandwidth", "bandwidth_identified")):
+        unidentified = [name for name, f in fits.items() if not getattr(f, test)]
+        if unidentified:
+            side = "memory" if which == "FLOP" else "compute"
+            used = {
+                round(f.eta_flops if which == "FLOP" else f.eta_bw, 3)
+                for n, f in fits.items()
+                if n in unidentified
+            }
+            notes.append(
+                f"{which} efficiency not identified in fit(s) {', '.join(unidentified)} (every step {side}-bound); "
+                f"used {', '.join(map(str, sorted(used)))}, the larger of the bound the data implies and the prior"
+                + (f" ({prior_note})" if which == "FLOP" else " (0.8)")
+            )
+    for name, f in fits.items():
+        if f.eta_bw > 1 or f.eta_flops > 1:
+            notes.append(
+                f"{name}: fitted efficiency above 1 (η_bw {f.eta_bw:.3g}, η_f {f.eta_flops:.3g}): the byte or "
+                "FLOP model over-counts what the kernels really move or compute"
+            )
+    return Calibration(ctx.gpu, ctx.peak_dtype, peak, fits, notes)
+
+
+# -- projections -----------------------------------------------------------------------------------
+def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: str) -> np.ndarray:
+    """Per-step GPU time (s) on `target` under `model` (projection | no_change | bandwidth_ratio).
+    Steps that cannot be projected (no bytes, no GPU time) keep their measured time."""
+    t = df["time_s"].to_numpy().astype(np.float64)
+    B = df["bytes_per_gpu"].to_numpy().astype(np.float64)
+    F = df["flops_per_gpu"].to_numpy().astype(np.float64)
+    ok = np.isfinite(B) & np.isfinite(F) & (t > 0)
+    tgt_peak = peak_flops_of(target, cal.peak_dtype)
+    out = t.copy()
+    if model == "no_change":
+        return out
+    if model == "bandwidth_ratio":
+        memory_bound = B / cal.gpu.memory_bandwidth >= F / cal.peak_flops
+        scale = np.where(
+            memory_bound, cal.gpu.memory_bandwidth / target.memory_bandwidth, cal.peak_flops / tgt_peak
+        )
+        return np.where(ok, t * scale, t)
+    if model != "projection":
+        raise ValueError(f"unknown what-if model {model!r}")
+    phases = df["phase"].to_numpy()
+    for phase in np.unique(phases):
+        sel = ok & (phases == phase)
+        if sel.any():
+            out[sel] = cal.fit_for(str(phase)).step_time(B[sel], F[sel], target.memory_bandwidth, tgt_peak)
+    return out
+
+
+def _walls(df: pl.DataFrame, gpu_time: np.ndarray) -> np.ndarray:
+    """Projected wall time per step: the GPU part scaled, the host gap kept."""
+    t = df["time_s"].to_numpy().astype(np.float64)
+    wall = df["wall_s"].to_numpy().astype(np.float64)
+    busy = np.minimum(np.maximum(t, 0), wall)
+    ratio = np.where(t > 0, gpu_time / np.where(t > 0, t, 1), 1.0)
+    return busy * ratio + (wall - busy)
+
+
+@dataclass
+class TimeWarp:
+    """Maps measured host-clock times (ns) to the projected timeline of one step stream.
+
+    Knots at each step's start and the end of its GPU part: the GPU part stretches with the
+    projection, the host gap after it shifts. Times outside the steps shift with the nearest end."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def identity(cls) -> TimeWarp:
+        return cls(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+
+    @classmethod
+    def from_steps(cls, df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
+        t = df["time_s"].to_numpy().astype(np.float64)
+        wall = df["wall_s"].to_numpy().astype(np.float64)
+        start = df["t_start_ns"].to_numpy().astype(np.float64)
+        busy = np.minimum(np.maximum(t, 0), wall)
+        ratio = np.where(t > 0, gpu_time / np.where(t > 0, t, 1), 1.0)
+        busy_new = busy * ratio
+        gap = wall - busy
+        # Two knots per step: (start, start') and (start + busy, start' + busy'); then the gap.
+        seg = np.empty(2 * len(t))
+        seg[0::2], seg[1::2] = busy_new, gap
+        y_rel = np.concatenate([[0.0], np.cumsum(seg)])
+        x = np.empty(2 * len(t) + 1)
+        x[0:-1:2] = start
+        x[1::2] = start + busy * 1e9
+        x[-1] = start[-1] + wall[-1] * 1e9
+        y = start[0] + y_rel * 1e9
+        return cls(x, y)
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        out = np.interp(v, self.x, self.y)
+        before, after = v < self.x[0], v > self.x[-1]
+        out[before] = v[before] + (self.y[0] - self.x[0])
+        out[after] = v[after] + (self.y[-1] - self.x[-1])
+        return out
+
+
+def warp_requests(requests: pl.DataFrame, warp: TimeWarp) -> pl.DataFrame:
+    """The requests table with every timestamp carried through `warp` (list column included)."""
+
+    def w(col: str) -> pl.Series:
+        s = requests[col]
+        vals = s.to_numpy().astype(np.float64)
+        mapped = warp(np.nan_to_num(vals, nan=0.0)).round()
+        return pl.Series(col, mapped).cast(pl.Int64).scatter(np.flatnonzero(s.is_null().to_numpy()), None)
+
+    out = requests.with_columns(w("arrival_ns"), w("first_token_ns"), w("finish_ns"))
+    if "chunk_times_ns" in requests.columns:
+        arr = requests["chunk_times_ns"].to_arrow()
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        mapped = pa.array(warp(flat).round().astype(np.int64))
+        rebuilt = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), mapped, mask=arr.is_null())
+        out = out.with_columns(pl.Series("chunk_times_ns", rebuilt))
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def view_metrics(
+    df: pl.DataFrame,
+    gpu_time: np.ndarray,
+    gpu: GpuSpec,
+    peak_dtype: str,
+    requests: pl.DataFrame | None,
+    warp: TimeWarp,
+) -> dict[str, Any]:
+    """Metrics of a run on `gpu` when its steps take `gpu_time` (measured or projected): per phase
+    in the window, window throughput, per-request latencies (through `warp`), per batch size."""
+    peak = peak_flops_of(gpu, peak_dtype)
+    wall = _walls(df, gpu_time)
+    frame = df.with_columns(gpu_time=pl.Series(gpu_time), wall_new=pl.Series(wall))
+    win = frame.filter(pl.col("in_window") & ~pl.col("is_draft") & (pl.col("time_s") > 0))
+    phases: dict[str, Any] = {}
+    for name, part in [*sorted(win.group_by("phase"), key=lambda g: str(g[0][0])), (("all",), win)]:
+        label = str(name[0])
+        if part.height == 0:
+            continue
+        gpu_s = float((part["gpu_time"] * part["gpus"]).sum())
+        stream_wall = _num(part.group_by("dp", "pp").agg(pl.col("wall_new").sum())["wall_new"].max())
+        tokens = int(part["num_tokens"].sum())
+        output_tokens = _num(part["logit_rows"].sum())
+        entry: dict[str, Any] = {
+            "steps": part.height,
+            "tokens": tokens,
+            "output_tokens": output_tokens,
+            "step_time_s_mean": _num(part["gpu_time"].mean()),
+            "step_time_s_p50": _num(part["gpu_time"].median()),
+            "wall_s_mean": _num(part["wall_new"].mean()),
+            "s_mbu": _num(float(part["bytes_total"].sum()) / (gpu.memory_bandwidth * gpu_s))
+            if gpu_s > 0
+            else None,
+            "s_mfu": _num(float(part["flops_total"].sum()) / (peak * gpu_s)) if gpu_s > 0 else None,
+            "window_s": stream_wall,
+        }
+        if label == "all" and stream_wall:
+            entry["throughput_tokens_per_s"] = tokens / stream_wall
+            entry["throughput_output_tokens_per_s"] = (output_tokens or 0) / stream_wall
+        phases[label] = entry
+    by_batch = (
+        frame.filter(~pl.col("is_draft") & (pl.col("time_s") > 0) & (pl.col("phase") == "decode"))
+        .group_by("num_reqs")
+        .agg(
+            steps=pl.len(),
+            step_time_s_mean=pl.col("gpu_time").mean(),
+            wall_s_mean=pl.col("wall_new").mean(),
+        )
+        .sort("num_reqs")
+    )
+    out: dict[str, Any] = {
+        "phases": phases,
+        "decode_by_batch_size": by_batch.to_dicts(),
+    }
+    if requests is not None and requests.height:
+        r = request_metrics(warp_requests(requests, warp))
+        out["requests"] = {
+            "requests": r.get("requests"),
+            "ttft_s_mean": r["ttft_s"]["mean"],
+            "ttft_s_p50": r["ttft_s"]["p50"],
+            "ttft_s_p99": r["ttft_s"]["p99"],
+            "tpot_s_mean": r["tpot_s"]["mean"],
+            "tpot_s_p50": r["tpot_s"]["p50"],
+            "tpot_token_weighted_s": r.get("tpot_token_weighted_s"),
+            "itl_s_p50": r["itl_s"]["p50"],
+            "e2e_s_mean": r["e2e_s"]["mean"],
+            "makespan_s": r.get("makespan_s"),
+            "output_tokens_per_s": r.get("output_tokens_per_s"),
+            "requests_per_s": r.get("requests_per_s"),
+        }
+    return out
+
+
+def _stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
+    """The warp of the first (dp, pp) step stream (requests are timed against it)."""
+    if df.height == 0:
+        return TimeWarp.identity()
+    first = df.select("dp", "pp").row(0)
+    mask = ((df["dp"] == first[0]) & (df["pp"] == first[1])).to_numpy()
+    return TimeWarp.from_steps(df.filter(pl.Series(mask)), gpu_time[mask])
+
+
+def window_cost(
+    gpu: GpuSpec,
+    num_gpus: int,
+    metrics: dict[str, Any],
+    settings: CostSettings,
+    power_fraction_of_tdp: float | None,
+) -> dict[str, Any]:
+    """Cost of the window on `gpu`: its duration and tokens from `metrics`; GPU power = the measured
+    run's mean power as a fraction of its TDP, times this GPU's TDP (TDP when nothing was measured)."""
+    everything = metrics["phases"].get("all")
+    if not everything or not everything.get("window_s"):
+        return {"error": "no window to charge"}
+    duration = float(everything["window_s"])
+    fraction = power_fraction_of_tdp if power_fraction_of_tdp is not None else 1.0
+    if gpu.tdp_w is None:
+        energy = EnergyResult(duration, None, "unknown", [])
+    else:
+        joules = gpu.tdp_w * fraction * duration
+        source = (
+            f"projected: measured mean power = {fraction:.3g} x TDP of the source GPU, applied to this GPU's TDP"
+            if power_fraction_of_tdp is not None
+            else "tdp"
+        )
+        energy = EnergyResult(
+            duration,
+            joules * num_gpus,
+            source,
+            [GpuEnergyReading(f"gpu{i}", joules, "projected", 0.0, 0) for i in range(num_gpus)],
+        )
+    work = Work(
+        duration_s=duration,
+        output_tokens=float(everything.get("output_tokens") or 0),
+        total_tokens=float(everything.get("tokens") or 0),
+        scope="window",
+    )
+    doc = estimate_cost(gpu, num_gpus, work, energy, settings)
+    return {
+        "model": doc["model"],
+        "usd_per_1m_output_tokens": doc.get("usd_per_1m_output_tokens"),
+        "usd_per_1m_total_tokens": doc.get("usd_per_1m_total_tokens"),
+        "band_usd_per_1m_output_tokens": doc.get("band_usd_per_1m_output_tokens"),
+        "gpu_price": doc["constants"].get(
+            "gpu_price_usd" if doc["model"] == "ownership" else "usd_per_gpu_hour"
+        ),
+        "energy_source": energy.source,
+        **({"error": doc["error"]} if "error" in doc else {}),
+    }
+
+
+def measured_power_fraction(analysis: Analysis, ctx: RunContext) -> float | None:
+    run = next((r for r in analysis.document["runs"] if r["run_id"] == ctx.run.run_id), None)
+    if run is None or ctx.gpu is None or not ctx.gpu.tdp_w:
+        return None
+    energy = (run["metrics"].get("cost") or {}).get("energy") or {}
+    if energy.get("source") != "measured" or not energy.get("mean_power_w_per_gpu"):
+        return None
+    return float(energy["mean_power_w_per_gpu"]) / ctx.gpu.tdp_w
+
+
+def whatif_run(
+    analysis: Analysis,
+    ctx: RunContext,
+    targets: Sequence[GpuSpec],
+    settings: CostSettings,
+) -> dict[str, Any]:
+    """The what-if document of one run: calibration, the measured view, and per target GPU the
+    projection and both baselines."""
+    df = step_frame(analysis, ctx)
+    cal = calibrate(df, ctx)
+    rid = ctx.run.run_id.replace("'", "''")
+    requests = analysis.db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    measured_time = df["time_s"].to_numpy().astype(np.float64)
+    assert ctx.gpu is not None
+    measured = view_metrics(df, measured_time, ctx.gpu, ctx.peak_dtype, requests, TimeWarp.identity())
+    power_fraction = measured_power_fraction(analysis, ctx)
+    measured["cost"] = window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
+    warnings = []
+    unprojectable = df.filter(~pl.col("bytes_per_gpu").is_finite() & (pl.col("time_s") > 0)).height
+    if unprojectable:
+        warnings.append(f"{unprojectable} step(s) without bytes (no expert counts) keep their measured time")
+    out_targets: dict[str, Any] = {}
+    for target in targets:
+        models: dict[str, Any] = {}
+        for model in MODELS:
+            gpu_time = project_times(df, cal, target, model)
+            view = view_metrics(df, gpu_time, target, ctx.peak_dtype, requests, _stream_warp(df, gpu_time))
+            view["cost"] = window_cost(target, ctx.num_gpus, view, settings, power_fraction)
+            models[model] = view
+        out_targets[target.name] = {
+            "gpu": {
+                "name": target.name,
+                "memory_bandwidth_bytes_per_s": target.memory_bandwidth,
+                "peak_flops_dense": peak_flops_of(target, ctx.peak_dtype),
+                "tdp_w": target.tdp_w,
+                "source": target.source,
+            },
+            "models": models,
+        }
+    md = ctx.run.metadata
+    return {
+        "run_id": ctx.run.run_id,
+        "model": md.model.id,
+        "engine": md.engine.name,
+        "workload": md.workload,
+        "batch_size": (md.workload or {}).get("batch_size") or (md.workload or {}).get("concurrency"),
+        "num_gpus": ctx.num_gpus,
+        "source_gpu": ctx.gpu.name,
+        "window": next(
+            (r["window"] for r in analysis.document["runs"] if r["run_id"] == ctx.run.run_id), None
+        ),
+        "calibration": cal.as_dict(),
+        "measured": measured,
+        "targets": out_targets,
+        "warnings": warnings + cal.notes,
+    }
+
+
+def whatif(analysis: Analysis, targets: Sequence[GpuSpec], settings: CostSettings) -> dict[str, Any]:
+    """What-if document for every run of `analysis` on every GPU of `targets`."""
+    runs = []
+    for ctx in analysis.contexts:
+        runs.append(whatif_run(analysis, ctx, targets, settings))
+    return {
+        "schema": WHATIF_SCHEMA,
+        "assumptions": list(ASSUMPTIONS),
+        "models": {
+            "projection": "roofline with efficiencies and per-step overhead fitted per phase on the measured run",
+            "no_change": "baseline: the measured step times",
+            "bandwidth_ratio": "baseline: memory-bound steps (nominal roofline of the source GPU) scaled by the "
+            "bandwidth ratio, compute-bound steps by the peak-FLOPs ratio",
+        },
+        "cost_settings": {"model": settings.model, "layers": list(settings.layers)},
+        "runs": runs,
+    }

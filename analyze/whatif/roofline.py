@@ -1,0 +1,226 @@
+"""Calibrated roofline step-time model: fit on a measured run, evaluate on another GPU.
+
+Per step i with B_i bytes moved and F_i FLOPs per GPU, on a GPU of peak bandwidth BW (B/s) and
+dense peak P (FLOP/s):
+
+    t_i = max(B_i / (BW · η_bw), F_i / (P · η_f)) + c
+
+η_bw, η_f: achieved fractions of peak bandwidth and compute; c: a fixed per-step overhead (s) that
+does not scale with bytes or FLOPs (kernel launches, small kernels, synchronisation). The fit is
+least squares over the measured steps with a = 1/(BW·η_bw) > 0, b = 1/(P·η_f) > 0, c >= 0.
+
+For a given (a, b) the step is memory-bound iff F_i/B_i <= a/b, so sorting the steps by arithmetic
+intensity turns the problem into a search over one split point: steps below it are fitted as
+a·B + c, steps above as b·F + c (linear least squares from prefix sums). Candidate splits are
+scored by the true max() objective, then refined by re-partitioning with the fitted parameters.
+
+When every step lies on one side of the ridge, the other efficiency is not identified by the data:
+the fit reports the bound the data implies (no step may cross the ridge) and uses a prior (a
+measured matmul ceiling where the GPU table has one) clipped to that bound; `*_identified` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_FIT_STEPS = 50_000
+"""Larger runs are fitted on a fixed-seed random subset of this many steps (the fit is O(n) per
+candidate split and 3 parameters need far fewer points)."""
+
+_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class RooflineFit:
+    """A fitted step-time model. a = 1 / (BW · η_bw) (s per byte), b = 1 / (P · η_f) (s per FLOP)."""
+
+    eta_bw: float
+    eta_flops: float
+    overhead_s: float
+    bandwidth_identified: bool
+    flops_identified: bool
+    n_steps: int
+    memory_bound_fraction: float
+    rmse_s: float
+    mape: float
+    r2: float | None
+    bandwidth: float
+    peak_flops: float
+    eta_bw_bound: float | None = None
+    """When η_bw is not identified: the smallest η_bw consistent with every step being compute-bound."""
+    eta_flops_bound: float | None = None
+    """When η_f is not identified: the smallest η_f consistent with every step being memory-bound."""
+    prior_note: str | None = None
+
+    def step_time(
+        self, nbytes: np.ndarray, flops: np.ndarray, bandwidth: float, peak_flops: float
+    ) -> np.ndarray:
+        """Step GPU time (s) of steps with these per-GPU bytes and FLOPs on a GPU of the given peaks."""
+        mem = nbytes / (bandwidth * self.eta_bw)
+        comp = flops / (peak_flops * self.eta_flops)
+        return np.maximum(mem, comp) + self.overhead_s
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bandwidth_achieved_bytes_per_s"] = self.eta_bw * self.bandwidth
+        d["flops_achieved_per_s"] = self.eta_flops * self.peak_flops
+        return d
+
+
+def _evaluate(a: float, b: float, c: float, B: np.ndarray, F: np.ndarray, t: np.ndarray) -> float:
+    return float(np.sum((np.maximum(a * B, b * F) + c - t) ** 2))
+
+
+def _split_fits(B: np.ndarray, F: np.ndarray, t: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Least-squares (a, b, c) for each split k (steps [0, k) memory-bound), intensity-sorted inputs.
+    Rows are NaN where a split's system is singular (k = 0 or n need the one-sided fits)."""
+    zero = np.zeros(1)
+    cB2 = np.concatenate([zero, np.cumsum(B * B)])
+    cB = np.concatenate([zero, np.cumsum(B)])
+    cBt = np.concatenate([zero, np.cumsum(B * t)])
+    cF2 = np.concatenate([zero, np.cumsum(F * F)])
+    cF = np.concatenate([zero, np.cumsum(F)])
+    cFt = np.concatenate([zero, np.cumsum(F * t)])
+    n = len(t)
+    st = float(np.sum(t))
+    mB2, mB, mBt = cB2[ks], cB[ks], cBt[ks]
+    fF2, fF, fFt = cF2[-1] - cF2[ks], cF[-1] - cF[ks], cFt[-1] - cFt[ks]
+    # Scale the unknowns to O(1) so the 3x3 systems are well conditioned (bytes ~1e10, FLOPs ~1e13).
+    sB, sF = 1.0 / max(float(np.max(B)), 1e-300), 1.0 / max(float(np.max(F)), 1e-300)
+    A = np.zeros((len(ks), 3, 3))
+    A[:, 0, 0] = mB2 * sB * sB
+    A[:, 0, 2] = A[:, 2, 0] = mB * sB
+    A[:, 1, 1] = fF2 * sF * sF
+    A[:, 1, 2] = A[:, 2, 1] = fF * sF
+    A[:, 2, 2] = n
+    rhs = np.stack([mBt * sB, fFt * sF, np.full(len(ks), st)], axis=1)
+    out = np.full((len(ks), 3), np.nan)
+    ok = np.abs(np.linalg.det(A)) > 1e-12 * np.maximum(1.0, np.abs(A).max(axis=(1, 2)) ** 3)
+    if ok.any():
+        sol = np.linalg.solve(A[ok], rhs[ok][..., None])[..., 0]
+        out[ok] = sol * np.array([sB, sF, 1.0])
+    return out
+
+
+def _one_sided(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """Least squares t ≈ s·x + c with s > 0, c >= 0 (c = 0 refit when negative)."""
+    if len(x) >= 2 and np.ptp(x) > 0:
+        s, c = np.polyfit(x, t, 1)
+        if s > 0 and c >= 0:
+            return float(s), float(c)
+    s = float(np.dot(x, t) / np.dot(x, x)) if np.dot(x, x) > 0 else 0.0
+    return max(s, 0.0), 0.0
+
+
+def fit_roofline(
+    nbytes: np.ndarray,
+    flops: np.ndarray,
+    time_s: np.ndarray,
+    *,
+    bandwidth: float,
+    peak_flops: float,
+    eta_bw_prior: float = 0.8,
+    eta_flops_prior: float = 0.8,
+    seed: int = 0,
+) -> RooflineFit:
+    """Fit t = max(B/(BW·η_bw), F/(P·η_f)) + c to measured steps (per-GPU bytes and FLOPs, GPU time).
+
+    Steps with non-finite or non-positive inputs are ignored. The priors are used only for an
+    efficiency the data cannot identify (see the module doc). Raises ValueError with fewer than 3
+    usable steps.
+    """
+    B = np.asarray(nbytes, dtype=np.float64)
+    F = np.asarray(flops, dtype=np.float64)
+    t = np.asarray(time_s, dtype=np.float64)
+    keep = np.isfinite(B) & np.isfinite(F) & np.isfinite(t) & (B > 0) & (F > 0) & (t > 0)
+    B, F, t = B[keep], F[keep], t[keep]
+    if len(t) < 3:
+        raise ValueError(f"a roofline fit needs at least 3 steps with bytes, FLOPs and time; got {len(t)}")
+    if len(t) > MAX_FIT_STEPS:
+        pick = np.random.default_rng(seed).choice(len(t), MAX_FIT_STEPS, replace=False)
+        B, F, t = B[pick], F[pick], t[pick]
+    order = np.argsort(F / B, kind="stable")
+    B, F, t = B[order], F[order], t[order]
+    n = len(t)
+
+    # Candidates: one-sided fits (all memory-bound / all compute-bound) and two-sided splits.
+    cands: list[tuple[float, float, float]] = []
+    a1, c1 = _one_sided(B, t)
+    cands.append((a1, 0.0, c1))
+    b0, c0 = _one_sided(F, t)
+    cands.append((0.0, b0, c0))
+    ks = np.unique(np.linspace(1, n - 1, min(_CANDIDATES, max(n - 1, 1))).round().astype(np.int64))
+    ks = ks[(ks >= 1) & (ks <= n - 1)]
+    if len(ks):
+        for a, b, c in _split_fits(B, F, t, ks):
+            if np.isfinite(a) and a > 0 and b > 0 and c >= 0:
+                cands.append((float(a), float(b), float(c)))
+    scored = sorted(cands, key=lambda p: _evaluate(p[0], p[1], p[2], B, F, t))
+    best = scored[0]
+    best_sse = _evaluate(best[0], best[1], best[2], B, F, t)
+    # Refine: re-partition by the fitted ridge, refit that split, while the true objective falls.
+    for _ in range(30):
+        a, b, c = best
+        if a <= 0 or b <= 0:
+            break
+        k = int(np.searchsorted(F / B, a / b, side="right"))
+        if k <= 0 or k >= n:
+            break
+        trial = _split_fits(B, F, t, np.array([k]))[0]
+        if not (np.isfinite(trial[0]) and trial[0] > 0 and trial[1] > 0 and trial[2] >= 0):
+            break
+        sse = _evaluate(float(trial[0]), float(trial[1]), float(trial[2]), B, F, t)
+        if sse >= best_sse * (1 - 1e-12):
+            break
+        best, best_sse = (float(trial[0]), float(trial[1]), float(trial[2])), sse
+
+    a, b, c = best
+    intensity = F / B
+    mem_side = (a * B >= b * F) if a > 0 and b > 0 else np.full(n, b <= 0)
+    notes = []
+    bw_identified = a > 0 and bool(mem_side.any())
+    fl_identified = b > 0 and bool((~mem_side).any())
+    eta_bw_bound = eta_fl_bound = None
+    if not fl_identified:
+        # Every step memory-bound: b·F_i <= a·B_i for all i, so b <= a / max(F/B), i.e.
+        # η_f >= η_f_min = (a · max(F/B)) / ... expressed on the GPU's peak.
+        b_max = a / float(intensity.max())
+        eta_fl_bound = 1.0 / (peak_flops * b_max)
+        eta = max(eta_flops_prior, eta_fl_bound)
+        b = 1.0 / (peak_flops * eta)
+        notes.append(
+            f"every step fitted as memory-bound: FLOP efficiency not identified (>= {eta_fl_bound:.3g}); "
+            f"used {eta:.3g}"
+        )
+    if not bw_identified:
+        a_max = b * float(intensity.min())
+        eta_bw_bound = 1.0 / (bandwidth * a_max)
+        eta = max(eta_bw_prior, eta_bw_bound)
+        a = 1.0 / (bandwidth * eta)
+        notes.append(
+            f"every step fitted as compute-bound: bandwidth efficiency not identified (>= {eta_bw_bound:.3g}); "
+            f"used {eta:.3g}"
+        )
+    pred = np.maximum(a * B, b * F) + c
+    resid = pred - t
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    return RooflineFit(
+        eta_bw=1.0 / (bandwidth * a),
+        eta_flops=1.0 / (peak_flops * b),
+        overhead_s=c,
+        bandwidth_identified=bw_identified,
+        flops_identified=fl_identified,
+        n_steps=n,
+        memory_bound_fraction=float(np.mean(a * B >= b * F)),
+        rmse_s=float(np.sqrt(np.mean(resid**2))),
+        mape=float(np.mean(np.abs(resid) / t)),
+        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
+        bandwidth=bandwidth,
+        peak_flops=peak_flops,
+        eta_bw_bound=eta_bw_bound,
+        eta_flops_bound=eta_fl_bound,
+        prior_note="; ".join(notes) or None,
+    )
