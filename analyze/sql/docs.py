@@ -108,7 +108,8 @@ def catalog_problems(described: dict[str, list[tuple[str, str]]]) -> list[str]:
 
 
 def _anchor(name: str) -> str:
-    return name.replace("_", "-")
+    # GitHub's heading anchors: lower case, punctuation dropped except "-" and "_" (backticks go).
+    return name.lower()
 
 
 def _view_section(doc: ViewDoc, columns: list[tuple[str, str]]) -> list[str]:
