@@ -166,6 +166,35 @@ alt.Chart(
     color="gpu:N",
 ).properties(width=420, height=220)
 
+# %% [markdown]
+# `moecap.analyze.whatif` (the `moecap-analyze whatif` command) does this properly: it fits each
+# run's achieved roofline plus a fixed per-step overhead, re-times every step on the target, and
+# carries the new step times through to request latency (TTFT, TPOT) and cost. Its decode step
+# times should sit close to the simple projection above.
+
+# %%
+from moecap.analyze.cost import load_cost_settings  # noqa: E402
+from moecap.analyze.whatif import whatif  # noqa: E402
+
+projected = whatif(t.analysis, [target], load_cost_settings())
+pl.DataFrame(
+    [
+        {
+            "batch_size": run["batch_size"],
+            "decode_step_ms_projected": run["targets"][target.name]["models"]["projection"]["phases"][
+                "decode"
+            ]["step_time_s_mean"]
+            * 1e3,
+            "tpot_ms_mean_projected": (
+                run["targets"][target.name]["models"]["projection"]["requests"].get("tpot_s_mean")
+                or float("nan")
+            )
+            * 1e3,
+        }
+        for run in projected["runs"]
+    ]
+).sort("batch_size")
+
 # %%
 h200.close()
 t.close()
