@@ -48,14 +48,44 @@ class PrefillArrays:
 
 
 @dataclass(frozen=True)
+class Grouping:
+    """Entries grouped by request: `order` lists entry positions with equal keys adjacent, `group[i]` is
+    the group number (0, 1, ...) of entry order[i]."""
+
+    order: IntArray
+    group: IntArray
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> Grouping:
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        group = np.zeros(len(keys), dtype=np.int64)
+        if len(keys):
+            np.cumsum(sorted_keys[1:] != sorted_keys[:-1], out=group[1:])
+        return cls(order=order, group=group)
+
+    @property
+    def count(self) -> int:
+        return int(self.group[-1]) + 1 if len(self.group) else 0
+
+    def select(self, mask: BoolArray) -> tuple[IntArray, IntArray]:
+        """(entries, starts) for the entries where mask (over entry positions) holds: their positions,
+        grouped, and where each group starts in that list (for numpy's reduceat)."""
+        keep = mask[self.order]
+        entries, group = self.order[keep], self.group[keep]
+        starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1]))) if len(group) else group
+        return entries, starts
+
+
+@dataclass(frozen=True)
 class EntryArrays:
     """One entry per `per_req_info` entry of a prefill pass that is not a warm-up probe (seq_lens_sum
     present and <= 10), in record then entry order.
 
-    `key` groups entries as `_calculate_continuous_metrics` does (req_id if the entry has that field,
-    even null, else req_pool_idx; None is a key of its own); `server_key` as `_mean_server_request_ttft`
-    does (req_id if not null, else req_pool_idx), valid where `server_keyed`. Equal keys = same request;
-    string ids and integer slots never share a key.
+    `requests` groups entries as `_calculate_continuous_metrics` keys them (req_id if the entry has that
+    field, even null, else req_pool_idx; None is a key of its own); `server_requests` as
+    `_mean_server_request_ttft` does (req_id if not null, else req_pool_idx), for the entries where
+    `server_keyed`. String ids and integer slots never share a key.
     """
 
     prefill_pos: IntArray
@@ -64,8 +94,8 @@ class EntryArrays:
     total_len: FloatArray
     total_null: BoolArray
     is_last_chunk: BoolArray
-    key: np.ndarray
-    server_key: np.ndarray
+    requests: Grouping
+    server_requests: Grouping
     server_keyed: BoolArray
 
     @property
@@ -98,18 +128,11 @@ def _values(column: pl.Series) -> tuple[FloatArray, BoolArray]:
     return column.cast(pl.Float64).to_numpy(), nulls
 
 
-def _distinct(values: np.ndarray) -> int:
-    if len(values) == 0:
-        return 0
-    ordered = np.sort(values)
-    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArray]:
+    """Request groupings by 64-bit hashes of the req_id or the pool slot (0 for the None key).
 
-
-def _request_keys(info: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, BoolArray]:
-    """(key, server_key, server_keyed): 64-bit hashes of the req_id or the pool slot (0 for the None key).
-
-    Exact: the number of distinct hashes is checked against the number of distinct ids and slots; if two
-    different keys ever hash alike, dense ranks are used instead.
+    Exact: the number of distinct hashes is checked against the number of distinct ids and slots; if
+    two different keys ever hash alike, dense ranks are used instead.
     """
     req_id, pool = info.get_column("req_id"), info.get_column("req_pool_idx")
     id_null = req_id.is_null().to_numpy()
@@ -119,27 +142,39 @@ def _request_keys(info: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, BoolArray
     )
     by_id, by_pool = present & ~id_null, ~present & ~pool_null
     server_by_id, server_by_pool = ~id_null, id_null & ~pool_null
-
-    def build(id_codes: np.ndarray, pool_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        key = np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
-        server = np.where(server_by_id, id_codes, np.where(server_by_pool, pool_codes, 0))
-        return key, server
-
-    # Distinct hashes / slot codes tagged apart (a salted hash keeps ids and slots in different places).
-    key, server = build(req_id.hash(seed=1).to_numpy(), pool.hash(seed=2).to_numpy())
     server_keyed = server_by_id | server_by_pool
 
     def n_unique(series: pl.Series, mask: BoolArray) -> int:
-        return int(series.filter(pl.Series(mask)).n_unique())
+        return int(series.filter(pl.Series(mask)).n_unique()) if mask.any() else 0
 
-    expected = n_unique(req_id, by_id) + n_unique(pool, by_pool) + int((~(by_id | by_pool)).any())
-    expected_server = n_unique(req_id, server_by_id) + n_unique(pool, server_by_pool)
-    if _distinct(key) != expected or _distinct(server[server_keyed]) != expected_server:
+    def groupings(id_codes: np.ndarray, pool_codes: np.ndarray) -> tuple[Grouping, Grouping, bool]:
+        key = np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
+        server = np.where(server_by_id, id_codes, np.where(server_by_pool, pool_codes, 0))
+        requests = Grouping.of(key)
+        exact = requests.count == n_unique(req_id, by_id) + n_unique(pool, by_pool) + int(
+            (~(by_id | by_pool)).any()
+        )
+        if not (key != server)[server_keyed].any():
+            # Same keys wherever the server keys an entry (the usual case): one sort serves both.
+            return requests, requests, exact
+        server_requests = Grouping.of(np.where(server_keyed, server, 0))
+        _, starts = server_requests.select(server_keyed)
+        exact = exact and len(starts) == n_unique(req_id, server_by_id) + n_unique(pool, server_by_pool)
+        return requests, server_requests, exact
+
+    # Ids and slots are hashed with different seeds, so an id and a slot of equal value stay apart.
+    requests, server_requests, exact = groupings(req_id.hash(seed=1).to_numpy(), pool.hash(seed=2).to_numpy())
+    if not _hashes_are_exact(exact):
         # A hash collision (about 1 in 1e8 for a million requests): fall back to exact dense ranks.
         ids = req_id.rank("dense").fill_null(0).cast(pl.UInt64).to_numpy()
         slots = (pool.rank("dense").fill_null(0).cast(pl.UInt64) + (int(ids.max(initial=0)) + 1)).to_numpy()
-        key, server = build(ids, slots)
-    return key, server, server_keyed
+        requests, server_requests, _ = groupings(ids, slots)
+    return requests, server_requests, server_keyed
+
+
+def _hashes_are_exact(exact: bool) -> bool:
+    """Whether the hashed keys are collision-free (a seam for tests of the fallback)."""
+    return exact
 
 
 def _entries(info: pl.Series, passes: PrefillArrays) -> EntryArrays:
@@ -151,7 +186,7 @@ def _entries(info: pl.Series, passes: PrefillArrays) -> EntryArrays:
         .explode("info")
         .unnest("info")
     )
-    key, server_key, server_keyed = _request_keys(exploded)
+    requests, server_requests, server_keyed = _request_groupings(exploded)
     total, total_null = _values(exploded.get_column("total_len"))
     return EntryArrays(
         prefill_pos=exploded.get_column("_pos").to_numpy(),
@@ -159,8 +194,8 @@ def _entries(info: pl.Series, passes: PrefillArrays) -> EntryArrays:
         total_len=total,
         total_null=total_null,
         is_last_chunk=exploded.get_column("is_last_chunk").fill_null(False).to_numpy(),
-        key=key,
-        server_key=server_key,
+        requests=requests,
+        server_requests=server_requests,
         server_keyed=server_keyed,
     )
 

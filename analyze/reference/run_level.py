@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import BoolArray, FloatArray, PrefillArrays, RecordArrays
-from .continuous import group_starts, is_number
+from .continuous import is_number
 from .cost import reference_cost
 
 RUN_LEVEL_KEYS = (
@@ -47,7 +47,7 @@ def _client_prefill(passes: PrefillArrays, n_client_requests: int) -> BoolArray:
         return client
     # int(batch_size or 0): null (and NaN, which the reference cannot convert) -> 0, toward zero.
     rows_each = np.trunc(np.nan_to_num(passes.batch_size, nan=0.0))
-    rows = int(rows_each.sum(where=client))
+    rows = int(rows_each[client].sum())
     head = np.flatnonzero(client)[:_MAX_TRIM]
     dropped = 0
     for i in head:
@@ -69,7 +69,7 @@ def _mean_nonneg(values: FloatArray, mask: BoolArray) -> float | None:
     n = int(np.count_nonzero(use))
     if n == 0:
         return None
-    return float(np.add.reduce(values, where=use)) / n
+    return float(np.where(use, values, 0.0).sum()) / n
 
 
 def _durations(passes: PrefillArrays) -> tuple[FloatArray, BoolArray]:
@@ -83,18 +83,16 @@ def _server_request_ttft(arr: RecordArrays) -> float | None:
     No activation filter; a pass without a duration is skipped."""
     e = arr.entries
     duration, missing = _durations(arr.prefill_passes)
-    pos = np.flatnonzero(e.server_keyed & ~missing[e.prefill_pos])
-    n = int(np.count_nonzero(e.is_last_chunk[pos]))
+    entry, starts = e.server_requests.select(e.server_keyed & ~missing[e.prefill_pos])
+    n = int(np.count_nonzero(e.is_last_chunk[entry]))
     if n == 0:
         return None
-    order, starts = group_starts(e.server_key[pos])
-    entry = pos[order]
     # Every entry up to a request's final completed chunk belongs to one of its completed accumulations;
     # entries after it were never completed.
     final_last = np.maximum.reduceat(np.where(e.is_last_chunk[entry], entry, -1), starts)
     sizes = np.diff(np.append(starts, len(entry)))
     counted = entry <= np.repeat(final_last, sizes)
-    return float(np.add.reduce(duration[e.prefill_pos[entry]], where=counted)) / n
+    return float(duration[e.prefill_pos[entry[counted]]].sum()) / n
 
 
 def _prefill_step_totals(passes: PrefillArrays, client: BoolArray) -> tuple[int | None, float | None]:
