@@ -253,7 +253,8 @@ def _ffn_shape(config: dict[str, Any]) -> tuple[int, int, int, int]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_counter_per_module_matches_hand_formulas(family: str) -> None:
     """Per MoE layer: experts 2·T·k·3·F·D (only the k experts a token is routed to run), router
-    2·T·E·D (the gpt-oss router bias and DeepSeek-V3's correction bias are no matmul), shared experts
+    2·T·E·D (the gpt-oss router bias, DeepSeek-V3's correction bias and its grouped top-k selection
+    are no matmul), shared experts
     2·T·3·D·Fs (+ 2·T·D for Qwen2's gate); dense layers 2·T·3·D·F_dense; LM head 2·rows·V·D."""
     config = family_config(family)
     spec = model_spec_from_config(config)
