@@ -15,6 +15,7 @@ from rich.console import Console
 
 from moecap.schemas import TraceError
 
+from .cost.options import CostModel, CostOverrides, GpuHour, GpuPrice
 from .errors import AnalyzeError
 
 app = typer.Typer(
@@ -103,6 +104,10 @@ def summary(
     slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO for goodput, ms.")] = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    cost_overrides: CostOverrides = None,
+    cost_model: CostModel = None,
+    gpu_price_usd: GpuPrice = None,
+    usd_per_gpu_hour: GpuHour = None,
 ) -> None:
     """Compute every metric and print a summary (and write metrics.json with --out).
 
@@ -158,9 +163,19 @@ def summary(
                 f"{record_files[0]}: MoE-CAP record files are analysed with --formula reference "
                 "(their records lack what the moecap formulas need)"
             )
-        analysis = analyze_paths(
-            trace_paths, options, cache_dir=cache_dir, strict=strict, progress=_progress_printer(True)
+        from .cost.options import settings_from_flags, use_cost_settings
+
+        cost = settings_from_flags(
+            gpu_overrides=gpu_overrides,
+            cost_overrides=cost_overrides,
+            cost_model=cost_model,
+            gpu_price_usd=gpu_price_usd,
+            usd_per_gpu_hour=usd_per_gpu_hour,
         )
+        with use_cost_settings(cost):  # metrics.cost of every run follows the cost flags
+            analysis = analyze_paths(
+                trace_paths, options, cache_dir=cache_dir, strict=strict, progress=_progress_printer(True)
+            )
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
     if format == "json":

@@ -11,17 +11,44 @@ Formulas: `model.py` (and docs/cost.md); constants with sources and dates:
 and is used by `--formula reference` only.
 """
 
-from .constants import (
-    COST_MODELS,
-    ENV_OVERRIDES,
-    Constant,
-    CostSettings,
-    PriceUnknown,
-    load_cost_settings,
-    parse_gpu_values,
-)
-from .energy import EnergyResult, GpuEnergyReading, counter_energy_j, gpu_energy, integrate_power_j
-from .model import Work, cloud_usd, estimate_cost, ownership_usd, unit_costs
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Submodules load on first use, so `moecap-analyze --help` does not import polars/duckdb for them.
+_EXPORTS = {
+    "COST_MODELS": ".constants",
+    "ENV_OVERRIDES": ".constants",
+    "Constant": ".constants",
+    "CostSettings": ".constants",
+    "PriceUnknown": ".constants",
+    "load_cost_settings": ".constants",
+    "parse_gpu_values": ".constants",
+    "EnergyResult": ".energy",
+    "GpuEnergyReading": ".energy",
+    "counter_energy_j": ".energy",
+    "gpu_energy": ".energy",
+    "integrate_power_j": ".energy",
+    "Work": ".model",
+    "cloud_usd": ".model",
+    "estimate_cost": ".model",
+    "ownership_usd": ".model",
+    "unit_costs": ".model",
+}
+
+if TYPE_CHECKING:
+    from .constants import (
+        COST_MODELS,
+        ENV_OVERRIDES,
+        Constant,
+        CostSettings,
+        PriceUnknown,
+        load_cost_settings,
+        parse_gpu_values,
+    )
+    from .energy import EnergyResult, GpuEnergyReading, counter_energy_j, gpu_energy, integrate_power_j
+    from .model import Work, cloud_usd, estimate_cost, ownership_usd, unit_costs
 
 __all__ = [
     "COST_MODELS",
@@ -42,3 +69,10 @@ __all__ = [
     "parse_gpu_values",
     "unit_costs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -18,11 +18,15 @@ from ..load import TraceDB
 from .constants import CostSettings, load_cost_settings
 from .energy import gpu_energy
 from .model import Work, estimate_cost
+from .options import active_cost_settings
 
 
 def settings_for(options: Options) -> CostSettings:
-    """Cost settings for a pipeline run: `options.cost_overrides` when the options carry one, else
-    the YAML named by $MOECAP_COST_OVERRIDES, on top of the bundled constants."""
+    """Cost settings for a pipeline run: those of an enclosing `use_cost_settings` (a command's cost
+    flags), else the YAML named by $MOECAP_COST_OVERRIDES on top of the bundled constants."""
+    active = active_cost_settings()
+    if active is not None:
+        return active
     return load_cost_settings(
         getattr(options, "cost_overrides", None),
         flags=getattr(options, "cost_flags", None),

@@ -13,9 +13,40 @@ recomputes the metrics (and the two naive baselines); `compare.py` sets projecti
 of the same workload measured on the target. docs/whatif.md states the model and its assumptions.
 """
 
-from .compare import compare_runs, pair_runs
-from .project import ASSUMPTIONS, MODELS, Calibration, TimeWarp, calibrate, project_times, whatif, whatif_run
-from .roofline import RooflineFit, fit_roofline
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Submodules load on first use, so `moecap-analyze --help` does not import polars/duckdb for them.
+_EXPORTS = {
+    "compare_runs": ".compare",
+    "pair_runs": ".compare",
+    "ASSUMPTIONS": ".project",
+    "MODELS": ".project",
+    "Calibration": ".project",
+    "TimeWarp": ".project",
+    "calibrate": ".project",
+    "project_times": ".project",
+    "whatif": ".project",
+    "whatif_run": ".project",
+    "RooflineFit": ".roofline",
+    "fit_roofline": ".roofline",
+}
+
+if TYPE_CHECKING:
+    from .compare import compare_runs, pair_runs
+    from .project import (
+        ASSUMPTIONS,
+        MODELS,
+        Calibration,
+        TimeWarp,
+        calibrate,
+        project_times,
+        whatif,
+        whatif_run,
+    )
+    from .roofline import RooflineFit, fit_roofline
 
 __all__ = [
     "ASSUMPTIONS",
@@ -31,3 +62,10 @@ __all__ = [
     "whatif",
     "whatif_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -15,63 +15,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli import CacheDir, GpuYaml, Paths, Strict, Window
+from ..cost.options import (
+    CostModel,
+    CostOverrides,
+    Electricity,
+    GpuHour,
+    GpuPrice,
+    Lifetime,
+    Pue,
+    Utilization,
+    settings_from_flags,
+    use_cost_settings,
+)
 from ..errors import InputError
-
-CostOverrides = Annotated[
-    str | None,
-    typer.Option(
-        "--cost-overrides",
-        help="YAML file replacing cost constants (layout of moecap/analyze/cost/data/cost_constants.yaml).",
-    ),
-]
-CostModel = Annotated[
-    str | None,
-    typer.Option("--cost-model", help="ownership (capex + energy, default) or cloud ($/GPU-hour)."),
-]
-GpuPrice = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--gpu-price-usd", help="Purchase price per GPU, USD: H200=35000, or a bare number for every GPU."
-    ),
-]
-GpuHour = Annotated[
-    list[str] | None,
-    typer.Option("--usd-per-gpu-hour", help="Cloud price per GPU-hour, USD: H200=5.4, or a bare number."),
-]
-Electricity = Annotated[
-    float | None, typer.Option("--electricity-usd-per-kwh", help="Electricity price, USD/kWh.")
-]
-Lifetime = Annotated[float | None, typer.Option("--lifetime-years", help="Years the capex is spread over.")]
-Utilization = Annotated[
-    float | None, typer.Option("--utilization", help="Share of the lifetime's hours the GPUs serve, (0, 1].")
-]
-Pue = Annotated[float | None, typer.Option("--pue", help="Facility energy / IT energy.")]
-
-
-def cost_settings_from_flags(
-    gpu_overrides: str | None,
-    cost_overrides: str | None,
-    cost_model: str | None,
-    gpu_price_usd: list[str] | None,
-    usd_per_gpu_hour: list[str] | None,
-    electricity_usd_per_kwh: float | None,
-    lifetime_years: float | None,
-    utilization: float | None,
-    pue: float | None,
-):
-    """CostSettings from the cost flags (on top of --cost-overrides, else $MOECAP_COST_OVERRIDES)."""
-    from ..cost import load_cost_settings, parse_gpu_values
-
-    flags = {
-        "model": cost_model,
-        "price_usd": parse_gpu_values(gpu_price_usd, "--gpu-price-usd") or None,
-        "usd_per_gpu_hour": parse_gpu_values(usd_per_gpu_hour, "--usd-per-gpu-hour") or None,
-        "electricity_usd_per_kwh": electricity_usd_per_kwh,
-        "lifetime_years": lifetime_years,
-        "utilization": utilization,
-        "pue": pue,
-    }
-    return load_cost_settings(cost_overrides, flags=flags, gpu_overrides=gpu_overrides, use_env=True)
 
 
 def whatif(
@@ -129,34 +85,36 @@ def whatif(
         raise typer.BadParameter("expected table or json", param_hint="--format")
     if not gpu and not compare_to:
         raise InputError("whatif needs a target: --gpu NAME (repeatable) and/or --compare-to PATHS")
-    settings = cost_settings_from_flags(
-        gpu_overrides,
-        cost_overrides,
-        cost_model,
-        gpu_price_usd,
-        usd_per_gpu_hour,
-        electricity_usd_per_kwh,
-        lifetime_years,
-        utilization,
-        pue,
+    settings = settings_from_flags(
+        gpu_overrides=gpu_overrides,
+        cost_overrides=cost_overrides,
+        cost_model=cost_model,
+        gpu_price_usd=gpu_price_usd,
+        usd_per_gpu_hour=usd_per_gpu_hour,
+        electricity_usd_per_kwh=electricity_usd_per_kwh,
+        lifetime_years=lifetime_years,
+        utilization=utilization,
+        pue=pue,
     )
     targets = [resolve_gpu(g, overrides_yaml=gpu_overrides) for g in gpu or []]
-    source = analyze_paths(
-        paths,
-        Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window=window),
-        cache_dir=cache_dir,
-        strict=strict,
-    )
-    if compare_to:
-        other = analyze_paths(
-            compare_to,
-            Options(gpu_overrides=gpu_overrides, window=window),
+    # The runs' own metrics.cost (and the measured power the projections reuse) follow the flags too.
+    with use_cost_settings(settings):
+        source = analyze_paths(
+            paths,
+            Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window=window),
             cache_dir=cache_dir,
             strict=strict,
         )
-        document = compare_runs(source, other, settings, targets)
-    else:
-        document = whatif_doc(source, targets, settings)
+        if compare_to:
+            other = analyze_paths(
+                compare_to,
+                Options(gpu_overrides=gpu_overrides, window=window),
+                cache_dir=cache_dir,
+                strict=strict,
+            )
+            document = compare_runs(source, other, settings, targets)
+        else:
+            document = whatif_doc(source, targets, settings)
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)

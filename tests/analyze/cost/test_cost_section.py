@@ -121,3 +121,30 @@ def test_unknown_price_is_a_warning_naming_the_flag(sim, tmp_path):
     assert "--gpu-price-usd L40S=USD" in cost["error"]
     assert any("--gpu-price-usd L40S=USD" in w for w in run["warnings"])
     assert run["metrics"]["steps"]["all"]["s_mbu"] is not None  # everything else still computed
+
+
+def test_summary_cost_flags(sim, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moecap.analyze.cli import app
+
+    out, _ = sim
+    args = ["summary", str(out), "--gpu", "L40S", "--window", "all", "--format", "json"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    res = CliRunner().invoke(app, [*args, "--gpu-price-usd", "L40S=9000"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cost = json.loads(res.output)["runs"][0]["metrics"]["cost"]
+    assert "error" not in cost
+    assert cost["constants"]["gpu_price_usd"] == {
+        "name": "price_usd",
+        "value": 9000.0,
+        "unit": "USD per GPU",
+        "low": 7200.0,
+        "high": 10800.0,
+        "origin": "flag --gpu-price-usd",
+    }
+    res = CliRunner().invoke(app, [*args, "--cost-model", "cloud"], catch_exceptions=False)
+    run = json.loads(res.output)["runs"][0]
+    assert "--usd-per-gpu-hour L40S=USD" in run["metrics"]["cost"]["error"]

@@ -1,0 +1,94 @@
+"""Cost flags shared by the commands, and a scoped way to hand their settings to the pipeline.
+
+The pipeline builds each run's `cost` section from `settings_for(options)`; a command that has cost
+flags wraps its analysis in `use_cost_settings(settings)` (a context variable, so nothing global
+changes and nested or concurrent analyses keep their own settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from .constants import CostSettings, load_cost_settings, parse_gpu_values
+
+_ACTIVE: contextvars.ContextVar[CostSettings | None] = contextvars.ContextVar(
+    "moecap_cost_settings", default=None
+)
+
+CostOverrides = Annotated[
+    str | None,
+    typer.Option(
+        "--cost-overrides",
+        help="YAML file replacing cost constants (layout of moecap/analyze/cost/data/cost_constants.yaml; "
+        "default: $MOECAP_COST_OVERRIDES).",
+    ),
+]
+CostModel = Annotated[
+    str | None,
+    typer.Option("--cost-model", help="ownership (capex + energy, default) or cloud ($/GPU-hour)."),
+]
+GpuPrice = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gpu-price-usd", help="Purchase price per GPU, USD: H200=35000, or a bare number for every GPU."
+    ),
+]
+GpuHour = Annotated[
+    list[str] | None,
+    typer.Option("--usd-per-gpu-hour", help="Cloud price per GPU-hour, USD: H200=5.4, or a bare number."),
+]
+Electricity = Annotated[
+    float | None, typer.Option("--electricity-usd-per-kwh", help="Electricity price, USD/kWh.")
+]
+Lifetime = Annotated[float | None, typer.Option("--lifetime-years", help="Years the capex is spread over.")]
+Utilization = Annotated[
+    float | None, typer.Option("--utilization", help="Share of the lifetime's hours the GPUs serve, (0, 1].")
+]
+Pue = Annotated[float | None, typer.Option("--pue", help="Facility energy / IT energy.")]
+
+
+def settings_from_flags(
+    *,
+    gpu_overrides: str | None = None,
+    cost_overrides: str | None = None,
+    cost_model: str | None = None,
+    gpu_price_usd: list[str] | None = None,
+    usd_per_gpu_hour: list[str] | None = None,
+    electricity_usd_per_kwh: float | None = None,
+    lifetime_years: float | None = None,
+    utilization: float | None = None,
+    pue: float | None = None,
+) -> CostSettings:
+    """CostSettings from the command-line flags, on top of --cost-overrides (else the YAML named by
+    $MOECAP_COST_OVERRIDES) and the bundled constants."""
+    flags = {
+        "model": cost_model,
+        "price_usd": parse_gpu_values(gpu_price_usd, "--gpu-price-usd") or None,
+        "usd_per_gpu_hour": parse_gpu_values(usd_per_gpu_hour, "--usd-per-gpu-hour") or None,
+        "electricity_usd_per_kwh": electricity_usd_per_kwh,
+        "lifetime_years": lifetime_years,
+        "utilization": utilization,
+        "pue": pue,
+    }
+    return load_cost_settings(cost_overrides, flags=flags, gpu_overrides=gpu_overrides, use_env=True)
+
+
+@contextlib.contextmanager
+def use_cost_settings(settings: CostSettings | None) -> Iterator[None]:
+    """Within the block, the pipeline's cost sections use `settings` (None: no change)."""
+    token = _ACTIVE.set(settings) if settings is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _ACTIVE.reset(token)
+
+
+def active_cost_settings() -> CostSettings | None:
+    """The settings set by an enclosing `use_cost_settings`, if any."""
+    return _ACTIVE.get()
