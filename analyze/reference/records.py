@@ -97,12 +97,13 @@ def load_reference_records(path: str | Path) -> list[dict[str, Any]]:
             raise InputError(f"{p}: a JSON object without a 'records' list; expected {_EXPECTED}")
     if not isinstance(doc, list):
         raise InputError(f"{p}: top-level JSON {type(doc).__name__}; expected {_EXPECTED}")
-    bad = next((i for i, r in enumerate(doc) if not isinstance(r, Mapping)), None)
-    if bad is not None:
+    if not all(type(r) is dict for r in doc):
+        bad = next(i for i, r in enumerate(doc) if type(r) is not dict)
         raise InputError(
             f"{p}: record {bad} is a {type(doc[bad]).__name__}, not an object; expected {_EXPECTED}"
         )
-    return [dict(r) for r in doc]
+    records: list[dict[str, Any]] = doc
+    return records
 
 
 def _read_json_lines(p: Path, text: str) -> list[Any]:
