@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from ..load import TraceDB
 from ..metrics.requests import itl_samples, request_table
@@ -114,7 +115,8 @@ def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 1
     of its layer's routed tokens in the bin (uniform routing gives 1 / num_experts).
 
     Columns: bin, step_start, step_end, steps, expert_label ("L3 E17"), layer, expert, tokens, share.
-    Counts are read by list index from the experts view (no unnest), so cost is one scan.
+    Counts are read as flat numpy buffers from the cached experts Parquet (only the `step` and
+    `counts` columns), one pass; DP ranks of a step are summed, PP stages hold their own layers.
     """
     info = run_info(db, run_id)
     n_experts = int(info.get("num_experts") or 0)
@@ -145,38 +147,70 @@ def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 1
         return empty
     lo, hi = int(lo_hi[0]), int(lo_hi[1])
     width = max(1, math.ceil((hi - lo + 1) / max(1, bins)))
-    cols = []
-    for i, (pp, moe_layer, _layer, expert, _t) in enumerate(top):
-        # DuckDB lists are 1-based; a file's counts are layer-major over the layers it holds.
-        idx = int(moe_layer) * n_experts + int(expert) + 1
-        first, last = int(moe_layer) * n_experts + 1, (int(moe_layer) + 1) * n_experts
-        cols.append(
-            f"sum(CASE WHEN pp = {int(pp)} THEN counts[{idx}] END)::BIGINT AS e{i}, "
-            f"sum(CASE WHEN pp = {int(pp)} THEN list_sum(counts[{first}:{last}]) END)::BIGINT AS l{i}"
-        )
-    wide = _q(
-        db,
-        f"""SELECT (step - {lo}) // {width} AS bin, min(step) AS step_start, max(step) AS step_end,
-                   count(DISTINCT step) AS steps, {", ".join(cols)}
-            FROM experts WHERE run_id = ? GROUP BY bin ORDER BY bin""",
-        [run_id],
-    ).pl()
+    n_bins = (hi - lo) // width + 1
+    expert_tokens = np.zeros((len(top), n_bins))
+    layer_tokens = np.zeros((len(top), n_bins))
+    seen_steps = []
+    for f in _expert_files(db, run_id):
+        mine = [
+            (i, int(ml), int(e)) for i, (pp, ml, _layer, e, _t) in enumerate(top) if int(pp) == f.run.rank.pp
+        ]
+        pf = pq.ParquetFile(f.parquet["experts"])
+        for batch in pf.iter_batches(batch_size=16384, columns=["step", "counts"]):
+            steps = batch.column("step").to_numpy().astype(np.int64)
+            seen_steps.append(steps)
+            if not mine or batch.num_rows == 0:
+                continue
+            flat = batch.column("counts").flatten().to_numpy(zero_copy_only=False)
+            counts = flat.reshape(batch.num_rows, -1)  # layer-major over the file's MoE layers
+            b = (steps - lo) // width
+            for i, moe_layer, expert in mine:
+                layer = counts[:, moe_layer * n_experts : (moe_layer + 1) * n_experts]
+                expert_tokens[i] += np.bincount(b, weights=layer[:, expert], minlength=n_bins)
+                layer_tokens[i] += np.bincount(b, weights=layer.sum(axis=1), minlength=n_bins)
+    all_steps = np.unique(np.concatenate(seen_steps)) if seen_steps else np.array([], np.int64)
+    b_all = (all_steps - lo) // width
+    present = np.bincount(b_all, minlength=n_bins)
+    keep = present > 0
+    last = np.full(n_bins, -1, np.int64)
+    np.maximum.at(last, b_all, all_steps)
+    first_step = np.full(n_bins, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first_step, b_all, all_steps)
+    bins_idx = np.nonzero(keep)[0]
     parts = []
     for i, (_pp, _ml, layer, expert, _t) in enumerate(top):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(layer_tokens[i] > 0, expert_tokens[i] / layer_tokens[i], np.nan)
         parts.append(
-            wide.select(
-                "bin",
-                "step_start",
-                "step_end",
-                "steps",
-                expert_label=pl.lit(f"L{layer} E{expert}"),
-                layer=pl.lit(int(layer), pl.Int32),
-                expert=pl.lit(int(expert), pl.Int32),
-                tokens=pl.col(f"e{i}").fill_null(0),
-                share=pl.when(pl.col(f"l{i}") > 0).then(pl.col(f"e{i}") / pl.col(f"l{i}")),
-            )
+            pl.DataFrame(
+                {
+                    "bin": bins_idx.astype(np.int64),
+                    "step_start": first_step[keep],
+                    "step_end": last[keep],
+                    "steps": present[keep].astype(np.int64),
+                    "expert_label": [f"L{layer} E{expert}"] * len(bins_idx),
+                    "layer": np.full(len(bins_idx), int(layer), np.int32),
+                    "expert": np.full(len(bins_idx), int(expert), np.int32),
+                    "tokens": expert_tokens[i][keep].astype(np.int64),
+                    "share": share[keep],
+                }
+            ).with_columns(pl.col("share").fill_nan(None))
         )
-    return pl.concat(parts).with_columns(pl.col("bin").cast(pl.Int64), pl.col("steps").cast(pl.Int64))
+    return pl.concat(parts)
+
+
+def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
+    """The run's experts files that feed the views (one TP rank per (dp, pp), as load.py rules)."""
+    run = db.runs.get(run_id)
+    if run is None:
+        return []
+    recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in run.recording_files}
+    return [
+        f
+        for f in run.files_of("experts")
+        if "experts" in f.parquet
+        and (not recorders or (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) in recorders)
+    ]
 
 
 # -- steps ----------------------------------------------------------------------------------------
