@@ -69,6 +69,8 @@ class RunContext:
     num_gpus: int
     peak_dtype: str
     warnings: list[str] = field(default_factory=list)
+    step_files: list[str] = field(default_factory=list)
+    """Cached step_metrics Parquet of the run (set by define_step_metrics_view)."""
 
 
 def resolve_context(run: LoadedRun, options: Options) -> RunContext:
@@ -132,6 +134,9 @@ def step_metrics_files(db: TraceDB, ctx: RunContext) -> list[str]:
     if ctx.spec is None:
         return out
     for f in ctx.run.recording_files:
+        if f.rows == 0:
+            ctx.warnings.append(f"{f.path.name}: the steps file holds no rows; no step metrics from it")
+            continue
         steps_parquet = f.parquet["steps"]
         target = steps_parquet.with_name(
             steps_parquet.name.replace(".steps.parquet", f".step_metrics.{_spec_key(ctx, f)}.parquet")
@@ -223,6 +228,7 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
     parts = []
     for ctx in contexts:
         files = step_metrics_files(db, ctx)
+        ctx.step_files = files if ctx.gpu is not None else []
         if not files or ctx.gpu is None:
             continue
         bw = ctx.gpu.memory_bandwidth
@@ -331,6 +337,8 @@ def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row in rows:
         r = dict(zip(names, row, strict=True))
+        if not r["steps"]:
+            continue  # ROLLUP's grand total over an empty window
         wall = (r["t1"] - r["t0"]) / 1e9 if r["t1"] is not None else None
         smbu = None if r["steps_without_counts"] else _num(r["smbu"])
         out[r["phase"]] = {

@@ -89,7 +89,7 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
     where = "TRUE"
     window: dict[str, Any] = {"kind": "all"}
     steps_doc: dict[str, Any] = {}
-    if ctx.spec is not None and ctx.gpu is not None and ctx.run.recording_files:
+    if ctx.step_files:
         where, window = window_predicate(db, ctx, options)
         steps_doc = step_aggregates(db, ctx, where)
         zero = db.con.execute(

@@ -88,7 +88,7 @@ def test_unknown_gpu_lists_known_and_explains_override(name: str) -> None:
         resolve_gpu(name)
     message = str(info.value)
     assert message.startswith(f"unknown GPU {name!r}; known: A100-40GB-SXM, A100-80GB-PCIe, A100-80GB-SXM,")
-    assert "H100-SXM-80GB" in message and "YAML" in message and "overrides_yaml" in message
+    assert "H100-SXM-80GB" in message and "YAML" in message and "--gpu-overrides" in message
 
 
 OVERRIDE = """
