@@ -59,10 +59,8 @@ def cost_section(
     samples = db.con.sql(
         f"SELECT t_ns, gpu_uuid, power_w, energy_mj FROM gpu_samples WHERE run_id = '{rid}' ORDER BY t_ns"
     ).pl()
-    uuids = run_gpu_uuids(ctx)
-    sampled = set(samples["gpu_uuid"].unique().to_list()) if samples.height else set()
     # Only the run's GPUs count (a host sampler may see more); unknown UUIDs: whatever was sampled.
-    gpu_uuids = [u for u in uuids if u in sampled] + [u for u in uuids if u not in sampled] if uuids else None
+    gpu_uuids = run_gpu_uuids(ctx) or None
 
     def energy_over(t0: float, t1: float):
         return gpu_energy(

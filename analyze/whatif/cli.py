@@ -173,6 +173,10 @@ def print_whatif(document: dict[str, Any], console: Console | None = None) -> No
     comparison, the projection errors per pair, per batch size and their summary."""
     console = console or Console()
     for run in document["runs"]:
+        if "error" in run:
+            console.print(f"[bold]{run['run_id']}[/]  [red]not projected:[/] {run['error']}", highlight=False)
+            console.print()
+            continue
         console.print(
             f"[bold]{run['run_id']}[/]  {run['model']} · {run['engine']} · batch {run['batch_size']} · "
             f"measured on {run['source_gpu']} ×{run['num_gpus']}"

@@ -18,6 +18,7 @@ import polars as pl
 
 from ..analysis import RunContext
 from ..cost import CostSettings
+from ..errors import InputError
 from ..pipeline import Analysis
 from ..specs import GpuSpec
 from .project import (
@@ -183,8 +184,15 @@ def compare_runs(
     for src, dst in pairs:
         assert dst.gpu is not None
         targets = [dst.gpu, *[g for g in extra_targets if g.name != dst.gpu.name]]
-        projected = whatif_run(source, src, targets, settings)
-        measured = measured_view(other, dst, settings)
+        try:
+            projected = whatif_run(source, src, targets, settings)
+            measured = measured_view(other, dst, settings)
+        except InputError as exc:
+            if len(pairs) == 1:
+                raise
+            runs.append({"run_id": src.run.run_id, "error": str(exc)})
+            notes.append(f"{src.run.run_id}: not compared ({exc})")
+            continue
         comp = compare_pair(projected, dst.gpu.name, measured)
         comparisons.append(
             {

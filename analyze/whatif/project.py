@@ -21,7 +21,7 @@ unchanged (same parallel layout and GPU count), and efficiencies that carry over
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -495,11 +495,29 @@ def whatif_run(
     }
 
 
+def run_each(
+    contexts: Sequence[RunContext], project: Callable[[RunContext], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`project(ctx)` for each run; a run's InputError becomes {run_id, error} unless every run fails."""
+    out: list[dict[str, Any]] = []
+    errors: list[InputError] = []
+    for ctx in contexts:
+        try:
+            out.append(project(ctx))
+        except InputError as exc:
+            errors.append(exc)
+            out.append({"run_id": ctx.run.run_id, "error": str(exc)})
+    if errors and len(errors) == len(out):
+        raise errors[0]
+    return out
+
+
 def whatif(analysis: Analysis, targets: Sequence[GpuSpec], settings: CostSettings) -> dict[str, Any]:
-    """What-if document for every run of `analysis` on every GPU of `targets`."""
-    runs = []
-    for ctx in analysis.contexts:
-        runs.append(whatif_run(analysis, ctx, targets, settings))
+    """What-if document for every run of `analysis` on every GPU of `targets`.
+
+    A run that cannot be projected (no steps, no expert counts, no GPU spec) gets {run_id, error};
+    when no run can be, the first error is raised."""
+    runs = run_each(analysis.contexts, lambda ctx: whatif_run(analysis, ctx, targets, settings))
     return {
         "schema": WHATIF_SCHEMA,
         "assumptions": list(ASSUMPTIONS),
