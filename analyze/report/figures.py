@@ -23,6 +23,13 @@ class Figure:
     slug: str
     title: str
     chart: alt.TopLevelMixin
+    _spec: dict[str, Any] | None = field(default=None, repr=False)
+
+    def spec(self) -> dict[str, Any]:
+        """The Vega-Lite spec, built (and schema-validated) once: the page and the exports share it."""
+        if self._spec is None:
+            self._spec = self.chart.to_dict()
+        return self._spec
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InputError
-from .export import FORMATS, chart_spec, export_chart, vegalite_version
+from .export import FORMATS, export_chart, vegalite_version
 from .figures import FigureOptions, Section, report_sections
 from .frames import accuracy_fraction, cost_per_million_output_tokens, run_labels
 
@@ -82,7 +82,7 @@ def write_report(
     exports: dict[str, list[Path]] = {}
     for sec in sections:
         for fig in sec.figures:
-            exports[fig.slug] = export_chart(fig.chart, out / "charts" / fig.slug, export, scale=png_scale)
+            exports[fig.slug] = export_chart(fig.spec(), out / "charts" / fig.slug, export, scale=png_scale)
     page = render_report(
         analysis, sections, exports={k: [p.relative_to(out) for p in v] for k, v in exports.items()}
     )
@@ -125,7 +125,7 @@ def render_report(
         for fig in sec.figures:
             n += 1
             cid = f"chart-{n}"
-            specs[cid] = chart_spec(fig.chart)
+            specs[cid] = fig.spec()
             links = " · ".join(
                 f'<a href="{esc(p.as_posix())}">{esc(p.suffix.lstrip(".").upper())}</a>'
                 for p in exports.get(fig.slug, [])

@@ -152,8 +152,9 @@ def write_leaderboard(
     written["json"] = json_path
     figures = _figures(board)
     links: dict[str, list[Path]] = {}
-    for slug, _, chart in figures:
-        files = export_chart(chart, out / "charts" / slug, export)
+    figures = [(slug, title, chart_spec(chart)) for slug, title, chart in figures]
+    for slug, _, spec in figures:
+        files = export_chart(spec, out / "charts" / slug, export)
         links[slug] = [p.relative_to(out) for p in files]
         for p in files:
             written[f"{slug}.{p.suffix.lstrip('.')}"] = p

@@ -15,7 +15,7 @@ import pytest
 EVIL_MODEL = 'evil/<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 EVIL_DATASET = "<b>gsm8k</b>&amp;"
 # A trace folder name with markup in it: paths are user strings too.
-TRACE_DIR_NAME = 'traces-<i>x</i>&"q'
+TRACE_DIR_NAME = 'traces-<i>x&"q'
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 
 RUNS = (
@@ -23,7 +23,7 @@ RUNS = (
     ("20260101T000000Z-synthetic-qwen15moe-c2", 2, True, True),
     ("20260101T000001Z-synthetic-qwen15moe-c4", 4, False, True),
     ("20260101T000002Z-synthetic-qwen15moe-c8", 8, False, True),
-    ("20260101T000003Z-synthetic-qwen15moe-nocounts", 4, False, False),
+    ("20260101T000003Z-synthetic-qwen15moe-nocounts", 3, False, False),
 )
 
 
