@@ -12,7 +12,8 @@ class Sample:
 
     Either `prompt` (text) or `prompt_token_ids` is set; synthetic fixed-length workloads use token
     ids so they need no tokenizer. `max_new_tokens` is the workload's output length for this sample
-    (None = the run's default).
+    (None = the run's default). `system` is the dataset's own system message (None = the run's
+    default); it is used when the prompt is sent through the chat API or a chat template.
     """
 
     sample_id: str
@@ -22,6 +23,7 @@ class Sample:
     reference: str | None = None
     max_new_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
 
     @property
     def prompt_text(self) -> str:

@@ -15,7 +15,9 @@ def parse_synthetic(spec: str) -> tuple[int, int]:
     """(input tokens, output tokens) of a `synthetic:<in>x<out>` spec."""
     m = _SPEC.match(spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise CollectError(f"dataset {spec!r}: expected synthetic:<input tokens>x<output tokens>, e.g. synthetic:4096x1024")
+        raise CollectError(
+            f"dataset {spec!r}: expected synthetic:<input tokens>x<output tokens>, e.g. synthetic:4096x1024"
+        )
     return int(m.group(1)), int(m.group(2))
 
 
