@@ -1,0 +1,435 @@
+"""One request against an OpenAI-compatible server: the body sent, and the facts recorded about it.
+
+Timestamps are `time.monotonic_ns()` taken the moment bytes arrive, before any parsing, so every
+server-sent event that a read completed shares that read's time. A chunk "carries tokens" when its
+usage counter grew (servers that send usage in every chunk), or else when it lists logprobs / token ids,
+or else when it carries text (then it counts as one token); the source used is recorded per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..datasets import Sample, chat_messages
+from .config import ClientConfig
+from .sse import SSEDecoder
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class RequestRecord:
+    """What the driver knows about one request; becomes one `requests` row and one `outputs` row."""
+
+    index: int
+    req_id: str
+    sample: Sample
+    prompt_sent: str
+    arrival_ns: int = 0
+    first_token_ns: int | None = None
+    finish_ns: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
+    chunk_times_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    retries: int = 0
+    engine_req_id: str | None = None
+    http_status: int | None = None
+    token_source: str | None = None
+    """usage | logprobs | token_ids | events | response: how tokens per chunk were known."""
+    streamed: bool = True
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+
+    def reset_attempt(self) -> None:
+        """Forget a failed attempt before a retry (its timings do not describe the outcome)."""
+        self.first_token_ns = self.finish_ns = None
+        self.prompt_tokens = self.output_tokens = self.cached_prompt_tokens = None
+        self.chunk_times_ns, self.chunk_tokens = [], []
+        self.finish_reason = self.error = self.engine_req_id = self.http_status = self.token_source = None
+        self.text, self.reasoning = [], []
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first_token_ns is not None
+
+    @property
+    def output_text(self) -> str | None:
+        if self.error is not None and not self.text and not self.reasoning:
+            return None
+        content = "".join(self.text)
+        if self.reasoning:
+            # Reasoning streamed apart from the answer (vLLM/SGLang reasoning parsers) is kept in front of
+            # it, in the tags the scorers strip.
+            return f"<think>{''.join(self.reasoning)}</think>{content}"
+        return content
+
+    def requests_row(self) -> dict[str, Any]:
+        engine_id = self.engine_req_id if self.engine_req_id and self.engine_req_id != self.req_id else None
+        return {
+            "req_id": self.req_id,
+            "engine_req_id": engine_id,
+            "sample_id": self.sample.sample_id,
+            "arrival_ns": self.arrival_ns,
+            "first_token_ns": self.first_token_ns,
+            "finish_ns": self.finish_ns,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "chunk_times_ns": self.chunk_times_ns if self.chunk_times_ns or self.ok else None,
+            "chunk_tokens": self.chunk_tokens if self.chunk_times_ns or self.ok else None,
+            "queue_ns": None,
+            "preemptions": None,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "retries": self.retries,
+        }
+
+    def outputs_row(self) -> dict[str, Any]:
+        return {
+            "req_id": self.req_id,
+            "sample_id": self.sample.sample_id,
+            "dataset": self.sample.dataset,
+            "prompt": self.prompt_sent,
+            "output": self.output_text,
+            "reference": self.sample.reference,
+        }
+
+    # -- stream accounting ---------------------------------------------------------------------
+    def _usage(self, usage: dict[str, Any]) -> None:
+        if usage.get("prompt_tokens") is not None:
+            self.prompt_tokens = int(usage["prompt_tokens"])
+        if usage.get("completion_tokens") is not None:
+            self.output_tokens = int(usage["completion_tokens"])
+        details = usage.get("prompt_tokens_details") or {}
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            self.cached_prompt_tokens = int(details["cached_tokens"])
+
+
+def build_request(
+    cfg: ClientConfig, sample: Sample, req_id: str, model: str
+) -> tuple[dict[str, Any], dict[str, str], str]:
+    """(JSON body, headers, prompt as recorded) for one sample."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": int(sample.max_new_tokens or cfg.max_tokens),
+        "temperature": cfg.temperature,
+        "stream": cfg.stream,
+    }
+    if cfg.api == "chat":
+        messages = chat_messages(sample, cfg.system_prompt or None)
+        body["messages"] = messages
+        prompt_sent = json.dumps(messages, ensure_ascii=False)
+    elif sample.prompt is not None:
+        body["prompt"] = sample.prompt
+        prompt_sent = sample.prompt
+    else:
+        body["prompt"] = list(sample.prompt_token_ids or [])
+        prompt_sent = sample.prompt_text
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    if cfg.stream:
+        opts: dict[str, Any] = {"include_usage": True}
+        if cfg.continuous_usage:
+            opts["continuous_usage_stats"] = True
+        body["stream_options"] = opts
+    if cfg.engine == "sglang":
+        body["rid"] = req_id
+    body.update(cfg.extra_body)
+    headers = {"X-Request-Id": req_id, **cfg.headers}
+    return body, headers, prompt_sent
+
+
+def _now() -> int:
+    return time.monotonic_ns()
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error response body (OpenAI, vLLM, FastAPI shapes), one line, bounded."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        if isinstance(err, dict):
+            text = str(err.get("message") or err.get("detail") or err.get("msg") or text)
+        elif isinstance(err, str):
+            text = err
+        elif "detail" in doc:
+            text = str(doc["detail"])
+    text = " ".join(text.split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
+async def send_request(
+    http: httpx.AsyncClient,
+    cfg: ClientConfig,
+    rec: RequestRecord,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    """Send one request (with retries) and fill `rec`. Never raises except CancelledError; every other
+    failure ends up in `rec.error` with whatever arrived before it."""
+    attempt = 0
+    while True:
+        rec.reset_attempt()
+        rec.retries = attempt
+        retry = False
+        try:
+            if cfg.request_timeout_s is not None:
+                retry = await asyncio.wait_for(_attempt(http, cfg, rec, body, headers), cfg.request_timeout_s)
+            else:
+                retry = await _attempt(http, cfg, rec, body, headers)
+        except asyncio.TimeoutError:
+            rec.error = f"request exceeded --request-timeout-s {cfg.request_timeout_s:g} s"
+            rec.finish_ns = rec.finish_ns or _now()
+        except asyncio.CancelledError:
+            rec.error = rec.error or "interrupted before the response was complete"
+            rec.finish_reason = rec.finish_reason or "abort"
+            rec.finish_ns = rec.finish_ns or _now()
+            _finalize_counts(rec)
+            raise
+        if retry and attempt < cfg.max_retries:
+            attempt += 1
+            await asyncio.sleep(min(cfg.retry_backoff_s * 2 ** (attempt - 1), 30.0))
+            continue
+        _finalize_counts(rec)
+        return
+
+
+def _finalize_counts(rec: RequestRecord) -> None:
+    if rec.output_tokens is None and rec.chunk_tokens:
+        rec.output_tokens = int(sum(rec.chunk_tokens))
+    if rec.prompt_tokens is None and rec.sample.prompt is None and rec.sample.prompt_token_ids is not None:
+        rec.prompt_tokens = len(rec.sample.prompt_token_ids)
+
+
+async def _attempt(
+    http: httpx.AsyncClient,
+    cfg: ClientConfig,
+    rec: RequestRecord,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> bool:
+    """One HTTP attempt; True when it failed in a way worth retrying (nothing was generated)."""
+    state = _StreamState()
+    rec.arrival_ns = _now()
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        # Arrival = the moment the request's first byte goes to the socket: connection set-up and the
+        # client's own request building are not the server's latency.
+        if event.endswith("send_request_headers.started"):
+            rec.arrival_ns = _now()
+
+    try:
+        async with http.stream(
+            "POST", cfg.endpoint, json=body, headers=headers, extensions={"trace": trace}
+        ) as resp:
+            rec.http_status = resp.status_code
+            if resp.status_code != 200:
+                raw = await _read_bounded(resp)
+                rec.finish_ns = _now()
+                rec.error = f"HTTP {resp.status_code}: {error_message(raw) or resp.reason_phrase}"
+                rec.finish_reason = "error"
+                return resp.status_code in RETRY_STATUSES
+            ctype = resp.headers.get("content-type", "")
+            if cfg.stream and "json" not in ctype:
+                await _read_stream(resp, rec, state)
+            else:
+                await _read_whole(resp, rec)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        rec.finish_ns = _now()
+        rec.error = f"cannot connect to {cfg.base_url}: {_exc_text(exc)}"
+        return True
+    except httpx.ReadTimeout:
+        rec.finish_ns = _now()
+        if rec.first_token_ns is None:
+            rec.error = f"no first token within --timeout-s {cfg.read_timeout_s:g} s"
+        else:
+            rec.error = f"stream stalled for more than --timeout-s {cfg.read_timeout_s:g} s after {len(rec.chunk_times_ns)} chunks"
+        return False
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        rec.finish_ns = state.last_ns or _now()
+        if state.bytes_seen == 0 and rec.http_status is None:
+            rec.error = f"server closed the connection without a response: {_exc_text(exc)}"
+            return True
+        rec.error = f"stream dropped after {len(rec.chunk_times_ns)} chunks: {_exc_text(exc)}"
+        return False
+    except httpx.HTTPError as exc:
+        rec.finish_ns = _now()
+        rec.error = f"{type(exc).__name__}: {_exc_text(exc)}"
+        return False
+    return False
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _read_bounded(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
+    out = bytearray()
+    async for chunk in resp.aiter_bytes():
+        out += chunk
+        if len(out) >= limit:
+            break
+    return bytes(out)
+
+
+@dataclass
+class _StreamState:
+    bytes_seen: int = 0
+    last_ns: int | None = None
+    usage_counter: int | None = None
+    done: bool = False
+    malformed: int = 0
+    first_malformed: str = ""
+
+
+async def _read_stream(resp: httpx.Response, rec: RequestRecord, state: _StreamState) -> None:
+    decoder = SSEDecoder()
+    async for raw in resp.aiter_bytes():
+        t = _now()
+        state.bytes_seen += len(raw)
+        state.last_ns = t
+        for data in decoder.feed(raw):
+            _event(data, t, rec, state)
+    for data in decoder.flush():
+        _event(data, state.last_ns or _now(), rec, state)
+    rec.finish_ns = state.last_ns or _now()
+    if rec.error is None and state.malformed:
+        rec.error = f"{state.malformed} malformed stream event(s); first: {state.first_malformed!r}"
+    if rec.error is None and not state.done and rec.finish_reason is None:
+        rec.error = f"stream ended early (no finish_reason, no [DONE]) after {len(rec.chunk_times_ns)} chunks"
+
+
+def _event(data: str, t: int, rec: RequestRecord, state: _StreamState) -> None:
+    if data.strip() == "[DONE]":
+        state.done = True
+        return
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        lines = [ln for ln in data.split("\n") if ln.strip()]
+        if len(lines) > 1:
+            for ln in lines:  # servers that forget the blank line between events
+                _event(ln, t, rec, state)
+            return
+        _malformed(state, data)
+        return
+    if not isinstance(obj, dict):
+        _malformed(state, data)
+        return
+    if obj.get("error") is not None or obj.get("object") == "error":
+        err = obj.get("error", obj)
+        msg = err.get("message") if isinstance(err, dict) else err
+        rec.error = f"server error in stream: {' '.join(str(msg).split())[:300]}"
+        rec.finish_reason = rec.finish_reason or "error"
+        return
+    if rec.engine_req_id is None and isinstance(obj.get("id"), str):
+        rec.engine_req_id = obj["id"]
+    choices = obj.get("choices") or []
+    usage = obj.get("usage")
+    counter_delta = None
+    if isinstance(usage, dict):
+        rec._usage(usage)
+        if choices and usage.get("completion_tokens") is not None:
+            now_count = int(usage["completion_tokens"])
+            counter_delta = now_count - (state.usage_counter or 0)
+            state.usage_counter = now_count
+    if not choices:
+        return
+    choice = choices[0]
+    if choice.get("finish_reason"):
+        rec.finish_reason = str(choice["finish_reason"])
+    delta = choice.get("delta")
+    if isinstance(delta, dict):  # chat
+        piece = delta.get("content") or ""
+        thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    else:
+        piece = choice.get("text") or ""
+        thought = ""
+    if piece:
+        rec.text.append(piece)
+    if thought:
+        rec.reasoning.append(thought)
+    n, source = _tokens_in(choice, counter_delta, bool(piece or thought))
+    if n > 0 or piece or thought:
+        if rec.first_token_ns is None:
+            rec.first_token_ns = t
+        rec.chunk_times_ns.append(t)
+        rec.chunk_tokens.append(n)
+        rec.token_source = rec.token_source or source
+
+
+def _malformed(state: _StreamState, data: str) -> None:
+    if not state.malformed:
+        state.first_malformed = data[:80]
+    state.malformed += 1
+
+
+def _tokens_in(choice: dict[str, Any], counter_delta: int | None, has_text: bool) -> tuple[int, str]:
+    if counter_delta is not None:
+        return max(counter_delta, 0), "usage"
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict):
+        if isinstance(logprobs.get("tokens"), list):  # completions
+            return len(logprobs["tokens"]), "logprobs"
+        if isinstance(logprobs.get("content"), list):  # chat
+            return len(logprobs["content"]), "logprobs"
+    for key in ("token_ids", "output_ids"):
+        if isinstance(choice.get(key), list):
+            return len(choice[key]), "token_ids"
+    return (1 if has_text else 0), "events"
+
+
+async def _read_whole(resp: httpx.Response, rec: RequestRecord) -> None:
+    """A server that answered with one JSON document (stream off, or a server that does not stream)."""
+    raw = await resp.aread()
+    t = _now()
+    rec.finish_ns = t
+    rec.streamed = False
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        rec.error = f"malformed JSON response: {raw[:80]!r}"
+        return
+    if not isinstance(obj, dict):
+        rec.error = f"malformed JSON response: {raw[:80]!r}"
+        return
+    if isinstance(obj.get("id"), str):
+        rec.engine_req_id = obj["id"]
+    if isinstance(obj.get("usage"), dict):
+        rec._usage(obj["usage"])
+    choices = obj.get("choices") or []
+    if not choices:
+        rec.error = "response without choices"
+        return
+    choice = choices[0]
+    msg = choice.get("message")
+    if isinstance(msg, dict):
+        piece = msg.get("content") or ""
+        thought = msg.get("reasoning_content") or msg.get("reasoning") or ""
+    else:
+        piece, thought = choice.get("text") or "", ""
+    rec.text = [piece] if piece else []
+    rec.reasoning = [thought] if thought else []
+    rec.finish_reason = choice.get("finish_reason")
+    # The client sees every token at once: the first token arrives with the last.
+    n = rec.output_tokens if rec.output_tokens is not None else (1 if piece or thought else 0)
+    if n > 0 or piece or thought:
+        rec.first_token_ns = t
+        rec.chunk_times_ns = [t]
+        rec.chunk_tokens = [int(n)]
+        rec.token_source = "response"

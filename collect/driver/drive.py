@@ -1,0 +1,359 @@
+"""`drive()`: send a workload to an OpenAI-compatible server and record every request.
+
+The library entry point of the workload driver; `moecap-collect drive` and `moecap-collect run` both
+call it. Rows go to the writers as each request finishes, so a stop (Ctrl-C, `stop` event) keeps all
+finished requests, and in-flight ones are recorded with what had arrived and `finish_reason="abort"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
+
+from ..datasets import Sample
+from ..errors import CollectError
+from .client import RequestRecord, build_request, send_request
+from .config import ClientConfig, LoadConfig
+from .summary import summarize
+
+
+class RowSink(Protocol):
+    def write(self, row: dict[str, Any]) -> None: ...
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def advance(self, rec: RequestRecord) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class ServerInfo:
+    """What the preflight learned about the server."""
+
+    base_url: str
+    models: list[str] = field(default_factory=list)
+    engine: str | None = None
+    version: str | None = None
+
+
+@dataclass
+class DriveResult:
+    """The outcome of one `drive()` call. `records` are in sample order (requests never sent are absent)."""
+
+    records: list[RequestRecord]
+    model: str
+    client: ClientConfig
+    load: LoadConfig
+    server: ServerInfo
+    started_ns: int
+    finished_ns: int
+    interrupted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, latency percentiles, throughput and (with SLOs) goodput, as the console prints them."""
+        return summarize(self.records, slo_ttft_s=self.load.slo_ttft_s, slo_tpot_s=self.load.slo_tpot_s)
+
+    def workload(self) -> dict[str, Any]:
+        """The request settings and load, for the run metadata's `workload`."""
+        c = self.client
+        return {
+            "api": c.api,
+            "api_url": c.endpoint,
+            "model": self.model,
+            "stream": c.stream,
+            "max_tokens": c.max_tokens,
+            "ignore_eos": c.ignore_eos,
+            "temperature": c.temperature,
+            "continuous_usage": c.continuous_usage,
+            "extra_body": c.extra_body,
+            "server_engine": self.server.engine,
+            "server_version": self.server.version,
+            "request_id_prefix": c.request_id_prefix,
+            "interrupted": self.interrupted,
+            **self.load.describe(),
+        }
+
+
+def open_client_writers(out_dir: str | Path, run: RunMetadata) -> tuple[TraceWriter, TraceWriter]:
+    """(requests writer, outputs writer) for `run` in `out_dir`, named by `trace_file_name`."""
+    out = Path(out_dir)
+    try:
+        return (
+            TraceWriter(out / trace_file_name(run, "requests"), "requests", run, rows_per_batch=64),
+            TraceWriter(out / trace_file_name(run, "outputs"), "outputs", run, rows_per_batch=64),
+        )
+    except OSError as exc:
+        raise CollectError(f"--out {out}: cannot write trace files ({exc.strerror or exc})") from None
+
+
+async def drive(
+    samples: Sequence[Sample],
+    client: ClientConfig,
+    load: LoadConfig | None = None,
+    *,
+    requests_writer: RowSink | None = None,
+    outputs_writer: RowSink | None = None,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> DriveResult:
+    """Send every sample to `client`'s endpoint under `load`; write a `requests` and an `outputs` row per
+    request as it finishes. Returns the records.
+
+    Raises CollectError before sending anything when the server cannot be reached, or when a sample
+    cannot be sent through the chosen API. Per-request failures (HTTP errors, dropped streams, timeouts)
+    are recorded in the rows, never raised. Setting `stop` ends the run early: no new requests, in-flight
+    ones are cancelled and recorded as aborted. `transport` replaces the network (e.g. an in-process
+    server); streaming timestamps are only meaningful over a real socket.
+    """
+    load = load or LoadConfig()
+    stop = stop or asyncio.Event()
+    samples = list(samples)
+    if not samples:
+        raise CollectError("no samples to send")
+    if client.api == "chat":
+        bad = next((s for s in samples if s.prompt is None), None)
+        if bad is not None:
+            raise CollectError(
+                f"sample {bad.sample_id} is token ids; the chat API needs text prompts (use --api completions)"
+            )
+        templated = next((s for s in samples if s.extra.get("chat_template_applied")), None)
+        if templated is not None:
+            raise CollectError(
+                "prompts already carry a chat template; send them with --api completions, or drop --chat-template"
+            )
+    limit = load.concurrency if not load.open_loop else load.max_concurrency
+    timeout = httpx.Timeout(
+        connect=client.connect_timeout_s, read=client.read_timeout_s, write=client.read_timeout_s, pool=None
+    )
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
+        server = await probe_server(http, client) if client.preflight else ServerInfo(client.base_url)
+        model = client.model or (server.models[0] if server.models else None)
+        if model is None:
+            raise CollectError(f"--model not given and {client.base_url}/v1/models lists no model")
+        cfg = client
+        if client.engine == "auto" and server.engine == "sglang":
+            cfg = dataclasses.replace(client, engine="sglang")
+        for i in range(load.warmup):
+            if stop.is_set():
+                break
+            s = samples[i % len(samples)]
+            warm = RequestRecord(-1, f"{cfg.request_id_prefix}-warmup-{i}", s, "")
+            body, headers, _ = build_request(cfg, s, warm.req_id, model)
+            await send_request(http, cfg, warm, body, headers)
+        runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
+        started = time.monotonic_ns()
+        if progress is not None:
+            progress.start(len(samples))
+        try:
+            if load.open_loop:
+                await runner.open_loop(samples, load)
+            else:
+                await runner.closed_loop(samples, load.concurrency)
+        finally:
+            if progress is not None:
+                progress.close()
+        finished = time.monotonic_ns()
+    records = sorted(runner.records, key=lambda r: r.index)
+    return DriveResult(records, model, cfg, load, server, started, finished, interrupted=stop.is_set())
+
+
+async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo:
+    """GET /v1/models (and the SGLang / vLLM info endpoints): is the server there, what does it serve?
+
+    A server that cannot be reached, or does not answer within the connect timeout (min. 5 s), is a
+    CollectError; missing endpoints are not.
+    """
+    info = ServerInfo(cfg.base_url)
+    wait = max(cfg.connect_timeout_s, 5.0)
+    probe_timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=wait, write=wait, pool=wait)
+    try:
+        resp = await http.get(cfg.base_url + "/v1/models", headers=cfg.headers, timeout=probe_timeout)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise CollectError(
+            f"cannot reach the server at {cfg.base_url} ({' '.join(str(exc).split()) or type(exc).__name__}); "
+            "is it running, and is --api-url right?"
+        ) from None
+    except httpx.TimeoutException:
+        raise CollectError(
+            f"the server at {cfg.base_url} accepted the connection but did not answer GET /v1/models within {wait:g} s"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise CollectError(
+            f"the server at {cfg.base_url} failed GET /v1/models: {type(exc).__name__}: {exc}"
+        ) from None
+    if resp.status_code == 200:
+        try:
+            doc = resp.json()
+            info.models = [str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m]
+        except (ValueError, AttributeError):
+            pass
+    elif resp.status_code in (401, 403):
+        raise CollectError(
+            f"the server at {cfg.base_url} refused GET /v1/models (HTTP {resp.status_code}); pass --header 'Authorization: Bearer …'"
+        )
+    if cfg.engine in ("auto", "sglang"):
+        doc = await _get_json(http, cfg, "/get_model_info", probe_timeout)
+        if isinstance(doc, dict) and "model_path" in doc:
+            info.engine = "sglang"
+            server_info = await _get_json(http, cfg, "/get_server_info", probe_timeout)
+            if isinstance(server_info, dict) and server_info.get("version"):
+                info.version = str(server_info["version"])
+    if info.engine is None and cfg.engine in ("auto", "vllm"):
+        doc = await _get_json(http, cfg, "/version", probe_timeout)
+        if isinstance(doc, dict) and isinstance(doc.get("version"), str):
+            info.engine, info.version = "vllm", doc["version"]
+    if info.engine is None and cfg.engine not in ("auto",):
+        info.engine = cfg.engine
+    return info
+
+
+async def _get_json(http: httpx.AsyncClient, cfg: ClientConfig, path: str, timeout: httpx.Timeout) -> Any:
+    try:
+        resp = await http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout)
+        return resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+class _Runner:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        cfg: ClientConfig,
+        model: str,
+        requests_writer: RowSink | None,
+        outputs_writer: RowSink | None,
+        progress: Progress | None,
+        stop: asyncio.Event,
+        on_record: Callable[[RequestRecord], None] | None,
+    ) -> None:
+        self.http, self.cfg, self.model = http, cfg, model
+        self.requests_writer, self.outputs_writer = requests_writer, outputs_writer
+        self.progress, self.stop, self.on_record = progress, stop, on_record
+        self.records: list[RequestRecord] = []
+        self.inflight: set[asyncio.Task[Any]] = set()
+
+    async def one(self, index: int, sample: Sample) -> None:
+        req_id = f"{self.cfg.request_id_prefix}-{index:06d}"
+        body, headers, prompt_sent = build_request(self.cfg, sample, req_id, self.model)
+        rec = RequestRecord(index, req_id, sample, prompt_sent)
+        try:
+            await send_request(self.http, self.cfg, rec, body, headers)
+        except asyncio.CancelledError:
+            self._finish(rec)
+            if self.stop.is_set():
+                return
+            raise
+        self._finish(rec)
+
+    def _finish(self, rec: RequestRecord) -> None:
+        self.records.append(rec)
+        if self.requests_writer is not None:
+            self.requests_writer.write(rec.requests_row())
+        if self.outputs_writer is not None:
+            self.outputs_writer.write(rec.outputs_row())
+        if self.progress is not None:
+            self.progress.advance(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    async def _watch(self) -> None:
+        await self.stop.wait()
+        for task in list(self.inflight):
+            task.cancel()
+
+    async def closed_loop(self, samples: list[Sample], concurrency: int) -> None:
+        queue = deque(enumerate(samples))
+
+        async def worker() -> None:
+            while queue and not self.stop.is_set():
+                index, sample = queue.popleft()
+                await self.one(index, sample)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(samples)))]
+        self.inflight.update(workers)
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            watcher.cancel()
+            for w in workers:
+                w.cancel()
+
+    async def open_loop(self, samples: list[Sample], load: LoadConfig) -> None:
+        rate = float(load.request_rate or float("inf"))
+        rng = random.Random(load.seed)
+        sem = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        due = 0.0
+        watcher = asyncio.create_task(self._watch())
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def gated(index: int, sample: Sample) -> None:
+            try:
+                await self.one(index, sample)
+            finally:
+                if sem is not None:
+                    sem.release()
+
+        try:
+            for index, sample in enumerate(samples):
+                if index and rate != float("inf"):
+                    due += rng.expovariate(rate)
+                delay = t0 + due - loop.time()
+                if delay > 0 and await _stopped_within(self.stop, delay):
+                    break
+                if sem is not None and not await _acquire_or_stop(sem, self.stop):
+                    break
+                if self.stop.is_set():
+                    break
+                task = asyncio.create_task(gated(index, sample))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+                tasks.append(task)
+            await asyncio.gather(*tasks)
+        finally:
+            watcher.cancel()
+            for t in tasks:
+                t.cancel()
+
+
+async def _acquire_or_stop(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Acquire `sem` unless `stop` is set first; True when acquired (and not stopping)."""
+    acquire = asyncio.ensure_future(sem.acquire())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if acquire.done() and not acquire.cancelled():
+        if stop.is_set():
+            sem.release()
+            return False
+        return True
+    acquire.cancel()
+    return False
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
