@@ -26,8 +26,10 @@ app = typer.Typer(
 def _register() -> None:
     # One line per sub-command module; each defines `register(app)`.
     from . import run_command
+    from .driver import command as drive_command
 
     run_command.register(app)
+    drive_command.register(app)
 
 
 def main() -> None:

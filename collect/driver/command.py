@@ -1,0 +1,433 @@
+"""`moecap-collect drive` and `moecap-collect import-moecap`: thin typer layers over `drive()` and the
+MoE-CAP importer.
+
+    moecap-collect drive --api-url http://127.0.0.1:8000 --model Qwen/Qwen1.5-MoE-A2.7B-Chat \\
+        --dataset gsm8k --num-prompts 200 --batch-size 16 --max-tokens 512 --out traces/
+    moecap-collect drive --api-url http://127.0.0.1:8000/v1/chat/completions --dataset synthetic:4096x1024 \\
+        --request-rate 4 --ttft-slo-ms 2000 --tpot-slo-ms 100 --ignore-eos --out traces/
+    moecap-collect import-moecap outputs/vllm/Qwen/Qwen3-30B-A3B --out traces/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
+
+from ..datasets import DEFAULT_SYSTEM_PROMPT, SAMPLING_MODES, load_samples
+from ..errors import CollectError
+from .client import RequestRecord
+from .config import APIS, ENGINES, ClientConfig, LoadConfig
+from .drive import DriveResult, drive, open_client_writers, probe_server
+from .summary import format_summary
+
+EXIT_INTERRUPTED = 130
+
+
+def register(app: typer.Typer) -> None:
+    app.command("drive", no_args_is_help=True)(drive_command)
+    app.command("import-moecap", no_args_is_help=True)(import_command)
+
+
+def drive_command(
+    api_url: Annotated[
+        str,
+        typer.Option(
+            "--api-url", help="Server base URL, or its /v1/completions or /v1/chat/completions URL."
+        ),
+    ],
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--dataset",
+            help="gsm8k | numinamath | longbench_v2 | mmlu_pro | arena_hard | synthetic:<in>x<out> | <dataset>:<in>x<out>.",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Model name for the request body (default: the first one the server lists)."
+        ),
+    ] = None,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests to send.")] = 100,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Closed loop: requests kept in flight (MoE-CAP's batch size).")
+    ] = 1,
+    request_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--request-rate", help="Open loop: Poisson arrivals at this many requests/s ('inf': all at once)."
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option("--max-concurrency", help="Open loop: at most this many in flight.")
+    ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option("--api", help=f"{' | '.join(APIS)} (default: from --api-url, else completions)."),
+    ] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens", help="Output budget per request (a fixed-length workload's own length wins)."
+        ),
+    ] = 512,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Generate the full budget (fixed-length runs).")
+    ] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Stream tokens (needed for TTFT/ITL).")
+    ] = True,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help=f"{' | '.join(ENGINES)}: how the request id reaches the engine (auto probes the server).",
+        ),
+    ] = "auto",
+    dataset_path: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset-path", help="Local copy of the dataset in its hub format (file or snapshot dir)."
+        ),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Dataset split (default: the dataset's evaluation split).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the dataset.")] = None,
+    sampling: Annotated[
+        str, typer.Option("--sampling", help=f"{' | '.join(SAMPLING_MODES)}: which rows.")
+    ] = "random",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the row sample and of open-loop arrivals.")
+    ] = 0,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Tokenizer id/path (padding to <in> tokens, --chat-template)."),
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template",
+            help="Apply the tokenizer's chat template (instruct models on the completions API).",
+        ),
+    ] = False,
+    system_prompt: Annotated[
+        str | None,
+        typer.Option("--system-prompt", help="System message for samples without one ('' for none)."),
+    ] = None,
+    ttft_slo_ms: Annotated[float | None, typer.Option("--ttft-slo-ms", help="Goodput SLO on TTFT.")] = None,
+    tpot_slo_ms: Annotated[float | None, typer.Option("--tpot-slo-ms", help="Goodput SLO on TPOT.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded requests sent first.")] = 0,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="Longest wait for any data, first token included.")
+    ] = 600.0,
+    connect_timeout_s: Annotated[float, typer.Option("--connect-timeout-s")] = 10.0,
+    request_timeout_s: Annotated[
+        float | None, typer.Option("--request-timeout-s", help="Longest whole request.")
+    ] = None,
+    retries: Annotated[
+        int, typer.Option("--retries", help="Retries on connection errors and HTTP 429/502/503/504.")
+    ] = 0,
+    continuous_usage: Annotated[
+        bool,
+        typer.Option(
+            "--continuous-usage/--no-continuous-usage",
+            help="Ask for usage in every chunk (tokens per chunk).",
+        ),
+    ] = True,
+    extra_body: Annotated[
+        str | None, typer.Option("--extra-body", help="JSON object merged into every request body.")
+    ] = None,
+    header: Annotated[
+        list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' (repeatable).")
+    ] = None,
+    batch_recording: Annotated[
+        bool,
+        typer.Option(
+            "--batch-recording",
+            help="Control the server's MoE-CAP/ServerlessLLM batch recorder and write a steps table.",
+        ),
+    ] = False,
+    model_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-config", help="config.json of the served model (embedded in the run metadata)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the trace files.")] = Path("traces"),
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: generated).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Send a dataset to an OpenAI-compatible server and record requests + outputs tables.
+
+    Example: moecap-collect drive --api-url http://127.0.0.1:8000 --dataset gsm8k --num-prompts 50 --batch-size 8
+    """
+    body = _json_object(extra_body, "--extra-body")
+    headers = _headers(header or [])
+    client = ClientConfig(
+        api_url=api_url,
+        model=model,
+        api=api,
+        stream=stream,
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+        temperature=temperature,
+        engine=engine,
+        continuous_usage=continuous_usage,
+        system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
+        extra_body=body,
+        headers=headers,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=timeout_s,
+        request_timeout_s=request_timeout_s,
+        max_retries=retries,
+    )
+    load = LoadConfig(
+        concurrency=batch_size,
+        request_rate=request_rate,
+        max_concurrency=max_concurrency,
+        seed=seed,
+        warmup=warmup,
+        slo_ttft_s=None if ttft_slo_ms is None else ttft_slo_ms / 1e3,
+        slo_tpot_s=None if tpot_slo_ms is None else tpot_slo_ms / 1e3,
+    )
+    samples = load_samples(
+        dataset,
+        num_prompts,
+        seed=seed,
+        local_path=dataset_path,
+        split=split,
+        revision=revision,
+        sampling=sampling,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+    )
+    config = _model_config(model_config)
+    workload = {
+        "dataset": dataset,
+        "dataset_path": dataset_path,
+        "split": split,
+        "revision": revision,
+        "sampling": sampling,
+        "seed": seed,
+        "num_prompts": len(samples),
+        "chat_template": chat_template,
+        "tokenizer": tokenizer,
+        "system_prompt": client.system_prompt,
+    }
+    result, steps_written = asyncio.run(
+        _drive_and_record(samples, client, load, out, run_id, config, workload, batch_recording, progress)
+    )
+    typer.echo(format_summary(result.summary()), err=True)
+    for path in steps_written:
+        typer.echo(f"wrote {path}", err=True)
+    if result.interrupted:
+        typer.echo(f"interrupted: kept {len(result.records)} of {len(samples)} requests", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.records and not any(r.ok for r in result.records):
+        typer.echo(
+            f"all {len(result.records)} requests failed; first error: {result.records[0].error}", err=True
+        )
+        raise typer.Exit(1)
+
+
+async def _drive_and_record(
+    samples: list[Any],
+    client: ClientConfig,
+    load: LoadConfig,
+    out: Path,
+    run_id: str | None,
+    config: dict[str, Any],
+    workload: dict[str, Any],
+    batch_recording: bool,
+    show_progress: bool,
+) -> tuple[DriveResult, list[str]]:
+    from ..recording import BatchRecorder, write_reference_steps
+
+    # Ask the server first: an unreachable one fails here, before any file is written, and the run
+    # metadata gets the model it really serves.
+    async with httpx.AsyncClient() as http:
+        server = await probe_server(http, client)
+    model_name = client.model or (server.models[0] if server.models else None)
+    if model_name is None:
+        raise CollectError(f"--model not given and {client.base_url}/v1/models lists no model")
+    client = dataclasses.replace(client, model=model_name)
+    engine_name = "http" if batch_recording else "client"
+    run = RunMetadata(
+        run_id=run_id or new_run_id(engine_name, model_name),
+        engine=EngineInfo(
+            name=engine_name,
+            version=server.version or "",
+            args={"api_url": client.endpoint, "engine": server.engine or client.engine},
+        ),
+        model=ModelInfo(id=model_name, config=config),
+        workload={**workload, "api": client.api, "api_url": client.endpoint, **load.describe()},
+        collector_version=_collector_version(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, _on_sigint, loop, stop)
+    recorder = (
+        BatchRecorder(
+            client.base_url, client.model, headers=client.headers, timeout_s=client.connect_timeout_s
+        )
+        if batch_recording
+        else None
+    )
+    if recorder is not None:
+        await recorder.begin()
+    req_w, out_w = open_client_writers(out, run)
+    progress = _RichProgress() if show_progress else None
+    written: list[str] = []
+    try:
+        result = await drive(
+            samples, client, load, requests_writer=req_w, outputs_writer=out_w, progress=progress, stop=stop
+        )
+    finally:
+        req_w.close()
+        out_w.close()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+    written += [str(req_w.path), str(out_w.path)]
+    if recorder is not None:
+        records = await recorder.finish()
+        steps_run = RunMetadata(
+            run_id=run.run_id,
+            engine=run.engine,
+            model=ModelInfo(id=result.model, config=config),
+            moe=MoEInfo(
+                counts_available=False,
+                counts_unavailable_reason="MoE-CAP batch records carry only expert_activation",
+            ),
+            workload={**run.workload, **result.workload()},
+            collector_version=run.collector_version,
+        )
+        written += write_reference_steps(
+            records, steps_run, out, source=f"batch recording at {client.base_url}"
+        )
+    return result, written
+
+
+def _on_sigint(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    if stop.is_set():  # a second Ctrl-C: stop waiting for clean-up
+        loop.remove_signal_handler(signal.SIGINT)
+        return
+    print(
+        "\nmoecap-collect: stopping (in-flight requests are recorded as aborted); Ctrl-C again to force",
+        file=sys.stderr,
+    )
+    stop.set()
+
+
+class _RichProgress:
+    """A rich progress bar on stderr: requests done, failures, output tokens."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]drive"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task: Any = None
+        self._failed = 0
+        self._tokens = 0
+
+    def start(self, total: int) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("drive", total=total, info="")
+
+    def advance(self, rec: RequestRecord) -> None:
+        self._failed += rec.error is not None
+        self._tokens += rec.output_tokens or 0
+        self._bar.update(self._task, advance=1, info=f"{self._tokens} tokens, {self._failed} failed")
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+def import_command(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="A MoE-CAP output folder (metrics*.json, batch_data / detailed_results, inference outputs)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the trace files.")] = Path("traces"),
+    model_config: Annotated[
+        Path | None,
+        typer.Option("--model-config", help="config.json of the model (MoE-CAP folders do not carry it)."),
+    ] = None,
+) -> None:
+    """Convert existing MoE-CAP results into moecap trace files, so they join the leaderboard.
+
+    Example: moecap-collect import-moecap outputs/vllm/Qwen/Qwen3-30B-A3B --out traces/
+    """
+    from ..recording import import_moecap_dir
+
+    runs = import_moecap_dir(src, out, model_config=_model_config(model_config))
+    for run in runs:
+        typer.echo(f"{run.run_id}: {len(run.paths)} files ({run.summary})", err=True)
+        for p in run.paths:
+            typer.echo(f"  wrote {p}", err=True)
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise CollectError(f"{flag}: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CollectError(f"{flag}: expected a JSON object")
+    return obj
+
+
+def _headers(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise CollectError(f"--header {item!r}: expected 'Name: value'")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _model_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = path / "config.json" if path.is_dir() else path
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CollectError(f"--model-config {path}: cannot read a config.json ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CollectError(f"--model-config {path}: not a JSON object")
+    return doc
+
+
+def _collector_version() -> str:
+    from ..runtime import collector_version
+
+    return collector_version()

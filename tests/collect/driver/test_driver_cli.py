@@ -1,0 +1,228 @@
+"""`moecap-collect drive` end to end, as a user runs it: a real process against the loopback server,
+real trace files, user errors as one line with exit status 2, Ctrl-C keeping what was done."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+from moecap.analyze.accuracy import score_outputs
+from moecap.schemas import open_traces, read_trace_file
+
+CLI = [sys.executable, "-c", "from moecap.collect.cli import main; main()"]
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _gsm8k_file(tmp_path: Path) -> Path:
+    # GSM8K's own format; the questions script the loopback server's answers.
+    rows = [
+        {"question": "stream tokens=4 answer=29", "answer": "36 - 7 = 29\n#### 29"},
+        {"question": "stream tokens=4 answer=5", "answer": "2 + 4 = 6\n#### 6"},
+        {"question": "stream tokens=5 answer=1,625", "answer": "#### 1,625"},
+        {"question": "ctx400", "answer": "#### 1"},
+    ]
+    path = tmp_path / "gsm8k" / "main" / "test-00000-of-00001.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path.parent.parent
+
+
+def test_drive_writes_requests_and_outputs_then_accuracy(scripted, tmp_path):
+    data = _gsm8k_file(tmp_path)
+    out = tmp_path / "traces"
+    proc = _cli(
+        "drive",
+        "--api-url",
+        scripted.url,
+        "--dataset",
+        "gsm8k",
+        "--dataset-path",
+        str(data),
+        "--num-prompts",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--run-id",
+        "run-e2e",
+        "--no-progress",
+        "--ttft-slo-ms",
+        "500",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "requests: 4 (3 ok, 1 failed)" in proc.stderr
+    assert "HTTP 400: This model's maximum context length" in proc.stderr  # reported, and the run went on
+    traces = open_traces([out], strict=True)
+    assert list(traces.runs) == ["run-e2e"] and not traces.errors
+    assert {f.table_kind for f in traces.files} == {"requests", "outputs"}
+    req = read_trace_file(out / "run-e2e.client.requests.arrow")
+    meta = req.run
+    assert meta.model.id == "scripted-model"  # from the server's /v1/models
+    assert meta.engine.name == "client"
+    w = meta.workload
+    assert (w["dataset"], w["num_prompts"], w["mode"], w["concurrency"], w["api"]) == (
+        "gsm8k",
+        4,
+        "closed_loop",
+        2,
+        "completions",
+    )
+    assert w["slo"] == {"ttft_s": 0.5, "tpot_s": None}
+    rows = req.table.to_pylist()
+    assert len(rows) == 4
+    ok = [r for r in rows if r["error"] is None]
+    assert all(r["first_token_ns"] > r["arrival_ns"] and r["chunk_tokens"] for r in ok)
+    outputs = pl.from_arrow(read_trace_file(out / "run-e2e.client.outputs.arrow").table)
+    summary, per = score_outputs(outputs)
+    assert (summary["correct"], summary["total"], summary["failed"]) == (2, 4, 1)
+    assert summary["scorer"]["name"] == "gsm8k_numeric"
+    assert per.filter(pl.col("correct"))["extracted"].sort().to_list() == ["1,625", "29"]
+
+
+def test_batch_recording_writes_a_steps_table(tmp_path):
+    from loopback import SCRIPTED, start_server
+
+    out = tmp_path / "traces"
+    with start_server(SCRIPTED, "--dump-key", "batches") as srv:  # ServerlessLLM's dump key
+        proc = _cli(
+            "drive",
+            "--api-url",
+            srv.url,
+            "--model",
+            "m1",
+            "--dataset",
+            "synthetic:8x3",
+            "--num-prompts",
+            "2",
+            "--batch-recording",
+            "--out",
+            str(out),
+            "--run-id",
+            "rec",
+            "--no-progress",
+        )
+        control = srv.get("/_seen")
+    assert proc.returncode == 0, proc.stderr
+    steps = read_trace_file(out / "rec.dp0-pp0-tp0.steps.arrow")
+    assert steps.table.num_rows == 2 * 3  # per request: a prefill pass + 2 decode passes
+    assert steps.run.engine.name == "http"
+    ref = steps.run.extra["moecap_reference"]
+    assert ref["columns"]["expert_activation"] == [5.5, 3.25, 3.25] * 2
+    assert ref["columns"]["latency"] == [0.004, 0.002, 0.002] * 2
+    assert ref["gpu_raw_type"] == "NVIDIA-H100-HBM3-80GB" and len(steps.run.gpus) == 2
+    records = json.loads((out / "rec.batch_data.json").read_text())
+    assert len(records) == 6 and records[0]["forward_mode"] == "prefill"
+    assert {s["body"]["model"] for s in control} == {"m1"}
+
+
+def test_user_errors_are_one_line_with_exit_2(scripted, tmp_path, free_port):
+    unknown = _cli("drive", "--api-url", scripted.url, "--dataset", "gsm9k", "--out", str(tmp_path))
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().count("\n") == 0 and "Traceback" not in unknown.stderr
+    assert (
+        "unknown dataset 'gsm9k'; choose one of gsm8k, numinamath, longbench_v2, mmlu_pro, arena_hard"
+        in unknown.stderr
+    )
+    t0 = time.monotonic()
+    down = _cli(
+        "drive",
+        "--api-url",
+        f"http://127.0.0.1:{free_port}",
+        "--dataset",
+        "synthetic:4x2",
+        "--out",
+        str(tmp_path),
+        "--connect-timeout-s",
+        "2",
+    )
+    assert down.returncode == 2 and time.monotonic() - t0 < 20
+    assert down.stderr.strip().startswith(
+        f"moecap-collect: error: cannot reach the server at http://127.0.0.1:{free_port}"
+    )
+    assert "Traceback" not in down.stderr
+    assert not list(tmp_path.glob("*.arrow"))  # nothing written for a run that never started
+    norec = None
+    from loopback import SCRIPTED, start_server
+
+    with start_server(SCRIPTED, "--no-recording") as srv:
+        norec = _cli(
+            "drive",
+            "--api-url",
+            srv.url,
+            "--dataset",
+            "synthetic:4x2",
+            "--batch-recording",
+            "--out",
+            str(tmp_path),
+        )
+    assert norec.returncode == 2 and "has no /batch_recording_status endpoint" in norec.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": "stream ttft_ms=5 itl_ms=50 tokens=30", "answer": "#### 1"}) + "\n"
+            for _ in range(12)
+        )
+    )
+    out = tmp_path / "traces"
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "drive",
+            "--api-url",
+            scripted.url,
+            "--dataset",
+            "gsm8k",
+            "--dataset-path",
+            str(data),
+            "--num-prompts",
+            "12",
+            "--batch-size",
+            "2",
+            "--max-tokens",
+            "30",
+            "--out",
+            str(out),
+            "--run-id",
+            "cc",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        # wait until the first requests have finished (1.5 s each)
+        while time.monotonic() < deadline and not (out / "cc.client.requests.arrow").exists():
+            time.sleep(0.05)
+        time.sleep(2.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: kept 4 of 12 requests" in err
+    rows = read_trace_file(out / "cc.client.requests.arrow").table.to_pylist()
+    assert len(rows) == 4
+    done = [r for r in rows if r["error"] is None]
+    aborted = [r for r in rows if r["finish_reason"] == "abort"]
+    assert len(done) == 2 and len(aborted) == 2
+    assert all(len(r["chunk_times_ns"]) >= 1 for r in aborted)
+    assert read_trace_file(out / "cc.client.requests.arrow").run.workload["mode"] == "closed_loop"
+    assert read_trace_file(out / "cc.client.outputs.arrow").table.num_rows == 4
