@@ -60,9 +60,12 @@ def _load(
         if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
             sys.stderr.write(f"loading {done}/{total} files\r")
 
+    # Run-level metrics (metrics.json) only when a query names window_steps or run_metrics: over
+    # many runs they cost far more than most queries.
     t = tables(
         paths,
         Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window),
+        metrics=False,
         cache_dir=cache_dir,
         strict=strict,
         memory_limit=memory_limit,
@@ -95,6 +98,7 @@ def sql(
     Example: moecap-analyze sql "SELECT * FROM request_metrics" traces/ --out requests.parquet
     """
     from .query import QueryError, infer_format, read_query, run, write_result
+    from .tables import needs_run_metrics
 
     try:
         text = read_query(query)
@@ -103,6 +107,8 @@ def sql(
             raise QueryError("--format parquet needs --out FILE")
         t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
         with t:
+            if needs_run_metrics(text):
+                t.ensure_run_metrics()
             rel = run(t.con, text)
             if rel is None:
                 return

@@ -46,7 +46,9 @@ t.lazy("step_metrics").filter(pl.col("phase") == "decode").select("time_s").coll
 
 `--gpu` / `gpu=` recomputes the per-step metrics (`step_metrics`, `window_steps`, `run_metrics`)
 for another GPU; `--window` / `window=` chooses the metrics window (`steady`, `all`, `steps:A-B`,
-`time:A-B`).
+`time:A-B`). `window_steps` and `run_metrics` need the run-level metrics (metrics.json), which cost
+a few queries per run: `sql` and `shell` compute them only when a statement names one of them, and
+`tables(paths, metrics=False)` defers them the same way.
 
 **Memory.** Nothing is loaded up front. Each trace file is converted once, batch by batch, into a
 Parquet cache (`~/.cache/moecap`, or `--cache-dir`); the views are DuckDB views over

@@ -19,7 +19,7 @@ import duckdb
 from .catalog import VIEWS
 from .examples import EXAMPLES_BY_NAME
 from .query import FORMATS, QueryError, one_line, run, write_result
-from .tables import Tables
+from .tables import Tables, needs_run_metrics
 
 _HELP = """\
 End each SQL statement with ';'. Views: .tables; their columns: .schema VIEW (docs/sql.md has units).
@@ -47,6 +47,8 @@ class SqlShell:
     def execute(self, statement: str) -> None:
         """Run one statement (or several separated by ';') and print its result."""
         try:
+            if needs_run_metrics(statement):
+                self.t.ensure_run_metrics()
             rel = run(self.t.con, statement)
             if rel is not None:
                 note = write_result(rel, self.mode, stdout=self.stdout, max_rows=self.max_rows)
@@ -184,6 +186,7 @@ def python_repl(t: Tables) -> None:
 def save_database(t: Tables, path: Path) -> list[str]:
     """Write a DuckDB database file holding every view (over the same cached Parquet) and the small
     tables, for the `duckdb` CLI or any DuckDB client. Returns the names saved."""
+    t.ensure_run_metrics()
     con = t.con
     if path.exists():
         path.unlink()

@@ -24,64 +24,117 @@ import duckdb
 import polars
 import pyarrow as pa
 
-from ..analysis import Options
-from ..load import LoadedRun, default_cache_dir
+from ..analysis import Options, RunContext, define_step_metrics_view, resolve_context
+from ..load import LoadedRun, TraceDB, default_cache_dir, load_traces, require_runs
 from ..pipeline import Analysis, analyze_paths
-from .views import define_derived_views
+from .views import define_request_views, define_run_views
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RUN_LEVEL_VIEWS = ("window_steps", "run_metrics")
+"""Views that need the run-level metrics (metrics.json): computed on first use when loaded without."""
+_RUN_LEVEL = re.compile(r"\b(" + "|".join(RUN_LEVEL_VIEWS) + r")\b", re.IGNORECASE)
+
+
+def needs_run_metrics(query: str) -> bool:
+    """Whether `query` names a view that needs the run-level metrics (window_steps, run_metrics)."""
+    return bool(_RUN_LEVEL.search(query))
+
+
+@dataclass
+class _LoadArgs:
+    paths: list[str]
+    options: Options
+    cache_dir: str | os.PathLike[str] | None
+    strict: bool
+    memory_limit: str | None
+    threads: int | None
 
 
 @dataclass
 class Tables:
-    """Views over loaded traces. `con` is a DuckDB connection; `lazy(view)` a Polars LazyFrame."""
+    """Views over loaded traces. `con` is a DuckDB connection; `lazy(view)` a Polars LazyFrame.
 
-    analysis: Analysis
+    Built with `metrics=False`, the run-level metrics (metrics.json, and the views `window_steps`
+    and `run_metrics` over them) are computed on first use: by `document` / `windows` / `analysis`,
+    or by a query through `sql` / `pl` / `lazy` that names one of those views. Computing them opens
+    a new connection (`con` changes; views you created yourself on the old one are gone).
+    """
+
+    db: TraceDB
+    contexts: list[RunContext]
+    _args: _LoadArgs = field(repr=False)
+    _analysis: Analysis | None = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
         """The DuckDB connection holding every view (see docs/sql.md)."""
-        return self.analysis.db.con
+        return self.db.con
+
+    @property
+    def analysis(self) -> Analysis:
+        """The full analysis (`moecap.analyze.pipeline.Analysis`), computed on first use."""
+        return self.ensure_run_metrics()
 
     @property
     def document(self) -> dict[str, Any]:
         """The metrics document (what `moecap-analyze --out` writes as metrics.json)."""
-        return self.analysis.document
+        return self.ensure_run_metrics().document
 
     @property
     def windows(self) -> dict[str, str]:
         """run_id -> SQL predicate over step_metrics selecting that run's metrics window."""
-        return self.analysis.windows
+        return self.ensure_run_metrics().windows
+
+    @property
+    def has_run_metrics(self) -> bool:
+        return self._analysis is not None
 
     @property
     def runs(self) -> dict[str, LoadedRun]:
-        return self.analysis.db.runs
+        return self.db.runs
 
     @property
     def errors(self) -> list[str]:
         """One line per input file that could not be loaded."""
-        return self.analysis.db.errors
+        return self.db.errors
 
     @property
     def warnings(self) -> list[str]:
-        return self.analysis.db.warnings
+        return self.db.warnings
 
     @property
     def views(self) -> list[str]:
-        """Names of the views and tables a query can use."""
+        """Names of the views and tables a query can use (run-level ones included, computed on use)."""
         rows = self.con.sql(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY table_name"
         ).fetchall()
-        return [r[0] for r in rows]
+        return sorted({r[0] for r in rows} | set(RUN_LEVEL_VIEWS))
+
+    def ensure_run_metrics(self) -> Analysis:
+        """Compute the run-level metrics and define `window_steps` and `run_metrics` (once)."""
+        if self._analysis is None:
+            a = self._args
+            analysis = analyze_paths(a.paths, a.options, cache_dir=a.cache_dir, strict=a.strict)
+            _configure(analysis.db.con, a)
+            define_request_views(analysis.db.con)
+            define_run_views(analysis.db.con, analysis.windows, analysis.document)
+            self.db.con.close()
+            self.db, self.contexts, self._analysis = analysis.db, analysis.contexts, analysis
+        return self._analysis
+
+    def _prepare(self, query: str) -> None:
+        if self._analysis is None and needs_run_metrics(query):
+            self.ensure_run_metrics()
 
     def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
         """A DuckDB relation for `query` (call `.pl()`, `.fetchall()`, `.df()`, `.write_parquet(...)` on it)."""
+        self._prepare(query)
         return self.con.sql(query, params=params)
 
     def pl(self, query: str, params: list[Any] | None = None) -> polars.DataFrame:
         """`query`'s result as a Polars DataFrame."""
-        return self.con.sql(query, params=params).pl()
+        return self.sql(query, params=params).pl()
 
     def lazy(self, view_or_query: str) -> polars.LazyFrame:
         """A Polars LazyFrame over a view (`"steps"`) or a SELECT query, evaluated by DuckDB on collect.
@@ -91,6 +144,7 @@ class Tables:
         """
         text = view_or_query.strip()
         query = f'SELECT * FROM "{text}"' if _IDENTIFIER.match(text) else text
+        self._prepare(query)
         return lazy_frame(self.con, query)
 
     def close(self) -> None:
@@ -109,6 +163,7 @@ def tables(
     paths: Iterable[str | os.PathLike[str]],
     options: Options | None = None,
     *,
+    metrics: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
     memory_limit: str | None = None,
@@ -120,21 +175,38 @@ def tables(
 
     `options` (or its fields as keywords: `gpu="H200"`, `window="all"`, …) choose the GPU the
     per-step metrics are computed for and the metrics window, as `moecap-analyze --gpu/--window` do.
-    `memory_limit` ("4GB") caps DuckDB's memory; beyond it DuckDB spills to `<cache_dir>/spill`.
+    `metrics=False` defers the run-level metrics (metrics.json, `window_steps`, `run_metrics`) to
+    their first use: much faster over many runs when a query needs only the per-step and
+    per-request views. `memory_limit` ("4GB") caps DuckDB's memory; beyond it DuckDB spills to
+    `<cache_dir>/spill`.
     """
     if options is not None and option_fields:
         raise TypeError("pass either options or option keywords, not both")
     options = options or Options(**option_fields)
-    analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict, progress=progress)
-    con = analysis.db.con
-    spill = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    args = _LoadArgs([str(p) for p in paths], options, cache_dir, strict, memory_limit, threads)
+    if metrics:
+        analysis = analyze_paths(args.paths, options, cache_dir=cache_dir, strict=strict, progress=progress)
+        t = Tables(analysis.db, analysis.contexts, args, analysis)
+    else:
+        db = load_traces(args.paths, cache_dir=cache_dir, strict=strict, progress=progress)
+        require_runs(db)
+        contexts = [resolve_context(run, options) for run in db.runs.values()]
+        define_step_metrics_view(db, contexts)
+        t = Tables(db, contexts, args)
+    _configure(t.con, args)
+    define_request_views(t.con)
+    if t._analysis is not None:
+        define_run_views(t.con, t._analysis.windows, t._analysis.document)
+    return t
+
+
+def _configure(con: duckdb.DuckDBPyConnection, args: _LoadArgs) -> None:
+    spill = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
     con.execute(f"SET temp_directory = '{_quote(str(spill / 'spill'))}'")
-    if memory_limit:
-        con.execute(f"SET memory_limit = '{_quote(memory_limit)}'")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    define_derived_views(con, analysis.windows, analysis.document)
-    return Tables(analysis)
+    if args.memory_limit:
+        con.execute(f"SET memory_limit = '{_quote(args.memory_limit)}'")
+    if args.threads:
+        con.execute(f"SET threads = {int(args.threads)}")
 
 
 def _quote(text: str) -> str:

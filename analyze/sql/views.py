@@ -23,10 +23,12 @@ import duckdb
 # Per request, from the engine's steps. A request's step is a *decode* step once the request has
 # sampled a token in an earlier step (req_num_logits > 0); where the engine does not report logits,
 # a step computing exactly one token on top of a non-empty KV cache counts as decode. Only pipeline
-# stage 0 is read: every stage lists the same requests.
+# stage 0 is read: every stage lists the same requests. The first-token step is found by an
+# aggregate joined back (not a window over the unnested rows), so memory stays at one row per
+# request: a window would hold every (step, request) pair of every run at once.
 REQUEST_STEPS_SQL = """
 CREATE OR REPLACE VIEW request_steps AS
-WITH per_request AS (
+WITH per_request AS NOT MATERIALIZED (
     SELECT run_id, dp, step, phase, num_reqs, num_tokens,
            unnest(req_ids) AS engine_req_id,
            unnest(req_prefix_lens) AS prefix_len,
@@ -35,13 +37,17 @@ WITH per_request AS (
     FROM steps
     WHERE pp = 0 AND NOT is_draft
 ),
-classified AS (
-    SELECT *,
-           CASE WHEN num_logits IS NULL THEN new_tokens = 1 AND prefix_len > 0
-                ELSE coalesce(sum(num_logits) OVER earlier, 0) > 0 END AS is_decode
+first_token AS (
+    SELECT run_id, engine_req_id, min(step) FILTER (WHERE num_logits > 0) AS first_token_step
     FROM per_request
-    WINDOW earlier AS (PARTITION BY run_id, engine_req_id ORDER BY step
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+    GROUP BY run_id, engine_req_id
+),
+classified AS (
+    SELECT p.*,
+           CASE WHEN p.num_logits IS NULL THEN p.new_tokens = 1 AND p.prefix_len > 0
+                ELSE coalesce(p.step > f.first_token_step, false) END AS is_decode
+    FROM per_request p
+    JOIN first_token f USING (run_id, engine_req_id)
 )
 SELECT run_id, engine_req_id,
        min(dp)::INTEGER AS dp,
@@ -199,10 +205,17 @@ def define_run_metrics(con: duckdb.DuckDBPyConnection, document: dict[str, Any])
         con.executemany(f"INSERT INTO run_metrics VALUES ({', '.join('?' * len(columns))})", rows)
 
 
+def define_run_views(
+    con: duckdb.DuckDBPyConnection, windows: dict[str, str], document: dict[str, Any]
+) -> None:
+    """`window_steps` and `run_metrics`, from an analysis' windows and metrics document."""
+    con.execute(window_steps_sql(windows))
+    define_run_metrics(con, document)
+
+
 def define_derived_views(
     con: duckdb.DuckDBPyConnection, windows: dict[str, str], document: dict[str, Any]
 ) -> None:
     """Every view this module owns, on a connection that already has the trace views and step_metrics."""
     define_request_views(con)
-    con.execute(window_steps_sql(windows))
-    define_run_metrics(con, document)
+    define_run_views(con, windows, document)

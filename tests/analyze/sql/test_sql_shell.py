@@ -60,14 +60,14 @@ def test_dot_commands(t: Tables) -> None:
 def test_piped_into_the_cli(sql_trace_dir: Path, sql_cache: Path) -> None:
     proc = subprocess.run(
         [str(CLI), "shell", str(sql_trace_dir), "--cache-dir", str(sql_cache)],
-        input=".mode csv\nSELECT count(*) AS runs FROM runs;\n",
+        input=".mode csv\nSELECT count(*) AS runs FROM runs;\nSELECT count(DISTINCT run_id) AS n FROM run_metrics;\n",
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "runs\n3\n"
+    assert proc.stdout == "runs\n3\nn\n3\n"  # run_metrics computed on first use
 
 
 def test_saved_database_has_every_view(t: Tables, tmp_path: Path) -> None:

@@ -90,3 +90,33 @@ def test_window_all_and_memory_limit(sql_trace_dir: Path, sql_cache: Path) -> No
         assert limit.replace(" ", "") in ("256.0MiB", "244.1MiB", "256MB", "244.1MB")
         spill = t.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
         assert spill == str(sql_cache / "spill")
+
+
+def test_run_level_metrics_are_computed_on_first_use(sql_trace_dir: Path, sql_cache: Path, t: Tables) -> None:
+    with tables([str(sql_trace_dir)], cache_dir=sql_cache, metrics=False) as lazy:
+        assert not lazy.has_run_metrics
+        assert (
+            lazy.sql("SELECT count(*) FROM step_metrics").fetchall()
+            == t.sql("SELECT count(*) FROM step_metrics").fetchall()
+        )
+        assert (
+            lazy.sql("SELECT count(*) FROM request_steps").fetchall()
+            == t.sql("SELECT count(*) FROM request_steps").fetchall()
+        )
+        assert not lazy.has_run_metrics
+        assert "run_metrics" in lazy.views and "window_steps" in lazy.views
+        first_con = lazy.con
+        got = lazy.pl("SELECT run_id, phase, s_mbu FROM RUN_METRICS ORDER BY run_id, phase")
+        assert lazy.has_run_metrics and lazy.con is not first_con
+        assert got.equals(t.pl("SELECT run_id, phase, s_mbu FROM run_metrics ORDER BY run_id, phase"))
+        assert lazy.document["runs"][0]["run_id"] == t.document["runs"][0]["run_id"]
+        assert (
+            lazy.sql("SELECT count(*) FROM window_steps").fetchall()
+            == t.sql("SELECT count(*) FROM window_steps").fetchall()
+        )
+
+
+def test_lazy_frame_of_a_run_level_view_computes_it(sql_trace_dir: Path, sql_cache: Path) -> None:
+    with tables([str(sql_trace_dir)], cache_dir=sql_cache, metrics=False) as lazy:
+        assert lazy.lazy("window_steps").select(pl.len()).collect().item() > 0
+        assert lazy.has_run_metrics
