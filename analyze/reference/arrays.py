@@ -27,6 +27,17 @@ IntArray = np.ndarray
 DECODE_LIKE_MODES = ("decode", "decoding", "mixed")
 
 
+#: (frame column, PrefillArrays field, its null-mask field)
+_PREFILL_FIELDS = (
+    ("latency", "latency", "latency_null"),
+    ("ttft", "ttft", "ttft_null"),
+    ("expert_activation", "activation", "activation_null"),
+    ("seq_lens_sum", "seq_lens_sum", "seq_null"),
+    ("batch_size", "batch_size", "batch_null"),
+    ("scheduled_tokens", "scheduled_tokens", "scheduled_null"),
+)
+
+
 @dataclass(frozen=True)
 class PrefillArrays:
     """One entry per prefill pass, in record order; `index` is the record index of each."""
@@ -145,7 +156,9 @@ def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArra
     server_keyed = server_by_id | server_by_pool
 
     def n_unique(series: pl.Series, mask: BoolArray) -> int:
-        return int(series.filter(pl.Series(mask)).n_unique()) if mask.any() else 0
+        if not mask.any():
+            return 0
+        return int((series if mask.all() else series.filter(pl.Series(mask))).n_unique())
 
     def groupings(id_codes: np.ndarray, pool_codes: np.ndarray) -> tuple[Grouping, Grouping, bool]:
         key = np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
@@ -218,25 +231,13 @@ def record_arrays(frame: pl.DataFrame) -> RecordArrays:
     batch, batch_null = _values(frame.get_column("batch_size"))
 
     index = np.flatnonzero(prefill)
-    ttft, ttft_null = _values(frame.get_column("ttft").gather(index))
-    sched, sched_null = _values(frame.get_column("scheduled_tokens").gather(index))
-    info = frame.get_column("per_req_info").gather(index)
-    passes = PrefillArrays(
-        index=index,
-        latency=latency[index],
-        latency_null=latency_null[index],
-        ttft=ttft,
-        ttft_null=ttft_null,
-        activation=activation[index],
-        activation_null=activation_null[index],
-        seq_lens_sum=seq[index],
-        seq_null=seq_null[index],
-        batch_size=batch[index],
-        batch_null=batch_null[index],
-        scheduled_tokens=sched,
-        scheduled_null=sched_null,
-        has_info=(info.list.len().fill_null(0) > 0).to_numpy(),
-    )
+    # One multi-column gather for the prefill passes (cheaper than a numpy gather per column).
+    pre = frame.select(*(column for column, _, _ in _PREFILL_FIELDS), "per_req_info")[index]
+    fields: dict[str, np.ndarray] = {}
+    for column, name, null_name in _PREFILL_FIELDS:
+        fields[name], fields[null_name] = _values(pre.get_column(column))
+    info = pre.get_column("per_req_info")
+    passes = PrefillArrays(index=index, has_info=(info.list.len().fill_null(0) > 0).to_numpy(), **fields)
     return RecordArrays(
         n=n,
         prefill=prefill,

@@ -143,45 +143,53 @@ class _Scales:
         )
 
 
-def _dot(x: FloatArray, y: FloatArray) -> float:
-    """sum(x * y) in one pass. Not `x @ y`: BLAS dot spins up threads, which costs far more than it
-    saves on 1e6 elements (30x slower on a busy 2-core host)."""
-    return float(np.einsum("i,i->", x, y))
-
-
 def _phase_sums(
     sc: _Scales, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None, mask: BoolArray | None
 ) -> _Sums:
     """Sums over one phase's per-record samples: decode (b given, X = B/t requests/s) or prefill
-    (X = c/t tokens/s). With a mask, records outside it get weight 1/t = 0."""
+    (X = c/t tokens/s). With a mask, records outside it get weight 0."""
     n = len(t) if mask is None else int(np.count_nonzero(mask))
     if n == 0:
         return _Sums()
-    # (numpy's `where=` ufunc arguments are avoided throughout: they run unvectorised, ~10x slower.)
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv_t = 1.0 / t if mask is None else np.where(mask, 1.0 / t, 0.0)
-    sums = _weighted_sums(inv_t, a, c, b)
-    if mask is not None and not np.isfinite(sums).all():
-        # A NaN / inf of a record outside the mask (a null, or a genuine one) leaked through its zero
-        # weight: redo with those records' values zeroed, so only the samples' own values count.
-        a, c = np.where(mask, a, 0.0), np.where(mask, c, 0.0)
-        sums = _weighted_sums(inv_t, a, c, None if b is None else np.where(mask, b, 0.0))
-    sum_inv, sum_a, sum_c, sum_x, sum_cx = (float(v) for v in sums)
+        weight = np.ones(len(t)) if mask is None else mask.astype(np.float64)
+        sums = _weighted_sums(weight, t, a, c, b)
+        if mask is not None and not np.isfinite(sums).all():
+            # A NaN / inf of a record outside the mask (a null, or a genuine one) leaked through its
+            # zero weight: redo with those records' values replaced, so only the samples' own count.
+            t = np.where(mask, t, 1.0)
+            a, c = np.where(mask, a, 0.0), np.where(mask, c, 0.0)
+            sums = _weighted_sums(weight, t, a, c, None if b is None else np.where(mask, b, 0.0))
+    sum_inv, sum_a, sum_c, sum_x, sum_cx, latency, context = (float(v) for v in sums)
     coef = sc.coef
     w_over_t = coef.w0 * sum_inv + coef.wa * sum_a + coef.k * sum_c
     c_x = coef.c0 * sum_x + coef.s * sum_cx
-    latency = float(t.sum() if mask is None else np.where(mask, t, 0.0).sum())
-    context = float(c.sum() if mask is None else np.where(mask, c, 0.0).sum())
     return sc.sums(n, w_over_t, c_x, sum_x, latency, context)
 
 
-def _weighted_sums(inv_t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None) -> np.ndarray:
-    """[sum 1/t, sum a/t, sum c/t, sum X, sum c.X] with X = B/t (decode) or c/t (prefill, b None)."""
-    sum_c = _dot(c, inv_t)
+def _weighted_sums(
+    weight: FloatArray, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None
+) -> np.ndarray:
+    """Weighted by w (1 for a sample, 0 otherwise): [sum w/t, sum w.a/t, sum w.c/t, sum w.X, sum w.c.X,
+    sum w.t, sum w.c] with X = B/t (decode) or c/t (prefill, b None). einsum, not `@`: BLAS dot spins
+    up threads, which costs far more than it saves here (30x slower on a busy 2-core host)."""
+    inv_t = weight / t
+    sum_c = np.einsum("i,i->", c, inv_t)
     if b is None:
-        return np.array([inv_t.sum(), _dot(a, inv_t), sum_c, sum_c, _dot(c * c, inv_t)])
-    x = b * inv_t
-    return np.array([inv_t.sum(), _dot(a, inv_t), sum_c, x.sum(), _dot(c, x)])
+        sum_x, sum_cx = sum_c, np.einsum("i,i,i->", c, c, inv_t)
+    else:
+        sum_x, sum_cx = np.einsum("i,i->", b, inv_t), np.einsum("i,i,i->", c, b, inv_t)
+    return np.array(
+        [
+            inv_t.sum(),
+            np.einsum("i,i->", a, inv_t),
+            sum_c,
+            sum_x,
+            sum_cx,
+            np.einsum("i,i->", t, weight),
+            np.einsum("i,i->", c, weight),
+        ]
+    )
 
 
 def _first(mask: BoolArray, rows: IntArray | None = None) -> int | None:
