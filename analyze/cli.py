@@ -73,7 +73,7 @@ CacheDir = Annotated[
 
 
 def _progress_printer(enabled: bool):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():
         return None
 
     def progress(done: int, total: int, path: str) -> None:

@@ -54,7 +54,7 @@ def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 3) -> str
         v = value * scale
         if unit == "%":
             return f"{v:.{max(1, digits - 2)}f} %"
-        text = f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        text = f"{v:,.0f}" if abs(v) >= 100 or (isinstance(value, int) and scale == 1) else f"{v:.{digits}g}"
         return f"{text} {unit}".strip()
     return str(value)
 
