@@ -200,14 +200,20 @@ def expert_load_over_time(load: Any, *, num_experts: int | None = None) -> alt.T
     )
     n_bins = df["step_start"].n_unique()
     if num_experts:
+        # Small batches give a few extreme cells; clamp the scale so 1 (even) stays the visible midpoint.
+        loads = df["load"].drop_nulls().cast(pl.Float64).to_numpy()
+        high = float(np.quantile(loads, 0.99)) if loads.size else 1.0
+        cap = max(2.0, min(8.0, high))
+        clamped = bool(loads.size) and float(loads.max()) > cap
         color = alt.Color(
             "load:Q",
             title="× even share",
-            scale=alt.Scale(scheme="blueorange", domainMid=1),
+            scale=alt.Scale(scheme="blueorange", domain=[0, cap], domainMid=1, clamp=True),
             legend=alt.Legend(format=".1f"),
         )
         scale_note = (
-            f"Colour: the expert's share of its layer's tokens ÷ even share (1/{num_experts}); 1 = even."
+            f"Colour: the expert's share of its layer's tokens ÷ even share (1/{num_experts}); 1 = even"
+            + (f"; ≥ {cap:.3g} drawn as {cap:.3g}." if clamped else ".")
         )
     else:
         color = alt.Color(
