@@ -50,12 +50,13 @@ def export_chart(
     stem.parent.mkdir(parents=True, exist_ok=True)
     svg = vlc.vegalite_to_svg(chart_spec(chart), vl_version=vegalite_version())
     written = []
+    # Not with_suffix: run ids hold dots ("Qwen1.5-MoE-A2.7B-…"), and it would cut the name there.
     if "svg" in formats:
-        path = stem.with_suffix(".svg")
+        path = stem.parent / f"{stem.name}.svg"
         path.write_text(svg, encoding="utf-8")
         written.append(path)
     if "png" in formats:
-        path = stem.with_suffix(".png")
+        path = stem.parent / f"{stem.name}.png"
         path.write_bytes(vlc.svg_to_png(svg, scale=scale))
         written.append(path)
     return written

@@ -22,7 +22,7 @@ RUNS = (
     # (run_id, concurrency, evil, write_experts)
     ("20260101T000000Z-synthetic-qwen15moe-c2", 2, True, True),
     ("20260101T000001Z-synthetic-qwen15moe-c4", 4, False, True),
-    ("20260101T000002Z-synthetic-qwen15moe-c8", 8, False, True),
+    ("20260101T000002Z-synthetic-qwen1.5moe-c8", 8, False, True),  # a dot, as real run ids have
     ("20260101T000003Z-synthetic-qwen15moe-nocounts", 3, False, False),
 )
 
