@@ -37,10 +37,13 @@ moecap-analyze shell traces/ --save runs.duckdb  # a DuckDB database file for th
 ```
 
 ```python
+import polars as pl
+
 from moecap.analyze import connect, tables
-con = connect(["traces/"])                       # duckdb connection with every view
+
+con = connect(["traces/"])  # a DuckDB connection with every view
 con.sql("SELECT count(*) FROM steps").fetchall()
-t = tables(["traces/"], gpu="H200")              # + Polars LazyFrames, metrics document
+t = tables(["traces/"], gpu="H200")  # + Polars LazyFrames, the metrics document
 t.lazy("step_metrics").filter(pl.col("phase") == "decode").select("time_s").collect()
 ```
 
