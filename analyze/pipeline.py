@@ -26,6 +26,7 @@ from .analysis import (
     window_predicate,
 )
 from .cost.section import cost_section, settings_for
+from .accuracy import score_outputs
 from .load import TraceDB, load_traces, require_runs
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
@@ -74,6 +75,44 @@ def analyze_paths(
     return Analysis(db=db, contexts=contexts, document=document, windows=windows)
 
 
+def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
+    """`accuracy_metrics` for outputs that carry a reference answer (None when nothing is scorable)."""
+    outputs = db.con.sql(
+        f"SELECT req_id, sample_id, dataset, output, reference FROM outputs WHERE run_id = '{rid}'"
+    ).pl()
+    if outputs.is_empty() or outputs["reference"].null_count() == outputs.height:
+        return None
+    summary, _ = score_outputs(outputs)
+    return summary if summary.get("total") else None
+
+
+def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
+    """Client rows joined to the engine's steps by request id: how many join, and the gap between
+    the client's arrival and the first step that computed the request (queue + transport), s."""
+    rows = db.con.execute(
+        f"""WITH first_step AS (
+                SELECT rid, min(t_start_ns) AS first_ns FROM (
+                    SELECT unnest(req_ids) AS rid, t_start_ns FROM steps WHERE run_id = '{rid}')
+                GROUP BY rid)
+            SELECT count(*), count(f.rid),
+                   quantile_cont((f.first_ns - r.arrival_ns) / 1e9, [0.5, 0.9, 0.99]),
+                   avg((f.first_ns - r.arrival_ns) / 1e9)
+            FROM requests r LEFT JOIN first_step f ON f.rid = coalesce(r.engine_req_id, r.req_id)
+            WHERE r.run_id = '{rid}'"""
+    ).fetchall()[0]
+    total, joined, q, mean = rows
+    if not total or not db.con.execute(f"SELECT count(*) FROM steps WHERE run_id = '{rid}'").fetchall()[0][0]:
+        return None
+    return {
+        "requests": total,
+        "joined": joined,
+        "arrival_to_first_step_s_mean": mean,
+        "arrival_to_first_step_s_p50_p90_p99": q,
+        "note": "client arrival (driver clock) to the start of the first engine step computing the request "
+        "(engine clock); both are the host's monotonic clock when driver and engine share a host",
+    }
+
+
 def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[str, Any], str]:
     md = ctx.run.metadata
     warnings = list(ctx.warnings)
@@ -112,6 +151,10 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
             phase: expert_stats(totals.filter(pl.col("phase") == phase), md.moe.num_experts)["summary"]
             for phase in sorted(totals["phase"].unique().to_list())
         }
+    accuracy_doc = _accuracy(db, rid)
+    joined = _client_engine_join(db, rid)
+    if joined:
+        req_doc["client_engine_join"] = joined
     constants: dict[str, Any] = {}
     if ctx.gpu is not None:
         constants["gpu"] = {
@@ -166,7 +209,13 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
         "random_weights": md.model.random_weights,
         "window": window,
         "constants": constants,
-        "metrics": {"steps": steps_doc, "requests": req_doc, "experts": experts_doc, "cost": cost_doc},
+        "metrics": {
+            "steps": steps_doc,
+            "requests": req_doc,
+            "experts": experts_doc,
+            "cost": cost_doc,
+            "accuracy": accuracy_doc,
+        },
         "warnings": warnings,
         "files": file_report,
     }

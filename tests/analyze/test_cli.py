@@ -82,3 +82,35 @@ def test_retargeting_to_a_faster_gpu_lowers_smbu_by_the_bandwidth_ratio(syntheti
     a = h100["runs"][0]["metrics"]["steps"]["all"]["s_mbu"]
     b = h200["runs"][0]["metrics"]["steps"]["all"]["s_mbu"]
     assert b == pytest.approx(a * 3.35 / 4.8, rel=1e-9)  # datasheet bandwidths, TB/s
+
+
+def test_accuracy_and_client_engine_join_in_metrics_json(synthetic_run, tmp_path):
+    """gsm8k-format outputs are scored into metrics.json; client rows join the engine's steps."""
+    from moecap.schemas import TraceWriter, read_trace_file
+
+    trace, _ = synthetic_run
+    outputs = next(trace.glob("*.outputs.arrow"))
+    run = read_trace_file(outputs).run
+    answers = ["The answer is #### 42", "so 7 apples #### 7", "#### 3", "I think 5"]
+    refs = ["42", "7", "4", "5"]
+    outputs.unlink()
+    with TraceWriter(outputs, "outputs", run) as w:
+        for i in range(16):
+            w.write(
+                {
+                    "req_id": f"req-{i}",
+                    "dataset": "gsm8k",
+                    "prompt": "q",
+                    "output": answers[i % 4],
+                    "reference": refs[i % 4],
+                }
+            )
+    doc = json.loads(_cli(trace, "--format", "json", "--cache-dir", tmp_path / "c").stdout)
+    metrics = doc["runs"][0]["metrics"]
+    acc = metrics["accuracy"]
+    # Per group of four: 42 ok, 7 ok, 3 vs 4 wrong, "I think 5" has no #### but the last number is 5.
+    assert acc["total"] == 16
+    assert acc["correct"] == 12 and acc["exact_match"] == pytest.approx(0.75)
+    join = metrics["requests"]["client_engine_join"]
+    assert join["requests"] == 16 and join["joined"] == 16
+    assert join["arrival_to_first_step_s_mean"] >= 0
