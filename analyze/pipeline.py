@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from . import __version__
+from .accuracy import score_outputs
 from .analysis import (
     METRICS_SCHEMA,
     Options,
@@ -26,7 +27,6 @@ from .analysis import (
     window_predicate,
 )
 from .cost.section import cost_section, settings_for
-from .accuracy import score_outputs
 from .load import TraceDB, load_traces, require_runs
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
