@@ -58,7 +58,8 @@ def _load(
 
     def progress(done: int, total: int, path: str) -> None:
         if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
-            sys.stderr.write(f"loading {done}/{total} files\r")
+            end = "\n" if done == total else "\r"
+            sys.stderr.write(f"loading {done}/{total} files{end}")
 
     # Run-level metrics (metrics.json) only when a query names window_steps or run_metrics: over
     # many runs they cost far more than most queries.
@@ -69,7 +70,7 @@ def _load(
         cache_dir=cache_dir,
         strict=strict,
         memory_limit=memory_limit,
-        progress=progress,
+        progress=progress if sys.stderr.isatty() else None,  # keep piped stderr to result lines
     )
     for e in t.errors:
         sys.stderr.write(f"skipped: {e}\n")
