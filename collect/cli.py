@@ -27,9 +27,11 @@ def _register() -> None:
     # One line per sub-command module; each defines `register(app)`.
     from . import run_command
     from .driver import command as drive_command
+    from .engines import vllm_cli
 
     run_command.register(app)
     drive_command.register(app)
+    vllm_cli.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,570 @@
+"""Run a workload on vLLM's offline engine with the moecap plugin on, leaving one complete run in `out`.
+
+    result = run(VllmRunOptions(model="analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json", random_weights=True,
+                                dataset="synthetic:256x64", num_prompts=64, batch_size=64, out="traces/"))
+
+The engine's workers write `steps` / `experts` (one pair per recording rank, through the plugin in
+`vllm.py`); this process writes the client side, `requests` and `outputs`, under the same run id. The
+workload loop is a closed loop over `LLMEngine.add_request` / `step()`: `batch_size` requests in flight,
+a new one submitted whenever one finishes, with our request ids (vLLM appends a random suffix for its
+own id, which `requests.engine_req_id` records, so `steps.req_ids` join). Token times are the host times
+at which `step()` returned each request's new tokens.
+
+`serve_command(model, vllm_args, …)` is what `moecap-collect serve --engine vllm` runs: vLLM's OpenAI
+server (`vllm serve`) in place of this process, with tracing on in every engine process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moecap.schemas import (
+    EngineInfo,
+    ModelInfo,
+    MoEInfo,
+    RunMetadata,
+    TraceWriter,
+    new_run_id,
+    trace_file_name,
+)
+
+from .. import runtime
+from ..errors import CollectError
+from ..writers import prepare_out_dir
+from . import vllm as adapter
+from . import vllm_compat as compat
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class VllmRunOptions:
+    """One recorded run on vLLM's offline engine."""
+
+    model: str
+    """A config.json, a model directory, or a hub id vLLM resolves."""
+    dataset: str
+    num_prompts: int
+    batch_size: int
+    out: str
+    random_weights: bool = False
+    """Build the architecture with random weights (`load_format="dummy"`): no checkpoint needed."""
+    dtype: str = "auto"
+    max_new_tokens: int | None = None
+    ignore_eos: bool = False
+    seed: int = 0
+    counts: bool = True
+    tokenizer: str | None = None
+    cuda_graphs: str = "auto"
+    """auto | on: vLLM's default (torch.compile + CUDA graphs); off: `enforce_eager=True`."""
+    max_batch_tokens: int | None = None
+    block_size: int | None = None
+    run_id: str | None = None
+    dataset_path: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further `EngineArgs` fields (e.g. {"tensor_parallel_size": 2}); `vllm_argv` parses CLI flags into this."""
+    strict_engine: bool = False
+
+
+@dataclass
+class VllmRunResult:
+    run_id: str
+    out: Path
+    requests: int
+    output_tokens: int
+    wall_s: float
+    worker_stats: list[dict[str, Any]]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steps(self) -> int:
+        return sum(int(s.get("steps_written", 0)) for s in self.worker_stats if s)
+
+
+@dataclass
+class _Record:
+    req_id: str
+    engine_id: str | None
+    prompt_ids: list[int]
+    sample: Any
+    max_new_tokens: int
+    arrival_ns: int
+    first_token_ns: int | None = None
+    finish_ns: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    chunk_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None
+    finish_reason: str | None = None
+    text: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment shared with vLLM's processes
+# ---------------------------------------------------------------------------------------------------
+def plugin_installed() -> bool:
+    """True when vLLM's plugin loader will find moecap's entry point (moecap installed, editable or not)."""
+    eps = importlib.metadata.entry_points(group=compat.PLUGIN_GROUP)
+    return any(ep.value == "moecap.collect.engines.vllm:register" for ep in eps)
+
+
+def tracing_env(
+    out: Path, run_id: str, *, counts: bool, model_id: str, workload: dict[str, Any], strict: bool
+) -> dict[str, str]:
+    """The variables that turn the plugin on in every vLLM process (they inherit the environment)."""
+    env = {
+        adapter.ENV_TRACE_DIR: str(out.resolve()),
+        adapter.ENV_RUN_ID: run_id,
+        adapter.ENV_COUNTS: "1" if counts else "0",
+        adapter.ENV_MODEL_ID: model_id,
+        adapter.ENV_WORKLOAD: json.dumps(workload, separators=(",", ":"), default=str),
+    }
+    if strict:
+        env[adapter.ENV_STRICT] = "1"
+    allow = os.environ.get("VLLM_PLUGINS")
+    if allow is not None and "moecap" not in [p.strip() for p in allow.split(",")]:
+        env["VLLM_PLUGINS"] = ",".join([p for p in allow.split(",") if p.strip()] + ["moecap"])
+    return env
+
+
+def preflight(strict: bool) -> list[str]:
+    """Check vLLM and the plugin before anything starts; returns warnings (raises `CollectError`)."""
+    warning = adapter.check_version(strict)
+    if not plugin_installed():
+        raise CollectError(
+            "moecap's vllm.general_plugins entry point is not installed, so vLLM's worker processes would not load "
+            "the tracer: install moecap into this environment (pip install -e . or pip install 'moecap[vllm]')"
+        )
+    return [warning] if warning else []
+
+
+def model_id_of(model: str) -> str:
+    path = Path(model)
+    stem = (
+        path.parent.name
+        if path.name == "config.json"
+        else (path.stem if path.suffix == ".json" else path.name)
+    )
+    if path.exists():
+        return stem.replace("__", "/", 1) if "__" in stem else stem
+    return model
+
+
+def model_dir(model: str, random_weights: bool, scratch: Path) -> str:
+    """What vLLM's `model` argument needs: a directory holding config.json (a lone config.json is
+    copied into `scratch`), or the hub id as given."""
+    path = Path(model)
+    if path.is_file():
+        if not random_weights:
+            raise CollectError(f"--model {model!r} is a config.json without weights: pass --random-weights")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CollectError(f"--model {model!r}: not a readable config.json ({exc})") from None
+        scratch.mkdir(parents=True, exist_ok=True)
+        (scratch / "config.json").write_text(json.dumps(config))
+        return str(scratch)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CollectError(f"--model {model!r}: a directory without config.json")
+        return str(path)
+    return model
+
+
+def vllm_argv(argv: Sequence[str]) -> dict[str, Any]:
+    """vLLM CLI engine flags (`--tensor-parallel-size 2 --enable-expert-parallel …`) as `EngineArgs` fields
+    that differ from the defaults, parsed by vLLM's own parser."""
+    if not argv:
+        return {}
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # pragma: no cover - older releases
+        from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef,attr-defined]
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="moecap-collect run --engine vllm"))
+    try:
+        ns = parser.parse_args(["--model", "placeholder", *argv])
+        defaults = parser.parse_args(["--model", "placeholder"])
+    except SystemExit:
+        raise CollectError(f"cannot parse vLLM engine flags: {shlex.join(argv)}") from None
+    out = {}
+    for f in dataclasses.fields(EngineArgs):
+        if f.name == "model" or not hasattr(ns, f.name):
+            continue
+        value = getattr(ns, f.name)
+        if value != getattr(defaults, f.name):
+            out[f.name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The offline run
+# ---------------------------------------------------------------------------------------------------
+def run(options: VllmRunOptions, *, progress: Callable[[int, int, int], None] | None = None) -> VllmRunResult:
+    """Run `options`' workload on vLLM with tracing on; see the module docstring."""
+    if options.num_prompts < 1 or options.batch_size < 1:
+        raise CollectError("--num-prompts and --batch-size must be at least 1")
+    out = prepare_out_dir(options.out)
+    warnings = preflight(options.strict_engine)
+    model_id = model_id_of(options.model)
+    run_id = options.run_id or new_run_id("vllm", model_id)
+    scratch = Path(tempfile.mkdtemp(prefix="moecap-vllm-model-"))
+    try:
+        return _run(options, out, run_id, model_id, scratch, warnings, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _engine_args(options: VllmRunOptions, model: str, text_prompts: bool) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "seed": options.seed,
+        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
+        "skip_tokenizer_init": not text_prompts and options.tokenizer is None,
+    }
+    if options.tokenizer:
+        kwargs["tokenizer"] = options.tokenizer
+    if options.random_weights:
+        kwargs["load_format"] = "dummy"
+    if options.cuda_graphs == "off":
+        kwargs["enforce_eager"] = True
+    if options.max_batch_tokens:
+        kwargs["max_num_batched_tokens"] = options.max_batch_tokens
+    if options.block_size:
+        kwargs["block_size"] = options.block_size
+    kwargs.update(options.engine_args)
+    try:
+        return EngineArgs(**kwargs)
+    except TypeError as exc:
+        raise CollectError(f"vLLM engine arguments: {exc}") from None
+
+
+def _workload(options: VllmRunOptions, prompts: Sequence[Any]) -> dict[str, Any]:
+    lens = [len(p.token_ids) for p in prompts]
+    outs = sorted({p.max_new_tokens for p in prompts})
+    return {
+        "dataset": options.dataset,
+        "num_prompts": len(prompts),
+        "batch_size": options.batch_size,
+        "concurrency": options.batch_size,
+        "max_new_tokens": outs[0] if len(outs) == 1 else outs,
+        "input_tokens": {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)},
+        "ignore_eos": options.ignore_eos,
+        "seed": options.seed,
+        "sampling": "greedy",
+        "driver": "vllm-offline-closed-loop",
+    }
+
+
+def _run(
+    options: VllmRunOptions,
+    out: Path,
+    run_id: str,
+    model_id: str,
+    scratch: Path,
+    warnings: list[str],
+    progress: Callable[[int, int, int], None] | None,
+) -> VllmRunResult:
+    from ..datasets import load_samples
+    from .hf_runner import make_prompts
+
+    model = model_dir(options.model, options.random_weights, scratch / "model")
+    config = _read_config(model)
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
+    tokenizer = _tokenizer(options.tokenizer or (model if Path(model).is_dir() else None))
+    samples = load_samples(
+        options.dataset,
+        options.num_prompts,
+        seed=options.seed,
+        vocab_size=vocab,
+        local_path=options.dataset_path,
+    )
+    prompts = make_prompts(samples, tokenizer, options.max_new_tokens, vocab)
+    workload = _workload(options, prompts)
+    env = tracing_env(
+        out, run_id, counts=options.counts, model_id=model_id, workload=workload, strict=options.strict_engine
+    )
+    engine_args = _engine_args(options, model, text_prompts=tokenizer is not None)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    engine = None
+    try:
+        adapter.register()  # this process too (an in-process engine core), before vLLM loads plugins
+        from vllm import SamplingParams
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine.from_engine_args(engine_args)
+        records, wall_s = _closed_loop(engine, prompts, options, SamplingParams, progress)
+        stats = _rpc(engine, "close")
+        meta = _client_metadata(engine, run_id, model_id, options, workload, warnings)
+    finally:
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.engine_core.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    files = _write_client_tables(out, meta, records, tokenizer)
+    engine_files = sorted(out.glob(f"{run_id}.dp*.arrow"))
+    return VllmRunResult(
+        run_id=run_id,
+        out=out,
+        requests=len(records),
+        output_tokens=sum(len(r.output_ids) for r in records),
+        wall_s=wall_s,
+        worker_stats=stats,
+        files=engine_files + files,
+        warnings=warnings,
+    )
+
+
+def _read_config(model: str) -> dict[str, Any]:
+    path = Path(model) / "config.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads(path.read_text()))
+    return {}
+
+
+def _tokenizer(source: str | None) -> Any | None:
+    if source is None:
+        return None
+    path = Path(source)
+    if path.is_dir() and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise CollectError(f"--tokenizer {source!r}: cannot load ({str(exc).splitlines()[0]})") from None
+
+
+def _closed_loop(
+    engine: Any, prompts: Sequence[Any], options: VllmRunOptions, sampling_params: Any, progress: Any
+) -> tuple[list[_Record], float]:
+    pending = deque(prompts)
+    live: dict[str, _Record] = {}
+    done: list[_Record] = []
+    tokens = 0
+    t_first = time.monotonic_ns()
+
+    def submit() -> None:
+        p = pending.popleft()
+        params = sampling_params(
+            max_tokens=p.max_new_tokens,
+            ignore_eos=options.ignore_eos,
+            temperature=0.0,
+            seed=options.seed,
+            detokenize=False,
+        )
+        now = time.monotonic_ns()
+        engine_id = engine.add_request(p.req_id, {"prompt_token_ids": list(p.token_ids)}, params)
+        live[p.req_id] = _Record(
+            p.req_id,
+            engine_id if isinstance(engine_id, str) else None,
+            list(p.token_ids),
+            p.sample,
+            p.max_new_tokens,
+            now,
+        )
+
+    while pending and len(live) < options.batch_size:
+        submit()
+    while live:
+        outputs = engine.step()
+        now = time.monotonic_ns()
+        for out in outputs:
+            rec = live.get(out.request_id)
+            if rec is None or not out.outputs:
+                continue
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            new = len(ids) - len(rec.output_ids)
+            if new > 0:
+                rec.first_token_ns = rec.first_token_ns or now
+                rec.chunk_ns.append(now)
+                rec.chunk_tokens.append(new)
+                rec.output_ids = ids
+            if rec.cached_tokens is None:
+                rec.cached_tokens = getattr(out, "num_cached_tokens", None)
+            if out.finished:
+                rec.finish_ns = now
+                rec.finish_reason = str(completion.finish_reason) if completion.finish_reason else None
+                done.append(live.pop(out.request_id))
+                tokens += len(rec.output_ids)
+                if progress is not None:
+                    progress(len(done), len(prompts), tokens)
+                if pending:
+                    submit()
+    return done, (time.monotonic_ns() - t_first) / 1e9
+
+
+def _rpc(engine: Any, command: str) -> list[dict[str, Any]]:
+    """Ask every worker's tracer (`Worker.moecap_control`) for its stats, closing its files first."""
+    try:
+        result = engine.collective_rpc("moecap_control", args=(command,))
+    except Exception as exc:
+        return [{"error": f"{type(exc).__name__}: {exc}"}]
+    return [r for r in result if r is not None] if isinstance(result, list) else [result]
+
+
+def _client_metadata(
+    engine: Any,
+    run_id: str,
+    model_id: str,
+    options: VllmRunOptions,
+    workload: dict[str, Any],
+    warnings: list[str],
+) -> RunMetadata:
+    vc = getattr(engine, "vllm_config", None)
+    config = compat.model_config_dict(vc) if vc is not None else {}
+    extra = runtime.host_facts()
+    if warnings:
+        extra["warnings"] = warnings
+    return RunMetadata(
+        run_id=run_id,
+        engine=EngineInfo(
+            name="vllm", version=compat.installed_version() or "", args=compat.engine_args(vc) if vc else {}
+        ),
+        model=ModelInfo(
+            id=model_id,
+            config=config,
+            dtypes=compat.dtypes(vc) if vc is not None else {},
+            random_weights=options.random_weights,
+        ),
+        moe=MoEInfo(
+            num_experts=compat.config_num_experts(vc) or 0 if vc else 0,
+            top_k=compat.config_top_k(vc) or 0 if vc else 0,
+        ),
+        gpus=runtime.gpu_infos(),
+        workload=workload,
+        collector_version=runtime.collector_version(),
+        extra=extra,
+    )
+
+
+def _write_client_tables(out: Path, meta: RunMetadata, records: list[_Record], tokenizer: Any) -> list[Path]:
+    paths = []
+    requests = TraceWriter(out / trace_file_name(meta, "requests"), "requests", meta)
+    outputs = TraceWriter(out / trace_file_name(meta, "outputs"), "outputs", meta)
+    for rec in sorted(records, key=lambda r: r.arrival_ns):
+        requests.write(
+            {
+                "req_id": rec.req_id,
+                "engine_req_id": rec.engine_id,
+                "sample_id": rec.sample.sample_id,
+                "arrival_ns": rec.arrival_ns,
+                "first_token_ns": rec.first_token_ns,
+                "finish_ns": rec.finish_ns,
+                "prompt_tokens": len(rec.prompt_ids),
+                "output_tokens": len(rec.output_ids),
+                "cached_prompt_tokens": rec.cached_tokens,
+                "chunk_times_ns": rec.chunk_ns or None,
+                "chunk_tokens": rec.chunk_tokens or None,
+                "queue_ns": None,
+                "preemptions": None,
+                "finish_reason": rec.finish_reason,
+                "error": None,
+                "retries": 0,
+            }
+        )
+        text = tokenizer.decode(rec.output_ids, skip_special_tokens=True) if tokenizer is not None else None
+        outputs.write(
+            {
+                "req_id": rec.req_id,
+                "sample_id": rec.sample.sample_id,
+                "dataset": rec.sample.dataset,
+                "prompt": rec.sample.prompt_text,
+                "output": text if text is not None else json.dumps(rec.output_ids, separators=(",", ":")),
+                "reference": rec.sample.reference,
+            }
+        )
+    for w in (requests, outputs):
+        w.close()
+        paths.append(w.path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------------
+def serve_argv(model: str, vllm_args: Sequence[str]) -> list[str]:
+    """The command line of vLLM's OpenAI server for `model` (`vllm serve MODEL ARGS…`)."""
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *vllm_args]
+
+
+def serve_command(
+    model: str,
+    vllm_args: Sequence[str],
+    *,
+    out: str,
+    run_id: str | None = None,
+    counts: bool = True,
+    strict_engine: bool = False,
+    random_weights: bool = False,
+    exec_fn: Callable[[str, list[str], dict[str, str]], Any] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Replace this process by `vllm serve MODEL ARGS…` with tracing on (returns only when `exec_fn`
+    does, i.e. in tests). The run's `steps` / `experts` files appear in `out` per recording rank; the
+    workload driver writes `requests` / `outputs` there with the same run id (printed)."""
+    out_dir = prepare_out_dir(out)
+    warnings = preflight(strict_engine)
+    model_id = model_id_of(model)
+    run_id = run_id or new_run_id("vllm", model_id)
+    args = list(vllm_args)
+    target = model
+    if random_weights:
+        scratch = Path(tempfile.mkdtemp(prefix="moecap-vllm-model-"))
+        target = model_dir(model, True, scratch)
+        if "--load-format" not in args and not any(a.startswith("--load-format=") for a in args):
+            args += ["--load-format", "dummy"]
+    env = dict(os.environ)
+    env.update(
+        tracing_env(
+            out_dir,
+            run_id,
+            counts=counts,
+            model_id=model_id,
+            workload={"driver": "external"},
+            strict=strict_engine,
+        )
+    )
+    argv = serve_argv(target, args)
+    for w in warnings:
+        print(f"moecap-collect: warning: {w}", file=sys.stderr)
+    print(
+        f"moecap-collect: run {run_id}: tracing vLLM into {out_dir}/ ({shlex.join(argv[2:])})",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    (exec_fn or os.execvpe)(argv[0], argv, env)
+    return argv, env
