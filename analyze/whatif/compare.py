@@ -70,6 +70,11 @@ def workload_key(ctx: RunContext) -> tuple[Any, ...]:
     return (md.model.id, md.engine.name, wl.get("dataset"), wl.get("batch_size") or wl.get("concurrency"))
 
 
+def _arg_distance(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """How many engine arguments differ between two runs."""
+    return sum(1 for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def pair_runs(source: Analysis, other: Analysis) -> tuple[list[tuple[RunContext, RunContext]], list[str]]:
     """Pairs (source run, compare run) of the same workload, and a line per run left unpaired."""
     by_key: dict[tuple[Any, ...], list[RunContext]] = {}
@@ -83,10 +88,23 @@ def pair_runs(source: Analysis, other: Analysis) -> tuple[list[tuple[RunContext,
         if not cands:
             notes.append(f"{ctx.run.run_id}: no compare-to run with model/engine/dataset/batch size {key}")
             continue
-        same = [c for c in cands if c.run.metadata.workload == ctx.run.metadata.workload]
-        chosen = sorted(same or cands, key=lambda c: c.run.run_id)[0]
-        if len(same or cands) > 1:
-            notes.append(f"{ctx.run.run_id}: several compare-to runs match {key}; using {chosen.run.run_id}")
+        md = ctx.run.metadata
+
+        # Prefer the same workload, then the closest engine arguments (CUDA graphs on / off matters;
+        # a KV block count sized to the GPU's memory does not stop a pairing).
+        def rank(c: RunContext, md: Any = md) -> tuple[bool, int]:
+            other_md = c.run.metadata
+            return other_md.workload != md.workload, _arg_distance(other_md.engine.args, md.engine.args)
+
+        ranked = sorted(cands, key=lambda c: (*rank(c), c.run.run_id))
+        chosen = ranked[0]
+        ties = [c for c in ranked if rank(c) == rank(chosen)]
+        if len(ties) > 1:
+            notes.append(
+                f"{ctx.run.run_id}: several compare-to runs match {key} equally; using {chosen.run.run_id}"
+            )
+        elif rank(chosen)[0]:
+            notes.append(f"{ctx.run.run_id}: paired with {chosen.run.run_id}, whose workload differs")
         used.add(chosen.run.run_id)
         pairs.append((ctx, chosen))
     notes += [

@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..metrics.requests import request_metrics
 from ..pipeline import Analysis
 from ..specs import GpuSpec
-from .roofline import RooflineFit, fit_roofline
+from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline
 
 WHATIF_SCHEMA = "moecap.whatif/1"
 MODELS = ("projection", "no_change", "bandwidth_ratio")
@@ -164,8 +164,11 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
             notes.append(
                 f"{phase}: {part.height} step(s), fewer than {MIN_PHASE_STEPS}; the fit over all steps is used"
             )
-    for which, test in (("FLOP", "flops_identified"), ("bandwidth", "bandwidth_identified")):
-        unidentified = [name for name, f in fits.items() if not getattr(f, test)]
+    for which, bound, floor in (
+        ("FLOP", "eta_flops_bound", "eta_flops_below_floor"),
+        ("bandwidth", "eta_bw_bound", "eta_bw_below_floor"),
+    ):
+        unidentified = [name for name, f in fits.items() if getattr(f, bound) is not None]
         if unidentified:
             side = "memory" if which == "FLOP" else "compute"
             used = {
@@ -177,6 +180,14 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
                 f"{which} efficiency not identified in fit(s) {', '.join(unidentified)} (every step {side}-bound); "
                 f"used {', '.join(map(str, sorted(used)))}, the larger of the bound the data implies and the prior"
                 + (f" ({prior_note})" if which == "FLOP" else " (0.8)")
+            )
+        low = {name: getattr(f, floor) for name, f in fits.items() if getattr(f, floor) is not None}
+        if low:
+            fitted = ", ".join(f"{name} {v:.3g}" for name, v in low.items())
+            notes.append(
+                f"{which} efficiency fitted below the floor {MIN_EFFICIENCY:g} ({fitted}): {which.lower()}s do not "
+                "limit these steps (e.g. a launch-bound engine); the prior was used and the rest of the step time "
+                "is treated as per-step overhead that does not scale with the GPU"
             )
     for name, f in fits.items():
         if f.eta_bw > 1 or f.eta_flops > 1:
@@ -190,7 +201,10 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
 # -- projections -----------------------------------------------------------------------------------
 def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: str) -> np.ndarray:
     """Per-step GPU time (s) on `target` under `model` (projection | no_change | bandwidth_ratio).
-    Steps that cannot be projected (no bytes, no GPU time) keep their measured time."""
+
+    projection: t_i + R_tgt(i) − R_src(i), R = the phase fit's roofline part max(B/(BW·η_bw),
+    F/(P·η_f)); the fitted overhead and each step's residual are kept. Steps that cannot be
+    projected (no bytes, no GPU time) keep their measured time."""
     t = df["time_s"].to_numpy().astype(np.float64)
     B = df["bytes_per_gpu"].to_numpy().astype(np.float64)
     F = df["flops_per_gpu"].to_numpy().astype(np.float64)
@@ -207,11 +221,19 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
         return np.where(ok, t * scale, t)
     if model != "projection":
         raise ValueError(f"unknown what-if model {model!r}")
+    # Each step keeps its own residual (measured − model: warm-up, graph capture, GC pauses, noise):
+    # only the roofline part the fit attributes to the GPU is swapped for the target's.
     phases = df["phase"].to_numpy()
     for phase in np.unique(phases):
         sel = ok & (phases == phase)
-        if sel.any():
-            out[sel] = cal.fit_for(str(phase)).step_time(B[sel], F[sel], target.memory_bandwidth, tgt_peak)
+        if not sel.any():
+            continue
+        fit = cal.fit_for(str(phase))
+        src = fit.roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
+        dst = fit.roofline_time(B[sel], F[sel], target.memory_bandwidth, tgt_peak)
+        shifted = t[sel] + (dst - src)
+        # A step measured faster than its own roofline part (model over-estimate): scale it instead.
+        out[sel] = np.where(shifted > 0, shifted, t[sel] * dst / src)
     return out
 
 

@@ -14,6 +14,12 @@ intensity turns the problem into a search over one split point: steps below it a
 a·B + c, steps above as b·F + c (linear least squares from prefix sums). Candidate splits are
 scored by the true max() objective, then refined by re-partitioning with the fitted parameters.
 
+An efficiency fitted below MIN_EFFICIENCY (10 %) is not believed: a step whose time grows with its
+bytes at 1 % of peak bandwidth is not limited by bandwidth, its time correlates with bytes through
+something else (per-token host work in a launch-bound engine). That efficiency is set to its prior
+and the rest refitted, so the time is attributed to the overhead c, which does not scale with the
+GPU's peaks.
+
 When every step lies on one side of the ridge, the other efficiency is not identified by the data:
 the fit reports the bound the data implies (no step may cross the ridge) and uses a prior (a
 measured matmul ceiling where the GPU table has one) clipped to that bound; `*_identified` says so.
@@ -31,6 +37,11 @@ MAX_FIT_STEPS = 50_000
 candidate split and 3 parameters need far fewer points)."""
 
 _CANDIDATES = 256
+
+MIN_EFFICIENCY = 0.1
+"""An efficiency fitted below this is read as "this resource does not limit the steps" (their time
+correlates with bytes or FLOPs through something else, e.g. per-token host work in a launch-bound
+engine) rather than as a kernel running at a few % of peak; see fit_roofline."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +64,22 @@ class RooflineFit:
     """When η_bw is not identified: the smallest η_bw consistent with every step being compute-bound."""
     eta_flops_bound: float | None = None
     """When η_f is not identified: the smallest η_f consistent with every step being memory-bound."""
+    eta_bw_below_floor: float | None = None
+    """The η_bw the free fit gave when it fell below the floor (then replaced by the prior)."""
+    eta_flops_below_floor: float | None = None
     prior_note: str | None = None
 
     def step_time(
         self, nbytes: np.ndarray, flops: np.ndarray, bandwidth: float, peak_flops: float
     ) -> np.ndarray:
         """Step GPU time (s) of steps with these per-GPU bytes and FLOPs on a GPU of the given peaks."""
-        mem = nbytes / (bandwidth * self.eta_bw)
-        comp = flops / (peak_flops * self.eta_flops)
-        return np.maximum(mem, comp) + self.overhead_s
+        return self.roofline_time(nbytes, flops, bandwidth, peak_flops) + self.overhead_s
+
+    def roofline_time(
+        self, nbytes: np.ndarray, flops: np.ndarray, bandwidth: float, peak_flops: float
+    ) -> np.ndarray:
+        """The part of the step time that scales with the GPU: max(B/(BW·η_bw), F/(P·η_f)), s."""
+        return np.maximum(nbytes / (bandwidth * self.eta_bw), flops / (peak_flops * self.eta_flops))
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,9 +92,16 @@ def _evaluate(a: float, b: float, c: float, B: np.ndarray, F: np.ndarray, t: np.
     return float(np.sum((np.maximum(a * B, b * F) + c - t) ** 2))
 
 
-def _split_fits(B: np.ndarray, F: np.ndarray, t: np.ndarray, ks: np.ndarray) -> np.ndarray:
-    """Least-squares (a, b, c) for each split k (steps [0, k) memory-bound), intensity-sorted inputs.
-    Rows are NaN where a split's system is singular (k = 0 or n need the one-sided fits)."""
+def _split_fits(
+    B: np.ndarray,
+    F: np.ndarray,
+    t: np.ndarray,
+    ks: np.ndarray,
+    a_fix: float | None = None,
+    b_fix: float | None = None,
+) -> np.ndarray:
+    """Least-squares (a, b, c) for each split k (steps [0, k) memory-bound), intensity-sorted inputs;
+    a / b held at a_fix / b_fix when given. Rows are NaN where a split's system is singular."""
     zero = np.zeros(1)
     cB2 = np.concatenate([zero, np.cumsum(B * B)])
     cB = np.concatenate([zero, np.cumsum(B)])
@@ -88,7 +113,7 @@ def _split_fits(B: np.ndarray, F: np.ndarray, t: np.ndarray, ks: np.ndarray) -> 
     st = float(np.sum(t))
     mB2, mB, mBt = cB2[ks], cB[ks], cBt[ks]
     fF2, fF, fFt = cF2[-1] - cF2[ks], cF[-1] - cF[ks], cFt[-1] - cFt[ks]
-    # Scale the unknowns to O(1) so the 3x3 systems are well conditioned (bytes ~1e10, FLOPs ~1e13).
+    # Scale the unknowns to O(1) so the systems are well conditioned (bytes ~1e10, FLOPs ~1e13).
     sB, sF = 1.0 / max(float(np.max(B)), 1e-300), 1.0 / max(float(np.max(F)), 1e-300)
     A = np.zeros((len(ks), 3, 3))
     A[:, 0, 0] = mB2 * sB * sB
@@ -97,22 +122,82 @@ def _split_fits(B: np.ndarray, F: np.ndarray, t: np.ndarray, ks: np.ndarray) -> 
     A[:, 1, 2] = A[:, 2, 1] = fF * sF
     A[:, 2, 2] = n
     rhs = np.stack([mBt * sB, fFt * sF, np.full(len(ks), st)], axis=1)
+    # A held parameter moves to the right-hand side (only the c row couples a and b).
+    if a_fix is not None:
+        rhs[:, 2] -= a_fix * mB
+    if b_fix is not None:
+        rhs[:, 2] -= b_fix * fF
+    free = [i for i, fixed in ((0, a_fix), (1, b_fix)) if fixed is None] + [2]
+    A, rhs = A[:, free][:, :, free], rhs[:, free]
     out = np.full((len(ks), 3), np.nan)
-    ok = np.abs(np.linalg.det(A)) > 1e-12 * np.maximum(1.0, np.abs(A).max(axis=(1, 2)) ** 3)
+    m = len(free)
+    ok = np.abs(np.linalg.det(A)) > 1e-12 * np.maximum(1.0, np.abs(A).max(axis=(1, 2)) ** m)
     if ok.any():
         sol = np.linalg.solve(A[ok], rhs[ok][..., None])[..., 0]
-        out[ok] = sol * np.array([sB, sF, 1.0])
+        full = np.zeros((int(ok.sum()), 3))
+        full[:, free] = sol * np.array([sB, sF, 1.0])[free]
+        if a_fix is not None:
+            full[:, 0] = a_fix
+        if b_fix is not None:
+            full[:, 1] = b_fix
+        out[ok] = full
     return out
 
 
-def _one_sided(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    """Least squares t ≈ s·x + c with s > 0, c >= 0 (c = 0 refit when negative)."""
+def _one_sided(x: np.ndarray, t: np.ndarray, s_fix: float | None = None) -> tuple[float, float]:
+    """Least squares t ≈ s·x + c with s > 0, c >= 0 (c = 0 refit when negative); s held at s_fix
+    when given."""
+    if s_fix is not None:
+        return s_fix, max(0.0, float(np.mean(t - s_fix * x)))
     if len(x) >= 2 and np.ptp(x) > 0:
         s, c = np.polyfit(x, t, 1)
         if s > 0 and c >= 0:
             return float(s), float(c)
     s = float(np.dot(x, t) / np.dot(x, x)) if np.dot(x, x) > 0 else 0.0
     return max(s, 0.0), 0.0
+
+
+def _fit(
+    B: np.ndarray, F: np.ndarray, t: np.ndarray, a_fix: float | None = None, b_fix: float | None = None
+) -> tuple[float, float, float]:
+    """Least squares (a, b, c) of t ≈ max(a·B, b·F) + c over intensity-sorted steps (see module doc)."""
+    n = len(t)
+
+    def valid(p: np.ndarray) -> bool:
+        return bool(np.isfinite(p[0]) and p[0] > 0 and p[1] > 0 and p[2] >= 0)
+
+    cands: list[tuple[float, float, float]] = []
+    a1, c1 = _one_sided(B, t, a_fix)
+    cands.append((a1, b_fix or 0.0, c1))
+    b0, c0 = _one_sided(F, t, b_fix)
+    cands.append((a_fix or 0.0, b0, c0))
+    if a_fix is not None and b_fix is not None:
+        c = max(0.0, float(np.mean(t - np.maximum(a_fix * B, b_fix * F))))
+        cands.append((a_fix, b_fix, c))
+    ks = np.unique(np.linspace(1, n - 1, min(_CANDIDATES, max(n - 1, 1))).round().astype(np.int64))
+    ks = ks[(ks >= 1) & (ks <= n - 1)]
+    if len(ks):
+        for p in _split_fits(B, F, t, ks, a_fix, b_fix):
+            if valid(p):
+                cands.append((float(p[0]), float(p[1]), float(p[2])))
+    best = min(cands, key=lambda p: _evaluate(p[0], p[1], p[2], B, F, t))
+    best_sse = _evaluate(best[0], best[1], best[2], B, F, t)
+    # Refine: re-partition by the fitted ridge, refit that split, while the true objective falls.
+    for _ in range(30):
+        a, b, c = best
+        if a <= 0 or b <= 0:
+            break
+        k = int(np.searchsorted(F / B, a / b, side="right"))
+        if k <= 0 or k >= n:
+            break
+        trial = _split_fits(B, F, t, np.array([k]), a_fix, b_fix)[0]
+        if not valid(trial):
+            break
+        sse = _evaluate(float(trial[0]), float(trial[1]), float(trial[2]), B, F, t)
+        if sse >= best_sse * (1 - 1e-12):
+            break
+        best, best_sse = (float(trial[0]), float(trial[1]), float(trial[2])), sse
+    return best
 
 
 def fit_roofline(
@@ -124,13 +209,17 @@ def fit_roofline(
     peak_flops: float,
     eta_bw_prior: float = 0.8,
     eta_flops_prior: float = 0.8,
+    min_efficiency: float = MIN_EFFICIENCY,
     seed: int = 0,
 ) -> RooflineFit:
     """Fit t = max(B/(BW·η_bw), F/(P·η_f)) + c to measured steps (per-GPU bytes and FLOPs, GPU time).
 
-    Steps with non-finite or non-positive inputs are ignored. The priors are used only for an
-    efficiency the data cannot identify (see the module doc). Raises ValueError with fewer than 3
-    usable steps.
+    Steps with non-finite or non-positive inputs are ignored. An efficiency fitted below
+    `min_efficiency` means that resource does not limit the steps (their time grows with bytes or
+    FLOPs for another reason, e.g. host-bound launches): it is set to its prior and the fit redone,
+    so the time goes to the overhead c instead of scaling with the GPU's peak. The priors are also
+    used for an efficiency the data cannot identify (see the module doc). Raises ValueError with
+    fewer than 3 usable steps.
     """
     B = np.asarray(nbytes, dtype=np.float64)
     F = np.asarray(flops, dtype=np.float64)
@@ -145,64 +234,65 @@ def fit_roofline(
     order = np.argsort(F / B, kind="stable")
     B, F, t = B[order], F[order], t[order]
     n = len(t)
-
-    # Candidates: one-sided fits (all memory-bound / all compute-bound) and two-sided splits.
-    cands: list[tuple[float, float, float]] = []
-    a1, c1 = _one_sided(B, t)
-    cands.append((a1, 0.0, c1))
-    b0, c0 = _one_sided(F, t)
-    cands.append((0.0, b0, c0))
-    ks = np.unique(np.linspace(1, n - 1, min(_CANDIDATES, max(n - 1, 1))).round().astype(np.int64))
-    ks = ks[(ks >= 1) & (ks <= n - 1)]
-    if len(ks):
-        for a, b, c in _split_fits(B, F, t, ks):
-            if np.isfinite(a) and a > 0 and b > 0 and c >= 0:
-                cands.append((float(a), float(b), float(c)))
-    scored = sorted(cands, key=lambda p: _evaluate(p[0], p[1], p[2], B, F, t))
-    best = scored[0]
-    best_sse = _evaluate(best[0], best[1], best[2], B, F, t)
-    # Refine: re-partition by the fitted ridge, refit that split, while the true objective falls.
-    for _ in range(30):
-        a, b, c = best
-        if a <= 0 or b <= 0:
-            break
-        k = int(np.searchsorted(F / B, a / b, side="right"))
-        if k <= 0 or k >= n:
-            break
-        trial = _split_fits(B, F, t, np.array([k]))[0]
-        if not (np.isfinite(trial[0]) and trial[0] > 0 and trial[1] > 0 and trial[2] >= 0):
-            break
-        sse = _evaluate(float(trial[0]), float(trial[1]), float(trial[2]), B, F, t)
-        if sse >= best_sse * (1 - 1e-12):
-            break
-        best, best_sse = (float(trial[0]), float(trial[1]), float(trial[2])), sse
-
-    a, b, c = best
     intensity = F / B
-    mem_side = (a * B >= b * F) if a > 0 and b > 0 else np.full(n, b <= 0)
     notes = []
-    bw_identified = a > 0 and bool(mem_side.any())
-    fl_identified = b > 0 and bool((~mem_side).any())
+
+    a_fix = b_fix = None
+    eta_bw_rejected = eta_fl_rejected = None
+    # Free fit; an efficiency below the floor is replaced by its prior and the fit redone (the other
+    # side may then pick up the correlation, so check again).
+    for _ in range(3):
+        a, b, c = _fit(B, F, t, a_fix, b_fix)
+        mem_side = (a * B >= b * F) if a > 0 and b > 0 else np.full(n, b <= 0)
+        changed = False
+        if a_fix is None and a > 0 and mem_side.any() and 1.0 / (bandwidth * a) < min_efficiency:
+            eta_bw_rejected = 1.0 / (bandwidth * a)
+            a_fix = 1.0 / (bandwidth * eta_bw_prior)
+            changed = True
+        if b_fix is None and b > 0 and (~mem_side).any() and 1.0 / (peak_flops * b) < min_efficiency:
+            eta_fl_rejected = 1.0 / (peak_flops * b)
+            b_fix = 1.0 / (peak_flops * eta_flops_prior)
+            changed = True
+        if not changed:
+            break
+    for what, value, prior in (
+        ("bandwidth", eta_bw_rejected, eta_bw_prior),
+        ("FLOP", eta_fl_rejected, eta_flops_prior),
+    ):
+        if value is not None:
+            notes.append(
+                f"{what} efficiency fitted at {value:.3g}, below the floor {min_efficiency:g}: that resource "
+                f"does not limit these steps; used {prior:.3g} and refitted, the rest of the time is overhead"
+            )
+    bw_identified = a_fix is None and a > 0 and bool(mem_side.any())
+    fl_identified = b_fix is None and b > 0 and bool((~mem_side).any())
     eta_bw_bound = eta_fl_bound = None
-    if not fl_identified:
-        # Every step memory-bound: b·F_i <= a·B_i for all i, so b <= a / max(F/B), i.e.
-        # η_f >= η_f_min = (a · max(F/B)) / ... expressed on the GPU's peak.
-        b_max = a / float(intensity.max())
-        eta_fl_bound = 1.0 / (peak_flops * b_max)
-        eta = max(eta_flops_prior, eta_fl_bound)
+    refit_overhead = False
+    if not fl_identified and b_fix is None:
+        # Every step memory-bound: b·F_i <= a·B_i for all i, so b <= a / max(F/B): a lower bound on η_f.
+        eta_fl_bound = 1.0 / (peak_flops * (a / float(intensity.max())))
+        eta = max(eta_flops_prior, eta_fl_bound) if eta_fl_bound <= 1 else eta_flops_prior
+        refit_overhead |= eta_fl_bound > 1
         b = 1.0 / (peak_flops * eta)
         notes.append(
             f"every step fitted as memory-bound: FLOP efficiency not identified (>= {eta_fl_bound:.3g}); "
             f"used {eta:.3g}"
         )
-    if not bw_identified:
-        a_max = b * float(intensity.min())
-        eta_bw_bound = 1.0 / (bandwidth * a_max)
-        eta = max(eta_bw_prior, eta_bw_bound)
+    if not bw_identified and a_fix is None:
+        eta_bw_bound = 1.0 / (bandwidth * b * float(intensity.min()))
+        eta = max(eta_bw_prior, eta_bw_bound) if eta_bw_bound <= 1 else eta_bw_prior
+        refit_overhead |= eta_bw_bound > 1
         a = 1.0 / (bandwidth * eta)
         notes.append(
             f"every step fitted as compute-bound: bandwidth efficiency not identified (>= {eta_bw_bound:.3g}); "
             f"used {eta:.3g}"
+        )
+    if refit_overhead:
+        # A bound above 1 means the overhead c, not the roofline, carried the steps: with both
+        # efficiencies at physical values, c is what remains on average.
+        c = max(0.0, float(np.mean(t - np.maximum(a * B, b * F))))
+        notes.append(
+            "the implied bound is above 1 (the per-step overhead carries the time): the prior was used"
         )
     pred = np.maximum(a * B, b * F) + c
     resid = pred - t
@@ -222,5 +312,7 @@ def fit_roofline(
         peak_flops=peak_flops,
         eta_bw_bound=eta_bw_bound,
         eta_flops_bound=eta_fl_bound,
+        eta_bw_below_floor=eta_bw_rejected,
+        eta_flops_below_floor=eta_fl_rejected,
         prior_note="; ".join(notes) or None,
     )

@@ -339,3 +339,43 @@ def test_registered_in_moecap_analyze():
 
     cli._register_commands()
     assert "whatif" in {c.name for c in cli.app.registered_commands}
+
+
+def test_projection_keeps_each_steps_residual():
+    """Only the roofline part moves: a warm-up step's extra 0.5 s stays 0.5 s on the target."""
+    from moecap.analyze.whatif import Calibration, RooflineFit
+
+    peak = H100.peak_flops("bf16")
+    fit = RooflineFit(0.5, 0.5, 1e-3, True, True, 3, 1.0, 0.0, 0.0, 1.0, H100.memory_bandwidth, peak)
+    cal = Calibration(H100, "bf16", peak, {"all": fit})
+    B = np.array([3.35e10, 3.35e10, 3.35e10])  # 20 ms of bytes at 50 % of the H100's 3.35 TB/s
+    F = np.array([1e12, 1e12, 1e12])
+    residual = np.array([0.0, 0.5, -0.002])
+    t = 0.020 + 1e-3 + residual
+    df = pl.DataFrame({"time_s": t, "bytes_per_gpu": B, "flops_per_gpu": F, "phase": ["decode"] * 3})
+    projected = project_times(df, cal, H200, "projection")
+    on_h200 = 3.35e10 / (4.8e12 * 0.5)  # the same bytes at 50 % of 4.8 TB/s
+    assert projected == pytest.approx(on_h200 + 1e-3 + residual)
+
+
+def test_pairing_prefers_the_closest_engine_arguments():
+    from types import SimpleNamespace as NS
+
+    from moecap.analyze.whatif import pair_runs
+
+    def ctx(run_id, graphs, blocks):
+        md = NS(
+            model=NS(id="m"),
+            engine=NS(name="hf", args={"use_cuda_graph": graphs, "num_blocks": blocks}),
+            workload={"dataset": "d", "batch_size": 8},
+        )
+        return NS(run=NS(run_id=run_id, metadata=md))
+
+    src = NS(contexts=[ctx("h100-graphs", True, 816), ctx("h100-eager", False, 816)])
+    dst = NS(contexts=[ctx("h200-eager", False, 1886), ctx("h200-graphs", True, 1886)])
+    pairs, notes = pair_runs(src, dst)  # type: ignore[arg-type]
+    assert [(a.run.run_id, b.run.run_id) for a, b in pairs] == [
+        ("h100-graphs", "h200-graphs"),
+        ("h100-eager", "h200-eager"),
+    ]
+    assert notes == []

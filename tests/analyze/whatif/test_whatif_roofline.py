@@ -85,6 +85,27 @@ def test_large_runs_are_subsampled_and_bad_rows_ignored():
     assert fit.eta_bw == pytest.approx(0.6, rel=1e-6) and fit.eta_flops == pytest.approx(0.5, rel=1e-6)
 
 
+def test_an_implausibly_low_efficiency_becomes_overhead():
+    """A launch-bound engine: ~110 ms steps whose time grows a little with context (bytes) because of
+    per-token host work. A free fit would say "memory-bound at 0.75 % of peak" and scale the whole
+    step with bandwidth on another GPU; below the 10 % floor the time is overhead instead."""
+    rng = np.random.default_rng(5)
+    B = np.linspace(2.6e9, 2.9e9, 200)  # weights + a growing KV cache
+    F = B * 2.0  # decode-like intensity
+    t = 0.11 * B / 2.75e9 * rng.normal(1.0, 0.01, len(B))
+    fit = fit_roofline(B, F, t, bandwidth=BW, peak_flops=PEAK, eta_bw_prior=0.8)
+    assert fit.eta_bw_below_floor == pytest.approx(1 / (BW * 0.11 / 2.75e9), rel=0.05)  # ~0.0075
+    assert fit.eta_bw == pytest.approx(0.8) and not fit.bandwidth_identified
+    assert fit.overhead_s == pytest.approx(0.11 - 2.75e9 / (BW * 0.8), rel=0.01)
+    assert "below the floor" in fit.prior_note
+    # On a GPU with 43 % more bandwidth only the ~1 ms of bytes gets faster.
+    on_h200 = fit.step_time(B, F, 4.8e12, PEAK)
+    assert on_h200.mean() == pytest.approx(t.mean() - 2.75e9 / (BW * 0.8) * (1 - 3.35 / 4.8), rel=0.01)
+    # With the floor off, the free fit scales everything.
+    free = fit_roofline(B, F, t, bandwidth=BW, peak_flops=PEAK, min_efficiency=0.0)
+    assert free.eta_bw < 0.01 and free.step_time(B, F, 4.8e12, PEAK).mean() < 0.8 * t.mean()
+
+
 def test_too_few_steps():
     with pytest.raises(ValueError, match="at least 3 steps"):
         fit_roofline(np.ones(2), np.ones(2), np.ones(2), bandwidth=BW, peak_flops=PEAK)
