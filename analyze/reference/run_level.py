@@ -62,14 +62,25 @@ def _client_prefill(passes: PrefillArrays, n_client_requests: int) -> BoolArray:
     return client
 
 
-def _mean_nonneg(values: FloatArray, mask: BoolArray) -> float | None:
-    """Mean of values >= 0 under mask (nulls are NaN here, and NaN >= 0 is False, as in Python)."""
-    with np.errstate(invalid="ignore"):
-        use = mask & (values >= 0)
-    n = int(np.count_nonzero(use))
-    if n == 0:
-        return None
-    return float(np.where(use, values, 0.0).sum()) / n
+class _Subset:
+    """Records selected by a mask, with what repeated means over them need computed once."""
+
+    def __init__(self, mask: BoolArray) -> None:
+        self.mask = mask
+        self.n = int(np.count_nonzero(mask))
+        self.weight = mask.astype(np.float64)
+
+    def mean_nonneg(self, values: FloatArray) -> float | None:
+        """Mean of the values >= 0 (nulls are NaN here, and NaN >= 0 is False, as in Python)."""
+        if self.n == 0:
+            return None
+        total = float(np.einsum("i,i->", values, self.weight))
+        if np.isfinite(total) and values.min(initial=0.0) >= 0:
+            return total / self.n  # every value is a number >= 0: nothing to filter
+        with np.errstate(invalid="ignore"):
+            use = self.mask & (values >= 0)
+        n = int(np.count_nonzero(use))
+        return float(np.where(use, values, 0.0).sum()) / n if n else None
 
 
 def _durations(passes: PrefillArrays) -> tuple[FloatArray, BoolArray]:
@@ -125,12 +136,13 @@ def run_level_values(
     """
     pp = arr.prefill_passes
     client = _client_prefill(pp, num_requests or 0)
-    decode = arr.decode_like
+    decode = _Subset(arr.decode_like)
+    client_passes = _Subset(client)
 
     server_ttft = _server_request_ttft(arr)
     section4_ttft = continuous.get("ttft") if continuous else None
     section4_tpot = continuous.get("tpot") if continuous else None
-    decode_latency = _mean_nonneg(arr.latency, decode)
+    decode_latency = decode.mean_nonneg(arr.latency)
     forwarded, elapsed = _prefill_step_totals(pp, client)
 
     e2e_s: float | None = None
@@ -152,12 +164,12 @@ def run_level_values(
         "server_request_ttft": server_ttft,
         # The reference's `server ttft, else section-4 ttft or client ttft or None`.
         "published_ttft": server_ttft if server_ttft is not None else (section4_ttft or None),
-        "prefill_pass_latency_s": _mean_nonneg(pp.latency, client),
+        "prefill_pass_latency_s": client_passes.mean_nonneg(pp.latency),
         "published_tpot": decode_latency if decode_latency is not None else (section4_tpot or 0),
         "prefill_forwarded_tokens": forwarded,
         "prefill_step_elapsed_s": elapsed,
-        "avg_expert_activation_prefill": or_zero(_mean_nonneg(pp.activation, client)),
-        "avg_expert_activation_decode": or_zero(_mean_nonneg(arr.activation, decode)),
-        "prefill_avg_batch_size": or_zero(_mean_nonneg(pp.batch_size, client)),
-        "decode_avg_batch_size": or_zero(_mean_nonneg(arr.batch_size, decode)),
+        "avg_expert_activation_prefill": or_zero(client_passes.mean_nonneg(pp.activation)),
+        "avg_expert_activation_decode": or_zero(decode.mean_nonneg(arr.activation)),
+        "prefill_avg_batch_size": or_zero(client_passes.mean_nonneg(pp.batch_size)),
+        "decode_avg_batch_size": or_zero(decode.mean_nonneg(arr.batch_size)),
     }
