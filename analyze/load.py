@@ -28,6 +28,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from moecap.schemas import (
@@ -43,10 +45,11 @@ from moecap.schemas import (
 
 from .errors import InputError
 
-CACHE_LAYOUT = "3"
+CACHE_LAYOUT = "4"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
 
 _RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
+_SLICE_ROWS = 8192
 _VIEW_TABLES = (
     "steps",
     "experts",
@@ -293,6 +296,29 @@ def _check_batch_nulls(path: Path, kind: str, batch: pa.RecordBatch) -> None:
             raise TraceError(f"{path}: column {kind}.{c.name} holds nulls but is not nullable")
 
 
+class _IpcFileSink:
+    """Raw expert counts go to a zstd Arrow IPC *file* (random access, readable as a pyarrow dataset that
+    DuckDB scans zero-copy): writing nested int lists to Parquet costs ~2x more (definition levels)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_suffix(".tmp")
+        self.writer: ipc.RecordBatchFileWriter | None = None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self.writer is None:
+            options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
+            self.writer = ipc.new_file(self.tmp, batch.schema, options=options)
+        self.writer.write_batch(batch)
+
+    def close(self, empty_schema: pa.Schema) -> Path:
+        if self.writer is None:
+            self.writer = ipc.new_file(self.tmp, empty_schema)
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
 class _ParquetSink:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -332,12 +358,14 @@ def _convert_plain(path: Path, kind: str, identity: dict[str, Any], cache: Path,
 
 
 def _read_phase_map(steps_parquet: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted step keys, phase index into PHASES) of a cached steps file."""
     t = pq.read_table(steps_parquet, columns=["step", "phase"])
-    steps = t.column("step").to_numpy()
-    lookup = {p: i for i, p in enumerate(PHASES)}
-    phases = np.fromiter(
-        (lookup.get(p, 0) for p in t.column("phase").to_pylist()), dtype=np.int8, count=len(steps)
+    steps = np.asarray(t.column("step"))
+    encoded = t.column("phase").combine_chunks().dictionary_encode()
+    lookup = np.array(
+        [PHASES.index(p) if p in PHASES else 0 for p in encoded.dictionary.to_pylist()], dtype=np.int8
     )
+    phases = lookup[np.asarray(encoded.indices)] if len(lookup) else np.zeros(len(steps), np.int8)
     order = np.argsort(steps, kind="stable")
     return steps[order], phases[order]
 
@@ -350,7 +378,7 @@ def _convert_experts(
     key: str,
     phase_map: tuple[np.ndarray, np.ndarray] | None,
 ):
-    experts_sink = _ParquetSink(cache / f"{key}.experts.parquet")
+    experts_sink = _IpcFileSink(cache / f"{key}.experts.arrow")
     stats_sink = _ParquetSink(cache / f"{key}.expert_step_stats.parquet")
     n_experts = max(1, int(run.moe.num_experts))
     layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
@@ -372,24 +400,27 @@ def _convert_experts(
         experts_sink.write(_with_identity(batch, identity))
         if not n_layers or batch.num_rows == 0:
             return
-        flat = counts_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        # Slices bound memory whatever the writer's batch size; counts stay int32 (no widening copy).
+        for start in range(0, batch.num_rows, _SLICE_ROWS):
+            _summarise(batch.slice(start, _SLICE_ROWS))
+
+    def _summarise(batch: pa.RecordBatch) -> None:
+        flat = np.asarray(pc.list_flatten(batch.column("counts")))
         counts = flat.reshape(batch.num_rows, n_layers, n_experts)
         active = counts > 0
-        layer_active = active.sum(axis=2)  # [rows, layers]
-        layer_tokens = counts.sum(axis=2)
+        layer_active = active.sum(axis=2, dtype=np.int32)  # [rows, layers]
+        layer_tokens = counts.sum(axis=2, dtype=np.int64)
         layer_max = counts.max(axis=2)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = layer_tokens / n_experts
-            imbalance = np.where(layer_tokens > 0, layer_max / mean, np.nan)
-        step = batch.column("step").to_numpy()
+            imbalance = np.where(layer_tokens > 0, layer_max * n_experts / layer_tokens, np.nan)
+            imbalance_mean = np.nanmean(imbalance, axis=1)
+        step = np.asarray(batch.column("step"))
         stats = pa.RecordBatch.from_arrays(
             [
                 pa.array(step),
-                pa.array(layer_active.sum(axis=1).astype(np.int32)),
+                pa.array(layer_active.sum(axis=1, dtype=np.int32)),
                 pa.array(layer_tokens.sum(axis=1)),
-                pa.array(
-                    np.nanmean(np.where(np.isnan(imbalance), np.nan, imbalance), axis=1) if n_layers else []
-                ),
+                pa.array(imbalance_mean),
                 pa.array(np.nanmax(np.where(np.isnan(imbalance), -np.inf, imbalance), axis=1)),
                 pa.array(layer_tokens.min(axis=1)),
                 pa.array(layer_tokens.max(axis=1)),
@@ -405,22 +436,20 @@ def _convert_experts(
             ],
         )
         stats_sink.write(_with_identity(stats, identity))
-        if phase_map is not None:
+        if phase_map is not None and len(phase_map[0]):
             steps_sorted, phases_sorted = phase_map
-            pos = np.searchsorted(steps_sorted, step)
-            pos = np.clip(pos, 0, max(len(steps_sorted) - 1, 0))
-            found = len(steps_sorted) > 0
-            phase_idx = np.where(
-                found & (steps_sorted[pos] == step) if found else np.zeros(len(step), bool),
-                phases_sorted[pos] if found else 0,
-                len(PHASES),
-            )
+            pos = np.clip(np.searchsorted(steps_sorted, step), 0, len(steps_sorted) - 1)
+            phase_idx = np.where(steps_sorted[pos] == step, phases_sorted[pos], len(PHASES))
         else:
             phase_idx = np.full(len(step), len(PHASES))
         for ph in np.unique(phase_idx):
             sel = phase_idx == ph
-            totals[ph] += counts[sel].sum(axis=0)
-            active_steps[ph] += active[sel].sum(axis=0)
+            if sel.all():
+                totals[ph] += counts.sum(axis=0, dtype=np.int64)
+                active_steps[ph] += active.sum(axis=0, dtype=np.int64)
+            else:
+                totals[ph] += counts[sel].sum(axis=0, dtype=np.int64)
+                active_steps[ph] += active[sel].sum(axis=0, dtype=np.int64)
 
     scan = scan_trace_file(path, on_batch)
     out = {
@@ -522,7 +551,10 @@ def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> 
             for view, parquet in f.parquet.items():
                 sources[view].append(str(parquet))
     for view, files in sources.items():
-        if files:
+        if files and view == "experts":
+            con.register("experts_ipc", pads.dataset(files, format="ipc"))
+            con.execute("CREATE OR REPLACE VIEW experts AS SELECT * FROM experts_ipc")
+        elif files:
             listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
             con.execute(
                 f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)"
