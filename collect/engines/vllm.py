@@ -329,6 +329,7 @@ class VllmTracer:
     def __init__(self, worker: Any, settings: TracerSettings) -> None:
         import torch
 
+        self._torch = torch
         self.worker = worker
         self.settings = settings
         self.vllm_config = worker.vllm_config
@@ -352,6 +353,7 @@ class VllmTracer:
         self._closed = False
         self._lock = threading.Lock()
         self._layers: list[compat.MoELayer] = []
+        self._capture_fns: list[Callable[[Any], None]] = []
         self.buffer: torch.Tensor | None = None
         self.ones: torch.Tensor | None = None
         self.counts_reason: str | None = None
@@ -412,8 +414,15 @@ class VllmTracer:
             (max_tokens, len(layers), self.top_k), -1, dtype=torch.int32, device=self.device
         )
         self.ones = torch.ones((len(layers), max_tokens * self.top_k), dtype=torch.int32, device=self.device)
-        for slot, layer in enumerate(layers):
-            compat.bind_capture(layer, self._capture_fn(slot))
+        self._capture_fns = [self._capture_fn(slot) for slot in range(len(layers))]
+        self.bind()
+
+    def bind(self) -> None:
+        """Bind (again) the capture callbacks, after any vLLM bound since (vLLM 0.26 binds its own
+        routed-experts capturer in `initialize_from_config`, replacing ours): both keep running."""
+        for layer, fn in zip(self._layers, self._capture_fns):
+            if layer.kind != "none" and not getattr(compat.current_capture(layer), "__moecap__", False):
+                compat.bind_capture(layer, fn)
 
     def _capture_fn(self, slot: int) -> Callable[[Any], None]:
         buffer = self.buffer
@@ -466,7 +475,8 @@ class VllmTracer:
             self.end_step()
         self.drain()
         stream = self._stream()
-        slot = self.readback.begin(stream)
+        with self._torch.inference_mode():  # the buffers may be inference tensors (vLLM's own context)
+            slot = self.readback.begin(stream)
         row["step"] = self.step_key
         row["t_start_ns"] = time.monotonic_ns()
         self.step_key += 1
@@ -482,11 +492,12 @@ class VllmTracer:
         step, self._open = self._open, None
         if step is None:
             return
-        if self.readback.with_counts and step.n_real > 0 and self.buffer is not None:
-            n = min(step.n_real, int(self.buffer.shape[0]))
-            count_topk_rows(self.readback.counts, self.buffer, n, self.ones)
-        step.row["t_end_ns"] = time.monotonic_ns()
-        self.readback.end(step.slot, step.row, step.stream)
+        with self._torch.inference_mode():
+            if self.readback.with_counts and step.n_real > 0 and self.buffer is not None:
+                n = min(step.n_real, int(self.buffer.shape[0]))
+                count_topk_rows(self.readback.counts, self.buffer, n, self.ones)
+            step.row["t_end_ns"] = time.monotonic_ns()
+            self.readback.end(step.slot, step.row, step.stream)
         self.steps_recorded += 1
 
     def abort_step(self) -> None:
@@ -716,6 +727,8 @@ def _around_initialize_from_config(
     if tracer is not None:
         with contextlib.suppress(Exception):
             tracer.kv_by_layer = compat.kv_bytes_per_token_by_layer(kv_cache_config)
+        if tracer.buffer is not None:
+            tracer.bind()
         if tracer.active:
             # Off the hot path: GPU and package facts for the metadata (NVML, git) are read here,
             # the files open at the first step (after graph capture, whose capture errors they report).

@@ -89,6 +89,7 @@ class VllmRunResult:
     worker_stats: list[dict[str, Any]]
     files: list[Path]
     warnings: list[str] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,7 +101,7 @@ class VllmRunResult:
 
 
 @dataclass
-class _Record:
+class RequestRecord:
     req_id: str
     engine_id: str | None
     prompt_ids: list[int]
@@ -114,7 +115,8 @@ class _Record:
     chunk_tokens: list[int] = field(default_factory=list)
     cached_tokens: int | None = None
     finish_reason: str | None = None
-    text: str | None = None
+    routed_experts: Any = None
+    """vLLM's own per-token routing ([tokens, layers, top_k]) when `enable_return_routed_experts` is on."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,6 +343,7 @@ def _run(
         worker_stats=stats,
         files=engine_files + files,
         warnings=warnings,
+        records=records,
     )
 
 
@@ -370,10 +373,10 @@ def _tokenizer(source: str | None) -> Any | None:
 
 def _closed_loop(
     engine: Any, prompts: Sequence[Any], options: VllmRunOptions, sampling_params: Any, progress: Any
-) -> tuple[list[_Record], float]:
+) -> tuple[list[RequestRecord], float]:
     pending = deque(prompts)
-    live: dict[str, _Record] = {}
-    done: list[_Record] = []
+    live: dict[str, RequestRecord] = {}
+    done: list[RequestRecord] = []
     tokens = 0
     t_first = time.monotonic_ns()
 
@@ -388,7 +391,7 @@ def _closed_loop(
         )
         now = time.monotonic_ns()
         engine_id = engine.add_request(p.req_id, {"prompt_token_ids": list(p.token_ids)}, params)
-        live[p.req_id] = _Record(
+        live[p.req_id] = RequestRecord(
             p.req_id,
             engine_id if isinstance(engine_id, str) else None,
             list(p.token_ids),
@@ -419,6 +422,7 @@ def _closed_loop(
             if out.finished:
                 rec.finish_ns = now
                 rec.finish_reason = str(completion.finish_reason) if completion.finish_reason else None
+                rec.routed_experts = getattr(completion, "routed_experts", None)
                 done.append(live.pop(out.request_id))
                 tokens += len(rec.output_ids)
                 if progress is not None:
@@ -472,7 +476,9 @@ def _client_metadata(
     )
 
 
-def _write_client_tables(out: Path, meta: RunMetadata, records: list[_Record], tokenizer: Any) -> list[Path]:
+def _write_client_tables(
+    out: Path, meta: RunMetadata, records: list[RequestRecord], tokenizer: Any
+) -> list[Path]:
     paths = []
     requests = TraceWriter(out / trace_file_name(meta, "requests"), "requests", meta)
     outputs = TraceWriter(out / trace_file_name(meta, "outputs"), "outputs", meta)

@@ -226,3 +226,22 @@ def test_an_existing_capture_callback_keeps_running(worker_class, vllm_env, trac
     assert experts.num_rows >= 2 and sum(experts.table.to_pylist()[0]["counts"]) == 6 * TOP_K * len(
         MOE_LAYERS
     )
+
+
+def test_a_capture_callback_bound_after_load_model_keeps_both_running(worker_class, vllm_env, trace_env):
+    """vLLM 0.26 binds its routed-experts capturer in initialize_from_config, after our load_model hook."""
+    model = make_model()
+    worker = make_worker(vllm_env, FakeRunner(model))
+    worker.load_model()
+    seen = []
+    for index in MOE_LAYERS:
+        model.model.layers[index].router.set_capture_fn(lambda ids, _i=index: seen.append(_i))
+    worker.initialize_from_config(kv_cache_config())
+    worker.initialize_from_config(kv_cache_config())  # rebinding twice never stacks ours twice
+    sched = ToyScheduler(32, seed=4)
+    sched.add("a", 6, 2)
+    drive(worker, sched, steps_with_dummy=())
+    worker.shutdown()
+    assert seen.count(MOE_LAYERS[0]) == 2  # their callback ran once per forward (prefill, decode)
+    _, experts = trace_files(trace_env)
+    assert [sum(r["counts"]) for r in experts.table.to_pylist()] == [6 * TOP_K * 2, 1 * TOP_K * 2]
