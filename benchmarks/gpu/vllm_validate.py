@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("graphs", "eager", "off", "steps", "experts")
+STAGES = ("graphs", "eager", "off", "experts", "steps")
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 48, 64]
 
 
