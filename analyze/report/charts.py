@@ -715,35 +715,58 @@ def radar_frame(
     return frame, notes
 
 
-def cap_radar(runs: Any, axes: Sequence[tuple[str, str, str, bool]] = RADAR_AXES) -> alt.TopLevelMixin:
+RADAR_OVERLAY_MAX = 6
+"""Above this many runs the radar becomes one small panel per run (overlaid polygons are unreadable)."""
+
+
+def cap_radar(
+    runs: Any,
+    axes: Sequence[tuple[str, str, str, bool]] = RADAR_AXES,
+    *,
+    overlay_max: int = RADAR_OVERLAY_MAX,
+) -> alt.TopLevelMixin:
     """CAP radar across runs: cost, accuracy, TTFT, TPOT and throughput, each scaled so the best run
     scores 1 (value / best where higher is better, best / value where lower is better). Columns of
     `frames.runs_frame`: run plus the axes' columns (see RADAR_AXES). Missing figures are handled as
-    `radar_frame` says; the subtitle lists them."""
+    `radar_frame` says; the subtitle lists them. Up to `overlay_max` runs share one radar; more get
+    one small radar each (same scale: still relative to the best of all runs)."""
     df = as_frame(runs)
     _require(df, "cap_radar", "run")
     geometry, notes = radar_frame(df, axes)
+    drawn = geometry.filter(pl.col("kind") == "run")["series"].unique(maintain_order=True).to_list()
+    panels = len(drawn) > overlay_max
+    if panels:
+        # Every panel needs its own copy of the grid: facets split the data by `panel`.
+        grid_rows = geometry.filter(pl.col("kind") != "run").with_columns(
+            text=pl.col("text").str.split("\n").list.first()
+        )
+        geometry = pl.concat(
+            [grid_rows.with_columns(panel=pl.lit(run)) for run in drawn]
+            + [geometry.filter(pl.col("kind") == "run").with_columns(panel=pl.col("series"))]
+        )
     data = inline_data(geometry)
     dom = alt.Scale(domain=[-1.6, 1.6])
     x = alt.X("x:Q", scale=dom, axis=None)
     y = alt.Y("y:Q", scale=dom, axis=None)
     grid = (
-        alt.Chart(data)
+        alt.Chart()
         .transform_filter("datum.kind == 'ring' || datum.kind == 'spoke'")
         .mark_line(color="#cccccc", strokeWidth=1)
         .encode(x=x, y=y, detail="series:N", order="order:Q")
     )
     labels = (
-        alt.Chart(data)
+        alt.Chart()
         .transform_filter("datum.kind == 'label'")
-        .mark_text(fontSize=11, color="#333", lineBreak="\n")
+        .mark_text(fontSize=9 if panels else 11, color="#333", lineBreak="\n")
         .encode(x=x, y=y, text="text:N")
     )
     color = alt.Color(
-        "series:N", title="run", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)
+        "series:N",
+        title="run",
+        legend=None if panels else alt.Legend(orient="bottom", direction="vertical", labelLimit=600),
     )
     polys = (
-        alt.Chart(data)
+        alt.Chart()
         .transform_filter("datum.kind == 'run'")
         .mark_line(strokeWidth=2, opacity=0.85, point=True)
         .encode(
@@ -760,16 +783,26 @@ def cap_radar(runs: Any, axes: Sequence[tuple[str, str, str, bool]] = RADAR_AXES
             ],
         )
     )
-    return alt.layer(grid, labels, polys).properties(
-        width=460,
-        height=460,
-        view=alt.ViewBackground(stroke=None),
-        title=_title(
-            "CAP radar across runs",
-            "Scale: each axis relative to the best run shown (= 1, outer ring): value / best where",
-            "higher is better, best / value where lower is better; rings at 0.25 steps.",
-            "; ".join(notes),
-        ),
+    title = _title(
+        "CAP radar across runs",
+        "Scale: each axis relative to the best run shown (= 1, outer ring): value / best where",
+        "higher is better, best / value where lower is better; rings at 0.25 steps.",
+        "; ".join(notes),
+    )
+    if panels:
+        return (
+            alt.layer(grid, labels, polys, data=data)
+            .properties(width=200, height=200, view=alt.ViewBackground(stroke=None))
+            .facet(
+                facet=alt.Facet(
+                    "panel:N", sort=drawn, title=None, header=alt.Header(labelLimit=260, labelFontSize=10)
+                ),
+                columns=4,
+            )
+            .properties(title=title)
+        )
+    return alt.layer(grid, labels, polys, data=data).properties(
+        width=460, height=460, view=alt.ViewBackground(stroke=None), title=title
     )
 
 

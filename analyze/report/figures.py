@@ -104,7 +104,7 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
     n_experts = int(info.get("num_experts") or 0) or None
     top_k = int(info.get("top_k") or 0) or None
     prefix = f"run{index}-{safe_name(rid)}"
-    sec = Section(id=f"run-{index}", title=label, run_id=rid)
+    sec = Section(id=f"run-{index}", title=f"#{index} {label}", run_id=rid)
 
     shares = F.expert_share_frame(db, rid)
     if shares.height:

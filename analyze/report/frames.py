@@ -446,8 +446,11 @@ def throughput_frame(
 
 
 def run_labels(document: dict[str, Any]) -> dict[str, str]:
-    """run_id -> a short, unique legend label: "model · engine · GPU×n · bs N"."""
+    """run_id -> a short, unique legend label: "model · engine · GPU×n · bs N", plus the dataset
+    where that alone repeats, plus "#i" (the run's 1-based position in the document, as the report
+    numbers its sections) where even that repeats."""
     base: dict[str, str] = {}
+    datasets: dict[str, str] = {}
     for run in document.get("runs", []):
         model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
         engine = (run.get("engine") or {}).get("name") or "?"
@@ -461,10 +464,24 @@ def run_labels(document: dict[str, Any]) -> dict[str, str]:
         if bs:
             label += f" · bs {bs}"
         base[run["run_id"]] = label
-    seen: dict[str, int] = {}
-    for label in base.values():
-        seen[label] = seen.get(label, 0) + 1
-    return {rid: (f"{label} · {rid}" if seen[label] > 1 else label) for rid, label in base.items()}
+        datasets[run["run_id"]] = str(wl.get("dataset") or "")
+
+    def repeated(labels: dict[str, str]) -> set[str]:
+        seen: dict[str, int] = {}
+        for label in labels.values():
+            seen[label] = seen.get(label, 0) + 1
+        return {label for label, n in seen.items() if n > 1}
+
+    dup = repeated(base)
+    labels = {
+        rid: (f"{label} · {datasets[rid]}" if label in dup and datasets[rid] else label)
+        for rid, label in base.items()
+    }
+    dup = repeated(labels)
+    return {
+        rid: (f"{label} · #{i}" if label in dup else label)
+        for i, (rid, label) in enumerate(labels.items(), 1)
+    }
 
 
 def _get(d: Any, *keys: str) -> Any:

@@ -171,8 +171,16 @@ def _clean(obj: Any) -> Any:
 
 
 def _toc(sections: list[Section]) -> str:
+    # Runs appear as numbered links (their labels are long; the summary table names them).
     items = ['<a href="#summary">Summary</a>']
-    items += [f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections]
+    items += [f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections if s.run_id is None]
+    runs = [
+        f'<a href="#{esc(s.id)}" title="{esc(s.title)}">{esc(s.id.split("-")[-1])}</a>'
+        for s in sections
+        if s.run_id
+    ]
+    if runs:
+        items.append("runs " + " ".join(runs))
     items += ['<a href="#constants">Constants</a>', '<a href="#provenance">Provenance</a>']
     return "<nav>" + " · ".join(items) + "</nav>"
 
@@ -217,7 +225,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         cost, _, _ = cost_per_million_output_tokens(m)
         tps = _get(steps, "all", "throughput_output_tokens_per_s") or req.get("output_tokens_per_s")
         cells = [
-            f'<a href="#run-{len(rows) + 1}">{esc(labels.get(run["run_id"], run["run_id"]))}</a>',
+            f'<a href="#run-{len(rows) + 1}">#{len(rows) + 1}</a> <code>{esc(run["run_id"])}</code>',
             esc(run.get("model")),
             esc(f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()),
             esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}"),

@@ -306,3 +306,25 @@ def test_every_chart_is_a_valid_vega_lite_spec():
         assert chart.to_dict(validate=True)["$schema"].startswith(
             "https://vega.github.io/schema/vega-lite/v6"
         )
+
+
+def test_radar_becomes_one_panel_per_run_beyond_the_overlay_limit():
+    n = C.RADAR_OVERLAY_MAX + 1
+    runs = _runs(
+        run=[f"r{i}" for i in range(n)],
+        cost_usd_per_m_output_tokens=[1.0 + i for i in range(n)],
+        accuracy=[0.5] * n,
+        ttft_ms=[10.0] * n,
+        tpot_ms=[5.0 + i for i in range(n)],
+        output_tokens_per_s=[100.0 * (i + 1) for i in range(n)],
+    )
+    spec = C.cap_radar(runs).to_dict()
+    assert spec["facet"]["field"] == "panel" and spec["columns"] == 4
+    rows = _data(spec)
+    assert {r["panel"] for r in rows} == {f"r{i}" for i in range(n)}
+    # Each panel has its own grid and exactly its own run's polygon.
+    for i in range(n):
+        mine = [r for r in rows if r["panel"] == f"r{i}"]
+        assert {r["series"] for r in mine if r["kind"] == "run"} == {f"r{i}"}
+        assert sum(r["kind"] == "ring" for r in mine) == 4 * 6
+    assert C.cap_radar(runs.head(C.RADAR_OVERLAY_MAX)).to_dict().get("facet") is None
