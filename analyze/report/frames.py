@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from ..load import TraceDB
 from ..metrics.requests import itl_samples, request_table
@@ -115,7 +115,7 @@ def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 1
     of its layer's routed tokens in the bin (uniform routing gives 1 / num_experts).
 
     Columns: bin, step_start, step_end, steps, expert_label ("L3 E17"), layer, expert, tokens, share.
-    Counts are read as flat numpy buffers from the cached experts Parquet (only the `step` and
+    Counts are read as flat numpy buffers from the cached experts table (only the `step` and
     `counts` columns), one pass; DP ranks of a step are summed, PP stages hold their own layers.
     """
     info = run_info(db, run_id)
@@ -155,8 +155,7 @@ def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 1
         mine = [
             (i, int(ml), int(e)) for i, (pp, ml, _layer, e, _t) in enumerate(top) if int(pp) == f.run.rank.pp
         ]
-        pf = pq.ParquetFile(f.parquet["experts"])
-        for batch in pf.iter_batches(batch_size=16384, columns=["step", "counts"]):
+        for batch in _scan(f.parquet["experts"], ["step", "counts"]):
             steps = batch.column("step").to_numpy().astype(np.int64)
             seen_steps.append(steps)
             if not mine or batch.num_rows == 0:
@@ -197,6 +196,12 @@ def expert_load_frame(db: TraceDB, run_id: str, *, top_n: int = 8, bins: int = 1
             ).with_columns(pl.col("share").fill_nan(None))
         )
     return pl.concat(parts)
+
+
+def _scan(path: Any, columns: list[str]) -> Any:
+    """Record batches of a cached table, Arrow IPC file (`.arrow`) or Parquet, only `columns`."""
+    fmt = "ipc" if str(path).endswith(".arrow") else "parquet"
+    return pads.dataset(str(path), format=fmt).to_batches(columns=columns, batch_size=16384)
 
 
 def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
