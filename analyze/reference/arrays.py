@@ -82,8 +82,11 @@ class Grouping:
     def select(self, mask: BoolArray) -> tuple[IntArray, IntArray]:
         """(entries, starts) for the entries where mask (over entry positions) holds: their positions,
         grouped, and where each group starts in that list (for numpy's reduceat)."""
-        keep = mask[self.order]
-        entries, group = self.order[keep], self.group[keep]
+        if mask.all():
+            entries, group = self.order, self.group
+        else:
+            keep = mask[self.order]
+            entries, group = self.order[keep], self.group[keep]
         starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1]))) if len(group) else group
         return entries, starts
 

@@ -151,15 +151,14 @@ def _phase_sums(
     n = len(t) if mask is None else int(np.count_nonzero(mask))
     if n == 0:
         return _Sums()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = np.ones(len(t)) if mask is None else mask.astype(np.float64)
-        sums = _weighted_sums(weight, t, a, c, b)
-        if mask is not None and not np.isfinite(sums).all():
-            # A NaN / inf of a record outside the mask (a null, or a genuine one) leaked through its
-            # zero weight: redo with those records' values replaced, so only the samples' own count.
-            t = np.where(mask, t, 1.0)
-            a, c = np.where(mask, a, 0.0), np.where(mask, c, 0.0)
-            sums = _weighted_sums(weight, t, a, c, None if b is None else np.where(mask, b, 0.0))
+    weight = np.ones(len(t), dtype=bool) if mask is None else mask
+    sums = _weighted_sums(weight, t, a, c, b)
+    if mask is not None and not np.isfinite(sums).all():
+        # A NaN / inf of a record outside the mask (a null, or a genuine one) leaked through its zero
+        # weight: redo with those records' values replaced, so only the samples' own count.
+        t = np.where(mask, t, 1.0)
+        a, c = np.where(mask, a, 0.0), np.where(mask, c, 0.0)
+        sums = _weighted_sums(weight, t, a, c, None if b is None else np.where(mask, b, 0.0))
     sum_inv, sum_a, sum_c, sum_x, sum_cx, latency, context = (float(v) for v in sums)
     coef = sc.coef
     w_over_t = coef.w0 * sum_inv + coef.wa * sum_a + coef.k * sum_c
@@ -167,29 +166,38 @@ def _phase_sums(
     return sc.sums(n, w_over_t, c_x, sum_x, latency, context)
 
 
+#: Records per block of `_weighted_sums`: its arrays stay in cache while seven sums are taken.
+_BLOCK = 1 << 15
+
+
 def _weighted_sums(
-    weight: FloatArray, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None
+    weight: BoolArray, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None
 ) -> np.ndarray:
     """Weighted by w (1 for a sample, 0 otherwise): [sum w/t, sum w.a/t, sum w.c/t, sum w.X, sum w.c.X,
-    sum w.t, sum w.c] with X = B/t (decode) or c/t (prefill, b None). einsum, not `@`: BLAS dot spins
-    up threads, which costs far more than it saves here (30x slower on a busy 2-core host)."""
-    inv_t = weight / t
-    sum_c = np.einsum("i,i->", c, inv_t)
-    if b is None:
-        sum_x, sum_cx = sum_c, np.einsum("i,i,i->", c, c, inv_t)
-    else:
-        sum_x, sum_cx = np.einsum("i,i->", b, inv_t), np.einsum("i,i,i->", c, b, inv_t)
-    return np.array(
-        [
-            inv_t.sum(),
-            np.einsum("i,i->", a, inv_t),
-            sum_c,
-            sum_x,
-            sum_cx,
-            np.einsum("i,i->", t, weight),
-            np.einsum("i,i->", c, weight),
-        ]
-    )
+    sum w.t, sum w.c] with X = B/t (decode) or c/t (prefill, b None).
+
+    Taken block by block, so each block's inputs are read from memory once for all seven sums (a
+    loop over ~30 blocks per 1e6 records, not over records). einsum, not `@`: BLAS dot spins up
+    threads, which costs far more than it saves here.
+    """
+    total = np.zeros(7)
+    es = np.einsum
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, len(t), _BLOCK):
+            block = slice(start, start + _BLOCK)
+            w, tb, cb = weight[block].astype(np.float64), t[block], c[block]
+            inv_t = w / tb
+            x = cb * inv_t if b is None else b[block] * inv_t
+            total += (
+                inv_t.sum(),
+                es("i,i->", a[block], inv_t),
+                es("i,i->", cb, inv_t),
+                x.sum(),
+                es("i,i->", cb, x),
+                es("i,i->", tb, w),
+                es("i,i->", cb, w),
+            )
+    return total
 
 
 def _first(mask: BoolArray, rows: IntArray | None = None) -> int | None:
