@@ -737,8 +737,11 @@ def cap_radar(
     panels = len(drawn) > overlay_max
     if panels:
         # Every panel needs its own copy of the grid: facets split the data by `panel`.
+        # Small panels keep the axis name only (and its "n/a").
         grid_rows = geometry.filter(pl.col("kind") != "run").with_columns(
-            text=pl.col("text").str.split("\n").list.first()
+            text=pl.when(pl.col("text").str.ends_with("n/a"))
+            .then(pl.col("text").str.replace("\n", " "))
+            .otherwise(pl.col("text").str.split("\n").list.first())
         )
         geometry = pl.concat(
             [grid_rows.with_columns(panel=pl.lit(run)) for run in drawn]

@@ -313,7 +313,7 @@ def test_radar_becomes_one_panel_per_run_beyond_the_overlay_limit():
     runs = _runs(
         run=[f"r{i}" for i in range(n)],
         cost_usd_per_m_output_tokens=[1.0 + i for i in range(n)],
-        accuracy=[0.5] * n,
+        accuracy=[None] * n,
         ttft_ms=[10.0] * n,
         tpot_ms=[5.0 + i for i in range(n)],
         output_tokens_per_s=[100.0 * (i + 1) for i in range(n)],
@@ -327,4 +327,6 @@ def test_radar_becomes_one_panel_per_run_beyond_the_overlay_limit():
         mine = [r for r in rows if r["panel"] == f"r{i}"]
         assert {r["series"] for r in mine if r["kind"] == "run"} == {f"r{i}"}
         assert sum(r["kind"] == "ring" for r in mine) == 4 * 6
+    labels = {r["text"] for r in rows if r["kind"] == "label"}
+    assert labels == {"cost", "accuracy n/a", "TTFT", "TPOT", "throughput"}
     assert C.cap_radar(runs.head(C.RADAR_OVERLAY_MAX)).to_dict().get("facet") is None
