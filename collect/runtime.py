@@ -1,7 +1,9 @@
 """Facts about the live process for the run metadata: GPUs, driver, package versions, git revision.
 
 Everything here is best effort and never raises: a missing NVML, a CPU-only host or a source tree
-without git just leaves the field empty.
+without git just leaves the field empty. The exception: the torch.distributed collectives at the end
+(`tp_group`, `gather_from_ranks`, `broadcast_from_rank0`), which every rank of a multi-GPU run calls at
+the same point and which fail as the process group fails.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import subprocess
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +133,69 @@ def host_facts() -> dict[str, Any]:
     except ImportError:
         pass
     return facts
+
+
+# -- several ranks (torch.distributed) ------------------------------------------------------------
+@dataclass
+class TPGroup:
+    """This process's place in a tensor-parallel group (every rank of the job is one TP rank)."""
+
+    size: int
+    rank: int
+    gpus: list[GpuInfo]
+    """Each rank's GPU, in rank order ([] on CPUs)."""
+    backend: str
+
+
+def local_gpu(device: Any) -> GpuInfo | None:
+    """The GPU this process computes on (`device`, a torch device), or None on a CPU."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for gpu in gpu_infos():
+        if gpu.index == index:
+            return gpu
+    return None
+
+
+def tp_group(device: Any) -> TPGroup | None:
+    """The TP group of this process when torch.distributed runs with more than one rank, else None.
+
+    A collective: every rank must call it, at the same point. It gathers each rank's GPU (so each
+    rank's files list all of the group's GPUs by UUID)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    mine = local_gpu(device)
+    gathered = gather_from_ranks(asdict(mine) if mine is not None else None)
+    gpus = [GpuInfo(**g) for g in gathered if g]
+    return TPGroup(
+        size=dist.get_world_size(), rank=dist.get_rank(), gpus=gpus, backend=str(dist.get_backend())
+    )
+
+
+def gather_from_ranks(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (a collective; [obj] without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective; `obj` itself without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -45,6 +45,8 @@ class RunWriters:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.run = run
+        self.client_tables = client_tables
+        """Whether this process writes the run's requests + outputs (one rank of a multi-rank run does)."""
         tables = (
             ["steps"] + (["experts"] if experts else []) + (["requests", "outputs"] if client_tables else [])
         )

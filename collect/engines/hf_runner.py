@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RankIdentity, RunMetadata, new_run_id
+from moecap.schemas import (
+    EngineInfo,
+    ModelInfo,
+    MoEInfo,
+    Parallelism,
+    RankIdentity,
+    RunMetadata,
+    new_run_id,
+)
 
 from .. import runtime
 from ..datasets import Sample, load_samples
@@ -64,6 +72,8 @@ class LoadedModel:
     dtype: Any
     source: str
     """'config' (built from a config.json, random weights) or 'checkpoint' (from_pretrained)."""
+    tp_plan: Any = None
+    """The tensor-parallel plan the checkpoint was sharded with (None: one process holds the model)."""
 
 
 def resolve_device(device: str) -> Any:
@@ -128,11 +138,17 @@ def load_model(
     device: str = "auto",
     tokenizer: str | None = None,
     attn_implementation: str | None = None,
+    tp_plan: str | None = None,
 ) -> LoadedModel:
     """Load `model` (a config.json, a directory, or a hub id transformers can resolve) onto `device`.
 
     `random_weights=True` builds the architecture of the config with random weights directly on the
     device (`from_config`), the way runs are made where checkpoints cannot be downloaded.
+
+    `tp_plan` ("auto" or a plan dict) shards a checkpoint over the ranks of a torchrun job with
+    transformers' tensor parallelism (`from_pretrained(..., tp_plan=...)`; each rank calls this, and the
+    device is the rank's own, so `device` is not used). Random weights cannot be sharded that way: save
+    them first (`from_config` + `save_pretrained`, as `benchmarks/gpu/tp_run.py` does).
     """
     import torch
     import transformers
@@ -146,6 +162,13 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     transformers.logging.set_verbosity_error()
+    if tp_plan is not None:
+        if random_weights:
+            raise CollectError(
+                "tensor parallelism (tp_plan) needs a checkpoint; build random weights with from_config, "
+                "save_pretrained them, and load that directory"
+            )
+        kwargs["tp_plan"] = tp_plan
 
     if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
         config_path = path if path.is_file() else path / "config.json"
@@ -164,7 +187,8 @@ def load_model(
             source = "config"
         else:
             try:
-                net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **kwargs).to(dev)
+                net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **kwargs)
+                net = net if tp_plan is not None else net.to(dev)
             except (OSError, ValueError) as exc:
                 raise CollectError(
                     f"--model {model!r}: cannot load the checkpoint ({_first_line(exc)})"
@@ -193,14 +217,28 @@ def load_model(
             source = "config"
         else:
             try:
-                net = AutoModelForCausalLM.from_pretrained(model, dtype=dt, **kwargs).to(dev)
+                net = AutoModelForCausalLM.from_pretrained(model, dtype=dt, **kwargs)
+                net = net if tp_plan is not None else net.to(dev)
             except (OSError, ValueError) as exc:
                 raise CollectError(f"--model {model!r}: cannot load ({_first_line(exc)})") from None
             source = "checkpoint"
     net.eval()
+    if tp_plan is not None:
+        dev = _local_device(net)
     tok = _load_tokenizer(tokenizer, tok_source)
     config_dict = json.loads(net.config.to_json_string(use_diff=False))
-    return LoadedModel(net, model_id, config_dict, tok, random_weights, dev, dt, source)
+    return LoadedModel(net, model_id, config_dict, tok, random_weights, dev, dt, source, tp_plan)
+
+
+def _local_device(model: Any) -> Any:
+    """The device this rank computes on (a sharded parameter is a DTensor; its local shard says)."""
+    import torch
+
+    param = next(model.parameters())
+    local = param.to_local() if hasattr(param, "to_local") else param
+    if local.device.type == "cuda" and local.device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return local.device
 
 
 def _load_tokenizer(explicit: str | None, model_dir: Path | None) -> Any | None:
@@ -627,10 +665,18 @@ def build_metadata(
     *,
     engine_args: dict[str, Any],
     kv_bytes: list[int] | None,
+    run_id: str | None = None,
+    group: runtime.TPGroup | None = None,
 ) -> RunMetadata:
+    """The run's metadata as this process writes it. Under tensor parallelism (`group`) every rank
+    names the whole group: parallelism.tp = group size, rank.tp = its rank, gpus and rank.gpu_uuids =
+    every rank's GPU (a TP rank's steps stand for all of them)."""
     layout = collector.layout
-    gpus = runtime.gpu_infos() if loaded.device.type == "cuda" else []
-    used = [g for g in gpus if g.index == (loaded.device.index or 0)] or gpus[:1]
+    if group is not None:
+        used = list(group.gpus)
+    else:
+        gpus = runtime.gpu_infos() if loaded.device.type == "cuda" else []
+        used = [g for g in gpus if g.index == (loaded.device.index or 0)] or gpus[:1]
     in_lens = [len(p.token_ids) for p in prompts]
     out_lens = sorted({p.max_new_tokens for p in prompts})
     kv_dtype = _dtype_name(loaded.dtype)
@@ -639,7 +685,7 @@ def build_metadata(
     if warning:
         extra["warnings"] = [warning]
     return RunMetadata(
-        run_id=options.run_id or new_run_id("hf", loaded.model_id),
+        run_id=run_id or options.run_id or new_run_id("hf", loaded.model_id),
         engine=EngineInfo(name="hf", version=transformers_version(), args=engine_args),
         model=ModelInfo(
             id=loaded.model_id,
@@ -657,7 +703,10 @@ def build_metadata(
             counts_unavailable_reason=collector.counts_reason,
         ),
         gpus=used,
-        rank=RankIdentity(gpu_uuids=[g.uuid for g in used if g.uuid]),
+        parallelism=Parallelism(tp=group.size if group is not None else 1),
+        rank=RankIdentity(
+            tp=group.rank if group is not None else 0, gpu_uuids=[g.uuid for g in used if g.uuid]
+        ),
         workload={
             "dataset": options.dataset,
             "num_prompts": len(prompts),
@@ -737,6 +786,17 @@ def run_workload(
         local_path=options.dataset_path,
     )
     prompts = make_prompts(samples, loaded.tokenizer, options.max_new_tokens, int(text_config.vocab_size))
+    # Several ranks (torchrun + tensor parallelism): each rank records its own steps/experts files and
+    # TP rank 0 alone the requests/outputs; the run id is rank 0's, so every file names one run.
+    group = runtime.tp_group(loaded.device)
+    run_id = options.run_id or new_run_id("hf", loaded.model_id)
+    if group is not None:
+        run_id = runtime.broadcast_from_rank0(run_id)
+        if options.mode == "cb":
+            raise CollectError(
+                "continuous batching under tensor parallelism: only TP rank 0 receives results in transformers "
+                f"{transformers_version()}, which the closed-loop workload does not handle yet; use --mode generate"
+            )
 
     state: dict[str, Any] = {"writers": None, "done": 0, "tokens": 0, "records": []}
 
@@ -748,20 +808,31 @@ def run_workload(
     collector = HFCollector(model, sink, counts=options.counts)
 
     def open_writers(engine_args: dict[str, Any], kv: list[int] | None) -> None:
-        meta = build_metadata(loaded, options, collector, prompts, engine_args=engine_args, kv_bytes=kv)
+        meta = build_metadata(
+            loaded,
+            options,
+            collector,
+            prompts,
+            engine_args=engine_args,
+            kv_bytes=kv,
+            run_id=run_id,
+            group=group,
+        )
         state["meta"] = meta
         state["writers"] = RunWriters(
             out_dir,
             meta,
             experts=collector.counts_enabled,
+            client_tables=group is None or group.rank == 0,
             rows_per_batch=options.rows_per_batch,
             flush_interval_s=options.flush_interval_s,
         )
 
     def on_finished(rec: RequestRecord) -> None:
         writers = state["writers"]
-        writers.request(_request_row(rec))
-        writers.output(_output_row(rec, loaded.tokenizer))
+        if writers.client_tables:
+            writers.request(_request_row(rec))
+            writers.output(_output_row(rec, loaded.tokenizer))
         state["done"] += 1
         state["tokens"] += len(rec.output_ids)
         if progress is not None:
@@ -792,17 +863,26 @@ def run_workload(
             )
         else:
             kv = dynamic_kv_bytes_per_token_per_layer(model)
-            open_writers(
-                {
-                    "mode": "static_generate",
-                    "entry_point": "generate",
-                    "attn_implementation": model.config._attn_implementation,
-                    "experts_implementation": getattr(model.config, "_experts_implementation", None),
-                    "padding": "left",
-                    "cache": "DynamicCache",
-                },
-                kv,
-            )
+            args: dict[str, Any] = {
+                "mode": "static_generate",
+                "entry_point": "generate",
+                "attn_implementation": model.config._attn_implementation,
+                "experts_implementation": getattr(model.config, "_experts_implementation", None),
+                "padding": "left",
+                "cache": "DynamicCache",
+            }
+            if group is not None:
+                # The KV bytes the whole TP group holds (and reads) per token: each rank's cache summed
+                # (heads split over ranks add up to one copy; K/V gathered onto every rank count each time).
+                per_rank = runtime.gather_from_ranks(kv)
+                kv = [int(sum(col)) for col in zip(*per_rank)]
+                args.update(
+                    tp_size=group.size,
+                    tp_plan=loaded.tp_plan,
+                    distributed_backend=group.backend,
+                    kv_bytes_per_token_per_layer_per_rank=per_rank,
+                )
+            open_writers(args, kv)
             _, wall_s = execute_generate(
                 model,
                 prompts,
