@@ -7,11 +7,19 @@
    engine fuses shared experts into routing, which the metadata says).
 5. requests vs steps: Σ new tokens scheduled for a request = prompt + output − 1 − cached prompt
    tokens (the last sampled token is never fed back), for requests whose ids appear in steps.
+6. TP ranks: the views keep the lowest TP rank of each (dp, pp) and drop the others as duplicates
+   (TP ranks route the same tokens); every other TP rank's expert counts must equal it step by step.
 """
 
 from __future__ import annotations
 
-from .load import LoadedRun, TraceDB
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from .load import LoadedFile, LoadedRun, TraceDB
 
 
 def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
@@ -61,6 +69,7 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
                 f"{mism[0]} step(s) whose expert counts do not sum to tokens x top_k x layers{fused}{orphan}"
                 + (f" (first: step {mism[2]})" if mism[2] is not None else "")
             )
+    out.extend(tp_count_agreement(db, run))
     per_req = q(
         f"""WITH sched AS (
                 SELECT unnest(req_ids) AS rid, unnest(req_new_tokens) AS n FROM steps WHERE run_id = '{rid}' AND NOT is_draft
@@ -75,3 +84,59 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
             f"{per_req[0]} request(s) whose scheduled tokens differ from prompt + output - 1 - cached (first: {per_req[1]})"
         )
     return out
+
+
+def tp_count_agreement(db: TraceDB, run: LoadedRun) -> list[str]:
+    """Findings where a TP rank's expert counts differ from the lowest TP rank of its (dp, pp) on some
+    step, or where one of the two recorded a step the other did not (empty when all agree)."""
+    by_stage: dict[tuple[int, int], list[LoadedFile]] = {}
+    for f in run.files_of("experts"):
+        if "experts" in f.parquet:
+            by_stage.setdefault((f.run.rank.dp, f.run.rank.pp), []).append(f)
+    out: list[str] = []
+    for (dp, pp), files in sorted(by_stage.items()):
+        files.sort(key=lambda f: f.run.rank.tp)
+        ref = expert_counts(files[0])
+        for other in files[1:]:
+            compared, differ, unmatched, first = compare_counts(ref, expert_counts(other))
+            if differ or unmatched:
+                tag, ref_tag = other.run.rank.tp, files[0].run.rank.tp
+                only = f", {unmatched} step(s) recorded by one rank only" if unmatched else ""
+                out.append(
+                    f"rank dp{dp}-pp{pp}: tp{tag}'s expert counts differ from tp{ref_tag}'s on {differ} of "
+                    f"{compared} step(s){only} (first: step {first}); the views keep tp{ref_tag} only"
+                )
+    return out
+
+
+def expert_counts(f: LoadedFile) -> tuple[np.ndarray, np.ndarray]:
+    """(steps in order, counts [steps, MoE layers x experts] int64) of one experts file, from the cache."""
+    path = Path(f.parquet["experts"])
+    fmt = "parquet" if path.suffix == ".parquet" else "ipc"
+    table = pads.dataset(str(path), format=fmt).to_table(columns=["step", "counts"])
+    steps = table.column("step").to_numpy()
+    counts = table.column("counts").combine_chunks()
+    lengths = pc.list_value_length(counts).to_numpy(zero_copy_only=False)
+    width = int(lengths[0]) if len(lengths) else 0
+    if len(lengths) and np.any(lengths != width):  # the loader already refuses ragged rows
+        raise ValueError(f"{f.path}: experts.counts rows differ in length")
+    flat = counts.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    order = np.argsort(steps, kind="stable")
+    return steps[order], flat.reshape(len(steps), width)[order]
+
+
+def compare_counts(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[int, int, int, int | None]:
+    """(steps both recorded, of those with different counts, steps only one recorded, first step that
+    differs or is unmatched) for two `expert_counts` results."""
+    (sa, ca), (sb, cb) = a, b
+    common, ia, ib = np.intersect1d(sa, sb, assume_unique=True, return_indices=True)
+    if ca.shape[1:] != cb.shape[1:]:
+        differ_mask = np.ones(len(common), dtype=bool)
+    else:
+        differ_mask = np.any(ca[ia] != cb[ib], axis=1) if len(common) else np.zeros(0, bool)
+    unmatched = np.setxor1d(sa, sb, assume_unique=True)
+    bad = np.concatenate([common[differ_mask], unmatched])
+    first = int(bad.min()) if len(bad) else None
+    return len(common), int(differ_mask.sum()), len(unmatched), first
