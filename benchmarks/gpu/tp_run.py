@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", required=True, help="config.json of the model (random weights)")
     p.add_argument("--ckpt", type=Path, default=Path("/tmp/moecap-tp-ckpt"))
+    p.add_argument(
+        "--trace-dir", type=Path, default=None, help="Where the .arrow files go (default OUT/traces)."
+    )
     p.add_argument("--prefix", default="gpu")
     p.add_argument("--dataset", default="synthetic:256x64")
     p.add_argument("--num-prompts", type=int, default=32)
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = a.dataset.replace("synthetic:", "syn")
     run_id = f"{a.prefix}-{loaded.model_id.split('/')[-1]}-tp{world}-generate-bs{a.batch_size}-{data}-n{a.num_prompts}"
-    trace_dir = a.out / "traces"
+    trace_dir = a.trace_dir or a.out / "traces"
     trace_dir.mkdir(parents=True, exist_ok=True)
     res = run_workload(
         loaded,
