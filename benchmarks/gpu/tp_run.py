@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = f"{a.prefix}-{loaded.model_id.split('/')[-1]}-tp{world}-generate-bs{a.batch_size}-{data}-n{a.num_prompts}"
     trace_dir = a.trace_dir or a.out / "traces"
     trace_dir.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     res = run_workload(
         loaded,
         HFRunOptions(
