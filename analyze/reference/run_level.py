@@ -94,15 +94,17 @@ def _server_request_ttft(arr: RecordArrays) -> float | None:
     No activation filter; a pass without a duration is skipped."""
     e = arr.entries
     duration, missing = _durations(arr.prefill_passes)
-    entry, starts = e.server_requests.select(e.server_keyed & ~missing[e.prefill_pos])
-    n = int(np.count_nonzero(e.is_last_chunk[entry]))
+    entry = np.flatnonzero(e.server_keyed & ~missing[e.prefill_pos])  # in record / entry order
+    last = e.is_last_chunk[entry]
+    n = int(np.count_nonzero(last))
     if n == 0:
         return None
     # Every entry up to a request's final completed chunk belongs to one of its completed accumulations;
     # entries after it were never completed.
-    final_last = np.maximum.reduceat(np.where(e.is_last_chunk[entry], entry, -1), starts)
-    sizes = np.diff(np.append(starts, len(entry)))
-    counted = entry <= np.repeat(final_last, sizes)
+    gid = e.server_requests.gid[entry]
+    final_last = np.full(e.server_requests.count, -1, dtype=np.int64)
+    np.maximum.at(final_last, gid[last], entry[last])
+    counted = np.flatnonzero(entry <= final_last[gid])
     return float(duration[e.prefill_pos[entry[counted]]].sum()) / n
 
 
