@@ -151,10 +151,14 @@ def shell(
         t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
         with t:
             if save is not None:
-                names = save_database(t, save)
+                names, left_out = save_database(t, save)
                 sys.stderr.write(
                     f"wrote {save} ({len(names)} views and tables); open it with: duckdb {save}\n"
                 )
+                if left_out:
+                    sys.stderr.write(
+                        f"not saved (they read data registered from Python): {', '.join(left_out)}\n"
+                    )
                 return
             if python:
                 python_repl(t)

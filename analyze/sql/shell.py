@@ -18,7 +18,7 @@ import duckdb
 
 from .catalog import VIEWS
 from .examples import EXAMPLES_BY_NAME
-from .query import FORMATS, QueryError, one_line, run, write_result
+from .query import FORMATS, QueryError, run, write_result
 from .tables import Tables, needs_run_metrics
 
 _HELP = """\
@@ -183,14 +183,16 @@ def python_repl(t: Tables) -> None:
     start_ipython(argv=[], user_ns=namespace)
 
 
-def save_database(t: Tables, path: Path) -> list[str]:
-    """Write a DuckDB database file holding every view (over the same cached Parquet) and the small
-    tables, for the `duckdb` CLI or any DuckDB client. Returns the names saved."""
+def save_database(t: Tables, path: Path) -> tuple[list[str], list[str]]:
+    """Write a DuckDB database file holding the views (over the same cached files) and the small
+    tables, for the `duckdb` CLI or any DuckDB client. Returns (names saved, names left out): views
+    that read data registered from Python (the loader's Arrow datasets) cannot live in a file."""
     t.ensure_run_metrics()
     con = t.con
     if path.exists():
         path.unlink()
     target = str(path).replace("'", "''")
+    home = con.sql("SELECT current_database()").fetchall()[0][0]
     con.execute(f"ATTACH '{target}' AS moecap_saved")
     saved: list[str] = []
     try:
@@ -202,32 +204,28 @@ def save_database(t: Tables, path: Path) -> list[str]:
             if kind == "BASE TABLE":
                 con.execute(f'CREATE TABLE moecap_saved.main."{name}" AS SELECT * FROM "{name}"')
                 saved.append(name)
-        pending = {
-            name: sql
-            for name, sql in con.sql(
-                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND database_name = current_database()"
+        pending = dict(
+            con.sql(
+                "SELECT view_name, sql FROM duckdb_views() "
+                "WHERE NOT internal AND NOT temporary AND database_name = current_database()"
             ).fetchall()
-        }
-        home = con.sql("SELECT current_database()").fetchall()[0][0]
+        )
         con.execute("USE moecap_saved")
         try:
-            # A view binds the views it reads when created: create in rounds until all are in.
-            while pending:
+            # A view binds what it reads when created: create in rounds until no more can be.
+            progressed = True
+            while pending and progressed:
                 progressed = False
-                last_error = ""
                 for name, sql in list(pending.items()):
                     try:
                         con.execute(sql)
-                    except duckdb.CatalogException as exc:
-                        last_error = one_line(exc)
+                    except duckdb.CatalogException:
                         continue
                     saved.append(name)
                     del pending[name]
                     progressed = True
-                if not progressed:
-                    raise QueryError(f"cannot save views {', '.join(pending)}: {last_error}")
         finally:
             con.execute(f'USE "{home}"')
     finally:
         con.execute("DETACH moecap_saved")
-    return saved
+    return saved, sorted(pending)

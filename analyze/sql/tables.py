@@ -106,8 +106,10 @@ class Tables:
     @property
     def views(self) -> list[str]:
         """Names of the views and tables a query can use (run-level ones included, computed on use)."""
+        # current_database(): the loader's registered Python objects live in the `temp` catalog.
         rows = self.con.sql(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY table_name"
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_catalog = current_database() AND table_schema = 'main'"
         ).fetchall()
         return sorted({r[0] for r in rows} | set(RUN_LEVEL_VIEWS))
 
@@ -261,12 +263,18 @@ class _ClosingReader:
 
 
 def lazy_frame(con: duckdb.DuckDBPyConnection, query: str) -> polars.LazyFrame:
-    """A LazyFrame over `query` on `con` (column selection, limits and filters pushed into DuckDB)."""
+    """A LazyFrame over `query` on `con` (column selection, limits and filters pushed into DuckDB).
+
+    Scans run on fresh cursors of `con`. A query over data registered from Python on `con` itself
+    (connection-local, so invisible to cursors) runs on `con`: two such frames cannot be read at once.
+    """
     from duckdb.polars_io import duckdb_source
 
     cursor = con.cursor()
     try:
-        schema = polars.from_arrow(cursor.sql(query).limit(0).to_arrow_table()).schema  # type: ignore[union-attr]
+        sample = cursor.sql(query).limit(0).to_arrow_table()
+    except duckdb.CatalogException:
+        return con.sql(query).pl(lazy=True)
     finally:
         cursor.close()
-    return duckdb_source(_CursorScan(con, query), schema)  # type: ignore[arg-type]
+    return duckdb_source(_CursorScan(con, query), polars.from_arrow(sample).schema)  # type: ignore[arg-type, union-attr]

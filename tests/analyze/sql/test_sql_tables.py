@@ -21,7 +21,12 @@ def test_connect_returns_a_duckdb_connection_with_every_view(
 ) -> None:
     con = moecap.analyze.connect([str(sql_trace_dir)], cache_dir=sql_cache)
     assert isinstance(con, duckdb.DuckDBPyConnection)
-    names = {r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
+    names = {
+        r[0]
+        for r in con.sql(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()"
+        ).fetchall()
+    }
     assert names == DOCUMENTED
     assert con.sql("SELECT count(*) FROM steps").fetchall()[0][0] == sum(r.steps.height for r in raw.values())
     con.close()
