@@ -173,8 +173,14 @@ def summary(
             usd_per_gpu_hour=usd_per_gpu_hour,
         )
         with use_cost_settings(cost):  # metrics.cost of every run follows the cost flags
+            # The summary needs no raw per-step expert counts (summaries and totals suffice).
             analysis = analyze_paths(
-                trace_paths, options, cache_dir=cache_dir, strict=strict, progress=_progress_printer(True)
+                trace_paths,
+                options,
+                cache_dir=cache_dir,
+                strict=strict,
+                progress=_progress_printer(True),
+                expert_counts=False,
             )
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet")

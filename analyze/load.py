@@ -28,8 +28,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from moecap.schemas import (
@@ -45,11 +43,19 @@ from moecap.schemas import (
 
 from .errors import InputError
 
-CACHE_LAYOUT = "4"
+CACHE_LAYOUT = "5"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
 
 _RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
 _SLICE_ROWS = 8192
+# Cache files are written once per trace and read often: zstd level 1, dictionaries only where values
+# repeat (ids, phases), no statistics on the per-request list columns (nothing filters on them).
+_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 1,
+    "use_dictionary": ["run_id", "phase", "req_ids", "time_source", "finish_reason", "dataset", "gpu_uuid"],
+    "write_statistics": ["run_id", "dp", "pp", "tp", "ep", "step", "t_start_ns", "arrival_ns", "t_ns"],
+}
 _VIEW_TABLES = (
     "steps",
     "experts",
@@ -130,11 +136,15 @@ def load_traces(
     strict: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     memory_limit: str | None = None,
+    expert_counts: bool = True,
 ) -> TraceDB:
     """Load trace files (files, directories, globs) into a DuckDB connection with the views.
 
     Each unusable file adds one line to `errors` and the others still load; `strict=True` raises
     the first as `TraceError`. `progress(done, total, path)` is called per file.
+    `expert_counts=False` skips caching the raw per-step counts behind the `experts` and
+    `expert_tokens` views (then empty); every metric uses the per-step summaries and totals, which
+    are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster.
     """
     files = expand_paths(paths)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -164,7 +174,7 @@ def load_traces(
             errors.append(conflict)
             continue
         try:
-            loaded = _load_file(path, header.table_kind, run, cache, phase_maps)
+            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, expert_counts)
         except TraceError as exc:
             if strict:
                 raise
@@ -211,6 +221,7 @@ def _load_file(
     run: RunMetadata,
     cache: Path,
     phase_maps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    expert_counts: bool = True,
 ) -> LoadedFile:
     rank_key = (run.run_id, run.rank.tag())
     extra = ""
@@ -224,6 +235,10 @@ def _load_file(
             info = json.loads(info_path.read_text())
             parquet = {k: cache / v for k, v in info["parquet"].items()}
             if all(p.exists() for p in parquet.values()):
+                if kind == "experts" and expert_counts and "experts" not in parquet:
+                    parquet["experts"] = _write_raw_counts(path, _identity(run), cache, key)
+                    info["parquet"]["experts"] = parquet["experts"].name
+                    info_path.write_text(json.dumps(info))
                 loaded = LoadedFile(
                     path=path,
                     table_kind=kind,
@@ -241,15 +256,11 @@ def _load_file(
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
-    identity = {
-        "run_id": run.run_id,
-        "dp": run.rank.dp,
-        "pp": run.rank.pp,
-        "tp": run.rank.tp,
-        "ep": run.rank.ep,
-    }
+    identity = _identity(run)
     if kind == "experts":
-        parquet, scan = _convert_experts(path, run, identity, cache, key, phase_maps.get(rank_key))
+        parquet, scan = _convert_experts(
+            path, run, identity, cache, key, phase_maps.get(rank_key), write_raw=expert_counts
+        )
     else:
         parquet, scan = _convert_plain(path, kind, identity, cache, key)
         if kind == "steps":
@@ -276,6 +287,17 @@ def _load_file(
     )
 
 
+def _identity(run: RunMetadata) -> dict[str, Any]:
+    return {"run_id": run.run_id, "dp": run.rank.dp, "pp": run.rank.pp, "tp": run.rank.tp, "ep": run.rank.ep}
+
+
+def _write_raw_counts(path: Path, identity: dict[str, Any], cache: Path, key: str) -> Path:
+    """Cache a trace's raw expert counts (for the experts / expert_tokens views) in a second pass."""
+    sink = _ParquetSink(cache / f"{key}.experts.parquet")
+    scan = scan_trace_file(path, lambda batch: sink.write(_with_identity(batch, identity)))
+    return sink.close(_identity_schema(scan.schema))
+
+
 def _with_identity(batch: pa.RecordBatch, identity: dict[str, Any]) -> pa.RecordBatch:
     n = batch.num_rows
     cols = [
@@ -296,29 +318,6 @@ def _check_batch_nulls(path: Path, kind: str, batch: pa.RecordBatch) -> None:
             raise TraceError(f"{path}: column {kind}.{c.name} holds nulls but is not nullable")
 
 
-class _IpcFileSink:
-    """Raw expert counts go to a zstd Arrow IPC *file* (random access, readable as a pyarrow dataset that
-    DuckDB scans zero-copy): writing nested int lists to Parquet costs ~2x more (definition levels)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path.with_suffix(".tmp")
-        self.writer: ipc.RecordBatchFileWriter | None = None
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if self.writer is None:
-            options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
-            self.writer = ipc.new_file(self.tmp, batch.schema, options=options)
-        self.writer.write_batch(batch)
-
-    def close(self, empty_schema: pa.Schema) -> Path:
-        if self.writer is None:
-            self.writer = ipc.new_file(self.tmp, empty_schema)
-        self.writer.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-
 class _ParquetSink:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -327,12 +326,12 @@ class _ParquetSink:
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, batch.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.tmp, batch.schema, **_PARQUET_OPTIONS)
         self.writer.write_batch(batch)
 
     def close(self, empty_schema: pa.Schema) -> Path:
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, empty_schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.tmp, empty_schema, **_PARQUET_OPTIONS)
         self.writer.close()
         os.replace(self.tmp, self.path)
         return self.path
@@ -377,8 +376,10 @@ def _convert_experts(
     cache: Path,
     key: str,
     phase_map: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    write_raw: bool = True,
 ):
-    experts_sink = _IpcFileSink(cache / f"{key}.experts.arrow")
+    experts_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
     stats_sink = _ParquetSink(cache / f"{key}.expert_step_stats.parquet")
     n_experts = max(1, int(run.moe.num_experts))
     layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
@@ -397,7 +398,8 @@ def _convert_experts(
                 f"{path}: experts.counts has {bad} values in a row, expected {n_layers} MoE layers x "
                 f"{n_experts} experts = {width} (run.moe.layer_ids / num_experts)"
             )
-        experts_sink.write(_with_identity(batch, identity))
+        if experts_sink is not None:
+            experts_sink.write(_with_identity(batch, identity))
         if not n_layers or batch.num_rows == 0:
             return
         # Slices bound memory whatever the writer's batch size; counts stay int32 (no widening copy).
@@ -453,7 +455,6 @@ def _convert_experts(
 
     scan = scan_trace_file(path, on_batch)
     out = {
-        "experts": experts_sink.close(_identity_schema(scan.schema)),
         "expert_step_stats": stats_sink.close(
             pa.schema(
                 [pa.field("run_id", pa.string())]
@@ -491,6 +492,8 @@ def _convert_experts(
             ),
         }
     )
+    if experts_sink is not None:
+        out["experts"] = experts_sink.close(_identity_schema(scan.schema))
     totals_path = cache / f"{key}.expert_totals.parquet"
     pq.write_table(totals_table, totals_path.with_suffix(".tmp"), compression="zstd")
     os.replace(totals_path.with_suffix(".tmp"), totals_path)
@@ -551,10 +554,7 @@ def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> 
             for view, parquet in f.parquet.items():
                 sources[view].append(str(parquet))
     for view, files in sources.items():
-        if files and view == "experts":
-            con.register("experts_ipc", pads.dataset(files, format="ipc"))
-            con.execute("CREATE OR REPLACE VIEW experts AS SELECT * FROM experts_ipc")
-        elif files:
+        if files:
             listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
             con.execute(
                 f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)"

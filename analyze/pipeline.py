@@ -50,10 +50,16 @@ def analyze_paths(
     cache_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    expert_counts: bool = True,
 ) -> Analysis:
-    """Load traces and compute every moecap-formula metric per run."""
+    """Load traces and compute every moecap-formula metric per run.
+
+    `expert_counts=False` leaves the raw-count views (`experts`, `expert_tokens`) empty; no metric
+    needs them (see `load_traces`)."""
     options = options or Options()
-    db = load_traces(paths, cache_dir=cache_dir, strict=strict, progress=progress)
+    db = load_traces(
+        paths, cache_dir=cache_dir, strict=strict, progress=progress, expert_counts=expert_counts
+    )
     require_runs(db)
     contexts = [resolve_context(run, options) for run in db.runs.values()]
     define_step_metrics_view(db, contexts)
