@@ -121,6 +121,20 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
                 f"throughput (window): {_fmt(all_steps['throughput_tokens_per_s'], 'tok/s')} computed, "
                 f"{_fmt(all_steps['throughput_output_tokens_per_s'], 'tok/s')} generated"
             )
+        c = m.get("cost") or {}
+        if c.get("usd_per_1m_output_tokens") is not None:
+            band = c.get("band_usd_per_1m_output_tokens") or [None, None]
+            energy = (c.get("energy") or {}).get("source", "?")
+            console.print(
+                f"cost ({c.get('model')}): ${c['usd_per_1m_output_tokens']:.3g} per 1M output tokens "
+                f"(band ${_fmt(band[0])}–${_fmt(band[1])}) · ${_fmt(c.get('usd_per_1m_total_tokens'))} per 1M tokens"
+                f" · energy from {energy}"
+            )
+        elif c.get("error"):
+            console.print(f"cost: {c['error']}")
+        acc = m.get("accuracy") or {}
+        if acc.get("total"):
+            console.print(f"accuracy: {acc['correct']}/{acc['total']} exact match ({acc['exact_match']:.1%})")
         e = m.get("experts", {}).get("summary")
         if e:
             console.print(
