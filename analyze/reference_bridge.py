@@ -30,8 +30,13 @@ def records_from_trace(db: TraceDB, run_id: str, gpu_raw_type: str, num_gpus: in
     frame = (
         db.con.sql(
             f"""
-        SELECT s.phase, s.num_reqs, s.req_ids, s.req_prefix_lens, s.req_new_tokens,
-               coalesce(s.req_num_logits, list_transform(s.req_new_tokens, lambda x: 1::SMALLINT)) AS logits,
+        SELECT s.phase, s.num_reqs,
+               -- per-request lists are only needed for prefill passes (per_req_info)
+               CASE WHEN s.phase = 'prefill' THEN s.req_ids END AS req_ids,
+               CASE WHEN s.phase = 'prefill' THEN s.req_prefix_lens END AS req_prefix_lens,
+               CASE WHEN s.phase = 'prefill' THEN s.req_new_tokens END AS req_new_tokens,
+               CASE WHEN s.phase = 'prefill'
+                    THEN coalesce(s.req_num_logits, list_transform(s.req_new_tokens, lambda x: 1::SMALLINT)) END AS logits,
                coalesce((s.gpu_end_ns - s.gpu_start_ns), (s.t_end_ns - s.t_start_ns)) / 1e9 AS latency,
                coalesce(e.active_experts / {n_moe}::DOUBLE, -1) AS expert_activation,
                list_sum(s.req_new_tokens) AS scheduled_tokens,

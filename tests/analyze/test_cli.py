@@ -114,3 +114,18 @@ def test_accuracy_and_client_engine_join_in_metrics_json(synthetic_run, tmp_path
     join = metrics["requests"]["client_engine_join"]
     assert join["requests"] == 16 and join["joined"] == 16
     assert join["arrival_to_first_step_s_mean"] >= 0
+
+
+def test_reference_formula_on_a_trace_reduces_steps_to_moecap_records(synthetic_run, tmp_path):
+    trace, truth = synthetic_run
+    r = _cli(trace, "--formula", "reference", "--format", "json", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout)["runs"][0]
+    bm = run["batch_metrics"]
+    # The H100 in the trace resolves to the reference's own key, so its bandwidth table applies.
+    assert run["constants"]["gpu_raw_type"] == "NVIDIA-H100-HBM3-80GB"
+    assert 0 < bm["decoding_smbu"] < 1 and bm["tpot"] > 0
+    # The reference treats every non-prefill pass (our decode and mixed steps) as decode; tpot = the
+    # mean of their latencies; the latency we hand it is the GPU span (step time minus host time).
+    decode_times = [s["time_s"] for s in truth["steps"] if s["phase"] != "prefill"]
+    assert bm["tpot"] == pytest.approx(sum(decode_times) / len(decode_times) - 0.002, rel=1e-3)
