@@ -313,10 +313,14 @@ def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[st
 def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
     """Per phase and overall: ratio-of-sums S-MBU/S-MFU over GPU time, distributions, throughput."""
     rid = ctx.run.run_id.replace("'", "''")
+    last_pp = max(0, ctx.run.metadata.parallelism.pp - 1)
     rows = db.con.execute(
         f"""
-        SELECT coalesce(phase, 'all') AS phase, count(*) AS steps, sum(num_tokens) AS tokens,
-               sum(logit_rows) AS logit_rows,
+        SELECT coalesce(phase, 'all') AS phase,
+               -- Pipeline stages each record the same engine step: count steps and tokens on the first
+               -- stage, logit rows on the last; bytes, FLOPs and GPU time sum over every stage.
+               count(*) FILTER (WHERE pp = 0) AS steps, sum(num_tokens) FILTER (WHERE pp = 0) AS tokens,
+               sum(logit_rows) FILTER (WHERE pp = {last_pp}) AS logit_rows,
                sum(bytes_total) AS bytes, sum(flops_total) AS flops,
                sum(bytes_routed_experts) AS bytes_routed, sum(bytes_kv_read) AS bytes_kv_read,
                sum(time_s * gpus) AS gpu_seconds, sum(time_s) AS busy_s, sum(wall_s) AS wall_s,
@@ -326,7 +330,8 @@ def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
                sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
                quantile_cont(smbu, [0.5, 0.9, 0.99]) AS smbu_q, quantile_cont(smfu, [0.5, 0.9, 0.99]) AS smfu_q,
                quantile_cont(time_s, [0.5, 0.9, 0.99]) AS time_q, avg(time_s) AS time_mean,
-               avg(active_experts) AS active_experts_mean, avg(num_reqs) AS batch_mean,
+               sum(active_experts) / count(*) FILTER (WHERE pp = 0) AS active_experts_mean,
+               avg(num_reqs) FILTER (WHERE pp = 0) AS batch_mean,
                count(*) FILTER (WHERE time_s <= 0) AS zero_time_steps,
                count(*) FILTER (WHERE isnan(active_experts)) AS steps_without_counts
         FROM step_metrics WHERE run_id = '{rid}' AND NOT is_draft AND ({where}) AND time_s > 0

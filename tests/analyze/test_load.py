@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
+import pytest
 
 from moecap.analyze.load import load_traces
 from moecap.schemas import read_trace_file
@@ -42,7 +43,7 @@ def test_second_load_uses_the_cache_and_a_touched_file_is_reconverted(synthetic_
     data = steps_file.read_bytes()
     steps_file.write_bytes(data[: len(data) - 20])  # truncate: size and mtime change
     third = load_traces([trace], cache_dir=tmp_path / "cache")
-    steps = [f for r in third.runs.values() for f in r.files if f.table_kind == "steps"][0]
+    steps = next(f for r in third.runs.values() for f in r.files if f.table_kind == "steps")
     assert not steps.from_cache and not steps.complete
     assert any("truncated" in w for w in third.warnings)
 
@@ -80,3 +81,44 @@ def test_non_recording_tp_rank_is_not_double_counted(tmp_path):
         w.write_rows(tf.table.to_pylist())
     db = load_traces([tmp_path / "t"], cache_dir=tmp_path / "cache")
     assert db.con.execute("SELECT count(*), count(DISTINCT tp) FROM steps").fetchall()[0] == (tf.num_rows, 1)
+
+
+def test_pipeline_stages_join_by_layer_range_without_double_counting(tmp_path):
+    """A run split into two PP stages (layers 0-11 and 12-23, each stage its own files) gives the same
+    steps, tokens and bytes as the single-stage run; GPU time counts both stages' GPUs."""
+    import dataclasses
+
+    import pyarrow as pa
+    from synthetic_traces import SimConfig, simulate_run
+
+    from moecap.analyze.pipeline import Options, analyze_paths
+    from moecap.schemas import TraceWriter, read_trace_file, trace_file_name
+
+    simulate_run(tmp_path / "one", SimConfig())
+    steps = read_trace_file(next((tmp_path / "one").glob("*.steps.arrow")))
+    experts = read_trace_file(next((tmp_path / "one").glob("*.experts.arrow")))
+    base = dataclasses.replace(steps.run, parallelism=dataclasses.replace(steps.run.parallelism, pp=2))
+    counts = np.asarray(pc.list_flatten(experts.table.column("counts"))).reshape(experts.num_rows, 24, 60)
+    out = tmp_path / "pp"
+    for pp, (lo, hi) in enumerate(((0, 12), (12, 24))):
+        run = base.with_rank(pp=pp, layer_start=lo, layer_end=hi)
+        with TraceWriter(out / trace_file_name(run, "steps"), "steps", run) as w:
+            w.write_rows(steps.table.to_pylist())
+        with TraceWriter(out / trace_file_name(run, "experts"), "experts", run) as w:
+            part = counts[:, lo:hi, :].reshape(experts.num_rows, -1)
+            w.write_batch(
+                pa.record_batch({"step": experts.table.column("step").combine_chunks(), "counts": list(part)})
+            )
+    for f in (tmp_path / "one").glob("*.client.*"):
+        (out / f.name.replace(steps.run.run_id, base.run_id)).write_bytes(f.read_bytes())
+    one = analyze_paths([tmp_path / "one"], Options(window="all"), cache_dir=tmp_path / "c").document["runs"][
+        0
+    ]
+    two = analyze_paths([out], Options(window="all"), cache_dir=tmp_path / "c").document["runs"][0]
+    a, b = one["metrics"]["steps"]["all"], two["metrics"]["steps"]["all"]
+    assert (b["steps"], b["tokens"], b["output_tokens"]) == (a["steps"], a["tokens"], a["output_tokens"])
+    assert b["bytes_total"] == pytest.approx(a["bytes_total"], rel=1e-12)
+    assert b["activated_experts_per_step_mean"] == pytest.approx(a["activated_experts_per_step_mean"])
+    # Each stage's GPU is busy for the whole recorded span: twice the GPU-seconds, half the S-MBU.
+    assert b["gpu_seconds"] == pytest.approx(2 * a["gpu_seconds"])
+    assert b["s_mbu"] == pytest.approx(a["s_mbu"] / 2, rel=1e-9)
