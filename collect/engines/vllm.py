@@ -85,6 +85,7 @@ _WRAPPED_MARK = "__moecap_wrapped__"
 _PATCHED_METHODS = (
     "load_model",
     "initialize_from_config",
+    "compile_or_warm_up_model",
     "execute_model",
     "sample_tokens",
     "execute_dummy_batch",
@@ -336,6 +337,7 @@ class VllmTracer:
         self.ranks = compat.rank_info(self.vllm_config)
         self.is_recorder = self.ranks.tp_rank == 0
         self.active = self.is_recorder
+        self.warming = False
         """Records steps (TP rank 0); the other TP ranks only bind the capture (matched collectives)."""
         self.device = torch.device(getattr(worker, "device", None) or "cpu")
         self.tracker = RequestTracker()
@@ -736,9 +738,24 @@ def _around_initialize_from_config(
     return result
 
 
+def _around_compile_or_warm_up_model(original: Callable[..., Any], self: Any, *a: Any, **k: Any) -> Any:
+    # Model runner V2 warms up through the worker's own execute_model / sample_tokens with made-up
+    # `_warmup_<i>_` requests: those passes serve nobody and are not recorded (nor counted as steps).
+    tracer = _tracer(self)
+    if tracer is not None:
+        tracer.warming = True
+    try:
+        return original(self, *a, **k)
+    finally:
+        if tracer is not None:
+            tracer.warming = False
+
+
 def _recording(worker: Any) -> VllmTracer | None:
     tracer = _tracer(worker)
-    return tracer if tracer is not None and tracer.active and not tracer._closed else None
+    if tracer is None or not tracer.active or tracer._closed or tracer.warming:
+        return None
+    return tracer
 
 
 def _around_execute_model(
@@ -810,6 +827,7 @@ def moecap_control(self: Any, command: str = "stats", *args: Any) -> Any:
 _AROUND = {
     "load_model": _around_load_model,
     "initialize_from_config": _around_initialize_from_config,
+    "compile_or_warm_up_model": _around_compile_or_warm_up_model,
     "execute_model": _around_execute_model,
     "sample_tokens": _around_sample_tokens,
     "execute_dummy_batch": _around_execute_dummy_batch,

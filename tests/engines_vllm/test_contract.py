@@ -93,6 +93,7 @@ def test_worker_methods_and_signatures(vllm_version):
     assert params(Worker.execute_dummy_batch) == ["self"]
     assert params(Worker.initialize_from_config) == ["self", "kv_cache_config"]
     assert params(Worker.shutdown) == ["self"]
+    assert params(Worker.compile_or_warm_up_model) == ["self"]
     load = inspect.signature(original(Worker.load_model))
     assert next(iter(load.parameters)) == "self"
     assert all(p.default is not inspect.Parameter.empty for p in list(load.parameters.values())[1:])

@@ -245,3 +245,21 @@ def test_a_capture_callback_bound_after_load_model_keeps_both_running(worker_cla
     assert seen.count(MOE_LAYERS[0]) == 2  # their callback ran once per forward (prefill, decode)
     _, experts = trace_files(trace_env)
     assert [sum(r["counts"]) for r in experts.table.to_pylist()] == [6 * TOP_K * 2, 1 * TOP_K * 2]
+
+
+def test_warm_up_passes_through_the_worker_are_not_recorded(worker_class, vllm_env, trace_env):
+    """Model runner V2 warms up through Worker.execute_model with `_warmup_<i>_` requests."""
+    worker = make_worker(vllm_env, FakeRunner(make_model()))
+    worker.load_model()
+    warm = ToyScheduler(64, seed=6)
+    for i in range(3):
+        warm.add(f"_warmup_{i}_", 2, 2)
+    adapter._around_compile_or_warm_up_model(lambda w: drive(w, warm, steps_with_dummy=()), worker)
+    sched = ToyScheduler(32, seed=7)
+    sched.add("a", 5, 2)
+    drive(worker, sched, steps_with_dummy=())
+    worker.shutdown()
+    steps, _ = trace_files(trace_env)
+    rows = steps.table.to_pylist()
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(rid == "a" for r in rows for rid in r["req_ids"])
