@@ -91,7 +91,8 @@ def test_rows_in_the_trace_files(run):
     res, out, _ = run
     reqs = read_trace_file(out / "real-model.client.requests.arrow").table.to_pylist()
     outs = read_trace_file(out / "real-model.client.outputs.arrow").table.to_pylist()
-    assert [r["req_id"] for r in reqs] == [r.req_id for r in res.records]
+    # Rows are written as requests finish, which under load need not be submission order.
+    assert sorted(r["req_id"] for r in reqs) == sorted(r.req_id for r in res.records)
     assert all(
         len(r["chunk_times_ns"]) == len(r["chunk_tokens"]) and r["output_tokens"] == MAX_TOKENS for r in reqs
     )
