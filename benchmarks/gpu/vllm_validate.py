@@ -157,14 +157,20 @@ def check_oracle(run: dict[str, Any], routed: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    import re
+
     import numpy as np
 
     ra, rb = a["steps"].table.to_pylist(), b["steps"].table.to_pylist()
+
+    def ids(row: dict[str, Any]) -> list[str]:  # vLLM appends 8 random characters to our request ids
+        return [re.sub(r"-[0-9a-f]{8}$", "", x) for x in row["req_ids"]]
+
     ca = {r["step"]: r["counts"] for r in a["experts"].table.to_pylist()}
     cb = {r["step"]: r["counts"] for r in b["experts"].table.to_pylist()}
     same_steps = len(ra) == len(rb) and all(
-        (x["req_ids"], x["req_new_tokens"], x["req_prefix_lens"])
-        == (y["req_ids"], y["req_new_tokens"], y["req_prefix_lens"])
+        (ids(x), x["req_new_tokens"], x["req_prefix_lens"])
+        == (ids(y), y["req_new_tokens"], y["req_prefix_lens"])
         for x, y in zip(ra, rb)
     )
     identical = sum(1 for x, y in zip(ra, rb) if ca.get(x["step"]) == cb.get(y["step"]))
@@ -348,6 +354,19 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------------
+def _without_stages(argv: list[str]) -> list[str]:
+    """The orchestrator's arguments for a child, less --stages (either form)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stages":
+            skip = True
+        elif not a.startswith("--stages="):
+            out.append(a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -382,7 +401,7 @@ def main() -> None:
             __file__,
             "--stage",
             stage,
-            *[a for a in sys.argv[1:] if not a.startswith("--stages")],
+            *_without_stages(sys.argv[1:]),
         ]
         t0 = time.time()
         try:
