@@ -21,6 +21,7 @@ Example (CPU, a config.json with random weights, 8 fixed-length prompts, 4 in fl
 
 class Engine(str, Enum):
     hf = "hf"
+    vllm = "vllm"
 
 
 class Mode(str, Enum):
@@ -86,8 +87,15 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Run a workload and record it."""
-    if engine is not Engine.hf:  # pragma: no cover - one engine today
-        raise CollectError(f"--engine {engine.value}: not available in `run` yet")
+    if engine is Engine.vllm:  # vLLM's offline engine, in its own module (collect/engines/vllm_cli.py)
+        from .engines.vllm_cli import run_from_cli
+
+        return run_from_cli(
+            model=model, dataset=dataset, num_prompts=num_prompts, batch_size=batch_size, out=out,
+            random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+            seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
+            max_batch_tokens=max_batch_tokens, block_size=block_size, run_id=run_id, dataset_path=dataset_path,
+        )  # fmt: skip
     from .writers import prepare_out_dir
 
     prepare_out_dir(out)  # fail before loading a model
