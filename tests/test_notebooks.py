@@ -1,7 +1,7 @@
 """The notebooks in notebooks/ run headless (jupytext -> nbclient) without error, each in a time budget.
 
 They read traces/*.arrow, or synthetic traces when traces/ has none. The Parquet cache goes to a
-temporary directory so the run does not depend on (or fill) the user's cache.
+temporary directory shared by the notebooks, so the run does not depend on (or fill) the user's.
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ def test_there_are_at_least_three_notebooks() -> None:
     assert len(NOTEBOOKS) >= 3, [p.name for p in NOTEBOOKS]
 
 
+@pytest.fixture(scope="module")
+def notebook_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Parquet cache for all notebooks, as a user's would be (the first converts the traces)."""
+    return tmp_path_factory.mktemp("notebook-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOECAP_CACHE_DIR", str(tmp_path / "cache"))
+def test_notebook_runs(path: Path, notebook_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOECAP_CACHE_DIR", str(notebook_cache))
     notebook = jupytext.read(path)
     client = nbclient.NotebookClient(
         notebook,
