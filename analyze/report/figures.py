@@ -160,7 +160,26 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
         sec.figures.append(
             Figure(f"{prefix}-time_accounting", "GPU-busy vs host-gap time", C.time_accounting(timeline))
         )
+    _rank_view(db, rid, prefix, sec)
     return sec
+
+
+def _rank_view(db: Any, rid: str, prefix: str, sec: Section) -> None:
+    """Per-rank view for multi-GPU runs: which rank's rows feed the metrics, and whether TP ranks'
+    expert counts agree step by step (one row per rank, whatever the trace length)."""
+    from . import ranks as R
+
+    rf = R.rank_frame(db, rid)
+    if rf.height <= 1:
+        return
+    sec.figures.append(Figure(f"{prefix}-ranks", "Ranks", R.rank_agreement_chart(rf)))
+    table = R.rank_table(rf)
+    sec.notes.append(
+        "; ".join(
+            f"{r['rank']} ({r['role']}): {r['counts = kept rank (steps)']} steps agree"
+            for r in table.to_dicts()
+        )
+    )
 
 
 def report_sections(analysis: Any, options: FigureOptions | None = None) -> list[Section]:
