@@ -7,6 +7,7 @@ CPU (`VLLM_TARGET_DEVICE=cpu`: the CUDA wheel's Python classes import without a 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,19 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# Before anything imports vLLM: pick the CPU platform and keep the hub offline.
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+if HAS_VLLM:
+    # Before anything imports vLLM: pick the CPU platform and keep the hub offline. (Only where vLLM is
+    # installed, so the main suite's environment is left alone.)
+    for key, value in {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": "ERROR",
+    }.items():
+        os.environ.setdefault(key, value)
 
 
 def _use_cpu_platform() -> None:
@@ -39,7 +46,8 @@ def _use_cpu_platform() -> None:
         platforms._current_platform = CpuPlatform()
 
 
-_use_cpu_platform()
+if HAS_VLLM:
+    _use_cpu_platform()
 
 
 @pytest.fixture(scope="session")
