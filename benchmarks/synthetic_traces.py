@@ -308,9 +308,11 @@ def bulk_decode_trace(
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     L, E, k = cfg["num_hidden_layers"], cfg["num_experts"], cfg["num_experts_per_tok"]
-    sw = TraceWriter(out / trace_file_name(run, "steps"), "steps", run, max_pending_batches=4)
+    sw = TraceWriter(out / trace_file_name(run, "steps"), "steps", run, max_pending_batches=4, blocking=True)
     ew = (
-        TraceWriter(out / trace_file_name(run, "experts"), "experts", run, max_pending_batches=4)
+        TraceWriter(
+            out / trace_file_name(run, "experts"), "experts", run, max_pending_batches=4, blocking=True
+        )
         if experts
         else None
     )

@@ -75,6 +75,7 @@ class TraceWriter:
         flush_interval_s: float = 2.0,
         max_pending_batches: int = 64,
         compression_level: int = 3,
+        blocking: bool = False,
     ) -> None:
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES)}")
@@ -83,6 +84,9 @@ class TraceWriter:
         self.schema = arrow_schema(table, schema_metadata(run, table))
         self._columns = TABLES[table]
         self.rows_per_batch = max(1, int(rows_per_batch))
+        # Engines never wait on the disk (rows are dropped and counted instead); offline producers
+        # (importers, generators) pass blocking=True and wait for the writer thread.
+        self.blocking = blocking
         self.flush_interval_s = float(flush_interval_s)
         self.stats = WriterStats(path=str(self.path))
         self._pending: list[Mapping[str, Any]] = []
@@ -136,6 +140,9 @@ class TraceWriter:
 
     def _hand_over(self, rows: list[Mapping[str, Any]] | pa.RecordBatch) -> None:
         try:
+            if self.blocking:
+                self._queue.put(rows)
+                return
             self._queue.put_nowait(rows)
         except queue.Full:
             # The disk cannot keep up: drop rather than block the engine, and say so at close.

@@ -381,7 +381,7 @@ def _write_requests(
     paths = []
     for table, rows in (("requests", req_rows), ("outputs", out_rows)):
         try:
-            w = TraceWriter(out / trace_file_name(run, table), table, run, rows_per_batch=4096)
+            w = TraceWriter(out / trace_file_name(run, table), table, run, rows_per_batch=4096, blocking=True)
         except OSError as exc:
             raise CollectError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
         w.write_rows(rows)

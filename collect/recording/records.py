@@ -187,7 +187,9 @@ def write_reference_steps(
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / records_name).write_text(json.dumps(list(records), separators=(",", ":")), encoding="utf-8")
-        writer = TraceWriter(out / trace_file_name(run, "steps"), "steps", run, rows_per_batch=4096)
+        writer = TraceWriter(
+            out / trace_file_name(run, "steps"), "steps", run, rows_per_batch=4096, blocking=True
+        )
     except OSError as exc:
         raise CollectError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     writer.write_rows(rows)

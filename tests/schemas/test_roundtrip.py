@@ -66,3 +66,27 @@ def test_time_based_flush_writes_without_reaching_row_count(tmp_path, run_meta):
     assert w.stats.batches_written == 1  # flushed by time, before close
     w.close()
     assert read_trace_file(path).table.num_rows == 1
+
+
+def test_blocking_writer_waits_instead_of_dropping(tmp_path, run_meta):
+    """With a one-batch queue, a non-blocking writer flooded faster than it writes drops rows (and
+    counts them); a blocking one (offline producers) keeps every row."""
+    rows = [{"step": i, "counts": list(range(200))} for i in range(3000)]
+    fast = TraceWriter(
+        tmp_path / "a.experts.arrow", "experts", run_meta, rows_per_batch=1, max_pending_batches=1
+    )
+    fast.write_rows(rows)
+    dropped = fast.close().rows_dropped
+    assert dropped > 0
+    assert read_trace_file(tmp_path / "a.experts.arrow").num_rows == 3000 - dropped
+    slow = TraceWriter(
+        tmp_path / "b.experts.arrow",
+        "experts",
+        run_meta,
+        rows_per_batch=1,
+        max_pending_batches=1,
+        blocking=True,
+    )
+    slow.write_rows(rows)
+    assert slow.close().rows_dropped == 0
+    assert read_trace_file(tmp_path / "b.experts.arrow").num_rows == 3000
