@@ -59,7 +59,9 @@ Parquet cache (`~/.cache/moecap`, or `--cache-dir`); the views are DuckDB views 
 DuckDB aggregates while streaming (spilling to `<cache>/spill` beyond its memory limit). Results
 are streamed to CSV / JSON / Parquet; only the printed table is held whole. Polars LazyFrames from
 `tables(...).lazy(view)` run through DuckDB on collect, with their column selection, limits and
-filters pushed into the query. `benchmarks/sql_scale.py` measures peak memory on many runs.
+filters pushed into the query. `benchmarks/sql_scale.py` measures peak memory on many runs. DuckDB
+may use up to 80 % of the machine's memory by default; on a shared machine cap it with
+`--memory-limit 2GB` (or `tables(..., memory_limit="2GB")`).
 
 **Conventions.** Times `*_ns` are the recording host's monotonic clock in ns; `*_s` are seconds.
 Bytes are bytes, FLOP counts multiply-add as 2. Every engine-side row carries its recording rank
