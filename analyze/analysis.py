@@ -121,7 +121,7 @@ def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
             f.run.rank.layer_start,
             f.run.rank.layer_end,
             f.run.model.kv_bytes_per_token_per_layer,
-            "v2",
+            "v3",
         ],
         default=str,
     )
@@ -206,6 +206,9 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
             "num_tokens": batch.column("num_tokens"),
             "t_start_ns": pa.array(t_start),
             "t_end_ns": pa.array(t_end),
+            # The step on the GPU timeline (host times where the engine recorded no GPU span).
+            "span_start_ns": pa.array(np.where(has_gpu, g0f, t_start).astype(np.int64)),
+            "span_end_ns": pa.array(np.where(has_gpu, g1f, t_end).astype(np.int64)),
             "time_s": pa.array(busy),
             "time_source": pa.array(np.where(has_gpu, "gpu", "host")),
             "gpus": pa.array(np.full(len(steps), gpus, dtype=np.int32)),
@@ -236,7 +239,7 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
         listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
         parts.append(
             f"""SELECT s.*,
-                   lead(t_start_ns) OVER (PARTITION BY run_id, dp, pp ORDER BY step) AS next_start_ns,
+                   lead(span_start_ns) OVER (PARTITION BY run_id, dp, pp ORDER BY step) AS next_span_start_ns,
                    bytes_total / ({bw!r} * time_s * gpus) AS smbu,
                    flops_total / ({peak!r} * time_s * gpus) AS smfu,
                    {bw!r} AS gpu_bandwidth, {peak!r} AS gpu_peak_flops
@@ -246,8 +249,11 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
         body = " UNION ALL ".join(parts)
         db.con.execute(
             f"""CREATE OR REPLACE VIEW step_metrics AS
-            SELECT *, (coalesce(next_start_ns, t_end_ns) - t_start_ns) / 1e9 AS wall_s,
-                   greatest((coalesce(next_start_ns, t_end_ns) - t_start_ns) / 1e9 - time_s, 0) AS host_gap_s
+            SELECT *,
+                   -- GPU idle time until the next step's GPU work starts: what the host costs. Under
+                   -- asynchronous scheduling the next step is launched before this one ends (no gap).
+                   greatest(coalesce(next_span_start_ns, span_end_ns) - span_end_ns, 0) / 1e9 AS host_gap_s,
+                   time_s + greatest(coalesce(next_span_start_ns, span_end_ns) - span_end_ns, 0) / 1e9 AS wall_s
             FROM ({body})"""
         )
     else:
