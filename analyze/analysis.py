@@ -121,7 +121,7 @@ def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
             f.run.rank.layer_start,
             f.run.rank.layer_end,
             f.run.model.kv_bytes_per_token_per_layer,
-            "v3",
+            "v4",
         ],
         default=str,
     )
@@ -174,6 +174,21 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     pf = pq.ParquetFile(f.parquet["steps"])
     tmp = target.with_suffix(".tmp")
     writer: pq.ParquetWriter | None = None
+    # Each step's host gap needs the next step's GPU start: tables are written one batch late.
+    pending: dict[str, Any] | None = None
+
+    def flush(cols: dict[str, Any], next_span_start: np.ndarray) -> None:
+        nonlocal writer
+        cols.pop("_span_start")
+        end = cols.pop("_span_end")
+        gap = np.maximum(next_span_start - end, 0) / 1e9
+        cols["host_gap_s"] = pa.array(gap)
+        cols["wall_s"] = pa.array(cols.pop("_busy") + gap)
+        table = pa.table(cols)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd", compression_level=1)
+        writer.write_table(table)
+
     for batch in pf.iter_batches(
         batch_size=65536, columns=["run_id", "dp", "pp", "tp", "ep", *_STEP_COLUMNS]
     ):
@@ -216,12 +231,19 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
         }
         for k, v in costs.items():
             cols[k] = pa.array(v)
-        table = pa.table(cols)
-        if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-        writer.write_table(table)
-    if writer is None:
+        span_start = np.where(has_gpu, g0f, t_start).astype(np.int64)
+        cols["_span_end"] = np.where(has_gpu, g1f, t_end).astype(np.int64)
+        cols["_busy"] = busy
+        if pending is not None:
+            flush(pending, np.append(pending["_span_start"], span_start[:1])[1:])
+        cols["_span_start"] = span_start
+        pending = cols
+    if pending is None:
         raise InputError(f"{f.path}: no steps to analyse")
+    # The last step has no next step: no gap.
+    last_next = np.append(pending["_span_start"][1:], pending["_span_end"][-1:])
+    flush(pending, last_next)
+    assert writer is not None
     writer.close()
     os.replace(tmp, target)
 
@@ -239,7 +261,6 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
         listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
         parts.append(
             f"""SELECT s.*,
-                   lead(span_start_ns) OVER (PARTITION BY run_id, dp, pp ORDER BY step) AS next_span_start_ns,
                    bytes_total / ({bw!r} * time_s * gpus) AS smbu,
                    flops_total / ({peak!r} * time_s * gpus) AS smfu,
                    {bw!r} AS gpu_bandwidth, {peak!r} AS gpu_peak_flops
@@ -249,12 +270,7 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
         body = " UNION ALL ".join(parts)
         db.con.execute(
             f"""CREATE OR REPLACE VIEW step_metrics AS
-            SELECT *,
-                   -- GPU idle time until the next step's GPU work starts: what the host costs. Under
-                   -- asynchronous scheduling the next step is launched before this one ends (no gap).
-                   greatest(coalesce(next_span_start_ns, span_end_ns) - span_end_ns, 0) / 1e9 AS host_gap_s,
-                   time_s + greatest(coalesce(next_span_start_ns, span_end_ns) - span_end_ns, 0) / 1e9 AS wall_s
-            FROM ({body})"""
+            SELECT * FROM ({body})"""
         )
     else:
         db.con.execute(

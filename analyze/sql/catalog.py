@@ -69,6 +69,16 @@ _STEP_METRICS_COLUMNS = (
     _c("t_start_ns", "ns (host monotonic)", "Host time the step was launched."),
     _c("t_end_ns", "ns (host monotonic)", "Host time the step's launch call returned."),
     _c(
+        "span_start_ns",
+        "ns (host monotonic)",
+        "Start of the step on the GPU timeline: gpu_start_ns where recorded, else t_start_ns.",
+    ),
+    _c(
+        "span_end_ns",
+        "ns (host monotonic)",
+        "End of the step on the GPU timeline: gpu_end_ns, else t_end_ns.",
+    ),
+    _c(
         "time_s",
         "s",
         "Step duration the metrics use: the GPU span (gpu_end_ns − gpu_start_ns) where recorded, "
@@ -109,7 +119,6 @@ _STEP_METRICS_COLUMNS = (
         "tokens",
         "Σ over requests of (prefix length + new tokens): the KV context attended.",
     ),
-    _c("next_start_ns", "ns (host monotonic)", "t_start_ns of the next step of the same (run, dp, pp)."),
     _c("smbu", "fraction", "Per-step S-MBU: bytes_total / (gpu_bandwidth × time_s × gpus)."),
     _c("smfu", "fraction", "Per-step S-MFU: flops_total / (gpu_peak_flops × time_s × gpus)."),
     _c(
@@ -123,11 +132,12 @@ _STEP_METRICS_COLUMNS = (
         "Dense peak FLOP/s of that GPU at the routed experts' activation dtype.",
     ),
     _c(
-        "wall_s",
+        "host_gap_s",
         "s",
-        "Host time from this step's launch to the next step's (to its own end for the last step).",
+        "GPU idle time until the next step's GPU work starts: max(next step's span_start_ns − span_end_ns, 0); "
+        "0 for the last step, and under asynchronous scheduling (next step launched before this one ends).",
     ),
-    _c("host_gap_s", "s", "max(wall_s − time_s, 0): host time the GPU was not running this step."),
+    _c("wall_s", "s", "time_s + host_gap_s: the step's share of the run's timeline."),
 )
 
 _RUN_METRICS_COLUMNS = (
