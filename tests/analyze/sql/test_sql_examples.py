@@ -215,14 +215,15 @@ def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
 
 @check("time_accounting")
 def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
+    # host gap: GPU idle from a step's GPU end to the next step's GPU start (0 after the last step)
     steps = (
         _all_steps(raw)
         .sort("run_id", "step")
-        .with_columns(next_start=pl.col("t_start_ns").shift(-1).over("run_id"))
+        .with_columns(next_start=pl.col("gpu_start_ns").shift(-1).over("run_id"))
         .with_columns(
-            wall_s=(pl.col("next_start").fill_null(pl.col("t_end_ns")) - pl.col("t_start_ns")) / 1e9
+            gap=((pl.col("next_start") - pl.col("gpu_end_ns")).clip(lower_bound=0) / 1e9).fill_null(0.0)
         )
-        .with_columns(gap=(pl.col("wall_s") - pl.col("time_s")).clip(lower_bound=0))
+        .with_columns(wall_s=pl.col("time_s") + pl.col("gap"))
     )
     expected = (
         steps.group_by("run_id", "phase")
