@@ -100,6 +100,14 @@ def summary(
     model_name: ModelName = None,
     num_gpus: NumGpus = None,
     precision: Precision = None,
+    num_requests: Annotated[
+        int | None,
+        typer.Option(help="Reference mode, record files: client requests sent (e2e_s, request/s)."),
+    ] = None,
+    total_time_s: Annotated[
+        float | None,
+        typer.Option(help="Reference mode, record files: benchmark makespan, s (e2e_s, request/s, cost)."),
+    ] = None,
     slo_ttft_ms: Annotated[float | None, typer.Option(help="TTFT SLO for goodput, ms.")] = None,
     slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO for goodput, ms.")] = None,
     strict: Strict = False,
@@ -145,6 +153,8 @@ def summary(
                 gpu=gpu,
                 num_gpus=num_gpus,
                 precision=precision,
+                num_requests=num_requests,
+                total_time_s=total_time_s,
             )
             for p in record_files
         ]
