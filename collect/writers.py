@@ -42,6 +42,7 @@ class RunWriters:
         client_tables: bool = True,
         rows_per_batch: int = 256,
         flush_interval_s: float = 1.0,
+        gpu_sample_interval_s: float | None = 0.2,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.run = run
@@ -67,6 +68,16 @@ class RunWriters:
             ) from None
         self.steps = 0
         self.requests = 0
+        # GPU telemetry (power, energy, clocks) for the cost model, from the process that writes the
+        # run's client tables; on its own thread, and absent (no file) where NVML is missing.
+        self.sampler = None
+        if client_tables and gpu_sample_interval_s:
+            from .telemetry import GpuSampler
+
+            self.sampler = GpuSampler(
+                self.out_dir / trace_file_name(run, "gpu_samples"), run, interval_s=gpu_sample_interval_s
+            )
+            self.sampler.start()
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -88,4 +99,6 @@ class RunWriters:
         self.writers["outputs"].write(row)
 
     def close(self) -> dict[str, WriterStats]:
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.stop()
         return {table: w.close() for table, w in self.writers.items()}
