@@ -261,9 +261,9 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
         listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
         parts.append(
             f"""SELECT s.*,
-                   bytes_total / ({bw!r} * time_s * gpus) AS smbu,
-                   flops_total / ({peak!r} * time_s * gpus) AS smfu,
-                   {bw!r} AS gpu_bandwidth, {peak!r} AS gpu_peak_flops
+                   bytes_total / ({bw!r}::DOUBLE * time_s * gpus) AS smbu,
+                   flops_total / ({peak!r}::DOUBLE * time_s * gpus) AS smfu,
+                   {bw!r}::DOUBLE AS gpu_bandwidth, {peak!r}::DOUBLE AS gpu_peak_flops
             FROM read_parquet([{listing}]) s"""
         )
     if parts:
