@@ -37,6 +37,8 @@ from moecap.schemas import (
     RunMetadata,
     TraceError,
     expand_paths,
+    file_name_error,
+    mixed_run_error,
     read_trace_header,
     scan_trace_file,
 )
@@ -167,7 +169,7 @@ def load_traces(
         if progress:
             progress(i, len(headers), str(path))
         run = header.run
-        conflict = _conflict(runs.get(run.run_id), header.run, path)
+        conflict = _conflict(runs.get(run.run_id), header.table_kind, header.run, path)
         if conflict:
             if strict:
                 raise TraceError(conflict)
@@ -191,16 +193,14 @@ def load_traces(
     return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings)
 
 
-def _conflict(existing: LoadedRun | None, run: RunMetadata, path: Path) -> str | None:
+def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Path) -> str | None:
+    """The reader's own consistency checks (file name vs metadata; one run id, one run)."""
+    named = file_name_error(path, kind, run)
+    if named:
+        return named
     if existing is None or not existing.files:
         return None
-    first = existing.files[0].run
-    if first.model.id != run.model.id or first.engine.name != run.engine.name:
-        return (
-            f"{path}: run {run.run_id!r} mixes files of different runs (model {run.model.id!r}/{run.engine.name} "
-            f"vs {first.model.id!r}/{first.engine.name} in {existing.files[0].path.name})"
-        )
-    return None
+    return mixed_run_error(existing.files[0].run, existing.files[0].path, run, path)
 
 
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:

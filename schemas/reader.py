@@ -338,14 +338,33 @@ def open_traces(paths: Iterable[str | os.PathLike[str]], *, strict: bool = False
 
 
 def _check_name(tf: TraceFile) -> None:
-    # Our writer names files <run_id>.<tag>.<table>.arrow; a file renamed to another run's id is a mix-up.
-    name = tf.path.name
-    if name.endswith(f".{tf.table_kind}.arrow") and name.count(".") >= 3:
-        prefix = name[: -len(f".{tf.table_kind}.arrow")].rsplit(".", 1)[0]
-        if prefix != tf.run.run_id and _looks_like_run_id(prefix):
-            raise TraceError(
-                f"{tf.path}: file name says run {prefix!r} but its metadata says {tf.run.run_id!r}"
-            )
+    error = file_name_error(tf.path, tf.table_kind, tf.run)
+    if error:
+        raise TraceError(error)
+
+
+def file_name_error(path: Path, table_kind: str, run: RunMetadata) -> str | None:
+    """A one-line error when a file's name names another run than its metadata, else None.
+
+    Our writer names files <run_id>.<tag>.<table>.arrow; a file renamed to another run's id is a mix-up.
+    """
+    name = path.name
+    if name.endswith(f".{table_kind}.arrow") and name.count(".") >= 3:
+        prefix = name[: -len(f".{table_kind}.arrow")].rsplit(".", 1)[0]
+        if prefix != run.run_id and _looks_like_run_id(prefix):
+            return f"{path}: file name says run {prefix!r} but its metadata says {run.run_id!r}"
+    return None
+
+
+def mixed_run_error(first: RunMetadata, first_path: Path, run: RunMetadata, path: Path) -> str | None:
+    """A one-line error when `run` (from `path`) claims the run id of `first` but is another run."""
+    if first.model.id != run.model.id or first.engine.name != run.engine.name:
+        return (
+            f"{path}: run {run.run_id!r} mixes files of different runs "
+            f"(model {run.model.id!r}/{run.engine.name} vs {first.model.id!r}/{first.engine.name} "
+            f"in {first_path.name})"
+        )
+    return None
 
 
 def _looks_like_run_id(text: str) -> bool:
@@ -355,13 +374,9 @@ def _looks_like_run_id(text: str) -> bool:
 def _conflict(run: TraceRun, tf: TraceFile) -> str | None:
     if not run.files:
         return None
-    first = run.files[0].run
-    if first.model.id != tf.run.model.id or first.engine.name != tf.run.engine.name:
-        return (
-            f"{tf.path}: run {tf.run.run_id!r} mixes files of different runs "
-            f"(model {tf.run.model.id!r}/{tf.run.engine.name} vs {first.model.id!r}/{first.engine.name} "
-            f"in {run.files[0].path.name})"
-        )
+    mixed = mixed_run_error(run.files[0].run, run.files[0].path, tf.run, tf.path)
+    if mixed:
+        return mixed
     for other in run.files:
         if (
             other.table_kind == tf.table_kind

@@ -122,3 +122,16 @@ def test_pipeline_stages_join_by_layer_range_without_double_counting(tmp_path):
     # Each stage's GPU is busy for the whole recorded span: twice the GPU-seconds, half the S-MBU.
     assert b["gpu_seconds"] == pytest.approx(2 * a["gpu_seconds"])
     assert b["s_mbu"] == pytest.approx(a["s_mbu"] / 2, rel=1e-9)
+
+
+def test_a_file_renamed_to_another_runs_id_is_one_clear_line_and_the_rest_loads(synthetic_run, tmp_path):
+    trace, _ = synthetic_run
+    outputs = next(trace.glob("*.outputs.arrow"))
+    renamed = trace / outputs.name.replace(
+        "20260101T000000Z-synthetic-qwen15moe-0000", "20260102T000000Z-other-run-0001"
+    )
+    outputs.rename(renamed)
+    db = load_traces([trace], cache_dir=tmp_path / "cache")
+    assert len(db.runs) == 1
+    (error,) = db.errors
+    assert error.startswith(str(renamed)) and "file name says run '20260102T000000Z-other-run-0001'" in error
