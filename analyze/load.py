@@ -228,7 +228,7 @@ def _load_file(
     if kind == "experts":
         steps_key = phase_maps.get(rank_key)
         extra = "with-phases" if steps_key is not None else "no-phases"
-    key = _cache_key(path, run.clock.__class__.__name__ + SCHEMA_VERSION, extra)
+    key = _cache_key(path, SCHEMA_VERSION, extra)
     info_path = cache / f"{key}.json"
     if info_path.exists():
         try:
