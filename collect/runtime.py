@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
+import platform
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,9 +122,23 @@ def gpu_infos() -> list[GpuInfo]:
     return gpus
 
 
+def host_cpu() -> dict[str, Any]:
+    """The host's CPU model and logical CPU count: step times of a host-bound engine depend on it, so
+    comparing runs on two machines needs it (`RunMetadata.extra["host_cpu"]`)."""
+    info: dict[str, Any] = {"logical_cpus": os.cpu_count(), "machine": platform.machine()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+                break
+    if "model" not in info and platform.processor():
+        info["model"] = platform.processor()
+    return info
+
+
 def host_facts() -> dict[str, Any]:
-    """Package versions, git revision and the torch/CUDA build, for `RunMetadata.extra`."""
-    facts: dict[str, Any] = {"packages": package_versions()}
+    """Package versions, git revision, the torch/CUDA build and the host CPU, for `RunMetadata.extra`."""
+    facts: dict[str, Any] = {"packages": package_versions(), "host_cpu": host_cpu()}
     rev = git_revision()
     if rev:
         facts["git_rev"] = rev

@@ -77,6 +77,8 @@ class VllmRunOptions:
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Further `EngineArgs` fields (e.g. {"tensor_parallel_size": 2}); `vllm_argv` parses CLI flags into this."""
     strict_engine: bool = False
+    gpu_sample_interval_s: float | None = 0.2
+    """NVML sampling interval (s) for the `gpu_samples` table during the workload; None or 0: off."""
 
 
 @dataclass
@@ -320,9 +322,12 @@ def _run(
         from vllm.v1.engine.llm_engine import LLMEngine
 
         engine = LLMEngine.from_engine_args(engine_args)
-        records, wall_s = _closed_loop(engine, prompts, options, SamplingParams, progress)
-        stats = _rpc(engine, "close")
         meta = _client_metadata(engine, run_id, model_id, options, workload, warnings)
+        # Power and energy while the workload runs (not while the engine starts), from this process:
+        # NVML sees the engine's GPUs by UUID whichever process computes on them.
+        with _gpu_sampler(out, meta, options.gpu_sample_interval_s):
+            records, wall_s = _closed_loop(engine, prompts, options, SamplingParams, progress)
+        stats = _rpc(engine, "close")
     finally:
         if engine is not None:
             with contextlib.suppress(Exception):
@@ -430,6 +435,23 @@ def _closed_loop(
                 if pending:
                     submit()
     return done, (time.monotonic_ns() - t_first) / 1e9
+
+
+@contextlib.contextmanager
+def _gpu_sampler(out: Path, meta: RunMetadata, interval_s: float | None) -> Any:
+    """An NVML sampler writing the run's `gpu_samples` file for the duration of the block; absent (no
+    file) without NVML or when `interval_s` is falsy."""
+    if not interval_s:
+        yield None
+        return
+    from ..telemetry import GpuSampler
+
+    sampler = GpuSampler(out / trace_file_name(meta, "gpu_samples"), meta, interval_s=interval_s)
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
 
 
 def _rpc(engine: Any, command: str) -> list[dict[str, Any]]:
