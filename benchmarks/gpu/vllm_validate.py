@@ -12,11 +12,16 @@ a stage that would start after `--budget-s` is skipped and listed as such:
    the step's (request, token range) rows exactly. Engine core in-process, so scheduling is deterministic.
 2. `eager`   — the same with `enforce_eager=True`; then eager vs graphs: same steps, and counts compared
    step by step (identical unless the two kernel paths round a router near-tie differently: reported).
-3. `off`, `steps`, `experts` — throughput of a second workload (vLLM's default multiprocess engine, so
+3. `sweep`   — one engine (vLLM defaults, in-process engine core), one trace holding closed-loop segments at
+   several concurrencies (`--sweep-batches`, `--sweep-waves` waves of that many prompts each), GPU telemetry
+   on: the same-workload twin for what-if validation across GPUs, calibrated on some batch sizes and
+   tested on the others (`moecap-analyze whatif … --calibrate-batches …`).
+4. `off`, `steps`, `experts` — throughput of a second workload (vLLM's default multiprocess engine, so
    the plugin also travels through the entry point into a spawned engine process) without the plugin,
    with steps only, with steps + expert counts; medians of interleaved repetitions in one engine each.
 
-Results: OUT/summary.json, OUT/log.txt, OUT/trace_graphs.tar.gz (the graphs run's trace files).
+Results: OUT/summary.json, OUT/log.txt, OUT/trace_graphs.tar.gz and OUT/trace_sweep.tar.gz (trace files).
+`--prefix h200-` names the runs `h200-vllm-…` so twins from two GPUs can sit side by side in traces/.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("graphs", "eager", "off", "experts", "steps")
+STAGES = ("graphs", "eager", "sweep", "off", "experts", "steps")
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 48, 64]
 
 
@@ -212,7 +217,7 @@ def stage_trace(args: argparse.Namespace, eager: bool) -> dict[str, Any]:
         ignore_eos=True,
         dtype="bfloat16",
         cuda_graphs="off" if eager else "on",
-        run_id=f"vllm-0.26.0-qwen15moe-{'eager' if eager else 'graphs'}",
+        run_id=f"{args.prefix}vllm-0.26.0-qwen15moe-{'eager' if eager else 'graphs'}",
         engine_args=engine_args,
     )
     t0 = time.time()
@@ -242,6 +247,103 @@ def stage_trace(args: argparse.Namespace, eager: bool) -> dict[str, Any]:
         summary["oracle_shape_example"] = list(shape)
         summary["oracle"] = check_oracle(rr, routed)
     return summary
+
+
+def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """One engine, one trace: closed-loop segments at each of `--sweep-batches` concurrencies."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # deterministic scheduling, as in `graphs`
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from vllm import SamplingParams
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from moecap.collect.datasets import load_samples
+    from moecap.collect.engines import vllm as adapter
+    from moecap.collect.engines import vllm_run
+    from moecap.collect.engines.hf_runner import make_prompts
+    from moecap.collect.engines.vllm_run import VllmRunOptions
+
+    batches = [int(b) for b in args.sweep_batches.split(",")]
+    out = Path(args.out) / "trace_sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = f"{args.prefix}vllm-0.26.0-qwen15moe-sweep"
+    opts = VllmRunOptions(
+        model=args.model,
+        random_weights=True,
+        dataset=args.sweep_dataset,
+        num_prompts=sum(batches) * args.sweep_waves,
+        batch_size=max(batches),
+        out=str(out),
+        ignore_eos=True,
+        dtype="bfloat16",
+        run_id=run_id,
+        engine_args={
+            "compilation_config": {"cudagraph_capture_sizes": CAPTURE_SIZES},
+            "gpu_memory_utilization": 0.85,
+            "max_model_len": 2048,
+            "max_num_seqs": max(batches),
+        },
+    )
+    scratch = Path(tempfile.mkdtemp())
+    model = vllm_run.model_dir(args.model, True, scratch / "m")
+    config = json.loads((Path(model) / "config.json").read_text())
+    prompts = make_prompts(
+        load_samples(args.sweep_dataset, opts.num_prompts, seed=0, vocab_size=config["vocab_size"]),
+        None,
+        None,
+        config["vocab_size"],
+    )
+    workload = vllm_run._workload(opts, prompts)
+    workload.update(
+        batch_sizes=batches,
+        waves_per_batch_size=args.sweep_waves,
+        driver="vllm-offline-closed-loop-sweep",
+    )
+    model_id = "Qwen/Qwen1.5-MoE-A2.7B"
+    os.environ.update(
+        vllm_run.tracing_env(out, run_id, counts=True, model_id=model_id, workload=workload, strict=False)
+    )
+    adapter.register()
+    t0 = time.time()
+    engine = LLMEngine.from_engine_args(vllm_run._engine_args(opts, model, text_prompts=False))
+    start_s = time.time() - t0
+    meta = vllm_run._client_metadata(engine, run_id, model_id, opts, workload, [])
+    records: list[Any] = []
+    segments = []
+    offset = 0
+    with vllm_run._gpu_sampler(out, meta, 0.1) as sampler:
+        for bs in batches:
+            part = prompts[offset : offset + bs * args.sweep_waves]
+            offset += len(part)
+            got, wall = vllm_run._closed_loop(
+                engine, part, dataclasses.replace(opts, batch_size=bs), SamplingParams, None
+            )
+            records += got
+            tokens = sum(len(r.output_ids) for r in got)
+            segments.append(
+                {
+                    "batch_size": bs,
+                    "requests": len(got),
+                    "wall_s": round(wall, 3),
+                    "tokens_per_s": round(tokens / wall, 1),
+                }
+            )
+            log(f"sweep bs {bs}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tok/s")
+    stats = vllm_run._rpc(engine, "close")
+    engine.engine_core.shutdown()
+    vllm_run._write_client_tables(out, meta, records, None)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result: dict[str, Any] = {
+        "engine_start_s": round(start_s, 1),
+        "segments": segments,
+        "worker_stats": stats,
+        "sampler": dataclasses.asdict(sampler.stats) if sampler is not None else None,
+        "files": sorted(p.name for p in out.glob("*.arrow")),
+    }
+    result["check"] = check_invariant(read_run(out))
+    return result
 
 
 def stage_throughput(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -339,6 +441,8 @@ def child(args: argparse.Namespace) -> None:
     try:
         if args.stage in ("graphs", "eager"):
             result = stage_trace(args, eager=args.stage == "eager")
+        elif args.stage == "sweep":
+            result = stage_sweep(args)
         else:
             result = stage_throughput(args, args.stage)
         result["ok"] = True
@@ -381,13 +485,17 @@ def main() -> None:
     ap.add_argument("--tp-prompts", type=int, default=64)
     ap.add_argument("--tp-batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefix", default="", help="run id prefix, e.g. h200- (the GPU of the twin)")
+    ap.add_argument("--sweep-dataset", default="synthetic:512x64")
+    ap.add_argument("--sweep-batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--sweep-waves", type=int, default=2)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.stage:
         child(args)
         return
     t_start = time.time()
-    estimates = {"graphs": 150, "eager": 90, "off": 90, "steps": 80, "experts": 80}
+    estimates = {"graphs": 150, "eager": 90, "sweep": 120, "off": 90, "steps": 80, "experts": 80}
     summary: dict[str, Any] = {"stages": {}, "skipped": []}
     for stage in args.stages.split(","):
         left = args.budget_s - (time.time() - t_start)
@@ -435,11 +543,12 @@ def main() -> None:
         }
     summary["total_s"] = round(time.time() - t_start, 1)
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    folder = Path(args.out, "trace_graphs")
-    if folder.exists():
-        with tarfile.open(Path(args.out, "trace_graphs.tar.gz"), "w:gz") as tar:
-            for p in sorted(folder.glob("*.arrow")):
-                tar.add(p, arcname=p.name)
+    for name in ("trace_graphs", "trace_sweep"):
+        folder = Path(args.out, name)
+        if folder.exists():
+            with tarfile.open(Path(args.out, f"{name}.tar.gz"), "w:gz") as tar:
+                for p in sorted(folder.glob("*.arrow")):
+                    tar.add(p, arcname=p.name)
     log(
         "done: "
         + json.dumps(
