@@ -222,19 +222,36 @@ class _CursorScan:
     scans (a join of two frames, a self-join) can be open at once: one DuckDB connection serves
     only one running query."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, query: str, ops: tuple[tuple[str, Any], ...] = ()):
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        query: str,
+        ops: tuple[tuple[str, Any], ...] = (),
+        *,
+        columns: list[str] | None = None,
+        types: list[Any] | None = None,
+    ):
         self._con = con
         self._query = query
         self._ops = ops
+        # The query's column names and DuckDB types, as a relation has them: duckdb's Polars source
+        # reads them to decide which filters it may push down (DuckDB >= 2.0).
+        self.columns = columns or []
+        self.types = types or []
+
+    def _then(self, op: str, arg: Any) -> _CursorScan:
+        return _CursorScan(
+            self._con, self._query, (*self._ops, (op, arg)), columns=self.columns, types=self.types
+        )
 
     def project(self, columns: str) -> _CursorScan:
-        return _CursorScan(self._con, self._query, (*self._ops, ("project", columns)))
+        return self._then("project", columns)
 
     def limit(self, n: int) -> _CursorScan:
-        return _CursorScan(self._con, self._query, (*self._ops, ("limit", n)))
+        return self._then("limit", n)
 
     def filter(self, expression: Any) -> _CursorScan:
-        return _CursorScan(self._con, self._query, (*self._ops, ("filter", expression)))
+        return self._then("filter", expression)
 
     def to_arrow_reader(self, batch_size: int | None = None) -> _ClosingReader:
         cursor = self._con.cursor()
@@ -272,9 +289,12 @@ def lazy_frame(con: duckdb.DuckDBPyConnection, query: str) -> polars.LazyFrame:
 
     cursor = con.cursor()
     try:
-        sample = cursor.sql(query).limit(0).to_arrow_table()
+        rel = cursor.sql(query)
+        columns, types = list(rel.columns), list(rel.types)
+        sample = rel.limit(0).to_arrow_table()
     except duckdb.CatalogException:
         return con.sql(query).pl(lazy=True)
     finally:
         cursor.close()
-    return duckdb_source(_CursorScan(con, query), polars.from_arrow(sample).schema)  # type: ignore[arg-type, union-attr]
+    scan = _CursorScan(con, query, columns=columns, types=types)
+    return duckdb_source(scan, polars.from_arrow(sample).schema)  # type: ignore[arg-type, union-attr]
