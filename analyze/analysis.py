@@ -21,8 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, SpecError
-from .load import LoadedFile, LoadedRun, TraceDB
-from .metrics.step_costs import cost_model, step_costs
+from .load import LoadedFile, LoadedRun, TraceDB, step_request_sums
+from .metrics.step_costs import (
+    SUM_LOGITS,
+    SUM_NEW,
+    cost_model,
+    step_costs_from_sums,
+    sum_kv,
+    sum_pairs,
+    sum_windows,
+)
 from .specs import GpuSpec, ModelSpec, model_spec_from_config, resolve_gpu
 
 METRICS_SCHEMA = "moecap.metrics/1"
@@ -36,9 +44,6 @@ _STEP_COLUMNS = [
     "is_draft",
     "num_reqs",
     "num_tokens",
-    "req_prefix_lens",
-    "req_new_tokens",
-    "req_num_logits",
 ]
 
 
@@ -121,7 +126,7 @@ def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
             f.run.rank.layer_start,
             f.run.rank.layer_end,
             f.run.model.kv_bytes_per_token_per_layer,
-            "v4",
+            "v5",
         ],
         default=str,
     )
@@ -137,9 +142,9 @@ def step_metrics_files(db: TraceDB, ctx: RunContext) -> list[str]:
         if f.rows == 0:
             ctx.warnings.append(f"{f.path.name}: the steps file holds no rows; no step metrics from it")
             continue
-        steps_parquet = f.parquet["steps"]
+        steps_parquet = f.parquet["step_scalars"]
         target = steps_parquet.with_name(
-            steps_parquet.name.replace(".steps.parquet", f".step_metrics.{_spec_key(ctx, f)}.parquet")
+            steps_parquet.name.replace(".step_scalars.parquet", f".step_metrics.{_spec_key(ctx, f)}.parquet")
         )
         if not target.exists():
             _compute_step_metrics(ctx, f, target)
@@ -171,7 +176,23 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     )
     active = _active_experts_for(ctx, f)
     gpus = _gpus_per_file(f, ctx)
-    pf = pq.ParquetFile(f.parquet["steps"])
+    pf = pq.ParquetFile(f.parquet["step_scalars"])
+    windows = set(model.kv_bytes_by_window)
+    sum_columns = [
+        SUM_NEW,
+        SUM_LOGITS,
+        *(c for w in sorted(windows | {0}) for c in (sum_kv(w), sum_pairs(w))),
+    ]
+    # The cache holds the request sums for the trace's own attention windows; a spec with others
+    # (--model-config) gets them from one more streaming pass over the trace.
+    rescanned = None
+    if not windows <= sum_windows(pf.schema_arrow.names):
+        rescanned = step_request_sums(f.path, windows)
+        sum_columns = [c for c in sum_columns if c in rescanned.column_names]
+    read_columns = ["run_id", "dp", "pp", "tp", "ep", *_STEP_COLUMNS]
+    if rescanned is None:
+        read_columns += sum_columns
+    offset = 0
     tmp = target.with_suffix(".tmp")
     writer: pq.ParquetWriter | None = None
     # Each step's host gap needs the next step's GPU start: tables are written one batch late.
@@ -186,20 +207,37 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
         cols["wall_s"] = pa.array(cols.pop("_busy") + gap)
         table = pa.table(cols)
         if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd", compression_level=1)
+            # Dictionaries only for the repeated strings: trying them on float columns costs time.
+            writer = pq.ParquetWriter(
+                tmp,
+                table.schema,
+                compression="zstd",
+                compression_level=1,
+                use_dictionary=["run_id", "phase", "time_source"],
+            )
         writer.write_table(table)
 
-    for batch in pf.iter_batches(
-        batch_size=65536, columns=["run_id", "dp", "pp", "tp", "ep", *_STEP_COLUMNS]
-    ):
+    for batch in pf.iter_batches(batch_size=262144, columns=read_columns):
         steps = batch.column("step").to_numpy()
+        if rescanned is None:
+            sums = {c: batch.column(c) for c in sum_columns}
+        else:
+            part = rescanned.slice(offset, batch.num_rows)
+            if not np.array_equal(part.column("step").to_numpy(), steps):
+                raise InputError(f"{f.path}: the trace no longer matches its cache; load it again")
+            sums = {c: part.column(c) for c in sum_columns}
+        offset += batch.num_rows
         act = None
         if active is not None:
             keys, values = active
             pos = np.clip(np.searchsorted(keys, steps), 0, max(len(keys) - 1, 0))
             hit = (keys[pos] == steps) if len(keys) else np.zeros(len(steps), bool)
             act = np.where(hit, values[pos] if len(keys) else np.nan, np.nan)
-        costs = step_costs(batch, model, act)
+        costs = step_costs_from_sums(
+            {"num_tokens": batch.column("num_tokens"), "num_reqs": batch.column("num_reqs"), **sums},
+            model,
+            act,
+        )
         t_start = batch.column("t_start_ns").to_numpy().astype(np.int64)
         t_end = batch.column("t_end_ns").to_numpy().astype(np.int64)
         g0 = batch.column("gpu_start_ns").to_numpy(zero_copy_only=False)
@@ -336,6 +374,7 @@ def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
     """Per phase and overall: ratio-of-sums S-MBU/S-MFU over GPU time, distributions, throughput."""
     rid = ctx.run.run_id.replace("'", "''")
     last_pp = max(0, ctx.run.metadata.parallelism.pp - 1)
+    selection = f"run_id = '{rid}' AND NOT is_draft AND ({where}) AND time_s > 0"
     rows = db.con.execute(
         f"""
         SELECT coalesce(phase, 'all') AS phase,
@@ -350,20 +389,29 @@ def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
                min(t_start_ns) AS t0, max(t_end_ns) AS t1,
                sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) AS smbu,
                sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
-               quantile_cont(smbu, [0.5, 0.9, 0.99]) AS smbu_q, quantile_cont(smfu, [0.5, 0.9, 0.99]) AS smfu_q,
-               quantile_cont(time_s, [0.5, 0.9, 0.99]) AS time_q, avg(time_s) AS time_mean,
+               avg(time_s) AS time_mean,
                sum(active_experts) / count(*) FILTER (WHERE pp = 0) AS active_experts_mean,
                avg(num_reqs) FILTER (WHERE pp = 0) AS batch_mean,
                count(*) FILTER (WHERE time_s <= 0) AS zero_time_steps,
                count(*) FILTER (WHERE isnan(active_experts)) AS steps_without_counts
-        FROM step_metrics WHERE run_id = '{rid}' AND NOT is_draft AND ({where}) AND time_s > 0
+        FROM step_metrics WHERE {selection}
         GROUP BY ROLLUP (phase) ORDER BY phase NULLS LAST
         """
     ).fetchall()
     names = [d[0] for d in db.con.description]
+    # Exact quantiles keep every value of their column in memory: one column per query, so the peak
+    # is one column's values (per grouping set), not three columns' beside the other aggregates.
+    quantiles: dict[str, dict[str, Any]] = {}
+    for column, key in (("smbu", "smbu_q"), ("smfu", "smfu_q"), ("time_s", "time_q")):
+        for phase, q in db.con.execute(
+            f"""SELECT coalesce(phase, 'all'), quantile_cont({column}, [0.5, 0.9, 0.99])
+                FROM step_metrics WHERE {selection} GROUP BY ROLLUP (phase)"""
+        ).fetchall():
+            quantiles.setdefault(phase, {})[key] = q
     out: dict[str, Any] = {}
     for row in rows:
         r = dict(zip(names, row, strict=True))
+        r.update(quantiles.get(r["phase"], {}))
         if not r["steps"]:
             continue  # ROLLUP's grand total over an empty window
         wall = (r["t1"] - r["t0"]) / 1e9 if r["t1"] is not None else None

@@ -4,7 +4,11 @@ DuckDB cannot re-scan an Arrow IPC stream, so every trace file is converted once
 cache keyed by (absolute path, size, mtime, schema version, cache layout version), streaming batch by
 batch (memory stays bounded for traces larger than memory). Expert counts are summarised on flat
 numpy buffers during that pass: per step (activated experts, routed tokens, imbalance) and per
-(phase, layer, expert) totals, so reports never unnest millions of count vectors.
+(phase, layer, expert) totals, so reports never unnest millions of count vectors. Steps files are
+cached the same way: the scalar columns plus the per-step sums over each step's request lists that
+the step costs need (`metrics.step_costs.request_sums`); the request lists themselves (the largest
+part of a steps file) are cached on first use of the `steps` view's list columns (`TraceDB.con`),
+as the raw expert counts are on first use of `experts` / `expert_tokens`.
 
 Views (columns documented in docs/sql.md):
   runs, steps, experts, expert_tokens (long form, lazy), expert_step_stats, expert_totals,
@@ -19,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +48,10 @@ from moecap.schemas import (
     scan_trace_file,
 )
 
-from .errors import InputError
+from .errors import InputError, SpecError
+from .metrics.step_costs import request_sums
 
-CACHE_LAYOUT = "5"
+CACHE_LAYOUT = "6"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
 
 _RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
@@ -89,9 +95,13 @@ class LoadedFile:
     lost_bytes: int
     rows_dropped: int
     parquet: dict[str, Path]
-    """View name -> cached Parquet file (an experts file yields experts, expert_step_stats, expert_totals)."""
+    """View name -> cached Parquet file (an experts file yields experts, expert_step_stats, expert_totals;
+    a steps file `step_scalars` (scalar columns + per-step request sums, not a view) and, once its
+    request lists are cached, `steps`)."""
     warnings: list[str] = field(default_factory=list)
     from_cache: bool = False
+    cache_key: str = ""
+    """The cache entry's key (files `<key>.*` in the cache directory)."""
 
 
 @dataclass
@@ -115,20 +125,67 @@ class LoadedRun:
         return [f for f in self.files_of("steps") if _is_recorder(f, self.files_of("steps"))]
 
 
-@dataclass
 class TraceDB:
-    """A DuckDB connection with the views defined, plus what loading found."""
+    """A DuckDB connection with the views defined, plus what loading found.
 
-    con: duckdb.DuckDBPyConnection
-    runs: dict[str, LoadedRun]
-    errors: list[str]
-    warnings: list[str]
+    `con` is the connection with every documented view complete: on first access it caches the
+    request lists of steps files loaded without them (one more streaming pass over each trace) and
+    redefines `steps` over them. Metric code that reads no request list runs inside
+    `defer_request_lists()`, where `con` is handed out as it is and `steps` has only its scalar
+    columns (a query naming a list column then fails loudly, never silently).
+    """
+
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        runs: dict[str, LoadedRun],
+        errors: list[str],
+        warnings: list[str],
+        cache_dir: Path | None = None,
+    ) -> None:
+        self._con = con
+        self.runs = runs
+        self.errors = errors
+        self.warnings = warnings
+        self.cache_dir = cache_dir
+        self._deferred = 0
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        if not self._deferred and self.request_lists_pending:
+            self.ensure_request_lists()
+        return self._con
+
+    @property
+    def request_lists_pending(self) -> bool:
+        """Whether some steps file feeding the views has no cached request lists yet."""
+        return any("steps" not in f.parquet for run in self.runs.values() for f in run.recording_files)
+
+    def ensure_request_lists(self) -> None:
+        """Cache the request lists of every recording steps file that lacks them; redefine `steps`."""
+        if not self.request_lists_pending:
+            return
+        assert self.cache_dir is not None
+        for run in self.runs.values():
+            for f in run.recording_files:
+                if "steps" not in f.parquet:
+                    _cache_request_lists(f, self.cache_dir)
+        define_steps_view(self._con, self.runs)
+
+    @contextmanager
+    def defer_request_lists(self) -> Iterator[TraceDB]:
+        """Within: `con` does not cache request lists (for code that reads none)."""
+        self._deferred += 1
+        try:
+            yield self
+        finally:
+            self._deferred -= 1
 
     def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
         return self.con.sql(query, params=params)
 
     def close(self) -> None:
-        self.con.close()
+        self._con.close()
 
 
 def load_traces(
@@ -190,7 +247,7 @@ def load_traces(
         progress(len(headers), len(headers), "")
     con = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
     define_views(con, runs)
-    return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings)
+    return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings, cache_dir=cache)
 
 
 def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Path) -> str | None:
@@ -250,9 +307,10 @@ def _load_file(
                     parquet=parquet,
                     warnings=info["warnings"],
                     from_cache=True,
+                    cache_key=key,
                 )
                 if kind == "steps":
-                    phase_maps[rank_key] = _read_phase_map(parquet["steps"])
+                    phase_maps[rank_key] = _read_phase_map(parquet["step_scalars"])
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
@@ -261,10 +319,11 @@ def _load_file(
         parquet, scan = _convert_experts(
             path, run, identity, cache, key, phase_maps.get(rank_key), write_raw=expert_counts
         )
+    elif kind == "steps":
+        parquet, scan = _convert_steps(path, run, identity, cache, key)
+        phase_maps[rank_key] = _read_phase_map(parquet["step_scalars"])
     else:
         parquet, scan = _convert_plain(path, kind, identity, cache, key)
-        if kind == "steps":
-            phase_maps[rank_key] = _read_phase_map(parquet["steps"])
     info = {
         "rows": scan.rows,
         "complete": scan.complete,
@@ -284,6 +343,7 @@ def _load_file(
         rows_dropped=scan.rows_dropped,
         parquet=parquet,
         warnings=list(scan.warnings),
+        cache_key=key,
     )
 
 
@@ -301,7 +361,9 @@ def _write_raw_counts(path: Path, identity: dict[str, Any], cache: Path, key: st
 def _with_identity(batch: pa.RecordBatch, identity: dict[str, Any]) -> pa.RecordBatch:
     n = batch.num_rows
     cols = [
-        pa.array(np.full(n, v, dtype=np.int32)) if k != "run_id" else pa.array([v] * n, pa.string())
+        pa.array(np.full(n, v, dtype=np.int32))
+        if k != "run_id"
+        else pa.array([v], pa.string()).take(np.zeros(n, np.int32))
         for k, v in identity.items()
     ]
     names = list(identity)
@@ -354,6 +416,83 @@ def _convert_plain(path: Path, kind: str, identity: dict[str, Any], cache: Path,
     scan = scan_trace_file(path, on_batch)
     out = sink.close(_identity_schema(scan.schema))
     return {kind: out}, scan
+
+
+def _list_columns(kind: str) -> list[str]:
+    return [c.name for c in TABLES[kind] if pa.types.is_list(c.type)]
+
+
+def _sum_windows(run: RunMetadata) -> set[int]:
+    """Attention windows of the trace's embedded model config (0 = full attention): the windows whose
+    request sums are cached with the steps. A spec given later with other windows rescans the trace."""
+    from .specs import model_spec_from_config
+
+    try:
+        spec = model_spec_from_config(run.model.config) if run.model.config else None
+    except (SpecError, KeyError, TypeError, ValueError):
+        spec = None
+    return {0} | ({int(w or 0) for w in spec.attention_windows} if spec else set())
+
+
+def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
+    """(step, request sums per `windows`) of every row of a steps trace file, in file order: one
+    streaming pass, for a spec whose windows the cache does not hold."""
+    parts: list[pa.Table] = []
+
+    def on_batch(batch: pa.RecordBatch) -> None:
+        _check_batch_nulls(path, "steps", batch)
+        sums = request_sums(batch, windows)
+        parts.append(pa.table({"step": batch.column("step"), **sums}))
+
+    scan_trace_file(path, on_batch)
+    if not parts:
+        return pa.table({"step": pa.array([], pa.int64())})
+    return pa.concat_tables(parts)
+
+
+def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str):
+    """One pass: scalar columns + per-step request sums -> `<key>.step_scalars.parquet`."""
+    sink = _ParquetSink(cache / f"{key}.step_scalars.parquet")
+    lists = set(_list_columns("steps"))
+    windows = _sum_windows(run)
+
+    def on_batch(batch: pa.RecordBatch) -> None:
+        _check_batch_nulls(path, "steps", batch)
+        sums = request_sums(batch, windows)
+        keep = [i for i, name in enumerate(batch.schema.names) if name not in lists]
+        scalars = pa.RecordBatch.from_arrays(
+            [batch.column(i) for i in keep] + list(sums.values()),
+            names=[batch.schema.names[i] for i in keep] + list(sums),
+        )
+        sink.write(_with_identity(scalars, identity))
+
+    scan = scan_trace_file(path, on_batch)
+    empty = pa.schema([f for f in scan.schema if f.name not in lists])
+    empty_sums = request_sums(_empty_steps_batch(), windows)
+    empty = pa.schema([*empty, *(pa.field(k, v.type) for k, v in empty_sums.items())])
+    return {"step_scalars": sink.close(_identity_schema(empty))}, scan
+
+
+def _empty_steps_batch() -> pa.RecordBatch:
+    schema = pa.schema([pa.field(c.name, c.type) for c in TABLES["steps"]])
+    return pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def _cache_request_lists(f: LoadedFile, cache: Path) -> None:
+    """Cache a steps file's full table (request lists included) as `<key>.steps.parquet`: a second
+    streaming pass over the trace, on first use of the `steps` view."""
+    expected = _cache_key(f.path, SCHEMA_VERSION)
+    if expected != f.cache_key:
+        raise TraceError(f"{f.path}: changed since it was loaded; load it again")
+    out, _ = _convert_plain(f.path, "steps", _identity(f.run), cache, f.cache_key)
+    f.parquet["steps"] = out["steps"]
+    info_path = cache / f"{f.cache_key}.json"
+    try:
+        info = json.loads(info_path.read_text())
+        info["parquet"]["steps"] = out["steps"].name
+        info_path.write_text(json.dumps(info))
+    except (OSError, ValueError, KeyError):
+        pass  # the next load rebuilds the entry
 
 
 def _read_phase_map(steps_parquet: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -542,9 +681,8 @@ def _duck_type(t: pa.DataType) -> str:
     }.get(t, "VARCHAR")
 
 
-def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> None:
-    """(Re)define every view over the cached Parquet of `runs`."""
-    sources: dict[str, list[str]] = {v: [] for v in _VIEW_TABLES}
+def _view_sources(runs: dict[str, LoadedRun]) -> dict[str, list[str]]:
+    sources: dict[str, list[str]] = {v: [] for v in (*_VIEW_TABLES, "step_scalars")}
     for run in runs.values():
         recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in run.recording_files}
         for f in run.files:
@@ -553,11 +691,38 @@ def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> 
                 continue  # a non-recording TP rank's duplicate
             for view, parquet in f.parquet.items():
                 sources[view].append(str(parquet))
+    return sources
+
+
+def _listing(files: list[str]) -> str:
+    return ", ".join("'" + p.replace("'", "''") + "'" for p in files)
+
+
+def define_steps_view(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> None:
+    """(Re)define `steps`: over the full cached tables once every recording file has its request
+    lists cached; until then (inside `TraceDB.defer_request_lists`) over the scalar columns only."""
+    sources = _view_sources(runs)
+    if sources["step_scalars"] and len(sources["steps"]) == len(sources["step_scalars"]):
+        body = f"SELECT * FROM read_parquet([{_listing(sources['steps'])}], union_by_name=true)"
+    elif sources["step_scalars"]:
+        scalar_names = [c.name for c in TABLES["steps"] if not pa.types.is_list(c.type)]
+        cols = ", ".join(["run_id", *_RANK_COLUMNS[1:], *scalar_names])
+        body = f"SELECT {cols} FROM read_parquet([{_listing(sources['step_scalars'])}], union_by_name=true)"
+    else:
+        body = _empty_view_sql("steps")
+    con.execute(f"CREATE OR REPLACE VIEW steps AS {body}")
+
+
+def define_views(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]) -> None:
+    """(Re)define every view over the cached Parquet of `runs`."""
+    sources = _view_sources(runs)
+    define_steps_view(con, runs)
+    for view in ("steps", "step_scalars"):
+        sources.pop(view)
     for view, files in sources.items():
         if files:
-            listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
             con.execute(
-                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)"
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{_listing(files)}], union_by_name=true)"
             )
         else:
             con.execute(f"CREATE OR REPLACE VIEW {view} AS {_empty_view_sql(view)}")

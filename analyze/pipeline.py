@@ -62,13 +62,16 @@ def analyze_paths(
     )
     require_runs(db)
     contexts = [resolve_context(run, options) for run in db.runs.values()]
-    define_step_metrics_view(db, contexts)
     runs = []
     windows: dict[str, str] = {}
-    for ctx in contexts:
-        run_doc, where = _run_document(db, ctx, options)
-        windows[ctx.run.run_id] = where
-        runs.append(run_doc)
+    # No metric reads a request list except the client join (which asks for them itself): the
+    # lists are cached when `db.con` is first used outside this block.
+    with db.defer_request_lists():
+        define_step_metrics_view(db, contexts)
+        for ctx in contexts:
+            run_doc, where = _run_document(db, ctx, options)
+            windows[ctx.run.run_id] = where
+            runs.append(run_doc)
     document = {
         "schema": METRICS_SCHEMA,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -95,6 +98,9 @@ def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
 def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
     """Client rows joined to the engine's steps by request id: how many join, and the gap between
     the client's arrival and the first step that computed the request (queue + transport), s."""
+    if not db.con.execute(f"SELECT count(*) FROM requests WHERE run_id = '{rid}'").fetchall()[0][0]:
+        return None
+    db.ensure_request_lists()  # the join reads steps.req_ids
     rows = db.con.execute(
         f"""WITH first_step AS (
                 SELECT rid, min(t_start_ns) AS first_ns FROM (

@@ -10,6 +10,7 @@ Units: bytes, FLOPs (multiply-add = 2 FLOPs), tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,21 +122,26 @@ def cost_model(
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values, per-row lengths) of a list column; null rows have length 0."""
+    """(values, per-row lengths) of a list column; null rows have length 0. Values keep their
+    integer width (no widening copy); sums widen to int64 as they accumulate."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count == 0 and arr.values.null_count == 0:
+        # Straight from the offsets buffer: no length kernel, no null handling.
+        offsets = arr.offsets.to_numpy()
+        values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        return values.to_numpy(zero_copy_only=False), np.diff(offsets).astype(np.int64)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
     return values, lengths
 
 
 def _per_row_sum(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Sum of each row's slice of `values` (rows with no values give 0)."""
-    out = np.zeros(len(lengths), dtype=np.float64)
+    """Exact int64 sum of each row's slice of `values` (rows with no values give 0)."""
+    out = np.zeros(len(lengths), dtype=np.int64)
     nonempty = lengths > 0
     if values.size:
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        sums = np.add.reduceat(values.astype(np.float64), starts[nonempty])
-        out[nonempty] = sums
+        out[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=np.int64)
     return out
 
 
@@ -143,49 +149,112 @@ def windowed_context_sum(prefix: np.ndarray, new: np.ndarray, window: int) -> np
     """Σ_{i=1..n} min(p + i, W) per request: the keys each of the n new queries attends to.
 
     W = 0 means full attention: n·p + n(n+1)/2. With a window, the first m = clamp(W − p, 0, n)
-    queries see p + i keys and the rest see W.
+    queries see p + i keys and the rest see W. Integer inputs give exact int64 results.
     """
-    p = prefix.astype(np.float64)
-    n = new.astype(np.float64)
+    if prefix.dtype.kind in "iu" and new.dtype.kind in "iu":
+        p = prefix.astype(np.int64)
+        n = new.astype(np.int64)
+        if window <= 0:
+            return n * p + n * (n + 1) // 2
+        m = np.clip(window - p, 0, n)
+        return m * p + m * (m + 1) // 2 + (n - m) * window
+    pf = prefix.astype(np.float64)
+    nf = new.astype(np.float64)
     if window <= 0:
-        return n * p + n * (n + 1) / 2
-    m = np.clip(window - p, 0, n)
-    return m * p + m * (m + 1) / 2 + (n - m) * window
+        return nf * pf + nf * (nf + 1) / 2
+    mf = np.clip(window - pf, 0, nf)
+    return mf * pf + mf * (mf + 1) / 2 + (nf - mf) * window
+
+
+SUM_NEW = "_req_new_tokens_sum"
+SUM_LOGITS = "_req_num_logits_sum"
+
+
+def sum_kv(window: int) -> str:
+    """Column of Σ min(prefix, W) per step (W = 0: Σ prefix)."""
+    return f"_req_kv_tokens_w{int(window)}"
+
+
+def sum_pairs(window: int) -> str:
+    """Column of Σ windowed_context_sum(prefix, new, W) per step."""
+    return f"_req_score_pairs_w{int(window)}"
+
+
+def request_sums(batch: pa.RecordBatch | pa.Table, windows: Iterable[int]) -> dict[str, pa.Array]:
+    """The per-step sums over each step's request lists that the step costs need, per attention
+    window W (0 = full attention; always included): Σ min(prefix, W), Σ (query, key) pairs, Σ new
+    tokens, and Σ logit rows (null where the engine recorded no req_num_logits). Exact int64.
+
+    One pass over the flat list buffers; what `step_costs_from_sums` turns into bytes and FLOPs.
+    """
+    prefix, plen = _flat(batch.column("req_prefix_lens"))
+    new, nlen = _flat(batch.column("req_new_tokens"))
+    if not np.array_equal(plen, nlen):
+        raise ValueError("req_prefix_lens and req_new_tokens differ in length")
+    out: dict[str, pa.Array] = {}
+    decode_only = bool(new.size) and int(new.min()) == 1 and int(new.max()) == 1
+    # One new token per request (decode): Σ new = the request count, Σ pairs = Σ (p + 1).
+    new_sum = nlen.copy() if decode_only or not new.size else _per_row_sum(new, nlen)
+    for w in sorted({0, *(int(x) for x in windows)}):
+        cached = prefix if w <= 0 else np.minimum(prefix, w)
+        kv = _per_row_sum(cached, plen)
+        out[sum_kv(w)] = pa.array(kv)
+        if decode_only and w <= 0:
+            pairs = kv + new_sum
+        else:
+            pairs = _per_row_sum(windowed_context_sum(prefix, new, w), plen)
+        out[sum_pairs(w)] = pa.array(pairs)
+    out[SUM_NEW] = pa.array(new_sum)
+    logits_col = batch.column("req_num_logits")
+    if isinstance(logits_col, pa.ChunkedArray):
+        logits_col = logits_col.combine_chunks()
+    lv, ll = _flat(logits_col)
+    valid = pc.is_valid(logits_col).to_numpy(zero_copy_only=False)
+    out[SUM_LOGITS] = pa.array(_per_row_sum(lv, ll), mask=~valid)
+    return out
+
+
+def sum_windows(names: Iterable[str]) -> set[int]:
+    """The attention windows whose sums a set of column names holds."""
+    prefix = sum_kv(0)[: -len("0")]
+    return {int(n[len(prefix) :]) for n in names if n.startswith(prefix)}
 
 
 def step_costs(
     batch: pa.RecordBatch | pa.Table, model: CostModel, active_experts: np.ndarray | None
 ) -> dict[str, np.ndarray]:
-    """Per-step bytes and FLOPs for the rows of a `steps` batch.
+    """Per-step bytes and FLOPs for the rows of a `steps` batch (with its request lists).
 
     `active_experts[i]`: experts with ≥ 1 token in step i, summed over the file's MoE layers (NaN
     where unknown → routed-expert bytes and the totals that include them are NaN).
     Returns numpy arrays keyed by column name (bytes_*, flops_*, kv_*, logit_rows).
     """
-    tokens = batch.column("num_tokens").to_numpy(zero_copy_only=False).astype(np.float64)
+    sums = request_sums(batch, model.kv_bytes_by_window)
+    cols = {k: batch.column(k) for k in ("num_tokens", "num_reqs")}
+    return step_costs_from_sums({**cols, **sums}, model, active_experts)
+
+
+def _np(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return col.to_numpy(zero_copy_only=False)
+
+
+def step_costs_from_sums(
+    cols: Mapping[str, pa.Array | pa.ChunkedArray], model: CostModel, active_experts: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """`step_costs` from `num_tokens`, `num_reqs` and the per-step `request_sums` columns."""
+    tokens = _np(cols["num_tokens"]).astype(np.float64)
     n_rows = len(tokens)
-    prefix, plen = _flat(batch.column("req_prefix_lens"))
-    new, nlen = _flat(batch.column("req_new_tokens"))
-    if not np.array_equal(plen, nlen):
-        raise ValueError("req_prefix_lens and req_new_tokens differ in length")
-    logits_col = batch.column("req_num_logits")
-    if logits_col.null_count == n_rows:
-        logit_rows = batch.column("num_reqs").to_numpy(zero_copy_only=False).astype(np.float64)
-        logits_known = np.zeros(n_rows, dtype=bool)
-    else:
-        lv, ll = _flat(logits_col)
-        logit_rows = _per_row_sum(lv, ll)
-        logits_known = pc.is_valid(logits_col).to_numpy(zero_copy_only=False)
-        fallback = batch.column("num_reqs").to_numpy(zero_copy_only=False).astype(np.float64)
-        logit_rows = np.where(logits_known, logit_rows, fallback)
+    logits = cols[SUM_LOGITS]
+    logits_known = _np(pc.is_valid(logits)).astype(bool)
+    fallback = _np(cols["num_reqs"]).astype(np.float64)
+    logit_rows = np.where(logits_known, _np(pc.fill_null(logits, 0)).astype(np.float64), fallback)
 
     kv_read = np.zeros(n_rows)
     kv_write_per_token = sum(model.kv_bytes_by_window.values())
     scores = np.zeros(n_rows)
     for window, kv_bytes in model.kv_bytes_by_window.items():
-        cached = prefix if window <= 0 else np.minimum(prefix, window)
-        kv_read += kv_bytes * _per_row_sum(cached, plen)
-        pairs = _per_row_sum(windowed_context_sum(prefix, new, window), plen)
+        kv_read += kv_bytes * _np(cols[sum_kv(window)]).astype(np.float64)
+        pairs = _np(cols[sum_pairs(window)]).astype(np.float64)
         scores += model.score_layers_by_window[window] * pairs
     kv_write = kv_write_per_token * tokens
 
@@ -203,6 +272,7 @@ def step_costs(
     flops_linear = model.linear_flops_per_token * tokens
     flops_lm = model.lm_head_flops_per_logit * logit_rows
     flops_attn = model.attn_score_flops_per_pair * scores
+    context = _np(cols[sum_kv(0)]).astype(np.float64) + _np(cols[SUM_NEW]).astype(np.float64)
     return {
         "bytes_weights": weights,
         "bytes_routed_experts": routed,
@@ -216,5 +286,5 @@ def step_costs(
         "flops_total": flops_linear + flops_lm + flops_attn,
         "logit_rows": logit_rows,
         "logits_known": logits_known,
-        "context_tokens": _per_row_sum(prefix + new, plen),
+        "context_tokens": context,
     }

@@ -72,7 +72,7 @@ def rank_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
         steps, tokens, busy = db.con.execute(
             f"""SELECT count(*), coalesce(sum(num_tokens), 0)::BIGINT,
                        coalesce(sum(coalesce(gpu_end_ns - gpu_start_ns, t_end_ns - t_start_ns)) / 1e9, 0)
-                FROM read_parquet({_p(f.parquet["steps"])})"""
+                FROM read_parquet({_p(f.parquet["step_scalars"])})"""
         ).fetchall()[0]
         mine = experts.get(key)
         expert_steps = routed = agreeing = compared = None
