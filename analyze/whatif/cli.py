@@ -44,6 +44,22 @@ def whatif(
             "batch size against both baselines (repeatable; files, directories or globs).",
         ),
     ] = None,
+    calibrate_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--calibrate-on",
+            help="Fit the roofline on these traces (runs of the same model on the same GPU, e.g. a concurrency "
+            "sweep) instead of on each projected run itself (repeatable; files, directories or globs).",
+        ),
+    ] = None,
+    calibrate_batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--calibrate-batch-sizes",
+            help="Fit only on steps with these numbers of requests (comma list, e.g. 1,4,16,64): the other "
+            "batch sizes are held out, and --compare-to reports their errors apart.",
+        ),
+    ] = None,
     source_gpu: Annotated[
         str | None,
         typer.Option(
@@ -74,11 +90,13 @@ def whatif(
     Examples:
       moecap-analyze whatif traces/h100/ --gpu H200 --gpu B200
       moecap-analyze whatif traces/h100/ --compare-to traces/h200/      # projection error per batch size
+      moecap-analyze whatif run.arrow --calibrate-on sweep/ --calibrate-batch-sizes 1,4,32 --compare-to twin/
     """
     from ..analysis import Options
     from ..pipeline import analyze_paths
     from ..specs import resolve_gpu
     from .compare import compare_runs
+    from .project import CalibrationSpec
     from .project import whatif as whatif_doc
 
     if format not in ("table", "json"):
@@ -97,6 +115,7 @@ def whatif(
         pue=pue,
     )
     targets = [resolve_gpu(g, overrides_yaml=gpu_overrides) for g in gpu or []]
+    sizes = _batch_sizes(calibrate_batch_sizes)
     # The runs' own metrics.cost (and the measured power the projections reuse) follow the flags too.
     with use_cost_settings(settings):
         source = analyze_paths(
@@ -105,6 +124,19 @@ def whatif(
             cache_dir=cache_dir,
             strict=strict,
         )
+        calibration = None
+        if calibrate_on or sizes:
+            runs = (
+                analyze_paths(
+                    calibrate_on,
+                    Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window="all"),
+                    cache_dir=cache_dir,
+                    strict=strict,
+                )
+                if calibrate_on
+                else None
+            )
+            calibration = CalibrationSpec(runs=runs, batch_sizes=sizes)
         if compare_to:
             other = analyze_paths(
                 compare_to,
@@ -112,9 +144,9 @@ def whatif(
                 cache_dir=cache_dir,
                 strict=strict,
             )
-            document = compare_runs(source, other, settings, targets)
+            document = compare_runs(source, other, settings, targets, calibration)
         else:
-            document = whatif_doc(source, targets, settings)
+            document = whatif_doc(source, targets, settings, calibration)
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +159,23 @@ def whatif(
         print_whatif(document)
         if out is not None:
             Console(stderr=True).print(f"wrote {out / 'whatif.json'}")
+
+
+def _batch_sizes(text: str | None) -> frozenset[int] | None:
+    if not text:
+        return None
+    try:
+        sizes = frozenset(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected a comma list of request counts such as 1,4,16; got {text!r}",
+            param_hint="--calibrate-batch-sizes",
+        ) from None
+    if not sizes or min(sizes) < 0:
+        raise typer.BadParameter(
+            f"expected request counts >= 0; got {text!r}", param_hint="--calibrate-batch-sizes"
+        )
+    return sizes
 
 
 # -- terminal output -------------------------------------------------------------------------------
@@ -182,6 +231,12 @@ def print_whatif(document: dict[str, Any], console: Console | None = None) -> No
             f"measured on {run['source_gpu']} ×{run['num_gpus']}"
         )
         cal = run["calibration"]
+        on = cal.get("calibrated_on") or {}
+        if on.get("runs") and (on["runs"] != [run["run_id"]] or on.get("batch_sizes")):
+            sizes = f", batch sizes {','.join(map(str, on['batch_sizes']))}" if on.get("batch_sizes") else ""
+            console.print(
+                f"  calibrated on {', '.join(on['runs'])}{sizes} ({on['steps']} steps)", highlight=False
+            )
         for phase, fit in cal["fits"].items():
             ident = "" if fit["bandwidth_identified"] and fit["flops_identified"] else " (prior used)"
             console.print(
@@ -238,7 +293,7 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
                 bt.add_column(m.replace("_", " ") + " (error)", justify="right")
             for r in rows:
                 bt.add_row(
-                    str(r["num_reqs"]),
+                    f"{r['num_reqs']}{' (held out)' if r.get('held_out') else ''}",
                     _fmt(r["measured_step_time_s"], "ms"),
                     *[
                         _fmt(r.get(f"{m}_step_time_s"), "ms") + _err(r.get(f"{m}_step_time_error"))

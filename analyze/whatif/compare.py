@@ -25,6 +25,7 @@ from .project import (
     ASSUMPTIONS,
     MODELS,
     WHATIF_SCHEMA,
+    CalibrationSpec,
     TimeWarp,
     measured_power_fraction,
     step_frame,
@@ -127,7 +128,12 @@ def measured_view(analysis: Analysis, ctx: RunContext, settings: CostSettings) -
     return view
 
 
-def _by_batch(measured: dict[str, Any], models: dict[str, Any]) -> list[dict[str, Any]]:
+def _by_batch(
+    measured: dict[str, Any], models: dict[str, Any], calibrated_sizes: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """Decode step time per batch size: mean and median (a JIT-compiled first use of a shape is one
+    step in twenty at a batch size, so the median says how the steady steps compare). `held_out`
+    marks batch sizes the calibration did not see (when it was limited to some)."""
     meas = pl.DataFrame(measured["decode_by_batch_size"] or [], schema_overrides={"num_reqs": pl.Int64})
     if meas.is_empty():
         return []
@@ -135,8 +141,10 @@ def _by_batch(measured: dict[str, Any], models: dict[str, Any]) -> list[dict[str
     for m in meas.to_dicts():
         row: dict[str, Any] = {
             "num_reqs": m["num_reqs"],
+            "held_out": calibrated_sizes is not None and m["num_reqs"] not in calibrated_sizes,
             "steps_measured": m["steps"],
             "measured_step_time_s": m["step_time_s_mean"],
+            "measured_step_time_p50_s": m.get("step_time_s_p50"),
             "measured_wall_s": m["wall_s_mean"],
         }
         for model in MODELS:
@@ -144,8 +152,12 @@ def _by_batch(measured: dict[str, Any], models: dict[str, Any]) -> list[dict[str
             if not hit:
                 continue
             row[f"{model}_step_time_s"] = hit[0]["step_time_s_mean"]
+            row[f"{model}_step_time_p50_s"] = hit[0].get("step_time_s_p50")
             row[f"{model}_wall_s"] = hit[0]["wall_s_mean"]
             row[f"{model}_step_time_error"] = _error(hit[0]["step_time_s_mean"], m["step_time_s_mean"])
+            row[f"{model}_step_time_p50_error"] = _error(
+                hit[0].get("step_time_s_p50"), m.get("step_time_s_p50")
+            )
             row[f"{model}_wall_error"] = _error(hit[0]["wall_s_mean"], m["wall_s_mean"])
             row["steps_projected"] = hit[0]["steps"]
         if "steps_projected" in row:
@@ -165,7 +177,8 @@ def compare_pair(projected_run: dict[str, Any], target: str, measured: dict[str,
             entry[model] = pred
             entry[f"{model}_error"] = _error(pred, meas)
         metrics[label] = entry
-    return {"metrics": metrics, "decode_by_batch_size": _by_batch(measured, models)}
+    sizes = (projected_run.get("calibration") or {}).get("calibrated_on", {}).get("batch_sizes")
+    return {"metrics": metrics, "decode_by_batch_size": _by_batch(measured, models, sizes)}
 
 
 def _summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,14 +192,25 @@ def _summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
             entry[model] = float(np.mean(errs)) if errs else None
         out[label] = entry
     rows = [r for c in comparisons for r in c["decode_by_batch_size"]]
-    entry = {}
-    for model in MODELS:
-        errs = [
-            abs(r[f"{model}_step_time_error"]) for r in rows if r.get(f"{model}_step_time_error") is not None
-        ]
-        entry[model] = float(np.mean(errs)) if errs else None
-    out["decode step time per batch size"] = entry
-    return {"mean_abs_error": out, "pairs": len(comparisons), "batch_size_rows": len(rows)}
+    held_out = [r for r in rows if r.get("held_out")]
+    groups = [("", rows)] + ([(" (held-out)", held_out)] if held_out else [])
+    for suffix, group in groups:
+        for label, key in (("", "step_time_error"), (" median", "step_time_p50_error")):
+            entry = {}
+            for model in MODELS:
+                errs = [abs(r[f"{model}_{key}"]) for r in group if r.get(f"{model}_{key}") is not None]
+                entry[model] = float(np.mean(errs)) if errs else None
+            out[f"decode step time{label} per batch size{suffix}"] = entry
+    return {
+        "mean_abs_error": out,
+        "pairs": len(comparisons),
+        "batch_size_rows": len(rows),
+        "held_out_batch_size_rows": len(held_out),
+    }
+
+
+def _host(cpu: Any) -> str:
+    return f"{cpu.get('model') or 'unknown CPU'}, {cpu.get('logical_cpus')} CPUs"
 
 
 def compare_runs(
@@ -194,6 +218,7 @@ def compare_runs(
     other: Analysis,
     settings: CostSettings,
     extra_targets: Sequence[GpuSpec] = (),
+    calibration: CalibrationSpec | None = None,
 ) -> dict[str, Any]:
     """What-if of every source run onto its paired run's GPU (and `extra_targets`), with the
     projection errors against the paired run's measurements."""
@@ -203,7 +228,7 @@ def compare_runs(
         assert dst.gpu is not None
         targets = [dst.gpu, *[g for g in extra_targets if g.name != dst.gpu.name]]
         try:
-            projected = whatif_run(source, src, targets, settings)
+            projected = whatif_run(source, src, targets, settings, calibration)
             measured = measured_view(other, dst, settings)
         except InputError as exc:
             if len(pairs) == 1:
@@ -212,6 +237,12 @@ def compare_runs(
             notes.append(f"{src.run.run_id}: not compared ({exc})")
             continue
         comp = compare_pair(projected, dst.gpu.name, measured)
+        hosts = [(c.run.metadata.extra or {}).get("host_cpu") for c in (src, dst)]
+        if all(hosts) and hosts[0] != hosts[1]:
+            notes.append(
+                f"{src.run.run_id} vs {dst.run.run_id}: the hosts differ ({_host(hosts[0])} vs {_host(hosts[1])}); "
+                "host-bound step time moves with the host, which the projection holds constant"
+            )
         comparisons.append(
             {
                 "source_run": src.run.run_id,

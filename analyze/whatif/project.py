@@ -60,6 +60,18 @@ _STEP_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which measured steps the roofline is fitted on (default: every step of the projected run).
+
+    runs: calibrate on these runs instead (e.g. a concurrency sweep on the same GPU), using those of
+    the projected run's model measured on the same GPU. batch_sizes: only steps with this many
+    requests, so the other batch sizes are held out and the comparison tells them apart."""
+
+    runs: Analysis | None = None
+    batch_sizes: frozenset[int] | None = None
+
+
 @dataclass
 class Calibration:
     """Per-phase fits of one run on its measured GPU."""
@@ -70,6 +82,8 @@ class Calibration:
     fits: dict[str, RooflineFit]
     """"all" plus every phase with enough steps."""
     notes: list[str] = field(default_factory=list)
+    calibrated_on: dict[str, Any] = field(default_factory=dict)
+    """The runs, batch sizes and step count the fits used."""
 
     def fit_for(self, phase: str) -> RooflineFit:
         return self.fits.get(phase) or self.fits["all"]
@@ -82,6 +96,7 @@ class Calibration:
             "peak_flops": self.peak_flops,
             "fits": {k: v.as_dict() for k, v in self.fits.items()},
             "phase_uses": {p: p if p in self.fits else "all" for p in FIT_PHASES},
+            "calibrated_on": self.calibrated_on,
             "notes": self.notes,
         }
 
@@ -196,6 +211,39 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
                 "FLOP model over-counts what the kernels really move or compute"
             )
     return Calibration(ctx.gpu, ctx.peak_dtype, peak, fits, notes)
+
+
+def calibration_frame(
+    analysis: Analysis, ctx: RunContext, df: pl.DataFrame, spec: CalibrationSpec | None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The steps to fit `ctx`'s roofline on (its own steps `df` unless `spec` says otherwise), and a
+    description of them for the output."""
+    runs = [ctx.run.run_id]
+    if spec is not None and spec.runs is not None:
+        gpu = ctx.gpu.name if ctx.gpu is not None else None
+        same = [
+            c
+            for c in spec.runs.contexts
+            if c.run.metadata.model.id == ctx.run.metadata.model.id
+            and c.gpu is not None
+            and c.gpu.name == gpu
+        ]
+        if not same:
+            raise InputError(
+                f"run {ctx.run.run_id}: --calibrate-on holds no run of model {ctx.run.metadata.model.id} "
+                f"measured on {gpu}"
+            )
+        df = pl.concat([step_frame(spec.runs, c) for c in same], how="vertical_relaxed")
+        runs = [c.run.run_id for c in same]
+    sizes = sorted(spec.batch_sizes) if spec is not None and spec.batch_sizes else None
+    if sizes is not None:
+        df = df.filter(pl.col("num_reqs").is_in(sizes))
+        if df.height == 0:
+            raise InputError(
+                f"run {ctx.run.run_id}: no step with {', '.join(map(str, sizes))} requests to calibrate on "
+                "(--calibrate-batch-sizes)"
+            )
+    return df, {"runs": runs, "batch_sizes": sizes, "steps": df.height}
 
 
 # -- projections -----------------------------------------------------------------------------------
@@ -364,6 +412,7 @@ def view_metrics(
         .agg(
             steps=pl.len(),
             step_time_s_mean=pl.col("gpu_time").mean(),
+            step_time_s_p50=pl.col("gpu_time").median(),
             wall_s_mean=pl.col("wall_new").mean(),
         )
         .sort("num_reqs")
@@ -464,11 +513,14 @@ def whatif_run(
     ctx: RunContext,
     targets: Sequence[GpuSpec],
     settings: CostSettings,
+    calibration: CalibrationSpec | None = None,
 ) -> dict[str, Any]:
     """The what-if document of one run: calibration, the measured view, and per target GPU the
     projection and both baselines."""
     df = step_frame(analysis, ctx)
-    cal = calibrate(df, ctx)
+    cal_df, calibrated_on = calibration_frame(analysis, ctx, df, calibration)
+    cal = calibrate(cal_df, ctx)
+    cal.calibrated_on = calibrated_on
     rid = ctx.run.run_id.replace("'", "''")
     requests = analysis.db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
     measured_time = df["time_s"].to_numpy().astype(np.float64)
@@ -534,12 +586,17 @@ def run_each(
     return out
 
 
-def whatif(analysis: Analysis, targets: Sequence[GpuSpec], settings: CostSettings) -> dict[str, Any]:
+def whatif(
+    analysis: Analysis,
+    targets: Sequence[GpuSpec],
+    settings: CostSettings,
+    calibration: CalibrationSpec | None = None,
+) -> dict[str, Any]:
     """What-if document for every run of `analysis` on every GPU of `targets`.
 
     A run that cannot be projected (no steps, no expert counts, no GPU spec) gets {run_id, error};
     when no run can be, the first error is raised."""
-    runs = run_each(analysis.contexts, lambda ctx: whatif_run(analysis, ctx, targets, settings))
+    runs = run_each(analysis.contexts, lambda ctx: whatif_run(analysis, ctx, targets, settings, calibration))
     return {
         "schema": WHATIF_SCHEMA,
         "assumptions": list(ASSUMPTIONS),

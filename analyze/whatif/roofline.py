@@ -20,6 +20,15 @@ something else (per-token host work in a launch-bound engine). That efficiency i
 and the rest refitted, so the time is attributed to the overhead c, which does not scale with the
 GPU's peaks.
 
+Robustness: a least-squares fit is pulled by a handful of steps no roofline explains (a kernel JIT-
+compiled on first use of a shape, a CUDA-graph capture, a GC pause: one 24 ms step among 6 ms ones
+turned the decode fit of a real vLLM trace into "η_bw = 2.0 plus 5.5 ms overhead"). So the fit is
+redone without the steps whose residual lies more than OUTLIER_MADS robust standard deviations
+(1.4826 · MAD) from the median residual, at most MAX_OUTLIER_FRACTION of them; the reported errors
+(rmse, mape, r2) are still over every step. An efficiency fitted above 1 is physically impossible
+(the byte or FLOP model cannot over-count that much for these kernels): it is held at 1 and the rest
+refitted, with a note.
+
 When every step lies on one side of the ridge, the other efficiency is not identified by the data:
 the fit reports the bound the data implies (no step may cross the ridge) and uses a prior (a
 measured matmul ceiling where the GPU table has one) clipped to that bound; `*_identified` says so.
@@ -27,7 +36,7 @@ measured matmul ceiling where the GPU table has one) clipped to that bound; `*_i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +51,16 @@ MIN_EFFICIENCY = 0.1
 """An efficiency fitted below this is read as "this resource does not limit the steps" (their time
 correlates with bytes or FLOPs through something else, e.g. per-token host work in a launch-bound
 engine) rather than as a kernel running at a few % of peak; see fit_roofline."""
+
+
+MAX_EFFICIENCY = 1.0
+"""No kernel moves more bytes, or does more FLOPs, per second than the GPU's peak."""
+
+OUTLIER_MADS = 3.5
+"""Steps whose fit residual is further than this many robust standard deviations from the median
+residual are left out of the fit (not out of the projection, where each keeps its own residual)."""
+
+MAX_OUTLIER_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,8 @@ class RooflineFit:
     """The η_bw the free fit gave when it fell below the floor (then replaced by the prior)."""
     eta_flops_below_floor: float | None = None
     prior_note: str | None = None
+    outliers: int = 0
+    """Steps left out of the fit as outliers (see OUTLIER_MADS); the errors above include them."""
 
     def step_time(
         self, nbytes: np.ndarray, flops: np.ndarray, bandwidth: float, peak_flops: float
@@ -233,15 +254,90 @@ def fit_roofline(
         B, F, t = B[pick], F[pick], t[pick]
     order = np.argsort(F / B, kind="stable")
     B, F, t = B[order], F[order], t[order]
+    intensity = F / B  # of every step: an unidentified side's bound must hold for the outliers too
+    keep = np.ones(len(t), dtype=bool)
+    for _ in range(4):  # fit, leave the outliers of that fit out, refit while the set changes
+        fit = _fit_steps(
+            B[keep],
+            F[keep],
+            t[keep],
+            bandwidth,
+            peak_flops,
+            eta_bw_prior,
+            eta_flops_prior,
+            min_efficiency,
+            intensity,
+        )
+        inliers = _inliers(fit.step_time(B, F, bandwidth, peak_flops) - t, t)
+        if np.array_equal(inliers, keep) or inliers.sum() < 3:
+            break
+        keep = inliers
+    else:
+        fit = _fit_steps(
+            B[keep],
+            F[keep],
+            t[keep],
+            bandwidth,
+            peak_flops,
+            eta_bw_prior,
+            eta_flops_prior,
+            min_efficiency,
+            intensity,
+        )
+    resid = fit.step_time(B, F, bandwidth, peak_flops) - t
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    outliers = int(len(t) - keep.sum())
+    note = fit.prior_note
+    if outliers:
+        extra = f"{outliers} of {len(t)} steps left out of the fit as outliers (residual > {OUTLIER_MADS:g} robust SD)"
+        note = f"{note}; {extra}" if note else extra
+    return replace(
+        fit,
+        n_steps=len(t),
+        memory_bound_fraction=float(
+            np.mean(B / (bandwidth * fit.eta_bw) >= F / (peak_flops * fit.eta_flops))
+        ),
+        rmse_s=float(np.sqrt(np.mean(resid**2))),
+        mape=float(np.mean(np.abs(resid) / t)),
+        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
+        prior_note=note,
+        outliers=outliers,
+    )
+
+
+def _inliers(resid: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Steps whose residual is within OUTLIER_MADS robust SDs of the median residual (at most
+    MAX_OUTLIER_FRACTION of the steps are left out: the largest deviations first)."""
+    dev = np.abs(resid - np.median(resid))
+    # A scale floor (1e-6 of the median step) so an exact fit does not turn float noise into outliers.
+    scale = max(1.4826 * float(np.median(dev)), 1e-6 * float(np.median(t)))
+    keep = dev <= OUTLIER_MADS * scale
+    if keep.mean() < 1 - MAX_OUTLIER_FRACTION:
+        keep = dev <= np.quantile(dev, 1 - MAX_OUTLIER_FRACTION)
+    return keep
+
+
+def _fit_steps(
+    B: np.ndarray,
+    F: np.ndarray,
+    t: np.ndarray,
+    bandwidth: float,
+    peak_flops: float,
+    eta_bw_prior: float,
+    eta_flops_prior: float,
+    min_efficiency: float,
+    intensity: np.ndarray,
+) -> RooflineFit:
+    """One least-squares fit (floor, cap and priors applied) over intensity-sorted steps; `intensity`
+    (FLOP/byte) of all steps, for the bound of an efficiency the fitted steps do not identify."""
     n = len(t)
-    intensity = F / B
     notes = []
 
     a_fix = b_fix = None
     eta_bw_rejected = eta_fl_rejected = None
     # Free fit; an efficiency below the floor is replaced by its prior and the fit redone (the other
     # side may then pick up the correlation, so check again).
-    for _ in range(3):
+    for _ in range(4):
         a, b, c = _fit(B, F, t, a_fix, b_fix)
         mem_side = (a * B >= b * F) if a > 0 and b > 0 else np.full(n, b <= 0)
         changed = False
@@ -252,6 +348,14 @@ def fit_roofline(
         if b_fix is None and b > 0 and (~mem_side).any() and 1.0 / (peak_flops * b) < min_efficiency:
             eta_fl_rejected = 1.0 / (peak_flops * b)
             b_fix = 1.0 / (peak_flops * eta_flops_prior)
+            changed = True
+        if a_fix is None and a > 0 and mem_side.any() and 1.0 / (bandwidth * a) > MAX_EFFICIENCY:
+            notes.append(f"bandwidth efficiency fitted at {1.0 / (bandwidth * a):.3g}, above 1: held at 1")
+            a_fix = 1.0 / (bandwidth * MAX_EFFICIENCY)
+            changed = True
+        if b_fix is None and b > 0 and (~mem_side).any() and 1.0 / (peak_flops * b) > MAX_EFFICIENCY:
+            notes.append(f"FLOP efficiency fitted at {1.0 / (peak_flops * b):.3g}, above 1: held at 1")
+            b_fix = 1.0 / (peak_flops * MAX_EFFICIENCY)
             changed = True
         if not changed:
             break

@@ -379,3 +379,54 @@ def test_pairing_prefers_the_closest_engine_arguments():
         ("h100-eager", "h200-eager"),
     ]
     assert notes == []
+
+
+def test_calibration_on_some_batch_sizes_holds_the_others_out(traces, tmp_path):
+    from moecap.analyze.whatif.project import CalibrationSpec
+
+    _, runs = traces
+    src = _analysis([runs[("h100", 8)][0]], tmp_path)
+    dst = _analysis([runs[("h200", 8)][0]], tmp_path)
+    sizes = frozenset({8})
+    doc = compare_runs(src, dst, load_cost_settings(), calibration=CalibrationSpec(batch_sizes=sizes))
+    on = doc["runs"][0]["calibration"]["calibrated_on"]
+    n8 = step_frame(src, src.contexts[0]).filter(pl.col("num_reqs") == 8).height
+    assert on["batch_sizes"] == [8] and on["steps"] == n8 and on["runs"] == [src.contexts[0].run.run_id]
+    rows = doc["comparison"]["pairs"][0]["decode_by_batch_size"]
+    assert {r["num_reqs"] for r in rows if not r["held_out"]} == {8}
+    held = [r for r in rows if r["held_out"]]
+    assert held, "the simulated run drains below 8 requests at its end"
+    # The model is the simulator's, so held-out batch sizes are projected as well as the rest.
+    for r in held:
+        assert r["projection_step_time_error"] == pytest.approx(0, abs=METRIC_TOL)
+        assert r["projection_step_time_p50_error"] == pytest.approx(0, abs=METRIC_TOL)
+    summary = doc["comparison"]["summary"]
+    assert summary["held_out_batch_size_rows"] == len(held)
+    assert summary["mean_abs_error"]["decode step time per batch size (held-out)"]["no_change"] > 0.2
+
+
+def test_calibration_on_another_run_of_the_same_gpu(traces, tmp_path):
+    from moecap.analyze.whatif.project import CalibrationSpec
+
+    _, runs = traces
+    src = _analysis([runs[("h100", 4)][0]], tmp_path)
+    sweep = _analysis([runs[("h100", 8)][0], runs[("h200", 8)][0]], tmp_path)
+    doc = whatif(src, [H200], load_cost_settings(), CalibrationSpec(runs=sweep))
+    run = doc["runs"][0]
+    # Only the run measured on the same GPU (H100) calibrates; the H200 run of the same model does not.
+    h100_run = next(c.run.run_id for c in sweep.contexts if c.gpu.name == src.contexts[0].gpu.name)
+    assert "h100-c8" in h100_run
+    assert run["calibration"]["calibrated_on"]["runs"] == [h100_run]
+    assert run["calibration"]["fits"]["all"]["eta_bw"] == pytest.approx(0.6, rel=1e-4)
+
+
+def test_calibration_errors_name_what_is_missing(traces, tmp_path):
+    from moecap.analyze.whatif.project import CalibrationSpec
+
+    _, runs = traces
+    src = _analysis([runs[("h100", 4)][0]], tmp_path)
+    other_gpu = _analysis([runs[("h200", 8)][0]], tmp_path)
+    with pytest.raises(InputError, match="--calibrate-on holds no run of model .* measured on H100"):
+        whatif(src, [H200], load_cost_settings(), CalibrationSpec(runs=other_gpu))
+    with pytest.raises(InputError, match="no step with 999 requests"):
+        whatif(src, [H200], load_cost_settings(), CalibrationSpec(batch_sizes=frozenset({999})))

@@ -109,3 +109,41 @@ def test_an_implausibly_low_efficiency_becomes_overhead():
 def test_too_few_steps():
     with pytest.raises(ValueError, match="at least 3 steps"):
         fit_roofline(np.ones(2), np.ones(2), np.ones(2), bandwidth=BW, peak_flops=PEAK)
+
+
+def test_a_few_outlier_steps_do_not_move_the_fit():
+    # 5 % of decode-like steps carry a JIT compile or GC pause of 10-30 ms: no roofline explains them.
+    rng = np.random.default_rng(3)
+    B = rng.uniform(5e9, 3e10, 400)
+    F = B * rng.uniform(1, 30, 400)  # decode: a few FLOPs per byte, far below the ridge
+    t = B / (BW * 0.85) + 1.7e-3
+    hit = rng.choice(len(t), 20, replace=False)
+    t[hit] += rng.uniform(0.01, 0.03, len(hit))
+    fit = fit_roofline(B, F, t, bandwidth=BW, peak_flops=PEAK)
+    assert fit.eta_bw == pytest.approx(0.85, rel=1e-6)
+    assert fit.overhead_s == pytest.approx(1.7e-3, rel=1e-6)
+    assert fit.outliers == len(hit) and "outliers" in fit.prior_note
+    # The reported errors still cover every step, the outliers included.
+    assert fit.n_steps == len(t)
+    assert fit.rmse_s == pytest.approx(np.sqrt(np.mean((t - (B / (BW * 0.85) + 1.7e-3)) ** 2)), rel=1e-6)
+
+
+def test_noise_alone_leaves_almost_every_step_in():
+    rng = np.random.default_rng(4)
+    B, F = _steps(rng, 1000, 0)
+    t = (B / (BW * 0.7) + 1e-3) * rng.normal(1.0, 0.02, len(B))
+    fit = fit_roofline(B, F, t, bandwidth=BW, peak_flops=PEAK)
+    # |z| > 3.5 for a normal: 0.05 % of the steps.
+    assert fit.outliers <= 5
+
+
+def test_an_efficiency_above_one_is_held_at_one():
+    # Times that imply 1.5x the peak bandwidth (a byte model that over-counts): physically impossible.
+    rng = np.random.default_rng(5)
+    B, F = _steps(rng, 200, 0)
+    t = B / (BW * 1.5) + 2e-3
+    fit = fit_roofline(B, F, t, bandwidth=BW, peak_flops=PEAK)
+    assert fit.eta_bw == pytest.approx(1.0)
+    assert "above 1: held at 1" in fit.prior_note
+    # At the peak the bytes take longer than the 1.5x the times imply: less is left for the overhead.
+    assert 0 <= fit.overhead_s < 2e-3
