@@ -310,22 +310,23 @@ class TimeWarp:
 
     @classmethod
     def from_steps(cls, df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
+        """Each step's GPU part [start, start + busy] stretches by its projected/measured ratio; the
+        rest of the way to the next step's start is kept as measured (so unchanged times give the
+        identity, whatever the engine's step boundaries). Under async scheduling a step's GPU part can
+        outlast the next step's host start: it is cut there, so the knots stay increasing."""
         t = df["time_s"].to_numpy().astype(np.float64)
         wall = df["wall_s"].to_numpy().astype(np.float64)
         start = df["t_start_ns"].to_numpy().astype(np.float64)
         busy = np.minimum(np.maximum(t, 0), wall)
         ratio = np.where(t > 0, gpu_time / np.where(t > 0, t, 1), 1.0)
-        busy_new = busy * ratio
-        gap = wall - busy
-        # Two knots per step: (start, start') and (start + busy, start' + busy'); then the gap.
-        seg = np.empty(2 * len(t))
-        seg[0::2], seg[1::2] = busy_new, gap
-        y_rel = np.concatenate([[0.0], np.cumsum(seg)])
+        nxt = np.concatenate([start[1:], [start[-1] + wall[-1] * 1e9]])
+        nxt = np.maximum(nxt, start)
+        busy_end = np.minimum(start + busy * 1e9, nxt)
         x = np.empty(2 * len(t) + 1)
-        x[0:-1:2] = start
-        x[1::2] = start + busy * 1e9
-        x[-1] = start[-1] + wall[-1] * 1e9
-        y = start[0] + y_rel * 1e9
+        x[0:-1:2], x[1::2], x[-1] = start, busy_end, nxt[-1]
+        scale = np.empty(2 * len(t))
+        scale[0::2], scale[1::2] = ratio, 1.0
+        y = start[0] + np.concatenate([[0.0], np.cumsum(np.diff(x) * scale)])
         return cls(x, y)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:

@@ -430,3 +430,17 @@ def test_calibration_errors_name_what_is_missing(traces, tmp_path):
         whatif(src, [H200], load_cost_settings(), CalibrationSpec(runs=other_gpu))
     with pytest.raises(InputError, match="no step with 999 requests"):
         whatif(src, [H200], load_cost_settings(), CalibrationSpec(batch_sizes=frozenset({999})))
+
+
+def test_no_change_reproduces_the_measured_requests_of_a_real_async_trace(tmp_path):
+    # vLLM's async scheduling: a step's host start precedes the previous step's GPU end, so step
+    # boundaries do not tile the timeline; unchanged step times must still give unchanged requests.
+    root = Path(__file__).resolve().parents[3] / "traces"
+    files = sorted(root.glob("vllm-0.26.0-qwen15moe-graphs.*.arrow"))
+    assert files, "the shipped vLLM trace"
+    a = analyze_paths([str(p) for p in files], Options(), cache_dir=tmp_path / "cache")
+    run = whatif(a, [H200], load_cost_settings())["runs"][0]
+    measured = run["measured"]["requests"]
+    same = run["targets"]["H200-SXM-141GB"]["models"]["no_change"]["requests"]
+    for key in ("ttft_s_mean", "tpot_s_mean", "e2e_s_mean", "itl_s_p50", "output_tokens_per_s"):
+        assert same[key] == pytest.approx(measured[key], rel=1e-9), key
