@@ -235,12 +235,20 @@ def report(
     gpu: Gpu = None,
     gpu_overrides: GpuYaml = None,
     window: Window = "steady",
+    whatif_gpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--whatif-gpu",
+            help="GPUs the what-if section projects every run onto (repeatable; default H100, H200, B200; "
+            "'none' leaves the section out).",
+        ),
+    ] = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Write metrics.json and an HTML report.
 
-    Example: moecap-analyze report traces/*.arrow --out report/
+    Example: moecap-analyze report traces/*.arrow --out report/ --whatif-gpu H200 --whatif-gpu B200
     """
     from .analysis import Options
     from .output import print_summary, write_outputs
@@ -249,9 +257,11 @@ def report(
     options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
     analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict)
     write_outputs(analysis, out)
+    from .report.figures import DEFAULT_WHATIF_GPUS
     from .report.html import write_report
 
-    path = write_report(analysis, out)
+    gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
+    path = write_report(analysis, out, whatif_gpus=gpus)
     err.print(f"wrote {path}")
     print_summary(analysis.document)
 

@@ -894,3 +894,54 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
             "; ".join(notes),
         ),
     )
+
+
+def whatif_projection(whatif: Any, metric: str = "output_tokens_per_s", title: str = "") -> alt.TopLevelMixin:
+    """Each run's `metric` measured on its own GPU and projected onto other GPUs (model =
+    projection), with the two baselines as ticks. Columns: run, gpu, model, `metric`
+    (frames.whatif_frame)."""
+    df = as_frame(whatif)
+    _require(df, "whatif_projection", "run", "gpu", "model", metric)
+    df = df.filter(pl.col(metric).is_not_null()).select("run", "gpu", "model", metric)
+    data = inline_data(df)
+    y = alt.Y("run:N", title=None, axis=alt.Axis(labelLimit=420))
+    offset = alt.YOffset("gpu:N")
+    color = alt.Color("gpu:N", title="GPU", legend=alt.Legend(orient="bottom"))
+    tooltip = [
+        alt.Tooltip("run:N"),
+        alt.Tooltip("gpu:N"),
+        alt.Tooltip("model:N"),
+        alt.Tooltip(f"{metric}:Q", format=",.4g"),
+    ]
+    bars = (
+        alt.Chart(data)
+        .transform_filter("datum.model == 'projection' || datum.model == 'measured'")
+        .mark_bar()
+        .encode(
+            x=alt.X(f"{metric}:Q", title=title or metric),
+            y=y,
+            yOffset=offset,
+            color=color,
+            opacity=alt.condition("datum.model == 'measured'", alt.value(1.0), alt.value(0.6)),
+            tooltip=tooltip,
+        )
+    )
+    ticks = [
+        alt.Chart(data)
+        .transform_filter(f"datum.model == '{model}'")
+        .mark_tick(thickness=2, color=tick_color)
+        .encode(x=f"{metric}:Q", y=y, yOffset=offset, tooltip=tooltip)
+        for model, tick_color in (("no_change", "black"), ("bandwidth_ratio", "#888888"))
+    ]
+    runs = df["run"].n_unique()
+    gpus = max(df["gpu"].n_unique(), 1)
+    return alt.layer(bars, *ticks).properties(
+        width=WIDTH,
+        height=max(HEIGHT // 2, 14 * runs * gpus),
+        title=_title(
+            title or metric,
+            "Solid bar: measured on the run's own GPU; light bars: projected (calibrated roofline, "
+            "docs/whatif.md).",
+            "Baselines: black tick = no change, grey tick = bandwidth ratio.",
+        ),
+    )

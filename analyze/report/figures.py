@@ -7,10 +7,12 @@ the section says why, so every chart that is drawn has data.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import altair as alt
+import polars as pl
 
 from . import charts as C
 from . import frames as F
@@ -41,6 +43,8 @@ class Section:
     run_id: str | None = None
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pl.DataFrame]] = field(default_factory=list)
+    """(caption, display-ready frame) shown under the charts."""
 
 
 @dataclass
@@ -182,11 +186,71 @@ def _rank_view(db: Any, rid: str, prefix: str, sec: Section) -> None:
     )
 
 
-def report_sections(analysis: Any, options: FigureOptions | None = None) -> list[Section]:
-    """The cross-run section followed by one section per run, in the document's run order."""
+DEFAULT_WHATIF_GPUS = ("H100", "H200", "B200")
+"""GPUs every report projects its runs onto (a run's own GPU is skipped)."""
+
+
+def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -> Section:
+    """Each run projected onto `gpus` (what-if, docs/whatif.md): throughput and TPOT charts, and a
+    table of every projected metric beside both baselines."""
+    from ..cost import load_cost_settings
+    from ..cost.options import active_cost_settings
+    from ..errors import InputError
+    from ..specs import resolve_gpu
+    from ..whatif import ASSUMPTIONS, whatif
+
+    sec = Section(id="whatif", title="What-if on other GPUs")
+    try:
+        targets = [resolve_gpu(g) for g in gpus]
+        doc = whatif(analysis, targets, active_cost_settings() or load_cost_settings())
+    except InputError as exc:
+        sec.notes.append(f"no run could be projected: {exc}")
+        return sec
+    frame = F.whatif_frame(doc, labels)
+    own = {r["run_id"]: r["source_gpu"] for r in doc["runs"] if "error" not in r}
+    frame = frame.filter(
+        (pl.col("model") == "measured")
+        | (pl.col("gpu") != pl.col("run_id").replace_strict(own, default=None))
+    )
+    for run in doc["runs"]:
+        if "error" in run:
+            sec.notes.append(f"{labels.get(run['run_id'], run['run_id'])}: not projected ({run['error']})")
+    if frame.filter(pl.col("model") == "projection").height == 0:
+        sec.notes.append("no run could be projected (no expert counts or no GPU time)")
+        return sec
+    sec.notes.append("Assumptions: " + "; ".join(ASSUMPTIONS) + ".")
+    for slug, metric, title in (
+        ("whatif-throughput", "output_tokens_per_s", "What-if: generated tokens / s (window)"),
+        ("whatif-tpot", "tpot_ms", "What-if: TPOT, ms (mean)"),
+    ):
+        if frame[metric].drop_nulls().len():
+            sec.figures.append(Figure(slug, title, C.whatif_projection(frame, metric, title)))
+    order = {"measured": 0, "projection": 1, "no_change": 2, "bandwidth_ratio": 3}
+    table = frame.sort("run", pl.col("model").replace_strict(order, default=9) > 0, "gpu", "model").select(
+        "run",
+        "gpu",
+        "model",
+        pl.col("output_tokens_per_s").round(1).alias("tok/s"),
+        pl.col("tpot_ms").round(3).alias("TPOT ms"),
+        pl.col("ttft_ms").round(1).alias("TTFT ms"),
+        pl.col("decode_step_ms").round(3).alias("decode step ms"),
+        (pl.col("decode_smbu") * 100).round(1).alias("decode S-MBU %"),
+        pl.col("usd_per_1m_output_tokens").round(3).alias("$ / 1M out"),
+    )
+    sec.tables.append(("Measured and projected metrics (projection and both baselines)", table))
+    return sec
+
+
+def report_sections(
+    analysis: Any, options: FigureOptions | None = None, whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS
+) -> list[Section]:
+    """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
+    per run, in the document's run order."""
     options = options or FigureOptions()
     labels = F.run_labels(analysis.document)
     sections = [cross_run_section(analysis, labels, options)]
+    if whatif_gpus:
+        sections.append(whatif_section(analysis, labels, whatif_gpus))
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
     for i, run in enumerate(analysis.document.get("runs", []), start=1):
         ctx = by_id.get(run["run_id"])

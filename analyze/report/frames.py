@@ -634,3 +634,45 @@ def _order_phases(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(
         phase_rank=pl.col("phase").replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
     )
+
+
+WHATIF_METRICS: tuple[tuple[str, tuple[str, ...], float], ...] = (
+    ("output_tokens_per_s", ("phases", "all", "throughput_output_tokens_per_s"), 1.0),
+    ("tpot_ms", ("requests", "tpot_s_mean"), 1e3),
+    ("ttft_ms", ("requests", "ttft_s_mean"), 1e3),
+    ("decode_step_ms", ("phases", "decode", "step_time_s_mean"), 1e3),
+    ("decode_smbu", ("phases", "decode", "s_mbu"), 1.0),
+    ("usd_per_1m_output_tokens", ("cost", "usd_per_1m_output_tokens"), 1.0),
+)
+"""(column, path into a what-if view, scale to the column's unit) of `whatif_frame`."""
+
+
+def whatif_frame(document: dict[str, Any], labels: dict[str, str]) -> pl.DataFrame:
+    """One row per run × GPU × model of a what-if document (`moecap.analyze.whatif.whatif`):
+    `model` is measured (on the run's own GPU), projection, no_change or bandwidth_ratio; columns of
+    WHATIF_METRICS (tok/s, ms, fraction, $)."""
+
+    def pick(view: dict[str, Any], path: tuple[str, ...]) -> float | None:
+        cur: Any = view
+        for key in path:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        return float(cur) if isinstance(cur, (int, float)) else None
+
+    rows = []
+    for run in document.get("runs", []):
+        if "error" in run:
+            continue
+        label = labels.get(run["run_id"], run["run_id"])
+        views = [(run["source_gpu"], "measured", run["measured"])]
+        for gpu, target in run["targets"].items():
+            views += [(gpu, model, view) for model, view in target["models"].items()]
+        for gpu, model, view in views:
+            row: dict[str, Any] = {"run": label, "run_id": run["run_id"], "gpu": gpu, "model": model}
+            for col, path, scale in WHATIF_METRICS:
+                v = pick(view, path)
+                row[col] = v * scale if v is not None else None
+            rows.append(row)
+    schema = {"run": pl.Utf8, "run_id": pl.Utf8, "gpu": pl.Utf8, "model": pl.Utf8} | {
+        c: pl.Float64 for c, _, _ in WHATIF_METRICS
+    }
+    return pl.DataFrame(rows, schema=schema)

@@ -13,6 +13,7 @@ import functools
 import html
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from .. import __version__
 from ..errors import InputError
 from .export import FORMATS, export_chart, vegalite_version
-from .figures import FigureOptions, Section, report_sections
+from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
 from .frames import accuracy_fraction, cost_per_million_output_tokens, run_labels
 
 CSP = (
@@ -68,17 +69,19 @@ def write_report(
     export: tuple[str, ...] | list[str] = FORMATS,
     options: FigureOptions | None = None,
     png_scale: float = 2.0,
+    whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
 ) -> Path:
     """Write `out_dir/report.html` and each chart as `out_dir/charts/<slug>.{png,svg}`.
 
-    `export` chooses the exported formats (empty: none). Returns the report's path.
+    `export` chooses the exported formats (empty: none); `whatif_gpus` the GPUs the what-if section
+    projects onto (empty: no section). Returns the report's path.
     """
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create ({exc.strerror or exc})") from None
-    sections = report_sections(analysis, options)
+    sections = report_sections(analysis, options, whatif_gpus)
     exports: dict[str, list[Path]] = {}
     for sec in sections:
         for fig in sec.figures:
@@ -134,7 +137,10 @@ def render_report(
                 f'<figure class="chart" data-slug="{esc(fig.slug)}"><div class="vega" id="{cid}"></div>'
                 f"<figcaption>{esc(fig.title)}{' — ' + links if links else ''}</figcaption></figure>"
             )
-        body.append("</div></section>")
+        body.append("</div>")
+        for caption, table in sec.tables:
+            body.append(_frame_table(caption, table))
+        body.append("</section>")
     body.append(_constants(document, labels))
     body.append(_provenance(analysis, labels))
     body.append(_load_report(document))
@@ -275,6 +281,16 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
         text = json.dumps(obj, default=str)
         return [(prefix, text if len(text) <= 240 else text[:240] + " …")]
     return [(prefix, obj)]
+
+
+def _frame_table(caption: str, frame: Any) -> str:
+    """A display frame as an escaped HTML table (nulls as a dash)."""
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    return (
+        f'<div class="scroll"><table class="summary"><caption>{esc(caption)}</caption>'
+        f"<tr>{head}</tr>{rows}</table></div>"
+    )
 
 
 def _kv_table(pairs: list[tuple[str, Any]]) -> str:

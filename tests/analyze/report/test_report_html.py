@@ -29,8 +29,8 @@ def test_report_writes_metrics_html_and_a_png_and_svg_per_chart(report_run, page
     assert f"wrote {out / 'report.html'}" in proc.stderr.replace("\n", "")
     assert (out / "metrics.json").exists()
     slugs = _figures(page)
-    # 4 cross-run charts + 7 per run with expert counts (x3) + 3 for the run without counts.
-    assert len(slugs) == 4 + 7 * 3 + 3
+    # 4 cross-run charts + 2 what-if + 7 per run with expert counts (x3) + 3 for the run without counts.
+    assert len(slugs) == 4 + 2 + 7 * 3 + 3
     for slug in slugs:
         png = out / "charts" / f"{slug}.png"
         svg = out / "charts" / f"{slug}.svg"
@@ -90,3 +90,22 @@ def test_summary_constants_and_provenance(analysis, page):
 def test_missing_charts_are_explained(page):
     section = page[page.index("nocounts") :]
     assert "no expert counts in this run: expert heatmap, load and imbalance left out" in section
+
+
+def test_whatif_section_projects_every_run_with_counts_onto_the_other_gpus(page):
+    section = page[page.index('id="whatif"') : page.index('id="run-1"')]
+    assert 'data-slug="whatif-throughput"' in section and 'data-slug="whatif-tpot"' in section
+    table = section[section.index("<table") :]
+    rows = re.findall(r"<tr>(<td>.*?)</tr>", table)
+    cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows]
+    # Three runs with expert counts (measured on an H100): measured + 3 models on H200 and on B200.
+    assert len(cells) == 3 * (1 + 3 * 2)
+    assert {c[1] for c in cells if c[2] == "measured"} == {"H100-SXM-80GB"}
+    assert {c[1] for c in cells if c[2] != "measured"} == {"H200-SXM-141GB", "B200-SXM-180GB"}
+    # The simulated engine is GPU-bound: more bandwidth, more tokens/s, by the projection.
+    by = {(c[0], c[1], c[2]): float(c[3]) for c in cells}
+    for (run, gpu, model), tps in by.items():
+        if model == "projection":
+            assert tps > by[(run, "H100-SXM-80GB", "measured")], (run, gpu)
+    assert "nocounts" in section and "not projected" in section
+    assert "same batch composition" in section  # the assumptions are stated
