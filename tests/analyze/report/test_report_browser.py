@@ -89,7 +89,7 @@ def test_report_renders_every_chart_offline_with_data(browser, report_run):
     assert blocked == []
     assert page.evaluate("window.moecapErrors") == []
     assert [m for m in messages if m[0] in ("error", "pageerror", "warning")] == []
-    assert figures == 28 and len(charts) == figures
+    assert figures == 30 and len(charts) == figures  # 4 across runs + 2 what-if + 7 x 3 + 3
     for chart in charts:
         assert chart["svg"] and chart["marks"] > 10, chart
         assert chart["sets"] and all(rows > 0 for _, rows in chart["sets"]), chart
