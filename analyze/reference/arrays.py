@@ -190,10 +190,26 @@ def _hashes_are_exact(exact: bool) -> bool:
     return exact
 
 
+def _no_entries() -> EntryArrays:
+    empty = Grouping(gid=np.empty(0, dtype=np.int64), count=0)
+    return EntryArrays(
+        prefill_pos=np.empty(0, dtype=np.int64),
+        extend_len=np.empty(0),
+        total_len=np.empty(0),
+        total_null=np.empty(0, dtype=bool),
+        is_last_chunk=np.empty(0, dtype=bool),
+        requests=empty,
+        server_requests=empty,
+        server_keyed=np.empty(0, dtype=bool),
+    )
+
+
 def _entries(info: pl.Series, passes: PrefillArrays) -> EntryArrays:
     with np.errstate(invalid="ignore"):
         usable = passes.has_info & ~(~passes.seq_null & (passes.seq_lens_sum <= 10))
     pos = np.flatnonzero(usable)
+    if not len(pos):
+        return _no_entries()  # decode-only or no per_req_info: skip the polars explode and grouping
     lists = info if len(pos) == len(info) else info.gather(pos)
     # Series.explode, not DataFrame.explode: several times cheaper; no list here is empty or null.
     exploded = lists.explode().struct.unnest()
@@ -229,13 +245,22 @@ def record_arrays(frame: pl.DataFrame) -> RecordArrays:
     batch, batch_null = _values(frame.get_column("batch_size"))
 
     index = np.flatnonzero(prefill)
-    # One multi-column gather for the prefill passes (cheaper than a numpy gather per column).
-    pre = frame.select(*(column for column, _, _ in _PREFILL_FIELDS), "per_req_info")[index]
     fields: dict[str, np.ndarray] = {}
-    for column, name, null_name in _PREFILL_FIELDS:
-        fields[name], fields[null_name] = _values(pre.get_column(column))
-    info = pre.get_column("per_req_info")
-    passes = PrefillArrays(index=index, has_info=(info.list.len().fill_null(0) > 0).to_numpy(), **fields)
+    if len(index):
+        # One multi-column gather for the prefill passes (cheaper than a numpy gather per column).
+        pre = frame.select(*(column for column, _, _ in _PREFILL_FIELDS), "per_req_info")[index]
+        for column, name, null_name in _PREFILL_FIELDS:
+            fields[name], fields[null_name] = _values(pre.get_column(column))
+        info = pre.get_column("per_req_info")
+        has_info = (info.list.len().fill_null(0) > 0).to_numpy()
+        passes = PrefillArrays(index=index, has_info=has_info, **fields)
+        entries = _entries(info, passes)
+    else:
+        # No prefill pass (a decode-only window): empty arrays without the polars gather.
+        for _, name, null_name in _PREFILL_FIELDS:
+            fields[name], fields[null_name] = np.empty(0), np.empty(0, dtype=bool)
+        passes = PrefillArrays(index=index, has_info=np.empty(0, dtype=bool), **fields)
+        entries = _no_entries()
     return RecordArrays(
         n=n,
         prefill=prefill,
@@ -250,5 +275,5 @@ def record_arrays(frame: pl.DataFrame) -> RecordArrays:
         batch_size=batch,
         batch_null=batch_null,
         prefill_passes=passes,
-        entries=_entries(info, passes),
+        entries=entries,
     )

@@ -182,10 +182,13 @@ def _weighted_sums(
     """
     total = np.zeros(7)
     es = np.einsum
+    # All records weighted (the usual decode window): one block of ones serves every block.
+    ones = np.ones(min(len(t), _BLOCK)) if weight.all() else None
     with np.errstate(divide="ignore", invalid="ignore"):
         for start in range(0, len(t), _BLOCK):
             block = slice(start, start + _BLOCK)
-            w, tb, cb = weight[block].astype(np.float64), t[block], c[block]
+            tb, cb = t[block], c[block]
+            w = weight[block].astype(np.float64) if ones is None else ones[: len(tb)]
             inv_t = w / tb
             x = cb * inv_t if b is None else b[block] * inv_t
             total += (
@@ -227,21 +230,24 @@ def continuous_metrics(
     per_request = kept & pp.has_info if chunked else np.zeros(len(kept), dtype=bool)
     per_record = kept & ~per_request
 
-    checks: list[tuple[BoolArray, IntArray | None, str]] = [
-        (dec & arr.mode_null, None, "KeyError: record without forward_mode"),
-        (dec & arr.latency_null, None, "TypeError: record without latency"),
-        (dec & arr.seq_null, None, "KeyError: decode record without seq_lens_sum"),
-        (dec & arr.batch_null, None, "TypeError: decode record without batch_size"),
-        (kept & pp.latency_null, pp.index, "TypeError: record without latency"),
-        (dec & (arr.latency == 0), None, "ZeroDivisionError: float division by zero (record latency 0)"),
+    # (records the check applies to, the failing condition, record index map, what the reference raises),
+    # in the reference's order; `scope & cond` is only formed where cond holds somewhere.
+    checks: list[tuple[BoolArray, BoolArray, IntArray | None, str]] = [
+        (dec, arr.mode_null, None, "KeyError: record without forward_mode"),
+        (dec, arr.latency_null, None, "TypeError: record without latency"),
+        (dec, arr.seq_null, None, "KeyError: decode record without seq_lens_sum"),
+        (dec, arr.batch_null, None, "TypeError: decode record without batch_size"),
+        (kept, pp.latency_null, pp.index, "TypeError: record without latency"),
+        (dec, arr.latency == 0, None, "ZeroDivisionError: float division by zero (record latency 0)"),
         (
-            per_record & (pp.latency == 0),
+            per_record,
+            pp.latency == 0,
             pp.index,
             "ZeroDivisionError: float division by zero (record latency 0)",
         ),
     ]
-    for cond, rows, what in checks:
-        row = _first(cond, rows)
+    for scope, cond, rows, what in checks:
+        row = _first(scope & cond, rows) if cond.any() else None
         if row is not None:
             raise ReferenceCrash(f"{what} at record {row}")
 

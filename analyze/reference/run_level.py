@@ -68,7 +68,14 @@ class _Subset:
     def __init__(self, mask: BoolArray) -> None:
         self.mask = mask
         self.n = int(np.count_nonzero(mask))
-        self.weight = mask.astype(np.float64)
+        self._weight: FloatArray | None = None
+
+    @property
+    def weight(self) -> FloatArray:
+        """The mask as 0.0 / 1.0 (built on first use: an empty subset never needs it)."""
+        if self._weight is None:
+            self._weight = self.mask.astype(np.float64)
+        return self._weight
 
     def mean_nonneg(self, values: FloatArray) -> float | None:
         """Mean of the values >= 0 (nulls are NaN here, and NaN >= 0 is False, as in Python)."""
