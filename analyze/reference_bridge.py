@@ -22,9 +22,11 @@ from .reference import load_reference_records, reference_gpu_raw_type, reference
 from .specs import load_model_config
 
 
-def records_from_trace(db: TraceDB, run_id: str, gpu_raw_type: str, num_gpus: int) -> pl.DataFrame:
+def records_from_trace(
+    db: TraceDB, run_id: str, gpu_raw_type: str, num_gpus: int, *, max_records: int | None = None
+) -> pl.DataFrame:
     """The run's steps as a MoE-CAP record frame (see module docstring), built with column
-    expressions, no loop over steps."""
+    expressions, no loop over steps. `max_records`: only the first that many (in step order)."""
     rid = run_id.replace("'", "''")
     n_moe = db.con.execute(f"SELECT num_moe_layers FROM runs WHERE run_id = '{rid}'").fetchall()[0][0] or 1
     frame = (
@@ -43,6 +45,7 @@ def records_from_trace(db: TraceDB, run_id: str, gpu_raw_type: str, num_gpus: in
                list_sum(s.req_prefix_lens) + list_sum(s.req_new_tokens) AS seq_lens_sum
         FROM steps s LEFT JOIN expert_step_stats e USING (run_id, dp, pp, tp, ep, step)
         WHERE s.run_id = '{rid}' AND NOT s.is_draft ORDER BY s.dp, s.pp, s.step
+        {"" if max_records is None else f"LIMIT {int(max_records)}"}
         """
         )
         .pl()
