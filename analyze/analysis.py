@@ -166,6 +166,9 @@ def _active_experts_for(ctx: RunContext, f: LoadedFile) -> tuple[np.ndarray, np.
     return steps[order], t.column("active_experts").to_numpy()[order].astype(np.float64)
 
 
+_TIME_SOURCES = pa.array(["host", "gpu"])
+
+
 def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     assert ctx.spec is not None
     model = cost_model(
@@ -263,7 +266,8 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
             "span_start_ns": pa.array(np.where(has_gpu, g0f, t_start).astype(np.int64)),
             "span_end_ns": pa.array(np.where(has_gpu, g1f, t_end).astype(np.int64)),
             "time_s": pa.array(busy),
-            "time_source": pa.array(np.where(has_gpu, "gpu", "host")),
+            # A take from two strings (a numpy string array would be built and converted per row).
+            "time_source": _TIME_SOURCES.take(pa.array(has_gpu.view(np.int8))),
             "gpus": pa.array(np.full(len(steps), gpus, dtype=np.int32)),
             "active_experts": pa.array(np.full(len(steps), np.nan) if act is None else act),
         }
