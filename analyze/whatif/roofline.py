@@ -256,11 +256,12 @@ def fit_roofline(
     B, F, t = B[order], F[order], t[order]
     intensity = F / B  # of every step: an unidentified side's bound must hold for the outliers too
     keep = np.ones(len(t), dtype=bool)
-    for _ in range(4):  # fit, leave the outliers of that fit out, refit while the set changes
-        fit = _fit_steps(
-            B[keep],
-            F[keep],
-            t[keep],
+
+    def fit_on(mask: np.ndarray) -> RooflineFit:
+        return _fit_steps(
+            B[mask],
+            F[mask],
+            t[mask],
             bandwidth,
             peak_flops,
             eta_bw_prior,
@@ -268,22 +269,14 @@ def fit_roofline(
             min_efficiency,
             intensity,
         )
+
+    fit = fit_on(keep)
+    for _ in range(3):  # leave the outliers of the last fit out and refit, while that set changes
         inliers = _inliers(fit.step_time(B, F, bandwidth, peak_flops) - t, t)
         if np.array_equal(inliers, keep) or inliers.sum() < 3:
             break
         keep = inliers
-    else:
-        fit = _fit_steps(
-            B[keep],
-            F[keep],
-            t[keep],
-            bandwidth,
-            peak_flops,
-            eta_bw_prior,
-            eta_flops_prior,
-            min_efficiency,
-            intensity,
-        )
+        fit = fit_on(keep)
     resid = fit.step_time(B, F, bandwidth, peak_flops) - t
     ss_tot = float(np.sum((t - t.mean()) ** 2))
     outliers = int(len(t) - keep.sum())
