@@ -69,7 +69,8 @@ def _child(kind: str, trace_dir: str, cache_dir: str) -> dict:
         from moecap.analyze.reference import reference_metrics
         from moecap.analyze.reference_bridge import records_from_trace
 
-        db = load_traces([trace_dir], cache_dir=cache_dir)
+        # The records need the per-step expert summaries only, not a Parquet copy of the raw counts.
+        db = load_traces([trace_dir], cache_dir=cache_dir, expert_counts=False)
         run_id = next(iter(db.runs))
         frame = records_from_trace(db, run_id, "NVIDIA-H100-HBM3-80GB", 1, max_records=1_000_000)
         cfg = db.runs[run_id].metadata.model.config
