@@ -218,6 +218,7 @@ class SglangTracer:
         self.writers: Any = None
         self.metadata: RunMetadata | None = None
         self._closed = False
+        self.stopped = False
         self._last_pass = time.monotonic()
         self.counts_reason: str | None = None
         self._setup_moe(runner, torch)
@@ -387,7 +388,7 @@ class SglangTracer:
         if len(self.errors) < 8:
             self.errors.append(msg)
         log.error("moecap: tracing stopped in this scheduler (%s)", msg)
-        self._closed = True
+        self.stopped = True  # no new passes; what was recorded is still written at close
 
     def _drain(self, *, wait: bool = False) -> None:
         for item in self.readback.poll(wait=wait):
@@ -569,7 +570,7 @@ def _tracer_for(runner: Any) -> SglangTracer | None:
     """The process's tracer, created at the first target-model pass (None when tracing is off)."""
     global _TRACER
     if _TRACER is not None:
-        return None if _TRACER._closed else _TRACER
+        return None if _TRACER._closed or _TRACER.stopped else _TRACER
     if getattr(runner, "is_draft_worker", False):
         return None  # the target runner's first pass creates it (its recorder, its config)
     with _TRACER_LOCK:

@@ -1,0 +1,182 @@
+"""The plugin through the real `HookRegistry`, wrapping the real `ModelRunner.forward`, counting from
+the real select-experts gatherer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from sglang_objects import E, K, L, location_metadata, make_batch
+
+
+def _decode(rids, seq):
+    return make_batch("DECODE", rids, seq_lens=seq)
+
+
+def test_inert_without_trace_dir(sgl, monkeypatch):
+    monkeypatch.delenv("MOECAP_TRACE_DIR")
+    sgl.install()
+    assert not sgl.adapter.is_installed(sgl.ModelRunner)
+
+
+def test_registers_through_hook_registry_and_wraps_forward(sgl):
+    sgl.install()
+    assert sgl.adapter.is_installed(sgl.ModelRunner)
+    from moecap.collect.engines import sglang_compat as compat
+
+    assert compat.FORWARD_TARGET in sgl.HookRegistry._patched
+
+
+def test_rows_and_counts_through_the_real_forward(sgl):
+    sgl.install()
+    rec = sgl.set_recorder()
+    # Pass 1: 3 prompt tokens; pass 2: decode of 2 requests in a graph padded to 4 rows (ids -1).
+    extend_ids = torch.tensor([[0, 1], [1, 2], [7, 7]], dtype=torch.int32)
+    decode_ids = torch.tensor([[3, 4], [4, 5], [-1, -1], [-1, -1]], dtype=torch.int32)
+    r = sgl.runner([extend_ids, decode_ids])
+    fb1 = make_batch("EXTEND", ["a"], seq_lens=[3], extend_seq_lens_cpu=[3], extend_prefix_lens_cpu=[0],
+                     extend_num_tokens=3)  # fmt: skip
+    r.forward(fb1)
+    r.forward(_decode(["a", "b"], [4, 9]))
+    assert rec.starts == 1, "the tracer starts SGLang's recorder once"
+    rows, counts = sgl.rows()
+    assert [row["step"] for row in rows] == [1, 2], "steps keyed by ModelRunner.forward_pass_id"
+    assert [row["phase"] for row in rows] == ["prefill", "decode"]
+    for row in rows:
+        c = counts[row["step"]]
+        assert len(c) == L * E
+        for layer in range(L):
+            assert sum(c[layer * E : (layer + 1) * E]) == row["num_tokens"] * K
+    first = counts[1][:E]
+    assert first == [1, 2, 1, 0, 0, 0, 0, 2], "a duplicated id counts twice"
+    meta = sgl.meta
+    assert meta.engine.name == "sglang" and meta.moe.layer_ids == [0, 1, 2]
+    assert meta.moe.num_experts == E and meta.moe.top_k == K and meta.moe.counts_available
+    assert meta.extra["sglang"]["counts_scope"] == "replicated"
+
+
+def test_padding_after_forward_does_not_leak_into_the_row(sgl):
+    sgl.install()
+    sgl.set_recorder()
+    r = sgl.runner([torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)], pad_to=8)
+    fb = make_batch("EXTEND", ["a", "b"], seq_lens=[1, 1], extend_seq_lens_cpu=[1, 1],
+                    extend_prefix_lens_cpu=[0, 0], extend_num_tokens=2)  # fmt: skip
+    r.forward(fb)
+    assert fb.batch_size == 8 and "pad" in fb.rids, "the stand-in really padded the batch"
+    rows, _ = sgl.rows()
+    assert rows[0]["num_reqs"] == 2 and rows[0]["req_ids"] == ["a", "b"] and rows[0]["num_tokens"] == 2
+
+
+def test_eplb_physical_counts_become_logical(sgl):
+    sgl.install()
+    # 10 physical slots over 8 logical experts: slots 8 and 9 replicate experts 0 and 5.
+    p2l = torch.tensor([[*list(range(8)), 0, 5]] * L)
+    sgl.set_recorder(location_metadata(p2l=p2l))
+    r = sgl.runner([torch.tensor([[8, 9], [0, 5]], dtype=torch.int32)])
+    r.forward(_decode(["a", "b"], [2, 2]))
+    _rows, counts = sgl.rows()
+    assert counts[1][:E] == [2, 0, 0, 0, 0, 2, 0, 0]
+    assert sgl.meta.extra["sglang"]["eplb_conversion"] is True
+
+
+def test_without_stat_mode_steps_are_kept_and_the_reason_recorded(sgl):
+    sgl.install()
+    sgl.set_recorder()
+    r = sgl.runner([], mode=None)
+    r.forward(_decode(["a"], [3]))
+    rows, counts = sgl.rows()
+    assert len(rows) == 1 and counts == {}
+    assert not sgl.meta.moe.counts_available
+    assert "--expert-distribution-recorder-mode stat" in sgl.meta.moe.counts_unavailable_reason
+
+
+def test_counts_off(sgl, monkeypatch):
+    monkeypatch.setenv("MOECAP_COUNTS", "0")
+    sgl.install()
+    sgl.set_recorder()
+    r = sgl.runner([torch.tensor([[0, 1]], dtype=torch.int32)])
+    r.forward(_decode(["a"], [3]))
+    rows, counts = sgl.rows()
+    assert len(rows) == 1 and counts == {} and "MOECAP_COUNTS=0" in sgl.meta.moe.counts_unavailable_reason
+
+
+def test_draft_passes_are_tagged_and_keyed_apart(sgl):
+    sgl.install()
+    sgl.set_recorder()
+    target = sgl.runner([torch.tensor([[0, 1]], dtype=torch.int32)])
+    draft = sgl.runner([], draft=True)
+    target.forward(_decode(["a"], [3]))
+    draft.forward(_decode(["a"], [3]))
+    rows, counts = sgl.rows()
+    assert [(r["is_draft"], r["step"]) for r in rows] == [(False, 1), (True, sgl.adapter.DRAFT_STEP_BASE + 1)]
+    assert set(counts) == {1}, "draft passes carry no expert counts"
+
+
+def test_a_failure_of_ours_never_reaches_the_engine(sgl, monkeypatch):
+    from moecap.collect.engines import sglang_compat as compat
+
+    sgl.install()
+    sgl.set_recorder()
+    r = sgl.runner([torch.tensor([[0, 1]], dtype=torch.int32)])
+    r.forward(_decode(["a"], [3]))
+
+    def broken(fb):
+        raise RuntimeError("a field SGLang renamed")
+
+    monkeypatch.setattr(compat, "batch_fields", broken)
+    out = r.forward(_decode(["a"], [4]))  # the pass still runs, and returns SGLang's output
+    assert out is not None and r.forward_pass_id == 2
+    tracer = sgl.adapter.current_tracer()
+    assert tracer.errors and "a field SGLang renamed" in tracer.errors[0]
+    rows, _ = sgl.rows()
+    assert [row["step"] for row in rows] == [1], "what was recorded before the failure is kept"
+
+
+def test_generated_dist_info_loads_the_plugin_in_a_fresh_process(sgl, tmp_path):
+    """What the GPU script relies on: moecap not installed as a distribution there, SGLang's spawned
+    scheduler finds the plugin through a generated .dist-info on PYTHONPATH (SGLANG_PLUGINS allows it)."""
+    plugin = tmp_path / "plugin"
+    sgl.adapter.write_plugin_dist_info(plugin, name="moecap_probe")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(plugin), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["SGLANG_PLUGINS"] = "moecap_probe"  # only the generated entry point may load
+    env["MOECAP_TRACE_DIR"] = str(tmp_path / "trace")
+    code = textwrap.dedent(
+        """
+        import multiprocessing as mp
+
+        def child(q):
+            from sglang.srt.plugins import load_plugins
+            load_plugins()  # what run_scheduler_process does first
+            from sglang.srt.model_executor.model_runner import ModelRunner
+            import moecap.collect.engines.sglang as a
+            q.put(a.is_installed(ModelRunner))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")  # SGLang's start method
+            q = ctx.Queue()
+            p = ctx.Process(target=child, args=(q,))
+            p.start()
+            print("INSTALLED", q.get(timeout=200))
+            p.join()
+        """
+    )
+    script = tmp_path / "spawn_probe.py"  # spawn re-imports __main__ from a file
+    script.write_text(code)
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert "INSTALLED True" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["deepep"])
+def test_all_to_all_backends_write_every_rank(sgl, backend):
+    sgl.install()
+    sgl.set_recorder()
+    r = sgl.runner([torch.tensor([[0, 1]], dtype=torch.int32)])
+    r.server_args.moe_a2a_backend = backend
+    r.forward(_decode(["a"], [3]))
+    rows, _ = sgl.rows()
+    assert len(rows) == 1 and sgl.meta.extra["sglang"]["counts_scope"] == "sum_over_ranks"
