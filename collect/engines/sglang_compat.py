@@ -18,9 +18,11 @@ The two releases agree on every hook point the adapter uses (read in the wheels)
 | EPLB | `sglang.srt.eplb.expert_location.get_global_expert_location_metadata()`: `physical_to_logical_map` `[L, E_phys]`, `num_logical_experts`, `num_local_physical_experts` |
 | ranks | `sglang.srt.runtime_context.get_parallel()`: `tp_rank/size`, `attn_tp_rank`, `attn_dp_rank/size`, `pp_rank/size`, `moe_ep_rank/size` |
 
-What differs: 0.5.23 reads server arguments through `runtime_context.get_exec()`/`get_schedule()` (and no
-longer has `--enable-expert-distribution-metrics`); 0.5.16 reads them from `ServerArgs`. The adapter reads
-only `ModelRunner.server_args` (a `ServerArgs` in both), so nothing here branches on the version.
+What differs, none of it on the adapter's path: 0.5.23 reads server arguments through
+`runtime_context.get_exec()`/`get_schedule()` and its `ServerArgs` is a msgspec struct (0.5.16: a dataclass
+read directly; `server_arg_names` handles both); 0.5.23's gatherer masks ids outside [0, E_phys), 0.5.16's
+only −1 (SGLang hands it routed ids only, so both count routed experts); 0.5.23 no longer has
+`--enable-expert-distribution-metrics`.
 """
 
 from __future__ import annotations
@@ -319,24 +321,32 @@ def location_metadata() -> Any:
         return None
 
 
+def server_arg_names(server_args: Any) -> list[str]:
+    """Field names of a `ServerArgs` (a dataclass in 0.5.16, a msgspec struct in 0.5.23)."""
+    if server_args is None:
+        return []
+    if dataclasses.is_dataclass(server_args):
+        return [f.name for f in dataclasses.fields(server_args)]
+    return list(getattr(server_args, "__struct_fields__", ()) or ())
+
+
 def engine_args(model_runner: Any) -> dict[str, Any]:
-    """The server arguments (JSON-safe; non-default values only when the dataclass says its defaults)."""
+    """The server arguments, JSON-safe."""
     sa = getattr(model_runner, "server_args", None)
-    if sa is None or not dataclasses.is_dataclass(sa):
-        return {}
+    names = server_arg_names(sa)
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(sa):
+    for name in names:
         try:
-            value = getattr(sa, f.name)
+            value = getattr(sa, name)
         except Exception:
             continue
         if isinstance(value, (str, int, float, bool)) or value is None:
-            out[f.name] = value
+            out[name] = value
         elif isinstance(value, (list, tuple, dict)):
             try:
-                out[f.name] = json.loads(json.dumps(value))
+                out[name] = json.loads(json.dumps(value))
             except (TypeError, ValueError):
-                out[f.name] = str(value)
+                out[name] = str(value)
     return out
 
 
