@@ -54,8 +54,10 @@ a few queries per run: `sql` and `shell` compute them only when a statement name
 `tables(paths, metrics=False)` defers them the same way.
 
 **Memory.** Nothing is loaded up front. Each trace file is converted once, batch by batch, into a
-Parquet cache (`~/.cache/moecap`, or `--cache-dir`); the views are DuckDB views over
-`read_parquet([...])` of those files, so a query scans only the columns and row groups it needs and
+Parquet cache (`~/.cache/moecap`, or `--cache-dir`); the per-request lists of `steps` (`req_ids`,
+`req_prefix_lens`, …), which no metric reads (they need only per-step sums, taken while converting),
+are cached on first use of the connection, in one more pass over the trace. The views are DuckDB
+views over `read_parquet([...])` of those files, so a query scans only the columns and row groups it needs and
 DuckDB aggregates while streaming (spilling to `<cache>/spill` beyond its memory limit). Results
 are streamed to CSV / JSON / Parquet; only the printed table is held whole. Polars LazyFrames from
 `tables(...).lazy(view)` run through DuckDB on collect, with their column selection, limits and
