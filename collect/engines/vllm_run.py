@@ -36,9 +36,7 @@ from moecap.schemas import (
     ModelInfo,
     MoEInfo,
     RunMetadata,
-    TraceWriter,
     new_run_id,
-    trace_file_name,
 )
 
 from .. import runtime
@@ -46,6 +44,11 @@ from ..errors import CollectError
 from ..writers import prepare_out_dir
 from . import vllm as adapter
 from . import vllm_compat as compat
+from .offline import RequestRecord, closed_loop_workload, model_dir, model_id_of
+from .offline import gpu_sampler as _gpu_sampler
+from .offline import load_tokenizer as _tokenizer
+from .offline import read_config as _read_config
+from .offline import write_client_tables as _write_client_tables
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -102,25 +105,6 @@ class VllmRunResult:
         return sum(int(s.get("steps_written", 0)) for s in self.worker_stats if s)
 
 
-@dataclass
-class RequestRecord:
-    req_id: str
-    engine_id: str | None
-    prompt_ids: list[int]
-    sample: Any
-    max_new_tokens: int
-    arrival_ns: int
-    first_token_ns: int | None = None
-    finish_ns: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    chunk_ns: list[int] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
-    cached_tokens: int | None = None
-    finish_reason: str | None = None
-    routed_experts: Any = None
-    """vLLM's own per-token routing ([tokens, layers, top_k]) when `enable_return_routed_experts` is on."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # Environment shared with vLLM's processes
 # ---------------------------------------------------------------------------------------------------
@@ -158,39 +142,6 @@ def preflight(strict: bool) -> list[str]:
             "the tracer: install moecap into this environment (pip install -e . or pip install 'moecap[vllm]')"
         )
     return [warning] if warning else []
-
-
-def model_id_of(model: str) -> str:
-    path = Path(model)
-    stem = (
-        path.parent.name
-        if path.name == "config.json"
-        else (path.stem if path.suffix == ".json" else path.name)
-    )
-    if path.exists():
-        return stem.replace("__", "/", 1) if "__" in stem else stem
-    return model
-
-
-def model_dir(model: str, random_weights: bool, scratch: Path) -> str:
-    """What vLLM's `model` argument needs: a directory holding config.json (a lone config.json is
-    copied into `scratch`), or the hub id as given."""
-    path = Path(model)
-    if path.is_file():
-        if not random_weights:
-            raise CollectError(f"--model {model!r} is a config.json without weights: pass --random-weights")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CollectError(f"--model {model!r}: not a readable config.json ({exc})") from None
-        scratch.mkdir(parents=True, exist_ok=True)
-        (scratch / "config.json").write_text(json.dumps(config))
-        return str(scratch)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CollectError(f"--model {model!r}: a directory without config.json")
-        return str(path)
-    return model
 
 
 def vllm_argv(argv: Sequence[str]) -> dict[str, Any]:
@@ -268,20 +219,14 @@ def _engine_args(options: VllmRunOptions, model: str, text_prompts: bool) -> Any
 
 
 def _workload(options: VllmRunOptions, prompts: Sequence[Any]) -> dict[str, Any]:
-    lens = [len(p.token_ids) for p in prompts]
-    outs = sorted({p.max_new_tokens for p in prompts})
-    return {
-        "dataset": options.dataset,
-        "num_prompts": len(prompts),
-        "batch_size": options.batch_size,
-        "concurrency": options.batch_size,
-        "max_new_tokens": outs[0] if len(outs) == 1 else outs,
-        "input_tokens": {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)},
-        "ignore_eos": options.ignore_eos,
-        "seed": options.seed,
-        "sampling": "greedy",
-        "driver": "vllm-offline-closed-loop",
-    }
+    return closed_loop_workload(
+        prompts,
+        dataset=options.dataset,
+        batch_size=options.batch_size,
+        ignore_eos=options.ignore_eos,
+        seed=options.seed,
+        driver="vllm-offline-closed-loop",
+    )
 
 
 def _run(
@@ -352,30 +297,6 @@ def _run(
     )
 
 
-def _read_config(model: str) -> dict[str, Any]:
-    path = Path(model) / "config.json"
-    if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            return dict(json.loads(path.read_text()))
-    return {}
-
-
-def _tokenizer(source: str | None) -> Any | None:
-    if source is None:
-        return None
-    path = Path(source)
-    if path.is_dir() and not any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    ):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as exc:
-        raise CollectError(f"--tokenizer {source!r}: cannot load ({str(exc).splitlines()[0]})") from None
-
-
 def _closed_loop(
     engine: Any, prompts: Sequence[Any], options: VllmRunOptions, sampling_params: Any, progress: Any
 ) -> tuple[list[RequestRecord], float]:
@@ -437,23 +358,6 @@ def _closed_loop(
     return done, (time.monotonic_ns() - t_first) / 1e9
 
 
-@contextlib.contextmanager
-def _gpu_sampler(out: Path, meta: RunMetadata, interval_s: float | None) -> Any:
-    """An NVML sampler writing the run's `gpu_samples` file for the duration of the block; absent (no
-    file) without NVML or when `interval_s` is falsy."""
-    if not interval_s:
-        yield None
-        return
-    from ..telemetry import GpuSampler
-
-    sampler = GpuSampler(out / trace_file_name(meta, "gpu_samples"), meta, interval_s=interval_s)
-    sampler.start()
-    try:
-        yield sampler
-    finally:
-        sampler.stop()
-
-
 def _rpc(engine: Any, command: str) -> list[dict[str, Any]]:
     """Ask every worker's tracer (`Worker.moecap_control`) for its stats, closing its files first."""
     try:
@@ -496,50 +400,6 @@ def _client_metadata(
         collector_version=runtime.collector_version(),
         extra=extra,
     )
-
-
-def _write_client_tables(
-    out: Path, meta: RunMetadata, records: list[RequestRecord], tokenizer: Any
-) -> list[Path]:
-    paths = []
-    requests = TraceWriter(out / trace_file_name(meta, "requests"), "requests", meta)
-    outputs = TraceWriter(out / trace_file_name(meta, "outputs"), "outputs", meta)
-    for rec in sorted(records, key=lambda r: r.arrival_ns):
-        requests.write(
-            {
-                "req_id": rec.req_id,
-                "engine_req_id": rec.engine_id,
-                "sample_id": rec.sample.sample_id,
-                "arrival_ns": rec.arrival_ns,
-                "first_token_ns": rec.first_token_ns,
-                "finish_ns": rec.finish_ns,
-                "prompt_tokens": len(rec.prompt_ids),
-                "output_tokens": len(rec.output_ids),
-                "cached_prompt_tokens": rec.cached_tokens,
-                "chunk_times_ns": rec.chunk_ns or None,
-                "chunk_tokens": rec.chunk_tokens or None,
-                "queue_ns": None,
-                "preemptions": None,
-                "finish_reason": rec.finish_reason,
-                "error": None,
-                "retries": 0,
-            }
-        )
-        text = tokenizer.decode(rec.output_ids, skip_special_tokens=True) if tokenizer is not None else None
-        outputs.write(
-            {
-                "req_id": rec.req_id,
-                "sample_id": rec.sample.sample_id,
-                "dataset": rec.sample.dataset,
-                "prompt": rec.sample.prompt_text,
-                "output": text if text is not None else json.dumps(rec.output_ids, separators=(",", ":")),
-                "reference": rec.sample.reference,
-            }
-        )
-    for w in (requests, outputs):
-        w.close()
-        paths.append(w.path)
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------------
