@@ -27,11 +27,12 @@ def _register() -> None:
     # One line per sub-command module; each defines `register(app)`.
     from . import run_command
     from .driver import command as drive_command
-    from .engines import vllm_cli
+    from .engines import sglang_cli, vllm_cli
 
     run_command.register(app)
     drive_command.register(app)
     vllm_cli.register(app)
+    sglang_cli.register(app)
 
 
 def main() -> None:

@@ -262,10 +262,16 @@ def moe_layer_ids(model_runner: Any, num_layers: int) -> list[int]:
         found = set()
     if found:
         return sorted(found)
-    step = int(config_value(model_runner, "decoder_sparse_step") or 1)
-    dense = set(config_value(model_runner, "mlp_only_layers") or [])
-    first = int(config_value(model_runner, "first_k_dense_replace") or 0)
-    freq = int(config_value(model_runner, "moe_layer_freq") or 1)
+    return moe_layer_ids_of_config(lambda key: config_value(model_runner, key), num_layers)
+
+
+def moe_layer_ids_of_config(get: Any, num_layers: int) -> list[int]:
+    """Decoder layers that are MoE by the config's rules (Qwen `decoder_sparse_step` / `mlp_only_layers`,
+    DeepSeek `first_k_dense_replace`, `moe_layer_freq`); `get(key)` reads one config value (or None)."""
+    step = int(get("decoder_sparse_step") or 1)
+    dense = set(get("mlp_only_layers") or [])
+    first = int(get("first_k_dense_replace") or 0)
+    freq = int(get("moe_layer_freq") or 1)
     return [
         i
         for i in range(num_layers)
