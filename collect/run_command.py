@@ -22,6 +22,7 @@ Example (CPU, a config.json with random weights, 8 fixed-length prompts, 4 in fl
 class Engine(str, Enum):
     hf = "hf"
     vllm = "vllm"
+    sglang = "sglang"
 
 
 class Mode(str, Enum):
@@ -95,6 +96,15 @@ def run(
             random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
             seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
             max_batch_tokens=max_batch_tokens, block_size=block_size, run_id=run_id, dataset_path=dataset_path,
+        )  # fmt: skip
+    if engine is Engine.sglang:  # SGLang's offline engine, in its own module (collect/engines/sglang_cli.py)
+        from .engines.sglang_cli import run_from_cli as run_sglang
+
+        return run_sglang(
+            model=model, dataset=dataset, num_prompts=num_prompts, batch_size=batch_size, out=out,
+            random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+            seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
+            max_batch_tokens=max_batch_tokens, run_id=run_id, dataset_path=dataset_path,
         )  # fmt: skip
     from .writers import prepare_out_dir
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import CollectError
+from .sglang_cli import SERVE_EXAMPLE as SGLANG_SERVE_EXAMPLE
 
 _SERVE_EXAMPLE = """
 Example (an H100; vLLM's own flags after the model):
@@ -30,13 +31,14 @@ Then drive it (moecap-collect drive …) with the same --out: every engine rank 
 
 class ServeEngine(str, Enum):
     vllm = "vllm"
+    sglang = "sglang"
 
 
 def register(app: typer.Typer) -> None:
     summary = "Start an engine's OpenAI-compatible server with per-step tracing on (steps, experts per rank)."
     app.command(
         "serve",
-        help=summary + "\n" + _SERVE_EXAMPLE,
+        help=summary + "\n" + _SERVE_EXAMPLE + SGLANG_SERVE_EXAMPLE,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(serve)
 
@@ -46,7 +48,7 @@ def serve(
     model: str = typer.Argument(
         ..., help="Model (hub id, directory, or a config.json with --random-weights)."
     ),
-    engine: ServeEngine = typer.Option(..., "--engine", help="Serving engine (vllm)."),
+    engine: ServeEngine = typer.Option(..., "--engine", help="Serving engine (vllm | sglang)."),
     out: Path = typer.Option(
         ..., "--out", help="Directory for the engine-side trace files (created if missing)."
     ),
@@ -55,13 +57,20 @@ def serve(
     random_weights: bool = typer.Option(
         False,
         "--random-weights",
-        help="Random weights (vLLM --load-format dummy); MODEL may be a config.json.",
+        help="Random weights (--load-format dummy); MODEL may be a config.json.",
     ),
     strict_engine: bool = typer.Option(
         False, "--strict-engine", help="Refuse an engine release outside the tested range (default: warn)."
     ),
 ) -> None:
-    """Start vLLM's OpenAI server with tracing on; every argument after MODEL goes to vLLM."""
+    """Start the engine's OpenAI server with tracing on; every argument after MODEL goes to the engine."""
+    if engine is ServeEngine.sglang:  # SGLang's server, in its own module (collect/engines/sglang_cli.py)
+        from .sglang_cli import serve_from_cli
+
+        return serve_from_cli(
+            model, list(ctx.args), out=out, run_id=run_id, counts=counts, strict_engine=strict_engine,
+            random_weights=random_weights,
+        )  # fmt: skip
     from .vllm_run import serve_command
 
     serve_command(

@@ -1,0 +1,508 @@
+"""Run a workload on SGLang's offline engine with the moecap plugin on, leaving one complete run in `out`;
+and the command line of SGLang's OpenAI server with tracing on.
+
+    result = run(SglangRunOptions(model="analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json", random_weights=True,
+                                  dataset="synthetic:256x64", num_prompts=64, batch_size=64, out="traces/"))
+
+The engine's scheduler processes write `steps` / `experts` (one pair per recording rank, through the
+plugin in `sglang.py`); this process writes the client side, `requests` and `outputs`, under the same
+run id. The workload is a closed loop over `sglang.Engine.async_generate(input_ids=…, rid=…, stream=True)`
+on the engine's own event loop: `batch_size` coroutines, each submitting the next prompt as soon as its
+request finished, so `batch_size` requests are in flight until the prompts run out. Our request ids are
+SGLang's `rid`s, so `steps.req_ids` join `requests.req_id`.
+
+What the driver measures (host monotonic ns, in this process): `arrival_ns` just before
+`async_generate` is called; every streamed chunk's arrival (`chunk_times_ns`) with the tokens it added
+(`chunk_tokens`, from `meta_info.completion_tokens`: a chunk may carry several tokens); the first chunk
+with a token is `first_token_ns`, the last `finish_ns`. The times are when SGLang's tokenizer manager
+handed the chunk to us (after the scheduler -> detokenizer -> tokenizer hops), not GPU times; the GPU
+span of every pass is in `steps`. `cached_prompt_tokens` is `meta_info.cached_tokens`.
+
+`serve_command(model, sglang_args, …)` is what `moecap-collect serve --engine sglang` runs:
+`python -m sglang.launch_server --model-path MODEL ARGS…` in place of this process, with tracing on in
+every scheduler process. Both add `--expert-distribution-recorder-mode stat` (the adapter reads that
+recorder's per-pass buffer) with a one-slot buffer (`--expert-distribution-recorder-buffer-size 1`: the
+adapter reads each pass itself; SGLang's own buffer would only cost memory), unless the user chose a
+mode, counts are off, or EPLB is on (EPLB rebalances from that buffer: SGLang's default size stays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
+
+from .. import runtime
+from ..errors import CollectError
+from ..writers import prepare_out_dir
+from . import sglang as adapter
+from . import sglang_compat as compat
+from .offline import (
+    RequestRecord,
+    closed_loop_workload,
+    gpu_sampler,
+    load_tokenizer,
+    model_dir,
+    model_id_of,
+    read_config,
+    write_client_tables,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+ENTRY_POINT = "moecap.collect.engines.sglang:register"
+MODE_FLAG = "--expert-distribution-recorder-mode"
+BUFFER_FLAG = "--expert-distribution-recorder-buffer-size"
+
+
+@dataclass
+class SglangRunOptions:
+    """One recorded run on SGLang's offline engine."""
+
+    model: str
+    """A config.json (with `random_weights`), a model directory, or a hub id SGLang resolves."""
+    dataset: str
+    num_prompts: int
+    batch_size: int
+    out: str
+    random_weights: bool = False
+    """Random weights (`load_format="dummy"`): no checkpoint needed."""
+    dtype: str = "auto"
+    max_new_tokens: int | None = None
+    ignore_eos: bool = False
+    seed: int = 0
+    counts: bool = True
+    tokenizer: str | None = None
+    cuda_graphs: str = "auto"
+    """auto | on: SGLang's default (CUDA graphs for decode); off: `disable_cuda_graph=True`."""
+    max_batch_tokens: int | None = None
+    """SGLang's `chunked_prefill_size`."""
+    run_id: str | None = None
+    dataset_path: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further `ServerArgs` fields (e.g. {"tp_size": 2}); `sglang_argv` parses CLI flags into this."""
+    strict_engine: bool = False
+    gpu_sample_interval_s: float | None = 0.2
+    """NVML sampling interval (s) for the `gpu_samples` table during the workload; None or 0: off."""
+    flush_wait_s: float = 10.0
+    """After the workload: how long to wait for the schedulers to write their last steps (SGLang's
+    shutdown kills them; the adapter's idle flusher writes finished passes within ~0.5 s)."""
+
+
+@dataclass
+class SglangRunResult:
+    run_id: str
+    out: Path
+    requests: int
+    output_tokens: int
+    wall_s: float
+    tracer_stats: list[dict[str, Any]]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steps(self) -> int:
+        return sum(int(s.get("steps_written", 0)) for s in self.tracer_stats if s.get("recorder"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment and arguments shared with SGLang's processes
+# ---------------------------------------------------------------------------------------------------
+def plugin_installed() -> bool:
+    """True when SGLang's `load_plugins()` will find moecap's entry point (moecap installed, editable or not)."""
+    eps = importlib.metadata.entry_points(group=compat.PLUGIN_GROUP)
+    return any(ep.value == ENTRY_POINT for ep in eps)
+
+
+def preflight(strict: bool) -> list[str]:
+    """Check SGLang and the plugin before anything starts; returns warnings (raises `CollectError`)."""
+    warning = adapter.check_version(strict)
+    if not plugin_installed():
+        raise CollectError(
+            "moecap's sglang.srt.plugins entry point is not installed, so SGLang's scheduler processes would not "
+            "load the tracer: install moecap into this environment (pip install -e . or pip install 'moecap[sglang]')"
+        )
+    return [warning] if warning else []
+
+
+def tracing_env(
+    out: Path,
+    run_id: str,
+    *,
+    counts: bool,
+    model_id: str,
+    workload: dict[str, Any],
+    strict: bool,
+    stats_dir: str | None = None,
+) -> dict[str, str]:
+    """The variables that turn the plugin on in every SGLang process (they inherit the environment)."""
+    env = {
+        adapter.ENV_TRACE_DIR: str(out.resolve()),
+        adapter.ENV_RUN_ID: run_id,
+        adapter.ENV_COUNTS: "1" if counts else "0",
+        adapter.ENV_MODEL_ID: model_id,
+        adapter.ENV_WORKLOAD: json.dumps(workload, separators=(",", ":"), default=str),
+    }
+    if strict:
+        env[adapter.ENV_STRICT] = "1"
+    if stats_dir:
+        env[adapter.ENV_STATS_DIR] = stats_dir
+    allow = os.environ.get("SGLANG_PLUGINS")
+    if allow is not None and compat.PLUGIN_NAME not in [p.strip() for p in allow.split(",")]:
+        env["SGLANG_PLUGINS"] = ",".join([p for p in allow.split(",") if p.strip()] + [compat.PLUGIN_NAME])
+    return env
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def recorder_args(args: Sequence[str], *, counts: bool) -> list[str]:
+    """The recorder flags to add to SGLang's `args` for expert counts (see the module docstring)."""
+    if not counts or _has_flag(args, MODE_FLAG):
+        return []
+    extra = [MODE_FLAG, compat.RECORDER_MODE]
+    if not _has_flag(args, BUFFER_FLAG) and not _has_flag(args, "--enable-eplb"):
+        extra += [BUFFER_FLAG, "1"]
+    return extra
+
+
+def recorder_kwargs(engine_args: dict[str, Any], *, counts: bool) -> dict[str, Any]:
+    """`recorder_args` for `sglang.Engine(**kwargs)`."""
+    if not counts or engine_args.get("expert_distribution_recorder_mode"):
+        return {}
+    out: dict[str, Any] = {"expert_distribution_recorder_mode": compat.RECORDER_MODE}
+    if engine_args.get("expert_distribution_recorder_buffer_size") is None and not engine_args.get(
+        "enable_eplb"
+    ):
+        out["expert_distribution_recorder_buffer_size"] = 1
+    return out
+
+
+def sglang_argv(argv: Sequence[str]) -> dict[str, Any]:
+    """SGLang server flags (`--tp-size 2 --enable-ep-moe …`) as `ServerArgs` fields that differ from the
+    defaults, parsed by SGLang's own parser."""
+    if not argv:
+        return {}
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="moecap-collect run --engine sglang", exit_on_error=False)
+    ServerArgs.add_cli_args(parser)
+    try:
+        ns = parser.parse_args(["--model-path", "placeholder", *argv])
+        defaults = parser.parse_args(["--model-path", "placeholder"])
+    except (SystemExit, argparse.ArgumentError):
+        raise CollectError(f"cannot parse SGLang server flags: {shlex.join(argv)}") from None
+    names = set(compat.server_arg_names(ServerArgs)) or set(vars(ns))
+    return {
+        k: v
+        for k, v in vars(ns).items()
+        if k in names and k != "model_path" and v != getattr(defaults, k, None)
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The offline run
+# ---------------------------------------------------------------------------------------------------
+def run(
+    options: SglangRunOptions, *, progress: Callable[[int, int, int], None] | None = None
+) -> SglangRunResult:
+    """Run `options`' workload on SGLang with tracing on; see the module docstring."""
+    if options.num_prompts < 1 or options.batch_size < 1:
+        raise CollectError("--num-prompts and --batch-size must be at least 1")
+    out = prepare_out_dir(options.out)
+    warnings = preflight(options.strict_engine)
+    model_id = model_id_of(options.model)
+    run_id = options.run_id or new_run_id("sglang", model_id)
+    scratch = Path(tempfile.mkdtemp(prefix="moecap-sglang-"))
+    try:
+        return _run(options, out, run_id, model_id, scratch, warnings, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def engine_kwargs(options: SglangRunOptions, model: str, *, tokenizer: bool) -> dict[str, Any]:
+    """The `sglang.Engine(**kwargs)` of a run (ServerArgs field names)."""
+    kwargs: dict[str, Any] = {
+        "model_path": model,
+        "random_seed": options.seed,
+        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
+        "skip_tokenizer_init": not tokenizer,
+        "log_level": "error",
+    }
+    if options.tokenizer:
+        kwargs["tokenizer_path"] = options.tokenizer
+    if options.random_weights:
+        kwargs["load_format"] = "dummy"
+    if options.cuda_graphs == "off":
+        kwargs["disable_cuda_graph"] = True
+    if options.max_batch_tokens:
+        kwargs["chunked_prefill_size"] = options.max_batch_tokens
+    kwargs.update(options.engine_args)
+    kwargs.update(recorder_kwargs(kwargs, counts=options.counts))
+    return kwargs
+
+
+def _run(
+    options: SglangRunOptions,
+    out: Path,
+    run_id: str,
+    model_id: str,
+    scratch: Path,
+    warnings: list[str],
+    progress: Callable[[int, int, int], None] | None,
+) -> SglangRunResult:
+    from ..datasets import load_samples
+    from .hf_runner import make_prompts
+
+    model = model_dir(options.model, options.random_weights, scratch / "model")
+    config = read_config(model)
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
+    tokenizer = load_tokenizer(options.tokenizer or (model if Path(model).is_dir() else None))
+    samples = load_samples(
+        options.dataset,
+        options.num_prompts,
+        seed=options.seed,
+        vocab_size=vocab,
+        local_path=options.dataset_path,
+    )
+    prompts = make_prompts(samples, tokenizer, options.max_new_tokens, vocab)
+    workload = closed_loop_workload(
+        prompts,
+        dataset=options.dataset,
+        batch_size=options.batch_size,
+        ignore_eos=options.ignore_eos,
+        seed=options.seed,
+        driver="sglang-offline-closed-loop",
+    )
+    stats_dir = scratch / "stats"
+    env = tracing_env(
+        out,
+        run_id,
+        counts=options.counts,
+        model_id=model_id,
+        workload=workload,
+        strict=options.strict_engine,
+        stats_dir=str(stats_dir),
+    )
+    kwargs = engine_kwargs(options, model, tokenizer=tokenizer is not None)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    engine = None
+    try:
+        import sglang
+
+        try:
+            engine = sglang.Engine(**kwargs)
+        except TypeError as exc:
+            raise CollectError(f"SGLang engine arguments: {exc}") from None
+        meta = client_metadata(run_id, model_id, config, kwargs, options, workload, warnings)
+        with gpu_sampler(out, meta, options.gpu_sample_interval_s):
+            records, wall_s = drive(engine, prompts, options, progress)
+        stats = wait_for_tracers(stats_dir, options.flush_wait_s)
+    finally:
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    files = write_client_tables(out, meta, records, tokenizer)
+    engine_files = sorted(out.glob(f"{run_id}.dp*.arrow"))
+    return SglangRunResult(
+        run_id=run_id,
+        out=out,
+        requests=len(records),
+        output_tokens=sum(len(r.output_ids) for r in records),
+        wall_s=wall_s,
+        tracer_stats=stats,
+        files=engine_files + files,
+        warnings=warnings,
+        records=records,
+    )
+
+
+def drive(
+    engine: Any, prompts: Sequence[Any], options: SglangRunOptions, progress: Any = None
+) -> tuple[list[RequestRecord], float]:
+    """The closed loop on the engine's own event loop (`Engine.loop`, where its tokenizer manager runs)."""
+    loop = getattr(engine, "loop", None)
+    if loop is None:
+        return asyncio.run(closed_loop(engine, prompts, options, progress))
+    return loop.run_until_complete(closed_loop(engine, prompts, options, progress))
+
+
+async def closed_loop(
+    engine: Any, prompts: Sequence[Any], options: SglangRunOptions, progress: Any = None
+) -> tuple[list[RequestRecord], float]:
+    """`options.batch_size` requests in flight over `prompts` (token ids, greedy); see the module docstring."""
+    pending = deque(prompts)
+    done: list[RequestRecord] = []
+    tokens = 0
+    t_first = time.monotonic_ns()
+
+    async def one(p: Any) -> RequestRecord:
+        params = {"max_new_tokens": p.max_new_tokens, "ignore_eos": options.ignore_eos, "temperature": 0.0}
+        rec = RequestRecord(
+            p.req_id, p.req_id, list(p.token_ids), p.sample, p.max_new_tokens, time.monotonic_ns()
+        )
+        stream = await engine.async_generate(
+            input_ids=list(p.token_ids), sampling_params=params, stream=True, rid=p.req_id
+        )
+        async for chunk in stream:
+            now = time.monotonic_ns()
+            meta = chunk.get("meta_info") or {}
+            ids = [int(x) for x in chunk.get("output_ids") or []]
+            total = meta.get("completion_tokens")
+            if not isinstance(total, int):
+                total = len(ids)  # cumulative output_ids (SGLang's default streaming)
+            if total > len(rec.output_ids):
+                new = total - len(rec.output_ids)
+                # Cumulative chunks repeat every id; incremental ones (--incremental-streaming-output)
+                # carry the new ids only.
+                rec.output_ids = ids if len(ids) == total else rec.output_ids + ids[-new:]
+                rec.first_token_ns = rec.first_token_ns or now
+                rec.chunk_ns.append(now)
+                rec.chunk_tokens.append(new)
+            if isinstance(meta.get("cached_tokens"), int):
+                rec.cached_tokens = meta["cached_tokens"]
+            reason = meta.get("finish_reason")
+            if reason is not None:
+                rec.finish_reason = str(reason.get("type")) if isinstance(reason, dict) else str(reason)
+        rec.finish_ns = time.monotonic_ns() if not rec.chunk_ns else rec.chunk_ns[-1]
+        return rec
+
+    async def worker() -> None:
+        nonlocal tokens
+        while pending:
+            rec = await one(pending.popleft())
+            done.append(rec)
+            tokens += len(rec.output_ids)
+            if progress is not None:
+                progress(len(done), len(prompts), tokens)
+
+    await asyncio.gather(*(worker() for _ in range(min(options.batch_size, len(prompts)))))
+    return done, (time.monotonic_ns() - t_first) / 1e9
+
+
+def wait_for_tracers(stats_dir: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """The schedulers' tracer stats once every recorded pass is written (or after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    stats: list[dict[str, Any]] = []
+    while True:
+        stats = []
+        for p in sorted(stats_dir.glob("sglang-tracer-*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                stats.append(json.loads(p.read_text()))
+        recorders = [s for s in stats if s.get("recorder")]
+        settled = recorders and all(
+            s.get("steps_written", 0) >= s.get("steps_recorded", 0) and not s.get("in_flight")
+            for s in recorders
+        )
+        if settled or time.monotonic() >= deadline:
+            return stats
+        time.sleep(0.25)
+
+
+def client_metadata(
+    run_id: str,
+    model_id: str,
+    config: dict[str, Any],
+    kwargs: dict[str, Any],
+    options: SglangRunOptions,
+    workload: dict[str, Any],
+    warnings: list[str],
+) -> RunMetadata:
+    extra = runtime.host_facts()
+    if warnings:
+        extra["warnings"] = warnings
+    args = json.loads(json.dumps({k: v for k, v in kwargs.items() if k != "model_path"}, default=str))
+    experts = config.get("num_experts") or config.get("n_routed_experts") or config.get("num_local_experts")
+    return RunMetadata(
+        run_id=run_id,
+        engine=EngineInfo(name="sglang", version=compat.installed_version() or "", args=args),
+        model=ModelInfo(id=model_id, config=config, random_weights=options.random_weights),
+        moe=MoEInfo(num_experts=int(experts or 0), top_k=int(config.get("num_experts_per_tok") or 0)),
+        gpus=runtime.gpu_infos(),
+        workload=workload,
+        collector_version=runtime.collector_version(),
+        extra=extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------------
+def serve_argv(model: str, sglang_args: Sequence[str]) -> list[str]:
+    """The command line of SGLang's OpenAI server (`python -m sglang.launch_server --model-path MODEL ARGS…`)."""
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *sglang_args]
+
+
+def serve_command(
+    model: str,
+    sglang_args: Sequence[str],
+    *,
+    out: str,
+    run_id: str | None = None,
+    counts: bool = True,
+    strict_engine: bool = False,
+    random_weights: bool = False,
+    exec_fn: Callable[[str, list[str], dict[str, str]], Any] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Replace this process by SGLang's server with tracing on (returns only when `exec_fn` does, i.e. in
+    tests). The run's `steps` / `experts` files appear in `out` per recording rank; the workload driver
+    (`moecap-collect drive`) writes `requests` / `outputs` there with the same run id (printed)."""
+    out_dir = prepare_out_dir(out)
+    warnings = preflight(strict_engine)
+    model_id = model_id_of(model)
+    run_id = run_id or new_run_id("sglang", model_id)
+    args = list(sglang_args)
+    target = model
+    if random_weights:
+        target = model_dir(model, True, Path(tempfile.mkdtemp(prefix="moecap-sglang-model-")))
+        if not _has_flag(args, "--load-format"):
+            args += ["--load-format", "dummy"]
+    args += recorder_args(args, counts=counts)
+    env = dict(os.environ)
+    env.update(
+        tracing_env(
+            out_dir,
+            run_id,
+            counts=counts,
+            model_id=model_id,
+            workload={"driver": "external"},
+            strict=strict_engine,
+        )
+    )
+    argv = serve_argv(target, args)
+    for w in warnings:
+        print(f"moecap-collect: warning: {w}", file=sys.stderr)
+    print(
+        f"moecap-collect: run {run_id}: tracing SGLang into {out_dir}/ ({shlex.join(argv[2:])})",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    (exec_fn or os.execvpe)(argv[0], argv, env)
+    return argv, env
