@@ -458,7 +458,10 @@ def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "steps", batch)
-        sums = request_sums(batch, windows)
+        try:
+            sums = request_sums(batch, windows)
+        except ValueError as exc:  # lists of one step that do not line up: the file is unusable
+            raise TraceError(f"{path}: {exc}") from None
         keep = [i for i, name in enumerate(batch.schema.names) if name not in lists]
         scalars = pa.RecordBatch.from_arrays(
             [batch.column(i) for i in keep] + list(sums.values()),
@@ -705,9 +708,11 @@ def define_steps_view(con: duckdb.DuckDBPyConnection, runs: dict[str, LoadedRun]
     if sources["step_scalars"] and len(sources["steps"]) == len(sources["step_scalars"]):
         body = f"SELECT * FROM read_parquet([{_listing(sources['steps'])}], union_by_name=true)"
     elif sources["step_scalars"]:
-        scalar_names = [c.name for c in TABLES["steps"] if not pa.types.is_list(c.type)]
-        cols = ", ".join(["run_id", *_RANK_COLUMNS[1:], *scalar_names])
-        body = f"SELECT {cols} FROM read_parquet([{_listing(sources['step_scalars'])}], union_by_name=true)"
+        # Every cached column but the request sums (named `_req_*`, see metrics.step_costs).
+        body = (
+            f"SELECT COLUMNS(lambda c: NOT starts_with(c, '_req_')) "
+            f"FROM read_parquet([{_listing(sources['step_scalars'])}], union_by_name=true)"
+        )
     else:
         body = _empty_view_sql("steps")
     con.execute(f"CREATE OR REPLACE VIEW steps AS {body}")

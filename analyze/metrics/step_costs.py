@@ -166,6 +166,7 @@ def windowed_context_sum(prefix: np.ndarray, new: np.ndarray, window: int) -> np
     return mf * pf + mf * (mf + 1) / 2 + (nf - mf) * window
 
 
+# Column names of the per-step request sums; loading hides every `_req_*` column from `steps`.
 SUM_NEW = "_req_new_tokens_sum"
 SUM_LOGITS = "_req_num_logits_sum"
 

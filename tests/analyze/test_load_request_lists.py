@@ -32,7 +32,7 @@ def test_lists_are_cached_on_first_use_of_con_and_equal_the_trace(synthetic_run,
         with pytest.raises(Exception, match="req_ids"):
             db.con.execute("SELECT req_ids FROM steps").fetchall()
     raw = read_trace_file(next(trace.glob("*.steps.arrow"))).table
-    got = db.con.execute(f"SELECT {', '.join(LISTS)}, num_tokens FROM steps ORDER BY step").to_arrow_table()
+    got = db.con.sql(f"SELECT {', '.join(LISTS)}, num_tokens FROM steps ORDER BY step").to_arrow_table()
     assert len(_steps_parquet(cache)) == 1 and not db.request_lists_pending
     order = pc.sort_indices(raw, [("step", "ascending")])
     for name in (*LISTS, "num_tokens"):
@@ -110,3 +110,37 @@ def test_a_model_config_with_other_attention_windows_rescans_for_their_sums(synt
     got = a.db.con.execute("SELECT * FROM step_metrics ORDER BY step").fetchnumpy()
     for name in ("bytes_kv_read", "flops_attention", "bytes_total", "flops_total", "context_tokens"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_request_lists_that_do_not_line_up_make_the_file_an_error_line(tmp_path):
+    import pyarrow as pa
+    from synthetic_traces import QWEN15_MOE_CONFIG, SimConfig, run_metadata
+
+    from moecap.schemas import TraceWriter, trace_file_name
+
+    run = run_metadata(SimConfig(run_id="20260101T000000Z-bad-lists"), QWEN15_MOE_CONFIG)
+    out = tmp_path / "trace"
+    w = TraceWriter(out / trace_file_name(run, "steps"), "steps", run, blocking=True)
+    w.write_batch(
+        pa.record_batch(
+            {
+                "step": [0],
+                "t_start_ns": [0],
+                "t_end_ns": [10],
+                "gpu_start_ns": [1],
+                "gpu_end_ns": [9],
+                "phase": pa.array(["decode"]).dictionary_encode(),
+                "is_draft": [False],
+                "num_reqs": pa.array([2], pa.int32()),
+                "num_tokens": pa.array([2], pa.int32()),
+                "req_ids": [["a", "b"]],
+                "req_prefix_lens": pa.array([[5, 6]], pa.list_(pa.int32())),
+                "req_new_tokens": pa.array([[1]], pa.list_(pa.int32())),
+                "req_num_logits": pa.array([[1, 1]], pa.list_(pa.int16())),
+                "req_spec_tokens": pa.nulls(1, pa.list_(pa.int16())),
+            }
+        )
+    )
+    w.close()
+    db = load_traces([out], cache_dir=tmp_path / "cache")
+    assert not db.runs and len(db.errors) == 1 and "differ in length" in db.errors[0]
