@@ -231,12 +231,9 @@ def plugin_env(out: Path, mode: str, trace_dir: Path, stats_dir: Path) -> None:
 
 
 def generate(engine: Any, ids: list[list[int]], out_tokens: int) -> dict[str, Any]:
-    params = {
-        "max_new_tokens": out_tokens,
-        "min_new_tokens": out_tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-    }
+    # ignore_eos fixes the output length; SGLang refuses min_new_tokens without a tokenizer (it needs
+    # the eos id), and random-weight models have none.
+    params = {"max_new_tokens": out_tokens, "ignore_eos": True, "temperature": 0.0}
     t0 = time.perf_counter()
     res = engine.generate(input_ids=ids, sampling_params=[dict(params) for _ in ids])
     wall = time.perf_counter() - t0
@@ -365,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--chunked-prefill-size", type=int, default=1024)
     ap.add_argument("--context-length", type=int, default=4096)
-    ap.add_argument("--counts-batches", default="1,4,16,48")
+    ap.add_argument("--counts-batches", default="1,3,4,16,27,48")  # 3, 27: padded decode graphs
     ap.add_argument("--counts-in", type=int, default=200)
     ap.add_argument("--counts-out", type=int, default=32)
     ap.add_argument("--tp-prompts", type=int, default=64)

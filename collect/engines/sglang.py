@@ -640,6 +640,9 @@ def register() -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         HookRegistry.register(compat.FORWARD_TARGET, around_forward, HookType.AROUND)
+        if _flag(ENV_COUNTS, "1"):
+            # Counts must cover real tokens only: padded rows of a prefill graph must be masked.
+            compat.force_padding_mask()
         import atexit
 
         atexit.register(_close_all)

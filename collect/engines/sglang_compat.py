@@ -380,3 +380,40 @@ def load_format(model_runner: Any) -> str:
 def model_path(model_runner: Any) -> str:
     sa = getattr(model_runner, "server_args", None)
     return str(getattr(sa, "served_model_name", None) or getattr(sa, "model_path", "") or "model")
+
+
+# Modules that bind SGLang's `enable_num_token_non_padded` (by name, or in their own globals). Without
+# expert parallelism it returns False, and then a prefill CUDA graph padded to its capture bucket (200
+# tokens replayed as 208) routes the padded rows like real ones: SGLang's own select-experts gatherer
+# counts them (seen on an H200 with 0.5.16: 832 = 208 x 4 routed tokens for a 200-token prefill).
+# 0.5.23 turns it on for its FULL prefill backend only. Decode graphs always mask.
+PADDING_MASK_MODULES = (
+    "sglang.srt.model_executor.forward_batch_info",
+    "sglang.srt.model_executor.runner.prefill_cuda_graph_runner",
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner",
+    "sglang.srt.model_executor.runner.base_runner",
+)
+
+
+def _always_mask_padding() -> bool:
+    """moecap's stand-in for `enable_num_token_non_padded`: graph-padded rows get expert id -1."""
+    return True
+
+
+def force_padding_mask() -> list[str]:
+    """Make every CUDA graph pass SGLang the live token count, so `select_experts` masks padded rows
+    to expert -1 (as it already does under expert parallelism and in decode graphs): counts then
+    cover the batch's real tokens only. Must run before the graph runners are built (plugin load).
+    Returns the modules patched; a module or name a release lacks is skipped."""
+    import importlib
+
+    patched = []
+    for name in PADDING_MASK_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        if callable(getattr(module, "enable_num_token_non_padded", None)):
+            module.enable_num_token_non_padded = _always_mask_padding  # type: ignore[attr-defined]
+            patched.append(name)
+    return patched

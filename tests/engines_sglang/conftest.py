@@ -7,6 +7,7 @@ installed, as in the main venv); `.ci/sglang-venv.sh test` runs them against SGL
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -46,8 +47,18 @@ def sglang_version() -> str:
 @pytest.fixture
 def sgl(sglang_version, monkeypatch, tmp_path):
     """The real SGLang classes, a CPU stand-in for the device, and a clean adapter state."""
+    import importlib
+
     from sglang_objects import Sgl
 
+    from moecap.collect.engines import sglang_compat as compat
+
+    # register() patches SGLang's padding-mask switch module-wide: undo it after each test.
+    for name in compat.PADDING_MASK_MODULES:
+        with contextlib.suppress(Exception):
+            module = importlib.import_module(name)
+            if hasattr(module, "enable_num_token_non_padded"):
+                monkeypatch.setattr(module, "enable_num_token_non_padded", module.enable_num_token_non_padded)
     env = Sgl(monkeypatch, tmp_path)
     yield env
     env.close()

@@ -180,3 +180,31 @@ def test_all_to_all_backends_write_every_rank(sgl, backend):
     r.forward(_decode(["a"], [3]))
     rows, _ = sgl.rows()
     assert len(rows) == 1 and sgl.meta.extra["sglang"]["counts_scope"] == "sum_over_ranks"
+
+
+def test_counting_makes_prefill_graphs_mask_their_padding(sgl):
+    # Without expert parallelism SGLang's graph runners do not pass the live token count, so rows a
+    # prefill graph pads to its capture bucket are routed (and counted) like real ones; the plugin
+    # switches the mask on before any runner is built.
+    import importlib
+
+    from moecap.collect.engines import sglang_compat as compat
+
+    fbi = importlib.import_module("sglang.srt.model_executor.forward_batch_info")
+    prefill = importlib.import_module("sglang.srt.model_executor.runner.prefill_cuda_graph_runner")
+    assert fbi.enable_num_token_non_padded is not compat._always_mask_padding
+    sgl.install()
+    for module in (fbi, prefill):
+        assert module.enable_num_token_non_padded is compat._always_mask_padding
+        assert module.enable_num_token_non_padded() is True
+
+
+def test_steps_only_leaves_the_padding_mask_alone(sgl, monkeypatch):
+    import importlib
+
+    from moecap.collect.engines import sglang_compat as compat
+
+    monkeypatch.setenv("MOECAP_COUNTS", "0")
+    prefill = importlib.import_module("sglang.srt.model_executor.runner.prefill_cuda_graph_runner")
+    sgl.install()
+    assert prefill.enable_num_token_non_padded is not compat._always_mask_padding

@@ -426,7 +426,7 @@ def test_calibration_errors_name_what_is_missing(traces, tmp_path):
     _, runs = traces
     src = _analysis([runs[("h100", 4)][0]], tmp_path)
     other_gpu = _analysis([runs[("h200", 8)][0]], tmp_path)
-    with pytest.raises(InputError, match="--calibrate-on holds no run of model .* measured on H100"):
+    with pytest.raises(InputError, match=r"--calibrate-on holds no run of model .* measured on H100"):
         whatif(src, [H200], load_cost_settings(), CalibrationSpec(runs=other_gpu))
     with pytest.raises(InputError, match="no step with 999 requests"):
         whatif(src, [H200], load_cost_settings(), CalibrationSpec(batch_sizes=frozenset({999})))
