@@ -352,6 +352,8 @@ class SglangTracer:
                 self._last_pass = time.monotonic()
                 self._drain()
                 stream = self._stream()
+                # Before the pass's kernels (same stream): how many leading rows are real tokens.
+                compat.set_live_tokens(self.device, row["num_tokens"])
                 slot = self.readback.begin(stream)
             row["t_start_ns"] = time.monotonic_ns()
         except Exception as exc:
@@ -384,6 +386,8 @@ class SglangTracer:
         return result
 
     def _fail(self, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            compat.reset_live_tokens()  # passes no longer set it: mask nothing
         msg = f"{type(exc).__name__}: {exc}"
         if len(self.errors) < 8:
             self.errors.append(msg)
@@ -640,9 +644,10 @@ def register() -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         HookRegistry.register(compat.FORWARD_TARGET, around_forward, HookType.AROUND)
-        if _flag(ENV_COUNTS, "1"):
-            # Counts must cover real tokens only: padded rows of a prefill graph must be masked.
-            compat.force_padding_mask()
+        if _flag(ENV_COUNTS, "1") and compat.mask_padded_rows_in_gatherer():
+            # Counts cover real tokens only: graph-padded rows are masked by a live-token scalar,
+            # allocated before the graphs are captured.
+            HookRegistry.register(compat.CAPTURE_TARGET, _before_graph_capture, HookType.BEFORE)
         import atexit
 
         atexit.register(_close_all)
@@ -653,6 +658,19 @@ def register() -> None:
         except Exception:  # pragma: no cover
             pass
         _REGISTERED = True
+
+
+def _before_graph_capture(*args: Any, **kwargs: Any) -> None:
+    """BEFORE `ModelRunner.init_cuda_graphs`: the live-token scalar on the runner's device."""
+    try:
+        runner = args[0] if args else kwargs.get("self")
+        if runner is not None and compat.masks_by_live_tokens(runner):
+            import torch
+
+            compat.allocate_live_tokens(SglangTracer._device(runner, torch))
+    except Exception as exc:  # never stop the engine; counts then include graph padding
+        log.warning("moecap: no padding mask for expert counts (%s: %s)", type(exc).__name__, exc)
+    return None
 
 
 def is_installed(cls: Any) -> bool:

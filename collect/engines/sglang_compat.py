@@ -382,38 +382,80 @@ def model_path(model_runner: Any) -> str:
     return str(getattr(sa, "served_model_name", None) or getattr(sa, "model_path", "") or "model")
 
 
-# Modules that bind SGLang's `enable_num_token_non_padded` (by name, or in their own globals). Without
-# expert parallelism it returns False, and then a prefill CUDA graph padded to its capture bucket (200
-# tokens replayed as 208) routes the padded rows like real ones: SGLang's own select-experts gatherer
-# counts them (seen on an H200 with 0.5.16: 832 = 208 x 4 routed tokens for a 200-token prefill).
-# 0.5.23 turns it on for its FULL prefill backend only. Decode graphs always mask.
-PADDING_MASK_MODULES = (
-    "sglang.srt.model_executor.forward_batch_info",
-    "sglang.srt.model_executor.runner.prefill_cuda_graph_runner",
-    "sglang.srt.model_executor.runner.decode_cuda_graph_runner",
-    "sglang.srt.model_executor.runner.base_runner",
-)
+# -- counts of real tokens only -------------------------------------------------------------------
+# A CUDA graph replays a batch padded to its capture bucket (a 200-token prefill as 208, a decode of 3
+# requests as 4), and the padded rows are routed like real ones. SGLang masks them to expert -1 only
+# where the model passes `num_token_non_padded` to `select_experts` (its DeepEP paths); Qwen2-MoE's
+# normal path does not, so SGLang's own select-experts gatherer counts the padding (seen on an H200
+# with 0.5.16: 832 = 208 x 4 routed for a 200-token prefill, 16 for a 3-request decode at top-4).
+# moecap masks rows at or beyond the pass's live token count in the ids the gatherer receives: a
+# device scalar the tracer fills before each forward, read inside the replayed graph. The model's
+# own routing is not touched (the gatherer gets a masked copy).
+GATHERER_CLASS = ("sglang.srt.eplb.expert_distribution", "_SelectExpertsSinglePassGatherer")
+CAPTURE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs"
+_NO_LIMIT = 2**31 - 1
+_LIVE_TOKENS: dict[str, Any] = {}
+"""str(device) -> int32 device scalar: the real tokens of the pass in flight (no limit until set)."""
 
 
-def _always_mask_padding() -> bool:
-    """moecap's stand-in for `enable_num_token_non_padded`: graph-padded rows get expert id -1."""
+def allocate_live_tokens(device: Any) -> Any:
+    """The live-token scalar of `device` (allocated once, before graphs are captured, so the graphs
+    read its memory at every replay)."""
+    import torch
+
+    key = str(torch.device(device))
+    if key not in _LIVE_TOKENS:
+        _LIVE_TOKENS[key] = torch.full((), _NO_LIMIT, dtype=torch.int32, device=device)
+    return _LIVE_TOKENS[key]
+
+
+def set_live_tokens(device: Any, num_tokens: int | None) -> bool:
+    """Tell the gatherer how many leading rows of this pass are real (None: no limit). A device fill
+    on the current stream, ordered before the pass's kernels; no host sync. False when no scalar was
+    allocated for `device` (masking off)."""
+    live = _LIVE_TOKENS.get(str(device))
+    if live is None:
+        return False
+    live.fill_(_NO_LIMIT if num_tokens is None else int(num_tokens))
     return True
 
 
-def force_padding_mask() -> list[str]:
-    """Make every CUDA graph pass SGLang the live token count, so `select_experts` masks padded rows
-    to expert -1 (as it already does under expert parallelism and in decode graphs): counts then
-    cover the batch's real tokens only. Must run before the graph runners are built (plugin load).
-    Returns the modules patched; a module or name a release lacks is skipped."""
+def reset_live_tokens() -> None:
+    for live in _LIVE_TOKENS.values():
+        live.fill_(_NO_LIMIT)
+
+
+def mask_padded_rows_in_gatherer() -> bool:
+    """Patch the select-experts gatherer class (idempotent) so rows >= the live token count of their
+    device are dropped (id -1) from what it counts. False when this release has no such class."""
     import importlib
 
-    patched = []
-    for name in PADDING_MASK_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            continue
-        if callable(getattr(module, "enable_num_token_non_padded", None)):
-            module.enable_num_token_non_padded = _always_mask_padding  # type: ignore[attr-defined]
-            patched.append(name)
-    return patched
+    import torch
+
+    try:
+        cls = getattr(importlib.import_module(GATHERER_CLASS[0]), GATHERER_CLASS[1])
+    except Exception:
+        return False
+    original = cls.on_select_experts
+    if getattr(original, "_moecap_masks_padding", False):
+        return True
+
+    def on_select_experts(self: Any, layer_idx: int, topk_ids: Any) -> Any:
+        live = _LIVE_TOKENS.get(str(topk_ids.device))
+        if live is not None and topk_ids.dim() >= 1 and topk_ids.shape[0] > 0:
+            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+            pad = (rows >= live).reshape(-1, *([1] * (topk_ids.dim() - 1)))
+            topk_ids = topk_ids.masked_fill(pad, -1)
+        return original(self, layer_idx, topk_ids)
+
+    on_select_experts._moecap_masks_padding = True  # type: ignore[attr-defined]
+    on_select_experts.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.on_select_experts = on_select_experts
+    return True
+
+
+def masks_by_live_tokens(model_runner: Any) -> bool:
+    """Whether this runner's gatherer sees exactly this rank's batch rows (one attention-DP rank, no
+    all-to-all MoE backend), so the live-token mask applies; otherwise SGLang's own masking stands."""
+    ranks = rank_info(model_runner)
+    return ranks.a2a_backend in ("none", "") and ranks.attn_dp_size <= 1

@@ -7,7 +7,6 @@ installed, as in the main venv); `.ci/sglang-venv.sh test` runs them against SGL
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
@@ -53,12 +52,11 @@ def sgl(sglang_version, monkeypatch, tmp_path):
 
     from moecap.collect.engines import sglang_compat as compat
 
-    # register() patches SGLang's padding-mask switch module-wide: undo it after each test.
-    for name in compat.PADDING_MASK_MODULES:
-        with contextlib.suppress(Exception):
-            module = importlib.import_module(name)
-            if hasattr(module, "enable_num_token_non_padded"):
-                monkeypatch.setattr(module, "enable_num_token_non_padded", module.enable_num_token_non_padded)
+    # register() patches SGLang's select-experts gatherer class: undo it (and the live-token
+    # scalars) after each test.
+    gatherer = getattr(importlib.import_module(compat.GATHERER_CLASS[0]), compat.GATHERER_CLASS[1])
+    monkeypatch.setattr(gatherer, "on_select_experts", gatherer.on_select_experts)
+    monkeypatch.setattr(compat, "_LIVE_TOKENS", {})
     env = Sgl(monkeypatch, tmp_path)
     yield env
     env.close()

@@ -82,3 +82,21 @@ def test_engine_takes_a_scheduler_launcher(sglang_version):
     from sglang.srt.entrypoints.engine import Engine
 
     assert "run_scheduler_process_func" in inspect.getsource(Engine)
+
+
+def test_padding_mask_hook_points(sglang_version):
+    # The live-token mask patches the select-experts gatherer and allocates before graph capture.
+    import importlib
+    import inspect
+
+    from moecap.collect.engines import sglang_compat as compat
+
+    module_name, _, method = compat.CAPTURE_TARGET.rpartition(".")
+    module_name, _, cls_name = module_name.rpartition(".")
+    runner = getattr(importlib.import_module(module_name), cls_name)
+    assert callable(getattr(runner, method, None)), f"{compat.CAPTURE_TARGET} is gone"
+    worker = importlib.import_module("sglang.srt.managers.tp_worker")
+    assert "model_runner.init_cuda_graphs(" in inspect.getsource(worker), "graphs are captured elsewhere"
+    gatherer = getattr(importlib.import_module(compat.GATHERER_CLASS[0]), compat.GATHERER_CLASS[1])
+    params = list(inspect.signature(gatherer.on_select_experts).parameters)
+    assert params == ["self", "layer_idx", "topk_ids"], params

@@ -182,29 +182,44 @@ def test_all_to_all_backends_write_every_rank(sgl, backend):
     assert len(rows) == 1 and sgl.meta.extra["sglang"]["counts_scope"] == "sum_over_ranks"
 
 
-def test_counting_makes_prefill_graphs_mask_their_padding(sgl):
-    # Without expert parallelism SGLang's graph runners do not pass the live token count, so rows a
-    # prefill graph pads to its capture bucket are routed (and counted) like real ones; the plugin
-    # switches the mask on before any runner is built.
-    import importlib
-
+def test_graph_padded_rows_routed_to_real_experts_are_not_counted(sgl):
+    # A decode of 2 requests replayed in a graph of 4 rows, as Qwen2-MoE runs in SGLang 0.5.16: the
+    # padded rows are routed to real experts (no -1), and SGLang's gatherer would count them.
     from moecap.collect.engines import sglang_compat as compat
 
-    fbi = importlib.import_module("sglang.srt.model_executor.forward_batch_info")
-    prefill = importlib.import_module("sglang.srt.model_executor.runner.prefill_cuda_graph_runner")
-    assert fbi.enable_num_token_non_padded is not compat._always_mask_padding
     sgl.install()
-    for module in (fbi, prefill):
-        assert module.enable_num_token_non_padded is compat._always_mask_padding
-        assert module.enable_num_token_non_padded() is True
+    assert compat.CAPTURE_TARGET in sgl.HookRegistry._patched
+    sgl.set_recorder()
+    decode_ids = torch.tensor([[3, 4], [4, 5], [6, 7], [6, 7]], dtype=torch.int32)
+    r = sgl.runner([decode_ids])
+    sgl.adapter._before_graph_capture(r)  # what HookRegistry runs before init_cuda_graphs
+    r.forward(_decode(["a", "b"], [4, 9]))
+    rows, counts = sgl.rows()
+    (row,) = rows
+    assert row["num_tokens"] == 2
+    assert counts[row["step"]][:E] == [0, 0, 0, 1, 2, 1, 0, 0], "only the two real rows"
+    for layer in range(L):
+        assert sum(counts[row["step"]][layer * E : (layer + 1) * E]) == 2 * K
 
 
-def test_steps_only_leaves_the_padding_mask_alone(sgl, monkeypatch):
+def test_without_the_capture_hook_padding_is_counted_as_sglang_does(sgl):
+    # No live-token scalar (e.g. the hook did not run): the gatherer counts what SGLang gives it.
+    sgl.install()
+    sgl.set_recorder()
+    decode_ids = torch.tensor([[3, 4], [4, 5], [6, 7], [6, 7]], dtype=torch.int32)
+    r = sgl.runner([decode_ids])
+    r.forward(_decode(["a", "b"], [4, 9]))
+    rows, counts = sgl.rows()
+    assert counts[rows[0]["step"]][:E] == [0, 0, 0, 1, 2, 1, 2, 2]
+
+
+def test_steps_only_leaves_the_gatherer_alone(sgl, monkeypatch):
     import importlib
 
     from moecap.collect.engines import sglang_compat as compat
 
     monkeypatch.setenv("MOECAP_COUNTS", "0")
-    prefill = importlib.import_module("sglang.srt.model_executor.runner.prefill_cuda_graph_runner")
+    cls = getattr(importlib.import_module(compat.GATHERER_CLASS[0]), compat.GATHERER_CLASS[1])
     sgl.install()
-    assert prefill.enable_num_token_non_padded is not compat._always_mask_padding
+    assert not getattr(cls.on_select_experts, "_moecap_masks_padding", False)
+    assert compat.CAPTURE_TARGET not in sgl.HookRegistry._patched
