@@ -54,7 +54,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +73,21 @@ from ..counting import ReadyStep, StepReadback
 from ..errors import CollectError
 from . import sglang_compat as compat
 
+# The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
+from .tracing_env import (
+    ENV_COUNTS,
+    ENV_MODEL_ID,
+    ENV_RUN_ID,
+    ENV_STATS_DIR,  # noqa: F401
+    ENV_STRICT,
+    ENV_TRACE_DIR,
+    ENV_WORKLOAD,  # noqa: F401
+    TracerSettings,
+)
+from .tracing_env import env_flag as _flag
+
 log = logging.getLogger("moecap.collect.engines.sglang")
 
-ENV_TRACE_DIR = "MOECAP_TRACE_DIR"
-ENV_RUN_ID = "MOECAP_RUN_ID"
-ENV_COUNTS = "MOECAP_COUNTS"
-ENV_STRICT = "MOECAP_STRICT_ENGINE"
-ENV_MODEL_ID = "MOECAP_MODEL_ID"
-ENV_WORKLOAD = "MOECAP_WORKLOAD"
-ENV_STATS_DIR = "MOECAP_STATS_DIR"
 
 DRAFT_STEP_BASE = 1 << 40
 """Draft-worker passes are keyed `DRAFT_STEP_BASE + draft forward_pass_id` (the draft runner counts its
@@ -149,47 +154,6 @@ def snapshot_batch(fields: dict[str, Any], *, is_draft: bool = False) -> dict[st
 # ---------------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------------
-def _flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
-
-
-@dataclass
-class TracerSettings:
-    trace_dir: str
-    run_id: str
-    counts: bool = True
-    model_id: str | None = None
-    workload: dict[str, Any] = field(default_factory=dict)
-    stats_dir: str | None = None
-    rows_per_batch: int = 256
-    flush_interval_s: float = 1.0
-    idle_flush_s: float = 0.5
-    ring: int = 32
-
-    @classmethod
-    def from_env(cls) -> TracerSettings | None:
-        trace_dir = os.environ.get(ENV_TRACE_DIR)
-        if not trace_dir:
-            return None
-        workload: dict[str, Any] = {}
-        raw = os.environ.get(ENV_WORKLOAD)
-        if raw:
-            try:
-                parsed = json.loads(raw)
-                workload = parsed if isinstance(parsed, dict) else {"value": parsed}
-            except ValueError:
-                workload = {"unparsed": raw}
-        return cls(
-            trace_dir=trace_dir,
-            run_id=os.environ.get(ENV_RUN_ID)
-            or new_run_id("sglang", os.environ.get(ENV_MODEL_ID) or "model"),
-            counts=_flag(ENV_COUNTS, "1"),
-            model_id=os.environ.get(ENV_MODEL_ID) or None,
-            workload=workload,
-            stats_dir=os.environ.get(ENV_STATS_DIR) or None,
-        )
-
-
 # ---------------------------------------------------------------------------------------------------
 # The per-process tracer
 # ---------------------------------------------------------------------------------------------------
@@ -579,7 +543,7 @@ def _tracer_for(runner: Any) -> SglangTracer | None:
         return None  # the target runner's first pass creates it (its recorder, its config)
     with _TRACER_LOCK:
         if _TRACER is None:
-            settings = TracerSettings.from_env()
+            settings = TracerSettings.from_env("sglang")
             if settings is None:
                 return None
             try:

@@ -41,7 +41,6 @@ import contextlib
 import functools
 import importlib.abc
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -68,17 +67,22 @@ from ..counting import ReadyStep, StepReadback
 from ..errors import CollectError
 from . import vllm_compat as compat
 
+# The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
+from .tracing_env import (
+    ENV_COUNTS,  # noqa: F401
+    ENV_MODEL_ID,
+    ENV_RUN_ID,
+    ENV_STRICT,
+    ENV_TRACE_DIR,
+    ENV_WORKLOAD,  # noqa: F401
+    TracerSettings,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 log = logging.getLogger("moecap.collect.engines.vllm")
 
-ENV_TRACE_DIR = "MOECAP_TRACE_DIR"
-ENV_RUN_ID = "MOECAP_RUN_ID"
-ENV_COUNTS = "MOECAP_COUNTS"
-ENV_STRICT = "MOECAP_STRICT_ENGINE"
-ENV_MODEL_ID = "MOECAP_MODEL_ID"
-ENV_WORKLOAD = "MOECAP_WORKLOAD"
 
 _PATCH_MARK = "_moecap_patched"
 _WRAPPED_MARK = "__moecap_wrapped__"
@@ -283,39 +287,6 @@ def restore_local_rows(
 # ---------------------------------------------------------------------------------------------------
 # The per-worker tracer
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class TracerSettings:
-    trace_dir: str
-    run_id: str
-    counts: bool = True
-    model_id: str | None = None
-    workload: dict[str, Any] = field(default_factory=dict)
-    rows_per_batch: int = 256
-    flush_interval_s: float = 1.0
-    ring: int = 32
-
-    @classmethod
-    def from_env(cls) -> TracerSettings | None:
-        trace_dir = os.environ.get(ENV_TRACE_DIR)
-        if not trace_dir:
-            return None
-        workload: dict[str, Any] = {}
-        raw = os.environ.get(ENV_WORKLOAD)
-        if raw:
-            try:
-                parsed = json.loads(raw)
-                workload = parsed if isinstance(parsed, dict) else {"value": parsed}
-            except ValueError:
-                workload = {"unparsed": raw}
-        return cls(
-            trace_dir=trace_dir,
-            run_id=os.environ.get(ENV_RUN_ID) or new_run_id("vllm", os.environ.get(ENV_MODEL_ID) or "model"),
-            counts=os.environ.get(ENV_COUNTS, "1").strip().lower() not in ("0", "false", "no", "off"),
-            model_id=os.environ.get(ENV_MODEL_ID) or None,
-            workload=workload,
-        )
-
-
 @dataclass
 class _OpenStep:
     slot: int
@@ -710,7 +681,7 @@ def _wrap(original: Callable[..., Any], around: Callable[..., Any]) -> Callable[
 
 def _around_load_model(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
     result = original(self, *args, **kwargs)
-    settings = TracerSettings.from_env()
+    settings = TracerSettings.from_env("vllm")
     if settings is not None and _tracer(self) is None:
         try:
             # After the weights, before profiling and graph capture: buffers exist before any graph

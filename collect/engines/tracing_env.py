@@ -1,0 +1,74 @@
+"""The environment contract every in-engine tracer reads (vLLM workers, SGLang schedulers): one
+definition, so `moecap-collect serve|run` sets the same variables whatever the engine.
+
+`MOECAP_TRACE_DIR` (on/off and where), `MOECAP_RUN_ID` (shared by every process of a run),
+`MOECAP_COUNTS=0` (steps only), `MOECAP_STRICT_ENGINE=1` (refuse an untested engine release),
+`MOECAP_MODEL_ID`, `MOECAP_WORKLOAD` (JSON for the run metadata), `MOECAP_STATS_DIR` (per-process
+tracer stats as JSON, for scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from moecap.schemas import new_run_id
+
+ENV_TRACE_DIR = "MOECAP_TRACE_DIR"
+ENV_RUN_ID = "MOECAP_RUN_ID"
+ENV_COUNTS = "MOECAP_COUNTS"
+ENV_STRICT = "MOECAP_STRICT_ENGINE"
+ENV_MODEL_ID = "MOECAP_MODEL_ID"
+ENV_WORKLOAD = "MOECAP_WORKLOAD"
+ENV_STATS_DIR = "MOECAP_STATS_DIR"
+
+
+def env_flag(name: str, default: str) -> bool:
+    """A boolean variable: anything but 0 / false / no / off / empty is on."""
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def workload_from_env() -> dict[str, Any]:
+    """`MOECAP_WORKLOAD` as a dict (a non-dict JSON value under "value", bad JSON kept as text)."""
+    raw = os.environ.get(ENV_WORKLOAD)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return {"unparsed": raw}
+    return parsed if isinstance(parsed, dict) else {"value": parsed}
+
+
+@dataclass
+class TracerSettings:
+    """What a tracer process records and where; `from_env` is None when tracing is off."""
+
+    trace_dir: str
+    run_id: str
+    counts: bool = True
+    model_id: str | None = None
+    workload: dict[str, Any] = field(default_factory=dict)
+    stats_dir: str | None = None
+    rows_per_batch: int = 256
+    flush_interval_s: float = 1.0
+    idle_flush_s: float = 0.5
+    """Seconds without a pass after which an idle flusher (where the engine has one) writes rows."""
+    ring: int = 32
+    """Steps whose device readback may be in flight at once."""
+
+    @classmethod
+    def from_env(cls, engine: str) -> TracerSettings | None:
+        trace_dir = os.environ.get(ENV_TRACE_DIR)
+        if not trace_dir:
+            return None
+        return cls(
+            trace_dir=trace_dir,
+            run_id=os.environ.get(ENV_RUN_ID) or new_run_id(engine, os.environ.get(ENV_MODEL_ID) or "model"),
+            counts=env_flag(ENV_COUNTS, "1"),
+            model_id=os.environ.get(ENV_MODEL_ID) or None,
+            workload=workload_from_env(),
+            stats_dir=os.environ.get(ENV_STATS_DIR) or None,
+        )
