@@ -186,12 +186,13 @@ pl.DataFrame(
             ]["step_time_s_mean"]
             * 1e3,
             "tpot_ms_mean_projected": (
-                run["targets"][target.name]["models"]["projection"]["requests"].get("tpot_s_mean")
+                run["targets"][target.name]["models"]["projection"].get("requests", {}).get("tpot_s_mean")
                 or float("nan")
             )
             * 1e3,
         }
         for run in projected["runs"]
+        if "error" not in run  # runs without expert counts cannot be projected
     ]
 ).sort("batch_size")
 
