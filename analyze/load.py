@@ -245,6 +245,7 @@ def load_traces(
         runs.setdefault(run.run_id, LoadedRun(run.run_id)).files.append(loaded)
     if progress:
         progress(len(headers), len(headers), "")
+    warnings.extend(_unsummed_rank_warnings(runs))
     con = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
     define_views(con, runs)
     return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings, cache_dir=cache)
@@ -258,6 +259,27 @@ def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Pat
     if existing is None or not existing.files:
         return None
     return mixed_run_error(existing.files[0].run, existing.files[0].path, run, path)
+
+
+def _unsummed_rank_warnings(runs: dict[str, LoadedRun]) -> list[str]:
+    """Runs whose engine ranks each counted only their own experts' share (SGLang under an
+    all-to-all MoE backend: `extra.sglang.counts_scope = sum_over_ranks`): the views keep the lowest
+    TP rank per (dp, pp), so expert counts cover that rank's share until the analyzer sums them."""
+    out = []
+    for run in runs.values():
+        steps = run.files_of("steps")
+        scoped = [
+            f
+            for f in steps
+            if ((f.run.extra or {}).get("sglang") or {}).get("counts_scope") == "sum_over_ranks"
+        ]
+        stages = {(f.run.rank.dp, f.run.rank.pp) for f in scoped}
+        if any(sum(1 for f in scoped if (f.run.rank.dp, f.run.rank.pp) == st) > 1 for st in stages):
+            out.append(
+                f"run {run.run_id}: its ranks' expert counts are per-rank shares (counts_scope sum_over_ranks); "
+                "they are not summed yet, so expert counts, activated experts and bytes cover the lowest rank's share only"
+            )
+    return out
 
 
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:
