@@ -7,6 +7,7 @@ process loses at most its last unflushed batch.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from moecap.schemas import RunMetadata, TraceWriter, WriterStats, trace_file_name
 
 from .errors import CollectError
+
+log = logging.getLogger("moecap.collect.writers")
 
 
 def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
@@ -102,3 +105,30 @@ class RunWriters:
         if getattr(self, "sampler", None) is not None:
             self.sampler.stop()
         return {table: w.close() for table, w in self.writers.items()}
+
+
+def open_engine_writers(
+    trace_dir: str, meta: RunMetadata, *, experts: bool, rows_per_batch: int, flush_interval_s: float
+) -> RunWriters | None:
+    """An engine process's `steps` (+ `experts`) writers, or None (logged) when they cannot be opened:
+    an in-engine tracer stops tracing then, never the engine. A run id whose steps file already
+    exists (a restarted engine with a pinned run id) gets this process's pid appended, in `meta` too,
+    so a run is never overwritten."""
+    try:
+        target = os.path.join(trace_dir, trace_file_name(meta, "steps"))
+        if os.path.exists(target):
+            meta.run_id = f"{meta.run_id}-pid{os.getpid()}"
+            log.warning("moecap: %s exists; this process writes run %s instead", target, meta.run_id)
+        writers = RunWriters(
+            trace_dir,
+            meta,
+            experts=experts,
+            client_tables=False,
+            rows_per_batch=rows_per_batch,
+            flush_interval_s=flush_interval_s,
+        )
+    except Exception as exc:
+        log.error("moecap: cannot open trace files in %s (%s); tracing is off", trace_dir, exc)
+        return None
+    log.info("moecap: tracing %s -> %s", meta.rank.tag(), trace_dir)
+    return writers

@@ -59,7 +59,6 @@ from moecap.schemas import (
     RankIdentity,
     RunMetadata,
     new_run_id,
-    trace_file_name,
 )
 
 from .. import runtime
@@ -499,34 +498,26 @@ class VllmTracer:
         self.steps_written += 1
 
     def open_writers(self) -> Any:
-        """Open this worker's trace files (once); None when they cannot be written (tracing stops)."""
+        """Open this process's trace files (once); None when they cannot be written (tracing stops)."""
         if self.writers is not None or self._closed:
             return self.writers
-        from ..writers import RunWriters
+        from ..writers import open_engine_writers
 
         try:
             meta = self.build_metadata()
-            target = os.path.join(self.settings.trace_dir, trace_file_name(meta, "steps"))
-            if os.path.exists(target):
-                # Never overwrite a run: a restarted engine with a pinned run id gets its own id.
-                meta.run_id = f"{meta.run_id}-pid{os.getpid()}"
-                log.warning("moecap: %s exists; this worker writes run %s instead", target, meta.run_id)
-            self.metadata = meta
-            self.writers = RunWriters(
-                self.settings.trace_dir,
-                meta,
-                experts=self.counting,
-                client_tables=False,
-                rows_per_batch=self.settings.rows_per_batch,
-                flush_interval_s=self.settings.flush_interval_s,
-            )
         except Exception as exc:
+            log.error("moecap: cannot build the run metadata (%s); tracing is off", exc)
             self._closed = True
-            log.error(
-                "moecap: cannot open trace files in %s (%s); tracing is off", self.settings.trace_dir, exc
-            )
             return None
-        log.info("moecap: tracing %s -> %s", meta.rank.tag(), self.settings.trace_dir)
+        self.metadata = meta
+        self.writers = open_engine_writers(
+            self.settings.trace_dir,
+            meta,
+            experts=self.counting,
+            rows_per_batch=self.settings.rows_per_batch,
+            flush_interval_s=self.settings.flush_interval_s,
+        )
+        self._closed = self.writers is None
         return self.writers
 
     def host_facts(self) -> tuple[list[Any], dict[str, Any]]:

@@ -1,0 +1,40 @@
+"""The engine-side writers every in-engine tracer opens: never overwrite a run, never raise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from synthetic_traces import QWEN15_MOE_CONFIG, SimConfig, run_metadata
+
+from moecap.collect.writers import open_engine_writers
+from moecap.schemas import read_trace_file, trace_file_name
+
+
+def _meta():
+    return run_metadata(SimConfig(run_id="20260101T000000Z-writers-0001"), QWEN15_MOE_CONFIG)
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    first = _meta()
+    w = open_engine_writers(str(tmp_path), first, experts=False, rows_per_batch=4, flush_interval_s=1.0)
+    assert w is not None and first.run_id == "20260101T000000Z-writers-0001"
+    w.close()
+    before = (tmp_path / trace_file_name(first, "steps")).read_bytes()
+    again = _meta()
+    w2 = open_engine_writers(str(tmp_path), again, experts=True, rows_per_batch=4, flush_interval_s=1.0)
+    assert w2 is not None
+    w2.close()
+    assert again.run_id.startswith(first.run_id + "-pid") and again.run_id != first.run_id
+    assert (tmp_path / trace_file_name(first, "steps")).read_bytes() == before
+    assert read_trace_file(tmp_path / trace_file_name(again, "experts")).run.run_id == again.run_id
+
+
+def test_an_unwritable_directory_gives_none_not_an_exception(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert (
+        open_engine_writers(str(blocker), _meta(), experts=True, rows_per_batch=4, flush_interval_s=1.0)
+        is None
+    )
