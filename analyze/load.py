@@ -50,6 +50,7 @@ from moecap.schemas import (
 
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
+from .parquet_writer import BackgroundParquetWriter
 
 CACHE_LAYOUT = "6"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
@@ -63,6 +64,17 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "compression_level": 1,
     "use_dictionary": ["run_id", "phase", "req_ids", "time_source", "finish_reason", "dataset", "gpu_uuid"],
     "write_statistics": ["run_id", "dp", "pp", "tp", "ep", "step", "t_start_ns", "arrival_ns", "t_ns"],
+}
+# The step scalars are read back whole by every cold analysis: lz4 and delta-encoded step / ns
+# columns (monotonic) write and read faster than zstd-1 over plain integers, and are smaller.
+_STEP_SCALARS_OPTIONS: dict[str, Any] = {
+    **_PARQUET_OPTIONS,
+    "compression": "lz4",
+    "compression_level": None,
+    "column_encoding": {
+        c: "DELTA_BINARY_PACKED" for c in ("step", "t_start_ns", "t_end_ns", "gpu_start_ns", "gpu_end_ns")
+    },
+    "write_batch_size": 65536,
 }
 _VIEW_TABLES = (
     "steps",
@@ -219,9 +231,10 @@ def load_traces(
             if strict:
                 raise
             errors.append(str(exc))
-    # Steps before experts: the expert summary needs each step's phase.
+    # Steps before experts: the expert summary needs each step's phase. Per rank, the steps file's
+    # cached scalars; its phase map is read only when an experts file of that rank is converted.
     headers.sort(key=lambda h: (h[1].table_kind != "steps", str(h[0])))
-    phase_maps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    phase_maps: dict[tuple[str, str], Path] = {}
     for i, (path, header) in enumerate(headers):
         if progress:
             progress(i, len(headers), str(path))
@@ -299,7 +312,7 @@ def _load_file(
     kind: str,
     run: RunMetadata,
     cache: Path,
-    phase_maps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    phase_maps: dict[tuple[str, str], Path],
     expert_counts: bool = True,
 ) -> LoadedFile:
     rank_key = (run.run_id, run.rank.tag())
@@ -332,18 +345,18 @@ def _load_file(
                     cache_key=key,
                 )
                 if kind == "steps":
-                    phase_maps[rank_key] = _read_phase_map(parquet["step_scalars"])
+                    phase_maps[rank_key] = parquet["step_scalars"]
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
     identity = _identity(run)
     if kind == "experts":
-        parquet, scan = _convert_experts(
-            path, run, identity, cache, key, phase_maps.get(rank_key), write_raw=expert_counts
-        )
+        scalars = phase_maps.get(rank_key)
+        phase_map = _read_phase_map(scalars) if scalars is not None else None
+        parquet, scan = _convert_experts(path, run, identity, cache, key, phase_map, write_raw=expert_counts)
     elif kind == "steps":
         parquet, scan = _convert_steps(path, run, identity, cache, key)
-        phase_maps[rank_key] = _read_phase_map(parquet["step_scalars"])
+        phase_maps[rank_key] = parquet["step_scalars"]
     else:
         parquet, scan = _convert_plain(path, kind, identity, cache, key)
     info = {
@@ -473,8 +486,10 @@ def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
 
 
 def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str):
-    """One pass: scalar columns + per-step request sums -> `<key>.step_scalars.parquet`."""
-    sink = _ParquetSink(cache / f"{key}.step_scalars.parquet")
+    """One pass: scalar columns + per-step request sums -> `<key>.step_scalars.parquet` (written on
+    a second thread while the scan computes the next batch's sums)."""
+    target = cache / f"{key}.step_scalars.parquet"
+    sink = BackgroundParquetWriter(target.with_suffix(".tmp"), **_STEP_SCALARS_OPTIONS)
     lists = set(_list_columns("steps"))
     windows = _sum_windows(run)
 
@@ -491,11 +506,17 @@ def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache
         )
         sink.write(_with_identity(scalars, identity))
 
-    scan = scan_trace_file(path, on_batch)
+    try:
+        scan = scan_trace_file(path, on_batch)
+    except BaseException:
+        sink.abort()
+        raise
     empty = pa.schema([f for f in scan.schema if f.name not in lists])
     empty_sums = request_sums(_empty_steps_batch(), windows)
     empty = pa.schema([*empty, *(pa.field(k, v.type) for k, v in empty_sums.items())])
-    return {"step_scalars": sink.close(_identity_schema(empty))}, scan
+    sink.close(_identity_schema(empty))
+    os.replace(sink.path, target)
+    return {"step_scalars": target}, scan
 
 
 def _empty_steps_batch() -> pa.RecordBatch:
