@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -598,7 +599,9 @@ def _convert_experts(
         layer_active = active.sum(axis=2, dtype=np.int32)  # [rows, layers]
         layer_tokens = counts.sum(axis=2, dtype=np.int64)
         layer_max = counts.max(axis=2)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            # An idle step routes no token: its imbalance is NaN by definition, not worth a warning.
+            warnings.simplefilter("ignore", RuntimeWarning)
             imbalance = np.where(layer_tokens > 0, layer_max * n_experts / layer_tokens, np.nan)
             imbalance_mean = np.nanmean(imbalance, axis=1)
         step = np.asarray(batch.column("step"))
