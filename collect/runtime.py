@@ -12,6 +12,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,15 @@ from typing import Any
 from moecap.schemas import GpuInfo
 
 _PACKAGES = ("moecap", "torch", "transformers", "pyarrow", "numpy", "vllm", "sglang", "nvidia-ml-py")
+
+
+def parse_release(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a release string; local and pre-release parts are ignored
+    ('0.26.0+cu130' -> (0, 26, 0), '0.34.0rc1' -> (0, 34, 0), '0.5.16.post1' -> (0, 5, 16))."""
+    m = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if m is None:
+        raise ValueError(f"not a version: {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str]:

@@ -31,9 +31,10 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
+
+from .. import runtime
 
 log = logging.getLogger("moecap.collect.engines.sglang")
 
@@ -76,12 +77,8 @@ _PHASE_OF_MODE = {
 # ---------------------------------------------------------------------------------------------------
 # Versions
 # ---------------------------------------------------------------------------------------------------
-def parse_version(text: str) -> tuple[int, int, int]:
-    """(major, minor, patch) of a version string ('0.5.16.post1' -> (0, 5, 16))."""
-    m = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if m is None:
-        raise ValueError(f"not a version: {text!r}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+parse_version = runtime.parse_release
+"""(major, minor, patch) of an engine release string (shared with the other engine adapters)."""
 
 
 def installed_version() -> str | None:

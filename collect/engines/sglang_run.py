@@ -61,6 +61,7 @@ from .offline import (
     read_config,
     write_client_tables,
 )
+from .tracing_env import tracer_environment
 
 DEFAULT_MAX_NEW_TOKENS = 256
 ENTRY_POINT = "moecap.collect.engines.sglang:register"
@@ -154,21 +155,10 @@ def tracing_env(
     stats_dir: str | None = None,
 ) -> dict[str, str]:
     """The variables that turn the plugin on in every SGLang process (they inherit the environment)."""
-    env = {
-        adapter.ENV_TRACE_DIR: str(out.resolve()),
-        adapter.ENV_RUN_ID: run_id,
-        adapter.ENV_COUNTS: "1" if counts else "0",
-        adapter.ENV_MODEL_ID: model_id,
-        adapter.ENV_WORKLOAD: json.dumps(workload, separators=(",", ":"), default=str),
-    }
-    if strict:
-        env[adapter.ENV_STRICT] = "1"
-    if stats_dir:
-        env[adapter.ENV_STATS_DIR] = stats_dir
-    allow = os.environ.get("SGLANG_PLUGINS")
-    if allow is not None and compat.PLUGIN_NAME not in [p.strip() for p in allow.split(",")]:
-        env["SGLANG_PLUGINS"] = ",".join([p for p in allow.split(",") if p.strip()] + [compat.PLUGIN_NAME])
-    return env
+    return tracer_environment(
+        out, run_id, counts=counts, model_id=model_id, workload=workload, strict=strict,
+        stats_dir=stats_dir, plugin_allow_list=("SGLANG_PLUGINS", compat.PLUGIN_NAME),
+    )  # fmt: skip
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moecap.schemas import new_run_id
@@ -23,6 +25,40 @@ ENV_STRICT = "MOECAP_STRICT_ENGINE"
 ENV_MODEL_ID = "MOECAP_MODEL_ID"
 ENV_WORKLOAD = "MOECAP_WORKLOAD"
 ENV_STATS_DIR = "MOECAP_STATS_DIR"
+
+
+def tracer_environment(
+    out: Path,
+    run_id: str,
+    *,
+    counts: bool,
+    model_id: str,
+    workload: dict[str, Any],
+    strict: bool,
+    stats_dir: str | None = None,
+    plugin_allow_list: tuple[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The variables that turn an engine's moecap plugin on in every engine process (they inherit the
+    environment). `plugin_allow_list`: (the engine's allow-list variable, our plugin's name); where the
+    user set that list, the plugin is appended to it, else the variable is left unset (all plugins load)."""
+    env = {
+        ENV_TRACE_DIR: str(out.resolve()),
+        ENV_RUN_ID: run_id,
+        ENV_COUNTS: "1" if counts else "0",
+        ENV_MODEL_ID: model_id,
+        ENV_WORKLOAD: json.dumps(workload, separators=(",", ":"), default=str),
+    }
+    if strict:
+        env[ENV_STRICT] = "1"
+    if stats_dir:
+        env[ENV_STATS_DIR] = stats_dir
+    if plugin_allow_list is not None:
+        variable, name = plugin_allow_list
+        allow = (os.environ if environ is None else environ).get(variable)
+        if allow is not None and name not in [p.strip() for p in allow.split(",")]:
+            env[variable] = ",".join([p for p in allow.split(",") if p.strip()] + [name])
+    return env
 
 
 def env_flag(name: str, default: str) -> bool:

@@ -43,10 +43,11 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from .. import runtime
 
 log = logging.getLogger("moecap.collect.engines.vllm")
 
@@ -69,13 +70,8 @@ _CONFIG_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k"
 # ---------------------------------------------------------------------------------------------------
 # Versions
 # ---------------------------------------------------------------------------------------------------
-def parse_version(text: str) -> tuple[int, int, int]:
-    """(major, minor, patch) of a vLLM version string; local and pre-release parts are ignored
-    ('0.26.0+cu130' -> (0, 26, 0), '0.34.0rc1' -> (0, 34, 0), '0.27.1.dev12' -> (0, 27, 1))."""
-    m = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if m is None:
-        raise ValueError(f"not a version: {text!r}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+parse_version = runtime.parse_release
+"""(major, minor, patch) of an engine release string (shared with the other engine adapters)."""
 
 
 def installed_version() -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 import shlex
 import shutil
@@ -49,6 +48,7 @@ from .offline import gpu_sampler as _gpu_sampler
 from .offline import load_tokenizer as _tokenizer
 from .offline import read_config as _read_config
 from .offline import write_client_tables as _write_client_tables
+from .tracing_env import tracer_environment
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -118,19 +118,10 @@ def tracing_env(
     out: Path, run_id: str, *, counts: bool, model_id: str, workload: dict[str, Any], strict: bool
 ) -> dict[str, str]:
     """The variables that turn the plugin on in every vLLM process (they inherit the environment)."""
-    env = {
-        adapter.ENV_TRACE_DIR: str(out.resolve()),
-        adapter.ENV_RUN_ID: run_id,
-        adapter.ENV_COUNTS: "1" if counts else "0",
-        adapter.ENV_MODEL_ID: model_id,
-        adapter.ENV_WORKLOAD: json.dumps(workload, separators=(",", ":"), default=str),
-    }
-    if strict:
-        env[adapter.ENV_STRICT] = "1"
-    allow = os.environ.get("VLLM_PLUGINS")
-    if allow is not None and "moecap" not in [p.strip() for p in allow.split(",")]:
-        env["VLLM_PLUGINS"] = ",".join([p for p in allow.split(",") if p.strip()] + ["moecap"])
-    return env
+    return tracer_environment(
+        out, run_id, counts=counts, model_id=model_id, workload=workload, strict=strict,
+        plugin_allow_list=("VLLM_PLUGINS", "moecap"),
+    )  # fmt: skip
 
 
 def preflight(strict: bool) -> list[str]:
