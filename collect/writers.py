@@ -132,3 +132,40 @@ def open_engine_writers(
         return None
     log.info("moecap: tracing %s -> %s", meta.rank.tag(), trace_dir)
     return writers
+
+
+class EngineTraceFiles:
+    """Mixin of an in-engine tracer (vLLM worker, SGLang scheduler): `open_writers()` opens its
+    `steps` (+ `experts`) files once, through `open_engine_writers`. The tracer provides `settings`
+    (trace_dir, rows_per_batch, flush_interval_s), `counting`, `build_metadata()`, and starts with
+    `writers = None`, `metadata = None`, `_closed = False`."""
+
+    writers: RunWriters | None
+    metadata: RunMetadata | None
+    _closed: bool
+    settings: Any
+    counting: bool
+
+    def build_metadata(self) -> RunMetadata:  # pragma: no cover - provided by the tracer
+        raise NotImplementedError
+
+    def open_writers(self) -> RunWriters | None:
+        """This process's trace files (opened once); None when they cannot be written (tracing stops)."""
+        if self.writers is not None or self._closed:
+            return self.writers
+        try:
+            meta = self.build_metadata()
+        except Exception as exc:
+            log.error("moecap: cannot build the run metadata (%s); tracing is off", exc)
+            self._closed = True
+            return None
+        self.metadata = meta
+        self.writers = open_engine_writers(
+            self.settings.trace_dir,
+            meta,
+            experts=self.counting,
+            rows_per_batch=self.settings.rows_per_batch,
+            flush_interval_s=self.settings.flush_interval_s,
+        )
+        self._closed = self.writers is None
+        return self.writers

@@ -70,6 +70,7 @@ from moecap.schemas import (
 from .. import runtime
 from ..counting import ReadyStep, StepReadback
 from ..errors import CollectError
+from ..writers import EngineTraceFiles
 from . import sglang_compat as compat
 
 # The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
@@ -156,7 +157,7 @@ def snapshot_batch(fields: dict[str, Any], *, is_draft: bool = False) -> dict[st
 # ---------------------------------------------------------------------------------------------------
 # The per-process tracer
 # ---------------------------------------------------------------------------------------------------
-class SglangTracer:
+class SglangTracer(EngineTraceFiles):
     """Records the passes of one scheduler process (its target runner and, under spec decoding, its
     draft runner). Created at the first pass, after SGLang built its recorder and captured its graphs."""
 
@@ -394,30 +395,6 @@ class SglangTracer:
                 self.write_stats()
             except Exception as exc:  # pragma: no cover - defensive
                 log.warning("moecap: idle flush failed (%s)", exc)
-
-    # -- files --------------------------------------------------------------------------------------
-    def open_writers(self) -> Any:
-        """Open this process's trace files (once); None when they cannot be written (tracing stops)."""
-        if self.writers is not None or self._closed:
-            return self.writers
-        from ..writers import open_engine_writers
-
-        try:
-            meta = self.build_metadata()
-        except Exception as exc:
-            log.error("moecap: cannot build the run metadata (%s); tracing is off", exc)
-            self._closed = True
-            return None
-        self.metadata = meta
-        self.writers = open_engine_writers(
-            self.settings.trace_dir,
-            meta,
-            experts=self.counting,
-            rows_per_batch=self.settings.rows_per_batch,
-            flush_interval_s=self.settings.flush_interval_s,
-        )
-        self._closed = self.writers is None
-        return self.writers
 
     def build_metadata(self) -> RunMetadata:
         runner = self.runner_ref()

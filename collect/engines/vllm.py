@@ -64,6 +64,7 @@ from moecap.schemas import (
 from .. import runtime
 from ..counting import ReadyStep, StepReadback
 from ..errors import CollectError
+from ..writers import EngineTraceFiles
 from . import vllm_compat as compat
 
 # The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
@@ -294,7 +295,7 @@ class _OpenStep:
     stream: Any
 
 
-class VllmTracer:
+class VllmTracer(EngineTraceFiles):
     """Records the steps of one vLLM worker. Created by the patched `Worker.load_model`."""
 
     def __init__(self, worker: Any, settings: TracerSettings) -> None:
@@ -496,29 +497,6 @@ class VllmTracer:
             return
         writers.step(row, counts)
         self.steps_written += 1
-
-    def open_writers(self) -> Any:
-        """Open this process's trace files (once); None when they cannot be written (tracing stops)."""
-        if self.writers is not None or self._closed:
-            return self.writers
-        from ..writers import open_engine_writers
-
-        try:
-            meta = self.build_metadata()
-        except Exception as exc:
-            log.error("moecap: cannot build the run metadata (%s); tracing is off", exc)
-            self._closed = True
-            return None
-        self.metadata = meta
-        self.writers = open_engine_writers(
-            self.settings.trace_dir,
-            meta,
-            experts=self.counting,
-            rows_per_batch=self.settings.rows_per_batch,
-            flush_interval_s=self.settings.flush_interval_s,
-        )
-        self._closed = self.writers is None
-        return self.writers
 
     def host_facts(self) -> tuple[list[Any], dict[str, Any]]:
         """(GPUs this worker's rows stand for, host facts), read once."""
