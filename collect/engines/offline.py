@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,26 @@ def closed_loop_workload(
         "sampling": "greedy",
         "driver": driver,
     }
+
+
+def exec_traced_server(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    engine: str,
+    run_id: str,
+    out_dir: Path,
+    warnings: Sequence[str],
+    exec_fn: Callable[[str, list[str], dict[str, str]], Any] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Print the run id and warnings, then replace this process by the engine's server (`exec_fn`
+    stands in for `os.execvpe` in tests; then the argv and env are returned)."""
+    for w in warnings:
+        print(f"moecap-collect: warning: {w}", file=sys.stderr)
+    print(
+        f"moecap-collect: run {run_id}: tracing {engine} into {out_dir}/ ({shlex.join(argv[2:])})",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    (exec_fn or os.execvpe)(argv[0], argv, env)
+    return argv, env

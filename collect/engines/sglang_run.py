@@ -54,6 +54,7 @@ from . import sglang_compat as compat
 from .offline import (
     RequestRecord,
     closed_loop_workload,
+    exec_traced_server,
     gpu_sampler,
     load_tokenizer,
     model_dir,
@@ -486,13 +487,7 @@ def serve_command(
             strict=strict_engine,
         )
     )
-    argv = serve_argv(target, args)
-    for w in warnings:
-        print(f"moecap-collect: warning: {w}", file=sys.stderr)
-    print(
-        f"moecap-collect: run {run_id}: tracing SGLang into {out_dir}/ ({shlex.join(argv[2:])})",
-        file=sys.stderr,
-    )
-    sys.stderr.flush()
-    (exec_fn or os.execvpe)(argv[0], argv, env)
-    return argv, env
+    return exec_traced_server(
+        serve_argv(target, args), env, engine="SGLang", run_id=run_id, out_dir=out_dir, warnings=warnings,
+        exec_fn=exec_fn,
+    )  # fmt: skip

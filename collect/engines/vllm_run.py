@@ -43,7 +43,7 @@ from ..errors import CollectError
 from ..writers import prepare_out_dir
 from . import vllm as adapter
 from . import vllm_compat as compat
-from .offline import RequestRecord, closed_loop_workload, model_dir, model_id_of
+from .offline import RequestRecord, closed_loop_workload, exec_traced_server, model_dir, model_id_of
 from .offline import gpu_sampler as _gpu_sampler
 from .offline import load_tokenizer as _tokenizer
 from .offline import read_config as _read_config
@@ -437,13 +437,7 @@ def serve_command(
             strict=strict_engine,
         )
     )
-    argv = serve_argv(target, args)
-    for w in warnings:
-        print(f"moecap-collect: warning: {w}", file=sys.stderr)
-    print(
-        f"moecap-collect: run {run_id}: tracing vLLM into {out_dir}/ ({shlex.join(argv[2:])})",
-        file=sys.stderr,
-    )
-    sys.stderr.flush()
-    (exec_fn or os.execvpe)(argv[0], argv, env)
-    return argv, env
+    return exec_traced_server(
+        serve_argv(target, args), env, engine="vLLM", run_id=run_id, out_dir=out_dir, warnings=warnings,
+        exec_fn=exec_fn,
+    )  # fmt: skip
