@@ -555,56 +555,40 @@ def _read_phase_map(steps_parquet: Path) -> tuple[np.ndarray, np.ndarray]:
     return steps[order], phases[order]
 
 
-def _convert_experts(
-    path: Path,
-    run: RunMetadata,
-    identity: dict[str, Any],
-    cache: Path,
-    key: str,
-    phase_map: tuple[np.ndarray, np.ndarray] | None,
-    *,
-    write_raw: bool = True,
-):
-    experts_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
-    stats_sink = _ParquetSink(cache / f"{key}.expert_step_stats.parquet")
-    n_experts = max(1, int(run.moe.num_experts))
-    layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
-    n_layers = len(layer_ids)
-    totals = np.zeros((len(PHASES) + 1, max(n_layers, 1), n_experts), dtype=np.int64)
-    active_steps = np.zeros_like(totals)
+class _ExpertSummary:
+    """Per-step summaries (-> `expert_step_stats`) and per (phase, layer, expert) totals (->
+    `expert_totals`) of expert counts handed over as [rows, MoE layers, experts] blocks. Used on one
+    file's counts, and on the element-wise sums of ranks that each counted their own share."""
 
-    def on_batch(batch: pa.RecordBatch) -> None:
-        _check_batch_nulls(path, "experts", batch)
-        counts_col = batch.column("counts")
-        lengths = pc.list_value_length(counts_col).to_numpy(zero_copy_only=False)
-        width = n_layers * n_experts
-        if n_layers and np.any(lengths != width):
-            bad = int(lengths[lengths != width][0])
-            raise TraceError(
-                f"{path}: experts.counts has {bad} values in a row, expected {n_layers} MoE layers x "
-                f"{n_experts} experts = {width} (run.moe.layer_ids / num_experts)"
-            )
-        if experts_sink is not None:
-            experts_sink.write(_with_identity(batch, identity))
-        if not n_layers or batch.num_rows == 0:
-            return
-        # Slices bound memory whatever the writer's batch size; counts stay int32 (no widening copy).
-        for start in range(0, batch.num_rows, _SLICE_ROWS):
-            _summarise(batch.slice(start, _SLICE_ROWS))
+    def __init__(
+        self,
+        identity: dict[str, Any],
+        layer_ids: np.ndarray,
+        n_experts: int,
+        phase_map: tuple[np.ndarray, np.ndarray] | None,
+        stats_path: Path,
+    ) -> None:
+        self.identity = identity
+        self.layer_ids = layer_ids
+        self.n_layers = len(layer_ids)
+        self.n_experts = n_experts
+        self.phase_map = phase_map
+        self.stats_sink = _ParquetSink(stats_path)
+        self.totals = np.zeros((len(PHASES) + 1, max(self.n_layers, 1), n_experts), dtype=np.int64)
+        self.active_steps = np.zeros_like(self.totals)
 
-    def _summarise(batch: pa.RecordBatch) -> None:
-        flat = np.asarray(pc.list_flatten(batch.column("counts")))
-        counts = flat.reshape(batch.num_rows, n_layers, n_experts)
+    def add(self, step: np.ndarray, counts: np.ndarray) -> None:
+        """Summarise `counts[i]` ([MoE layers, experts], any integer dtype) of step `step[i]`."""
         active = counts > 0
         layer_active = active.sum(axis=2, dtype=np.int32)  # [rows, layers]
         layer_tokens = counts.sum(axis=2, dtype=np.int64)
         layer_max = counts.max(axis=2)
+        n_experts = self.n_experts
         with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
             # An idle step routes no token: its imbalance is NaN by definition, not worth a warning.
             warnings.simplefilter("ignore", RuntimeWarning)
             imbalance = np.where(layer_tokens > 0, layer_max * n_experts / layer_tokens, np.nan)
             imbalance_mean = np.nanmean(imbalance, axis=1)
-        step = np.asarray(batch.column("step"))
         stats = pa.RecordBatch.from_arrays(
             [
                 pa.array(step),
@@ -625,9 +609,9 @@ def _convert_experts(
                 "layer_tokens_max",
             ],
         )
-        stats_sink.write(_with_identity(stats, identity))
-        if phase_map is not None and len(phase_map[0]):
-            steps_sorted, phases_sorted = phase_map
+        self.stats_sink.write(_with_identity(stats, self.identity))
+        if self.phase_map is not None and len(self.phase_map[0]):
+            steps_sorted, phases_sorted = self.phase_map
             pos = np.clip(np.searchsorted(steps_sorted, step), 0, len(steps_sorted) - 1)
             phase_idx = np.where(steps_sorted[pos] == step, phases_sorted[pos], len(PHASES))
         else:
@@ -635,57 +619,104 @@ def _convert_experts(
         for ph in np.unique(phase_idx):
             sel = phase_idx == ph
             if sel.all():
-                totals[ph] += counts.sum(axis=0, dtype=np.int64)
-                active_steps[ph] += active.sum(axis=0, dtype=np.int64)
+                self.totals[ph] += counts.sum(axis=0, dtype=np.int64)
+                self.active_steps[ph] += active.sum(axis=0, dtype=np.int64)
             else:
-                totals[ph] += counts[sel].sum(axis=0, dtype=np.int64)
-                active_steps[ph] += active[sel].sum(axis=0, dtype=np.int64)
+                self.totals[ph] += counts[sel].sum(axis=0, dtype=np.int64)
+                self.active_steps[ph] += active[sel].sum(axis=0, dtype=np.int64)
 
-    scan = scan_trace_file(path, on_batch)
-    out = {
-        "expert_step_stats": stats_sink.close(
-            pa.schema(
-                [pa.field("run_id", pa.string())]
-                + [pa.field(k, pa.int32()) for k in _RANK_COLUMNS[1:]]
-                + [
-                    pa.field("step", pa.int64()),
-                    pa.field("active_experts", pa.int32()),
-                    pa.field("routed_tokens", pa.int64()),
-                    pa.field("imbalance_mean", pa.float64()),
-                    pa.field("imbalance_max", pa.float64()),
-                    pa.field("layer_tokens_min", pa.int64()),
-                    pa.field("layer_tokens_max", pa.int64()),
-                ]
-            )
-        ),
-    }
-    phase_names = [*PHASES, "unknown"]
-    ph, li, ex = np.nonzero(np.ones_like(totals, dtype=bool)) if n_layers else (np.array([]),) * 3
-    keep = (active_steps[ph, li, ex] > 0) | (totals[ph, li, ex] > 0) if n_layers else np.array([], bool)
-    # Keep every (phase, layer, expert) of phases that occurred, so dead experts show as zeros.
-    seen_phase = totals.sum(axis=(1, 2)) > 0 if n_layers else np.array([], bool)
-    keep = seen_phase[ph] if n_layers else keep
-    n = int(np.count_nonzero(keep))
-    totals_table = pa.table(
-        {
-            "run_id": pa.array([identity["run_id"]] * n, pa.string()),
-            **{k: pa.array(np.full(n, identity[k], np.int32)) for k in _RANK_COLUMNS[1:]},
-            "phase": pa.array([phase_names[i] for i in ph[keep]], pa.string()),
-            "moe_layer": pa.array(li[keep].astype(np.int32)),
-            "layer": pa.array(layer_ids[li[keep]] if n_layers else np.array([], np.int32)),
-            "expert": pa.array(ex[keep].astype(np.int32)),
-            "tokens": pa.array(totals[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)),
-            "active_steps": pa.array(
-                active_steps[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)
+    def close(self, totals_path: Path) -> dict[str, Path]:
+        """Write both tables; their paths by view name."""
+        identity, layer_ids, n_layers = self.identity, self.layer_ids, self.n_layers
+        totals, active_steps = self.totals, self.active_steps
+        out = {
+            "expert_step_stats": self.stats_sink.close(
+                pa.schema(
+                    [pa.field("run_id", pa.string())]
+                    + [pa.field(k, pa.int32()) for k in _RANK_COLUMNS[1:]]
+                    + [
+                        pa.field("step", pa.int64()),
+                        pa.field("active_experts", pa.int32()),
+                        pa.field("routed_tokens", pa.int64()),
+                        pa.field("imbalance_mean", pa.float64()),
+                        pa.field("imbalance_max", pa.float64()),
+                        pa.field("layer_tokens_min", pa.int64()),
+                        pa.field("layer_tokens_max", pa.int64()),
+                    ]
+                )
             ),
         }
+        phase_names = [*PHASES, "unknown"]
+        ph, li, ex = np.nonzero(np.ones_like(totals, dtype=bool)) if n_layers else (np.array([]),) * 3
+        # Keep every (phase, layer, expert) of phases that occurred, so dead experts show as zeros.
+        seen_phase = totals.sum(axis=(1, 2)) > 0 if n_layers else np.array([], bool)
+        keep = seen_phase[ph] if n_layers else np.array([], bool)
+        n = int(np.count_nonzero(keep))
+        totals_table = pa.table(
+            {
+                "run_id": pa.array([identity["run_id"]] * n, pa.string()),
+                **{k: pa.array(np.full(n, identity[k], np.int32)) for k in _RANK_COLUMNS[1:]},
+                "phase": pa.array([phase_names[i] for i in ph[keep]], pa.string()),
+                "moe_layer": pa.array(li[keep].astype(np.int32)),
+                "layer": pa.array(layer_ids[li[keep]] if n_layers else np.array([], np.int32)),
+                "expert": pa.array(ex[keep].astype(np.int32)),
+                "tokens": pa.array(
+                    totals[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)
+                ),
+                "active_steps": pa.array(
+                    active_steps[ph[keep], li[keep], ex[keep]] if n_layers else np.array([], np.int64)
+                ),
+            }
+        )
+        pq.write_table(totals_table, totals_path.with_suffix(".tmp"), compression="zstd")
+        os.replace(totals_path.with_suffix(".tmp"), totals_path)
+        out["expert_totals"] = totals_path
+        return out
+
+
+def _convert_experts(
+    path: Path,
+    run: RunMetadata,
+    identity: dict[str, Any],
+    cache: Path,
+    key: str,
+    phase_map: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    write_raw: bool = True,
+):
+    experts_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
+    n_experts = max(1, int(run.moe.num_experts))
+    layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
+    n_layers = len(layer_ids)
+    summary = _ExpertSummary(
+        identity, layer_ids, n_experts, phase_map, cache / f"{key}.expert_step_stats.parquet"
     )
+
+    def on_batch(batch: pa.RecordBatch) -> None:
+        _check_batch_nulls(path, "experts", batch)
+        counts_col = batch.column("counts")
+        lengths = pc.list_value_length(counts_col).to_numpy(zero_copy_only=False)
+        width = n_layers * n_experts
+        if n_layers and np.any(lengths != width):
+            bad = int(lengths[lengths != width][0])
+            raise TraceError(
+                f"{path}: experts.counts has {bad} values in a row, expected {n_layers} MoE layers x "
+                f"{n_experts} experts = {width} (run.moe.layer_ids / num_experts)"
+            )
+        if experts_sink is not None:
+            experts_sink.write(_with_identity(batch, identity))
+        if not n_layers or batch.num_rows == 0:
+            return
+        # Slices bound memory whatever the writer's batch size; counts stay int32 (no widening copy).
+        for start in range(0, batch.num_rows, _SLICE_ROWS):
+            part = batch.slice(start, _SLICE_ROWS)
+            flat = np.asarray(pc.list_flatten(part.column("counts")))
+            summary.add(np.asarray(part.column("step")), flat.reshape(part.num_rows, n_layers, n_experts))
+
+    scan = scan_trace_file(path, on_batch)
+    out = summary.close(cache / f"{key}.expert_totals.parquet")
     if experts_sink is not None:
         out["experts"] = experts_sink.close(_identity_schema(scan.schema))
-    totals_path = cache / f"{key}.expert_totals.parquet"
-    pq.write_table(totals_table, totals_path.with_suffix(".tmp"), compression="zstd")
-    os.replace(totals_path.with_suffix(".tmp"), totals_path)
-    out["expert_totals"] = totals_path
     return out, scan
 
 
