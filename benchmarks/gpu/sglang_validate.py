@@ -19,7 +19,10 @@ a stage that would start too late for `--budget-s` is skipped and listed:
    Checks every pass: per MoE layer, sum of counts = the ForwardBatch's real tokens x top_k. Reads the
    trace back through `moecap.schemas` (and `moecap-analyze check` where the analyzer imports).
 2. `off`     — the same engine without tracing: throughput repeats.
-3. `steps`   — tracing with `MOECAP_COUNTS=0` (steps only): throughput repeats.
+3. `run`     — `moecap-collect run --engine sglang` as users run it (the CLI in a subprocess): the same
+   checks on its trace, plus its client tables (every request of `steps` in `requests`), and whether
+   the files were closed (end-of-stream marker) before SGLang's shutdown killed the schedulers.
+4. `steps`   — tracing with `MOECAP_COUNTS=0` (steps only): throughput repeats.
 
 Engine start is ~2 min, so each mode runs all its repeats inside one engine; modes are sequential
 (three engines at 0.8 of the GPU's memory do not fit together), so the overhead figures compare medians
@@ -46,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("experts", "off", "steps")
-ESTIMATES_S = {"experts": 200, "off": 150, "steps": 150}
+STAGES = ("experts", "run", "off", "steps")
+ESTIMATES_S = {"experts": 200, "run": 150, "off": 150, "steps": 150}
 """Rough stage times on an H200 (engine start ~120 s + workloads), for the budget."""
 
 
@@ -246,9 +249,52 @@ def generate(engine: Any, ids: list[list[int]], out_tokens: int) -> dict[str, An
     return {"prompts": len(ids), "tokens": tokens, "wall_s": round(wall, 3)}
 
 
+CLI = "import sys; sys.argv = ['moecap-collect', *sys.argv[1:]]; from moecap.collect.cli import main; main()"
+
+
+def run_stage(args: argparse.Namespace) -> dict[str, Any]:
+    """`moecap-collect run --engine sglang` through the real command line, then the trace checks."""
+    from moecap.schemas import read_trace_file
+
+    out = Path(args.out)
+    run_dir = out / "run"
+    plugin_env(out, "off", run_dir, out / "stats_run")  # the entry point findable; `run` sets MOECAP_*
+    cmd = [sys.executable, "-c", CLI, "run", "--engine", "sglang", "--model", args.model, "--random-weights",
+           "--dataset", f"synthetic:{args.tp_in}x{args.tp_out}", "--num-prompts", str(args.run_prompts),
+           "--batch-size", str(args.run_batch), "--ignore-eos", "--out", str(run_dir), "--no-progress",
+           "--max-batch-tokens", str(args.chunked_prefill_size),
+           "--engine-args", f"--mem-fraction-static {args.mem_fraction} --context-length {args.context_length}"]  # fmt: skip
+    log(f"run: {' '.join(cmd[3:])}")
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
+    result: dict[str, Any] = {
+        "mode": "run",
+        "argv": cmd[3:],
+        "rc": p.returncode,
+        "run_s": round(time.time() - t0, 1),
+        "output_tail": (p.stdout + p.stderr)[-4000:],
+    }
+    if p.returncode != 0:
+        raise RuntimeError(f"moecap-collect run exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+    result["check"] = check_trace(run_dir)
+    req_files = sorted(run_dir.glob("*.requests.arrow"))
+    steps_files = sorted(run_dir.glob("*.steps.arrow"))
+    if req_files and steps_files:
+        req = read_trace_file(req_files[0])
+        ids = set(req.table.column("req_id").to_pylist())
+        seen = {i for row in read_trace_file(steps_files[0]).table.column("req_ids").to_pylist() for i in row}
+        result["requests"] = len(ids)
+        result["requests_complete"] = req.complete
+        result["step_req_ids_not_in_requests"] = len(seen - ids)
+        result["requests_never_in_steps"] = len(ids - seen)
+    return result
+
+
 def stage(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     mode = args.stage
+    if mode == "run":
+        return run_stage(args)
     trace_dir = Path(args.trace_dir) if mode == "experts" else out / f"trace_{mode}"
     stats_dir = out / f"stats_{mode}"
     plugin_env(out, mode, trace_dir, stats_dir)
@@ -295,6 +341,10 @@ def stage(args: argparse.Namespace) -> dict[str, Any]:
         result["throughput"] = reps
         result.update(summarize_throughput(reps))
         time.sleep(2.5)  # the tracer's idle flusher writes finished passes and stats within ~1 s
+        if mode != "off":
+            from moecap.collect.engines.sglang import request_close
+
+            _, result["close_problems"] = request_close(stats_dir, 15.0)
     finally:
         try:
             engine.shutdown()
@@ -369,6 +419,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp-in", type=int, default=200)
     ap.add_argument("--tp-out", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--run-prompts", type=int, default=64, help="run stage: requests")
+    ap.add_argument("--run-batch", type=int, default=16, help="run stage: requests in flight")
     return ap
 
 
@@ -402,6 +454,12 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
         "errors": {k: v.get("error") for k, v in st.items() if not v.get("ok")},
         "skipped": summary.get("skipped"),
         "invariant_violations": ex.get("invariant_violations"),
+        "run_stage": {
+            k: ((st.get("run") or {}).get("check") or {}).get(k)
+            for k in ("invariant_violations", "steps", "phases", "steps_complete", "experts_complete")
+        }
+        | {k: (st.get("run") or {}).get(k) for k in ("requests", "step_req_ids_not_in_requests", "run_s")},
+        "experts_files_complete": [ex.get("steps_complete"), ex.get("experts_complete")],
         "first_violations": ex.get("first_violations"),
         "steps": ex.get("steps"),
         "phases": ex.get("phases"),

@@ -40,6 +40,11 @@ Ranks: attention-TP rank 0 of every attention-DP rank and PP stage writes
 writes, counts are that rank's contribution, and `run.extra.sglang.counts_scope = "sum_over_ranks"`
 tells the analyzer to sum them.
 
+Closing: SGLang's shutdown SIGKILLs its schedulers, so a file would end without Arrow's end-of-stream
+marker (nothing finished is lost: the idle flusher has written it, and readers recover it as truncated).
+`moecap-collect run` therefore sends `CLOSE_SIGNAL` (SIGUSR2) to every recording scheduler first
+(`request_close`); the handler closes the tracer's files on a thread, and the stats file says `closed`.
+
 Environment: `MOECAP_TRACE_DIR`, `MOECAP_RUN_ID`, `MOECAP_COUNTS=0` (steps only), `MOECAP_STRICT_ENGINE=1`,
 `MOECAP_MODEL_ID`, `MOECAP_WORKLOAD` (JSON), `MOECAP_STATS_DIR` (per-process JSON stats, for validation).
 """
@@ -50,6 +55,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -470,6 +476,7 @@ class SglangTracer(EngineTraceFiles):
             "readback_waits": self.readback.waits,
             "errors": list(self.errors),
             "files": {k: str(v) for k, v in (self.writers.paths.items() if self.writers is not None else [])},
+            "closed": self._closed,
         }
 
     def write_stats(self) -> None:
@@ -478,7 +485,9 @@ class SglangTracer(EngineTraceFiles):
         path = Path(self.settings.stats_dir) / f"sglang-tracer-{os.getpid()}.json"
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.stats()))
+            tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(self.stats()))
+            os.replace(tmp, path)  # readers never see half a file
 
     def close(self) -> None:
         """Wait for the GPU (shutdown only), write the last rows and close the files. Idempotent."""
@@ -592,7 +601,62 @@ def register() -> None:
             util.Finalize(None, _close_all, exitpriority=100)
         except Exception:  # pragma: no cover
             pass
+        _install_close_signal()
         _REGISTERED = True
+
+
+CLOSE_SIGNAL = signal.SIGUSR2
+"""Asks a scheduler's tracer to close its files (SGLang uses neither SIGUSR; a handler already there is
+still called after ours)."""
+
+
+def _install_close_signal() -> bool:
+    """Handle `CLOSE_SIGNAL` in this process (only the main thread may install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(CLOSE_SIGNAL)
+
+    def on_close_signal(signum: int, frame: Any) -> None:
+        # The main thread may be inside a traced pass holding the tracer's lock: close on a thread.
+        threading.Thread(target=_close_all, name="moecap-close", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(CLOSE_SIGNAL, on_close_signal)
+    return True
+
+
+def request_close(
+    stats_dir: str | os.PathLike[str], timeout_s: float = 10.0
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Send `CLOSE_SIGNAL` to every recording tracer that wrote stats under `stats_dir` and wait until
+    each says `closed` (at most `timeout_s`). Returns the last stats and one warning line per tracer that
+    did not close (its files then lack the end-of-stream marker; readers recover them)."""
+
+    def read() -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(Path(stats_dir).glob("sglang-tracer-*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(p.read_text()))
+        return out
+
+    open_pids = {int(s["pid"]) for s in read() if s.get("recorder") and not s.get("closed") and s.get("pid")}
+    for pid in sorted(open_pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, CLOSE_SIGNAL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = read()
+        waiting = {int(s["pid"]) for s in stats if s.get("pid") in open_pids and not s.get("closed")}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    problems = [
+        f"SGLang scheduler pid {pid}: trace files not closed within {timeout_s:g} s "
+        "(they end without the end-of-stream marker; moecap-analyze recovers every finished row)"
+        for pid in sorted(waiting)
+    ]
+    return stats, problems
 
 
 def _before_graph_capture(*args: Any, **kwargs: Any) -> None:

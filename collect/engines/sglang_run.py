@@ -33,7 +33,6 @@ import contextlib
 import importlib.metadata
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from .offline import (
     load_tokenizer,
     model_dir,
     model_id_of,
+    parse_engine_flags,
     read_config,
     write_client_tables,
 )
@@ -199,11 +199,14 @@ def sglang_argv(argv: Sequence[str]) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(prog="moecap-collect run --engine sglang", exit_on_error=False)
     ServerArgs.add_cli_args(parser)
-    try:
-        ns = parser.parse_args(["--model-path", "placeholder", *argv])
-        defaults = parser.parse_args(["--model-path", "placeholder"])
-    except (SystemExit, argparse.ArgumentError):
-        raise CollectError(f"cannot parse SGLang server flags: {shlex.join(argv)}") from None
+    ns, defaults = parse_engine_flags(
+        lambda: (
+            parser.parse_args(["--model-path", "placeholder", *argv]),
+            parser.parse_args(["--model-path", "placeholder"]),
+        ),
+        "SGLang server",
+        argv,
+    )
     names = set(compat.server_arg_names(ServerArgs)) or set(vars(ns))
     return {
         k: v
@@ -310,7 +313,10 @@ def _run(
         meta = client_metadata(run_id, model_id, config, kwargs, options, workload, warnings)
         with gpu_sampler(out, meta, options.gpu_sample_interval_s):
             records, wall_s = drive(engine, prompts, options, progress)
-        stats = wait_for_tracers(stats_dir, options.flush_wait_s)
+        wait_for_tracers(stats_dir, options.flush_wait_s)
+        # Before SGLang's shutdown SIGKILLs the schedulers: let them close their files.
+        stats, problems = adapter.request_close(stats_dir, options.flush_wait_s)
+        warnings.extend(problems)
     finally:
         if engine is not None:
             with contextlib.suppress(Exception):

@@ -223,3 +223,66 @@ def test_steps_only_leaves_the_gatherer_alone(sgl, monkeypatch):
     sgl.install()
     assert not getattr(cls.on_select_experts, "_moecap_masks_padding", False)
     assert compat.CAPTURE_TARGET not in sgl.HookRegistry._patched
+
+
+_IDLE_SCHEDULER = """
+import pathlib, sys, time
+import pytest, torch
+sys.path.insert(0, {tests!r})
+from sglang_objects import Sgl, make_batch
+
+mp = pytest.MonkeyPatch()
+env = Sgl(mp, pathlib.Path({tmp!r}))
+mp.setenv("MOECAP_STATS_DIR", {stats!r})
+env.install()  # register() in this process's main thread, as load_plugins() in a scheduler
+env.set_recorder()
+r = env.runner([torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)])
+r.forward(make_batch("EXTEND", ["a", "b"], seq_lens=[1, 1], extend_seq_lens_cpu=[1, 1],
+                     extend_prefix_lens_cpu=[0, 0], extend_num_tokens=2))
+print("READY", flush=True)
+while True:  # idle, waiting for requests, until SGLang's shutdown SIGKILLs it
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("close_first", [True, False])
+def test_close_request_ends_the_files_before_sglang_kills_the_scheduler(sgl, tmp_path, close_first):
+    """SGLang's shutdown SIGKILLs its schedulers; `request_close` (what `run` sends first) makes the
+    files end with the end-of-stream marker. Without it the same kill leaves them truncated."""
+    import signal
+    import time
+
+    from moecap.schemas.reader import read_trace_file
+
+    stats = tmp_path / "stats"
+    script = tmp_path / "scheduler.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(_IDLE_SCHEDULER.format(tests=tests, tmp=str(tmp_path), stats=str(stats)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()[-3000:]
+        deadline = time.monotonic() + 60
+        files: list = []
+        while time.monotonic() < deadline:  # the idle flusher writes the row and the stats
+            files = sorted((tmp_path / "trace").glob("*.steps.arrow"))
+            if (
+                files
+                and list(stats.glob("sglang-tracer-*.json"))
+                and read_trace_file(files[0]).table.num_rows
+            ):
+                break
+            time.sleep(0.1)
+        assert files, "the scheduler wrote no steps file"
+        if close_first:
+            final, problems = sgl.adapter.request_close(stats, timeout_s=30)
+            assert problems == []
+            assert [s["closed"] for s in final if s["recorder"]] == [True]
+            assert proc.poll() is None, "closing the files must not stop the scheduler"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    tf = read_trace_file(files[0])
+    assert tf.table.num_rows == 1
+    assert tf.complete is close_first
