@@ -86,6 +86,15 @@ def run(
     dataset_path: str | None = typer.Option(None, "--dataset-path", help="Local copy of a named dataset."),
     run_id: str | None = typer.Option(None, "--run-id", help="Run id (default: time-model-random)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    engine_args: str | None = typer.Option(
+        None,
+        "--engine-args",
+        help='vllm/sglang: further engine flags as one string, e.g. "--tensor-parallel-size 2" (vLLM) '
+        'or "--tp-size 2 --mem-fraction-static 0.8" (SGLang); parsed by the engine\'s own parser.',
+    ),
+    strict_engine: bool = typer.Option(
+        False, "--strict-engine", help="vllm/sglang: refuse an engine release outside the supported range."
+    ),
 ) -> None:
     """Run a workload and record it."""
     if engine is Engine.vllm:  # vLLM's offline engine, in its own module (collect/engines/vllm_cli.py)
@@ -96,6 +105,7 @@ def run(
             random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
             seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
             max_batch_tokens=max_batch_tokens, block_size=block_size, run_id=run_id, dataset_path=dataset_path,
+            engine_args=engine_args, strict_engine=strict_engine,
         )  # fmt: skip
     if engine is Engine.sglang:  # SGLang's offline engine, in its own module (collect/engines/sglang_cli.py)
         from .engines.sglang_cli import run_from_cli as run_sglang
@@ -105,7 +115,10 @@ def run(
             random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
             seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
             max_batch_tokens=max_batch_tokens, run_id=run_id, dataset_path=dataset_path,
+            engine_args=engine_args, strict_engine=strict_engine,
         )  # fmt: skip
+    if engine_args or strict_engine:
+        raise CollectError("--engine-args and --strict-engine apply to --engine vllm and sglang, not hf")
     from .writers import prepare_out_dir
 
     prepare_out_dir(out)  # fail before loading a model

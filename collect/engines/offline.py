@@ -6,6 +6,7 @@ runs while the workload does. Engine-neutral: no engine is imported here."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -199,3 +200,16 @@ def exec_traced_server(
     sys.stderr.flush()
     (exec_fn or os.execvpe)(argv[0], argv, env)
     return argv, env
+
+
+def parse_engine_flags(parse: Callable[[], Any], what: str, argv: Sequence[str]) -> Any:
+    """`parse()` (an engine's argparse over `argv`) with argparse's usage dump kept off stderr: a flag
+    the engine rejects becomes one `CollectError` line naming the flags and argparse's reason."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse()
+    except (SystemExit, Exception) as exc:
+        lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
+        reason = lines[-1].split("error: ", 1)[-1] if lines else str(exc) or type(exc).__name__
+        raise CollectError(f"cannot parse {what} flags {shlex.join(argv)!r}: {reason}") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -43,7 +42,14 @@ from ..errors import CollectError
 from ..writers import prepare_out_dir
 from . import vllm as adapter
 from . import vllm_compat as compat
-from .offline import RequestRecord, closed_loop_workload, exec_traced_server, model_dir, model_id_of
+from .offline import (
+    RequestRecord,
+    closed_loop_workload,
+    exec_traced_server,
+    model_dir,
+    model_id_of,
+    parse_engine_flags,
+)
 from .offline import gpu_sampler as _gpu_sampler
 from .offline import load_tokenizer as _tokenizer
 from .offline import read_config as _read_config
@@ -150,11 +156,14 @@ def vllm_argv(argv: Sequence[str]) -> dict[str, Any]:
         from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef,attr-defined]
 
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="moecap-collect run --engine vllm"))
-    try:
-        ns = parser.parse_args(["--model", "placeholder", *argv])
-        defaults = parser.parse_args(["--model", "placeholder"])
-    except SystemExit:
-        raise CollectError(f"cannot parse vLLM engine flags: {shlex.join(argv)}") from None
+    ns, defaults = parse_engine_flags(
+        lambda: (
+            parser.parse_args(["--model", "placeholder", *argv]),
+            parser.parse_args(["--model", "placeholder"]),
+        ),
+        "vLLM engine",
+        argv,
+    )
     out = {}
     for f in dataclasses.fields(EngineArgs):
         if f.name == "model" or not hasattr(ns, f.name):

@@ -41,3 +41,13 @@ def test_the_engine_choice_lists_sglang():
     out = _cli("run", "--engine", "nope", "--model", "m", "--dataset", "d", "--num-prompts", "1",
                "--batch-size", "1", "--out", "x")  # fmt: skip
     assert out.returncode == 2 and "'hf', 'vllm', 'sglang'" in flat(out.stderr)
+
+
+def test_engine_args_are_refused_for_hf_in_one_line(tmp_path):
+    out = _cli("run", "--engine", "hf", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
+               "--batch-size", "1", "--out", str(tmp_path / "t"), "--engine-args", "--tp-size 2")  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "moecap-collect: error: --engine-args and --strict-engine apply to --engine vllm and sglang, not hf"
+    ]
+    assert not (tmp_path / "t").exists(), "refused before anything is created"

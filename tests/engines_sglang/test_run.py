@@ -259,6 +259,43 @@ def test_engine_flags_parse_with_sglangs_own_parser(sglang_version):
         sglang_run.sglang_argv(["--no-such-flag"])
 
 
+def test_run_command_hands_engine_args_to_sglangs_parser(sglang_version, tmp_path, monkeypatch):
+    """`moecap-collect run --engine sglang --engine-args "…"`: the flags reach `SglangRunOptions` as
+    ServerArgs fields; a flag SGLang does not know is one line, before any engine starts."""
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from moecap.collect import cli
+
+    cli._register()
+    seen: list[sglang_run.SglangRunOptions] = []
+
+    def fake_run(options: sglang_run.SglangRunOptions, **_: Any) -> Any:
+        seen.append(options)
+        raise CollectError("stop here")
+
+    monkeypatch.setattr(sglang_run, "run", fake_run)
+    base = ["run", "--engine", "sglang", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
+            "--batch-size", "1", "--out", str(tmp_path / "t")]  # fmt: skip
+    res = CliRunner().invoke(
+        cli.app, [*base, "--engine-args", "--tp-size 2 --mem-fraction-static 0.7", "--strict-engine"]
+    )
+    assert isinstance(res.exception, CollectError) and "stop here" in str(res.exception)
+    assert seen[0].engine_args == {"tp_size": 2, "mem_fraction_static": 0.7} and seen[0].strict_engine
+    # The real command line: a flag SGLang does not know is one line, before anything starts.
+    code = "import sys; sys.argv = ['moecap-collect', *sys.argv[1:]]; from moecap.collect.cli import main; main()"
+    p = subprocess.run([sys.executable, "-c", code, *base, "--engine-args", "--tp-sizee 2"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 2
+    # (SGLang 0.5.16 itself warns on import that Triton is unsupported on a CPU host: not ours.)
+    assert "usage:" not in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        "moecap-collect: error: cannot parse SGLang server flags '--tp-sizee 2': unrecognized arguments: --tp-sizee 2"
+    )
+    assert not (tmp_path / "t").exists()
+
+
 def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     sglang_version, tmp_path, monkeypatch
 ):
