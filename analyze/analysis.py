@@ -122,13 +122,17 @@ def _gpus_per_file(f: LoadedFile, ctx: RunContext) -> int:
 
 
 def _spec_key(ctx: RunContext, f: LoadedFile) -> str:
+    """What a steps file's cached step metrics depend on besides the file: the spec, its layers, and
+    the counts whose activated experts they use (an experts file or a sum over ranks: its cache key)."""
     assert ctx.spec is not None
+    counts = ctx.run.counting_file_for(f)
     raw = json.dumps(
         [
             repr(ctx.spec),
             f.run.rank.layer_start,
             f.run.rank.layer_end,
             f.run.model.kv_bytes_per_token_per_layer,
+            counts.cache_key if counts is not None else None,
             "v5",
         ],
         default=str,
@@ -156,14 +160,10 @@ def step_metrics_files(db: TraceDB, ctx: RunContext) -> list[str]:
 
 
 def _active_experts_for(ctx: RunContext, f: LoadedFile) -> tuple[np.ndarray, np.ndarray] | None:
-    experts = [
-        g
-        for g in ctx.run.files_of("experts")
-        if (g.run.rank.dp, g.run.rank.pp, g.run.rank.tp) == (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp)
-    ]
-    if not experts or not f.run.moe.counts_available:
+    counts = ctx.run.counting_file_for(f)
+    if counts is None or not f.run.moe.counts_available:
         return None
-    t = pq.read_table(experts[0].parquet["expert_step_stats"], columns=["step", "active_experts"])
+    t = pq.read_table(counts.parquet["expert_step_stats"], columns=["step", "active_experts"])
     steps = t.column("step").to_numpy()
     order = np.argsort(steps, kind="stable")
     return steps[order], t.column("active_experts").to_numpy()[order].astype(np.float64)

@@ -9,6 +9,8 @@
    tokens (the last sampled token is never fed back), for requests whose ids appear in steps.
 6. TP ranks: the views keep the lowest TP rank of each (dp, pp) and drop the others as duplicates
    (TP ranks route the same tokens); every other TP rank's expert counts must equal it step by step.
+   Ranks that each counted their own share (`counts_scope` `sum_over_ranks`) are summed instead, and
+   differ by design: not compared; what summing them found is in the load warnings.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def tp_count_agreement(db: TraceDB, run: LoadedRun) -> list[str]:
     step, or where one of the two recorded a step the other did not (empty when all agree)."""
     by_stage: dict[tuple[int, int], list[LoadedFile]] = {}
     for f in run.files_of("experts"):
-        if "experts" in f.parquet:
+        if "experts" in f.parquet and (f.run.rank.dp, f.run.rank.pp) not in run.sum_stages:
             by_stage.setdefault((f.run.rank.dp, f.run.rank.pp), []).append(f)
     out: list[str] = []
     for (dp, pp), files in sorted(by_stage.items()):

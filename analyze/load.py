@@ -13,9 +13,19 @@ as the raw expert counts are on first use of `experts` / `expert_tokens`.
 Views (columns documented in docs/sql.md):
   runs, steps, experts, expert_tokens (long form, lazy), expert_step_stats, expert_totals,
   requests, outputs, gpu_samples.
-Rank rules: of several TP ranks of one (run, dp, pp) only the lowest writes rows into the views
-(TP ranks route the same tokens); PP stages keep their own layer ranges; DP ranks are separate
-step streams of one run.
+Rank rules, from the metadata (`LoadedRun.recording_files`, `LoadedRun.counting_files`):
+- TP duplicates: of several TP ranks of one (run, dp, pp) only the lowest writes rows into the views
+  (TP ranks route the same tokens: `counts_scope` `replicated`, or none given).
+- Per-rank shares: where each rank counted only its own share of the expert counts
+  (`run.extra.<engine>.counts_scope = "sum_over_ranks"`: SGLang under an all-to-all MoE backend, its
+  dump importer's `--sum-ranks`), the ranks' counts of one (run, dp, pp) are summed element-wise by
+  (step, layer, expert) and every summary and total (activated experts, imbalance, dead experts,
+  routed-expert bytes) is computed from the sums, never added up per rank (the union of activated
+  experts is not the sum of their numbers). Steps join by the step key; a step some rank has no counts
+  for is left out of the sum and said so in a warning (a partial sum would under-count). Batch
+  composition (`steps`) stays the lowest TP rank's (the ranks record the same passes; a warning says
+  where their phase or num_tokens differ). The sum is cached like a file, keyed by all its files.
+- PP stages keep their own layer ranges; DP ranks are separate step streams of one run.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,6 +126,11 @@ class LoadedFile:
     from_cache: bool = False
     cache_key: str = ""
     """The cache entry's key (files `<key>.*` in the cache directory)."""
+    summed_ranks: list[int] = field(default_factory=list)
+    """For the element-wise sum of several ranks' expert counts (`LoadedRun.summed`): the TP ranks
+    summed; empty for a trace file."""
+    steps_left_out: int = 0
+    """For a sum: steps some rank has no counts for, left out of it (a partial sum under-counts)."""
 
 
 @dataclass
@@ -123,6 +139,13 @@ class LoadedRun:
 
     run_id: str
     files: list[LoadedFile] = field(default_factory=list)
+    summed: list[LoadedFile] = field(default_factory=list)
+    """Per (dp, pp) whose ranks each counted their own share of the expert counts: the sum over its
+    ranks (an experts "file" in the cache, not a trace file)."""
+    sum_stages: set[tuple[int, int]] = field(default_factory=set)
+    """(dp, pp) under the sum rule (summed, or left out where the ranks cannot be summed)."""
+    warnings: list[str] = field(default_factory=list)
+    """What summing this run's ranks found (also in `TraceDB.warnings`)."""
 
     @property
     def metadata(self) -> RunMetadata:
@@ -136,6 +159,27 @@ class LoadedRun:
     def recording_files(self) -> list[LoadedFile]:
         """Steps files that feed the views (one TP rank per (dp, pp))."""
         return [f for f in self.files_of("steps") if _is_recorder(f, self.files_of("steps"))]
+
+    @property
+    def counting_files(self) -> list[LoadedFile]:
+        """Experts files that feed the views: per (dp, pp), the sum over its ranks where each counted
+        its own share (`summed`), else the recording TP rank's file (the others are duplicates)."""
+        recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in self.recording_files}
+        out = list(self.summed)
+        for f in self.files_of("experts"):
+            r = f.run.rank
+            if (r.dp, r.pp) in self.sum_stages or (recorders and (r.dp, r.pp, r.tp) not in recorders):
+                continue
+            out.append(f)
+        return out
+
+    def counting_file_for(self, steps_file: LoadedFile) -> LoadedFile | None:
+        """The experts file (or sum) whose counts go with a recording steps file's steps."""
+        r = steps_file.run.rank
+        for f in self.counting_files:
+            if (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) == (r.dp, r.pp, r.tp):
+                return f
+        return None
 
 
 class TraceDB:
@@ -216,7 +260,8 @@ def load_traces(
     the first as `TraceError`. `progress(done, total, path)` is called per file.
     `expert_counts=False` skips caching the raw per-step counts behind the `experts` and
     `expert_tokens` views (then empty); every metric uses the per-step summaries and totals, which
-    are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster.
+    are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster
+    (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
     files = expand_paths(paths)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -235,6 +280,13 @@ def load_traces(
     # Steps before experts: the expert summary needs each step's phase. Per rank, the steps file's
     # cached scalars; its phase map is read only when an experts file of that rank is converted.
     headers.sort(key=lambda h: (h[1].table_kind != "steps", str(h[0])))
+    # (run, dp, pp) whose ranks' counts will be summed: the sum reads every rank's raw counts.
+    shares = [
+        (h.run.run_id, h.run.rank.dp, h.run.rank.pp)
+        for _, h in headers
+        if h.table_kind == "experts" and counts_scope(h.run) == SUM_OVER_RANKS
+    ]
+    summing = {stage for stage, n in Counter(shares).items() if n > 1}
     phase_maps: dict[tuple[str, str], Path] = {}
     for i, (path, header) in enumerate(headers):
         if progress:
@@ -247,7 +299,8 @@ def load_traces(
             errors.append(conflict)
             continue
         try:
-            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, expert_counts)
+            raw = expert_counts or (run.run_id, run.rank.dp, run.rank.pp) in summing
+            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, raw)
         except TraceError as exc:
             if strict:
                 raise
@@ -259,7 +312,11 @@ def load_traces(
         runs.setdefault(run.run_id, LoadedRun(run.run_id)).files.append(loaded)
     if progress:
         progress(len(headers), len(headers), "")
-    warnings.extend(_unsummed_rank_warnings(runs))
+    for loaded_run in runs.values():
+        problem = _sum_rank_counts(loaded_run, cache, expert_counts)
+        if problem and strict:
+            raise TraceError(problem)
+        warnings.extend(loaded_run.warnings)
     con = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
     define_views(con, runs)
     return TraceDB(con=con, runs=runs, errors=errors, warnings=warnings, cache_dir=cache)
@@ -273,27 +330,6 @@ def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Pat
     if existing is None or not existing.files:
         return None
     return mixed_run_error(existing.files[0].run, existing.files[0].path, run, path)
-
-
-def _unsummed_rank_warnings(runs: dict[str, LoadedRun]) -> list[str]:
-    """Runs whose engine ranks each counted only their own experts' share (SGLang under an
-    all-to-all MoE backend: `extra.sglang.counts_scope = sum_over_ranks`): the views keep the lowest
-    TP rank per (dp, pp), so expert counts cover that rank's share until the analyzer sums them."""
-    out = []
-    for run in runs.values():
-        steps = run.files_of("steps")
-        scoped = [
-            f
-            for f in steps
-            if ((f.run.extra or {}).get("sglang") or {}).get("counts_scope") == "sum_over_ranks"
-        ]
-        stages = {(f.run.rank.dp, f.run.rank.pp) for f in scoped}
-        if any(sum(1 for f in scoped if (f.run.rank.dp, f.run.rank.pp) == st) > 1 for st in stages):
-            out.append(
-                f"run {run.run_id}: its ranks' expert counts are per-rank shares (counts_scope sum_over_ranks); "
-                "they are not summed yet, so expert counts, activated experts and bytes cover the lowest rank's share only"
-            )
-    return out
 
 
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:
@@ -727,6 +763,304 @@ def _file_layer_ids(run: RunMetadata) -> list[int]:
     return [lid for lid in run.moe.layer_ids if start <= lid < end]
 
 
+# -- ranks that each counted their own share ------------------------------------------------------
+SUM_OVER_RANKS = "sum_over_ranks"
+_SUM_BLOCK_VALUES = 1 << 22
+"""Count values summed per block (32 MB of int64 sums): bounds memory whatever the trace length."""
+
+
+def counts_scope(run: RunMetadata) -> str:
+    """How a rank's expert counts relate to the other ranks of its (dp, pp), from
+    `run.extra.<engine>.counts_scope`: `sum_over_ranks` (each rank counted only its own share, e.g.
+    SGLang under an all-to-all MoE backend) or `replicated` (each counted every token: TP duplicates;
+    also when the metadata does not say)."""
+    block = (run.extra or {}).get(run.engine.name)
+    scope = block.get("counts_scope") if isinstance(block, dict) else None
+    return str(scope) if scope else "replicated"
+
+
+def _sum_rank_counts(run: LoadedRun, cache: Path, write_raw: bool = True) -> str | None:
+    """Sum, element-wise by (step, layer, expert), the expert counts of every (dp, pp) of `run` whose
+    ranks each counted their own share, into `run.summed` (one cached "file" per (dp, pp), carrying
+    the recording steps file's rank identity, so it joins `steps`); the summaries and totals are
+    computed from the sums. A step some rank has no counts for is left out of the sum (it would
+    under-count). What was summed and anything doubtful goes to `run.warnings`; returns the first
+    problem that leaves a (dp, pp) without counts (None when none did)."""
+    engine = [f for f in run.files if f.table_kind in ("steps", "experts")]
+    problem = None
+    for dp, pp in sorted({(f.run.rank.dp, f.run.rank.pp) for f in engine}):
+        files = [f for f in engine if (f.run.rank.dp, f.run.rank.pp) == (dp, pp)]
+        experts = sorted((f for f in files if f.table_kind == "experts"), key=lambda f: f.run.rank.tp)
+        scopes = sorted({counts_scope(f.run) for f in experts})
+        if SUM_OVER_RANKS not in scopes:
+            continue
+        label = f"run {run.run_id} dp{dp}-pp{pp}"
+        ranks = sorted({f.run.rank.tp for f in files})
+        run.warnings.extend(_missing_rank_warnings(label, experts[0].run, ranks))
+        if len(experts) == 1 and ranks == [experts[0].run.rank.tp]:
+            continue  # one rank's share (e.g. attention DP without attention TP): nothing to add to it
+        run.sum_stages.add((dp, pp))
+        layouts = {(tuple(_file_layer_ids(f.run)), int(f.run.moe.num_experts)) for f in experts}
+        if len(scopes) > 1 or len(layouts) > 1:
+            why = (
+                f"its ranks disagree on counts_scope ({', '.join(scopes)})"
+                if len(scopes) > 1
+                else "its ranks count different MoE layers or experts"
+            )
+            line = (
+                f"{label}: {why}, so their expert counts can be neither summed nor deduplicated; "
+                "they are left out of the views"
+            )
+            run.warnings.append(line)
+            problem = problem or line
+            continue
+        steps_files = sorted((f for f in files if f.table_kind == "steps"), key=lambda f: f.run.rank.tp)
+        recorder = next((f for f in run.recording_files if any(f is g for g in steps_files)), None)
+        summed, lacking = _load_rank_sum(experts, ranks, recorder, cache, write_raw)
+        run.summed.append(summed)
+        run.warnings.extend(_left_out_warnings(label, summed, experts, lacking))
+        if recorder is not None:
+            run.warnings.extend(_composition_warnings(label, recorder, steps_files))
+    return problem
+
+
+def _load_rank_sum(
+    experts: list[LoadedFile], ranks: list[int], recorder: LoadedFile | None, cache: Path, write_raw: bool
+) -> tuple[LoadedFile, dict[int, list[int]]]:
+    """The cached sum of one (dp, pp)'s ranks (computed when missing) and, per rank, [steps it has no
+    counts for, first, last]. Keyed by every summed file's cache key (path, size, mtime, ...), the
+    recording steps file's (its phases split the totals) and the ranks, so a change to any of them
+    computes it again."""
+    parts = [
+        "rank-sum",
+        CACHE_LAYOUT,
+        *(f.cache_key for f in experts),
+        recorder.cache_key if recorder else "-",
+        ",".join(map(str, ranks)),
+    ]
+    key = hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
+    ident_run = (recorder or experts[0]).run
+    info_path = cache / f"{key}.json"
+    info: dict[str, Any] | None = None
+    try:
+        info = json.loads(info_path.read_text())
+        parquet = {k: cache / v for k, v in info["parquet"].items()}
+        if not all(p.exists() for p in parquet.values()) or (write_raw and "experts" not in parquet):
+            info = None
+    except (OSError, ValueError, KeyError):
+        info = None  # missing or damaged: computed again
+    from_cache = info is not None
+    if info is None:
+        phase_map = _read_phase_map(recorder.parquet["step_scalars"]) if recorder else None
+        by_rank = {f.run.rank.tp: f for f in experts}
+        out, union, summed_steps, lacking = _sum_counts(
+            [by_rank.get(t) for t in ranks], ident_run, _identity(ident_run), phase_map, cache, key, write_raw
+        )
+        info = {
+            "steps_union": union,
+            "steps_summed": summed_steps,
+            "lacking": {str(t): v for t, v in zip(ranks, lacking, strict=True)},
+            "parquet": {k: v.name for k, v in out.items()},
+        }
+        info_path.write_text(json.dumps(info))
+    summed = LoadedFile(
+        path=experts[0].path,
+        table_kind="experts",
+        run=ident_run,
+        rows=int(info["steps_summed"]),
+        complete=all(f.complete for f in experts),
+        lost_bytes=sum(f.lost_bytes for f in experts),
+        rows_dropped=sum(f.rows_dropped for f in experts),
+        parquet={k: cache / v for k, v in info["parquet"].items()},
+        from_cache=from_cache,
+        cache_key=key,
+        summed_ranks=list(ranks),
+        steps_left_out=int(info["steps_union"]) - int(info["steps_summed"]),
+    )
+    return summed, {int(t): v for t, v in info["lacking"].items()}
+
+
+def _missing_rank_warnings(label: str, run: RunMetadata, ranks: list[int]) -> list[str]:
+    """Fewer ranks' files than the run's layout has per (dp, pp) (tp / dp): their shares are unseen."""
+    par = run.parallelism
+    expected = par.tp // par.dp if par.dp > 0 and par.tp % par.dp == 0 else 0
+    if len(ranks) >= expected:
+        return []
+    tags = ", ".join(f"tp{t}" for t in ranks)
+    return [
+        f"{label}: each rank counted its own share of the expert counts (counts_scope {SUM_OVER_RANKS}) "
+        f"and the run has {expected} ranks per (dp, pp) (tp {par.tp} / dp {par.dp}), but the files of "
+        f"{len(ranks)} were loaded ({tags}): the summed counts miss the other ranks' shares"
+    ]
+
+
+def _left_out_warnings(
+    label: str, summed: LoadedFile, experts: list[LoadedFile], lacking: dict[int, list[int]]
+) -> list[str]:
+    """Steps some rank has no counts for, left out of the sum: how many, whose, which."""
+    if not summed.steps_left_out:
+        return []
+    ranks = summed.summed_ranks
+    truncated = {f.run.rank.tp for f in experts if not f.complete}
+    has_file = {f.run.rank.tp for f in experts}
+    detail = []
+    for t in ranks:
+        n, first, last = lacking[t]
+        if not n:
+            continue
+        why = "no experts file" if t not in has_file else f"steps {first}..{last}"
+        if t in truncated:
+            why += ", its experts file is truncated"
+        detail.append(f"tp{t} lacks {n} ({why})")
+    tags = ", ".join(f"tp{t}" for t in ranks)
+    return [
+        f"{label}: expert counts are summed over {len(ranks)} ranks ({tags}) on {summed.rows} step(s); "
+        f"{summed.steps_left_out} step(s) lack some rank's counts and are left out of the expert views "
+        f"and metrics, not summed partially (that would under-count): {'; '.join(detail)}"
+    ]
+
+
+def _composition_warnings(label: str, recorder: LoadedFile, steps_files: list[LoadedFile]) -> list[str]:
+    """Ranks whose steps disagree with the recording rank's on phase or num_tokens (the views take
+    both from the recording rank: under the sum rule the ranks record the same passes)."""
+    out = []
+    ref = _step_composition(recorder.parquet["step_scalars"])
+    for f in steps_files:
+        if f is recorder:
+            continue
+        other = _step_composition(f.parquet["step_scalars"])
+        common, ia, ib = np.intersect1d(ref[0], other[0], assume_unique=True, return_indices=True)
+        differ = (ref[1][ia] != other[1][ib]) | (ref[2][ia] != other[2][ib])
+        if differ.any():
+            out.append(
+                f"{label}: tp{f.run.rank.tp}'s steps differ from tp{recorder.run.rank.tp}'s in phase or "
+                f"num_tokens on {int(differ.sum())} of {len(common)} common step(s) (first: step "
+                f"{int(common[differ][0])}); the views take both from tp{recorder.run.rank.tp}, the expert "
+                "counts from the sum over every rank"
+            )
+    return out
+
+
+def _step_composition(step_scalars: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unique steps sorted, phase index, num_tokens) of a cached steps file (first row of a step)."""
+    steps, phases = _read_phase_map(step_scalars)
+    t = pq.read_table(step_scalars, columns=["step", "num_tokens"])
+    raw = np.asarray(t.column("step"))
+    tokens = np.asarray(t.column("num_tokens"))[np.argsort(raw, kind="stable")]
+    keep = np.ones(len(steps), bool)
+    keep[1:] = steps[1:] != steps[:-1]
+    return steps[keep], phases[keep], tokens[keep]
+
+
+def _sum_counts(
+    files: list[LoadedFile | None],
+    run: RunMetadata,
+    identity: dict[str, Any],
+    phase_map: tuple[np.ndarray, np.ndarray] | None,
+    cache: Path,
+    key: str,
+    write_raw: bool,
+) -> tuple[dict[str, Path], int, int, list[list[int]]]:
+    """Sum the ranks' cached raw counts (`files`, None for a rank without an experts file) over the
+    steps every rank recorded, block by block in step order, and summarise the sums. Returns (parquet
+    by view, steps any rank recorded, steps summed, per rank [steps it lacks, first, last])."""
+    n_experts = max(1, int(run.moe.num_experts))
+    layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
+    width = len(layer_ids) * n_experts
+    # Steps from the per-step summaries (a row per counts row): the raw counts are read only to sum.
+    steps = [_steps_of(f.parquet["expert_step_stats"]) if f is not None else None for f in files]
+    present = [s for s in steps if s is not None]
+    union = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+    common = union
+    for s in steps:
+        common = np.intersect1d(common, s) if s is not None else common[:0]
+    lacking = []
+    for s in steps:
+        miss = np.setdiff1d(union, s) if s is not None else union
+        first, last = (int(miss[0]), int(miss[-1])) if len(miss) else (-1, -1)
+        lacking.append([len(miss), first, last])
+    summary = _ExpertSummary(
+        identity, layer_ids, n_experts, phase_map, cache / f"{key}.expert_step_stats.parquet"
+    )
+    raw_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
+    if width and len(common):
+        rows = max(1, _SUM_BLOCK_VALUES // width)
+        readers = [
+            _StepOrderedCounts(f.parquet["experts"], s, width, rows)
+            for f, s in zip(files, steps, strict=True)
+            if f is not None and s is not None
+        ]
+        for b0 in range(0, len(common), rows):
+            keys = common[b0 : b0 + rows]
+            acc = np.zeros((len(keys), width), dtype=np.int64)
+            for reader in readers:
+                s, c = reader.take_through(int(keys[-1]))
+                pos = np.minimum(np.searchsorted(keys, s), len(keys) - 1)
+                hit = keys[pos] == s  # rows of steps some other rank lacks are dropped here
+                if reader.unique:
+                    acc[pos[hit]] += c[hit]
+                else:  # a step twice in one file: both rows add
+                    np.add.at(acc, pos[hit], c[hit])
+            # The schema's counts are int32; one step's tokens on one expert summed over ranks fit.
+            block = acc.astype(np.int32)
+            summary.add(keys, block.reshape(len(keys), len(layer_ids), n_experts))
+            if raw_sink is not None:
+                offsets = pa.array(np.arange(0, (len(keys) + 1) * width, width, dtype=np.int32))
+                counts = pa.ListArray.from_arrays(offsets, pa.array(block.reshape(-1)))
+                raw_sink.write(
+                    _with_identity(pa.record_batch({"step": pa.array(keys), "counts": counts}), identity)
+                )
+    out = summary.close(cache / f"{key}.expert_totals.parquet")
+    if raw_sink is not None:
+        schema = pa.schema([pa.field("step", pa.int64()), pa.field("counts", pa.list_(pa.int32()))])
+        out["experts"] = raw_sink.close(_identity_schema(schema))
+    return out, len(union), len(common), lacking
+
+
+def _steps_of(parquet: Path) -> np.ndarray:
+    return np.asarray(pq.read_table(parquet, columns=["step"]).column("step"), dtype=np.int64)
+
+
+class _StepOrderedCounts:
+    """One rank's cached raw counts handed out in ascending step order, a batch at a time: read in
+    file order when the file is in step order (the usual case), else through DuckDB's sort (which
+    spills to disk), so memory stays bounded either way."""
+
+    def __init__(self, parquet: Path, steps: np.ndarray, width: int, rows: int) -> None:
+        self.width = width
+        self.unique = len(np.unique(steps)) == len(steps)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        if len(steps) < 2 or bool(np.all(steps[1:] >= steps[:-1])):
+            self._batches: Iterator[pa.RecordBatch] = pq.ParquetFile(parquet).iter_batches(
+                batch_size=rows, columns=["step", "counts"]
+            )
+        else:
+            self._con = duckdb.connect()
+            query = f"SELECT step, counts FROM read_parquet({_listing([str(parquet)])}) ORDER BY step"
+            self._batches = iter(self._con.sql(query).to_arrow_reader(rows))
+        self._steps = np.zeros(0, np.int64)
+        self._counts = np.zeros((0, width), np.int32)
+        self._done = False
+
+    def take_through(self, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next rows whose step is <= `last`: (steps, counts [rows, width])."""
+        while not self._done and (len(self._steps) == 0 or self._steps[-1] <= last):
+            batch = next(self._batches, None)
+            if batch is None:
+                self._done = True
+                if self._con is not None:
+                    self._con.close()
+                break
+            s = np.asarray(batch.column("step"), dtype=np.int64)
+            c = np.asarray(pc.list_flatten(batch.column("counts"))).reshape(len(s), self.width)
+            self._steps = np.concatenate([self._steps, s])
+            self._counts = np.concatenate([self._counts, c])
+        n = int(np.searchsorted(self._steps, last, side="right"))
+        out = self._steps[:n], self._counts[:n]
+        self._steps, self._counts = self._steps[n:], self._counts[n:]
+        return out
+
+
 # -- views ----------------------------------------------------------------------------------------
 def _empty_view_sql(view: str) -> str:
     if view in TABLES:
@@ -764,11 +1098,10 @@ def _duck_type(t: pa.DataType) -> str:
 def _view_sources(runs: dict[str, LoadedRun]) -> dict[str, list[str]]:
     sources: dict[str, list[str]] = {v: [] for v in (*_VIEW_TABLES, "step_scalars")}
     for run in runs.values():
-        recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in run.recording_files}
-        for f in run.files:
-            engine_side = f.table_kind in ("steps", "experts")
-            if engine_side and recorders and (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) not in recorders:
-                continue  # a non-recording TP rank's duplicate
+        feeding = {id(f) for f in (*run.recording_files, *run.counting_files)}
+        for f in (*run.files, *run.summed):
+            if f.table_kind in ("steps", "experts") and id(f) not in feeding:
+                continue  # a non-recording TP rank's duplicate, or one share of a sum
             for view, parquet in f.parquet.items():
                 sources[view].append(str(parquet))
     return sources

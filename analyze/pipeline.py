@@ -127,7 +127,7 @@ def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
 
 def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[str, Any], str]:
     md = ctx.run.metadata
-    warnings = list(ctx.warnings)
+    warnings = list(ctx.warnings) + list(ctx.run.warnings)
     rid = ctx.run.run_id.replace("'", "''")
     if ctx.spec_error:
         warnings.append(f"model spec: {ctx.spec_error}")
@@ -231,4 +231,20 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
         "warnings": warnings,
         "files": file_report,
     }
+    if ctx.run.summed:
+        # Where each rank counted only its own share: say the counts are sums, over which ranks.
+        doc["expert_counts"] = {
+            "rule": "summed over ranks (counts_scope sum_over_ranks)",
+            "stages": [
+                {
+                    "dp": f.run.rank.dp,
+                    "pp": f.run.rank.pp,
+                    "ranks_summed": len(f.summed_ranks),
+                    "tp_ranks": f.summed_ranks,
+                    "steps_summed": f.rows,
+                    "steps_left_out": f.steps_left_out,
+                }
+                for f in ctx.run.summed
+            ],
+        }
     return doc, where

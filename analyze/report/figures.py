@@ -180,7 +180,9 @@ def _rank_view(db: Any, rid: str, prefix: str, sec: Section) -> None:
     table = R.rank_table(rf)
     sec.notes.append(
         "; ".join(
-            f"{r['rank']} ({r['role']}): {r['counts = kept rank (steps)']} steps agree"
+            f"{r['rank']} ({r['role']})"
+            if r["role"] == "summed share"  # shares differ by design: nothing to agree on
+            else f"{r['rank']} ({r['role']}): {r['counts = kept rank (steps)']} steps agree"
             for r in table.to_dicts()
         )
     )

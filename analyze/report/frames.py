@@ -205,17 +205,12 @@ def _scan(path: Any, columns: list[str]) -> Any:
 
 
 def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
-    """The run's experts files that feed the views (one TP rank per (dp, pp), as load.py rules)."""
+    """The run's experts files that feed the views (one TP rank per (dp, pp), or the sum over its
+    ranks, as load.py rules)."""
     run = db.runs.get(run_id)
     if run is None:
         return []
-    recorders = {(f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) for f in run.recording_files}
-    return [
-        f
-        for f in run.files_of("experts")
-        if "experts" in f.parquet
-        and (not recorders or (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp) in recorders)
-    ]
+    return [f for f in run.counting_files if "experts" in f.parquet]
 
 
 # -- steps ----------------------------------------------------------------------------------------

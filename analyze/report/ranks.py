@@ -1,8 +1,9 @@
 """Per-rank view of a multi-GPU run: what each recording process wrote, and whether TP ranks agree.
 
 The analyzer's views keep one TP rank per (dp, pp) — the lowest — and drop the others as duplicates
-(TP ranks route the same tokens). This module looks at *every* rank's files, so a reader can see
-what was dropped and that it really was a duplicate:
+(TP ranks route the same tokens), or, where each rank counted only its own share of the expert
+counts (`counts_scope` `sum_over_ranks`), sum the ranks' counts. This module looks at *every* rank's
+files, so a reader can see what was dropped and that it really was a duplicate:
 
     frame = rank_frame(db, run_id)     # one row per engine-side rank (steps file) of the run
     rank_table(frame)                  # the same, display-ready (a Polars frame)
@@ -13,7 +14,9 @@ Columns of `rank_frame`: rank (tag dp0-pp0-tp1), dp, pp, tp, ep, recording (feed
 layers (decoder layers [start, end) the file counts), gpus (GPUs its steps stand for), gpu_uuids,
 steps, tokens, gpu_busy_s (Σ GPU span, host span where a step has none), expert_steps (steps with
 counts), routed_tokens, steps_agreeing (steps whose counts equal the kept rank's of its (dp, pp);
-the kept rank agrees with itself), steps_compared (steps both recorded).
+the kept rank agrees with itself), steps_compared (steps both recorded), summed (its counts are one
+share of a sum over the ranks of its (dp, pp); then steps_agreeing and steps_compared are null:
+shares differ by design).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ _SCHEMA = {
     "routed_tokens": pl.Int64,
     "steps_agreeing": pl.Int64,
     "steps_compared": pl.Int64,
+    "summed": pl.Boolean,
 }
 
 
@@ -76,7 +80,10 @@ def rank_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
         ).fetchall()[0]
         mine = experts.get(key)
         expert_steps = routed = agreeing = compared = None
-        if mine is not None:
+        summed = (r.dp, r.pp) in run.sum_stages
+        if mine is not None and summed:
+            expert_steps, routed = expert_share(mine)
+        elif mine is not None:
             counts = cache[key] = cache.get(key) or expert_counts(mine)
             expert_steps, routed = len(counts[0]), int(counts[1].sum())
             ref_key = (r.dp, r.pp, kept.get((r.dp, r.pp), r.tp))
@@ -103,15 +110,38 @@ def rank_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
                 "routed_tokens": routed,
                 "steps_agreeing": agreeing,
                 "steps_compared": compared,
+                "summed": summed,
             }
         )
     return pl.DataFrame(rows, schema=_SCHEMA)
 
 
+def expert_share(f: LoadedFile) -> tuple[int, int]:
+    """(steps with counts, tokens routed) of one rank's share, from its cached per-step summaries."""
+    stats = pl.scan_parquet(f.parquet["expert_step_stats"])
+    steps, routed = stats.select(pl.len(), pl.col("routed_tokens").sum()).collect().row(0)
+    return int(steps), int(routed or 0)
+
+
+def _role() -> pl.Expr:
+    """kept / TP duplicate / summed share (frames without `summed` predate the sum rule)."""
+    return (
+        pl.when(pl.col("summed"))
+        .then(pl.lit("summed share"))
+        .when(pl.col("recording"))
+        .then(pl.lit("kept"))
+        .otherwise(pl.lit("TP duplicate"))
+    )
+
+
+def _with_summed(df: pl.DataFrame) -> pl.DataFrame:
+    return df if "summed" in df.columns else df.with_columns(pl.lit(False).alias("summed"))
+
+
 def rank_table(frame: Any) -> pl.DataFrame:
-    """`rank_frame` as a display table: rank, role (kept / TP duplicate), layers, GPUs, steps, tokens,
-    GPU busy s, and 'counts = kept rank' as 'agreeing / compared' steps."""
-    df = as_frame(frame)
+    """`rank_frame` as a display table: rank, role (kept / TP duplicate / summed share), layers, GPUs,
+    steps, tokens, GPU busy s, and 'counts = kept rank' as 'agreeing / compared' steps."""
+    df = _with_summed(as_frame(frame))
     if df.is_empty():
         return pl.DataFrame(schema={"rank": pl.String})
     agree = [
@@ -120,7 +150,7 @@ def rank_table(frame: Any) -> pl.DataFrame:
     ]
     return df.select(
         pl.col("rank"),
-        pl.when(pl.col("recording")).then(pl.lit("kept")).otherwise(pl.lit("TP duplicate")).alias("role"),
+        _role().alias("role"),
         pl.col("layers"),
         pl.col("gpus").alias("GPUs"),
         pl.col("steps"),
@@ -133,12 +163,12 @@ def rank_table(frame: Any) -> pl.DataFrame:
 def rank_agreement_chart(frame: Any, *, title: str = "Ranks") -> alt.TopLevelMixin:
     """Per rank: steps recorded (bar) and steps whose expert counts equal the kept rank's (dark bar);
     colour says whether the rank feeds the views or is dropped as a TP duplicate."""
-    df = as_frame(frame)
+    df = _with_summed(as_frame(frame))
     for c in ("rank", "recording", "steps", "steps_agreeing"):
         if c not in df.columns:
             raise ValueError(f"rank_agreement_chart: the frame lacks column {c}")
     df = df.with_columns(
-        pl.when(pl.col("recording")).then(pl.lit("kept")).otherwise(pl.lit("TP duplicate")).alias("role"),
+        _role().alias("role"),
         pl.col("steps_agreeing").fill_null(0),
     )
     total = int(df.filter(~pl.col("recording"))["steps_agreeing"].sum() or 0)
@@ -162,7 +192,9 @@ def rank_agreement_chart(frame: Any, *, title: str = "Ranks") -> alt.TopLevelMix
         x=alt.X("steps:Q", title="steps"),
         color=alt.Color(
             "role:N",
-            scale=alt.Scale(domain=["kept", "TP duplicate"], range=["#1b9e77", "#7570b3"]),
+            scale=alt.Scale(
+                domain=["kept", "TP duplicate", "summed share"], range=["#1b9e77", "#7570b3", "#d95f02"]
+            ),
             title=None,
         ),
         tooltip=tooltip,

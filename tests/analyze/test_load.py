@@ -1,4 +1,5 @@
-"""Loading traces into the DuckDB views: cache, truncation, rank rules, bad files."""
+"""Loading traces into the DuckDB views: cache, truncation, rank rules, bad files (ranks whose counts
+are summed: test_load_rank_sum.py)."""
 
 from __future__ import annotations
 
@@ -135,28 +136,3 @@ def test_a_file_renamed_to_another_runs_id_is_one_clear_line_and_the_rest_loads(
     assert len(db.runs) == 1
     (error,) = db.errors
     assert error.startswith(str(renamed)) and "file name says run '20260102T000000Z-other-run-0001'" in error
-
-
-@pytest.mark.parametrize("scope", ["sum_over_ranks", "replicated"])
-def test_per_rank_expert_shares_are_flagged_until_summed(tmp_path, scope):
-    import dataclasses
-
-    from synthetic_traces import SimConfig, simulate_run
-
-    from moecap.schemas import TraceWriter, trace_file_name
-
-    simulate_run(tmp_path / "t", SimConfig(num_requests=4, concurrency=2))
-    for kind in ("steps", "experts"):
-        path = next((tmp_path / "t").glob(f"*.{kind}.arrow"))
-        tf = read_trace_file(path)
-        runs = [
-            dataclasses.replace(tf.run.with_rank(tp=r), extra={"sglang": {"counts_scope": scope}})
-            for r in (0, 1)
-        ]
-        path.unlink()
-        for run in runs:
-            with TraceWriter(tmp_path / "t" / trace_file_name(run, kind), kind, run) as w:
-                w.write_rows(tf.table.to_pylist())
-    db = load_traces([tmp_path / "t"], cache_dir=tmp_path / "c")
-    flagged = [w for w in db.warnings if "not summed yet" in w]
-    assert len(flagged) == (1 if scope == "sum_over_ranks" else 0)
