@@ -68,8 +68,10 @@ may use up to 80 % of the machine's memory by default; on a shared machine cap i
 **Conventions.** Times `*_ns` are the recording host's monotonic clock in ns; `*_s` are seconds.
 Bytes are bytes, FLOP counts multiply-add as 2. Every engine-side row carries its recording rank
 (`dp`, `pp`, `tp`, `ep`): of several TP ranks only the lowest rank's rows are in the views (TP ranks
-see the same tokens), pipeline stages keep their own layers, data-parallel ranks are separate step
-streams of one run. Sums of DuckDB integer columns are HUGEINT; cast (`::BIGINT`) for Polars.
+see the same tokens), except where each rank counted only its own share of the expert counts
+(`counts_scope` `sum_over_ranks`, SGLang under DeepEP): then the expert views hold the ranks' sum,
+under the lowest rank's identity. Pipeline stages keep their own layers, data-parallel ranks are
+separate step streams of one run. Sums of DuckDB integer columns are HUGEINT; cast (`::BIGINT`) for Polars.
 """
 
 
