@@ -207,6 +207,17 @@ def test_a_replicated_tp_pair_still_counts_once(tmp_path):
     assert tp_count_agreement(db, db.runs[RUN_ID]) == []
 
 
+def test_ranks_that_disagree_on_the_scope_are_left_out_not_guessed(tmp_path):
+    write_rank(tmp_path / "t", meta(0, 2), STEPS, RANK0)
+    write_rank(tmp_path / "t", meta(1, 2, "replicated"), STEPS, RANK1)
+    db = load_traces([tmp_path / "t"], cache_dir=tmp_path / "c")
+    (line,) = db.warnings
+    assert "disagree on counts_scope (replicated, sum_over_ranks)" in line and "left out of the views" in line
+    assert db.sql("SELECT count(*) FROM expert_step_stats").fetchall() == [(0,)]
+    with pytest.raises(Exception, match="disagree on counts_scope"):
+        load_traces([tmp_path / "t"], cache_dir=tmp_path / "c", strict=True)
+
+
 def test_metadata_without_a_scope_is_the_tp_duplicate_rule(tmp_path):
     for tp in (0, 1):
         run = dataclasses.replace(meta(tp, 2), extra={})
