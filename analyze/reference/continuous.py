@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import BoolArray, FloatArray, IntArray, RecordArrays
+from .decode_sums import BLOCK, DecodeSums, Section4DecodeSums, decode_sums
 from .model import ReferenceModelSizes
 
 #: Result keys of `_calculate_continuous_metrics`, in its order.
@@ -166,39 +167,38 @@ def _phase_sums(
     return sc.sums(n, w_over_t, c_x, sum_x, latency, context)
 
 
-#: Records per block of `_weighted_sums`: its arrays stay in cache while seven sums are taken.
-_BLOCK = 1 << 15
-
-
 def _weighted_sums(
     weight: BoolArray, t: FloatArray, a: FloatArray, c: FloatArray, b: FloatArray | None
 ) -> np.ndarray:
     """Weighted by w (1 for a sample, 0 otherwise): [sum w/t, sum w.a/t, sum w.c/t, sum w.X, sum w.c.X,
     sum w.t, sum w.c] with X = B/t (decode) or c/t (prefill, b None).
 
-    Taken block by block, so each block's inputs are read from memory once for all seven sums (a
-    loop over ~30 blocks per 1e6 records, not over records). einsum, not `@`: BLAS dot spins up
-    threads, which costs far more than it saves here.
+    Taken block by block (`decode_sums.BLOCK`), so each block's inputs are read from memory once for
+    all seven sums, into temporaries allocated once per call (a loop over blocks, not over records).
     """
     total = np.zeros(7)
-    es = np.einsum
-    # All records weighted (the usual decode window): one block of ones serves every block.
-    ones = np.ones(min(len(t), _BLOCK)) if weight.all() else None
+    size = min(len(t), BLOCK)
+    # All records weighted (the usual prefill case): the block of ones is never overwritten.
+    all_weighted = bool(weight.all())
+    w, inv, x = np.ones(size), np.empty(size), np.empty(size)
+    dot = np.dot
     with np.errstate(divide="ignore", invalid="ignore"):
-        for start in range(0, len(t), _BLOCK):
-            block = slice(start, start + _BLOCK)
-            tb, cb = t[block], c[block]
-            w = weight[block].astype(np.float64) if ones is None else ones[: len(tb)]
-            inv_t = w / tb
-            x = cb * inv_t if b is None else b[block] * inv_t
+        for start in range(0, len(t), BLOCK):
+            stop = min(start + BLOCK, len(t))
+            k = stop - start
+            tb, cb, wb, ib, xb = t[start:stop], c[start:stop], w[:k], inv[:k], x[:k]
+            if not all_weighted:
+                np.copyto(wb, weight[start:stop])
+            np.divide(wb, tb, out=ib)
+            np.multiply(cb if b is None else b[start:stop], ib, out=xb)
             total += (
-                inv_t.sum(),
-                es("i,i->", a[block], inv_t),
-                es("i,i->", cb, inv_t),
-                x.sum(),
-                es("i,i->", cb, x),
-                es("i,i->", tb, w),
-                es("i,i->", cb, w),
+                ib.sum(),
+                dot(a[start:stop], ib),
+                dot(cb, ib),
+                xb.sum(),
+                dot(cb, xb),
+                dot(tb, wb),
+                dot(cb, wb),
             )
     return total
 
@@ -217,14 +217,17 @@ def continuous_metrics(
     hw: ReferenceHardware,
     num_gpus: Any,
     precision_bytes: float,
+    decode: DecodeSums | None = None,
 ) -> dict[str, Any]:
     """The nine `_calculate_continuous_metrics` values (fractions, tokens/s, requests/s, s, KV elements
     / 1e6) plus `chunked_prefill_accounting` (whether per-request mode was used). Raises ReferenceCrash.
+
+    `decode`: the run's `decode_sums` if already taken (they are computed here otherwise).
     """
+    fast = (decode if decode is not None else decode_sums(arr)).section4
     # Filters: activation missing or < 0 -> skipped; prefill with seq_lens_sum <= 10 (or missing) -> skipped.
+    pp = arr.prefill_passes
     with np.errstate(invalid="ignore"):
-        dec = ~arr.activation_null & ~(arr.activation < 0) & ~arr.prefill
-        pp = arr.prefill_passes
         kept = ~pp.activation_null & ~(pp.activation < 0) & ~pp.seq_null & ~(pp.seq_lens_sum <= 10)
     chunked = bool(pp.has_info.any())
     per_request = kept & pp.has_info if chunked else np.zeros(len(kept), dtype=bool)
@@ -232,20 +235,34 @@ def continuous_metrics(
 
     # (records the check applies to, the failing condition, record index map, what the reference raises),
     # in the reference's order; `scope & cond` is only formed where cond holds somewhere.
-    checks: list[tuple[BoolArray, BoolArray, IntArray | None, str]] = [
-        (dec, arr.mode_null, None, "KeyError: record without forward_mode"),
-        (dec, arr.latency_null, None, "TypeError: record without latency"),
-        (dec, arr.seq_null, None, "KeyError: decode record without seq_lens_sum"),
-        (dec, arr.batch_null, None, "TypeError: decode record without batch_size"),
-        (kept, pp.latency_null, pp.index, "TypeError: record without latency"),
-        (dec, arr.latency == 0, None, "ZeroDivisionError: float division by zero (record latency 0)"),
+    checks: list[tuple[BoolArray, BoolArray, IntArray | None, str]] = []
+    dec: BoolArray | None = None
+    if fast is None:
+        with np.errstate(invalid="ignore"):
+            dec = ~arr.activation_null & ~(arr.activation < 0) & ~arr.prefill
+        for nulls, null_mask, what in (
+            (arr.mode_nulls, lambda: arr.mode_null, "KeyError: record without forward_mode"),
+            (arr.latency_nulls, lambda: arr.latency_null, "TypeError: record without latency"),
+            (arr.seq_nulls, lambda: arr.seq_null, "KeyError: decode record without seq_lens_sum"),
+            (arr.batch_nulls, lambda: arr.batch_null, "TypeError: decode record without batch_size"),
+        ):
+            if nulls:
+                checks.append((dec, null_mask(), None, what))
+    # With the blocked decode sums (`fast`) every decode check holds: no mode, latency, seq_lens_sum or
+    # batch_size is null, and a zero decode latency would have made a sum infinite.
+    checks.append((kept, pp.latency_null, pp.index, "TypeError: record without latency"))
+    if dec is not None:
+        checks.append(
+            (dec, arr.latency == 0, None, "ZeroDivisionError: float division by zero (record latency 0)")
+        )
+    checks.append(
         (
             per_record,
             pp.latency == 0,
             pp.index,
             "ZeroDivisionError: float division by zero (record latency 0)",
-        ),
-    ]
+        )
+    )
     for scope, cond, rows, what in checks:
         row = _first(scope & cond, rows) if cond.any() else None
         if row is not None:
@@ -253,7 +270,8 @@ def continuous_metrics(
 
     requests = _request_table(arr, per_request) if chunked else None
     n_requests = len(requests.tokens) if requests is not None else 0
-    if int(np.count_nonzero(dec)) + int(np.count_nonzero(per_record)) + n_requests > 0:
+    n_dec = fast.n if fast is not None else int(np.count_nonzero(dec))  # type: ignore[arg-type]
+    if n_dec + int(np.count_nonzero(per_record)) + n_requests > 0:
         _check_denominators(hw, num_gpus)
     n_gpus = num_gpus if is_number(num_gpus) else 1
     sc = _Scales(
@@ -262,12 +280,17 @@ def continuous_metrics(
         mbu=precision_bytes / ((n_gpus * hw.peak_bandwidth_tb) or 1.0),
         mfu=2 / ((n_gpus * hw.peak_flops_tf / 2) or 1.0),
     )
-    pre = _phase_sums(
-        sc, pp.latency[per_record], pp.activation[per_record], pp.seq_lens_sum[per_record], None, None
-    )
+    if per_record.all():
+        pre = _phase_sums(sc, pp.latency, pp.activation, pp.seq_lens_sum, None, None)
+    else:
+        rows = np.flatnonzero(per_record)
+        pre = _phase_sums(sc, pp.latency[rows], pp.activation[rows], pp.seq_lens_sum[rows], None, None)
     if requests is not None and n_requests:
         pre.add(_request_sums(requests, sizes, sc))
-    dec_sums = _phase_sums(sc, arr.latency, arr.activation, arr.seq_lens_sum, arr.batch_size, dec)
+    if fast is not None:
+        dec_sums = _decode_phase_sums(sc, fast)
+    else:
+        dec_sums = _phase_sums(sc, arr.latency, arr.activation, arr.seq_lens_sum, arr.batch_size, dec)
 
     def mean(total: float, n: int) -> float:
         return total / n if n else 0
@@ -284,6 +307,16 @@ def continuous_metrics(
         "tpot": mean(dec_sums.latency, dec_sums.n),
         "chunked_prefill_accounting": chunked,
     }
+
+
+def _decode_phase_sums(sc: _Scales, d: Section4DecodeSums) -> _Sums:
+    """`_phase_sums` of the decode samples from the blocked decode sums."""
+    if d.n == 0:
+        return _Sums()
+    coef = sc.coef
+    w_over_t = coef.w0 * d.inv_t + coef.wa * d.a_over_t + coef.k * d.c_over_t
+    c_x = coef.c0 * d.x + coef.s * d.c_x
+    return sc.sums(d.n, w_over_t, c_x, d.x, d.t, d.c)
 
 
 def _check_denominators(hw: ReferenceHardware, num_gpus: Any) -> None:
@@ -309,7 +342,7 @@ class _Requests:
     tokens: FloatArray
     activation: FloatArray
     first_row: IntArray
-    """Record index of each request's first chunk (for messages)."""
+    """Record index of each request's first chunk (for messages); empty unless some latency_sum is 0."""
 
 
 def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
@@ -320,40 +353,60 @@ def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
     latency; tokens = last total_len if > 0 else the summed extend_len.
     """
     e, pp = arr.entries, arr.prefill_passes
-    entry = np.flatnonzero(per_request[e.prefill_pos])  # in record / entry order
-    n_groups = e.requests.count
-    gid = e.requests.gid[entry]
+    g = e.requests
+    n_groups = g.count
+    counted = per_request[e.prefill_pos]
+    if counted.all():  # the usual case: every entry's pass is counted per request
+        entry, gid, pos = None, g.gid, e.prefill_pos
+        last_entry = g.last_entries()
+    else:
+        entry = np.flatnonzero(counted)  # in record / entry order
+        gid, pos = g.gid[entry], e.prefill_pos[entry]
+        last_entry = _per_group_max(n_groups, gid, entry)
 
     def per_request_sum(values: np.ndarray) -> FloatArray:
-        return np.bincount(gid, weights=values, minlength=n_groups)
+        return np.bincount(gid, weights=values if entry is None else values[entry], minlength=n_groups)
 
-    def per_request_extreme(reduce: np.ufunc, start: int, positions: IntArray, groups: IntArray) -> IntArray:
-        out = np.full(n_groups, start, dtype=np.int64)
-        reduce.at(out, groups, positions)
-        return out
-
-    latency_sum = per_request_sum(pp.latency[e.prefill_pos[entry]])
-    extend_sum = per_request_sum(e.extend_len[entry])
-    completed = per_request_sum(e.is_last_chunk[entry]) > 0
-    last_entry = per_request_extreme(np.maximum, -1, entry, gid)
-    first_entry = per_request_extreme(np.minimum, len(e.prefill_pos), entry, gid)
+    latency_sum = np.bincount(gid, weights=pp.latency[pos], minlength=n_groups)
+    extend_sum = per_request_sum(e.extend_len)
+    completed = per_request_sum(e.is_last_chunk) > 0
     # total_len: the last one seen (an entry without it leaves it unchanged), 0 before any.
-    with_total = ~e.total_null[entry]
-    last_total = (
-        last_entry
-        if with_total.all()
-        else per_request_extreme(np.maximum, -1, entry[with_total], gid[with_total])
-    )
-    total = np.where(last_total >= 0, e.total_len[np.maximum(last_total, 0)], 0.0)
-    tokens = np.where(total > 0, total, extend_sum)
+    with_total = ~e.total_null if entry is None else ~e.total_null[entry]
+    if with_total.all():
+        last_total = last_entry
+    else:
+        entries = np.arange(e.n) if entry is None else entry
+        last_total = _per_group_max(n_groups, gid[with_total], entries[with_total])
     # Index gathers, not boolean masks: a mask with no pattern to it costs ~5x more to apply.
     done = np.flatnonzero(completed)
+    last_total = last_total[done]
+    total = np.where(last_total >= 0, e.total_len[np.maximum(last_total, 0)], 0.0)
+    latency_done = latency_sum[done]
+    first_row = np.empty(0, dtype=np.int64)
+    if (latency_done == 0).any():
+        # Only for the message of the reference's ZeroDivisionError (`_request_sums`).
+        first = g.first_entries() if entry is None else _per_group_min(n_groups, gid, entry)
+        first_row = pp.index[e.prefill_pos[first[done]]]
     return _Requests(
-        latency_sum=latency_sum[done],
-        tokens=tokens[done],
+        latency_sum=latency_done,
+        tokens=np.where(total > 0, total, extend_sum[done]),
         activation=pp.activation[e.prefill_pos[last_entry[done]]],
-        first_row=pp.index[e.prefill_pos[first_entry[done]]],
+        first_row=first_row,
     )
+
+
+def _per_group_max(n_groups: int, gid: IntArray, positions: IntArray) -> IntArray:
+    """Largest position per group, -1 where a group has none."""
+    out = np.full(n_groups, -1, dtype=np.int64)
+    np.maximum.at(out, gid, positions)
+    return out
+
+
+def _per_group_min(n_groups: int, gid: IntArray, positions: IntArray) -> IntArray:
+    """Smallest position per group (groups without one are never asked for)."""
+    out = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(out, gid, positions)
+    return out
 
 
 def _request_sums(requests: _Requests, sizes: ReferenceModelSizes, sc: _Scales) -> _Sums:

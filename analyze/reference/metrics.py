@@ -23,6 +23,7 @@ from moecap.analyze.errors import InputError, SpecError
 
 from .arrays import record_arrays
 from .continuous import CONTINUOUS_KEYS, ReferenceCrash, ReferenceHardware, continuous_metrics
+from .decode_sums import decode_sums
 from .model import normalize_model_id, reference_family, reference_model_sizes
 from .precision import check_cli_precision, reference_effective_precision, reference_precision_bytes
 from .records import normalize_frame, records_to_frame
@@ -46,7 +47,7 @@ def _first_record_defaults(records: Records) -> tuple[Any, Any]:
     absent (1)."""
     first: Mapping[str, Any]
     if isinstance(records, pl.DataFrame):
-        first = records.head(1).to_dicts()[0]
+        first = {name: records.get_column(name)[0] for name in ("gpu_num", "gpu_raw_type") if name in records}
     else:
         first = records[0]
         if not isinstance(first, Mapping):
@@ -125,12 +126,14 @@ def reference_metrics(
     else:
         frame = normalize_frame(records_to_frame(records, gpu_columns=False))
     arrays = record_arrays(frame)
+    # One pass over the decode steps serves section 4 and the run-level means.
+    decode = decode_sums(arrays)
 
     continuous: dict[str, Any] | None
     reason: str | None = None
     try:
         sizes = reference_model_sizes(model_config, model_name)
-        continuous = continuous_metrics(arrays, sizes, hw, n_gpus, precision_bytes)
+        continuous = continuous_metrics(arrays, sizes, hw, n_gpus, precision_bytes, decode)
     except (SpecError, ReferenceCrash) as exc:
         continuous = None
         reason = f"the reference raises here: {exc}"
@@ -144,6 +147,7 @@ def reference_metrics(
             num_gpus=n_gpus,
             num_requests=num_requests,
             total_time_s=total_time_s,
+            decode=decode,
         )
     )
     result.update(

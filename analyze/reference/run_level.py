@@ -16,6 +16,7 @@ import numpy as np
 from .arrays import BoolArray, FloatArray, PrefillArrays, RecordArrays
 from .continuous import is_number
 from .cost import reference_cost
+from .decode_sums import DecodeSums, decode_sums
 
 RUN_LEVEL_KEYS = (
     "cost",
@@ -100,19 +101,25 @@ def _server_request_ttft(arr: RecordArrays) -> float | None:
     key req_id, else req_pool_idx, else skipped; the accumulator is reset when the request completes.
     No activation filter; a pass without a duration is skipped."""
     e = arr.entries
+    if e.n == 0:
+        return None
     duration, missing = _durations(arr.prefill_passes)
-    entry = np.flatnonzero(e.server_keyed & ~missing[e.prefill_pos])  # in record / entry order
-    last = e.is_last_chunk[entry]
-    n = int(np.count_nonzero(last))
+    keyed = e.server_keyed & ~missing[e.prefill_pos]
+    # The usual case: every entry is keyed and its pass has a duration (no subset to gather).
+    entry = np.arange(e.n) if keyed.all() else np.flatnonzero(keyed)  # in record / entry order
+    subset = len(entry) < e.n
+    last = np.flatnonzero(e.is_last_chunk[entry] if subset else e.is_last_chunk)
+    n = len(last)
     if n == 0:
         return None
     # Every entry up to a request's final completed chunk belongs to one of its completed accumulations;
     # entries after it were never completed.
-    gid = e.server_requests.gid[entry]
+    gid = e.server_requests.gid[entry] if subset else e.server_requests.gid
     final_last = np.full(e.server_requests.count, -1, dtype=np.int64)
     np.maximum.at(final_last, gid[last], entry[last])
-    counted = np.flatnonzero(entry <= final_last[gid])
-    return float(duration[e.prefill_pos[entry[counted]]].sum()) / n
+    counted = entry <= final_last[gid]
+    passes = e.prefill_pos[entry] if subset else e.prefill_pos
+    return float(duration[passes[counted]].sum()) / n
 
 
 def _prefill_step_totals(passes: PrefillArrays, client: BoolArray) -> tuple[int | None, float | None]:
@@ -136,22 +143,32 @@ def run_level_values(
     num_gpus: Any,
     num_requests: int | None,
     total_time_s: float | None,
+    decode: DecodeSums | None = None,
 ) -> dict[str, Any]:
     """The run-level values under the oracle's names. `continuous` is the section-4 result or None when
     the reference raised there (then cost is None and the TTFT / TPOT fallbacks see no values).
+    `decode`: the run's `decode_sums` if already taken (they are computed here otherwise).
 
     Units: seconds for latencies / e2e_s, requests/s, USD for cost, tokens for prefill_forwarded_tokens.
     `num_requests` / `total_time_s` None: e2e_s, request_per_s and cost are None and no warm-up trim.
     """
     pp = arr.prefill_passes
     client = _client_prefill(pp, num_requests or 0)
-    decode = _Subset(arr.decode_like)
     client_passes = _Subset(client)
+    sums = (decode if decode is not None else decode_sums(arr)).run_level
+    if sums is not None:
+        decode_latency = _mean(sums.latency, sums.n_latency)
+        decode_activation = _mean(sums.activation, sums.n_activation)
+        decode_batch = _mean(sums.batch, sums.n_batch)
+    else:
+        decode_subset = _Subset(arr.decode_like)
+        decode_latency = decode_subset.mean_nonneg(arr.latency)
+        decode_activation = decode_subset.mean_nonneg(arr.activation)
+        decode_batch = decode_subset.mean_nonneg(arr.batch_size)
 
     server_ttft = _server_request_ttft(arr)
     section4_ttft = continuous.get("ttft") if continuous else None
     section4_tpot = continuous.get("tpot") if continuous else None
-    decode_latency = decode.mean_nonneg(arr.latency)
     forwarded, elapsed = _prefill_step_totals(pp, client)
 
     e2e_s: float | None = None
@@ -178,7 +195,11 @@ def run_level_values(
         "prefill_forwarded_tokens": forwarded,
         "prefill_step_elapsed_s": elapsed,
         "avg_expert_activation_prefill": or_zero(client_passes.mean_nonneg(pp.activation)),
-        "avg_expert_activation_decode": or_zero(decode.mean_nonneg(arr.activation)),
+        "avg_expert_activation_decode": or_zero(decode_activation),
         "prefill_avg_batch_size": or_zero(client_passes.mean_nonneg(pp.batch_size)),
-        "decode_avg_batch_size": or_zero(decode.mean_nonneg(arr.batch_size)),
+        "decode_avg_batch_size": or_zero(decode_batch),
     }
+
+
+def _mean(total: float, n: int) -> float | None:
+    return total / n if n else None
