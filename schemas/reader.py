@@ -87,9 +87,13 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError as exc:  # e.g. a name too long: not a path at all
+            raise TraceError(f"{str(raw)[:80]}: not a usable path ({exc.strerror or exc})") from None
+        if is_dir:
             found.extend(sorted(p.glob("*.arrow")))
-        elif p.exists():
+        elif exists:
             found.append(p)
         else:
             matches = sorted(glob.glob(str(raw)))

@@ -51,6 +51,11 @@ def test_json_output_and_window_all_counts_every_step(synthetic_run, tmp_path):
     ("args", "expected"),
     [
         (["/definitely/not/here.arrow"], "no such file"),
+        # `sql PATHS QUERY` instead of `sql QUERY PATHS`: the query is taken for a path, too long for one
+        (
+            ["sql", "{trace}", "select " + "x, " * 200 + "1 from steps"],
+            "not a usable path (File name too long)",
+        ),
         (["{trace}", "--window", "bogus"], "--window 'bogus'"),
         (["{trace}", "--gpu", "NoSuchGPU"], "unknown GPU"),
         (["{trace}", "--formula", "nope"], "expected moecap or reference"),
@@ -129,3 +134,39 @@ def test_reference_formula_on_a_trace_reduces_steps_to_moecap_records(synthetic_
     # mean of their latencies; the latency we hand it is the GPU span (step time minus host time).
     decode_times = [s["time_s"] for s in truth["steps"] if s["phase"] != "prefill"]
     assert bm["tpot"] == pytest.approx(sum(decode_times) / len(decode_times) - 0.002, rel=1e-3)
+
+
+def _rewrite_output_tokens(path, change):
+    """Rewrite a requests file (same schema and metadata) with `change(req_id, output_tokens)` applied."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    i = table.schema.get_field_index("output_tokens")
+    new = [change(r, n) for r, n in zip(table.column("req_id").to_pylist(), table.column(i).to_pylist())]
+    table = table.set_column(i, table.schema.field(i), pa.array(new, type=table.schema.field(i).type))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def test_check_tells_one_decode_past_the_end_apart_from_other_token_mismatches(synthetic_run, tmp_path):
+    """A request recorded with one output token fewer than the steps scheduled for it looks like an
+    engine that ran one decode past its last token (SGLang's overlap scheduler); three fewer is not that."""
+    trace, _ = synthetic_run
+    req_file = next(trace.glob("*.requests.arrow"))
+    import pyarrow as pa
+
+    with pa.memory_map(str(req_file)) as src:
+        ids = pa.ipc.open_stream(src).read_all().column("req_id").to_pylist()
+    one_past, off_by_three = set(ids[:2]), ids[2]
+    _rewrite_output_tokens(
+        req_file, lambda r, n: n - 1 if r in one_past else n - 3 if r == off_by_three else n
+    )
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 1, r.stdout + r.stderr
+    flat = " ".join(r.stdout.split())
+    assert "2 request(s) scheduled exactly one token more than prompt + output - 1 - cached" in flat
+    assert (
+        f"1 request(s) whose scheduled tokens differ from prompt + output - 1 - cached (first: {off_by_three})"
+        in flat
+    )
