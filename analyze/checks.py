@@ -6,7 +6,10 @@
 4. expert counts: per step, Σ counts = num_tokens × top_k × MoE layers of the file (exact unless the
    engine fuses shared experts into routing, which the metadata says).
 5. requests vs steps: Σ new tokens scheduled for a request = prompt + output − 1 − cached prompt
-   tokens (the last sampled token is never fed back), for requests whose ids appear in steps.
+   tokens (the last sampled token is never fed back), for requests whose ids appear in steps — one
+   more under SGLang's overlap scheduler (on unless `disable_overlap_schedule`), which launches the next
+   decode before it learns the request finished and discards that token; a run that shows exactly one
+   more without saying so is named as such.
 6. TP ranks: the views keep the lowest TP rank of each (dp, pp) and drop the others as duplicates
    (TP ranks route the same tokens); every other TP rank's expert counts must equal it step by step.
    Ranks that each counted their own share (`counts_scope` `sum_over_ranks`) are summed instead, and
@@ -72,20 +75,44 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
                 + (f" (first: step {mism[2]})" if mism[2] is not None else "")
             )
     out.extend(tp_count_agreement(db, run))
+    past_end = 1 if decodes_one_past_the_end(md) else 0
     per_req = q(
         f"""WITH sched AS (
                 SELECT unnest(req_ids) AS rid, unnest(req_new_tokens) AS n FROM steps WHERE run_id = '{rid}' AND NOT is_draft
             ), tot AS (SELECT rid, sum(n) AS n FROM sched GROUP BY rid)
-            SELECT count(*), any_value(r.req_id)
-            FROM requests r JOIN tot ON tot.rid = coalesce(r.engine_req_id, r.req_id)
-            WHERE r.run_id = '{rid}' AND r.error IS NULL AND r.prompt_tokens IS NOT NULL AND r.output_tokens IS NOT NULL
-              AND tot.n <> r.prompt_tokens + r.output_tokens - 1 - coalesce(r.cached_prompt_tokens, 0)"""
+            SELECT count(*) FILTER (WHERE d = 1), count(*) FILTER (WHERE d <> 1),
+                   any_value(req_id) FILTER (WHERE d <> 1)
+            FROM (SELECT r.req_id,
+                         tot.n - {past_end} - (r.prompt_tokens + r.output_tokens - 1 - coalesce(r.cached_prompt_tokens, 0)) AS d
+                  FROM requests r JOIN tot ON tot.rid = coalesce(r.engine_req_id, r.req_id)
+                  WHERE r.run_id = '{rid}' AND r.error IS NULL AND r.prompt_tokens IS NOT NULL
+                    AND r.output_tokens IS NOT NULL)
+            WHERE d <> 0"""
     ).fetchall()[0]
-    if per_req[0]:
+    one_more, other, first_other = per_req
+    if one_more:
         out.append(
-            f"{per_req[0]} request(s) whose scheduled tokens differ from prompt + output - 1 - cached (first: {per_req[1]})"
+            f"{one_more} request(s) scheduled exactly one token more than prompt + output - 1 - cached: the engine "
+            "ran one decode past their last token (SGLang's overlap scheduler does; that token is discarded); "
+            "step metrics count it as the engine's work, not as output"
         )
+    if other:
+        want = (
+            "prompt + output - cached (SGLang overlap schedule)"
+            if past_end
+            else "prompt + output - 1 - cached"
+        )
+        out.append(f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other})")
     return out
+
+
+def decodes_one_past_the_end(md: object) -> bool:
+    """Whether the run's engine schedules one decode past each request's last token: SGLang with its
+    overlap scheduler on (its default; `disable_overlap_schedule` in the recorded server args)."""
+    engine = getattr(md, "engine", None)
+    if engine is None or engine.name != "sglang":
+        return False
+    return not (engine.args or {}).get("disable_overlap_schedule", False)
 
 
 def tp_count_agreement(db: TraceDB, run: LoadedRun) -> list[str]:
