@@ -27,9 +27,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .decode_sums import NOT_APPLICABLE, DecodeSums, FloatArray, IntArray, decode_sums
+
 BoolArray = np.ndarray
-FloatArray = np.ndarray
-IntArray = np.ndarray
 
 #: Modes the run-level decode aggregates count (the reference's runner; section 4 counts every
 #: non-prefill mode as decode).
@@ -180,10 +180,10 @@ class _Column:
             return np.zeros(len(self.values), dtype=bool)
         return _true_mask(self._column.is_null())
 
-    def at(self, index: IntArray) -> tuple[FloatArray, BoolArray]:
-        """(values, null mask) at the given record indices."""
+    def at(self, index: IntArray, values: FloatArray | None = None) -> tuple[FloatArray, BoolArray]:
+        """(values, null mask) at the given record indices (`values`: already gathered)."""
         nulls = self.nulls[index] if self.null_count else np.zeros(len(index), dtype=bool)
-        return self.values[index], nulls
+        return self.values[index] if values is None else values, nulls
 
 
 class RecordArrays:
@@ -192,6 +192,8 @@ class RecordArrays:
     `prefill_index` lists the prefill passes' record indices (ascending); `decode_is_rest` says that
     every other record is a "decode" step (no null, "mixed", "decoding" or other mode). The boolean masks
     over all records (`prefill`, `decode_like`, `mode_null`, `*_null`) are built on first use.
+    `decode`: the blocked decode sums (`decode_sums`), taken while the columns are read where the records
+    qualify, else `NOT_APPLICABLE`.
     """
 
     def __init__(self, frame: pl.DataFrame) -> None:
@@ -216,7 +218,18 @@ class RecordArrays:
         self.seq_nulls = self._seq.null_count
         self.batch_nulls = self._batch.null_count
 
-        self.prefill_passes, self.entries = _prefill_passes(frame, self)
+        self.decode: DecodeSums = NOT_APPLICABLE
+        at_prefill: list[FloatArray] | None = None
+        if self.decode_is_rest and not (self.latency_nulls or self.seq_nulls or self.batch_nulls):
+            a = self.activation
+            if self.activation_nulls:
+                a = np.where(self.activation_null, -1.0, a)  # skipped like -1 everywhere
+            self.decode, at_prefill = decode_sums(
+                self.latency, a, self.seq_lens_sum, self.batch_size, self.prefill_index
+            )
+            if self.activation_nulls:
+                at_prefill[1] = self.activation[self.prefill_index]
+        self.prefill_passes, self.entries = _prefill_passes(frame, self, at_prefill)
 
     @cached_property
     def prefill(self) -> BoolArray:
@@ -270,6 +283,11 @@ def _values(column: pl.Series) -> tuple[FloatArray, BoolArray]:
     return column.cast(pl.Float64).to_numpy(), nulls
 
 
+def _zero_filled(column: pl.Series) -> FloatArray:
+    values, nulls = _values(column)
+    return np.where(nulls, 0.0, values) if column.null_count() else values
+
+
 def _values_at(column: pl.Series, index: IntArray) -> tuple[FloatArray, BoolArray]:
     """(values, null mask) of a column at the given record indices, without converting the whole column
     when it has nulls (an all-null column costs nothing)."""
@@ -296,16 +314,22 @@ def _valid_at(array: pa.Array, rows: IntArray) -> BoolArray:
     return ((bitmap[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool)
 
 
-def _prefill_passes(frame: pl.DataFrame, arr: RecordArrays) -> tuple[PrefillArrays, EntryArrays]:
+def _prefill_passes(
+    frame: pl.DataFrame, arr: RecordArrays, at_prefill: list[FloatArray] | None
+) -> tuple[PrefillArrays, EntryArrays]:
+    """The prefill passes' arrays; `at_prefill`: latency, activation, seq_lens_sum, batch_size already
+    gathered at them (by the decode pass), or None."""
     index = arr.prefill_index
     fields: dict[str, np.ndarray] = {}
-    for column, name, null_name in (
-        (arr._latency, "latency", "latency_null"),
-        (arr._activation, "activation", "activation_null"),
-        (arr._seq, "seq_lens_sum", "seq_null"),
-        (arr._batch, "batch_size", "batch_null"),
+    for i, (column, name, null_name) in enumerate(
+        (
+            (arr._latency, "latency", "latency_null"),
+            (arr._activation, "activation", "activation_null"),
+            (arr._seq, "seq_lens_sum", "seq_null"),
+            (arr._batch, "batch_size", "batch_null"),
+        )
     ):
-        fields[name], fields[null_name] = column.at(index)
+        fields[name], fields[null_name] = column.at(index, None if at_prefill is None else at_prefill[i])
     for column_name, name, null_name in _PREFILL_ONLY_FIELDS:
         fields[name], fields[null_name] = _values_at(frame.get_column(column_name), index)
 
@@ -325,8 +349,9 @@ def _prefill_passes(frame: pl.DataFrame, arr: RecordArrays) -> tuple[PrefillArra
 def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArray]:
     """Request groupings by 64-bit hashes of the req_id or the pool slot (0 for the None key).
 
-    Exact: the number of distinct hashes is checked against the number of distinct ids and slots; if
-    two different keys ever hash alike, dense ranks are used instead.
+    Exact: where every entry is keyed by its req_id (the usual case), the ids of each group are compared
+    in sorted order; otherwise the number of groups is checked against the number of distinct ids and
+    slots. If two different keys ever hash alike, dense ranks are used instead.
     """
     req_id, pool = info.get_column("req_id"), info.get_column("req_pool_idx")
     id_null = _true_mask(req_id.is_null()) if req_id.null_count() else np.zeros(len(req_id), dtype=bool)
@@ -350,7 +375,10 @@ def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArra
     def groupings(
         id_codes: np.ndarray, pool_codes: np.ndarray, of: Callable[[np.ndarray], Grouping]
     ) -> tuple[Grouping, Grouping, bool]:
-        key = id_codes if by_id.all() else np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
+        if by_id.all():  # then same_rule holds too
+            requests = of(id_codes)
+            return requests, requests, _one_key_per_group(req_id, requests)
+        key = np.where(by_id, id_codes, np.where(by_pool, pool_codes, 0))
         requests = of(key)
         exact = requests.count == n_unique(req_id, by_id) + n_unique(pool, by_pool) + int(
             (~(by_id | by_pool)).any()
@@ -379,6 +407,18 @@ def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArra
         slots = (pool.rank("dense").fill_null(0).cast(pl.UInt64) + (int(ids.max(initial=0)) + 1)).to_numpy()
         requests, server_requests, _ = groupings(ids, slots, Grouping.of)
     return requests, server_requests, server_keyed
+
+
+def _one_key_per_group(keys: pl.Series, g: Grouping) -> bool:
+    """Whether every group holds a single value of `keys` (no nulls): neighbours in group order differ
+    only where a group starts. Cheaper than counting distinct keys, since the groups are sorted already."""
+    n = len(keys)
+    if g.count == n:
+        return True  # one entry per group
+    in_order = keys.gather(g.order)
+    changes = _true_mask(in_order.slice(1) != in_order.slice(0, n - 1))
+    changes[g.starts[1:] - 1] = False
+    return not changes.any()
 
 
 def _hashes_are_exact(exact: bool) -> bool:
@@ -425,7 +465,7 @@ def _entries(
     total_len, total_null = _values(exploded.get_column("total_len"))
     return EntryArrays(
         prefill_pos=np.repeat(pos, counts),
-        extend_len=exploded.get_column("extend_len").fill_null(0).cast(pl.Float64).to_numpy(),
+        extend_len=_zero_filled(exploded.get_column("extend_len")),
         total_len=total_len,
         total_null=total_null,
         is_last_chunk=_true_mask(exploded.get_column("is_last_chunk")),

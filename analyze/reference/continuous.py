@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import BoolArray, FloatArray, IntArray, RecordArrays
-from .decode_sums import BLOCK, DecodeSums, Section4DecodeSums, decode_sums
+from .decode_sums import BLOCK, Section4DecodeSums
 from .model import ReferenceModelSizes
 
 #: Result keys of `_calculate_continuous_metrics`, in its order.
@@ -217,14 +217,11 @@ def continuous_metrics(
     hw: ReferenceHardware,
     num_gpus: Any,
     precision_bytes: float,
-    decode: DecodeSums | None = None,
 ) -> dict[str, Any]:
     """The nine `_calculate_continuous_metrics` values (fractions, tokens/s, requests/s, s, KV elements
     / 1e6) plus `chunked_prefill_accounting` (whether per-request mode was used). Raises ReferenceCrash.
-
-    `decode`: the run's `decode_sums` if already taken (they are computed here otherwise).
     """
-    fast = (decode if decode is not None else decode_sums(arr)).section4
+    fast = arr.decode.section4
     # Filters: activation missing or < 0 -> skipped; prefill with seq_lens_sum <= 10 (or missing) -> skipped.
     pp = arr.prefill_passes
     with np.errstate(invalid="ignore"):
@@ -369,7 +366,8 @@ def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
 
     latency_sum = np.bincount(gid, weights=pp.latency[pos], minlength=n_groups)
     extend_sum = per_request_sum(e.extend_len)
-    completed = per_request_sum(e.is_last_chunk) > 0
+    completed = np.zeros(n_groups, dtype=bool)
+    completed[gid[e.is_last_chunk if entry is None else e.is_last_chunk[entry]]] = True
     # total_len: the last one seen (an entry without it leaves it unchanged), 0 before any.
     with_total = ~e.total_null if entry is None else ~e.total_null[entry]
     if with_total.all():

@@ -23,7 +23,6 @@ from moecap.analyze.errors import InputError, SpecError
 
 from .arrays import record_arrays
 from .continuous import CONTINUOUS_KEYS, ReferenceCrash, ReferenceHardware, continuous_metrics
-from .decode_sums import decode_sums
 from .model import normalize_model_id, reference_family, reference_model_sizes
 from .precision import check_cli_precision, reference_effective_precision, reference_precision_bytes
 from .records import normalize_frame, records_to_frame
@@ -126,14 +125,12 @@ def reference_metrics(
     else:
         frame = normalize_frame(records_to_frame(records, gpu_columns=False))
     arrays = record_arrays(frame)
-    # One pass over the decode steps serves section 4 and the run-level means.
-    decode = decode_sums(arrays)
 
     continuous: dict[str, Any] | None
     reason: str | None = None
     try:
         sizes = reference_model_sizes(model_config, model_name)
-        continuous = continuous_metrics(arrays, sizes, hw, n_gpus, precision_bytes, decode)
+        continuous = continuous_metrics(arrays, sizes, hw, n_gpus, precision_bytes)
     except (SpecError, ReferenceCrash) as exc:
         continuous = None
         reason = f"the reference raises here: {exc}"
@@ -147,7 +144,6 @@ def reference_metrics(
             num_gpus=n_gpus,
             num_requests=num_requests,
             total_time_s=total_time_s,
-            decode=decode,
         )
     )
     result.update(

@@ -16,7 +16,6 @@ import numpy as np
 from .arrays import BoolArray, FloatArray, PrefillArrays, RecordArrays
 from .continuous import is_number
 from .cost import reference_cost
-from .decode_sums import DecodeSums, decode_sums
 
 RUN_LEVEL_KEYS = (
     "cost",
@@ -143,11 +142,9 @@ def run_level_values(
     num_gpus: Any,
     num_requests: int | None,
     total_time_s: float | None,
-    decode: DecodeSums | None = None,
 ) -> dict[str, Any]:
     """The run-level values under the oracle's names. `continuous` is the section-4 result or None when
     the reference raised there (then cost is None and the TTFT / TPOT fallbacks see no values).
-    `decode`: the run's `decode_sums` if already taken (they are computed here otherwise).
 
     Units: seconds for latencies / e2e_s, requests/s, USD for cost, tokens for prefill_forwarded_tokens.
     `num_requests` / `total_time_s` None: e2e_s, request_per_s and cost are None and no warm-up trim.
@@ -155,7 +152,7 @@ def run_level_values(
     pp = arr.prefill_passes
     client = _client_prefill(pp, num_requests or 0)
     client_passes = _Subset(client)
-    sums = (decode if decode is not None else decode_sums(arr)).run_level
+    sums = arr.decode.run_level
     if sums is not None:
         decode_latency = _mean(sums.latency, sums.n_latency)
         decode_activation = _mean(sums.activation, sums.n_activation)

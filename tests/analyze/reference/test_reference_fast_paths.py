@@ -2,7 +2,7 @@
 they would not.
 
 The shortcuts: one blocked pass for the decode sums of section 4 and the run-level decode means
-(`decode_sums`), taken only when every non-prefill record is a decode step, latency / context / batch
+(`decode_sums`, run while `RecordArrays` reads the columns), taken only when every non-prefill record is a decode step, latency / context / batch
 size have no nulls and every sum is finite; request grouping by one sort of packed hashes, checked for
 collisions; `per_req_info` read through its Arrow offsets. The baseline is benchmarks/reference_loop.py,
 which applies the reference's formulas record by record (its own oracle agreement is tested in
@@ -24,7 +24,7 @@ from reference_helpers import close, load_loop_module, oracle_cases
 
 from moecap.analyze.reference import records_to_frame, reference_metrics
 from moecap.analyze.reference.arrays import Grouping, record_arrays
-from moecap.analyze.reference.decode_sums import BLOCK, decode_sums
+from moecap.analyze.reference.decode_sums import BLOCK
 from moecap.analyze.reference.records import normalize_frame
 
 LOOP = load_loop_module()
@@ -55,7 +55,7 @@ def agree(records: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
 
 def paths(records: list[dict[str, Any]]) -> tuple[bool, bool]:
     """(section-4 blocked sums used, run-level blocked sums used)."""
-    sums = decode_sums(record_arrays(normalize_frame(records_to_frame(records))))
+    sums = record_arrays(normalize_frame(records_to_frame(records))).decode
     return sums.section4 is not None, sums.run_level is not None
 
 
