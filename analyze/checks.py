@@ -1,6 +1,7 @@
 """`moecap-analyze check`: reconcile the tables of a run; each finding is one line of text.
 
-1. steps: num_tokens = Σ req_new_tokens and num_reqs = #req_ids on every row.
+1. steps: num_tokens = Σ req_new_tokens (rows that list their requests; an imported dump may know a
+   pass's tokens but not its requests) and num_reqs = #req_ids on every row.
 2. step keys: gaps in the engine's step key per recording rank (lost rows or batches).
 3. writer drops and truncated files.
 4. expert counts: per step, Σ counts = num_tokens × top_k × MoE layers of the file (exact unless the
@@ -33,7 +34,7 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
     out: list[str] = []
     q = db.con.execute
     bad = q(
-        f"""SELECT count(*) FILTER (WHERE num_tokens <> coalesce(list_sum(req_new_tokens), 0)),
+        f"""SELECT count(*) FILTER (WHERE len(req_ids) > 0 AND num_tokens <> coalesce(list_sum(req_new_tokens), 0)),
                    count(*) FILTER (WHERE num_reqs <> len(req_ids)),
                    count(*) FILTER (WHERE len(req_ids) <> len(req_new_tokens) OR len(req_ids) <> len(req_prefix_lens))
             FROM steps WHERE run_id = '{rid}'"""

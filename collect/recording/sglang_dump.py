@@ -28,7 +28,8 @@ How each becomes rows (one `steps` row and one `experts` row per pass or buffer 
   `sum_ranks=True` (DP attention, DeepEP: each rank routed its own tokens) every rank becomes a file of
   its own and `extra.sglang.counts_scope = "sum_over_ranks"`, as the live adapter writes it.
 - `num_tokens` is `len(input_ids)` (per_token) or, with a known top-k, the first MoE layer's count sum /
-  top_k; the batch composition (requests, prefix lengths) comes from `extend_seq_lens` / `positions`
+  top_k (under `sum_ranks`, a `per_pass` row's is summed over the ranks' shares of that pass, so the one
+  rank's steps the analyzer reads match the summed counts); the batch composition (requests, prefix lengths) comes from `extend_seq_lens` / `positions`
   (per_token, extend and decode passes), else the per-request lists are empty.
 - `phase`: from `forward_mode` (per_token); the other modes do not record it: `mixed` (the schema's
   least specific value), `idle` for a pass without a routed token.
@@ -368,8 +369,11 @@ def import_sglang_dumps(
     result = ImportedRun(run_id)
     steps_total = 0
     anchor: Any = None
+    per_rank = {rank: _rows(by_rank[rank], mode, layout, tp_size) for rank in ranks}
+    if sum_ranks and len(ranks) > 1:
+        _pass_totals(per_rank, notes)
     for rank in ranks:
-        rows, counts, step_key = _rows(by_rank[rank], mode, layout, tp_size)
+        rows, counts, step_key = per_rank[rank]
         steps_total += len(rows)
         meta = RunMetadata(
             run_id=run_id,
@@ -422,6 +426,29 @@ def import_sglang_dumps(
     if skipped:
         result.summary += f"; {notes[0]}"
     return result
+
+
+def _pass_totals(per_rank: dict[int, tuple[list[dict[str, Any]], list[Any], str]], notes: list[str]) -> None:
+    """Ranks whose counts are shares of one pass (`--sum-ranks`): a row whose batch composition the
+    dump does not record (`per_pass`) takes the pass's tokens summed over the ranks' shares, so that the
+    steps the analyzer reads (one rank's) match the summed counts. `per_token` rows keep their own
+    tokens: they list that rank's requests."""
+    totals: dict[int, int] = {}
+    for rows, _, _ in per_rank.values():
+        for row in rows:
+            if not row["req_ids"]:
+                totals[row["step"]] = totals.get(row["step"], 0) + int(row["num_tokens"])
+    changed = 0
+    for rows, _, _ in per_rank.values():
+        for row in rows:
+            if not row["req_ids"] and row["step"] in totals and row["num_tokens"] != totals[row["step"]]:
+                row["num_tokens"] = totals[row["step"]]
+                row["phase"] = "mixed" if row["num_tokens"] > 0 else "idle"
+                changed += 1
+    if changed:
+        notes.append(
+            f"{changed} row(s) without a batch composition carry their pass's tokens summed over the ranks' shares"
+        )
 
 
 def _rows(

@@ -170,3 +170,21 @@ def test_check_tells_one_decode_past_the_end_apart_from_other_token_mismatches(s
         f"1 request(s) whose scheduled tokens differ from prompt + output - 1 - cached (first: {off_by_three})"
         in flat
     )
+
+
+def test_check_flags_a_step_whose_tokens_do_not_match_its_requests(synthetic_run, tmp_path):
+    trace, _ = synthetic_run
+    steps_file = next(trace.glob("*.steps.arrow"))
+    import pyarrow as pa
+
+    with pa.memory_map(str(steps_file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    i = table.schema.get_field_index("num_tokens")
+    tokens = table.column(i).to_pylist()
+    tokens[5] += 1  # one token more than its requests' new tokens
+    table = table.set_column(i, table.schema.field(i), pa.array(tokens, type=table.schema.field(i).type))
+    with pa.OSFile(str(steps_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 1
+    assert "1 step(s) whose num_tokens differs from the sum of req_new_tokens" in " ".join(r.stdout.split())
