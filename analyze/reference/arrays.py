@@ -99,10 +99,12 @@ class Grouping:
         if bits > _MAX_PACKED_INDEX_BITS:
             return cls.of(hashes)
         shift = np.uint64(bits)
-        packed = (hashes >> shift) << shift
+        packed = hashes >> shift
+        packed <<= shift
         packed |= np.arange(n, dtype=np.uint64)
         packed.sort()
-        order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+        # The low bits are entry indices (< 2**24): the same bits read as int64, without a copy.
+        order = np.bitwise_and(packed, np.uint64((1 << bits) - 1)).view(np.int64)
         packed >>= shift
         return cls._from_sorted(order, packed)
 
@@ -342,7 +344,7 @@ def _prefill_passes(
     # The offsets buffer read directly: pyarrow's to_numpy would import pandas on first use (~0.1 s).
     offsets = np.frombuffer(lists.buffers()[1], dtype=np.int64)[lists.offset : lists.offset + len(lists) + 1]
     starts = offsets[index]
-    counts = np.where(_valid_at(lists, index), offsets[index + 1] - starts, 0)
+    counts = np.where(_valid_at(lists, index), offsets[1:][index] - starts, 0)
     passes = PrefillArrays(index=index, has_info=counts > 0, **fields)
     return passes, _entries(lists, offsets, starts, counts, passes)
 

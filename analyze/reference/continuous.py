@@ -367,7 +367,7 @@ def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
     latency_sum = np.bincount(gid, weights=pp.latency[pos], minlength=n_groups)
     extend_sum = per_request_sum(e.extend_len)
     completed = np.zeros(n_groups, dtype=bool)
-    completed[gid[e.is_last_chunk if entry is None else e.is_last_chunk[entry]]] = True
+    completed[gid[np.flatnonzero(e.is_last_chunk if entry is None else e.is_last_chunk[entry])]] = True
     # total_len: the last one seen (an entry without it leaves it unchanged), 0 before any.
     with_total = ~e.total_null if entry is None else ~e.total_null[entry]
     if with_total.all():
@@ -378,7 +378,10 @@ def _request_table(arr: RecordArrays, per_request: BoolArray) -> _Requests:
     # Index gathers, not boolean masks: a mask with no pattern to it costs ~5x more to apply.
     done = np.flatnonzero(completed)
     last_total = last_total[done]
-    total = np.where(last_total >= 0, e.total_len[np.maximum(last_total, 0)], 0.0)
+    if (last_total >= 0).all():  # every completed request saw a total_len (always without nulls)
+        total = e.total_len[last_total]
+    else:
+        total = np.where(last_total >= 0, e.total_len[np.maximum(last_total, 0)], 0.0)
     latency_done = latency_sum[done]
     first_row = np.empty(0, dtype=np.int64)
     if (latency_done == 0).any():
