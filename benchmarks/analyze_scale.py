@@ -14,7 +14,8 @@ subprocess (so peak RSS is that of the measured work alone):
 * `x_vs_reference_loop`: the per-record Python loop that applies the reference formulas
   (benchmarks/reference_loop.py) / our vectorised reference mode, on the same records (capped at
   1e6 records; the loop's records/s is printed too); each side the best of 3 calls in its own
-  process, as reference_loop.py times them; `x_vs_reference_loop_first_call` compares the first
+  process (reference_loop.py times the loop 3 times too, the vectorised call 15 times and prints its
+  first 3 as well); `x_vs_reference_loop_first_call` compares the first
   calls (which also pay a fresh process's first-use costs: allocator, polars, numpy dispatch).
 
 Prints one JSON line per size.  python benchmarks/analyze_scale.py [--steps N ...] [--no-experts]
@@ -97,7 +98,7 @@ def _child(kind: str, trace_dir: str, cache_dir: str) -> dict:
 
             records = frame.to_dicts()
             run = lambda: reference_loop_metrics(records, **kwargs)  # noqa: E731
-        # As benchmarks/reference_loop.py: the best of 3 calls for both sides (the first call, which
+        # The best of 3 calls for both sides (the first call, which
         # also pays this fresh process's first-use costs, is reported on its own).
         times = []
         for _ in range(3):
