@@ -23,6 +23,12 @@ a stage that would start too late for `--budget-s` is skipped and listed:
    checks on its trace, plus its client tables (every request of `steps` in `requests`), and whether
    the files were closed (end-of-stream marker) before SGLang's shutdown killed the schedulers.
 4. `steps`   — tracing with `MOECAP_COUNTS=0` (steps only): throughput repeats.
+5. `serve`   — `moecap-collect serve --engine sglang` (SGLang's OpenAI server under moecap's supervisor)
+   driven by `moecap-collect drive` over HTTP, then stopped with SIGINT as a user's Ctrl-C: the same
+   checks, the client tables joined, and whether the supervisor got the files closed before SGLang's
+   shutdown killed the scheduler. The server needs a tokenizer to stream text (SGLang 0.5.16's completions
+   stream fails under `--skip-tokenizer-init`); the machine has none, so the stage writes a word-level one
+   with one word per id of the model's vocabulary (`word_level_tokenizer`).
 
 Engine start is ~2 min, so each mode runs all its repeats inside one engine; modes are sequential
 (three engines at 0.8 of the GPU's memory do not fit together), so the overhead figures compare medians
@@ -49,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("experts", "run", "off", "steps")
-ESTIMATES_S = {"experts": 200, "run": 150, "off": 150, "steps": 150}
+STAGES = ("experts", "run", "off", "steps", "serve")
+ESTIMATES_S = {"experts": 200, "run": 150, "off": 150, "steps": 150, "serve": 300}
 """Rough stage times on an H200 (engine start ~120 s + workloads), for the budget."""
 
 
@@ -254,8 +260,6 @@ CLI = "import sys; sys.argv = ['moecap-collect', *sys.argv[1:]]; from moecap.col
 
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """`moecap-collect run --engine sglang` through the real command line, then the trace checks."""
-    from moecap.schemas import read_trace_file
-
     out = Path(args.out)
     run_dir = out / "run"
     plugin_env(out, "off", run_dir, out / "stats_run")  # the entry point findable; `run` sets MOECAP_*
@@ -277,16 +281,132 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     if p.returncode != 0:
         raise RuntimeError(f"moecap-collect run exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
     result["check"] = check_trace(run_dir)
-    req_files = sorted(run_dir.glob("*.requests.arrow"))
-    steps_files = sorted(run_dir.glob("*.steps.arrow"))
-    if req_files and steps_files:
-        req = read_trace_file(req_files[0])
-        ids = set(req.table.column("req_id").to_pylist())
-        seen = {i for row in read_trace_file(steps_files[0]).table.column("req_ids").to_pylist() for i in row}
-        result["requests"] = len(ids)
-        result["requests_complete"] = req.complete
-        result["step_req_ids_not_in_requests"] = len(seen - ids)
-        result["requests_never_in_steps"] = len(ids - seen)
+    result.update(client_join(run_dir))
+    return result
+
+
+def client_join(folder: Path) -> dict[str, Any]:
+    """Do the client's `requests` and the engine's `steps` name the same requests?"""
+    from moecap.schemas import read_trace_file
+
+    req_files = sorted(folder.glob("*.requests.arrow"))
+    steps_files = sorted(folder.glob("*.steps.arrow"))
+    if not (req_files and steps_files):
+        return {"error": f"no requests or steps file in {folder}"}
+    req = read_trace_file(req_files[0])
+    ids = set(req.table.column("req_id").to_pylist())
+    seen = {i for row in read_trace_file(steps_files[0]).table.column("req_ids").to_pylist() for i in row}
+    return {
+        "requests": len(ids),
+        "requests_complete": req.complete,
+        "step_req_ids_not_in_requests": len(seen - ids),
+        "requests_never_in_steps": len(ids - seen),
+    }
+
+
+def word_level_tokenizer(folder: Path, vocab_size: int, eos_id: int) -> Path:
+    """A fast tokenizer with one word per id ('t<id>'; id 0 is '<unk>', `eos_id` '<|endoftext|>'), so
+    every id a random-weight model emits decodes to text. Written with the `tokenizers` on the machine."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    names = {0: "<unk>", eos_id: "<|endoftext|>"}
+    for i, name in names.items():
+        vocab.pop(f"t{i}")
+        vocab[name] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "eos_token": "<|endoftext|>",
+                "model_max_length": 32768,
+            }
+        )
+    )
+    return folder
+
+
+def _get(url: str, timeout_s: float = 5.0) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status
+    except Exception:
+        return 0
+
+
+def serve_stage(args: argparse.Namespace) -> dict[str, Any]:
+    """`moecap-collect serve --engine sglang` + `moecap-collect drive`, stopped with SIGINT."""
+    out = Path(args.out)
+    serve_dir = out / "serve"
+    plugin_env(out, "off", serve_dir, out / "stats_serve")  # the entry point findable; serve sets MOECAP_*
+    config = json.loads(Path(args.model).read_text())
+    tok = word_level_tokenizer(out / "tokenizer", int(config["vocab_size"]), int(config["eos_token_id"]))
+    run_id = f"sglang-serve-{int(time.time())}"
+    port = args.serve_port
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", CLI, "serve", "--engine", "sglang", "--out", str(serve_dir), "--run-id", run_id,
+           "--random-weights", args.model, "--tokenizer-path", str(tok), "--host", "127.0.0.1",
+           "--port", str(port), "--mem-fraction-static", str(args.mem_fraction),
+           "--context-length", str(args.context_length), "--chunked-prefill-size", str(args.chunked_prefill_size),
+           "--random-seed", "0", "--log-level", "warning"]  # fmt: skip
+    log(f"serve: {' '.join(cmd[3:])}")
+    server_log = out / "serve_server.log"
+    result: dict[str, Any] = {"mode": "serve", "argv": cmd[3:], "run_id": run_id}
+    t0 = time.time()
+    with open(server_log, "w") as logf:
+        srv = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    server_pid = None
+    try:
+        while time.time() - t0 < args.serve_start_timeout_s:
+            if srv.poll() is not None:
+                raise RuntimeError(f"serve exited {srv.returncode}: {server_log.read_text()[-2000:]}")
+            if _get(f"{url}/v1/models") == 200:
+                break
+            time.sleep(2)
+        else:
+            raise RuntimeError(
+                f"server not up in {args.serve_start_timeout_s} s: {server_log.read_text()[-2000:]}"
+            )
+        result["server_start_s"] = round(time.time() - t0, 1)
+        text = server_log.read_text()
+        if "(server pid " in text:
+            server_pid = int(text.split("(server pid ", 1)[1].split(")", 1)[0])
+        log(f"serve: up in {result['server_start_s']} s (server pid {server_pid})")
+        drive = [sys.executable, "-c", CLI, "drive", "--api-url", url, "--dataset",
+                 f"synthetic:{args.tp_in}x{args.tp_out}", "--num-prompts", str(args.run_prompts),
+                 "--batch-size", str(args.run_batch), "--ignore-eos", "--out", str(serve_dir), "--run-id", run_id,
+                 "--no-progress"]  # fmt: skip
+        t1 = time.time()
+        p = subprocess.run(drive, capture_output=True, text=True, timeout=300)
+        result.update(drive_rc=p.returncode, drive_s=round(time.time() - t1, 1),
+                      drive_tail=(p.stdout + p.stderr)[-3000:])  # fmt: skip
+        log(f"serve: drive rc {p.returncode} in {result['drive_s']} s")
+        time.sleep(2.0)  # the idle flusher writes the last passes
+        t2 = time.time()
+        srv.send_signal(signal.SIGINT)  # a user's Ctrl-C
+        try:
+            result["serve_rc"] = srv.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            result["serve_rc"] = "timeout"
+        result["stop_s"] = round(time.time() - t2, 1)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        if server_pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(server_pid, signal.SIGKILL)  # the server runs in its own session
+    text = server_log.read_text()
+    result["server_log_tail"] = text[-3000:]
+    result["supervisor_lines"] = [ln for ln in text.splitlines() if ln.startswith("moecap-collect:")][:20]
+    result["check"] = check_trace(serve_dir)
+    result.update(client_join(serve_dir))
     return result
 
 
@@ -295,6 +415,8 @@ def stage(args: argparse.Namespace) -> dict[str, Any]:
     mode = args.stage
     if mode == "run":
         return run_stage(args)
+    if mode == "serve":
+        return serve_stage(args)
     trace_dir = Path(args.trace_dir) if mode == "experts" else out / f"trace_{mode}"
     stats_dir = out / f"stats_{mode}"
     plugin_env(out, mode, trace_dir, stats_dir)
@@ -421,6 +543,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--run-prompts", type=int, default=64, help="run stage: requests")
     ap.add_argument("--run-batch", type=int, default=16, help="run stage: requests in flight")
+    ap.add_argument("--serve-port", type=int, default=30111, help="serve stage: the server's port")
+    ap.add_argument("--serve-start-timeout-s", type=float, default=360)
     return ap
 
 
@@ -459,6 +583,14 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
             for k in ("invariant_violations", "steps", "phases", "steps_complete", "experts_complete")
         }
         | {k: (st.get("run") or {}).get(k) for k in ("requests", "step_req_ids_not_in_requests", "run_s")},
+        "serve_stage": {
+            k: ((st.get("serve") or {}).get("check") or {}).get(k)
+            for k in ("invariant_violations", "steps", "phases", "steps_complete", "experts_complete")
+        }
+        | {
+            k: (st.get("serve") or {}).get(k)
+            for k in ("requests", "step_req_ids_not_in_requests", "drive_rc", "serve_rc", "server_start_s")
+        },
         "experts_files_complete": [ex.get("steps_complete"), ex.get("experts_complete")],
         "first_violations": ex.get("first_violations"),
         "steps": ex.get("steps"),

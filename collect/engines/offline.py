@@ -10,6 +10,8 @@ import io
 import json
 import os
 import shlex
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +202,58 @@ def exec_traced_server(
     sys.stderr.flush()
     (exec_fn or os.execvpe)(argv[0], argv, env)
     return argv, env
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals a supervised server is stopped with (Ctrl-C, `kill`, a closed terminal)."""
+
+
+def supervise_traced_server(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    engine: str,
+    run_id: str,
+    out_dir: Path,
+    warnings: Sequence[str],
+    before_stop: Callable[[], Sequence[str]],
+) -> int:
+    """Run the engine's server as a child and return its exit status; a stop signal to this process
+    first runs `before_stop()` (e.g. ask the engine's workers to close their trace files, returning one
+    warning line per problem), then reaches the server. For engines whose shutdown SIGKILLs the workers
+    that hold the trace files open.
+
+    The server runs in its own session, so a terminal's Ctrl-C reaches this process only and the
+    server hears it after `before_stop`; a second stop signal is passed on at once."""
+    for w in warnings:
+        print(f"moecap-collect: warning: {w}", file=sys.stderr)
+    child = subprocess.Popen(argv, env=env, start_new_session=True)
+    print(
+        f"moecap-collect: run {run_id}: tracing {engine} (server pid {child.pid}) into {out_dir}/ "
+        f"({shlex.join(argv[2:])})",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    stopping: list[int] = []
+
+    def on_stop(signum: int, frame: Any) -> None:
+        first = not stopping
+        stopping.append(signum)
+        if first:
+            print(f"moecap-collect: stopping {engine}: closing the trace files first", file=sys.stderr)
+            for line in before_stop():
+                print(f"moecap-collect: warning: {line}", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, on_stop) for s in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if child.poll() is None:  # this process is leaving on an exception: do not orphan the server
+            child.terminate()
 
 
 def parse_engine_flags(parse: Callable[[], Any], what: str, argv: Sequence[str]) -> Any:

@@ -93,7 +93,7 @@ def serve_from_cli(
     """`moecap-collect serve --engine sglang MODEL [SGLang flags…]`: the serve command hands its options here."""
     from .sglang_run import serve_command
 
-    serve_command(
+    status = serve_command(
         model,
         sglang_args,
         out=str(out),
@@ -102,6 +102,8 @@ def serve_from_cli(
         strict_engine=strict_engine,
         random_weights=random_weights,
     )
+    if status:  # a server ended by a signal: the shell's 128 + signal number
+        raise typer.Exit(status if status > 0 else 128 - status)
 
 
 def run_from_cli(

@@ -53,13 +53,13 @@ from . import sglang_compat as compat
 from .offline import (
     RequestRecord,
     closed_loop_workload,
-    exec_traced_server,
     gpu_sampler,
     load_tokenizer,
     model_dir,
     model_id_of,
     parse_engine_flags,
     read_config,
+    supervise_traced_server,
     write_client_tables,
 )
 from .tracing_env import tracer_environment
@@ -466,11 +466,17 @@ def serve_command(
     counts: bool = True,
     strict_engine: bool = False,
     random_weights: bool = False,
-    exec_fn: Callable[[str, list[str], dict[str, str]], Any] | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """Replace this process by SGLang's server with tracing on (returns only when `exec_fn` does, i.e. in
-    tests). The run's `steps` / `experts` files appear in `out` per recording rank; the workload driver
-    (`moecap-collect drive`) writes `requests` / `outputs` there with the same run id (printed)."""
+    close_wait_s: float = 10.0,
+    start_fn: Callable[[list[str], dict[str, str], Callable[[], list[str]]], int] | None = None,
+) -> int:
+    """Run SGLang's server with tracing on until it stops; returns its exit status. The run's `steps` /
+    `experts` files appear in `out` per recording rank; the workload driver (`moecap-collect drive`)
+    writes `requests` / `outputs` there with the same run id (printed).
+
+    SGLang's shutdown SIGKILLs its schedulers, so the server runs under a supervisor: a stop signal
+    (Ctrl-C, SIGTERM) first asks every recording scheduler to close its files (`request_close`, at most
+    `close_wait_s`), then reaches the server. `start_fn(argv, env, before_stop)` stands in for the
+    supervisor in tests."""
     out_dir = prepare_out_dir(out)
     warnings = preflight(strict_engine)
     model_id = model_id_of(model)
@@ -482,6 +488,7 @@ def serve_command(
         if not _has_flag(args, "--load-format"):
             args += ["--load-format", "dummy"]
     args += recorder_args(args, counts=counts)
+    stats_dir = Path(tempfile.mkdtemp(prefix="moecap-sglang-stats-"))
     env = dict(os.environ)
     env.update(
         tracing_env(
@@ -491,9 +498,16 @@ def serve_command(
             model_id=model_id,
             workload={"driver": "external"},
             strict=strict_engine,
+            stats_dir=str(stats_dir),
         )
     )
-    return exec_traced_server(
-        serve_argv(target, args), env, engine="SGLang", run_id=run_id, out_dir=out_dir, warnings=warnings,
-        exec_fn=exec_fn,
-    )  # fmt: skip
+
+    def before_stop() -> list[str]:
+        return adapter.request_close(stats_dir, close_wait_s)[1]
+
+    argv = serve_argv(target, args)
+    if start_fn is not None:
+        return start_fn(argv, env, before_stop)
+    return supervise_traced_server(
+        argv, env, engine="SGLang", run_id=run_id, out_dir=out_dir, warnings=warnings, before_stop=before_stop
+    )

@@ -85,3 +85,21 @@ def test_the_generated_entry_point_names_the_plugin(tmp_path):
     assert [(ep.group, ep.name, ep.value) for ep in found] == [
         ("sglang.srt.plugins", "moecap", "moecap.collect.engines.sglang:register")
     ]
+
+
+def test_word_level_tokenizer_decodes_every_id_and_loads_with_transformers(tmp_path):
+    """The serve stage's tokenizer: what SGLang's server loads (AutoTokenizer) must decode every id the
+    random model can emit to non-empty text, and know the model's eos."""
+    transformers = pytest.importorskip("transformers")
+    folder = sv.word_level_tokenizer(tmp_path / "tok", vocab_size=1000, eos_id=998)
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert len(tok) == 1000
+    assert tok.eos_token_id == 998 and tok.unk_token_id == 0
+    assert tok.decode([5, 6, 999]) == "t5 t6 t999"
+    assert tok.encode("t7 t8 zzz", add_special_tokens=False) == [7, 8, 0]  # unknown words: <unk>
+
+
+def test_client_join_counts_requests_on_both_sides(tmp_path):
+    assert "error" in sv.client_join(tmp_path)
+    args = sv.parse_args(["--out", str(tmp_path), "--stages", "serve"])
+    assert args.serve_port == 30111 and "serve" in sv.STAGES

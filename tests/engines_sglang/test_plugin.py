@@ -3,6 +3,7 @@ the real select-experts gatherer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -225,6 +226,17 @@ def test_steps_only_leaves_the_gatherer_alone(sgl, monkeypatch):
     assert compat.CAPTURE_TARGET not in sgl.HookRegistry._patched
 
 
+def _rows_so_far(path) -> int:
+    """Rows a trace file being written holds now (0 while it is still empty: created, no schema yet)."""
+    from moecap.schemas.errors import TraceError
+    from moecap.schemas.reader import read_trace_file
+
+    try:
+        return read_trace_file(path).table.num_rows
+    except TraceError:
+        return 0
+
+
 _IDLE_SCHEDULER = """
 import pathlib, sys, time
 import pytest, torch
@@ -267,11 +279,7 @@ def test_close_request_ends_the_files_before_sglang_kills_the_scheduler(sgl, tmp
         files: list = []
         while time.monotonic() < deadline:  # the idle flusher writes the row and the stats
             files = sorted((tmp_path / "trace").glob("*.steps.arrow"))
-            if (
-                files
-                and list(stats.glob("sglang-tracer-*.json"))
-                and read_trace_file(files[0]).table.num_rows
-            ):
+            if files and list(stats.glob("sglang-tracer-*.json")) and _rows_so_far(files[0]):
                 break
             time.sleep(0.1)
         assert files, "the scheduler wrote no steps file"
@@ -286,3 +294,86 @@ def test_close_request_ends_the_files_before_sglang_kills_the_scheduler(sgl, tmp
     tf = read_trace_file(files[0])
     assert tf.table.num_rows == 1
     assert tf.complete is close_first
+
+
+_FAKE_LAUNCH_SERVER = """
+import os, signal, subprocess, sys, time
+# Stands in for `python -m sglang.launch_server`: its scheduler is a child; on SIGINT / SIGTERM it ends
+# the way SGLang's server does (kill_process_tree: SIGKILL to the schedulers, no exit handlers run there).
+child = subprocess.Popen([sys.executable, {scheduler!r}])
+open({pids!r}, "w").write(str(os.getpid()))
+def stop(signum, frame):
+    open({heard!r}, "w").write(str(signum))
+    os.kill(child.pid, signal.SIGKILL)  # (not child.kill(): the main thread holds Popen's wait lock)
+    os.waitpid(child.pid, 0)
+    os._exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+child.wait()
+sys.exit(1)
+"""
+
+_SUPERVISOR = """
+import sys
+from pathlib import Path
+from moecap.collect.engines import sglang as adapter
+from moecap.collect.engines.offline import supervise_traced_server
+stats = Path({stats!r})
+def before_stop():
+    return adapter.request_close(stats, 30)[1] if {close!r} else []
+rc = supervise_traced_server([sys.executable, {server!r}], dict(__import__("os").environ), engine="SGLang",
+                             run_id="r", out_dir=Path("."), warnings=[], before_stop=before_stop)
+print("RC", rc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_serve_supervisor_closes_the_files_before_the_server_kills_its_scheduler(sgl, tmp_path, close):
+    """`moecap-collect serve --engine sglang` runs the server under `supervise_traced_server`: Ctrl-C
+    (SIGINT to the terminal's process group) reaches the supervisor only; it asks the recording scheduler
+    to close its files, then passes the signal on, and the server SIGKILLs the scheduler as SGLang does.
+    The files end with the end-of-stream marker; with a `before_stop` that does nothing they do not."""
+    import signal
+    import time
+
+    from moecap.schemas.reader import read_trace_file
+
+    stats = tmp_path / "stats"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    scheduler, server, supervisor = (tmp_path / n for n in ("scheduler.py", "server.py", "supervisor.py"))
+    heard = tmp_path / "server-heard"
+    scheduler.write_text(_IDLE_SCHEDULER.format(tests=tests, tmp=str(tmp_path), stats=str(stats)))
+    server_pid = tmp_path / "server-pid"
+    server.write_text(
+        _FAKE_LAUNCH_SERVER.format(scheduler=str(scheduler), heard=str(heard), pids=str(server_pid))
+    )
+    supervisor.write_text(_SUPERVISOR.format(stats=str(stats), close=close, server=str(server)))
+    proc = subprocess.Popen(
+        [sys.executable, str(supervisor)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, standing in for the terminal's
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()[-3000:]
+        deadline = time.monotonic() + 60
+        files: list = []
+        while time.monotonic() < deadline:  # the idle flusher writes the row and the stats
+            files = sorted((tmp_path / "trace").glob("*.steps.arrow"))
+            if files and list(stats.glob("sglang-tracer-*.json")) and _rows_so_far(files[0]):
+                break
+            time.sleep(0.1)
+        assert files, "the scheduler wrote no steps file"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if server_pid.exists():  # the server (and its scheduler) run in their own session
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(server_pid.read_text()), signal.SIGKILL)
+    assert "RC 0" in out, err[-3000:]
+    assert heard.read_text() == str(int(signal.SIGINT))  # the server heard the Ctrl-C, from the supervisor
+    assert "closing the trace files first" in err
+    tf = read_trace_file(files[0])
+    assert tf.table.num_rows == 1
+    assert tf.complete is close

@@ -209,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_serve_execs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_version, tmp_path):
+def test_serve_runs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_version, tmp_path):
     from typer.testing import CliRunner
 
     from moecap.collect import cli
@@ -219,8 +219,12 @@ def test_serve_execs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ve
     cfg.write_text(json.dumps({"model_type": "qwen2_moe", "num_experts": 8}))
     original = sglang_run.serve_command
 
+    def start(argv, env, before_stop):
+        seen.update(argv=argv, env=env, stop_warnings=before_stop())
+        return -2  # the server ended by SIGINT
+
     def serve_command(*args, **kwargs):
-        return original(*args, exec_fn=lambda f, a, e: seen.update(file=f, argv=a, env=e), **kwargs)
+        return original(*args, start_fn=start, **kwargs)
 
     sglang_run.serve_command = serve_command
     try:
@@ -232,7 +236,8 @@ def test_serve_execs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ve
         )  # fmt: skip
     finally:
         sglang_run.serve_command = original
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 130, result.output  # 128 + SIGINT, as a shell reports it
+    assert seen["stop_warnings"] == []  # no recording scheduler started: nothing to close
     argv = seen["argv"]
     assert argv[:5] == [sys.executable, "-m", "sglang.launch_server", "--model-path", argv[4]]
     assert json.loads(Path(argv[4], "config.json").read_text())["num_experts"] == 8
@@ -242,6 +247,7 @@ def test_serve_execs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ve
     env = seen["env"]
     assert env[adapter.ENV_TRACE_DIR] == str((tmp_path / "t").resolve()) and env[adapter.ENV_RUN_ID] == "r1"
     assert env[adapter.ENV_COUNTS] == "1"
+    assert Path(env[adapter.ENV_STATS_DIR]).is_dir()  # where the schedulers' stats (and pids) appear
     # SGLang's own parser takes the command line as we built it.
     ns = _parser().parse_args(argv[3:])
     assert (ns.model_path, ns.tp_size, ns.load_format, ns.skip_tokenizer_init) == (argv[4], 2, "dummy", True)
