@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moecap.schemas import is_driver_side
+
 from .errors import InputError, SpecError
 from .load import LoadedFile, LoadedRun, TraceDB, step_request_sums
 from .metrics.step_costs import (
@@ -391,6 +393,18 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
 _WINDOW = re.compile(r"^(all|steady|steps:(\d+)-(\d+)|time:([\d.]+)-([\d.]+))$")
 
 
+def target_concurrency(run: LoadedRun) -> int | None:
+    """Requests the workload kept in flight: the engine files' workload, else (a server traced by
+    `serve`, driven by `moecap-collect drive`) the driver's files' closed-loop concurrency."""
+    sources = [run.metadata] + [f.run for f in run.files if is_driver_side(f.run)]
+    for meta in sources:
+        wl = meta.workload or {}
+        target = wl.get("batch_size") or wl.get("concurrency")
+        if target:
+            return int(target)
+    return None
+
+
 def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[str, dict[str, Any]]:
     """SQL predicate over step_metrics selecting the window, and its description."""
     m = _WINDOW.match(options.window)
@@ -416,8 +430,7 @@ def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[st
             f"t_start_ns BETWEEN {t0 + int(start_s * 1e9)} AND {t0 + int(end_s * 1e9)}",
             {"kind": "time", "start_s": start_s, "end_s": end_s},
         )
-    wl = ctx.run.metadata.workload or {}
-    target = wl.get("batch_size") or wl.get("concurrency")
+    target = target_concurrency(ctx.run)
     if not target:
         return "TRUE", {
             "kind": "all",

@@ -55,7 +55,7 @@ from moecap.schemas import (
     TraceError,
     expand_paths,
     file_name_error,
-    mixed_run_error,
+    mixed_run_error_among,
     read_trace_header,
     scan_trace_file,
 )
@@ -329,7 +329,7 @@ def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Pat
         return named
     if existing is None or not existing.files:
         return None
-    return mixed_run_error(existing.files[0].run, existing.files[0].path, run, path)
+    return mixed_run_error_among([(f.run, f.path) for f in existing.files], run, path)
 
 
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:

@@ -16,13 +16,16 @@ from .metadata import (
     new_run_id,
 )
 from .reader import (
+    DRIVER_ENGINE,
     TraceFile,
     TraceRun,
     TraceScan,
     TraceSet,
     expand_paths,
     file_name_error,
+    is_driver_side,
     mixed_run_error,
+    mixed_run_error_among,
     open_traces,
     read_trace_file,
     read_trace_header,
@@ -32,6 +35,7 @@ from .tables import PHASES, SCHEMA_VERSION, TABLE_KINDS, TABLES, Column, arrow_s
 from .writer import TraceWriter, WriterStats, rows_to_batch, trace_file_name
 
 __all__ = [
+    "DRIVER_ENGINE",
     "PHASES",
     "SCHEMA_VERSION",
     "TABLES",
@@ -55,7 +59,9 @@ __all__ = [
     "arrow_schema",
     "expand_paths",
     "file_name_error",
+    "is_driver_side",
     "mixed_run_error",
+    "mixed_run_error_among",
     "new_run_id",
     "open_traces",
     "read_trace_file",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,6 +360,27 @@ def file_name_error(path: Path, table_kind: str, run: RunMetadata) -> str | None
     return None
 
 
+DRIVER_ENGINE = "client"
+"""`engine.name` of the tables a workload driver (`moecap-collect drive`) writes beside a server's
+trace: same run id, other process. Its `model.id` is the name the server serves, which the engine's
+files need not repeat (a `--served-model-name`, a local path), so it is compared with other driver
+files only."""
+
+
+def is_driver_side(run: RunMetadata) -> bool:
+    return run.engine.name == DRIVER_ENGINE
+
+
+def mixed_run_error_among(
+    existing: Sequence[tuple[RunMetadata, Path]], run: RunMetadata, path: Path
+) -> str | None:
+    """`mixed_run_error` against the first of `existing` written by the same side (driver or engine)."""
+    for first, first_path in existing:
+        if is_driver_side(first) == is_driver_side(run):
+            return mixed_run_error(first, first_path, run, path)
+    return None
+
+
 def mixed_run_error(first: RunMetadata, first_path: Path, run: RunMetadata, path: Path) -> str | None:
     """A one-line error when `run` (from `path`) claims the run id of `first` but is another run."""
     if first.model.id != run.model.id or first.engine.name != run.engine.name:
@@ -378,7 +399,7 @@ def _looks_like_run_id(text: str) -> bool:
 def _conflict(run: TraceRun, tf: TraceFile) -> str | None:
     if not run.files:
         return None
-    mixed = mixed_run_error(run.files[0].run, run.files[0].path, tf.run, tf.path)
+    mixed = mixed_run_error_among([(f.run, f.path) for f in run.files], tf.run, tf.path)
     if mixed:
         return mixed
     for other in run.files:

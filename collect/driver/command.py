@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
+from moecap.schemas import DRIVER_ENGINE, EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
 
 from ..datasets import DEFAULT_SYSTEM_PROMPT, SAMPLING_MODES, load_samples
 from ..errors import CollectError
@@ -265,7 +265,7 @@ async def _drive_and_record(
     if model_name is None:
         raise CollectError(f"--model not given and {client.base_url}/v1/models lists no model")
     client = dataclasses.replace(client, model=model_name)
-    engine_name = "http" if batch_recording else "client"
+    engine_name = "http" if batch_recording else DRIVER_ENGINE
     run = RunMetadata(
         run_id=run_id or new_run_id(engine_name, model_name),
         engine=EngineInfo(

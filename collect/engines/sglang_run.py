@@ -487,6 +487,8 @@ def serve_command(
         target = model_dir(model, True, Path(tempfile.mkdtemp(prefix="moecap-sglang-model-")))
         if not _has_flag(args, "--load-format"):
             args += ["--load-format", "dummy"]
+        if not _has_flag(args, "--served-model-name"):
+            args += ["--served-model-name", model_id]  # not the scratch folder's path
     args += recorder_args(args, counts=counts)
     stats_dir = Path(tempfile.mkdtemp(prefix="moecap-sglang-stats-"))
     env = dict(os.environ)

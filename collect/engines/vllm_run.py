@@ -435,6 +435,8 @@ def serve_command(
         target = model_dir(model, True, scratch)
         if "--load-format" not in args and not any(a.startswith("--load-format=") for a in args):
             args += ["--load-format", "dummy"]
+        if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in args):
+            args += ["--served-model-name", model_id]  # not the scratch folder's path
     env = dict(os.environ)
     env.update(
         tracing_env(

@@ -15,6 +15,8 @@ from moecap.schemas.reader import read_trace_file
 TRACES = Path(__file__).resolve().parents[2] / "traces"
 RUN = "20261204T044925Z-sglang-Qwen1.5-MoE-A2.7B-10a9"
 VALIDATE = "sglang-validate-experts-1796360011"
+SERVE = "sglang-serve-1796393507"
+"""`moecap-collect serve --engine sglang` + `moecap-collect drive`, stopped with SIGINT (run 4)."""
 
 
 def _files(prefix: str) -> list[Path]:
@@ -23,14 +25,14 @@ def _files(prefix: str) -> list[Path]:
     return files
 
 
-@pytest.mark.parametrize("prefix", [RUN, VALIDATE])
+@pytest.mark.parametrize("prefix", [RUN, VALIDATE, SERVE])
 def test_files_end_with_the_end_of_stream_marker(prefix):
     """The schedulers closed their files before SGLang's shutdown killed them."""
     for f in _files(prefix):
         assert read_trace_file(f).complete, f.name
 
 
-@pytest.mark.parametrize("prefix", [RUN, VALIDATE])
+@pytest.mark.parametrize("prefix", [RUN, VALIDATE, SERVE])
 def test_every_pass_counts_its_real_tokens_times_top_k_in_every_layer(tmp_path, prefix):
     db = load_traces(_files(prefix), cache_dir=tmp_path)
     top_k = db.runs[next(iter(db.runs))].metadata.moe.top_k
@@ -67,3 +69,27 @@ def test_check_reconciles_requests_under_the_overlap_scheduler(tmp_path, monkeyp
     monkeypatch.setattr(checks, "decodes_one_past_the_end", lambda md: False)
     findings = checks.check_run(db, run)
     assert len(findings) == 1 and findings[0].startswith("64 request(s) scheduled exactly one token more")
+
+
+def test_the_served_runs_driver_tables_join_the_servers_trace(tmp_path):
+    """The driver recorded the model as the server listed it (the scratch folder of --random-weights,
+    before serve named it) and engine "client"; its 64 requests join the scheduler's steps by run id.
+    The one request in steps but not in requests is SGLang's own warm-up request at server start."""
+    from moecap.schemas import is_driver_side
+
+    db = load_traces(_files(SERVE), cache_dir=tmp_path)
+    assert db.errors == [] and list(db.runs) == [SERVE]
+    run = db.runs[SERVE]
+    driver = [f.run for f in run.files if is_driver_side(f.run)]
+    assert driver and all(m.model.id != run.metadata.model.id for m in driver)
+    joined, missing = db.sql(
+        """SELECT count(*) FILTER (WHERE s.rid IS NOT NULL), count(*) FILTER (WHERE s.rid IS NULL)
+           FROM requests r LEFT JOIN (SELECT DISTINCT unnest(req_ids) AS rid FROM steps) s ON s.rid = r.req_id"""
+    ).fetchall()[0]
+    assert (joined, missing) == (64, 0)
+    (extra,) = db.sql(
+        """SELECT count(DISTINCT rid) FROM (SELECT unnest(req_ids) AS rid FROM steps)
+           WHERE rid NOT IN (SELECT req_id FROM requests)"""
+    ).fetchall()[0]
+    assert extra == 1
+    assert checks.check_run(db, run) == []

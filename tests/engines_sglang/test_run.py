@@ -242,7 +242,7 @@ def test_serve_runs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ver
     assert argv[:5] == [sys.executable, "-m", "sglang.launch_server", "--model-path", argv[4]]
     assert json.loads(Path(argv[4], "config.json").read_text())["num_experts"] == 8
     assert argv[5:] == ["--tp-size", "2", "--skip-tokenizer-init", "--load-format", "dummy",
-                        "--expert-distribution-recorder-mode", "stat",
+                        "--served-model-name", "tiny", "--expert-distribution-recorder-mode", "stat",
                         "--expert-distribution-recorder-buffer-size", "1"]  # fmt: skip
     env = seen["env"]
     assert env[adapter.ENV_TRACE_DIR] == str((tmp_path / "t").resolve()) and env[adapter.ENV_RUN_ID] == "r1"
@@ -251,6 +251,7 @@ def test_serve_runs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ver
     # SGLang's own parser takes the command line as we built it.
     ns = _parser().parse_args(argv[3:])
     assert (ns.model_path, ns.tp_size, ns.load_format, ns.skip_tokenizer_init) == (argv[4], 2, "dummy", True)
+    assert ns.served_model_name == "tiny"  # what /v1/models lists, so the driver records that name
     assert (ns.expert_distribution_recorder_mode, ns.expert_distribution_recorder_buffer_size) == ("stat", 1)
     import importlib.util
 

@@ -265,3 +265,47 @@ def test_unwritable_path_fails_at_construction(tmp_path, run_meta):
 def test_missing_path_is_a_trace_error(tmp_path):
     with pytest.raises(TraceError, match="no such file"):
         open_traces([tmp_path / "nope*.arrow"])
+
+
+def _request_row(req_id: str) -> dict:
+    return {"req_id": req_id, "engine_req_id": req_id, "sample_id": "s0", "arrival_ns": 0, "first_token_ns": 10,
+            "finish_ns": 20, "prompt_tokens": 4, "output_tokens": 2, "cached_prompt_tokens": 0,
+            "chunk_times_ns": [10, 20], "chunk_tokens": [1, 1], "queue_ns": None, "preemptions": 0,
+            "finish_reason": "length", "error": None, "retries": 0}  # fmt: skip
+
+
+def test_a_drivers_tables_join_the_servers_trace_whatever_name_the_server_serves(tmp_path, run_meta):
+    """`moecap-collect drive` records the model as the server lists it (a --served-model-name, a local
+    path) and `engine.name` "client": its files join the engine's by run id. Files of one side still
+    must agree among themselves."""
+    from moecap.schemas import DRIVER_ENGINE
+
+    client = run_meta.__class__.from_json(run_meta.to_json())
+    client.engine.name = DRIVER_ENGINE
+    client.model.id = "/tmp/moecap-sglang-model-qqypsnta"
+    steps = tmp_path / trace_file_name(run_meta, "steps")
+    requests = tmp_path / trace_file_name(client, "requests")
+    with TraceWriter(steps, "steps", run_meta) as w:
+        w.write(_step_row(0))
+    with TraceWriter(requests, "requests", client) as w:
+        w.write(_request_row("r0"))
+    result = open_traces([tmp_path])
+    assert result.errors == []
+    assert sorted(f.table_kind for f in result.runs[run_meta.run_id].files) == ["requests", "steps"]
+
+    # An engine file of another model under the same run id: refused, even after a driver file.
+    other_engine = run_meta.__class__.from_json(run_meta.to_json())
+    other_engine.model.id = "mistralai/Mixtral-8x7B-v0.1"
+    with TraceWriter(tmp_path / "x.experts.arrow", "experts", other_engine) as w:
+        w.write({"step": 0, "counts": [1]})
+    result = open_traces([requests, steps, tmp_path / "x.experts.arrow"])
+    assert len(result.errors) == 1 and "mixes files of different runs" in result.errors[0]
+    assert "x.experts.arrow" in result.errors[0]
+
+    # Two drivers' files of one run id that disagree on the model: refused too.
+    other_client = client.__class__.from_json(client.to_json())
+    other_client.model.id = "another-model"
+    with TraceWriter(tmp_path / "y.outputs.arrow", "outputs", other_client) as w:
+        pass
+    result = open_traces([requests, tmp_path / "y.outputs.arrow"])
+    assert len(result.errors) == 1 and "y.outputs.arrow" in result.errors[0]
