@@ -417,8 +417,10 @@ def batch_to_table_batch(
 
 
 def _bad_casts(arr: pa.Array, type_: pa.DataType, base: int) -> list[tuple[int, BaseException]]:
+    """Indices (from `base`) of the values of `arr` that do not cast to `type_`. A slice is compacted
+    first: casting a sliced list array casts its whole child, values outside the slice included."""
     try:
-        arr.cast(type_)
+        pa.concat_arrays([arr]).cast(type_)
         return []
     except (pa.ArrowException, ValueError, TypeError) as exc:
         if len(arr) == 1:
