@@ -478,7 +478,13 @@ def _open_stream(
         schema = reader.schema
     except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
         raise TraceError(f"{path}: truncated or corrupt before the schema ended ({_short(exc)})") from None
-    kind, version, run = _validate_schema(path, schema)
+    try:
+        kind, version, run = _validate_schema(path, schema)
+    except TraceError:
+        raise
+    except (pa.ArrowException, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # e.g. a field name that is no longer UTF-8: pyarrow cannot even list the columns
+        raise TraceError(f"{path}: corrupt header: the schema is unreadable ({_short(exc)})") from None
     scan = TraceScan(path=path, table_kind=kind, schema_version=version, run=run, schema=schema)
     scan.checksums_expected = integrity.CHECKSUM_KEY in (schema.metadata or {})
     return reader, source.tell(), scan

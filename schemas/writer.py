@@ -287,10 +287,11 @@ class TraceWriter:
         self._thread.join(timeout_s)
         if self.stats.rows_dropped or self.stats.errors:
             log.warning(
-                "moecap trace writer %s closed: %d rows written, %d dropped, %d errors (last: %s)",
+                "moecap trace writer %s closed: %d rows written, %d dropped (%s), %d errors (last: %s)",
                 self.path,
                 self.stats.rows_written,
                 self.stats.rows_dropped,
+                "; ".join(f"{d['rows']} x {key}" for key, d in self.stats.drops.items()) or "-",
                 self.stats.errors,
                 self.stats.last_error,
             )
