@@ -315,12 +315,16 @@ def _walk(
     dictionary = b""
     o = schema_end
     # Messages before `start` were read and checked by the fast path: only their dictionaries matter.
-    while o < start:
-        source.seek(o)
-        msg = ipc.read_message(source)
-        if msg.type == "dictionary":
-            dictionary = msg.serialize().to_pybytes()
-        o = source.tell()
+    try:
+        while o < start:
+            source.seek(o)
+            msg = ipc.read_message(source)
+            if msg.type == "dictionary":
+                dictionary = msg.serialize().to_pybytes()
+            o = source.tell()
+    except _READ_ERRORS:  # pragma: no cover - these messages already read once
+        pass
+    o = start
     damage: tuple[int, str] | None = None  # (start offset, first error) of the stretch being skipped
     last_batch_end = start  # a dictionary without its batch is lost with it
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -361,6 +365,13 @@ def _read_message_at(
         kind = msg.type
     except _READ_ERRORS as exc:
         return f"unreadable message ({_short(exc)})", o, "", None
+    size = source.size()
+    if end < size and (
+        end % 8 or not _STREAM_CONTINUATION.startswith(source.read_at(min(4, size - end), end))
+    ):
+        # A corrupt body length: the message does not end where a message (or the file) starts.
+        # Not decoded (its "body" may be the rest of the file).
+        return "message length does not lead to the next message", end, kind, None
     if kind == "dictionary":
         return None, end, kind, msg.serialize().to_pybytes()
     if kind != "record batch":
