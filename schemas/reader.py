@@ -597,13 +597,14 @@ def open_traces(paths: Iterable[str | os.PathLike[str]], *, strict: bool = False
     """Read every trace file under `paths` and group the files by run.
 
     Each unusable file gives one error line in `TraceSet.errors` and the others still load; with
-    `strict=True` the first error (or a truncated file) raises `TraceError` instead.
+    `strict=True` the first error (or a truncated file, or one with corrupt batches) raises
+    `TraceError` instead.
     """
     result = TraceSet()
     for path in expand_paths(paths):
         try:
             tf = read_trace_file(path)
-            if strict and not tf.complete:
+            if strict and (tf.corrupt_batches or not tf.complete):
                 raise TraceError(tf.warnings[0])
             _check_name(tf)
         except TraceError as exc:

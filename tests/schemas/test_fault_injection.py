@@ -360,13 +360,21 @@ def test_an_invalid_batch_never_reaches_the_consumer_and_later_batches_are_kept(
     assert line.startswith(str(path)) and "invalid arrays" in line and "bytes " in line
 
 
+def _flip_batch_info_digit(data: bytes, victim: faults.Message) -> bytearray:
+    """The file with one bit of the first digit of `victim`'s `"seq":` in its batch metadata flipped:
+    still valid JSON and a valid batch, only a different number (what the checksum is for)."""
+    at = data.index(b'"seq":', victim.start, victim.meta_end) + len(b'"seq":')
+    damaged = bytearray(data)
+    damaged[at] ^= 0x02  # "1" <-> "3", "2" <-> "0"
+    return damaged
+
+
 def test_a_corrupt_batch_in_the_middle_is_named_and_the_batches_after_it_are_kept(samples, tmp_path):
     _, samples_ = samples
     _path, data, messages = samples_["requests"]
     batches = [m for m in messages if m.kind == "record batch" and m.rows]
     victim = batches[1]
-    damaged = bytearray(data)
-    damaged[victim.end - 16] ^= 0x10  # inside the second batch's compressed body
+    damaged = _flip_batch_info_digit(data, victim)
     bad = tmp_path / "mid.requests.arrow"
     bad.write_bytes(bytes(damaged))
     tf = read_trace_file(bad)
@@ -375,3 +383,18 @@ def test_a_corrupt_batch_in_the_middle_is_named_and_the_batches_after_it_are_kep
     assert tf.corrupt_batches == 1 and tf.complete
     (line,) = tf.warnings
     assert line.startswith(str(bad)) and f"bytes {victim.start}-{victim.end}" in line
+
+
+def test_strict_open_refuses_a_file_with_a_corrupt_batch(samples, tmp_path):
+    from moecap.schemas import TraceError, open_traces
+
+    _, samples_ = samples
+    _path, data, messages = samples_["outputs"]
+    victim = next(m for m in messages if m.kind == "record batch" and m.rows)
+    damaged = _flip_batch_info_digit(data, victim)
+    bad = tmp_path / "x.outputs.arrow"
+    bad.write_bytes(bytes(damaged))
+    loose = open_traces([bad])
+    assert loose.errors == [] and len(loose.warnings) == 1 and "corrupt record batch" in loose.warnings[0]
+    with pytest.raises(TraceError, match="corrupt record batch"):
+        open_traces([bad], strict=True)
