@@ -237,30 +237,47 @@ _READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError, MemoryError, I
 
 def _batch_problem(batch: pa.RecordBatch, custom: Any, scan: TraceScan) -> str | None:
     """What is wrong with a batch as read (None when nothing): invalid arrays, a null in a required
-    column, a missing, malformed or mismatching checksum. Counts unverifiable batches in `scan`."""
+    column, a missing, malformed or mismatching checksum. Counts unverifiable batches in `scan`.
+
+    Basic validation first (buffer sizes agree with lengths, O(columns)), so the checksum reads only
+    memory that is there; then the checksum. A batch whose checksum verifies is logically identical
+    to the batch the writer wrote, which the writer built valid (pyarrow's converters, or a full
+    validation of a prebuilt batch), so full validation (offsets monotonic, dictionary indices in
+    range, UTF-8: ~30% of a steps file's read time) runs for every batch that is not verified."""
     try:
-        batch.validate(full=True)
+        batch.validate()
     except (pa.ArrowException, ValueError) as exc:
         return f"invalid arrays ({_short(exc)})"
     for column in TABLES[scan.table_kind]:
         if not column.nullable and batch.column(column.name).null_count:
             return f"null in required column {scan.table_kind}.{column.name}"
+    verified = False
     stored = _meta_get(custom, integrity.CHECKSUM_KEY)
     if stored is None:
         if scan.checksums_expected:
             return "checksum missing"
         scan.unchecked_batches += 1
-        return None
-    parsed = integrity.parse_checksum(stored)
-    if parsed is None:
-        return f"malformed checksum {stored[:40]!r}"
-    algorithm, value = parsed
-    if not integrity.available(algorithm):
-        scan.unchecked_batches += 1
-        return None
-    info = _meta_get(custom, b"moecap.batch") or b""
-    if integrity.batch_checksum(batch, info, algorithm) != value:
-        return "checksum mismatch (the content differs from what was written)"
+    else:
+        parsed = integrity.parse_checksum(stored)
+        if parsed is None:
+            return f"malformed checksum {stored[:40]!r}"
+        algorithm, value = parsed
+        if integrity.available(algorithm):
+            info = _meta_get(custom, b"moecap.batch") or b""
+            try:
+                actual = integrity.batch_checksum(batch, info, algorithm)
+            except (pa.ArrowException, ValueError, IndexError, TypeError) as exc:
+                return f"invalid arrays ({_short(exc)})"
+            if actual != value:
+                return "checksum mismatch (the content differs from what was written)"
+            verified = True
+        else:
+            scan.unchecked_batches += 1
+    if not verified:
+        try:
+            batch.validate(full=True)
+        except (pa.ArrowException, ValueError) as exc:
+            return f"invalid arrays ({_short(exc)})"
     return None
 
 

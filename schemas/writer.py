@@ -402,7 +402,7 @@ def batch_to_table_batch(
     except (pa.ArrowException, ValueError, TypeError):
         cast = None
     if cast is not None and not any(not c.nullable and a.null_count for a, c in zip(cast, columns)):
-        return pa.RecordBatch.from_arrays(cast, schema=schema), []
+        return _fully_valid(pa.RecordBatch.from_arrays(cast, schema=schema)), []
     bad: dict[int, tuple[str, str, str]] = {}
     for a, c in zip(arrays, columns):
         for j, _exc in _bad_casts(a, c.type, 0):
@@ -414,7 +414,15 @@ def batch_to_table_batch(
     mask[list(bad)] = False
     kept = pa.array(mask)
     cast = [a.filter(kept).cast(c.type) for a, c in zip(arrays, columns)]
-    return pa.RecordBatch.from_arrays(cast, schema=schema), _summarise(bad.values())
+    return _fully_valid(pa.RecordBatch.from_arrays(cast, schema=schema)), _summarise(bad.values())
+
+
+def _fully_valid(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A prebuilt batch could have been assembled from raw buffers: validate it fully (offline
+    producers only; rows converted by pyarrow are valid by construction), so a batch whose checksum
+    verifies on read needs no full validation there."""
+    batch.validate(full=True)
+    return batch
 
 
 def _bad_casts(arr: pa.Array, type_: pa.DataType, base: int) -> list[tuple[int, BaseException]]:

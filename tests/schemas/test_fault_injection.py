@@ -398,3 +398,29 @@ def test_strict_open_refuses_a_file_with_a_corrupt_batch(samples, tmp_path):
     assert loose.errors == [] and len(loose.warnings) == 1 and "corrupt record batch" in loose.warnings[0]
     with pytest.raises(TraceError, match="corrupt record batch"):
         open_traces([bad], strict=True)
+
+
+def test_the_writer_never_writes_an_invalid_prebuilt_batch(tmp_path):
+    """A batch assembled from raw buffers with backwards offsets is refused (its rows counted as
+    dropped), so every batch that verifies its checksum on read was valid when written."""
+    offsets = pa.array([0, 2, 1], pa.int32())
+    counts = pa.ListArray.from_buffers(
+        pa.list_(pa.int32()), 2, [None, offsets.buffers()[1]], children=[pa.array([1, 2], pa.int32())]
+    )
+    bad = pa.RecordBatch.from_arrays([pa.array([2, 3], pa.int64()), counts], names=["step", "counts"])
+    good = pa.record_batch({"step": pa.array([1], pa.int64()), "counts": [[7, 8]]})
+    path = tmp_path / "w.experts.arrow"
+    with TraceWriter(path, "experts", _run()) as w:
+        w.write_batch(good)
+        w.write_batch(bad)
+    assert w.stats.rows_dropped == 2 and w.stats.rows_written == 1
+    tf = read_trace_file(path)
+    assert tf.table.to_pylist() == [{"step": 1, "counts": [7, 8]}]
+    assert tf.drops == [
+        {
+            "field": "*",
+            "reason": "batch not written (ArrowInvalid)",
+            "rows": 2,
+            "example": tf.drops[0]["example"],
+        }
+    ]
