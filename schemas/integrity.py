@@ -96,17 +96,48 @@ def header_checksum(version: bytes, table: bytes, run: bytes, algorithm: str = D
     return h.intdigest()
 
 
-def batch_checksum(batch: pa.RecordBatch, info: bytes, algorithm: str = DEFAULT_ALGORITHM) -> int:
-    """Checksum of a record batch's `moecap.batch` JSON and logical content.
+def batch_checksum(
+    batch: pa.RecordBatch,
+    info: bytes,
+    algorithm: str = DEFAULT_ALGORITHM,
+    columns: list[pa.Array] | None = None,
+) -> int:
+    """Checksum of a record batch's `moecap.batch` JSON and logical content (`columns`: the batch's
+    columns where the caller has them already; making the Python column objects is a good part of
+    the cost for a small batch).
 
-    Call only on a fully validated batch: the hash follows the batch's offsets.
+    Call only on a batch that passed basic validation (buffer sizes agree with lengths): the hash
+    follows the batch's offsets, and reads past nothing that basic validation checked.
     """
     h = new_hasher(algorithm)
     h.update(_PACK2(len(info), batch.num_rows))
     h.update(info)
-    for column in batch.columns:
+    for column in batch.columns if columns is None else columns:
         _hash_array(h, column)
     return h.intdigest()
+
+
+_DICT, _BOOL, _OFFSETS, _LIST, _FIXED = range(5)
+_KINDS: dict[pa.DataType, tuple[int, int]] = {}
+
+
+def _kind(type_: pa.DataType) -> tuple[int, int]:
+    """(layout, byte width) of a type, cached (the type predicates cost more than the hashing of a
+    small batch)."""
+    kind = _KINDS.get(type_)
+    if kind is None:
+        if pa.types.is_dictionary(type_):
+            kind = (_DICT, 0)
+        elif pa.types.is_boolean(type_):
+            kind = (_BOOL, 0)
+        elif pa.types.is_string(type_):
+            kind = (_OFFSETS, 0)
+        elif pa.types.is_list(type_):
+            kind = (_LIST, 0)
+        else:
+            kind = (_FIXED, type_.bit_width // 8)
+        _KINDS[type_] = kind
+    return kind
 
 
 def _hash_array(h: Any, arr: pa.Array) -> None:
@@ -115,29 +146,31 @@ def _hash_array(h: Any, arr: pa.Array) -> None:
     h.update(_PACK2(n, nulls))
     if n == 0:
         return
-    type_ = arr.type
+    layout, width = _kind(arr.type)
+    if layout == _DICT:
+        if nulls:
+            _hash_bits(h, arr.buffers()[0], arr.offset, n)
+        _hash_array(h, arr.indices)
+        _hash_array(h, arr.dictionary)
+        return
     buffers = arr.buffers()
     offset = arr.offset
     if nulls:
         _hash_bits(h, buffers[0], offset, n)
-    if pa.types.is_dictionary(type_):
-        _hash_array(h, arr.indices)
-        _hash_array(h, arr.dictionary)
-    elif pa.types.is_boolean(type_):
+    if layout == _FIXED:
+        if buffers[1] is not None:
+            h.update(memoryview(buffers[1])[offset * width : (offset + n) * width])
+    elif layout == _BOOL:
         _hash_bits(h, buffers[1], offset, n)
-    elif pa.types.is_list(type_) or pa.types.is_string(type_):
+    else:
         offsets = np.frombuffer(buffers[1], dtype=np.int32, count=n + 1, offset=4 * offset)
         first, last = int(offsets[0]), int(offsets[-1])
         h.update(offsets if first == 0 else offsets - np.int32(first))
-        if pa.types.is_string(type_):
+        if layout == _OFFSETS:
             if buffers[2] is not None and last > first:
                 h.update(memoryview(buffers[2])[first:last])
         else:
             _hash_array(h, arr.values.slice(first, last - first))
-    else:
-        width = type_.bit_width // 8
-        if buffers[1] is not None:
-            h.update(memoryview(buffers[1])[offset * width : (offset + n) * width])
 
 
 def _hash_bits(h: Any, buf: pa.Buffer | None, offset: int, n: int) -> None:

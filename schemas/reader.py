@@ -248,8 +248,10 @@ def _batch_problem(batch: pa.RecordBatch, custom: Any, scan: TraceScan) -> str |
         batch.validate()
     except (pa.ArrowException, ValueError) as exc:
         return f"invalid arrays ({_short(exc)})"
+    columns = batch.columns
+    by_name = dict(zip(batch.schema.names, columns))
     for column in TABLES[scan.table_kind]:
-        if not column.nullable and batch.column(column.name).null_count:
+        if not column.nullable and by_name[column.name].null_count:
             return f"null in required column {scan.table_kind}.{column.name}"
     verified = False
     stored = _meta_get(custom, integrity.CHECKSUM_KEY)
@@ -265,7 +267,7 @@ def _batch_problem(batch: pa.RecordBatch, custom: Any, scan: TraceScan) -> str |
         if integrity.available(algorithm):
             info = _meta_get(custom, b"moecap.batch") or b""
             try:
-                actual = integrity.batch_checksum(batch, info, algorithm)
+                actual = integrity.batch_checksum(batch, info, algorithm, columns)
             except (pa.ArrowException, ValueError, IndexError, TypeError) as exc:
                 return f"invalid arrays ({_short(exc)})"
             if actual != value:
