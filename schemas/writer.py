@@ -197,6 +197,7 @@ class TraceWriter:
 
     def _write_batch(self, rows: list[Mapping[str, Any]] | pa.RecordBatch) -> None:
         t0 = time.perf_counter()
+        counted = 0
         try:
             if isinstance(rows, pa.RecordBatch):
                 batch, drops = batch_to_table_batch(rows, self.table, self.schema)
@@ -204,10 +205,12 @@ class TraceWriter:
                 batch, drops = rows_to_batch_dropping(rows, self.table, self.schema)
             for name, reason, count, example in drops:
                 self._drop(count, name, reason, example)
+                counted += count
             self._emit(batch)
             self.stats.rows_written += batch.num_rows
         except Exception as exc:
-            self._drop(len(rows), "*", f"batch not written ({type(exc).__name__})", _short(exc))
+            rest = len(rows) - counted
+            self._drop(rest, "*", f"batch not written ({type(exc).__name__})", _short(exc))
             self._record_error(exc)
         self.stats.flush_seconds.append(time.perf_counter() - t0)
 
