@@ -4,7 +4,8 @@ every change, so a killed sweep leaves a true account of what finished.
 A point is *recorded* when its entry says `done` and every trace file of its run is in `<out>` and
 ends with the Arrow end-of-stream marker (closed by its writer). Anything else is run again on a
 re-run: the files of an earlier, unfinished attempt (killed, interrupted, failed) are moved into
-`<out>/incomplete/` first — kept, but out of the folder the analyzer reads.
+`<out>/incomplete/` first — kept, but out of the folder the analyzer reads (an empty file, created but
+never written because a stop signal landed while it was being opened, holds nothing and is removed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .matrix import Point
 STATE_FILE = "sweep.json"
 INCOMPLETE_DIR = "incomplete"
 SCHEMA = "moecap.sweep/1"
-STATUSES = ("pending", "running", "done", "failed", "interrupted")
+STATUSES = ("pending", "running", "done", "failed", "interrupted", "killed")
+"""A point's status is its last attempt's; `killed` is a `running` attempt found by a later run."""
 
 
 def _now() -> str:
@@ -149,11 +151,24 @@ class SweepState:
         entry = self.points.get(point.key)
         if entry is None:
             return []
-        return [moved for attempt in entry.attempts for moved in self._set_aside_run(attempt.run_id)]
+        moved = []
+        for attempt in entry.attempts:
+            here = self._set_aside_run(attempt.run_id)
+            if attempt.status == "running":  # the sweep process died during this attempt
+                attempt.status = "killed"
+                attempt.reason = "the sweep ended during this point (killed); its files were not closed"
+                attempt.files = [str(p.relative_to(self.out)) for p in here]
+            moved += here
+        return moved
 
     def _set_aside_run(self, run_id: str) -> list[Path]:
         moved: list[Path] = []
         for path in sorted(self.out.glob(f"{run_id}.*.arrow")):
+            if path.stat().st_size == 0:
+                # Created, never written (a stop signal while its writer was being opened): it holds
+                # no schema and no row, so removing it loses nothing.
+                path.unlink()
+                continue
             target_dir = self.out / INCOMPLETE_DIR
             target_dir.mkdir(exist_ok=True)
             target = target_dir / path.name

@@ -63,6 +63,23 @@ def _begin_run(obj: Any, run_id: str, workload: dict[str, Any]) -> dict[str, Any
     return tracer.stats()
 
 
+def _preflight(engine_args: dict[str, Any]) -> list[str]:
+    """The engine release check; the plugin's entry point is needed only where vLLM runs workers in
+    other processes (several GPUs, or the multiprocess engine core): a single in-process worker is
+    patched by `register()` in this process (e.g. a checkout on PYTHONPATH, benchmarks/gpu/env.sh)."""
+    from ..engines import vllm as adapter
+    from ..engines import vllm_run
+
+    warning = adapter.check_version(False)
+    workers = 1
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        workers *= int(engine_args.get(key) or 1)
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
+    if (workers > 1 or not in_process) and not vllm_run.plugin_installed():
+        vllm_run.preflight(False)  # raises: the entry point is missing
+    return [warning] if warning else []
+
+
 class VllmSession:
     """vLLM's offline engine, started once per `EngineConfig`."""
 
@@ -89,14 +106,14 @@ class VllmSession:
                 f"engine vllm needs vLLM installed (pip install 'moecap[vllm]'): {exc}"
             ) from None
         self.config, self.out = config, out
-        self.warnings = vllm_run.preflight(False)
+        extra = vllm_run.vllm_argv(shlex.split(config.engine_args)) if config.engine_args else {}
+        self.warnings = _preflight(extra)
         self.model_id = model_id_of(config.model)
         self.scratch = Path(tempfile.mkdtemp(prefix="moecap-sweep-model-"))
         model = model_dir(config.model, config.random_weights, self.scratch / "model")
         cfg = read_config(model)
         self.vocab = int(cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size") or 32000)
         self.tokenizer = load_tokenizer(config.tokenizer or (model if Path(model).is_dir() else None))
-        extra = vllm_run.vllm_argv(shlex.split(config.engine_args)) if config.engine_args else {}
         self.options = vllm_run.VllmRunOptions(
             model=config.model,
             dataset="",

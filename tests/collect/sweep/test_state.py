@@ -101,3 +101,14 @@ def test_a_corrupt_state_file_is_a_one_line_error(tmp_path):
         assert "expected moecap.sweep/1" in str(exc)
     else:
         raise AssertionError("expected a CollectError")
+
+
+def test_an_empty_file_of_an_unfinished_attempt_is_removed_not_kept(tmp_path):
+    # a stop signal while a writer was being opened leaves a created, never-written file
+    a, _ = expand(build_spec(SPEC))
+    state = SweepState.load(tmp_path)
+    state.begin(a, "20260101T000000Z-a-0001")
+    (tmp_path / "20260101T000000Z-a-0001.dp0-pp0-tp0.steps.arrow").write_bytes(b"")
+    state.finish(a, "interrupted", reason="stop")
+    assert state.points[a.key].attempts[-1].files == []
+    assert not list(tmp_path.rglob("*.arrow"))
