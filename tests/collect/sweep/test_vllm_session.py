@@ -58,6 +58,7 @@ def test_one_engine_records_one_closed_run_per_point(tmp_path, monkeypatch):
     monkeypatch.setenv(adapter.ENV_WORKLOAD, "{}")
     adapter.patch_worker_class(Worker)
     try:
+        (tmp_path / "tiny").mkdir()
         env = init_vllm(write_tiny_config(tmp_path / "tiny"))
         worker = make_worker(env, FakeRunner(make_model()))
         worker.load_model()
