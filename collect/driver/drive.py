@@ -109,6 +109,7 @@ async def drive(
     stop: asyncio.Event | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> DriveResult:
     """Send every sample to `client`'s endpoint under `load`; write a `requests` and an `outputs` row per
     request as it finishes. Returns the records.
@@ -116,7 +117,8 @@ async def drive(
     Raises CollectError before sending anything when the server cannot be reached, or when a sample
     cannot be sent through the chosen API. Per-request failures (HTTP errors, dropped streams, timeouts)
     are recorded in the rows, never raised. Setting `stop` ends the run early: no new requests, in-flight
-    ones are cancelled and recorded as aborted. `transport` replaces the network (e.g. an in-process
+    ones are cancelled and recorded as aborted, their error saying `stop_reason()` (default
+    "interrupted") "before the response was complete". `transport` replaces the network (e.g. an in-process
     server); streaming timestamps are only meaningful over a real socket.
     """
     load = load or LoadConfig()
@@ -156,6 +158,8 @@ async def drive(
             body, headers, _ = build_request(cfg, s, warm.req_id, model)
             await send_request(http, cfg, warm, body, headers)
         runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
+        if stop_reason is not None:
+            runner.stop_reason = stop_reason
         started = time.monotonic_ns()
         if progress is not None:
             progress.start(len(samples))
@@ -199,9 +203,11 @@ async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo
     if resp.status_code == 200:
         try:
             doc = resp.json()
-            info.models = [str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m]
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, RecursionError):
+            doc = None
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if isinstance(data, list):
+            info.models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
     elif resp.status_code in (401, 403):
         raise CollectError(
             f"the server at {cfg.base_url} refused GET /v1/models (HTTP {resp.status_code}); pass --header 'Authorization: Bearer …'"
@@ -226,7 +232,7 @@ async def _get_json(http: httpx.AsyncClient, cfg: ClientConfig, path: str, timeo
     try:
         resp = await http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout)
         return resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, RecursionError):
         return None
 
 
@@ -247,6 +253,7 @@ class _Runner:
         self.progress, self.stop, self.on_record = progress, stop, on_record
         self.records: list[RequestRecord] = []
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.stop_reason: Callable[[], str] = lambda: "interrupted"
 
     async def one(self, index: int, sample: Sample) -> None:
         req_id = f"{self.cfg.request_id_prefix}-{index:06d}"
@@ -255,9 +262,11 @@ class _Runner:
         try:
             await send_request(self.http, self.cfg, rec, body, headers)
         except asyncio.CancelledError:
-            self._finish(rec)
             if self.stop.is_set():
+                rec.error = f"{self.stop_reason()} before the response was complete"
+                self._finish(rec)
                 return
+            self._finish(rec)
             raise
         self._finish(rec)
 

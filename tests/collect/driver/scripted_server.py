@@ -10,9 +10,11 @@ a chunk of g tokens follows the previous one by g*itl_ms. Sleeps are absolute-de
 this process (sub-millisecond on Linux), and every chunk frame is one write on a TCP_NODELAY socket.
 
 Scenarios: stream, http500, ctx400, drop (closes the socket after 3 chunks), badjson (one malformed
-event), nonstream (one JSON body after ttft_ms, whatever `stream` says), flaky (503 for the first
+event), nonstream (one JSON body after ttft_ms, whatever `stream` says; `body=<percent-encoded text>`
+replaces it), flaky (503 for the first
 `fail=K` attempts of a request id, then stream), hang (never answers). `answer=N` makes the last two
-tokens "#### N" (a GSM8K-style answer).
+tokens "#### N" (a GSM8K-style answer). `inject=<percent-encoded text>` sends one extra event with that
+data after chunk `at=K` (default 1) of a stream.
 
 Also: GET /v1/models, GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
 chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
@@ -29,7 +31,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 STATE = {
     "timings": {},
@@ -192,6 +194,14 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(max(0.0, arrived + ttft + itl * (n_tok - 1) - time.monotonic()))
             text_out = " ".join(_word(i, n_tok, opts.get("answer")) for i in range(n_tok))
             self._record_passes(rid, n_tok)
+            if "body" in opts:
+                data = unquote(opts["body"]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             return self._json(
                 200,
                 {
@@ -233,6 +243,8 @@ class Handler(BaseHTTPRequestHandler):
                 ev["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
             if name == "badjson" and len(sent) == 1:
                 self._chunk(b"data: {this is not json\n\n")
+            if "inject" in opts and len(sent) == int(opts.get("at", 1)):
+                self._chunk(f"data: {unquote(opts['inject'])}\n\n".encode())
             self._event(ev)
             sent.append({"t_ns": time.monotonic_ns(), "tokens": g})
             if name == "drop" and len(sent) == 3:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from moecap.analyze.accuracy import score_outputs
 from moecap.schemas import open_traces, read_trace_file
@@ -170,7 +171,10 @@ def test_user_errors_are_one_line_with_exit_2(scripted, tmp_path, free_port):
     assert norec.returncode == 2 and "has no /batch_recording_status endpoint" in norec.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path, sig, status):
+    """Ctrl-C and `kill` alike: finished rows kept, in-flight ones recorded as aborted with the signal
+    named, both files closed with their end-of-stream marker, exit 128 + signal, no traceback."""
     data = tmp_path / "long.jsonl"
     data.write_text(
         "".join(
@@ -211,18 +215,24 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path):
         while time.monotonic() < deadline and not (out / "cc.client.requests.arrow").exists():
             time.sleep(0.05)
         time.sleep(2.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted: kept 4 of 12 requests" in err
-    rows = read_trace_file(out / "cc.client.requests.arrow").table.to_pylist()
+    name = signal.Signals(sig).name
+    assert proc.returncode == status, err
+    assert "Traceback" not in err
+    assert f"interrupted by {name}: kept 4 of 12 requests" in err
+    requests = read_trace_file(out / "cc.client.requests.arrow")
+    outputs = read_trace_file(out / "cc.client.outputs.arrow")
+    assert requests.complete and outputs.complete  # end-of-stream markers written
+    rows = requests.table.to_pylist()
     assert len(rows) == 4
     done = [r for r in rows if r["error"] is None]
     aborted = [r for r in rows if r["finish_reason"] == "abort"]
     assert len(done) == 2 and len(aborted) == 2
+    assert {r["error"] for r in aborted} == {f"stopped by {name} before the response was complete"}
     assert all(len(r["chunk_times_ns"]) >= 1 for r in aborted)
-    assert read_trace_file(out / "cc.client.requests.arrow").run.workload["mode"] == "closed_loop"
-    assert read_trace_file(out / "cc.client.outputs.arrow").table.num_rows == 4
+    assert requests.run.workload["mode"] == "closed_loop"
+    assert outputs.table.num_rows == 4
