@@ -142,7 +142,8 @@ def test_a_bad_whole_response_fails_its_request(scripted, tmp_path):
     for rec, (_, reason) in zip(bad, BAD_RESPONSES):
         assert rec.error == f"malformed response: {reason}"
         assert rec.first_token_ns is None and rec.finish_reason == "error"
-    assert [r["error"] for r in rows][: len(bad)] == [r.error for r in bad]
+    errors = {r["req_id"]: r["error"] for r in rows}  # rows are in finish order
+    assert [errors[r.req_id] for r in records] == [r.error for r in bad] + [None]
 
 
 def test_cli_keeps_the_row_of_a_count_that_does_not_fit(scripted, tmp_path):

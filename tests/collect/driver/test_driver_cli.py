@@ -59,7 +59,7 @@ def test_drive_writes_requests_and_outputs_then_accuracy(scripted, tmp_path):
         "--run-id",
         "run-e2e",
         "--no-progress",
-        "--ttft-slo-ms",
+        "--slo-ttft-ms",
         "500",
     )
     assert proc.returncode == 0, proc.stderr
@@ -236,3 +236,39 @@ def test_a_stop_signal_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path,
     assert all(len(r["chunk_times_ns"]) >= 1 for r in aborted)
     assert requests.run.workload["mode"] == "closed_loop"
     assert outputs.table.num_rows == 4
+
+
+def test_fewer_rows_than_asked_is_said_and_recorded(scripted, tmp_path):
+    data = tmp_path / "five.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": "stream tokens=2", "answer": "#### 1"}) + "\n" for _ in range(5))
+    )
+    out = tmp_path / "traces"
+    proc = _cli(
+        "drive", "--api-url", scripted.url, "--dataset", "gsm8k", "--dataset-path", str(data),
+        "--num-prompts", "8", "--out", str(out), "--run-id", "few", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert warnings == ["moecap-collect: warning: --num-prompts 8 but dataset gsm8k has 5 rows; sending 5"]
+    req = read_trace_file(out / "few.client.requests.arrow")
+    assert req.table.num_rows == 5
+    assert (req.run.workload["num_prompts_requested"], req.run.workload["num_prompts"]) == (8, 5)
+
+
+def test_slo_flags_are_named_as_the_analyzers(scripted, tmp_path):
+    common = ["drive", "--api-url", scripted.url, "--dataset", "synthetic:4x2", "--num-prompts", "1",
+              "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    new = _cli(*common, "--run-id", "new", "--slo-ttft-ms", "500", "--slo-tpot-ms", "40")
+    old = _cli(*common, "--run-id", "old", "--ttft-slo-ms", "500", "--tpot-slo-ms", "40")  # hidden alias
+    for proc, run in ((new, "new"), (old, "old")):
+        assert proc.returncode == 0, proc.stderr
+        slo = read_trace_file(tmp_path / f"{run}.client.requests.arrow").run.workload["slo"]
+        assert slo == {"ttft_s": 0.5, "tpot_s": 0.04}
+    both = _cli(*common, "--slo-ttft-ms", "500", "--ttft-slo-ms", "400")
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "moecap-collect: error: --slo-ttft-ms 500 and --ttft-slo-ms 400 disagree; give --slo-ttft-ms only"
+    )
+    shown = _cli("drive", "--help").stdout
+    assert "--slo-ttft-ms" in shown and "--ttft-slo-ms" not in shown
