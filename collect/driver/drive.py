@@ -8,11 +8,12 @@ finished requests, and in-flight ones are recorded with what had arrived and `fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -156,7 +157,7 @@ async def drive(
             s = samples[i % len(samples)]
             warm = RequestRecord(-1, f"{cfg.request_id_prefix}-warmup-{i}", s, "")
             body, headers, _ = build_request(cfg, s, warm.req_id, model)
-            await send_request(http, cfg, warm, body, headers)
+            await _unless_stopped(send_request(http, cfg, warm, body, headers), stop)
         runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
         if stop_reason is not None:
             runner.stop_reason = stop_reason
@@ -358,6 +359,19 @@ async def _acquire_or_stop(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
         return True
     acquire.cancel()
     return False
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Await `work`, cancelling it when `stop` is set first (a warm-up request is not recorded)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        task.cancel()  # no-op when it finished
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:

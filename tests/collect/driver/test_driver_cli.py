@@ -272,3 +272,34 @@ def test_slo_flags_are_named_as_the_analyzers(scripted, tmp_path):
     )
     shown = _cli("drive", "--help").stdout
     assert "--slo-ttft-ms" in shown and "--ttft-slo-ms" not in shown
+
+
+def test_sigterm_during_the_warmup_stops_at_once(scripted, tmp_path):
+    data = tmp_path / "slow.jsonl"
+    data.write_text(
+        json.dumps({"question": "stream ttft_ms=5 itl_ms=200 tokens=50", "answer": "#### 1"}) + "\n"
+    )
+    out = tmp_path / "traces"
+    proc = subprocess.Popen(
+        [*CLI, "drive", "--api-url", scripted.url, "--dataset", "gsm8k", "--dataset-path", str(data),
+         "--num-prompts", "1", "--warmup", "1", "--max-tokens", "50", "--out", str(out), "--run-id", "wu",
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out / "wu.client.requests.arrow").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the 10 s warm-up request
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert stopped_in < 5  # not after the warm-up request's 10 s
+    assert "interrupted by SIGTERM: kept 0 of 1 requests" in err
+    requests = read_trace_file(out / "wu.client.requests.arrow")
+    assert requests.complete and requests.table.num_rows == 0  # warm-up requests are never recorded
