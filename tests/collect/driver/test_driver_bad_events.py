@@ -223,3 +223,31 @@ def test_counts_out_of_range_name_the_value(value, reason):
     with pytest.raises(BadEvent) as info:
         parse_event({"usage": {"completion_tokens": value}})
     assert str(info.value) == f"usage.completion_tokens: {COUNT}, got {reason}"
+
+
+def test_an_event_without_end_is_refused_at_16_mib(scripted, tmp_path):
+    records, _ = _run(scripted.url, ["stream tokens=4 bloat_mib=40", "stream tokens=2"], tmp_path)
+    bloated, good = records
+    assert bloated.error == "stream event larger than 16 MiB after 1 chunks"
+    assert bloated.chunk_tokens == [1] and bloated.finish_reason == "error"  # what arrived first is kept
+    assert good.ok
+
+
+@pytest.mark.parametrize("models_body", ['{"data": 5}', '{"data": [{"id": 5}, null]}', "[" * 100_000])
+def test_a_model_list_of_the_wrong_shape_lists_no_model(models_body, tmp_path):
+    """GET /v1/models answering valid JSON of another shape: no crash; without --model the one-line
+    error says the server lists no model, with --model the run goes ahead."""
+    from loopback import SCRIPTED, start_server
+
+    cli = [sys.executable, "-c", "from moecap.collect.cli import main; main()", "drive", "--dataset", "synthetic:4x2",
+           "--num-prompts", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    with start_server(SCRIPTED, "--models-body", models_body) as srv:
+        without = subprocess.run([*cli, "--api-url", srv.url], capture_output=True, text=True, timeout=60)
+        named = subprocess.run(
+            [*cli, "--api-url", srv.url, "--model", "m"], capture_output=True, text=True, timeout=60
+        )
+    assert without.returncode == 2 and without.stderr.strip() == (
+        f"moecap-collect: error: --model not given and {srv.url}/v1/models lists no model"
+    )
+    assert named.returncode == 0, named.stderr
+    assert "requests: 1 (1 ok, 0 failed)" in named.stderr
