@@ -182,6 +182,8 @@ def drive_command(
 
     Example: moecap-collect drive --api-url http://127.0.0.1:8000 --dataset gsm8k --num-prompts 50 --batch-size 8
     """
+    if num_prompts < 1:
+        raise CollectError(f"--num-prompts must be at least 1 (got {num_prompts})")
     slo_ttft_ms = _one_of(slo_ttft_ms, ttft_slo_ms, "--slo-ttft-ms", "--ttft-slo-ms")
     slo_tpot_ms = _one_of(slo_tpot_ms, tpot_slo_ms, "--slo-tpot-ms", "--tpot-slo-ms")
     body = _json_object(extra_body, "--extra-body")
