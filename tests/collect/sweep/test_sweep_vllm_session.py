@@ -3,7 +3,7 @@ on the CPU (the vLLM adapter tests' toy model runner and scheduler): one worker,
 run's files closed and holding only its own steps; warm-up between points is not recorded.
 
 Runs where vLLM is installed (`.ci/vllm-venv.sh`'s venv: `$(bash .ci/vllm-venv.sh) -m pytest
-tests/collect/sweep/test_vllm_session.py`, or the GPU machine); skipped in the main venv."""
+tests/collect/sweep/test_sweep_vllm_session.py`, or the GPU machine); skipped in the main venv."""
 
 from __future__ import annotations
 
