@@ -101,7 +101,9 @@ def test_closed_loop_keeps_batch_size_in_flight_and_times_every_chunk(tmp_path, 
     engine = FakeEngine(incremental=incremental, tokens_per_chunk=per_chunk)
     prompts = _prompts(5, 4)
     seen = []
-    records, wall_s = sglang_run.drive(engine, prompts, _options(tmp_path), lambda *a: seen.append(a))
+    records, wall_s = sglang_run.drive(
+        engine, prompts, _options(tmp_path), lambda *a: seen.append(a), concurrency=2
+    )
     assert engine.max_in_flight == 2 and len(engine.calls) == 5
     assert sorted(c["rid"] for c in engine.calls) == sorted(p.req_id for p in prompts)
     assert engine.calls[0]["sampling_params"] == {
@@ -119,6 +121,15 @@ def test_closed_loop_keeps_batch_size_in_flight_and_times_every_chunk(tmp_path, 
         assert rec.arrival_ns < rec.first_token_ns == rec.chunk_ns[0] <= rec.chunk_ns[-1] == rec.finish_ns
         assert rec.chunk_ns == sorted(rec.chunk_ns)
         assert rec.finish_reason == "length" and rec.cached_tokens == 0
+
+
+def test_by_default_every_prompt_is_handed_over_at_once(tmp_path):
+    # As SGLang's own offline benchmark does: SGLang (max_running_requests) admits them, not the client.
+    engine = FakeEngine()
+    records, _ = sglang_run.drive(engine, _prompts(5, 4), _options(tmp_path), None)
+    assert engine.max_in_flight == 5 and len(records) == 5
+    last_submission = max(r.arrival_ns for r in records)
+    assert last_submission < min(r.first_token_ns for r in records)
 
 
 def test_the_client_tables_hold_the_loops_records(tmp_path):
