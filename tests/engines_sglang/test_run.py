@@ -24,6 +24,7 @@ from moecap.collect.engines import sglang_run
 from moecap.collect.engines.hf_runner import make_prompts
 from moecap.collect.engines.offline import write_client_tables
 from moecap.collect.errors import CollectError
+from moecap.collect.warmup import WARMUP_PREFIX
 from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, open_traces
 
 
@@ -360,5 +361,16 @@ def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     assert run.run_id == "run-s" and {f.table_kind for f in run.files} == {"requests", "outputs"}
     meta = run.metadata
     assert meta.engine.name == "sglang" and meta.engine.version == sglang_version
-    assert meta.workload["driver"] == "sglang-offline-closed-loop" and meta.workload["concurrency"] == 2
+    # SGLang admits (max_running_requests = batch size); every prompt was handed over at once, after a
+    # warm-up of one batch of the workload's shapes that the results (and the trace) leave out.
+    assert eng.kwargs["max_running_requests"] == 2 and eng.max_in_flight == 5
+    warm = [c for c in eng.calls if c["rid"].startswith(WARMUP_PREFIX)]
+    assert [c["rid"] for c in eng.calls[:2]] == [c["rid"] for c in warm] and len(warm) == 2
+    assert [len(c["input_ids"]) for c in warm] == [len(c["input_ids"]) for c in eng.calls[2:4]]
+    assert all(c["input_ids"] != w["input_ids"] for c in eng.calls[2:] for w in warm)
+    assert (
+        result.timing["warmup_requests"] == 2 and result.timing["first_token_s"] >= result.timing["submit_s"]
+    )
+    assert meta.workload["driver"] == "sglang-offline-engine-admission" and meta.workload["concurrency"] == 2
+    assert meta.workload["num_prompts"] == 5 and meta.extra["timing"]["warmup_requests"] == 2
     assert (meta.moe.num_experts, meta.moe.top_k, meta.model.random_weights) == (8, 2, True)
