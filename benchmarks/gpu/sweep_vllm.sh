@@ -34,7 +34,10 @@ if [ -n "${KILL_AFTER:-}" ]; then
 fi
 # SIGINT at 420 s: whatever is left is closed and resumable, never lost
 timeout -s INT 420 bash -c "$(declare -f sweep); sweep" > "$OUT/sweep.log" 2>&1
-echo "sweep exit $?"; tail -n 12 "$OUT/sweep.log"
-sweep > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
-echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
+rc=$?
+echo "sweep exit $rc"; tail -n 12 "$OUT/sweep.log"
+if [ $rc -eq 0 ]; then
+  sweep > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
+  echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
+fi
 cp -r "$WORK/sweep" "$OUT/" && du -sh "$OUT/sweep"
