@@ -39,7 +39,7 @@ timeout -s INT 420 bash -c "$(declare -f sweep); sweep" > "$OUT/sweep.log" 2>&1
 rc=$?
 echo "sweep exit $rc"; tail -n 12 "$OUT/sweep.log"
 if [ $rc -eq 0 ]; then
-  sweep > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
+  (sweep) > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
   echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
 fi
 cp -r "$WORK/sweep" "$OUT/" && du -sh "$OUT/sweep"
