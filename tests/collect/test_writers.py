@@ -54,3 +54,30 @@ def test_drop_lines_name_each_table_and_cause(tmp_path):
         and "output_tokens: value does not fit int32 (e.g. 3000000000)" in line
     )
     assert read_trace_file(writers.paths["requests"]).table.column("req_id").to_pylist() == ["r1"]
+
+
+def test_ctrl_c_while_opening_closes_the_files_already_open(tmp_path, monkeypatch):
+    # A stop signal can land between two files of a run being opened (seen in a sweep stopped by
+    # SIGTERM): the files opened so far must end closed (end-of-stream marker), not unfinished.
+    import moecap.collect.writers as writers_module
+    from moecap.collect.sweep.state import file_closed
+    from moecap.collect.writers import RunWriters
+    from moecap.schemas import TraceWriter
+
+    opened = []
+
+    def interrupted_on_third(*args, **kwargs):
+        if len(opened) == 2:
+            raise KeyboardInterrupt
+        w = TraceWriter(*args, **kwargs)
+        opened.append(w.path)
+        return w
+
+    monkeypatch.setattr(writers_module, "TraceWriter", interrupted_on_third)
+    try:
+        RunWriters(tmp_path, _meta(), experts=True, gpu_sample_interval_s=None)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("expected the KeyboardInterrupt to propagate")
+    assert len(opened) == 2 and all(file_closed(p) for p in opened)
