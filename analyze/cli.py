@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -195,7 +194,9 @@ def summary(
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
     if format == "json":
-        typer.echo(json.dumps(analysis.document, indent=2, default=str))
+        from .output import document_json
+
+        typer.echo(document_json(analysis.document))
     elif format == "csv":
         _print_csv(analysis.document)
     else:

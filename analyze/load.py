@@ -63,8 +63,9 @@ from moecap.schemas import (
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
 from .parquet_writer import BackgroundParquetWriter
+from .validity import RowFilter
 
-CACHE_LAYOUT = "6"
+CACHE_LAYOUT = "7"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
 
 _RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
@@ -131,6 +132,10 @@ class LoadedFile:
     summed; empty for a trace file."""
     steps_left_out: int = 0
     """For a sum: steps some rank has no counts for, left out of it (a partial sum under-counts)."""
+    left_out: list[str] = field(default_factory=list)
+    """Rows left out of the views (impossible values, repeated keys: `validity`), one line per reason."""
+    excluded_steps: list[int] = field(default_factory=list)
+    """A steps file's step keys left out for an impossible value (its experts rows go with them)."""
 
 
 @dataclass
@@ -145,7 +150,10 @@ class LoadedRun:
     sum_stages: set[tuple[int, int]] = field(default_factory=set)
     """(dp, pp) under the sum rule (summed, or left out where the ranks cannot be summed)."""
     warnings: list[str] = field(default_factory=list)
-    """What summing this run's ranks found (also in `TraceDB.warnings`)."""
+    """What loading found about this run: rows left out, duplicate files, what summing its ranks
+    found (also in `TraceDB.warnings`)."""
+    findings: list[str] = field(default_factory=list)
+    """Rows and files left out of this run's views (impossible values, duplicates): `check` names them."""
 
     @property
     def metadata(self) -> RunMetadata:
@@ -288,6 +296,7 @@ def load_traces(
     ]
     summing = {stage for stage, n in Counter(shares).items() if n > 1}
     phase_maps: dict[tuple[str, str], Path] = {}
+    excluded: dict[tuple[str, str], list[int]] = {}
     for i, (path, header) in enumerate(headers):
         if progress:
             progress(i, len(headers), str(path))
@@ -300,7 +309,7 @@ def load_traces(
             continue
         try:
             raw = expert_counts or (run.run_id, run.rank.dp, run.rank.pp) in summing
-            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, raw)
+            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, raw, excluded)
         except TraceError as exc:
             if strict:
                 raise
@@ -308,11 +317,17 @@ def load_traces(
             continue
         if strict and not loaded.complete:
             raise TraceError(loaded.warnings[0])
+        if strict and loaded.left_out:
+            raise TraceError(f"{loaded.left_out[0]}; --strict refuses it")
         warnings.extend(loaded.warnings)
         runs.setdefault(run.run_id, LoadedRun(run.run_id)).files.append(loaded)
     if progress:
         progress(len(headers), len(headers), "")
     for loaded_run in runs.values():
+        _drop_duplicate_files(loaded_run, strict)
+        for f in loaded_run.files:
+            loaded_run.findings.extend(f.left_out)
+        loaded_run.warnings.extend(loaded_run.findings)
         problem = _sum_rank_counts(loaded_run, cache, expert_counts)
         if problem and strict:
             raise TraceError(problem)
@@ -330,6 +345,71 @@ def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Pat
     if existing is None or not existing.files:
         return None
     return mixed_run_error_among([(f.run, f.path) for f in existing.files], run, path)
+
+
+def _drop_duplicate_files(run: LoadedRun, strict: bool) -> None:
+    """Of several files of one run, rank and table (a copy under another name, a second copy of a
+    truncated file), keep one: the complete one with the most rows (the first by path on a tie).
+    Each other one is left out of the views, so its rows count once, with a line in `run.findings`
+    that says whether it is an identical copy and how many of its rows the kept file lacks;
+    `strict` refuses it. gpu_samples files are left out only when byte-identical (one sampler
+    process may write several)."""
+    groups: dict[tuple[str, str], list[LoadedFile]] = {}
+    for f in run.files:
+        groups.setdefault((f.table_kind, f.run.rank.tag()), []).append(f)
+    for (kind, tag), files in groups.items():
+        if len(files) < 2:
+            continue
+        kept = max(files, key=lambda f: (f.complete, f.rows, -files.index(f)))
+        for f in files:
+            if f is kept:
+                continue
+            identical = _same_bytes(f.path, kept.path)
+            if kind == "gpu_samples" and not identical:
+                continue
+            if identical:
+                line = (
+                    f"{f.path}: an identical copy of {kept.path} (run {run.run_id}, {kind}, rank {tag}); "
+                    "left out, so its rows count once"
+                )
+            else:
+                lacking = _rows_not_in(f, kept)
+                line = (
+                    f"{f.path}: a second {kind} file of run {run.run_id} rank {tag} beside {kept.path} "
+                    f"(kept: {'complete, ' if kept.complete else ''}{kept.rows} row(s)); left out, so no row counts "
+                    + (
+                        f"twice; {lacking} of its {f.rows} row(s) have keys the kept file lacks and are lost"
+                        if lacking
+                        else "twice; every one of its keys is in the kept file"
+                    )
+                )
+            if strict:
+                raise TraceError(f"{line}; --strict refuses duplicate files")
+            run.files.remove(f)
+            run.findings.append(line)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with a.open("rb") as fa, b.open("rb") as fb:
+            return hashlib.file_digest(fa, "sha256").digest() == hashlib.file_digest(fb, "sha256").digest()
+    except OSError:
+        return False
+
+
+def _rows_not_in(f: LoadedFile, kept: LoadedFile) -> int:
+    """Rows of `f` whose key (step, req_id) `kept` lacks, from their cached Parquet."""
+    from .validity import KEYS
+
+    key = KEYS.get(f.table_kind)
+    view = {"steps": "step_scalars", "experts": "expert_step_stats"}.get(f.table_kind, f.table_kind)
+    if key is None or view not in f.parquet or view not in kept.parquet:
+        return f.rows
+    mine = pq.read_table(f.parquet[view], columns=[key]).column(key).combine_chunks()
+    theirs = pq.read_table(kept.parquet[view], columns=[key]).column(key).combine_chunks()
+    return int(pc.sum(pc.invert(pc.is_in(mine, value_set=theirs))).as_py() or 0)
 
 
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:
@@ -351,12 +431,20 @@ def _load_file(
     cache: Path,
     phase_maps: dict[tuple[str, str], Path],
     expert_counts: bool = True,
+    excluded: dict[tuple[str, str], list[int]] | None = None,
 ) -> LoadedFile:
+    """Convert one trace file into the cache (or find it there). `excluded` maps a rank to the step
+    keys its steps file left out (filled for steps files, read for experts files: their rows go too)."""
+    excluded = {} if excluded is None else excluded
     rank_key = (run.run_id, run.rank.tag())
     extra = ""
+    drop_steps = None
     if kind == "experts":
         steps_key = phase_maps.get(rank_key)
         extra = "with-phases" if steps_key is not None else "no-phases"
+        if excluded.get(rank_key):
+            drop_steps = np.asarray(excluded[rank_key], dtype=np.int64)
+            extra += "|drop-" + hashlib.sha1(drop_steps.tobytes()).hexdigest()[:16]
     key = _cache_key(path, SCHEMA_VERSION, extra)
     info_path = cache / f"{key}.json"
     if info_path.exists():
@@ -365,7 +453,7 @@ def _load_file(
             parquet = {k: cache / v for k, v in info["parquet"].items()}
             if all(p.exists() for p in parquet.values()):
                 if kind == "experts" and expert_counts and "experts" not in parquet:
-                    parquet["experts"] = _write_raw_counts(path, _identity(run), cache, key)
+                    parquet["experts"] = _write_raw_counts(path, _identity(run), cache, key, drop_steps)
                     info["parquet"]["experts"] = parquet["experts"].name
                     info_path.write_text(json.dumps(info))
                 loaded = LoadedFile(
@@ -380,22 +468,29 @@ def _load_file(
                     warnings=info["warnings"],
                     from_cache=True,
                     cache_key=key,
+                    left_out=info["left_out"],
+                    excluded_steps=info["excluded_steps"],
                 )
                 if kind == "steps":
                     phase_maps[rank_key] = parquet["step_scalars"]
+                    excluded[rank_key] = loaded.excluded_steps
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
     identity = _identity(run)
+    rows = RowFilter(kind, drop_steps)
     if kind == "experts":
         scalars = phase_maps.get(rank_key)
         phase_map = _read_phase_map(scalars) if scalars is not None else None
-        parquet, scan = _convert_experts(path, run, identity, cache, key, phase_map, write_raw=expert_counts)
+        parquet, scan = _convert_experts(
+            path, run, identity, cache, key, phase_map, write_raw=expert_counts, rows=rows
+        )
     elif kind == "steps":
-        parquet, scan = _convert_steps(path, run, identity, cache, key)
+        parquet, scan = _convert_steps(path, run, identity, cache, key, rows)
         phase_maps[rank_key] = parquet["step_scalars"]
+        excluded[rank_key] = rows.excluded_steps
     else:
-        parquet, scan = _convert_plain(path, kind, identity, cache, key)
+        parquet, scan = _convert_plain(path, kind, identity, cache, key, rows)
     info = {
         "rows": scan.rows,
         "complete": scan.complete,
@@ -403,6 +498,8 @@ def _load_file(
         "rows_dropped": scan.rows_dropped,
         "warnings": scan.warnings,
         "parquet": {k: v.name for k, v in parquet.items()},
+        "left_out": rows.findings(str(path)),
+        "excluded_steps": rows.excluded_steps,
     }
     info_path.write_text(json.dumps(info))
     return LoadedFile(
@@ -416,6 +513,8 @@ def _load_file(
         parquet=parquet,
         warnings=list(scan.warnings),
         cache_key=key,
+        left_out=info["left_out"],
+        excluded_steps=rows.excluded_steps,
     )
 
 
@@ -423,10 +522,14 @@ def _identity(run: RunMetadata) -> dict[str, Any]:
     return {"run_id": run.run_id, "dp": run.rank.dp, "pp": run.rank.pp, "tp": run.rank.tp, "ep": run.rank.ep}
 
 
-def _write_raw_counts(path: Path, identity: dict[str, Any], cache: Path, key: str) -> Path:
-    """Cache a trace's raw expert counts (for the experts / expert_tokens views) in a second pass."""
+def _write_raw_counts(
+    path: Path, identity: dict[str, Any], cache: Path, key: str, drop_steps: np.ndarray | None = None
+) -> Path:
+    """Cache a trace's raw expert counts (for the experts / expert_tokens views) in a second pass,
+    leaving out the rows the first pass left out."""
     sink = _ParquetSink(cache / f"{key}.experts.parquet")
-    scan = scan_trace_file(path, lambda batch: sink.write(_with_identity(batch, identity)))
+    rows = RowFilter("experts", drop_steps)
+    scan = scan_trace_file(path, lambda batch: sink.write(_with_identity(rows.apply(batch), identity)))
     return sink.close(_identity_schema(scan.schema))
 
 
@@ -478,12 +581,15 @@ def _identity_schema(kind_schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _convert_plain(path: Path, kind: str, identity: dict[str, Any], cache: Path, key: str):
+def _convert_plain(
+    path: Path, kind: str, identity: dict[str, Any], cache: Path, key: str, rows: RowFilter | None = None
+):
     sink = _ParquetSink(cache / f"{key}.{kind}.parquet")
+    rows = rows or RowFilter(kind)
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, kind, batch)
-        sink.write(_with_identity(batch, identity))
+        sink.write(_with_identity(rows.apply(batch), identity))
 
     scan = scan_trace_file(path, on_batch)
     out = sink.close(_identity_schema(scan.schema))
@@ -510,9 +616,11 @@ def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
     """(step, request sums per `windows`) of every row of a steps trace file, in file order: one
     streaming pass, for a spec whose windows the cache does not hold."""
     parts: list[pa.Table] = []
+    rows = RowFilter("steps")  # the rows the cache holds
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "steps", batch)
+        batch = rows.apply(batch)
         sums = request_sums(batch, windows)
         parts.append(pa.table({"step": batch.column("step"), **sums}))
 
@@ -522,9 +630,11 @@ def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str):
+def _convert_steps(
+    path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str, rows: RowFilter
+):
     """One pass: scalar columns + per-step request sums -> `<key>.step_scalars.parquet` (written on
-    a second thread while the scan computes the next batch's sums)."""
+    a second thread while the scan computes the next batch's sums); `rows` leaves rows out."""
     target = cache / f"{key}.step_scalars.parquet"
     sink = BackgroundParquetWriter(target.with_suffix(".tmp"), **_STEP_SCALARS_OPTIONS)
     lists = set(_list_columns("steps"))
@@ -533,6 +643,7 @@ def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "steps", batch)
         try:
+            batch = rows.apply(batch)
             sums = request_sums(batch, windows)
         except ValueError as exc:  # lists of one step that do not line up: the file is unusable
             raise TraceError(f"{path}: {exc}") from None
@@ -719,7 +830,9 @@ def _convert_experts(
     phase_map: tuple[np.ndarray, np.ndarray] | None,
     *,
     write_raw: bool = True,
+    rows: RowFilter | None = None,
 ):
+    rows = rows or RowFilter("experts")
     experts_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
     n_experts = max(1, int(run.moe.num_experts))
     layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
@@ -730,6 +843,7 @@ def _convert_experts(
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "experts", batch)
+        batch = rows.apply(batch)
         counts_col = batch.column("counts")
         lengths = pc.list_value_length(counts_col).to_numpy(zero_copy_only=False)
         width = n_layers * n_experts

@@ -18,9 +18,7 @@ def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> li
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json"]
-        (out / "metrics.json").write_text(
-            json.dumps(analysis.document, indent=2, default=_json_default) + "\n"
-        )
+        (out / "metrics.json").write_text(document_json(analysis.document) + "\n")
         if analysis.db is not None:
             for name, query in (
                 ("step_metrics", "SELECT * FROM step_metrics ORDER BY run_id, dp, pp, step"),
@@ -39,11 +37,23 @@ def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> li
     return written
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+def document_json(document: Any, indent: int | None = 2) -> str:
+    """`document` as strict JSON (RFC 8259): NaN and ±Infinity, which strict parsers refuse, become
+    null; numpy values become numbers or lists; anything else unknown becomes its string."""
+    return json.dumps(_strict(document), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return _strict(obj.tolist())
     return str(obj)
 
 
