@@ -108,6 +108,27 @@ def default_cache_dir() -> Path:
     return Path(base) / "moecap"
 
 
+def prepare_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The cache directory (`cache_dir`, else `default_cache_dir()`), created if missing; InputError
+    (one line) when it cannot be: a file is in the way, no permission, a read-only disk."""
+    given = cache_dir is not None
+    cache = Path(cache_dir) if given else default_cache_dir()
+    source = "--cache-dir" if given else ("MOECAP_CACHE_DIR" if os.environ.get("MOECAP_CACHE_DIR") else "cache dir")
+    if cache.exists() and not cache.is_dir():
+        raise InputError(f"{source} {cache}: is not a directory (the Parquet cache needs one)")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"{source} {cache}: cannot write the Parquet cache there ({exc.strerror or exc}); "
+            "pass --cache-dir DIR or set MOECAP_CACHE_DIR to a writable directory"
+        ) from None
+    return cache
+
+
 @dataclass
 class LoadedFile:
     """One trace file as loaded: where its cached Parquet lives and what the scan said."""
@@ -272,8 +293,7 @@ def load_traces(
     (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
     files = expand_paths(paths)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = prepare_cache_dir(cache_dir)
     errors: list[str] = []
     warnings: list[str] = []
     runs: dict[str, LoadedRun] = {}

@@ -110,3 +110,19 @@ def write_gpu_samples(directory: Path, rows: list[dict[str, Any]]) -> Path:
 def run_doc(out: Path) -> dict[str, Any]:
     (run,) = strict_json((out / "metrics.json").read_text())["runs"]
     return run
+
+
+def rewrite_metadata(src: Path, dst: Path, edit: Callable[[Any], Any], rename: bool = True) -> Path:
+    """Copy the trace directory `src` to `dst` with every file's run metadata passed through `edit`
+    (a RunMetadata -> RunMetadata; `dataclasses.replace` suits); files renamed after the new run id."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for path in sorted(src.glob("*.arrow")):
+        trace = read_trace_file(path)
+        run = edit(trace.run)
+        target = dst / (path.name.replace(trace.run.run_id, run.run_id) if rename else path.name)
+        with TraceWriter(target, trace.table_kind, run) as writer:
+            for batch in trace.table.to_batches():
+                writer.write_batch(batch)
+    return dst
