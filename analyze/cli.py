@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -329,7 +330,7 @@ _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 def _bool_flag_given_a_value(argv: list[str]) -> str | None:
     """`--strict true`: the flag takes no value, so `true` would be read as a path. The one-line error."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag in _BOOL_FLAGS and value.lower() in _BOOL_WORDS and not Path(value).exists():
             return f"{flag} takes no value: write {flag} alone to turn it on, leave it out to keep it off ({value!r} is not a path)"
     return None
