@@ -114,7 +114,9 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
             if left_out
             else ""
         )
-        out.append(f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other}){why}")
+        out.append(
+            f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other}){why}"
+        )
     return out
 
 

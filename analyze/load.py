@@ -113,7 +113,11 @@ def prepare_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     (one line) when it cannot be: a file is in the way, no permission, a read-only disk."""
     given = cache_dir is not None
     cache = Path(cache_dir) if given else default_cache_dir()
-    source = "--cache-dir" if given else ("MOECAP_CACHE_DIR" if os.environ.get("MOECAP_CACHE_DIR") else "cache dir")
+    source = (
+        "--cache-dir"
+        if given
+        else ("MOECAP_CACHE_DIR" if os.environ.get("MOECAP_CACHE_DIR") else "cache dir")
+    )
     if cache.exists() and not cache.is_dir():
         raise InputError(f"{source} {cache}: is not a directory (the Parquet cache needs one)")
     try:

@@ -118,7 +118,9 @@ def _read_json_lines(p: Path, text: str) -> list[Any]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{p}: line {lineno} is not JSON ({exc.msg}); expected {_EXPECTED}") from None
         except RecursionError:
-            raise InputError(f"{p}: line {lineno}: JSON nested too deeply to read; expected {_EXPECTED}") from None
+            raise InputError(
+                f"{p}: line {lineno}: JSON nested too deeply to read; expected {_EXPECTED}"
+            ) from None
     return out
 
 

@@ -74,7 +74,9 @@ def run(
         return con.sql(query)
     except duckdb.Error as exc:
         message = one_line(exc)
-        if read_only and (isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in message):
+        if read_only and (
+            isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in message
+        ):
             from .readonly import HINT
 
             message += f" ({HINT})"

@@ -34,7 +34,9 @@ simulate_run = synthetic_traces.simulate_run
 ONE_LINE, RECOVERED, WARNED = "one line", "recovered", "warned exclusion"
 
 
-def cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: Any, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`moecap-analyze ARGS…` in a subprocess, as a user runs it."""
     import os
 
