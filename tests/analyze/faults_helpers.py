@@ -128,3 +128,33 @@ def rewrite_metadata(src: Path, dst: Path, edit: Callable[[Any], Any], rename: b
             for batch in trace.table.to_batches():
                 writer.write_batch(batch)
     return dst
+
+
+def base_run(directory: Path) -> Path:
+    """The clean run every fault is injected into: a simulated run (steps, experts, requests,
+    outputs) plus power samples of its GPU every 5 ms over its whole span (350 W)."""
+    simulate_run(directory, SimConfig())
+    steps = read_trace_file(trace_file(directory, "steps")).table
+    t0, t1 = min(steps.column("t_start_ns").to_pylist()), max(steps.column("t_end_ns").to_pylist())
+    write_gpu_samples(
+        directory,
+        [
+            {"t_ns": t, "gpu_index": 0, "gpu_uuid": "GPU-synthetic-0", "power_w": 350.0}
+            for t in range(t0 - 5_000_000, t1 + 10_000_000, 5_000_000)
+        ],
+    )
+    return directory
+
+
+def metrics_json(trace: Path, out: Path, cache: Path, *extra: Any) -> dict[str, Any]:
+    """`moecap-analyze TRACE --out OUT --window all`: the single run of its metrics.json, parsed strictly."""
+    r = cli(trace, "--out", out, "--window", "all", "--cache-dir", cache, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    return run_doc(out)
+
+
+def drop_rows(table: pa.Table, rows: list[int]) -> pa.Table:
+    """`table` without `rows` (the oracle for a row the analyzer should leave out)."""
+    keep = [i for i in range(table.num_rows) if i not in set(rows)]
+    return table.take(pa.array(keep, pa.int64()))
