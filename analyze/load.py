@@ -319,8 +319,7 @@ def load_traces(
         if h.table_kind == "experts" and counts_scope(h.run) == SUM_OVER_RANKS
     ]
     summing = {stage for stage, n in Counter(shares).items() if n > 1}
-    phase_maps: dict[tuple[str, str], Path] = {}
-    excluded: dict[tuple[str, str], list[int]] = {}
+    rank_steps: dict[tuple[str, str], LoadedFile] = {}
     for i, (path, header) in enumerate(headers):
         if progress:
             progress(i, len(headers), str(path))
@@ -333,7 +332,7 @@ def load_traces(
             continue
         try:
             raw = expert_counts or (run.run_id, run.rank.dp, run.rank.pp) in summing
-            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, raw, excluded)
+            loaded = _load_file(path, header.table_kind, run, cache, rank_steps, raw)
         except TraceError as exc:
             if strict:
                 raise
@@ -453,21 +452,21 @@ def _load_file(
     kind: str,
     run: RunMetadata,
     cache: Path,
-    phase_maps: dict[tuple[str, str], Path],
+    rank_steps: dict[tuple[str, str], LoadedFile],
     expert_counts: bool = True,
-    excluded: dict[tuple[str, str], list[int]] | None = None,
 ) -> LoadedFile:
-    """Convert one trace file into the cache (or find it there). `excluded` maps a rank to the step
-    keys its steps file left out (filled for steps files, read for experts files: their rows go too)."""
-    excluded = {} if excluded is None else excluded
+    """Convert one trace file into the cache (or find it there). `rank_steps` maps a rank to its
+    steps file (filled by steps files, read by experts files: the steps' phases split the expert
+    totals, and the steps it left out take their expert counts with them)."""
     rank_key = (run.run_id, run.rank.tag())
     extra = ""
     drop_steps = None
     if kind == "experts":
-        steps_key = phase_maps.get(rank_key)
-        extra = "with-phases" if steps_key is not None else "no-phases"
-        if excluded.get(rank_key):
-            drop_steps = np.asarray(excluded[rank_key], dtype=np.int64)
+        steps_file = rank_steps.get(rank_key)
+        # The phases (and left-out steps) come from the rank's steps file: its cache entry is in the key.
+        extra = f"with-phases-{steps_file.cache_key}" if steps_file is not None else "no-phases"
+        if steps_file is not None and steps_file.excluded_steps:
+            drop_steps = np.asarray(steps_file.excluded_steps, dtype=np.int64)
             extra += "|drop-" + hashlib.sha1(drop_steps.tobytes()).hexdigest()[:16]
     key = _cache_key(path, SCHEMA_VERSION, extra)
     info_path = cache / f"{key}.json"
@@ -496,23 +495,20 @@ def _load_file(
                     excluded_steps=info["excluded_steps"],
                 )
                 if kind == "steps":
-                    phase_maps[rank_key] = parquet["step_scalars"]
-                    excluded[rank_key] = loaded.excluded_steps
+                    _note_steps_file(loaded, rank_key, rank_steps)
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
     identity = _identity(run)
     rows = RowFilter(kind, drop_steps)
     if kind == "experts":
-        scalars = phase_maps.get(rank_key)
-        phase_map = _read_phase_map(scalars) if scalars is not None else None
+        steps_file = rank_steps.get(rank_key)
+        phase_map = _read_phase_map(steps_file.parquet["step_scalars"]) if steps_file is not None else None
         parquet, scan = _convert_experts(
             path, run, identity, cache, key, phase_map, write_raw=expert_counts, rows=rows
         )
     elif kind == "steps":
         parquet, scan = _convert_steps(path, run, identity, cache, key, rows)
-        phase_maps[rank_key] = parquet["step_scalars"]
-        excluded[rank_key] = rows.excluded_steps
     else:
         parquet, scan = _convert_plain(path, kind, identity, cache, key, rows)
     info = {
@@ -526,7 +522,7 @@ def _load_file(
         "excluded_steps": rows.excluded_steps,
     }
     info_path.write_text(json.dumps(info))
-    return LoadedFile(
+    loaded = LoadedFile(
         path=path,
         table_kind=kind,
         run=run,
@@ -540,6 +536,20 @@ def _load_file(
         left_out=info["left_out"],
         excluded_steps=rows.excluded_steps,
     )
+    if kind == "steps":
+        _note_steps_file(loaded, rank_key, rank_steps)
+    return loaded
+
+
+def _note_steps_file(
+    f: LoadedFile, rank_key: tuple[str, str], rank_steps: dict[tuple[str, str], LoadedFile]
+) -> None:
+    """Make `f` its rank's steps file for the experts files converted after it (their phases and
+    left-out steps), unless an earlier one of the rank is preferred: complete, then more rows, then
+    first by path (`_drop_duplicate_files` keeps the same one of several copies)."""
+    best = rank_steps.get(rank_key)
+    if best is None or (f.complete, f.rows) > (best.complete, best.rows):
+        rank_steps[rank_key] = f
 
 
 def _identity(run: RunMetadata) -> dict[str, Any]:

@@ -76,9 +76,12 @@ def trace_file(directory: Path, kind: str) -> Path:
     return path
 
 
-def rewrite(src: Path, dst: Path, kind: str, edit: Callable[[pa.Table], pa.Table]) -> Path:
+def rewrite(
+    src: Path, dst: Path, kind: str, edit: Callable[[pa.Table], pa.Table], batch_rows: int | None = None
+) -> Path:
     """Copy the trace directory `src` to `dst`, passing the table of its `kind` file through `edit`
-    (written again with moecap's writer, so the file itself is well formed)."""
+    (written again with moecap's writer, in record batches of `batch_rows`, so the file itself is
+    well formed)."""
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
@@ -87,7 +90,7 @@ def rewrite(src: Path, dst: Path, kind: str, edit: Callable[[pa.Table], pa.Table
     table = edit(trace.table)
     path.unlink()
     with TraceWriter(path, kind, trace.run) as writer:
-        for batch in table.to_batches():
+        for batch in table.to_batches(max_chunksize=batch_rows):
             writer.write_batch(batch)
     return dst
 
