@@ -197,7 +197,7 @@ def summary(
     if format == "json":
         from .output import document_json
 
-        typer.echo(document_json(analysis.document))
+        typer.echo(document_json(analysis.document, ascii_only=True))
     elif format == "csv":
         _print_csv(analysis.document)
     else:
@@ -324,6 +324,7 @@ def _register_commands() -> None:
         module.register(app)
 
 
+_MAX_ERROR_CHARS = 1000
 _BOOL_FLAGS = {"--strict", "--allow-writes", "--python"}
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
@@ -339,7 +340,11 @@ def _bool_flag_given_a_value(argv: list[str]) -> str | None:
 def _fail(message: object, code: int = 2) -> None:
     from .terminal import one_line
 
-    sys.stderr.write(f"moecap-analyze: error: {one_line(message)}\n")
+    line = one_line(message)
+    if len(line) > _MAX_ERROR_CHARS:  # a message quoting a huge value (a parser's): its ends suffice
+        half = _MAX_ERROR_CHARS // 2
+        line = f"{line[:half]} … {line[-half:]}"
+    sys.stderr.write(f"moecap-analyze: error: {line}\n")
     sys.stderr.flush()
     sys.exit(code)
 

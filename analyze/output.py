@@ -52,10 +52,11 @@ NO_STEPS_NOTE = (
 )
 
 
-def document_json(document: Any, indent: int | None = 2) -> str:
+def document_json(document: Any, indent: int | None = 2, *, ascii_only: bool = False) -> str:
     """`document` as strict JSON (RFC 8259): NaN and ±Infinity, which strict parsers refuse, become
-    null; numpy values become numbers or lists; anything else unknown becomes its string."""
-    return json.dumps(_strict(document), indent=indent, allow_nan=False, ensure_ascii=False)
+    null; numpy values become numbers or lists; anything else unknown becomes its string.
+    `ascii_only` escapes every non-ASCII character (for a terminal: JSON leaves C1 controls raw)."""
+    return json.dumps(_strict(document), indent=indent, allow_nan=False, ensure_ascii=ascii_only)
 
 
 def _strict(obj: Any) -> Any:
