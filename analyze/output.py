@@ -46,10 +46,12 @@ def has_step_metrics(analysis: Any) -> bool:
     return any(ctx.step_files for ctx in getattr(analysis, "contexts", []))
 
 
-NO_STEPS_NOTE = (
-    "no run has a steps table (driver tables only): per-step metrics (S-MBU, S-MFU, step times, "
-    "expert load), step_metrics tables and what-if need the engine's trace files"
+_NO_STEPS_WHY = (
+    "(driver tables only): per-step metrics (S-MBU, S-MFU, step times, expert load), "
+    "step_metrics tables and what-if need the engine's trace files"
 )
+NO_STEPS_NOTE = f"no run has a steps table {_NO_STEPS_WHY}"
+RUN_WITHOUT_STEPS = f"the run has no steps table {_NO_STEPS_WHY}"
 
 
 def document_json(document: Any, indent: int | None = 2, *, ascii_only: bool = False) -> str:
