@@ -112,7 +112,7 @@ def prepare_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     """The cache directory (`cache_dir`, else `default_cache_dir()`), created if missing; InputError
     (one line) when it cannot be: a file is in the way, no permission, a read-only disk."""
     given = cache_dir is not None
-    cache = Path(cache_dir) if given else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = (
         "--cache-dir"
         if given

@@ -222,7 +222,9 @@ def test_drive_only_trace_gets_every_output_that_needs_no_steps(
     want["metrics"]["requests"].pop("client_engine_join")  # joins the client's requests to steps
     assert got["metrics"]["requests"] == want["metrics"]["requests"]
     assert got["metrics"]["cost"]["usd_per_1m_output_tokens"] > 0  # cost needs requests and time only
-    assert got["metrics"]["steps"] == {} and any(w.startswith("the run has no steps table") for w in got["warnings"])
+    assert got["metrics"]["steps"] == {} and any(
+        w.startswith("the run has no steps table") for w in got["warnings"]
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "requests.parquet"]
 
     r = cli(
