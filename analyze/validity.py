@@ -41,8 +41,37 @@ def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
+def _times(col: pa.Array) -> np.ndarray:
+    """A timestamp column as int64 (exact: float64 rounds near 4e18), nulls as 0 (in range)."""
+    return np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
 def _out_of_range(values: np.ndarray) -> np.ndarray:
     return (values < 0) | (values >= MAX_NS)
+
+
+def _bounds(col: pa.Array) -> tuple[float, float] | None:
+    """(min, max) of a numeric or list column's values (exact Python numbers), None when it has none
+    (Arrow kernels: no copy)."""
+    values = pc.list_flatten(col) if pa.types.is_list(col.type) else col
+    mm = pc.min_max(values)
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    return None if lo is None else (lo, hi)
+
+
+def _any_below(col: pa.Array, limit: float) -> bool:
+    b = _bounds(col)
+    return b is not None and b[0] < limit
+
+
+def _any_outside(col: pa.Array, lo: float, hi: float) -> bool:
+    """Whether some value is < lo or >= hi (or NaN, for a float column)."""
+    b = _bounds(col)
+    if b is None:
+        return False
+    if pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py():
+        return True
+    return b[0] < lo or b[1] >= hi
 
 
 def _list_rows(col: pa.Array, bad_values: np.ndarray, n: int) -> np.ndarray:
@@ -63,52 +92,55 @@ def step_rules(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     n = batch.num_rows
     names = batch.schema.names
     out: dict[str, np.ndarray] = {}
+    # Each check first asks the column's min / max (the clean batch stops there), then finds the rows.
     times = np.zeros(n, bool)
     for c in _STEP_TIMES:
-        if c in names:
-            times |= _out_of_range(_np(batch.column(c)))
+        if c in names and _any_outside(batch.column(c), 0, MAX_NS):
+            times |= _out_of_range(_times(batch.column(c)))
     out[f"a timestamp outside [0, {MAX_NS:.0e}) ns"] = times
     negative = np.zeros(n, bool)
     for c in _STEP_COUNTS:
-        if c in names:
+        if c in names and _any_below(batch.column(c), 0):
             negative |= _np(batch.column(c)) < 0
     for c in _STEP_LISTS:
-        if c in names:
+        if c in names and _any_below(batch.column(c), 0):
             negative |= _list_rows(batch.column(c), _flat(batch.column(c)) < 0, n)
     out["a negative token or request count (int32 overflow?)"] = negative
     if "req_prefix_lens" in names and "req_new_tokens" in names:
         prefix, new = batch.column("req_prefix_lens"), batch.column("req_new_tokens")
-        pf, nf = _flat(prefix), _flat(new)
-        if len(pf) == len(nf):  # lists that do not line up are refused by the step sums
-            out[f"a context above {MAX_CONTEXT_TOKENS:,} tokens"] = _list_rows(
-                prefix, pf + nf > MAX_CONTEXT_TOKENS, n
-            )
+        bp, bn = _bounds(prefix), _bounds(new)
+        if bp is not None and bn is not None and bp[1] + bn[1] > MAX_CONTEXT_TOKENS:
+            pf, nf = _flat(prefix), _flat(new)
+            if len(pf) == len(nf):  # lists that do not line up are refused by the step sums
+                out[f"a context above {MAX_CONTEXT_TOKENS:,} tokens"] = _list_rows(
+                    prefix, pf + nf > MAX_CONTEXT_TOKENS, n
+                )
     return out
 
 
 def experts_rules(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     counts = batch.column("counts")
-    return {
-        "a negative expert count (int32 overflow?)": _list_rows(
-            counts, np.asarray(pc.list_flatten(counts)) < 0, batch.num_rows
-        )
-    }
+    negative = np.zeros(batch.num_rows, bool)
+    if _any_below(counts, 0):
+        negative = _list_rows(counts, np.asarray(pc.list_flatten(counts)) < 0, batch.num_rows)
+    return {"a negative expert count (int32 overflow?)": negative}
 
 
 def request_rules(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     n = batch.num_rows
     names = batch.schema.names
-    t = {c: _np(batch.column(c)) for c in _REQUEST_TIMES if c in names}
     times = np.zeros(n, bool)
-    for v in t.values():
-        times |= _out_of_range(v)
+    for c in _REQUEST_TIMES:
+        if c in names:
+            times |= _out_of_range(_times(batch.column(c)))
     if "chunk_times_ns" in names:
         col = batch.column("chunk_times_ns")
-        times |= _list_rows(col, _out_of_range(_flat(col)), n)
+        times |= _list_rows(col, _out_of_range(_times(pc.list_flatten(col))), n)
     out = {f"a timestamp outside [0, {MAX_NS:.0e}) ns": times}
-    arrival, first, finish = (t.get(c, np.full(n, np.nan)) for c in _REQUEST_TIMES)
-    out["first_token_ns before arrival_ns"] = first < arrival
-    out["finish_ns before first_token_ns or arrival_ns"] = (finish < first) | (finish < arrival)
+    out["first_token_ns before arrival_ns"] = _before(batch, "first_token_ns", "arrival_ns")
+    out["finish_ns before first_token_ns or arrival_ns"] = _before(
+        batch, "finish_ns", "first_token_ns"
+    ) | _before(batch, "finish_ns", "arrival_ns")
     negative = np.zeros(n, bool)
     for c in _REQUEST_COUNTS:
         if c in names:
@@ -124,9 +156,18 @@ def request_rules(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     return out
 
 
+def _before(batch: pa.RecordBatch, a: str, b: str) -> np.ndarray:
+    """Rows where time `a` < time `b` (exact int64 comparison; False where either is null)."""
+    names = batch.schema.names
+    if a not in names or b not in names:
+        return np.zeros(batch.num_rows, bool)
+    less = pc.fill_null(pc.less(batch.column(a), batch.column(b)), False)
+    return np.asarray(less.to_numpy(zero_copy_only=False), bool)
+
+
 def gpu_sample_rules(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     names = batch.schema.names
-    out = {f"a timestamp outside [0, {MAX_NS:.0e}) ns": _out_of_range(_np(batch.column("t_ns")))}
+    out = {f"a timestamp outside [0, {MAX_NS:.0e}) ns": _out_of_range(_times(batch.column("t_ns")))}
     if "power_w" in names:
         raw = batch.column("power_w")
         power = _np(raw)
