@@ -9,6 +9,7 @@ safe inside a rich markup string; `one_line` makes an error message one line.
 from __future__ import annotations
 
 import re
+from typing import IO
 
 from rich.markup import escape
 
@@ -28,3 +29,28 @@ def markup(text: object) -> str:
 def one_line(text: object) -> str:
     """An error message as one safe line: line breaks become spaces."""
     return " ".join(plain(text).replace("\t", " ").split("\n")).strip()
+
+
+class EscapingWriter:
+    """A text stream that writes through `plain` (for data printed to a terminal, e.g. CSV rows)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(plain(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def for_terminal(stream: IO[str]) -> IO[str]:
+    """`stream` itself when it is a pipe or a file (data stays exact), else an `EscapingWriter`."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return EscapingWriter(stream) if tty else stream  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from moecap.schemas import TraceError
 
 from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
 from ..errors import AnalyzeError
-from ..terminal import one_line
+from ..terminal import for_terminal, one_line
 
 if TYPE_CHECKING:
     from .tables import Tables
@@ -130,7 +130,7 @@ def sql(
             rel = run(t.con, text, read_only=not allow_writes)
             if rel is None:
                 return
-            note = write_result(rel, fmt, out=out, max_rows=max_rows)
+            note = write_result(rel, fmt, out=out, stdout=for_terminal(sys.stdout), max_rows=max_rows)
         if out is not None or fmt == "table":
             sys.stderr.write(note + "\n")
     except (AnalyzeError, TraceError) as exc:
@@ -184,7 +184,7 @@ def shell(
             if python:
                 python_repl(t)
                 return
-            code = SqlShell(t, read_only=read_only).loop()
+            code = SqlShell(t, read_only=read_only, stdout=for_terminal(sys.stdout)).loop()
     except (AnalyzeError, TraceError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

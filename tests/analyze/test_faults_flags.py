@@ -265,3 +265,46 @@ def test_metrics_json_is_strict_json_where_a_value_is_not_finite(clean: Path, tm
 
 
 OUTCOMES["metrics_json_strict"] = RECOVERED
+
+
+def _on_a_terminal(*args: object) -> str:
+    """stdout of `moecap-analyze ARGS…` written to a pseudo-terminal (as a user's shell shows it)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    code = "from moecap.analyze.cli import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdout=slave,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait()
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_sql_csv_is_escaped_on_a_terminal_and_exact_in_a_pipe(clean: Path, tmp_path: Path) -> None:
+    run_id = f"20260101T000000Z-x{ESCAPES}-0000"
+    trace = rewrite_metadata(clean, tmp_path / "t", lambda r: dataclasses.replace(r, run_id=run_id))
+    args = ("sql", "SELECT run_id FROM runs", trace, "-f", "csv", "--cache-dir", tmp_path / "c")
+    shown = _on_a_terminal(*args)
+    assert "\\x1b]0;pwned" in shown and not _raw_control(shown), shown
+    piped = cli(*args)
+    assert piped.returncode == 0 and piped.stdout.splitlines()[1] == run_id  # data for a program: exact
+
+
+OUTCOMES["sql_csv_on_terminal"] = RECOVERED
