@@ -308,3 +308,18 @@ def test_sql_csv_is_escaped_on_a_terminal_and_exact_in_a_pipe(clean: Path, tmp_p
 
 
 OUTCOMES["sql_csv_on_terminal"] = RECOVERED
+
+
+COST_FLAGS = [
+    ("gpu_price_nan", ["--gpu-price-usd", "nan"], "price_usd must be a finite number"),
+    ("gpu_hour_inf", ["--usd-per-gpu-hour", "inf"], "usd_per_gpu_hour must be a finite number"),
+    ("gpu_price_negative", ["--gpu-price-usd", "-1"], "price_usd must be >= 0"),
+]
+OUTCOMES |= {c[0]: ONE_LINE for c in COST_FLAGS}
+
+
+@pytest.mark.parametrize(("case", "args", "said"), COST_FLAGS, ids=[c[0] for c in COST_FLAGS])
+def test_cost_flags_must_be_finite(
+    clean: Path, tmp_path: Path, case: str, args: list[str], said: str
+) -> None:
+    assert_one_line(cli(clean, *args, "--cache-dir", tmp_path / "c"), said)
