@@ -174,6 +174,8 @@ def test_rich_markup_in_a_model_id_prints_literally(clean: Path, tmp_path: Path)
     assert model in r.stdout.replace("\n", "")
     r = cli("report", trace, "--out", tmp_path / "r", "--whatif-gpu", "none", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0 and model in r.stdout.replace("\n", ""), r.stderr[-2000:]
+    r = cli("whatif", trace, "--gpu", "H200", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0 and model in r.stdout.replace("\n", ""), r.stderr[-2000:]
 
 
 OUTCOMES["rich_markup_in_model_id"] = RECOVERED
@@ -188,6 +190,7 @@ def test_escape_sequences_in_a_run_id_are_escaped_on_the_terminal(clean: Path, t
         ["check", trace],
         ["report", trace, "--out", tmp_path / "r", "--whatif-gpu", "none"],
         ["sql", "SELECT run_id FROM runs", trace],
+        ["whatif", trace, "--gpu", "H200"],
     ):
         r = cli(*args, "--cache-dir", tmp_path / "c")
         assert r.returncode == 0 and not _raw_control(r.stdout + r.stderr), (
