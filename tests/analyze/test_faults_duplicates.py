@@ -133,3 +133,14 @@ def test_duplicate_step_keys_are_described_as_duplicates_not_gaps(clean: Path, t
 
 
 OUTCOMES["report_with_duplicates_in_steps_and_experts"] = RECOVERED
+
+
+def test_compare_counts_takes_repeated_steps_once() -> None:
+    import numpy as np
+
+    from moecap.analyze.checks import compare_counts
+
+    # rank A recorded step 1 twice (the first row counts), rank B has step 3 that A lacks
+    a = (np.array([0, 1, 1, 2]), np.array([[1, 1], [2, 0], [9, 9], [0, 2]]))
+    b = (np.array([0, 1, 2, 3]), np.array([[1, 1], [2, 0], [0, 3], [5, 5]]))
+    assert compare_counts(a, b) == (3, 1, 1, 2)  # 3 common steps, step 2 differs, step 3 unmatched
