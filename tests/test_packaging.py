@@ -80,7 +80,18 @@ def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         shutil.copytree(ROOT / root, src / root, ignore=shutil.ignore_patterns(*CACHES, "*.pyc"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
         check=True,
         capture_output=True,
     )
