@@ -3,7 +3,8 @@
 #
 #   analyze     README command 1 as written (pip builds the wheel of '.[analyze]' and installs it), then
 #               the README's reference-mode example on the shipped batch_data.json, whose numbers must be
-#               the oracle's (tests/data/oracle_cases.json, the case the sample's records come from).
+#               the oracle's (tests/data/oracle_cases.json, the case the sample's records come from), then
+#               notebooks/README.md's commands as written (the notebooks extra, one notebook executed).
 #   collect-hf  pip install torch==2.13.0 '.[collect,hf]' alone, then the README's CPU run
 #               (--model tiny-qwen2-moe); its trace is analysed with the [analyze] venv of the first job
 #               (a GPU host collects, another machine analyses).
@@ -18,6 +19,7 @@ ROOT=$(pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/moecap-wheel-jobs.XXXXXX")
 [ -n "${MOECAP_KEEP_WHEEL_JOBS:-}" ] || trap 'rm -rf "$work"' EXIT
 readme() { python3 "$ROOT/tests/readme_commands.py" "$@"; }
+export MOECAP_CACHE_DIR=$work/cache  # the analyzer's Parquet cache: neither read from nor left for later runs
 
 fresh_copy() { # the checkout's files as a clean clone would have them (plus new, unignored files)
   mkdir -p "$1"
@@ -63,6 +65,13 @@ wrong = {k: (got.get(k), v) for k, v in case["expected"].items() if k not in ("e
 assert not wrong, wrong
 print(f"wheel-jobs: reference mode = oracle on {len(case['expected']) - 2} values", flush=True)
 EOF
+  # notebooks/README.md's two commands as written (the venv exists: its install adds the notebooks extra).
+  local line
+  while IFS= read -r line; do
+    echo "== [analyze,notebooks] $line" >&2
+    bash -euo pipefail -c "$line" >"$work/notebooks.log" 2>&1 || { cat "$work/notebooks.log" >&2; fail "notebooks/README.md: $line failed"; }
+  done < <(readme notebooks)
+  [ -s notebooks/01_tour_of_a_run.ipynb ] || fail "the notebook command wrote no .ipynb"
 }
 
 job_collect_hf() {

@@ -2,6 +2,7 @@
 
     python3 tests/readme_commands.py setup N       # the N-th set-up command of the first bash block (1-based)
     python3 tests/readme_commands.py find PREFIX   # the one example command that starts with PREFIX
+    python3 tests/readme_commands.py notebooks     # the commands of notebooks/README.md, one a line
 
 An example is a line of a ```bash block with its backslash continuations joined and its trailing
 `# comment` dropped; comment-only lines are skipped.
@@ -74,5 +75,8 @@ if __name__ == "__main__":
         print(setup_commands()[int(sys.argv[2]) - 1])
     elif len(sys.argv) == 3 and sys.argv[1] == "find":
         print(find(sys.argv[2]))
+    elif sys.argv[1:] == ["notebooks"]:
+        (block,) = bash_blocks((README.parent / "notebooks" / "README.md").read_text())
+        print("\n".join(commands(block)))
     else:
         raise SystemExit(__doc__)
