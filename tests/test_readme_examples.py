@@ -33,12 +33,14 @@ NOT_ON_CPU = {
     "moecap-collect import-sglang-dump": "needs SGLang expert-distribution dumps (.pt) of a GPU run",
     "moecap-collect drive --api-url": "needs a running server (tests/collect/driver drives a real one)",
     "moecap-collect import-moecap outputs/": "needs a MoE-CAP output folder (tests/collect cover the importer)",
+    "moecap-collect sweep --engine vllm": "vLLM needs a GPU",
+    "moecap-collect sweep --config sweep.yaml": "names a user's matrix file",
     "moecap-analyze shell": "interactive",
     "moecap-analyze whatif traces/h100/": "names a user's folders of H100 / H200 sweeps",
     "moecap-analyze whatif run.arrow": "names a user's run, sweep and twin",
 }
 #: Examples run here, by prefix.
-ON_CPU = ("moecap-analyze ", "moecap-collect run --engine hf ")
+ON_CPU = ("moecap-analyze ", "moecap-collect run --engine hf ", "moecap-collect sweep --engine hf ")
 
 
 @functools.cache
@@ -134,6 +136,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(linked) >= 4 * (len(RUNS) - 1) + 1, sorted(p.name for p in linked)
     for path in linked:
         (work / "traces" / path.name).symlink_to(path)
+    (work / "collect").symlink_to(ROOT / "collect")  # examples may name collect/models/<tiny>/config.json
     return work
 
 
