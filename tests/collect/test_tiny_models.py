@@ -99,9 +99,9 @@ def test_a_cpu_run_without_psutil_is_one_line_and_writes_nothing(tmp_path):
     warm-up, recorded 0 steps and exited 0). `sys.modules['psutil'] = None` is how Python sees a
     package that is not installed: find_spec returns None and the import fails."""
     out = tmp_path / "out"
-    for warmup in ("--warmup", "--no-warmup"):
+    for warmup in ("1", "0"):
         proc = _cli(
-            "--engine", "hf", "--model", "tiny-qwen2-moe", *SMALL_RUN, warmup, "--out", str(out),
+            "--engine", "hf", "--model", "tiny-qwen2-moe", *SMALL_RUN, "--warmup", warmup, "--out", str(out),
             prelude="import sys; sys.modules['psutil'] = None; ",
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr
