@@ -34,7 +34,7 @@ def _cli(*args: str, prelude: str = "", cwd: Path | None = None) -> subprocess.C
 
 
 def test_the_shipped_configs_are_found_by_name():
-    assert shipped_names() == ["tiny-olmoe", "tiny-qwen2-moe"]
+    assert {"tiny-olmoe", "tiny-qwen2-moe"} <= set(shipped_names())
     for name in shipped_names():
         path = shipped_config(name)
         assert path is not None and path.name == "config.json"
