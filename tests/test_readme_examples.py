@@ -1,9 +1,9 @@
 """Every README and `--help` example that can run on a CPU runs as written; the others are named here.
 
 The examples run in a scratch folder whose `traces/` holds links to five of the shipped runs and the
-sample batch_data.json (so what they write stays out of the checkout), through the installed console scripts when they belong to this
-interpreter (CI's fresh venv), else through the same entry points in this interpreter. Each must exit
-0 without a traceback and write what it says it writes.
+sample batch_data.json (so what they write stays out of the checkout), through the installed console
+scripts when they belong to this interpreter (CI's fresh venv), else through the same entry points in
+this interpreter. Each must exit 0 without a traceback and write what it says it writes.
 """
 
 from __future__ import annotations
