@@ -108,10 +108,10 @@ def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
         gpu_sample_interval_s=None,
     )  # fmt: skip
     if engine == "vllm":
-        from moecap.collect.engines.vllm_run import VllmRunOptions
+        from moecap.collect.engines.vllm.runner import VllmRunOptions
 
         return VllmRunOptions(**common, engine_args={"gpu_memory_utilization": 0.85, "max_model_len": 4096})
-    from moecap.collect.engines.sglang_run import SglangRunOptions
+    from moecap.collect.engines.sglang.runner import SglangRunOptions
 
     return SglangRunOptions(**common, engine_args={"mem_fraction_static": 0.8, "context_length": 4096})
 
@@ -119,7 +119,7 @@ def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
 def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    from moecap.collect.engines.vllm_run import VllmSession
+    from moecap.collect.engines.vllm.runner import VllmSession
 
     opts = offline_options("vllm", mode, batch, out)
     session = VllmSession(opts)
@@ -180,7 +180,7 @@ def _vllm_scheduler(llm: Any) -> dict[str, Any]:
 
 
 def sglang_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
-    from moecap.collect.engines.sglang_run import SglangSession
+    from moecap.collect.engines.sglang.runner import SglangSession
 
     opts = offline_options("sglang", mode, batch, out)
     session = SglangSession(opts)

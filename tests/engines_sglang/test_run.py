@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from moecap.collect.datasets import load_samples
-from moecap.collect.engines import sglang as adapter
-from moecap.collect.engines import sglang_run
-from moecap.collect.engines.hf_runner import make_prompts
-from moecap.collect.engines.offline import write_client_tables
+from moecap.collect.workload import make_prompts
+from moecap.collect.workload import write_client_tables
+from moecap.collect.engines.sglang import adapter
+from moecap.collect.engines.sglang import runner as sglang_run
 from moecap.collect.errors import CollectError
-from moecap.collect.warmup import WARMUP_PREFIX
+from moecap.collect.workload import WARMUP_PREFIX
 from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, open_traces
 
 
@@ -321,7 +321,7 @@ def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     import sglang
     from sglang.srt.server_args import ServerArgs
 
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     made: list[FakeEngine] = []
 

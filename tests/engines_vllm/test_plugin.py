@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from moecap.collect.engines import vllm as adapter
+from moecap.collect.engines.vllm import adapter
 
 METHODS = adapter._PATCHED_METHODS
 
@@ -98,7 +98,7 @@ def test_worker_module_is_patched_when_vllm_imports_it(vllm_version, tmp_path):
 
 
 def test_strict_engine_refuses_an_untested_release(vllm_version, clean_registration, monkeypatch, tmp_path):
-    from moecap.collect.engines import vllm_compat
+    from moecap.collect.engines.vllm import compat as vllm_compat
     from moecap.collect.errors import CollectError
 
     monkeypatch.setattr(vllm_compat, "installed_version", lambda: "0.34.0")

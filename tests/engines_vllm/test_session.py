@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from moecap.collect.engines import vllm as adapter
-from moecap.collect.engines import vllm_run
-from moecap.collect.warmup import WARMUP_PREFIX
+from moecap.collect.engines.vllm import adapter
+from moecap.collect.engines.vllm import runner as vllm_run
+from moecap.collect.workload import WARMUP_PREFIX
 
 
 class ScriptedEngine:
