@@ -19,12 +19,10 @@ from typing import Any
 import pytest
 
 from moecap.collect.datasets import load_samples
-from moecap.collect.workload import make_prompts
-from moecap.collect.workload import write_client_tables
 from moecap.collect.engines.sglang import adapter
 from moecap.collect.engines.sglang import runner as sglang_run
 from moecap.collect.errors import CollectError
-from moecap.collect.workload import WARMUP_PREFIX
+from moecap.collect.workload import WARMUP_PREFIX, make_prompts, write_client_tables
 from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, open_traces
 
 
