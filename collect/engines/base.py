@@ -293,13 +293,7 @@ class OfflineSession:
 
     def client_metadata(self, engine: EngineInfo, model: ModelInfo, moe: MoEInfo) -> RunMetadata:
         """The metadata of the client tables: the engine's facts, this host's, the workload, warnings."""
-        extra = runtime.host_facts()
-        if self.warnings:
-            extra["warnings"] = self.warnings
-        return RunMetadata(
-            run_id=self.run_id, engine=engine, model=model, moe=moe, gpus=runtime.gpu_infos(),
-            workload=self.workload, collector_version=runtime.collector_version(), extra=extra,
-        )  # fmt: skip
+        return client_run_metadata(self.run_id, (engine, model, moe), self.workload, self.warnings)
 
     def _submit(
         self, prompts: Sequence[Prompt], concurrency: int | None, progress: Progress | None
@@ -427,6 +421,24 @@ class OfflineSession:
             else:
                 os.environ[k] = v
         self._saved_env = {}
+
+
+def client_run_metadata(
+    run_id: str,
+    facts: tuple[EngineInfo, ModelInfo, MoEInfo],
+    workload: dict[str, Any],
+    warnings: Sequence[str],
+) -> RunMetadata:
+    """The run metadata of a client's tables: the engine's facts (`engine_facts` of its runner), this
+    host's (GPUs, packages), the workload and the warnings."""
+    engine, model, moe = facts
+    extra = runtime.host_facts()
+    if warnings:
+        extra["warnings"] = list(warnings)
+    return RunMetadata(
+        run_id=run_id, engine=engine, model=model, moe=moe, gpus=runtime.gpu_infos(), workload=workload,
+        collector_version=runtime.collector_version(), extra=extra,
+    )  # fmt: skip
 
 
 def start_delays(records: Sequence[RequestRecord]) -> dict[str, float]:
