@@ -58,7 +58,11 @@ def register(app: typer.Typer) -> None:
     examples = "".join(get_engine(n).serve_example for n in ENGINES if n != "hf")
     app.command(
         "serve",
-        help=serve_help + "\n" + examples + "\nThen drive it (moecap-collect drive …) with the same --out.",
+        help=serve_help
+        + "\n"
+        + examples
+        + "\nThe server listens on 127.0.0.1 only; pass --host 0.0.0.0 after "
+        "MODEL to expose it. Then drive it (moecap-collect drive …) with the same --out.",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(serve)
 
@@ -247,11 +251,24 @@ def serve(
 ) -> None:
     """Start the engine's OpenAI server with tracing on; every argument after MODEL goes to the engine."""
     status = get_engine(engine.value).serve(
-        model, list(ctx.args), out=str(out), run_id=run_id, counts=counts, strict_engine=strict_engine,
+        model, bind_loopback(list(ctx.args)), out=str(out), run_id=run_id, counts=counts, strict_engine=strict_engine,
         random_weights=random_weights,
     )  # fmt: skip
     if status:  # a server ended by a signal: the shell's 128 + signal number
         raise typer.Exit(status if status > 0 else 128 - status)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def bind_loopback(engine_args: list[str]) -> list[str]:
+    """The engine's flags with `--host 127.0.0.1` added unless they name a host.
+
+    vLLM listens on every interface by default, and neither engine asks for a key: an unauthenticated
+    server on the network. `--host 0.0.0.0` (after MODEL) exposes it on purpose."""
+    if any(a == "--host" or a.startswith("--host=") for a in engine_args):
+        return engine_args
+    return [*engine_args, "--host", LOOPBACK]
 
 
 def _root() -> None:

@@ -251,7 +251,7 @@ def test_serve_runs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ver
     argv = seen["argv"]
     assert argv[:5] == [sys.executable, "-m", "sglang.launch_server", "--model-path", argv[4]]
     assert json.loads(Path(argv[4], "config.json").read_text())["num_experts"] == 8
-    assert argv[5:] == ["--tp-size", "2", "--skip-tokenizer-init", "--load-format", "dummy",
+    assert argv[5:] == ["--tp-size", "2", "--skip-tokenizer-init", "--host", "127.0.0.1", "--load-format", "dummy",
                         "--served-model-name", "tiny", "--expert-distribution-recorder-mode", "stat",
                         "--expert-distribution-recorder-buffer-size", "1"]  # fmt: skip
     env = seen["env"]
@@ -262,6 +262,7 @@ def test_serve_runs_sglangs_server_with_tracing_and_the_stat_recorder(sglang_ver
     ns = _parser().parse_args(argv[3:])
     assert (ns.model_path, ns.tp_size, ns.load_format, ns.skip_tokenizer_init) == (argv[4], 2, "dummy", True)
     assert ns.served_model_name == "tiny"  # what /v1/models lists, so the driver records that name
+    assert ns.host == "127.0.0.1"  # loopback unless the user names a host
     assert (ns.expert_distribution_recorder_mode, ns.expert_distribution_recorder_buffer_size) == ("stat", 1)
     import importlib.util
 
