@@ -172,7 +172,7 @@ def test_generated_dist_info_loads_the_plugin_in_a_fresh_process(sgl, tmp_path):
             from sglang.srt.plugins import load_plugins
             load_plugins()  # what run_scheduler_process does first
             from sglang.srt.model_executor.model_runner import ModelRunner
-            import moecap.collect.engines.sglang as a
+            from moecap.collect.engines.sglang import adapter as a
             q.put(a.is_installed(ModelRunner))
 
         if __name__ == "__main__":
@@ -334,7 +334,7 @@ sys.exit(1)
 _SUPERVISOR = """
 import sys
 from pathlib import Path
-from moecap.collect.engines import sglang as adapter
+from moecap.collect.engines.sglang import adapter
 from moecap.collect.engines.offline import supervise_traced_server
 stats = Path({stats!r})
 def before_stop():

@@ -289,11 +289,11 @@ def test_run_command_hands_engine_args_to_sglangs_parser(sglang_version, tmp_pat
     cli._register()
     seen: list[sglang_run.SglangRunOptions] = []
 
-    def fake_run(options: sglang_run.SglangRunOptions, **_: Any) -> Any:
+    def fake_run(self: Any, options: sglang_run.SglangRunOptions, **_: Any) -> Any:
         seen.append(options)
         raise CollectError("stop here")
 
-    monkeypatch.setattr(sglang_run, "run", fake_run)
+    monkeypatch.setattr(sglang_run.SglangEngine, "run", fake_run)  # the registry's entry, as `run` calls it
     base = ["run", "--engine", "sglang", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
             "--batch-size", "1", "--out", str(tmp_path / "t")]  # fmt: skip
     res = CliRunner().invoke(
