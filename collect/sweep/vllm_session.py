@@ -118,7 +118,7 @@ class VllmSession:
             model=config.model,
             dataset="",
             num_prompts=1,
-            batch_size=1,
+            batch_size=0,  # no max_num_seqs from here: --engine-args sets it, else vLLM's default
             out=str(out),
             random_weights=config.random_weights,
             dtype=config.dtype,

@@ -260,9 +260,10 @@ def engine_kwargs(options: VllmRunOptions, model: str, text_prompts: bool) -> di
         "seed": options.seed,
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
         "skip_tokenizer_init": not text_prompts and options.tokenizer is None,
-        "max_num_seqs": options.batch_size,
         "disable_log_stats": True,  # as `LLM(...)`: no per-step stats in the client
     }
+    if options.batch_size > 0:  # 0: vLLM's own default (a sweep whose points pick their concurrency)
+        kwargs["max_num_seqs"] = options.batch_size
     if options.tokenizer:
         kwargs["tokenizer"] = options.tokenizer
     if options.random_weights:
