@@ -74,7 +74,8 @@ def run(
     model: str = typer.Option(
         ...,
         "--model",
-        help="config.json, a model directory, or a hub id the engine resolves.",
+        help="config.json, a model directory, a shipped tiny config (hf: tiny-qwen2-moe, tiny-olmoe), or a hub "
+        "id the engine resolves.",
         rich_help_panel=ALL,
     ),
     dataset: str = typer.Option(

@@ -38,6 +38,7 @@ from moecap.schemas import (
 from ... import runtime
 from ...datasets import load_samples
 from ...errors import CollectError
+from ...models import shipped_config, shipped_names
 from ...workload import Prompt, RequestRecord, make_prompts
 from ...writers import RunWriters, prepare_out_dir
 from ..base import COMMON_RUN_FLAGS, Progress, RunArgs, RunInterrupted
@@ -159,6 +160,8 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(model)
+    if not path.exists() and (shipped := shipped_config(model)) is not None:
+        path = shipped  # a tiny config shipped in moecap/collect/models (e.g. tiny-qwen2-moe)
     tok_source: Path | None = None
     kwargs: dict[str, Any] = {}
     if attn_implementation:
@@ -208,8 +211,8 @@ def load_model(
             if random_weights:
                 raise CollectError(
                     f"--model {model!r} is not a local path and transformers cannot resolve it offline; with "
-                    "--random-weights pass a config.json path (e.g. analyze/specs/models/<Org>__<Name>.json) or a "
-                    "directory holding one"
+                    f"--random-weights pass a shipped tiny model ({', '.join(shipped_names())}), a config.json path "
+                    "(e.g. analyze/specs/models/<Org>__<Name>.json) or a directory holding one"
                 ) from None
             raise CollectError(f"--model {model!r}: cannot load ({_first_line(exc)})") from None
         model_id = model
@@ -257,6 +260,21 @@ def _load_tokenizer(explicit: str | None, model_dir: Path | None) -> Any | None:
         except (OSError, ValueError):
             return None
     return None
+
+
+def require_psutil_on_cpu() -> None:
+    """Refuse a CPU continuous-batching run without psutil, in one line.
+
+    transformers 5.x reads the host's memory with psutil to size the paged KV cache; without it it
+    sees 0 bytes available and its generation loop fails (MemoryError), which left a run of 0 steps.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise CollectError(
+            "--engine hf on a CPU: transformers sizes its KV cache with psutil, which is not installed "
+            "(pip install psutil; moecap[hf] includes it)"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -697,6 +715,7 @@ def run_workload(
         seed=options.seed,
         vocab_size=int(text_config.vocab_size),
         local_path=options.dataset_path,
+        tokenizer=loaded.tokenizer,  # pads <dataset>:<in>x<out> prompts (MoE-CAP's fixed-length tasks)
     )
     prompts = make_prompts(samples, loaded.tokenizer, options.max_new_tokens, int(text_config.vocab_size))
     # Several ranks (torchrun + tensor parallelism): each rank records its own steps/experts files and
@@ -843,6 +862,8 @@ def run(
 ) -> RunResult:
     """Load the model and run one workload (what `moecap-collect run --engine hf` does)."""
     prepare_out_dir(options.out)
+    if options.mode == "cb" and resolve_device(device).type == "cpu":
+        require_psutil_on_cpu()
     loaded = load_model(
         model,
         random_weights=random_weights,
@@ -868,6 +889,15 @@ class HFRun:
     device: str
     tokenizer: str | None
     attn_implementation: str | None
+
+
+def _memory_error_message(exc: MemoryError, device: str) -> str:
+    """One line for a MemoryError of the hf run (transformers refusing its KV cache, or a real OOM)."""
+    text = " ".join(str(exc).split()) or "out of memory"
+    return (
+        f"--engine hf on {device}: out of memory ({text}); try a smaller --model, --batch-size, "
+        "--max-batch-tokens or --num-blocks"
+    )
 
 
 class HFEngine:
@@ -910,10 +940,13 @@ class HFEngine:
         self.preflight(False)
         if hf.random_weights:
             torch.manual_seed(hf.options.seed)
-        result = run(
-            hf.options, model=hf.model, random_weights=hf.random_weights, dtype=hf.dtype, device=hf.device,
-            tokenizer=hf.tokenizer, attn_implementation=hf.attn_implementation, progress=progress,
-        )  # fmt: skip
+        try:
+            result = run(
+                hf.options, model=hf.model, random_weights=hf.random_weights, dtype=hf.dtype, device=hf.device,
+                tokenizer=hf.tokenizer, attn_implementation=hf.attn_implementation, progress=progress,
+            )  # fmt: skip
+        except MemoryError as exc:
+            raise CollectError(_memory_error_message(exc, hf.device)) from None
         return EngineRunResult(
             run_id=result.run_id, out=Path(hf.options.out), requests=result.requests,
             output_tokens=result.output_tokens, wall_s=result.wall_s,
