@@ -159,6 +159,8 @@ class LoadedFile:
     """For a sum: steps some rank has no counts for, left out of it (a partial sum under-counts)."""
     left_out: list[str] = field(default_factory=list)
     """Rows left out of the views (impossible values, repeated keys: `validity`), one line per reason."""
+    corrupt_batches: int = 0
+    """Record batches the reader found damaged (checksum, validation) and left out."""
     excluded_steps: list[int] = field(default_factory=list)
     """A steps file's step keys left out for an impossible value (its experts rows go with them)."""
 
@@ -340,6 +342,8 @@ def load_traces(
             continue
         if strict and not loaded.complete:
             raise TraceError(loaded.warnings[0])
+        if strict and loaded.corrupt_batches:
+            raise TraceError(f"{loaded.warnings[0]}; --strict refuses it")
         if strict and loaded.left_out:
             raise TraceError(f"{loaded.left_out[0]}; --strict refuses it")
         warnings.extend(loaded.warnings)
@@ -350,6 +354,9 @@ def load_traces(
         _drop_duplicate_files(loaded_run, strict)
         for f in loaded_run.files:
             loaded_run.findings.extend(f.left_out)
+            if f.corrupt_batches or f.rows_dropped:
+                # data that never reached the views: `check` names it and the run's warnings carry it
+                loaded_run.findings.extend(f.warnings)
         loaded_run.warnings.extend(loaded_run.findings)
         problem = _sum_rank_counts(loaded_run, cache, expert_counts)
         if problem and strict:
@@ -493,6 +500,7 @@ def _load_file(
                     cache_key=key,
                     left_out=info["left_out"],
                     excluded_steps=info["excluded_steps"],
+                    corrupt_batches=info.get("corrupt_batches", 0),
                 )
                 if kind == "steps":
                     _note_steps_file(loaded, rank_key, rank_steps)
@@ -520,6 +528,7 @@ def _load_file(
         "parquet": {k: v.name for k, v in parquet.items()},
         "left_out": rows.findings(str(path)),
         "excluded_steps": rows.excluded_steps,
+        "corrupt_batches": scan.corrupt_batches,
     }
     info_path.write_text(json.dumps(info))
     loaded = LoadedFile(
@@ -535,6 +544,7 @@ def _load_file(
         cache_key=key,
         left_out=info["left_out"],
         excluded_steps=rows.excluded_steps,
+        corrupt_batches=scan.corrupt_batches,
     )
     if kind == "steps":
         _note_steps_file(loaded, rank_key, rank_steps)
