@@ -15,7 +15,7 @@ from rich.console import Console
 
 from moecap.schemas import TraceError
 
-from .cost.options import CostModel, CostOverrides, GpuHour, GpuPrice
+from .cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
 from .errors import AnalyzeError
 
 app = typer.Typer(
@@ -113,7 +113,7 @@ def summary(
     strict: Strict = False,
     cache_dir: CacheDir = None,
     cost_overrides: CostOverrides = None,
-    cost_model: CostModel = None,
+    cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
 ) -> None:
@@ -173,25 +173,24 @@ def summary(
                 f"{record_files[0]}: MoE-CAP record files are analysed with --formula reference "
                 "(their records lack what the moecap formulas need)"
             )
-        from .cost.options import settings_from_flags, use_cost_settings
+        from .cost.options import settings_from_flags
 
-        cost = settings_from_flags(
+        options.cost = settings_from_flags(
             gpu_overrides=gpu_overrides,
             cost_overrides=cost_overrides,
             cost_model=cost_model,
             gpu_price_usd=gpu_price_usd,
             usd_per_gpu_hour=usd_per_gpu_hour,
         )
-        with use_cost_settings(cost):  # metrics.cost of every run follows the cost flags
-            # The summary needs no raw per-step expert counts (summaries and totals suffice).
-            analysis = analyze_paths(
-                trace_paths,
-                options,
-                cache_dir=cache_dir,
-                strict=strict,
-                progress=_progress_printer(True),
-                expert_counts=False,
-            )
+        # The summary needs no raw per-step expert counts (summaries and totals suffice).
+        analysis = analyze_paths(
+            trace_paths,
+            options,
+            cache_dir=cache_dir,
+            strict=strict,
+            progress=_progress_printer(True),
+            expert_counts=False,
+        )
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
     if format == "json":

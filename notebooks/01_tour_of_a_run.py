@@ -92,7 +92,7 @@ print(f"S-MBU from window_steps: {check:.6f}   metrics.json: {doc['metrics']['st
 # %%
 steps = t.pl(
     """SELECT step, phase, num_tokens, num_reqs, time_s * 1e3 AS time_ms, bytes_total / 1e9 AS gbytes,
-              smbu, active_experts
+              s_mbu, active_experts
        FROM step_metrics WHERE run_id = ? AND time_s > 0
        USING SAMPLE reservoir(3000 ROWS) REPEATABLE (7)""",
     [run_id],
@@ -101,7 +101,7 @@ base = (
     alt.Chart(steps)
     .mark_circle(size=24, opacity=0.6)
     .encode(
-        color=alt.Color("phase:N"), tooltip=["step", "phase", "num_reqs", "num_tokens", "time_ms", "smbu"]
+        color=alt.Color("phase:N"), tooltip=["step", "phase", "num_reqs", "num_tokens", "time_ms", "s_mbu"]
     )
 )
 (

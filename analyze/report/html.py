@@ -229,7 +229,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
         em = accuracy_fraction(m)
         cost, _, _ = cost_per_million_output_tokens(m)
-        tps = _get(steps, "all", "throughput_output_tokens_per_s") or req.get("output_tokens_per_s")
+        tps = _get(steps, "all", "window_output_throughput")
         cells = [
             f'<a href="#run-{len(rows) + 1}">#{len(rows) + 1}</a> <code>{esc(run["run_id"])}</code>',
             esc(run.get("model")),
@@ -258,7 +258,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
             warnings.append(f"<li><code>{esc(run['run_id'])}</code>: {esc(w)}</li>")
     out = [
         '<section id="summary"><h2>Summary</h2>',
-        "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (metrics.md §8.5); "
+        "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (docs/metrics.md §6); "
         "latencies: client clock, successful requests; throughput: generated tokens over the window's "
         "wall time. Cost and accuracy show n/a when the run was not costed or scored.</p>",
         f'<div class="scroll"><table class="summary">{head}{"".join(rows)}</table></div>',
