@@ -443,10 +443,23 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
                   FROM read_parquet([{listing}]) p JOIN run_settings r USING (run_id)) s"""
         )
     else:
-        db.con.execute(
-            "CREATE OR REPLACE VIEW step_metrics AS SELECT NULL::VARCHAR run_id, NULL::BIGINT step, NULL::VARCHAR phase, "
-            "NULL::DOUBLE time_s, NULL::DOUBLE s_mbu, NULL::DOUBLE s_mfu WHERE false"
-        )
+        empty = ", ".join(f"NULL::{t} AS {c}" for c, t in _EMPTY_STEP_METRICS)
+        db.con.execute(f"CREATE OR REPLACE VIEW step_metrics AS SELECT {empty} WHERE false")
+
+
+_EMPTY_STEP_METRICS = (
+    *(("run_id", "VARCHAR"), ("phase", "VARCHAR"), ("is_draft", "BOOLEAN")),
+    *((c, "INTEGER") for c in ("dp", "pp", "tp", "ep", "gpus")),
+    *((c, "BIGINT") for c in ("step", "num_reqs", "num_tokens", "t_start_ns", "t_end_ns")),
+    *(
+        (c, "DOUBLE")
+        for c in (
+            "time_s wall_s host_gap_s bytes_total bytes_routed_experts bytes_kv_read flops_total logit_rows "
+            "active_experts gpu_bandwidth gpu_peak_flops s_mbu s_mfu"
+        ).split()
+    ),
+)
+"""The columns every step_metrics consumer reads, for a view over no step file."""
 
 
 # -- windows --------------------------------------------------------------------------------------

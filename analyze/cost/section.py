@@ -50,6 +50,19 @@ def energy_at_power(
     )
 
 
+def energy_for_duration(energy: EnergyResult, duration_s: float) -> EnergyResult:
+    """`energy` (measured over an interval) at the same mean power for `duration_s`: each GPU's
+    joules scaled by duration_s / the interval's duration."""
+    if energy.duration_s <= 0:
+        return energy_at_power(duration_s, len(energy.gpus) or 1, None, "unknown")
+    f = duration_s / energy.duration_s
+    gpus = [
+        GpuEnergyReading(g.gpu_uuid, None if g.joules is None else g.joules * f, g.method, g.coverage, g.samples)
+        for g in energy.gpus
+    ]
+    return EnergyResult(duration_s, None if energy.joules is None else energy.joules * f, energy.source, gpus)
+
+
 def window_cost(
     gpu: GpuSpec, num_gpus: int, window: dict[str, Any], energy: EnergyResult, settings: CostSettings
 ) -> dict[str, Any]:
@@ -108,8 +121,7 @@ def cost_section(
         t0, t1 = db.con.sql(
             "SELECT min(t_start_ns), max(t_end_ns) FROM window_steps WHERE run_id = ?", params=[rid]
         ).fetchall()[0]
-        span = energy_over(t0, t1)
-        energy = energy_at_power(everything["window_s"], ctx.num_gpus, span.mean_power_w, span.source)
+        energy = energy_for_duration(energy_over(t0, t1), everything["window_s"])
         scopes["window"] = window_cost(ctx.gpu, ctx.num_gpus, everything, energy, settings)
     if requests_doc.get("makespan_s"):
         t0, t1 = db.con.sql(

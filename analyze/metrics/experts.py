@@ -1,4 +1,4 @@
-"""Expert-activation statistics (metrics.md §8.8) from per-(layer, expert) token totals.
+"""Expert-activation statistics (docs/metrics.md §12) from per-(layer, expert) token totals.
 
 Input: the `expert_totals` view for one run and phase set (columns layer, expert, tokens). Per layer:
 load imbalance = max / mean tokens per expert, coefficient of variation, share of tokens on the

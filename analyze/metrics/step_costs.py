@@ -1,4 +1,4 @@
-"""Per-step bytes moved and model FLOPs (metrics.md §8.1–8.3), vectorised over flat list buffers.
+"""Per-step bytes moved and model FLOPs (docs/metrics.md §2–§4), vectorised over flat list buffers.
 
 Inputs are Arrow record batches of the `steps` view (plus the per-step activated-expert totals of
 `expert_step_stats`); outputs are numpy columns, one value per step. No Python loop over steps or

@@ -1,4 +1,4 @@
-"""Aggregation invariants on synthetic traces (metrics.md §8.5, §8.6): S-MBU / S-MFU are ratios of
+"""Aggregation invariants on synthetic traces (docs/metrics.md §6, §9): S-MBU / S-MFU are ratios of
 sums over GPU time, scale as 1 / time and with the GPU's bandwidth; expert counts obey routing."""
 
 from __future__ import annotations
