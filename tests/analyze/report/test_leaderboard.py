@@ -25,7 +25,7 @@ def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
     assert EVIL_MODEL in {r["model"] for r in rows}  # CSV keeps the string as it is
     doc = {r["run_id"]: r for r in analysis.document["runs"]}
     for r in rows:
-        expected = doc[r["run_id"]]["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"]
+        expected = doc[r["run_id"]]["metrics"]["steps"]["all"]["window_output_throughput"]
         assert float(r["window_output_throughput"]) == pytest.approx(expected)
         assert r["batch_size"] == str(doc[r["run_id"]]["workload"]["batch_size"])
     # Files: CSV, JSON, HTML and the two charts in both formats.
@@ -64,7 +64,7 @@ def test_one_row_per_configuration_the_latest_run_stands_for_it(analysis):
     doc = copy.deepcopy(analysis.document)
     newer = copy.deepcopy(doc["runs"][1])
     newer["run_id"] = "20270101T000000Z-rerun"
-    newer["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"] = 1.0
+    newer["metrics"]["steps"]["all"]["window_output_throughput"] = 1.0
     doc["runs"].append(newer)
     board = leaderboard_frame(doc)
     assert board.height == len(RUNS)
