@@ -453,10 +453,21 @@ _EMPTY_STEP_METRICS = (
     *((c, "BIGINT") for c in ("step", "num_reqs", "num_tokens", "t_start_ns", "t_end_ns")),
     *(
         (c, "DOUBLE")
-        for c in (
-            "time_s wall_s host_gap_s bytes_total bytes_routed_experts bytes_kv_read flops_total logit_rows "
-            "active_experts gpu_bandwidth gpu_peak_flops s_mbu s_mfu"
-        ).split()
+        for c in [
+            "time_s",
+            "wall_s",
+            "host_gap_s",
+            "bytes_total",
+            "bytes_routed_experts",
+            "bytes_kv_read",
+            "flops_total",
+            "logit_rows",
+            "active_experts",
+            "gpu_bandwidth",
+            "gpu_peak_flops",
+            "s_mbu",
+            "s_mfu",
+        ]
     ),
 )
 """The columns every step_metrics consumer reads, for a view over no step file."""
