@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow.dataset as pads
 
 from ..load import TraceDB
+from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
 from ..metrics.steps import summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
@@ -89,25 +90,28 @@ def layer_imbalance_frame(shares: pl.DataFrame, num_experts: int | None = None) 
             }
         )
     e = num_experts or shares["expert"].n_unique()
-    out = (
-        shares.group_by("phase", "layer")
-        .agg(
-            total=pl.col("tokens").sum(),
-            max=pl.col("tokens").max(),
-            sumsq=(pl.col("tokens").cast(pl.Float64) ** 2).sum(),
-            seen=pl.len(),
-            alive=(pl.col("tokens") > 0).sum(),
-        )
-        .with_columns(mean=pl.col("total") / e)
-        .with_columns(
-            imbalance=pl.when(pl.col("mean") > 0).then(pl.col("max") / pl.col("mean")),
-            cv=pl.when(pl.col("mean") > 0).then(
-                ((pl.col("sumsq") / e - pl.col("mean") ** 2).clip(0.0).sqrt()) / pl.col("mean")
-            ),
-            dead_experts=(e - pl.col("alive")).cast(pl.Int64),
-        )
-        .select("phase", "layer", "imbalance", "cv", "dead_experts")
-    )
+    rows = []
+    for (phase,), part in shares.group_by("phase"):
+        layers, mat = token_matrix(part, e)  # metrics/experts.py: the one definition
+        st = layer_statistics(mat)
+        for i, layer in enumerate(layers):
+            rows.append(
+                {
+                    "phase": phase,
+                    "layer": layer,
+                    "imbalance": None if np.isnan(st["imbalance"][i]) else float(st["imbalance"][i]),
+                    "cv": None if np.isnan(st["cv"][i]) else float(st["cv"][i]),
+                    "dead_experts": int(st["dead"][i]),
+                }
+            )
+    schema = {
+        "phase": pl.String,
+        "layer": pl.Int32,
+        "imbalance": pl.Float64,
+        "cv": pl.Float64,
+        "dead_experts": pl.Int64,
+    }
+    out = pl.DataFrame(rows, schema=schema)
     return _order_phases(out).sort("phase_rank", "layer").drop("phase_rank")
 
 
