@@ -13,8 +13,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moecap.schemas import TraceError
-
 from .cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
 from .errors import AnalyzeError
 
@@ -318,6 +316,11 @@ def main() -> None:
         sys.argv.insert(1, "summary")
     try:
         app()
-    except (AnalyzeError, TraceError) as exc:
+    except Exception as exc:
+        # moecap.schemas (pyarrow) is imported here, not at start-up: `--help` needs neither.
+        from moecap.schemas import TraceError
+
+        if not isinstance(exc, (AnalyzeError, TraceError)):
+            raise
         err.print(f"moecap-analyze: error: {exc}", markup=False, highlight=False)
         sys.exit(2)

@@ -88,3 +88,22 @@ def test_wheel_installs_everything_under_moecap(tmp_path):
     for sub in ("schemas", "collect", "analyze"):
         assert f"moecap/{sub}/__init__.py" in names
     assert "moecap/schemas/tables.py" in names
+
+
+def test_help_starts_without_data_libraries():
+    # `moecap-analyze --help` (and a command's --help) must not pay for the analyzer's data stack:
+    # it once imported pandas through the sql command's set-up (2.5 s).
+    code = (
+        "import sys, json, io, contextlib\n"
+        "sys.argv = ['moecap-analyze', '--help']\n"
+        "from moecap.analyze.cli import main\n"
+        "out = io.StringIO()\n"
+        "try:\n"
+        "    with contextlib.redirect_stdout(out): main()\n"
+        "except SystemExit: pass\n"
+        "assert 'summary' in out.getvalue()\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    heavy = set(json.loads(out.stdout)) & {"pyarrow", "polars", "duckdb", "pandas", "numpy", "yaml", "altair"}
+    assert not heavy, f"--help imported {sorted(heavy)}"

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .constants import CostSettings, load_cost_settings, parse_gpu_values
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the constants load YAML and the GPU table: not for `--help`
+    from .constants import CostSettings
 
 CostOverrides = Annotated[
     str | None,
@@ -55,6 +58,8 @@ def settings_from_flags(
 ) -> CostSettings:
     """CostSettings from the command-line flags, on top of --cost-overrides (else the YAML named by
     $MOECAP_COST_OVERRIDES) and the bundled constants."""
+    from .constants import load_cost_settings, parse_gpu_values
+
     flags = {
         "model": cost_model,
         "price_usd": parse_gpu_values(gpu_price_usd, "--gpu-price-usd") or None,

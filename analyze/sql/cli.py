@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moecap.schemas import TraceError
-
 from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
 from ..errors import AnalyzeError
 
@@ -116,7 +114,7 @@ def sql(
             note = write_result(rel, fmt, out=out, max_rows=max_rows)
         if out is not None or fmt == "table":
             sys.stderr.write(note + "\n")
-    except (AnalyzeError, TraceError) as exc:
+    except (AnalyzeError, _trace_error()) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -164,9 +162,16 @@ def shell(
                 python_repl(t)
                 return
             code = SqlShell(t).loop()
-    except (AnalyzeError, TraceError) as exc:
+    except (AnalyzeError, _trace_error()) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+def _trace_error() -> type[Exception]:
+    """moecap.schemas' TraceError, imported when an error is being handled (not for `--help`)."""
+    from moecap.schemas import TraceError
+
+    return TraceError
 
 
 def register(app: typer.Typer) -> None:
