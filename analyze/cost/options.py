@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the constants load YAML and the GPU table: not for `--help`
     from .constants import CostSettings
