@@ -190,7 +190,7 @@ def summary(
             expert_counts=False,
         )
     if out is not None:
-        write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
+        write_outputs(analysis, out, "csv" if format == "csv" else "parquet", defer_request_lists=True)
     if format == "json":
         typer.echo(json.dumps(analysis.document, indent=2, default=str))
     elif format == "csv":

@@ -13,8 +13,15 @@ from rich.table import Table
 from .errors import InputError
 
 
-def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> list[Path]:
-    """metrics.json plus step_metrics / requests tables (Parquet or CSV) under `out`."""
+def write_outputs(
+    analysis: Any, out: Path, table_format: str = "parquet", defer_request_lists: bool = False
+) -> list[Path]:
+    """metrics.json plus step_metrics / requests tables (Parquet or CSV) under `out`.
+    `defer_request_lists`: no output reads the steps' request lists, so they are not cached here
+    (caching re-reads every steps file)."""
+    if defer_request_lists and analysis.db is not None:
+        with analysis.db.defer_request_lists():
+            return write_outputs(analysis, out, table_format)
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json"]

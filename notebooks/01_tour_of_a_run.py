@@ -73,13 +73,15 @@ t.pl(
 
 # %% [markdown]
 # The same S-MBU from the per-step rows: `window_steps` holds exactly the steps the run-level
-# numbers are computed over, so the ratio of sums can be re-derived (and sliced any other way).
+# numbers are computed over; the metric layer's SQL (`moecap.analyze.metrics.steps`) runs over any
+# slice of them — here the whole window again (never re-type the ratio: idle steps have rules).
 
 # %%
-check = t.sql(
-    "SELECT sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) FROM window_steps WHERE run_id = ?",
-    [run_id],
-).fetchall()[0][0]
+from moecap.analyze.metrics.steps import summary_rows  # noqa: E402
+
+check = summary_rows(t.con, "(SELECT * FROM window_steps WHERE run_id = ?)", params=[run_id])[run_id]["all"][
+    "s_mbu"
+]
 print(f"S-MBU from window_steps: {check:.6f}   metrics.json: {doc['metrics']['steps']['all']['s_mbu']:.6f}")
 
 # %% [markdown]

@@ -397,6 +397,76 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else v
 
 
+@dataclass(frozen=True)
+class View:
+    """One timeline to compute metrics on: the run's steps taking `gpu_time` on `gpu`, requests
+    timed through `warp`."""
+
+    gpu_time: np.ndarray
+    gpu: GpuSpec
+    warp: TimeWarp
+
+
+def views_metrics(
+    df: pl.DataFrame,
+    views: Sequence[View],
+    peak_dtype: str,
+    requests: pl.DataFrame | None,
+    settings: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Metrics of each view (measured or projected): the step metrics of metrics/steps.py per phase
+    over the window (the keys of metrics.json `steps`), the request metrics (metrics.json
+    `requests`, timestamps through the view's warp), and decode steps per batch size.
+    `settings`: the run's `run_settings` row (last_pp, num_moe_layers). The step metrics of every
+    view come from one query (a view's index stands in for the run id)."""
+    frames = []
+    for i, v in enumerate(views):
+        wall = _walls(df, v.gpu_time)
+        frames.append(
+            df.with_columns(
+                time_s=pl.Series(v.gpu_time),
+                wall_s=pl.Series(wall),
+                host_gap_s=pl.Series(wall - np.minimum(np.maximum(v.gpu_time, 0), wall)),
+                gpu_bandwidth=pl.lit(v.gpu.memory_bandwidth, pl.Float64),
+                gpu_peak_flops=pl.lit(peak_flops_of(v.gpu, peak_dtype), pl.Float64),
+                run_id=pl.lit(str(i)),
+            )
+        )
+    every = pl.concat(frames, how="vertical_relaxed") if frames else df.clear()
+    window = every.filter(pl.col("in_window") & pl.col("counted"))
+    settings_frame = pl.DataFrame([{**settings, "run_id": str(i)} for i in range(len(views))])
+    con = duckdb.connect(config={"threads": 1})  # small frames: a thread pool costs more than it saves
+    try:
+        con.register("projected", window)
+        con.register("projected_settings", settings_frame)
+        phases = summary_rows(con, "projected", "projected_settings")
+        p50 = quantile_rows(con, "projected", "s.time_s")
+    finally:
+        con.close()
+    by_batch = (
+        every.filter(pl.col("counted") & (pl.col("phase") == "decode"))
+        .group_by("run_id", "num_reqs")
+        .agg(
+            steps=pl.len(),
+            step_time_s_mean=pl.col("time_s").mean(),
+            step_time_s_p50=pl.col("time_s").median(),
+            step_wall_s_mean=pl.col("wall_s").mean(),
+        )
+        .sort("run_id", "num_reqs")
+    )
+    out = []
+    for i, v in enumerate(views):
+        mine = phases.get(str(i), {})
+        for phase, values in mine.items():
+            values["step_time_s_p50_p90_p99"] = p50.get(str(i), {}).get(phase)
+        rows = by_batch.filter(pl.col("run_id") == str(i)).drop("run_id").to_dicts()
+        view: dict[str, Any] = {"phases": mine, "decode_by_batch_size": rows}
+        if requests is not None and requests.height:
+            view["requests"] = request_metrics(warp_requests(requests, v.warp))
+        out.append(view)
+    return out
+
+
 def view_metrics(
     df: pl.DataFrame,
     gpu_time: np.ndarray,
@@ -406,46 +476,8 @@ def view_metrics(
     warp: TimeWarp,
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Metrics of a run on `gpu` when its steps take `gpu_time` (measured or projected): the step
-    metrics of metrics/steps.py per phase over the window (the keys of metrics.json `steps`), the
-    request metrics (metrics.json `requests`, timestamps through `warp`), and decode steps per batch
-    size. `settings`: the run's `run_settings` row (last_pp, num_moe_layers)."""
-    wall = _walls(df, gpu_time)
-    frame = df.with_columns(
-        time_s=pl.Series(gpu_time),
-        wall_s=pl.Series(wall),
-        host_gap_s=pl.Series(wall - np.minimum(np.maximum(gpu_time, 0), wall)),
-        gpu_bandwidth=pl.lit(gpu.memory_bandwidth, pl.Float64),
-        gpu_peak_flops=pl.lit(peak_flops_of(gpu, peak_dtype), pl.Float64),
-        run_id=pl.lit(str(settings["run_id"])),
-    )
-    window = frame.filter(pl.col("in_window") & pl.col("counted"))
-    settings_frame = pl.DataFrame([settings])
-    con = duckdb.connect()
-    try:
-        con.register("projected", window)
-        con.register("projected_settings", settings_frame)
-        phases = summary_rows(con, "projected", "projected_settings").get(str(settings["run_id"]), {})
-        p50 = quantile_rows(con, "projected", "s.time_s").get(str(settings["run_id"]), {})
-    finally:
-        con.close()
-    for phase, values in phases.items():
-        values["step_time_s_p50_p90_p99"] = p50.get(phase)
-    by_batch = (
-        frame.filter(pl.col("counted") & (pl.col("phase") == "decode"))
-        .group_by("num_reqs")
-        .agg(
-            steps=pl.len(),
-            step_time_s_mean=pl.col("time_s").mean(),
-            step_time_s_p50=pl.col("time_s").median(),
-            step_wall_s_mean=pl.col("wall_s").mean(),
-        )
-        .sort("num_reqs")
-    )
-    out: dict[str, Any] = {"phases": phases, "decode_by_batch_size": by_batch.to_dicts()}
-    if requests is not None and requests.height:
-        out["requests"] = request_metrics(warp_requests(requests, warp))
-    return out
+    """`views_metrics` of one view."""
+    return views_metrics(df, [View(gpu_time, gpu, warp)], peak_dtype, requests, settings)[0]
 
 
 def _stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
@@ -518,7 +550,13 @@ def whatif_run(
     measured_time = df["time_s"].to_numpy().astype(np.float64)
     assert ctx.gpu is not None
     row = run_settings(ctx)
-    measured = view_metrics(df, measured_time, ctx.gpu, ctx.peak_dtype, requests, TimeWarp.identity(), row)
+    views = [View(measured_time, ctx.gpu, TimeWarp.identity())]
+    for target in targets:
+        for model in MODELS:
+            gpu_time = project_times(df, cal, target, model)
+            views.append(View(gpu_time, target, _stream_warp(df, gpu_time)))
+    computed = iter(views_metrics(df, views, ctx.peak_dtype, requests, row))
+    measured = next(computed)
     power_fraction = measured_power_fraction(analysis, ctx)
     measured["cost"] = projected_window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
     warnings = []
@@ -529,10 +567,7 @@ def whatif_run(
     for target in targets:
         models: dict[str, Any] = {}
         for model in MODELS:
-            gpu_time = project_times(df, cal, target, model)
-            view = view_metrics(
-                df, gpu_time, target, ctx.peak_dtype, requests, _stream_warp(df, gpu_time), row
-            )
+            view = next(computed)
             view["cost"] = projected_window_cost(target, ctx.num_gpus, view, settings, power_fraction)
             models[model] = view
         out_targets[target.name] = {
