@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 from moecap.schemas import is_driver_side
 
-from .cost.constants import CostSettings
 from .errors import InputError, SpecError
 from .load import LoadedFile, LoadedRun, TraceDB, step_request_sums
 from .metrics.step_costs import (
@@ -37,9 +36,9 @@ from .metrics.step_costs import (
 from .metrics.steps import STEP_SMBU_SQL, STEP_SMFU_SQL, WINDOW_STEPS_SQL, quantile_rows, summary_rows
 from .metrics.window import RUN_WINDOWS_COLUMNS, Window, WindowSpec, resolve_window
 from .parquet_writer import BackgroundParquetWriter
+from .settings import METRICS_SCHEMA, Options, Settings  # noqa: F401 (the names this module used to define)
 from .specs import GpuSpec, ModelSpec, model_spec_from_config, resolve_gpu
 
-METRICS_SCHEMA = "moecap.metrics/1"
 _STEP_COLUMNS = [
     "step",
     "t_start_ns",
@@ -53,30 +52,6 @@ _STEP_COLUMNS = [
 ]
 
 
-@dataclass
-class Settings:
-    """What the user chose. gpu: re-analyse as this GPU (default: the trace's). window: a
-    `WindowSpec` or its text (steady | all | steps:A-B | time:A-B, seconds from the run's first
-    step). cost: the cost constants and model (None: the bundled ones, with $MOECAP_COST_OVERRIDES)."""
-
-    gpu: str | None = None
-    gpu_overrides: str | None = None
-    window: str | WindowSpec = "steady"
-    steady_fraction: float = 0.9
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    model_config: dict[str, Any] | None = None
-    num_gpus: int | None = None
-    cost: CostSettings | None = None
-
-    @property
-    def window_spec(self) -> WindowSpec:
-        """The window, parsed (a one-line InputError for bad text)."""
-        return WindowSpec.parse(self.window, self.steady_fraction)
-
-
-Options = Settings
-"""The former name of `Settings`."""
 
 
 @dataclass

@@ -119,9 +119,8 @@ def summary(
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
-    from .analysis import Options
     from .output import print_summary, write_outputs
-    from .pipeline import Analysis, analyze_paths
+    from .settings import Settings as Options
     from .specs import load_model_config
 
     if formula not in ("moecap", "reference"):
@@ -140,7 +139,8 @@ def summary(
     record_files = [p for p in paths if _is_record_file(p)]
     trace_paths = [p for p in paths if not _is_record_file(p)]
     if formula == "reference":
-        from .pipeline import METRICS_SCHEMA
+        from types import SimpleNamespace
+
         from .reference_bridge import reference_document_for_records, reference_document_for_run
 
         runs = [
@@ -163,8 +163,10 @@ def summary(
             db = load_traces(trace_paths, cache_dir=cache_dir, strict=strict)
             require_runs(db)
             runs += [reference_document_for_run(db, rid, options, precision) for rid in db.runs]
+        from .settings import METRICS_SCHEMA
+
         document = {"schema": METRICS_SCHEMA, "formula": "reference", "runs": runs}
-        analysis = Analysis(db=None, contexts=[], document=document, windows={})  # type: ignore[arg-type]
+        analysis = SimpleNamespace(db=None, contexts=[], document=document, windows={})
     else:
         if record_files:
             raise AnalyzeError(
@@ -172,6 +174,7 @@ def summary(
                 "(their records lack what the moecap formulas need)"
             )
         from .cost.options import settings_from_flags
+        from .pipeline import analyze_paths
 
         options.cost = settings_from_flags(
             gpu_overrides=gpu_overrides,
