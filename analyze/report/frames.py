@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import pyarrow.dataset as pads
 
+from ..document import at as _get
 from ..load import TraceDB
 from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
@@ -489,14 +490,6 @@ def run_labels(document: dict[str, Any]) -> dict[str, str]:
         rid: (f"{label} · #{i}" if label in dup else label)
         for i, (rid, label) in enumerate(labels.items(), 1)
     }
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _float(x: Any) -> float | None:

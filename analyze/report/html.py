@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..document import at as _get
 from ..errors import InputError
 from .export import FORMATS, export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
@@ -203,14 +204,6 @@ def _fmt(value: Any, kind: str = "") -> str:
     if kind == "usd":
         return f"{value:,.3g}"
     return esc(value)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:

@@ -26,6 +26,7 @@ from ..cost.options import (
     Utilization,
     settings_from_flags,
 )
+from ..document import at
 from ..errors import InputError
 
 
@@ -190,15 +191,6 @@ _ROWS = (
 )
 
 
-def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
-    cur: Any = doc
-    for key in path:
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(key)
-    return cur
-
-
 def _fmt(value: Any, unit: str) -> str:
     if value is None:
         return "—"
@@ -249,8 +241,8 @@ def print_whatif(document: dict[str, Any], console: Console | None = None) -> No
             for model in models:
                 table.add_column(model.replace("_", " "), justify="right")
             for label, path, unit in _ROWS:
-                cells = [_fmt(_get(run["measured"], path), unit)]
-                cells += [_fmt(_get(t["models"][m], path), unit) for m in models]
+                cells = [_fmt(at(run["measured"], *path), unit)]
+                cells += [_fmt(at(t["models"][m], *path), unit) for m in models]
                 table.add_row(label, *cells)
             console.print(table)
         for w in run.get("warnings", []):

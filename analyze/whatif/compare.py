@@ -18,6 +18,7 @@ import polars as pl
 
 from ..analysis import RunContext
 from ..cost import CostSettings
+from ..document import number_at
 from ..errors import InputError
 from ..pipeline import Analysis
 from ..specs import GpuSpec
@@ -48,15 +49,6 @@ COMPARED = (
     ("decode S-MBU", ("phases", "decode", "s_mbu")),
     ("$ per 1M output tokens", ("cost", "usd_per_1m_output_tokens")),
 )
-
-
-def _get(doc: dict[str, Any], path: Sequence[str]) -> float | None:
-    cur: Any = doc
-    for key in path:
-        if not isinstance(cur, dict) or key not in cur:
-            return None
-        cur = cur[key]
-    return float(cur) if isinstance(cur, (int, float)) else None
 
 
 def _error(pred: float | None, meas: float | None) -> float | None:
@@ -178,10 +170,10 @@ def compare_pair(projected_run: dict[str, Any], target: str, measured: dict[str,
     models = projected_run["targets"][target]["models"]
     metrics = {}
     for label, path in COMPARED:
-        meas = _get(measured, path)
+        meas = number_at(measured, path)
         entry: dict[str, Any] = {"measured": meas}
         for model in MODELS:
-            pred = _get(models[model], path)
+            pred = number_at(models[model], path)
             entry[model] = pred
             entry[f"{model}_error"] = _error(pred, meas)
         metrics[label] = entry
