@@ -58,7 +58,8 @@ def _same(a: Any, b: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory: pytest.TempPathFactory) -> Analysis:
-    return analyze_paths([str(TRACES)], cache_dir=tmp_path_factory.mktemp("cache"))
+    folders = [TRACES, *sorted(d for d in TRACES.rglob("*") if d.is_dir())]  # e.g. a sweep's folder
+    return analyze_paths([str(d) for d in folders], cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def _runs(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_every_shipped_trace_is_covered(document: dict[str, Any]) -> None:
-    steps_files = list(TRACES.glob("*.steps.arrow"))  # one recording process per shipped run
+    steps_files = list(TRACES.rglob("*.steps.arrow"))  # one recording process per shipped run
     assert len(_runs(document)) == len(steps_files) >= 20
 
 
