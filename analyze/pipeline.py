@@ -171,6 +171,10 @@ def _run_document(
             warnings.append(
                 f"{idle} step(s) computed no token: no S-MBU / S-MFU for them (their time counts as busy time)"
             )
+    elif not ctx.run.files_of("steps"):
+        from .output import RUN_WITHOUT_STEPS
+
+        warnings.append(RUN_WITHOUT_STEPS)
     requests = db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[rid]).pl()
     req_doc = request_metrics(
         requests,
