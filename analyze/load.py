@@ -63,6 +63,7 @@ from moecap.schemas import (
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
 from .parquet_writer import BackgroundParquetWriter
+from .storage import localize
 
 CACHE_LAYOUT = "6"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
@@ -263,8 +264,8 @@ def load_traces(
     are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster
     (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
-    files = expand_paths(paths)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    files = expand_paths(localize(paths, cache / "objects"))  # URIs -> staged local copies
     cache.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
     warnings: list[str] = []
