@@ -28,11 +28,13 @@ def _register() -> None:
     from . import run_command
     from .driver import command as drive_command
     from .engines import sglang_cli, vllm_cli
+    from .upload import command as upload_command
 
     run_command.register(app)
     drive_command.register(app)
     vllm_cli.register(app)
     sglang_cli.register(app)
+    upload_command.register(app)
 
 
 def main() -> None:
