@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Annotated
@@ -47,10 +48,8 @@ def upload(
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         up.watch(directory, stale_after_s, interval_s)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     else:
         up.scan(directory, stale_after_s)
     stats = up.close()
