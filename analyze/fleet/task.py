@@ -224,7 +224,8 @@ def _write_stream(reader: pa.RecordBatchReader, uri: str) -> int:
     fs, path = resolve(uri)
     local = isinstance(fs, pafs.LocalFileSystem)
     target = f"{path}.{os.getpid()}.tmp" if local else path
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if local:  # object stores have no directories to make (nor markers)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     rows = 0
     with fs.open_output_stream(target) as sink, pq.ParquetWriter(sink, reader.schema, **_PARQUET) as w:
         for batch in reader:
@@ -263,7 +264,8 @@ def _commit(dataset: str, group: RunGroup, result: TaskResult) -> None:
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     fs, path = resolve(manifest_uri(dataset, group.run_id))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(manifest, indent=1).encode())
     for old in (previous or {}).get("outputs", []):

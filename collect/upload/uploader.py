@@ -118,7 +118,8 @@ def upload_file(path: str | os.PathLike[str], fs: pafs.FileSystem, base: str, ke
     info = fs.get_file_info(target)
     if info.type == pafs.FileType.File and info.size == size:
         return False
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):  # object stores have no directories to make (nor markers)
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with open(path, "rb") as src, fs.open_output_stream(target) as dst:
         shutil.copyfileobj(src, dst, _CHUNK)
     return True
