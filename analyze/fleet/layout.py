@@ -23,7 +23,6 @@ PARTITION_KEYS = ("model", "gpu", "engine", "date")
 """Directory levels under each table, in order (hive `key=value`)."""
 
 MANIFEST_DIR = "_manifest"
-ERRORS_DIR = "_errors"
 
 
 @dataclass(frozen=True)
