@@ -46,7 +46,8 @@ def pending(groups: list[RunGroup], dataset: str, threads: int = 16) -> tuple[li
     """(groups to analyse, groups already analysed from the very same inputs)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         manifests = list(pool.map(lambda g: read_manifest(dataset, g.run_id), groups))
-    todo, done = [], []
+    todo: list[RunGroup] = []
+    done: list[RunGroup] = []
     for group, manifest in zip(groups, manifests, strict=True):
         same = manifest is not None and manifest.get("inputs") == group.input_keys()
         (done if same else todo).append(group)

@@ -104,9 +104,9 @@ def analyze_group(
         for ctx in analysis.contexts:
             doc = json.loads(_rename(json.dumps(docs[ctx.run.run_id], default=str), names))
             written = _write_run(analysis.db, ctx, doc, analysis.windows[ctx.run.run_id], group, dataset)
-            for table, (path, rows) in written.items():
+            for table, (out, rows) in written.items():
                 result.rows[table] = result.rows.get(table, 0) + rows
-                result.outputs.append(path)
+                result.outputs.append(out)
             result.warnings.extend(doc.get("warnings", []))
         _commit(dataset, group, result)
         result.ok = True
