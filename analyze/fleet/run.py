@@ -87,7 +87,9 @@ def run_fleet(
     if not todo:
         return report
     ray = ensure_ray(address, num_cpus)
-    resources: dict[str, Any] = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": False}
+    # Retried: a dead worker (always) and storage errors (OSError: a throttled or dropped request while
+    # writing); a bug or bad input is not retried (bad input never raises: it comes back as errors).
+    resources: dict[str, Any] = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": [OSError]}
     if memory_per_task:
         resources["memory"] = memory_per_task
     remote = ray.remote(**resources)(task)
