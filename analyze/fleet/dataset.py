@@ -107,13 +107,9 @@ def open_dataset(dataset: str, memory_limit: str | None = None) -> FleetTables:
     if not found:
         raise InputError(f"{dataset}: no analysed run in this fleet dataset (no {MANIFEST_DIR}/*.json)")
     con = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
-    prefix = dataset.rstrip("/") + "/"
     for table in TABLES:
         files = [
-            join(base, out[len(prefix) :])
-            for m in found
-            for out in m.get("outputs", [])
-            if out.startswith(prefix + table + "/")
+            join(base, out) for m in found for out in m.get("outputs", []) if out.startswith(table + "/")
         ]
         if not files:
             raise InputError(f"{dataset}: no {table} files among the committed runs")

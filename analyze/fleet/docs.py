@@ -31,7 +31,7 @@ DATASET/{MANIFEST_DIR}/<run_id>.json
   are columns of `runs` (`model_id`, `gpu_name`, `engine`, `created_at`).
 - **`{MANIFEST_DIR}/<run_id>.json`** is written last, when every file of the run is written: the run's
   commit marker. It lists the input objects (`inputs`: URI, size in bytes, mtime in ns), the files
-  written (`outputs`), rows per table and the input files that could not be used (`file_errors`).
+  written (`outputs`, relative to DATASET), rows per table and the input files that could not be used (`file_errors`).
   Readers that go through `moecap.analyze.fleet.open_dataset` (and so `moecap-analyze sql DATASET`)
   read only the files of committed runs; a reader that globs the folders directly (DuckDB, Spark,
   Trino) also sees the files of a run whose task died before committing, until the run is analysed again.

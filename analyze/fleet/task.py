@@ -258,7 +258,8 @@ def _commit(dataset: str, group: RunGroup, result: TaskResult) -> None:
         "dataset_version": DATASET_VERSION,
         "run_id": group.run_id,
         "inputs": group.input_keys(),
-        "outputs": result.outputs,
+        # Relative to the dataset root, so a copied or moved dataset still reads.
+        "outputs": [_relative(dataset, o) for o in result.outputs],
         "rows": result.rows,
         "file_errors": result.errors,
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -268,11 +269,17 @@ def _commit(dataset: str, group: RunGroup, result: TaskResult) -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(manifest, indent=1).encode())
+    now = set(manifest["outputs"])
     for old in (previous or {}).get("outputs", []):
-        if old not in result.outputs:
-            ofs, opath = resolve(old)
+        if old not in now:
+            ofs, opath = resolve(join(dataset, old))
             with contextlib.suppress(FileNotFoundError, OSError):
                 ofs.delete_file(opath)
+
+
+def _relative(dataset: str, uri: str) -> str:
+    root = dataset.rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri
 
 
 def result_dict(result: TaskResult) -> dict[str, Any]:

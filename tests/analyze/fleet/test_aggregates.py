@@ -75,3 +75,14 @@ def test_two_runs_in_one_hour_add_up(dataset):
     assert rows[0]["s_mbu"] == pytest.approx(
         sum(b for _, b, _, _ in per_run) / sum(d for _, _, d, _ in per_run)
     )
+
+
+def test_a_copied_dataset_reads_the_same(dataset, tmp_path):
+    """Manifests name their files relative to the dataset, so a copy (another bucket, a laptop) reads."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    query = "SELECT run_id, count(*) FROM step_metrics GROUP BY ALL ORDER BY ALL"
+    with open_dataset(dataset) as a, open_dataset(str(copy)) as b:
+        assert a.con.sql(query).fetchall() == b.con.sql(query).fetchall() != []
