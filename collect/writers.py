@@ -55,6 +55,9 @@ class RunWriters:
             ["steps"] + (["experts"] if experts else []) + (["requests", "outputs"] if client_tables else [])
         )
         self.writers: dict[str, TraceWriter] = {}
+        self.steps = 0
+        self.requests = 0
+        self.sampler = None
         try:
             for table in tables:
                 self.writers[table] = TraceWriter(
@@ -64,23 +67,23 @@ class RunWriters:
                     rows_per_batch=rows_per_batch,
                     flush_interval_s=flush_interval_s,
                 )
+            # GPU telemetry (power, energy, clocks) for the cost model, from the process that writes the
+            # run's client tables; on its own thread, and absent (no file) where NVML is missing.
+            if client_tables and gpu_sample_interval_s:
+                from .telemetry import GpuSampler
+
+                self.sampler = GpuSampler(
+                    self.out_dir / trace_file_name(run, "gpu_samples"), run, interval_s=gpu_sample_interval_s
+                )
+                self.sampler.start()
         except OSError as exc:
             self.close()
             raise CollectError(
                 f"cannot write trace files in {str(self.out_dir)!r} ({exc.strerror or exc})"
             ) from None
-        self.steps = 0
-        self.requests = 0
-        # GPU telemetry (power, energy, clocks) for the cost model, from the process that writes the
-        # run's client tables; on its own thread, and absent (no file) where NVML is missing.
-        self.sampler = None
-        if client_tables and gpu_sample_interval_s:
-            from .telemetry import GpuSampler
-
-            self.sampler = GpuSampler(
-                self.out_dir / trace_file_name(run, "gpu_samples"), run, interval_s=gpu_sample_interval_s
-            )
-            self.sampler.start()
+        except BaseException:  # Ctrl-C / SIGTERM while opening: close what is open, leave no file unfinished
+            self.close()
+            raise
 
     @property
     def paths(self) -> dict[str, Path]:

@@ -85,10 +85,20 @@ def leaderboard(
     window: Window = "steady",
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="ranked (default: one row per configuration, best first) or moecap (a sweep's matrix as "
+            "MoE-CAP publishes it: one row per run, model x task x batch size; --out writes matrix.csv/.json/.md).",
+        ),
+    ] = "ranked",
 ) -> None:
     """Rank runs: one row per (model, engine, GPU, batch size, dataset), like the MoE-CAP leaderboard.
 
     Example: moecap-analyze leaderboard traces/*.arrow --sort cost --out board/
+
+    A sweep's table (moecap-collect sweep): moecap-analyze leaderboard sweep-out/ --layout moecap
     """
     from rich.console import Console
     from rich.table import Table
@@ -101,6 +111,8 @@ def leaderboard(
         raise typer.BadParameter(f"expected one of {', '.join(SORT_KEYS)}", param_hint="--sort")
     if format not in ("table", "csv", "json"):
         raise typer.BadParameter("expected table, csv or json", param_hint="--format")
+    if layout not in ("ranked", "moecap"):
+        raise typer.BadParameter("expected ranked or moecap", param_hint="--layout")
     formats = parse_export(export)
     analysis = analyze_paths(
         paths,
@@ -108,6 +120,9 @@ def leaderboard(
         cache_dir=cache_dir,
         strict=strict,
     )
+    if layout == "moecap":
+        _print_matrix(analysis.document, format, out)
+        return
     created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in analysis.contexts}
     board = leaderboard_frame(analysis.document, sort=sort, created_at=created)
     err = Console(stderr=True)
@@ -132,6 +147,34 @@ def leaderboard(
         written = write_leaderboard(analysis, out, sort=sort, export=formats)
         err.print(f"wrote {written['html']}, {written['csv'].name}, {written['json'].name}", markup=False)
     for e in analysis.document.get("load_errors", []):
+        err.print(f"skipped: {e}", markup=False, highlight=False)
+
+
+def _print_matrix(document: dict, format: str, out: Path | None) -> None:
+    """`--layout moecap`: the matrix table (report/matrix.py) on stdout, and its files with --out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .matrix import COLUMNS, display_rows, matrix_frame, write_matrix
+
+    frame = matrix_frame(document)
+    err = Console(stderr=True)
+    if format == "csv":
+        typer.echo(frame.select([c for c, _, _ in COLUMNS]).write_csv(), nl=False)
+    elif format == "json":
+        typer.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+    else:
+        table = Table(title="moecap sweep — MoE-CAP layout", show_header=True)
+        for c, heading, fmt in COLUMNS:
+            table.add_column(heading, justify="right" if fmt or c in ("batch_size", "repeat") else "left")
+        for cells in display_rows(frame):
+            cells[0] = cells[0].rstrip("/").split("/")[-1]
+            table.add_row(*[v or "n/a" for v in cells])
+        Console(width=250).print(table)
+    if out is not None:
+        written = write_matrix(document, out)
+        err.print(f"wrote {written['md']}, {written['csv'].name}, {written['json'].name}", markup=False)
+    for e in document.get("load_errors", []):
         err.print(f"skipped: {e}", markup=False, highlight=False)
 
 

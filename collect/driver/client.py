@@ -18,6 +18,7 @@ import httpx
 
 from ..datasets import Sample, chat_messages
 from .config import ClientConfig
+from .events import MAX_COUNT, BadEvent, Choice, Usage, one_line, parse_event
 from .sse import SSEDecoder
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -105,14 +106,13 @@ class RequestRecord:
         }
 
     # -- stream accounting ---------------------------------------------------------------------
-    def _usage(self, usage: dict[str, Any]) -> None:
-        if usage.get("prompt_tokens") is not None:
-            self.prompt_tokens = int(usage["prompt_tokens"])
-        if usage.get("completion_tokens") is not None:
-            self.output_tokens = int(usage["completion_tokens"])
-        details = usage.get("prompt_tokens_details") or {}
-        if isinstance(details, dict) and details.get("cached_tokens") is not None:
-            self.cached_prompt_tokens = int(details["cached_tokens"])
+    def _usage(self, usage: Usage) -> None:
+        if usage.prompt_tokens is not None:
+            self.prompt_tokens = usage.prompt_tokens
+        if usage.completion_tokens is not None:
+            self.output_tokens = usage.completion_tokens
+        if usage.cached_tokens is not None:
+            self.cached_prompt_tokens = usage.cached_tokens
 
 
 def build_request(
@@ -158,7 +158,7 @@ def error_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict):
         err = doc.get("error", doc)
@@ -168,8 +168,7 @@ def error_message(body: bytes) -> str:
             text = err
         elif "detail" in doc:
             text = str(doc["detail"])
-    text = " ".join(text.split())
-    return text[:300] + ("…" if len(text) > 300 else "")
+    return one_line(text)
 
 
 async def send_request(
@@ -210,7 +209,11 @@ async def send_request(
 
 def _finalize_counts(rec: RequestRecord) -> None:
     if rec.output_tokens is None and rec.chunk_tokens:
-        rec.output_tokens = int(sum(rec.chunk_tokens))
+        total = int(sum(rec.chunk_tokens))
+        if total > MAX_COUNT:
+            rec.error = rec.error or f"{total} output tokens counted in the stream: more than 2^31 - 1"
+        else:
+            rec.output_tokens = total
     if rec.prompt_tokens is None and rec.sample.prompt is None and rec.sample.prompt_token_ids is not None:
         rec.prompt_tokens = len(rec.sample.prompt_token_ids)
 
@@ -287,6 +290,11 @@ async def _read_bounded(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
     return bytes(out)
 
 
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""Largest streamed event (or whole response) read; a server sending more without an event boundary is
+refused rather than buffered without bound."""
+
+
 @dataclass
 class _StreamState:
     bytes_seen: int = 0
@@ -305,67 +313,66 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord, state: _StreamS
         state.last_ns = t
         for data in decoder.feed(raw):
             _event(data, t, rec, state)
+        if decoder.pending_bytes > MAX_EVENT_BYTES:
+            rec.finish_ns = t
+            rec.error = f"stream event larger than {MAX_EVENT_BYTES // 2**20} MiB after {len(rec.chunk_times_ns)} chunks"
+            rec.finish_reason = rec.finish_reason or "error"
+            return
     for data in decoder.flush():
         _event(data, state.last_ns or _now(), rec, state)
     rec.finish_ns = state.last_ns or _now()
     if rec.error is None and state.malformed:
-        rec.error = f"{state.malformed} malformed stream event(s); first: {state.first_malformed!r}"
+        rec.error = f"{state.malformed} malformed stream event(s); first: {state.first_malformed}"
+        rec.finish_reason = rec.finish_reason or "error"
     if rec.error is None and not state.done and rec.finish_reason is None:
         rec.error = f"stream ended early (no finish_reason, no [DONE]) after {len(rec.chunk_times_ns)} chunks"
 
 
 def _event(data: str, t: int, rec: RequestRecord, state: _StreamState) -> None:
+    """Account one streamed event. A malformed one (not JSON, or a field of the wrong type) is skipped
+    and counted; the request then ends with an error naming the first."""
     if data.strip() == "[DONE]":
         state.done = True
         return
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         lines = [ln for ln in data.split("\n") if ln.strip()]
         if len(lines) > 1:
             for ln in lines:  # servers that forget the blank line between events
                 _event(ln, t, rec, state)
             return
-        _malformed(state, data)
+        _malformed(state, repr(data[:80]))
         return
-    if not isinstance(obj, dict):
-        _malformed(state, data)
+    try:
+        ev = parse_event(obj)
+    except BadEvent as exc:
+        _malformed(state, str(exc))
         return
-    if obj.get("error") is not None or obj.get("object") == "error":
-        err = obj.get("error", obj)
-        msg = err.get("message") if isinstance(err, dict) else err
-        rec.error = f"server error in stream: {' '.join(str(msg).split())[:300]}"
+    if ev.error is not None:
+        rec.error = f"server error in stream: {ev.error}"
         rec.finish_reason = rec.finish_reason or "error"
         return
-    if rec.engine_req_id is None and isinstance(obj.get("id"), str):
-        rec.engine_req_id = obj["id"]
-    choices = obj.get("choices") or []
-    usage = obj.get("usage")
+    if rec.engine_req_id is None and ev.id is not None:
+        rec.engine_req_id = ev.id
     counter_delta = None
-    if isinstance(usage, dict):
-        rec._usage(usage)
-        if choices and usage.get("completion_tokens") is not None:
-            now_count = int(usage["completion_tokens"])
-            counter_delta = now_count - (state.usage_counter or 0)
-            state.usage_counter = now_count
-    if not choices:
+    if ev.usage is not None:
+        rec._usage(ev.usage)
+        if ev.choice is not None and ev.usage.completion_tokens is not None:
+            counter_delta = ev.usage.completion_tokens - (state.usage_counter or 0)
+            state.usage_counter = ev.usage.completion_tokens
+    choice = ev.choice
+    if choice is None:
         return
-    choice = choices[0]
-    if choice.get("finish_reason"):
-        rec.finish_reason = str(choice["finish_reason"])
-    delta = choice.get("delta")
-    if isinstance(delta, dict):  # chat
-        piece = delta.get("content") or ""
-        thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
-    else:
-        piece = choice.get("text") or ""
-        thought = ""
-    if piece:
-        rec.text.append(piece)
-    if thought:
-        rec.reasoning.append(thought)
-    n, source = _tokens_in(choice, counter_delta, bool(piece or thought))
-    if n > 0 or piece or thought:
+    if choice.finish_reason:
+        rec.finish_reason = choice.finish_reason
+    if choice.text:
+        rec.text.append(choice.text)
+    if choice.reasoning:
+        rec.reasoning.append(choice.reasoning)
+    has_text = bool(choice.text or choice.reasoning)
+    n, source = _tokens_in(choice, counter_delta, has_text)
+    if n > 0 or has_text:
         if rec.first_token_ns is None:
             rec.first_token_ns = t
         rec.chunk_times_ns.append(t)
@@ -373,63 +380,58 @@ def _event(data: str, t: int, rec: RequestRecord, state: _StreamState) -> None:
         rec.token_source = rec.token_source or source
 
 
-def _malformed(state: _StreamState, data: str) -> None:
+def _malformed(state: _StreamState, reason: str) -> None:
     if not state.malformed:
-        state.first_malformed = data[:80]
+        state.first_malformed = reason
     state.malformed += 1
 
 
-def _tokens_in(choice: dict[str, Any], counter_delta: int | None, has_text: bool) -> tuple[int, str]:
+def _tokens_in(choice: Choice, counter_delta: int | None, has_text: bool) -> tuple[int, str]:
     if counter_delta is not None:
         return max(counter_delta, 0), "usage"
-    logprobs = choice.get("logprobs")
-    if isinstance(logprobs, dict):
-        if isinstance(logprobs.get("tokens"), list):  # completions
-            return len(logprobs["tokens"]), "logprobs"
-        if isinstance(logprobs.get("content"), list):  # chat
-            return len(logprobs["content"]), "logprobs"
-    for key in ("token_ids", "output_ids"):
-        if isinstance(choice.get(key), list):
-            return len(choice[key]), "token_ids"
+    if choice.listed_tokens is not None and choice.listed_source is not None:
+        return choice.listed_tokens, choice.listed_source
     return (1 if has_text else 0), "events"
 
 
 async def _read_whole(resp: httpx.Response, rec: RequestRecord) -> None:
     """A server that answered with one JSON document (stream off, or a server that does not stream)."""
-    raw = await resp.aread()
+    raw = await _read_bounded(resp, MAX_EVENT_BYTES + 1)
     t = _now()
     rec.finish_ns = t
     rec.streamed = False
+    rec.finish_reason = "error"  # until the response proves good
+    if len(raw) > MAX_EVENT_BYTES:
+        rec.error = f"response larger than {MAX_EVENT_BYTES // 2**20} MiB"
+        return
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         rec.error = f"malformed JSON response: {raw[:80]!r}"
         return
-    if not isinstance(obj, dict):
-        rec.error = f"malformed JSON response: {raw[:80]!r}"
+    try:
+        ev = parse_event(obj, whole=True)
+    except BadEvent as exc:
+        rec.error = f"malformed response: {exc}"
         return
-    if isinstance(obj.get("id"), str):
-        rec.engine_req_id = obj["id"]
-    if isinstance(obj.get("usage"), dict):
-        rec._usage(obj["usage"])
-    choices = obj.get("choices") or []
-    if not choices:
+    if ev.error is not None:
+        rec.error = f"server error: {ev.error}"
+        return
+    rec.engine_req_id = ev.id
+    if ev.usage is not None:
+        rec._usage(ev.usage)
+    if ev.choice is None:
         rec.error = "response without choices"
         return
-    choice = choices[0]
-    msg = choice.get("message")
-    if isinstance(msg, dict):
-        piece = msg.get("content") or ""
-        thought = msg.get("reasoning_content") or msg.get("reasoning") or ""
-    else:
-        piece, thought = choice.get("text") or "", ""
-    rec.text = [piece] if piece else []
-    rec.reasoning = [thought] if thought else []
-    rec.finish_reason = choice.get("finish_reason")
+    choice = ev.choice
+    rec.text = [choice.text] if choice.text else []
+    rec.reasoning = [choice.reasoning] if choice.reasoning else []
+    rec.finish_reason = choice.finish_reason
     # The client sees every token at once: the first token arrives with the last.
-    n = rec.output_tokens if rec.output_tokens is not None else (1 if piece or thought else 0)
-    if n > 0 or piece or thought:
+    has_text = bool(choice.text or choice.reasoning)
+    n = rec.output_tokens if rec.output_tokens is not None else (1 if has_text else 0)
+    if n > 0 or has_text:
         rec.first_token_ns = t
         rec.chunk_times_ns = [t]
-        rec.chunk_tokens = [int(n)]
+        rec.chunk_tokens = [n]
         rec.token_source = "response"

@@ -4,7 +4,7 @@ MoE-CAP importer.
     moecap-collect drive --api-url http://127.0.0.1:8000 --model Qwen/Qwen1.5-MoE-A2.7B-Chat \\
         --dataset gsm8k --num-prompts 200 --batch-size 16 --max-tokens 512 --out traces/
     moecap-collect drive --api-url http://127.0.0.1:8000/v1/chat/completions --dataset synthetic:4096x1024 \\
-        --request-rate 4 --ttft-slo-ms 2000 --tpot-slo-ms 100 --ignore-eos --out traces/
+        --request-rate 4 --slo-ttft-ms 2000 --slo-tpot-ms 100 --ignore-eos --out traces/
     moecap-collect import-moecap outputs/vllm/Qwen/Qwen3-30B-A3B --out traces/
 """
 
@@ -16,6 +16,7 @@ import dataclasses
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from ..errors import CollectError
 from .client import RequestRecord
 from .config import APIS, ENGINES, ClientConfig, LoadConfig
 from .drive import DriveResult, drive, open_client_writers, probe_server
+from .hub import check_hub_access
 from .summary import format_summary
 
 EXIT_INTERRUPTED = 130
@@ -127,8 +129,14 @@ def drive_command(
         str | None,
         typer.Option("--system-prompt", help="System message for samples without one ('' for none)."),
     ] = None,
-    ttft_slo_ms: Annotated[float | None, typer.Option("--ttft-slo-ms", help="Goodput SLO on TTFT.")] = None,
-    tpot_slo_ms: Annotated[float | None, typer.Option("--tpot-slo-ms", help="Goodput SLO on TPOT.")] = None,
+    slo_ttft_ms: Annotated[
+        float | None, typer.Option("--slo-ttft-ms", help="Goodput SLO on TTFT, ms (as moecap-analyze).")
+    ] = None,
+    slo_tpot_ms: Annotated[
+        float | None, typer.Option("--slo-tpot-ms", help="Goodput SLO on TPOT, ms (as moecap-analyze).")
+    ] = None,
+    ttft_slo_ms: Annotated[float | None, typer.Option("--ttft-slo-ms", hidden=True)] = None,
+    tpot_slo_ms: Annotated[float | None, typer.Option("--tpot-slo-ms", hidden=True)] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded requests sent first.")] = 0,
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", help="Longest wait for any data, first token included.")
@@ -174,6 +182,10 @@ def drive_command(
 
     Example: moecap-collect drive --api-url http://127.0.0.1:8000 --dataset gsm8k --num-prompts 50 --batch-size 8
     """
+    if num_prompts < 1:
+        raise CollectError(f"--num-prompts must be at least 1 (got {num_prompts})")
+    slo_ttft_ms = _one_of(slo_ttft_ms, ttft_slo_ms, "--slo-ttft-ms", "--ttft-slo-ms")
+    slo_tpot_ms = _one_of(slo_tpot_ms, tpot_slo_ms, "--slo-tpot-ms", "--tpot-slo-ms")
     body = _json_object(extra_body, "--extra-body")
     headers = _headers(header or [])
     client = ClientConfig(
@@ -200,9 +212,10 @@ def drive_command(
         max_concurrency=max_concurrency,
         seed=seed,
         warmup=warmup,
-        slo_ttft_s=None if ttft_slo_ms is None else ttft_slo_ms / 1e3,
-        slo_tpot_s=None if tpot_slo_ms is None else tpot_slo_ms / 1e3,
+        slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
+        slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3,
     )
+    check_hub_access(dataset, dataset_path, tokenizer if (chat_template or _padded(dataset)) else None)
     samples = load_samples(
         dataset,
         num_prompts,
@@ -215,6 +228,12 @@ def drive_command(
         chat_template=chat_template,
         system_prompt=system_prompt,
     )
+    if len(samples) < num_prompts:
+        typer.echo(
+            f"moecap-collect: warning: --num-prompts {num_prompts} but dataset {dataset} has "
+            f"{len(samples)} rows; sending {len(samples)}",
+            err=True,
+        )
     config = _model_config(model_config)
     workload = {
         "dataset": dataset,
@@ -224,19 +243,24 @@ def drive_command(
         "sampling": sampling,
         "seed": seed,
         "num_prompts": len(samples),
+        "num_prompts_requested": num_prompts,
         "chat_template": chat_template,
         "tokenizer": tokenizer,
         "system_prompt": client.system_prompt,
     }
+    stopper = _Stopper()
     result, steps_written = asyncio.run(
-        _drive_and_record(samples, client, load, out, run_id, config, workload, batch_recording, progress)
+        _drive_and_record(
+            samples, client, load, out, run_id, config, workload, batch_recording, progress, stopper
+        )
     )
     typer.echo(format_summary(result.summary()), err=True)
     for path in steps_written:
         typer.echo(f"wrote {path}", err=True)
     if result.interrupted:
-        typer.echo(f"interrupted: kept {len(result.records)} of {len(samples)} requests", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        by = stopper.signal_name or "a stop"
+        typer.echo(f"interrupted by {by}: kept {len(result.records)} of {len(samples)} requests", err=True)
+        raise typer.Exit(stopper.exit_code)
     if result.records and not any(r.ok for r in result.records):
         typer.echo(
             f"all {len(result.records)} requests failed; first error: {result.records[0].error}", err=True
@@ -254,6 +278,7 @@ async def _drive_and_record(
     workload: dict[str, Any],
     batch_recording: bool,
     show_progress: bool,
+    stopper: _Stopper,
 ) -> tuple[DriveResult, list[str]]:
     from ..recording import BatchRecorder, write_reference_steps
 
@@ -279,8 +304,9 @@ async def _drive_and_record(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, _on_sigint, loop, stop)
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stopper.on_signal, loop, stop, sig)
     recorder = (
         BatchRecorder(
             client.base_url, client.model, headers=client.headers, timeout_s=client.connect_timeout_s
@@ -295,13 +321,21 @@ async def _drive_and_record(
     written: list[str] = []
     try:
         result = await drive(
-            samples, client, load, requests_writer=req_w, outputs_writer=out_w, progress=progress, stop=stop
+            samples,
+            client,
+            load,
+            requests_writer=req_w,
+            outputs_writer=out_w,
+            progress=progress,
+            stop=stop,
+            stop_reason=stopper.reason,
         )
     finally:
         req_w.close()
         out_w.close()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGINT)
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
     written += [str(req_w.path), str(out_w.path)]
     if recorder is not None:
         records = await recorder.finish()
@@ -322,15 +356,32 @@ async def _drive_and_record(
     return result, written
 
 
-def _on_sigint(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    if stop.is_set():  # a second Ctrl-C: stop waiting for clean-up
-        loop.remove_signal_handler(signal.SIGINT)
-        return
-    print(
-        "\nmoecap-collect: stopping (in-flight requests are recorded as aborted); Ctrl-C again to force",
-        file=sys.stderr,
-    )
-    stop.set()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals that stop a run cleanly: Ctrl-C and `kill` (a batch scheduler, a timeout, systemd)."""
+
+
+@dataclass
+class _Stopper:
+    """Which stop signal ended the run, for the error of in-flight rows and the exit status (128 + n)."""
+
+    signal_name: str | None = None
+    exit_code: int = EXIT_INTERRUPTED
+
+    def on_signal(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal: stop waiting for clean-up (the next one ends the process)
+            loop.remove_signal_handler(sig)
+            return
+        self.signal_name = signal.Signals(sig).name
+        self.exit_code = 128 + int(sig)
+        print(
+            f"\nmoecap-collect: {self.signal_name}: stopping (in-flight requests are recorded as aborted); "
+            "send it again to force",
+            file=sys.stderr,
+        )
+        stop.set()
+
+    def reason(self) -> str:
+        return f"stopped by {self.signal_name}" if self.signal_name else "interrupted"
 
 
 class _RichProgress:
@@ -390,6 +441,18 @@ def import_command(
         typer.echo(f"{run.run_id}: {len(run.paths)} files ({run.summary})", err=True)
         for p in run.paths:
             typer.echo(f"  wrote {p}", err=True)
+
+
+def _one_of(value: float | None, old: float | None, flag: str, old_flag: str) -> float | None:
+    """The value of a flag that also has an older spelling (kept as a hidden alias)."""
+    if value is not None and old is not None and value != old:
+        raise CollectError(f"{flag} {value:g} and {old_flag} {old:g} disagree; give {flag} only")
+    return value if value is not None else old
+
+
+def _padded(dataset: str) -> bool:
+    """`<dataset>:<in>x<out>`: prompts padded with the tokenizer."""
+    return not dataset.startswith("synthetic:") and ":" in dataset
 
 
 def _json_object(text: str | None, flag: str) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 from ..datasets import DEFAULT_SYSTEM_PROMPT
 from ..errors import CollectError
@@ -69,20 +73,62 @@ class ClientConfig:
                 break
         if url.endswith("/v1"):
             url = url[:-3]
+        _check_url(self.api_url, url)
         self.base_url = url
         self.api = self.api or "completions"
         if self.api not in APIS:
             raise CollectError(f"--api {self.api!r}: expected one of {', '.join(APIS)}")
         if self.engine not in ENGINES:
             raise CollectError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if self.max_tokens < 1:
-            raise CollectError(f"--max-tokens must be at least 1 (got {self.max_tokens})")
+        if not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise CollectError(f"--max-tokens must be between 1 and {MAX_TOKENS} (got {self.max_tokens})")
         if self.max_retries < 0:
             raise CollectError(f"--retries must be >= 0 (got {self.max_retries})")
+        _check_seconds("--connect-timeout-s", self.connect_timeout_s)
+        _check_seconds("--timeout-s", self.read_timeout_s)
+        if self.request_timeout_s is not None:
+            _check_seconds("--request-timeout-s", self.request_timeout_s)
+        _check_seconds("--retry-backoff-s", self.retry_backoff_s, zero_ok=True)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise CollectError(f"--temperature must be a finite number >= 0 (got {self.temperature:g})")
+        for name, value in self.headers.items():
+            check_header(name, value)
 
     @property
     def endpoint(self) -> str:
         return self.base_url + _ENDPOINTS[self.api or "completions"]
+
+
+MAX_TOKENS = 2**31 - 1
+"""Largest output budget (token counts are int32 in the trace files)."""
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _check_url(given: str, url: str) -> None:
+    """A base URL httpx can connect to: a host, and a port in range."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port out of range
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise CollectError(f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]") from None
+    if not parts.hostname:
+        raise CollectError(f"--api-url {given!r}: no host; expected http://host:port[/v1/completions]")
+
+
+def _check_seconds(flag: str, value: float, *, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    if math.isnan(value) or not ok:
+        raise CollectError(f"{flag} must be a number {'>=' if zero_ok else '>'} 0 seconds (got {value:g})")
+
+
+def check_header(name: str, value: str) -> None:
+    """An HTTP header the server can receive: a token name, a printable-ASCII value (no line breaks)."""
+    if not name or any(ch not in _TCHAR for ch in name):
+        raise CollectError(f"--header {name!r}: not a valid header name (letters, digits, - and _)")
+    if any(not (ch == "\t" or " " <= ch <= "~") for ch in value):
+        raise CollectError(f"--header {name!r}: the value must be printable ASCII")
 
 
 @dataclass
@@ -110,6 +156,11 @@ class LoadConfig:
             raise CollectError(f"--request-rate must be > 0 (got {self.request_rate})")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise CollectError(f"--max-concurrency must be at least 1 (got {self.max_concurrency})")
+        if self.warmup < 0:
+            raise CollectError(f"--warmup must be >= 0 (got {self.warmup})")
+        for flag, slo in (("--slo-ttft-ms", self.slo_ttft_s), ("--slo-tpot-ms", self.slo_tpot_s)):
+            if slo is not None and not (math.isfinite(slo) and slo > 0):
+                raise CollectError(f"{flag} must be a finite number > 0 (got {slo * 1e3:g})")
 
     @property
     def open_loop(self) -> bool:

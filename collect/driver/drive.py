@@ -8,11 +8,12 @@ finished requests, and in-flight ones are recorded with what had arrived and `fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +110,7 @@ async def drive(
     stop: asyncio.Event | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> DriveResult:
     """Send every sample to `client`'s endpoint under `load`; write a `requests` and an `outputs` row per
     request as it finishes. Returns the records.
@@ -116,7 +118,8 @@ async def drive(
     Raises CollectError before sending anything when the server cannot be reached, or when a sample
     cannot be sent through the chosen API. Per-request failures (HTTP errors, dropped streams, timeouts)
     are recorded in the rows, never raised. Setting `stop` ends the run early: no new requests, in-flight
-    ones are cancelled and recorded as aborted. `transport` replaces the network (e.g. an in-process
+    ones are cancelled and recorded as aborted, their error saying `stop_reason()` (default
+    "interrupted") "before the response was complete". `transport` replaces the network (e.g. an in-process
     server); streaming timestamps are only meaningful over a real socket.
     """
     load = load or LoadConfig()
@@ -154,8 +157,10 @@ async def drive(
             s = samples[i % len(samples)]
             warm = RequestRecord(-1, f"{cfg.request_id_prefix}-warmup-{i}", s, "")
             body, headers, _ = build_request(cfg, s, warm.req_id, model)
-            await send_request(http, cfg, warm, body, headers)
+            await _unless_stopped(send_request(http, cfg, warm, body, headers), stop)
         runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
+        if stop_reason is not None:
+            runner.stop_reason = stop_reason
         started = time.monotonic_ns()
         if progress is not None:
             progress.start(len(samples))
@@ -199,9 +204,11 @@ async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo
     if resp.status_code == 200:
         try:
             doc = resp.json()
-            info.models = [str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m]
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, RecursionError):
+            doc = None
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if isinstance(data, list):
+            info.models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
     elif resp.status_code in (401, 403):
         raise CollectError(
             f"the server at {cfg.base_url} refused GET /v1/models (HTTP {resp.status_code}); pass --header 'Authorization: Bearer …'"
@@ -226,7 +233,7 @@ async def _get_json(http: httpx.AsyncClient, cfg: ClientConfig, path: str, timeo
     try:
         resp = await http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout)
         return resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, RecursionError):
         return None
 
 
@@ -247,6 +254,7 @@ class _Runner:
         self.progress, self.stop, self.on_record = progress, stop, on_record
         self.records: list[RequestRecord] = []
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.stop_reason: Callable[[], str] = lambda: "interrupted"
 
     async def one(self, index: int, sample: Sample) -> None:
         req_id = f"{self.cfg.request_id_prefix}-{index:06d}"
@@ -255,9 +263,11 @@ class _Runner:
         try:
             await send_request(self.http, self.cfg, rec, body, headers)
         except asyncio.CancelledError:
-            self._finish(rec)
             if self.stop.is_set():
+                rec.error = f"{self.stop_reason()} before the response was complete"
+                self._finish(rec)
                 return
+            self._finish(rec)
             raise
         self._finish(rec)
 
@@ -349,6 +359,19 @@ async def _acquire_or_stop(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
         return True
     acquire.cancel()
     return False
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Await `work`, cancelling it when `stop` is set first (a warm-up request is not recorded)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        task.cancel()  # no-op when it finished
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:

@@ -13,14 +13,16 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._data: list[str] = []
+        self._scanned = 0  # bytes of _buf already known to hold no newline
 
     def feed(self, chunk: bytes) -> list[str]:
         self._buf += chunk
         events: list[str] = []
         start = 0
         while True:
-            nl = self._buf.find(b"\n", start)
+            nl = self._buf.find(b"\n", max(start, self._scanned))
             if nl < 0:
+                self._scanned = len(self._buf) - start
                 break
             line = bytes(self._buf[start:nl])
             start = nl + 1

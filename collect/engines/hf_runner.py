@@ -290,6 +290,8 @@ class HFRunOptions:
     flush_interval_s: float = 1.0
     run_id: str | None = None
     dataset_path: str | None = None
+    workload_extra: dict[str, Any] = field(default_factory=dict)
+    """Further `workload` metadata entries (e.g. a sweep's matrix point under "sweep")."""
 
 
 @dataclass
@@ -718,6 +720,7 @@ def build_metadata(
             "seed": options.seed,
             "sampling": "greedy",
             "outputs": "text" if loaded.tokenizer is not None else "token_ids_json",
+            **options.workload_extra,
         },
         collector_version=runtime.collector_version(),
         extra=extra,

@@ -24,9 +24,24 @@ Random weights from a config.json (no checkpoint download):
     moecap-collect serve --engine vllm --out traces/ --random-weights \\
         analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json --skip-tokenizer-init
 
+The server listens on 127.0.0.1 only; pass --host 0.0.0.0 after MODEL to expose it.
+
 Then drive it (moecap-collect drive …) with the same --out: every engine rank writes
 <run_id>.dp<d>-pp<p>-tp0.steps.arrow / .experts.arrow there.
 """
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def bind_loopback(engine_args: list[str]) -> list[str]:
+    """The engine's flags with `--host 127.0.0.1` added unless they name a host.
+
+    vLLM listens on every interface by default, and neither engine asks for a key: an unauthenticated
+    server on the network. `--host 0.0.0.0` (after MODEL) exposes it on purpose."""
+    if any(a == "--host" or a.startswith("--host=") for a in engine_args):
+        return engine_args
+    return [*engine_args, "--host", LOOPBACK]
 
 
 class ServeEngine(str, Enum):
@@ -64,18 +79,19 @@ def serve(
     ),
 ) -> None:
     """Start the engine's OpenAI server with tracing on; every argument after MODEL goes to the engine."""
+    engine_args = bind_loopback(list(ctx.args))
     if engine is ServeEngine.sglang:  # SGLang's server, in its own module (collect/engines/sglang_cli.py)
         from .sglang_cli import serve_from_cli
 
         return serve_from_cli(
-            model, list(ctx.args), out=out, run_id=run_id, counts=counts, strict_engine=strict_engine,
+            model, engine_args, out=out, run_id=run_id, counts=counts, strict_engine=strict_engine,
             random_weights=random_weights,
         )  # fmt: skip
     from .vllm_run import serve_command
 
     serve_command(
         model,
-        list(ctx.args),
+        engine_args,
         out=str(out),
         run_id=run_id,
         counts=counts,
@@ -105,6 +121,8 @@ def run_from_cli(
     dataset_path: str | None = None,
     engine_args: str | None = None,
     strict_engine: bool = False,
+    warmup: int | None = None,
+    trace: bool = True,
 ) -> None:
     """`moecap-collect run --engine vllm …`: the run command hands its options here.
 
@@ -132,6 +150,8 @@ def run_from_cli(
         dataset_path=dataset_path,
         engine_args=extra,
         strict_engine=strict_engine,
+        warmup=warmup,
+        trace=trace,
     )
     try:
         result = run(options)
@@ -144,6 +164,13 @@ def run_from_cli(
     if errors:
         raise CollectError(f"the vLLM workers' tracer did not answer ({errors[0]})")
     files = ", ".join(p.name for p in result.files)
+    t = result.timing
+    typer.echo(
+        f"moecap-collect: engine start {t.get('engine_start_s', 0):.1f} s, warm-up {t.get('warmup_s', 0):.1f} s "
+        f"({int(t.get('warmup_requests', 0))} requests), prompts handed over in {1e3 * t.get('submit_s', 0):.1f} ms, "
+        f"first token after {1e3 * t.get('first_token_s', 0):.1f} ms",
+        err=True,
+    )
     typer.echo(
         f"{result.run_id}: {result.steps} steps, {result.requests} requests, {result.output_tokens} output tokens "
         f"in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s) -> {result.out}/ [{files}]"

@@ -38,3 +38,30 @@ def test_an_unwritable_directory_gives_none_not_an_exception(tmp_path):
         open_engine_writers(str(blocker), _meta(), experts=True, rows_per_batch=4, flush_interval_s=1.0)
         is None
     )
+
+
+def test_ctrl_c_while_opening_closes_the_files_already_open(tmp_path, monkeypatch):
+    # A stop signal can land between two files of a run being opened (seen in a sweep stopped by
+    # SIGTERM): the files opened so far must end closed (end-of-stream marker), not unfinished.
+    import moecap.collect.writers as writers_module
+    from moecap.collect.sweep.state import file_closed
+    from moecap.collect.writers import RunWriters
+    from moecap.schemas import TraceWriter
+
+    opened = []
+
+    def interrupted_on_third(*args, **kwargs):
+        if len(opened) == 2:
+            raise KeyboardInterrupt
+        w = TraceWriter(*args, **kwargs)
+        opened.append(w.path)
+        return w
+
+    monkeypatch.setattr(writers_module, "TraceWriter", interrupted_on_third)
+    try:
+        RunWriters(tmp_path, _meta(), experts=True, gpu_sample_interval_s=None)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("expected the KeyboardInterrupt to propagate")
+    assert len(opened) == 2 and all(file_closed(p) for p in opened)

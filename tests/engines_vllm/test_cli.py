@@ -94,8 +94,8 @@ def test_serve_execs_vllms_openai_server_with_tracing_on(tmp_path):
     assert result.exit_code == 0, result.output
     argv = seen["argv"]
     assert argv[:4] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
-    assert argv[5:] == ["--max-num-seqs", "8", "--skip-tokenizer-init", "--load-format", "dummy",
-                        "--served-model-name", "tiny"]  # fmt: skip
+    assert argv[5:] == ["--max-num-seqs", "8", "--skip-tokenizer-init", "--host", "127.0.0.1",
+                        "--load-format", "dummy", "--served-model-name", "tiny"]  # fmt: skip
     assert json.loads(Path(argv[4], "config.json").read_text())["num_experts"] == 8
     env = seen["env"]
     assert env[adapter.ENV_TRACE_DIR] == str((tmp_path / "t").resolve()) and env[adapter.ENV_RUN_ID] == "r1"

@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible server for the driver tests (stdlib only), run as its own process.
 
-    python scripted_server.py [--dump-key records|batches]   -> prints "PORT <n>", serves on 127.0.0.1:<n>
-                                                               until its stdin closes
+    python scripted_server.py [--dump-key records|batches] [--models-body TEXT]
+        -> prints "PORT <n>", serves on 127.0.0.1:<n> until its stdin closes (TEXT: the /v1/models body)
 
 Each request's behaviour comes from its prompt (or last chat message): a scenario name then key=value
 options, e.g. "stream ttft_ms=300 itl_ms=20 tokens=12 groups=1,3,2". Token k (0-based) is "generated"
@@ -10,9 +10,12 @@ a chunk of g tokens follows the previous one by g*itl_ms. Sleeps are absolute-de
 this process (sub-millisecond on Linux), and every chunk frame is one write on a TCP_NODELAY socket.
 
 Scenarios: stream, http500, ctx400, drop (closes the socket after 3 chunks), badjson (one malformed
-event), nonstream (one JSON body after ttft_ms, whatever `stream` says), flaky (503 for the first
+event), nonstream (one JSON body after ttft_ms, whatever `stream` says; `body=<percent-encoded text>`
+replaces it), flaky (503 for the first
 `fail=K` attempts of a request id, then stream), hang (never answers). `answer=N` makes the last two
-tokens "#### N" (a GSM8K-style answer).
+tokens "#### N" (a GSM8K-style answer). `inject=<percent-encoded text>` sends one extra event with that
+data after chunk `at=K` (default 1) of a stream; `bloat_mib=N` sends, after chunk 1, an event of N MiB that
+never ends.
 
 Also: GET /v1/models, GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
 chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
@@ -29,7 +32,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 STATE = {
     "timings": {},
@@ -43,6 +46,7 @@ STATE = {
 LOCK = threading.Lock()
 DUMP_KEY = "records"
 RECORDING_ENDPOINTS = True
+MODELS_BODY: str | None = None
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
 
 
@@ -129,6 +133,14 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = parse_qs(url.query)
         if url.path == "/v1/models":
+            if MODELS_BODY is not None:
+                data = MODELS_BODY.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             return self._json(200, {"object": "list", "data": [{"id": "scripted-model", "object": "model"}]})
         if url.path == "/_timings":
             with LOCK:
@@ -192,6 +204,14 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(max(0.0, arrived + ttft + itl * (n_tok - 1) - time.monotonic()))
             text_out = " ".join(_word(i, n_tok, opts.get("answer")) for i in range(n_tok))
             self._record_passes(rid, n_tok)
+            if "body" in opts:
+                data = unquote(opts["body"]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             return self._json(
                 200,
                 {
@@ -233,6 +253,14 @@ class Handler(BaseHTTPRequestHandler):
                 ev["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
             if name == "badjson" and len(sent) == 1:
                 self._chunk(b"data: {this is not json\n\n")
+            if "bloat_mib" in opts and len(sent) == 1:  # one event that never ends
+                with contextlib.suppress(OSError):  # the client hangs up part-way
+                    self._chunk(b"data: ")
+                    for _ in range(int(opts["bloat_mib"]) * 16):
+                        self._chunk(b"x" * 65536)
+                return None
+            if "inject" in opts and len(sent) == int(opts.get("at", 1)):
+                self._chunk(f"data: {unquote(opts['inject'])}\n\n".encode())
             self._event(ev)
             sent.append({"t_ns": time.monotonic_ns(), "tokens": g})
             if name == "drop" and len(sent) == 3:
@@ -330,9 +358,11 @@ class Server(ThreadingHTTPServer):
 
 
 def main() -> None:
-    global DUMP_KEY, RECORDING_ENDPOINTS
+    global DUMP_KEY, RECORDING_ENDPOINTS, MODELS_BODY
     if "--dump-key" in sys.argv:
         DUMP_KEY = sys.argv[sys.argv.index("--dump-key") + 1]
+    if "--models-body" in sys.argv:
+        MODELS_BODY = sys.argv[sys.argv.index("--models-body") + 1]
     RECORDING_ENDPOINTS = "--no-recording" not in sys.argv
     server = Server(("127.0.0.1", 0), Handler)
     print(f"PORT {server.server_address[1]}", flush=True)

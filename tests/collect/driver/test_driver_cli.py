@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from moecap.analyze.accuracy import score_outputs
 from moecap.schemas import open_traces, read_trace_file
@@ -58,7 +59,7 @@ def test_drive_writes_requests_and_outputs_then_accuracy(scripted, tmp_path):
         "--run-id",
         "run-e2e",
         "--no-progress",
-        "--ttft-slo-ms",
+        "--slo-ttft-ms",
         "500",
     )
     assert proc.returncode == 0, proc.stderr
@@ -170,7 +171,10 @@ def test_user_errors_are_one_line_with_exit_2(scripted, tmp_path, free_port):
     assert norec.returncode == 2 and "has no /batch_recording_status endpoint" in norec.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path, sig, status):
+    """Ctrl-C and `kill` alike: finished rows kept, in-flight ones recorded as aborted with the signal
+    named, both files closed with their end-of-stream marker, exit 128 + signal, no traceback."""
     data = tmp_path / "long.jsonl"
     data.write_text(
         "".join(
@@ -211,18 +215,91 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path):
         while time.monotonic() < deadline and not (out / "cc.client.requests.arrow").exists():
             time.sleep(0.05)
         time.sleep(2.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted: kept 4 of 12 requests" in err
-    rows = read_trace_file(out / "cc.client.requests.arrow").table.to_pylist()
+    name = signal.Signals(sig).name
+    assert proc.returncode == status, err
+    assert "Traceback" not in err
+    assert f"interrupted by {name}: kept 4 of 12 requests" in err
+    requests = read_trace_file(out / "cc.client.requests.arrow")
+    outputs = read_trace_file(out / "cc.client.outputs.arrow")
+    assert requests.complete and outputs.complete  # end-of-stream markers written
+    rows = requests.table.to_pylist()
     assert len(rows) == 4
     done = [r for r in rows if r["error"] is None]
     aborted = [r for r in rows if r["finish_reason"] == "abort"]
     assert len(done) == 2 and len(aborted) == 2
+    assert {r["error"] for r in aborted} == {f"stopped by {name} before the response was complete"}
     assert all(len(r["chunk_times_ns"]) >= 1 for r in aborted)
-    assert read_trace_file(out / "cc.client.requests.arrow").run.workload["mode"] == "closed_loop"
-    assert read_trace_file(out / "cc.client.outputs.arrow").table.num_rows == 4
+    assert requests.run.workload["mode"] == "closed_loop"
+    assert outputs.table.num_rows == 4
+
+
+def test_fewer_rows_than_asked_is_said_and_recorded(scripted, tmp_path):
+    data = tmp_path / "five.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": "stream tokens=2", "answer": "#### 1"}) + "\n" for _ in range(5))
+    )
+    out = tmp_path / "traces"
+    proc = _cli(
+        "drive", "--api-url", scripted.url, "--dataset", "gsm8k", "--dataset-path", str(data),
+        "--num-prompts", "8", "--out", str(out), "--run-id", "few", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert warnings == ["moecap-collect: warning: --num-prompts 8 but dataset gsm8k has 5 rows; sending 5"]
+    req = read_trace_file(out / "few.client.requests.arrow")
+    assert req.table.num_rows == 5
+    assert (req.run.workload["num_prompts_requested"], req.run.workload["num_prompts"]) == (8, 5)
+
+
+def test_slo_flags_are_named_as_the_analyzers(scripted, tmp_path):
+    common = ["drive", "--api-url", scripted.url, "--dataset", "synthetic:4x2", "--num-prompts", "1",
+              "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    new = _cli(*common, "--run-id", "new", "--slo-ttft-ms", "500", "--slo-tpot-ms", "40")
+    old = _cli(*common, "--run-id", "old", "--ttft-slo-ms", "500", "--tpot-slo-ms", "40")  # hidden alias
+    for proc, run in ((new, "new"), (old, "old")):
+        assert proc.returncode == 0, proc.stderr
+        slo = read_trace_file(tmp_path / f"{run}.client.requests.arrow").run.workload["slo"]
+        assert slo == {"ttft_s": 0.5, "tpot_s": 0.04}
+    both = _cli(*common, "--slo-ttft-ms", "500", "--ttft-slo-ms", "400")
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "moecap-collect: error: --slo-ttft-ms 500 and --ttft-slo-ms 400 disagree; give --slo-ttft-ms only"
+    )
+    shown = _cli("drive", "--help").stdout
+    assert "--slo-ttft-ms" in shown and "--ttft-slo-ms" not in shown
+
+
+def test_sigterm_during_the_warmup_stops_at_once(scripted, tmp_path):
+    data = tmp_path / "slow.jsonl"
+    data.write_text(
+        json.dumps({"question": "stream ttft_ms=5 itl_ms=200 tokens=50", "answer": "#### 1"}) + "\n"
+    )
+    out = tmp_path / "traces"
+    proc = subprocess.Popen(
+        [*CLI, "drive", "--api-url", scripted.url, "--dataset", "gsm8k", "--dataset-path", str(data),
+         "--num-prompts", "1", "--warmup", "1", "--max-tokens", "50", "--out", str(out), "--run-id", "wu",
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out / "wu.client.requests.arrow").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the 10 s warm-up request
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert stopped_in < 5  # not after the warm-up request's 10 s
+    assert "interrupted by SIGTERM: kept 0 of 1 requests" in err
+    requests = read_trace_file(out / "wu.client.requests.arrow")
+    assert requests.complete and requests.table.num_rows == 0  # warm-up requests are never recorded

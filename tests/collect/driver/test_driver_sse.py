@@ -54,3 +54,17 @@ def test_multiline_data_unterminated_tail_and_utf8_split():
     assert dec.feed(b"data: tail") == []
     assert dec.flush() == ["tail"]
     assert dec.flush() == []
+
+
+def test_a_long_line_is_scanned_once():
+    """A 16 MiB line fed in 4 KiB reads: linear time (each read scans only its new bytes)."""
+    import time
+
+    dec = SSEDecoder()
+    piece = b"x" * 4096
+    t0 = time.monotonic()
+    assert dec.feed(b"data: ") == []
+    for _ in range(4096):
+        assert dec.feed(piece) == []
+    assert dec.feed(b"\n\n") == ["x" * (4096 * 4096)]
+    assert time.monotonic() - t0 < 1.5
