@@ -28,8 +28,8 @@ def _register() -> None:
     from . import run_command
     from .driver import command as drive_command
     from .engines import sglang_cli, vllm_cli
-    from .upload import command as upload_command
     from .sweep import command as sweep_command
+    from .upload import command as upload_command
 
     run_command.register(app)
     drive_command.register(app)
