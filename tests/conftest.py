@@ -57,9 +57,13 @@ def s3_bucket():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="fleet")
+    # moto keeps its buckets per process, not per server: a bucket of its own per module.
+    import uuid
+
+    bucket = f"fleet-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
     try:
-        yield "s3://fleet"
+        yield f"s3://{bucket}"
     finally:
         for k, v in saved.items():
             if v is None:

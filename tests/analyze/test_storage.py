@@ -45,7 +45,7 @@ def test_a_glob_matches_inside_the_prefix(bucket_run):
 
 
 def test_nothing_there_is_one_clear_line(s3_bucket):
-    with pytest.raises(InputError, match=r"^s3://fleet/no/such: no such object, prefix or glob match"):
+    with pytest.raises(InputError, match=rf"^{s3_bucket}/no/such: no such object, prefix or glob match"):
         storage.list_objects(f"{s3_bucket}/no/such")
     with pytest.raises(InputError, match=r"^nosuch://x: no filesystem for this URI"):
         storage.resolve("nosuch://x")
