@@ -1,7 +1,7 @@
 """The per-run work of a fleet analysis: the local analysis of one run's files, written into the dataset.
 
 `analyze_group` is a plain function (Ray runs it as a task; tests call it directly too). It stages the
-run's trace objects to worker-local scratch (`moecap.analyze.storage`), runs the same pipeline as
+run's trace objects to worker-local scratch (`moecap.analyze.storage`; local paths are read in place), runs the same pipeline as
 `moecap-analyze PATHS…` (`pipeline.analyze_paths`: validation, conversion, per-step costs and
 metrics, expert summaries, metrics.json), and streams the views' rows into the dataset, one Parquet
 file per (table, run). The run's manifest is written last: a task killed before it leaves no
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from moecap.schemas import TraceError
 
 from ..errors import AnalyzeError
-from ..storage import ObjectInfo, join, resolve, stage
+from ..storage import ObjectInfo, is_uri, join, resolve, stage
 from .layout import DATASET_VERSION, MANIFEST_DIR, PARTITION_KEYS, TABLES, partition_value, run_file_name
 
 _BATCH_ROWS = 131072
@@ -82,6 +82,9 @@ def analyze_group(
         local: list[str] = []
         names: dict[str, str] = {}
         for obj in group.objects:
+            if not is_uri(obj.uri):  # a local (or shared-filesystem) path: read in place
+                local.append(obj.uri)
+                continue
             try:
                 path = stage(obj, os.path.join(work, "objects"))
             except AnalyzeError as exc:
