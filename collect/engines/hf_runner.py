@@ -787,6 +787,7 @@ def run_workload(
         seed=options.seed,
         vocab_size=int(text_config.vocab_size),
         local_path=options.dataset_path,
+        tokenizer=loaded.tokenizer,  # pads <dataset>:<in>x<out> prompts (MoE-CAP's fixed-length tasks)
     )
     prompts = make_prompts(samples, loaded.tokenizer, options.max_new_tokens, int(text_config.vocab_size))
     # Several ranks (torchrun + tensor parallelism): each rank records its own steps/experts files and
