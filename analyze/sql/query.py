@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from ..errors import AnalyzeError
+from ..terminal import plain
 
 FORMATS = ("table", "csv", "json", "jsonl", "parquet")
 _SUFFIX_FORMATS = {
@@ -57,13 +58,29 @@ def read_query(text: str, stdin: IO[str] | None = None) -> str:
     return text
 
 
-def run(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation | None:
+def run(
+    con: duckdb.DuckDBPyConnection, query: str, *, read_only: bool = False
+) -> duckdb.DuckDBPyRelation | None:
     """Run `query` (several `;`-separated statements run in order; the last one's result is returned,
-    None where DuckDB gives no relation for it). DuckDB errors become one-line QueryErrors."""
+    None where DuckDB gives no relation for it). DuckDB errors become one-line QueryErrors.
+    `read_only`: refuse statements that write files or load extensions (see `readonly`), before any runs."""
+    if read_only:
+        from .readonly import refused_statement
+
+        refused = refused_statement(con, query)
+        if refused:
+            raise QueryError(refused)
     try:
         return con.sql(query)
     except duckdb.Error as exc:
-        raise QueryError(one_line(exc)) from None
+        message = one_line(exc)
+        if read_only and (
+            isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in message
+        ):
+            from .readonly import HINT
+
+            message += f" ({HINT})"
+        raise QueryError(message) from None
 
 
 def infer_format(fmt: str | None, out: Path | None) -> str:
@@ -165,7 +182,7 @@ def _cell(v: Any) -> str:
         text = v
     else:
         text = str(v)
-    text = text.replace("\n", "\\n").replace("\t", " ")
+    text = plain(text.replace("\n", "\\n").replace("\t", " "))  # no raw escape reaches the terminal
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 

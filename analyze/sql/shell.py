@@ -35,8 +35,17 @@ End each SQL statement with ';'. Views: .tables; their columns: .schema VIEW (do
 class SqlShell:
     """A line-oriented SQL prompt over a `Tables`."""
 
-    def __init__(self, t: Tables, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        t: Tables,
+        *,
+        stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None,
+        read_only: bool = False,
+    ) -> None:
         self.t = t
+        self.read_only = read_only
+        """Refuse statements that write files or load extensions (`readonly`)."""
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.mode = "table"
@@ -49,7 +58,7 @@ class SqlShell:
         try:
             if needs_run_metrics(statement):
                 self.t.ensure_run_metrics()
-            rel = run(self.t.con, statement)
+            rel = run(self.t.con, statement, read_only=self.read_only)
             if rel is not None:
                 note = write_result(rel, self.mode, stdout=self.stdout, max_rows=self.max_rows)
                 if self.mode == "table":
