@@ -303,12 +303,17 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> N
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
-_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "--help", "-h"}
+_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "fleet", "--help", "-h"}
 
 
 # Sub-commands that live beside their library code register themselves here: each module defines
 # `register(app)`. A module that is not installed yet is skipped; an error inside one is not hidden.
-_COMMAND_MODULES = ("moecap.analyze.report.cli", "moecap.analyze.sql.cli", "moecap.analyze.whatif.cli")
+_COMMAND_MODULES = (
+    "moecap.analyze.report.cli",
+    "moecap.analyze.sql.cli",
+    "moecap.analyze.whatif.cli",
+    "moecap.analyze.fleet.cli",
+)
 
 
 def _register_commands() -> None:

@@ -63,6 +63,7 @@ from moecap.schemas import (
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
 from .parquet_writer import BackgroundParquetWriter
+from .storage import localize
 from .validity import RowFilter
 
 CACHE_LAYOUT = "7"
@@ -298,8 +299,8 @@ def load_traces(
     are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster
     (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
-    files = expand_paths(paths)
     cache = prepare_cache_dir(cache_dir)
+    files = expand_paths(localize(paths, cache / "objects"))  # URIs -> staged local copies
     errors: list[str] = []
     warnings: list[str] = []
     runs: dict[str, LoadedRun] = {}

@@ -123,7 +123,9 @@ def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
                 GROUP BY rid)
             SELECT count(*), count(f.rid),
                    quantile_cont((f.first_ns - r.arrival_ns) / 1e9, [0.5, 0.9, 0.99]),
-                   avg((f.first_ns - r.arrival_ns) / 1e9)
+                   -- The mean of integer ns is exact (a hugeint sum), so it does not depend on the order
+                   -- DuckDB's threads add the rows in; a mean of doubles differed in its last bits run to run.
+                   avg(f.first_ns - r.arrival_ns) / 1e9
             FROM requests r LEFT JOIN first_step f ON f.rid = coalesce(r.engine_req_id, r.req_id)
             WHERE r.run_id = $rid""",
         {"rid": rid},

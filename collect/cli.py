@@ -29,11 +29,13 @@ def _register() -> None:
     from .driver import command as drive_command
     from .engines import sglang_cli, vllm_cli
     from .sweep import command as sweep_command
+    from .upload import command as upload_command
 
     run_command.register(app)
     drive_command.register(app)
     vllm_cli.register(app)
     sglang_cli.register(app)
+    upload_command.register(app)
     sweep_command.register(app)
 
 

@@ -63,7 +63,11 @@ def _load(
     out: Path | None = None,
 ) -> Tables:
     from ..analysis import Options
+    from ..fleet.dataset import is_dataset, open_dataset
     from .tables import tables
+
+    if len(paths) == 1 and is_dataset(paths[0]):  # a fleet dataset (docs/fleet-dataset.md)
+        return open_dataset(paths[0], memory_limit)  # type: ignore[return-value]
 
     def progress(done: int, total: int, path: str) -> None:
         if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
