@@ -29,10 +29,12 @@ def _register() -> None:
     from .driver import command as drive_command
     from .engines.sglang import cli as sglang_cli
     from .sweep import command as sweep_command
+    from .upload import command as upload_command
 
     run_command.register(app)  # run and serve, for every engine in the registry
     drive_command.register(app)
     sglang_cli.register(app)
+    upload_command.register(app)
     sweep_command.register(app)
 
 

@@ -145,8 +145,16 @@ def _rewrite_output_tokens(path, change):
     i = table.schema.get_field_index("output_tokens")
     new = [change(r, n) for r, n in zip(table.column("req_id").to_pylist(), table.column(i).to_pylist())]
     table = table.set_column(i, table.schema.field(i), pa.array(new, type=table.schema.field(i).type))
+    table = _as_format_1_0(table)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
+
+
+def _as_format_1_0(table):
+    """A plain pyarrow writer adds no checksums: the table's schema as a format-1.0 (unchecked) file's."""
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"moecap.checksum"}
+    meta[b"moecap.schema_version"] = b"1.0.0"
+    return table.replace_schema_metadata(meta)
 
 
 def test_check_tells_one_decode_past_the_end_apart_from_other_token_mismatches(synthetic_run, tmp_path):
@@ -183,8 +191,31 @@ def test_check_flags_a_step_whose_tokens_do_not_match_its_requests(synthetic_run
     tokens = table.column(i).to_pylist()
     tokens[5] += 1  # one token more than its requests' new tokens
     table = table.set_column(i, table.schema.field(i), pa.array(tokens, type=table.schema.field(i).type))
+    table = _as_format_1_0(table)
     with pa.OSFile(str(steps_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     r = _cli("check", trace, "--cache-dir", tmp_path / "c")
     assert r.returncode == 1
     assert "1 step(s) whose num_tokens differs from the sum of req_new_tokens" in " ".join(r.stdout.split())
+
+
+def test_check_and_summary_name_a_corrupt_batch_and_strict_refuses_it(synthetic_run, tmp_path):
+    """A batch the reader leaves out (here: a requests file rewritten without its checksums while its
+    header still promises them) is named by `check` (exit 1) and the summary, never silently dropped."""
+    import pyarrow as pa
+
+    trace, _ = synthetic_run
+    req_file = next(trace.glob("*.requests.arrow"))
+    with pa.memory_map(str(req_file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    with pa.OSFile(str(req_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 1
+    flat = " ".join(r.stdout.split())
+    assert f"{req_file.name}: 1 corrupt record batch(es)" in flat and "checksum missing" in flat
+    s = _cli(trace, "--cache-dir", tmp_path / "c")
+    assert s.returncode == 0 and "checksum missing" in " ".join((s.stdout + s.stderr).split())
+    strict = _cli(trace, "--strict", "--cache-dir", tmp_path / "c2")
+    assert strict.returncode != 0 and "--strict refuses it" in strict.stderr
+    assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
