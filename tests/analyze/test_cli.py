@@ -219,3 +219,32 @@ def test_check_and_summary_name_a_corrupt_batch_and_strict_refuses_it(synthetic_
     strict = _cli(trace, "--strict", "--cache-dir", tmp_path / "c2")
     assert strict.returncode != 0 and "--strict refuses it" in strict.stderr
     assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_check_names_a_step_that_compiled_kernels_inside_the_window(synthetic_run, tmp_path):
+    """A decode step 1.2 s long among decode steps of a few ms (a Triton JIT of a new shape) is named
+    by `check` with its rank and step (analyze/slow_steps.py's rule)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    trace, _ = synthetic_run
+    steps_file = next(trace.glob("*.steps.arrow"))
+    with pa.memory_map(str(steps_file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    decode = [i for i, p in enumerate(table.column("phase").to_pylist()) if p == "decode"]
+    slow = decode[len(decode) // 2]
+    step_key = table.column("step")[slow].as_py()
+    for name in ("gpu_end_ns", "t_end_ns"):
+        i = table.schema.get_field_index(name)
+        col = table.column(i).to_pylist()
+        if col[slow] is not None:
+            col[slow] += 1_200_000_000
+        table = table.set_column(i, table.schema.field(i), pa.array(col, type=table.schema.field(i).type))
+    assert pc.max(table.column("t_end_ns")).as_py() is not None
+    table = _as_format_1_0(table)
+    with pa.OSFile(str(steps_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    flat = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "1 step(s) took >= 10x their phase's median" in flat
+    assert f"step {step_key} (decode" in flat
