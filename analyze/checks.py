@@ -64,7 +64,11 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
         if f.rows_dropped:
             out.append(f"{f.path.name}: the writer dropped {f.rows_dropped} row(s)")
         # What else the reader found (corrupt batches left out, a newer format): its own lines.
-        out.extend(w for w in f.warnings if "truncated stream" not in w and "the writer dropped" not in w)
+        out.extend(
+            w
+            for w in f.warnings
+            if "truncated stream" not in w and "the writer dropped" not in w and w not in out
+        )
     md = run.metadata
     if run.files_of("experts") and md.moe.top_k:
         fused = " (shared expert fused into routing: +1 per token)" if md.moe.shared_expert_fused else ""
