@@ -5,7 +5,6 @@ Never imports torch or a serving engine.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,10 +16,19 @@ if TYPE_CHECKING:
     from .analysis import Options
     from .sql.tables import Tables
 
-try:
-    __version__ = version("moecap")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    from importlib.metadata import PackageNotFoundError, version
+
+    # The installed version is read on first use: importlib.metadata scans the environment, which
+    # `moecap-analyze --help` should not wait for.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return version("moecap")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
 
 
 def tables(paths: Iterable[str | os.PathLike[str]], options: Options | None = None, **kwargs: Any) -> Tables:

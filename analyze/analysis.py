@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,17 +26,19 @@ from .load import LoadedFile, LoadedRun, TraceDB, step_request_sums
 from .metrics.step_costs import (
     SUM_LOGITS,
     SUM_NEW,
-    CostModel,
+    StepCostModel,
     cost_model,
     step_costs_from_sums,
     sum_kv,
     sum_pairs,
     sum_windows,
 )
+from .metrics.steps import STEP_SMBU_SQL, STEP_SMFU_SQL, WINDOW_STEPS_SQL, quantile_rows, summary_rows
+from .metrics.window import RUN_WINDOWS_COLUMNS, Window, WindowSpec, resolve_window
 from .parquet_writer import BackgroundParquetWriter
+from .settings import METRICS_SCHEMA, Options, Settings  # noqa: F401 (the names this module used to define)
 from .specs import GpuSpec, ModelSpec, model_spec_from_config, resolve_gpu
 
-METRICS_SCHEMA = "moecap.metrics/1"
 _STEP_COLUMNS = [
     "step",
     "t_start_ns",
@@ -50,21 +50,6 @@ _STEP_COLUMNS = [
     "num_reqs",
     "num_tokens",
 ]
-
-
-@dataclass
-class Options:
-    """What the user chose. gpu: re-analyse as this GPU (default: the trace's). window: steady |
-    all | steps:A-B | time:A-B (seconds from the run's first step)."""
-
-    gpu: str | None = None
-    gpu_overrides: str | None = None
-    window: str = "steady"
-    steady_fraction: float = 0.9
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    model_config: dict[str, Any] | None = None
-    num_gpus: int | None = None
 
 
 @dataclass
@@ -81,6 +66,8 @@ class RunContext:
     warnings: list[str] = field(default_factory=list)
     step_files: list[str] = field(default_factory=list)
     """Cached step_metrics Parquet of the run (set by define_step_metrics_view)."""
+    retargeted: bool = False
+    """Analysed as another GPU than the trace's (`--gpu`)."""
 
 
 def resolve_context(run: LoadedRun, options: Options) -> RunContext:
@@ -112,7 +99,17 @@ def resolve_context(run: LoadedRun, options: Options) -> RunContext:
     }
     num_gpus = options.num_gpus or len(uuids) or len(md.gpus) or 1
     peak_dtype = spec.activation_dtype("routed_expert") if spec else "bf16"
-    return RunContext(run, spec, spec_error, gpu, gpu_error, num_gpus, peak_dtype, warnings)
+    return RunContext(
+        run,
+        spec,
+        spec_error,
+        gpu,
+        gpu_error,
+        num_gpus,
+        peak_dtype,
+        warnings,
+        retargeted=options.gpu is not None,
+    )
 
 
 # -- per-step metrics -----------------------------------------------------------------------------
@@ -282,7 +279,7 @@ def _step_metric_batches(
     sum_columns: list[str],
     rescanned: pa.Table | None,
     active: tuple[np.ndarray, np.ndarray] | None,
-    model: CostModel,
+    model: StepCostModel,
     gpus: int,
     flush: Callable[[dict[str, Any], np.ndarray], None],
 ) -> None:
@@ -358,29 +355,65 @@ def _step_metric_batches(
     flush(pending, last_next)
 
 
+RUN_SETTINGS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run_id", "VARCHAR"),
+    ("model_id", "VARCHAR"),
+    ("gpu", "VARCHAR"),
+    ("retargeted", "BOOLEAN"),
+    ("batch_size", "INTEGER"),
+    ("gpu_bandwidth", "DOUBLE"),
+    ("gpu_peak_flops", "DOUBLE"),
+    ("peak_dtype", "VARCHAR"),
+    ("num_gpus", "INTEGER"),
+    ("last_pp", "INTEGER"),
+    ("num_moe_layers", "INTEGER"),
+)
+"""`run_settings`: per run, the constants the step views read (bound as parameters, never pasted)."""
+
+
+def _create_table(
+    con: Any, name: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[Any, ...]]
+) -> None:
+    con.execute(f"CREATE OR REPLACE TABLE {name} (" + ", ".join(f"{c} {t}" for c, t in columns) + ")")
+    if rows:
+        con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})", rows)
+
+
+def run_settings_row(ctx: RunContext) -> tuple[Any, ...]:
+    """The run's row of `run_settings` (RUN_SETTINGS_COLUMNS order)."""
+    bw = ctx.gpu.memory_bandwidth if ctx.gpu is not None else None
+    peak = ctx.gpu.peak_flops(ctx.peak_dtype, fallback="bf16") if ctx.gpu is not None else None
+    return (
+        ctx.run.run_id,
+        ctx.run.metadata.model.id,
+        ctx.gpu.name if ctx.gpu is not None else None,
+        ctx.retargeted,
+        target_concurrency(ctx.run),
+        bw,
+        peak,
+        ctx.peak_dtype,
+        ctx.num_gpus,
+        max(0, ctx.run.metadata.parallelism.pp - 1),
+        ctx.spec.num_moe_layers if ctx.spec is not None else None,
+    )
+
+
 def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
-    """`step_metrics`: per-step costs + per-step S-MBU / S-MFU on each run's (re-targeted) GPU."""
-    parts = []
+    """`step_metrics`: per-step costs + per-step S-MBU / S-MFU on each run's (re-targeted) GPU, and
+    the `run_settings` table it reads each run's bandwidth and peak from."""
+    files: list[str] = []
     for ctx in contexts:
-        files = step_metrics_files(db, ctx)
-        ctx.step_files = files if ctx.gpu is not None else []
-        if not files or ctx.gpu is None:
-            continue
-        bw = ctx.gpu.memory_bandwidth
-        peak = ctx.gpu.peak_flops(ctx.peak_dtype, fallback="bf16")
+        mine = step_metrics_files(db, ctx)
+        ctx.step_files = mine if ctx.gpu is not None else []
+        files += ctx.step_files
+    _create_table(db.con, "run_settings", RUN_SETTINGS_COLUMNS, [run_settings_row(c) for c in contexts])
+    if files:
         listing = ", ".join("'" + p.replace("'", "''") + "'" for p in files)
-        parts.append(
-            f"""SELECT s.*,
-                   bytes_total / ({bw!r}::DOUBLE * time_s * gpus) AS smbu,
-                   flops_total / ({peak!r}::DOUBLE * time_s * gpus) AS smfu,
-                   {bw!r}::DOUBLE AS gpu_bandwidth, {peak!r}::DOUBLE AS gpu_peak_flops
-            FROM read_parquet([{listing}]) s"""
-        )
-    if parts:
-        body = " UNION ALL ".join(parts)
         db.con.execute(
             f"""CREATE OR REPLACE VIEW step_metrics AS
-            SELECT * FROM ({body})"""
+            SELECT s.*, {STEP_SMBU_SQL} AS s_mbu, {STEP_SMFU_SQL} AS s_mfu
+            FROM (SELECT p.*, r.gpu_bandwidth, r.gpu_peak_flops
+                  FROM read_parquet([{listing}]) p JOIN run_settings r USING (run_id)) s"""
         )
     else:
         cols = ", ".join(f"NULL::{t} AS {c}" for c, t in EMPTY_STEP_METRICS_COLUMNS)
@@ -419,14 +452,11 @@ EMPTY_STEP_METRICS_COLUMNS: tuple[tuple[str, str], ...] = (
     ),
     ("logits_known", "BOOLEAN"),
     ("context_tokens", "DOUBLE"),
-    *((c, "DOUBLE") for c in ("host_gap_s", "wall_s", "smbu", "smfu", "gpu_bandwidth", "gpu_peak_flops")),
+    *((c, "DOUBLE") for c in ("host_gap_s", "wall_s", "gpu_bandwidth", "gpu_peak_flops", "s_mbu", "s_mfu")),
 )
 
 
 # -- windows --------------------------------------------------------------------------------------
-_WINDOW = re.compile(r"^(all|steady|steps:(\d+)-(\d+)|time:([\d.]+)-([\d.]+))$")
-
-
 def target_concurrency(run: LoadedRun) -> int | None:
     """Requests the workload kept in flight: the engine files' workload, else (a server traced by
     `serve`, driven by `moecap-collect drive`) the driver's files' closed-loop concurrency."""
@@ -439,141 +469,54 @@ def target_concurrency(run: LoadedRun) -> int | None:
     return None
 
 
-def window_predicate(db: TraceDB, ctx: RunContext, options: Options) -> tuple[str, dict[str, Any]]:
-    """SQL predicate over step_metrics selecting the window, and its description."""
-    m = _WINDOW.match(options.window)
-    if not m:
-        raise InputError(
-            f"--window {options.window!r}: expected steady, all, steps:A-B or time:A-B (seconds)"
-        )
-    rid = ctx.run.run_id.replace("'", "''")
-    if options.window == "all":
-        return "TRUE", {"kind": "all", "description": "every recorded step"}
-    if m.group(2) is not None:
-        a, b = int(m.group(2)), int(m.group(3))
-        return f"step BETWEEN {a} AND {b}", {"kind": "steps", "first_step": a, "last_step": b}
-    if m.group(4) is not None:
-        start_s, end_s = float(m.group(4)), float(m.group(5))
-        t0 = (
-            db.con.execute(f"SELECT min(t_start_ns) FROM step_metrics WHERE run_id = '{rid}'").fetchall()[0][
-                0
-            ]
-            or 0
-        )
-        return (
-            f"t_start_ns BETWEEN {t0 + int(start_s * 1e9)} AND {t0 + int(end_s * 1e9)}",
-            {"kind": "time", "start_s": start_s, "end_s": end_s},
-        )
-    target = target_concurrency(ctx.run)
-    if not target:
-        return "TRUE", {
-            "kind": "all",
-            "description": "steady state asked, but the trace states no target concurrency",
-        }
-    threshold = math.ceil(options.steady_fraction * int(target))
-    n = db.con.execute(
-        f"SELECT count(*) FROM step_metrics WHERE run_id = '{rid}' AND num_reqs >= {threshold} AND NOT is_draft"
-    ).fetchall()[0][0]
-    if not n:
-        return "TRUE", {
-            "kind": "all",
-            "description": f"no step reached {threshold} requests ({options.steady_fraction:.0%} of batch size {target}); every step used",
-        }
-    return f"num_reqs >= {threshold}", {
-        "kind": "steady",
-        "description": f"steps with >= {threshold} requests ({options.steady_fraction:.0%} of target concurrency {target})",
-        "min_requests": threshold,
-    }
+def resolve_run_window(db: TraceDB, ctx: RunContext, spec: WindowSpec) -> Window:
+    """The run's window (metrics/window.py) from its steps."""
+    rid = ctx.run.run_id
+    first = None
+    if spec.kind == "time":
+        first = db.con.execute("SELECT min(t_start_ns) FROM step_metrics WHERE run_id = ?", [rid]).fetchall()[
+            0
+        ][0]
+
+    def steps_reaching(threshold: int) -> int:
+        return db.con.execute(
+            "SELECT count(*) FROM step_metrics WHERE run_id = ? AND num_reqs >= ? AND NOT is_draft",
+            [rid, threshold],
+        ).fetchall()[0][0]
+
+    return resolve_window(
+        spec,
+        first_t_start_ns=first,
+        target_concurrency=target_concurrency(ctx.run),
+        steps_reaching=steps_reaching,
+    )
+
+
+def define_window_views(db: TraceDB, windows: dict[str, Window]) -> None:
+    """`run_windows` (one row per run: its resolved window) and `window_steps` (the step_metrics rows
+    inside it that every run-level step metric counts)."""
+    _create_table(db.con, "run_windows", RUN_WINDOWS_COLUMNS, [w.row(rid) for rid, w in windows.items()])
+    db.con.execute(f"CREATE OR REPLACE VIEW window_steps AS {WINDOW_STEPS_SQL}")
 
 
 # -- aggregation ----------------------------------------------------------------------------------
-def step_aggregates(db: TraceDB, ctx: RunContext, where: str) -> dict[str, Any]:
-    """Per phase and overall: ratio-of-sums S-MBU/S-MFU over GPU time, distributions, throughput."""
-    rid = ctx.run.run_id.replace("'", "''")
-    last_pp = max(0, ctx.run.metadata.parallelism.pp - 1)
-    selection = f"run_id = '{rid}' AND NOT is_draft AND ({where}) AND time_s > 0"
-    rows = db.con.execute(
-        f"""
-        SELECT coalesce(phase, 'all') AS phase,
-               -- Pipeline stages each record the same engine step: count steps and tokens on the first
-               -- stage, logit rows on the last; bytes, FLOPs and GPU time sum over every stage.
-               count(*) FILTER (WHERE pp = 0) AS steps, sum(num_tokens) FILTER (WHERE pp = 0) AS tokens,
-               sum(logit_rows) FILTER (WHERE pp = {last_pp}) AS logit_rows,
-               sum(bytes_total) AS bytes, sum(flops_total) AS flops,
-               sum(bytes_routed_experts) AS bytes_routed, sum(bytes_kv_read) AS bytes_kv_read,
-               sum(time_s * gpus) AS gpu_seconds, sum(time_s) AS busy_s, sum(wall_s) AS wall_s,
-               sum(host_gap_s) AS host_gap_s,
-               min(t_start_ns) AS t0, max(t_end_ns) AS t1,
-               sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) AS smbu,
-               sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
-               avg(time_s) AS time_mean,
-               sum(active_experts) / count(*) FILTER (WHERE pp = 0) AS active_experts_mean,
-               avg(num_reqs) FILTER (WHERE pp = 0) AS batch_mean,
-               count(*) FILTER (WHERE time_s <= 0) AS zero_time_steps,
-               count(*) FILTER (WHERE isnan(active_experts)) AS steps_without_counts
-        FROM step_metrics WHERE {selection}
-        GROUP BY ROLLUP (phase) ORDER BY phase NULLS LAST
-        """
-    ).fetchall()
-    names = [d[0] for d in db.con.description]
-    # Exact quantiles keep every value of their column in memory: one column per query, so the peak
-    # is one column's values (per grouping set), not three columns' beside the other aggregates.
-    quantiles: dict[str, dict[str, Any]] = {}
-    for column, key in (("smbu", "smbu_q"), ("smfu", "smfu_q"), ("time_s", "time_q")):
-        for phase, q in db.con.execute(
-            f"""SELECT coalesce(phase, 'all'), quantile_cont({column}, [0.5, 0.9, 0.99])
-                FROM step_metrics WHERE {selection} GROUP BY ROLLUP (phase)"""
-        ).fetchall():
-            quantiles.setdefault(phase, {})[key] = q
-    out: dict[str, Any] = {}
-    for row in rows:
-        r = dict(zip(names, row, strict=True))
-        r.update(quantiles.get(r["phase"], {}))
-        if not r["steps"]:
-            continue  # ROLLUP's grand total over an empty window
-        wall = (r["t1"] - r["t0"]) / 1e9 if r["t1"] is not None else None
-        smbu = None if r["steps_without_counts"] else _num(r["smbu"])
-        out[r["phase"]] = {
-            "steps": r["steps"],
-            "tokens": r["tokens"],
-            "output_tokens": _num(r["logit_rows"]),
-            "s_mbu": smbu,
-            "s_mfu": _num(r["smfu"]),
-            "s_mbu_p50_p90_p99": None if smbu is None else [_num(x) for x in r["smbu_q"]],
-            "s_mfu_p50_p90_p99": [_num(x) for x in r["smfu_q"]],
-            "step_time_s_mean": _num(r["time_mean"]),
-            "step_time_s_p50_p90_p99": [_num(x) for x in r["time_q"]],
-            "bytes_total": _num(r["bytes"]),
-            "bytes_routed_experts": _num(r["bytes_routed"]),
-            "bytes_kv_read": _num(r["bytes_kv_read"]),
-            "flops_total": _num(r["flops"]),
-            "gpu_seconds": _num(r["gpu_seconds"]),
-            "gpu_busy_s": _num(r["busy_s"]),
-            "host_gap_s": _num(r["host_gap_s"]),
-            "wall_s": wall,
-            "gpu_busy_fraction": _num(r["busy_s"] / r["wall_s"]) if r["wall_s"] else None,
-            "activated_experts_per_step_mean": _num(r["active_experts_mean"]),
-            "activated_experts_per_layer_mean": _num(
-                r["active_experts_mean"] / max(1, ctx.spec.num_moe_layers)
-            )
-            if ctx.spec and r["active_experts_mean"] is not None
-            else None,
-            "batch_size_mean": _num(r["batch_mean"]),
-        }
-        if r["phase"] == "all" and wall:
-            out["all"]["throughput_tokens_per_s"] = r["tokens"] / wall
-            out["all"]["throughput_output_tokens_per_s"] = (r["logit_rows"] or 0) / wall
+def step_aggregates(db: TraceDB, run_id: str) -> dict[str, Any]:
+    """Per phase and `all`: every step metric of metrics/steps.py over the run's window, plus the
+    p50/p90/p99 of per-step S-MBU, S-MFU and step time."""
+    source = "(SELECT * FROM window_steps WHERE run_id = ?)"
+    out = summary_rows(db.con, source, params=[run_id]).get(run_id, {})
+    for column, key in (
+        ("s_mbu", "s_mbu_p50_p90_p99"),
+        ("s_mfu", "s_mfu_p50_p90_p99"),
+        ("time_s", "step_time_s_p50_p90_p99"),
+    ):
+        q = quantile_rows(db.con, source, f"s.{column}", params=[run_id]).get(run_id, {})
+        for phase, values in out.items():
+            values[key] = q.get(phase)
+    for values in out.values():
+        if values["s_mbu"] is None:
+            values["s_mbu_p50_p90_p99"] = None
     return out
-
-
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) or math.isinf(v) else v
 
 
 def asdict_safe(obj: Any) -> Any:

@@ -13,9 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moecap.schemas import TraceError
-
-from .cost.options import CostModel, CostOverrides, GpuHour, GpuPrice
+from .cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
 from .errors import AnalyzeError
 
 app = typer.Typer(
@@ -113,7 +111,7 @@ def summary(
     strict: Strict = False,
     cache_dir: CacheDir = None,
     cost_overrides: CostOverrides = None,
-    cost_model: CostModel = None,
+    cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
 ) -> None:
@@ -121,9 +119,8 @@ def summary(
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
-    from .analysis import Options
     from .output import print_summary, write_outputs
-    from .pipeline import Analysis, analyze_paths
+    from .settings import Settings as Options
     from .specs import load_model_config
 
     if formula not in ("moecap", "reference"):
@@ -142,7 +139,8 @@ def summary(
     record_files = [p for p in paths if _is_record_file(p)]
     trace_paths = [p for p in paths if not _is_record_file(p)]
     if formula == "reference":
-        from .pipeline import METRICS_SCHEMA
+        from types import SimpleNamespace
+
         from .reference_bridge import reference_document_for_records, reference_document_for_run
 
         runs = [
@@ -165,35 +163,37 @@ def summary(
             db = load_traces(trace_paths, cache_dir=cache_dir, strict=strict)
             require_runs(db)
             runs += [reference_document_for_run(db, rid, options, precision) for rid in db.runs]
+        from .settings import METRICS_SCHEMA
+
         document = {"schema": METRICS_SCHEMA, "formula": "reference", "runs": runs}
-        analysis = Analysis(db=None, contexts=[], document=document, windows={})  # type: ignore[arg-type]
+        analysis = SimpleNamespace(db=None, contexts=[], document=document, windows={})
     else:
         if record_files:
             raise AnalyzeError(
                 f"{record_files[0]}: MoE-CAP record files are analysed with --formula reference "
                 "(their records lack what the moecap formulas need)"
             )
-        from .cost.options import settings_from_flags, use_cost_settings
+        from .cost.options import settings_from_flags
+        from .pipeline import analyze_paths
 
-        cost = settings_from_flags(
+        options.cost = settings_from_flags(
             gpu_overrides=gpu_overrides,
             cost_overrides=cost_overrides,
             cost_model=cost_model,
             gpu_price_usd=gpu_price_usd,
             usd_per_gpu_hour=usd_per_gpu_hour,
         )
-        with use_cost_settings(cost):  # metrics.cost of every run follows the cost flags
-            # The summary needs no raw per-step expert counts (summaries and totals suffice).
-            analysis = analyze_paths(
-                trace_paths,
-                options,
-                cache_dir=cache_dir,
-                strict=strict,
-                progress=_progress_printer(True),
-                expert_counts=False,
-            )
+        # The summary needs no raw per-step expert counts (summaries and totals suffice).
+        analysis = analyze_paths(
+            trace_paths,
+            options,
+            cache_dir=cache_dir,
+            strict=strict,
+            progress=_progress_printer(True),
+            expert_counts=False,
+        )
     if out is not None:
-        write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
+        write_outputs(analysis, out, "csv" if format == "csv" else "parquet", defer_request_lists=True)
     if format == "json":
         from .output import document_json
 
@@ -303,12 +303,17 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> N
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
-_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "--help", "-h"}
+_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "fleet", "--help", "-h"}
 
 
 # Sub-commands that live beside their library code register themselves here: each module defines
 # `register(app)`. A module that is not installed yet is skipped; an error inside one is not hidden.
-_COMMAND_MODULES = ("moecap.analyze.report.cli", "moecap.analyze.sql.cli", "moecap.analyze.whatif.cli")
+_COMMAND_MODULES = (
+    "moecap.analyze.report.cli",
+    "moecap.analyze.sql.cli",
+    "moecap.analyze.whatif.cli",
+    "moecap.analyze.fleet.cli",
+)
 
 
 def _register_commands() -> None:
@@ -349,6 +354,14 @@ def _fail(message: object, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _trace_error() -> type[Exception]:
+    """moecap.schemas' TraceError, imported when an error is being handled: `--help` and the light
+    commands start without pyarrow."""
+    from moecap.schemas import TraceError
+
+    return TraceError
+
+
 def main() -> None:
     """Console-script entry point: `moecap-analyze PATHS…` means `moecap-analyze summary PATHS…`.
 
@@ -363,7 +376,7 @@ def main() -> None:
         _fail(flag_error)
     try:
         code = app(standalone_mode=False)
-    except (AnalyzeError, TraceError) as exc:
+    except (AnalyzeError, _trace_error()) as exc:
         _fail(exc)
     except typer.Abort:
         _fail("aborted", 1)

@@ -63,6 +63,7 @@ from moecap.schemas import (
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
 from .parquet_writer import BackgroundParquetWriter
+from .storage import localize
 from .validity import RowFilter
 
 CACHE_LAYOUT = "7"
@@ -159,6 +160,8 @@ class LoadedFile:
     """For a sum: steps some rank has no counts for, left out of it (a partial sum under-counts)."""
     left_out: list[str] = field(default_factory=list)
     """Rows left out of the views (impossible values, repeated keys: `validity`), one line per reason."""
+    corrupt_batches: int = 0
+    """Record batches the reader found damaged (checksum, validation) and left out."""
     excluded_steps: list[int] = field(default_factory=list)
     """A steps file's step keys left out for an impossible value (its experts rows go with them)."""
 
@@ -296,8 +299,8 @@ def load_traces(
     are always built. Raw counts are the largest part of a trace, so metrics-only loads are faster
     (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
-    files = expand_paths(paths)
     cache = prepare_cache_dir(cache_dir)
+    files = expand_paths(localize(paths, cache / "objects"))  # URIs -> staged local copies
     errors: list[str] = []
     warnings: list[str] = []
     runs: dict[str, LoadedRun] = {}
@@ -340,6 +343,8 @@ def load_traces(
             continue
         if strict and not loaded.complete:
             raise TraceError(loaded.warnings[0])
+        if strict and loaded.corrupt_batches:
+            raise TraceError(f"{loaded.warnings[0]}; --strict refuses it")
         if strict and loaded.left_out:
             raise TraceError(f"{loaded.left_out[0]}; --strict refuses it")
         warnings.extend(loaded.warnings)
@@ -350,6 +355,9 @@ def load_traces(
         _drop_duplicate_files(loaded_run, strict)
         for f in loaded_run.files:
             loaded_run.findings.extend(f.left_out)
+            if f.corrupt_batches or f.rows_dropped:
+                # data that never reached the views: `check` names it and the run's warnings carry it
+                loaded_run.findings.extend(f.warnings)
         loaded_run.warnings.extend(loaded_run.findings)
         problem = _sum_rank_counts(loaded_run, cache, expert_counts)
         if problem and strict:
@@ -493,6 +501,7 @@ def _load_file(
                     cache_key=key,
                     left_out=info["left_out"],
                     excluded_steps=info["excluded_steps"],
+                    corrupt_batches=info.get("corrupt_batches", 0),
                 )
                 if kind == "steps":
                     _note_steps_file(loaded, rank_key, rank_steps)
@@ -520,6 +529,7 @@ def _load_file(
         "parquet": {k: v.name for k, v in parquet.items()},
         "left_out": rows.findings(str(path)),
         "excluded_steps": rows.excluded_steps,
+        "corrupt_batches": scan.corrupt_batches,
     }
     info_path.write_text(json.dumps(info))
     loaded = LoadedFile(
@@ -535,6 +545,7 @@ def _load_file(
         cache_key=key,
         left_out=info["left_out"],
         excluded_steps=rows.excluded_steps,
+        corrupt_batches=scan.corrupt_batches,
     )
     if kind == "steps":
         _note_steps_file(loaded, rank_key, rank_steps)

@@ -14,8 +14,15 @@ from .errors import InputError
 from .terminal import markup
 
 
-def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> list[Path]:
-    """metrics.json plus step_metrics / requests tables (Parquet or CSV) under `out`."""
+def write_outputs(
+    analysis: Any, out: Path, table_format: str = "parquet", defer_request_lists: bool = False
+) -> list[Path]:
+    """metrics.json plus step_metrics / requests tables (Parquet or CSV) under `out`.
+    `defer_request_lists`: no output reads the steps' request lists, so they are not cached here
+    (caching re-reads every steps file)."""
+    if defer_request_lists and analysis.db is not None:
+        with analysis.db.defer_request_lists():
+            return write_outputs(analysis, out, table_format)
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json"]
@@ -141,13 +148,20 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
             console.print(
                 f"requests: {r['succeeded']}/{r['requests']} ok · TTFT mean {_fmt(r['ttft_s']['mean'], 'ms', 1e3)}"
                 f" p99 {_fmt(r['ttft_s']['p99'], 'ms', 1e3)} · TPOT mean {_fmt(r['tpot_s']['mean'], 'ms', 1e3)}"
-                f" · ITL p50 {_fmt(r['itl_s']['p50'], 'ms', 1e3)} · {_fmt(r.get('output_tokens_per_s'), 'tok/s')}"
+                f" · ITL p50 {_fmt(r['itl_s']['p50'], 'ms', 1e3)}"
+            )
+            console.print(
+                f"requests over {_fmt(r.get('makespan_s'), 's')}: output_throughput "
+                f"{_fmt(r.get('output_throughput'), 'tok/s')} · total_token_throughput "
+                f"{_fmt(r.get('total_token_throughput'), 'tok/s')} · request_throughput "
+                f"{_fmt(r.get('request_throughput'), 'req/s')}"
             )
         all_steps = steps.get("all", {})
-        if all_steps.get("throughput_tokens_per_s"):
+        if all_steps.get("window_total_token_throughput"):
             console.print(
-                f"throughput (window): {_fmt(all_steps['throughput_tokens_per_s'], 'tok/s')} computed, "
-                f"{_fmt(all_steps['throughput_output_tokens_per_s'], 'tok/s')} generated"
+                f"window (busy {_fmt(all_steps.get('window_s'), 's')}): window_output_throughput "
+                f"{_fmt(all_steps['window_output_throughput'], 'tok/s')} · window_total_token_throughput "
+                f"{_fmt(all_steps['window_total_token_throughput'], 'tok/s')}"
             )
         c = m.get("cost") or {}
         if c.get("usd_per_1m_output_tokens") is not None:

@@ -21,15 +21,19 @@ from .analysis import (
     METRICS_SCHEMA,
     Options,
     RunContext,
+    Settings,
     define_step_metrics_view,
+    define_window_views,
     resolve_context,
+    resolve_run_window,
     step_aggregates,
-    window_predicate,
 )
+from .cost.constants import CostSettings
 from .cost.section import cost_section, settings_for
 from .load import TraceDB, load_traces, require_runs
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
+from .metrics.window import Window
 
 
 @dataclass
@@ -39,8 +43,15 @@ class Analysis:
     db: TraceDB
     contexts: list[RunContext]
     document: dict[str, Any]
-    windows: dict[str, str]
-    """run_id -> SQL predicate over step_metrics for that run's window."""
+    windows: dict[str, Window]
+    """run_id -> that run's resolved metrics window (also the `run_windows` table)."""
+    settings: Settings | None = None
+    """What the analysis was asked for (GPU, window, SLOs, cost settings)."""
+
+    @property
+    def cost_settings(self) -> CostSettings:
+        """The cost constants and model every cost of this analysis uses."""
+        return settings_for(self.settings or Settings())
 
 
 def analyze_paths(
@@ -61,17 +72,21 @@ def analyze_paths(
         paths, cache_dir=cache_dir, strict=strict, progress=progress, expert_counts=expert_counts
     )
     require_runs(db)
+    spec = options.window_spec
     contexts = [resolve_context(run, options) for run in db.runs.values()]
-    runs = []
-    windows: dict[str, str] = {}
+    cost = settings_for(options)
     # No metric reads a request list except the client join (which asks for them itself): the
     # lists are cached when `db.con` is first used outside this block.
     with db.defer_request_lists():
         define_step_metrics_view(db, contexts)
-        for ctx in contexts:
-            run_doc, where = _run_document(db, ctx, options)
-            windows[ctx.run.run_id] = where
-            runs.append(run_doc)
+        windows = {
+            ctx.run.run_id: resolve_run_window(db, ctx, spec)
+            if ctx.step_files
+            else Window("all", "every recorded step")
+            for ctx in contexts
+        }
+        define_window_views(db, windows)
+        runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id]) for ctx in contexts]
     document = {
         "schema": METRICS_SCHEMA,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -81,13 +96,13 @@ def analyze_paths(
         "load_errors": db.errors,
         "load_warnings": db.warnings,
     }
-    return Analysis(db=db, contexts=contexts, document=document, windows=windows)
+    return Analysis(db=db, contexts=contexts, document=document, windows=windows, settings=options)
 
 
 def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
     """`accuracy_metrics` for outputs that carry a reference answer (None when nothing is scorable)."""
     outputs = db.con.sql(
-        f"SELECT req_id, sample_id, dataset, output, reference FROM outputs WHERE run_id = '{rid}'"
+        "SELECT req_id, sample_id, dataset, output, reference FROM outputs WHERE run_id = ?", params=[rid]
     ).pl()
     if outputs.is_empty() or outputs["reference"].null_count() == outputs.height:
         return None
@@ -98,22 +113,25 @@ def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
 def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
     """Client rows joined to the engine's steps by request id: how many join, and the gap between
     the client's arrival and the first step that computed the request (queue + transport), s."""
-    if not db.con.execute(f"SELECT count(*) FROM requests WHERE run_id = '{rid}'").fetchall()[0][0]:
+    if not db.con.execute("SELECT count(*) FROM requests WHERE run_id = ?", [rid]).fetchall()[0][0]:
         return None
     db.ensure_request_lists()  # the join reads steps.req_ids
     rows = db.con.execute(
-        f"""WITH first_step AS (
+        """WITH first_step AS (
                 SELECT rid, min(t_start_ns) AS first_ns FROM (
-                    SELECT unnest(req_ids) AS rid, t_start_ns FROM steps WHERE run_id = '{rid}')
+                    SELECT unnest(req_ids) AS rid, t_start_ns FROM steps WHERE run_id = $rid)
                 GROUP BY rid)
             SELECT count(*), count(f.rid),
                    quantile_cont((f.first_ns - r.arrival_ns) / 1e9, [0.5, 0.9, 0.99]),
-                   avg((f.first_ns - r.arrival_ns) / 1e9)
+                   -- The mean of integer ns is exact (a hugeint sum), so it does not depend on the order
+                   -- DuckDB's threads add the rows in; a mean of doubles differed in its last bits run to run.
+                   avg(f.first_ns - r.arrival_ns) / 1e9
             FROM requests r LEFT JOIN first_step f ON f.rid = coalesce(r.engine_req_id, r.req_id)
-            WHERE r.run_id = '{rid}'"""
+            WHERE r.run_id = $rid""",
+        {"rid": rid},
     ).fetchall()[0]
     total, joined, q, mean = rows
-    if not total or not db.con.execute(f"SELECT count(*) FROM steps WHERE run_id = '{rid}'").fetchall()[0][0]:
+    if not total or not db.con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [rid]).fetchall()[0][0]:
         return None
     return {
         "requests": total,
@@ -125,10 +143,12 @@ def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
     }
 
 
-def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[str, Any], str]:
+def _run_document(
+    db: TraceDB, ctx: RunContext, options: Settings, cost: CostSettings, run_window: Window
+) -> dict[str, Any]:
     md = ctx.run.metadata
     warnings = list(ctx.warnings) + list(ctx.run.warnings)
-    rid = ctx.run.run_id.replace("'", "''")
+    rid = ctx.run.run_id
     if ctx.spec_error:
         warnings.append(f"model spec: {ctx.spec_error}")
     if ctx.gpu_error:
@@ -137,30 +157,37 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
     if not counts:
         reason = md.moe.counts_unavailable_reason or "the run has no experts table"
         warnings.append(f"no expert counts ({reason}): S-MBU and expert statistics are null")
-    where = "TRUE"
     window: dict[str, Any] = {"kind": "all"}
     steps_doc: dict[str, Any] = {}
     if ctx.step_files:
-        where, window = window_predicate(db, ctx, options)
-        steps_doc = step_aggregates(db, ctx, where)
-        zero = db.con.execute(
-            f"SELECT count(*) FROM step_metrics WHERE run_id = '{rid}' AND time_s <= 0"
-        ).fetchall()[0][0]
+        window = run_window.as_dict()
+        steps_doc = step_aggregates(db, rid)
+        zero, idle = db.con.execute(
+            "SELECT count(*) FILTER (WHERE time_s <= 0), count(*) FILTER (WHERE time_s > 0 AND num_tokens = 0) "
+            "FROM step_metrics WHERE run_id = ?",
+            [rid],
+        ).fetchall()[0]
         if zero:
             warnings.append(f"{zero} step(s) with zero or negative duration were left out of every metric")
+        if idle:
+            warnings.append(
+                f"{idle} step(s) computed no token: no S-MBU / S-MFU for them (their time counts as busy time)"
+            )
     elif not ctx.run.files_of("steps"):
         from .output import RUN_WITHOUT_STEPS
 
         warnings.append(RUN_WITHOUT_STEPS)
-    requests = db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    requests = db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[rid]).pl()
     req_doc = request_metrics(
         requests,
         slo_ttft_s=options.slo_ttft_ms / 1e3 if options.slo_ttft_ms else None,
         slo_tpot_s=options.slo_tpot_ms / 1e3 if options.slo_tpot_ms else None,
     )
-    cost_doc = cost_section(db, ctx, where, steps_doc, req_doc, settings_for(options))
+    cost_doc = cost_section(db, ctx, steps_doc, req_doc, cost)
     warnings.extend(cost_doc["warnings"])
-    totals = db.con.sql(f"SELECT layer, expert, tokens, phase FROM expert_totals WHERE run_id = '{rid}'").pl()
+    totals = db.con.sql(
+        "SELECT layer, expert, tokens, phase FROM expert_totals WHERE run_id = ?", params=[rid]
+    ).pl()
     experts_doc = expert_stats(totals, md.moe.num_experts) if counts else {}
     if experts_doc:
         experts_doc["by_phase"] = {
@@ -251,4 +278,4 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
                 for f in ctx.run.summed
             ],
         }
-    return doc, where
+    return doc

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from .analysis import Options
 from .errors import InputError, SpecError
-from .load import TraceDB
 from .reference import load_reference_records, reference_gpu_raw_type, reference_metrics
 from .specs import load_model_config
+
+if TYPE_CHECKING:
+    from .load import TraceDB
+    from .settings import Settings as Options
 
 
 def records_from_trace(

@@ -102,7 +102,7 @@ def _measure(path: Path, layout: str, before, repeat: int) -> dict:
         row[f"{name}_s"] = round(wall, 3)
         row[f"{name}_cpu_s"] = round(cpu, 3)
     row["after_over_before_cpu"] = round(row["after_cpu_s"] / row["before_cpu_s"], 2)
-    row["checksum_algorithm"] = integrity.DEFAULT_ALGORITHM
+    row["checksum_algorithm"] = integrity.default_algorithm()
     return row
 
 

@@ -73,13 +73,15 @@ t.pl(
 
 # %% [markdown]
 # The same S-MBU from the per-step rows: `window_steps` holds exactly the steps the run-level
-# numbers are computed over, so the ratio of sums can be re-derived (and sliced any other way).
+# numbers are computed over; the metric layer's SQL (`moecap.analyze.metrics.steps`) runs over any
+# slice of them — here the whole window again (never re-type the ratio: idle steps have rules).
 
 # %%
-check = t.sql(
-    "SELECT sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) FROM window_steps WHERE run_id = ?",
-    [run_id],
-).fetchall()[0][0]
+from moecap.analyze.metrics.steps import summary_rows  # noqa: E402
+
+check = summary_rows(t.con, "(SELECT * FROM window_steps WHERE run_id = ?)", params=[run_id])[run_id]["all"][
+    "s_mbu"
+]
 print(f"S-MBU from window_steps: {check:.6f}   metrics.json: {doc['metrics']['steps']['all']['s_mbu']:.6f}")
 
 # %% [markdown]
@@ -92,7 +94,7 @@ print(f"S-MBU from window_steps: {check:.6f}   metrics.json: {doc['metrics']['st
 # %%
 steps = t.pl(
     """SELECT step, phase, num_tokens, num_reqs, time_s * 1e3 AS time_ms, bytes_total / 1e9 AS gbytes,
-              smbu, active_experts
+              s_mbu, active_experts
        FROM step_metrics WHERE run_id = ? AND time_s > 0
        USING SAMPLE reservoir(3000 ROWS) REPEATABLE (7)""",
     [run_id],
@@ -101,7 +103,7 @@ base = (
     alt.Chart(steps)
     .mark_circle(size=24, opacity=0.6)
     .encode(
-        color=alt.Color("phase:N"), tooltip=["step", "phase", "num_reqs", "num_tokens", "time_ms", "smbu"]
+        color=alt.Color("phase:N"), tooltip=["step", "phase", "num_reqs", "num_tokens", "time_ms", "s_mbu"]
     )
 )
 (

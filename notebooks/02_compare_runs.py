@@ -37,7 +37,7 @@ t = tables(paths)
 # ## One line per run
 #
 # `run_metrics` (phase `all`) over each run's own steady-state window, with request latency from
-# `request_metrics`. Output throughput is tokens sampled per second of the window's wall time.
+# `request_metrics`. Output throughput is tokens sampled per second of the window's busy time.
 
 # %%
 latency = t.pl(
@@ -49,7 +49,7 @@ latency = t.pl(
 overview = (
     t.pl(
         """SELECT run_id, gpu, num_gpus, batch_size, steps, s_mbu, s_mfu, step_time_s_mean * 1e3 AS step_ms_mean,
-              gpu_busy_fraction, throughput_output_tokens_per_s AS output_tok_per_s
+              gpu_busy_fraction, window_output_throughput AS output_tok_per_s
        FROM run_metrics WHERE phase = 'all'"""
     )
     .join(latency, on="run_id", how="left")
@@ -65,13 +65,29 @@ overview.with_columns(pl.col(pl.Float64).round(4))
 # steps only, grouped by the number of requests actually in the step (not the target concurrency).
 
 # %%
-decode = t.pl(
-    """SELECT r.batch_size AS target_batch, m.num_reqs AS batch, count(*) AS steps,
-              avg(m.time_s) * 1e3 AS step_ms, sum(m.bytes_total) / (any_value(m.gpu_bandwidth) * sum(m.time_s * m.gpus)) AS s_mbu,
-              sum(m.num_tokens) / sum(m.time_s) AS tokens_per_gpu_s
-       FROM step_metrics m JOIN runs r USING (run_id)
-       WHERE m.phase = 'decode' AND NOT m.is_draft AND m.time_s > 0
-       GROUP BY ALL HAVING count(*) >= 3"""
+# The metric layer's step metrics per (run, batch size) of the decode steps.
+from moecap.analyze.metrics.steps import summary_rows  # noqa: E402
+
+per_batch = summary_rows(
+    t.con,
+    "(SELECT * FROM step_metrics s WHERE s.phase = 'decode' AND NOT s.is_draft AND s.time_s > 0)",
+    key="s.num_reqs",
+)
+targets = dict(t.con.sql("SELECT run_id, batch_size FROM run_settings").fetchall())
+decode = pl.DataFrame(
+    [
+        {
+            "target_batch": targets.get(rid),
+            "batch": int(b),
+            "steps": v["steps"],
+            "step_ms": v["step_time_s_mean"] * 1e3,
+            "s_mbu": v["s_mbu"],
+            "tokens_per_gpu_s": v["tokens"] / v["gpu_seconds"],
+        }
+        for rid, groups in per_batch.items()
+        for b, v in groups.items()
+        if b != "all" and v["steps"] >= 3
+    ]
 )
 line = (
     alt.Chart(decode)
@@ -117,7 +133,7 @@ alt.Chart(tpot).mark_circle(size=30, opacity=0.6).encode(
 # %%
 t.pl(
     """SELECT gpu, count(*) AS runs, min(batch_size) AS min_batch, max(batch_size) AS max_batch,
-              avg(s_mbu) AS s_mbu_mean, max(throughput_output_tokens_per_s) AS best_output_tok_per_s
+              avg(s_mbu) AS s_mbu_mean, max(window_output_throughput) AS best_output_tok_per_s
        FROM run_metrics WHERE phase = 'all' GROUP BY gpu ORDER BY gpu"""
 )
 
@@ -186,7 +202,10 @@ pl.DataFrame(
             ]["step_time_s_mean"]
             * 1e3,
             "tpot_ms_mean_projected": (
-                run["targets"][target.name]["models"]["projection"].get("requests", {}).get("tpot_s_mean")
+                run["targets"][target.name]["models"]["projection"]
+                .get("requests", {})
+                .get("tpot_s", {})
+                .get("mean")
                 or float("nan")
             )
             * 1e3,

@@ -1,6 +1,7 @@
 """moecap.schemas — the trace format: table schemas, run metadata, writer and reader.
 
-Imports only pyarrow (and numpy, which pyarrow requires), xxhash where installed, and the standard library.
+Imports only pyarrow (and numpy, which pyarrow requires) and the standard library; xxhash, where
+installed, is imported on first use to make the trace checksums faster.
 """
 
 from .errors import TraceError

@@ -12,9 +12,10 @@ is the same for the batch the writer holds and for the batch the IPC reader rebu
 whatever padding, slicing or buffer sharing either side has. No copy of the data is made except for
 sliced arrays (writer side only) whose bitmaps start mid-byte.
 
-Algorithm: xxh3_64 (the `xxhash` package, ~6 GB/s on one core) where it is installed, else the
-standard library's crc32 (~1.3 GB/s); the name is stored with the value, so either reader verifies
-what either writer wrote (a reader without xxhash reports xxh3 batches as unchecked).
+Algorithm: xxh3_64 (the `xxhash` package, ~6 GB/s on one core; an optional import that the analyze
+and collect extras install) where it is installed, else the standard library's crc32 (~1.3 GB/s);
+the name is stored with the value, so either reader verifies what either writer wrote (a reader
+without xxhash reports xxh3 batches as unchecked).
 """
 
 from __future__ import annotations
@@ -26,17 +27,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-try:  # pragma: no cover - both branches are exercised by tests through `new_hasher`
-    import xxhash as _xxhash
-except ImportError:  # pragma: no cover
-    _xxhash = None
-
 CHECKSUM_KEY = b"moecap.checksum"
 """Key of the checksum, both in the schema metadata and in each record batch's custom metadata."""
 
 XXH3 = "xxh3_64"
 CRC32 = "crc32"
-DEFAULT_ALGORITHM = XXH3 if _xxhash is not None else CRC32
+
+_xxhash: Any = None  # the xxhash module once looked for; False when it is not installed
+
+
+def _xxh() -> Any:
+    """The xxhash module, imported on first use: an optional accelerator (the analyze and collect
+    extras install it), so `moecap.schemas` itself still needs only pyarrow and the stdlib."""
+    global _xxhash
+    if _xxhash is None:
+        try:
+            import xxhash
+
+            _xxhash = xxhash
+        except ImportError:  # pragma: no cover - the dev environment has it
+            _xxhash = False
+    return _xxhash
+
+
+def default_algorithm() -> str:
+    """xxh3_64 where xxhash is installed, else crc32."""
+    return XXH3 if _xxh() else CRC32
+
 
 _PACK2 = struct.Struct("<qq").pack
 
@@ -54,12 +71,13 @@ class _Crc32:
 
 def available(algorithm: str) -> bool:
     """Whether this process can compute `algorithm`."""
-    return algorithm == CRC32 or (algorithm == XXH3 and _xxhash is not None)
+    return algorithm == CRC32 or (algorithm == XXH3 and bool(_xxh()))
 
 
-def new_hasher(algorithm: str = DEFAULT_ALGORITHM) -> Any:
-    """An object with update(bytes-like) and intdigest()."""
-    if algorithm == XXH3 and _xxhash is not None:
+def new_hasher(algorithm: str | None = None) -> Any:
+    """An object with update(bytes-like) and intdigest() (default: `default_algorithm()`)."""
+    algorithm = algorithm or default_algorithm()
+    if algorithm == XXH3 and _xxh():
         return _xxhash.xxh3_64()
     if algorithm == CRC32:
         return _Crc32()
@@ -86,7 +104,7 @@ def parse_checksum(text: bytes | str) -> tuple[str, int] | None:
         return None
 
 
-def header_checksum(version: bytes, table: bytes, run: bytes, algorithm: str = DEFAULT_ALGORITHM) -> int:
+def header_checksum(version: bytes, table: bytes, run: bytes, algorithm: str | None = None) -> int:
     """Checksum of the header fields a reader uses (the column names and types are checked
     against the table definitions instead)."""
     h = new_hasher(algorithm)
@@ -99,7 +117,7 @@ def header_checksum(version: bytes, table: bytes, run: bytes, algorithm: str = D
 def batch_checksum(
     batch: pa.RecordBatch,
     info: bytes,
-    algorithm: str = DEFAULT_ALGORITHM,
+    algorithm: str | None = None,
     columns: list[pa.Array] | None = None,
 ) -> int:
     """Checksum of a record batch's `moecap.batch` JSON and logical content (`columns`: the batch's

@@ -71,7 +71,7 @@ def schema_metadata(run: RunMetadata, table: str) -> dict[str, str]:
         "moecap.schema_version": SCHEMA_VERSION,
         "moecap.table": table,
         "moecap.run": run_json,
-        "moecap.checksum": integrity.format_checksum(integrity.DEFAULT_ALGORITHM, value),
+        "moecap.checksum": integrity.format_checksum(integrity.default_algorithm(), value),
     }
 
 
@@ -229,7 +229,7 @@ class TraceWriter:
         if drops:
             info["drops"] = drops
         raw = json.dumps(info, separators=(",", ":")).encode()
-        algorithm = integrity.DEFAULT_ALGORITHM
+        algorithm = integrity.default_algorithm()
         checksum = integrity.format_checksum(algorithm, integrity.batch_checksum(batch, raw, algorithm))
         self._writer.write_batch(
             batch, custom_metadata={b"moecap.batch": raw, integrity.CHECKSUM_KEY: checksum}

@@ -32,3 +32,42 @@ def synthetic_run(tmp_path):
     out = tmp_path / "trace"
     truth = simulate_run(out, SimConfig())
     return out, truth
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """An S3-compatible endpoint on loopback (moto's server mode) with an empty bucket; yields
+    `s3://<bucket>`. The AWS_* variables point pyarrow, boto3 and child processes (Ray workers) at
+    it while the module runs; the server stops afterwards."""
+    import logging
+    import os
+
+    boto3 = pytest.importorskip("boto3")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # moto keeps its buckets per process, not per server: a bucket of its own per module.
+    import uuid
+
+    bucket = f"fleet-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

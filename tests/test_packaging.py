@@ -134,3 +134,22 @@ def test_wheel_holds_every_data_file_of_the_source_folders(wheel_names: list[str
 def test_wheel_holds_every_python_file_of_the_source_folders(wheel_names: list[str]):
     missing = [f for f in _source_files(lambda suffix: suffix == ".py") if f"moecap/{f}" not in wheel_names]
     assert not missing, f"not in the wheel: {missing}"
+
+
+def test_help_starts_without_data_libraries():
+    # `moecap-analyze --help` (and a command's --help) must not pay for the analyzer's data stack:
+    # it once imported pandas through the sql command's set-up (2.5 s).
+    code = (
+        "import sys, json, io, contextlib\n"
+        "sys.argv = ['moecap-analyze', '--help']\n"
+        "from moecap.analyze.cli import main\n"
+        "out = io.StringIO()\n"
+        "try:\n"
+        "    with contextlib.redirect_stdout(out): main()\n"
+        "except SystemExit: pass\n"
+        "assert 'summary' in out.getvalue()\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    heavy = set(json.loads(out.stdout)) & {"pyarrow", "polars", "duckdb", "pandas", "numpy", "yaml", "altair"}
+    assert not heavy, f"--help imported {sorted(heavy)}"

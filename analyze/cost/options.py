@@ -1,24 +1,14 @@
-"""Cost flags shared by the commands, and a scoped way to hand their settings to the pipeline.
-
-The pipeline builds each run's `cost` section from `settings_for(options)`; a command that has cost
-flags wraps its analysis in `use_cost_settings(settings)` (a context variable, so nothing global
-changes and nested or concurrent analyses keep their own settings).
-"""
+"""Cost flags shared by the commands. A command turns them into `CostSettings` with
+`settings_from_flags` and hands them to the analysis as `Settings(cost=...)`."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .constants import CostSettings, load_cost_settings, parse_gpu_values
-
-_ACTIVE: contextvars.ContextVar[CostSettings | None] = contextvars.ContextVar(
-    "moecap_cost_settings", default=None
-)
+if TYPE_CHECKING:  # the constants load YAML and the GPU table: not for `--help`
+    from .constants import CostSettings
 
 CostOverrides = Annotated[
     str | None,
@@ -28,7 +18,7 @@ CostOverrides = Annotated[
         "default: $MOECAP_COST_OVERRIDES).",
     ),
 ]
-CostModel = Annotated[
+CostModelFlag = Annotated[
     str | None,
     typer.Option("--cost-model", help="ownership (capex + energy, default) or cloud ($/GPU-hour)."),
 ]
@@ -66,6 +56,8 @@ def settings_from_flags(
 ) -> CostSettings:
     """CostSettings from the command-line flags, on top of --cost-overrides (else the YAML named by
     $MOECAP_COST_OVERRIDES) and the bundled constants."""
+    from .constants import load_cost_settings, parse_gpu_values
+
     flags = {
         "model": cost_model,
         "price_usd": parse_gpu_values(gpu_price_usd, "--gpu-price-usd") or None,
@@ -76,19 +68,3 @@ def settings_from_flags(
         "pue": pue,
     }
     return load_cost_settings(cost_overrides, flags=flags, gpu_overrides=gpu_overrides, use_env=True)
-
-
-@contextlib.contextmanager
-def use_cost_settings(settings: CostSettings | None) -> Iterator[None]:
-    """Within the block, the pipeline's cost sections use `settings` (None: no change)."""
-    token = _ACTIVE.set(settings) if settings is not None else None
-    try:
-        yield
-    finally:
-        if token is not None:
-            _ACTIVE.reset(token)
-
-
-def active_cost_settings() -> CostSettings | None:
-    """The settings set by an enclosing `use_cost_settings`, if any."""
-    return _ACTIVE.get()

@@ -1,8 +1,9 @@
 """The `cost` section of a run in metrics.json: one call from the pipeline.
 
 Two scopes, each charged for the time the run's GPUs were held:
-  * window: the analysis window of the steps (the steady state by default); its tokens are the
-    steps' tokens (computed) and logit rows (output), the same figures as the window throughput.
+  * window: the analysis window of the steps (the steady state by default), charged for its busy
+    time `window_s`; its tokens are the steps' tokens (computed) and logit rows (output): the same
+    figures as the window throughput (metrics/steps.py).
   * run: the requests' makespan (first arrival to last completion); tokens are the completed
     requests' prompt + output tokens; the per-request cost comes from this scope.
 The headline $/1M tokens is the window's (or the run's, when the steps cannot be analysed).
@@ -13,26 +14,67 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..analysis import Options, RunContext
+from ..analysis import RunContext, Settings
 from ..load import TraceDB
+from ..specs import GpuSpec
 from .constants import CostSettings, load_cost_settings
-from .energy import gpu_energy
+from .energy import EnergyResult, GpuEnergyReading, gpu_energy
 from .model import Work, estimate_cost
-from .options import active_cost_settings
 
 
-def settings_for(options: Options) -> CostSettings:
-    """Cost settings for a pipeline run: those of an enclosing `use_cost_settings` (a command's cost
-    flags), else the YAML named by $MOECAP_COST_OVERRIDES on top of the bundled constants."""
-    active = active_cost_settings()
-    if active is not None:
-        return active
-    return load_cost_settings(
-        getattr(options, "cost_overrides", None),
-        flags=getattr(options, "cost_flags", None),
-        gpu_overrides=options.gpu_overrides,
-        use_env=True,
+def settings_for(settings: Settings) -> CostSettings:
+    """Cost settings of an analysis: `settings.cost` (a command's cost flags), else the YAML named
+    by $MOECAP_COST_OVERRIDES on top of the bundled constants."""
+    if settings.cost is not None:
+        return settings.cost
+    return load_cost_settings(None, gpu_overrides=settings.gpu_overrides, use_env=True)
+
+
+WINDOW_SCOPE = (
+    "window: the analysis window's steps over their busy time (tokens computed; output = logit rows)"
+)
+
+
+def energy_at_power(
+    duration_s: float, num_gpus: int, mean_power_w_per_gpu: float | None, source: str
+) -> EnergyResult:
+    """Energy of `num_gpus` GPUs drawing `mean_power_w_per_gpu` for `duration_s` (None: unknown)."""
+    if mean_power_w_per_gpu is None:
+        return EnergyResult(duration_s, None, "unknown", [])
+    joules = mean_power_w_per_gpu * duration_s
+    return EnergyResult(
+        duration_s,
+        joules * num_gpus,
+        source,
+        [GpuEnergyReading(f"gpu{i}", joules, source, 0.0, 0) for i in range(num_gpus)],
     )
+
+
+def energy_for_duration(energy: EnergyResult, duration_s: float) -> EnergyResult:
+    """`energy` (measured over an interval) at the same mean power for `duration_s`: each GPU's
+    joules scaled by duration_s / the interval's duration."""
+    if energy.duration_s <= 0:
+        return energy_at_power(duration_s, len(energy.gpus) or 1, None, "unknown")
+    f = duration_s / energy.duration_s
+    gpus = [
+        GpuEnergyReading(g.gpu_uuid, None if g.joules is None else g.joules * f, g.method, g.coverage, g.samples)
+        for g in energy.gpus
+    ]
+    return EnergyResult(duration_s, None if energy.joules is None else energy.joules * f, energy.source, gpus)
+
+
+def window_cost(
+    gpu: GpuSpec, num_gpus: int, window: dict[str, Any], energy: EnergyResult, settings: CostSettings
+) -> dict[str, Any]:
+    """The cost document of a window (metrics/steps.py `all` row: window_s, tokens, output_tokens):
+    the GPUs held for the window's busy time. The one definition the pipeline and `whatif` use."""
+    work = Work(
+        duration_s=float(window["window_s"]),
+        output_tokens=float(window.get("output_tokens") or 0),
+        total_tokens=float(window.get("tokens") or 0),
+        scope=WINDOW_SCOPE,
+    )
+    return estimate_cost(gpu, num_gpus, work, energy, settings)
 
 
 def run_gpu_uuids(ctx: RunContext) -> list[str]:
@@ -47,7 +89,6 @@ def run_gpu_uuids(ctx: RunContext) -> list[str]:
 def cost_section(
     db: TraceDB,
     ctx: RunContext,
-    where: str,
     steps_doc: dict[str, Any],
     requests_doc: dict[str, Any],
     settings: CostSettings,
@@ -55,9 +96,10 @@ def cost_section(
     """metrics.json `cost` for one run (see the module doc). Never raises for a missing price."""
     if ctx.gpu is None:
         return {"error": f"no GPU spec ({ctx.gpu_error}); pass --gpu", "warnings": []}
-    rid = ctx.run.run_id.replace("'", "''")
+    rid = ctx.run.run_id
     samples = db.con.sql(
-        f"SELECT t_ns, gpu_uuid, power_w, energy_mj FROM gpu_samples WHERE run_id = '{rid}' ORDER BY t_ns"
+        "SELECT t_ns, gpu_uuid, power_w, energy_mj FROM gpu_samples WHERE run_id = ? ORDER BY t_ns",
+        params=[rid],
     ).pl()
     # Only the run's GPUs count (a host sampler may see more); unknown UUIDs: whatever was sampled.
     gpu_uuids = run_gpu_uuids(ctx) or None
@@ -74,22 +116,18 @@ def cost_section(
 
     scopes: dict[str, Any] = {}
     everything = steps_doc.get("all")
-    if everything and everything.get("wall_s"):
+    if everything and everything.get("window_s"):
+        # The power drawn over the window's span, for the window's busy time (its stretches).
         t0, t1 = db.con.sql(
-            f"SELECT min(t_start_ns), max(t_end_ns) FROM step_metrics WHERE run_id = '{rid}' "
-            f"AND NOT is_draft AND ({where}) AND time_s > 0"
+            "SELECT min(t_start_ns), max(t_end_ns) FROM window_steps WHERE run_id = ?", params=[rid]
         ).fetchall()[0]
-        work = Work(
-            duration_s=(t1 - t0) / 1e9,
-            output_tokens=float(everything.get("output_tokens") or 0),
-            total_tokens=float(everything.get("tokens") or 0),
-            scope="window: the analysis window's steps (tokens computed; output = logit rows)",
-        )
-        scopes["window"] = estimate_cost(ctx.gpu, ctx.num_gpus, work, energy_over(t0, t1), settings)
+        energy = energy_for_duration(energy_over(t0, t1), everything["window_s"])
+        scopes["window"] = window_cost(ctx.gpu, ctx.num_gpus, everything, energy, settings)
     if requests_doc.get("makespan_s"):
         t0, t1 = db.con.sql(
             "SELECT min(arrival_ns), max(finish_ns) FILTER (WHERE error IS NULL AND first_token_ns IS NOT NULL) "
-            f"FROM requests WHERE run_id = '{rid}'"
+            "FROM requests WHERE run_id = ?",
+            params=[rid],
         ).fetchall()[0]
         work = Work(
             duration_s=(t1 - t0) / 1e9,

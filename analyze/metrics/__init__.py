@@ -1,1 +1,1 @@
-"""moecap-mode metric formulas (metrics.md §8): pure functions over arrays / frames."""
+"""moecap-mode metric formulas (docs/metrics.md): pure functions over arrays / frames."""

@@ -1,4 +1,4 @@
-"""Expert-activation statistics (metrics.md §8.8) from per-(layer, expert) token totals.
+"""Expert-activation statistics (docs/metrics.md §12) from per-(layer, expert) token totals.
 
 Input: the `expert_totals` view for one run and phase set (columns layer, expert, tokens). Per layer:
 load imbalance = max / mean tokens per expert, coefficient of variation, share of tokens on the
@@ -13,15 +13,21 @@ import numpy as np
 import polars as pl
 
 
-def expert_stats(totals: pl.DataFrame, num_experts: int) -> dict[str, Any]:
-    """Run-level and per-layer statistics; `totals` may hold several phases (summed here)."""
-    if totals.is_empty():
-        return {}
+def token_matrix(totals: pl.DataFrame, num_experts: int) -> tuple[list[int], np.ndarray]:
+    """(layer ids, [layers, num_experts] token totals) from rows of (layer, expert, tokens), summed."""
     per = totals.group_by("layer", "expert").agg(pl.col("tokens").sum()).sort("layer", "expert")
     layers = per["layer"].unique().sort().to_list()
     mat = np.zeros((len(layers), num_experts), dtype=np.float64)
     li = {layer: i for i, layer in enumerate(layers)}
     mat[[li[x] for x in per["layer"].to_list()], per["expert"].to_numpy()] = per["tokens"].to_numpy()
+    return layers, mat
+
+
+def layer_statistics(mat: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer (rows of `mat`, [layers, experts] token totals; every expert a column, unused ones
+    0): imbalance = max / mean, cv = population std / mean (NaN where the layer routed nothing),
+    top10pct_token_share, dead experts, normalised entropy, hottest expert. The one definition."""
+    num_experts = mat.shape[1]
     total = mat.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(total > 0, mat / total, 0.0)
@@ -29,11 +35,31 @@ def expert_stats(totals: pl.DataFrame, num_experts: int) -> dict[str, Any]:
         imbalance = np.where(mean > 0, mat.max(axis=1) / mean, np.nan)
         cv = np.where(mean > 0, mat.std(axis=1) / mean, np.nan)
         plogp = np.where(share > 0, share * np.log(share), 0.0)
-        entropy = -plogp.sum(axis=1) / np.log(num_experts) if num_experts > 1 else np.ones(len(layers))
+        entropy = -plogp.sum(axis=1) / np.log(num_experts) if num_experts > 1 else np.ones(len(mat))
     top_n = max(1, round(0.1 * num_experts))
-    top_share = np.sort(share, axis=1)[:, ::-1][:, :top_n].sum(axis=1)
-    dead = (mat == 0).sum(axis=1)
-    hottest = mat.argmax(axis=1)
+    return {
+        "imbalance": imbalance,
+        "cv": cv,
+        "top_share": np.sort(share, axis=1)[:, ::-1][:, :top_n].sum(axis=1),
+        "dead": (mat == 0).sum(axis=1),
+        "entropy": entropy,
+        "hottest": mat.argmax(axis=1),
+    }
+
+
+def expert_stats(totals: pl.DataFrame, num_experts: int) -> dict[str, Any]:
+    """Run-level and per-layer statistics; `totals` may hold several phases (summed here)."""
+    if totals.is_empty():
+        return {}
+    layers, mat = token_matrix(totals, num_experts)
+    st = layer_statistics(mat)
+    imbalance, cv, top_share, dead, entropy = (
+        st["imbalance"],
+        st["cv"],
+        st["top_share"],
+        st["dead"],
+        st["entropy"],
+    )
 
     def f(x: np.ndarray) -> list[float | None]:
         return [None if np.isnan(v) else float(v) for v in x]
@@ -45,7 +71,7 @@ def expert_stats(totals: pl.DataFrame, num_experts: int) -> dict[str, Any]:
         "top10pct_token_share": f(top_share),
         "dead_experts": [int(v) for v in dead],
         "entropy_normalized": f(entropy),
-        "hottest_expert": [int(v) for v in hottest],
+        "hottest_expert": [int(v) for v in st["hottest"]],
         "summary": {
             "imbalance_max_over_mean_mean": float(np.nanmean(imbalance)) if len(layers) else None,
             "cv_mean": float(np.nanmean(cv)) if len(layers) else None,

@@ -1,8 +1,9 @@
-"""Per-request latency metrics (metrics.md §8.7) from the `requests` table, client clock.
+"""Per-request latency metrics (docs/metrics.md §11) from the `requests` table, client clock.
 
-TTFT = first token − arrival; E2E = finish − arrival; TPOT = (E2E − TTFT) / (output tokens − 1),
-null for a single output token; ITL = gap between token-carrying chunks / tokens in the later chunk
-(one sample per token). Times in seconds.
+The formulas are `moecap.schemas.latency` (shared with the collector's driver summary, which may
+not import the analyzer); this module feeds them the table's columns and shapes the results as
+Polars frames (per request: the `request_metrics` SQL view, the report) and metrics.json's
+`requests` object.
 """
 
 from __future__ import annotations
@@ -11,104 +12,111 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
-_Q = (0.5, 0.9, 0.99)
+from moecap.schemas import latency
+
+
+def _nan(series: pl.Series) -> np.ndarray:
+    return series.cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+def _ok(requests: pl.DataFrame) -> np.ndarray:
+    """Succeeded: no error and a first token."""
+    return (requests["error"].is_null() & requests["first_token_ns"].is_not_null()).to_numpy()
+
+
+def _chunks(requests: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(flat chunk times, flat chunk tokens, offsets, has_chunks) of the streamed chunk lists; a
+    request whose lists are null (or differ in length) has none."""
+    n = requests.height
+    if "chunk_times_ns" not in requests.columns or "chunk_tokens" not in requests.columns:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(n + 1, np.int64), np.zeros(n, bool)
+    times = requests["chunk_times_ns"].to_arrow()
+    tokens = requests["chunk_tokens"].to_arrow()
+    times = times.combine_chunks() if isinstance(times, pa.ChunkedArray) else times
+    tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+    lt = pc.fill_null(pc.list_value_length(times), -1).to_numpy(zero_copy_only=False)
+    ln = pc.fill_null(pc.list_value_length(tokens), -2).to_numpy(zero_copy_only=False)
+    has = lt == ln
+    lengths = np.where(has, np.maximum(lt, 0), 0).astype(np.int64)
+    flat_t = pc.list_flatten(pc.if_else(pa.array(has), times, pa.nulls(n, times.type)))
+    flat_n = pc.list_flatten(pc.if_else(pa.array(has), tokens, pa.nulls(n, tokens.type)))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return (
+        flat_t.to_numpy(zero_copy_only=False).astype(np.int64),
+        flat_n.to_numpy(zero_copy_only=False).astype(np.int64),
+        offsets,
+        has,
+    )
 
 
 def request_table(requests: pl.DataFrame) -> pl.DataFrame:
-    """One row per request with ttft_s, e2e_s, tpot_s, ok (no error and a first token)."""
-    return requests.with_columns(
-        ttft_s=(pl.col("first_token_ns") - pl.col("arrival_ns")) / 1e9,
-        e2e_s=(pl.col("finish_ns") - pl.col("arrival_ns")) / 1e9,
-    ).with_columns(
-        tpot_s=pl.when(pl.col("output_tokens") > 1)
-        .then((pl.col("e2e_s") - pl.col("ttft_s")) / (pl.col("output_tokens") - 1))
-        .otherwise(None),
-        ok=pl.col("error").is_null() & pl.col("first_token_ns").is_not_null(),
+    """The requests with, per request: ok, ttft_s, e2e_s, decode_s, tpot_s, decode_tokens_per_s,
+    itl_tokens, itl_mean_s, itl_max_s (null where not defined)."""
+    ttft = latency.ttft_s(_nan(requests["arrival_ns"]), _nan(requests["first_token_ns"]))
+    e2e = latency.e2e_s(_nan(requests["arrival_ns"]), _nan(requests["finish_ns"]))
+    out_n = _nan(requests["output_tokens"])
+    tpot = latency.tpot_s(ttft, e2e, out_n)
+    t, n, offsets, has = _chunks(requests)
+    _, itl_tokens, itl_mean, itl_max = latency.itl_per_request(t, n, offsets)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where((out_n > 1) & (e2e > ttft), (out_n - 1) / (e2e - ttft), np.nan)
+    cols = {
+        "ok": pl.Series(_ok(requests)),
+        "ttft_s": pl.Series(ttft),
+        "e2e_s": pl.Series(e2e),
+        "decode_s": pl.Series(e2e - ttft),
+        "tpot_s": pl.Series(tpot),
+        "decode_tokens_per_s": pl.Series(rate),
+        "itl_tokens": pl.Series(np.where(has, itl_tokens, -1)),
+        "itl_mean_s": pl.Series(itl_mean),
+        "itl_max_s": pl.Series(itl_max),
+    }
+    return (
+        requests.with_columns(**cols)
+        .with_columns(
+            pl.col(c).fill_nan(None)
+            for c in (
+                "ttft_s",
+                "e2e_s",
+                "decode_s",
+                "tpot_s",
+                "decode_tokens_per_s",
+                "itl_mean_s",
+                "itl_max_s",
+            )
+        )
+        .with_columns(itl_tokens=pl.when(pl.col("itl_tokens") >= 0).then(pl.col("itl_tokens")))
     )
 
 
 def itl_samples(requests: pl.DataFrame) -> np.ndarray:
     """Inter-token latencies in seconds, one per token after each request's first chunk."""
-    df = requests.select("req_id", "chunk_times_ns", "chunk_tokens").drop_nulls()
-    if df.is_empty():
-        return np.array([])
-    ex = df.explode("chunk_times_ns", "chunk_tokens").with_columns(
-        gap=pl.col("chunk_times_ns").diff().over("req_id"),
-    )
-    ex = ex.filter(pl.col("gap").is_not_null() & (pl.col("chunk_tokens") > 0))
-    per_token = (ex["gap"] / ex["chunk_tokens"] / 1e9).to_numpy()
-    reps = ex["chunk_tokens"].to_numpy().astype(np.int64)
-    return np.repeat(per_token, reps)
-
-
-def _scalar(value: Any) -> float:
-    """A polars scalar aggregate as a float (polars types them as any Python scalar)."""
-    return float(value)
-
-
-def _dist(values: np.ndarray | pl.Series) -> dict[str, Any]:
-    arr = np.asarray(
-        values.drop_nulls().to_numpy() if isinstance(values, pl.Series) else values, dtype=np.float64
-    )
-    arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
-        return {"mean": None, "p50": None, "p90": None, "p99": None, "n": 0}
-    q = np.quantile(arr, _Q)
-    return {
-        "mean": float(arr.mean()),
-        "p50": float(q[0]),
-        "p90": float(q[1]),
-        "p99": float(q[2]),
-        "n": int(arr.size),
-    }
+    t, n, offsets, _ = _chunks(requests)
+    return latency.itl_per_request(t, n, offsets)[0]
 
 
 def request_metrics(
     requests: pl.DataFrame, *, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None
 ) -> dict[str, Any]:
-    """Summary over requests: distributions (mean over requests, p50/p90/p99), token-weighted TPOT,
-    throughput over the requests' makespan, errors, and goodput when SLOs are given."""
+    """metrics.json `requests`: `latency.request_summary` over the table, plus the first errors."""
     if requests.is_empty():
         return {"requests": 0}
-    t = request_table(requests)
-    ok = t.filter(pl.col("ok"))
-    makespan: float | None = None
-    if ok.height:
-        makespan = (_scalar(ok["finish_ns"].max()) - _scalar(t["arrival_ns"].min())) / 1e9
-    decode = ok.filter(pl.col("output_tokens") > 1)
-    weighted = None
-    if decode.height:
-        weighted = _scalar((decode["e2e_s"] - decode["ttft_s"]).sum()) / _scalar(
-            (decode["output_tokens"] - 1).sum()
-        )
-    out: dict[str, Any] = {
-        "requests": t.height,
-        "succeeded": ok.height,
-        "failed": t.height - ok.height,
-        "errors": sorted({e for e in t["error"].drop_nulls().to_list()})[:10],
-        "ttft_s": _dist(ok["ttft_s"]),
-        "tpot_s": _dist(ok["tpot_s"]),
-        "tpot_token_weighted_s": weighted,
-        "itl_s": _dist(itl_samples(ok)),
-        "e2e_s": _dist(ok["e2e_s"]),
-        "output_tokens": int(ok["output_tokens"].sum() or 0),
-        "prompt_tokens": int(ok["prompt_tokens"].sum() or 0),
-        "makespan_s": makespan,
-        "requests_per_s": ok.height / makespan if makespan else None,
-        "output_tokens_per_s": _scalar(ok["output_tokens"].sum() or 0) / makespan if makespan else None,
-    }
-    if slo_ttft_s is not None or slo_tpot_s is not None:
-        good = ok
-        if slo_ttft_s is not None:
-            good = good.filter(pl.col("ttft_s") <= slo_ttft_s)
-        if slo_tpot_s is not None:
-            good = good.filter(pl.col("tpot_s").is_null() | (pl.col("tpot_s") <= slo_tpot_s))
-        out["goodput"] = {
-            "slo_ttft_s": slo_ttft_s,
-            "slo_tpot_s": slo_tpot_s,
-            "good_requests": good.height,
-            "good_requests_per_s": good.height / makespan if makespan else None,
-            "fraction": good.height / t.height,
-        }
-    return out
+    t, n, offsets, _ = _chunks(requests)
+    out = latency.request_summary(
+        arrival_ns=_nan(requests["arrival_ns"]),
+        first_token_ns=_nan(requests["first_token_ns"]),
+        finish_ns=_nan(requests["finish_ns"]),
+        output_tokens=_nan(requests["output_tokens"]),
+        prompt_tokens=_nan(requests["prompt_tokens"]),
+        ok=_ok(requests),
+        chunk_times_ns=t,
+        chunk_tokens=n,
+        chunk_offsets=offsets,
+        slo_ttft_s=slo_ttft_s,
+        slo_tpot_s=slo_tpot_s,
+    )
+    errors = sorted({e for e in requests["error"].drop_nulls().to_list()})[:10]
+    return {**{k: out[k] for k in ("requests", "succeeded", "failed")}, "errors": errors, **out}

@@ -1,4 +1,4 @@
-"""Per-step bytes moved and model FLOPs (metrics.md §8.1–8.3), vectorised over flat list buffers.
+"""Per-step bytes moved and model FLOPs (docs/metrics.md §2–§4), vectorised over flat list buffers.
 
 Inputs are Arrow record batches of the `steps` view (plus the per-step activated-expert totals of
 `expert_step_stats`); outputs are numpy columns, one value per step. No Python loop over steps or
@@ -21,7 +21,7 @@ from ..specs import ModelSpec
 
 
 @dataclass(frozen=True)
-class CostModel:
+class StepCostModel:
     """Everything the per-step formulas need from the model spec and the trace metadata, per file.
 
     Weight bytes are per *unit* (one layer's attention, one expert, ...), restricted to the decoder
@@ -54,7 +54,7 @@ def cost_model(
     layer_start: int = 0,
     layer_end: int | None = None,
     kv_bytes_per_token_per_layer: list[float] | None = None,
-) -> CostModel:
+) -> StepCostModel:
     """The per-step cost constants of `spec` for the decoder layers [layer_start, layer_end)."""
     end = spec.num_layers if layer_end is None else min(layer_end, spec.num_layers)
     layers = range(layer_start, end)
@@ -101,7 +101,7 @@ def cost_model(
         )
         + n_dense * up["dense_ffn"].linear_params
     )
-    return CostModel(
+    return StepCostModel(
         attention_bytes=n_layers * cls["attention"].bytes_per_unit,
         router_bytes=n_moe * cls["router"].bytes_per_unit,
         expert_bytes=cls["routed_expert"].bytes_per_unit,
@@ -222,7 +222,7 @@ def sum_windows(names: Iterable[str]) -> set[int]:
 
 
 def step_costs(
-    batch: pa.RecordBatch | pa.Table, model: CostModel, active_experts: np.ndarray | None
+    batch: pa.RecordBatch | pa.Table, model: StepCostModel, active_experts: np.ndarray | None
 ) -> dict[str, np.ndarray]:
     """Per-step bytes and FLOPs for the rows of a `steps` batch (with its request lists).
 
@@ -240,7 +240,7 @@ def _np(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def step_costs_from_sums(
-    cols: Mapping[str, pa.Array | pa.ChunkedArray], model: CostModel, active_experts: np.ndarray | None
+    cols: Mapping[str, pa.Array | pa.ChunkedArray], model: StepCostModel, active_experts: np.ndarray | None
 ) -> dict[str, np.ndarray]:
     """`step_costs` from `num_tokens`, `num_reqs` and the per-step `request_sums` columns."""
     tokens = _np(cols["num_tokens"]).astype(np.float64)

@@ -433,13 +433,13 @@ def step_time_vs_tokens(steps: Any) -> alt.TopLevelMixin:
 
 def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
     """S-MBU and S-MFU per time bin (ratio of sums over the bin's steps), with the metrics window
-    shaded. Columns: t_start_s, t_end_s, smbu, smfu; in_window (fraction of the bin's steps in the
+    shaded. Columns: t_start_s, t_end_s, s_mbu, s_mfu; in_window (fraction of the bin's steps in the
     window) optional."""
     df = as_frame(timeline)
-    _require(df, "utilisation_over_time", "t_start_s", "t_end_s", "smbu", "smfu")
+    _require(df, "utilisation_over_time", "t_start_s", "t_end_s", "s_mbu", "s_mfu")
     if "in_window" not in df.columns:
         df = df.with_columns(in_window=pl.lit(None, pl.Float64))
-    df = df.select("t_start_s", "t_end_s", "smbu", "smfu", "in_window").with_columns(
+    df = df.select("t_start_s", "t_end_s", "s_mbu", "s_mfu", "in_window").with_columns(
         t_mid_s=(pl.col("t_start_s") + pl.col("t_end_s")) / 2
     )
     data = inline_data(df)
@@ -452,8 +452,8 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
     )
     lines = (
         alt.Chart(data)
-        .transform_fold(["smbu", "smfu"], as_=["metric", "value"])
-        .transform_calculate(metric="datum.metric == 'smbu' ? 'S-MBU' : 'S-MFU'")
+        .transform_fold(["s_mbu", "s_mfu"], as_=["metric", "value"])
+        .transform_calculate(metric="datum.metric == 's_mbu' ? 'S-MBU' : 'S-MFU'")
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
             x=x,
@@ -565,22 +565,22 @@ def latency_cdf(latency: Any) -> alt.TopLevelMixin:
 def throughput_vs_batch(throughput: Any) -> alt.TopLevelMixin:
     """Generated tokens per second against batch size: lines from each run's steps grouped by the
     number of requests in the step (kind = steps), large points for each run's window throughput at
-    its workload batch size (kind = run). Columns: run, kind, batch_size, output_tokens_per_s."""
+    its workload batch size (kind = run). Columns: run, kind, batch_size, window_output_throughput."""
     df = as_frame(throughput)
-    _require(df, "throughput_vs_batch", "run", "kind", "batch_size", "output_tokens_per_s")
+    _require(df, "throughput_vs_batch", "run", "kind", "batch_size", "window_output_throughput")
     if "steps" not in df.columns:
         df = df.with_columns(steps=pl.lit(None, pl.Int64))
-    df = df.select("run", "kind", "batch_size", "output_tokens_per_s", "steps")
+    df = df.select("run", "kind", "batch_size", "window_output_throughput", "steps")
     data = inline_data(df)
     enc = {
         "x": alt.X("batch_size:Q", title="batch size (requests in the step / run concurrency)"),
-        "y": alt.Y("output_tokens_per_s:Q", title="generated tokens / s"),
+        "y": alt.Y("window_output_throughput:Q", title="generated tokens / s"),
         "color": alt.Color("run:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)),
         "tooltip": [
             alt.Tooltip("run:N"),
             alt.Tooltip("kind:N"),
             alt.Tooltip("batch_size:Q"),
-            alt.Tooltip("output_tokens_per_s:Q", format=",.1f", title="tok/s"),
+            alt.Tooltip("window_output_throughput:Q", format=",.1f", title="tok/s"),
             alt.Tooltip("steps:Q"),
         ],
     }
@@ -612,7 +612,7 @@ RADAR_AXES: tuple[tuple[str, str, str, bool], ...] = (
     ("accuracy", "accuracy", "exact match", True),
     ("TTFT", "ttft_ms", "ms, mean", False),
     ("TPOT", "tpot_ms", "ms, mean", False),
-    ("throughput", "output_tokens_per_s", "generated tok/s", True),
+    ("throughput", "window_output_throughput", "generated tok/s", True),
 )
 """(axis, column of `frames.runs_frame`, unit, higher is better)."""
 
@@ -819,13 +819,13 @@ def pareto_points(runs: Any, y: str = "cost") -> tuple[pl.DataFrame, list[str], 
         "tpot": ("tpot_ms", "TPOT, ms (mean)"),
     }[y]
     notes = []
-    has = df.filter(pl.col("output_tokens_per_s").is_not_null() & pl.col(ycol).is_not_null())
+    has = df.filter(pl.col("window_output_throughput").is_not_null() & pl.col(ycol).is_not_null())
     for row in df.filter(~pl.col("run").is_in(has["run"].implode())).iter_rows(named=True):
         notes.append(f"left out {row['run']} (no {'cost' if y == 'cost' else 'TPOT'} or throughput)")
     lo, hi = ("cost_band_low", "cost_band_high") if y == "cost" else (ycol, ycol)
     pts = has.select(
         "run",
-        x=pl.col("output_tokens_per_s").cast(pl.Float64),
+        x=pl.col("window_output_throughput").cast(pl.Float64),
         y=pl.col(ycol).cast(pl.Float64),
         y_low=(pl.col(lo) if lo in has.columns else pl.col(ycol)).cast(pl.Float64),
         y_high=(pl.col(hi) if hi in has.columns else pl.col(ycol)).cast(pl.Float64),
@@ -842,10 +842,10 @@ def pareto_points(runs: Any, y: str = "cost") -> tuple[pl.DataFrame, list[str], 
 def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
     """Cost (or TPOT, `y="tpot"`) against throughput across runs, with the Pareto front (higher
     throughput and lower cost/TPOT are better) drawn through the runs nobody beats on both.
-    Columns of `frames.runs_frame`: run, output_tokens_per_s, and cost_usd_per_m_output_tokens or
+    Columns of `frames.runs_frame`: run, window_output_throughput, and cost_usd_per_m_output_tokens or
     tpot_ms."""
     df = as_frame(runs)
-    _require(df, "pareto_front", "run", "output_tokens_per_s")
+    _require(df, "pareto_front", "run", "window_output_throughput")
     pts, notes, _ycol, ytitle = pareto_points(df, y)
     data = inline_data(pts)
     enc = {
@@ -896,7 +896,7 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
     )
 
 
-def whatif_projection(whatif: Any, metric: str = "output_tokens_per_s", title: str = "") -> alt.TopLevelMixin:
+def whatif_projection(whatif: Any, metric: str = "window_output_throughput", title: str = "") -> alt.TopLevelMixin:
     """Each run's `metric` measured on its own GPU and projected onto other GPUs (model =
     projection), with the two baselines as ticks. Columns: run, gpu, model, `metric`
     (frames.whatif_frame)."""

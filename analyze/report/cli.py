@@ -42,7 +42,7 @@ TERMINAL_COLUMNS = (
     "cost_usd_per_m_output_tokens",
     "ttft_ms",
     "tpot_ms",
-    "output_tokens_per_s",
+    "window_output_throughput",
     "decode_smbu",
     "decode_smfu",
 )
@@ -53,7 +53,7 @@ _SHORT = {
     "cost_usd_per_m_output_tokens": "$/1M out",
     "ttft_ms": "TTFT ms",
     "tpot_ms": "TPOT ms",
-    "output_tokens_per_s": "tok/s",
+    "window_output_throughput": "tok/s",
     "decode_smbu": "dec S-MBU",
     "decode_smfu": "dec S-MFU",
 }

@@ -103,7 +103,6 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
     """Expert, step and time-accounting charts of one run."""
     db = analysis.db
     rid = ctx.run.run_id
-    where = analysis.windows.get(rid, "TRUE")
     info = F.run_info(db, rid)
     n_experts = int(info.get("num_experts") or 0) or None
     top_k = int(info.get("top_k") or 0) or None
@@ -155,9 +154,9 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
         reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
         sec.notes.append(f"no per-step metrics ({reason}): step charts left out")
 
-    timeline = F.timeline_frame(db, rid, where, bins=options.time_bins)
+    timeline = F.timeline_frame(db, rid, bins=options.time_bins)
     if timeline.height:
-        if timeline["smfu"].drop_nulls().len():
+        if timeline["s_mfu"].drop_nulls().len():
             sec.figures.append(
                 Figure(f"{prefix}-utilisation", "S-MBU / S-MFU over time", C.utilisation_over_time(timeline))
             )
@@ -195,8 +194,6 @@ DEFAULT_WHATIF_GPUS = ("H100", "H200", "B200")
 def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -> Section:
     """Each run projected onto `gpus` (what-if, docs/whatif.md): throughput and TPOT charts, and a
     table of every projected metric beside both baselines."""
-    from ..cost import load_cost_settings
-    from ..cost.options import active_cost_settings
     from ..errors import InputError
     from ..specs import resolve_gpu
     from ..whatif import ASSUMPTIONS, whatif
@@ -204,7 +201,7 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
     sec = Section(id="whatif", title="What-if on other GPUs")
     try:
         targets = [resolve_gpu(g) for g in gpus]
-        doc = whatif(analysis, targets, active_cost_settings() or load_cost_settings())
+        doc = whatif(analysis, targets, analysis.cost_settings)
     except InputError as exc:
         sec.notes.append(f"no run could be projected: {exc}")
         return sec
@@ -222,7 +219,7 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
         return sec
     sec.notes.append("Assumptions: " + "; ".join(ASSUMPTIONS) + ".")
     for slug, metric, title in (
-        ("whatif-throughput", "output_tokens_per_s", "What-if: generated tokens / s (window)"),
+        ("whatif-throughput", "window_output_throughput", "What-if: generated tokens / s (window)"),
         ("whatif-tpot", "tpot_ms", "What-if: TPOT, ms (mean)"),
     ):
         if frame[metric].drop_nulls().len():
@@ -232,7 +229,7 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
         "run",
         "gpu",
         "model",
-        pl.col("output_tokens_per_s").round(1).alias("tok/s"),
+        pl.col("window_output_throughput").round(1).alias("tok/s"),
         pl.col("tpot_ms").round(3).alias("TPOT ms"),
         pl.col("ttft_ms").round(1).alias("TTFT ms"),
         pl.col("decode_step_ms").round(3).alias("decode step ms"),

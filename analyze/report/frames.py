@@ -16,8 +16,12 @@ import numpy as np
 import polars as pl
 import pyarrow.dataset as pads
 
+from ..document import at as _get
 from ..load import TraceDB
+from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
+from ..metrics.steps import summary_rows
+from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 
 PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
 
@@ -87,25 +91,28 @@ def layer_imbalance_frame(shares: pl.DataFrame, num_experts: int | None = None) 
             }
         )
     e = num_experts or shares["expert"].n_unique()
-    out = (
-        shares.group_by("phase", "layer")
-        .agg(
-            total=pl.col("tokens").sum(),
-            max=pl.col("tokens").max(),
-            sumsq=(pl.col("tokens").cast(pl.Float64) ** 2).sum(),
-            seen=pl.len(),
-            alive=(pl.col("tokens") > 0).sum(),
-        )
-        .with_columns(mean=pl.col("total") / e)
-        .with_columns(
-            imbalance=pl.when(pl.col("mean") > 0).then(pl.col("max") / pl.col("mean")),
-            cv=pl.when(pl.col("mean") > 0).then(
-                ((pl.col("sumsq") / e - pl.col("mean") ** 2).clip(0.0).sqrt()) / pl.col("mean")
-            ),
-            dead_experts=(e - pl.col("alive")).cast(pl.Int64),
-        )
-        .select("phase", "layer", "imbalance", "cv", "dead_experts")
-    )
+    rows = []
+    for (phase,), part in shares.group_by("phase"):
+        layers, mat = token_matrix(part, e)  # metrics/experts.py: the one definition
+        st = layer_statistics(mat)
+        for i, layer in enumerate(layers):
+            rows.append(
+                {
+                    "phase": phase,
+                    "layer": layer,
+                    "imbalance": None if np.isnan(st["imbalance"][i]) else float(st["imbalance"][i]),
+                    "cv": None if np.isnan(st["cv"][i]) else float(st["cv"][i]),
+                    "dead_experts": int(st["dead"][i]),
+                }
+            )
+    schema = {
+        "phase": pl.String,
+        "layer": pl.Int32,
+        "imbalance": pl.Float64,
+        "cv": pl.Float64,
+        "dead_experts": pl.Int64,
+    }
+    out = pl.DataFrame(rows, schema=schema)
     return _order_phases(out).sort("phase_rank", "layer").drop("phase_rank")
 
 
@@ -265,73 +272,64 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFr
     return _order_phases(df).sort("phase_rank", "tokens").drop("phase_rank", "bucket")
 
 
-def timeline_frame(db: TraceDB, run_id: str, where: str = "TRUE", *, bins: int = 150) -> pl.DataFrame:
+def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame:
     """Steps binned over wall time (seconds from the run's first step; at most `bins` bins).
 
     Per bin: steps, tokens, busy_ms_per_step (mean GPU span), host_gap_ms_per_step (mean gap to the
-    next step's start beyond the GPU span), S-MBU and S-MFU as ratios of sums over the bin (S-MBU
-    null where a step lacks expert counts), and in_window = the fraction of the bin's steps inside
-    the metrics window `where` (an SQL predicate over step_metrics, e.g. `Analysis.windows[run]`).
-    Columns: bin, t_start_s, t_end_s, steps, tokens, busy_ms_per_step, host_gap_ms_per_step, smbu,
-    smfu, in_window.
+    next step's start beyond the GPU span), S-MBU and S-MFU of the bin's steps (metrics/steps.py:
+    ratios of sums; S-MBU null where a step lacks expert counts), and in_window = the fraction of
+    the bin's steps inside the run's metrics window (`run_windows`).
+    Columns: bin, t_start_s, t_end_s, steps, tokens, busy_ms_per_step, host_gap_ms_per_step, s_mbu,
+    s_mfu, in_window.
     """
+    schema = {
+        "bin": pl.Int64,
+        "t_start_s": pl.Float64,
+        "t_end_s": pl.Float64,
+        "steps": pl.Int64,
+        "tokens": pl.Int64,
+        "busy_ms_per_step": pl.Float64,
+        "host_gap_ms_per_step": pl.Float64,
+        "s_mbu": pl.Float64,
+        "s_mfu": pl.Float64,
+        "in_window": pl.Float64,
+    }
     n = _one(
         db,
-        "SELECT count(*), max(t_start_ns) - min(t_start_ns) FROM step_metrics WHERE run_id = ? AND NOT is_draft",
+        "SELECT count(*), max(t_start_ns) - min(t_start_ns), min(t_start_ns) FROM step_metrics "
+        "WHERE run_id = ? AND NOT is_draft",
         [run_id],
     )
     if not n or not n[0]:
-        return pl.DataFrame(
-            schema={
-                "bin": pl.Int64,
-                "t_start_s": pl.Float64,
-                "t_end_s": pl.Float64,
-                "steps": pl.Int64,
-                "tokens": pl.Int64,
-                "busy_ms_per_step": pl.Float64,
-                "host_gap_ms_per_step": pl.Float64,
-                "smbu": pl.Float64,
-                "smfu": pl.Float64,
-                "in_window": pl.Float64,
-            }
-        )
+        return pl.DataFrame(schema=schema)
     k = max(1, min(int(bins), int(n[0])))
     span_s = max((n[1] or 0) / 1e9, 1e-9)
     width = span_s / k
-    df = _q(
-        db,
-        f"""
-        WITH s AS (
-            SELECT *, (t_start_ns - min(t_start_ns) OVER ()) / 1e9 AS t_s, ({where}) AS in_win
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft
-        )
-        SELECT least(floor(t_s / {width!r}), {k - 1})::BIGINT AS bin,
-               count(*) AS steps, sum(num_tokens)::BIGINT AS tokens,
-               avg(time_s) * 1e3 AS busy_ms_per_step, avg(host_gap_s) * 1e3 AS host_gap_ms_per_step,
-               CASE WHEN count(*) FILTER (WHERE isnan(active_experts)) > 0 THEN NULL
-                    ELSE sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) END AS smbu,
-               sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS smfu,
-               avg(in_win::INTEGER) AS in_window
-        FROM s WHERE time_s > 0 GROUP BY 1 ORDER BY 1
-        """,
-        [run_id],
-    ).pl()
-    return df.with_columns(
-        t_start_s=pl.col("bin") * width,
-        t_end_s=(pl.col("bin") + 1) * width,
-        steps=pl.col("steps").cast(pl.Int64),
-    ).select(
-        "bin",
-        "t_start_s",
-        "t_end_s",
-        "steps",
-        "tokens",
-        "busy_ms_per_step",
-        "host_gap_ms_per_step",
-        "smbu",
-        "smfu",
-        "in_window",
-    )
+    bin_sql = f"least(floor((s.t_start_ns - {int(n[2])}) / 1e9 / {width!r}), {k - 1})::BIGINT"
+    source = f"""(SELECT s.*, {bin_sql} AS bin, coalesce({IN_WINDOW_SQL}, false) AS in_win
+                  FROM step_metrics s JOIN run_windows w USING (run_id)
+                  WHERE s.run_id = ? AND NOT s.is_draft AND s.time_s > 0)"""
+    per_bin = summary_rows(db.con, source, params=[run_id], key="s.bin").get(run_id, {})
+    in_win = dict(_q(db, f"SELECT bin, avg(in_win::INTEGER) FROM {source} GROUP BY bin", [run_id]).fetchall())
+    rows = [
+        {
+            "bin": int(b),
+            "t_start_s": int(b) * width,
+            "t_end_s": (int(b) + 1) * width,
+            "steps": int(v["steps"] or 0),
+            "tokens": int(v["tokens"] or 0),
+            "busy_ms_per_step": None if v["step_time_s_mean"] is None else v["step_time_s_mean"] * 1e3,
+            "host_gap_ms_per_step": None
+            if v["step_wall_s_mean"] is None or v["step_time_s_mean"] is None
+            else (v["step_wall_s_mean"] - v["step_time_s_mean"]) * 1e3,
+            "s_mbu": v["s_mbu"],
+            "s_mfu": v["s_mfu"],
+            "in_window": float(in_win.get(int(b), 0.0)),
+        }
+        for b, v in per_bin.items()
+        if b != "all"
+    ]
+    return pl.DataFrame(rows, schema=schema).sort("bin")
 
 
 # -- requests and runs ----------------------------------------------------------------------------
@@ -382,31 +380,43 @@ def throughput_frame(
 ) -> pl.DataFrame:
     """Generated tokens per second against batch size (requests in the step).
 
-    kind = "steps": per run and batch size, Σ logit rows / Σ step wall time over that run's steps
-    with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run": the
-    run's window throughput (metrics.json `steps.all.throughput_output_tokens_per_s`) at its
-    workload batch size. Columns: run, kind, batch_size, output_tokens_per_s, steps.
+    kind = "steps": per run and batch size, the window_output_throughput (metrics/steps.py) of that
+    run's steps with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run":
+    the run's window throughput (metrics.json `steps.all.window_output_throughput`) at its
+    workload batch size. Columns: run, kind, batch_size, window_output_throughput, steps.
     """
     ids = list(labels)
     parts = []
     if ids:
-        df = _q(
-            db,
-            f"""SELECT run_id, num_reqs AS batch_size,
-                       sum(coalesce(logit_rows, 0)) / sum(wall_s) AS output_tokens_per_s,
-                       count(*) AS steps
-                FROM step_metrics
-                WHERE run_id IN ({", ".join("?" * len(ids))}) AND NOT is_draft AND wall_s > 0
-                GROUP BY run_id, num_reqs HAVING count(*) >= {int(min_steps)}""",
-            ids,
-        ).pl()
+        # Each batch-size group's window_output_throughput, as metrics/steps.py defines it.
+        marks = ", ".join("?" * len(ids))
+        source = f"(SELECT * FROM step_metrics s WHERE s.run_id IN ({marks}) AND {COUNTED_SQL})"
+        summary = summary_rows(db.con, source, params=ids, key="s.num_reqs")
+        rows = [
+            {
+                "run_id": rid,
+                "batch_size": int(group),
+                "window_output_throughput": values["window_output_throughput"],
+                "steps": int(values["steps"] or 0),
+            }
+            for rid, groups in summary.items()
+            for group, values in groups.items()
+            if group != "all" and group != "unknown" and (values["steps"] or 0) >= int(min_steps)
+        ]
+        df = pl.DataFrame(
+            rows,
+            schema={
+                "run_id": pl.String,
+                "batch_size": pl.Int64,
+                "window_output_throughput": pl.Float64,
+                "steps": pl.Int64,
+            },
+        )
         parts.append(
             df.with_columns(
                 run=pl.col("run_id").replace_strict(labels, return_dtype=pl.String),
                 kind=pl.lit("steps"),
-                batch_size=pl.col("batch_size").cast(pl.Int64),
-                steps=pl.col("steps").cast(pl.Int64),
-            ).select("run", "kind", "batch_size", "output_tokens_per_s", "steps")
+            ).select("run", "kind", "batch_size", "window_output_throughput", "steps")
         )
     if document is not None:
         rows = []
@@ -416,9 +426,7 @@ def throughput_frame(
             wl = run.get("workload") or {}
             bs = wl.get("batch_size") or wl.get("concurrency")
             tps = (
-                ((run.get("metrics") or {}).get("steps") or {})
-                .get("all", {})
-                .get("throughput_output_tokens_per_s")
+                ((run.get("metrics") or {}).get("steps") or {}).get("all", {}).get("window_output_throughput")
             )
             if bs and tps:
                 rows.append(
@@ -426,7 +434,7 @@ def throughput_frame(
                         "run": labels[run["run_id"]],
                         "kind": "run",
                         "batch_size": int(bs),
-                        "output_tokens_per_s": float(tps),
+                        "window_output_throughput": float(tps),
                         "steps": int(run["metrics"]["steps"]["all"].get("steps") or 0),
                     }
                 )
@@ -438,7 +446,7 @@ def throughput_frame(
                 "run": pl.String,
                 "kind": pl.String,
                 "batch_size": pl.Int64,
-                "output_tokens_per_s": pl.Float64,
+                "window_output_throughput": pl.Float64,
                 "steps": pl.Int64,
             }
         )
@@ -484,14 +492,6 @@ def run_labels(document: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def _float(x: Any) -> float | None:
     try:
         v = float(x)
@@ -508,7 +508,8 @@ def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -
     Columns: run, run_id, model, engine, engine_version, gpu, num_gpus, batch_size, dataset,
     created_at, cost_usd_per_m_output_tokens (+ cost_band_low/high: the cost model's sensitivity band),
     accuracy (exact match, fraction), accuracy_correct,
-    accuracy_total, ttft_ms, tpot_ms, itl_ms (p50), output_tokens_per_s (window), requests_per_s,
+    accuracy_total, ttft_ms, tpot_ms, itl_ms (p50), window_output_throughput (tok/s over the metrics
+    window's busy time), output_throughput and request_throughput (over the requests' makespan),
     prefill_smbu, prefill_smfu, decode_smbu, decode_smfu, warnings.
     """
     labels = labels or run_labels(document)
@@ -521,9 +522,7 @@ def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -
         cost, cost_lo, cost_hi = cost_per_million_output_tokens(m)
         gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
         wl = run.get("workload") or {}
-        out_tps = _float(_get(steps, "all", "throughput_output_tokens_per_s"))
-        if out_tps is None:
-            out_tps = _float(req.get("output_tokens_per_s"))
+        out_tps = _float(_get(steps, "all", "window_output_throughput"))
         rows.append(
             {
                 "run": labels.get(run["run_id"], run["run_id"]),
@@ -545,8 +544,9 @@ def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -
                 "ttft_ms": _ms(_get(req, "ttft_s", "mean")),
                 "tpot_ms": _ms(_get(req, "tpot_s", "mean")),
                 "itl_ms": _ms(_get(req, "itl_s", "p50")),
-                "output_tokens_per_s": out_tps,
-                "requests_per_s": _float(req.get("requests_per_s")),
+                "window_output_throughput": out_tps,
+                "output_throughput": _float(req.get("output_throughput")),
+                "request_throughput": _float(req.get("request_throughput")),
                 "prefill_smbu": _float(_get(steps, "prefill", "s_mbu")),
                 "prefill_smfu": _float(_get(steps, "prefill", "s_mfu")),
                 "decode_smbu": _float(_get(steps, "decode", "s_mbu")),
@@ -574,8 +574,9 @@ def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -
         "ttft_ms": pl.Float64,
         "tpot_ms": pl.Float64,
         "itl_ms": pl.Float64,
-        "output_tokens_per_s": pl.Float64,
-        "requests_per_s": pl.Float64,
+        "window_output_throughput": pl.Float64,
+        "output_throughput": pl.Float64,
+        "request_throughput": pl.Float64,
         "prefill_smbu": pl.Float64,
         "prefill_smfu": pl.Float64,
         "decode_smbu": pl.Float64,
@@ -632,9 +633,9 @@ def _order_phases(df: pl.DataFrame) -> pl.DataFrame:
 
 
 WHATIF_METRICS: tuple[tuple[str, tuple[str, ...], float], ...] = (
-    ("output_tokens_per_s", ("phases", "all", "throughput_output_tokens_per_s"), 1.0),
-    ("tpot_ms", ("requests", "tpot_s_mean"), 1e3),
-    ("ttft_ms", ("requests", "ttft_s_mean"), 1e3),
+    ("window_output_throughput", ("phases", "all", "window_output_throughput"), 1.0),
+    ("tpot_ms", ("requests", "tpot_s", "mean"), 1e3),
+    ("ttft_ms", ("requests", "ttft_s", "mean"), 1e3),
     ("decode_step_ms", ("phases", "decode", "step_time_s_mean"), 1e3),
     ("decode_smbu", ("phases", "decode", "s_mbu"), 1.0),
     ("usd_per_1m_output_tokens", ("cost", "usd_per_1m_output_tokens"), 1.0),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..document import at as _get
 from ..errors import InputError
 from .export import FORMATS, export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
@@ -205,14 +206,6 @@ def _fmt(value: Any, kind: str = "") -> str:
     return esc(value)
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
     head = (
         "<tr><th>run</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>batch</th>"
@@ -229,7 +222,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
         em = accuracy_fraction(m)
         cost, _, _ = cost_per_million_output_tokens(m)
-        tps = _get(steps, "all", "throughput_output_tokens_per_s") or req.get("output_tokens_per_s")
+        tps = _get(steps, "all", "window_output_throughput")
         cells = [
             f'<a href="#run-{len(rows) + 1}">#{len(rows) + 1}</a> <code>{esc(run["run_id"])}</code>',
             esc(run.get("model")),
@@ -258,7 +251,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
             warnings.append(f"<li><code>{esc(run['run_id'])}</code>: {esc(w)}</li>")
     out = [
         '<section id="summary"><h2>Summary</h2>',
-        "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (metrics.md §8.5); "
+        "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (docs/metrics.md §6); "
         "latencies: client clock, successful requests; throughput: generated tokens over the window's "
         "wall time. Cost and accuracy show n/a when the run was not costed or scored.</p>",
         f'<div class="scroll"><table class="summary">{head}{"".join(rows)}</table></div>',

@@ -25,7 +25,7 @@ KEY = ("model", "engine", "gpu", "num_gpus", "batch_size", "dataset")
 """A leaderboard row's identity (GPU count is part of the hardware)."""
 
 SORT_KEYS: dict[str, tuple[str, bool]] = {
-    "throughput": ("output_tokens_per_s", True),
+    "throughput": ("window_output_throughput", True),
     "cost": ("cost_usd_per_m_output_tokens", False),
     "accuracy": ("accuracy", True),
     "ttft": ("ttft_ms", False),
@@ -52,7 +52,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ttft_ms", "TTFT ms (mean)", "f2"),
     ("tpot_ms", "TPOT ms (mean)", "f2"),
     ("itl_ms", "ITL ms (p50)", "f2"),
-    ("output_tokens_per_s", "throughput tok/s", "f1"),
+    ("window_output_throughput", "throughput tok/s", "f1"),
     ("prefill_smbu", "prefill S-MBU", "pct"),
     ("prefill_smfu", "prefill S-MFU", "pct"),
     ("decode_smbu", "decode S-MBU", "pct"),

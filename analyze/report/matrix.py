@@ -33,7 +33,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("repeat", "repeat", ""),
     ("ttft_ms", "TTFT ms", "f2"),
     ("tpot_ms", "TPOT ms", "f2"),
-    ("output_tokens_per_s", "throughput tok/s", "f1"),
+    ("window_output_throughput", "throughput tok/s", "f1"),
     ("prefill_smbu", "prefill S-MBU", "pct"),
     ("prefill_smfu", "prefill S-MFU", "pct"),
     ("decode_smbu", "decode S-MBU", "pct"),

@@ -94,7 +94,7 @@ _STEP_METRICS_COLUMNS = (
     _c(
         "bytes_weights",
         "bytes",
-        "Weight bytes read: bytes_static_weights + bytes_routed_experts (metrics.md §8.1).",
+        "Weight bytes read: bytes_static_weights + bytes_routed_experts (docs/metrics.md §2).",
     ),
     _c("bytes_routed_experts", "bytes", "active_experts × the bytes of one routed expert."),
     _c(
@@ -119,8 +119,13 @@ _STEP_METRICS_COLUMNS = (
         "tokens",
         "Σ over requests of (prefix length + new tokens): the KV context attended.",
     ),
-    _c("smbu", "fraction", "Per-step S-MBU: bytes_total / (gpu_bandwidth × time_s × gpus)."),
-    _c("smfu", "fraction", "Per-step S-MFU: flops_total / (gpu_peak_flops × time_s × gpus)."),
+    _c(
+        "s_mbu",
+        "fraction",
+        "Per-step S-MBU: bytes_total / (gpu_bandwidth × time_s × gpus); null for a step that computed no "
+        "token or has no duration.",
+    ),
+    _c("s_mfu", "fraction", "Per-step S-MFU: flops_total / (gpu_peak_flops × time_s × gpus); null as s_mbu."),
     _c(
         "gpu_bandwidth",
         "bytes/s",
@@ -138,36 +143,6 @@ _STEP_METRICS_COLUMNS = (
         "0 for the last step, and under asynchronous scheduling (next step launched before this one ends).",
     ),
     _c("wall_s", "s", "time_s + host_gap_s: the step's share of the run's timeline."),
-)
-
-_RUN_METRICS_COLUMNS = (
-    _c("run_id", "", "Run id."),
-    _c("phase", "", "prefill | decode | mixed | … or `all` (every phase)."),
-    _c("model_id", "", "Model id of the run."),
-    _c("gpu", "", "GPU the metrics are computed for (resolved name; --gpu when re-targeted)."),
-    _c("retargeted", "", "True when analysed as another GPU than the trace's (`--gpu`)."),
-    _c("num_gpus", "GPUs", "GPUs of the run."),
-    _c("batch_size", "requests", "Target concurrency of the workload."),
-    _c("window_description", "", "The metrics window (default: steady state), in words."),
-    _c("steps", "steps", "Steps in the window."),
-    _c("tokens", "tokens", "Tokens computed in the window."),
-    _c("output_tokens", "tokens", "Logit rows sampled in the window."),
-    _c("s_mbu", "fraction", "Σ bytes_total / (bandwidth × Σ time_s × gpus) over the window (ratio of sums)."),
-    _c("s_mfu", "fraction", "Σ flops_total / (peak FLOP/s × Σ time_s × gpus) over the window."),
-    _c("step_time_s_mean", "s", "Mean step time_s."),
-    _c("bytes_total", "bytes", "Σ bytes_total."),
-    _c("bytes_routed_experts", "bytes", "Σ bytes_routed_experts."),
-    _c("bytes_kv_read", "bytes", "Σ bytes_kv_read."),
-    _c("flops_total", "FLOP", "Σ flops_total."),
-    _c("gpu_seconds", "GPU·s", "Σ time_s × gpus."),
-    _c("gpu_busy_s", "s", "Σ time_s."),
-    _c("host_gap_s", "s", "Σ host_gap_s."),
-    _c("wall_s", "s", "Last step end − first step start."),
-    _c("gpu_busy_fraction", "fraction", "Σ time_s / Σ wall_s."),
-    _c("activated_experts_per_layer_mean", "experts", "Mean activated experts per MoE layer per step."),
-    _c("batch_size_mean", "requests", "Mean num_reqs per step."),
-    _c("throughput_tokens_per_s", "tokens/s", "tokens / wall_s (phase `all` only)."),
-    _c("throughput_output_tokens_per_s", "tokens/s", "output_tokens / wall_s (phase `all` only)."),
 )
 
 _REQUEST_STEPS_COLUMNS = (
@@ -216,7 +191,7 @@ _REQUEST_METRICS_COLUMNS = (
     _c("tpot_s", "s", "Time per output token: decode_s / (output_tokens − 1); null for one output token."),
     _c("decode_tokens_per_s", "tokens/s", "(output_tokens − 1) / decode_s: the request's decode speed."),
     _c("itl_tokens", "tokens", "Tokens in streamed chunks after the first (the ITL samples of the request)."),
-    _c("itl_mean_s", "s", "Σ chunk gaps / itl_tokens: mean inter-token latency (metrics.md §8.7)."),
+    _c("itl_mean_s", "s", "Σ chunk gaps / itl_tokens: mean inter-token latency (docs/metrics.md §11)."),
     _c("itl_max_s", "s", "Largest chunk gap ÷ tokens in that chunk: the request's worst stall per token."),
     _c("queue_s", "s", "Queue time in the engine before the first scheduled step, where the engine says."),
     _c("preemptions", "", "Times the engine preempted the request, where it says."),
@@ -233,7 +208,13 @@ def _add(view: ViewDoc) -> None:
 
 
 def _build() -> None:
+    from ..metrics.steps import SUMMARY_COLUMNS, WINDOW_STEPS_SQL
     from . import views as derived
+
+    # Generated from metrics/steps.py: run_metrics' columns are the layer's, with units and meanings.
+    run_metrics_columns = tuple(
+        _c(name, unit, meaning) for name, _, unit, meaning in (*derived.RUN_INFO_COLUMNS, *SUMMARY_COLUMNS)
+    )
 
     _add(
         ViewDoc(
@@ -370,6 +351,47 @@ def _build() -> None:
     )
     _add(
         ViewDoc(
+            "run_settings",
+            "one run",
+            "What the step views read per run besides the steps: the GPU the metrics are computed for, "
+            "its bandwidth and peak, GPU count, last pipeline stage and MoE layers.",
+            "moecap.analyze.analysis",
+            (
+                _c("run_id", "", "Run id."),
+                _c("model_id", "", "Model id of the run."),
+                _c("gpu", "", "GPU the metrics are computed for (resolved name; --gpu when re-targeted)."),
+                _c("retargeted", "", "True when analysed as another GPU than the trace's (`--gpu`)."),
+                _c("batch_size", "requests", "Target concurrency of the workload (null when not stated)."),
+                _c("gpu_bandwidth", "bytes/s", "Memory bandwidth of that GPU."),
+                _c("gpu_peak_flops", "FLOP/s", "Dense peak FLOP/s of that GPU at peak_dtype."),
+                _c("peak_dtype", "", "The routed experts' activation dtype the peak is taken at."),
+                _c("num_gpus", "GPUs", "GPUs of the run (distinct UUIDs)."),
+                _c("last_pp", "", "Last pipeline stage (its steps carry the logit rows)."),
+                _c("num_moe_layers", "layers", "MoE layers of the model."),
+            ),
+        )
+    )
+    _add(
+        ViewDoc(
+            "run_windows",
+            "one run",
+            "Each run's resolved metrics window (`--window`); a step is in it when "
+            "`moecap.analyze.metrics.window.IN_WINDOW_SQL` holds.",
+            "moecap.analyze.metrics.window",
+            (
+                _c("run_id", "", "Run id."),
+                _c("kind", "", "all | steady | steps | time (steady falls back to all, and says why)."),
+                _c("first_step", "", "steps: first step key (inclusive)."),
+                _c("last_step", "", "steps: last step key (inclusive)."),
+                _c("t0_ns", "ns", "time: first step start allowed (host clock)."),
+                _c("t1_ns", "ns", "time: last step start allowed (host clock)."),
+                _c("min_requests", "requests", "steady: num_reqs a step must reach."),
+                _c("description", "", "The window in words."),
+            ),
+        )
+    )
+    _add(
+        ViewDoc(
             "window_steps",
             "one step inside its run's metrics window",
             "The `step_metrics` rows every run-level step metric is computed over: no draft passes, "
@@ -378,7 +400,7 @@ def _build() -> None:
             "Columns as `step_metrics`.",
             "moecap.analyze.sql.views",
             _STEP_METRICS_COLUMNS,
-            derived_sql=derived.window_steps_sql({"<run_id>": "<window predicate>"}),
+            derived_sql=WINDOW_STEPS_SQL.strip(),
         )
     )
     _add(
@@ -398,19 +420,19 @@ def _build() -> None:
             "Per-request latency of the default formula (TTFT, TPOT, E2E, ITL; client clock). Averages "
             "over `ok` rows are the request metrics of metrics.json. Join `request_steps` "
             "`USING (run_id, engine_req_id)` for the batch each request ran in.",
-            "moecap.analyze.sql.views",
+            "moecap.analyze.metrics.requests",
             _REQUEST_METRICS_COLUMNS,
-            derived_sql=derived.REQUEST_METRICS_SQL.strip(),
         )
     )
     _add(
         ViewDoc(
             "run_metrics",
             "one (run, phase); phase `all` covers every phase",
-            "The scalar step metrics of metrics.json (`runs[*].metrics.steps[phase]`) as a table, "
-            "for comparing runs in SQL.",
+            "The scalar step metrics of metrics.json (`runs[*].metrics.steps[phase]`), computed by the "
+            "same SQL (moecap.analyze.metrics.steps), for comparing runs in SQL.",
             "moecap.analyze.sql.views",
-            _RUN_METRICS_COLUMNS,
+            run_metrics_columns,
+            derived_sql=derived.RUN_METRICS_SQL.strip(),
         )
     )
 

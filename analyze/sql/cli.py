@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moecap.schemas import TraceError
-
 from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
 from ..errors import AnalyzeError
 from ..terminal import for_terminal, one_line
@@ -65,7 +63,11 @@ def _load(
     out: Path | None = None,
 ) -> Tables:
     from ..analysis import Options
+    from ..fleet.dataset import is_dataset, open_dataset
     from .tables import tables
+
+    if len(paths) == 1 and is_dataset(paths[0]):  # a fleet dataset (docs/fleet-dataset.md)
+        return open_dataset(paths[0], memory_limit)  # type: ignore[return-value]
 
     def progress(done: int, total: int, path: str) -> None:
         if total >= 20 and (done % max(1, total // 20) == 0 or done == total):
@@ -133,7 +135,7 @@ def sql(
             note = write_result(rel, fmt, out=out, stdout=for_terminal(sys.stdout), max_rows=max_rows)
         if out is not None or fmt == "table":
             sys.stderr.write(note + "\n")
-    except (AnalyzeError, TraceError) as exc:
+    except (AnalyzeError, _trace_error()) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -185,9 +187,16 @@ def shell(
                 python_repl(t)
                 return
             code = SqlShell(t, read_only=read_only, stdout=for_terminal(sys.stdout)).loop()
-    except (AnalyzeError, TraceError) as exc:
+    except (AnalyzeError, _trace_error()) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+def _trace_error() -> type[Exception]:
+    """moecap.schemas' TraceError, imported when an error is being handled (not for `--help`)."""
+    from moecap.schemas import TraceError
+
+    return TraceError
 
 
 def register(app: typer.Typer) -> None:

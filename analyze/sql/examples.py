@@ -133,14 +133,13 @@ ORDER BY m.run_id, batch_size
     Example(
         "smbu_over_window",
         "S-MBU and S-MFU over the metrics window",
-        "The run-level utilisation of metrics.json, recomputed as a ratio of sums over `window_steps`.",
+        "The run-level utilisation of metrics.json per phase: `run_metrics` runs the metric layer's "
+        "ratio of sums over `window_steps` (never re-type the formula: idle steps and steps without "
+        "expert counts have rules).",
         """
-SELECT run_id, coalesce(phase, 'all') AS phase, count(*) AS steps,
-       sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) AS s_mbu,
-       sum(flops_total) / (any_value(gpu_peak_flops) * sum(time_s * gpus)) AS s_mfu
-FROM window_steps
-GROUP BY run_id, ROLLUP (phase)
-ORDER BY run_id, phase NULLS LAST
+SELECT run_id, phase, steps, s_mbu, s_mfu, gpu_seconds
+FROM run_metrics
+ORDER BY run_id, phase = 'all', phase
 """,
     ),
     Example(
@@ -180,7 +179,7 @@ ORDER BY run_id
         "One line per run from `run_metrics`: batch size, S-MBU, S-MFU, mean step time and throughput.",
         """
 SELECT run_id, gpu, batch_size, steps, s_mbu, s_mfu, step_time_s_mean * 1e3 AS step_ms_mean,
-       throughput_output_tokens_per_s
+       window_output_throughput
 FROM run_metrics
 WHERE phase = 'all'
 ORDER BY batch_size, run_id

@@ -120,7 +120,7 @@ class Tables:
             analysis = analyze_paths(a.paths, a.options, cache_dir=a.cache_dir, strict=a.strict)
             _configure(analysis.db.con, a)
             define_request_views(analysis.db.con)
-            define_run_views(analysis.db.con, analysis.windows, analysis.document)
+            define_run_views(analysis.db.con)
             self.db.con.close()
             self.db, self.contexts, self._analysis = analysis.db, analysis.contexts, analysis
         return self._analysis
@@ -198,7 +198,7 @@ def tables(
     _configure(t.con, args)
     define_request_views(t.con)
     if t._analysis is not None:
-        define_run_views(t.con, t._analysis.windows, t._analysis.document)
+        define_run_views(t.con)
     return t
 
 

@@ -6,19 +6,18 @@ analysis (`moecap.analyze.analysis`) defines `step_metrics`. This module adds, o
 
 - `request_steps`: per request, what the engine's steps say about it (steps, decode batch size, …),
 - `request_metrics`: per request, the latency metrics of the default (moecap) formula plus `request_steps`,
-- `window_steps`: the `step_metrics` rows the run-level step metrics are computed over (the window),
-- `run_metrics`: one row per run and step phase (and `all`), the step metrics of metrics.json.
+- `run_metrics`: one row per run and step phase (and `all`), the step metrics of metrics.json,
+  generated from `moecap.analyze.metrics.steps` (the analysis defines `window_steps`).
 
-Every view is plain SQL over the others, so a query only computes what it reads, and the per-request
-formulas are the ones of `moecap.analyze.metrics.requests` (tests check they agree).
+`request_steps` is plain SQL over `steps`; `request_metrics` and `run_metrics` are generated from the
+metric layer (`moecap.analyze.metrics`), so SQL, metrics.json and the report read one definition.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import duckdb
+
+from ..metrics.steps import SUMMARY_COLUMNS, summary_sql
 
 # Per request, from the engine's steps. A request's step is a *decode* step once the request has
 # sampled a token in an earlier step (req_num_logits > 0); where the engine does not report logits,
@@ -65,157 +64,65 @@ FROM classified
 GROUP BY run_id, engine_req_id
 """
 
-# Per request, client clock (metrics.md §8.7, as moecap.analyze.metrics.requests.request_table):
-# TTFT = first token − arrival, E2E = finish − arrival, TPOT = (E2E − TTFT) / (output tokens − 1).
-# ITL over the streamed chunks: a chunk's gap to the previous chunk, spread over its tokens.
-# Kept apart from request_steps (join them on run_id, engine_req_id): DuckDB does not drop an
-# unused LEFT JOIN, and request_steps unnests every step's request list.
-REQUEST_METRICS_SQL = """
-CREATE OR REPLACE VIEW request_metrics AS
-WITH timed AS (
-    SELECT r.*,
-           (r.first_token_ns - r.arrival_ns) / 1e9 AS ttft_s,
-           (r.finish_ns - r.arrival_ns) / 1e9 AS e2e_s,
-           list_transform(range(2, len(r.chunk_times_ns) + 1),
-                          lambda i: CASE WHEN r.chunk_tokens[i] > 0
-                                         THEN r.chunk_times_ns[i] - r.chunk_times_ns[i - 1] END) AS gaps_ns,
-           list_transform(range(2, len(r.chunk_times_ns) + 1),
-                          lambda i: CASE WHEN r.chunk_tokens[i] > 0 THEN r.chunk_tokens[i] END) AS gap_tokens
-    FROM requests r
+REQUEST_METRICS_COLUMNS = (
+    "run_id", "req_id", "engine_req_id", "sample_id", "ok", "arrival_ns", "first_token_ns", "finish_ns",
+    "prompt_tokens", "output_tokens", "cached_prompt_tokens", "ttft_s", "e2e_s", "decode_s", "tpot_s",
+    "decode_tokens_per_s", "itl_tokens", "itl_mean_s", "itl_max_s", "queue_s", "preemptions",
+    "finish_reason", "error", "retries",
+)  # fmt: skip
+"""Columns of `request_metrics`, in order."""
+
+
+RUN_INFO_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("run_id", "VARCHAR", "", "Run id."),
+    ("phase", "VARCHAR", "", "prefill | decode | mixed | … or `all` (every phase)."),
+    ("model_id", "VARCHAR", "", "Model id of the run."),
+    ("gpu", "VARCHAR", "", "GPU the metrics are computed for (resolved name; --gpu when re-targeted)."),
+    ("retargeted", "BOOLEAN", "", "True when analysed as another GPU than the trace's (`--gpu`)."),
+    ("num_gpus", "INTEGER", "GPUs", "GPUs of the run."),
+    ("batch_size", "INTEGER", "requests", "Target concurrency of the workload."),
+    ("window_description", "VARCHAR", "", "The metrics window (default: steady state), in words."),
 )
-SELECT run_id, req_id, coalesce(engine_req_id, req_id) AS engine_req_id, sample_id,
-       (error IS NULL AND first_token_ns IS NOT NULL) AS ok,
-       arrival_ns, first_token_ns, finish_ns,
-       prompt_tokens, output_tokens, cached_prompt_tokens,
-       ttft_s, e2e_s,
-       e2e_s - ttft_s AS decode_s,
-       CASE WHEN output_tokens > 1 THEN (e2e_s - ttft_s) / (output_tokens - 1) END AS tpot_s,
-       CASE WHEN output_tokens > 1 AND e2e_s > ttft_s
-            THEN (output_tokens - 1) / (e2e_s - ttft_s) END AS decode_tokens_per_s,
-       CASE WHEN chunk_tokens IS NOT NULL THEN list_sum(gap_tokens)::BIGINT END AS itl_tokens,
-       CASE WHEN chunk_tokens IS NOT NULL
-            THEN list_sum(gaps_ns) / 1e9 / nullif(list_sum(gap_tokens), 0) END AS itl_mean_s,
-       CASE WHEN chunk_tokens IS NOT NULL
-            THEN list_max(list_transform(range(1, len(gaps_ns) + 1),
-                                         lambda j: gaps_ns[j] / gap_tokens[j])) / 1e9 END AS itl_max_s,
-       queue_ns / 1e9 AS queue_s,
-       preemptions, finish_reason, error, retries
-FROM timed
+"""Columns of `run_metrics` before the step metrics of metrics/steps.py SUMMARY_COLUMNS."""
+
+RUN_METRICS_SQL = f"""
+CREATE OR REPLACE VIEW run_metrics AS
+SELECT m.run_id, m.phase, r.model_id, r.gpu, r.retargeted, r.num_gpus, r.batch_size,
+       w.description AS window_description,
+       {", ".join(f"m.{name}" for name, _, _, _ in SUMMARY_COLUMNS)}
+FROM ({summary_sql("window_steps")}) m
+JOIN run_settings r USING (run_id) JOIN run_windows w USING (run_id)
+WHERE m.steps > 0
 """
-
-_RUN_METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("steps", "BIGINT"),
-    ("tokens", "BIGINT"),
-    ("output_tokens", "DOUBLE"),
-    ("s_mbu", "DOUBLE"),
-    ("s_mfu", "DOUBLE"),
-    ("step_time_s_mean", "DOUBLE"),
-    ("bytes_total", "DOUBLE"),
-    ("bytes_routed_experts", "DOUBLE"),
-    ("bytes_kv_read", "DOUBLE"),
-    ("flops_total", "DOUBLE"),
-    ("gpu_seconds", "DOUBLE"),
-    ("gpu_busy_s", "DOUBLE"),
-    ("host_gap_s", "DOUBLE"),
-    ("wall_s", "DOUBLE"),
-    ("gpu_busy_fraction", "DOUBLE"),
-    ("activated_experts_per_layer_mean", "DOUBLE"),
-    ("batch_size_mean", "DOUBLE"),
-    ("throughput_tokens_per_s", "DOUBLE"),
-    ("throughput_output_tokens_per_s", "DOUBLE"),
-)
-"""Scalar step metrics of metrics.json (`runs[*].metrics.steps[phase]`) copied into `run_metrics`."""
-
-_RUN_INFO_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("run_id", "VARCHAR"),
-    ("phase", "VARCHAR"),
-    ("model_id", "VARCHAR"),
-    ("gpu", "VARCHAR"),
-    ("retargeted", "BOOLEAN"),
-    ("num_gpus", "INTEGER"),
-    ("batch_size", "INTEGER"),
-    ("window_description", "VARCHAR"),
-)
+"""`run_metrics`: the step metrics of metrics/steps.py per run and phase over each run's window
+(the same SQL as metrics.json `steps`), beside what identifies the run."""
 
 
 def define_request_views(con: duckdb.DuckDBPyConnection) -> None:
-    """`request_steps` and `request_metrics` (need the `steps` and `requests` views)."""
+    """`request_steps` (SQL over `steps`) and `request_metrics`: the per-request figures of
+    `moecap.analyze.metrics.requests.request_table` (the formulas of metrics.json) as a table."""
+    import polars as pl
+
+    from ..metrics.requests import request_table
+
     con.execute(REQUEST_STEPS_SQL)
-    con.execute(REQUEST_METRICS_SQL)
-
-
-def window_steps_sql(windows: dict[str, str]) -> str:
-    """`window_steps`: the step_metrics rows each run's step metrics are computed over.
-
-    `windows` maps run_id -> SQL predicate over step_metrics (`Analysis.windows`). The same filter as
-    the aggregation: not a draft pass, a positive duration, inside the run's window.
-    """
-    if not windows:
-        return "CREATE OR REPLACE VIEW window_steps AS SELECT * FROM step_metrics WHERE false"
-    arms = " OR ".join(
-        f"(run_id = '{rid.replace(chr(39), chr(39) * 2)}' AND ({where}))"
-        for rid, where in sorted(windows.items())
+    table = request_table(con.sql("SELECT * FROM requests").pl()).with_columns(
+        engine_req_id=pl.coalesce("engine_req_id", "req_id"), queue_s=pl.col("queue_ns") / 1e9
     )
-    return (
-        "CREATE OR REPLACE VIEW window_steps AS\n"
-        f"SELECT * FROM step_metrics WHERE NOT is_draft AND time_s > 0 AND ({arms})"
-    )
+    frame = table.select(REQUEST_METRICS_COLUMNS).to_arrow()
+    con.register("_request_metrics_frame", frame)
+    try:
+        con.execute("CREATE OR REPLACE TABLE request_metrics AS SELECT * FROM _request_metrics_frame")
+    finally:
+        con.unregister("_request_metrics_frame")
 
 
-def run_metrics_rows(document: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Rows of `run_metrics` from a metrics document (one per run and step phase, `all` included)."""
-    rows = []
-    for run in document.get("runs", []):
-        gpu = run.get("constants", {}).get("gpu", {})
-        window = run.get("window", {})
-        info = (
-            run["run_id"],
-            None,
-            run.get("model"),
-            gpu.get("name") or (run.get("gpu") or {}).get("name"),
-            bool(gpu.get("retargeted", False)),
-            (run.get("gpu") or {}).get("count"),
-            (run.get("workload") or {}).get("batch_size") or (run.get("workload") or {}).get("concurrency"),
-            window.get("description") or window.get("kind"),
-        )
-        for phase, values in (run.get("metrics", {}).get("steps") or {}).items():
-            row = list(info)
-            row[1] = phase
-            row += [_scalar(values.get(name)) for name, _ in _RUN_METRIC_COLUMNS]
-            rows.append(tuple(row))
-    return rows
+def define_run_views(con: duckdb.DuckDBPyConnection) -> None:
+    """`run_metrics` (needs `window_steps`, `run_settings` and `run_windows`: the analysis defines them)."""
+    con.execute(RUN_METRICS_SQL)
 
 
-def _scalar(v: Any) -> Any:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None
-    return v
-
-
-def define_run_metrics(con: duckdb.DuckDBPyConnection, document: dict[str, Any]) -> None:
-    """`run_metrics`: a table of the per-run, per-phase step metrics of `document` (metrics.json)."""
-    columns = [*_RUN_INFO_COLUMNS, *_RUN_METRIC_COLUMNS]
-    con.execute(
-        "CREATE OR REPLACE TABLE run_metrics ("
-        + ", ".join(f"{name} {sqltype}" for name, sqltype in columns)
-        + ")"
-    )
-    rows = run_metrics_rows(document)
-    if rows:
-        con.executemany(f"INSERT INTO run_metrics VALUES ({', '.join('?' * len(columns))})", rows)
-
-
-def define_run_views(
-    con: duckdb.DuckDBPyConnection, windows: dict[str, str], document: dict[str, Any]
-) -> None:
-    """`window_steps` and `run_metrics`, from an analysis' windows and metrics document."""
-    con.execute(window_steps_sql(windows))
-    define_run_metrics(con, document)
-
-
-def define_derived_views(
-    con: duckdb.DuckDBPyConnection, windows: dict[str, str], document: dict[str, Any]
-) -> None:
-    """Every view this module owns, on a connection that already has the trace views and step_metrics."""
+def define_derived_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Every view this module owns, on a connection that already has the trace and window views."""
     define_request_views(con)
-    define_run_views(con, windows, document)
+    define_run_views(con)

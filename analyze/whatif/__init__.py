@@ -6,7 +6,7 @@
     from moecap.analyze.specs import resolve_gpu
 
     doc = whatif(analyze_paths(["traces/h100/"]), [resolve_gpu("H200")], load_cost_settings())
-    doc["runs"][0]["targets"]["H200-SXM-141GB"]["models"]["projection"]["requests"]["tpot_s_mean"]
+    doc["runs"][0]["targets"]["H200-SXM-141GB"]["models"]["projection"]["requests"]["tpot_s"]["mean"]
 
 `roofline.py` fits t = max(B/(BW·η_bw), F/(P·η_f)) + c; `project.py` re-times the steps and
 recomputes the metrics (and the two naive baselines); `compare.py` sets projections against runs

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..cli import CacheDir, GpuYaml, Paths, Strict, Window
 from ..cost.options import (
-    CostModel,
+    CostModelFlag,
     CostOverrides,
     Electricity,
     GpuHour,
@@ -25,8 +25,8 @@ from ..cost.options import (
     Pue,
     Utilization,
     settings_from_flags,
-    use_cost_settings,
 )
+from ..document import at
 from ..errors import InputError
 from ..terminal import markup as safe  # trace text (run ids, model ids) inert under rich markup
 
@@ -72,7 +72,7 @@ def whatif(
     out: Annotated[Path | None, typer.Option("--out", help="Directory to write whatif.json into.")] = None,
     format: Annotated[str, typer.Option("--format", help="table (default) or json on stdout.")] = "table",
     cost_overrides: CostOverrides = None,
-    cost_model: CostModel = None,
+    cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
     electricity_usd_per_kwh: Electricity = None,
@@ -118,36 +118,35 @@ def whatif(
     targets = [resolve_gpu(g, overrides_yaml=gpu_overrides) for g in gpu or []]
     sizes = _batch_sizes(calibrate_batch_sizes)
     # The runs' own metrics.cost (and the measured power the projections reuse) follow the flags too.
-    with use_cost_settings(settings):
-        source = analyze_paths(
-            paths,
-            Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window=window),
-            cache_dir=cache_dir,
-            strict=strict,
-        )
-        calibration = None
-        if calibrate_on or sizes:
-            runs = (
-                analyze_paths(
-                    calibrate_on,
-                    Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window="all"),
-                    cache_dir=cache_dir,
-                    strict=strict,
-                )
-                if calibrate_on
-                else None
-            )
-            calibration = CalibrationSpec(runs=runs, batch_sizes=sizes)
-        if compare_to:
-            other = analyze_paths(
-                compare_to,
-                Options(gpu_overrides=gpu_overrides, window=window),
+    source = analyze_paths(
+        paths,
+        Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window=window, cost=settings),
+        cache_dir=cache_dir,
+        strict=strict,
+    )
+    calibration = None
+    if calibrate_on or sizes:
+        runs = (
+            analyze_paths(
+                calibrate_on,
+                Options(gpu=source_gpu, gpu_overrides=gpu_overrides, window="all", cost=settings),
                 cache_dir=cache_dir,
                 strict=strict,
             )
-            document = compare_runs(source, other, settings, targets, calibration)
-        else:
-            document = whatif_doc(source, targets, settings, calibration)
+            if calibrate_on
+            else None
+        )
+        calibration = CalibrationSpec(runs=runs, batch_sizes=sizes)
+    if compare_to:
+        other = analyze_paths(
+            compare_to,
+            Options(gpu_overrides=gpu_overrides, window=window, cost=settings),
+            cache_dir=cache_dir,
+            strict=strict,
+        )
+        document = compare_runs(source, other, settings, targets, calibration)
+    else:
+        document = whatif_doc(source, targets, settings, calibration)
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -182,24 +181,15 @@ def _batch_sizes(text: str | None) -> frozenset[int] | None:
 # -- terminal output -------------------------------------------------------------------------------
 _ROWS = (
     ("decode step (GPU)", ("phases", "decode", "step_time_s_mean"), "ms"),
-    ("decode step (wall)", ("phases", "decode", "wall_s_mean"), "ms"),
+    ("decode step (wall)", ("phases", "decode", "step_wall_s_mean"), "ms"),
     ("prefill step (GPU)", ("phases", "prefill", "step_time_s_mean"), "ms"),
-    ("TTFT mean", ("requests", "ttft_s_mean"), "ms"),
-    ("TPOT mean", ("requests", "tpot_s_mean"), "ms"),
-    ("output tok/s (window)", ("phases", "all", "throughput_output_tokens_per_s"), ""),
+    ("TTFT mean", ("requests", "ttft_s", "mean"), "ms"),
+    ("TPOT mean", ("requests", "tpot_s", "mean"), "ms"),
+    ("window_output_throughput tok/s", ("phases", "all", "window_output_throughput"), ""),
     ("S-MBU (decode)", ("phases", "decode", "s_mbu"), "%"),
     ("S-MFU (all)", ("phases", "all", "s_mfu"), "%"),
     ("$ / 1M output tokens", ("cost", "usd_per_1m_output_tokens"), "$"),
 )
-
-
-def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
-    cur: Any = doc
-    for key in path:
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(key)
-    return cur
 
 
 def _fmt(value: Any, unit: str) -> str:
@@ -255,8 +245,8 @@ def print_whatif(document: dict[str, Any], console: Console | None = None) -> No
             for model in models:
                 table.add_column(model.replace("_", " "), justify="right")
             for label, path, unit in _ROWS:
-                cells = [_fmt(_get(run["measured"], path), unit)]
-                cells += [_fmt(_get(t["models"][m], path), unit) for m in models]
+                cells = [_fmt(at(run["measured"], *path), unit)]
+                cells += [_fmt(at(t["models"][m], *path), unit) for m in models]
                 table.add_row(label, *cells)
             console.print(table)
         for w in run.get("warnings", []):

@@ -18,6 +18,7 @@ import polars as pl
 
 from ..analysis import RunContext
 from ..cost import CostSettings
+from ..document import number_at
 from ..errors import InputError
 from ..pipeline import Analysis
 from ..specs import GpuSpec
@@ -28,34 +29,26 @@ from .project import (
     CalibrationSpec,
     TimeWarp,
     measured_power_fraction,
+    projected_window_cost,
+    run_settings,
     step_frame,
     view_metrics,
     whatif_run,
-    window_cost,
 )
 
 #: (label, path into a view's metrics) of the run-level metrics compared.
 COMPARED = (
     ("decode step time mean (s)", ("phases", "decode", "step_time_s_mean")),
-    ("decode step wall mean (s)", ("phases", "decode", "wall_s_mean")),
+    ("decode step wall mean (s)", ("phases", "decode", "step_wall_s_mean")),
     ("prefill step time mean (s)", ("phases", "prefill", "step_time_s_mean")),
-    ("TPOT mean (s)", ("requests", "tpot_s_mean")),
-    ("TTFT mean (s)", ("requests", "ttft_s_mean")),
-    ("E2E mean (s)", ("requests", "e2e_s_mean")),
-    ("output tokens/s (window)", ("phases", "all", "throughput_output_tokens_per_s")),
-    ("output tokens/s (requests)", ("requests", "output_tokens_per_s")),
+    ("TPOT mean (s)", ("requests", "tpot_s", "mean")),
+    ("TTFT mean (s)", ("requests", "ttft_s", "mean")),
+    ("E2E mean (s)", ("requests", "e2e_s", "mean")),
+    ("window_output_throughput (tok/s)", ("phases", "all", "window_output_throughput")),
+    ("output_throughput (tok/s)", ("requests", "output_throughput")),
     ("decode S-MBU", ("phases", "decode", "s_mbu")),
     ("$ per 1M output tokens", ("cost", "usd_per_1m_output_tokens")),
 )
-
-
-def _get(doc: dict[str, Any], path: Sequence[str]) -> float | None:
-    cur: Any = doc
-    for key in path:
-        if not isinstance(cur, dict) or key not in cur:
-            return None
-        cur = cur[key]
-    return float(cur) if isinstance(cur, (int, float)) else None
 
 
 def _error(pred: float | None, meas: float | None) -> float | None:
@@ -119,12 +112,19 @@ def measured_view(analysis: Analysis, ctx: RunContext, settings: CostSettings) -
     same throughput definition), so differences are the model's, not the bookkeeping's."""
     assert ctx.gpu is not None
     df = step_frame(analysis, ctx)
-    rid = ctx.run.run_id.replace("'", "''")
-    requests = analysis.db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    requests = analysis.db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[ctx.run.run_id]).pl()
     view = view_metrics(
-        df, df["time_s"].to_numpy().astype(np.float64), ctx.gpu, ctx.peak_dtype, requests, TimeWarp.identity()
+        df,
+        df["time_s"].to_numpy().astype(np.float64),
+        ctx.gpu,
+        ctx.peak_dtype,
+        requests,
+        TimeWarp.identity(),
+        run_settings(ctx),
     )
-    view["cost"] = window_cost(ctx.gpu, ctx.num_gpus, view, settings, measured_power_fraction(analysis, ctx))
+    view["cost"] = projected_window_cost(
+        ctx.gpu, ctx.num_gpus, view, settings, measured_power_fraction(analysis, ctx)
+    )
     return view
 
 
@@ -145,7 +145,7 @@ def _by_batch(
             "steps_measured": m["steps"],
             "measured_step_time_s": m["step_time_s_mean"],
             "measured_step_time_p50_s": m.get("step_time_s_p50"),
-            "measured_wall_s": m["wall_s_mean"],
+            "measured_wall_s": m["step_wall_s_mean"],
         }
         for model in MODELS:
             hit = [x for x in models[model]["decode_by_batch_size"] if x["num_reqs"] == m["num_reqs"]]
@@ -153,12 +153,12 @@ def _by_batch(
                 continue
             row[f"{model}_step_time_s"] = hit[0]["step_time_s_mean"]
             row[f"{model}_step_time_p50_s"] = hit[0].get("step_time_s_p50")
-            row[f"{model}_wall_s"] = hit[0]["wall_s_mean"]
+            row[f"{model}_wall_s"] = hit[0]["step_wall_s_mean"]
             row[f"{model}_step_time_error"] = _error(hit[0]["step_time_s_mean"], m["step_time_s_mean"])
             row[f"{model}_step_time_p50_error"] = _error(
                 hit[0].get("step_time_s_p50"), m.get("step_time_s_p50")
             )
-            row[f"{model}_wall_error"] = _error(hit[0]["wall_s_mean"], m["wall_s_mean"])
+            row[f"{model}_wall_error"] = _error(hit[0]["step_wall_s_mean"], m["step_wall_s_mean"])
             row["steps_projected"] = hit[0]["steps"]
         if "steps_projected" in row:
             rows.append(row)
@@ -170,10 +170,10 @@ def compare_pair(projected_run: dict[str, Any], target: str, measured: dict[str,
     models = projected_run["targets"][target]["models"]
     metrics = {}
     for label, path in COMPARED:
-        meas = _get(measured, path)
+        meas = number_at(measured, path)
         entry: dict[str, Any] = {"measured": meas}
         for model in MODELS:
-            pred = _get(models[model], path)
+            pred = number_at(models[model], path)
             entry[model] = pred
             entry[f"{model}_error"] = _error(pred, meas)
         metrics[label] = entry

@@ -25,15 +25,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..analysis import RunContext
-from ..cost import CostSettings, EnergyResult, GpuEnergyReading, Work, estimate_cost
+from ..analysis import RUN_SETTINGS_COLUMNS, RunContext, run_settings_row
+from ..cost import CostSettings
+from ..cost.section import energy_at_power, window_cost
 from ..errors import InputError
 from ..metrics.requests import request_metrics
+from ..metrics.steps import quantile_rows, summary_rows
+from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 from ..pipeline import Analysis
 from ..specs import GpuSpec
 from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline
@@ -54,9 +58,29 @@ ASSUMPTIONS = (
     "measured run carry over to the target GPU, per phase",
 )
 
-_STEP_COLUMNS = (
-    "dp, pp, step, phase, is_draft, num_reqs, num_tokens, logit_rows, time_s, wall_s, host_gap_s, gpus, "
-    "bytes_total, flops_total, t_start_ns, t_end_ns"
+_STEP_COLUMNS = ", ".join(
+    f"s.{c}"
+    for c in [
+        "dp",
+        "pp",
+        "step",
+        "phase",
+        "is_draft",
+        "num_reqs",
+        "num_tokens",
+        "logit_rows",
+        "active_experts",
+        "time_s",
+        "wall_s",
+        "host_gap_s",
+        "gpus",
+        "bytes_total",
+        "bytes_routed_experts",
+        "bytes_kv_read",
+        "flops_total",
+        "t_start_ns",
+        "t_end_ns",
+    ]
 )
 
 
@@ -106,18 +130,24 @@ def peak_flops_of(gpu: GpuSpec, dtype: str) -> float:
 
 
 def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
-    """The run's steps from `step_metrics`, with `in_window` (the analysis window) and per-GPU
-    bytes / FLOPs, ordered by stream and step."""
-    rid = ctx.run.run_id.replace("'", "''")
-    where = analysis.windows.get(ctx.run.run_id, "TRUE")
+    """The run's steps from `step_metrics`, with `in_window` (the analysis window), `counted` (what
+    every run-level step metric counts) and per-GPU bytes / FLOPs, ordered by stream and step."""
     df = analysis.db.con.sql(
-        f"SELECT {_STEP_COLUMNS}, coalesce(({where}), false) AS in_window FROM step_metrics "
-        f"WHERE run_id = '{rid}' ORDER BY dp, pp, step"
+        f"""SELECT {_STEP_COLUMNS}, coalesce({IN_WINDOW_SQL}, false) AS in_window,
+                   coalesce({COUNTED_SQL}, false) AS counted
+            FROM step_metrics s JOIN run_windows w USING (run_id)
+            WHERE s.run_id = ? ORDER BY s.dp, s.pp, s.step""",
+        params=[ctx.run.run_id],
     ).pl()
     return df.with_columns(
         bytes_per_gpu=pl.col("bytes_total") / pl.col("gpus"),
         flops_per_gpu=pl.col("flops_total") / pl.col("gpus"),
     )
+
+
+def run_settings(ctx: RunContext) -> dict[str, Any]:
+    """The run's `run_settings` row as a dict (what `view_metrics` needs besides the steps)."""
+    return dict(zip([c for c, _ in RUN_SETTINGS_COLUMNS], run_settings_row(ctx), strict=True))
 
 
 def _fittable(df: pl.DataFrame) -> pl.DataFrame:
@@ -367,6 +397,76 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else v
 
 
+@dataclass(frozen=True)
+class View:
+    """One timeline to compute metrics on: the run's steps taking `gpu_time` on `gpu`, requests
+    timed through `warp`."""
+
+    gpu_time: np.ndarray
+    gpu: GpuSpec
+    warp: TimeWarp
+
+
+def views_metrics(
+    df: pl.DataFrame,
+    views: Sequence[View],
+    peak_dtype: str,
+    requests: pl.DataFrame | None,
+    settings: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Metrics of each view (measured or projected): the step metrics of metrics/steps.py per phase
+    over the window (the keys of metrics.json `steps`), the request metrics (metrics.json
+    `requests`, timestamps through the view's warp), and decode steps per batch size.
+    `settings`: the run's `run_settings` row (last_pp, num_moe_layers). The step metrics of every
+    view come from one query (a view's index stands in for the run id)."""
+    frames = []
+    for i, v in enumerate(views):
+        wall = _walls(df, v.gpu_time)
+        frames.append(
+            df.with_columns(
+                time_s=pl.Series(v.gpu_time),
+                wall_s=pl.Series(wall),
+                host_gap_s=pl.Series(wall - np.minimum(np.maximum(v.gpu_time, 0), wall)),
+                gpu_bandwidth=pl.lit(v.gpu.memory_bandwidth, pl.Float64),
+                gpu_peak_flops=pl.lit(peak_flops_of(v.gpu, peak_dtype), pl.Float64),
+                run_id=pl.lit(str(i)),
+            )
+        )
+    every = pl.concat(frames, how="vertical_relaxed") if frames else df.clear()
+    window = every.filter(pl.col("in_window") & pl.col("counted"))
+    settings_frame = pl.DataFrame([{**settings, "run_id": str(i)} for i in range(len(views))])
+    con = duckdb.connect(config={"threads": 1})  # small frames: a thread pool costs more than it saves
+    try:
+        con.register("projected", window)
+        con.register("projected_settings", settings_frame)
+        phases = summary_rows(con, "projected", "projected_settings")
+        p50 = quantile_rows(con, "projected", "s.time_s")
+    finally:
+        con.close()
+    by_batch = (
+        every.filter(pl.col("counted") & (pl.col("phase") == "decode"))
+        .group_by("run_id", "num_reqs")
+        .agg(
+            steps=pl.len(),
+            step_time_s_mean=pl.col("time_s").mean(),
+            step_time_s_p50=pl.col("time_s").median(),
+            step_wall_s_mean=pl.col("wall_s").mean(),
+        )
+        .sort("run_id", "num_reqs")
+    )
+    out = []
+    for i, v in enumerate(views):
+        mine = phases.get(str(i), {})
+        for phase, values in mine.items():
+            values["step_time_s_p50_p90_p99"] = p50.get(str(i), {}).get(phase)
+        rows = by_batch.filter(pl.col("run_id") == str(i)).drop("run_id").to_dicts()
+        view: dict[str, Any] = {"phases": mine, "decode_by_batch_size": rows}
+        if requests is not None and requests.height:
+            view["requests"] = request_metrics(warp_requests(requests, v.warp))
+        out.append(view)
+    return out
+
+
 def view_metrics(
     df: pl.DataFrame,
     gpu_time: np.ndarray,
@@ -374,71 +474,10 @@ def view_metrics(
     peak_dtype: str,
     requests: pl.DataFrame | None,
     warp: TimeWarp,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Metrics of a run on `gpu` when its steps take `gpu_time` (measured or projected): per phase
-    in the window, window throughput, per-request latencies (through `warp`), per batch size."""
-    peak = peak_flops_of(gpu, peak_dtype)
-    wall = _walls(df, gpu_time)
-    frame = df.with_columns(gpu_time=pl.Series(gpu_time), wall_new=pl.Series(wall))
-    win = frame.filter(pl.col("in_window") & ~pl.col("is_draft") & (pl.col("time_s") > 0))
-    phases: dict[str, Any] = {}
-    for name, part in [*sorted(win.group_by("phase"), key=lambda g: str(g[0][0])), (("all",), win)]:
-        label = str(name[0])
-        if part.height == 0:
-            continue
-        gpu_s = float((part["gpu_time"] * part["gpus"]).sum())
-        stream_wall = _num(part.group_by("dp", "pp").agg(pl.col("wall_new").sum())["wall_new"].max())
-        tokens = int(part["num_tokens"].sum())
-        output_tokens = _num(part["logit_rows"].sum())
-        entry: dict[str, Any] = {
-            "steps": part.height,
-            "tokens": tokens,
-            "output_tokens": output_tokens,
-            "step_time_s_mean": _num(part["gpu_time"].mean()),
-            "step_time_s_p50": _num(part["gpu_time"].median()),
-            "wall_s_mean": _num(part["wall_new"].mean()),
-            "s_mbu": _num(float(part["bytes_total"].sum()) / (gpu.memory_bandwidth * gpu_s))
-            if gpu_s > 0
-            else None,
-            "s_mfu": _num(float(part["flops_total"].sum()) / (peak * gpu_s)) if gpu_s > 0 else None,
-            "window_s": stream_wall,
-        }
-        if label == "all" and stream_wall:
-            entry["throughput_tokens_per_s"] = tokens / stream_wall
-            entry["throughput_output_tokens_per_s"] = (output_tokens or 0) / stream_wall
-        phases[label] = entry
-    by_batch = (
-        frame.filter(~pl.col("is_draft") & (pl.col("time_s") > 0) & (pl.col("phase") == "decode"))
-        .group_by("num_reqs")
-        .agg(
-            steps=pl.len(),
-            step_time_s_mean=pl.col("gpu_time").mean(),
-            step_time_s_p50=pl.col("gpu_time").median(),
-            wall_s_mean=pl.col("wall_new").mean(),
-        )
-        .sort("num_reqs")
-    )
-    out: dict[str, Any] = {
-        "phases": phases,
-        "decode_by_batch_size": by_batch.to_dicts(),
-    }
-    if requests is not None and requests.height:
-        r = request_metrics(warp_requests(requests, warp))
-        out["requests"] = {
-            "requests": r.get("requests"),
-            "ttft_s_mean": r["ttft_s"]["mean"],
-            "ttft_s_p50": r["ttft_s"]["p50"],
-            "ttft_s_p99": r["ttft_s"]["p99"],
-            "tpot_s_mean": r["tpot_s"]["mean"],
-            "tpot_s_p50": r["tpot_s"]["p50"],
-            "tpot_token_weighted_s": r.get("tpot_token_weighted_s"),
-            "itl_s_p50": r["itl_s"]["p50"],
-            "e2e_s_mean": r["e2e_s"]["mean"],
-            "makespan_s": r.get("makespan_s"),
-            "output_tokens_per_s": r.get("output_tokens_per_s"),
-            "requests_per_s": r.get("requests_per_s"),
-        }
-    return out
+    """`views_metrics` of one view."""
+    return views_metrics(df, [View(gpu_time, gpu, warp)], peak_dtype, requests, settings)[0]
 
 
 def _stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
@@ -450,42 +489,27 @@ def _stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
     return TimeWarp.from_steps(df.filter(pl.Series(mask)), gpu_time[mask])
 
 
-def window_cost(
+def projected_window_cost(
     gpu: GpuSpec,
     num_gpus: int,
     metrics: dict[str, Any],
     settings: CostSettings,
     power_fraction_of_tdp: float | None,
 ) -> dict[str, Any]:
-    """Cost of the window on `gpu`: its duration and tokens from `metrics`; GPU power = the measured
-    run's mean power as a fraction of its TDP, times this GPU's TDP (TDP when nothing was measured)."""
+    """Cost of the window on `gpu` (cost/section.py `window_cost`): GPU power = the measured run's
+    mean power as a fraction of its TDP, times this GPU's TDP (TDP when nothing was measured)."""
     everything = metrics["phases"].get("all")
     if not everything or not everything.get("window_s"):
         return {"error": "no window to charge"}
-    duration = float(everything["window_s"])
     fraction = power_fraction_of_tdp if power_fraction_of_tdp is not None else 1.0
-    if gpu.tdp_w is None:
-        energy = EnergyResult(duration, None, "unknown", [])
-    else:
-        joules = gpu.tdp_w * fraction * duration
-        source = (
-            f"projected: measured mean power = {fraction:.3g} x TDP of the source GPU, applied to this GPU's TDP"
-            if power_fraction_of_tdp is not None
-            else "tdp"
-        )
-        energy = EnergyResult(
-            duration,
-            joules * num_gpus,
-            source,
-            [GpuEnergyReading(f"gpu{i}", joules, "projected", 0.0, 0) for i in range(num_gpus)],
-        )
-    work = Work(
-        duration_s=duration,
-        output_tokens=float(everything.get("output_tokens") or 0),
-        total_tokens=float(everything.get("tokens") or 0),
-        scope="window",
+    source = (
+        f"projected: measured mean power = {fraction:.3g} x TDP of the source GPU, applied to this GPU's TDP"
+        if power_fraction_of_tdp is not None
+        else "tdp"
     )
-    doc = estimate_cost(gpu, num_gpus, work, energy, settings)
+    power = None if gpu.tdp_w is None else gpu.tdp_w * fraction
+    energy = energy_at_power(float(everything["window_s"]), num_gpus, power, source)
+    doc = window_cost(gpu, num_gpus, everything, energy, settings)
     return {
         "model": doc["model"],
         "usd_per_1m_output_tokens": doc.get("usd_per_1m_output_tokens"),
@@ -522,13 +546,19 @@ def whatif_run(
     cal_df, calibrated_on = calibration_frame(analysis, ctx, df, calibration)
     cal = calibrate(cal_df, ctx)
     cal.calibrated_on = calibrated_on
-    rid = ctx.run.run_id.replace("'", "''")
-    requests = analysis.db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
+    requests = analysis.db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[ctx.run.run_id]).pl()
     measured_time = df["time_s"].to_numpy().astype(np.float64)
     assert ctx.gpu is not None
-    measured = view_metrics(df, measured_time, ctx.gpu, ctx.peak_dtype, requests, TimeWarp.identity())
+    row = run_settings(ctx)
+    views = [View(measured_time, ctx.gpu, TimeWarp.identity())]
+    for target in targets:
+        for model in MODELS:
+            gpu_time = project_times(df, cal, target, model)
+            views.append(View(gpu_time, target, _stream_warp(df, gpu_time)))
+    computed = iter(views_metrics(df, views, ctx.peak_dtype, requests, row))
+    measured = next(computed)
     power_fraction = measured_power_fraction(analysis, ctx)
-    measured["cost"] = window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
+    measured["cost"] = projected_window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
     warnings = []
     unprojectable = df.filter(~pl.col("bytes_per_gpu").is_finite() & (pl.col("time_s") > 0)).height
     if unprojectable:
@@ -537,9 +567,8 @@ def whatif_run(
     for target in targets:
         models: dict[str, Any] = {}
         for model in MODELS:
-            gpu_time = project_times(df, cal, target, model)
-            view = view_metrics(df, gpu_time, target, ctx.peak_dtype, requests, _stream_warp(df, gpu_time))
-            view["cost"] = window_cost(target, ctx.num_gpus, view, settings, power_fraction)
+            view = next(computed)
+            view["cost"] = projected_window_cost(target, ctx.num_gpus, view, settings, power_fraction)
             models[model] = view
         out_targets[target.name] = {
             "gpu": {

@@ -199,3 +199,54 @@ def test_check_flags_a_step_whose_tokens_do_not_match_its_requests(synthetic_run
     r = _cli("check", trace, "--cache-dir", tmp_path / "c")
     assert r.returncode == 1
     assert "1 step(s) whose num_tokens differs from the sum of req_new_tokens" in " ".join(r.stdout.split())
+
+
+def test_check_and_summary_name_a_corrupt_batch_and_strict_refuses_it(synthetic_run, tmp_path):
+    """A batch the reader leaves out (here: a requests file rewritten without its checksums while its
+    header still promises them) is named by `check` (exit 1) and the summary, never silently dropped."""
+    import pyarrow as pa
+
+    trace, _ = synthetic_run
+    req_file = next(trace.glob("*.requests.arrow"))
+    with pa.memory_map(str(req_file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    with pa.OSFile(str(req_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 1
+    flat = " ".join(r.stdout.split())
+    assert f"{req_file.name}: 1 corrupt record batch(es)" in flat and "checksum missing" in flat
+    s = _cli(trace, "--cache-dir", tmp_path / "c")
+    assert s.returncode == 0 and "checksum missing" in " ".join((s.stdout + s.stderr).split())
+    strict = _cli(trace, "--strict", "--cache-dir", tmp_path / "c2")
+    assert strict.returncode != 0 and "--strict refuses it" in strict.stderr
+    assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_check_names_a_step_that_compiled_kernels_inside_the_window(synthetic_run, tmp_path):
+    """A decode step 1.2 s long among decode steps of a few ms (a Triton JIT of a new shape) is named
+    by `check` with its rank and step (analyze/slow_steps.py's rule)."""
+    import pyarrow as pa
+
+    trace, _ = synthetic_run
+    steps_file = next(trace.glob("*.steps.arrow"))
+    step_key = None
+
+    def edit(table):
+        nonlocal step_key
+        decode = [i for i, p in enumerate(table.column("phase").to_pylist()) if p == "decode"]
+        slow = decode[len(decode) // 2]
+        step_key = table.column("step")[slow].as_py()
+        for name in ("gpu_end_ns", "t_end_ns"):
+            i = table.schema.get_field_index(name)
+            col = table.column(i).to_pylist()
+            if col[slow] is not None:
+                col[slow] += 1_200_000_000
+            table = table.set_column(i, table.schema.field(i), pa.array(col, type=table.schema.field(i).type))
+        return table
+
+    _rewrite_table(steps_file, edit)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    flat = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "1 step(s) took >= 10x their phase's median" in flat
+    assert f"step {step_key} (decode" in flat

@@ -162,8 +162,8 @@ def decode_values(analysis: Analysis) -> dict[str, Any]:
         "bytes_routed_experts": row["bytes_routed_experts"],
         "bandwidth": row["gpu_bandwidth"],
         "peak_flops": row["gpu_peak_flops"],
-        "smbu": row["smbu"],
-        "smfu": row["smfu"],
+        "s_mbu": row["s_mbu"],
+        "s_mfu": row["s_mfu"],
     }
 
 
@@ -171,8 +171,8 @@ def prefill_values(analysis: Analysis) -> dict[str, Any]:
     row = _step_rows(analysis)[1]
     return {
         **{k: row[k] for k in _STEP_KEYS if k != "bytes_routed_experts"},
-        "smbu": row["smbu"],
-        "smfu": row["smfu"],
+        "s_mbu": row["s_mbu"],
+        "s_mfu": row["s_mfu"],
     }
 
 
@@ -182,22 +182,22 @@ def ratio_values(analysis: Analysis) -> dict[str, Any]:
     steps = run["metrics"]["steps"]
     every = steps["all"]
     return {
-        "smbu_step2": rows[2]["smbu"],
-        "smfu_step2": rows[2]["smfu"],
+        "smbu_step2": rows[2]["s_mbu"],
+        "smfu_step2": rows[2]["s_mfu"],
         "all_smbu": every["s_mbu"],
         "all_smfu": every["s_mfu"],
-        "mean_step_smbu": np.mean([r["smbu"] for r in rows.values()]),
-        "mean_step_smfu": np.mean([r["smfu"] for r in rows.values()]),
+        "mean_step_smbu": np.mean([r["s_mbu"] for r in rows.values()]),
+        "mean_step_smfu": np.mean([r["s_mfu"] for r in rows.values()]),
         "decode_smbu": steps["decode"]["s_mbu"],
         "decode_smfu": steps["decode"]["s_mfu"],
         "prefill_smbu": steps["prefill"]["s_mbu"],
         "prefill_smfu": steps["prefill"]["s_mfu"],
         "gpu_seconds": every["gpu_seconds"],
-        "throughput_tokens_per_s": every["throughput_tokens_per_s"],
-        "throughput_output_tokens_per_s": every["throughput_output_tokens_per_s"],
+        "window_total_token_throughput": every["window_total_token_throughput"],
+        "window_output_throughput": every["window_output_throughput"],
         "host_gap_s": every["host_gap_s"],
         "gpu_busy_fraction": every["gpu_busy_fraction"],
-        "wall_s": every["wall_s"],
+        "window_s": every["window_s"],
         "tokens": every["tokens"],
         "output_tokens": every["output_tokens"],
     }
@@ -300,8 +300,8 @@ def requests_values(_: Analysis) -> dict[str, Any]:
         "itl_p90": doc["itl_s"]["p90"],
         "itl_n": doc["itl_s"]["n"],
         "makespan_s": doc["makespan_s"],
-        "requests_per_s": doc["requests_per_s"],
-        "output_tokens_per_s": doc["output_tokens_per_s"],
+        "request_throughput": doc["request_throughput"],
+        "output_throughput": doc["output_throughput"],
         "good_requests": doc["goodput"]["good_requests"],
         "good_requests_per_s": doc["goodput"]["good_requests_per_s"],
         "goodput_fraction": doc["goodput"]["fraction"],

@@ -424,3 +424,27 @@ def test_the_writer_never_writes_an_invalid_prebuilt_batch(tmp_path):
             "example": tf.drops[0]["example"],
         }
     ]
+
+
+def test_without_xxhash_the_writer_uses_crc32_and_the_reader_reports_what_it_cannot_verify(
+    tmp_path, monkeypatch
+):
+    from moecap.schemas import integrity
+
+    rows = faults.rows("experts")
+    monkeypatch.setattr(integrity, "_xxhash", False)  # as if xxhash were not installed
+    crc = tmp_path / "crc.experts.arrow"
+    faults.write_sample(crc, "experts", _run())
+    assert read_trace_file(crc).integrity == "verified"
+    monkeypatch.undo()
+    xxh = tmp_path / "xxh.experts.arrow"
+    faults.write_sample(xxh, "experts", _run())
+    for path in (crc, xxh):
+        tf = read_trace_file(path)
+        assert tf.integrity == "verified" and tf.table.to_pylist() == [
+            faults.expected_row(r, "experts") for r in rows
+        ]
+    assert b"crc32:" in crc.read_bytes() and b"xxh3_64:" in xxh.read_bytes()
+    monkeypatch.setattr(integrity, "_xxhash", False)
+    tf = read_trace_file(xxh)  # a reader without xxhash: the rows, reported unchecked, fully validated
+    assert tf.integrity == "unchecked" and tf.num_rows == len(rows) and tf.warnings == []

@@ -24,7 +24,7 @@ from moecap.schemas import (
     read_trace_file,
     trace_file_name,
 )
-from moecap.schemas.integrity import DEFAULT_ALGORITHM, format_checksum, header_checksum
+from moecap.schemas.integrity import default_algorithm, format_checksum, header_checksum
 
 
 def _step_row(i: int) -> dict:
@@ -185,7 +185,7 @@ def _write_with_metadata(
         value = header_checksum(
             *(meta.get(k, "").encode() for k in ("moecap.schema_version", "moecap.table", "moecap.run"))
         )
-        meta = {**meta, "moecap.checksum": format_checksum(DEFAULT_ALGORITHM, value)}
+        meta = {**meta, "moecap.checksum": format_checksum(default_algorithm(), value)}
     schema = (schema or arrow_schema(table)).with_metadata(meta)
     with ipc.new_stream(path, schema) as w:
         w.write_table(schema.empty_table())

@@ -57,7 +57,7 @@ def test_without_samples_energy_is_tdp_and_the_numbers_add_up(sim, tmp_path):
     window = cost["scopes"]["window"]
     assert cost["headline_scope"] == "window" and cost["gpu"] == "H100-SXM-80GB"
     assert cost["energy"]["source"] == "tdp"
-    assert window["duration_s"] == pytest.approx(steps["wall_s"])
+    assert window["duration_s"] == pytest.approx(steps["window_s"])
     assert window["output_tokens"] == steps["output_tokens"] and window["total_tokens"] == steps["tokens"]
     # Bundled constants: H100 30,000 $, host 4,000 $, x1.2, 4 years at 70 %; energy 700 W TDP + 575 W host,
     # PUE 1.25, 0.0895 $/kWh.

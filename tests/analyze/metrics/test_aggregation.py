@@ -1,4 +1,4 @@
-"""Aggregation invariants on synthetic traces (metrics.md §8.5, §8.6): S-MBU / S-MFU are ratios of
+"""Aggregation invariants on synthetic traces (docs/metrics.md §6, §9): S-MBU / S-MFU are ratios of
 sums over GPU time, scale as 1 / time and with the GPU's bandwidth; expert counts obey routing."""
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def _set_gpu_spans(table: pa.Table, spans_ns: list[int]) -> pa.Table:
 def _per_step(an, phase: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     where = "" if phase == "all" else f"AND phase = '{phase}'"
     rows = an.db.con.execute(
-        f"SELECT smbu, smfu, time_s FROM step_metrics WHERE NOT is_draft AND time_s > 0 {where}"
+        f"SELECT s_mbu, s_mfu, time_s FROM step_metrics WHERE NOT is_draft AND time_s > 0 {where}"
     ).fetchnumpy()
-    return rows["smbu"], rows["smfu"], rows["time_s"]
+    return rows["s_mbu"], rows["s_mfu"], rows["time_s"]
 
 
 def test_ratio_of_sums_is_the_mean_of_per_step_values_when_times_are_equal(
@@ -97,10 +97,10 @@ def test_ratio_of_sums_is_the_mean_of_per_step_values_when_times_are_equal(
     an = analysis([equal], tmp_path / "c")
     steps = _steps(an.document)
     for phase in PHASES:
-        smbu, smfu, time_s = _per_step(an, phase)
+        s_mbu, s_mfu, time_s = _per_step(an, phase)
         assert np.all(time_s == 0.005)
-        assert steps[phase]["s_mbu"] == pytest.approx(smbu.mean(), rel=1e-12), phase
-        assert steps[phase]["s_mfu"] == pytest.approx(smfu.mean(), rel=1e-12), phase
+        assert steps[phase]["s_mbu"] == pytest.approx(s_mbu.mean(), rel=1e-12), phase
+        assert steps[phase]["s_mfu"] == pytest.approx(s_mfu.mean(), rel=1e-12), phase
 
 
 def test_ratio_of_sums_weights_steps_by_time_not_by_count(trace: Path, tmp_path: Path) -> None:
@@ -108,23 +108,23 @@ def test_ratio_of_sums_weights_steps_by_time_not_by_count(trace: Path, tmp_path:
     per-step values, and differs from their plain mean."""
     uneven = rewrite_steps(trace, tmp_path / "uneven", lambda t: _set_gpu_spans(t, [1_000_000, 9_000_000]))
     an = analysis([uneven], tmp_path / "c")
-    smbu, _, time_s = _per_step(an, "all")
-    weighted = float((smbu * time_s).sum() / time_s.sum())
+    s_mbu, _, time_s = _per_step(an, "all")
+    weighted = float((s_mbu * time_s).sum() / time_s.sum())
     assert _steps(an.document)["all"]["s_mbu"] == pytest.approx(weighted, rel=1e-12)
-    assert abs(weighted - smbu.mean()) > 0.1 * weighted
+    assert abs(weighted - s_mbu.mean()) > 0.1 * weighted
 
 
 def test_per_step_smbu_is_bytes_over_bandwidth_time_gpus(trace: Path, tmp_path: Path) -> None:
     an = analysis([trace], tmp_path / "c")
     rows = an.db.con.execute(
-        "SELECT bytes_total, flops_total, time_s, gpus, smbu, smfu FROM step_metrics"
+        "SELECT bytes_total, flops_total, time_s, gpus, s_mbu, s_mfu FROM step_metrics"
     ).fetchnumpy()
     gpu = resolve_gpu("H100")
     np.testing.assert_allclose(
-        rows["smbu"], rows["bytes_total"] / (gpu.memory_bandwidth * rows["time_s"] * rows["gpus"]), rtol=1e-12
+        rows["s_mbu"], rows["bytes_total"] / (gpu.memory_bandwidth * rows["time_s"] * rows["gpus"]), rtol=1e-12
     )
     np.testing.assert_allclose(
-        rows["smfu"],
+        rows["s_mfu"],
         rows["flops_total"] / (gpu.peak_flops("bf16") * rows["time_s"] * rows["gpus"]),
         rtol=1e-12,
     )

@@ -40,7 +40,7 @@ def test_trace_without_expert_counts_nulls_smbu_only(tmp_path: Path) -> None:
         assert values["s_mbu"] is None and values["s_mbu_p50_p90_p99"] is None, phase
         assert values["s_mfu"] > 0 and values["flops_total"] > 0, phase
         assert values["bytes_kv_read"] is not None, phase  # KV traffic needs no counts
-    assert steps["all"]["throughput_tokens_per_s"] > 0
+    assert steps["all"]["window_total_token_throughput"] > 0
     assert run["metrics"]["requests"]  # request metrics are computed
     assert run["metrics"]["experts"] == {}
 

@@ -1,4 +1,4 @@
-"""Model FLOPs of `step_costs` (metrics.md §8.3) agree with torch's FlopCounterMode on tiny models.
+"""Model FLOPs of `step_costs` (docs/metrics.md §4) agree with torch's FlopCounterMode on tiny models.
 
 For every supported family, a tiny random model (transformers 5.17, CPU, fp32) runs one step on a
 KV cache that already holds p tokens per request: a final prefill chunk (n new tokens, one logit row
@@ -8,8 +8,8 @@ step (one new token). Eager attention and eager experts make every matmul an ate
 counter sees; the default `grouped_mm` experts would be invisible to it.
 
 * matmul FLOPs (mm + addmm) = our flops_linear + flops_lm_head, except where transformers executes
-  more than §8.3's model FLOPs: its MLA caches the latent and re-expands the *cached* prefix with
-  `kv_b_proj` every step (2·p·r_kv·H·(d_n + d_v) per request and layer; §8.3 names it executed FLOPs,
+  more than docs/metrics.md §4's model FLOPs: its MLA caches the latent and re-expands the *cached* prefix with
+  `kv_b_proj` every step (2·p·r_kv·H·(d_n + d_v) per request and layer; docs/metrics.md §4 names them executed FLOPs,
   never model FLOPs).
 * attention scores: the counter counts the full, non-causal score matrix of a multi-token step, so
   our causal flops_attention is checked by running the same n tokens one at a time (a single query's
@@ -212,7 +212,7 @@ def our_costs(family: str, *, batch: int, prefix: int, new: int, logits: bool) -
 
 def mla_reexpansion_flops(config: dict[str, Any], *, batch: int, prefix: int) -> int:
     """FLOPs transformers' MLA spends re-expanding the cached latents of the prefix (kv_b_proj on
-    p tokens per request and layer): executed, not model FLOPs (§8.3)."""
+    p tokens per request and layer): executed, not model FLOPs (docs/metrics.md §4)."""
     if "kv_lora_rank" not in config:
         return 0
     kv_b = (
@@ -317,7 +317,7 @@ def _full_matrix_scores(config: dict[str, Any], *, batch: int, prefix: int, new:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_counter_counts_the_full_score_matrix(family: str) -> None:
     """Why attention scores are not compared on the multi-token step itself: the counter sees the
-    full n × keys matrix, more than the causal (and windowed) pairs §8.3 counts."""
+    full n × keys matrix, more than the causal (and windowed) pairs docs/metrics.md §4 counts."""
     kw = STEPS["final_prefill_chunk"]
     counted = counted_step(family, **kw)
     full = _full_matrix_scores(family_config(family), batch=kw["batch"], prefix=kw["prefix"], new=kw["new"])

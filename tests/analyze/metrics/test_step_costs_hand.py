@@ -1,4 +1,4 @@
-"""Hand-derived per-step bytes and FLOPs (metrics.md §8.1–8.3) on tiny configs, every column.
+"""Hand-derived per-step bytes and FLOPs (docs/metrics.md §2–§4) on tiny configs, every column.
 
 The arithmetic is written out in full so a reader can check it with a pencil; nothing here is
 computed with the code under test. The configs (and their shapes) are in metrics_helpers.py.

@@ -19,19 +19,19 @@ def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
-    tps = [float(r["output_tokens_per_s"]) for r in rows]
+    tps = [float(r["window_output_throughput"]) for r in rows]
     assert tps == sorted(tps, reverse=True)
     assert {r["run_id"] for r in rows} == {r[0] for r in RUNS}
     assert EVIL_MODEL in {r["model"] for r in rows}  # CSV keeps the string as it is
     doc = {r["run_id"]: r for r in analysis.document["runs"]}
     for r in rows:
-        expected = doc[r["run_id"]]["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"]
-        assert float(r["output_tokens_per_s"]) == pytest.approx(expected)
+        expected = doc[r["run_id"]]["metrics"]["steps"]["all"]["window_output_throughput"]
+        assert float(r["window_output_throughput"]) == pytest.approx(expected)
         assert r["batch_size"] == str(doc[r["run_id"]]["workload"]["batch_size"])
     # Files: CSV, JSON, HTML and the two charts in both formats.
     assert (out / "leaderboard.csv").read_text().splitlines()[0].split(",") == [c for c, _, _ in COLUMNS]
     board = json.loads((out / "leaderboard.json").read_text())
-    assert board["sort"] == {"by": "throughput", "column": "output_tokens_per_s", "higher_is_better": True}
+    assert board["sort"] == {"by": "throughput", "column": "window_output_throughput", "higher_is_better": True}
     assert [r["run_id"] for r in board["rows"]] == [r["run_id"] for r in rows]
     charts = sorted(p.name for p in (out / "charts").iterdir())
     assert charts == [
@@ -64,7 +64,7 @@ def test_one_row_per_configuration_the_latest_run_stands_for_it(analysis):
     doc = copy.deepcopy(analysis.document)
     newer = copy.deepcopy(doc["runs"][1])
     newer["run_id"] = "20270101T000000Z-rerun"
-    newer["metrics"]["steps"]["all"]["throughput_output_tokens_per_s"] = 1.0
+    newer["metrics"]["steps"]["all"]["window_output_throughput"] = 1.0
     doc["runs"].append(newer)
     board = leaderboard_frame(doc)
     assert board.height == len(RUNS)

@@ -180,8 +180,8 @@ def test_timeline_charts_fold_their_series():
         {
             "t_start_s": [0.0, 1.0],
             "t_end_s": [1.0, 2.0],
-            "smbu": [0.5, None],
-            "smfu": [0.1, 0.2],
+            "s_mbu": [0.5, None],
+            "s_mfu": [0.1, 0.2],
             "in_window": [0.0, 1.0],
             "busy_ms_per_step": [5.0, 6.0],
             "host_gap_ms_per_step": [1.0, 4.0],
@@ -189,7 +189,7 @@ def test_timeline_charts_fold_their_series():
     )
     util = C.utilisation_over_time(tl).to_dict()
     assert any(
-        t.get("fold") == ["smbu", "smfu"] for layer in util["layer"] for t in layer.get("transform", [])
+        t.get("fold") == ["s_mbu", "s_mfu"] for layer in util["layer"] for t in layer.get("transform", [])
     )
     acct = C.time_accounting(tl).to_dict()
     assert acct["transform"][0]["fold"] == ["busy_ms_per_step", "host_gap_ms_per_step"]
@@ -204,7 +204,7 @@ def _runs(**overrides) -> pl.DataFrame:
         "accuracy": [0.8, 0.4, 0.6],
         "ttft_ms": [100.0, 50.0, 200.0],
         "tpot_ms": [10.0, 20.0, 5.0],
-        "output_tokens_per_s": [500.0, 1000.0, 250.0],
+        "window_output_throughput": [500.0, 1000.0, 250.0],
     }
     base.update(overrides)
     return pl.DataFrame(base, schema_overrides={k: pl.Float64 for k in base if k != "run"})
@@ -239,7 +239,7 @@ def test_pareto_front_marks_only_undominated_runs():
     runs = _runs(
         run=["a", "b", "c", "d"],
         cost_usd_per_m_output_tokens=[1.0, 2.0, 3.0, None],
-        output_tokens_per_s=[100.0, 300.0, 200.0, 50.0],
+        window_output_throughput=[100.0, 300.0, 200.0, 50.0],
         accuracy=[0.1] * 4,
         ttft_ms=[1.0] * 4,
         tpot_ms=[1.0] * 4,
@@ -266,11 +266,11 @@ def test_latency_and_throughput_charts_encode_their_frames():
             "run": ["a", "a"],
             "kind": ["steps", "run"],
             "batch_size": [4, 4],
-            "output_tokens_per_s": [10.0, 12.0],
+            "window_output_throughput": [10.0, 12.0],
         }
     )
     spec = C.throughput_vs_batch(tp).to_dict()
-    assert {("x", "batch_size"), ("y", "output_tokens_per_s")} <= _fields(spec)
+    assert {("x", "batch_size"), ("y", "window_output_throughput")} <= _fields(spec)
     assert len(_data(spec)) == 2
 
 
@@ -316,7 +316,7 @@ def test_radar_becomes_one_panel_per_run_beyond_the_overlay_limit():
         accuracy=[None] * n,
         ttft_ms=[10.0] * n,
         tpot_ms=[5.0 + i for i in range(n)],
-        output_tokens_per_s=[100.0 * (i + 1) for i in range(n)],
+        window_output_throughput=[100.0 * (i + 1) for i in range(n)],
     )
     spec = C.cap_radar(runs).to_dict()
     assert spec["facet"]["field"] == "panel" and spec["columns"] == 4

@@ -85,23 +85,23 @@ def test_step_frame_keeps_every_step_and_is_bounded(analysis, max_points):
 
 
 def test_timeline_ratio_of_sums_matches_the_document(analysis):
-    tl = F.timeline_frame(analysis.db, RUN, "TRUE", bins=1)
+    tl = F.timeline_frame(analysis.db, RUN, bins=1)
     assert tl.height == 1
     doc_all = analysis.db.con.execute(
         "SELECT sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) FROM step_metrics "
         "WHERE run_id = ? AND NOT is_draft AND time_s > 0",
         [RUN],
     ).fetchall()[0][0]
-    assert tl["smbu"][0] == pytest.approx(doc_all)
-    many = F.timeline_frame(analysis.db, RUN, analysis.windows[RUN], bins=20)
+    assert tl["s_mbu"][0] == pytest.approx(doc_all)
+    many = F.timeline_frame(analysis.db, RUN, bins=20)
     assert many.height <= 20 and many["steps"].sum() == tl["steps"][0]
     assert ((many["in_window"] >= 0) & (many["in_window"] <= 1)).all()
     assert (many["t_end_s"] > many["t_start_s"]).all()
 
 
 def test_timeline_smbu_is_null_without_expert_counts(analysis):
-    tl = F.timeline_frame(analysis.db, NO_COUNTS, "TRUE", bins=5)
-    assert tl.height and tl["smbu"].null_count() == tl.height and tl["smfu"].null_count() == 0
+    tl = F.timeline_frame(analysis.db, NO_COUNTS, bins=5)
+    assert tl.height and tl["s_mbu"].null_count() == tl.height and tl["s_mfu"].null_count() == 0
 
 
 def test_latency_cdfs_are_monotone_end_at_one_and_are_reduced(analysis):
@@ -134,7 +134,7 @@ def test_runs_frame_reads_cost_and_accuracy_when_present_and_nulls_otherwise(ana
     assert runs["accuracy"].to_list()[:3] == [0.75, 0.5, None]
     assert runs["cost_usd_per_m_output_tokens"][1] == 2.5
     assert runs["cost_usd_per_m_output_tokens"][2] is None
-    assert runs["output_tokens_per_s"].null_count() == 0
+    assert runs["window_output_throughput"].null_count() == 0
 
 
 def test_run_labels_are_unique_and_short(analysis):

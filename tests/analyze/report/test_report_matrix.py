@@ -31,7 +31,7 @@ def _run(
         "metrics": {
             "requests": {"ttft_s": {"mean": ttft_s}, "tpot_s": {"mean": tpot_s}},
             "steps": {
-                "all": {"throughput_output_tokens_per_s": tps},
+                "all": {"window_output_throughput": tps},
                 "prefill": {"s_mbu": 0.1, "s_mfu": 0.3},
                 "decode": {"s_mbu": 0.5, "s_mfu": 0.02},
             },
@@ -65,7 +65,7 @@ def test_one_row_per_run_sorted_by_task_batch_size_and_repeat():
     assert first["hardware"] == "1xH100-SXM-80GB" and first["engine"] == "vllm"
     assert first["ttft_ms"] == pytest.approx(30.0) and first["tpot_ms"] == pytest.approx(4.0)
     assert rows[1]["ttft_ms"] == pytest.approx(31.0)  # repeats are not averaged away
-    assert rows[2]["output_tokens_per_s"] == 4000.0
+    assert rows[2]["window_output_throughput"] == 4000.0
     assert (first["prefill_smbu"], first["prefill_smfu"], first["decode_smbu"], first["decode_smfu"]) == (
         0.1, 0.3, 0.5, 0.02,
     )  # fmt: skip

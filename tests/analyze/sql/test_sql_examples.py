@@ -146,7 +146,7 @@ def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
     assert got["steps"].to_list() == expected["n"].to_list()
     assert np.allclose(got["step_ms_mean"].to_numpy(), expected["mean"].to_numpy(), rtol=1e-9)
     assert np.allclose(got["step_ms_p90"].to_numpy(), expected["p90"].to_numpy(), rtol=1e-9)
-    smbu = (
+    s_mbu = (
         t.lazy("step_metrics")
         .filter(pl.col("phase") == "decode")
         .group_by("run_id", "num_reqs")
@@ -157,7 +157,7 @@ def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
         .sort("run_id", "num_reqs")
         .collect()
     )
-    assert np.allclose(got["s_mbu"].to_numpy(), smbu["s"].to_numpy(), rtol=1e-9)
+    assert np.allclose(got["s_mbu"].to_numpy(), s_mbu["s"].to_numpy(), rtol=1e-9)
 
 
 @check("slowest_steps")
@@ -262,7 +262,7 @@ def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
         assert row["steps"] == doc["steps"]
         assert _close(row["s_mbu"], doc["s_mbu"]) and _close(row["s_mfu"], doc["s_mfu"])
         assert _close(row["step_ms_mean"], doc["step_time_s_mean"] * 1e3)
-        assert _close(row["throughput_output_tokens_per_s"], doc["throughput_output_tokens_per_s"])
+        assert _close(row["window_output_throughput"], doc["window_output_throughput"])
     assert got["batch_size"].to_list() == sorted(got["batch_size"].to_list())
 
 

@@ -74,7 +74,7 @@ def test_two_by_two_matrix_table_equals_each_points_own_analysis(tmp_path):
         # exactly the per-point numbers (same float, not approximately)
         assert row["ttft_ms"] == req["ttft_s"]["mean"] * 1e3
         assert row["tpot_ms"] == req["tpot_s"]["mean"] * 1e3
-        assert row["output_tokens_per_s"] == steps["all"]["throughput_output_tokens_per_s"]
+        assert row["window_output_throughput"] == steps["all"]["window_output_throughput"]
         for phase in ("prefill", "decode"):
             assert row[f"{phase}_smbu"] == steps[phase]["s_mbu"]
             assert row[f"{phase}_smfu"] == steps[phase]["s_mfu"]
