@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from .sql.tables import Tables
 
 
-
 def __getattr__(name: str) -> Any:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -411,8 +411,8 @@ def batch_to_table_batch(
         for j, _exc in _bad_casts(a, c.type, 0):
             bad.setdefault(j, (c.name, f"value does not fit {c.type}", _example(a[j].as_py())))
         if not c.nullable and a.null_count:
-            for j in np.flatnonzero(a.is_null().to_numpy(zero_copy_only=False)):
-                bad.setdefault(int(j), (c.name, "null in a required column", "None"))
+            for k in np.flatnonzero(a.is_null().to_numpy(zero_copy_only=False)):
+                bad.setdefault(int(k), (c.name, "null in a required column", "None"))
     mask = np.ones(batch.num_rows, dtype=bool)
     mask[list(bad)] = False
     kept = pa.array(mask)

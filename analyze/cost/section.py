@@ -57,7 +57,9 @@ def energy_for_duration(energy: EnergyResult, duration_s: float) -> EnergyResult
         return energy_at_power(duration_s, len(energy.gpus) or 1, None, "unknown")
     f = duration_s / energy.duration_s
     gpus = [
-        GpuEnergyReading(g.gpu_uuid, None if g.joules is None else g.joules * f, g.method, g.coverage, g.samples)
+        GpuEnergyReading(
+            g.gpu_uuid, None if g.joules is None else g.joules * f, g.method, g.coverage, g.samples
+        )
         for g in energy.gpus
     ]
     return EnergyResult(duration_s, None if energy.joules is None else energy.joules * f, energy.source, gpus)

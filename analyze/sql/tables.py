@@ -18,11 +18,14 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from ..metrics.window import Window
 
 from ..analysis import Options, RunContext, define_step_metrics_view, resolve_context
 from ..load import LoadedRun, TraceDB, default_cache_dir, load_traces, require_runs
@@ -82,8 +85,8 @@ class Tables:
         return self.ensure_run_metrics().document
 
     @property
-    def windows(self) -> dict[str, str]:
-        """run_id -> SQL predicate over step_metrics selecting that run's metrics window."""
+    def windows(self) -> dict[str, Window]:
+        """run_id -> that run's metrics window (analyze/metrics/window.py)."""
         return self.ensure_run_metrics().windows
 
     @property

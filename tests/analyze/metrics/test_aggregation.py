@@ -121,7 +121,9 @@ def test_per_step_smbu_is_bytes_over_bandwidth_time_gpus(trace: Path, tmp_path: 
     ).fetchnumpy()
     gpu = resolve_gpu("H100")
     np.testing.assert_allclose(
-        rows["s_mbu"], rows["bytes_total"] / (gpu.memory_bandwidth * rows["time_s"] * rows["gpus"]), rtol=1e-12
+        rows["s_mbu"],
+        rows["bytes_total"] / (gpu.memory_bandwidth * rows["time_s"] * rows["gpus"]),
+        rtol=1e-12,
     )
     np.testing.assert_allclose(
         rows["s_mfu"],

@@ -31,7 +31,11 @@ def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
     # Files: CSV, JSON, HTML and the two charts in both formats.
     assert (out / "leaderboard.csv").read_text().splitlines()[0].split(",") == [c for c, _, _ in COLUMNS]
     board = json.loads((out / "leaderboard.json").read_text())
-    assert board["sort"] == {"by": "throughput", "column": "window_output_throughput", "higher_is_better": True}
+    assert board["sort"] == {
+        "by": "throughput",
+        "column": "window_output_throughput",
+        "higher_is_better": True,
+    }
     assert [r["run_id"] for r in board["rows"]] == [r["run_id"] for r in rows]
     charts = sorted(p.name for p in (out / "charts").iterdir())
     assert charts == [

@@ -63,7 +63,9 @@ def test_lazy_frames_push_filters_and_columns_into_duckdb(t: Tables) -> None:
 def test_lazy_frames_join_each_other_and_themselves(t: Tables) -> None:
     steps = t.lazy("steps")
     metrics = t.lazy("step_metrics")
-    joined = steps.join(metrics.select("run_id", "dp", "step", "s_mbu"), on=["run_id", "dp", "step"]).collect()
+    joined = steps.join(
+        metrics.select("run_id", "dp", "step", "s_mbu"), on=["run_id", "dp", "step"]
+    ).collect()
     assert joined.height == t.sql("SELECT count(*) FROM steps").fetchall()[0][0]
     self_join = steps.join(
         steps.select("run_id", "step", later=pl.col("t_start_ns")), on=["run_id", "step"]
