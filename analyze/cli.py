@@ -72,6 +72,19 @@ CacheDir = Annotated[
 ]
 
 
+Detail = Annotated[
+    bool,
+    typer.Option("--detail", help="With several runs: each run's own tables instead of one row per run."),
+]
+
+
+def _print_runs(document: dict, *, detail: bool) -> None:
+    """One row per run (several runs) or each run's tables (`--detail`, one run, reference formula)."""
+    from .report.terminal import print_runs
+
+    print_runs(document, detail=detail)
+
+
 def _progress_printer(enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
@@ -116,13 +129,14 @@ def summary(
     cost_model: CostModel = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
+    detail: Detail = False,
 ) -> None:
     """Compute every metric and print a summary (and write metrics.json with --out).
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
     from .analysis import Options
-    from .output import print_summary, write_outputs
+    from .output import write_outputs
     from .pipeline import Analysis, analyze_paths
     from .specs import load_model_config
 
@@ -199,7 +213,7 @@ def summary(
     elif format == "csv":
         _print_csv(analysis.document)
     else:
-        print_summary(analysis.document)
+        _print_runs(analysis.document, detail=detail)
         if out is not None:
             err.print(f"wrote {out / 'metrics.json'}")
 
@@ -243,27 +257,42 @@ def report(
             "'none' leaves the section out).",
         ),
     ] = None,
+    export: Annotated[
+        str,
+        typer.Option(
+            "--export",
+            help="Also write each chart as a file under OUT/charts: png, svg or png,svg (default none: "
+            "the page already holds every chart; exporting ~200 charts takes minutes).",
+        ),
+    ] = "none",
     strict: Strict = False,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Write metrics.json and an HTML report.
+    """Write metrics.json and an HTML report (progress on stderr).
 
     Example: moecap-analyze report traces/*.arrow --out report/ --whatif-gpu H200 --whatif-gpu B200
     """
     from .analysis import Options
-    from .output import print_summary, write_outputs
+    from .output import write_outputs
     from .pipeline import analyze_paths
+    from .report.cli import parse_export
+    from .report.progress import ReportProgress
 
+    formats = parse_export(export)
     options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
-    analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict)
-    write_outputs(analysis, out)
-    from .report.figures import DEFAULT_WHATIF_GPUS
-    from .report.html import write_report
+    with ReportProgress(err) as progress:
+        analysis = analyze_paths(
+            paths, options, cache_dir=cache_dir, strict=strict, progress=progress.loading
+        )
+        progress.stage("writing metrics.json")
+        write_outputs(analysis, out)
+        from .report.figures import DEFAULT_WHATIF_GPUS
+        from .report.html import write_report
 
-    gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
-    path = write_report(analysis, out, whatif_gpus=gpus)
-    err.print(f"wrote {path}")
-    print_summary(analysis.document)
+        gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
+        path = write_report(analysis, out, whatif_gpus=gpus, export=formats, progress=progress.update)
+    err.print(f"wrote {path}" + (f" and {out / 'charts'}/ ({', '.join(formats)})" if formats else ""))
+    _print_runs(analysis.document, detail=False)
 
 
 @app.command()
@@ -290,7 +319,44 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> N
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
-_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "--help", "-h"}
+_COMMANDS = {
+    "summary", "report", "check", "sql", "shell", "leaderboard", "whatif",
+    "--help", "-h", "--version",
+}  # fmt: skip
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"moecap-analyze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Derive Cost/Accuracy/Performance metrics (S-MBU, S-MFU, TTFT, TPOT, expert load, …) from moecap
+    traces or MoE-CAP record files."""
+
+
+def _mistyped_command(word: str) -> str | None:
+    """The command `word` was probably meant to be ("sumary" -> "summary"), when `word` is no file,
+    directory or glob and is close to a command name; None otherwise."""
+    import difflib
+    import glob
+
+    if "/" in word or "." in word or word.startswith("-") or Path(word).exists() or glob.glob(word):
+        return None
+    names = sorted(c for c in _COMMANDS if not c.startswith("-"))
+    match = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 # Sub-commands that live beside their library code register themselves here: each module defines
@@ -316,9 +382,19 @@ def main() -> None:
     _register_commands()
     argv = sys.argv[1:]
     if argv and argv[0] not in _COMMANDS:
+        meant = _mistyped_command(argv[0])
+        if meant is not None:
+            err.print(
+                f"moecap-analyze: error: no command or file {argv[0]!r}; did you mean '{meant}'? "
+                "(moecap-analyze --help lists the commands)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(2)
         sys.argv.insert(1, "summary")
     try:
         app()
     except (AnalyzeError, TraceError) as exc:
-        err.print(f"moecap-analyze: error: {exc}", markup=False, highlight=False)
+        err.print(f"moecap-analyze: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

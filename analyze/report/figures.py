@@ -7,7 +7,7 @@ the section says why, so every chart that is drawn has data.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,23 +64,49 @@ def safe_name(text: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "run"
 
 
+def _add_groups(frame: pl.DataFrame, groups: dict[str, str], labels: dict[str, str]) -> pl.DataFrame:
+    """A `group` column from the frame's `run` label (labels: run_id -> label)."""
+    by_label = {labels[rid]: g for rid, g in groups.items() if rid in labels}
+    return frame.with_columns(group=pl.col("run").replace_strict(by_label, default=pl.col("run")))
+
+
 def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOptions) -> Section:
-    """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs."""
+    """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
+    coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
+    from .groups import run_groups, run_modes
+    from .steps import steps_predicate
+
     db, document = analysis.db, analysis.document
+    groups = run_groups(document, run_modes(analysis))
     sec = Section(id="compare", title="Across runs")
-    lat = F.latency_cdf_frame(db, labels, points=options.cdf_points)
+    n_groups = len(set(groups.values()))
+    if len(groups) > n_groups:
+        sec.notes.append(
+            f"{len(groups)} runs in {n_groups} groups (model · engine · GPU · CUDA graphs or eager): colour = "
+            "group, one line or panel per run; hover a mark for its run."
+        )
+    lat = _add_groups(F.latency_cdf_frame(db, labels, points=options.cdf_points), groups, labels)
     if lat.height:
         sec.figures.append(Figure("compare-latency_cdf", "Latency distributions (CDF)", C.latency_cdf(lat)))
     else:
         sec.notes.append("no request timings in any run: latency CDFs left out")
-    tput = F.throughput_frame(db, labels, document)
+    where, lost = steps_predicate(db, list(labels))
+    tput = _add_groups(F.throughput_frame(db, labels, document, where=where), groups, labels)
+    outliers = [
+        f"{labels[rid]}: {len(ex.outliers)}" for rid, ex in lost.items() if ex.outliers and rid in labels
+    ]
+    if outliers:
+        sec.notes.append(
+            "Throughput vs batch size leaves out compile-outlier steps (time / roofline bound > "
+            f"{_factor():g}× the run's median): " + "; ".join(outliers) + "."
+        )
     if tput.height:
         sec.figures.append(
             Figure("compare-throughput_vs_batch", "Throughput vs batch size", C.throughput_vs_batch(tput))
         )
     else:
         sec.notes.append("no steps with wall time: throughput vs batch size left out")
-    runs = F.runs_frame(document, labels)
+    runs = _add_groups(F.runs_frame(document, labels), groups, labels)
     geometry, _ = C.radar_frame(runs)
     if geometry.filter(geometry["kind"] == "run").height:
         sec.figures.append(Figure("compare-cap_radar", "CAP radar", C.cap_radar(runs)))
@@ -97,6 +123,12 @@ def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOpti
     else:
         sec.notes.append("no run has throughput and cost/TPOT: Pareto front left out")
     return sec
+
+
+def _factor() -> float:
+    from .steps import COMPILE_OUTLIER_FACTOR
+
+    return COMPILE_OUTLIER_FACTOR
 
 
 def run_section(analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions) -> Section:
@@ -138,18 +170,26 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
     else:
         sec.notes.append("no expert counts in this run: expert heatmap, load and imbalance left out")
 
-    steps = F.step_frame(db, rid, max_points=options.step_points)
+    from .steps import excluded_steps
+
+    left_out = excluded_steps(db, rid)
+    note = left_out.note()
+    if note:
+        sec.notes.append("Per-step charts (activated experts, step time): " + note)
+    steps = F.step_frame(db, rid, max_points=options.step_points, where=left_out.predicate())
     if steps.height:
         if steps["active_experts_per_layer"].drop_nulls().len():
             sec.figures.append(
                 Figure(
                     f"{prefix}-activated_experts",
                     "Activated experts vs batch tokens",
-                    C.activated_experts_vs_tokens(steps, num_experts=n_experts, top_k=top_k),
+                    C.activated_experts_vs_tokens(steps, num_experts=n_experts, top_k=top_k, note=note),
                 )
             )
         sec.figures.append(
-            Figure(f"{prefix}-step_time", "Step time vs batch tokens", C.step_time_vs_tokens(steps))
+            Figure(
+                f"{prefix}-step_time", "Step time vs batch tokens", C.step_time_vs_tokens(steps, note=note)
+            )
         )
     else:
         reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
@@ -244,18 +284,30 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
 
 
 def report_sections(
-    analysis: Any, options: FigureOptions | None = None, whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS
+    analysis: Any,
+    options: FigureOptions | None = None,
+    whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Section]:
     """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
-    per run, in the document's run order."""
+    per run, in the document's run order. `progress("charts", done, total)` after each section."""
     options = options or FigureOptions()
     labels = F.run_labels(analysis.document)
+    runs = analysis.document.get("runs", [])
+    total = len(runs) + 1 + bool(whatif_gpus)
     sections = [cross_run_section(analysis, labels, options)]
+    if progress:
+        progress("charts", 1, total)
     if whatif_gpus:
         sections.append(whatif_section(analysis, labels, whatif_gpus))
+        if progress:
+            progress("charts", 2, total)
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
-    for i, run in enumerate(analysis.document.get("runs", []), start=1):
+    for i, run in enumerate(runs, start=1):
         ctx = by_id.get(run["run_id"])
         if ctx is not None:
             sections.append(run_section(analysis, ctx, labels[run["run_id"]], i, options))
+        if progress:
+            progress("charts", total - len(runs) + i, total)
     return sections

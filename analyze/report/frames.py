@@ -214,7 +214,7 @@ def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
 
 
 # -- steps ----------------------------------------------------------------------------------------
-def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFrame:
+def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str = "TRUE") -> pl.DataFrame:
     """Steps grouped by (phase, batch tokens) with the measured step time and the roofline bound
     for that batch. A phase keeps one row per distinct token count when it has few enough, else
     tokens are binned into equal-width buckets so the frame has at most ~`max_points` rows.
@@ -222,13 +222,14 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFr
     Columns: phase, tokens (mean of the group), tokens_min, tokens_max, steps, time_ms (mean GPU
     span), time_ms_p10, time_ms_p90, memory_bound_ms (bytes / (bandwidth x GPUs)), compute_bound_ms
     (FLOPs / (peak x GPUs)), active_experts_per_layer (mean; null without expert counts).
-    Every recorded non-draft step with a positive duration is used, not only the metrics window.
+    Every recorded non-draft step with a positive duration is used, not only the metrics window,
+    that also passes `where` (SQL over step_metrics, e.g. `steps.Excluded.predicate()`).
     """
     info = run_info(db, run_id)
     n_moe = max(1, int(info.get("num_moe_layers") or 1))
     n_phases = _one(
         db,
-        "SELECT count(DISTINCT phase) FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0",
+        f"SELECT count(DISTINCT phase) FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})",
         [run_id],
     )
     per_phase = max(10, max_points // max(1, int(n_phases[0] if n_phases else 1)))
@@ -240,7 +241,7 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFr
                    CASE WHEN isnan(active_experts) THEN NULL ELSE active_experts END AS active,
                    bytes_total / (gpu_bandwidth * gpus) AS mem_s,
                    flops_total / (gpu_peak_flops * gpus) AS comp_s
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0
+            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
         ), w AS (
             SELECT phase, min(num_tokens) AS lo, count(DISTINCT num_tokens) AS distinct_tokens,
                    greatest(1, ceil((max(num_tokens) - min(num_tokens) + 1) / {per_phase}))::BIGINT AS width
@@ -378,14 +379,20 @@ def latency_cdf_frame(db: TraceDB, labels: dict[str, str], *, points: int = 200)
 
 
 def throughput_frame(
-    db: TraceDB, labels: dict[str, str], document: dict[str, Any] | None = None, *, min_steps: int = 3
+    db: TraceDB,
+    labels: dict[str, str],
+    document: dict[str, Any] | None = None,
+    *,
+    min_steps: int = 3,
+    where: str = "TRUE",
 ) -> pl.DataFrame:
     """Generated tokens per second against batch size (requests in the step).
 
     kind = "steps": per run and batch size, Σ logit rows / Σ step wall time over that run's steps
     with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run": the
     run's window throughput (metrics.json `steps.all.throughput_output_tokens_per_s`) at its
-    workload batch size. Columns: run, kind, batch_size, output_tokens_per_s, steps.
+    workload batch size. Columns: run, kind, batch_size, output_tokens_per_s, steps. `where` (SQL
+    over step_metrics) filters the steps, e.g. `steps.steps_predicate` leaving out compile steps.
     """
     ids = list(labels)
     parts = []
@@ -397,6 +404,7 @@ def throughput_frame(
                        count(*) AS steps
                 FROM step_metrics
                 WHERE run_id IN ({", ".join("?" * len(ids))}) AND NOT is_draft AND wall_s > 0
+                      AND ({where})
                 GROUP BY run_id, num_reqs HAVING count(*) >= {int(min_steps)}""",
             ids,
         ).pl()

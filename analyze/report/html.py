@@ -13,16 +13,17 @@ import functools
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import InputError
-from .export import FORMATS, export_chart, vegalite_version
+from .export import export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
 from .frames import accuracy_fraction, cost_per_million_output_tokens, run_labels
+from .groups import run_modes
 
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -62,18 +63,25 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as the report is built ("charts", "export")."""
+
+
 def write_report(
     analysis: Any,
     out_dir: str | Path,
     *,
-    export: tuple[str, ...] | list[str] = FORMATS,
+    export: tuple[str, ...] | list[str] = (),
     options: FigureOptions | None = None,
     png_scale: float = 2.0,
     whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
+    progress: Progress | None = None,
 ) -> Path:
-    """Write `out_dir/report.html` and each chart as `out_dir/charts/<slug>.{png,svg}`.
+    """Write `out_dir/report.html` (every chart rendered in the page) and, when `export` names
+    formats (png, svg), each chart as `out_dir/charts/<slug>.<format>` too.
 
-    `export` chooses the exported formats (empty: none); `whatif_gpus` the GPUs the what-if section
+    Export is opt-in: vl-convert renders each chart again, about 0.1-0.7 s per chart and format, and
+    27 runs make ~200 charts (minutes, ~100 MB). `whatif_gpus`: the GPUs the what-if section
     projects onto (empty: no section). Returns the report's path.
     """
     out = Path(out_dir)
@@ -81,11 +89,14 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create ({exc.strerror or exc})") from None
-    sections = report_sections(analysis, options, whatif_gpus)
+    sections = report_sections(analysis, options, whatif_gpus, progress=progress)
     exports: dict[str, list[Path]] = {}
-    for sec in sections:
-        for fig in sec.figures:
+    figures = [fig for sec in sections for fig in sec.figures]
+    if export:
+        for i, fig in enumerate(figures, 1):
             exports[fig.slug] = export_chart(fig.spec(), out / "charts" / fig.slug, export, scale=png_scale)
+            if progress:
+                progress("export", i, len(figures))
     page = render_report(
         analysis, sections, exports={k: [p.relative_to(out) for p in v] for k, v in exports.items()}
     )
@@ -110,7 +121,7 @@ def render_report(
         f"generated {esc(document.get('generated_at') or _now())} by moecap {esc(document.get('moecap_version') or __version__)}</p>",
         _toc(sections),
         "</header>",
-        _summary(document, labels),
+        _summary(document, labels, run_modes(analysis)),
     ]
     n = 0
     for sec in sections:
@@ -196,6 +207,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return "—"
     if kind == "pct":
         return f"{value * 100:.1f} %"
+    if kind == "pct1":
+        return f"{value * 100:.1f}"
     if kind == "ms":
         return f"{value * 1e3:.2f}"
     if kind == "num":
@@ -203,6 +216,13 @@ def _fmt(value: Any, kind: str = "") -> str:
     if kind == "usd":
         return f"{value:,.3g}"
     return esc(value)
+
+
+def _pair(a: Any, b: Any) -> str:
+    """Two fractions as percentages in one cell: "12.3 / 4.56"."""
+    if a is None and b is None:
+        return "—"
+    return f"{_fmt(a, 'pct1')} / {_fmt(b, 'pct1')}"
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -213,12 +233,15 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
+def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, str] | None = None) -> str:
+    """One row per run, narrow enough for a 1,400 px window with dozens of runs: the run id wraps,
+    each column carries one unit, S-MBU / S-MFU share a cell per phase."""
+    modes = modes or {}
     head = (
-        "<tr><th>run</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>batch</th>"
-        "<th>window steps</th><th>prefill S-MBU</th><th>prefill S-MFU</th><th>decode S-MBU</th>"
-        "<th>decode S-MFU</th><th>GPU busy</th><th>TTFT mean ms</th><th>TPOT mean ms</th><th>ITL p50 ms</th>"
-        "<th>generated tok/s</th><th>$ / 1M out tok</th><th>accuracy</th><th>warnings</th></tr>"
+        "<tr><th>#</th><th>run id</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>bs</th>"
+        "<th>window steps</th><th>prefill S-MBU / S-MFU %</th><th>decode S-MBU / S-MFU %</th>"
+        "<th>GPU busy %</th><th>TTFT mean ms</th><th>TPOT mean ms</th><th>gen tok/s</th>"
+        "<th>$ / 1M out tok</th><th>accuracy %</th><th>warn&shy;ings</th></tr>"
     )
     rows: list[str] = []
     for run in document.get("runs", []):
@@ -230,25 +253,26 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         em = accuracy_fraction(m)
         cost, _, _ = cost_per_million_output_tokens(m)
         tps = _get(steps, "all", "throughput_output_tokens_per_s") or req.get("output_tokens_per_s")
+        mode = modes.get(run["run_id"])
+        engine = f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()
+        i = len(rows) + 1
         cells = [
-            f'<a href="#run-{len(rows) + 1}">#{len(rows) + 1}</a> <code>{esc(run["run_id"])}</code>',
-            esc(run.get("model")),
-            esc(f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()),
-            esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}"),
+            f'<a href="#run-{i}">{i}</a>',
+            f"<code>{esc(run['run_id'])}</code>",
+            esc(str(run.get("model") or "").rstrip("/").split("/")[-1] or None),
+            esc(engine) + (f"<br><span class=meta>{esc(mode)}</span>" if mode and mode != "?" else ""),
+            esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}" if gpu else "no GPU recorded"),
             esc(wl.get("dataset")),
             esc(wl.get("batch_size") or wl.get("concurrency")),
             _fmt(_get(steps, "all", "steps")),
-            _fmt(_get(steps, "prefill", "s_mbu"), "pct"),
-            _fmt(_get(steps, "prefill", "s_mfu"), "pct"),
-            _fmt(_get(steps, "decode", "s_mbu"), "pct"),
-            _fmt(_get(steps, "decode", "s_mfu"), "pct"),
-            _fmt(_get(steps, "all", "gpu_busy_fraction"), "pct"),
+            _pair(_get(steps, "prefill", "s_mbu"), _get(steps, "prefill", "s_mfu")),
+            _pair(_get(steps, "decode", "s_mbu"), _get(steps, "decode", "s_mfu")),
+            _fmt(_get(steps, "all", "gpu_busy_fraction"), "pct1"),
             _fmt(_get(req, "ttft_s", "mean"), "ms"),
             _fmt(_get(req, "tpot_s", "mean"), "ms"),
-            _fmt(_get(req, "itl_s", "p50"), "ms"),
             _fmt(tps, "num"),
             _fmt(cost, "usd") if cost is not None else '<span class="na">n/a</span>',
-            _fmt(em, "pct") if em is not None else '<span class="na">n/a</span>',
+            _fmt(em, "pct1") if em is not None else '<span class="na">n/a</span>',
             str(len(run.get("warnings") or [])),
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -261,7 +285,7 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (metrics.md §8.5); "
         "latencies: client clock, successful requests; throughput: generated tokens over the window's "
         "wall time. Cost and accuracy show n/a when the run was not costed or scored.</p>",
-        f'<div class="scroll"><table class="summary">{head}{"".join(rows)}</table></div>',
+        f'<div class="scroll"><table class="summary runs">{head}{"".join(rows)}</table></div>',
     ]
     if warnings:
         out.append("<h3>Warnings</h3><ul class=warnings>" + "".join(warnings) + "</ul>")
@@ -447,6 +471,12 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }
 table.summary td { white-space: nowrap; } table.summary th { background: #f4f4f4; font-weight: 600; }
 table.summary td:nth-child(-n+2) { white-space: normal; min-width: 140px; max-width: 280px; overflow-wrap: anywhere; }
+table.runs th { white-space: normal; min-width: 0; max-width: 90px; vertical-align: bottom; font-size: 12px; }
+table.runs td { text-align: right; }
+table.runs td:nth-child(-n+6) { text-align: left; white-space: normal; }
+table.runs td:nth-child(1) { min-width: 0; }
+table.runs td:nth-child(2) { min-width: 120px; max-width: 220px; overflow-wrap: anywhere; }
+table.runs td:nth-child(3), table.runs td:nth-child(6) { min-width: 0; max-width: 140px; overflow-wrap: anywhere; }
 table.board td:first-child { min-width: 0; }
 table.kv th { background: #f8f8f8; font-weight: 500; white-space: nowrap; }
 table.kv td, table.files td { word-break: break-all; }
