@@ -80,6 +80,10 @@ def whatif(
     pue: Pue = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    detail: Annotated[
+        bool,
+        typer.Option("--detail", help="Each run's calibration and per-target tables (default with one run)."),
+    ] = False,
 ) -> None:
     """Project measured runs onto other GPUs: step times, TTFT/TPOT, throughput, S-MBU/S-MFU, cost.
 
@@ -87,9 +91,12 @@ def whatif(
     per-step overhead fitted per phase on the measured run; baselines "no change" and "bandwidth
     ratio" are shown beside it.
 
-    Examples:
-      moecap-analyze whatif traces/h100/ --gpu H200 --gpu B200
-      moecap-analyze whatif traces/h100/ --compare-to traces/h200/      # projection error per batch size
+    With several runs: one row per run and target GPU (--detail: each run's fits and tables).
+
+    Examples (the shipped traces):
+      moecap-analyze whatif traces/ --gpu H200 --gpu B200
+      moecap-analyze whatif 'traces/h100-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128*' \
+          --compare-to 'traces/h200-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128*'   # projection error per batch size
       moecap-analyze whatif run.arrow --calibrate-on sweep/ --calibrate-batch-sizes 1,4,32 --compare-to twin/
     """
     from ..analysis import Options
@@ -156,7 +163,7 @@ def whatif(
     if format == "json":
         typer.echo(json.dumps(document, indent=2, default=str))
     else:
-        print_whatif(document)
+        print_whatif(document, detail=detail)
         if out is not None:
             Console(stderr=True).print(f"wrote {out / 'whatif.json'}")
 
@@ -180,14 +187,15 @@ def _batch_sizes(text: str | None) -> frozenset[int] | None:
 
 # -- terminal output -------------------------------------------------------------------------------
 _ROWS = (
-    ("decode step (GPU)", ("phases", "decode", "step_time_s_mean"), "ms"),
-    ("decode step (wall)", ("phases", "decode", "wall_s_mean"), "ms"),
-    ("prefill step (GPU)", ("phases", "prefill", "step_time_s_mean"), "ms"),
-    ("TTFT mean", ("requests", "ttft_s_mean"), "ms"),
-    ("TPOT mean", ("requests", "tpot_s_mean"), "ms"),
+    # (label with its unit, path in a run's metrics, unit of the numbers)
+    ("decode step (GPU), ms", ("phases", "decode", "step_time_s_mean"), "ms"),
+    ("decode step (wall), ms", ("phases", "decode", "wall_s_mean"), "ms"),
+    ("prefill step (GPU), ms", ("phases", "prefill", "step_time_s_mean"), "ms"),
+    ("TTFT mean, ms", ("requests", "ttft_s_mean"), "ms"),
+    ("TPOT mean, ms", ("requests", "tpot_s_mean"), "ms"),
     ("output tok/s (window)", ("phases", "all", "throughput_output_tokens_per_s"), ""),
-    ("S-MBU (decode)", ("phases", "decode", "s_mbu"), "%"),
-    ("S-MFU (all)", ("phases", "all", "s_mfu"), "%"),
+    ("S-MBU (decode), %", ("phases", "decode", "s_mbu"), "%"),
+    ("S-MFU (all), %", ("phases", "all", "s_mfu"), "%"),
     ("$ / 1M output tokens", ("cost", "usd_per_1m_output_tokens"), "$"),
 )
 
@@ -202,25 +210,82 @@ def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _fmt(value: Any, unit: str) -> str:
+    """The number in `unit` (seconds shown as ms, fractions as %), without the unit: the row or
+    column label carries it once."""
     if value is None:
         return "—"
-    if unit == "ms":
-        return f"{value * 1e3:.3g} ms"
-    if unit == "%":
-        return f"{value * 100:.3g} %"
-    if unit == "$":
-        return f"${value:.3g}"
-    return f"{value:,.4g}"
+    v = value * 1e3 if unit == "ms" else value * 100 if unit == "%" else value
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def unit_label(label: str) -> tuple[str, str]:
+    """A comparison metric's label and unit: "TTFT mean (s)" -> ("TTFT mean, ms", "ms")."""
+    if label.endswith("(s)"):
+        return label[: -len("(s)")].rstrip() + ", ms", "ms"
+    if "S-MBU" in label or "S-MFU" in label:
+        return label + ", %", "%"
+    return label, "$" if "$" in label else ""
 
 
 def _err(value: Any) -> str:
     return "" if value is None else f" ({value * 100:+.1f}%)"
 
 
-def print_whatif(document: dict[str, Any], console: Console | None = None) -> None:
-    """Per run: the calibration and a table of measured vs projected metrics per target GPU; with a
-    comparison, the projection errors per pair, per batch size and their summary."""
-    console = console or Console()
+def print_whatif_rows(document: dict[str, Any], console: Console) -> None:
+    """One row per run and target GPU: measured and projected throughput, TPOT and cost."""
+    table = Table(title="what-if: one row per run and target GPU (--detail: fits and every metric)")
+    for heading, justify in (
+        ("run id", "left"),
+        ("measured on", "left"),
+        ("target", "left"),
+        ("tok/s measured", "right"),
+        ("tok/s projected", "right"),
+        ("TPOT ms measured", "right"),
+        ("TPOT ms projected", "right"),
+        ("$/1M out tok projected", "right"),
+    ):
+        table.add_column(heading, justify=justify, overflow="fold" if heading == "run id" else "ellipsis")  # type: ignore[arg-type]
+    tps = ("phases", "all", "throughput_output_tokens_per_s")
+    tpot = ("requests", "tpot_s_mean")
+    usd = ("cost", "usd_per_1m_output_tokens")
+    errors = []
+    for run in document["runs"]:
+        if "error" in run:
+            errors.append(f"{run['run_id']}: not projected ({run['error']})")
+            continue
+        for target, t in run["targets"].items():
+            proj = t["models"]["projection"]
+            table.add_row(
+                run["run_id"],
+                str(run["source_gpu"]),
+                str(target),
+                _fmt(_get(run["measured"], tps), ""),
+                _fmt(_get(proj, tps), ""),
+                _fmt(_get(run["measured"], tpot), "ms"),
+                _fmt(_get(proj, tpot), "ms"),
+                _fmt(_get(proj, usd), "$"),
+            )
+    console.print(table)
+    for e in errors:
+        console.print(f"[yellow]note:[/] {e}", highlight=False)
+
+
+def print_whatif(document: dict[str, Any], console: Console | None = None, *, detail: bool = False) -> None:
+    """Per run: the calibration and a table of measured vs projected metrics per target GPU (several
+    runs without `detail`: one row per run and target); with a comparison, the projection errors per
+    pair, per batch size and their summary."""
+    from ..report.terminal import console_for
+
+    console = console or console_for()
+    if len(document["runs"]) > 1 and not detail:
+        print_whatif_rows(document, console)
+        comparison = document.get("comparison")
+        if comparison:
+            _print_comparison(comparison, console)
+        console.print("assumptions: " + "; ".join(document["assumptions"]), highlight=False)
+        return
     for run in document["runs"]:
         if "error" in run:
             console.print(f"[bold]{run['run_id']}[/]  [red]not projected:[/] {run['error']}", highlight=False)
@@ -276,8 +341,8 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_column("measured", justify="right")
         for m in models:
             table.add_column(m.replace("_", " ") + " (error)", justify="right")
-        for label, entry in pair["metrics"].items():
-            unit = "ms" if "(s)" in label else "%" if "S-MBU" in label else "$" if "$" in label else ""
+        for raw, entry in pair["metrics"].items():
+            label, unit = unit_label(raw)
             table.add_row(
                 label,
                 _fmt(entry["measured"], unit),
@@ -286,7 +351,7 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         console.print(table)
         rows = pair["decode_by_batch_size"]
         if rows:
-            bt = Table(title="decode step time (GPU) per batch size", show_header=True)
+            bt = Table(title="decode step time (GPU) per batch size, ms", show_header=True)
             bt.add_column("requests in step", justify="right")
             bt.add_column("measured", justify="right")
             for m in models:
