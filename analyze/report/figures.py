@@ -7,11 +7,13 @@ the section says why, so every chart that is drawn has data.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import altair as alt
+import duckdb
 import polars as pl
 
 from . import charts as C
@@ -28,9 +30,11 @@ class Figure:
     _spec: dict[str, Any] | None = field(default=None, repr=False)
 
     def spec(self) -> dict[str, Any]:
-        """The Vega-Lite spec, built (and schema-validated) once: the page and the exports share it."""
+        """The Vega-Lite spec, built once: the page and the exports share it. Not schema-validated
+        here (jsonschema took half the report's time over 27 runs); the chart tests validate every
+        chart function's output, and the browser test renders every chart."""
         if self._spec is None:
-            self._spec = self.chart.to_dict()
+            self._spec = self.chart.to_dict(validate=False)
         return self._spec
 
 
@@ -70,7 +74,9 @@ def _add_groups(frame: pl.DataFrame, groups: dict[str, str], labels: dict[str, s
     return frame.with_columns(group=pl.col("run").replace_strict(by_label, default=pl.col("run")))
 
 
-def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOptions) -> Section:
+def cross_run_section(
+    analysis: Any, labels: dict[str, str], options: FigureOptions, excluded: dict[str, Any] | None = None
+) -> Section:
     """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
     coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
     from .groups import run_groups, run_modes
@@ -90,7 +96,7 @@ def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOpti
         sec.figures.append(Figure("compare-latency_cdf", "Latency distributions (CDF)", C.latency_cdf(lat)))
     else:
         sec.notes.append("no request timings in any run: latency CDFs left out")
-    where, lost = steps_predicate(db, list(labels))
+    where, lost = steps_predicate(db, list(labels), excluded)
     tput = _add_groups(F.throughput_frame(db, labels, document, where=where), groups, labels)
     outliers = [
         f"{labels[rid]}: {len(ex.outliers)}" for rid, ex in lost.items() if ex.outliers and rid in labels
@@ -131,7 +137,9 @@ def _factor() -> float:
     return COMPILE_OUTLIER_FACTOR
 
 
-def run_section(analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions) -> Section:
+def run_section(
+    analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions, left_out: Any = None
+) -> Section:
     """Expert, step and time-accounting charts of one run."""
     db = analysis.db
     rid = ctx.run.run_id
@@ -172,7 +180,8 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
 
     from .steps import excluded_steps
 
-    left_out = excluded_steps(db, rid)
+    if left_out is None:
+        left_out = excluded_steps(db, rid)
     note = left_out.note()
     if note:
         sec.notes.append("Per-step charts (activated experts, step time): " + note)
@@ -292,11 +301,45 @@ def report_sections(
 ) -> list[Section]:
     """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
     per run, in the document's run order. `progress("charts", done, total)` after each section."""
-    options = options or FigureOptions()
-    labels = F.run_labels(analysis.document)
+    with steps_in_memory(analysis.db):
+        return _sections(analysis, options or FigureOptions(), whatif_gpus, progress)
+
+
+@contextmanager
+def steps_in_memory(db: Any) -> Iterator[None]:
+    """While the report queries it, shadow the `step_metrics` view (a UNION over every run's Parquet
+    files, re-read by each of the report's ~10 queries per run) with a temporary table of the same
+    rows; the view is back afterwards."""
+    con = getattr(db, "con", None)
+    if con is None:
+        yield
+        return
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _report_step_metrics AS SELECT * FROM step_metrics")
+        con.execute("ALTER TABLE temp._report_step_metrics RENAME TO step_metrics")
+    except duckdb.Error:
+        yield  # no step_metrics view (nothing to speed up)
+        return
+    try:
+        yield
+    finally:
+        con.execute("DROP TABLE IF EXISTS temp.step_metrics")
+
+
+def _sections(
+    analysis: Any,
+    options: FigureOptions,
+    whatif_gpus: Sequence[str],
+    progress: Callable[[str, int, int], None] | None,
+) -> list[Section]:
+    from .groups import run_labels, run_modes
+    from .steps import excluded_steps_all
+
+    labels = run_labels(analysis.document, run_modes(analysis))
     runs = analysis.document.get("runs", [])
     total = len(runs) + 1 + bool(whatif_gpus)
-    sections = [cross_run_section(analysis, labels, options)]
+    excluded = excluded_steps_all(analysis.db, list(labels))
+    sections = [cross_run_section(analysis, labels, options, excluded)]
     if progress:
         progress("charts", 1, total)
     if whatif_gpus:
@@ -307,7 +350,9 @@ def report_sections(
     for i, run in enumerate(runs, start=1):
         ctx = by_id.get(run["run_id"])
         if ctx is not None:
-            sections.append(run_section(analysis, ctx, labels[run["run_id"]], i, options))
+            sections.append(
+                run_section(analysis, ctx, labels[run["run_id"]], i, options, excluded.get(run["run_id"]))
+            )
         if progress:
             progress("charts", total - len(runs) + i, total)
     return sections

@@ -98,3 +98,39 @@ def _short_gpu(name: Any) -> str:
     """Drops a leading "NVIDIA " ("NVIDIA H100 80GB HBM3" -> "H100 80GB HBM3"); the table's short names stay as they are."""
     text = str(name or "?")
     return text[len("NVIDIA ") :] if text.startswith("NVIDIA ") else text
+
+
+def run_labels(document: dict[str, Any], modes: dict[str, str] | None = None) -> dict[str, str]:
+    """run_id -> a legend label that tells runs apart by what differs: "model · engine · GPU×n ·
+    mode · bs N" (mode = CUDA graphs or eager, when known), then the dataset where that alone
+    repeats, then the run id where even that does: never a bare "#18" that names nothing."""
+    modes = modes or {}
+    base: dict[str, str] = {}
+    datasets: dict[str, str] = {}
+    for run in document.get("runs", []):
+        model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
+        engine = (run.get("engine") or {}).get("name") or "?"
+        gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get(
+            "name"
+        )
+        count = (run.get("gpu") or {}).get("count") or 1
+        wl = run.get("workload") or {}
+        bs = wl.get("batch_size") or wl.get("concurrency")
+        mode = modes.get(run["run_id"], "?")
+        label = f"{model} · {engine} · {_short_gpu(gpu)}×{count}" + (f" · {mode}" if mode != "?" else "")
+        base[run["run_id"]] = label + (f" · bs {bs}" if bs else "")
+        datasets[run["run_id"]] = str(wl.get("dataset") or "")
+
+    def repeated(labels: dict[str, str]) -> set[str]:
+        seen: dict[str, int] = {}
+        for label in labels.values():
+            seen[label] = seen.get(label, 0) + 1
+        return {label for label, n in seen.items() if n > 1}
+
+    dup = repeated(base)
+    labels = {
+        rid: (f"{lab} · {datasets[rid]}" if lab in dup and datasets[rid] else lab)
+        for rid, lab in base.items()
+    }
+    dup = repeated(labels)
+    return {rid: (f"{lab} · {rid}" if lab in dup else lab) for rid, lab in labels.items()}

@@ -22,8 +22,8 @@ from .. import __version__
 from ..errors import InputError
 from .export import export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
-from .frames import accuracy_fraction, cost_per_million_output_tokens, run_labels
-from .groups import run_modes
+from .frames import accuracy_fraction, cost_per_million_output_tokens
+from .groups import run_labels, run_modes
 
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -112,7 +112,7 @@ def render_report(
     """The report page as a string."""
     document = analysis.document
     exports = exports or {}
-    labels = run_labels(document)
+    labels = run_labels(document, run_modes(analysis))
     specs: dict[str, Any] = {}
     body = [
         "<header>",

@@ -49,34 +49,48 @@ class Excluded:
         return ("Left out: " + "; ".join(parts) + ".") if parts else ""
 
 
-def excluded_steps(db: Any, run_id: str, factor: float = COMPILE_OUTLIER_FACTOR) -> Excluded:
-    """The idle steps and compile outliers of `run_id` (non-draft steps with a positive duration)."""
+def excluded_steps_all(
+    db: Any, run_ids: list[str], factor: float = COMPILE_OUTLIER_FACTOR
+) -> dict[str, Excluded]:
+    """run_id -> its idle steps and compile outliers (non-draft steps with a positive duration),
+    for every run in `run_ids`, in one query."""
+    out = {rid: Excluded() for rid in run_ids}
+    if not run_ids:
+        return out
     rows = db.con.sql(
-        """
+        f"""
         WITH s AS (
-            SELECT dp, pp, step, num_tokens, wall_s,
+            SELECT run_id, dp, pp, step, num_tokens, wall_s,
                    time_s / nullif(greatest(bytes_total / (gpu_bandwidth * gpus),
                                             flops_total / (gpu_peak_flops * gpus)), 0) AS r
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0
-        ), m AS (SELECT median(r) AS med FROM s WHERE num_tokens > 0 AND r > 0)
-        SELECT dp, pp, step, num_tokens, wall_s, r > ? * m.med AS outlier
-        FROM s, m WHERE num_tokens = 0 OR r > ? * m.med ORDER BY step
+            FROM step_metrics
+            WHERE run_id IN ({", ".join("?" * len(run_ids))}) AND NOT is_draft AND time_s > 0
+        ), m AS (SELECT run_id, median(r) AS med FROM s WHERE num_tokens > 0 AND r > 0 GROUP BY run_id)
+        SELECT s.run_id, dp, pp, step, num_tokens, wall_s, coalesce(r > ? * m.med, false) AS outlier
+        FROM s LEFT JOIN m USING (run_id)
+        WHERE num_tokens = 0 OR r > ? * m.med ORDER BY s.run_id, step
         """,
-        params=[run_id, factor, factor],
+        params=[*run_ids, factor, factor],
     ).fetchall()
-    out = Excluded()
-    for dp, pp, step, tokens, wall, outlier in rows:
+    for rid, dp, pp, step, tokens, wall, outlier in rows:
         if not tokens:
-            out.idle += 1
+            out[rid].idle += 1
         elif outlier:
-            out.outliers.append((int(dp), int(pp), int(step), float(wall or 0.0)))
+            out[rid].outliers.append((int(dp), int(pp), int(step), float(wall or 0.0)))
     return out
 
 
-def steps_predicate(db: Any, run_ids: list[str]) -> tuple[str, dict[str, Excluded]]:
+def excluded_steps(db: Any, run_id: str, factor: float = COMPILE_OUTLIER_FACTOR) -> Excluded:
+    """The idle steps and compile outliers of `run_id`."""
+    return excluded_steps_all(db, [run_id], factor)[run_id]
+
+
+def steps_predicate(
+    db: Any, run_ids: list[str], lost: dict[str, Excluded] | None = None
+) -> tuple[str, dict[str, Excluded]]:
     """One SQL predicate over step_metrics leaving out every run's idle steps and compile
-    outliers, and what each run lost."""
-    lost = {rid: excluded_steps(db, rid) for rid in run_ids}
+    outliers, and what each run lost (`lost`: already computed by excluded_steps_all)."""
+    lost = lost if lost is not None else excluded_steps_all(db, run_ids)
     clauses = []
     for rid, ex in lost.items():
         quoted = rid.replace("'", "''")

@@ -29,7 +29,9 @@ CHART_FACTS = r"""() => {
       if (!live) continue;
       const dom = live.domain();
       const range = live.range ? live.range() : [];
-      if (['linear', 'log', 'pow', 'sqrt', 'symlog'].includes(live.type) && (s.range === 'width' || s.range === 'height')) {
+      const rangeText = JSON.stringify(s.range || '');
+      const positional = /"(width|height|childWidth|childHeight)"|^"(width|height)"$/.test(rangeText);
+      if (['linear', 'log', 'pow', 'sqrt', 'symlog'].includes(live.type) && positional) {
         // The data behind the domain: {data, field} or {fields: [...]} or {data, fields}.
         const values = [];
         const d = s.domain || {};
