@@ -7,7 +7,6 @@ the window as stated, and tables that fit the terminal (or do not wrap at all wh
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -38,13 +37,12 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def console_for(stream: Any = None) -> Console:
-    """A console for stdout: the terminal's width on a terminal; PIPED_WIDTH (or $COLUMNS) when
-    piped, so rows stay whole for grep and files."""
+    """A console for stdout: the terminal's width on a terminal; PIPED_WIDTH when piped (a
+    $COLUMNS inherited from the shell is ignored there), so rows stay whole for grep and files."""
     stream = stream or sys.stdout
     if stream.isatty():
         return Console(file=stream)
-    width = int(os.environ.get("COLUMNS") or 0) or PIPED_WIDTH
-    return Console(file=stream, width=width)
+    return Console(file=stream, width=PIPED_WIDTH)
 
 
 def window_text(window: dict[str, Any] | None) -> str:
