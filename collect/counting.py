@@ -110,6 +110,7 @@ class StepReadback:
             self._start = [torch.cuda.Event(enable_timing=True) for _ in range(self.ring)]
             self._end = [torch.cuda.Event(enable_timing=True) for _ in range(self.ring)]
             self._done = [torch.cuda.Event() for _ in range(self.ring)]
+            self._slot_done: list[Any] = list(self._done)
             self._slot_anchor: list[Any] = [None] * self.ring
             # CUDA event times map onto the host monotonic clock through anchors: an event recorded on
             # an otherwise idle side stream completes at once, so waiting for it never waits for the
@@ -148,15 +149,16 @@ class StepReadback:
             self._aux = self.torch.zeros((self.ring, int(n)), dtype=self.torch.int64, pin_memory=self.is_cuda)
 
     # -- per step --------------------------------------------------------------------------------------
-    def begin(self, stream: Any = None) -> int:
-        """Claim a slot, zero the counts and record the step's start event on `stream` (CUDA)."""
+    def begin(self, stream: Any = None, *, zero_counts: bool = True) -> int:
+        """Claim a slot, zero the counts (unless the caller zeroes them itself before counting) and record
+        the step's start event on `stream` (CUDA)."""
         if not self._free:
             # Every slot is in flight: wait for the oldest (counted; never happens under an engine that
             # syncs each step).
             self.waits += 1
             self._stash(self.poll(wait=True))
         slot = self._free.popleft()
-        if self.with_counts:
+        if self.with_counts and zero_counts:
             self.counts.zero_()
         if self.is_cuda:
             if time.monotonic_ns() - self._anchor[0] > self.anchor_interval_ns:
@@ -195,7 +197,11 @@ class StepReadback:
                 self.ensure_aux_capacity(aux_len)
             self._aux[slot, :aux_len].copy_(aux.reshape(-1), non_blocking=self.is_cuda)
         if self.is_cuda:
-            self._done[slot].record(stream)
+            if self.with_counts or aux_len:
+                self._done[slot].record(stream)  # after the copies
+                self._slot_done[slot] = self._done[slot]
+            else:
+                self._slot_done[slot] = self._end[slot]  # nothing queued after the end: one event less
         self._pending.append(PendingStep(slot, payload, aux_len))
 
     def discard(self, slot: int) -> None:
@@ -212,7 +218,7 @@ class StepReadback:
         while self._pending:
             head = self._pending[0]
             if self.is_cuda:
-                done = self._done[head.slot]
+                done = self._slot_done[head.slot]
                 if wait:
                     done.synchronize()
                 elif not done.query():

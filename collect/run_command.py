@@ -72,8 +72,19 @@ def run(
     counts: bool = typer.Option(True, "--counts/--no-counts", help="Record per-step expert token counts."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer path for text datasets."),
     cuda_graphs: Graphs = typer.Option(Graphs.auto, "--cuda-graphs", help="Continuous batching CUDA graphs."),
-    warmup: bool = typer.Option(
-        True, "--warmup/--no-warmup", help="Let transformers warm up / capture graphs first."
+    warmup: int | None = typer.Option(
+        None,
+        "--warmup",
+        min=0,
+        help="Unrecorded warm-up requests of the workload's shapes before the recorded window "
+        "(default: one batch; 0: none). hf: any N > 0 lets transformers warm up / capture graphs.",
+    ),
+    no_warmup: bool = typer.Option(False, "--no-warmup", hidden=True, help="Same as --warmup 0."),
+    trace: bool = typer.Option(
+        True,
+        "--trace/--no-trace",
+        help="vllm/sglang: load the tracer into the engine; --no-trace runs the same workload without it "
+        "(client tables only), to measure the harness alone.",
     ),
     max_batch_tokens: int | None = typer.Option(
         None, "--max-batch-tokens", min=1, help="Tokens per forward pass."
@@ -97,6 +108,8 @@ def run(
     ),
 ) -> None:
     """Run a workload and record it."""
+    if no_warmup:
+        warmup = 0
     if engine is Engine.vllm:  # vLLM's offline engine, in its own module (collect/engines/vllm_cli.py)
         from .engines.vllm_cli import run_from_cli
 
@@ -105,7 +118,7 @@ def run(
             random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
             seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
             max_batch_tokens=max_batch_tokens, block_size=block_size, run_id=run_id, dataset_path=dataset_path,
-            engine_args=engine_args, strict_engine=strict_engine,
+            engine_args=engine_args, strict_engine=strict_engine, warmup=warmup, trace=trace,
         )  # fmt: skip
     if engine is Engine.sglang:  # SGLang's offline engine, in its own module (collect/engines/sglang_cli.py)
         from .engines.sglang_cli import run_from_cli as run_sglang
@@ -115,7 +128,7 @@ def run(
             random_weights=random_weights, dtype=dtype, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
             seed=seed, counts=counts, tokenizer=tokenizer, cuda_graphs=cuda_graphs.value,
             max_batch_tokens=max_batch_tokens, run_id=run_id, dataset_path=dataset_path,
-            engine_args=engine_args, strict_engine=strict_engine,
+            engine_args=engine_args, strict_engine=strict_engine, warmup=warmup, trace=trace,
         )  # fmt: skip
     if engine_args or strict_engine:
         raise CollectError("--engine-args and --strict-engine apply to --engine vllm and sglang, not hf")
@@ -145,7 +158,7 @@ def run(
         mode=mode.value,
         counts=counts,
         cuda_graphs=cuda_graphs.value,
-        warmup=warmup,
+        warmup=warmup != 0,
         max_batch_tokens=max_batch_tokens,
         num_blocks=num_blocks,
         block_size=block_size,

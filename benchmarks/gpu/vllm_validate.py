@@ -250,25 +250,13 @@ def stage_trace(args: argparse.Namespace, eager: bool) -> dict[str, Any]:
 
 
 def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """One engine, one trace: closed-loop segments at each of `--sweep-batches` concurrencies."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # deterministic scheduling, as in `graphs`
+    """One engine, one trace: segments at each of `--sweep-batches` concurrencies (`VllmSession.run_point`)."""
     import dataclasses
-    import shutil
-    import tempfile
 
-    from vllm import SamplingParams
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    from moecap.collect.datasets import load_samples
-    from moecap.collect.engines import vllm as adapter
-    from moecap.collect.engines import vllm_run
-    from moecap.collect.engines.hf_runner import make_prompts
-    from moecap.collect.engines.vllm_run import VllmRunOptions
+    from moecap.collect.engines.vllm_run import VllmRunOptions, VllmSession
 
     batches = [int(b) for b in args.sweep_batches.split(",")]
     out = Path(args.out) / "trace_sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = f"{args.prefix}vllm-0.26.0-qwen15moe-sweep"
     opts = VllmRunOptions(
         model=args.model,
         random_weights=True,
@@ -278,65 +266,43 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
         out=str(out),
         ignore_eos=True,
         dtype="bfloat16",
-        run_id=run_id,
+        run_id=f"{args.prefix}vllm-0.26.0-qwen15moe-sweep",
+        gpu_sample_interval_s=0.1,
         engine_args={
             "compilation_config": {"cudagraph_capture_sizes": CAPTURE_SIZES},
             "gpu_memory_utilization": 0.85,
             "max_model_len": 2048,
-            "max_num_seqs": max(batches),
         },
     )
-    scratch = Path(tempfile.mkdtemp())
-    model = vllm_run.model_dir(args.model, True, scratch / "m")
-    config = json.loads((Path(model) / "config.json").read_text())
-    prompts = make_prompts(
-        load_samples(args.sweep_dataset, opts.num_prompts, seed=0, vocab_size=config["vocab_size"]),
-        None,
-        None,
-        config["vocab_size"],
+    session = VllmSession(opts)
+    prompts = session.prompts(opts.dataset, opts.num_prompts)
+    session.workload.update(
+        batch_sizes=batches, waves_per_batch_size=args.sweep_waves, driver="vllm-offline-closed-loop-sweep"
     )
-    workload = vllm_run._workload(opts, prompts)
-    workload.update(
-        batch_sizes=batches,
-        waves_per_batch_size=args.sweep_waves,
-        driver="vllm-offline-closed-loop-sweep",
-    )
-    model_id = "Qwen/Qwen1.5-MoE-A2.7B"
-    os.environ.update(
-        vllm_run.tracing_env(out, run_id, counts=True, model_id=model_id, workload=workload, strict=False)
-    )
-    adapter.register()
-    t0 = time.time()
-    engine = LLMEngine.from_engine_args(vllm_run._engine_args(opts, model, text_prompts=False))
-    start_s = time.time() - t0
-    meta = vllm_run._client_metadata(engine, run_id, model_id, opts, workload, [])
+    session.start()
+    session.warmup(prompts, max(batches))
     records: list[Any] = []
     segments = []
     offset = 0
-    with vllm_run._gpu_sampler(out, meta, 0.1) as sampler:
-        for bs in batches:
-            part = prompts[offset : offset + bs * args.sweep_waves]
-            offset += len(part)
-            got, wall = vllm_run._closed_loop(
-                engine, part, dataclasses.replace(opts, batch_size=bs), SamplingParams, None
-            )
-            records += got
-            tokens = sum(len(r.output_ids) for r in got)
-            segments.append(
-                {
-                    "batch_size": bs,
-                    "requests": len(got),
-                    "wall_s": round(wall, 3),
-                    "tokens_per_s": round(tokens / wall, 1),
-                }
-            )
-            log(f"sweep bs {bs}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tok/s")
-    stats = vllm_run._rpc(engine, "close")
-    engine.engine_core.shutdown()
-    vllm_run._write_client_tables(out, meta, records, None)
-    shutil.rmtree(scratch, ignore_errors=True)
+    for bs in batches:
+        part = prompts[offset : offset + bs * args.sweep_waves]
+        offset += len(part)
+        got, wall, _ = session.run_point(part, concurrency=bs)
+        records += got
+        tokens = sum(len(r.output_ids) for r in got)
+        segments.append(
+            {
+                "batch_size": bs,
+                "requests": len(got),
+                "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 1),
+            }
+        )
+        log(f"sweep bs {bs}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tok/s")
+    sampler = session._sampler
+    stats = session.stop(records=records)
     result: dict[str, Any] = {
-        "engine_start_s": round(start_s, 1),
+        "engine_start_s": session.timing.get("engine_start_s"),
         "segments": segments,
         "worker_stats": stats,
         "sampler": dataclasses.asdict(sampler.stats) if sampler is not None else None,
@@ -347,13 +313,11 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_throughput(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """One engine (vLLM defaults: multiprocess, compile + graphs), `reps` timed runs of the workload."""
-    from moecap.collect.engines import vllm_run
-    from moecap.collect.engines.vllm_run import VllmRunOptions
+    """One engine (vLLM defaults: multiprocess, compile + graphs), `reps` timed runs of the workload.
+    (benchmarks/gpu/engine_fidelity.py measures the same against vLLM's own `LLM.generate`.)"""
+    from moecap.collect.engines.vllm_run import VllmRunOptions, VllmSession
 
     out = Path(args.out) / f"tp_{mode}"
-    samples_s = []
-    stats: Any = None
     opts = VllmRunOptions(
         model=args.model,
         random_weights=True,
@@ -364,66 +328,28 @@ def stage_throughput(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         ignore_eos=True,
         dtype="bfloat16",
         counts=mode == "experts",
+        trace=mode != "off",
         run_id=f"tp-{mode}",
+        gpu_sample_interval_s=None,
         engine_args={
             "compilation_config": {"cudagraph_capture_sizes": CAPTURE_SIZES},
             "gpu_memory_utilization": 0.85,
             "max_model_len": 1024,
         },
     )
-    # One engine, several timed repetitions: reuse vllm_run's pieces around a single LLMEngine.
-    import shutil
-    import tempfile
-
-    from vllm import SamplingParams
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    from moecap.collect.datasets import load_samples
-    from moecap.collect.engines import vllm as adapter
-    from moecap.collect.engines.hf_runner import make_prompts
-
-    scratch = Path(tempfile.mkdtemp())
-    model = vllm_run.model_dir(args.model, True, scratch / "m")
-    config = json.loads((Path(model) / "config.json").read_text())
-    prompts = make_prompts(
-        load_samples(args.tp_dataset, args.tp_prompts, seed=0, vocab_size=config["vocab_size"]),
-        None,
-        None,
-        config["vocab_size"],
-    )
-    if mode != "off":
-        out.mkdir(parents=True, exist_ok=True)
-        os.environ.update(
-            vllm_run.tracing_env(
-                out,
-                opts.run_id,
-                counts=opts.counts,
-                model_id="Qwen/Qwen1.5-MoE-A2.7B",
-                workload={},
-                strict=False,
-            )
-        )
-        adapter.register()
-    else:
-        os.environ.pop(adapter.ENV_TRACE_DIR, None)
-    t0 = time.time()
-    engine = LLMEngine.from_engine_args(vllm_run._engine_args(opts, model, text_prompts=False))
-    start_s = time.time() - t0
-    for rep in range(args.reps + 1):
-        # rep 0 warms up (first shapes, allocator); each rep uses fresh request ids
-        for p in prompts:
-            p.req_id = f"{p.req_id.split('.')[0]}.{rep}"
-        records, wall = vllm_run._closed_loop(engine, prompts, opts, SamplingParams, None)
+    session = VllmSession(opts)
+    session.start()
+    samples_s = []
+    session.warmup(session.prompts(opts.dataset, opts.num_prompts), opts.batch_size)
+    for rep in range(args.reps):
+        session.engine.reset_prefix_cache()
+        records, wall, _ = session.run_point(session.prompts(opts.dataset, opts.num_prompts))
         tokens = sum(len(r.output_ids) for r in records)
-        if rep:
-            samples_s.append(tokens / wall)
+        samples_s.append(tokens / wall)
         log(f"{mode} rep {rep}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tok/s")
-    if mode != "off":
-        stats = vllm_run._rpc(engine, "close")
-    engine.engine_core.shutdown()
-    shutil.rmtree(scratch, ignore_errors=True)
+    stats = session.stop(write=False)
     result: dict[str, Any] = {
-        "engine_start_s": round(start_s, 1),
+        "engine_start_s": session.timing.get("engine_start_s"),
         "tokens_per_s": [round(x, 1) for x in samples_s],
         "median_tokens_per_s": round(statistics.median(samples_s), 1),
         "worker_stats": stats,

@@ -76,6 +76,7 @@ from moecap.schemas import (
 from .. import runtime
 from ..counting import ReadyStep, StepReadback
 from ..errors import CollectError
+from ..warmup import WARMUP_PREFIX
 from ..writers import EngineTraceFiles
 from . import sglang_compat as compat
 
@@ -317,6 +318,11 @@ class SglangTracer(EngineTraceFiles):
         try:
             is_draft = bool(getattr(runner, "is_draft_worker", False))
             fields = compat.batch_fields(forward_batch)
+            rids = fields.get("rids")
+            if rids and str(rids[0]).startswith(WARMUP_PREFIX):
+                # A client's warm-up (`run --warmup`): it finishes before the workload starts, so the
+                # first request says it all. Not recorded.
+                return original(runner, forward_batch, *a, **k)
             row = snapshot_batch(fields, is_draft=is_draft)
             with self.lock:
                 self._last_pass = time.monotonic()

@@ -126,6 +126,8 @@ def run_from_cli(
     dataset_path: str | None = None,
     engine_args: str | None = None,
     strict_engine: bool = False,
+    warmup: int | None = None,
+    trace: bool = True,
 ) -> None:
     """`moecap-collect run --engine sglang …`: the run command hands its options here.
 
@@ -152,6 +154,8 @@ def run_from_cli(
         dataset_path=dataset_path,
         engine_args=extra,
         strict_engine=strict_engine,
+        warmup=warmup,
+        trace=trace,
     )
     try:
         result = run(options)
@@ -164,6 +168,13 @@ def run_from_cli(
     if errors:
         raise CollectError(f"the SGLang schedulers' tracer stopped ({errors[0]})")
     files = ", ".join(p.name for p in result.files)
+    t = result.timing
+    typer.echo(
+        f"moecap-collect: engine start {t.get('engine_start_s', 0):.1f} s, warm-up {t.get('warmup_s', 0):.1f} s "
+        f"({int(t.get('warmup_requests', 0))} requests), prompts handed over in {1e3 * t.get('submit_s', 0):.1f} ms, "
+        f"first token after {1e3 * t.get('first_token_s', 0):.1f} ms",
+        err=True,
+    )
     typer.echo(
         f"{result.run_id}: {result.steps} steps, {result.requests} requests, {result.output_tokens} output tokens "
         f"in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s) -> {result.out}/ [{files}]"

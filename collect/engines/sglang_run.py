@@ -6,9 +6,12 @@ and the command line of SGLang's OpenAI server with tracing on.
 
 The engine's scheduler processes write `steps` / `experts` (one pair per recording rank, through the
 plugin in `sglang.py`); this process writes the client side, `requests` and `outputs`, under the same
-run id. The workload is a closed loop over `sglang.Engine.async_generate(input_ids=…, rid=…, stream=True)`
-on the engine's own event loop: `batch_size` coroutines, each submitting the next prompt as soon as its
-request finished, so `batch_size` requests are in flight until the prompts run out. Our request ids are
+run id. Work reaches SGLang the way its own offline benchmark (`bench_offline_throughput`: one
+`Engine.generate` over every prompt) hands it over: `max_running_requests = batch_size`, and every prompt
+is submitted at once through `sglang.Engine.async_generate(input_ids=…, rid=…, stream=True)` on the
+engine's own event loop; SGLang's scheduler admits a waiting request the moment a slot frees. Before the
+recorded window, `warmup` requests of the workload's shapes (fresh ids, request ids starting with
+`warmup.WARMUP_PREFIX`, whose passes the tracer skips) take the one-off compilation. Our request ids are
 SGLang's `rid`s, so `steps.req_ids` join `requests.req_id`.
 
 What the driver measures (host monotonic ns, in this process): `arrival_ns` just before
@@ -47,6 +50,7 @@ from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_
 
 from .. import runtime
 from ..errors import CollectError
+from ..warmup import default_warmup, warmup_prompts
 from ..writers import prepare_out_dir
 from . import sglang as adapter
 from . import sglang_compat as compat
@@ -99,6 +103,11 @@ class SglangRunOptions:
     strict_engine: bool = False
     gpu_sample_interval_s: float | None = 0.2
     """NVML sampling interval (s) for the `gpu_samples` table during the workload; None or 0: off."""
+    warmup: int | None = None
+    """Unrecorded warm-up requests of the workload's shapes before the recorded window (None: one
+    batch; 0: none)."""
+    trace: bool = True
+    """False: no plugin in the engine (no steps / experts files), the client tables only."""
     flush_wait_s: float = 10.0
     """After the workload: how long to wait for the schedulers to write their last steps (SGLang's
     shutdown kills them; the adapter's idle flusher writes finished passes within ~0.5 s)."""
@@ -115,6 +124,8 @@ class SglangRunResult:
     files: list[Path]
     warnings: list[str] = field(default_factory=list)
     records: list[RequestRecord] = field(default_factory=list, repr=False)
+    timing: dict[str, float] = field(default_factory=dict)
+    """Start-up delays measured (s): engine_start_s, warmup_s, submit_s, first_token_s."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,10 +145,11 @@ def plugin_installed() -> bool:
     return any(ep.value == ENTRY_POINT for ep in eps)
 
 
-def preflight(strict: bool) -> list[str]:
-    """Check SGLang and the plugin before anything starts; returns warnings (raises `CollectError`)."""
+def preflight(strict: bool, *, trace: bool = True) -> list[str]:
+    """Check SGLang (and the plugin, when tracing) before anything starts; returns warnings (raises
+    `CollectError`)."""
     warning = adapter.check_version(strict)
-    if not plugin_installed():
+    if trace and not plugin_installed():
         raise CollectError(
             "moecap's sglang.srt.plugins entry point is not installed, so SGLang's scheduler processes would not "
             "load the tracer: install moecap into this environment (pip install -e . or pip install 'moecap[sglang]')"
@@ -216,23 +228,204 @@ def sglang_argv(argv: Sequence[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The offline run
+# The offline run: one engine session, one or more workload points
 # ---------------------------------------------------------------------------------------------------
 def run(
     options: SglangRunOptions, *, progress: Callable[[int, int, int], None] | None = None
 ) -> SglangRunResult:
-    """Run `options`' workload on SGLang with tracing on; see the module docstring."""
+    """Run `options`' workload on SGLang (tracing on unless `options.trace` is False); see the module
+    docstring."""
     if options.num_prompts < 1 or options.batch_size < 1:
         raise CollectError("--num-prompts and --batch-size must be at least 1")
-    out = prepare_out_dir(options.out)
-    warnings = preflight(options.strict_engine)
-    model_id = model_id_of(options.model)
-    run_id = options.run_id or new_run_id("sglang", model_id)
-    scratch = Path(tempfile.mkdtemp(prefix="moecap-sglang-"))
+    session = SglangSession(options)
     try:
-        return _run(options, out, run_id, model_id, scratch, warnings, progress)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        prompts = session.prompts(options.dataset, options.num_prompts, options.dataset_path)
+        session.start()
+        n_warm = (
+            options.warmup if options.warmup is not None else default_warmup(len(prompts), options.batch_size)
+        )
+        session.warmup(prompts, n_warm)
+        records, wall_s, timing = session.run_point(prompts, progress=progress)
+    except BaseException:
+        session.stop(write=False)
+        raise
+    stats = session.stop(records=records)
+    return SglangRunResult(
+        run_id=session.run_id,
+        out=session.out,
+        requests=len(records),
+        output_tokens=sum(len(r.output_ids) for r in records),
+        wall_s=wall_s,
+        tracer_stats=stats,
+        files=session.files,
+        warnings=session.warnings,
+        records=records,
+        timing={**session.timing, **timing},
+    )
+
+
+class SglangSession:
+    """One `sglang.Engine` held open for several workload points (start once, `run_point` many times,
+    `stop`); see `vllm_run.VllmSession`, whose shape this follows. The engine's `max_running_requests`
+    is `options.batch_size` (unless `engine_args` set it)."""
+
+    def __init__(self, options: SglangRunOptions) -> None:
+        self.options = options
+        self.out = prepare_out_dir(options.out)
+        self.warnings = preflight(options.strict_engine, trace=options.trace)
+        self.model_id = model_id_of(options.model)
+        self.run_id = options.run_id or new_run_id("sglang", self.model_id)
+        self.scratch = Path(tempfile.mkdtemp(prefix="moecap-sglang-"))
+        self.stats_dir = self.scratch / "stats"
+        self.engine: Any = None
+        self.meta: RunMetadata | None = None
+        self.timing: dict[str, float] = {}
+        self.files: list[Path] = []
+        self.max_running = int(options.engine_args.get("max_running_requests") or options.batch_size)
+        self._saved_env: dict[str, str | None] = {}
+        self._sampler_cm: Any = None
+        self._ids = 0
+        o = options
+        self._model = model_dir(o.model, o.random_weights, self.scratch / "model")
+        self._config = read_config(self._model)
+        cfg = self._config
+        self._vocab = int(cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size") or 32000)
+        self._tokenizer = load_tokenizer(o.tokenizer or (self._model if Path(self._model).is_dir() else None))
+        self.workload = {
+            "dataset": o.dataset, "batch_size": o.batch_size, "concurrency": o.batch_size,
+            "ignore_eos": o.ignore_eos, "seed": o.seed, "sampling": "greedy", "driver": DRIVER,
+        }  # fmt: skip
+
+    def start(self, workload: dict[str, Any] | None = None) -> None:
+        """Start the engine (tracing on when `options.trace`); `workload` is the run metadata's (default:
+        the options' workload, completed by a `prompts` call made before `start`)."""
+        o = self.options
+        if workload is not None:
+            self.workload = workload
+        if o.engine_args.get("max_running_requests") not in (None, o.batch_size):
+            self.warnings.append(
+                f"max_running_requests={o.engine_args['max_running_requests']} from --engine-args overrides "
+                f"--batch-size {o.batch_size} as the engine's concurrency"
+            )
+        env: dict[str, str] = {}
+        if o.trace:
+            env = tracing_env(
+                self.out, self.run_id, counts=o.counts, model_id=self.model_id, workload=self.workload,
+                strict=o.strict_engine, stats_dir=str(self.stats_dir),
+            )  # fmt: skip
+        self._saved_env = {k: os.environ.get(k) for k in (*env, adapter.ENV_TRACE_DIR)}
+        if not o.trace:
+            os.environ.pop(adapter.ENV_TRACE_DIR, None)
+        os.environ.update(env)
+        self.kwargs = engine_kwargs(o, self._model, tokenizer=self._tokenizer is not None)
+        t0 = time.monotonic()
+        try:
+            import sglang
+
+            try:
+                self.engine = sglang.Engine(**self.kwargs)
+            except TypeError as exc:
+                raise CollectError(f"SGLang engine arguments: {exc}") from None
+        except BaseException:
+            self._restore_env()
+            raise
+        self.timing["engine_start_s"] = round(time.monotonic() - t0, 3)
+        self.meta = client_metadata(
+            self.run_id, self.model_id, self._config, self.kwargs, o, self.workload, self.warnings
+        )
+        self.meta.extra["timing"] = self.timing
+        self._sampler_cm = gpu_sampler(self.out, self.meta, o.gpu_sample_interval_s)
+        self._sampler_cm.__enter__()
+
+    def prompts(self, dataset: str, num_prompts: int, dataset_path: str | None = None) -> list[Any]:
+        """`num_prompts` prompts of `dataset` as token ids (request ids unique within the session)."""
+        from ..datasets import load_samples
+        from .hf_runner import make_prompts
+
+        samples = load_samples(
+            dataset, num_prompts, seed=self.options.seed, vocab_size=self._vocab, local_path=dataset_path
+        )
+        prompts = make_prompts(samples, self._tokenizer, self.options.max_new_tokens, self._vocab)
+        if self._ids:
+            for p in prompts:
+                p.req_id = f"{p.req_id}.{self._ids}"
+        self._ids += 1
+        if "num_prompts" not in self.workload:
+            workload = closed_loop_workload(
+                prompts, dataset=dataset, batch_size=self.options.batch_size,
+                ignore_eos=self.options.ignore_eos, seed=self.options.seed, driver=DRIVER,
+            )  # fmt: skip
+            self.workload.update(workload)
+        return prompts
+
+    def warmup(self, prompts: Sequence[Any], n: int) -> None:
+        """`n` requests of `prompts`' shapes (fresh ids); the tracer skips them by their id prefix."""
+        if n <= 0:
+            self.timing["warmup_s"] = 0.0
+            return
+        warm = warmup_prompts(prompts, n, vocab_size=self._vocab, seed=self.options.seed)
+        t0 = time.monotonic()
+        drive(self.engine, warm, self.options, None)
+        self.timing["warmup_s"] = round(time.monotonic() - t0, 3)
+        self.timing["warmup_requests"] = n
+
+    def run_point(
+        self,
+        prompts: Sequence[Any],
+        *,
+        concurrency: int | None = None,
+        progress: Callable[[int, int, int], None] | None = None,
+    ) -> tuple[list[RequestRecord], float, dict[str, float]]:
+        """Run `prompts` with `concurrency` in flight (default and at most: `max_running_requests`:
+        every prompt handed over at once). Returns (records, wall s, start-up delays in s)."""
+        c = min(concurrency or self.max_running, self.max_running)
+        records, wall_s = drive(
+            self.engine, prompts, self.options, progress, concurrency=None if c >= self.max_running else c
+        )
+        firsts = [r.first_token_ns for r in records if r.first_token_ns is not None]
+        arrivals = [r.arrival_ns for r in records]
+        delays = {
+            "submit_s": round((max(arrivals) - min(arrivals)) / 1e9, 6) if arrivals else 0.0,
+            "first_token_s": round((min(firsts) - min(arrivals)) / 1e9, 6) if firsts else float("nan"),
+        }
+        return records, wall_s, delays
+
+    def stop(self, *, records: Sequence[RequestRecord] = (), write: bool = True) -> list[dict[str, Any]]:
+        """Close the trace (before SGLang's shutdown SIGKILLs the schedulers), stop the engine, write the
+        client tables of `records`; the schedulers' tracer stats."""
+        stats: list[dict[str, Any]] = []
+        try:
+            if self._sampler_cm is not None:
+                self._sampler_cm.__exit__(None, None, None)
+                self._sampler_cm = None
+            if self.engine is not None and self.options.trace:
+                wait_for_tracers(self.stats_dir, self.options.flush_wait_s)
+                stats, problems = adapter.request_close(self.stats_dir, self.options.flush_wait_s)
+                self.warnings.extend(problems)
+        finally:
+            if self.engine is not None:
+                with contextlib.suppress(Exception):
+                    self.engine.shutdown()
+                self.engine = None
+            self._restore_env()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if write and self.meta is not None:
+            client = write_client_tables(self.out, self.meta, list(records), self._tokenizer)
+            self.files = sorted(self.out.glob(f"{self.run_id}.dp*.arrow")) + client
+        return stats
+
+    def _restore_env(self) -> None:
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._saved_env = {}
+
+
+DRIVER = "sglang-offline-engine-admission"
+"""The run metadata's `workload.driver`: every prompt handed over at once, SGLang admits up to
+`max_running_requests` (= batch size)."""
 
 
 def engine_kwargs(options: SglangRunOptions, model: str, *, tokenizer: bool) -> dict[str, Any]:
@@ -243,6 +436,7 @@ def engine_kwargs(options: SglangRunOptions, model: str, *, tokenizer: bool) -> 
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
         "skip_tokenizer_init": not tokenizer,
         "log_level": "error",
+        "max_running_requests": options.batch_size,
     }
     if options.tokenizer:
         kwargs["tokenizer_path"] = options.tokenizer
@@ -253,108 +447,37 @@ def engine_kwargs(options: SglangRunOptions, model: str, *, tokenizer: bool) -> 
     if options.max_batch_tokens:
         kwargs["chunked_prefill_size"] = options.max_batch_tokens
     kwargs.update(options.engine_args)
-    kwargs.update(recorder_kwargs(kwargs, counts=options.counts))
+    kwargs.update(recorder_kwargs(kwargs, counts=options.counts and options.trace))
     return kwargs
 
 
-def _run(
-    options: SglangRunOptions,
-    out: Path,
-    run_id: str,
-    model_id: str,
-    scratch: Path,
-    warnings: list[str],
-    progress: Callable[[int, int, int], None] | None,
-) -> SglangRunResult:
-    from ..datasets import load_samples
-    from .hf_runner import make_prompts
-
-    model = model_dir(options.model, options.random_weights, scratch / "model")
-    config = read_config(model)
-    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
-    tokenizer = load_tokenizer(options.tokenizer or (model if Path(model).is_dir() else None))
-    samples = load_samples(
-        options.dataset,
-        options.num_prompts,
-        seed=options.seed,
-        vocab_size=vocab,
-        local_path=options.dataset_path,
-    )
-    prompts = make_prompts(samples, tokenizer, options.max_new_tokens, vocab)
-    workload = closed_loop_workload(
-        prompts,
-        dataset=options.dataset,
-        batch_size=options.batch_size,
-        ignore_eos=options.ignore_eos,
-        seed=options.seed,
-        driver="sglang-offline-closed-loop",
-    )
-    stats_dir = scratch / "stats"
-    env = tracing_env(
-        out,
-        run_id,
-        counts=options.counts,
-        model_id=model_id,
-        workload=workload,
-        strict=options.strict_engine,
-        stats_dir=str(stats_dir),
-    )
-    kwargs = engine_kwargs(options, model, tokenizer=tokenizer is not None)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    engine = None
-    try:
-        import sglang
-
-        try:
-            engine = sglang.Engine(**kwargs)
-        except TypeError as exc:
-            raise CollectError(f"SGLang engine arguments: {exc}") from None
-        meta = client_metadata(run_id, model_id, config, kwargs, options, workload, warnings)
-        with gpu_sampler(out, meta, options.gpu_sample_interval_s):
-            records, wall_s = drive(engine, prompts, options, progress)
-        wait_for_tracers(stats_dir, options.flush_wait_s)
-        # Before SGLang's shutdown SIGKILLs the schedulers: let them close their files.
-        stats, problems = adapter.request_close(stats_dir, options.flush_wait_s)
-        warnings.extend(problems)
-    finally:
-        if engine is not None:
-            with contextlib.suppress(Exception):
-                engine.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    files = write_client_tables(out, meta, records, tokenizer)
-    engine_files = sorted(out.glob(f"{run_id}.dp*.arrow"))
-    return SglangRunResult(
-        run_id=run_id,
-        out=out,
-        requests=len(records),
-        output_tokens=sum(len(r.output_ids) for r in records),
-        wall_s=wall_s,
-        tracer_stats=stats,
-        files=engine_files + files,
-        warnings=warnings,
-        records=records,
-    )
-
-
 def drive(
-    engine: Any, prompts: Sequence[Any], options: SglangRunOptions, progress: Any = None
+    engine: Any,
+    prompts: Sequence[Any],
+    options: SglangRunOptions,
+    progress: Any = None,
+    *,
+    concurrency: int | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """The closed loop on the engine's own event loop (`Engine.loop`, where its tokenizer manager runs)."""
+    """`prompts` on the engine's own event loop (`Engine.loop`, where its tokenizer manager runs): all at
+    once (`concurrency` None; SGLang admits them), or a closed loop of `concurrency` in flight."""
     loop = getattr(engine, "loop", None)
+    coro = closed_loop(engine, prompts, options, progress, concurrency=concurrency)
     if loop is None:
-        return asyncio.run(closed_loop(engine, prompts, options, progress))
-    return loop.run_until_complete(closed_loop(engine, prompts, options, progress))
+        return asyncio.run(coro)
+    return loop.run_until_complete(coro)
 
 
 async def closed_loop(
-    engine: Any, prompts: Sequence[Any], options: SglangRunOptions, progress: Any = None
+    engine: Any,
+    prompts: Sequence[Any],
+    options: SglangRunOptions,
+    progress: Any = None,
+    *,
+    concurrency: int | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """`options.batch_size` requests in flight over `prompts` (token ids, greedy); see the module docstring."""
+    """`concurrency` requests in flight over `prompts` (default: all of them; token ids, greedy); see the
+    module docstring."""
     pending = deque(prompts)
     done: list[RequestRecord] = []
     tokens = 0
@@ -400,7 +523,7 @@ async def closed_loop(
             if progress is not None:
                 progress(len(done), len(prompts), tokens)
 
-    await asyncio.gather(*(worker() for _ in range(min(options.batch_size, len(prompts)))))
+    await asyncio.gather(*(worker() for _ in range(min(concurrency or len(prompts), len(prompts)))))
     return done, (time.monotonic_ns() - t_first) / 1e9
 
 

@@ -147,31 +147,34 @@ def snapshot_batch(so: Any, tracker: RequestTracker) -> dict[str, Any]:
     """
     counts: dict[str, int] = so.num_scheduled_tokens
     req_ids = list(counts)
+    new_tokens = list(map(int, counts.values()))
     before: dict[str, int] = {}
-    context: dict[str, bool] = {}
-    for new in so.scheduled_new_reqs:
+    news = so.scheduled_new_reqs
+    for new in news:
         before[new.req_id] = int(new.num_computed_tokens)
-        context[new.req_id] = True
     cached = so.scheduled_cached_reqs
-    for i, rid in enumerate(cached.req_ids):
-        before[rid] = int(cached.num_computed_tokens[i])
-        # vLLM's own rule (CachedRequestData.is_context_phase): no output token yet.
-        context[rid] = int(cached.num_output_tokens[i]) == 0
+    if cached.req_ids:
+        before.update(zip(cached.req_ids, map(int, cached.num_computed_tokens)))
+    get_before = before.get
+    prefix = [get_before(r, 0) for r in req_ids]
     spec_map = so.scheduled_spec_decode_tokens or {}
-    new_tokens = [int(counts[r]) for r in req_ids]
-    prefix = [before.get(r, 0) for r in req_ids]
-    spec = [len(spec_map.get(r, ())) for r in req_ids]
+    spec = [len(spec_map.get(r, ())) for r in req_ids] if spec_map else [0] * len(req_ids)
+    targets = tracker.targets
     logits: list[int] | None = []
     prefilling = 0
-    for rid, n, p, s in zip(req_ids, new_tokens, prefix, spec):
-        target = tracker.targets.get(rid)
+    context: dict[str, bool] | None = None
+    for rid, n, p, sp in zip(req_ids, new_tokens, prefix, spec):
+        target = targets.get(rid)
         if target is None:
+            if context is None:  # vLLM's own rule (CachedRequestData.is_context_phase): no output yet
+                context = {new.req_id: True for new in news}
+                context.update(zip(cached.req_ids, (int(x) == 0 for x in cached.num_output_tokens)))
             is_prefill = context.get(rid, True)
             logits = None
         else:
             is_prefill = p < target
             if logits is not None:
-                logits.append(1 + s if p + n >= target else 0)
+                logits.append(1 + sp if p + n >= target else 0)
         prefilling += is_prefill
     n_reqs = len(req_ids)
     total = int(so.total_num_scheduled_tokens)
@@ -227,22 +230,47 @@ def copy_topk_rows(buffer: torch.Tensor, slot: int, topk_ids: torch.Tensor, offs
         buffer[offset : offset + n, slot, :k].copy_(topk_ids[:n, :k])
 
 
-def count_topk_rows(counts: torch.Tensor, buffer: torch.Tensor, n: int, ones: torch.Tensor) -> None:
-    """Add the first `n` token rows of `buffer` ([max_tokens, L, K] expert ids) to `counts`
-    ([L, E + 1] int32), in place.
+@dataclass
+class CountPlan:
+    """Preallocated tensors for `count_topk_rows` over a `[max_tokens, L, K]` routing buffer into
+    `[L, E + 2]` counts: per layer, column 0 takes ids below 0 (an unused top-k column, padding), columns
+    1..E the experts, column E + 1 ids of E and above (a zero-expert id). Flat index of id `x` in layer `l`:
+    clamp(x + l(E+2) + 1, l(E+2), l(E+2) + E + 1)."""
 
-    Each row adds 1 per top-k choice (a duplicated id counts twice). Ids outside [0, E) — padding
-    junk, the -1 of an unused top-k column, a zero-expert id — land in column E, which readers drop.
+    base: Any
+    lo: Any
+    hi: Any
+    scratch: Any
+    ones: Any
+
+    @classmethod
+    def make(cls, num_layers: int, num_experts: int, top_k: int, max_tokens: int, device: Any) -> CountPlan:
+        import torch
+
+        width = num_experts + 2
+        start = torch.arange(num_layers, dtype=torch.int32, device=device).mul_(width).view(1, num_layers, 1)
+        return cls(
+            base=start + 1,
+            lo=start.clone(),
+            hi=start + (num_experts + 1),
+            scratch=torch.empty((max_tokens, num_layers, top_k), dtype=torch.int32, device=device),
+            ones=torch.ones(max_tokens * num_layers * top_k, dtype=torch.int32, device=device),
+        )
+
+
+def count_topk_rows(counts: torch.Tensor, buffer: torch.Tensor, n: int, plan: CountPlan) -> None:
+    """Add the first `n` token rows of `buffer` ([max_tokens, L, K] expert ids) to `counts`
+    ([L, E + 2] int32, contiguous; layout in `CountPlan`), in place: three device ops into preallocated
+    memory. Each row adds 1 per top-k choice (a duplicated id counts twice); readers keep columns 1..E.
     Runs after the forward, outside any graph; `n` is a host integer, so no device sync."""
     if n <= 0:
         return
-    num_layers, width = counts.shape
-    num_experts = width - 1
     import torch
 
-    ids = buffer[:n].permute(1, 0, 2).reshape(num_layers, -1).long()
-    ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    counts.scatter_add_(1, ids, ones[:, : ids.shape[1]])
+    idx = plan.scratch[:n]
+    torch.add(buffer[:n], plan.base, out=idx)
+    idx.clamp_(plan.lo, plan.hi)
+    counts.view(-1).index_add_(0, idx.view(-1), plan.ones[: idx.numel()])
 
 
 def restore_local_rows(
@@ -308,8 +336,11 @@ class VllmTracer(EngineTraceFiles):
         self.ranks = compat.rank_info(self.vllm_config)
         self.is_recorder = self.ranks.tp_rank == 0
         self.active = self.is_recorder
-        self.warming = False
         """Records steps (TP rank 0); the other TP ranks only bind the capture (matched collectives)."""
+        self.warming = False
+        """True while vLLM warms up / captures graphs (made-up requests, not recorded)."""
+        self.paused = False
+        """True while the client warms the engine up (`moecap_control("pause")`): steps not recorded."""
         self.device = torch.device(getattr(worker, "device", None) or "cpu")
         self.tracker = RequestTracker()
         self.kv_by_layer: dict[int, int] = {}
@@ -328,14 +359,14 @@ class VllmTracer(EngineTraceFiles):
         self._layers: list[compat.MoELayer] = []
         self._capture_fns: list[Callable[[Any], None]] = []
         self.buffer: torch.Tensor | None = None
-        self.ones: torch.Tensor | None = None
+        self.plan: CountPlan | None = None
         self.counts_reason: str | None = None
         self._setup_moe(torch)
         self.counting = self.buffer is not None
         self.readback = StepReadback(
             self.device,
             len(self.layer_ids) if self.counting else 0,
-            self.num_experts + 1 if self.counting else 0,
+            self.num_experts + 2 if self.counting else 0,
             max_tokens=1,
             ring=settings.ring,
             with_counts=self.counting and self.active,
@@ -386,7 +417,7 @@ class VllmTracer(EngineTraceFiles):
         self.buffer = torch.full(
             (max_tokens, len(layers), self.top_k), -1, dtype=torch.int32, device=self.device
         )
-        self.ones = torch.ones((len(layers), max_tokens * self.top_k), dtype=torch.int32, device=self.device)
+        self.plan = CountPlan.make(len(layers), self.num_experts, self.top_k, max_tokens, self.device)
         self._capture_fns = [self._capture_fn(slot) for slot in range(len(layers))]
         self.bind()
 
@@ -448,8 +479,7 @@ class VllmTracer(EngineTraceFiles):
             self.end_step()
         self.drain()
         stream = self._stream()
-        with self._torch.inference_mode():  # the buffers may be inference tensors (vLLM's own context)
-            slot = self.readback.begin(stream)
+        slot = self.readback.begin(stream, zero_counts=False)  # zeroed in end_step, next to the count
         row["step"] = self.step_key
         row["t_start_ns"] = time.monotonic_ns()
         self.step_key += 1
@@ -465,10 +495,16 @@ class VllmTracer(EngineTraceFiles):
         step, self._open = self._open, None
         if step is None:
             return
-        with self._torch.inference_mode():
-            if self.readback.with_counts and step.n_real > 0 and self.buffer is not None:
-                n = min(step.n_real, int(self.buffer.shape[0]))
-                count_topk_rows(self.readback.counts, self.buffer, n, self.ones)
+        if self.readback.with_counts:
+            # The buffers may be inference tensors (vLLM's own context): in-place ops need the mode.
+            with self._torch.inference_mode():
+                self.readback.counts.zero_()
+                if step.n_real > 0 and self.buffer is not None:
+                    n = min(step.n_real, int(self.buffer.shape[0]))
+                    count_topk_rows(self.readback.counts, self.buffer, n, self.plan)
+                step.row["t_end_ns"] = time.monotonic_ns()
+                self.readback.end(step.slot, step.row, step.stream)
+        else:
             step.row["t_end_ns"] = time.monotonic_ns()
             self.readback.end(step.slot, step.row, step.stream)
         self.steps_recorded += 1
@@ -489,9 +525,9 @@ class VllmTracer(EngineTraceFiles):
         row["gpu_end_ns"] = item.gpu_end_ns
         counts = None
         if item.counts is not None and self.num_experts > 0 and not self.capture_errors:
-            full = item.counts.reshape(len(self.layer_ids), self.num_experts + 1)
-            self.invalid_ids += int(full[:, -1].sum())
-            counts = full[:, :-1].reshape(-1).copy()
+            full = item.counts.reshape(len(self.layer_ids), self.num_experts + 2)
+            self.invalid_ids += int(full[:, 0].sum() + full[:, -1].sum())
+            counts = full[:, 1:-1].reshape(-1)  # a copy (not contiguous): the slot is reused
         writers = self.open_writers()
         if writers is None:
             return
@@ -693,7 +729,7 @@ def _around_compile_or_warm_up_model(original: Callable[..., Any], self: Any, *a
 
 def _recording(worker: Any) -> VllmTracer | None:
     tracer = _tracer(worker)
-    if tracer is None or not tracer.active or tracer._closed or tracer.warming:
+    if tracer is None or not tracer.active or tracer._closed or tracer.warming or tracer.paused:
         return None
     return tracer
 
@@ -750,11 +786,18 @@ def _around_shutdown(original: Callable[..., Any], self: Any, *a: Any, **k: Any)
 
 
 def moecap_control(self: Any, command: str = "stats", *args: Any) -> Any:
-    """Worker RPC (`llm.collective_rpc("moecap_control", args=("stats",))`): stats | flush | close."""
+    """Worker RPC (`llm.collective_rpc("moecap_control", args=("stats",))`): stats | flush | close |
+    pause | resume (pause: the steps until resume are not recorded, e.g. a client's warm-up)."""
     tracer = _tracer(self)
     if tracer is None:
         return None
-    if command == "flush":
+    if command == "pause":
+        if tracer._open is not None:
+            tracer.end_step()
+        tracer.paused = True
+    elif command == "resume":
+        tracer.paused = False
+    elif command == "flush":
         tracer.drain()
         if tracer.writers is not None:
             for w in tracer.writers.writers.values():

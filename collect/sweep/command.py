@@ -112,7 +112,7 @@ def sweep(
         f"sweep: {recorded}/{outcome.total} recorded ({len(outcome.recorded)} now, {len(outcome.skipped)} before), "
         f"{len(outcome.failed)} failed, {len(outcome.not_run)} not run; state in {out / 'sweep.json'}"
     )
-    if outcome.interrupted is not None:
+    if outcome.stopped:
         log("sweep: interrupted; re-run the same command to record the rest")
         raise typer.Exit(130)
     if table and recorded:

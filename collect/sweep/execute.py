@@ -46,10 +46,12 @@ class SweepOutcome:
     """Key of the point that was running at Ctrl-C / SIGTERM."""
     not_run: list[str] = field(default_factory=list)
     """Points left for a later run (after an interrupt or `fail_fast`)."""
+    stopped: bool = False
+    """Ctrl-C / SIGTERM stopped the sweep (during a point: `interrupted` names it)."""
 
     @property
     def complete(self) -> bool:
-        return not self.failed and self.interrupted is None and not self.not_run
+        return not self.failed and not self.stopped and not self.not_run
 
 
 def new_point_run_id(point: Point) -> str:
@@ -101,17 +103,14 @@ def run_sweep(
     if outcome.skipped:
         log(f"sweep: {len(outcome.skipped)} of {len(points)} point(s) already recorded, skipped")
     position = {p.key: i for i, p in enumerate(points, start=1)}
-    stop = False
     with sigterm_as_interrupt():
         try:
             for config, group in group_by_config(todo):
-                if stop:
-                    outcome.not_run += [p.key for p in group]
-                    continue
-                stop = _run_group(config, group, out, state, outcome, name, fail_fast, log, position,
-                                  session_factory)  # fmt: skip
+                if _run_group(config, group, out, state, outcome, name, fail_fast, log, position,
+                              session_factory):  # fmt: skip
+                    break
         except KeyboardInterrupt:
-            pass
+            outcome.stopped = True
     done = set(outcome.skipped) | set(outcome.recorded) | set(outcome.failed)
     if outcome.interrupted:
         done.add(outcome.interrupted)

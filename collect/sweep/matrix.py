@@ -276,6 +276,10 @@ def _check(spec: SweepSpec, source: str) -> None:
         )
     if spec.cuda_graphs not in ("auto", "on", "off"):
         raise CollectError(f"{source}: cuda_graphs: expected auto, on or off, got {spec.cuda_graphs!r}")
+    if spec.engines == ["hf"] and any(a.strip() for a in spec.engine_args):
+        raise CollectError(
+            f"{source}: engine_args are vLLM's flags; the hf engine takes dtype, device and attn_implementation"
+        )
     for args in spec.engine_args:
         try:
             args.format(batch_size=1)
@@ -310,7 +314,13 @@ def expand(spec: SweepSpec) -> list[Point]:
     """The matrix's points, grouped so that points sharing an engine config run back to back
     (engine config, then task, then batch size, then repeat: one engine start per config)."""
     points: list[Point] = []
-    for engine, model, args in itertools.product(spec.engines, spec.models, spec.engine_args):
+    configs = [
+        (engine, model, args)
+        for engine, model in itertools.product(spec.engines, spec.models)
+        # engine args are vLLM's flags: an hf config has none (and is not repeated per args string)
+        for args in (spec.engine_args if engine != "hf" else [""])
+    ]
+    for engine, model, args in configs:
         for task, bs, repeat in itertools.product(spec.tasks, spec.batch_sizes, range(spec.repeats)):
             config = EngineConfig(
                 engine=engine,

@@ -141,9 +141,12 @@ class VllmSession:
         self._saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         adapter.register()
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine.from_engine_args(engine_args)
+        # LLM_CLASS: the defaults `LLM(...)` gets; the bare engine context caps a step at 2,048 tokens
+        # (issue #20: `run` measured 0.76x of LLM.generate with it).
+        self.engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
         self._rpc(_end_run)  # nothing is recorded until the first point begins its run
 
     def _rpc(self, fn: Any, *args: Any) -> list[dict[str, Any]]:
@@ -164,9 +167,21 @@ class VllmSession:
         )
         return make_prompts(samples, self.tokenizer, max_new_tokens, self.vocab)
 
-    def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
-        from vllm import SamplingParams
+    def _submit(self, prompts: list[Any], options: Any, concurrency: int) -> tuple[list[Any], float]:
+        """`run`'s own submission (`engines/vllm_run.VllmSession`) on this engine: every prompt at once
+        when the engine's `max_num_seqs` is the point's batch size, a closed loop of `concurrency` below it."""
+        from ..engines import vllm_run
 
+        submitter = object.__new__(vllm_run.VllmSession)
+        submitter.engine, submitter.options = self.engine, options
+        limit = int(self.options.engine_args.get("max_num_seqs") or 0)
+        if limit and concurrency >= limit:
+            records, wall_s, _ = submitter._submit_all(prompts, None)
+        else:
+            records, wall_s, _ = submitter._closed_loop(prompts, concurrency, None)
+        return records, wall_s
+
+    def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
         from ..engines import vllm_run
         from ..engines.offline import closed_loop_workload, gpu_sampler, write_client_tables
 
@@ -193,14 +208,14 @@ class VllmSession:
         workload.update(workload_extra)
         # Warm-up at the point's batch size, not recorded (tracing is closed between points).
         warm = self._prompts(point, seed + WARMUP_SEED_OFFSET, point.batch_size, WARMUP_MAX_TOKENS)
-        vllm_run._closed_loop(self.engine, warm, options, SamplingParams, None)
+        self._submit(warm, options, point.batch_size)
         with contextlib.suppress(Exception):
             self.engine.reset_prefix_cache()
         self._rpc(_begin_run, run_id, workload)
         meta = vllm_run._client_metadata(self.engine, run_id, self.model_id, options, workload, self.warnings)
         try:
             with gpu_sampler(self.out, meta, options.gpu_sample_interval_s):
-                records, wall_s = vllm_run._closed_loop(self.engine, prompts, options, SamplingParams, None)
+                records, wall_s = self._submit(prompts, options, point.batch_size)
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):
                 self._rpc(_end_run)

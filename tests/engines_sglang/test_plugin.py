@@ -60,6 +60,24 @@ def test_rows_and_counts_through_the_real_forward(sgl):
     assert meta.extra["sglang"]["counts_scope"] == "replicated"
 
 
+def test_warm_up_passes_are_run_but_not_recorded(sgl):
+    # `run --warmup`: requests whose ids start with the warm-up prefix; the pass still runs (SGLang's
+    # forward_pass_id advances), and the workload's passes after it are recorded with their own keys.
+    from moecap.collect.warmup import WARMUP_PREFIX
+
+    sgl.install()
+    sgl.set_recorder()
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    r = sgl.runner([ids, ids, ids])
+    r.forward(_decode([f"{WARMUP_PREFIX}0", f"{WARMUP_PREFIX}1"], [4, 5]))
+    r.forward(_decode(["a", "b"], [4, 5]))
+    r.forward(_decode(["a", "b"], [5, 6]))
+    rows, counts = sgl.rows()
+    assert r.forward_pass_id == 3
+    assert [row["step"] for row in rows] == [2, 3] and sorted(counts) == [2, 3]
+    assert all(not any(x.startswith(WARMUP_PREFIX) for x in row["req_ids"]) for row in rows)
+
+
 def test_padding_after_forward_does_not_leak_into_the_row(sgl):
     sgl.install()
     sgl.set_recorder()

@@ -24,6 +24,7 @@ from moecap.collect.engines import sglang_run
 from moecap.collect.engines.hf_runner import make_prompts
 from moecap.collect.engines.offline import write_client_tables
 from moecap.collect.errors import CollectError
+from moecap.collect.warmup import WARMUP_PREFIX
 from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, open_traces
 
 
@@ -101,7 +102,9 @@ def test_closed_loop_keeps_batch_size_in_flight_and_times_every_chunk(tmp_path, 
     engine = FakeEngine(incremental=incremental, tokens_per_chunk=per_chunk)
     prompts = _prompts(5, 4)
     seen = []
-    records, wall_s = sglang_run.drive(engine, prompts, _options(tmp_path), lambda *a: seen.append(a))
+    records, wall_s = sglang_run.drive(
+        engine, prompts, _options(tmp_path), lambda *a: seen.append(a), concurrency=2
+    )
     assert engine.max_in_flight == 2 and len(engine.calls) == 5
     assert sorted(c["rid"] for c in engine.calls) == sorted(p.req_id for p in prompts)
     assert engine.calls[0]["sampling_params"] == {
@@ -119,6 +122,15 @@ def test_closed_loop_keeps_batch_size_in_flight_and_times_every_chunk(tmp_path, 
         assert rec.arrival_ns < rec.first_token_ns == rec.chunk_ns[0] <= rec.chunk_ns[-1] == rec.finish_ns
         assert rec.chunk_ns == sorted(rec.chunk_ns)
         assert rec.finish_reason == "length" and rec.cached_tokens == 0
+
+
+def test_by_default_every_prompt_is_handed_over_at_once(tmp_path):
+    # As SGLang's own offline benchmark does: SGLang (max_running_requests) admits them, not the client.
+    engine = FakeEngine()
+    records, _ = sglang_run.drive(engine, _prompts(5, 4), _options(tmp_path), None)
+    assert engine.max_in_flight == 5 and len(records) == 5
+    last_submission = max(r.arrival_ns for r in records)
+    assert last_submission < min(r.first_token_ns for r in records)
 
 
 def test_the_client_tables_hold_the_loops_records(tmp_path):
@@ -350,5 +362,16 @@ def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     assert run.run_id == "run-s" and {f.table_kind for f in run.files} == {"requests", "outputs"}
     meta = run.metadata
     assert meta.engine.name == "sglang" and meta.engine.version == sglang_version
-    assert meta.workload["driver"] == "sglang-offline-closed-loop" and meta.workload["concurrency"] == 2
+    # SGLang admits (max_running_requests = batch size); every prompt was handed over at once, after a
+    # warm-up of one batch of the workload's shapes that the results (and the trace) leave out.
+    assert eng.kwargs["max_running_requests"] == 2 and eng.max_in_flight == 5
+    warm = [c for c in eng.calls if c["rid"].startswith(WARMUP_PREFIX)]
+    assert [c["rid"] for c in eng.calls[:2]] == [c["rid"] for c in warm] and len(warm) == 2
+    assert [len(c["input_ids"]) for c in warm] == [len(c["input_ids"]) for c in eng.calls[2:4]]
+    assert all(c["input_ids"] != w["input_ids"] for c in eng.calls[2:] for w in warm)
+    assert (
+        result.timing["warmup_requests"] == 2 and result.timing["first_token_s"] >= result.timing["submit_s"]
+    )
+    assert meta.workload["driver"] == "sglang-offline-engine-admission" and meta.workload["concurrency"] == 2
+    assert meta.workload["num_prompts"] == 5 and meta.extra["timing"]["warmup_requests"] == 2
     assert (meta.moe.num_experts, meta.moe.top_k, meta.model.random_weights) == (8, 2, True)

@@ -11,16 +11,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moecap.collect.engines.vllm import copy_topk_rows, count_topk_rows, restore_local_rows  # noqa: E402
+from moecap.collect.engines.vllm import (  # noqa: E402
+    CountPlan,
+    copy_topk_rows,
+    count_topk_rows,
+    restore_local_rows,
+)
 
 L, E, K, CAP = 3, 6, 2, 32
 
 
 def buffers():
     buf = torch.full((CAP, L, K), -1, dtype=torch.int32)
-    counts = torch.zeros((L, E + 1), dtype=torch.int32)
-    ones = torch.ones((L, CAP * K), dtype=torch.int32)
-    return buf, counts, ones
+    counts = torch.zeros((L, E + 2), dtype=torch.int32)
+    return buf, counts, CountPlan.make(L, E, K, CAP, torch.device("cpu"))
 
 
 def reference(ids_per_layer: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -41,25 +45,26 @@ def test_counts_only_real_rows_and_every_top_k_choice():
     ids[0][2] = torch.tensor([4, 4], dtype=torch.int32)  # a duplicated top-k id counts twice
     for layer in range(L):
         ids[layer][n_real:] = 5  # padding junk: all on expert 5, which must not show
-    buf, counts, ones = buffers()
+    buf, counts, plan = buffers()
     for slot, x in enumerate(ids):
         copy_topk_rows(buf, slot, x)
-    count_topk_rows(counts, buf, n_real, ones)
-    assert torch.equal(counts[:, :E].long(), reference(ids, n_real))
-    assert int(counts[:, E].sum()) == 0
-    assert int(counts[0, 4]) >= 2
-    assert counts[:, :E].sum(1).tolist() == [n_real * K] * L
+    count_topk_rows(counts, buf, n_real, plan)
+    assert torch.equal(counts[:, 1 : E + 1].long(), reference(ids, n_real))
+    assert int(counts[:, 0].sum()) == 0 and int(counts[:, E + 1].sum()) == 0
+    assert int(counts[0, 1 + 4]) >= 2
+    assert counts[:, 1 : E + 1].sum(1).tolist() == [n_real * K] * L
 
 
-def test_ids_outside_the_expert_range_go_to_the_overflow_column():
-    buf, counts, ones = buffers()
+def test_ids_outside_the_expert_range_go_to_the_side_columns():
+    # Column 0: ids below 0 (an unused top-k column); 1..E: experts 0..E-1; E + 1: ids of E and above.
+    buf, counts, plan = buffers()
     copy_topk_rows(buf, 0, torch.tensor([[0, -1], [E, 3], [E + 7, 1]], dtype=torch.int32))
     copy_topk_rows(buf, 1, torch.tensor([[1, 1], [1, 1], [2, 2]], dtype=torch.int32))
     copy_topk_rows(buf, 2, torch.tensor([[5], [5], [5]], dtype=torch.int32))  # top-1 layer: column 1 stays -1
-    count_topk_rows(counts, buf, 3, ones)
-    assert counts[0].tolist() == [1, 1, 0, 1, 0, 0, 3]
-    assert counts[1].tolist() == [0, 4, 2, 0, 0, 0, 0]
-    assert counts[2].tolist() == [0, 0, 0, 0, 0, 3, 3]
+    count_topk_rows(counts, buf, 3, plan)
+    assert counts[0].tolist() == [1, 1, 1, 0, 1, 0, 0, 2]
+    assert counts[1].tolist() == [0, 0, 4, 2, 0, 0, 0, 0]
+    assert counts[2].tolist() == [3, 0, 0, 0, 0, 0, 3, 0]
 
 
 def test_copy_never_writes_past_the_buffer_and_respects_the_offset():
@@ -73,8 +78,8 @@ def test_copy_never_writes_past_the_buffer_and_respects_the_offset():
 
 
 def test_zero_rows_is_a_no_op():
-    buf, counts, ones = buffers()
-    count_topk_rows(counts, buf, 0, ones)
+    buf, counts, plan = buffers()
+    count_topk_rows(counts, buf, 0, plan)
     copy_topk_rows(buf, 0, torch.zeros((0, K), dtype=torch.int32))
     assert int(counts.sum()) == 0 and int((buf != -1).sum()) == 0
 
@@ -83,7 +88,7 @@ def test_capture_copy_and_count_compile_with_fullgraph():
     """The capture copy runs inside vLLM's compiled, graph-captured forward; the count runs after it.
     Both must trace into one graph: no graph breaks, no data-dependent shapes, no host syncs."""
     torch._dynamo.reset()
-    buf, counts, ones = buffers()
+    buf, counts, plan = buffers()
     ref_buf, ref_counts, _ = buffers()
     ids = torch.randint(0, E, (12, K), dtype=torch.int32)
     copy = torch.compile(copy_topk_rows, fullgraph=True, dynamic=False)
@@ -91,8 +96,8 @@ def test_capture_copy_and_count_compile_with_fullgraph():
     for slot in range(L):
         copy(buf, slot, ids + slot)
         copy_topk_rows(ref_buf, slot, ids + slot)
-    count(counts, buf, 7, ones)
-    count_topk_rows(ref_counts, ref_buf, 7, ones)
+    count(counts, buf, 7, plan)
+    count_topk_rows(ref_counts, ref_buf, 7, plan)
     assert torch.equal(buf, ref_buf) and torch.equal(counts, ref_counts)
 
 

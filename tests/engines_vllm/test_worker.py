@@ -263,3 +263,24 @@ def test_warm_up_passes_through_the_worker_are_not_recorded(worker_class, vllm_e
     rows = steps.table.to_pylist()
     assert [r["step"] for r in rows] == [0, 1]
     assert all(rid == "a" for r in rows for rid in r["req_ids"])
+
+
+def test_a_paused_tracer_records_nothing_until_resumed(worker_class, vllm_env, trace_env):
+    """`run --warmup`: the client pauses every worker's tracer (`moecap_control("pause")` over
+    collective_rpc), runs its warm-up requests, and resumes; the warm-up steps never reach the trace."""
+    worker = make_worker(vllm_env, FakeRunner(make_model()))
+    worker.load_model()
+    warm = ToyScheduler(64, seed=8)
+    for i in range(2):
+        warm.add(f"moecap-warmup-{i}", 4, 3)
+    assert worker.moecap_control("pause")["steps_recorded"] == 0
+    drive(worker, warm, steps_with_dummy=())
+    assert worker.moecap_control("resume")["steps_recorded"] == 0
+    sched = ToyScheduler(32, seed=9)
+    sched.add("a", 5, 2)
+    outputs = drive(worker, sched, steps_with_dummy=())
+    worker.shutdown()
+    steps, experts = trace_files(trace_env)
+    rows = steps.table.to_pylist()
+    assert [r["step"] for r in rows] == list(range(len(outputs)))
+    assert all(rid == "a" for r in rows for rid in r["req_ids"]) and experts.num_rows == len(rows)

@@ -117,7 +117,7 @@ def test_yaml_file_with_command_line_overrides(tmp_path):
             "request_rates: request rates need",
         ),
         (
-            "engine: hf\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\nengine_args: '--x {bs}'\n",
+            "engine: vllm\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\nengine_args: '--x {bs}'\n",
             "only {batch_size}",
         ),
         ("engine: hf\nmodel: m\ntasks: [synthetic:8x2\n", "not valid YAML (line"),
@@ -137,3 +137,11 @@ def test_bad_yaml_gives_one_line_naming_the_file_and_field(tmp_path, text, messa
 def test_command_line_errors_name_the_command_line():
     with pytest.raises(CollectError, match=r"^the command line: tasks: at least one value"):
         load_spec(None, {"engines": ["hf"], "models": ["m"], "batch_sizes": "1", "waves": 1})
+
+
+def test_engine_args_apply_to_vllm_only():
+    with pytest.raises(CollectError, match="engine_args are vLLM's flags"):
+        build_spec({**BASE, "engine_args": "--max-num-seqs 4"})
+    both = expand(build_spec({**BASE, "engines": ["hf", "vllm"], "engine_args": ["--a 1", "--a 2"]}))
+    configs = [(c.engine, c.engine_args) for c, _ in group_by_config(both)]
+    assert configs == [("hf", ""), ("vllm", "--a 1"), ("vllm", "--a 2")]

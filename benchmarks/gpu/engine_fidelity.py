@@ -1,0 +1,551 @@
+"""On one GPU: does `moecap-collect` measure the engine, not itself? The engine's own offline throughput vs
+`moecap-collect run` (tracing off, steps, steps + experts), and the engine's own serving benchmark vs
+`moecap-collect drive` on the same `moecap-collect serve` server, at batch 1 and 64 (issue #20).
+
+Model: random-weight Qwen1.5-MoE-A2.7B from analyze/specs/models (`load_format="dummy"`, prompts as token ids,
+no tokenizer; the serve stage writes a word-level tokenizer, one word per id, with the machine's
+`tokenizers`), bf16, torch.compile + CUDA graphs (the engines' defaults), gpu memory 0.85 (vLLM) / 0.8
+(SGLang), context 4096, fixed lengths, ignore_eos. Workloads:
+  b64: 64 prompts x 256 in / 128 out, 64 in flight;   b1: 4 prompts x 256 in / 256 out, 1 in flight.
+Concurrency is the engine's own limit (vLLM `max_num_seqs`, SGLang `max_running_requests`), as `run` sets
+it; so each batch size is its own engine.
+
+Offline stages (`<mode>-<batch>`, mode off | steps | experts): ONE engine built by `run`'s own session code
+(`VllmSession` / `SglangSession`, which `moecap-collect run` uses), warmed up once (`run`'s warm-up), then
+`--reps` INTERLEAVED repeats of (a) the engine's own offline call on that engine — vLLM `LLM.generate`
+(the `LLM` object builds the engine from `run`'s engine kwargs), SGLang `Engine.generate` over every prompt
+(what `bench_offline_throughput` times) — and (b) `run`'s submission (`session.run_point`), prefix cache
+reset before each. Mode off: no plugin (so (a) is the engine's own baseline and (b) is `run --no-trace`);
+steps / experts: the plugin on (`--no-counts` / default), so (a) is the engine with our plugin and (b) is
+`run`. Medians, ratios and start-up delays go to OUT/fidelity-<engine>-<stage>.json.
+Stage `serve`: `moecap-collect serve` (steps + experts on) once; then `--serve-reps` interleaved repeats at
+b64 and b1 of `moecap-collect drive` and the engine's serving benchmark (`vllm bench serve`; SGLang
+`python -m sglang.benchmark.serving`, OpenAI completions backend, random ids) against it; mean TTFT, mean
+TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the server.
+
+ON THE H100 (vLLM 0.26.0 installed from wheels per ../shared/gpu/README.md; each line one device call of at
+most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkout `moecap` without pip):
+
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages off-64,off-1 --out $OUT
+      # ~300 s cold (first engine start ~175 s incl. compile), ~150 s warm
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages steps-64,experts-64 --out $OUT
+      # ~170 s (engine start ~50 s each with the compile cache warm, ~20 s of repeats each)
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages steps-1,experts-1 --out $OUT
+      # ~200 s (b1 repeats: ~3 s each)
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages serve --out $OUT
+      # ~300 s (server start ~60 s warm; each `vllm bench serve` pays ~15 s of imports)
+  # optional, ~90 s: the real CLI end to end once (engine start + warm-up + run), its own printed figures
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages cli-64 --out $OUT
+
+SGLang (a second lease: SGLang 0.5.16 wheels, see gpu/README.md; `export PYTHONPATH=/root/sgl` if installed
+with --target): the same commands with `--engine sglang` (engine start ~120 s; `--stages off-64,off-1` then
+`steps-64,experts-64`, `steps-1,experts-1`, `serve`).
+
+Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
+(Markdown) from the fetched JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+MODEL = ROOT / "analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json"
+WORKLOADS = {64: (64, 256, 128), 1: (4, 256, 256)}
+"""batch -> (prompts, input tokens, output tokens)."""
+CLI = "import sys; sys.argv = ['moecap-collect', *sys.argv[1:]]; from moecap.collect.cli import main; main()"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 2) if xs else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plugin discovery without pip: entry points written next to this checkout
+# ---------------------------------------------------------------------------------------------------
+def plugin_path(out: Path) -> Path:
+    """A folder with `.dist-info`s declaring moecap's vLLM and SGLang entry points, put on PYTHONPATH (of
+    this process and every child) so the engines' plugin loaders find moecap as if it were installed."""
+    folder = out / "_plugin"
+    for group, value, name in (
+        ("vllm.general_plugins", "moecap.collect.engines.vllm:register", "vllm"),
+        ("sglang.srt.plugins", "moecap.collect.engines.sglang:register", "sglang"),
+    ):
+        dist = folder / f"moecap_{name}_plugin-0.dist-info"
+        dist.mkdir(parents=True, exist_ok=True)
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: moecap-{name}-plugin\nVersion: 0\n")
+        (dist / "entry_points.txt").write_text(f"[{group}]\nmoecap = {value}\n")
+    os.environ["PYTHONPATH"] = f"{folder}:{os.environ.get('PYTHONPATH', '')}".rstrip(":")
+    sys.path.insert(0, str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Offline stages
+# ---------------------------------------------------------------------------------------------------
+def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
+    n, n_in, n_out = WORKLOADS[batch]
+    common = dict(
+        model=str(MODEL), dataset=f"synthetic:{n_in}x{n_out}", num_prompts=n, batch_size=batch,
+        out=str(out / f"trace-{engine}-{mode}-{batch}"), random_weights=True, dtype="bfloat16", ignore_eos=True,
+        counts=mode == "experts", trace=mode != "off", run_id=f"fidelity-{engine}-{mode}-b{batch}-{int(time.time())}",
+        gpu_sample_interval_s=None,
+    )  # fmt: skip
+    if engine == "vllm":
+        from moecap.collect.engines.vllm_run import VllmRunOptions
+
+        return VllmRunOptions(**common, engine_args={"gpu_memory_utilization": 0.85, "max_model_len": 4096})
+    from moecap.collect.engines.sglang_run import SglangRunOptions
+
+    return SglangRunOptions(**common, engine_args={"mem_fraction_static": 0.8, "context_length": 4096})
+
+
+def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from moecap.collect.engines.vllm_run import VllmSession
+
+    opts = offline_options("vllm", mode, batch, out)
+    session = VllmSession(opts)
+    holder: dict[str, Any] = {}
+
+    def factory(kwargs: dict[str, Any]) -> Any:
+        holder["kwargs"] = {k: v for k, v in kwargs.items() if k != "model"}
+        holder["llm"] = LLM(**kwargs)  # vLLM's own offline entry point, from `run`'s engine kwargs
+        return holder["llm"].llm_engine
+
+    prompts = session.prompts(opts.dataset, opts.num_prompts)
+    session.start(engine_factory=factory)
+    llm = holder["llm"]
+    result: dict[str, Any] = {"engine_kwargs": holder["kwargs"], "scheduler": _vllm_scheduler(llm)}
+    gen_tps: list[float] = []
+    run_tps: list[float] = []
+    firsts: list[float] = []
+    try:
+        session.warmup(prompts, batch)
+        result["timing"] = dict(session.timing)
+        _, _, n_out = WORKLOADS[batch]
+        params = SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=0.0, detokenize=False)
+        for rep in range(reps):
+            order = ("generate", "run") if rep % 2 == 0 else ("run", "generate")
+            for what in order:
+                llm.reset_prefix_cache()
+                if what == "generate":
+                    t0 = time.perf_counter()
+                    outs = llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], params,
+                                        use_tqdm=False)  # fmt: skip
+                    wall = time.perf_counter() - t0
+                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                    gen_tps.append(tokens / wall)
+                else:
+                    records, wall, delays = session.run_point(session.prompts(opts.dataset, opts.num_prompts))
+                    tokens = sum(len(r.output_ids) for r in records)
+                    run_tps.append(tokens / wall)
+                    firsts.append(delays["first_token_s"])
+                log(
+                    f"vllm {mode}-{batch} rep {rep} {what}: {tokens} tokens in {wall:.3f} s = {tokens / wall:.1f} tok/s"
+                )
+    finally:
+        result["worker_stats"] = session.stop(write=False)
+    return _offline_result(result, gen_tps, run_tps, firsts)
+
+
+def _vllm_scheduler(llm: Any) -> dict[str, Any]:
+    vc = llm.llm_engine.vllm_config
+    sc = vc.scheduler_config
+    cc = vc.compilation_config
+    return {
+        "max_num_seqs": sc.max_num_seqs,
+        "max_num_batched_tokens": sc.max_num_batched_tokens,
+        "async_scheduling": getattr(sc, "async_scheduling", None),
+        "cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
+        "enforce_eager": vc.model_config.enforce_eager,
+    }
+
+
+def sglang_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
+    from moecap.collect.engines.sglang_run import SglangSession
+
+    opts = offline_options("sglang", mode, batch, out)
+    session = SglangSession(opts)
+    prompts = session.prompts(opts.dataset, opts.num_prompts)
+    session.start()
+    engine = session.engine
+    result: dict[str, Any] = {"engine_kwargs": {k: v for k, v in session.kwargs.items() if k != "model_path"}}
+    gen_tps: list[float] = []
+    run_tps: list[float] = []
+    firsts: list[float] = []
+    try:
+        session.warmup(prompts, batch)
+        result["timing"] = dict(session.timing)
+        _, _, n_out = WORKLOADS[batch]
+        params = {"max_new_tokens": n_out, "ignore_eos": True, "temperature": 0.0}
+        for rep in range(reps):
+            order = ("generate", "run") if rep % 2 == 0 else ("run", "generate")
+            for what in order:
+                engine.flush_cache()
+                if what == "generate":  # bench_offline_throughput's call: one generate over every prompt
+                    t0 = time.perf_counter()
+                    res = engine.generate(input_ids=[list(p.token_ids) for p in prompts],
+                                          sampling_params=[dict(params) for _ in prompts])  # fmt: skip
+                    wall = time.perf_counter() - t0
+                    res = res if isinstance(res, list) else [res]
+                    tokens = sum(int(r["meta_info"]["completion_tokens"]) for r in res)
+                    gen_tps.append(tokens / wall)
+                else:
+                    records, wall, delays = session.run_point(session.prompts(opts.dataset, opts.num_prompts))
+                    tokens = sum(len(r.output_ids) for r in records)
+                    run_tps.append(tokens / wall)
+                    firsts.append(delays["first_token_s"])
+                log(
+                    f"sglang {mode}-{batch} rep {rep} {what}: {tokens} tokens in {wall:.3f} s = {tokens / wall:.1f} tok/s"
+                )
+    finally:
+        result["tracer_stats"] = session.stop(write=False)
+    return _offline_result(result, gen_tps, run_tps, firsts)
+
+
+def _offline_result(
+    result: dict[str, Any], gen: list[float], run: list[float], firsts: list[float]
+) -> dict[str, Any]:
+    result.update(
+        engine_own_tok_s=[round(x, 1) for x in gen],
+        run_tok_s=[round(x, 1) for x in run],
+        engine_own_median=median(gen),
+        run_median=median(run),
+        run_first_token_s=[round(x, 4) for x in firsts],
+    )
+    if gen and run:
+        result["run_over_engine_own"] = round(statistics.median(run) / statistics.median(gen), 4)
+    return result
+
+
+def cli_stage(engine: str, batch: int, out: Path) -> dict[str, Any]:
+    """`moecap-collect run` as users run it, once (engine start, warm-up, the workload)."""
+    n, n_in, n_out = WORKLOADS[batch]
+    engine_args = (
+        "--gpu-memory-utilization 0.85 --max-model-len 4096"
+        if engine == "vllm"
+        else "--mem-fraction-static 0.8 --context-length 4096"
+    )
+    cmd = [sys.executable, "-c", CLI, "run", "--engine", engine, "--model", str(MODEL), "--random-weights",
+           "--dataset", f"synthetic:{n_in}x{n_out}", "--num-prompts", str(n), "--batch-size", str(batch),
+           "--ignore-eos", "--dtype", "bfloat16", "--out", str(out / f"cli-{engine}-{batch}"), "--no-progress",
+           "--engine-args", engine_args]  # fmt: skip
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    text = p.stdout + p.stderr
+    lines = [ln for ln in text.splitlines() if "tok/s" in ln or ln.startswith("moecap-collect:")]
+    return {
+        "rc": p.returncode,
+        "wall_s": round(time.time() - t0, 1),
+        "lines": lines[-6:],
+        "tail": text[-2000:],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serve stage
+# ---------------------------------------------------------------------------------------------------
+def _get(url: str, timeout_s: float = 5.0) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return int(r.status)
+    except Exception:
+        return 0
+
+
+def drive_metrics(folder: Path, run_id: str) -> dict[str, Any]:
+    """Mean TTFT (ms), mean TPOT (ms: (finish - first token) / (output tokens - 1), requests with more
+    than one token) and output throughput (tokens / (last finish - first arrival)) of one `drive` run:
+    the definitions `vllm bench serve` and SGLang's bench_serving use."""
+    from moecap.schemas import read_trace_file
+
+    (path,) = sorted(folder.glob(f"{run_id}*.requests.arrow"))
+    rows = read_trace_file(path).table.to_pylist()
+    ok = [r for r in rows if r["first_token_ns"] is not None and r["finish_ns"] is not None]
+    ttft = [(r["first_token_ns"] - r["arrival_ns"]) / 1e6 for r in ok]
+    tpot = [
+        (r["finish_ns"] - r["first_token_ns"]) / 1e6 / (r["output_tokens"] - 1)
+        for r in ok
+        if r["output_tokens"] > 1
+    ]
+    dur = (max(r["finish_ns"] for r in ok) - min(r["arrival_ns"] for r in ok)) / 1e9 if ok else float("nan")
+    return {
+        "completed": len(ok),
+        "mean_ttft_ms": round(statistics.mean(ttft), 3) if ttft else None,
+        "mean_tpot_ms": round(statistics.mean(tpot), 4) if tpot else None,
+        "output_throughput": round(sum(r["output_tokens"] for r in ok) / dur, 2) if ok else None,
+        "duration_s": round(dur, 3),
+    }
+
+
+def run_drive(url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str) -> dict[str, Any]:
+    n, n_in, n_out = WORKLOADS[batch]
+    cmd = [sys.executable, "-c", CLI, "drive", "--api-url", url, "--dataset", f"synthetic:{n_in}x{n_out}",
+           "--num-prompts", str(n), "--batch-size", str(batch), "--ignore-eos", "--tokenizer", str(tok),
+           "--seed", str(seed), "--out", str(folder), "--run-id", run_id, "--no-progress"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        return {"error": f"drive exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
+    return drive_metrics(folder, run_id)
+
+
+def run_bench(
+    engine: str, url: str, served: str, tok: Path, batch: int, seed: int, folder: Path
+) -> dict[str, Any]:
+    n, n_in, n_out = WORKLOADS[batch]
+    result_file = folder / f"bench-{engine}-b{batch}-s{seed}.json"
+    if engine == "vllm":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+               "--base-url", url, "--model", served, "--tokenizer", str(tok), "--dataset-name", "random",
+               "--random-input-len", str(n_in), "--random-output-len", str(n_out), "--random-range-ratio", "0",
+               "--num-prompts", str(n), "--max-concurrency", str(batch), "--ignore-eos", "--seed", str(seed),
+               "--save-result", "--result-dir", str(folder), "--result-filename", result_file.name,
+               "--disable-tqdm", "--num-warmups", "0"]  # fmt: skip
+    else:
+        backend = "sglang-oai"
+        with contextlib.suppress(Exception):
+            from sglang.benchmark.serving import ASYNC_REQUEST_FUNCS
+
+            backend = "sglang-oai" if "sglang-oai" in ASYNC_REQUEST_FUNCS else "sglang"
+        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", backend, "--base-url", url,
+               "--model", served, "--tokenizer", str(tok), "--dataset-name", "random-ids",
+               "--random-input-len", str(n_in), "--random-output-len", str(n_out), "--random-range-ratio", "1",
+               "--num-prompts", str(n), "--max-concurrency", str(batch), "--seed", str(seed),
+               "--output-file", str(result_file), "--disable-tqdm"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 or not result_file.exists():
+        return {"error": f"bench exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
+    text = result_file.read_text().strip().splitlines()[-1]  # SGLang appends JSON lines
+    data = json.loads(text)
+    return {
+        "completed": data.get("completed"),
+        "mean_ttft_ms": data.get("mean_ttft_ms"),
+        "mean_tpot_ms": data.get("mean_tpot_ms"),
+        "output_throughput": data.get("output_throughput"),
+        "duration_s": data.get("duration"),
+    }
+
+
+def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
+    from sglang_validate import word_level_tokenizer
+
+    config = json.loads(MODEL.read_text())
+    tok = word_level_tokenizer(out / "tokenizer", int(config["vocab_size"]), int(config["eos_token_id"]))
+    served = "Qwen/Qwen1.5-MoE-A2.7B"
+    folder = out / f"serve-{engine}"
+    folder.mkdir(parents=True, exist_ok=True)
+    run_id = f"fidelity-{engine}-serve-{int(time.time())}"
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", CLI, "serve", "--engine", engine, "--out", str(folder), "--run-id", run_id,
+           "--random-weights", str(MODEL), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    if engine == "vllm":
+        cmd += ["--tokenizer", str(tok), "--dtype", "bfloat16", "--gpu-memory-utilization", "0.85",
+                "--max-model-len", "4096", "--max-num-seqs", "64"]  # fmt: skip
+    else:
+        cmd += ["--tokenizer-path", str(tok), "--dtype", "bfloat16", "--mem-fraction-static", "0.8",
+                "--context-length", "4096", "--max-running-requests", "64", "--log-level", "warning"]  # fmt: skip
+    server_log = out / f"serve-{engine}.log"
+    result: dict[str, Any] = {"argv": cmd[3:], "run_id": run_id}
+    t0 = time.time()
+    with open(server_log, "w") as logf:
+        srv = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while time.time() - t0 < 400:
+            if srv.poll() is not None:
+                raise RuntimeError(f"serve exited {srv.returncode}: {server_log.read_text()[-2000:]}")
+            if _get(f"{url}/v1/models") == 200:
+                break
+            time.sleep(2)
+        else:
+            raise RuntimeError(f"server not up in 400 s: {server_log.read_text()[-2000:]}")
+        result["server_start_s"] = round(time.time() - t0, 1)
+        log(f"serve {engine}: up in {result['server_start_s']} s")
+        # One untimed round of each tool (first shapes, connection pools), then interleaved repeats.
+        run_drive(url, tok, 64, 999, folder, f"{run_id}-warm")
+        run_bench(engine, url, served, tok, 64, 999, folder)
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(reps):
+            for batch in (64, 1):
+                order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
+                for what in order:
+                    if what == "drive":
+                        m = run_drive(url, tok, batch, rep, folder, f"{run_id}-drive-b{batch}-r{rep}")
+                    else:
+                        m = run_bench(engine, url, served, tok, batch, rep, folder)
+                    rows.setdefault(f"{what}-b{batch}", []).append(m)
+                    log(f"serve {engine} rep {rep} {what} b{batch}: {m}")
+        result["raw"] = rows
+        result["medians"] = {
+            key: {
+                k: median([m[k] for m in ms if m.get(k) is not None])
+                for k in ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
+            }
+            for key, ms in rows.items()
+        }
+        for batch in (64, 1):
+            d, b = result["medians"].get(f"drive-b{batch}"), result["medians"].get(f"bench-b{batch}")
+            if d and b:
+                result[f"drive_over_bench_b{batch}"] = {
+                    k: round(d[k] / b[k], 4) for k in d if d[k] is not None and b[k]
+                }
+        time.sleep(2.0)
+        srv.send_signal(signal.SIGINT)  # a user's Ctrl-C
+        try:
+            result["serve_rc"] = srv.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            result["serve_rc"] = "timeout"
+    finally:
+        if srv.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(srv.pid, signal.SIGKILL)
+    result["trace_files"] = sorted(p.name for p in folder.glob(f"{run_id}.dp*.arrow"))
+    result["server_log_tail"] = server_log.read_text()[-2000:]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------------
+def child(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    stage = args.stage
+    t0 = time.time()
+    try:
+        if stage == "serve":
+            result = serve_stage(args.engine, args.serve_reps, out, args.port)
+        elif stage.startswith("cli-"):
+            result = cli_stage(args.engine, int(stage.split("-")[1]), out)
+        else:
+            mode, batch = stage.split("-")
+            fn = vllm_offline if args.engine == "vllm" else sglang_offline
+            result = fn(mode, int(batch), args.reps, out)
+        result["ok"] = True
+    except Exception as exc:
+        result = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    result.update(engine=args.engine, stage=stage, stage_s=round(time.time() - t0, 1), gpu=_gpu_name())
+    path = out / f"fidelity-{args.engine}-{stage}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+
+
+def _gpu_name() -> str | None:
+    with contextlib.suppress(Exception):
+        import torch
+
+        return str(torch.cuda.get_device_name(0))
+    return None
+
+
+def summarize(folders: list[str]) -> str:
+    """A Markdown table of every fidelity JSON under `folders`."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in folders:
+        for p in sorted(Path(f).rglob("fidelity-*.json")):
+            data = json.loads(p.read_text())
+            found[(data.get("engine", "?"), data.get("stage", "?"))] = data
+    lines = ["| engine | stage | GPU | engine's own tok/s (median) | `run` tok/s (median) | run / own | first token s |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    off: dict[tuple[str, str], float] = {}
+    for (engine, stage), d in sorted(found.items()):
+        if stage.startswith(("off-", "steps-", "experts-")) and d.get("ok"):
+            lines.append(f"| {engine} | {stage} | {d.get('gpu')} | {d.get('engine_own_median')} | "
+                         f"{d.get('run_median')} | {d.get('run_over_engine_own')} | "
+                         f"{median(d.get('run_first_token_s') or [])} |")  # fmt: skip
+            if stage.startswith("off-"):
+                off[(engine, stage[4:])] = d.get("engine_own_median") or 0
+        elif not d.get("ok"):
+            lines.append(
+                f"| {engine} | {stage} | {d.get('gpu')} | failed: {str(d.get('error'))[:80]} | | | |"
+            )
+    lines += ["", "| engine | stage | `run` overhead vs engine's own without plugin | engine's own with plugin vs without |",
+              "|---|---|---|---|"]  # fmt: skip
+    for (engine, stage), d in sorted(found.items()):
+        if stage.startswith(("steps-", "experts-")) and d.get("ok"):
+            base = off.get((engine, stage.split("-")[1]))
+            if base:
+                run_loss = 100 * (1 - (d.get("run_median") or 0) / base)
+                own_loss = 100 * (1 - (d.get("engine_own_median") or 0) / base)
+                lines.append(f"| {engine} | {stage} | {run_loss:.2f} % | {own_loss:.2f} % |")
+    for (engine, stage), d in sorted(found.items()):
+        if stage == "serve" and d.get("ok"):
+            lines += ["", f"{engine} serve ({d.get('gpu')}): medians {json.dumps(d.get('medians'))}",
+                      f"drive / bench: b64 {d.get('drive_over_bench_b64')}, b1 {d.get('drive_over_bench_b1')}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    ap.add_argument("--stages", default="off-64,off-1")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.environ.get("OUT", "fidelity-out"))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--serve-reps", type=int, default=3)
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--budget-s", type=float, default=570, help="skip stages that would start after this")
+    ap.add_argument("--summarize", nargs="+", metavar="DIR")
+    args = ap.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plugin_path(out)
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stage:
+        child(args)
+        return
+    t_start = time.time()
+    for stage in args.stages.split(","):
+        left = args.budget_s - (time.time() - t_start)
+        if left < 60:
+            log(f"skip {stage}: {left:.0f} s left")
+            continue
+        log(f"{args.engine} stage {stage} ({left:.0f} s left)")
+        cmd = [sys.executable, __file__, "--stage", stage, "--engine", args.engine, "--out", str(out),
+               "--reps", str(args.reps), "--serve-reps", str(args.serve_reps), "--port", str(args.port)]  # fmt: skip
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            proc.wait(timeout=max(30, left - 5))
+        except subprocess.TimeoutExpired:
+            log(f"{stage} timed out")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        path = out / f"fidelity-{args.engine}-{stage}.json"
+        if not path.exists():
+            path.write_text(json.dumps({"ok": False, "engine": args.engine, "stage": stage,
+                                        "error": "no result (timeout or crash)"}))  # fmt: skip
+        data = json.loads(path.read_text())
+        brief = {k: v for k, v in data.items() if k not in ("traceback", "worker_stats", "tracer_stats", "raw",
+                                                             "server_log_tail", "engine_kwargs")}  # fmt: skip
+        log(f"{stage}: {json.dumps(brief, default=str)[:1500]}")
+    print(summarize([str(out)]))
+
+
+if __name__ == "__main__":
+    main()

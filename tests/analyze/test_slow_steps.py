@@ -1,0 +1,65 @@
+"""Steps far slower than their phase's median (kernel compilation inside the recorded window) are named;
+big-but-proportional prefills are not. Durations are hand-set; the expected verdicts follow the rule in
+analyze/slow_steps.py by arithmetic done in the comments."""
+
+from __future__ import annotations
+
+from moecap.analyze.slow_steps import slow_step_findings, slow_steps
+
+MS = 1_000_000
+
+
+def _row(step, phase, tokens, ms, *, gpu=True, tp=0, draft=False):
+    start = step * 10_000 * MS
+    span = {"gpu_start_ns": start, "gpu_end_ns": start + int(ms * MS)} if gpu else {
+        "gpu_start_ns": None, "gpu_end_ns": None, "t_start_ns": start, "t_end_ns": start + int(ms * MS)}  # fmt: skip
+    return {
+        "dp": 0,
+        "pp": 0,
+        "tp": tp,
+        "step": step,
+        "phase": phase,
+        "num_tokens": tokens,
+        "is_draft": draft,
+        **span,
+    }
+
+
+def test_a_jit_decode_step_is_named_with_its_typical_time():
+    # Decodes of 12 ms; step 3 took 1312 ms: 109x the median (12 ms), 1300 ms over it.
+    rows = [_row(i, "decode", 64, 12.0) for i in range(10)]
+    rows[3] = _row(3, "decode", 64, 1312.0)
+    (s,) = slow_steps(rows)
+    assert (s.rank, s.step, s.phase, s.duration_ms, s.typical_ms) == (
+        "dp0-pp0-tp0",
+        3,
+        "decode",
+        1312.0,
+        12.0,
+    )
+    (line,) = slow_step_findings(rows)
+    assert "1 step(s)" in line and "dp0-pp0-tp0 step 3 (decode, 1312 ms vs ~12 ms)" in line
+
+
+def test_a_long_prefill_with_the_same_cost_per_token_is_not_named():
+    # 256-token prefills of 20 ms (0.078 ms/token) and one 16384-token prefill of 1280 ms: same per-token
+    # cost, so nothing; a 256-token prefill of 900 ms is 45x the per-token median and 880 ms over 20 ms.
+    rows = [_row(i, "prefill", 256, 20.0) for i in range(6)] + [_row(6, "prefill", 16384, 1280.0)]
+    assert slow_steps(rows) == []
+    rows.append(_row(7, "prefill", 256, 900.0))
+    assert [s.step for s in slow_steps(rows)] == [7]
+
+
+def test_small_absolute_excess_few_peers_host_spans_and_draft_rows():
+    # 0.2 ms decodes and one of 3 ms: 15x, but only 2.8 ms over: not named (a hiccup, not a compilation).
+    rows = [_row(i, "decode", 1, 0.2) for i in range(8)] + [_row(8, "decode", 1, 3.0)]
+    assert slow_steps(rows) == []
+    # Four peers only: not judged.
+    assert slow_steps([_row(i, "decode", 1, 10.0) for i in range(3)] + [_row(3, "decode", 1, 900.0)]) == []
+    # Host spans when the GPU span is missing; draft passes are not judged; ranks are separate streams.
+    rows = [_row(i, "decode", 4, 10.0, gpu=False) for i in range(6)] + [
+        _row(6, "decode", 4, 500.0, gpu=False)
+    ]
+    rows += [_row(i, "decode", 4, 10.0, tp=1) for i in range(6)] + [_row(9, "decode", 4, 900.0, draft=True)]
+    assert [(s.rank, s.step) for s in slow_steps(rows)] == [("dp0-pp0-tp0", 6)]
+    assert slow_step_findings([_row(i, "decode", 1, 5.0) for i in range(6)]) == []

@@ -1,0 +1,83 @@
+"""The non-GPU parts of benchmarks/gpu/engine_fidelity.py (run once in a scarce GPU lease: they must be right
+before it): the serving metrics computed from `drive`'s requests table by the serving benchmarks'
+definitions, the entry points it writes for a checkout that is not pip-installed, and its summary table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, TraceWriter, trace_file_name
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("engine_fidelity", ROOT / "benchmarks/gpu/engine_fidelity.py")
+assert _spec is not None and _spec.loader is not None
+ef = importlib.util.module_from_spec(_spec)
+sys.modules["engine_fidelity"] = ef
+_spec.loader.exec_module(ef)
+
+MS = 1_000_000
+
+
+def _requests(folder: Path, run_id: str, rows: list[tuple[int, int | None, int | None, int]]) -> None:
+    meta = RunMetadata(run_id=run_id, engine=EngineInfo(name="vllm"), model=ModelInfo(id="m"))
+    w = TraceWriter(folder / trace_file_name(meta, "requests"), "requests", meta)
+    for i, (arrival, first, finish, out) in enumerate(rows):
+        w.write({"req_id": f"r{i}", "sample_id": str(i), "arrival_ns": arrival, "first_token_ns": first,
+                 "finish_ns": finish, "prompt_tokens": 256, "output_tokens": out, "retries": 0})  # fmt: skip
+    w.close()
+
+
+def test_drive_metrics_use_the_serving_benchmarks_definitions(tmp_path):
+    # Hand-derived: TTFT 10, 30 and 30 ms; TPOT (110-10)/(5-1) = 25 and (230-30)/(9-1) = 25 ms;
+    # the 1-token request has a TTFT but no TPOT; throughput = (5 + 9 + 1) tokens / (250 - 0) ms = 60 tok/s.
+    # A failed request (no first token) is left out.
+    _requests(tmp_path, "run-a", [(0, 10 * MS, 110 * MS, 5), (0, 30 * MS, 230 * MS, 9),
+                                  (200 * MS, 230 * MS, 250 * MS, 1), (5 * MS, None, None, 0)])  # fmt: skip
+    m = ef.drive_metrics(tmp_path, "run-a")
+    assert m["completed"] == 3
+    assert m["mean_ttft_ms"] == pytest.approx((10 + 30 + 30) / 3, abs=1e-3)  # rounded to µs
+    assert m["mean_tpot_ms"] == pytest.approx(25.0)
+    assert m["output_throughput"] == pytest.approx(15 / 0.25)
+    assert m["duration_s"] == pytest.approx(0.25)
+
+
+def test_plugin_entry_points_are_found_without_pip(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    folder = ef.plugin_path(tmp_path)
+    assert str(folder) in __import__("os").environ["PYTHONPATH"].split(":")
+    found = {
+        (ep.group, ep.value)
+        for dist in importlib.metadata.distributions(path=[str(folder)])
+        for ep in dist.entry_points
+        if ep.name == "moecap"
+    }
+    assert ("vllm.general_plugins", "moecap.collect.engines.vllm:register") in found
+    assert ("sglang.srt.plugins", "moecap.collect.engines.sglang:register") in found
+
+
+def test_summary_table_rows_ratios_and_overheads(tmp_path):
+    def put(stage: str, own: float, run: float) -> None:
+        data = {"ok": True, "engine": "vllm", "stage": stage, "gpu": "H100", "engine_own_median": own,
+                "run_median": run, "run_over_engine_own": round(run / own, 4), "run_first_token_s": [0.1]}  # fmt: skip
+        (tmp_path / f"fidelity-vllm-{stage}.json").write_text(json.dumps(data))
+
+    put("off-64", 4884.0, 4800.0)
+    put("experts-64", 4850.0, 4737.6)
+    (tmp_path / "fidelity-vllm-steps-1.json").write_text(
+        json.dumps(
+            {"ok": False, "engine": "vllm", "stage": "steps-1", "error": "no result (timeout or crash)"}
+        )
+    )
+    table = ef.summarize([str(tmp_path)])
+    assert "| vllm | off-64 | H100 | 4884.0 | 4800.0 | 0.9828 | 0.1 |" in table
+    # run with experts against the engine's own baseline: 1 - 4737.6/4884 = 3.00 %; LLM.generate with the
+    # plugin against without: 1 - 4850/4884 = 0.70 %.
+    assert "| vllm | experts-64 | 3.00 % | 0.70 % |" in table
+    assert "| vllm | steps-1 | None | failed: no result (timeout or crash) | | | |" in table
