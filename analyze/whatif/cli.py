@@ -7,6 +7,7 @@ the entry point prints as one line (exit 2).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,7 +70,13 @@ def whatif(
     gpu_overrides: GpuYaml = None,
     window: Window = "steady",
     out: Annotated[Path | None, typer.Option("--out", help="Directory to write whatif.json into.")] = None,
-    format: Annotated[str, typer.Option("--format", help="table (default) or json on stdout.")] = "table",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="table (default), json (the whole document) or csv (one row per run, target, model).",
+        ),
+    ] = "table",
     cost_overrides: CostOverrides = None,
     cost_model: CostModel = None,
     gpu_price_usd: GpuPrice = None,
@@ -106,8 +113,8 @@ def whatif(
     from .project import CalibrationSpec
     from .project import whatif as whatif_doc
 
-    if format not in ("table", "json"):
-        raise typer.BadParameter("expected table or json", param_hint="--format")
+    if format not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
     if not gpu and not compare_to:
         raise InputError("whatif needs a target: --gpu NAME (repeatable) and/or --compare-to PATHS")
     settings = settings_from_flags(
@@ -162,6 +169,8 @@ def whatif(
             raise InputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     if format == "json":
         typer.echo(json.dumps(document, indent=2, default=str))
+    elif format == "csv":
+        write_whatif_csv(document, sys.stdout)
     else:
         print_whatif(document, detail=detail)
         if out is not None:
@@ -231,6 +240,28 @@ def unit_label(label: str) -> tuple[str, str]:
 
 def _err(value: Any) -> str:
     return "" if value is None else f" ({value * 100:+.1f}%)"
+
+
+CSV_COLUMNS = ("run_id", "source_gpu", "target_gpu", "model", *(label for label, _, _ in _ROWS))
+
+
+def write_whatif_csv(document: dict[str, Any], stream: Any) -> None:
+    """One CSV row per run, target GPU and model (measured, projection, no_change, bandwidth_ratio),
+    the _ROWS metrics in their labelled units; runs not projected are left out."""
+    import csv
+
+    writer = csv.writer(stream)
+    writer.writerow(CSV_COLUMNS)
+    for run in document["runs"]:
+        if "error" in run:
+            continue
+        for target, t in run["targets"].items():
+            models = {"measured": run["measured"], **t["models"]}
+            for name, metrics in models.items():
+                cells = [_fmt(_get(metrics, path), unit).replace(",", "") for _, path, unit in _ROWS]
+                writer.writerow(
+                    [run["run_id"], run["source_gpu"], target, name, *["" if c == "—" else c for c in cells]]
+                )
 
 
 def print_whatif_rows(document: dict[str, Any], console: Console) -> None:

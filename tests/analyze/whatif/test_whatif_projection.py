@@ -481,3 +481,30 @@ def test_comparison_labels_carry_the_unit_the_numbers_are_in():
     assert _fmt(1.16, "ms") == "1,160"  # 1.16 s shown in the label's ms, not "1.16e+03 ms"
     assert unit_label("S-MBU (decode)") == ("S-MBU (decode), %", "%")
     assert _fmt(0.4567, "%") == "45.7"
+
+
+def test_cli_csv_has_one_row_per_run_target_and_model(app, traces, tmp_path):
+    import csv
+    import io
+
+    _, runs = traces
+    paths = [str(runs[("h100", 4)][0]), str(runs[("h100", 8)][0])]
+    args = [
+        "whatif",
+        *paths,
+        "--gpu",
+        "H200",
+        "--window",
+        "all",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--format",
+        "csv",
+    ]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 2 * 4  # 2 runs x 1 target x (measured + 3 models)
+    assert {r["model"] for r in rows} == {"measured", "projection", "no_change", "bandwidth_ratio"}
+    measured = next(r for r in rows if r["model"] == "measured")
+    assert float(measured["TPOT mean, ms"]) > 0 and "e+" not in res.output
