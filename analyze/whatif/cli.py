@@ -258,10 +258,15 @@ def write_whatif_csv(document: dict[str, Any], stream: Any) -> None:
         for target, t in run["targets"].items():
             models = {"measured": run["measured"], **t["models"]}
             for name, metrics in models.items():
-                cells = [_fmt(_get(metrics, path), unit).replace(",", "") for _, path, unit in _ROWS]
-                writer.writerow(
-                    [run["run_id"], run["source_gpu"], target, name, *["" if c == "—" else c for c in cells]]
-                )
+                cells = [_raw(_get(metrics, path), unit) for _, path, unit in _ROWS]
+                writer.writerow([run["run_id"], run["source_gpu"], target, name, *cells])
+
+
+def _raw(value: Any, unit: str) -> str:
+    """A CSV cell: the value in the column's unit, 6 significant digits ("" when absent)."""
+    if value is None:
+        return ""
+    return f"{value * 1e3 if unit == 'ms' else value * 100 if unit == '%' else value:.6g}"
 
 
 def print_whatif_rows(document: dict[str, Any], console: Console) -> None:
