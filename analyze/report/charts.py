@@ -603,7 +603,7 @@ def latency_cdf(latency: Any, *, clip_quantile: float = 0.99) -> alt.TopLevelMix
         hi = max(hi, lo * 1.01, 1e-9)
         clipped = bool(values.size) and float(values.max()) > hi
         if clipped:
-            clips.append(f"{metric} at {hi:,.4g} ms")
+            clips.append(f"{metric} at {hi:,.0f} ms" if hi >= 1000 else f"{metric} at {hi:.4g} ms")
         scale = alt.Scale(type="log", domain=[lo, hi]) if log else alt.Scale(domain=[0, hi], nice=False)
         panels.append(
             alt.Chart(inline_data(sub))
@@ -977,7 +977,8 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
 
     def scale(log: bool) -> alt.Scale:
         # nice=False: a "nice" log domain rounds out to whole decades, doubling the empty axis.
-        return alt.Scale(type="log", nice=False) if log else alt.Scale(zero=True, domainMin=0)
+        # padding (pixels) keeps the end points whole; on a log scale it cannot reach 0 or below.
+        return alt.Scale(type="log", nice=False, padding=12) if log else alt.Scale(zero=True, domainMin=0)
 
     enc = {
         "x": alt.X(
@@ -1059,18 +1060,18 @@ def whatif_projection(whatif: Any, metric: str = "output_tokens_per_s", title: s
         alt.Tooltip("model:N"),
         alt.Tooltip(f"{metric}:Q", format=",.4g"),
     ]
-    bars = (
-        alt.Chart(data)
-        .transform_filter("datum.model == 'projection' || datum.model == 'measured'")
-        .mark_bar()
-        .encode(
-            x=alt.X(f"{metric}:Q", title=(title or metric) + (" (log)" if log else ""), scale=x_scale),
-            y=y,
-            yOffset=offset,
-            color=color,
-            opacity=alt.condition("datum.model == 'measured'", alt.value(1.0), alt.value(0.6)),
-            tooltip=tooltip,
-        )
+    base = alt.Chart(data).transform_filter("datum.model == 'projection' || datum.model == 'measured'")
+    # A bar's length from 0 means nothing on a log axis: there each value is a dot, without a stack.
+    marked = base.mark_circle(size=70, opacity=1.0) if log else base.mark_bar()
+    bars = marked.encode(
+        x=alt.X(
+            f"{metric}:Q", title=(title or metric) + (" (log)" if log else ""), scale=x_scale, stack=None
+        ),
+        y=y,
+        yOffset=offset,
+        color=color,
+        opacity=alt.condition("datum.model == 'measured'", alt.value(1.0), alt.value(0.6)),
+        tooltip=tooltip,
     )
     ticks = [
         alt.Chart(data)
@@ -1086,7 +1087,8 @@ def whatif_projection(whatif: Any, metric: str = "output_tokens_per_s", title: s
         height=max(HEIGHT // 2, 14 * runs * gpus),
         title=_title(
             title or metric,
-            "Solid bar: measured on the run's own GPU; light bars: projected (calibrated roofline, "
+            ("Solid dot" if log else "Solid bar")
+            + ": measured on the run's own GPU; light: projected (calibrated roofline, "
             "docs/whatif.md).",
             "Baselines: black tick = no change, grey tick = bandwidth ratio."
             + (" Log x axis: the values span decades." if log else ""),
