@@ -138,15 +138,15 @@ def _bad_page(tmp_path: Path) -> Path:
     from moecap.analyze.report.html import render_page
 
     many = alt.Chart(alt.InlineData(values=[{"s": f"run {i}", "x": i, "y": i} for i in range(12)]))
-    padded = alt.Chart(alt.InlineData(values=[{"x": 1.0, "y": 0.5}, {"x": 9.0, "y": 1.0}]))
+    padded = alt.Chart(alt.InlineData(values=[{"x": 1.0, "y": 0.1}, {"x": 9.0, "y": 1.0}]))
     flat = alt.Chart(alt.InlineData(values=[{"x": 0, "y": 3}, {"x": 0, "y": 3}, {"x": 0, "y": 3}]))
     specs = {
         "chart-1": many.mark_point()
         .encode(x="x:Q", y="y:Q", color=alt.Color("s:N", scale=alt.Scale(scheme="category10")))
         .to_dict(),
         "chart-2": padded.mark_point()
-        .encode(x="x:Q", y=alt.Y("y:Q", scale=alt.Scale(zero=False, padding=60)))
-        .properties(height=80)
+        .encode(x="x:Q", y=alt.Y("y:Q", scale=alt.Scale(zero=False, padding=30, nice=False)))
+        .properties(height=100)
         .to_dict(),
         "chart-3": flat.mark_point().encode(x="x:Q", y="y:Q").to_dict(),
     }
@@ -203,10 +203,8 @@ def test_shipped_runs_report_names_modes_leaves_out_compile_and_idle_steps(brows
     page.locator("#compare").screenshot(path=str(ARTIFACTS / "shipped-compare.png"))
     text = page.inner_text("body")
     assert "CUDA graphs" in text and "eager" in text
-    vllm = (
-        page.locator("section", has_text="h200-vllm-0.26.0-qwen15moe-graphs")
-        .filter(has=page.locator("h2"))
-        .last
+    vllm = page.locator(
+        "section[id^=run-]", has=page.locator("p.meta code", has_text="h200-vllm-0.26.0-qwen15moe-graphs")
     )
     notes = vllm.locator("p.note").all_inner_texts()
     assert any("1 idle (0-token) step" in n and "compile outlier step 1 (0.95 s)" in n for n in notes), notes

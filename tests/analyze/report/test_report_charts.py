@@ -20,7 +20,7 @@ def _data(spec: dict) -> list[dict]:
     """Every inline dataset of a spec as rows (top-level datasets, inline `values`, CSV text)."""
     rows: list[dict] = []
     for values in spec.get("datasets", {}).values():
-        rows += values
+        rows += list(csv.DictReader(io.StringIO(values))) if isinstance(values, str) else values
     stack = [spec]
     while stack:
         node = stack.pop()
