@@ -73,13 +73,17 @@ def window_steps(run: dict[str, Any]) -> int | None:
 
 
 def empty_window_warning(run: dict[str, Any]) -> str | None:
-    """A warning when the run's window holds no step (e.g. --window steps:50-10)."""
-    if window_steps(run) == 0 and "batch_metrics" not in run:
-        return (
-            f"the window ({window_text(run.get('window'))}) holds no step of {run['run_id']}: its step "
-            "metrics are empty; try --window all or a range inside the run"
-        )
-    return None
+    """Why the run's step table is empty, when it is: no GPU spec (a CPU trace: the step metrics need
+    one), or a window that holds no step (e.g. --window steps:50-10)."""
+    if window_steps(run) != 0 or "batch_metrics" in run:
+        return None
+    gpu = next((w for w in run.get("warnings") or [] if str(w).startswith("gpu spec:")), None)
+    if gpu is not None:
+        return f"the step table of {run['run_id']} is empty: step metrics need a GPU spec (see the gpu spec warning)"
+    return (
+        f"the window ({window_text(run.get('window'))}) holds no step of {run['run_id']}: its step "
+        "metrics are empty; try --window all or a range inside the run"
+    )
 
 
 def _num(value: Any, scale: float = 1.0, digits: int = 3) -> str:

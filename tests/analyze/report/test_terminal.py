@@ -74,3 +74,23 @@ def test_cpu_trace_header_and_window_texts():
     assert empty_window_warning(empty).startswith("the window (steps 50–10) holds no step of r")
     full = {**empty, "metrics": {"steps": {"all": {"steps": 3}}}}
     assert empty_window_warning(full) is None
+
+
+def test_a_cpu_trace_says_why_its_step_table_is_empty(cli, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    from synthetic_traces import SimConfig, simulate_run
+
+    simulate_run(tmp_path / "cpu", SimConfig(gpu_name=""))  # a trace that records no GPU
+    r = cli(tmp_path / "cpu", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert "no GPU recorded (CPU trace)" in r.stdout and "None ×" not in r.stdout
+    assert (
+        "step table of 20260101T000000Z-synthetic-qwen15moe-0000 is empty: step metrics need a GPU spec"
+        in r.stdout
+    )
+    assert "holds no step" not in r.stdout  # not blamed on the window
+    gpu_lines = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: gpu spec:")]
+    assert len(gpu_lines) == 1 and gpu_lines[0].count("pass --gpu") == 1  # the hint once
