@@ -95,3 +95,45 @@ def test_pareto_axes_never_go_below_zero_and_bands_are_cut_at_zero():
     assert scales and all(s.get("domainMin") == 0 and s.get("zero") is True for s in scales)
     values = [v for d in spec["datasets"].values() for v in d]
     assert min(v["y_low"] for v in values) == 0.0
+
+
+def test_radar_small_multiples_share_a_log_scale_when_runs_span_decades():
+    n = C.RADAR_OVERLAY_MAX + 2
+    runs = pl.DataFrame(
+        {
+            "run": [f"r{i}" for i in range(n)],
+            "cost_usd_per_m_output_tokens": [0.2] + [20.0] * (n - 1),  # 100x apart
+            "accuracy": [None] * n,
+            "ttft_ms": [10.0] * n,
+            "tpot_ms": [5.0] + [150.0] * (n - 1),
+            "output_tokens_per_s": [3000.0] + [8.0] * (n - 1),
+        }
+    )
+    spec = C.cap_radar(runs).to_dict()
+    assert "rings one decade apart (log scale" in " ".join(spec["title"]["subtitle"])
+    geometry, _ = C.radar_frame(runs, log_decades=3)
+    slow = geometry.filter(
+        (pl.col("kind") == "run") & (pl.col("series") == "r1") & (pl.col("axis") == "throughput")
+    )
+    # 8 / 3000 = 10^-2.57: radius 1 - 2.57 / 3 = 0.14, not a dot at the centre (linear: 0.003).
+    radius = float((slow["x"] ** 2 + slow["y"] ** 2).sqrt()[0])
+    assert radius == pytest.approx(1 + np.log10(8 / 3000) / 3, rel=1e-6) and slow["score"][
+        0
+    ] == pytest.approx(8 / 3000)
+    assert spec["facet"]["header"]["labelExpr"] == "split(datum.label, ' · ')"  # titles wrap, never cut
+
+
+def test_whatif_chart_is_a_log_dot_plot_when_values_span_decades():
+    frame = pl.DataFrame(
+        {
+            "run": ["hf", "hf", "sglang", "sglang"],
+            "gpu": ["H100", "H200", "H100", "H200"],
+            "model": ["measured", "projection", "measured", "projection"],
+            "output_tokens_per_s": [8.0, 12.0, 2000.0, 2600.0],
+        }
+    )
+    spec = C.whatif_projection(frame, "output_tokens_per_s", "tok/s").to_dict()
+    first = spec["layer"][0]
+    assert first["mark"]["type"] == "circle" and first["encoding"]["x"]["scale"]["type"] == "log"
+    linear = C.whatif_projection(frame.filter(pl.col("run") == "sglang"), "output_tokens_per_s").to_dict()
+    assert linear["layer"][0]["mark"]["type"] == "bar"

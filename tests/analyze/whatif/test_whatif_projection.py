@@ -508,3 +508,16 @@ def test_cli_csv_has_one_row_per_run_target_and_model(app, traces, tmp_path):
     assert {r["model"] for r in rows} == {"measured", "projection", "no_change", "bandwidth_ratio"}
     measured = next(r for r in rows if r["model"] == "measured")
     assert float(measured["TPOT mean, ms"]) > 0 and "e+" not in res.output
+
+
+def test_help_examples_name_paths_that_exist():
+    import re
+    from pathlib import Path
+
+    from moecap.analyze.whatif.cli import whatif
+
+    root = Path(__file__).resolve().parents[3]
+    doc = whatif.__doc__ or ""
+    assert "traces/h100/" not in doc
+    for pattern in re.findall(r"'(traces/[^']+)'", doc):
+        assert list(root.glob(pattern + ".steps.arrow")) or list(root.glob(pattern)), pattern
