@@ -301,7 +301,11 @@ def report_sections(
 ) -> list[Section]:
     """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
     per run, in the document's run order. `progress("charts", done, total)` after each section."""
-    with steps_in_memory(analysis.db):
+    from altair.utils.schemapi import debug_mode
+
+    # debug_mode(False): Altair skips validating each schema object as it is built (jsonschema was a
+    # third of the report's time over 27 runs); the chart tests validate every chart function's output.
+    with steps_in_memory(analysis.db), debug_mode(False):
         return _sections(analysis, options or FigureOptions(), whatif_gpus, progress)
 
 

@@ -13,6 +13,7 @@ import functools
 import html
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,13 +36,31 @@ CSP = (
 @functools.lru_cache(maxsize=1)
 def vega_bundle() -> str:
     """Vega + Vega-Lite + Vega-Embed as one classic script (from vl-convert), defining
-    `vegaEmbed`, `vega` and `vegaLite` on window."""
+    `vegaEmbed`, `vega` and `vegaLite` on window. Bundling takes seconds (vl-convert runs a JS
+    bundler), so the result is kept in the analyzer's cache directory, keyed by the vl-convert and
+    Vega-Lite versions; an unwritable cache only costs the bundling again."""
     import vl_convert as vlc
 
+    from ..load import default_cache_dir
+
+    version = vegalite_version()
+    cached = default_cache_dir() / f"vega-bundle-{getattr(vlc, '__version__', 'x')}-{version or 'default'}.js"
+    try:
+        return cached.read_text(encoding="utf-8")
+    except OSError:
+        pass
     # The type stub marks `snippet` required; None is its documented default (the global-assigning snippet).
-    js = vlc.javascript_bundle(snippet=None, vl_version=vegalite_version())  # type: ignore[arg-type]
+    js = vlc.javascript_bundle(snippet=None, vl_version=version)  # type: ignore[arg-type]
     # A literal "</script" would end the element early; in JS source "<\/" means the same.
-    return js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    js = js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(js, encoding="utf-8")
+        tmp.replace(cached)
+    except OSError:
+        pass
+    return js
 
 
 def script_json(obj: Any) -> str:
