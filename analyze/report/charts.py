@@ -454,13 +454,14 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
         df = df.with_columns(in_window=pl.lit(None, pl.Float64))
     df = df.select("t_start_s", "t_end_s", "smbu", "smfu", "in_window").sort("t_start_s")
     # A new segment starts where a bin does not begin where the previous one ended.
-    width = (df["t_end_s"] - df["t_start_s"]).median() if df.height else 0.0
-    gap = (pl.col("t_start_s") - pl.col("t_end_s").shift(1)) > 0.5 * float(width or 0.0)
+    widths = (df["t_end_s"] - df["t_start_s"]).cast(pl.Float64).to_numpy()
+    width = float(np.median(widths)) if widths.size else 0.0
+    gap = (pl.col("t_start_s") - pl.col("t_end_s").shift(1)) > 0.5 * width
     df = df.with_columns(
         t_mid_s=(pl.col("t_start_s") + pl.col("t_end_s")) / 2,
         segment=gap.fill_null(False).cast(pl.Int64).cum_sum(),
     )
-    gaps = int(df["segment"].max() or 0) if df.height else 0
+    gaps = int(df["segment"].cast(pl.Int64).to_numpy().max()) if df.height else 0
     data = inline_data(df)
     x = alt.X("t_mid_s:Q", title="seconds from the first step")
     window = (
@@ -834,7 +835,8 @@ def cap_radar(
     _require(df, "cap_radar", "run")
     geometry, notes = radar_frame(df, axes)
     scores = geometry.filter(pl.col("kind") == "run")["score"].drop_nulls()
-    low = float(scores.filter(scores > 0).min() or 1.0) if scores.len() else 1.0
+    positive = scores.filter(scores > 0).cast(pl.Float64).to_numpy()
+    low = float(positive.min()) if positive.size else 1.0
     decades = min(4, max(1, math.ceil(-math.log10(low)))) if low < 0.1 else None
     if decades:
         geometry, notes = radar_frame(df, axes, log_decades=decades)

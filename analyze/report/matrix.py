@@ -63,7 +63,8 @@ def matrix_frame(document: dict[str, Any]) -> pl.DataFrame:
 
 def _sweep_fields(run: dict[str, Any]) -> dict[str, Any]:
     wl = run.get("workload") or {}
-    sweep = wl.get("sweep") if isinstance(wl.get("sweep"), dict) else {}
+    found = wl.get("sweep")
+    sweep: dict[str, Any] = found if isinstance(found, dict) else {}
     repeat = sweep.get("repeat")
     return {
         "run_id": run["run_id"],
