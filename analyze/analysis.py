@@ -383,10 +383,44 @@ def define_step_metrics_view(db: TraceDB, contexts: list[RunContext]) -> None:
             SELECT * FROM ({body})"""
         )
     else:
-        db.con.execute(
-            "CREATE OR REPLACE VIEW step_metrics AS SELECT NULL::VARCHAR run_id, NULL::BIGINT step, NULL::VARCHAR phase, "
-            "NULL::DOUBLE time_s, NULL::DOUBLE smbu, NULL::DOUBLE smfu WHERE false"
+        cols = ", ".join(f"NULL::{t} AS {c}" for c, t in EMPTY_STEP_METRICS_COLUMNS)
+        db.con.execute(f"CREATE OR REPLACE VIEW step_metrics AS SELECT {cols} WHERE false")
+
+
+# The columns of `step_metrics` when no run has step metrics (a trace of driver tables alone): the
+# same as a real run's, so every query over the view runs and finds no row (a test keeps them equal).
+EMPTY_STEP_METRICS_COLUMNS: tuple[tuple[str, str], ...] = (
+    *((c, "VARCHAR" if c == "run_id" else "INTEGER") for c in ("run_id", "dp", "pp", "tp", "ep")),
+    ("step", "BIGINT"),
+    ("phase", "VARCHAR"),
+    ("is_draft", "BOOLEAN"),
+    ("num_reqs", "INTEGER"),
+    ("num_tokens", "INTEGER"),
+    *((c, "BIGINT") for c in ("t_start_ns", "t_end_ns", "span_start_ns", "span_end_ns")),
+    ("time_s", "DOUBLE"),
+    ("time_source", "VARCHAR"),
+    ("gpus", "INTEGER"),
+    ("active_experts", "DOUBLE"),
+    *(
+        (c, "DOUBLE")
+        for c in (
+            "bytes_weights",
+            "bytes_routed_experts",
+            "bytes_static_weights",
+            "bytes_kv_read",
+            "bytes_kv_write",
+            "bytes_total",
+            "flops_linear",
+            "flops_lm_head",
+            "flops_attention",
+            "flops_total",
+            "logit_rows",
         )
+    ),
+    ("logits_known", "BOOLEAN"),
+    ("context_tokens", "DOUBLE"),
+    *((c, "DOUBLE") for c in ("host_gap_s", "wall_s", "smbu", "smfu", "gpu_bandwidth", "gpu_peak_flops")),
+)
 
 
 # -- windows --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
    more under SGLang's overlap scheduler (on unless `disable_overlap_schedule`), which launches the next
    decode before it learns the request finished and discards that token; a run that shows exactly one
    more without saying so is named as such.
+0. what loading left out: rows with impossible values or repeated keys, duplicate files (`validity`).
 6. TP ranks: the views keep the lowest TP rank of each (dp, pp) and drop the others as duplicates
    (TP ranks route the same tokens); every other TP rank's expert counts must equal it step by step.
    Ranks that each counted their own share (`counts_scope` `sum_over_ranks`) are summed instead, and
@@ -31,10 +32,10 @@ from .load import LoadedFile, LoadedRun, TraceDB
 def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
     """Findings for one run (empty when everything reconciles)."""
     rid = run.run_id.replace("'", "''")
-    out: list[str] = []
+    out: list[str] = list(run.findings)
     q = db.con.execute
     bad = q(
-        f"""SELECT count(*) FILTER (WHERE len(req_ids) > 0 AND num_tokens <> coalesce(list_sum(req_new_tokens), 0)),
+        f"""SELECT count(*) FILTER (WHERE len(req_ids) > 0 AND num_tokens <> coalesce(list_sum(req_new_tokens::BIGINT[]), 0)),
                    count(*) FILTER (WHERE num_reqs <> len(req_ids)),
                    count(*) FILTER (WHERE len(req_ids) <> len(req_new_tokens) OR len(req_ids) <> len(req_prefix_lens))
             FROM steps WHERE run_id = '{rid}'"""
@@ -50,8 +51,13 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
                 SELECT dp, pp, step, lag(step) OVER (PARTITION BY dp, pp ORDER BY step) AS prev
                 FROM steps WHERE run_id = '{rid}') WHERE prev IS NOT NULL AND step - prev > 1 GROUP BY dp, pp"""
     ).fetchall()
+    left_out = {
+        (f.run.rank.dp, f.run.rank.pp): len(f.excluded_steps) for f in run.recording_files if f.excluded_steps
+    }
     for dp, pp, n, missing in gaps:
-        out.append(f"rank dp{dp}-pp{pp}: {n} gap(s) in the step key, {missing} step(s) missing")
+        ours = min(int(missing), left_out.get((dp, pp), 0))
+        why = f"; {ours} of them left out above for an impossible value" if ours else ""
+        out.append(f"rank dp{dp}-pp{pp}: {n} gap(s) in the step key, {missing} step(s) missing{why}")
     for f in run.files:
         if not f.complete:
             out.append(f"{f.path.name}: truncated, {f.lost_bytes} trailing byte(s) lost")
@@ -79,12 +85,12 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
     past_end = 1 if decodes_one_past_the_end(md) else 0
     per_req = q(
         f"""WITH sched AS (
-                SELECT unnest(req_ids) AS rid, unnest(req_new_tokens) AS n FROM steps WHERE run_id = '{rid}' AND NOT is_draft
+                SELECT unnest(req_ids) AS rid, unnest(req_new_tokens)::BIGINT AS n FROM steps WHERE run_id = '{rid}' AND NOT is_draft
             ), tot AS (SELECT rid, sum(n) AS n FROM sched GROUP BY rid)
             SELECT count(*) FILTER (WHERE d = 1), count(*) FILTER (WHERE d <> 1),
                    any_value(req_id) FILTER (WHERE d <> 1)
             FROM (SELECT r.req_id,
-                         tot.n - {past_end} - (r.prompt_tokens + r.output_tokens - 1 - coalesce(r.cached_prompt_tokens, 0)) AS d
+                         tot.n - {past_end} - (r.prompt_tokens::BIGINT + r.output_tokens - 1 - coalesce(r.cached_prompt_tokens, 0)) AS d
                   FROM requests r JOIN tot ON tot.rid = coalesce(r.engine_req_id, r.req_id)
                   WHERE r.run_id = '{rid}' AND r.error IS NULL AND r.prompt_tokens IS NOT NULL
                     AND r.output_tokens IS NOT NULL)
@@ -103,7 +109,14 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
             if past_end
             else "prompt + output - 1 - cached"
         )
-        out.append(f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other})")
+        why = (
+            f"; the {sum(left_out.values())} step(s) left out above scheduled some of their tokens"
+            if left_out
+            else ""
+        )
+        out.append(
+            f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other}){why}"
+        )
     return out
 
 
@@ -161,6 +174,10 @@ def compare_counts(
     """(steps both recorded, of those with different counts, steps only one recorded, first step that
     differs or is unmatched) for two `expert_counts` results."""
     (sa, ca), (sb, cb) = a, b
+    # The loader keeps one row per step key; unique keys here make the indices line up regardless.
+    sa, keep_a = np.unique(sa, return_index=True)
+    sb, keep_b = np.unique(sb, return_index=True)
+    ca, cb = ca[keep_a], cb[keep_b]
     common, ia, ib = np.intersect1d(sa, sb, assume_unique=True, return_indices=True)
     if ca.shape[1:] != cb.shape[1:]:
         differ_mask = np.ones(len(common), dtype=bool)

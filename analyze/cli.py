@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -209,13 +209,23 @@ def summary(
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet")
     if format == "json":
-        typer.echo(json.dumps(analysis.document, indent=2, default=str))
+        from .output import document_json
+
+        typer.echo(document_json(analysis.document, ascii_only=True))
     elif format == "csv":
         _print_csv(analysis.document)
     else:
         _print_runs(analysis.document, detail=detail)
         if out is not None:
-            err.print(f"wrote {out / 'metrics.json'}")
+            err.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
+            _note_missing_steps(analysis)
+
+
+def _note_missing_steps(analysis) -> None:
+    from .output import NO_STEPS_NOTE, has_step_metrics
+
+    if analysis.db is not None and not has_step_metrics(analysis):
+        err.print(f"note: {NO_STEPS_NOTE}", markup=False, highlight=False)
 
 
 def _print_csv(document: dict) -> None:
@@ -291,7 +301,12 @@ def report(
 
         gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
         path = write_report(analysis, out, whatif_gpus=gpus, export=formats, progress=progress.update)
-    err.print(f"wrote {path}" + (f" and {out / 'charts'}/ ({', '.join(formats)})" if formats else ""))
+    err.print(
+        f"wrote {path}" + (f" and {out / 'charts'}/ ({', '.join(formats)})" if formats else ""),
+        markup=False,
+        highlight=False,
+    )
+    _note_missing_steps(analysis)
     _print_runs(analysis.document, detail=False)
 
 
@@ -306,16 +321,18 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> N
 
     db = load_traces(paths, cache_dir=cache_dir, strict=strict)
     require_runs(db)
+    from .terminal import one_line, plain
+
     problems = 0
     for run in db.runs.values():
         findings = check_run(db, run)
         status = "ok" if not findings else f"{len(findings)} warning(s)"
-        typer.echo(f"{run.run_id}: {status}")
+        typer.echo(f"{plain(run.run_id)}: {status}")
         for f in findings:
-            typer.echo(f"  - {f}")
+            typer.echo(f"  - {one_line(f)}")
         problems += len(findings)
     for e in db.errors:
-        typer.echo(f"skipped: {e}")
+        typer.echo(f"skipped: {one_line(e)}")
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
@@ -377,24 +394,58 @@ def _register_commands() -> None:
         module.register(app)
 
 
+_MAX_ERROR_CHARS = 1000
+_BOOL_FLAGS = {"--strict", "--allow-writes", "--python"}
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _bool_flag_given_a_value(argv: list[str]) -> str | None:
+    """`--strict true`: the flag takes no value, so `true` would be read as a path. The one-line error."""
+    for flag, value in itertools.pairwise(argv):
+        if flag in _BOOL_FLAGS and value.lower() in _BOOL_WORDS and not Path(value).exists():
+            return f"{flag} takes no value: write {flag} alone to turn it on, leave it out to keep it off ({value!r} is not a path)"
+    return None
+
+
+def _fail(message: object, code: int = 2) -> None:
+    from .terminal import one_line
+
+    line = one_line(message)
+    if len(line) > _MAX_ERROR_CHARS:  # a message quoting a huge value (a parser's): its ends suffice
+        half = _MAX_ERROR_CHARS // 2
+        line = f"{line[:half]} … {line[-half:]}"
+    sys.stderr.write(f"moecap-analyze: error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console-script entry point: `moecap-analyze PATHS…` means `moecap-analyze summary PATHS…`."""
+    """Console-script entry point: `moecap-analyze PATHS…` means `moecap-analyze summary PATHS…`.
+
+    Every user error ends here as one line on stderr and exit status 2: the analyzer's typed errors,
+    trace errors and the command line's own (unknown option, bad value) alike."""
     _register_commands()
     argv = sys.argv[1:]
     if argv and argv[0] not in _COMMANDS:
         meant = _mistyped_command(argv[0])
         if meant is not None:
-            err.print(
-                f"moecap-analyze: error: no command or file {argv[0]!r}; did you mean '{meant}'? "
-                "(moecap-analyze --help lists the commands)",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
+            _fail(
+                f"no command or file {argv[0]!r}; did you mean '{meant}'? (moecap-analyze --help lists the commands)"
             )
-            sys.exit(2)
         sys.argv.insert(1, "summary")
+    flag_error = _bool_flag_given_a_value(sys.argv[1:])
+    if flag_error:
+        _fail(flag_error)
     try:
-        app()
+        code = app(standalone_mode=False)
     except (AnalyzeError, TraceError) as exc:
-        err.print(f"moecap-analyze: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(exc)
+    except typer.Abort:
+        _fail("aborted", 1)
+    except typer.TyperException as exc:  # the command line's own errors (click's ClickException)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(message, int(getattr(exc, "exit_code", 2) or 2))
+    sys.exit(code if isinstance(code, int) else 0)

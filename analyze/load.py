@@ -63,8 +63,9 @@ from moecap.schemas import (
 from .errors import InputError, SpecError
 from .metrics.step_costs import request_sums
 from .parquet_writer import BackgroundParquetWriter
+from .validity import RowFilter
 
-CACHE_LAYOUT = "6"
+CACHE_LAYOUT = "7"
 """Bump when the cached Parquet layout changes (invalidates every cache entry)."""
 
 _RANK_COLUMNS = ("run_id", "dp", "pp", "tp", "ep")
@@ -107,6 +108,31 @@ def default_cache_dir() -> Path:
     return Path(base) / "moecap"
 
 
+def prepare_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The cache directory (`cache_dir`, else `default_cache_dir()`), created if missing; InputError
+    (one line) when it cannot be: a file is in the way, no permission, a read-only disk."""
+    given = cache_dir is not None
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = (
+        "--cache-dir"
+        if given
+        else ("MOECAP_CACHE_DIR" if os.environ.get("MOECAP_CACHE_DIR") else "cache dir")
+    )
+    if cache.exists() and not cache.is_dir():
+        raise InputError(f"{source} {cache}: is not a directory (the Parquet cache needs one)")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"{source} {cache}: cannot write the Parquet cache there ({exc.strerror or exc}); "
+            "pass --cache-dir DIR or set MOECAP_CACHE_DIR to a writable directory"
+        ) from None
+    return cache
+
+
 @dataclass
 class LoadedFile:
     """One trace file as loaded: where its cached Parquet lives and what the scan said."""
@@ -131,6 +157,10 @@ class LoadedFile:
     summed; empty for a trace file."""
     steps_left_out: int = 0
     """For a sum: steps some rank has no counts for, left out of it (a partial sum under-counts)."""
+    left_out: list[str] = field(default_factory=list)
+    """Rows left out of the views (impossible values, repeated keys: `validity`), one line per reason."""
+    excluded_steps: list[int] = field(default_factory=list)
+    """A steps file's step keys left out for an impossible value (its experts rows go with them)."""
 
 
 @dataclass
@@ -145,7 +175,10 @@ class LoadedRun:
     sum_stages: set[tuple[int, int]] = field(default_factory=set)
     """(dp, pp) under the sum rule (summed, or left out where the ranks cannot be summed)."""
     warnings: list[str] = field(default_factory=list)
-    """What summing this run's ranks found (also in `TraceDB.warnings`)."""
+    """What loading found about this run: rows left out, duplicate files, what summing its ranks
+    found (also in `TraceDB.warnings`)."""
+    findings: list[str] = field(default_factory=list)
+    """Rows and files left out of this run's views (impossible values, duplicates): `check` names them."""
 
     @property
     def metadata(self) -> RunMetadata:
@@ -264,8 +297,7 @@ def load_traces(
     (the ranks of a (dp, pp) whose counts are summed still cache theirs: the sum reads them).
     """
     files = expand_paths(paths)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = prepare_cache_dir(cache_dir)
     errors: list[str] = []
     warnings: list[str] = []
     runs: dict[str, LoadedRun] = {}
@@ -287,7 +319,7 @@ def load_traces(
         if h.table_kind == "experts" and counts_scope(h.run) == SUM_OVER_RANKS
     ]
     summing = {stage for stage, n in Counter(shares).items() if n > 1}
-    phase_maps: dict[tuple[str, str], Path] = {}
+    rank_steps: dict[tuple[str, str], LoadedFile] = {}
     for i, (path, header) in enumerate(headers):
         if progress:
             progress(i, len(headers), str(path))
@@ -300,7 +332,7 @@ def load_traces(
             continue
         try:
             raw = expert_counts or (run.run_id, run.rank.dp, run.rank.pp) in summing
-            loaded = _load_file(path, header.table_kind, run, cache, phase_maps, raw)
+            loaded = _load_file(path, header.table_kind, run, cache, rank_steps, raw)
         except TraceError as exc:
             if strict:
                 raise
@@ -308,11 +340,17 @@ def load_traces(
             continue
         if strict and not loaded.complete:
             raise TraceError(loaded.warnings[0])
+        if strict and loaded.left_out:
+            raise TraceError(f"{loaded.left_out[0]}; --strict refuses it")
         warnings.extend(loaded.warnings)
         runs.setdefault(run.run_id, LoadedRun(run.run_id)).files.append(loaded)
     if progress:
         progress(len(headers), len(headers), "")
     for loaded_run in runs.values():
+        _drop_duplicate_files(loaded_run, strict)
+        for f in loaded_run.files:
+            loaded_run.findings.extend(f.left_out)
+        loaded_run.warnings.extend(loaded_run.findings)
         problem = _sum_rank_counts(loaded_run, cache, expert_counts)
         if problem and strict:
             raise TraceError(problem)
@@ -332,6 +370,71 @@ def _conflict(existing: LoadedRun | None, kind: str, run: RunMetadata, path: Pat
     return mixed_run_error_among([(f.run, f.path) for f in existing.files], run, path)
 
 
+def _drop_duplicate_files(run: LoadedRun, strict: bool) -> None:
+    """Of several files of one run, rank and table (a copy under another name, a second copy of a
+    truncated file), keep one: the complete one with the most rows (the first by path on a tie).
+    Each other one is left out of the views, so its rows count once, with a line in `run.findings`
+    that says whether it is an identical copy and how many of its rows the kept file lacks;
+    `strict` refuses it. gpu_samples files are left out only when byte-identical (one sampler
+    process may write several)."""
+    groups: dict[tuple[str, str], list[LoadedFile]] = {}
+    for f in run.files:
+        groups.setdefault((f.table_kind, f.run.rank.tag()), []).append(f)
+    for (kind, tag), files in groups.items():
+        if len(files) < 2:
+            continue
+        kept = max(files, key=lambda f: (f.complete, f.rows, -files.index(f)))
+        for f in files:
+            if f is kept:
+                continue
+            identical = _same_bytes(f.path, kept.path)
+            if kind == "gpu_samples" and not identical:
+                continue
+            if identical:
+                line = (
+                    f"{f.path}: an identical copy of {kept.path} (run {run.run_id}, {kind}, rank {tag}); "
+                    "left out, so its rows count once"
+                )
+            else:
+                lacking = _rows_not_in(f, kept)
+                line = (
+                    f"{f.path}: a second {kind} file of run {run.run_id} rank {tag} beside {kept.path} "
+                    f"(kept: {'complete, ' if kept.complete else ''}{kept.rows} row(s)); left out, so no row counts "
+                    + (
+                        f"twice; {lacking} of its {f.rows} row(s) have keys the kept file lacks and are lost"
+                        if lacking
+                        else "twice; every one of its keys is in the kept file"
+                    )
+                )
+            if strict:
+                raise TraceError(f"{line}; --strict refuses duplicate files")
+            run.files.remove(f)
+            run.findings.append(line)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with a.open("rb") as fa, b.open("rb") as fb:
+            return hashlib.file_digest(fa, "sha256").digest() == hashlib.file_digest(fb, "sha256").digest()
+    except OSError:
+        return False
+
+
+def _rows_not_in(f: LoadedFile, kept: LoadedFile) -> int:
+    """Rows of `f` whose key (step, req_id) `kept` lacks, from their cached Parquet."""
+    from .validity import KEYS
+
+    key = KEYS.get(f.table_kind)
+    view = {"steps": "step_scalars", "experts": "expert_step_stats"}.get(f.table_kind, f.table_kind)
+    if key is None or view not in f.parquet or view not in kept.parquet:
+        return f.rows
+    mine = pq.read_table(f.parquet[view], columns=[key]).column(key).combine_chunks()
+    theirs = pq.read_table(kept.parquet[view], columns=[key]).column(key).combine_chunks()
+    return int(pc.sum(pc.invert(pc.is_in(mine, value_set=theirs))).as_py() or 0)
+
+
 def _is_recorder(f: LoadedFile, steps_files: list[LoadedFile]) -> bool:
     same_stage = [g for g in steps_files if (g.run.rank.dp, g.run.rank.pp) == (f.run.rank.dp, f.run.rank.pp)]
     return f.run.rank.tp == min(g.run.rank.tp for g in same_stage)
@@ -349,14 +452,22 @@ def _load_file(
     kind: str,
     run: RunMetadata,
     cache: Path,
-    phase_maps: dict[tuple[str, str], Path],
+    rank_steps: dict[tuple[str, str], LoadedFile],
     expert_counts: bool = True,
 ) -> LoadedFile:
+    """Convert one trace file into the cache (or find it there). `rank_steps` maps a rank to its
+    steps file (filled by steps files, read by experts files: the steps' phases split the expert
+    totals, and the steps it left out take their expert counts with them)."""
     rank_key = (run.run_id, run.rank.tag())
     extra = ""
+    drop_steps = None
     if kind == "experts":
-        steps_key = phase_maps.get(rank_key)
-        extra = "with-phases" if steps_key is not None else "no-phases"
+        steps_file = rank_steps.get(rank_key)
+        # The phases (and left-out steps) come from the rank's steps file: its cache entry is in the key.
+        extra = f"with-phases-{steps_file.cache_key}" if steps_file is not None else "no-phases"
+        if steps_file is not None and steps_file.excluded_steps:
+            drop_steps = np.asarray(steps_file.excluded_steps, dtype=np.int64)
+            extra += "|drop-" + hashlib.sha1(drop_steps.tobytes()).hexdigest()[:16]
     key = _cache_key(path, SCHEMA_VERSION, extra)
     info_path = cache / f"{key}.json"
     if info_path.exists():
@@ -365,7 +476,7 @@ def _load_file(
             parquet = {k: cache / v for k, v in info["parquet"].items()}
             if all(p.exists() for p in parquet.values()):
                 if kind == "experts" and expert_counts and "experts" not in parquet:
-                    parquet["experts"] = _write_raw_counts(path, _identity(run), cache, key)
+                    parquet["experts"] = _write_raw_counts(path, _identity(run), cache, key, drop_steps)
                     info["parquet"]["experts"] = parquet["experts"].name
                     info_path.write_text(json.dumps(info))
                 loaded = LoadedFile(
@@ -380,22 +491,26 @@ def _load_file(
                     warnings=info["warnings"],
                     from_cache=True,
                     cache_key=key,
+                    left_out=info["left_out"],
+                    excluded_steps=info["excluded_steps"],
                 )
                 if kind == "steps":
-                    phase_maps[rank_key] = parquet["step_scalars"]
+                    _note_steps_file(loaded, rank_key, rank_steps)
                 return loaded
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
     identity = _identity(run)
+    rows = RowFilter(kind, drop_steps)
     if kind == "experts":
-        scalars = phase_maps.get(rank_key)
-        phase_map = _read_phase_map(scalars) if scalars is not None else None
-        parquet, scan = _convert_experts(path, run, identity, cache, key, phase_map, write_raw=expert_counts)
+        steps_file = rank_steps.get(rank_key)
+        phase_map = _read_phase_map(steps_file.parquet["step_scalars"]) if steps_file is not None else None
+        parquet, scan = _convert_experts(
+            path, run, identity, cache, key, phase_map, write_raw=expert_counts, rows=rows
+        )
     elif kind == "steps":
-        parquet, scan = _convert_steps(path, run, identity, cache, key)
-        phase_maps[rank_key] = parquet["step_scalars"]
+        parquet, scan = _convert_steps(path, run, identity, cache, key, rows)
     else:
-        parquet, scan = _convert_plain(path, kind, identity, cache, key)
+        parquet, scan = _convert_plain(path, kind, identity, cache, key, rows)
     info = {
         "rows": scan.rows,
         "complete": scan.complete,
@@ -403,9 +518,11 @@ def _load_file(
         "rows_dropped": scan.rows_dropped,
         "warnings": scan.warnings,
         "parquet": {k: v.name for k, v in parquet.items()},
+        "left_out": rows.findings(str(path)),
+        "excluded_steps": rows.excluded_steps,
     }
     info_path.write_text(json.dumps(info))
-    return LoadedFile(
+    loaded = LoadedFile(
         path=path,
         table_kind=kind,
         run=run,
@@ -416,17 +533,37 @@ def _load_file(
         parquet=parquet,
         warnings=list(scan.warnings),
         cache_key=key,
+        left_out=info["left_out"],
+        excluded_steps=rows.excluded_steps,
     )
+    if kind == "steps":
+        _note_steps_file(loaded, rank_key, rank_steps)
+    return loaded
+
+
+def _note_steps_file(
+    f: LoadedFile, rank_key: tuple[str, str], rank_steps: dict[tuple[str, str], LoadedFile]
+) -> None:
+    """Make `f` its rank's steps file for the experts files converted after it (their phases and
+    left-out steps), unless an earlier one of the rank is preferred: complete, then more rows, then
+    first by path (`_drop_duplicate_files` keeps the same one of several copies)."""
+    best = rank_steps.get(rank_key)
+    if best is None or (f.complete, f.rows) > (best.complete, best.rows):
+        rank_steps[rank_key] = f
 
 
 def _identity(run: RunMetadata) -> dict[str, Any]:
     return {"run_id": run.run_id, "dp": run.rank.dp, "pp": run.rank.pp, "tp": run.rank.tp, "ep": run.rank.ep}
 
 
-def _write_raw_counts(path: Path, identity: dict[str, Any], cache: Path, key: str) -> Path:
-    """Cache a trace's raw expert counts (for the experts / expert_tokens views) in a second pass."""
+def _write_raw_counts(
+    path: Path, identity: dict[str, Any], cache: Path, key: str, drop_steps: np.ndarray | None = None
+) -> Path:
+    """Cache a trace's raw expert counts (for the experts / expert_tokens views) in a second pass,
+    leaving out the rows the first pass left out."""
     sink = _ParquetSink(cache / f"{key}.experts.parquet")
-    scan = scan_trace_file(path, lambda batch: sink.write(_with_identity(batch, identity)))
+    rows = RowFilter("experts", drop_steps)
+    scan = scan_trace_file(path, lambda batch: sink.write(_with_identity(rows.apply(batch), identity)))
     return sink.close(_identity_schema(scan.schema))
 
 
@@ -478,12 +615,15 @@ def _identity_schema(kind_schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _convert_plain(path: Path, kind: str, identity: dict[str, Any], cache: Path, key: str):
+def _convert_plain(
+    path: Path, kind: str, identity: dict[str, Any], cache: Path, key: str, rows: RowFilter | None = None
+):
     sink = _ParquetSink(cache / f"{key}.{kind}.parquet")
+    rows = rows or RowFilter(kind)
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, kind, batch)
-        sink.write(_with_identity(batch, identity))
+        sink.write(_with_identity(rows.apply(batch), identity))
 
     scan = scan_trace_file(path, on_batch)
     out = sink.close(_identity_schema(scan.schema))
@@ -510,9 +650,11 @@ def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
     """(step, request sums per `windows`) of every row of a steps trace file, in file order: one
     streaming pass, for a spec whose windows the cache does not hold."""
     parts: list[pa.Table] = []
+    rows = RowFilter("steps")  # the rows the cache holds
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "steps", batch)
+        batch = rows.apply(batch)
         sums = request_sums(batch, windows)
         parts.append(pa.table({"step": batch.column("step"), **sums}))
 
@@ -522,9 +664,11 @@ def step_request_sums(path: Path, windows: Iterable[int]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str):
+def _convert_steps(
+    path: Path, run: RunMetadata, identity: dict[str, Any], cache: Path, key: str, rows: RowFilter
+):
     """One pass: scalar columns + per-step request sums -> `<key>.step_scalars.parquet` (written on
-    a second thread while the scan computes the next batch's sums)."""
+    a second thread while the scan computes the next batch's sums); `rows` leaves rows out."""
     target = cache / f"{key}.step_scalars.parquet"
     sink = BackgroundParquetWriter(target.with_suffix(".tmp"), **_STEP_SCALARS_OPTIONS)
     lists = set(_list_columns("steps"))
@@ -533,6 +677,7 @@ def _convert_steps(path: Path, run: RunMetadata, identity: dict[str, Any], cache
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "steps", batch)
         try:
+            batch = rows.apply(batch)
             sums = request_sums(batch, windows)
         except ValueError as exc:  # lists of one step that do not line up: the file is unusable
             raise TraceError(f"{path}: {exc}") from None
@@ -719,7 +864,9 @@ def _convert_experts(
     phase_map: tuple[np.ndarray, np.ndarray] | None,
     *,
     write_raw: bool = True,
+    rows: RowFilter | None = None,
 ):
+    rows = rows or RowFilter("experts")
     experts_sink = _ParquetSink(cache / f"{key}.experts.parquet") if write_raw else None
     n_experts = max(1, int(run.moe.num_experts))
     layer_ids = np.asarray(_file_layer_ids(run), dtype=np.int32)
@@ -730,6 +877,7 @@ def _convert_experts(
 
     def on_batch(batch: pa.RecordBatch) -> None:
         _check_batch_nulls(path, "experts", batch)
+        batch = rows.apply(batch)
         counts_col = batch.column("counts")
         lengths = pc.list_value_length(counts_col).to_numpy(zero_copy_only=False)
         width = n_layers * n_experts

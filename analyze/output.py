@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import InputError
+from .terminal import markup
 
 
 def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> list[Path]:
@@ -18,17 +19,18 @@ def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> li
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json"]
-        (out / "metrics.json").write_text(
-            json.dumps(analysis.document, indent=2, default=_json_default) + "\n"
-        )
+        (out / "metrics.json").write_text(document_json(analysis.document) + "\n")
         if analysis.db is not None:
-            for name, query in (
+            tables = [
                 ("step_metrics", "SELECT * FROM step_metrics ORDER BY run_id, dp, pp, step"),
                 (
                     "requests",
                     "SELECT * EXCLUDE (chunk_times_ns, chunk_tokens) FROM requests ORDER BY run_id, arrival_ns",
                 ),
-            ):
+            ]
+            if not has_step_metrics(analysis):
+                tables = tables[1:]  # no run has steps (a driver-only trace): no per-step table
+            for name, query in tables:
                 target = out / f"{name}.{table_format}"
                 fmt = "PARQUET" if table_format == "parquet" else "CSV, HEADER"
                 path = str(target).replace("'", "''")
@@ -39,11 +41,37 @@ def write_outputs(analysis: Any, out: Path, table_format: str = "parquet") -> li
     return written
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+def has_step_metrics(analysis: Any) -> bool:
+    """Whether some run of `analysis` has per-step metrics (a run of driver tables alone has none)."""
+    return any(ctx.step_files for ctx in getattr(analysis, "contexts", []))
+
+
+_NO_STEPS_WHY = (
+    "(driver tables only): per-step metrics (S-MBU, S-MFU, step times, expert load), "
+    "step_metrics tables and what-if need the engine's trace files"
+)
+NO_STEPS_NOTE = f"no run has a steps table {_NO_STEPS_WHY}"
+RUN_WITHOUT_STEPS = f"the run has no steps table {_NO_STEPS_WHY}"
+
+
+def document_json(document: Any, indent: int | None = 2, *, ascii_only: bool = False) -> str:
+    """`document` as strict JSON (RFC 8259): NaN and ±Infinity, which strict parsers refuse, become
+    null; numpy values become numbers or lists; anything else unknown becomes its string.
+    `ascii_only` escapes every non-ASCII character (for a terminal: JSON leaves C1 controls raw)."""
+    return json.dumps(_strict(document), indent=indent, allow_nan=False, ensure_ascii=ascii_only)
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return _strict(obj.tolist())
     return str(obj)
 
 
@@ -64,14 +92,14 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
     console = console or Console()
     for run in document.get("runs", []):
         if run.get("formula") == "reference" or document.get("formula") == "reference":
-            table = Table(title=f"{run['run_id']} — reference formula (MoE-CAP)", show_header=True)
+            table = Table(title=f"{markup(run['run_id'])} — reference formula (MoE-CAP)", show_header=True)
             table.add_column("metric")
             table.add_column("value", justify="right")
             for k, v in {**run.get("batch_metrics", {}), **run.get("run_level", {})}.items():
-                table.add_row(k, _fmt(v, digits=6))
+                table.add_row(markup(k), markup(_fmt(v, digits=6)))
             console.print(table)
             for w in run.get("warnings", []):
-                console.print(f"[yellow]warning:[/] {w}")
+                console.print(f"[yellow]warning:[/] {markup(w)}")
             continue
         m = run["metrics"]
         steps = m.get("steps", {})
@@ -81,7 +109,7 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
         title = f"{run['model']} · {run['engine']['name']} {run['engine']['version']} · {gpu_text(run)}" + (
             " (re-targeted)" if gpu.get("retargeted") else ""
         )
-        console.print(f"[bold]{run['run_id']}[/]  {title}")
+        console.print(f"[bold]{markup(run['run_id'])}[/]  {markup(title)}")
         console.print(f"window: {window_text(run.get('window'))}", markup=False, highlight=False)
         table = Table(show_header=True)
         for col, justify in (
@@ -98,7 +126,7 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
         for phase, s in steps.items():
             p50 = (s.get("step_time_s_p50_p90_p99") or [None])[0]
             table.add_row(
-                phase,
+                markup(phase),
                 _fmt(s["steps"]),
                 _fmt(s["tokens"]),
                 _fmt(s["s_mbu"], "%", 100),
@@ -131,7 +159,7 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
                 f" · energy from {energy}"
             )
         elif c.get("error"):
-            console.print(f"cost: {c['error']}")
+            console.print(f"cost: {markup(c['error'])}")
         acc = m.get("accuracy") or {}
         if acc.get("total"):
             console.print(f"accuracy: {acc['correct']}/{acc['total']} exact match ({acc['exact_match']:.1%})")
@@ -143,7 +171,7 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
                 f"entropy {_fmt(e['entropy_normalized_mean'])}"
             )
         for w in run.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {markup(w)}")
         console.print()
     for e in document.get("load_errors", []):
-        console.print(f"[red]skipped:[/] {e}")
+        console.print(f"[red]skipped:[/] {markup(e)}")

@@ -148,6 +148,10 @@ def _run_document(db: TraceDB, ctx: RunContext, options: Options) -> tuple[dict[
         ).fetchall()[0][0]
         if zero:
             warnings.append(f"{zero} step(s) with zero or negative duration were left out of every metric")
+    elif not ctx.run.files_of("steps"):
+        from .output import RUN_WITHOUT_STEPS
+
+        warnings.append(RUN_WITHOUT_STEPS)
     requests = db.con.sql(f"SELECT * FROM requests WHERE run_id = '{rid}'").pl()
     req_doc = request_metrics(
         requests,

@@ -12,10 +12,11 @@ import typer
 from .errors import CollectError
 
 _EXAMPLE = """
-Example (CPU, a config.json with random weights, 8 fixed-length prompts, 4 in flight):
+Example (CPU, seconds: the shipped tiny Qwen2-MoE config with random weights, 8 fixed-length prompts,
+4 in flight; tiny-olmoe is the other shipped config, any config.json path or model directory works too):
 
-    moecap-collect run --engine hf --model analyze/specs/models/allenai__OLMoE-1B-7B-0924.json \\
-        --random-weights --dataset synthetic:128x32 --num-prompts 8 --batch-size 4 --ignore-eos --out traces/
+    moecap-collect run --engine hf --model tiny-qwen2-moe --random-weights --dataset synthetic:128x32 \\
+        --num-prompts 8 --batch-size 4 --ignore-eos --device cpu --out traces/
 """
 
 
@@ -48,7 +49,10 @@ def register(app: typer.Typer) -> None:
 def run(
     engine: Engine = typer.Option(..., "--engine", help="Serving engine; hf = transformers in this process."),
     model: str = typer.Option(
-        ..., "--model", help="config.json, a model directory, or a hub id transformers resolves."
+        ...,
+        "--model",
+        help="config.json, a model directory, a shipped tiny config (tiny-qwen2-moe, tiny-olmoe), "
+        "or a hub id transformers resolves.",
     ),
     dataset: str = typer.Option(..., "--dataset", help="synthetic:<in>x<out> or a dataset name (gsm8k, …)."),
     num_prompts: int = typer.Option(..., "--num-prompts", min=1, help="Requests to send."),
@@ -184,10 +188,21 @@ def run(
     except KeyboardInterrupt:
         typer.echo("moecap-collect: interrupted before any trace was written", err=True)
         raise typer.Exit(130) from None
+    except MemoryError as exc:
+        raise CollectError(_memory_error_message(exc, device)) from None
     files = ", ".join(p.name for p in result.paths.values())
     typer.echo(
         f"{result.run_id}: {result.steps} steps, {result.requests} requests, {result.output_tokens} output tokens "
         f"in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s) -> {out}/ [{files}]"
+    )
+
+
+def _memory_error_message(exc: MemoryError, device: str) -> str:
+    """One line for a MemoryError of the hf run (transformers refusing its KV cache, or a real OOM)."""
+    text = " ".join(str(exc).split()) or "out of memory"
+    return (
+        f"--engine hf on {device}: out of memory ({text}); try a smaller --model, --batch-size, "
+        "--max-batch-tokens or --num-blocks"
     )
 
 

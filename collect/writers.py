@@ -172,3 +172,18 @@ class EngineTraceFiles:
         )
         self._closed = self.writers is None
         return self.writers
+
+
+def drop_lines(stats: dict[str, WriterStats]) -> list[str]:
+    """One line per table whose writer dropped rows, naming the causes (the same counts are in the
+    file): for a command to print after `RunWriters.close()`."""
+    lines = []
+    for table, s in stats.items():
+        if s.rows_dropped:
+            causes = "; ".join(
+                f"{d['rows']} x {d['field']}: {d['reason']}"
+                + (f" (e.g. {d['example']})" if "example" in d else "")
+                for d in s.drops.values()
+            )
+            lines.append(f"{s.path}: {s.rows_dropped} {table} row(s) dropped ({causes or 'after close'})")
+    return lines

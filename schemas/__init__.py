@@ -1,6 +1,6 @@
 """moecap.schemas — the trace format: table schemas, run metadata, writer and reader.
 
-Imports only pyarrow (and numpy, which pyarrow requires) and the standard library.
+Imports only pyarrow (and numpy, which pyarrow requires), xxhash where installed, and the standard library.
 """
 
 from .errors import TraceError

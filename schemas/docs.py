@@ -18,16 +18,31 @@ or `client` for the driver's `requests` / `outputs`). Files are written in recor
 or T seconds, so a killed process loses at most its last unflushed batch and a reader recovers every
 complete batch of a truncated file.
 
-Every file carries three schema-metadata keys:
+Every file carries four schema-metadata keys:
 
 | key | value |
 |---|---|
 | `moecap.schema_version` | semver of this format (`{SCHEMA_VERSION}`); readers accept any same-major version and reject a newer major |
 | `moecap.table` | one of {", ".join(f"`{t}`" for t in TABLES)} |
 | `moecap.run` | the run metadata as JSON (below) |
+| `moecap.checksum` | `<algorithm>:<16 hex digits>` over the three keys above (since 1.1; `xxh3_64`, or `crc32` where the writer lacks the xxhash package) |
 
-and each record batch carries `moecap.batch` = JSON `{{seq, rows, rows_dropped_before, monotonic_ns, unix_ns}}`:
-a clock anchor per flush and the writer's drop counter.
+The writer writes the schema (with an empty record batch) when it opens the file, so a process killed
+before its first flush leaves a described, empty file. Each record batch carries two custom-metadata keys:
+
+- `moecap.batch` = JSON `{{seq, rows, rows_dropped_before, monotonic_ns, unix_ns, drops?}}`: a clock anchor
+  per flush and the writer's drop counter; `drops` (once any row was dropped) lists every cause so far as
+  `{{field, reason, rows, example}}` (field `*` = the whole row), e.g. a token count that does not fit its
+  int32 column. A row that cannot be written costs that row only, never its batch; drops after the last
+  batch are carried by a final empty batch.
+- `moecap.checksum` = `<algorithm>:<hex>` over the `moecap.batch` JSON and the batch's logical content
+  (every column's length, null count, validity bits, values, and list/string offsets rebased to 0;
+  see `moecap/schemas/integrity.py`).
+
+Readers fully validate every batch and verify its checksum before using it: a corrupt batch is left out
+with one warning naming the file, where it was and what was wrong, and the file's other batches are kept
+(after a damaged message the reader resynchronises on the next message marker). A corrupt header is one
+error line for the file. Files of format 1.0 (before checksums) still read, reported as unchecked.
 
 Times (`*_ns`) are the recording host's `time.monotonic_ns()`; map them to Unix time with the anchors.
 `steps.phase` is one of {", ".join(f"`{p}`" for p in PHASES)}.

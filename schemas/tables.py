@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 """Semver of the trace format. Readers accept any 1.x (newer minors with a warning) and reject 2.x."""
 
 PHASES = ("prefill", "decode", "mixed", "idle", "verify")

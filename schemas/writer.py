@@ -5,6 +5,13 @@ background thread turns every `rows_per_batch` rows, or whatever arrived in `flu
 into a zstd-compressed record batch and writes it, so a killed process loses at most the rows not
 yet flushed, and a reader recovers every complete batch. Nothing here raises into the caller:
 failures are logged, counted and reported by `close()`.
+
+The schema and run metadata are written (with an empty batch) when the file is opened, so a writer
+killed before its first flush still leaves a described file. A row with a value its column cannot
+hold (a token count >= 2**31 in an int32 column, a null in a required column) costs that row only:
+the batch is rebuilt without it, and every dropped row is counted by field and reason in the next
+batch's metadata (`moecap.batch` "drops"), or in a final empty batch at close.
+Each batch carries a checksum of its logical content (`moecap.checksum`, see integrity.py).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from . import integrity
 from .metadata import RunMetadata
 from .tables import SCHEMA_VERSION, TABLES, arrow_schema
 
@@ -45,6 +53,8 @@ class WriterStats:
     last_error: str | None = None
     closed: bool = False
     flush_seconds: list[float] = field(default_factory=list, repr=False)
+    drops: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    """Dropped rows by cause: "<field>: <reason>" -> {"field", "reason", "rows", "example"}."""
 
 
 def trace_file_name(run: RunMetadata, table: str) -> str:
@@ -54,8 +64,15 @@ def trace_file_name(run: RunMetadata, table: str) -> str:
 
 
 def schema_metadata(run: RunMetadata, table: str) -> dict[str, str]:
-    """The schema-level key/values every trace file carries."""
-    return {"moecap.schema_version": SCHEMA_VERSION, "moecap.table": table, "moecap.run": run.to_json()}
+    """The schema-level key/values every trace file carries (with a checksum over the others)."""
+    run_json = run.to_json()
+    value = integrity.header_checksum(SCHEMA_VERSION.encode(), table.encode(), run_json.encode())
+    return {
+        "moecap.schema_version": SCHEMA_VERSION,
+        "moecap.table": table,
+        "moecap.run": run_json,
+        "moecap.checksum": integrity.format_checksum(integrity.DEFAULT_ALGORITHM, value),
+    }
 
 
 class TraceWriter:
@@ -101,6 +118,10 @@ class TraceWriter:
         # engine's process (benchmarks/writer.py).
         options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=compression_level))
         self._writer = ipc.new_stream(self._sink, self.schema, options=options)
+        # pyarrow writes the schema with the first batch: write an empty one now, so the schema and
+        # run metadata are on disk even if the process dies before its first flush.
+        self._drops_reported = 0
+        self._emit(_empty_batch(self.schema))
         self._sink.flush()
         self._thread = threading.Thread(target=self._run, name=f"moecap-writer-{table}", daemon=True)
         self._thread.start()
@@ -111,7 +132,7 @@ class TraceWriter:
         try:
             with self._lock:
                 if self._closed:
-                    self.stats.rows_dropped += 1
+                    self.stats.rows_dropped += 1  # after close: nowhere left to record it
                     return
                 self._pending.append(row)
                 if len(self._pending) < self.rows_per_batch:
@@ -151,7 +172,7 @@ class TraceWriter:
                     "moecap trace writer %s: queue full, dropping rows (counted, reported at close)",
                     self.path,
                 )
-            self.stats.rows_dropped += len(rows)
+            self._drop(len(rows), "*", "writer queue full (disk slower than the engine)")
 
     # -- writer thread -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -176,32 +197,60 @@ class TraceWriter:
 
     def _write_batch(self, rows: list[Mapping[str, Any]] | pa.RecordBatch) -> None:
         t0 = time.perf_counter()
+        counted = 0
         try:
             if isinstance(rows, pa.RecordBatch):
-                batch = pa.RecordBatch.from_arrays(
-                    [rows.column(c.name).cast(c.type) for c in self._columns], schema=self.schema
-                )
+                batch, drops = batch_to_table_batch(rows, self.table, self.schema)
             else:
-                batch = rows_to_batch(rows, self.table, self.schema)
-            self._writer.write_batch(batch, custom_metadata=self._batch_metadata(len(batch)))
-            self._sink.flush()
+                batch, drops = rows_to_batch_dropping(rows, self.table, self.schema)
+            for name, reason, count, example in drops:
+                self._drop(count, name, reason, example)
+                counted += count
+            self._emit(batch)
             self.stats.rows_written += batch.num_rows
-            self.stats.batches_written += 1
-            self.stats.bytes_written = self._sink.tell()
         except Exception as exc:
-            self.stats.rows_dropped += len(rows)
+            rest = len(rows) - counted
+            self._drop(rest, "*", f"batch not written ({type(exc).__name__})", _short(exc))
             self._record_error(exc)
         self.stats.flush_seconds.append(time.perf_counter() - t0)
 
-    def _batch_metadata(self, rows: int) -> dict[str, str]:
+    def _emit(self, batch: pa.RecordBatch) -> None:
+        """Write one batch with its `moecap.batch` info and checksum, and flush it to the OS."""
+        with self._lock:
+            dropped = self.stats.rows_dropped
+            drops = [dict(d) for d in self.stats.drops.values()]
         info = {
             "seq": self.stats.batches_written,
-            "rows": rows,
-            "rows_dropped_before": self.stats.rows_dropped,
+            "rows": batch.num_rows,
+            "rows_dropped_before": dropped,
             "monotonic_ns": time.monotonic_ns(),
             "unix_ns": time.time_ns(),
         }
-        return {"moecap.batch": json.dumps(info, separators=(",", ":"))}
+        if drops:
+            info["drops"] = drops
+        raw = json.dumps(info, separators=(",", ":")).encode()
+        algorithm = integrity.DEFAULT_ALGORITHM
+        checksum = integrity.format_checksum(algorithm, integrity.batch_checksum(batch, raw, algorithm))
+        self._writer.write_batch(
+            batch, custom_metadata={b"moecap.batch": raw, integrity.CHECKSUM_KEY: checksum}
+        )
+        self._sink.flush()
+        self._drops_reported = dropped
+        self.stats.batches_written += 1
+        self.stats.bytes_written = self._sink.tell()
+
+    def _drop(self, rows: int, column: str, reason: str, example: str | None = None) -> None:
+        """Count `rows` dropped rows under (column, reason); "*" = the whole row."""
+        key = f"{column}: {reason}"
+        with self._lock:
+            self.stats.rows_dropped += rows
+            entry = self.stats.drops.get(key)
+            if entry is None:
+                entry = {"field": column, "reason": reason, "rows": 0}
+                if example is not None:
+                    entry["example"] = example[:200]
+                self.stats.drops[key] = entry
+            entry["rows"] += rows
 
     def _finish(self) -> None:
         try:
@@ -209,12 +258,9 @@ class TraceWriter:
                 rows, self._pending = self._pending, []
             if rows:
                 self._write_batch(rows)
-            if self.stats.rows_dropped and self.stats.errors == 0:
-                # An empty batch carries the final drop count, so a reader can report it.
-                self._writer.write_batch(
-                    _empty_batch(self.schema),
-                    custom_metadata=self._batch_metadata(0),
-                )
+            if self.stats.rows_dropped != self._drops_reported:
+                # An empty batch carries the final drop counts, so a reader can report them.
+                self._emit(_empty_batch(self.schema))
             self._writer.close()
             self._sink.flush()
             os.fsync(self._sink.fileno())
@@ -244,10 +290,11 @@ class TraceWriter:
         self._thread.join(timeout_s)
         if self.stats.rows_dropped or self.stats.errors:
             log.warning(
-                "moecap trace writer %s closed: %d rows written, %d dropped, %d errors (last: %s)",
+                "moecap trace writer %s closed: %d rows written, %d dropped (%s), %d errors (last: %s)",
                 self.path,
                 self.stats.rows_written,
                 self.stats.rows_dropped,
+                "; ".join(f"{d['rows']} x {key}" for key, d in self.stats.drops.items()) or "-",
                 self.stats.errors,
                 self.stats.last_error,
             )
@@ -264,14 +311,134 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema], schema=schema)
 
 
+def _example(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def rows_to_batch(rows: list[Mapping[str, Any]], table: str, schema: pa.Schema) -> pa.RecordBatch:
     """Build one record batch from row dicts; list columns given as numpy arrays are concatenated
-    without a Python loop over their elements."""
+    without a Python loop over their elements. Raises on a value its column cannot hold."""
     arrays = []
     for column in TABLES[table]:
         values = [row.get(column.name) for row in rows]
         arrays.append(_column_array(values, column.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+Drop = tuple[str, str, int, str]
+"""(column or "*", reason, rows, example) of rows left out of a batch."""
+
+
+def rows_to_batch_dropping(
+    rows: list[Mapping[str, Any]], table: str, schema: pa.Schema
+) -> tuple[pa.RecordBatch, list[Drop]]:
+    """`rows_to_batch`, leaving out (and returning as drops) each row with a value its column cannot
+    hold or a null in a required column. The normal path is one conversion per column; only a
+    failing column is searched for its bad rows (by halving, so a few bad rows cost O(log n)
+    conversions each)."""
+    columns = TABLES[table]
+    try:
+        batch = rows_to_batch(rows, table, schema)
+    except Exception:
+        batch = None
+    if batch is not None and not _required_nulls(batch, table):
+        return batch, []
+    bad: dict[int, tuple[str, str, str]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            bad[i] = ("*", "row is not a mapping of column name to value", type(row).__name__)
+    keep = [i for i in range(len(rows)) if i not in bad]
+    for column in columns:
+        values = [rows[i].get(column.name) for i in keep]
+        for j, _exc in _bad_values(values, column.type):
+            bad.setdefault(keep[j], (column.name, f"value does not fit {column.type}", _example(values[j])))
+        if not column.nullable:
+            for j, v in enumerate(values):
+                if v is None:
+                    bad.setdefault(keep[j], (column.name, "null in a required column", "None"))
+    kept_rows = [rows[i] for i in range(len(rows)) if i not in bad]
+    return rows_to_batch(kept_rows, table, schema), _summarise(bad.values())
+
+
+def _bad_values(values: list[Any], type_: pa.DataType) -> list[tuple[int, BaseException]]:
+    """Indices (with the error) of the values `_column_array` cannot convert."""
+    try:
+        _column_array(values, type_)
+        return []
+    except Exception as exc:
+        if len(values) == 1:
+            return [(0, exc)]
+    half = len(values) // 2
+    return _bad_values(values[:half], type_) + [(half + j, e) for j, e in _bad_values(values[half:], type_)]
+
+
+def _required_nulls(batch: pa.RecordBatch, table: str) -> bool:
+    return any(not c.nullable and batch.column(i).null_count for i, c in enumerate(TABLES[table]))
+
+
+def _summarise(bad: Iterable[tuple[str, str, str]]) -> list[Drop]:
+    counts: dict[tuple[str, str], list[Any]] = {}
+    for column, reason, example in bad:
+        entry = counts.setdefault((column, reason), [0, example])
+        entry[0] += 1
+    return [(column, reason, n, example) for (column, reason), (n, example) in counts.items()]
+
+
+def batch_to_table_batch(
+    batch: pa.RecordBatch, table: str, schema: pa.Schema
+) -> tuple[pa.RecordBatch, list[Drop]]:
+    """A prebuilt batch cast to the table's schema; rows whose values do not fit (or that hold a null
+    in a required column) are left out and returned as drops."""
+    columns = TABLES[table]
+    missing = [c.name for c in columns if c.name not in batch.schema.names]
+    if missing:
+        raise ValueError(f"batch lacks column(s) {', '.join(missing)} of table {table}")
+    arrays = [batch.column(c.name) for c in columns]
+    try:
+        cast = [a.cast(c.type) for a, c in zip(arrays, columns)]
+    except (pa.ArrowException, ValueError, TypeError):
+        cast = None
+    if cast is not None and not any(not c.nullable and a.null_count for a, c in zip(cast, columns)):
+        return _fully_valid(pa.RecordBatch.from_arrays(cast, schema=schema)), []
+    bad: dict[int, tuple[str, str, str]] = {}
+    for a, c in zip(arrays, columns):
+        for j, _exc in _bad_casts(a, c.type, 0):
+            bad.setdefault(j, (c.name, f"value does not fit {c.type}", _example(a[j].as_py())))
+        if not c.nullable and a.null_count:
+            for j in np.flatnonzero(a.is_null().to_numpy(zero_copy_only=False)):
+                bad.setdefault(int(j), (c.name, "null in a required column", "None"))
+    mask = np.ones(batch.num_rows, dtype=bool)
+    mask[list(bad)] = False
+    kept = pa.array(mask)
+    cast = [a.filter(kept).cast(c.type) for a, c in zip(arrays, columns)]
+    return _fully_valid(pa.RecordBatch.from_arrays(cast, schema=schema)), _summarise(bad.values())
+
+
+def _fully_valid(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A prebuilt batch could have been assembled from raw buffers: validate it fully (offline
+    producers only; rows converted by pyarrow are valid by construction), so a batch whose checksum
+    verifies on read needs no full validation there."""
+    batch.validate(full=True)
+    return batch
+
+
+def _bad_casts(arr: pa.Array, type_: pa.DataType, base: int) -> list[tuple[int, BaseException]]:
+    """Indices (from `base`) of the values of `arr` that do not cast to `type_`. A slice is compacted
+    first: casting a sliced list array casts its whole child, values outside the slice included."""
+    try:
+        pa.concat_arrays([arr]).cast(type_)
+        return []
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        if len(arr) == 1:
+            return [(base, exc)]
+    half = len(arr) // 2
+    return _bad_casts(arr.slice(0, half), type_, base) + _bad_casts(arr.slice(half), type_, base + half)
 
 
 def _column_array(values: list[Any], type_: pa.DataType) -> pa.Array:
@@ -282,6 +449,9 @@ def _column_array(values: list[Any], type_: pa.DataType) -> pa.Array:
         lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
         offsets = np.zeros(len(values) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.concatenate(values).astype(value_type.to_pandas_dtype(), copy=False)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+        flat = np.concatenate(values)
+        cast = flat.astype(value_type.to_pandas_dtype(), copy=False)
+        if cast.dtype != flat.dtype and flat.size and not np.array_equal(cast, flat):
+            raise pa.ArrowInvalid(f"numpy values do not fit {value_type} (e.g. {flat[cast != flat][0]!r})")
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cast, type=value_type))
     return pa.array(values, type=type_)

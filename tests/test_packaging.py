@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -61,8 +62,23 @@ def test_nothing_named_collect_analyze_or_schemas_at_top_level():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow
-def test_wheel_installs_everything_under_moecap(tmp_path):
+SOURCE_ROOTS = ("schemas", "collect", "analyze")
+CACHES = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The file names inside a wheel built from a clean copy of the sources.
+
+    The copy keeps a stale build/ (or egg-info) of the checkout from filling in a file the build
+    itself would miss.
+    """
+    src = tmp_path_factory.mktemp("src")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for root in SOURCE_ROOTS:
+        shutil.copytree(ROOT / root, src / root, ignore=shutil.ignore_patterns(*CACHES, "*.pyc"))
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -73,18 +89,48 @@ def test_wheel_installs_everything_under_moecap(tmp_path):
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
-            str(ROOT),
+            str(out),
+            str(src),
         ],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("moecap-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    code = [n for n in names if not n.startswith("moecap-") or ".dist-info/" not in n]
+    (wheel,) = out.glob("moecap-*.whl")
+    return zipfile.ZipFile(wheel).namelist()
+
+
+@pytest.mark.slow
+def test_wheel_installs_everything_under_moecap(wheel_names: list[str]):
+    code = [n for n in wheel_names if ".dist-info/" not in n]
     assert code and all(n.startswith("moecap/") for n in code), [
         n for n in code if not n.startswith("moecap/")
     ]
-    for sub in ("schemas", "collect", "analyze"):
-        assert f"moecap/{sub}/__init__.py" in names
-    assert "moecap/schemas/tables.py" in names
+    for sub in SOURCE_ROOTS:
+        assert f"moecap/{sub}/__init__.py" in wheel_names
+    assert "moecap/schemas/tables.py" in wheel_names
+
+
+def _source_files(suffix_ok) -> list[str]:
+    found = []
+    for root in SOURCE_ROOTS:
+        for path in (ROOT / root).rglob("*"):
+            rel = path.relative_to(ROOT)
+            if path.is_file() and not CACHES & set(rel.parts) and suffix_ok(path.suffix):
+                found.append(rel.as_posix())
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_data_file_of_the_source_folders(wheel_names: list[str]):
+    data = _source_files(lambda suffix: suffix not in (".py", ".pyc"))
+    # The files that were missing before (no __init__.py in their folders) are among them.
+    assert "analyze/reference/data/moecap_reference_tables.json" in data
+    assert "collect/models/tiny-qwen2-moe/config.json" in data
+    missing = [f for f in data if f"moecap/{f}" not in wheel_names]
+    assert not missing, f"not in the wheel: {missing}"
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_python_file_of_the_source_folders(wheel_names: list[str]):
+    missing = [f for f in _source_files(lambda suffix: suffix == ".py") if f"moecap/{f}" not in wheel_names]
+    assert not missing, f"not in the wheel: {missing}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -184,6 +185,9 @@ def _constant(name: str, raw: Any, where: str, origin: str, unit: str = "") -> C
 
 
 def _check_value(c: Constant, where: str) -> None:
+    for label, v in (("", c.value), (".low", c.low), (".high", c.high)):
+        if v is not None and not math.isfinite(v):  # NaN passes every comparison below
+            raise InputError(f"{where}: {c.name}{label} must be a finite number, got {v}")
     positive = {"lifetime_years", "utilization", "pue", "capex_overhead_factor"}
     if c.name in positive and c.value <= 0:
         raise InputError(f"{where}: {c.name} must be > 0, got {c.value}")

@@ -88,6 +88,8 @@ def load_reference_records(path: str | Path) -> list[dict[str, Any]]:
         doc: Any = json.loads(text)
     except json.JSONDecodeError:
         doc = _read_json_lines(p, text)
+    except RecursionError:
+        raise InputError(f"{p}: JSON nested too deeply to read; expected {_EXPECTED}") from None
     if isinstance(doc, Mapping):
         if "records" in doc:
             doc = doc["records"]
@@ -115,6 +117,10 @@ def _read_json_lines(p: Path, text: str) -> list[Any]:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise InputError(f"{p}: line {lineno} is not JSON ({exc.msg}); expected {_EXPECTED}") from None
+        except RecursionError:
+            raise InputError(
+                f"{p}: line {lineno}: JSON nested too deeply to read; expected {_EXPECTED}"
+            ) from None
     return out
 
 

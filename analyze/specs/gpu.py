@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ def _number(entry: Mapping[str, Any], key: str, where: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{where}: field {key} must be a number, got {value!r}")
+    # A NaN, an infinity or a non-positive rate, size or price makes every figure computed from it
+    # meaningless (and a non-finite value's repr is not SQL): refused, not carried into the metrics.
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{where}: field {key} must be a finite number above 0, got {value!r}")
     return float(value)
 
 
@@ -106,7 +111,7 @@ def _parse_entry(entry: Any, where: str) -> GpuSpec:
         )
     dense: dict[str, float | None] = {}
     for dtype in FLOPS_DTYPES:
-        tflops = _number(flops, dtype, where)
+        tflops = _number(flops, dtype, f"{where}: tflops_dense")
         dense[dtype] = None if tflops is None else tflops * 1e12
     memory_gb = _number(entry, "memory_gb", where)
     bandwidth = _number(entry, "memory_bandwidth_tb_s", where)

@@ -15,6 +15,7 @@ from moecap.schemas import TraceError
 
 from ..cli import CacheDir, Gpu, GpuYaml, Paths, Strict, Window
 from ..errors import AnalyzeError
+from ..terminal import for_terminal, one_line
 
 if TYPE_CHECKING:
     from .tables import Tables
@@ -34,13 +35,21 @@ MaxRows = Annotated[
     int,
     typer.Option("--max-rows", help="Rows shown in table format (0 = all). Other formats write every row."),
 ]
+AllowWrites = Annotated[
+    bool,
+    typer.Option(
+        "--allow-writes",
+        help="Let queries write files, attach databases and install or load extensions "
+        "(COPY … TO, ATTACH, INSTALL); off by default: queries read the trace views only (docs/sql.md).",
+    ),
+]
 MemoryLimit = Annotated[
     str | None, typer.Option("--memory-limit", help="DuckDB memory limit, e.g. 2GB (it spills beyond it).")
 ]
 
 
 def _fail(message: str) -> typer.Exit:
-    sys.stderr.write(f"moecap-analyze: error: {message}\n")
+    sys.stderr.write(f"moecap-analyze: error: {one_line(message)}\n")
     return typer.Exit(2)
 
 
@@ -52,6 +61,8 @@ def _load(
     strict: bool,
     cache_dir: Path | None,
     memory_limit: str | None,
+    read_only: bool = False,
+    out: Path | None = None,
 ) -> Tables:
     from ..analysis import Options
     from .tables import tables
@@ -73,7 +84,12 @@ def _load(
         progress=progress if sys.stderr.isatty() else None,  # keep piped stderr to result lines
     )
     for e in t.errors:
-        sys.stderr.write(f"skipped: {e}\n")
+        sys.stderr.write(f"skipped: {one_line(e)}\n")
+    if read_only:
+        from ..load import prepare_cache_dir
+        from .readonly import lock_down
+
+        lock_down(t.con, [prepare_cache_dir(cache_dir)], [out] if out is not None else [])
     return t
 
 
@@ -91,6 +107,7 @@ def sql(
     memory_limit: MemoryLimit = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    allow_writes: AllowWrites = False,
 ) -> None:
     """Run a SQL query over the trace views and print the result (views and columns: docs/sql.md).
 
@@ -106,7 +123,7 @@ def sql(
         fmt = infer_format(format, out)
         if fmt == "parquet" and out is None:
             raise QueryError("--format parquet needs --out FILE")
-        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
+        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit, not allow_writes, out)
         with t:
             if needs_run_metrics(text):
                 sys.stderr.write(
@@ -119,16 +136,16 @@ def sql(
                     raise QueryError(
                         f"--out {out} holds one result; the query has {n} statements that return rows"
                     )
-                rel = run(t.con, text)
+                rel = run(t.con, text, read_only=not allow_writes)
                 if rel is None:
                     return
                 sys.stderr.write(write_result(rel, fmt, out=out, max_rows=max_rows) + "\n")
                 return
             # Every statement's result, in order (not only the last one's).
-            for i, rel in enumerate(run_each(t.con, text)):
+            for i, rel in enumerate(run_each(t.con, text, read_only=not allow_writes)):
                 if i and fmt in ("table", "csv"):
                     sys.stdout.write("\n")
-                note = write_result(rel, fmt, out=None, max_rows=max_rows)
+                note = write_result(rel, fmt, out=None, stdout=for_terminal(sys.stdout), max_rows=max_rows)
                 if fmt == "table":
                     sys.stderr.write(note + "\n")
     except (AnalyzeError, TraceError) as exc:
@@ -153,6 +170,7 @@ def shell(
     memory_limit: MemoryLimit = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    allow_writes: AllowWrites = False,
 ) -> None:
     """An interactive SQL prompt with the trace views defined (.help for commands; statements end with ;).
 
@@ -163,7 +181,10 @@ def shell(
     from .shell import SqlShell, python_repl, save_database
 
     try:
-        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit)
+        # --save writes the database it names and runs no query; --python is a full Python REPL
+        # (not a sandbox): neither is locked down. The SQL prompt is, unless --allow-writes.
+        read_only = not allow_writes and save is None and not python
+        t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit, read_only)
         with t:
             if save is not None:
                 names, left_out = save_database(t, save)
@@ -178,7 +199,7 @@ def shell(
             if python:
                 python_repl(t)
                 return
-            code = SqlShell(t).loop()
+            code = SqlShell(t, read_only=read_only, stdout=for_terminal(sys.stdout)).loop()
     except (AnalyzeError, TraceError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

@@ -65,6 +65,35 @@ filters pushed into the query. `benchmarks/sql_scale.py` measures peak memory on
 may use up to 80 % of the machine's memory by default; on a shared machine cap it with
 `--memory-limit 2GB` (or `tables(..., memory_limit="2GB")`).
 
+**Read-only by default.** A query may come from someone else (a shared `@FILE`, a snippet pasted into
+the shell), so `sql` and the `shell` prompt can read the trace views and nothing else, and write no file.
+DuckDB enforces it: `enable_external_access = false`, with only the Parquet cache directory (the views
+read it; request lists and step metrics are cached into it on first use; DuckDB spills there) and the
+`--out` file allowed; `autoinstall_known_extensions` / `autoload_known_extensions` off; and
+`lock_configuration = true`, so no statement can undo this (nor point DuckDB's profiler or logger at a
+file, which is why `SET` is refused too). The statements that could still write into the cache directory
+are refused by their type, as DuckDB's parser reports it: `COPY … TO`, `EXPORT DATABASE`, `ATTACH`,
+`INSTALL` / `LOAD`. Each refusal is one line naming the statement, exit status 2:
+
+```sh
+moecap-analyze sql "SELECT * FROM read_text('/etc/passwd')" traces/   # Permission Error: … disabled by configuration
+moecap-analyze sql "COPY steps TO 'steps.csv'" traces/                # statement 1 refused: COPY writes or reads files
+moecap-analyze sql "INSTALL httpfs" traces/                           # statement 1 refused: INSTALL / LOAD …
+moecap-analyze sql "COPY steps TO 'steps.csv'" traces/ --allow-writes # runs, as before
+```
+
+In-memory tables and views (`CREATE TEMP TABLE`, `INSERT`, …) are allowed: they write nothing to disk.
+`--allow-writes` lifts every restriction (for your own queries: `COPY`, `ATTACH`, `SET threads = …`).
+`shell --python` is a Python REPL, not a sandbox, and `shell --save FILE` runs no query: neither is
+restricted. The Python API (`connect`, `tables`) is not restricted either: the code is yours.
+
+**Rows left out.** A row holding a value that cannot have been measured (a timestamp outside
+[0, 4e18) ns, a negative token count from an int32 that wrapped, a context above 2^24 tokens, a first
+token before its request was sent, a NaN or negative power sample) is not in the views, nor is a
+second row with a key an earlier row of its file holds (a step, a req_id), nor a second copy of a
+file (same run, rank and table). `moecap-analyze check` names each with how many rows it cost, and the
+warnings of metrics.json carry the same lines (`analyze/validity.py` holds the rules).
+
 **Conventions.** Times `*_ns` are the recording host's monotonic clock in ns; `*_s` are seconds.
 Bytes are bytes, FLOP counts multiply-add as 2. Every engine-side row carries its recording rank
 (`dp`, `pp`, `tp`, `ep`): of several TP ranks only the lowest rank's rows are in the views (TP ranks

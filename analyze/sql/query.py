@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from ..errors import AnalyzeError
+from ..terminal import plain
 
 FORMATS = ("table", "csv", "json", "jsonl", "parquet")
 _SUFFIX_FORMATS = {
@@ -57,13 +58,29 @@ def read_query(text: str, stdin: IO[str] | None = None) -> str:
     return text
 
 
-def run(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation | None:
+def run(
+    con: duckdb.DuckDBPyConnection, query: str, *, read_only: bool = False
+) -> duckdb.DuckDBPyRelation | None:
     """Run `query` (several `;`-separated statements run in order; the last one's result is returned,
-    None where DuckDB gives no relation for it). DuckDB errors become one-line QueryErrors."""
+    None where DuckDB gives no relation for it). DuckDB errors become one-line QueryErrors.
+    `read_only`: refuse statements that write files or load extensions (see `readonly`), before any runs."""
+    if read_only:
+        from .readonly import refused_statement
+
+        refused = refused_statement(con, query)
+        if refused:
+            raise QueryError(refused)
     try:
         return con.sql(query)
     except duckdb.Error as exc:
-        raise QueryError(one_line(exc)) from None
+        message = one_line(exc)
+        if read_only and (
+            isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in message
+        ):
+            from .readonly import HINT
+
+            message += f" ({HINT})"
+        raise QueryError(message) from None
 
 
 _RETURNING = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "EXECUTE", "RELATION"}
@@ -77,12 +94,22 @@ def _parse(con: duckdb.DuckDBPyConnection, query: str) -> list[Any]:
         raise QueryError(one_line(exc)) from None
 
 
-def run_each(con: duckdb.DuckDBPyConnection, query: str) -> Iterator[duckdb.DuckDBPyRelation]:
+def run_each(
+    con: duckdb.DuckDBPyConnection, query: str, *, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyRelation]:
     """Run `query`'s statements in order (DuckDB's parser splits them: a ';' inside a string stays
     put), yielding each row-returning statement's result as it runs: a caller prints every result,
-    not only the last one's. SET, CREATE and the like yield nothing."""
-    for st in _parse(con, query):
-        rel = run(con, st.query)
+    not only the last one's. SET, CREATE and the like yield nothing. `read_only` as `run`: a refused
+    statement anywhere stops the query before any statement runs."""
+    statements = _parse(con, query)
+    if read_only:
+        from .readonly import refused_statement
+
+        refused = refused_statement(con, query)
+        if refused:
+            raise QueryError(refused)
+    for st in statements:
+        rel = run(con, st.query, read_only=read_only)
         if rel is not None and st.type.name in _RETURNING:
             yield rel
 
@@ -199,7 +226,7 @@ def _cell(v: Any) -> str:
         text = v
     else:
         text = str(v)
-    text = text.replace("\n", "\\n").replace("\t", " ")
+    text = plain(text.replace("\n", "\\n").replace("\t", " "))  # no raw escape reaches the terminal
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 

@@ -36,8 +36,17 @@ End each SQL statement with ';'. Views: .tables; their columns: .schema VIEW (do
 class SqlShell:
     """A line-oriented SQL prompt over a `Tables`."""
 
-    def __init__(self, t: Tables, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        t: Tables,
+        *,
+        stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None,
+        read_only: bool = False,
+    ) -> None:
         self.t = t
+        self.read_only = read_only
+        """Refuse statements that write files or load extensions (`readonly`)."""
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.mode = "table"
@@ -57,7 +66,7 @@ class SqlShell:
                 t0 = time.monotonic()
                 self.t.ensure_run_metrics()
                 self.stderr.write(f"run-level metrics ready ({time.monotonic() - t0:.1f} s)\n")
-            for rel in run_each(self.t.con, statement):
+            for rel in run_each(self.t.con, statement, read_only=self.read_only):
                 note = write_result(rel, self.mode, stdout=self.stdout, max_rows=self.max_rows)
                 if self.mode == "table":
                     self.stderr.write(note + "\n")

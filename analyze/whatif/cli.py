@@ -29,6 +29,7 @@ from ..cost.options import (
     use_cost_settings,
 )
 from ..errors import InputError
+from ..terminal import markup as safe  # trace text (run ids, model ids) inert under rich markup
 
 
 def whatif(
@@ -324,19 +325,22 @@ def print_whatif(document: dict[str, Any], console: Console | None = None, *, de
         return
     for run in document["runs"]:
         if "error" in run:
-            console.print(f"[bold]{run['run_id']}[/]  [red]not projected:[/] {run['error']}", highlight=False)
+            console.print(
+                f"[bold]{safe(run['run_id'])}[/]  [red]not projected:[/] {safe(run['error'])}",
+                highlight=False,
+            )
             console.print()
             continue
         console.print(
-            f"[bold]{run['run_id']}[/]  {run['model']} · {run['engine']} · batch {run['batch_size']} · "
-            f"measured on {run['source_gpu']} ×{run['num_gpus']}"
+            f"[bold]{safe(run['run_id'])}[/]  {safe(run['model'])} · {safe(run['engine'])} · batch {run['batch_size']} · "
+            f"measured on {safe(run['source_gpu'])} ×{run['num_gpus']}"
         )
         cal = run["calibration"]
         on = cal.get("calibrated_on") or {}
         if on.get("runs") and (on["runs"] != [run["run_id"]] or on.get("batch_sizes")):
             sizes = f", batch sizes {','.join(map(str, on['batch_sizes']))}" if on.get("batch_sizes") else ""
             console.print(
-                f"  calibrated on {', '.join(on['runs'])}{sizes} ({on['steps']} steps)", highlight=False
+                f"  calibrated on {safe(', '.join(on['runs']))}{sizes} ({on['steps']} steps)", highlight=False
             )
         for phase, fit in cal["fits"].items():
             ident = "" if fit["bandwidth_identified"] and fit["flops_identified"] else " (prior used)"
@@ -348,7 +352,7 @@ def print_whatif(document: dict[str, Any], console: Console | None = None, *, de
         for target, t in run["targets"].items():
             table = Table(title=f"on {target}", show_header=True)
             table.add_column("metric")
-            table.add_column(f"measured\n{run['source_gpu']}", justify="right")
+            table.add_column(f"measured\n{safe(run['source_gpu'])}", justify="right")
             for model in models:
                 table.add_column(model.replace("_", " "), justify="right")
             for label, path, unit in _ROWS:
@@ -357,7 +361,7 @@ def print_whatif(document: dict[str, Any], console: Console | None = None, *, de
                 table.add_row(label, *cells)
             console.print(table)
         for w in run.get("warnings", []):
-            console.print(f"[yellow]note:[/] {w}", markup=True, highlight=False)
+            console.print(f"[yellow]note:[/] {safe(w)}", markup=True, highlight=False)
         console.print()
     comparison = document.get("comparison")
     if comparison:
@@ -369,8 +373,8 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
     models = ("projection", "no_change", "bandwidth_ratio")
     for pair in comparison["pairs"]:
         console.print(
-            f"[bold]batch {pair['batch_size']}[/]: {pair['source_run']} ({pair['source_gpu']}) projected vs "
-            f"{pair['compare_run']} measured on {pair['target_gpu']}"
+            f"[bold]batch {pair['batch_size']}[/]: {safe(pair['source_run'])} ({safe(pair['source_gpu'])}) projected vs "
+            f"{safe(pair['compare_run'])} measured on {safe(pair['target_gpu'])}"
         )
         table = Table(show_header=True)
         table.add_column("metric")

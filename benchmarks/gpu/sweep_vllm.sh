@@ -16,7 +16,9 @@ export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export PREFIX WORK=/root/moecap-sweep   # off $OUT, so a second call on the same machine resumes it
 mkdir -p "$OUT" "$WORK"
 sweep() {
-  python3 -c 'from moecap.collect.cli import main; main()' sweep \
+  # exec: the function's subshell becomes the sweep itself, so `kill $!` reaches Python (on the H100 a
+  # SIGKILL of the subshell left the sweep running beside the resumed one).
+  exec python3 -c 'from moecap.collect.cli import main; main()' sweep \
     --engine vllm --model analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json --random-weights --dtype bf16 \
     --engine-args '--gpu-memory-utilization 0.85 --max-model-len 2048 --max-num-seqs 128' \
     --task synthetic:1024x128 --batch-sizes 1,32,64,128 --waves 2 --name "$PREFIX-vllm-sweep" \
@@ -34,7 +36,10 @@ if [ -n "${KILL_AFTER:-}" ]; then
 fi
 # SIGINT at 420 s: whatever is left is closed and resumable, never lost
 timeout -s INT 420 bash -c "$(declare -f sweep); sweep" > "$OUT/sweep.log" 2>&1
-echo "sweep exit $?"; tail -n 12 "$OUT/sweep.log"
-sweep > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
-echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
+rc=$?
+echo "sweep exit $rc"; tail -n 12 "$OUT/sweep.log"
+if [ $rc -eq 0 ]; then
+  (sweep) > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
+  echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
+fi
 cp -r "$WORK/sweep" "$OUT/" && du -sh "$OUT/sweep"

@@ -38,6 +38,7 @@ from moecap.schemas import (
 from .. import runtime
 from ..datasets import Sample, load_samples
 from ..errors import CollectError
+from ..models import shipped_config, shipped_names
 from ..writers import RunWriters, prepare_out_dir
 from .hf import (
     MLA_MODEL_TYPES,
@@ -157,6 +158,8 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(model)
+    if not path.exists() and (shipped := shipped_config(model)) is not None:
+        path = shipped  # a tiny config shipped in moecap/collect/models (e.g. tiny-qwen2-moe)
     tok_source: Path | None = None
     kwargs: dict[str, Any] = {}
     if attn_implementation:
@@ -206,8 +209,8 @@ def load_model(
             if random_weights:
                 raise CollectError(
                     f"--model {model!r} is not a local path and transformers cannot resolve it offline; with "
-                    "--random-weights pass a config.json path (e.g. analyze/specs/models/<Org>__<Name>.json) or a "
-                    "directory holding one"
+                    f"--random-weights pass a shipped tiny model ({', '.join(shipped_names())}), a config.json path "
+                    "(e.g. analyze/specs/models/<Org>__<Name>.json) or a directory holding one"
                 ) from None
             raise CollectError(f"--model {model!r}: cannot load ({_first_line(exc)})") from None
         model_id = model
@@ -255,6 +258,21 @@ def _load_tokenizer(explicit: str | None, model_dir: Path | None) -> Any | None:
         except (OSError, ValueError):
             return None
     return None
+
+
+def require_psutil_on_cpu() -> None:
+    """Refuse a CPU continuous-batching run without psutil, in one line.
+
+    transformers 5.x reads the host's memory with psutil to size the paged KV cache; without it it
+    sees 0 bytes available and its generation loop fails (MemoryError), which left a run of 0 steps.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise CollectError(
+            "--engine hf on a CPU: transformers sizes its KV cache with psutil, which is not installed "
+            "(pip install psutil; moecap[hf] includes it)"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -787,6 +805,7 @@ def run_workload(
         seed=options.seed,
         vocab_size=int(text_config.vocab_size),
         local_path=options.dataset_path,
+        tokenizer=loaded.tokenizer,  # pads <dataset>:<in>x<out> prompts (MoE-CAP's fixed-length tasks)
     )
     prompts = make_prompts(samples, loaded.tokenizer, options.max_new_tokens, int(text_config.vocab_size))
     # Several ranks (torchrun + tensor parallelism): each rank records its own steps/experts files and
@@ -933,6 +952,8 @@ def run(
 ) -> RunResult:
     """Load the model and run one workload (what `moecap-collect run --engine hf` does)."""
     prepare_out_dir(options.out)
+    if options.mode == "cb" and resolve_device(device).type == "cpu":
+        require_psutil_on_cpu()
     loaded = load_model(
         model,
         random_weights=random_weights,

@@ -73,6 +73,16 @@ def sweep(
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer for text datasets."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the workload sample and random weights."),
     dataset_path: str | None = typer.Option(None, "--dataset-path", help="Local copy of a named dataset."),
+    counts: bool | None = typer.Option(
+        None, "--counts/--no-counts", help="Record per-step expert token counts (default on)."
+    ),
+    cuda_graphs: str | None = typer.Option(None, "--cuda-graphs", help="auto | on | off."),
+    attn_implementation: str | None = typer.Option(
+        None, "--attn-implementation", help="hf: e.g. sdpa, eager."
+    ),
+    max_batch_tokens: int | None = typer.Option(
+        None, "--max-batch-tokens", min=1, help="hf: tokens per forward pass."
+    ),
     name: str | None = typer.Option(None, "--name", help="Sweep name, in every run's workload metadata."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed point."),
     table: bool = typer.Option(True, "--table/--no-table", help="Print the matrix table at the end."),
@@ -97,6 +107,10 @@ def sweep(
         "tokenizer": tokenizer,
         "seed": seed,
         "dataset_path": dataset_path,
+        "counts": counts,
+        "cuda_graphs": cuda_graphs,
+        "attn_implementation": attn_implementation,
+        "max_batch_tokens": max_batch_tokens,
         "name": name,
     }
     spec = load_spec(config, overrides)

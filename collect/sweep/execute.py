@@ -89,6 +89,44 @@ def run_sweep(
 ) -> SweepOutcome:
     """Record every point of `points` not yet recorded in `out`; see the module docstring."""
     out = prepare_out_dir(out)
+    with sweep_lock(out):
+        return _run_locked(points, out, name, fail_fast, log, session_factory)
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.sweep.lock` exclusively while a sweep runs: two sweeps writing one folder would
+    record points twice and overwrite each other's state. The kernel drops the lock when the holder
+    dies, so a killed sweep never leaves a stale lock behind."""
+    import fcntl
+
+    with open(out / ".sweep.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise CollectError(
+                f"{out}: another sweep ({holder}) is recording into this folder; wait for it or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_locked(
+    points: Sequence[Point],
+    out: Path,
+    name: str,
+    fail_fast: bool,
+    log: Callable[[str], None],
+    session_factory: Callable[[str], EngineSession],
+) -> SweepOutcome:
     state = SweepState.load(out)
     for p in points:
         state.entry(p)

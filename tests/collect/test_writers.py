@@ -40,6 +40,22 @@ def test_an_unwritable_directory_gives_none_not_an_exception(tmp_path):
     )
 
 
+def test_drop_lines_name_each_table_and_cause(tmp_path):
+    from moecap.collect.writers import RunWriters, drop_lines
+
+    writers = RunWriters(tmp_path, _meta(), experts=False, client_tables=True, gpu_sample_interval_s=None)
+    writers.request({"req_id": "r0", "arrival_ns": 0, "retries": 0, "output_tokens": 3_000_000_000})
+    writers.request({"req_id": "r1", "arrival_ns": 1, "retries": 0, "output_tokens": 7})
+    stats = writers.close()
+    (line,) = drop_lines(stats)
+    assert line.startswith(str(writers.paths["requests"]))
+    assert (
+        "1 requests row(s) dropped" in line
+        and "output_tokens: value does not fit int32 (e.g. 3000000000)" in line
+    )
+    assert read_trace_file(writers.paths["requests"]).table.column("req_id").to_pylist() == ["r1"]
+
+
 def test_ctrl_c_while_opening_closes_the_files_already_open(tmp_path, monkeypatch):
     # A stop signal can land between two files of a run being opened (seen in a sweep stopped by
     # SIGTERM): the files opened so far must end closed (end-of-stream marker), not unfinished.

@@ -24,6 +24,7 @@ from moecap.schemas import (
     read_trace_file,
     trace_file_name,
 )
+from moecap.schemas.integrity import DEFAULT_ALGORITHM, format_checksum, header_checksum
 
 
 def _step_row(i: int) -> dict:
@@ -65,7 +66,7 @@ def test_truncation_at_every_byte_recovers_exactly_the_whole_batches(tmp_path, r
         w.write_rows(rows)
     data = path.read_bytes()
     ends = _batch_ends(path)
-    assert len(ends) == 3
+    assert len(ends) == 4  # the empty batch written at open (schema on disk at once), then 3 of 3 rows
     cut_path = tmp_path / "cut.steps.arrow"
     for cut in range(len(data) + 1):
         cut_path.write_bytes(data[:cut])
@@ -80,7 +81,8 @@ def test_truncation_at_every_byte_recovers_exactly_the_whole_batches(tmp_path, r
             continue
         whole = sum(1 for e in ends if e <= cut)
         assert tf.batches == whole, cut
-        assert tf.table.to_pylist() == [{**_nulls(), **r} for r in rows[: 3 * whole]], cut
+        assert tf.table.to_pylist() == [{**_nulls(), **r} for r in rows[: 3 * max(0, whole - 1)]], cut
+        assert tf.corrupt_batches == 0 and tf.integrity == "verified", cut
         if cut < len(data):
             assert not tf.complete
             assert tf.lost_bytes == cut - (ends[whole - 1] if whole else tf_schema_end(data, ends))
@@ -174,7 +176,16 @@ def test_foreign_arrow_stream_is_rejected(tmp_path):
         read_trace_file(tmp_path / "f.arrow")
 
 
-def _write_with_metadata(path, table: str, meta: dict[str, str], schema: pa.Schema | None = None) -> None:
+def _write_with_metadata(
+    path, table: str, meta: dict[str, str], schema: pa.Schema | None = None, checksum: bool = True
+) -> None:
+    """A stream with the given schema metadata and, unless `checksum=False`, the header checksum a
+    format >= 1.1 file carries (so the other checks are what these tests reach)."""
+    if checksum:
+        value = header_checksum(
+            *(meta.get(k, "").encode() for k in ("moecap.schema_version", "moecap.table", "moecap.run"))
+        )
+        meta = {**meta, "moecap.checksum": format_checksum(DEFAULT_ALGORITHM, value)}
     schema = (schema or arrow_schema(table)).with_metadata(meta)
     with ipc.new_stream(path, schema) as w:
         w.write_table(schema.empty_table())

@@ -135,7 +135,7 @@ def test_parquet_needs_out(invoke) -> None:  # type: ignore[no-untyped-def]
 
 def test_query_from_file_and_stdin(invoke, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     q = tmp_path / "q.sql"
-    q.write_text("SET threads = 2;\nSELECT count(*) AS n FROM runs;\n")
+    q.write_text("CREATE TEMP VIEW n_runs AS SELECT count(*) AS n FROM runs;\nSELECT n FROM n_runs;\n")
     assert invoke("sql", f"@{q}", "-f", "csv").stdout == "n\n3\n"
     assert invoke("sql", "-", "-f", "csv", input="SELECT count(*) AS n FROM runs").stdout == "n\n3\n"
 
@@ -154,7 +154,7 @@ def test_gpu_option_retargets_the_metrics(invoke) -> None:  # type: ignore[no-un
 
 
 def test_statements_that_return_no_rows_succeed(invoke) -> None:  # type: ignore[no-untyped-def]
-    result = invoke("sql", "CREATE VIEW scratch AS SELECT 1 AS x; SET threads = 1")
+    result = invoke("sql", "CREATE VIEW scratch AS SELECT 1 AS x; CREATE TEMP TABLE y AS SELECT 2 AS z")
     assert result.exit_code == 0, result.stderr
 
 
@@ -171,7 +171,7 @@ def test_out_with_a_suffix_that_names_no_format_is_refused(invoke, tmp_path: Pat
 
 
 def test_several_statements_print_every_result(invoke) -> None:  # type: ignore[no-untyped-def]
-    result = invoke("sql", "SELECT 1 AS a; SET threads = 2; SELECT 'x;y' AS b", "-f", "csv")
+    result = invoke("sql", "SELECT 1 AS a; SELECT 'x;y' AS b", "-f", "csv")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "a\n1\n\nb\nx;y\n"
 
@@ -181,3 +181,11 @@ def test_out_refuses_several_results(invoke, tmp_path: Path) -> None:  # type: i
     result = invoke("sql", "SELECT 1 AS a; SELECT 2 AS b", "-o", str(out))
     assert result.exit_code == 2 and "holds one result; the query has 2 statements" in result.stderr
     assert not out.exists()
+
+
+def test_settings_are_locked_unless_writes_are_allowed(invoke) -> None:  # type: ignore[no-untyped-def]
+    # Read-only mode locks DuckDB's configuration (a setting could point its profiler at a file).
+    refused = invoke("sql", "SET threads = 1; SELECT 1 AS x", "-f", "csv")
+    assert refused.exit_code == 2 and "locked" in refused.stderr and "--allow-writes" in refused.stderr
+    allowed = invoke("sql", "SET threads = 1; SELECT 1 AS x", "-f", "csv", "--allow-writes")
+    assert allowed.exit_code == 0 and allowed.stdout == "x\n1\n", allowed.stderr

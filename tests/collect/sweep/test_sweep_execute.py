@@ -114,3 +114,50 @@ def test_a_rerun_skips_every_recorded_point_and_leaves_its_files_alone(tmp_path)
     more = _points(["synthetic:16x4"], batch_sizes=(1, 2, 3))
     third = run_sweep(more, tmp_path, log=lambda _: None)
     assert [p.batch_size for p in more if p.key in third.recorded] == [3]
+
+
+def test_a_fixed_length_dataset_task_with_a_tokenizer(tmp_path, tiny_tokenizer):
+    # MoE-CAP's fixed-length mode: the dataset's prompts repeated and cut to 24 tokens, then its suffix
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    spec = build_spec(
+        {"engines": ["hf"], "models": [TINY], "random_weights": True, "tasks": ["gsm8k:24x4"],
+         "batch_sizes": [2], "waves": 1, "dataset_path": GSM8K, "tokenizer": str(tmp_path / "tok")}
+    )  # fmt: skip
+    outcome = run_sweep(expand(spec), tmp_path / "out", log=lambda _: None)
+    assert outcome.complete and len(outcome.recorded) == 1
+    (run,) = open_traces([tmp_path / "out"]).runs.values()
+    requests = run.tables("requests")[0].table.to_pylist()
+    assert len(requests) == 2 and all(r["output_tokens"] == 4 for r in requests)
+    from moecap.collect.datasets.text import PAD_SUFFIX
+
+    suffix = len(tiny_tokenizer.encode(PAD_SUFFIX, add_special_tokens=False))
+    # 24 tokens of the question (re-encoding may merge a token or two at the joins) + the guide's suffix
+    assert all(24 + suffix - 2 <= r["prompt_tokens"] <= 24 + suffix + 2 for r in requests), requests
+    assert run.metadata.workload["sweep"]["task"] == "gsm8k:24x4"
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    # Found on the H100: a sweep whose process outlived its killed shell kept recording while a resumed
+    # sweep wrote the same folder, so points were recorded twice and the state overwritten.
+    import subprocess
+    import sys
+
+    from moecap.collect.errors import CollectError
+    from moecap.collect.sweep.execute import sweep_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from moecap.collect.sweep.execute import sweep_lock\n"
+         "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = r"another sweep \(pid \d+\) is recording into this folder"
+        with pytest.raises(CollectError, match=busy), sweep_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with sweep_lock(tmp_path):  # the kernel released the dead holder's lock
+        pass
