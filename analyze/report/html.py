@@ -493,7 +493,7 @@ table.summary td:nth-child(-n+2) { white-space: normal; min-width: 140px; max-wi
 table.runs th { white-space: normal; min-width: 0; max-width: 90px; vertical-align: bottom; font-size: 12px; }
 table.runs td { text-align: right; }
 table.runs td:nth-child(-n+6) { text-align: left; white-space: normal; }
-table.runs td:nth-child(1) { min-width: 0; }
+table.runs td:nth-child(1) { min-width: 0; white-space: nowrap; }
 table.runs td:nth-child(2) { min-width: 120px; max-width: 220px; overflow-wrap: anywhere; }
 table.runs td:nth-child(3), table.runs td:nth-child(6) { min-width: 0; max-width: 140px; overflow-wrap: anywhere; }
 table.board td:first-child { min-width: 0; }
