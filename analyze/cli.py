@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -311,28 +312,50 @@ def report(
 
 
 @app.command()
-def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> None:
+def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, format: Fmt = "table") -> None:
     """Reconcile the tables of each run and print warnings (exit 1 if any).
+
+    --format json: [{"run_id", "findings": [...]}, ...] (skipped files under "skipped");
+    --format csv: one row per finding (run_id, finding; "ok" rows for clean runs).
 
     Example: moecap-analyze check traces/
     """
     from .checks import check_run
     from .load import load_traces, require_runs
 
+    if format not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
     db = load_traces(paths, cache_dir=cache_dir, strict=strict)
     require_runs(db)
     from .terminal import one_line, plain
 
-    problems = 0
-    for run in db.runs.values():
-        findings = check_run(db, run)
-        status = "ok" if not findings else f"{len(findings)} warning(s)"
-        typer.echo(f"{plain(run.run_id)}: {status}")
-        for f in findings:
-            typer.echo(f"  - {one_line(f)}")
-        problems += len(findings)
-    for e in db.errors:
-        typer.echo(f"skipped: {one_line(e)}")
+    results = [(run.run_id, [one_line(f) for f in check_run(db, run)]) for run in db.runs.values()]
+    skipped = [one_line(e) for e in db.errors]
+    if format == "json":
+        typer.echo(
+            json.dumps(
+                {"runs": [{"run_id": rid, "findings": f} for rid, f in results], "skipped": skipped}, indent=2
+            )
+        )
+    elif format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["run_id", "finding"])
+        for rid, findings in results:
+            for f in findings or ["ok"]:
+                writer.writerow([rid, f])
+        for e in skipped:
+            writer.writerow(["", f"skipped: {e}"])
+    else:
+        for rid, findings in results:
+            status = "ok" if not findings else f"{len(findings)} warning(s)"
+            typer.echo(f"{plain(rid)}: {status}")
+            for f in findings:
+                typer.echo(f"  - {f}")
+        for e in skipped:
+            typer.echo(f"skipped: {e}")
+    problems = sum(len(f) for _, f in results)
     raise typer.Exit(1 if problems or db.errors else 0)
 
 

@@ -94,3 +94,21 @@ def test_a_cpu_trace_says_why_its_step_table_is_empty(cli, tmp_path):
     assert "holds no step" not in r.stdout  # not blamed on the window
     gpu_lines = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: gpu spec:")]
     assert len(gpu_lines) == 1 and gpu_lines[0].count("pass --gpu") == 1  # the hint once
+
+
+def test_check_speaks_json_and_csv_too(cli, trace_dir, cache_dir):
+    import csv
+    import io
+    import json
+
+    table = cli("check", trace_dir, "--cache-dir", cache_dir)
+    as_json = cli("check", trace_dir, "--cache-dir", cache_dir, "--format", "json")
+    as_csv = cli("check", trace_dir, "--cache-dir", cache_dir, "--format", "csv")
+    assert table.returncode == as_json.returncode == as_csv.returncode  # same verdict in every format
+    doc = json.loads(as_json.stdout)
+    assert sorted(r["run_id"] for r in doc["runs"]) == sorted(r[0] for r in RUNS)
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert {r["run_id"] for r in rows} == {r[0] for r in RUNS}
+    for run in doc["runs"]:  # the CSV holds each finding once, or "ok"
+        mine = [r["finding"] for r in rows if r["run_id"] == run["run_id"]]
+        assert mine == (run["findings"] or ["ok"])
