@@ -88,7 +88,7 @@ def resolve_context(run: LoadedRun, options: Options) -> RunContext:
     gpu_name = options.gpu or (md.gpus[0].name if md.gpus else None)
     try:
         if not gpu_name:
-            raise SpecError("the trace names no GPU; pass --gpu")
+            raise SpecError("the trace names no GPU (a CPU run?)")
         gpu = resolve_gpu(gpu_name, overrides_yaml=options.gpu_overrides)
     except SpecError as exc:
         if options.gpu:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -70,6 +71,19 @@ CacheDir = Annotated[
 ]
 
 
+Detail = Annotated[
+    bool,
+    typer.Option("--detail", help="With several runs: each run's own tables instead of one row per run."),
+]
+
+
+def _print_runs(document: dict, *, detail: bool) -> None:
+    """One row per run (several runs) or each run's tables (`--detail`, one run, reference formula)."""
+    from .report.terminal import print_runs
+
+    print_runs(document, detail=detail)
+
+
 def _progress_printer(enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
@@ -114,12 +128,13 @@ def summary(
     cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
+    detail: Detail = False,
 ) -> None:
     """Compute every metric and print a summary (and write metrics.json with --out).
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
-    from .output import print_summary, write_outputs
+    from .output import write_outputs
     from .settings import Settings as Options
     from .specs import load_model_config
 
@@ -201,7 +216,7 @@ def summary(
     elif format == "csv":
         _print_csv(analysis.document)
     else:
-        print_summary(analysis.document)
+        _print_runs(analysis.document, detail=detail)
         if out is not None:
             err.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
             _note_missing_steps(analysis)
@@ -253,57 +268,135 @@ def report(
             "'none' leaves the section out).",
         ),
     ] = None,
+    export: Annotated[
+        str,
+        typer.Option(
+            "--export",
+            help="Also write each chart as a file under OUT/charts: png, svg or png,svg (default none: "
+            "the page already holds every chart; exporting ~200 charts takes minutes).",
+        ),
+    ] = "none",
     strict: Strict = False,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Write metrics.json and an HTML report.
+    """Write metrics.json and an HTML report (progress on stderr).
 
     Example: moecap-analyze report traces/*.arrow --out report/ --whatif-gpu H200 --whatif-gpu B200
     """
     from .analysis import Options
-    from .output import print_summary, write_outputs
+    from .output import write_outputs
     from .pipeline import analyze_paths
+    from .report.cli import parse_export
+    from .report.progress import ReportProgress
 
+    formats = parse_export(export)
     options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
-    analysis = analyze_paths(paths, options, cache_dir=cache_dir, strict=strict)
-    write_outputs(analysis, out)
-    from .report.figures import DEFAULT_WHATIF_GPUS
-    from .report.html import write_report
+    with ReportProgress(err) as progress:
+        analysis = analyze_paths(
+            paths, options, cache_dir=cache_dir, strict=strict, progress=progress.loading
+        )
+        progress.stage("writing metrics.json")
+        write_outputs(analysis, out)
+        from .report.figures import DEFAULT_WHATIF_GPUS
+        from .report.html import write_report
 
-    gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
-    path = write_report(analysis, out, whatif_gpus=gpus)
-    err.print(f"wrote {path}", markup=False, highlight=False)
+        gpus = tuple(g for g in (whatif_gpu or DEFAULT_WHATIF_GPUS) if g.lower() != "none")
+        path = write_report(analysis, out, whatif_gpus=gpus, export=formats, progress=progress.update)
+    err.print(
+        f"wrote {path}" + (f" and {out / 'charts'}/ ({', '.join(formats)})" if formats else ""),
+        markup=False,
+        highlight=False,
+    )
     _note_missing_steps(analysis)
-    print_summary(analysis.document)
+    _print_runs(analysis.document, detail=False)
 
 
 @app.command()
-def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None) -> None:
+def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, format: Fmt = "table") -> None:
     """Reconcile the tables of each run and print warnings (exit 1 if any).
+
+    --format json: [{"run_id", "findings": [...]}, ...] (skipped files under "skipped");
+    --format csv: one row per finding (run_id, finding; "ok" rows for clean runs).
 
     Example: moecap-analyze check traces/
     """
     from .checks import check_run
     from .load import load_traces, require_runs
 
+    if format not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
     db = load_traces(paths, cache_dir=cache_dir, strict=strict)
     require_runs(db)
     from .terminal import one_line, plain
 
-    problems = 0
-    for run in db.runs.values():
-        findings = check_run(db, run)
-        status = "ok" if not findings else f"{len(findings)} warning(s)"
-        typer.echo(f"{plain(run.run_id)}: {status}")
-        for f in findings:
-            typer.echo(f"  - {one_line(f)}")
-        problems += len(findings)
-    for e in db.errors:
-        typer.echo(f"skipped: {one_line(e)}")
+    results = [(run.run_id, [one_line(f) for f in check_run(db, run)]) for run in db.runs.values()]
+    skipped = [one_line(e) for e in db.errors]
+    if format == "json":
+        typer.echo(
+            json.dumps(
+                {"runs": [{"run_id": rid, "findings": f} for rid, f in results], "skipped": skipped}, indent=2
+            )
+        )
+    elif format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["run_id", "finding"])
+        for rid, findings in results:
+            for f in findings or ["ok"]:
+                writer.writerow([rid, f])
+        for e in skipped:
+            writer.writerow(["", f"skipped: {e}"])
+    else:
+        for rid, findings in results:
+            status = "ok" if not findings else f"{len(findings)} warning(s)"
+            typer.echo(f"{plain(rid)}: {status}")
+            for f in findings:
+                typer.echo(f"  - {f}")
+        for e in skipped:
+            typer.echo(f"skipped: {e}")
+    problems = sum(len(f) for _, f in results)
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
-_COMMANDS = {"summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "fleet", "--help", "-h"}
+_COMMANDS = {
+    "summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "fleet",
+    "--help", "-h", "--version",
+}  # fmt: skip
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"moecap-analyze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Derive Cost/Accuracy/Performance metrics (S-MBU, S-MFU, TTFT, TPOT, expert load, …) from moecap
+    traces or MoE-CAP record files."""
+
+
+def _mistyped_command(word: str) -> str | None:
+    """The command `word` was probably meant to be ("sumary" -> "summary"), when `word` is no file,
+    directory or glob and is close to a command name; None otherwise."""
+    import difflib
+    import glob
+
+    if "/" in word or "." in word or word.startswith("-") or Path(word).exists() or glob.glob(word):
+        return None
+    names = sorted(c for c in _COMMANDS if not c.startswith("-"))
+    match = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 # Sub-commands that live beside their library code register themselves here: each module defines
@@ -370,6 +463,11 @@ def main() -> None:
     _register_commands()
     argv = sys.argv[1:]
     if argv and argv[0] not in _COMMANDS:
+        meant = _mistyped_command(argv[0])
+        if meant is not None:
+            _fail(
+                f"no command or file {argv[0]!r}; did you mean '{meant}'? (moecap-analyze --help lists the commands)"
+            )
         sys.argv.insert(1, "summary")
     flag_error = _bool_flag_given_a_value(sys.argv[1:])
     if flag_error:

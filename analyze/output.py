@@ -111,13 +111,13 @@ def print_summary(document: dict[str, Any], console: Console | None = None) -> N
         m = run["metrics"]
         steps = m.get("steps", {})
         gpu = run.get("constants", {}).get("gpu", {})
-        title = (
-            f"{run['model']} · {run['engine']['name']} {run['engine']['version']} · "
-            f"{gpu.get('name') or run['gpu']['name']} ×{run['gpu']['count']}"
-            + (" (re-targeted)" if gpu.get("retargeted") else "")
+        from .report.terminal import gpu_text, window_text
+
+        title = f"{run['model']} · {run['engine']['name']} {run['engine']['version']} · {gpu_text(run)}" + (
+            " (re-targeted)" if gpu.get("retargeted") else ""
         )
         console.print(f"[bold]{markup(run['run_id'])}[/]  {markup(title)}")
-        console.print(f"window: {markup(run['window'].get('description', run['window'].get('kind')))}")
+        console.print(f"window: {window_text(run.get('window'))}", markup=False, highlight=False)
         table = Table(show_header=True)
         for col, justify in (
             ("phase", "left"),

@@ -27,3 +27,12 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_the_main_job_has_sample_traces_to_read():
     assert len(list((ROOT / "traces").glob("*.steps.arrow"))) >= 2
+
+
+def test_every_analyze_and_collect_command_is_in_the_readme():
+    """A user finds each command in the README: the analyzer's and the collector's sub-commands."""
+    text = (ROOT / "README.md").read_text()
+    for command in ("report", "leaderboard", "whatif", "check", "sql"):
+        assert f"moecap-analyze {command} " in text, command
+    for command in ("run", "serve", "sweep", "import-moecap", "import-sglang-dump"):
+        assert f"moecap-collect {command} " in text, command

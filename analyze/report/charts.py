@@ -22,8 +22,9 @@ from .frames import PHASE_ORDER
 
 MAX_ROWS = 50_000
 """A frame larger than this is refused (aggregate it with `frames` first): keeps specs well under 2 MB."""
-CSV_ABOVE_ROWS = 1_500
-"""Frames longer than this are embedded as CSV text (about a third of the JSON size)."""
+CSV_ABOVE_ROWS = 200
+"""Frames longer than this are embedded as CSV text (about a third of the JSON size): with 27 runs it
+keeps report.html near 5 MB rather than 9 MB."""
 WIDTH = 560
 HEIGHT = 260
 PHASE_COLORS = {"prefill": "#d95f02", "mixed": "#7570b3", "decode": "#1b9e77", "verify": "#e7298a"}
@@ -286,12 +287,13 @@ def layer_imbalance(imbalance: Any) -> alt.TopLevelMixin:
 
 
 def activated_experts_vs_tokens(
-    steps: Any, *, num_experts: int | None = None, top_k: int | None = None
+    steps: Any, *, num_experts: int | None = None, top_k: int | None = None, note: str = ""
 ) -> alt.TopLevelMixin:
     """Mean activated experts per MoE layer against the step's batch tokens, per phase (point size
     = steps in the group). With `num_experts` and `top_k`, the dashed curve is what uniform random
     routing would activate, E·(1 − (1 − k/E)^T). Columns: phase, tokens, active_experts_per_layer;
-    steps optional."""
+    steps optional. Groups with 0 tokens (idle steps) are left out: they activate nothing and a log
+    axis cannot place them; `note` (what the caller left out) goes into the subtitle."""
     df = as_frame(steps)
     _require(df, "activated_experts_vs_tokens", "phase", "tokens", "active_experts_per_layer")
     if "steps" not in df.columns:
@@ -299,7 +301,16 @@ def activated_experts_vs_tokens(
     df = df.select("phase", "tokens", "active_experts_per_layer", "steps").drop_nulls(
         "active_experts_per_layer"
     )
-    x = alt.X("tokens:Q", title="batch tokens (per step)", scale=alt.Scale(type="log", nice=False))
+    idle = df.filter(pl.col("tokens") <= 0)["steps"].sum()
+    df = df.filter(pl.col("tokens") > 0)
+    if idle and not note:
+        note = f"Left out: {idle} idle (0-token) step{'s' if idle != 1 else ''}."
+    log = spans_decades(df["tokens"].to_list())
+    x = alt.X(
+        "tokens:Q",
+        title="batch tokens (per step)" + (" (log)" if log else ""),
+        scale=alt.Scale(type="log") if log else alt.Scale(zero=False),
+    )
     points = (
         alt.Chart(inline_data(df))
         .mark_circle(opacity=0.75)
@@ -333,11 +344,11 @@ def activated_experts_vs_tokens(
         )
         subtitle += f" Dashed: uniform random top-{top_k} routing over {num_experts} experts."
     return alt.layer(*layers).properties(
-        width=WIDTH, height=HEIGHT, title=_title("Activated experts vs batch tokens", subtitle)
+        width=WIDTH, height=HEIGHT, title=_title("Activated experts vs batch tokens", subtitle, note)
     )
 
 
-def step_time_vs_tokens(steps: Any) -> alt.TopLevelMixin:
+def step_time_vs_tokens(steps: Any, *, note: str = "") -> alt.TopLevelMixin:
     """Measured step time (mean GPU span per group, bar = p10–p90) against batch tokens, with the
     roofline bounds of the same batches: memory-bound = bytes / (bandwidth × GPUs), compute-bound =
     FLOPs / (peak × GPUs), from the GPU spec. One panel per phase. Columns: phase, tokens, time_ms,
@@ -426,6 +437,7 @@ def step_time_vs_tokens(steps: Any) -> alt.TopLevelMixin:
                 "Points: mean GPU time of the steps with that many tokens (bar: p10–p90).",
                 "Lines: the same batches' bytes / (bandwidth × GPUs) and FLOPs / (peak × GPUs) from the GPU "
                 "spec; roofline bound = the larger.",
+                note,
             )
         )
     )
@@ -433,15 +445,23 @@ def step_time_vs_tokens(steps: Any) -> alt.TopLevelMixin:
 
 def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
     """S-MBU and S-MFU per time bin (ratio of sums over the bin's steps), with the metrics window
-    shaded. Columns: t_start_s, t_end_s, s_mbu, s_mfu; in_window (fraction of the bin's steps in the
-    window) optional."""
+    shaded. The line breaks where bins hold no step (a long step or a pause): drawing across the gap
+    would show a utilisation nothing measured. Columns: t_start_s, t_end_s, s_mbu, s_mfu; in_window
+    (fraction of the bin's steps in the window) optional."""
     df = as_frame(timeline)
     _require(df, "utilisation_over_time", "t_start_s", "t_end_s", "s_mbu", "s_mfu")
     if "in_window" not in df.columns:
         df = df.with_columns(in_window=pl.lit(None, pl.Float64))
-    df = df.select("t_start_s", "t_end_s", "s_mbu", "s_mfu", "in_window").with_columns(
-        t_mid_s=(pl.col("t_start_s") + pl.col("t_end_s")) / 2
+    df = df.select("t_start_s", "t_end_s", "s_mbu", "s_mfu", "in_window").sort("t_start_s")
+    # A new segment starts where a bin does not begin where the previous one ended.
+    widths = (df["t_end_s"] - df["t_start_s"]).cast(pl.Float64).to_numpy()
+    width = float(np.median(widths)) if widths.size else 0.0
+    gap = (pl.col("t_start_s") - pl.col("t_end_s").shift(1)) > 0.5 * width
+    df = df.with_columns(
+        t_mid_s=(pl.col("t_start_s") + pl.col("t_end_s")) / 2,
+        segment=gap.fill_null(False).cast(pl.Int64).cum_sum(),
     )
+    gaps = int(df["segment"].cast(pl.Int64).to_numpy().max()) if df.height else 0
     data = inline_data(df)
     x = alt.X("t_mid_s:Q", title="seconds from the first step")
     window = (
@@ -454,10 +474,12 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
         alt.Chart(data)
         .transform_fold(["s_mbu", "s_mfu"], as_=["metric", "value"])
         .transform_calculate(metric="datum.metric == 's_mbu' ? 'S-MBU' : 'S-MFU'")
+        .transform_calculate(line="datum.metric + ' ' + datum.segment")
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
             x=x,
             y=alt.Y("value:Q", title="utilisation", axis=alt.Axis(format="%")),
+            detail="line:N",
             color=alt.Color(
                 "metric:N",
                 title=None,
@@ -476,6 +498,9 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
         title=_title(
             "S-MBU / S-MFU over time",
             "Ratio of sums over each time bin's steps (GPU span as time); shaded = the metrics window.",
+            f"The line breaks at {gaps} gap{'s' if gaps != 1 else ''} where no step started (a long step or a pause)."
+            if gaps
+            else "",
         ),
     )
 
@@ -526,38 +551,95 @@ def time_accounting(timeline: Any) -> alt.TopLevelMixin:
 
 
 # -- requests and runs ----------------------------------------------------------------------------
-def latency_cdf(latency: Any) -> alt.TopLevelMixin:
-    """Empirical CDFs of TTFT, TPOT and ITL (client clock), one panel per metric, one line per run.
-    Columns: run, metric, value_ms, cdf."""
-    df = as_frame(latency)
+DECADES_FOR_LOG = 10.0
+"""A quantity whose largest value is at least this many times (a decade) its smallest positive one
+is drawn on a log axis: on a linear one the small runs sit on the axis (8 tok/s beside 700, a 7 ms
+TPOT beside 138 ms)."""
+
+
+def spans_decades(values: Any, ratio: float = DECADES_FOR_LOG) -> bool:
+    """Whether positive `values` span `ratio` or more (max / min); False without two positives."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    return bool(v.size >= 2 and v.max() / v.min() >= ratio)
+
+
+def _group_colour(df: pl.DataFrame, field: str = "group", title: str = "group") -> alt.Color:
+    """Colour by `field` with one distinct colour per value (groups.palette: no repeats)."""
+    from .groups import palette
+
+    domain = sorted({str(v) for v in df[field].to_list() if v is not None})
+    return alt.Color(
+        f"{field}:N",
+        title=title,
+        scale=alt.Scale(domain=domain, range=palette(len(domain))),
+        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600),
+    )
+
+
+def _with_group(df: pl.DataFrame) -> pl.DataFrame:
+    """A `group` column (the run itself when the frame has none): colour keys for many runs."""
+    return df if "group" in df.columns else df.with_columns(group=pl.col("run"))
+
+
+def latency_cdf(latency: Any, *, clip_quantile: float = 0.99) -> alt.TopLevelMixin:
+    """Empirical CDFs of TTFT, TPOT and ITL (client clock), one panel per metric, one line per run,
+    coloured by the run's group (column `group`, else the run). Each panel's x axis ends at the
+    `clip_quantile` of all its values (the subtitle states the clip) and is logarithmic where the
+    values span decades. Columns: run, metric, value_ms, cdf; group optional."""
+    df = _with_group(as_frame(latency))
     _require(df, "latency_cdf", "run", "metric", "value_ms", "cdf")
-    df = df.select("run", "metric", "value_ms", "cdf")
+    df = df.select("run", "group", "metric", "value_ms", "cdf")
     order = [m for m in ("TTFT", "TPOT", "ITL") if m in df["metric"].unique().to_list()]
-    return (
-        alt.Chart(inline_data(df))
-        .mark_line(interpolate="step-after")
-        .encode(
-            x=alt.X("value_ms:Q", title="ms"),
-            y=alt.Y("cdf:Q", title="fraction ≤ x", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color(
-                "run:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)
-            ),
-            tooltip=[
-                alt.Tooltip("run:N"),
-                alt.Tooltip("metric:N"),
-                alt.Tooltip("value_ms:Q", format=".2f"),
-                alt.Tooltip("cdf:Q", format=".1%"),
-            ],
-        )
-        .properties(width=240, height=200)
-        .facet(column=alt.Column("metric:N", sort=order, title=None))
-        .resolve_scale(x="independent")
-        .properties(
-            title=_title(
-                "Latency distributions (CDF)",
-                "Per request, client clock, successful requests: TTFT = first token − arrival;",
-                "TPOT = (E2E − TTFT) / (output tokens − 1); ITL per token from chunk timestamps.",
+    color = _group_colour(df)
+    panels = []
+    clips = []
+    for metric in order:
+        sub = df.filter(pl.col("metric") == metric)
+        values = sub["value_ms"].drop_nulls().cast(pl.Float64).to_numpy()
+        positive = values[values > 0]
+        hi = float(np.quantile(values, clip_quantile)) if values.size else 1.0
+        log = positive.size >= 2 and spans_decades([positive.min(), hi])
+        lo = float(positive.min()) if log else 0.0
+        hi = max(hi, lo * 1.01, 1e-9)
+        clipped = bool(values.size) and float(values.max()) > hi
+        if clipped:
+            clips.append(f"{metric} at {hi:,.0f} ms" if hi >= 1000 else f"{metric} at {hi:.4g} ms")
+        scale = alt.Scale(type="log", domain=[lo, hi]) if log else alt.Scale(domain=[0, hi], nice=False)
+        panels.append(
+            alt.Chart(inline_data(sub))
+            .mark_line(interpolate="step-after", clip=True, opacity=0.8)
+            .encode(
+                x=alt.X("value_ms:Q", title=f"{metric}, ms" + (" (log)" if log else ""), scale=scale),
+                y=alt.Y(
+                    "cdf:Q", title="fraction ≤ x", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])
+                ),
+                color=color,
+                detail="run:N",
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("group:N"),
+                    alt.Tooltip("metric:N"),
+                    alt.Tooltip("value_ms:Q", format=",.2f", title="ms"),
+                    alt.Tooltip("cdf:Q", format=".1%"),
+                ],
             )
+            .properties(width=240, height=200, title=metric)
+        )
+    pct = f"p{clip_quantile * 100:g}"
+    return alt.hconcat(*panels).properties(
+        title=_title(
+            "Latency distributions (CDF)",
+            "Per request, client clock, successful requests: TTFT = first token − arrival;",
+            "TPOT = (E2E − TTFT) / (output tokens − 1); ITL per token from chunk timestamps. Colour = group, "
+            "one line per run.",
+            (
+                f"x axes end at the {pct} of all runs' values, tails beyond are clipped: "
+                + "; ".join(clips)
+                + "."
+            )
+            if clips
+            else f"x axes end at the {pct} of all runs' values (nothing beyond it).",
         )
     )
 
@@ -565,19 +647,34 @@ def latency_cdf(latency: Any) -> alt.TopLevelMixin:
 def throughput_vs_batch(throughput: Any) -> alt.TopLevelMixin:
     """Generated tokens per second against batch size: lines from each run's steps grouped by the
     number of requests in the step (kind = steps), large points for each run's window throughput at
-    its workload batch size (kind = run). Columns: run, kind, batch_size, window_output_throughput."""
-    df = as_frame(throughput)
+    its workload batch size (kind = run), coloured by group (column `group`, else the run). Axes are
+    logarithmic where the values span decades. Columns: run, kind, batch_size, window_output_throughput;
+    group, steps optional."""
+    df = _with_group(as_frame(throughput))
     _require(df, "throughput_vs_batch", "run", "kind", "batch_size", "window_output_throughput")
     if "steps" not in df.columns:
         df = df.with_columns(steps=pl.lit(None, pl.Int64))
-    df = df.select("run", "kind", "batch_size", "window_output_throughput", "steps")
+    df = df.select("run", "group", "kind", "batch_size", "window_output_throughput", "steps").filter(
+        pl.col("window_output_throughput") > 0
+    )
     data = inline_data(df)
+    log_x = spans_decades(df["batch_size"].to_list())
+    log_y = spans_decades(df["window_output_throughput"].to_list())
     enc = {
-        "x": alt.X("batch_size:Q", title="batch size (requests in the step / run concurrency)"),
-        "y": alt.Y("window_output_throughput:Q", title="generated tokens / s"),
-        "color": alt.Color("run:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)),
+        "x": alt.X(
+            "batch_size:Q",
+            title="batch size (requests in the step / run concurrency)" + (" (log)" if log_x else ""),
+            scale=alt.Scale(type="log") if log_x else alt.Scale(zero=True),
+        ),
+        "y": alt.Y(
+            "window_output_throughput:Q",
+            title="generated tokens / s" + (" (log)" if log_y else ""),
+            scale=alt.Scale(type="log") if log_y else alt.Scale(zero=True),
+        ),
+        "color": _group_colour(df),
         "tooltip": [
             alt.Tooltip("run:N"),
+            alt.Tooltip("group:N"),
             alt.Tooltip("kind:N"),
             alt.Tooltip("batch_size:Q"),
             alt.Tooltip("window_output_throughput:Q", format=",.1f", title="tok/s"),
@@ -588,7 +685,7 @@ def throughput_vs_batch(throughput: Any) -> alt.TopLevelMixin:
         alt.Chart(data)
         .transform_filter("datum.kind == 'steps'")
         .mark_line(point=True, opacity=0.7)
-        .encode(**enc)
+        .encode(**enc, detail="run:N")
     )
     runs = (
         alt.Chart(data)
@@ -602,7 +699,7 @@ def throughput_vs_batch(throughput: Any) -> alt.TopLevelMixin:
         title=_title(
             "Throughput vs batch size",
             "Lines: Σ generated tokens / Σ step wall time over each run's steps with that many requests.",
-            "◆: the run's throughput over its metrics window at its configured batch size.",
+            "◆: the run's throughput over its metrics window at its configured batch size. Colour = group.",
         ),
     )
 
@@ -618,13 +715,15 @@ RADAR_AXES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 def radar_frame(
-    runs: Any, axes: Sequence[tuple[str, str, str, bool]] = RADAR_AXES
+    runs: Any, axes: Sequence[tuple[str, str, str, bool]] = RADAR_AXES, *, log_decades: int | None = None
 ) -> tuple[pl.DataFrame, list[str]]:
     """The radar's geometry and normalised scores, and notes on what was left out.
 
     Score per axis = value / best for higher-is-better, best / value for lower-is-better, where best
     is over the runs drawn (so the best run scores 1). An axis no run has is drawn as "n/a"; a run
-    lacking an axis that others have is left out (noted)."""
+    lacking an axis that others have is left out (noted). The radius is the score, or with
+    `log_decades` = d, 1 + log10(score) / d (rings one decade apart; a run d decades behind the
+    best sits at the centre)."""
     df = as_frame(runs)
     notes: list[str] = []
     present = [a for a in axes if a[1] in df.columns and df[a[1]].drop_nulls().len() > 0]
@@ -642,7 +741,8 @@ def radar_frame(
     n = len(axes)
     angle = {a[0]: math.pi / 2 - 2 * math.pi * i / n for i, a in enumerate(axes)}
     rows: list[dict[str, Any]] = []
-    for r in (0.25, 0.5, 0.75, 1.0):
+    rings = [1 - d / log_decades for d in range(log_decades)][::-1] if log_decades else (0.25, 0.5, 0.75, 1.0)
+    for r in rings:
         for i, a in enumerate([*axes, axes[0]]):
             rows.append(
                 {
@@ -682,6 +782,7 @@ def radar_frame(
                 b = best[a[0]]
                 ratio = (v / b if b > 0 else 1.0) if a[3] else (b / v if v > 0 else 1.0)
                 score = max(0.0, min(1.0, ratio))
+                radius = max(0.0, 1 + math.log10(score) / log_decades) if log_decades and score > 0 else score
                 th = angle[a[0]]
                 pts.append(
                     {
@@ -691,8 +792,8 @@ def radar_frame(
                         "value": v,
                         "unit": a[2],
                         "score": score,
-                        "x": score * math.cos(th),
-                        "y": score * math.sin(th),
+                        "x": radius * math.cos(th),
+                        "y": radius * math.sin(th),
                     }
                 )
             for i, p in enumerate([*pts, pts[0]]):
@@ -730,9 +831,17 @@ def cap_radar(
     `frames.runs_frame`: run plus the axes' columns (see RADAR_AXES). Missing figures are handled as
     `radar_frame` says; the subtitle lists them. Up to `overlay_max` runs share one radar; more get
     one small radar each (same scale: still relative to the best of all runs)."""
-    df = as_frame(runs)
+    df = _with_group(as_frame(runs))
     _require(df, "cap_radar", "run")
     geometry, notes = radar_frame(df, axes)
+    scores = geometry.filter(pl.col("kind") == "run")["score"].drop_nulls()
+    positive = scores.filter(scores > 0).cast(pl.Float64).to_numpy()
+    low = float(positive.min()) if positive.size else 1.0
+    decades = min(4, max(1, math.ceil(-math.log10(low)))) if low < 0.1 else None
+    if decades:
+        geometry, notes = radar_frame(df, axes, log_decades=decades)
+    group_of = dict(zip(df["run"].to_list(), df["group"].to_list(), strict=True))
+    geometry = geometry.with_columns(group=pl.col("series").replace_strict(group_of, default=None))
     drawn = geometry.filter(pl.col("kind") == "run")["series"].unique(maintain_order=True).to_list()
     panels = len(drawn) > overlay_max
     if panels:
@@ -763,10 +872,9 @@ def cap_radar(
         .mark_text(fontSize=9 if panels else 11, color="#333", lineBreak="\n")
         .encode(x=x, y=y, text="text:N")
     )
-    color = alt.Color(
-        "series:N",
-        title="run",
-        legend=None if panels else alt.Legend(orient="bottom", direction="vertical", labelLimit=600),
+    colour_frame = geometry.filter(pl.col("kind") == "run")
+    color = (
+        _group_colour(colour_frame) if panels else _group_colour(colour_frame, field="series", title="run")
     )
     polys = (
         alt.Chart()
@@ -779,6 +887,7 @@ def cap_radar(
             order="order:Q",
             tooltip=[
                 alt.Tooltip("series:N", title="run"),
+                alt.Tooltip("group:N"),
                 alt.Tooltip("axis:N"),
                 alt.Tooltip("value:Q", format=",.4g"),
                 alt.Tooltip("unit:N"),
@@ -786,10 +895,16 @@ def cap_radar(
             ],
         )
     )
+    scale_text = (
+        f"rings one decade apart (log scale: the values span more than 10×; centre = {10**decades:g}× behind)."
+        if decades
+        else "rings at 0.25 steps (linear)."
+    )
     title = _title(
         "CAP radar across runs",
-        "Scale: each axis relative to the best run shown (= 1, outer ring): value / best where",
-        "higher is better, best / value where lower is better; rings at 0.25 steps.",
+        "Scale, shared by every panel: each axis relative to the best run shown (= 1, outer ring): value / best",
+        "where higher is better, best / value where lower is better; " + scale_text,
+        "Colour = group." if panels else "",
         "; ".join(notes),
     )
     if panels:
@@ -798,7 +913,11 @@ def cap_radar(
             .properties(width=200, height=200, view=alt.ViewBackground(stroke=None))
             .facet(
                 facet=alt.Facet(
-                    "panel:N", sort=drawn, title=None, header=alt.Header(labelLimit=260, labelFontSize=10)
+                    "panel:N",
+                    sort=drawn,
+                    title=None,
+                    # Long labels wrap at their " · " separators instead of being cut.
+                    header=alt.Header(labelExpr="split(datum.label, ' · ')", labelLimit=0, labelFontSize=10),
                 ),
                 columns=4,
             )
@@ -844,18 +963,37 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
     throughput and lower cost/TPOT are better) drawn through the runs nobody beats on both.
     Columns of `frames.runs_frame`: run, window_output_throughput, and cost_usd_per_m_output_tokens or
     tpot_ms."""
-    df = as_frame(runs)
+    df = _with_group(as_frame(runs))
     _require(df, "pareto_front", "run", "window_output_throughput")
     pts, notes, _ycol, ytitle = pareto_points(df, y)
+    group_of = dict(zip(df["run"].to_list(), df["group"].to_list(), strict=True))
+    # Costs and times are never negative: a band's low end below 0 (a wide sensitivity band) is
+    # drawn from 0, and the axes start at 0 (or are logarithmic when the values span decades).
+    pts = pts.with_columns(
+        group=pl.col("run").replace_strict(group_of, default=None),
+        y_low=pl.col("y_low").clip(lower_bound=0.0),
+    )
     data = inline_data(pts)
+    log_x = spans_decades(pts["x"].to_list())
+    log_y = spans_decades([*pts["y"].to_list(), *pts["y_high"].to_list()])
+
+    def scale(log: bool) -> alt.Scale:
+        # nice=False: a "nice" log domain rounds out to whole decades, doubling the empty axis.
+        # padding (pixels) keeps the end points whole; on a log scale it cannot reach 0 or below.
+        return alt.Scale(type="log", nice=False, padding=12) if log else alt.Scale(zero=True, domainMin=0)
+
     enc = {
-        "x": alt.X("x:Q", title="generated tokens / s (window)", scale=alt.Scale(zero=False, padding=20)),
-        "y": alt.Y("y:Q", title=ytitle, scale=alt.Scale(zero=False, padding=20)),
-        "color": alt.Color("run:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)),
+        "x": alt.X(
+            "x:Q", title="generated tokens / s (window)" + (" (log)" if log_x else ""), scale=scale(log_x)
+        ),
+        "y": alt.Y("y:Q", title=ytitle + (" (log)" if log_y else ""), scale=scale(log_y)),
+        "color": _group_colour(pts),
     }
     band = (
         alt.Chart(data)
-        .transform_filter("datum.y_low != null && datum.y_high != null")
+        .transform_filter(
+            "datum.y_low > 0 && datum.y_high > 0" if log_y else "datum.y_low != null && datum.y_high != null"
+        )
         .mark_rule(opacity=0.45)
         .encode(x=enc["x"], y="y_low:Q", y2="y_high:Q", color=enc["color"])
     )
@@ -877,6 +1015,7 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
             ),
             tooltip=[
                 alt.Tooltip("run:N"),
+                alt.Tooltip("group:N"),
                 alt.Tooltip("x:Q", format=",.1f", title="tok/s"),
                 alt.Tooltip("y:Q", format=",.4g", title=ytitle),
                 alt.Tooltip("on_front:N", title="on the front"),
@@ -896,41 +1035,53 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
     )
 
 
-def whatif_projection(whatif: Any, metric: str = "window_output_throughput", title: str = "") -> alt.TopLevelMixin:
+def whatif_projection(
+    whatif: Any, metric: str = "window_output_throughput", title: str = ""
+) -> alt.TopLevelMixin:
     """Each run's `metric` measured on its own GPU and projected onto other GPUs (model =
     projection), with the two baselines as ticks. Columns: run, gpu, model, `metric`
     (frames.whatif_frame)."""
     df = as_frame(whatif)
     _require(df, "whatif_projection", "run", "gpu", "model", metric)
-    df = df.filter(pl.col(metric).is_not_null()).select("run", "gpu", "model", metric)
+    df = df.filter(pl.col(metric).is_not_null() & (pl.col(metric) > 0)).select("run", "gpu", "model", metric)
     data = inline_data(df)
+    log = spans_decades(df[metric].to_list())
+    x_scale = alt.Scale(type="log") if log else alt.Scale(zero=True)
     y = alt.Y("run:N", title=None, axis=alt.Axis(labelLimit=420))
-    offset = alt.YOffset("gpu:N")
-    color = alt.Color("gpu:N", title="GPU", legend=alt.Legend(orient="bottom"))
+    gpu_domain = sorted(df["gpu"].unique().to_list())
+    offset = alt.YOffset("gpu:N", scale=alt.Scale(domain=gpu_domain))
+    from .groups import palette
+
+    color = alt.Color(
+        "gpu:N",
+        title="GPU",
+        scale=alt.Scale(domain=gpu_domain, range=palette(len(gpu_domain))),
+        legend=alt.Legend(orient="bottom"),
+    )
     tooltip = [
         alt.Tooltip("run:N"),
         alt.Tooltip("gpu:N"),
         alt.Tooltip("model:N"),
         alt.Tooltip(f"{metric}:Q", format=",.4g"),
     ]
-    bars = (
-        alt.Chart(data)
-        .transform_filter("datum.model == 'projection' || datum.model == 'measured'")
-        .mark_bar()
-        .encode(
-            x=alt.X(f"{metric}:Q", title=title or metric),
-            y=y,
-            yOffset=offset,
-            color=color,
-            opacity=alt.condition("datum.model == 'measured'", alt.value(1.0), alt.value(0.6)),
-            tooltip=tooltip,
-        )
+    base = alt.Chart(data).transform_filter("datum.model == 'projection' || datum.model == 'measured'")
+    # A bar's length from 0 means nothing on a log axis: there each value is a dot, without a stack.
+    marked = base.mark_circle(size=70, opacity=1.0) if log else base.mark_bar()
+    bars = marked.encode(
+        x=alt.X(
+            f"{metric}:Q", title=(title or metric) + (" (log)" if log else ""), scale=x_scale, stack=None
+        ),
+        y=y,
+        yOffset=offset,
+        color=color,
+        opacity=alt.condition("datum.model == 'measured'", alt.value(1.0), alt.value(0.6)),
+        tooltip=tooltip,
     )
     ticks = [
         alt.Chart(data)
         .transform_filter(f"datum.model == '{model}'")
         .mark_tick(thickness=2, color=tick_color)
-        .encode(x=f"{metric}:Q", y=y, yOffset=offset, tooltip=tooltip)
+        .encode(x=alt.X(f"{metric}:Q", scale=x_scale), y=y, yOffset=offset, tooltip=tooltip)
         for model, tick_color in (("no_change", "black"), ("bandwidth_ratio", "#888888"))
     ]
     runs = df["run"].n_unique()
@@ -940,8 +1091,10 @@ def whatif_projection(whatif: Any, metric: str = "window_output_throughput", tit
         height=max(HEIGHT // 2, 14 * runs * gpus),
         title=_title(
             title or metric,
-            "Solid bar: measured on the run's own GPU; light bars: projected (calibrated roofline, "
+            ("Solid dot" if log else "Solid bar")
+            + ": measured on the run's own GPU; light: projected (calibrated roofline, "
             "docs/whatif.md).",
-            "Baselines: black tick = no change, grey tick = bandwidth ratio.",
+            "Baselines: black tick = no change, grey tick = bandwidth ratio."
+            + (" Log x axis: the values span decades." if log else ""),
         ),
     )

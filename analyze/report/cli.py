@@ -32,6 +32,7 @@ Export = Annotated[
 
 TERMINAL_COLUMNS = (
     "rank",
+    "run_id",
     "model",
     "engine",
     "gpu",
@@ -57,7 +58,7 @@ _SHORT = {
     "decode_smbu": "dec S-MBU",
     "decode_smfu": "dec S-MFU",
 }
-_LEFT = {"model", "engine", "gpu", "dataset"}
+_LEFT = {"model", "engine", "gpu", "dataset", "run_id"}
 
 
 def parse_export(value: str) -> tuple[str, ...]:
@@ -85,6 +86,15 @@ def leaderboard(
     window: Window = "steady",
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    group: Annotated[
+        bool,
+        typer.Option(
+            "--group",
+            help="One row per (model, engine, GPU, batch size, dataset), the most recent run standing for "
+            "each (default: one row per run; runs sharing that key may differ in what it does not hold, "
+            "e.g. CUDA graphs on or off).",
+        ),
+    ] = False,
     layout: Annotated[
         str,
         typer.Option(
@@ -94,7 +104,8 @@ def leaderboard(
         ),
     ] = "ranked",
 ) -> None:
-    """Rank runs: one row per (model, engine, GPU, batch size, dataset), like the MoE-CAP leaderboard.
+    """Rank runs, one row per run (--group: one per model, engine, GPU, batch size, dataset), like the
+    MoE-CAP leaderboard.
 
     Example: moecap-analyze leaderboard traces/*.arrow --sort cost --out board/
 
@@ -105,7 +116,15 @@ def leaderboard(
 
     from ..analysis import Options
     from ..pipeline import analyze_paths
-    from .leaderboard import COLUMNS, SORT_KEYS, display_rows, leaderboard_frame, write_leaderboard
+    from ..report.terminal import console_for
+    from .leaderboard import (
+        COLUMNS,
+        SORT_KEYS,
+        display_rows,
+        grouping_note,
+        leaderboard_frame,
+        write_leaderboard,
+    )
 
     if sort not in SORT_KEYS:
         raise typer.BadParameter(f"expected one of {', '.join(SORT_KEYS)}", param_hint="--sort")
@@ -124,8 +143,11 @@ def leaderboard(
         _print_matrix(analysis.document, format, out)
         return
     created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in analysis.contexts}
-    board = leaderboard_frame(analysis.document, sort=sort, created_at=created)
+    board = leaderboard_frame(analysis.document, sort=sort, created_at=created, group=group)
     err = Console(stderr=True)
+    note = grouping_note(board, len(analysis.document.get("runs", [])))
+    if note:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if format == "csv":
         typer.echo(board.select([c for c, _, _ in COLUMNS]).write_csv(), nl=False)
     elif format == "json":
@@ -135,16 +157,20 @@ def leaderboard(
         table = Table(title=f"moecap leaderboard — ranked by {sort}", show_header=True)
         index = {c: i for i, (c, _, _) in enumerate(COLUMNS)}
         for c in TERMINAL_COLUMNS:
-            table.add_column(_SHORT.get(c, COLUMNS[index[c]][1]), justify="left" if c in _LEFT else "right")
+            table.add_column(
+                _SHORT.get(c, COLUMNS[index[c]][1]),
+                justify="left" if c in _LEFT else "right",
+                overflow="fold" if c == "run_id" else "ellipsis",
+            )
         for cells in display_rows(board):
             row = [cells[index[c]] or "n/a" for c in TERMINAL_COLUMNS]
             row[TERMINAL_COLUMNS.index("model")] = (
                 row[TERMINAL_COLUMNS.index("model")].rstrip("/").split("/")[-1]
             )
             table.add_row(*row)
-        Console().print(table)
+        console_for().print(table)
     if out is not None:
-        written = write_leaderboard(analysis, out, sort=sort, export=formats)
+        written = write_leaderboard(analysis, out, sort=sort, export=formats, group=group)
         err.print(f"wrote {written['html']}, {written['csv'].name}, {written['json'].name}", markup=False)
     for e in analysis.document.get("load_errors", []):
         err.print(f"skipped: {e}", markup=False, highlight=False)

@@ -7,11 +7,13 @@ the section says why, so every chart that is drawn has data.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import altair as alt
+import duckdb
 import polars as pl
 
 from . import charts as C
@@ -28,9 +30,11 @@ class Figure:
     _spec: dict[str, Any] | None = field(default=None, repr=False)
 
     def spec(self) -> dict[str, Any]:
-        """The Vega-Lite spec, built (and schema-validated) once: the page and the exports share it."""
+        """The Vega-Lite spec, built once: the page and the exports share it. Not schema-validated
+        here (jsonschema took half the report's time over 27 runs); the chart tests validate every
+        chart function's output, and the browser test renders every chart."""
         if self._spec is None:
-            self._spec = self.chart.to_dict()
+            self._spec = self.chart.to_dict(validate=False)
         return self._spec
 
 
@@ -55,7 +59,7 @@ class FigureOptions:
     step_bins: int = 120
     time_bins: int = 150
     step_points: int = 1500
-    cdf_points: int = 200
+    cdf_points: int = 80  # per run and metric: a step CDF 240 px wide; 27 runs x 3 metrics stay ~0.4 MB
     heatmap_max_cells: int = 20_000
 
 
@@ -64,23 +68,51 @@ def safe_name(text: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "run"
 
 
-def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOptions) -> Section:
-    """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs."""
+def _add_groups(frame: pl.DataFrame, groups: dict[str, str], labels: dict[str, str]) -> pl.DataFrame:
+    """A `group` column from the frame's `run` label (labels: run_id -> label)."""
+    by_label = {labels[rid]: g for rid, g in groups.items() if rid in labels}
+    return frame.with_columns(group=pl.col("run").replace_strict(by_label, default=pl.col("run")))
+
+
+def cross_run_section(
+    analysis: Any, labels: dict[str, str], options: FigureOptions, excluded: dict[str, Any] | None = None
+) -> Section:
+    """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
+    coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
+    from .groups import run_groups, run_modes
+    from .steps import steps_predicate
+
     db, document = analysis.db, analysis.document
+    groups = run_groups(document, run_modes(analysis))
     sec = Section(id="compare", title="Across runs")
-    lat = F.latency_cdf_frame(db, labels, points=options.cdf_points)
+    n_groups = len(set(groups.values()))
+    if len(groups) > n_groups:
+        sec.notes.append(
+            f"{len(groups)} runs in {n_groups} groups (model · engine · GPU · CUDA graphs or eager): colour = "
+            "group, one line or panel per run; hover a mark for its run."
+        )
+    lat = _add_groups(F.latency_cdf_frame(db, labels, points=options.cdf_points), groups, labels)
     if lat.height:
         sec.figures.append(Figure("compare-latency_cdf", "Latency distributions (CDF)", C.latency_cdf(lat)))
     else:
         sec.notes.append("no request timings in any run: latency CDFs left out")
-    tput = F.throughput_frame(db, labels, document)
+    where, lost = steps_predicate(db, list(labels), excluded)
+    tput = _add_groups(F.throughput_frame(db, labels, document, where=where), groups, labels)
+    outliers = [
+        f"{labels[rid]}: {len(ex.outliers)}" for rid, ex in lost.items() if ex.outliers and rid in labels
+    ]
+    if outliers:
+        sec.notes.append(
+            "Throughput vs batch size leaves out compile-outlier steps (time / roofline bound > "
+            f"{_factor():g}× the run's median): " + "; ".join(outliers) + "."
+        )
     if tput.height:
         sec.figures.append(
             Figure("compare-throughput_vs_batch", "Throughput vs batch size", C.throughput_vs_batch(tput))
         )
     else:
         sec.notes.append("no steps with wall time: throughput vs batch size left out")
-    runs = F.runs_frame(document, labels)
+    runs = _add_groups(F.runs_frame(document, labels), groups, labels)
     geometry, _ = C.radar_frame(runs)
     if geometry.filter(geometry["kind"] == "run").height:
         sec.figures.append(Figure("compare-cap_radar", "CAP radar", C.cap_radar(runs)))
@@ -99,7 +131,15 @@ def cross_run_section(analysis: Any, labels: dict[str, str], options: FigureOpti
     return sec
 
 
-def run_section(analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions) -> Section:
+def _factor() -> float:
+    from .steps import COMPILE_OUTLIER_FACTOR
+
+    return COMPILE_OUTLIER_FACTOR
+
+
+def run_section(
+    analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions, left_out: Any = None
+) -> Section:
     """Expert, step and time-accounting charts of one run."""
     db = analysis.db
     rid = ctx.run.run_id
@@ -137,18 +177,27 @@ def run_section(analysis: Any, ctx: Any, label: str, index: int, options: Figure
     else:
         sec.notes.append("no expert counts in this run: expert heatmap, load and imbalance left out")
 
-    steps = F.step_frame(db, rid, max_points=options.step_points)
+    from .steps import excluded_steps
+
+    if left_out is None:
+        left_out = excluded_steps(db, rid)
+    note = left_out.note()
+    if note:
+        sec.notes.append("Per-step charts (activated experts, step time): " + note)
+    steps = F.step_frame(db, rid, max_points=options.step_points, where=left_out.predicate())
     if steps.height:
         if steps["active_experts_per_layer"].drop_nulls().len():
             sec.figures.append(
                 Figure(
                     f"{prefix}-activated_experts",
                     "Activated experts vs batch tokens",
-                    C.activated_experts_vs_tokens(steps, num_experts=n_experts, top_k=top_k),
+                    C.activated_experts_vs_tokens(steps, num_experts=n_experts, top_k=top_k, note=note),
                 )
             )
         sec.figures.append(
-            Figure(f"{prefix}-step_time", "Step time vs batch tokens", C.step_time_vs_tokens(steps))
+            Figure(
+                f"{prefix}-step_time", "Step time vs batch tokens", C.step_time_vs_tokens(steps, note=note)
+            )
         )
     else:
         reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
@@ -241,18 +290,70 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
 
 
 def report_sections(
-    analysis: Any, options: FigureOptions | None = None, whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS
+    analysis: Any,
+    options: FigureOptions | None = None,
+    whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Section]:
     """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
-    per run, in the document's run order."""
-    options = options or FigureOptions()
-    labels = F.run_labels(analysis.document)
-    sections = [cross_run_section(analysis, labels, options)]
+    per run, in the document's run order. `progress("charts", done, total)` after each section."""
+    from altair.utils.schemapi import debug_mode
+
+    # debug_mode(False): Altair skips validating each schema object as it is built (jsonschema was a
+    # third of the report's time over 27 runs); the chart tests validate every chart function's output.
+    with steps_in_memory(analysis.db), debug_mode(False):
+        return _sections(analysis, options or FigureOptions(), whatif_gpus, progress)
+
+
+@contextmanager
+def steps_in_memory(db: Any) -> Iterator[None]:
+    """While the report queries it, shadow the `step_metrics` view (a UNION over every run's Parquet
+    files, re-read by each of the report's ~10 queries per run) with a temporary table of the same
+    rows; the view is back afterwards."""
+    con = getattr(db, "con", None)
+    if con is None:
+        yield
+        return
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _report_step_metrics AS SELECT * FROM step_metrics")
+        con.execute("ALTER TABLE temp._report_step_metrics RENAME TO step_metrics")
+    except duckdb.Error:
+        yield  # no step_metrics view (nothing to speed up)
+        return
+    try:
+        yield
+    finally:
+        con.execute("DROP TABLE IF EXISTS temp.step_metrics")
+
+
+def _sections(
+    analysis: Any,
+    options: FigureOptions,
+    whatif_gpus: Sequence[str],
+    progress: Callable[[str, int, int], None] | None,
+) -> list[Section]:
+    from .groups import run_labels, run_modes
+    from .steps import excluded_steps_all
+
+    labels = run_labels(analysis.document, run_modes(analysis))
+    runs = analysis.document.get("runs", [])
+    total = len(runs) + 1 + bool(whatif_gpus)
+    excluded = excluded_steps_all(analysis.db, list(labels))
+    sections = [cross_run_section(analysis, labels, options, excluded)]
+    if progress:
+        progress("charts", 1, total)
     if whatif_gpus:
         sections.append(whatif_section(analysis, labels, whatif_gpus))
+        if progress:
+            progress("charts", 2, total)
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
-    for i, run in enumerate(analysis.document.get("runs", []), start=1):
+    for i, run in enumerate(runs, start=1):
         ctx = by_id.get(run["run_id"])
         if ctx is not None:
-            sections.append(run_section(analysis, ctx, labels[run["run_id"]], i, options))
+            sections.append(
+                run_section(analysis, ctx, labels[run["run_id"]], i, options, excluded.get(run["run_id"]))
+            )
+        if progress:
+            progress("charts", total - len(runs) + i, total)
     return sections

@@ -221,7 +221,7 @@ def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
 
 
 # -- steps ----------------------------------------------------------------------------------------
-def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFrame:
+def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str = "TRUE") -> pl.DataFrame:
     """Steps grouped by (phase, batch tokens) with the measured step time and the roofline bound
     for that batch. A phase keeps one row per distinct token count when it has few enough, else
     tokens are binned into equal-width buckets so the frame has at most ~`max_points` rows.
@@ -229,13 +229,14 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFr
     Columns: phase, tokens (mean of the group), tokens_min, tokens_max, steps, time_ms (mean GPU
     span), time_ms_p10, time_ms_p90, memory_bound_ms (bytes / (bandwidth x GPUs)), compute_bound_ms
     (FLOPs / (peak x GPUs)), active_experts_per_layer (mean; null without expert counts).
-    Every recorded non-draft step with a positive duration is used, not only the metrics window.
+    Every recorded non-draft step with a positive duration is used, not only the metrics window,
+    that also passes `where` (SQL over step_metrics, e.g. `steps.Excluded.predicate()`).
     """
     info = run_info(db, run_id)
     n_moe = max(1, int(info.get("num_moe_layers") or 1))
     n_phases = _one(
         db,
-        "SELECT count(DISTINCT phase) FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0",
+        f"SELECT count(DISTINCT phase) FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})",
         [run_id],
     )
     per_phase = max(10, max_points // max(1, int(n_phases[0] if n_phases else 1)))
@@ -247,7 +248,7 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500) -> pl.DataFr
                    CASE WHEN isnan(active_experts) THEN NULL ELSE active_experts END AS active,
                    bytes_total / (gpu_bandwidth * gpus) AS mem_s,
                    flops_total / (gpu_peak_flops * gpus) AS comp_s
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0
+            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
         ), w AS (
             SELECT phase, min(num_tokens) AS lo, count(DISTINCT num_tokens) AS distinct_tokens,
                    greatest(1, ceil((max(num_tokens) - min(num_tokens) + 1) / {per_phase}))::BIGINT AS width
@@ -376,21 +377,28 @@ def latency_cdf_frame(db: TraceDB, labels: dict[str, str], *, points: int = 200)
 
 
 def throughput_frame(
-    db: TraceDB, labels: dict[str, str], document: dict[str, Any] | None = None, *, min_steps: int = 3
+    db: TraceDB,
+    labels: dict[str, str],
+    document: dict[str, Any] | None = None,
+    *,
+    min_steps: int = 3,
+    where: str = "TRUE",
 ) -> pl.DataFrame:
     """Generated tokens per second against batch size (requests in the step).
 
     kind = "steps": per run and batch size, the window_output_throughput (metrics/steps.py) of that
     run's steps with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run":
     the run's window throughput (metrics.json `steps.all.window_output_throughput`) at its
-    workload batch size. Columns: run, kind, batch_size, window_output_throughput, steps.
+    workload batch size. Columns: run, kind, batch_size, window_output_throughput, steps. `where`
+    (SQL over step_metrics) filters the steps, e.g. `steps.steps_predicate` leaving out idle and
+    compile-outlier steps.
     """
     ids = list(labels)
     parts = []
     if ids:
         # Each batch-size group's window_output_throughput, as metrics/steps.py defines it.
         marks = ", ".join("?" * len(ids))
-        source = f"(SELECT * FROM step_metrics s WHERE s.run_id IN ({marks}) AND {COUNTED_SQL})"
+        source = f"(SELECT * FROM step_metrics s WHERE s.run_id IN ({marks}) AND {COUNTED_SQL} AND ({where}))"
         summary = summary_rows(db.con, source, params=ids, key="s.num_reqs")
         rows = [
             {

@@ -13,7 +13,8 @@ import functools
 import html
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 from .. import __version__
 from ..document import at as _get
 from ..errors import InputError
-from .export import FORMATS, export_chart, vegalite_version
+from .export import export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
-from .frames import accuracy_fraction, cost_per_million_output_tokens, run_labels
+from .frames import accuracy_fraction, cost_per_million_output_tokens
+from .groups import run_labels, run_modes
 
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -35,13 +37,31 @@ CSP = (
 @functools.lru_cache(maxsize=1)
 def vega_bundle() -> str:
     """Vega + Vega-Lite + Vega-Embed as one classic script (from vl-convert), defining
-    `vegaEmbed`, `vega` and `vegaLite` on window."""
+    `vegaEmbed`, `vega` and `vegaLite` on window. Bundling takes seconds (vl-convert runs a JS
+    bundler), so the result is kept in the analyzer's cache directory, keyed by the vl-convert and
+    Vega-Lite versions; an unwritable cache only costs the bundling again."""
     import vl_convert as vlc
 
+    from ..load import default_cache_dir
+
+    version = vegalite_version()
+    cached = default_cache_dir() / f"vega-bundle-{getattr(vlc, '__version__', 'x')}-{version or 'default'}.js"
+    try:
+        return cached.read_text(encoding="utf-8")
+    except OSError:
+        pass
     # The type stub marks `snippet` required; None is its documented default (the global-assigning snippet).
-    js = vlc.javascript_bundle(snippet=None, vl_version=vegalite_version())  # type: ignore[arg-type]
+    js = vlc.javascript_bundle(snippet=None, vl_version=version)  # type: ignore[arg-type]
     # A literal "</script" would end the element early; in JS source "<\/" means the same.
-    return js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    js = js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(js, encoding="utf-8")
+        tmp.replace(cached)
+    except OSError:
+        pass
+    return js
 
 
 def script_json(obj: Any) -> str:
@@ -63,18 +83,25 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as the report is built ("charts", "export")."""
+
+
 def write_report(
     analysis: Any,
     out_dir: str | Path,
     *,
-    export: tuple[str, ...] | list[str] = FORMATS,
+    export: tuple[str, ...] | list[str] = (),
     options: FigureOptions | None = None,
     png_scale: float = 2.0,
     whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
+    progress: Progress | None = None,
 ) -> Path:
-    """Write `out_dir/report.html` and each chart as `out_dir/charts/<slug>.{png,svg}`.
+    """Write `out_dir/report.html` (every chart rendered in the page) and, when `export` names
+    formats (png, svg), each chart as `out_dir/charts/<slug>.<format>` too.
 
-    `export` chooses the exported formats (empty: none); `whatif_gpus` the GPUs the what-if section
+    Export is opt-in: vl-convert renders each chart again, about 0.1-0.7 s per chart and format, and
+    27 runs make ~200 charts (minutes, ~100 MB). `whatif_gpus`: the GPUs the what-if section
     projects onto (empty: no section). Returns the report's path.
     """
     out = Path(out_dir)
@@ -82,11 +109,14 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create ({exc.strerror or exc})") from None
-    sections = report_sections(analysis, options, whatif_gpus)
+    sections = report_sections(analysis, options, whatif_gpus, progress=progress)
     exports: dict[str, list[Path]] = {}
-    for sec in sections:
-        for fig in sec.figures:
+    figures = [fig for sec in sections for fig in sec.figures]
+    if export:
+        for i, fig in enumerate(figures, 1):
             exports[fig.slug] = export_chart(fig.spec(), out / "charts" / fig.slug, export, scale=png_scale)
+            if progress:
+                progress("export", i, len(figures))
     page = render_report(
         analysis, sections, exports={k: [p.relative_to(out) for p in v] for k, v in exports.items()}
     )
@@ -102,7 +132,7 @@ def render_report(
     """The report page as a string."""
     document = analysis.document
     exports = exports or {}
-    labels = run_labels(document)
+    labels = run_labels(document, run_modes(analysis))
     specs: dict[str, Any] = {}
     body = [
         "<header>",
@@ -111,7 +141,7 @@ def render_report(
         f"generated {esc(document.get('generated_at') or _now())} by moecap {esc(document.get('moecap_version') or __version__)}</p>",
         _toc(sections),
         "</header>",
-        _summary(document, labels),
+        _summary(document, labels, run_modes(analysis)),
     ]
     n = 0
     for sec in sections:
@@ -197,6 +227,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return "—"
     if kind == "pct":
         return f"{value * 100:.1f} %"
+    if kind == "pct1":
+        return f"{value * 100:.1f}"
     if kind == "ms":
         return f"{value * 1e3:.2f}"
     if kind == "num":
@@ -206,12 +238,22 @@ def _fmt(value: Any, kind: str = "") -> str:
     return esc(value)
 
 
-def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
+def _pair(a: Any, b: Any) -> str:
+    """Two fractions as percentages in one cell: "12.3 / 4.56"."""
+    if a is None and b is None:
+        return "—"
+    return f"{_fmt(a, 'pct1')} / {_fmt(b, 'pct1')}"
+
+
+def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, str] | None = None) -> str:
+    """One row per run, narrow enough for a 1,400 px window with dozens of runs: the run id wraps,
+    each column carries one unit, S-MBU / S-MFU share a cell per phase."""
+    modes = modes or {}
     head = (
-        "<tr><th>run</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>batch</th>"
-        "<th>window steps</th><th>prefill S-MBU</th><th>prefill S-MFU</th><th>decode S-MBU</th>"
-        "<th>decode S-MFU</th><th>GPU busy</th><th>TTFT mean ms</th><th>TPOT mean ms</th><th>ITL p50 ms</th>"
-        "<th>generated tok/s</th><th>$ / 1M out tok</th><th>accuracy</th><th>warnings</th></tr>"
+        "<tr><th>#</th><th>run id</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>bs</th>"
+        "<th>window steps</th><th>prefill S-MBU / S-MFU %</th><th>decode S-MBU / S-MFU %</th>"
+        "<th>GPU busy %</th><th>TTFT mean ms</th><th>TPOT mean ms</th><th>gen tok/s</th>"
+        "<th>$ / 1M out tok</th><th>accuracy %</th><th>warn&shy;ings</th></tr>"
     )
     rows: list[str] = []
     for run in document.get("runs", []):
@@ -223,25 +265,26 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
         em = accuracy_fraction(m)
         cost, _, _ = cost_per_million_output_tokens(m)
         tps = _get(steps, "all", "window_output_throughput")
+        mode = modes.get(run["run_id"])
+        engine = f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()
+        i = len(rows) + 1
         cells = [
-            f'<a href="#run-{len(rows) + 1}">#{len(rows) + 1}</a> <code>{esc(run["run_id"])}</code>',
-            esc(run.get("model")),
-            esc(f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()),
-            esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}"),
+            f'<a href="#run-{i}">{i}</a>',
+            f"<code>{esc(run['run_id'])}</code>",
+            esc(str(run.get("model") or "").rstrip("/").split("/")[-1] or None),
+            esc(engine) + (f"<br><span class=meta>{esc(mode)}</span>" if mode and mode != "?" else ""),
+            esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}" if gpu else "no GPU recorded"),
             esc(wl.get("dataset")),
             esc(wl.get("batch_size") or wl.get("concurrency")),
             _fmt(_get(steps, "all", "steps")),
-            _fmt(_get(steps, "prefill", "s_mbu"), "pct"),
-            _fmt(_get(steps, "prefill", "s_mfu"), "pct"),
-            _fmt(_get(steps, "decode", "s_mbu"), "pct"),
-            _fmt(_get(steps, "decode", "s_mfu"), "pct"),
-            _fmt(_get(steps, "all", "gpu_busy_fraction"), "pct"),
+            _pair(_get(steps, "prefill", "s_mbu"), _get(steps, "prefill", "s_mfu")),
+            _pair(_get(steps, "decode", "s_mbu"), _get(steps, "decode", "s_mfu")),
+            _fmt(_get(steps, "all", "gpu_busy_fraction"), "pct1"),
             _fmt(_get(req, "ttft_s", "mean"), "ms"),
             _fmt(_get(req, "tpot_s", "mean"), "ms"),
-            _fmt(_get(req, "itl_s", "p50"), "ms"),
             _fmt(tps, "num"),
             _fmt(cost, "usd") if cost is not None else '<span class="na">n/a</span>',
-            _fmt(em, "pct") if em is not None else '<span class="na">n/a</span>',
+            _fmt(em, "pct1") if em is not None else '<span class="na">n/a</span>',
             str(len(run.get("warnings") or [])),
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -252,9 +295,9 @@ def _summary(document: dict[str, Any], labels: dict[str, str]) -> str:
     out = [
         '<section id="summary"><h2>Summary</h2>',
         "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (docs/metrics.md §6); "
-        "latencies: client clock, successful requests; throughput: generated tokens over the window's "
-        "wall time. Cost and accuracy show n/a when the run was not costed or scored.</p>",
-        f'<div class="scroll"><table class="summary">{head}{"".join(rows)}</table></div>',
+        "latencies: client clock, successful requests; throughput: generated tokens over the window's busy "
+        "time (docs/metrics.md §6). Cost and accuracy show n/a when the run was not costed or scored.</p>",
+        f'<div class="scroll"><table class="summary runs">{head}{"".join(rows)}</table></div>',
     ]
     if warnings:
         out.append("<h3>Warnings</h3><ul class=warnings>" + "".join(warnings) + "</ul>")
@@ -440,6 +483,12 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }
 table.summary td { white-space: nowrap; } table.summary th { background: #f4f4f4; font-weight: 600; }
 table.summary td:nth-child(-n+2) { white-space: normal; min-width: 140px; max-width: 280px; overflow-wrap: anywhere; }
+table.runs th { white-space: normal; min-width: 0; max-width: 90px; vertical-align: bottom; font-size: 12px; }
+table.runs td { text-align: right; }
+table.runs td:nth-child(-n+6) { text-align: left; white-space: normal; }
+table.runs td:nth-child(1) { min-width: 0; white-space: nowrap; }
+table.runs td:nth-child(2) { min-width: 120px; max-width: 220px; overflow-wrap: anywhere; }
+table.runs td:nth-child(3), table.runs td:nth-child(6) { min-width: 0; max-width: 140px; overflow-wrap: anywhere; }
 table.board td:first-child { min-width: 0; }
 table.kv th { background: #f8f8f8; font-weight: 500; white-space: nowrap; }
 table.kv td, table.files td { word-break: break-all; }

@@ -1,8 +1,11 @@
-"""Leaderboard: runs ranked, one row per (model, engine, GPU × count, batch size, dataset).
+"""Leaderboard: runs ranked, one row per run, or with `group` one row per (model, engine, GPU ×
+count, batch size, dataset).
 
 Like the MoE-CAP leaderboard's table: accuracy, cost, TTFT, TPOT, throughput and prefill/decode
-S-MBU/S-MFU per configuration. Where several runs share a configuration the most recent one
-(trace `created_at`, then run id) stands for it and the others are listed in `other_runs`.
+S-MBU/S-MFU. Runs stay apart by default: two runs sharing that key may differ in what the key does
+not hold (CUDA graphs on or off, engine version, prompt length), and folding one into the other
+would hide a result. With `group`, the most recent run of a configuration (trace `created_at`,
+then run id) stands for it and the others are listed in `other_runs`.
 Written as CSV, JSON and a self-contained HTML page with the CAP radar and the Pareto front.
 """
 
@@ -64,11 +67,16 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def leaderboard_frame(
-    document: dict[str, Any], *, sort: str = "throughput", created_at: dict[str, str] | None = None
+    document: dict[str, Any],
+    *,
+    sort: str = "throughput",
+    created_at: dict[str, str] | None = None,
+    group: bool = False,
 ) -> pl.DataFrame:
-    """The ranked table: one row per configuration (KEY), best first by `sort` (see SORT_KEYS);
-    runs without the sort figure rank last. `created_at` (run_id -> ISO time) picks the most recent
-    run of a configuration; default: the timestamp that starts a moecap run id."""
+    """The ranked table: one row per run, or with `group` one per configuration (KEY); best first
+    by `sort` (see SORT_KEYS); runs without the sort figure rank last. `created_at` (run_id -> ISO
+    time) picks the most recent run of a configuration; default: the timestamp that starts a
+    moecap run id."""
     if sort not in SORT_KEYS:
         raise InputError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
     runs = runs_frame(document, run_labels(document))
@@ -79,7 +87,7 @@ def leaderboard_frame(
             )
         )
     runs = runs.sort(["created_at", "run_id"], nulls_last=False)
-    key = list(KEY)
+    key = list(KEY) if group else ["run_id"]
     grouped = runs.group_by(key, maintain_order=True).agg(
         pl.all().last(),
         other_runs=pl.col("run_id").head(pl.len() - 1).str.join(", "),
@@ -120,11 +128,12 @@ def write_leaderboard(
     *,
     sort: str = "throughput",
     export: tuple[str, ...] | list[str] = FORMATS,
+    group: bool = False,
 ) -> dict[str, Path]:
     """Write leaderboard.csv, leaderboard.json, leaderboard.html and the radar/Pareto chart
     exports under `out_dir`; returns name -> path."""
     created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in getattr(analysis, "contexts", [])}
-    board = leaderboard_frame(analysis.document, sort=sort, created_at=created)
+    board = leaderboard_frame(analysis.document, sort=sort, created_at=created, group=group)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +149,7 @@ def write_leaderboard(
             {
                 "schema": "moecap.leaderboard/1",
                 "sort": {"by": sort, "column": SORT_KEYS[sort][0], "higher_is_better": SORT_KEYS[sort][1]},
-                "key": list(KEY),
+                "key": list(KEY) if group else ["run_id"],
                 "formula": analysis.document.get("formula"),
                 "rows": board.to_dicts(),
             },
@@ -159,7 +168,7 @@ def write_leaderboard(
         for p in files:
             written[f"{slug}.{p.suffix.lstrip('.')}"] = p
     html_path = out / "leaderboard.html"
-    html_path.write_text(_page(board, sort, figures, links), encoding="utf-8")
+    html_path.write_text(_page(board, sort, figures, links, group), encoding="utf-8")
     written["html"] = html_path
     return written
 
@@ -193,8 +202,22 @@ def _row_label(board: pl.DataFrame) -> pl.Series:
     return pl.Series("run", labels, dtype=pl.String)
 
 
+def grouping_note(board: pl.DataFrame, runs: int) -> str | None:
+    """What grouping did ("27 runs grouped into 20 rows …"), None when every run has its row."""
+    if board.height == runs:
+        return None
+    return (
+        f"{runs} runs grouped into {board.height} rows, one per (model, engine, GPU × count, batch size, "
+        "dataset): the most recent run stands for each, the others are listed under other runs"
+    )
+
+
 def _page(
-    board: pl.DataFrame, sort: str, figures: list[tuple[str, str, Any]], links: dict[str, list[Path]]
+    board: pl.DataFrame,
+    sort: str,
+    figures: list[tuple[str, str, Any]],
+    links: dict[str, list[Path]],
+    group: bool = False,
 ) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in COLUMNS)
     rows = "".join(
@@ -204,9 +227,14 @@ def _page(
     col, higher = SORT_KEYS[sort]
     body = [
         "<header><h1>moecap leaderboard</h1>",
-        f"<p class=meta>{board.height} configuration(s), one row per (model, engine, GPU × count, batch size, "
-        f"dataset); ranked by <b>{esc(sort)}</b> ({esc(col)}, {'higher' if higher else 'lower'} is better; "
-        "missing figures rank last). The most recent run of a configuration stands for it.</p></header>",
+        (
+            f"<p class=meta>{board.height} configuration(s), one row per (model, engine, GPU × count, batch size, "
+            "dataset); the most recent run of a configuration stands for it"
+            if group
+            else f"<p class=meta>{board.height} run(s), one row per run"
+        )
+        + f"; ranked by <b>{esc(sort)}</b> ({esc(col)}, {'higher' if higher else 'lower'} is better; "
+        "missing figures rank last).</p></header>",
         f'<section id="table"><div class="scroll"><table class="summary board"><tr>{head}</tr>{rows}</table></div></section>',
         '<section id="charts"><div class="charts">',
     ]

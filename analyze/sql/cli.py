@@ -117,7 +117,7 @@ def sql(
 
     Example: moecap-analyze sql "SELECT * FROM request_metrics" traces/ --out requests.parquet
     """
-    from .query import QueryError, infer_format, read_query, run, write_result
+    from .query import QueryError, infer_format, read_query, result_statements, run, run_each, write_result
     from .tables import needs_run_metrics
 
     try:
@@ -128,13 +128,28 @@ def sql(
         t = _load(paths, gpu, gpu_overrides, window, strict, cache_dir, memory_limit, not allow_writes, out)
         with t:
             if needs_run_metrics(text):
+                sys.stderr.write(
+                    f"computing the run-level metrics of {len(t.runs)} run(s) for run_metrics…\n"
+                )
                 t.ensure_run_metrics()
-            rel = run(t.con, text, read_only=not allow_writes)
-            if rel is None:
+            if out is not None:
+                n = result_statements(t.con, text)
+                if n > 1:
+                    raise QueryError(
+                        f"--out {out} holds one result; the query has {n} statements that return rows"
+                    )
+                rel = run(t.con, text, read_only=not allow_writes)
+                if rel is None:
+                    return
+                sys.stderr.write(write_result(rel, fmt, out=out, max_rows=max_rows) + "\n")
                 return
-            note = write_result(rel, fmt, out=out, stdout=for_terminal(sys.stdout), max_rows=max_rows)
-        if out is not None or fmt == "table":
-            sys.stderr.write(note + "\n")
+            # Every statement's result, in order (not only the last one's).
+            for i, rel in enumerate(run_each(t.con, text, read_only=not allow_writes)):
+                if i and fmt in ("table", "csv"):
+                    sys.stdout.write("\n")
+                note = write_result(rel, fmt, out=None, stdout=for_terminal(sys.stdout), max_rows=max_rows)
+                if fmt == "table":
+                    sys.stderr.write(note + "\n")
     except (AnalyzeError, _trace_error()) as exc:
         raise _fail(str(exc)) from None
 

@@ -83,15 +83,59 @@ def run(
         raise QueryError(message) from None
 
 
+_RETURNING = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "EXECUTE", "RELATION"}
+"""Statement types whose result is rows to show (DESCRIBE and SHOW parse as SELECT)."""
+
+
+def _parse(con: duckdb.DuckDBPyConnection, query: str) -> list[Any]:
+    try:
+        return list(con.extract_statements(query))
+    except duckdb.Error as exc:
+        raise QueryError(one_line(exc)) from None
+
+
+def run_each(
+    con: duckdb.DuckDBPyConnection, query: str, *, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyRelation]:
+    """Run `query`'s statements in order (DuckDB's parser splits them: a ';' inside a string stays
+    put), yielding each row-returning statement's result as it runs: a caller prints every result,
+    not only the last one's. SET, CREATE and the like yield nothing. `read_only` as `run`: a refused
+    statement anywhere stops the query before any statement runs."""
+    statements = _parse(con, query)
+    if read_only:
+        from .readonly import refused_statement
+
+        refused = refused_statement(con, query)
+        if refused:
+            raise QueryError(refused)
+    for st in statements:
+        rel = run(con, st.query, read_only=read_only)
+        if rel is not None and st.type.name in _RETURNING:
+            yield rel
+
+
+def result_statements(con: duckdb.DuckDBPyConnection, query: str) -> int:
+    """How many of `query`'s statements return rows (SELECT, DESCRIBE, SHOW, EXPLAIN, PRAGMA, CALL…)."""
+    return sum(1 for st in _parse(con, query) if st.type.name in _RETURNING)
+
+
 def infer_format(fmt: str | None, out: Path | None) -> str:
-    """The output format: `fmt` if given, else from `out`'s suffix, else a text table."""
+    """The output format: `fmt` if given, else from `out`'s suffix, else a text table. An `out`
+    suffix that names no format (x.xlsx) is an error: writing a text table into it would hand the
+    user a file their program cannot open."""
     if fmt is not None:
         fmt = fmt.lower()
         if fmt not in FORMATS:
             raise QueryError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
         return fmt
     if out is not None:
-        return _SUFFIX_FORMATS.get(out.suffix.lower(), "table")
+        suffix = out.suffix.lower()
+        if suffix not in _SUFFIX_FORMATS:
+            raise QueryError(
+                f"--out {out}: cannot tell the format from {suffix or 'a name without a suffix'!r}; expected "
+                f"{', '.join(_SUFFIX_FORMATS)} (.txt: a text table), or give --format"
+            )
+        return _SUFFIX_FORMATS[suffix]
     return "table"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -18,7 +19,7 @@ import duckdb
 
 from .catalog import VIEWS
 from .examples import EXAMPLES_BY_NAME
-from .query import FORMATS, QueryError, run, write_result
+from .query import FORMATS, QueryError, run_each, write_result
 from .tables import Tables, needs_run_metrics
 
 _HELP = """\
@@ -56,10 +57,16 @@ class SqlShell:
     def execute(self, statement: str) -> None:
         """Run one statement (or several separated by ';') and print its result."""
         try:
-            if needs_run_metrics(statement):
+            if needs_run_metrics(statement) and not self.t.has_run_metrics:
+                # The first use computes every run's metrics: say so rather than sit silent.
+                self.stderr.write(
+                    f"computing the run-level metrics of {len(self.t.runs)} run(s) (once per session)…\n"
+                )
+                self.stderr.flush()
+                t0 = time.monotonic()
                 self.t.ensure_run_metrics()
-            rel = run(self.t.con, statement, read_only=self.read_only)
-            if rel is not None:
+                self.stderr.write(f"run-level metrics ready ({time.monotonic() - t0:.1f} s)\n")
+            for rel in run_each(self.t.con, statement, read_only=self.read_only):
                 note = write_result(rel, self.mode, stdout=self.stdout, max_rows=self.max_rows)
                 if self.mode == "table":
                     self.stderr.write(note + "\n")

@@ -7,6 +7,7 @@ the entry point prints as one line (exit 2).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,7 +71,13 @@ def whatif(
     gpu_overrides: GpuYaml = None,
     window: Window = "steady",
     out: Annotated[Path | None, typer.Option("--out", help="Directory to write whatif.json into.")] = None,
-    format: Annotated[str, typer.Option("--format", help="table (default) or json on stdout.")] = "table",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="table (default), json (the whole document) or csv (one row per run, target, model).",
+        ),
+    ] = "table",
     cost_overrides: CostOverrides = None,
     cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
@@ -81,6 +88,10 @@ def whatif(
     pue: Pue = None,
     strict: Strict = False,
     cache_dir: CacheDir = None,
+    detail: Annotated[
+        bool,
+        typer.Option("--detail", help="Each run's calibration and per-target tables (default with one run)."),
+    ] = False,
 ) -> None:
     """Project measured runs onto other GPUs: step times, TTFT/TPOT, throughput, S-MBU/S-MFU, cost.
 
@@ -88,9 +99,12 @@ def whatif(
     per-step overhead fitted per phase on the measured run; baselines "no change" and "bandwidth
     ratio" are shown beside it.
 
-    Examples:
-      moecap-analyze whatif traces/h100/ --gpu H200 --gpu B200
-      moecap-analyze whatif traces/h100/ --compare-to traces/h200/      # projection error per batch size
+    With several runs: one row per run and target GPU (--detail: each run's fits and tables).
+
+    Examples (the shipped traces):
+      moecap-analyze whatif traces/ --gpu H200 --gpu B200
+      moecap-analyze whatif 'traces/h100-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128*' \
+          --compare-to 'traces/h200-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128*'   # projection error per batch size
       moecap-analyze whatif run.arrow --calibrate-on sweep/ --calibrate-batch-sizes 1,4,32 --compare-to twin/
     """
     from ..analysis import Options
@@ -100,8 +114,8 @@ def whatif(
     from .project import CalibrationSpec
     from .project import whatif as whatif_doc
 
-    if format not in ("table", "json"):
-        raise typer.BadParameter("expected table or json", param_hint="--format")
+    if format not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
     if not gpu and not compare_to:
         raise InputError("whatif needs a target: --gpu NAME (repeatable) and/or --compare-to PATHS")
     settings = settings_from_flags(
@@ -155,8 +169,10 @@ def whatif(
             raise InputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     if format == "json":
         typer.echo(json.dumps(document, indent=2, default=str))
+    elif format == "csv":
+        write_whatif_csv(document, sys.stdout)
     else:
-        print_whatif(document)
+        print_whatif(document, detail=detail)
         if out is not None:
             Console(stderr=True).print(f"wrote {out / 'whatif.json'}")
 
@@ -180,38 +196,123 @@ def _batch_sizes(text: str | None) -> frozenset[int] | None:
 
 # -- terminal output -------------------------------------------------------------------------------
 _ROWS = (
-    ("decode step (GPU)", ("phases", "decode", "step_time_s_mean"), "ms"),
-    ("decode step (wall)", ("phases", "decode", "step_wall_s_mean"), "ms"),
-    ("prefill step (GPU)", ("phases", "prefill", "step_time_s_mean"), "ms"),
-    ("TTFT mean", ("requests", "ttft_s", "mean"), "ms"),
-    ("TPOT mean", ("requests", "tpot_s", "mean"), "ms"),
-    ("window_output_throughput tok/s", ("phases", "all", "window_output_throughput"), ""),
-    ("S-MBU (decode)", ("phases", "decode", "s_mbu"), "%"),
-    ("S-MFU (all)", ("phases", "all", "s_mfu"), "%"),
+    # (label with its unit, path in a run's metrics, unit of the numbers)
+    ("decode step (GPU), ms", ("phases", "decode", "step_time_s_mean"), "ms"),
+    ("decode step (wall), ms", ("phases", "decode", "step_wall_s_mean"), "ms"),
+    ("prefill step (GPU), ms", ("phases", "prefill", "step_time_s_mean"), "ms"),
+    ("TTFT mean, ms", ("requests", "ttft_s", "mean"), "ms"),
+    ("TPOT mean, ms", ("requests", "tpot_s", "mean"), "ms"),
+    ("output tok/s (window)", ("phases", "all", "window_output_throughput"), ""),
+    ("S-MBU (decode), %", ("phases", "decode", "s_mbu"), "%"),
+    ("S-MFU (all), %", ("phases", "all", "s_mfu"), "%"),
     ("$ / 1M output tokens", ("cost", "usd_per_1m_output_tokens"), "$"),
 )
 
 
 def _fmt(value: Any, unit: str) -> str:
+    """The number in `unit` (seconds shown as ms, fractions as %), without the unit: the row or
+    column label carries it once."""
     if value is None:
         return "—"
-    if unit == "ms":
-        return f"{value * 1e3:.3g} ms"
-    if unit == "%":
-        return f"{value * 100:.3g} %"
-    if unit == "$":
-        return f"${value:.3g}"
-    return f"{value:,.4g}"
+    v = value * 1e3 if unit == "ms" else value * 100 if unit == "%" else value
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def unit_label(label: str) -> tuple[str, str]:
+    """A comparison metric's label and unit: "TTFT mean (s)" -> ("TTFT mean, ms", "ms")."""
+    if label.endswith("(s)"):
+        return label[: -len("(s)")].rstrip() + ", ms", "ms"
+    if "S-MBU" in label or "S-MFU" in label:
+        return label + ", %", "%"
+    return label, "$" if "$" in label else ""
 
 
 def _err(value: Any) -> str:
     return "" if value is None else f" ({value * 100:+.1f}%)"
 
 
-def print_whatif(document: dict[str, Any], console: Console | None = None) -> None:
-    """Per run: the calibration and a table of measured vs projected metrics per target GPU; with a
-    comparison, the projection errors per pair, per batch size and their summary."""
-    console = console or Console()
+CSV_COLUMNS = ("run_id", "source_gpu", "target_gpu", "model", *(label for label, _, _ in _ROWS))
+
+
+def write_whatif_csv(document: dict[str, Any], stream: Any) -> None:
+    """One CSV row per run, target GPU and model (measured, projection, no_change, bandwidth_ratio),
+    the _ROWS metrics in their labelled units; runs not projected are left out."""
+    import csv
+
+    writer = csv.writer(stream)
+    writer.writerow(CSV_COLUMNS)
+    for run in document["runs"]:
+        if "error" in run:
+            continue
+        for target, t in run["targets"].items():
+            models = {"measured": run["measured"], **t["models"]}
+            for name, metrics in models.items():
+                cells = [_raw(at(metrics, *path), unit) for _, path, unit in _ROWS]
+                writer.writerow([run["run_id"], run["source_gpu"], target, name, *cells])
+
+
+def _raw(value: Any, unit: str) -> str:
+    """A CSV cell: the value in the column's unit, 6 significant digits ("" when absent)."""
+    if value is None:
+        return ""
+    return f"{value * 1e3 if unit == 'ms' else value * 100 if unit == '%' else value:.6g}"
+
+
+def print_whatif_rows(document: dict[str, Any], console: Console) -> None:
+    """One row per run and target GPU: measured and projected throughput, TPOT and cost."""
+    table = Table(title="what-if: one row per run and target GPU (--detail: fits and every metric)")
+    for heading, justify in (
+        ("run id", "left"),
+        ("measured on", "left"),
+        ("target", "left"),
+        ("tok/s measured", "right"),
+        ("tok/s projected", "right"),
+        ("TPOT ms measured", "right"),
+        ("TPOT ms projected", "right"),
+        ("$/1M out tok projected", "right"),
+    ):
+        table.add_column(heading, justify=justify, overflow="fold" if heading == "run id" else "ellipsis")  # type: ignore[arg-type]
+    tps = ("phases", "all", "window_output_throughput")
+    tpot = ("requests", "tpot_s", "mean")
+    usd = ("cost", "usd_per_1m_output_tokens")
+    errors = []
+    for run in document["runs"]:
+        if "error" in run:
+            errors.append(f"{run['run_id']}: not projected ({run['error']})")
+            continue
+        for target, t in run["targets"].items():
+            proj = t["models"]["projection"]
+            table.add_row(
+                run["run_id"],
+                str(run["source_gpu"]),
+                str(target),
+                _fmt(at(run["measured"], *tps), ""),
+                _fmt(at(proj, *tps), ""),
+                _fmt(at(run["measured"], *tpot), "ms"),
+                _fmt(at(proj, *tpot), "ms"),
+                _fmt(at(proj, *usd), "$"),
+            )
+    console.print(table)
+    for e in errors:
+        console.print(f"[yellow]note:[/] {e}", highlight=False)
+
+
+def print_whatif(document: dict[str, Any], console: Console | None = None, *, detail: bool = False) -> None:
+    """Per run: the calibration and a table of measured vs projected metrics per target GPU (several
+    runs without `detail`: one row per run and target); with a comparison, the projection errors per
+    pair, per batch size and their summary."""
+    from ..report.terminal import console_for
+
+    console = console or console_for()
+    if len(document["runs"]) > 1 and not detail:
+        print_whatif_rows(document, console)
+        comparison = document.get("comparison")
+        if comparison:
+            _print_comparison(comparison, console)
+        console.print("assumptions: " + "; ".join(document["assumptions"]), highlight=False)
+        return
     for run in document["runs"]:
         if "error" in run:
             console.print(
@@ -270,8 +371,8 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_column("measured", justify="right")
         for m in models:
             table.add_column(m.replace("_", " ") + " (error)", justify="right")
-        for label, entry in pair["metrics"].items():
-            unit = "ms" if "(s)" in label else "%" if "S-MBU" in label else "$" if "$" in label else ""
+        for raw, entry in pair["metrics"].items():
+            label, unit = unit_label(raw)
             table.add_row(
                 label,
                 _fmt(entry["measured"], unit),
@@ -280,7 +381,7 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         console.print(table)
         rows = pair["decode_by_batch_size"]
         if rows:
-            bt = Table(title="decode step time (GPU) per batch size", show_header=True)
+            bt = Table(title="decode step time (GPU) per batch size, ms", show_header=True)
             bt.add_column("requests in step", justify="right")
             bt.add_column("measured", justify="right")
             for m in models:

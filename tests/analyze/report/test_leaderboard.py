@@ -11,7 +11,7 @@ import pytest
 from conftest import EVIL_MODEL, RUNS
 
 from moecap.analyze.errors import InputError
-from moecap.analyze.report.leaderboard import COLUMNS, leaderboard_frame
+from moecap.analyze.report.leaderboard import COLUMNS, grouping_note, leaderboard_frame
 
 
 def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
@@ -64,19 +64,38 @@ def test_runs_without_the_sort_figure_rank_last(analysis):
     assert board["rank"].to_list() == [1, 2, 3, 4]
 
 
-def test_one_row_per_configuration_the_latest_run_stands_for_it(analysis):
+def _with_rerun(analysis) -> dict:  # type: ignore[no-untyped-def]
     doc = copy.deepcopy(analysis.document)
     newer = copy.deepcopy(doc["runs"][1])
     newer["run_id"] = "20270101T000000Z-rerun"
     newer["metrics"]["steps"]["all"]["window_output_throughput"] = 1.0
     doc["runs"].append(newer)
+    return doc
+
+
+def test_runs_sharing_a_configuration_keep_their_own_rows_by_default(analysis):
+    doc = _with_rerun(analysis)
     board = leaderboard_frame(doc)
+    assert board.height == len(RUNS) + 1
+    assert sorted(board["run_id"].to_list()) == sorted([r[0] for r in RUNS] + ["20270101T000000Z-rerun"])
+    assert board["other_runs"].null_count() == board.height
+    assert grouping_note(board, len(doc["runs"])) is None
+
+
+def test_one_row_per_configuration_with_group_the_latest_run_stands_for_it(analysis):
+    doc = _with_rerun(analysis)
+    board = leaderboard_frame(doc, group=True)
     assert board.height == len(RUNS)
+    assert grouping_note(board, len(doc["runs"])).startswith(
+        f"{len(RUNS) + 1} runs grouped into {len(RUNS)} rows"
+    )
     row = board.filter(board["run_id"] == "20270101T000000Z-rerun").row(0, named=True)
     assert row["other_runs"] == RUNS[1][0] and row["rank"] == len(RUNS)
     # created_at from the traces decides, not the run id.
     board = leaderboard_frame(
-        doc, created_at={"20270101T000000Z-rerun": "2020-01-01T00:00:00+00:00", RUNS[1][0]: "2026-01-01"}
+        doc,
+        created_at={"20270101T000000Z-rerun": "2020-01-01T00:00:00+00:00", RUNS[1][0]: "2026-01-01"},
+        group=True,
     )
     assert RUNS[1][0] in board["run_id"].to_list()
 
@@ -85,3 +104,13 @@ def test_cli_user_errors_are_one_line(cli, trace_dir, cache_dir):
     r = cli("leaderboard", trace_dir, "--export", "gif", "--cache-dir", cache_dir)
     assert r.returncode == 2
     assert r.stderr.strip() == "moecap-analyze: error: --export 'gif': expected png, svg, png,svg or none"
+
+
+def test_terminal_table_shows_whole_run_ids_and_says_when_it_groups(cli, trace_dir, cache_dir):
+    r = cli("leaderboard", trace_dir, "--cache-dir", cache_dir, "--export", "none")
+    assert r.returncode == 0, r.stderr
+    for run_id, *_ in RUNS:  # piped: no column cut, the run id whole on its row
+        assert any(run_id in line for line in r.stdout.splitlines()), run_id
+    assert "grouped" not in r.stderr
+    g = cli("leaderboard", trace_dir, "--cache-dir", cache_dir, "--export", "none", "--group")
+    assert g.returncode == 0 and "grouped" not in g.stderr  # 4 distinct configurations: nothing folded

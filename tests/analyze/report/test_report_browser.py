@@ -115,3 +115,104 @@ def test_leaderboard_page_renders_offline(browser, leaderboard_run):
     assert [m for m in messages if m[0] in ("error", "pageerror", "warning")] == []
     assert len(charts) == 2 and all(c["svg"] and all(n > 0 for _, n in c["sets"]) for c in charts)
     assert page.locator("table.summary tr").count() == 1 + 4
+
+
+def test_every_chart_has_distinct_colours_sane_axes_and_marks_that_vary(browser, report_run):
+    """Per chart, from the live Vega views: no colour repeats within a colour scale, no axis below 0
+    for non-negative data (nor a log axis beyond its data's decades), marks not all on one value."""
+    from chart_checks import CHART_FACTS, problems
+
+    _, out = report_run
+    page, _, _ = _open(browser, out / "report.html")
+    facts = page.evaluate(CHART_FACTS)
+    assert len(facts) == 30
+    assert sum(len(f["scales"]) for f in facts) > 30 and sum(len(f["colours"]) for f in facts) > 10
+    assert [p for f in facts for p in problems(f)] == []
+
+
+def _bad_page(tmp_path: Path) -> Path:
+    """Charts with the defects the checks exist for: 12 series over a 10-colour scheme, a padded
+    axis running below 0, every point at one value."""
+    import altair as alt
+
+    from moecap.analyze.report.html import render_page
+
+    many = alt.Chart(alt.InlineData(values=[{"s": f"run {i}", "x": i, "y": i} for i in range(12)]))
+    padded = alt.Chart(alt.InlineData(values=[{"x": 1.0, "y": 0.1}, {"x": 9.0, "y": 1.0}]))
+    flat = alt.Chart(alt.InlineData(values=[{"x": 0, "y": 3}, {"x": 0, "y": 3}, {"x": 0, "y": 3}]))
+    specs = {
+        "chart-1": many.mark_point()
+        .encode(x="x:Q", y="y:Q", color=alt.Color("s:N", scale=alt.Scale(scheme="category10")))
+        .to_dict(),
+        "chart-2": padded.mark_point()
+        .encode(x="x:Q", y=alt.Y("y:Q", scale=alt.Scale(zero=False, padding=30, nice=False)))
+        .properties(height=100)
+        .to_dict(),
+        "chart-3": flat.mark_point().encode(x="x:Q", y="y:Q").to_dict(),
+    }
+    body = "".join(
+        f'<figure class="chart" data-slug="bad-{i}"><div class="vega" id="chart-{i}"></div></figure>'
+        for i in (1, 2, 3)
+    )
+    path = tmp_path / "bad.html"
+    path.write_text(render_page("bad", body, specs), encoding="utf-8")
+    return path
+
+
+def test_the_chart_checks_catch_repeated_colours_negative_axes_and_flat_marks(browser, tmp_path):
+    from chart_checks import CHART_FACTS, problems
+
+    page, _, _ = _open(browser, _bad_page(tmp_path))
+    found = {f["slug"]: problems(f) for f in page.evaluate(CHART_FACTS)}
+    assert any("repeats colours over 12 series" in p for p in found["bad-1"]), found
+    assert any("below 0 for non-negative data" in p for p in found["bad-2"]), found
+    assert any("every mark sits on one value" in p for p in found["bad-3"]), found
+
+
+SHIPPED = Path(__file__).resolve().parents[3] / "traces"
+SHIPPED_RUNS = (
+    "h200-vllm-0.26.0-qwen15moe-graphs",  # a 1.1 s compile step and an idle step
+    "h100-Qwen1.5-MoE-A2.7B-cb-bs16-syn1024x128-n16",  # HF eager, ~110 tok/s
+    "h100-Qwen1.5-MoE-A2.7B-cb-graphson-bs16-syn1024x128-n16",  # the same with CUDA graphs
+    "20261204T044925Z-sglang-Qwen1.5-MoE-A2.7B-10a9",  # SGLang, thousands of tok/s
+)
+
+
+@pytest.fixture(scope="module")
+def shipped_report(tmp_path_factory: pytest.TempPathFactory, cli):  # type: ignore[no-untyped-def]
+    files = [f for rid in SHIPPED_RUNS for f in sorted(SHIPPED.glob(f"{rid}.*.arrow"))]
+    out = tmp_path_factory.mktemp("shipped-report")
+    cache = tmp_path_factory.mktemp("shipped-cache")
+    proc = cli("report", *files, "--out", out, "--cache-dir", cache, "--whatif-gpu", "H100")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_shipped_runs_report_names_modes_leaves_out_compile_and_idle_steps(browser, shipped_report):
+    """Real traces: graphs and eager runs are told apart, the vLLM compile step and its idle step are
+    left out of the per-step charts (and named), and every chart passes the checks."""
+    from chart_checks import CHART_FACTS, problems
+
+    page, messages, _ = _open(browser, shipped_report / "report.html")
+    assert page.evaluate("window.moecapErrors") == []
+    assert [m for m in messages if m[0] in ("error", "pageerror")] == []
+    facts = page.evaluate(CHART_FACTS)
+    assert [p for f in facts for p in problems(f)] == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#summary").screenshot(path=str(ARTIFACTS / "shipped-summary.png"))
+    page.locator("#compare").screenshot(path=str(ARTIFACTS / "shipped-compare.png"))
+    text = page.inner_text("body")
+    assert "CUDA graphs" in text and "eager" in text
+    vllm = page.locator(
+        "section[id^=run-]", has=page.locator("p.meta code", has_text="h200-vllm-0.26.0-qwen15moe-graphs")
+    )
+    notes = vllm.locator("p.note").all_inner_texts()
+    assert any("1 idle (0-token) step" in n and "compile outlier step 1 (0.95 s)" in n for n in notes), notes
+    # The throughput-vs-batch note names the runs whose compile steps were left out.
+    compare = page.inner_text("#compare")
+    assert "leaves out compile-outlier steps" in compare
+    # The one-row-per-run table fits a 1,300 px window without horizontal scrolling.
+    width = page.evaluate(
+        "(() => { const t = document.querySelector('table.runs'); return [t.scrollWidth, t.parentElement.clientWidth]; })()"
+    )
+    assert width[0] <= width[1], width

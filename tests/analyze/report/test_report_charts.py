@@ -20,7 +20,7 @@ def _data(spec: dict) -> list[dict]:
     """Every inline dataset of a spec as rows (top-level datasets, inline `values`, CSV text)."""
     rows: list[dict] = []
     for values in spec.get("datasets", {}).values():
-        rows += values
+        rows += list(csv.DictReader(io.StringIO(values))) if isinstance(values, str) else values
     stack = [spec]
     while stack:
         node = stack.pop()
@@ -249,7 +249,7 @@ def test_pareto_front_marks_only_undominated_runs():
     assert front == {"a": True, "b": True, "c": False}  # c: b is faster and cheaper
     assert notes == ["left out d (no cost or throughput)"]
     spec = C.pareto_front(runs, "cost").to_dict()
-    assert {("x", "x"), ("y", "y"), ("color", "run")} <= _fields(spec)
+    assert {("x", "x"), ("y", "y"), ("color", "group")} <= _fields(spec)
     tpot = C.pareto_front(runs, "tpot").to_dict()
     assert "TPOT" in json.dumps(tpot["title"]) and len([r for r in _data(tpot) if "run" in r]) == 4
 
@@ -259,8 +259,8 @@ def test_latency_and_throughput_charts_encode_their_frames():
         {"run": ["a"] * 3, "metric": ["TTFT", "TPOT", "ITL"], "value_ms": [1.0, 2.0, 3.0], "cdf": [1.0] * 3}
     )
     spec = C.latency_cdf(lat).to_dict()
-    assert spec["facet"]["column"]["field"] == "metric"
-    assert {("x", "value_ms"), ("y", "cdf"), ("color", "run")} <= _fields(spec)
+    assert [p["title"] for p in spec["hconcat"]] == ["TTFT", "TPOT", "ITL"]  # one panel per metric
+    assert {("x", "value_ms"), ("y", "cdf"), ("color", "group"), ("detail", "run")} <= _fields(spec)
     tp = pl.DataFrame(
         {
             "run": ["a", "a"],

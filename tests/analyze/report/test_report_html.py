@@ -24,19 +24,54 @@ def _figures(page: str) -> list[str]:
     return re.findall(r'<figure class="chart" data-slug="([^"]+)">', page)
 
 
-def test_report_writes_metrics_html_and_a_png_and_svg_per_chart(report_run, page):
+def test_report_writes_metrics_and_html_and_no_chart_files_by_default(report_run, page):
     proc, out = report_run
     assert f"wrote {out / 'report.html'}" in proc.stderr.replace("\n", "")
     assert (out / "metrics.json").exists()
     slugs = _figures(page)
     # 4 cross-run charts + 2 what-if + 7 per run with expert counts (x3) + 3 for the run without counts.
     assert len(slugs) == 4 + 2 + 7 * 3 + 3
+    # Export is opt-in (--export png): the page holds every chart already.
+    assert not (out / "charts").exists()
+    assert 'href="charts/' not in page
+
+
+def test_report_progress_goes_to_stderr_stage_by_stage(report_run):
+    proc, _ = report_run
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("report: ")]
+    stages = " | ".join(lines)
+    for stage in (
+        "analysing traces",
+        "loading trace files",
+        "writing metrics.json",
+        "building charts",
+        "done in",
+    ):
+        assert stage in stages, stages
+    assert "building charts (sections) 6/6" in stages  # across runs, what-if, 4 runs
+    assert "report:" not in proc.stdout
+
+
+def test_export_opt_in_writes_a_png_and_svg_per_chart(analysis, tmp_path):
+    from moecap.analyze.report.html import write_report
+
+    page = write_report(analysis, tmp_path, export=("png", "svg"), whatif_gpus=()).read_text(encoding="utf-8")
+    slugs = _figures(page)
+    assert len(slugs) == 4 + 7 * 3 + 3
     for slug in slugs:
-        png = out / "charts" / f"{slug}.png"
-        svg = out / "charts" / f"{slug}.svg"
+        png = tmp_path / "charts" / f"{slug}.png"
+        svg = tmp_path / "charts" / f"{slug}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", slug
         assert svg.read_text(encoding="utf-8").lstrip().startswith("<svg"), slug
         assert f'href="charts/{slug}.png"' in page
+
+
+def test_report_cli_refuses_an_unknown_export_format(cli, trace_dir, tmp_path):
+    proc = cli("report", trace_dir, "--out", tmp_path, "--export", "gif")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "moecap-analyze: error: --export 'gif': expected png, svg, png,svg or none"
+    ]
 
 
 def test_the_page_loads_nothing_from_the_network(page):
@@ -75,7 +110,8 @@ def test_script_json_cannot_close_its_element():
 def test_summary_constants_and_provenance(analysis, page):
     summary = page[page.index('id="summary"') : page.index('id="compare"')]
     assert summary.count("<tr><td>") == len(RUNS)
-    assert "60.0 %" in summary or "60.1 %" in summary  # the synthetic engine runs at 60 % of peak bandwidth
+    # The synthetic engine runs at 60 % of peak bandwidth: decode "S-MBU / S-MFU %" cells start with 60.
+    assert "<td>60.0 / " in summary or "<td>60.1 / " in summary
     constants = page[page.index('id="constants"') : page.index('id="provenance"')]
     assert "memory_bandwidth_bytes_per_s" in constants and "3.35e+12" in constants
     assert "cost constant" in constants  # the cost model's constants, with their sources

@@ -158,6 +158,31 @@ def test_statements_that_return_no_rows_succeed(invoke) -> None:  # type: ignore
     assert result.exit_code == 0, result.stderr
 
 
+def test_out_with_a_suffix_that_names_no_format_is_refused(invoke, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "x.xlsx"
+    result = invoke("sql", "SELECT 1 AS a", "-o", str(out))
+    assert result.exit_code == 2 and not out.exists()
+    assert (
+        "cannot tell the format from '.xlsx'" in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
+    txt = tmp_path / "x.txt"  # .txt asks for the text table on purpose
+    assert invoke("sql", "SELECT 1 AS a", "-o", str(txt)).exit_code == 0 and "a" in txt.read_text()
+
+
+def test_several_statements_print_every_result(invoke) -> None:  # type: ignore[no-untyped-def]
+    result = invoke("sql", "SELECT 1 AS a; SELECT 'x;y' AS b", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "a\n1\n\nb\nx;y\n"
+
+
+def test_out_refuses_several_results(invoke, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r.csv"
+    result = invoke("sql", "SELECT 1 AS a; SELECT 2 AS b", "-o", str(out))
+    assert result.exit_code == 2 and "holds one result; the query has 2 statements" in result.stderr
+    assert not out.exists()
+
+
 def test_settings_are_locked_unless_writes_are_allowed(invoke) -> None:  # type: ignore[no-untyped-def]
     # Read-only mode locks DuckDB's configuration (a setting could point its profiler at a file).
     refused = invoke("sql", "SET threads = 1; SELECT 1 AS x", "-f", "csv")

@@ -90,3 +90,25 @@ def test_saved_database_has_the_views(t: Tables, tmp_path: Path) -> None:
     # the in-memory connection is unchanged and still the default database
     assert t.sql("SELECT count(*) FROM runs").fetchall() == [(3,)]
     save_database(t, path)  # overwrites
+
+
+def test_schema_of_run_metrics_says_it_is_computing_first(
+    sql_trace_files: list[Path], sql_cache: Path
+) -> None:
+    from moecap.analyze.sql import tables
+
+    # The shell defers the run-level metrics (metrics=False) until a query names them.
+    with tables([str(p) for p in sql_trace_files], cache_dir=sql_cache, metrics=False) as fresh:
+        n = len(fresh.runs)
+        code, out, err = _shell(fresh, ".schema run_metrics\n.schema run_metrics\n")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == f"computing the run-level metrics of {n} run(s) (once per session)…"
+    assert lines[1].startswith("run-level metrics ready (")
+    assert sum("computing" in ln for ln in lines) == 1  # the second .schema reuses them
+    assert out.count("s_mbu") >= 2 or out.count("run_id") >= 2
+
+
+def test_several_statements_print_every_result(t: Tables) -> None:
+    code, out, _ = _shell(t, ".mode csv\nSELECT 1 AS a; SET threads = 2; SELECT 2 AS b;\n")
+    assert code == 0 and out == "a\n1\nb\n2\n"

@@ -445,3 +445,80 @@ def test_no_change_reproduces_the_measured_requests_of_a_real_async_trace(tmp_pa
     for key, stat in (("ttft_s", "mean"), ("tpot_s", "mean"), ("e2e_s", "mean"), ("itl_s", "p50")):
         assert same[key][stat] == pytest.approx(measured[key][stat], rel=1e-9), key
     assert same["output_throughput"] == pytest.approx(measured["output_throughput"], rel=1e-9)
+
+
+def test_cli_several_runs_print_one_row_per_run_and_target_in_labelled_units(app, traces, tmp_path):
+    _, runs = traces
+    paths = [str(runs[("h100", 4)][0]), str(runs[("h100", 8)][0])]
+    args = [
+        "whatif",
+        *paths,
+        "--gpu",
+        "H200",
+        "--gpu",
+        "B200",
+        "--window",
+        "all",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    runner = CliRunner()
+    res = runner.invoke(app, args, catch_exceptions=False, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = [ln for ln in res.output.splitlines() if "H200-SXM" in ln or "B200" in ln]
+    assert len(rows) == 2 * 2  # 2 runs x 2 targets, one line each
+    assert len(res.output.splitlines()) < 20
+    assert "e+" not in res.output and "(s)" not in res.output
+    detail = runner.invoke(app, [*args, "--detail"], catch_exceptions=False, env={"COLUMNS": "200"})
+    assert detail.exit_code == 0, detail.output
+    assert "TPOT mean, ms" in detail.output and "fit " in detail.output
+    assert len(detail.output.splitlines()) > len(res.output.splitlines())
+
+
+def test_comparison_labels_carry_the_unit_the_numbers_are_in():
+    from moecap.analyze.whatif.cli import _fmt, unit_label
+
+    assert unit_label("TTFT mean (s)") == ("TTFT mean, ms", "ms")
+    assert _fmt(1.16, "ms") == "1,160"  # 1.16 s shown in the label's ms, not "1.16e+03 ms"
+    assert unit_label("S-MBU (decode)") == ("S-MBU (decode), %", "%")
+    assert _fmt(0.4567, "%") == "45.7"
+
+
+def test_cli_csv_has_one_row_per_run_target_and_model(app, traces, tmp_path):
+    import csv
+    import io
+
+    _, runs = traces
+    paths = [str(runs[("h100", 4)][0]), str(runs[("h100", 8)][0])]
+    args = [
+        "whatif",
+        *paths,
+        "--gpu",
+        "H200",
+        "--window",
+        "all",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--format",
+        "csv",
+    ]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 2 * 4  # 2 runs x 1 target x (measured + 3 models)
+    assert {r["model"] for r in rows} == {"measured", "projection", "no_change", "bandwidth_ratio"}
+    measured = next(r for r in rows if r["model"] == "measured")
+    assert float(measured["TPOT mean, ms"]) > 0 and "e+" not in res.output
+
+
+def test_help_examples_name_paths_that_exist():
+    import re
+    from pathlib import Path
+
+    from moecap.analyze.whatif.cli import whatif
+
+    root = Path(__file__).resolve().parents[3]
+    doc = whatif.__doc__ or ""
+    assert "traces/h100/" not in doc
+    for pattern in re.findall(r"'(traces/[^']+)'", doc):
+        assert list(root.glob(pattern + ".steps.arrow")) or list(root.glob(pattern)), pattern
