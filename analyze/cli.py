@@ -9,7 +9,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -171,7 +171,6 @@ def summary(
             )
             for p in record_files
         ]
-        analysis = None
         if trace_paths:
             from .load import load_traces, require_runs
 
@@ -181,7 +180,7 @@ def summary(
         from .settings import METRICS_SCHEMA
 
         document = {"schema": METRICS_SCHEMA, "formula": "reference", "runs": runs}
-        analysis = SimpleNamespace(db=None, contexts=[], document=document, windows={})
+        analysis: Any = SimpleNamespace(db=None, contexts=[], document=document, windows={})
     else:
         if record_files:
             raise AnalyzeError(
