@@ -63,6 +63,12 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
             out.append(f"{f.path.name}: truncated, {f.lost_bytes} trailing byte(s) lost")
         if f.rows_dropped:
             out.append(f"{f.path.name}: the writer dropped {f.rows_dropped} row(s)")
+        # What else the reader found (corrupt batches left out, a newer format): its own lines.
+        out.extend(
+            w
+            for w in f.warnings
+            if "truncated stream" not in w and "the writer dropped" not in w and w not in out
+        )
     md = run.metadata
     if run.files_of("experts") and md.moe.top_k:
         fused = " (shared expert fused into routing: +1 per token)" if md.moe.shared_expert_fused else ""
@@ -117,7 +123,20 @@ def check_run(db: TraceDB, run: LoadedRun) -> list[str]:
         out.append(
             f"{other} request(s) whose scheduled tokens differ from {want} (first: {first_other}){why}"
         )
+    out.extend(_slow_steps(db, run.run_id))
     return out
+
+
+def _slow_steps(db: TraceDB, run_id: str) -> list[str]:
+    """Steps far slower than their phase's peers (kernel compilation in the window): `slow_steps`' rule."""
+    from .slow_steps import slow_step_findings
+
+    frame = db.con.sql(
+        """SELECT dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns, t_start_ns, t_end_ns
+           FROM steps WHERE run_id = $run_id""",
+        params={"run_id": run_id},
+    ).pl()
+    return slow_step_findings(frame)
 
 
 def decodes_one_past_the_end(md: object) -> bool:

@@ -14,10 +14,11 @@ are not judged (no median to speak of).
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import polars as pl
 
 FACTOR = 10.0
 MIN_EXCESS_MS = 100.0
@@ -35,40 +36,55 @@ class SlowStep:
     """What a step of this phase and size usually takes on this rank (the phase median, scaled)."""
 
 
-def _duration_ms(row: Mapping[str, Any]) -> float | None:
-    if row.get("gpu_start_ns") is not None and row.get("gpu_end_ns") is not None:
-        return (row["gpu_end_ns"] - row["gpu_start_ns"]) / 1e6
-    if row.get("t_start_ns") is not None and row.get("t_end_ns") is not None:
-        return (row["t_end_ns"] - row["t_start_ns"]) / 1e6
-    return None
-
-
-def slow_steps(rows: Iterable[Mapping[str, Any]]) -> list[SlowStep]:
+def slow_steps(rows: Iterable[Mapping[str, Any]] | pl.DataFrame) -> list[SlowStep]:
     """The steps the module docstring's rule names, in rank and step order. `rows`: `steps` rows (dp, pp,
-    tp, step, phase, num_tokens, gpu/host start and end ns)."""
-    groups: dict[tuple[str, str], list[tuple[int, float, float, int]]] = {}
-    for r in rows:
-        d = _duration_ms(r)
-        if d is None or r.get("is_draft"):
-            continue
-        phase = str(r["phase"])
-        tokens = max(1, int(r.get("num_tokens") or 0))
-        cost = d / tokens if phase in PER_TOKEN_PHASES else d
-        rank = f"dp{r.get('dp', 0)}-pp{r.get('pp', 0)}-tp{r.get('tp', 0)}"
-        groups.setdefault((rank, phase), []).append((int(r["step"]), d, cost, tokens))
-    found = []
-    for (rank, phase), items in groups.items():
-        if len(items) < MIN_PEERS:
-            continue
-        med = statistics.median(c for _, _, c, _ in items)
-        for step, d, cost, tokens in items:
-            typical = med * tokens if phase in PER_TOKEN_PHASES else med
-            if cost >= FACTOR * med and d - typical >= MIN_EXCESS_MS:
-                found.append(SlowStep(rank, step, phase, round(d, 1), round(typical, 1)))
-    return sorted(found, key=lambda s: (s.rank, s.step))
+    tp, step, phase, num_tokens, gpu/host start and end ns), as mappings or a Polars frame (vectorised:
+    `check` runs it over every step of a run)."""
+    df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows), infer_schema_length=None)
+    if df.is_empty():
+        return []
+    for name in ("dp", "pp", "tp"):
+        if name not in df.columns:
+            df = df.with_columns(pl.lit(0).alias(name))
+    for name in ("gpu_start_ns", "gpu_end_ns", "t_start_ns", "t_end_ns", "num_tokens"):
+        if name not in df.columns:
+            df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias(name))
+    if "is_draft" in df.columns:
+        df = df.filter(~pl.col("is_draft").fill_null(False))
+    per_token = pl.col("phase").cast(pl.String).is_in(PER_TOKEN_PHASES)
+    rank = pl.format(
+        "dp{}-pp{}-tp{}", pl.col("dp").fill_null(0), pl.col("pp").fill_null(0), pl.col("tp").fill_null(0)
+    )
+    df = (
+        df.with_columns(
+            rank=rank,
+            phase=pl.col("phase").cast(pl.String),
+            # GPU span where recorded, else the host span (ms)
+            d=pl.coalesce(
+                pl.col("gpu_end_ns") - pl.col("gpu_start_ns"), pl.col("t_end_ns") - pl.col("t_start_ns")
+            )
+            / 1e6,
+            tokens=pl.max_horizontal(pl.col("num_tokens").fill_null(0), pl.lit(1)),
+        )
+        .drop_nulls("d")
+        .with_columns(scale=pl.when(per_token).then(pl.col("tokens")).otherwise(1))
+        .with_columns(cost=pl.col("d") / pl.col("scale"))
+        .with_columns(med=pl.col("cost").median().over("rank", "phase"), peers=pl.len().over("rank", "phase"))
+        .with_columns(typical=pl.col("med") * pl.col("scale"))
+        .filter(
+            (pl.col("peers") >= MIN_PEERS)
+            & (pl.col("cost") >= FACTOR * pl.col("med"))
+            & (pl.col("d") - pl.col("typical") >= MIN_EXCESS_MS)
+        )
+        .sort("rank", "step")
+    )
+    return [
+        SlowStep(r["rank"], int(r["step"]), r["phase"], round(r["d"], 1), round(r["typical"], 1))
+        for r in df.iter_rows(named=True)
+    ]
 
 
-def slow_step_findings(rows: Iterable[Mapping[str, Any]], *, show: int = 3) -> list[str]:
+def slow_step_findings(rows: Iterable[Mapping[str, Any]] | pl.DataFrame, *, show: int = 3) -> list[str]:
     """One line for `moecap-analyze check` (empty when no step stands out)."""
     found = slow_steps(rows)
     if not found:

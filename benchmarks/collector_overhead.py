@@ -29,8 +29,8 @@ MODES = ("off", "steps", "experts")
 
 def run_once(loaded: Any, prompts: list, mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One workload run in `mode`; returns tokens/s, steps recorded and wall seconds."""
-    from moecap.collect.engines.hf import HFCollector
-    from moecap.collect.engines.hf_runner import execute_cb
+    from moecap.collect.engines.hf.adapter import HFCollector
+    from moecap.collect.engines.hf.runner import execute_cb
     from moecap.collect.writers import RunWriters
     from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
 
@@ -83,7 +83,7 @@ def run_once(loaded: Any, prompts: list, mode: str, args: argparse.Namespace, tm
 def benchmark(loaded: Any, args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Warm-up run, then `args.repeats` rounds of the three modes in rotating order."""
     from moecap.collect.datasets import load_samples
-    from moecap.collect.engines.hf_runner import make_prompts
+    from moecap.collect.workload import make_prompts
 
     vocab = int(loaded.model.config.get_text_config().vocab_size)
     samples = load_samples(args.dataset, args.num_prompts, seed=args.seed, vocab_size=vocab)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import torch
 
-    from moecap.collect.engines.hf_runner import load_model
+    from moecap.collect.engines.hf.runner import load_model
 
     torch.manual_seed(args.seed)
     t0 = time.monotonic()

@@ -86,7 +86,7 @@ def measure(mode: str, batch: int, steps: int, repeats: int) -> list[float]:
     from vllm.v1.worker.gpu_worker import Worker
     from vllm_objects import init_vllm, kv_cache_config, make_model, make_worker, write_tiny_config
 
-    from moecap.collect.engines import vllm as adapter
+    from moecap.collect.engines.vllm import adapter
 
     trace = Path(tempfile.mkdtemp(prefix="moecap-hostcost-"))
     for k in (adapter.ENV_TRACE_DIR, adapter.ENV_COUNTS, adapter.ENV_RUN_ID):

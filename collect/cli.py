@@ -27,13 +27,12 @@ def _register() -> None:
     # One line per sub-command module; each defines `register(app)`.
     from . import run_command
     from .driver import command as drive_command
-    from .engines import sglang_cli, vllm_cli
+    from .engines.sglang import cli as sglang_cli
     from .sweep import command as sweep_command
     from .upload import command as upload_command
 
-    run_command.register(app)
+    run_command.register(app)  # run and serve, for every engine in the registry
     drive_command.register(app)
-    vllm_cli.register(app)
     sglang_cli.register(app)
     upload_command.register(app)
     sweep_command.register(app)

@@ -154,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from moecap.collect.datasets import load_samples
-    from moecap.collect.engines.hf import MLA_MODEL_TYPES
-    from moecap.collect.engines.hf_runner import (
+    from moecap.collect.engines.hf.adapter import MLA_MODEL_TYPES
+    from moecap.collect.engines.hf.runner import (
         HFRunOptions,
         execute_cb,
         load_model,
-        make_prompts,
         run_workload,
     )
+    from moecap.collect.workload import make_prompts
 
     t_start = time.monotonic()
     models = dict(m.split("=", 1) for m in a.model)

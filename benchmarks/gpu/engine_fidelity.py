@@ -12,7 +12,7 @@ it; so each batch size is its own engine.
 
 Offline stages (`<mode>-<batch>`, mode off | steps | experts): ONE engine built by `run`'s own session code
 (`VllmSession` / `SglangSession`, which `moecap-collect run` uses), warmed up once (`run`'s warm-up), then
-`--reps` INTERLEAVED repeats of (a) the engine's own offline call on that engine — vLLM `LLM.generate`
+`--reps` (default 7) INTERLEAVED repeats of (a) the engine's own offline call on that engine — vLLM `LLM.generate`
 (the `LLM` object builds the engine from `run`'s engine kwargs), SGLang `Engine.generate` over every prompt
 (what `bench_offline_throughput` times) — and (b) `run`'s submission (`session.run_point`), prefix cache
 reset before each. Mode off: no plugin (so (a) is the engine's own baseline and (b) is `run --no-trace`);
@@ -108,10 +108,10 @@ def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
         gpu_sample_interval_s=None,
     )  # fmt: skip
     if engine == "vllm":
-        from moecap.collect.engines.vllm_run import VllmRunOptions
+        from moecap.collect.engines.vllm.runner import VllmRunOptions
 
         return VllmRunOptions(**common, engine_args={"gpu_memory_utilization": 0.85, "max_model_len": 4096})
-    from moecap.collect.engines.sglang_run import SglangRunOptions
+    from moecap.collect.engines.sglang.runner import SglangRunOptions
 
     return SglangRunOptions(**common, engine_args={"mem_fraction_static": 0.8, "context_length": 4096})
 
@@ -119,7 +119,7 @@ def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
 def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    from moecap.collect.engines.vllm_run import VllmSession
+    from moecap.collect.engines.vllm.runner import VllmSession
 
     opts = offline_options("vllm", mode, batch, out)
     session = VllmSession(opts)
@@ -180,7 +180,7 @@ def _vllm_scheduler(llm: Any) -> dict[str, Any]:
 
 
 def sglang_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
-    from moecap.collect.engines.sglang_run import SglangSession
+    from moecap.collect.engines.sglang.runner import SglangSession
 
     opts = offline_options("sglang", mode, batch, out)
     session = SglangSession(opts)
@@ -502,7 +502,7 @@ def main() -> None:
     ap.add_argument("--stages", default="off-64,off-1")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "fidelity-out"))
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)  # H100 run 1: 2 of 5 b64 repeats were transients
     ap.add_argument("--serve-reps", type=int, default=3)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--budget-s", type=float, default=570, help="skip stages that would start after this")

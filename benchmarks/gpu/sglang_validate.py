@@ -218,7 +218,7 @@ def model_dir(config: Path, scratch: Path) -> Path:
 
 def plugin_env(out: Path, mode: str, trace_dir: Path, stats_dir: Path) -> None:
     """Environment of this stage (inherited by SGLang's spawned processes)."""
-    from moecap.collect.engines.sglang import write_plugin_dist_info
+    from moecap.collect.engines.sglang.adapter import write_plugin_dist_info
 
     plugin = out / "_plugin"
     write_plugin_dist_info(plugin)
@@ -464,7 +464,7 @@ def stage(args: argparse.Namespace) -> dict[str, Any]:
         result.update(summarize_throughput(reps))
         time.sleep(2.5)  # the tracer's idle flusher writes finished passes and stats within ~1 s
         if mode != "off":
-            from moecap.collect.engines.sglang import request_close
+            from moecap.collect.engines.sglang.adapter import request_close
 
             _, result["close_problems"] = request_close(stats_dir, 15.0)
     finally:

@@ -133,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {rank} {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
     from moecap.collect.datasets import load_samples
-    from moecap.collect.engines.hf_runner import (
+    from moecap.collect.engines.hf.runner import (
         HFRunOptions,
         execute_generate,
         load_model,
-        make_prompts,
         run_workload,
     )
+    from moecap.collect.workload import make_prompts
 
     # The directory's name gives the run's model id (Org__Name -> Org/Name), as for the bundled configs.
     ckpt = a.ckpt / Path(a.config).stem

@@ -196,7 +196,7 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 def stage_trace(args: argparse.Namespace, eager: bool) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # deterministic scheduling, direct RPC
-    from moecap.collect.engines.vllm_run import VllmRunOptions, run
+    from moecap.collect.engines.vllm.runner import VllmRunOptions, run
 
     out = Path(args.out) / ("trace_eager" if eager else "trace_graphs")
     engine_args: dict[str, Any] = {
@@ -253,7 +253,7 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """One engine, one trace: segments at each of `--sweep-batches` concurrencies (`VllmSession.run_point`)."""
     import dataclasses
 
-    from moecap.collect.engines.vllm_run import VllmRunOptions, VllmSession
+    from moecap.collect.engines.vllm.runner import VllmRunOptions, VllmSession
 
     batches = [int(b) for b in args.sweep_batches.split(",")]
     out = Path(args.out) / "trace_sweep"
@@ -315,7 +315,7 @@ def stage_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def stage_throughput(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """One engine (vLLM defaults: multiprocess, compile + graphs), `reps` timed runs of the workload.
     (benchmarks/gpu/engine_fidelity.py measures the same against vLLM's own `LLM.generate`.)"""
-    from moecap.collect.engines.vllm_run import VllmRunOptions, VllmSession
+    from moecap.collect.engines.vllm.runner import VllmRunOptions, VllmSession
 
     out = Path(args.out) / f"tp_{mode}"
     opts = VllmRunOptions(

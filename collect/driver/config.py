@@ -112,7 +112,9 @@ def _check_url(given: str, url: str) -> None:
         _ = parts.port  # raises on a port out of range
         httpx.URL(url)
     except (ValueError, httpx.InvalidURL) as exc:
-        raise CollectError(f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]") from None
+        raise CollectError(
+            f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]"
+        ) from None
     if not parts.hostname:
         raise CollectError(f"--api-url {given!r}: no host; expected http://host:port[/v1/completions]")
 

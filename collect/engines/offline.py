@@ -1,7 +1,8 @@
-"""What every offline engine run shares (vLLM's `vllm_run.py`, SGLang's `sglang_run.py`): the model argument
-(a hub id, a folder, or a lone config.json for random weights), the tokenizer, the client-side record of one
-request, the `requests` / `outputs` tables written from those records, and the GPU telemetry sampler that
-runs while the workload does. Engine-neutral: no engine is imported here."""
+"""What the engine runners share (vLLM's and SGLang's `runner.py`, `base.OfflineSession`): the model argument
+(a hub id, a folder, or a lone config.json for random weights), the tokenizer, the GPU telemetry sampler
+that runs while the workload does, the engine's own flag parser kept to one error line, and the traced
+server (exec'd or supervised). Engine-neutral: no engine is imported here. The workload side (prompts,
+warm-up, the client record of a request and its rows) is `collect/workload.py`."""
 
 from __future__ import annotations
 
@@ -13,34 +14,15 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
+from moecap.schemas import RunMetadata, new_run_id, trace_file_name
 
 from ..errors import CollectError
-
-
-@dataclass
-class RequestRecord:
-    req_id: str
-    engine_id: str | None
-    prompt_ids: list[int]
-    sample: Any
-    max_new_tokens: int
-    arrival_ns: int
-    first_token_ns: int | None = None
-    finish_ns: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    chunk_ns: list[int] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
-    cached_tokens: int | None = None
-    finish_reason: str | None = None
-    routed_experts: Any = None
-    """The engine's own per-token routing ([tokens, layers, top_k]) where it returns one (vLLM's
-    `enable_return_routed_experts`)."""
 
 
 def model_id_of(model: str) -> str:
@@ -115,70 +97,6 @@ def gpu_sampler(out: Path, meta: RunMetadata, interval_s: float | None) -> Any:
         yield sampler
     finally:
         sampler.stop()
-
-
-def write_client_tables(
-    out: Path, meta: RunMetadata, records: list[RequestRecord], tokenizer: Any
-) -> list[Path]:
-    paths = []
-    requests = TraceWriter(out / trace_file_name(meta, "requests"), "requests", meta)
-    outputs = TraceWriter(out / trace_file_name(meta, "outputs"), "outputs", meta)
-    for rec in sorted(records, key=lambda r: r.arrival_ns):
-        requests.write(
-            {
-                "req_id": rec.req_id,
-                "engine_req_id": rec.engine_id,
-                "sample_id": rec.sample.sample_id,
-                "arrival_ns": rec.arrival_ns,
-                "first_token_ns": rec.first_token_ns,
-                "finish_ns": rec.finish_ns,
-                "prompt_tokens": len(rec.prompt_ids),
-                "output_tokens": len(rec.output_ids),
-                "cached_prompt_tokens": rec.cached_tokens,
-                "chunk_times_ns": rec.chunk_ns or None,
-                "chunk_tokens": rec.chunk_tokens or None,
-                "queue_ns": None,
-                "preemptions": None,
-                "finish_reason": rec.finish_reason,
-                "error": None,
-                "retries": 0,
-            }
-        )
-        text = tokenizer.decode(rec.output_ids, skip_special_tokens=True) if tokenizer is not None else None
-        outputs.write(
-            {
-                "req_id": rec.req_id,
-                "sample_id": rec.sample.sample_id,
-                "dataset": rec.sample.dataset,
-                "prompt": rec.sample.prompt_text,
-                "output": text if text is not None else json.dumps(rec.output_ids, separators=(",", ":")),
-                "reference": rec.sample.reference,
-            }
-        )
-    for w in (requests, outputs):
-        w.close()
-        paths.append(w.path)
-    return paths
-
-
-def closed_loop_workload(
-    prompts: Sequence[Any], *, dataset: str, batch_size: int, ignore_eos: bool, seed: int, driver: str
-) -> dict[str, Any]:
-    """The run metadata's `workload` of a closed loop with `batch_size` requests in flight, greedy."""
-    lens = [len(p.token_ids) for p in prompts]
-    outs = sorted({p.max_new_tokens for p in prompts})
-    return {
-        "dataset": dataset,
-        "num_prompts": len(prompts),
-        "batch_size": batch_size,
-        "concurrency": batch_size,
-        "max_new_tokens": outs[0] if len(outs) == 1 else outs,
-        "input_tokens": {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)},
-        "ignore_eos": ignore_eos,
-        "seed": seed,
-        "sampling": "greedy",
-        "driver": driver,
-    }
 
 
 def exec_traced_server(
@@ -267,3 +185,71 @@ def parse_engine_flags(parse: Callable[[], Any], what: str, argv: Sequence[str])
         lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
         reason = lines[-1].split("error: ", 1)[-1] if lines else str(exc) or type(exc).__name__
         raise CollectError(f"cannot parse {what} flags {shlex.join(argv)!r}: {reason}") from None
+
+
+def has_flag(args: Sequence[str], flag: str) -> bool:
+    """`flag` is among `args` (`--flag value` or `--flag=value`)."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def plugin_installed(group: str, value: str) -> bool:
+    """True when an engine's plugin loader will find moecap's entry point `value` in `group` (moecap
+    installed, editable or not, or a `.dist-info` on the path)."""
+    import importlib.metadata
+
+    return any(ep.value == value for ep in importlib.metadata.entry_points(group=group))
+
+
+def engine_preflight(
+    check_version: Callable[[bool], str | None],
+    strict: bool,
+    *,
+    trace: bool,
+    group: str,
+    value: str,
+    label: str,
+    extra: str,
+) -> list[str]:
+    """The engine's release (`check_version`: a warning, or a `CollectError` when `strict`) and, when
+    tracing, moecap's entry point (a `CollectError` line when missing: the engine's processes would not
+    load the tracer). Returns the warnings."""
+    warning = check_version(strict)
+    if trace and not plugin_installed(group, value):
+        raise CollectError(
+            f"moecap's {group} entry point is not installed, so {label}'s engine processes would not load the "
+            f"tracer: install moecap into this environment (pip install -e . or pip install 'moecap[{extra}]')"
+        )
+    return [warning] if warning else []
+
+
+@dataclass
+class ServePlan:
+    """What a traced server needs before it starts: where, which run, which model argument, which flags."""
+
+    out_dir: Path
+    run_id: str
+    model_id: str
+    target: str
+    """The model argument for the engine (a scratch folder holding a lone config.json's copy)."""
+    args: list[str]
+
+
+def plan_server(
+    engine: str, model: str, engine_argv: Sequence[str], *, out: str, run_id: str | None, random_weights: bool
+) -> ServePlan:
+    """The out folder (created, writable), the run id, and, for random weights, the model folder plus
+    `--load-format dummy` and `--served-model-name <model id>` (not the scratch folder's path) unless given."""
+    from ..writers import prepare_out_dir
+
+    out_dir = prepare_out_dir(out)
+    model_id = model_id_of(model)
+    run_id = run_id or new_run_id(engine, model_id)
+    args = list(engine_argv)
+    target = model
+    if random_weights:
+        target = model_dir(model, True, Path(tempfile.mkdtemp(prefix=f"moecap-{engine}-model-")))
+        if not has_flag(args, "--load-format"):
+            args += ["--load-format", "dummy"]
+        if not has_flag(args, "--served-model-name"):
+            args += ["--served-model-name", model_id]
+    return ServePlan(out_dir, run_id, model_id, target, args)

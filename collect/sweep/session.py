@@ -5,7 +5,7 @@
     result = session.run_point(point, run_id, out, {"sweep": {...}})   # one recorded run
     session.stop()
 
-Implemented here over the existing runners (`engines/hf_runner.py` in process, `engines/vllm_run.py`'s
+Implemented here over the existing runners (`engines/hf/runner.py` in process, `engines/vllm/runner.py`'s
 offline engine in `vllm_session.py`); when the engines' own session API lands this module is where
 the sweep is re-pointed at it. A session raises `PointInterrupted` after closing the point's files
 on Ctrl-C / SIGTERM, and any other `CollectError` for a point that failed (the sweep goes on).
@@ -96,7 +96,7 @@ class HFSession:
             raise CollectError(
                 f"engine hf needs torch and transformers (pip install 'moecap[hf]'): {exc}"
             ) from None
-        from ..engines.hf_runner import load_model
+        from ..engines.hf.runner import load_model
 
         if config.random_weights:
             torch.manual_seed(config.seed)
@@ -112,7 +112,7 @@ class HFSession:
         self.out = out
 
     def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
-        from ..engines.hf_runner import HFRunOptions, Interrupted, run_workload
+        from ..engines.hf.runner import HFRunOptions, Interrupted, run_workload
 
         assert self.loaded is not None and self.config is not None and self.out is not None
         options = HFRunOptions(

@@ -67,8 +67,8 @@ def _preflight(engine_args: dict[str, Any]) -> list[str]:
     """The engine release check; the plugin's entry point is needed only where vLLM runs workers in
     other processes (several GPUs, or the multiprocess engine core): a single in-process worker is
     patched by `register()` in this process (e.g. a checkout on PYTHONPATH, benchmarks/gpu/env.sh)."""
-    from ..engines import vllm as adapter
-    from ..engines import vllm_run
+    from ..engines.vllm import adapter
+    from ..engines.vllm import runner as vllm_run
 
     warning = adapter.check_version(False)
     workers = 1
@@ -95,9 +95,9 @@ class VllmSession:
         self._saved_env: dict[str, str | None] = {}
 
     def start(self, config: EngineConfig, out: Path) -> None:
-        from ..engines import vllm as adapter
-        from ..engines import vllm_run
         from ..engines.offline import load_tokenizer, model_dir, model_id_of, read_config
+        from ..engines.vllm import adapter
+        from ..engines.vllm import runner as vllm_run
 
         try:
             import vllm  # noqa: F401
@@ -118,7 +118,7 @@ class VllmSession:
             model=config.model,
             dataset="",
             num_prompts=1,
-            batch_size=1,
+            batch_size=0,  # no max_num_seqs from here: --engine-args sets it, else vLLM's default
             out=str(out),
             random_weights=config.random_weights,
             dtype=config.dtype,
@@ -128,7 +128,9 @@ class VllmSession:
             cuda_graphs=config.cuda_graphs,
             engine_args=extra,
         )
-        engine_args = vllm_run._engine_args(self.options, model, text_prompts=self.tokenizer is not None)
+        engine_args = vllm_run._engine_args(
+            vllm_run.engine_kwargs(self.options, model, text_prompts=self.tokenizer is not None)
+        )
         env = vllm_run.tracing_env(
             out,
             "sweep-engine-start",
@@ -155,7 +157,7 @@ class VllmSession:
 
     def _prompts(self, point: Point, seed: int, n: int, max_new_tokens: int | None) -> list[Any]:
         from ..datasets import load_samples
-        from ..engines.hf_runner import make_prompts
+        from ..workload import make_prompts
 
         samples = load_samples(
             point.task,
@@ -170,20 +172,18 @@ class VllmSession:
     def _submit(self, prompts: list[Any], options: Any, concurrency: int) -> tuple[list[Any], float]:
         """`run`'s own submission (`engines/vllm_run.VllmSession`) on this engine: every prompt at once
         when the engine's `max_num_seqs` is the point's batch size, a closed loop of `concurrency` below it."""
-        from ..engines import vllm_run
+        from ..engines.vllm import runner as vllm_run
 
         submitter = object.__new__(vllm_run.VllmSession)
         submitter.engine, submitter.options = self.engine, options
         limit = int(self.options.engine_args.get("max_num_seqs") or 0)
-        if limit and concurrency >= limit:
-            records, wall_s, _ = submitter._submit_all(prompts, None)
-        else:
-            records, wall_s, _ = submitter._closed_loop(prompts, concurrency, None)
-        return records, wall_s
+        return submitter._submit(prompts, None if limit and concurrency >= limit else concurrency, None)
 
     def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
-        from ..engines import vllm_run
-        from ..engines.offline import closed_loop_workload, gpu_sampler, write_client_tables
+        from ..engines.base import client_run_metadata
+        from ..engines.offline import gpu_sampler
+        from ..engines.vllm import runner as vllm_run
+        from ..workload import closed_loop_workload, write_client_tables
 
         assert self.engine is not None and self.config is not None and self.out is not None
         seed = self.config.seed
@@ -212,7 +212,9 @@ class VllmSession:
         with contextlib.suppress(Exception):
             self.engine.reset_prefix_cache()
         self._rpc(_begin_run, run_id, workload)
-        meta = vllm_run._client_metadata(self.engine, run_id, self.model_id, options, workload, self.warnings)
+        meta = client_run_metadata(
+            run_id, vllm_run.engine_facts(self.engine, options), workload, self.warnings
+        )
         try:
             with gpu_sampler(self.out, meta, options.gpu_sample_interval_s):
                 records, wall_s = self._submit(prompts, options, point.batch_size)

@@ -136,25 +136,29 @@ def test_reference_formula_on_a_trace_reduces_steps_to_moecap_records(synthetic_
     assert bm["tpot"] == pytest.approx(sum(decode_times) / len(decode_times) - 0.002, rel=1e-3)
 
 
+def _rewrite_table(path, edit):
+    """Rewrite a trace file with moecap's writer (same run metadata; batches carry their checksums),
+    its table passed through `edit`."""
+    from moecap.schemas import TraceWriter, read_trace_file
+
+    trace = read_trace_file(path)
+    table = edit(trace.table)
+    path.unlink()
+    with TraceWriter(path, trace.table_kind, trace.run) as w:
+        for batch in table.to_batches():
+            w.write_batch(batch)
+
+
 def _rewrite_output_tokens(path, change):
     """Rewrite a requests file (same schema and metadata) with `change(req_id, output_tokens)` applied."""
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as src:
-        table = pa.ipc.open_stream(src).read_all()
-    i = table.schema.get_field_index("output_tokens")
-    new = [change(r, n) for r, n in zip(table.column("req_id").to_pylist(), table.column(i).to_pylist())]
-    table = table.set_column(i, table.schema.field(i), pa.array(new, type=table.schema.field(i).type))
-    table = _as_format_1_0(table)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
+    def edit(table):
+        i = table.schema.get_field_index("output_tokens")
+        new = [change(r, n) for r, n in zip(table.column("req_id").to_pylist(), table.column(i).to_pylist())]
+        return table.set_column(i, table.schema.field(i), pa.array(new, type=table.schema.field(i).type))
 
-
-def _as_format_1_0(table):
-    """A plain pyarrow writer adds no checksums: the table's schema as a format-1.0 (unchecked) file's."""
-    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"moecap.checksum"}
-    meta[b"moecap.schema_version"] = b"1.0.0"
-    return table.replace_schema_metadata(meta)
+    _rewrite_table(path, edit)
 
 
 def test_check_tells_one_decode_past_the_end_apart_from_other_token_mismatches(synthetic_run, tmp_path):
@@ -185,15 +189,13 @@ def test_check_flags_a_step_whose_tokens_do_not_match_its_requests(synthetic_run
     steps_file = next(trace.glob("*.steps.arrow"))
     import pyarrow as pa
 
-    with pa.memory_map(str(steps_file)) as src:
-        table = pa.ipc.open_stream(src).read_all()
-    i = table.schema.get_field_index("num_tokens")
-    tokens = table.column(i).to_pylist()
-    tokens[5] += 1  # one token more than its requests' new tokens
-    table = table.set_column(i, table.schema.field(i), pa.array(tokens, type=table.schema.field(i).type))
-    table = _as_format_1_0(table)
-    with pa.OSFile(str(steps_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
+    def edit(table):
+        i = table.schema.get_field_index("num_tokens")
+        tokens = table.column(i).to_pylist()
+        tokens[5] += 1  # one token more than its requests' new tokens
+        return table.set_column(i, table.schema.field(i), pa.array(tokens, type=table.schema.field(i).type))
+
+    _rewrite_table(steps_file, edit)
     r = _cli("check", trace, "--cache-dir", tmp_path / "c")
     assert r.returncode == 1
     assert "1 step(s) whose num_tokens differs from the sum of req_new_tokens" in " ".join(r.stdout.split())
@@ -219,3 +221,32 @@ def test_check_and_summary_name_a_corrupt_batch_and_strict_refuses_it(synthetic_
     strict = _cli(trace, "--strict", "--cache-dir", tmp_path / "c2")
     assert strict.returncode != 0 and "--strict refuses it" in strict.stderr
     assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_check_names_a_step_that_compiled_kernels_inside_the_window(synthetic_run, tmp_path):
+    """A decode step 1.2 s long among decode steps of a few ms (a Triton JIT of a new shape) is named
+    by `check` with its rank and step (analyze/slow_steps.py's rule)."""
+    import pyarrow as pa
+
+    trace, _ = synthetic_run
+    steps_file = next(trace.glob("*.steps.arrow"))
+    step_key = None
+
+    def edit(table):
+        nonlocal step_key
+        decode = [i for i, p in enumerate(table.column("phase").to_pylist()) if p == "decode"]
+        slow = decode[len(decode) // 2]
+        step_key = table.column("step")[slow].as_py()
+        for name in ("gpu_end_ns", "t_end_ns"):
+            i = table.schema.get_field_index(name)
+            col = table.column(i).to_pylist()
+            if col[slow] is not None:
+                col[slow] += 1_200_000_000
+            table = table.set_column(i, table.schema.field(i), pa.array(col, type=table.schema.field(i).type))
+        return table
+
+    _rewrite_table(steps_file, edit)
+    r = _cli("check", trace, "--cache-dir", tmp_path / "c")
+    flat = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "1 step(s) took >= 10x their phase's median" in flat
+    assert f"step {step_key} (decode" in flat

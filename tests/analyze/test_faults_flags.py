@@ -326,3 +326,14 @@ def test_cost_flags_must_be_finite(
     clean: Path, tmp_path: Path, case: str, args: list[str], said: str
 ) -> None:
     assert_one_line(cli(clean, *args, "--cache-dir", tmp_path / "c"), said)
+
+
+def test_empty_step_metrics_view_has_the_real_views_columns(clean: Path, tmp_path: Path) -> None:
+    """A run without steps gets a `step_metrics` view of no rows but every column (so the report's
+    queries run); kept equal to the view a real run gets."""
+    from moecap.analyze.analysis import EMPTY_STEP_METRICS_COLUMNS, Options
+    from moecap.analyze.pipeline import analyze_paths
+
+    a = analyze_paths([str(clean)], Options(window="all"), cache_dir=tmp_path / "c")
+    real = [(name, kind) for name, kind, *_ in a.db.con.execute("DESCRIBE step_metrics").fetchall()]
+    assert real == list(EMPTY_STEP_METRICS_COLUMNS)

@@ -484,7 +484,7 @@ def test_imported_ranks_with_unequal_token_shares_carry_the_pass_total(tmp_path)
     """Where the dumps' ranks routed different numbers of tokens in a pass, the pass's tokens are the sum
     of the shares (1 + 3), in every rank's steps: the summed counts reconcile with them."""
     torch = pytest.importorskip("torch")
-    from moecap.collect.recording.sglang_dump import import_sglang_dumps
+    from moecap.collect.engines.sglang.dump import import_sglang_dumps
 
     config = {"model_type": "qwen2_moe", "num_hidden_layers": 1, "num_experts": E, "num_experts_per_tok": K}
     identity = torch.arange(E, dtype=torch.int64).repeat(1, 1)

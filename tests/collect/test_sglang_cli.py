@@ -43,11 +43,27 @@ def test_the_engine_choice_lists_sglang():
     assert out.returncode == 2 and "'hf', 'vllm', 'sglang'" in flat(out.stderr)
 
 
-def test_engine_args_are_refused_for_hf_in_one_line(tmp_path):
-    out = _cli("run", "--engine", "hf", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
-               "--batch-size", "1", "--out", str(tmp_path / "t"), "--engine-args", "--tp-size 2")  # fmt: skip
+@pytest.mark.parametrize(
+    ("engine", "extra", "line"),
+    [
+        ("hf", ["--engine-args", "--tp-size 2", "--strict-engine"],
+         "--engine-args, --strict-engine do not apply to --engine hf"),
+        ("sglang", ["--mode", "generate"], "--mode does not apply to --engine sglang"),
+        ("vllm", ["--num-blocks", "8", "--device", "cpu"], "--device, --num-blocks do not apply to --engine vllm"),
+    ],
+)  # fmt: skip
+def test_options_of_other_engines_are_refused_in_one_line(tmp_path, engine, extra, line):
+    out = _cli("run", "--engine", engine, "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
+               "--batch-size", "1", "--out", str(tmp_path / "t"), *extra)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"moecap-collect: error: {line}"]
+    assert not (tmp_path / "t").exists(), "refused before anything is created"
+
+
+def test_the_old_flag_name_still_works_and_must_agree(tmp_path):
+    out = _cli("run", "--engine", "vllm", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
+               "--batch-size", "1", "--out", str(tmp_path / "t"), "--max-tokens", "4", "--max-new-tokens", "5")  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "moecap-collect: error: --engine-args and --strict-engine apply to --engine vllm and sglang, not hf"
+        "moecap-collect: error: --max-tokens and --max-new-tokens (its old name) disagree: pass one"
     ]
-    assert not (tmp_path / "t").exists(), "refused before anything is created"

@@ -74,7 +74,7 @@ def test_compact_summary_of_a_failed_stage():
 
 
 def test_the_generated_entry_point_names_the_plugin(tmp_path):
-    from moecap.collect.engines.sglang import write_plugin_dist_info
+    from moecap.collect.engines.sglang.adapter import write_plugin_dist_info
 
     dist = write_plugin_dist_info(tmp_path)
     text = (dist / "entry_points.txt").read_text()

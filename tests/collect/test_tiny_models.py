@@ -81,7 +81,7 @@ def test_run_by_shipped_name_on_a_cpu(tmp_path):
 
 def test_a_local_path_of_the_same_name_wins(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from moecap.collect.engines.hf_runner import load_model
+    from moecap.collect.engines.hf.runner import load_model
 
     mine = tmp_path / "tiny-qwen2-moe"
     mine.mkdir()

@@ -50,7 +50,7 @@ def sgl(sglang_version, monkeypatch, tmp_path):
 
     from sglang_objects import Sgl
 
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     # register() patches SGLang's select-experts gatherer class: undo it (and the live-token
     # scalars) after each test.

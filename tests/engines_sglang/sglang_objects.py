@@ -143,7 +143,7 @@ class Sgl:
         from sglang.srt.model_executor import model_runner as mr
         from sglang.srt.plugins.hook_registry import HookRegistry
 
-        import moecap.collect.engines.sglang as adapter
+        from moecap.collect.engines.sglang import adapter
 
         self.mp = monkeypatch
         self.adapter = adapter

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from moecap.collect.engines import sglang_compat as compat
+from moecap.collect.engines.sglang import compat
 
 
 def test_release_is_supported(sglang_version):
@@ -89,7 +89,7 @@ def test_padding_mask_hook_points(sglang_version):
     import importlib
     import inspect
 
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     module_name, _, method = compat.CAPTURE_TARGET.rpartition(".")
     module_name, _, cls_name = module_name.rpartition(".")

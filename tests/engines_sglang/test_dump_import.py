@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from sglang_objects import location_metadata
 
-from moecap.collect.recording.sglang_dump import import_sglang_dumps, read_dump
+from moecap.collect.engines.sglang.dump import import_sglang_dumps, read_dump
 from moecap.schemas import open_traces
 
 L, E, K = 3, 4, 2

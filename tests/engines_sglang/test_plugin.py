@@ -27,7 +27,7 @@ def test_inert_without_trace_dir(sgl, monkeypatch):
 def test_registers_through_hook_registry_and_wraps_forward(sgl):
     sgl.install()
     assert sgl.adapter.is_installed(sgl.ModelRunner)
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     assert compat.FORWARD_TARGET in sgl.HookRegistry._patched
 
@@ -63,7 +63,7 @@ def test_rows_and_counts_through_the_real_forward(sgl):
 def test_warm_up_passes_are_run_but_not_recorded(sgl):
     # `run --warmup`: requests whose ids start with the warm-up prefix; the pass still runs (SGLang's
     # forward_pass_id advances), and the workload's passes after it are recorded with their own keys.
-    from moecap.collect.warmup import WARMUP_PREFIX
+    from moecap.collect.workload import WARMUP_PREFIX
 
     sgl.install()
     sgl.set_recorder()
@@ -136,7 +136,7 @@ def test_draft_passes_are_tagged_and_keyed_apart(sgl):
 
 
 def test_a_failure_of_ours_never_reaches_the_engine(sgl, monkeypatch):
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     sgl.install()
     sgl.set_recorder()
@@ -172,7 +172,7 @@ def test_generated_dist_info_loads_the_plugin_in_a_fresh_process(sgl, tmp_path):
             from sglang.srt.plugins import load_plugins
             load_plugins()  # what run_scheduler_process does first
             from sglang.srt.model_executor.model_runner import ModelRunner
-            import moecap.collect.engines.sglang as a
+            from moecap.collect.engines.sglang import adapter as a
             q.put(a.is_installed(ModelRunner))
 
         if __name__ == "__main__":
@@ -204,7 +204,7 @@ def test_all_to_all_backends_write_every_rank(sgl, backend):
 def test_graph_padded_rows_routed_to_real_experts_are_not_counted(sgl):
     # A decode of 2 requests replayed in a graph of 4 rows, as Qwen2-MoE runs in SGLang 0.5.16: the
     # padded rows are routed to real experts (no -1), and SGLang's gatherer would count them.
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     sgl.install()
     assert compat.CAPTURE_TARGET in sgl.HookRegistry._patched
@@ -235,7 +235,7 @@ def test_without_the_capture_hook_padding_is_counted_as_sglang_does(sgl):
 def test_steps_only_leaves_the_gatherer_alone(sgl, monkeypatch):
     import importlib
 
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     monkeypatch.setenv("MOECAP_COUNTS", "0")
     cls = getattr(importlib.import_module(compat.GATHERER_CLASS[0]), compat.GATHERER_CLASS[1])
@@ -334,7 +334,7 @@ sys.exit(1)
 _SUPERVISOR = """
 import sys
 from pathlib import Path
-from moecap.collect.engines import sglang as adapter
+from moecap.collect.engines.sglang import adapter
 from moecap.collect.engines.offline import supervise_traced_server
 stats = Path({stats!r})
 def before_stop():

@@ -19,12 +19,10 @@ from typing import Any
 import pytest
 
 from moecap.collect.datasets import load_samples
-from moecap.collect.engines import sglang as adapter
-from moecap.collect.engines import sglang_run
-from moecap.collect.engines.hf_runner import make_prompts
-from moecap.collect.engines.offline import write_client_tables
+from moecap.collect.engines.sglang import adapter
+from moecap.collect.engines.sglang import runner as sglang_run
 from moecap.collect.errors import CollectError
-from moecap.collect.warmup import WARMUP_PREFIX
+from moecap.collect.workload import WARMUP_PREFIX, make_prompts, write_client_tables
 from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, open_traces
 
 
@@ -291,11 +289,11 @@ def test_run_command_hands_engine_args_to_sglangs_parser(sglang_version, tmp_pat
     cli._register()
     seen: list[sglang_run.SglangRunOptions] = []
 
-    def fake_run(options: sglang_run.SglangRunOptions, **_: Any) -> Any:
+    def fake_run(self: Any, options: sglang_run.SglangRunOptions, **_: Any) -> Any:
         seen.append(options)
         raise CollectError("stop here")
 
-    monkeypatch.setattr(sglang_run, "run", fake_run)
+    monkeypatch.setattr(sglang_run.SglangEngine, "run", fake_run)  # the registry's entry, as `run` calls it
     base = ["run", "--engine", "sglang", "--model", "m", "--dataset", "synthetic:8x2", "--num-prompts", "1",
             "--batch-size", "1", "--out", str(tmp_path / "t")]  # fmt: skip
     res = CliRunner().invoke(
@@ -322,7 +320,7 @@ def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     import sglang
     from sglang.srt.server_args import ServerArgs
 
-    from moecap.collect.engines import sglang_compat as compat
+    from moecap.collect.engines.sglang import compat
 
     made: list[FakeEngine] = []
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sglang_objects import make_batch
 
-from moecap.collect.engines import sglang_compat as compat
-from moecap.collect.engines.sglang import snapshot_batch
+from moecap.collect.engines.sglang import compat
+from moecap.collect.engines.sglang.adapter import snapshot_batch
 
 
 def snap(fb, **kw):

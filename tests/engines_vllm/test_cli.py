@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moecap.collect.engines import vllm as adapter
-from moecap.collect.engines import vllm_run
+from moecap.collect.engines.vllm import adapter
+from moecap.collect.engines.vllm import runner as vllm_run
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -48,19 +48,21 @@ def test_tracing_env_turns_the_plugin_on_everywhere(tmp_path, monkeypatch):
 
 
 def test_model_ids_and_directories(tmp_path):
+    from moecap.collect.engines import offline
+
     cfg = tmp_path / "Qwen__Qwen1.5-MoE-A2.7B.json"
     cfg.write_text(json.dumps({"model_type": "qwen2_moe"}))
-    assert vllm_run.model_id_of(str(cfg)) == "Qwen/Qwen1.5-MoE-A2.7B"
-    assert vllm_run.model_id_of("org/name") == "org/name"
-    folder = vllm_run.model_dir(str(cfg), True, tmp_path / "scratch")
+    assert offline.model_id_of(str(cfg)) == "Qwen/Qwen1.5-MoE-A2.7B"
+    assert offline.model_id_of("org/name") == "org/name"
+    folder = offline.model_dir(str(cfg), True, tmp_path / "scratch")
     assert json.loads((tmp_path / "scratch" / "config.json").read_text()) == {"model_type": "qwen2_moe"}
     assert folder == str(tmp_path / "scratch")
     from moecap.collect.errors import CollectError
 
     with pytest.raises(CollectError, match="--random-weights"):
-        vllm_run.model_dir(str(cfg), False, tmp_path / "s2")
+        offline.model_dir(str(cfg), False, tmp_path / "s2")
     with pytest.raises(CollectError, match=r"without config\.json"):
-        vllm_run.model_dir(str(tmp_path / "scratch" / ".."), True, tmp_path / "s3")
+        offline.model_dir(str(tmp_path / "scratch" / ".."), True, tmp_path / "s3")
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM")
@@ -116,7 +118,7 @@ def test_vllm_engine_flags_parse_with_vllms_own_parser():
 
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM")
 def test_run_checks_before_starting_anything(tmp_path, monkeypatch):
-    from moecap.collect.engines import vllm_compat
+    from moecap.collect.engines.vllm import compat as vllm_compat
     from moecap.collect.errors import CollectError
 
     monkeypatch.setattr(vllm_compat, "installed_version", lambda: "0.40.0")

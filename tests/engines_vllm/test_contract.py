@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from moecap.collect.engines import vllm_compat as compat
+from moecap.collect.engines.vllm import compat
 
 
 def fields(cls) -> set[str]:

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moecap.collect.engines.vllm import (  # noqa: E402
+from moecap.collect.engines.vllm.adapter import (  # noqa: E402
     CountPlan,
     copy_topk_rows,
     count_topk_rows,

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from moecap.collect.engines import vllm as adapter
+from moecap.collect.engines.vllm import adapter
 
 METHODS = adapter._PATCHED_METHODS
 
@@ -40,7 +40,18 @@ def test_the_package_declares_the_entry_point(vllm_version):
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")
     ours = [ep for ep in eps if ep.name == "moecap"]
     assert ours and ours[0].value == "moecap.collect.engines.vllm:register"
-    assert ours[0].load() is adapter.register
+    # The package's `register` (importing nothing of vLLM until called) hands over to the adapter's.
+    import moecap.collect.engines.vllm as package
+
+    assert ours[0].load() is package.register
+    calls = []
+    original = adapter.register
+    adapter.register = lambda: calls.append(1)
+    try:
+        package.register()
+    finally:
+        adapter.register = original
+    assert calls == [1]
 
 
 def test_inert_without_a_trace_dir(vllm_version, clean_registration, monkeypatch):
@@ -98,7 +109,7 @@ def test_worker_module_is_patched_when_vllm_imports_it(vllm_version, tmp_path):
 
 
 def test_strict_engine_refuses_an_untested_release(vllm_version, clean_registration, monkeypatch, tmp_path):
-    from moecap.collect.engines import vllm_compat
+    from moecap.collect.engines.vllm import compat as vllm_compat
     from moecap.collect.errors import CollectError
 
     monkeypatch.setattr(vllm_compat, "installed_version", lambda: "0.34.0")

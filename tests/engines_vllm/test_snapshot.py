@@ -8,7 +8,7 @@ pytest.importorskip("vllm")
 
 from vllm_objects import ToyScheduler, cached_requests, new_request, scheduler_output
 
-from moecap.collect.engines.vllm import RequestTracker, idle_row, snapshot_batch
+from moecap.collect.engines.vllm.adapter import RequestTracker, idle_row, snapshot_batch
 
 
 def snap(tracker: RequestTracker, so):

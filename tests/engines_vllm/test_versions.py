@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moecap.collect.engines import vllm_compat as compat
+from moecap.collect.engines.vllm import compat
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_profiles_by_release():
 
 
 def test_check_version(monkeypatch):
-    from moecap.collect.engines import vllm as adapter
+    from moecap.collect.engines.vllm import adapter
     from moecap.collect.errors import CollectError
 
     monkeypatch.setattr(compat, "installed_version", lambda: "0.35.0")

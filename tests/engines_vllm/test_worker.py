@@ -21,7 +21,7 @@ from vllm_objects import (
     make_worker,
 )
 
-from moecap.collect.engines import vllm as adapter
+from moecap.collect.engines.vllm import adapter
 from moecap.schemas import read_trace_file
 
 

@@ -27,7 +27,7 @@ def main() -> int:
     runtime.local_gpu = lambda device: GpuInfo(
         index=rank, name="NVIDIA H200", uuid=f"GPU-cpu-test-rank{rank}", memory_bytes=150_118_924_288
     )
-    from moecap.collect.engines.hf_runner import HFRunOptions, load_model, run_workload
+    from moecap.collect.engines.hf.runner import HFRunOptions, load_model, run_workload
 
     loaded = load_model(ckpt, dtype="fp32", device="cpu", tp_plan="auto" if how == "tp_plan" else None)
     result = run_workload(

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from moecap.collect import cli
-from moecap.collect.engines import sglang_run, vllm_run
+from moecap.collect.engines.sglang import runner as sglang_run
+from moecap.collect.engines.vllm import runner as vllm_run
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from moecap.collect.counting import StepReadback, count_topk_into
-from moecap.collect.engines.hf import HFCollector
+from moecap.collect.engines.hf.adapter import HFCollector
 
 
 def _reference(topk: np.ndarray, weight: np.ndarray, experts: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import model_runner, scheduler
 
-from moecap.collect.engines.hf import HFCollector
+from moecap.collect.engines.hf.adapter import HFCollector
 
 PROMPT_LENS = (13, 5, 9)
 NEW_TOKENS = 4

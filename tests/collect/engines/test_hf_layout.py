@@ -8,7 +8,7 @@ from tiny_moe import COMMON, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from moecap.collect.engines.hf import (
+from moecap.collect.engines.hf.adapter import (
     HFCollector,
     dynamic_kv_bytes_per_token_per_layer,
     inspect_moe,

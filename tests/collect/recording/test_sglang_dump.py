@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from moecap.analyze.sql import tables
+from moecap.collect.engines.sglang.dump import import_sglang_dumps, load_model_config, read_dump
 from moecap.collect.errors import CollectError
-from moecap.collect.recording.sglang_dump import import_sglang_dumps, load_model_config, read_dump
 from moecap.schemas import open_traces
 
 torch = pytest.importorskip("torch")

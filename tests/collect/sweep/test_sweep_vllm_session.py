@@ -34,7 +34,7 @@ from vllm_objects import (  # noqa: E402
     write_tiny_config,
 )
 
-from moecap.collect.engines import vllm as adapter  # noqa: E402
+from moecap.collect.engines.vllm import adapter  # noqa: E402
 from moecap.collect.sweep.vllm_session import _begin_run, _end_run  # noqa: E402
 from moecap.schemas import open_traces  # noqa: E402
 

@@ -61,14 +61,13 @@ from moecap.schemas import (
     new_run_id,
 )
 
-from .. import runtime
-from ..counting import ReadyStep, StepReadback
-from ..errors import CollectError
-from ..writers import EngineTraceFiles
-from . import vllm_compat as compat
+from ... import runtime
+from ...counting import ReadyStep, StepReadback
+from ...errors import CollectError
+from ...writers import EngineTraceFiles
 
 # The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
-from .tracing_env import (
+from ..tracing_env import (
     ENV_COUNTS,  # noqa: F401
     ENV_MODEL_ID,
     ENV_RUN_ID,
@@ -77,6 +76,7 @@ from .tracing_env import (
     ENV_WORKLOAD,  # noqa: F401
     TracerSettings,
 )
+from . import compat
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -35,12 +35,15 @@ from moecap.schemas import (
     new_run_id,
 )
 
-from .. import runtime
-from ..datasets import Sample, load_samples
-from ..errors import CollectError
-from ..models import shipped_config, shipped_names
-from ..writers import RunWriters, prepare_out_dir
-from .hf import (
+from ... import runtime
+from ...datasets import load_samples
+from ...errors import CollectError
+from ...models import shipped_config, shipped_names
+from ...workload import Prompt, RequestRecord, make_prompts
+from ...writers import RunWriters, prepare_out_dir
+from ..base import COMMON_RUN_FLAGS, Progress, RunArgs, RunInterrupted
+from ..base import RunResult as EngineRunResult
+from .adapter import (
     MLA_MODEL_TYPES,
     HFCollector,
     check_transformers_version,
@@ -52,7 +55,6 @@ from .hf import (
 
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DEFAULT_MAX_NEW_TOKENS = 256
 CPU_BLOCK_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 256
 
@@ -313,31 +315,6 @@ class HFRunOptions:
 
 
 @dataclass
-class Prompt:
-    """One request to send: id, token ids, output budget, and the sample it came from."""
-
-    req_id: str
-    token_ids: list[int]
-    max_new_tokens: int
-    sample: Sample
-
-
-@dataclass
-class RequestRecord:
-    """What happened to one request (host monotonic ns)."""
-
-    prompt: Prompt
-    arrival_ns: int
-    first_token_ns: int | None = None
-    finish_ns: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    token_times_ns: list[int] = field(default_factory=list)
-    queue_ns: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass
 class RunResult:
     run_id: str
     paths: dict[str, Path]
@@ -355,37 +332,12 @@ class RunResult:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-class Interrupted(CollectError):
+class Interrupted(RunInterrupted):
     """Ctrl-C during a run; the trace files written so far are closed and readable."""
 
     def __init__(self, message: str, result: RunResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-def make_prompts(
-    samples: Sequence[Sample], tokenizer: Any | None, max_new_tokens: int | None, vocab_size: int
-) -> list[Prompt]:
-    prompts = []
-    for i, s in enumerate(samples):
-        if s.prompt_token_ids is not None:
-            ids = list(s.prompt_token_ids)
-        elif s.prompt is not None:
-            if tokenizer is None:
-                raise CollectError(
-                    f"dataset {s.dataset!r} has text prompts: pass --tokenizer (or a --model directory with tokenizer "
-                    "files) to turn them into token ids"
-                )
-            ids = list(tokenizer(s.prompt, add_special_tokens=True)["input_ids"])
-        else:
-            raise CollectError(f"sample {s.sample_id!r} has neither a prompt nor prompt token ids")
-        if ids and max(ids) >= vocab_size:
-            raise CollectError(
-                f"sample {s.sample_id!r}: token id {max(ids)} is outside the model's vocabulary"
-            )
-        budget = max_new_tokens or s.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        prompts.append(Prompt(f"r{i}", ids, int(budget), s))
-    return prompts
 
 
 class _PerfToMonotonic:
@@ -484,7 +436,7 @@ def execute_cb(
 
         def submit() -> None:
             p = queue.popleft()
-            rec = RequestRecord(p, arrival_ns=time.monotonic_ns())
+            rec = RequestRecord.of(p, time.monotonic_ns(), engine_id=p.req_id)
             in_flight[p.req_id] = rec
             manager.add_request(
                 p.token_ids,
@@ -529,7 +481,8 @@ def _fill_cb_record(
 ) -> None:
     rec.output_ids = [int(t) for t in out.generated_tokens]
     stamps = [clock(t) for t in (out.timestamps or [])]
-    rec.token_times_ns = stamps
+    rec.chunk_ns = stamps
+    rec.chunk_tokens = [1] * len(stamps)
     rec.first_token_ns = stamps[0] if stamps else None
     start, end = out.lifespan
     rec.finish_ns = clock(end) if end and end > 0 else (stamps[-1] if stamps else None)
@@ -614,16 +567,12 @@ def execute_generate(
                         tokens, reason = tokens[: j + 1], "stop"
                         break
             times = streamer.times_ns[: len(tokens)]
-            rec = RequestRecord(
-                p,
-                arrival_ns=arrival,
-                first_token_ns=times[0] if times else None,
-                finish_ns=times[-1] if times else None,
-                output_ids=[int(t) for t in tokens],
-                token_times_ns=times,
-                queue_ns=0,
-                finish_reason=reason,
-            )
+            rec = RequestRecord.of(p, arrival, engine_id=p.req_id)
+            rec.first_token_ns = times[0] if times else None
+            rec.finish_ns = times[-1] if times else None
+            rec.output_ids = [int(t) for t in tokens]
+            rec.chunk_ns, rec.chunk_tokens = times, [1] * len(times)
+            rec.queue_ns, rec.finish_reason = 0, reason
             records.append(rec)
             t_last = max(t_last, rec.finish_ns or arrival)
             if on_finished is not None:
@@ -634,45 +583,6 @@ def execute_generate(
 # ---------------------------------------------------------------------------------------------------
 # A recorded run
 # ---------------------------------------------------------------------------------------------------
-def _request_row(rec: RequestRecord) -> dict[str, Any]:
-    return {
-        "req_id": rec.prompt.req_id,
-        "engine_req_id": rec.prompt.req_id,
-        "sample_id": rec.prompt.sample.sample_id,
-        "arrival_ns": rec.arrival_ns,
-        "first_token_ns": rec.first_token_ns,
-        "finish_ns": rec.finish_ns,
-        "prompt_tokens": len(rec.prompt.token_ids),
-        "output_tokens": len(rec.output_ids),
-        "cached_prompt_tokens": None,
-        "chunk_times_ns": rec.token_times_ns or None,
-        "chunk_tokens": [1] * len(rec.token_times_ns) if rec.token_times_ns else None,
-        "queue_ns": rec.queue_ns,
-        "preemptions": None,
-        "finish_reason": rec.finish_reason,
-        "error": rec.error,
-        "retries": 0,
-    }
-
-
-def _output_row(rec: RequestRecord, tokenizer: Any | None) -> dict[str, Any]:
-    sample = rec.prompt.sample
-    if rec.error is not None:
-        text = None
-    elif tokenizer is not None:
-        text = tokenizer.decode(rec.output_ids, skip_special_tokens=True)
-    else:
-        text = json.dumps(rec.output_ids, separators=(",", ":"))
-    return {
-        "req_id": rec.prompt.req_id,
-        "sample_id": sample.sample_id,
-        "dataset": sample.dataset,
-        "prompt": sample.prompt_text,
-        "output": text,
-        "reference": sample.reference,
-    }
-
-
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -853,8 +763,8 @@ def run_workload(
     def on_finished(rec: RequestRecord) -> None:
         writers = state["writers"]
         if writers.client_tables:
-            writers.request(_request_row(rec))
-            writers.output(_output_row(rec, loaded.tokenizer))
+            writers.request(rec.requests_row())
+            writers.output(rec.outputs_row(loaded.tokenizer))
         state["done"] += 1
         state["tokens"] += len(rec.output_ids)
         if progress is not None:
@@ -965,17 +875,105 @@ def run(
     return run_workload(loaded, options, progress=progress)
 
 
+# ---------------------------------------------------------------------------------------------------
+# transformers in the engine registry
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class HFRun:
+    """`run --engine hf`'s options: the workload (`HFRunOptions`) and how to load the model."""
+
+    options: HFRunOptions
+    model: str
+    random_weights: bool
+    dtype: str
+    device: str
+    tokenizer: str | None
+    attn_implementation: str | None
+
+
+def _memory_error_message(exc: MemoryError, device: str) -> str:
+    """One line for a MemoryError of the hf run (transformers refusing its KV cache, or a real OOM)."""
+    text = " ".join(str(exc).split()) or "out of memory"
+    return (
+        f"--engine hf on {device}: out of memory ({text}); try a smaller --model, --batch-size, "
+        "--max-batch-tokens or --num-blocks"
+    )
+
+
+class HFEngine:
+    """HF transformers' `base.Engine`: in this process, no server, no engine session."""
+
+    name = "hf"
+    label = "HF transformers"
+    run_flags = COMMON_RUN_FLAGS | {"mode", "device", "num_blocks", "block_size", "attn_implementation"}
+    serves = False
+    serve_example = ""
+
+    def preflight(self, strict: bool, *, trace: bool = True) -> list[str]:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise CollectError(
+                f"--engine hf needs torch and transformers (pip install 'moecap[hf]'): {exc}"
+            ) from None
+        return []
+
+    def engine_args(self, argv: Sequence[str]) -> dict[str, Any]:
+        raise CollectError("--engine-args applies to --engine vllm and sglang, not hf")
+
+    def run_options(self, args: RunArgs) -> HFRun:
+        options = HFRunOptions(
+            dataset=args.dataset, num_prompts=args.num_prompts, batch_size=args.batch_size, out=str(args.out),
+            max_new_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed, mode=args.mode,
+            counts=args.counts, cuda_graphs=args.cuda_graphs, warmup=args.warmup != 0,
+            max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks, block_size=args.block_size,
+            run_id=args.run_id, dataset_path=args.dataset_path,
+        )  # fmt: skip
+        return HFRun(options, args.model, args.random_weights, args.dtype, args.device, args.tokenizer,
+                     args.attn_implementation)  # fmt: skip
+
+    def run(self, hf: HFRun, *, progress: Progress | None = None) -> EngineRunResult:
+        import torch
+
+        prepare_out_dir(hf.options.out)  # fail before loading a model
+        self.preflight(False)
+        if hf.random_weights:
+            torch.manual_seed(hf.options.seed)
+        try:
+            result = run(
+                hf.options, model=hf.model, random_weights=hf.random_weights, dtype=hf.dtype, device=hf.device,
+                tokenizer=hf.tokenizer, attn_implementation=hf.attn_implementation, progress=progress,
+            )  # fmt: skip
+        except MemoryError as exc:
+            raise CollectError(_memory_error_message(exc, hf.device)) from None
+        return EngineRunResult(
+            run_id=result.run_id, out=Path(hf.options.out), requests=result.requests,
+            output_tokens=result.output_tokens, wall_s=result.wall_s,
+            engine_stats=[{"recorder": True, "steps_written": result.steps}], files=list(result.paths.values()),
+        )  # fmt: skip
+
+    def session(self, options: Any) -> Any:
+        raise CollectError(
+            "--engine hf has no engine session (it loads the model per run): use vllm or sglang"
+        )
+
+    def serve(self, model: str, argv: Sequence[str], **kw: Any) -> int:
+        raise CollectError("serve supports --engine vllm and sglang (transformers has no traced server here)")
+
+    def trace_errors(self, stats: Sequence[dict[str, Any]]) -> list[str]:
+        return []
+
+
 __all__ = [
+    "HFEngine",
     "HFRunOptions",
     "Interrupted",
     "LoadedModel",
-    "Prompt",
-    "RequestRecord",
     "RunResult",
     "execute_cb",
     "execute_generate",
     "load_model",
-    "make_prompts",
     "run",
     "run_workload",
 ]

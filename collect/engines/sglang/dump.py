@@ -65,10 +65,10 @@ from moecap.schemas import (
     trace_file_name,
 )
 
-from ..engines import sglang_compat as compat
-from ..engines.sglang import snapshot_batch
-from ..errors import CollectError
-from .importer import ImportedRun
+from ...errors import CollectError
+from ...recording.importer import ImportedRun
+from . import compat
+from .adapter import snapshot_batch
 
 MODES = ("stat", "per_pass", "per_token")
 _TIME = re.compile(r"expert_distribution_recorder_(?P<t>\d+(?:\.\d+)?)(?:_(?P<rank>\d+))?\.pt$")

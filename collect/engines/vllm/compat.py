@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import runtime
+from ... import runtime
 
 log = logging.getLogger("moecap.collect.engines.vllm")
 

@@ -33,8 +33,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..counting import ReadyStep, StepReadback, count_topk_into
-from ..errors import CollectError
+from ...counting import ReadyStep, StepReadback, count_topk_into
+from ...errors import CollectError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

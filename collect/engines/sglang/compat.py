@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .. import runtime
+from ... import runtime
 
 log = logging.getLogger("moecap.collect.engines.sglang")
 

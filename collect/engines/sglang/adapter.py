@@ -73,15 +73,14 @@ from moecap.schemas import (
     new_run_id,
 )
 
-from .. import runtime
-from ..counting import ReadyStep, StepReadback
-from ..errors import CollectError
-from ..warmup import WARMUP_PREFIX
-from ..writers import EngineTraceFiles
-from . import sglang_compat as compat
+from ... import runtime
+from ...counting import ReadyStep, StepReadback
+from ...errors import CollectError
+from ...workload import WARMUP_PREFIX
+from ...writers import EngineTraceFiles
 
 # The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
-from .tracing_env import (
+from ..tracing_env import (
     ENV_COUNTS,
     ENV_MODEL_ID,
     ENV_RUN_ID,
@@ -91,7 +90,8 @@ from .tracing_env import (
     ENV_WORKLOAD,  # noqa: F401
     TracerSettings,
 )
-from .tracing_env import env_flag as _flag
+from ..tracing_env import env_flag as _flag
+from . import compat
 
 log = logging.getLogger("moecap.collect.engines.sglang")
 
