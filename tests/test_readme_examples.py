@@ -38,6 +38,11 @@ NOT_ON_CPU = {
     "moecap-analyze shell": "interactive",
     "moecap-analyze whatif traces/h100/": "names a user's folders of H100 / H200 sweeps",
     "moecap-analyze whatif run.arrow": "names a user's run, sweep and twin",
+    "moecap-collect upload": "needs an object store (tests/collect/upload run it against moto on loopback)",
+    "moecap-analyze s3://": "needs an object store (tests/analyze/fleet/test_fleet_ray.py: moto on loopback)",
+    "moecap-analyze fleet s3://": "needs an object store and a Ray cluster (tests/analyze/fleet/test_fleet_ray.py)",
+    'moecap-analyze sql "SELECT * FROM fleet_hourly" s3://': "reads a fleet dataset in an object store "
+    "(tests/analyze/fleet/test_fleet_ray.py)",
 }
 #: Examples run here, by prefix.
 ON_CPU = ("moecap-analyze ", "moecap-collect run --engine hf ", "moecap-collect sweep --engine hf ")

@@ -10,10 +10,8 @@ from typing import Annotated
 
 import typer
 
-from moecap.schemas import TraceError
-
 from ..cli import Gpu, GpuYaml, Window
-from ..cost.options import CostModel, CostOverrides, GpuHour, GpuPrice
+from ..cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
 from ..errors import AnalyzeError
 
 
@@ -51,7 +49,7 @@ def fleet(
     gpu_overrides: GpuYaml = None,
     window: Window = "steady",
     cost_overrides: CostOverrides = None,
-    cost_model: CostModel = None,
+    cost_model: CostModelFlag = None,
     gpu_price_usd: GpuPrice = None,
     usd_per_gpu_hour: GpuHour = None,
     show: Annotated[int, typer.Option("--show", help="fleet_hourly rows to print (0: none).")] = 20,
@@ -65,6 +63,8 @@ def fleet(
 
     Example: moecap-analyze sql "SELECT * FROM fleet_hourly" s3://traces-analysed/fleet
     """
+    from moecap.schemas import TraceError  # not at module level: `--help` imports no data library
+
     from ..analysis import Options
     from ..cost.options import settings_from_flags
     from .dataset import open_dataset
@@ -104,7 +104,7 @@ def fleet(
         if show and (report.analysed or report.skipped):
             with open_dataset(dataset) as t:
                 t.con.sql(
-                    "SELECT model, gpu, engine, hour, runs, steps, output_tokens_per_s, s_mbu, "
+                    "SELECT model, gpu, engine, hour, runs, steps, output_throughput, s_mbu, "
                     f"tpot_s_p50, tpot_s_p99, usd_per_1m_output_tokens FROM fleet_hourly LIMIT {int(show)}"
                 ).show(max_width=250)
     except (AnalyzeError, TraceError) as exc:

@@ -3,8 +3,10 @@
 Only committed runs are read: the files each run's manifest lists, so a task that died half-way (or
 a run being rewritten) is never half-counted. The tables are registered with DuckDB as pyarrow
 datasets (no DuckDB extension is downloaded: S3 goes through pyarrow's filesystem), then the
-analyzer's own derived views are defined over them: `request_metrics` (`sql.views`), `window_steps`
-and `run_metrics` (from each run's stored window and metrics.json entry), plus `fleet_hourly`.
+analyzer's own run-level views are defined over them by the analyzer's own SQL: `window_steps`
+(`metrics.steps.WINDOW_STEPS_SQL` over `step_metrics` and each run's stored `run_windows` row) and
+`run_metrics` (`sql.views.define_run_views`, reading the stored `run_settings` rows), plus
+`fleet_hourly`. `request_metrics` is the table each run's task wrote (the local analysis' rows).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..sql.views import REQUEST_METRICS_SQL, define_run_views
+from ..metrics.steps import WINDOW_STEPS_SQL
+from ..sql.views import define_run_views
 from ..storage import is_uri, join, resolve
 from .aggregates import FLEET_HOURLY_SQL
 from .layout import MANIFEST_DIR, PARTITION_KEYS, TABLES
@@ -63,10 +66,12 @@ def _table_dataset(fs: pafs.FileSystem, base: str, table: str, files: list[str])
     with ThreadPoolExecutor(max_workers=16) as pool:
         schemas = list(pool.map(lambda p: pq.read_schema(p, filesystem=fs), files))
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    for key in PARTITION_KEYS:
-        if key not in schema.names:
-            schema = schema.append(pa.field(key, pa.string()))
-    partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in PARTITION_KEYS]), flavor="hive")
+    # A column the files store under a partition key's name (`run_settings.gpu`, `runs.engine`) is
+    # read from the files: a partition value would replace it with its path-safe spelling.
+    keys = [k for k in PARTITION_KEYS if k not in schema.names]
+    for key in keys:
+        schema = schema.append(pa.field(key, pa.string()))
+    partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
     return ds.dataset(
         files,
         schema=schema,
@@ -100,7 +105,8 @@ class FleetTables:
 
 def open_dataset(dataset: str, memory_limit: str | None = None) -> FleetTables:
     """The committed runs of a fleet dataset as DuckDB views: step_metrics, requests, expert_totals,
-    runs (the tables), request_metrics, window_steps, run_metrics, fleet_hourly (derived)."""
+    request_metrics, run_settings, run_windows, runs (the tables), window_steps, run_metrics,
+    fleet_hourly (derived)."""
     dataset = dataset if is_uri(dataset) else _abs(dataset)
     fs, base = resolve(dataset)
     found = manifests(dataset)
@@ -115,11 +121,8 @@ def open_dataset(dataset: str, memory_limit: str | None = None) -> FleetTables:
             raise InputError(f"{dataset}: no {table} files among the committed runs")
         con.register(f"_fleet_{table}", _table_dataset(fs, base, table, files))
         con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _fleet_{table}")
-    con.execute(REQUEST_METRICS_SQL)
-    rows = con.execute("SELECT run_id, window_sql, metrics_json FROM runs").fetchall()
-    windows = {rid: where for rid, where, _ in rows}
-    document = {"runs": [json.loads(doc) for _, _, doc in rows]}
-    define_run_views(con, windows, document)
+    con.execute(f"CREATE OR REPLACE VIEW window_steps AS {WINDOW_STEPS_SQL}")
+    define_run_views(con)
     con.execute(FLEET_HOURLY_SQL)
     errors = [e for m in found for e in m.get("file_errors", [])]
     return FleetTables(con=con, runs=len(found), errors=errors)

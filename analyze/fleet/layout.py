@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DATASET_VERSION = "1"
+DATASET_VERSION = "2"
 """Bump when a table's layout or meaning changes (recorded in every manifest)."""
 
 PARTITION_KEYS = ("model", "gpu", "engine", "date")
@@ -87,19 +87,37 @@ TABLES: dict[str, Table] = {
             (),
         ),
         Table(
+            "request_metrics",
+            "one request",
+            "Per-request latency, exactly the rows of the `request_metrics` table of the run's local "
+            "analysis (`moecap.analyze.metrics.requests`).",
+            "request_metrics",
+            (),
+        ),
+        Table(
+            "run_settings",
+            "one run",
+            "The constants the step views read for the run (GPU bandwidth and peak, last pipeline "
+            "stage, MoE layers), as the local analysis' `run_settings`.",
+            "run_settings",
+            (),
+        ),
+        Table(
+            "run_windows",
+            "one run",
+            "The run's resolved metrics window, as the local analysis' `run_windows`: `window_steps` "
+            "and `run_metrics` over the dataset select the same steps.",
+            "run_windows",
+            (),
+        ),
+        Table(
             "runs",
             "one run",
-            "The run (`runs` view row) with its whole metrics.json entry and the window its step "
-            "metrics were computed over; the per-run numbers are those of the local analysis.",
+            "The run (`runs` view row) with its whole metrics.json entry; the per-run numbers are "
+            "those of the local analysis.",
             "runs",
             (
                 Column("metrics_json", "VARCHAR", "JSON", "The run's entry of metrics.json (`runs[i]`)."),
-                Column(
-                    "window_sql",
-                    "VARCHAR",
-                    "SQL",
-                    "Predicate over `step_metrics` selecting the run's metrics window (`window_steps`).",
-                ),
                 Column("host", "VARCHAR", "", "Host that recorded the run (`moecap.run.host`)."),
                 Column("complete", "BOOLEAN", "", "Every input file ended with its end-of-stream marker."),
                 Column("input_files", "INTEGER", "files", "Trace objects analysed for the run."),
@@ -121,7 +139,7 @@ FLEET_HOURLY = Table(
     "fleet_hourly",
     "one (model, GPU, engine, hour)",
     "Fleet aggregates over every run's steps and requests in the hour (a view over the dataset, "
-    "`moecap.analyze.fleet.aggregates`).",
+    "`moecap.analyze.fleet.aggregates`: the `run_metrics` SQL with the group in place of the run).",
     None,
     (
         Column("model", "VARCHAR", "", "Partition value of the model id."),
@@ -129,12 +147,17 @@ FLEET_HOURLY = Table(
         Column("engine", "VARCHAR", "", "Partition value of the engine."),
         Column("hour", "TIMESTAMP WITH TIME ZONE", "UTC", "Hour the steps started."),
         Column("runs", "BIGINT", "runs", "Runs with steps in the hour."),
-        Column("steps", "BIGINT", "steps", "Steps (first pipeline stage, no draft passes, duration > 0)."),
-        Column("tokens", "HUGEINT", "tokens", "Tokens computed by those steps."),
-        Column("output_tokens", "HUGEINT", "tokens", "Logit rows sampled (last pipeline stage)."),
+        Column(
+            "steps",
+            "BIGINT",
+            "steps",
+            "Steps (first pipeline stage, no draft passes, duration > 0), as `run_metrics.steps`.",
+        ),
+        Column("tokens", "BIGINT", "tokens", "Tokens computed by those steps."),
+        Column("output_tokens", "DOUBLE", "tokens", "Logit rows sampled (each run's last pipeline stage)."),
         Column("gpu_seconds", "DOUBLE", "GPU·s", "Σ step time × GPUs the step stands for."),
         Column(
-            "output_tokens_per_s",
+            "output_throughput",
             "DOUBLE",
             "tokens/s",
             "output_tokens / 3600: the fleet's output rate over the hour (partial hours at a fleet's "
@@ -150,10 +173,10 @@ FLEET_HOURLY = Table(
             "s_mbu",
             "DOUBLE",
             "fraction",
-            "Σ bytes / Σ (bandwidth × step time × GPUs): the run-level S-MBU's ratio of sums over every "
-            "step of the group (null when some step lacks expert counts).",
+            "`run_metrics.s_mbu` over every counted step of the group: Σ bytes / (bandwidth × Σ step "
+            "time × GPUs) over the steps that computed tokens (null when some step lacks expert counts).",
         ),
-        Column("s_mfu", "DOUBLE", "fraction", "Σ FLOPs / Σ (peak FLOP/s × step time × GPUs), likewise."),
+        Column("s_mfu", "DOUBLE", "fraction", "`run_metrics.s_mfu` over the group, likewise."),
         Column("requests", "BIGINT", "requests", "Requests that arrived in the hour (client clock anchor)."),
         Column("tpot_s_p50", "DOUBLE", "s", "Median of `request_metrics.tpot_s` over those requests."),
         Column("tpot_s_p90", "DOUBLE", "s", "90th percentile, likewise."),
@@ -162,7 +185,8 @@ FLEET_HOURLY = Table(
             "cost_usd",
             "DOUBLE",
             "USD",
-            "Σ over runs of the run's `usd_per_hour` × the time its steps span in the hour / 3600.",
+            "Σ over runs of the run's `usd_per_hour` × the busy time of its steps in the hour "
+            "(`run_metrics.window_s` over those steps) / 3600.",
         ),
         Column("usd_per_1m_output_tokens", "DOUBLE", "USD", "cost_usd / output_tokens × 10⁶."),
     ),

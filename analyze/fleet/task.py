@@ -1,11 +1,14 @@
 """The per-run work of a fleet analysis: the local analysis of one run's files, written into the dataset.
 
 `analyze_group` is a plain function (Ray runs it as a task; tests call it directly too). It stages the
-run's trace objects to worker-local scratch (`moecap.analyze.storage`; local paths are read in place), runs the same pipeline as
-`moecap-analyze PATHS…` (`pipeline.analyze_paths`: validation, conversion, per-step costs and
-metrics, expert summaries, metrics.json), and streams the views' rows into the dataset, one Parquet
-file per (table, run). The run's manifest is written last: a task killed before it leaves no
-manifest, so its run counts as not analysed and the retry rewrites the same files.
+run's trace objects to worker-local scratch (`moecap.analyze.storage`; local paths are read in place),
+runs the same pipeline as `moecap-analyze PATHS…` (`pipeline.analyze_paths`: validation, conversion,
+per-step costs and metrics, windows, expert summaries, metrics.json; then
+`sql.views.define_request_views`), and streams the rows of the views and tables the dataset's views
+read (`step_metrics`, `requests`, `expert_totals`, `request_metrics`, `run_settings`, `run_windows`,
+`runs`) into the dataset, one Parquet file per (table, run). The run's manifest is written last: a
+task killed before it leaves no manifest, so its run counts as not analysed and the retry rewrites
+the same files.
 No formula lives here.
 """
 
@@ -16,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -71,10 +74,12 @@ def analyze_group(
     A run none of whose files can be used gives `ok=False` with one line per problem; it never raises
     for bad input."""
     from ..analysis import Options
-    from ..cost.options import use_cost_settings
     from ..pipeline import analyze_paths
+    from ..sql.views import define_request_views
 
     options = options or Options()
+    if cost_settings is not None:
+        options = replace(options, cost=cost_settings)
     work = tempfile.mkdtemp(prefix="moecap-fleet-", dir=scratch or os.environ.get("MOECAP_FLEET_SCRATCH"))
     result = TaskResult(run_id=group.run_id, ok=False)
     analysis = None
@@ -95,18 +100,18 @@ def analyze_group(
         if not local:
             return result
         try:
-            with use_cost_settings(cost_settings):
-                analysis = analyze_paths(
-                    local, options, cache_dir=os.path.join(work, "cache"), expert_counts=False
-                )
+            analysis = analyze_paths(
+                local, options, cache_dir=os.path.join(work, "cache"), expert_counts=False
+            )
         except (AnalyzeError, TraceError) as exc:
             result.errors.append(_rename(str(exc), names))
             return result
         result.errors.extend(_rename(e, names) for e in analysis.db.errors)
+        define_request_views(analysis.db.con)
         docs = {r["run_id"]: r for r in analysis.document["runs"]}
         for ctx in analysis.contexts:
             doc = json.loads(_rename(json.dumps(docs[ctx.run.run_id], default=str), names))
-            written = _write_run(analysis.db, ctx, doc, analysis.windows[ctx.run.run_id], group, dataset)
+            written = _write_run(analysis.db, ctx, doc, group, dataset)
             for table, (out, rows) in written.items():
                 result.rows[table] = result.rows.get(table, 0) + rows
                 result.outputs.append(out)
@@ -143,7 +148,7 @@ def _anchor_sql(ctx: Any, kinds: tuple[str, ...]) -> str:
 
 
 def _write_run(
-    db: Any, ctx: Any, doc: dict[str, Any], window_sql: str, group: RunGroup, dataset: str
+    db: Any, ctx: Any, doc: dict[str, Any], group: RunGroup, dataset: str
 ) -> dict[str, tuple[str, int]]:
     md = ctx.run.metadata
     rid = ctx.run.run_id.replace("'", "''")
@@ -164,6 +169,11 @@ def _write_run(
             LEFT JOIN ({_anchor_sql(ctx, ("requests",))}) a USING (dp, pp, tp)
             WHERE x.run_id = '{rid}' ORDER BY x.arrival_ns""",
         "expert_totals": f"SELECT * FROM expert_totals WHERE run_id = '{rid}'",
+        # The run's rows of the local analysis' tables the run-level views read (`sql.views`):
+        # its per-request metrics, its constants and its resolved window.
+        "request_metrics": f"SELECT * FROM request_metrics WHERE run_id = '{rid}'",
+        "run_settings": f"SELECT * FROM run_settings WHERE run_id = '{rid}'",
+        "run_windows": f"SELECT * FROM run_windows WHERE run_id = '{rid}'",
     }
     written: dict[str, tuple[str, int]] = {}
     for table, query in queries.items():
@@ -173,7 +183,6 @@ def _write_run(
     complete = all(f.complete for f in ctx.run.files)
     extra = {
         "metrics_json": json.dumps(doc, default=str, sort_keys=True),
-        "window_sql": window_sql,
         "host": md.host,
         "complete": complete,
         "input_files": len(group.objects),

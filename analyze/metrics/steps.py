@@ -90,16 +90,20 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def summary_sql(source: str, settings: str = "run_settings", key: str = "s.phase") -> str:
-    """One row per (run_id, key) and per run_id with key 'all': every SUMMARY_COLUMNS metric, the
-    group's value in column `phase` (text).
+def summary_sql(
+    source: str, settings: str = "run_settings", key: str = "s.phase", unit: str = "s.run_id"
+) -> str:
+    """One row per (unit, key) and per unit with key 'all': every SUMMARY_COLUMNS metric, the
+    unit's value in column `run_id`, the group's value in column `phase` (text).
 
     `source`: a relation of step rows (already filtered to the window and COUNTED_SQL);
-    `settings`: a relation with run_id, last_pp, num_moe_layers; `key`: what groups are made of
-    (default the step phase; the report's timeline groups by time bin)."""
+    `settings`: a relation with run_id, last_pp, num_moe_layers (joined per step row on its run);
+    `key`: what groups are made of (default the step phase; the report's timeline groups by time
+    bin); `unit`: what one result row summarises (default the run; the fleet's hourly aggregates
+    pass a group of runs; step streams stay per run)."""
     return f"""
 WITH per_stream AS (
-    SELECT s.run_id,
+    SELECT {unit} AS run_id,
            CASE WHEN grouping({key}) = 1 THEN 'all' ELSE coalesce(({key})::VARCHAR, 'unknown') END AS phase,
            count(*) FILTER (WHERE s.pp = 0) AS steps,
            sum(s.num_tokens) FILTER (WHERE s.pp = 0) AS tokens,
@@ -117,7 +121,7 @@ WITH per_stream AS (
            any_value(s.gpu_bandwidth) AS bw, any_value(s.gpu_peak_flops) AS peak,
            any_value(r.num_moe_layers) AS num_moe_layers
     FROM {source} s JOIN {settings} r USING (run_id)
-    GROUP BY GROUPING SETS ((s.run_id, {key}, s.dp, s.pp), (s.run_id, s.dp, s.pp))
+    GROUP BY GROUPING SETS (({unit}, {key}, s.run_id, s.dp, s.pp), ({unit}, s.run_id, s.dp, s.pp))
 ), per_phase AS (
     SELECT run_id, phase,
            sum(steps) AS steps, sum(tokens) AS tokens, sum(output_tokens) AS output_tokens,

@@ -86,3 +86,40 @@ def test_a_copied_dataset_reads_the_same(dataset, tmp_path):
     query = "SELECT run_id, count(*) FROM step_metrics GROUP BY ALL ORDER BY ALL"
     with open_dataset(dataset) as a, open_dataset(str(copy)) as b:
         assert a.con.sql(query).fetchall() == b.con.sql(query).fetchall() != []
+
+
+def _rows(con, query: str) -> list[dict]:
+    return con.sql(query).pl().to_dicts()
+
+
+def _same(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key, value in w.items():
+            if isinstance(value, float) and value == value:
+                assert g[key] == pytest.approx(value, rel=1e-12), key
+            else:
+                assert g[key] == value or (g[key] != g[key] and value != value), key
+
+
+def test_run_level_views_over_the_dataset_are_the_local_ones(dataset, tmp_path):
+    """run_metrics, request_metrics and window_steps over the dataset give the local analysis' rows
+    (`moecap.analyze.tables` on the same files, same window), under the same column names."""
+    from moecap.analyze.sql.tables import tables
+    from moecap.analyze.sql.views import REQUEST_METRICS_COLUMNS
+
+    files = [str(p) for rid in RUNS for p in sorted(TRACES.glob(f"{rid}.*"))]
+    local = tables(files, window="all", cache_dir=tmp_path)
+    try:
+        run_metrics = "SELECT * FROM run_metrics ORDER BY run_id, phase"
+        requests = f"SELECT {', '.join(REQUEST_METRICS_COLUMNS)} FROM request_metrics ORDER BY run_id, req_id"
+        window = "SELECT run_id, phase, count(*) n, sum(time_s) t FROM window_steps GROUP BY ALL ORDER BY ALL"
+        with open_dataset(dataset) as t:
+            assert t.con.sql(run_metrics).columns == local.con.sql(run_metrics).columns
+            assert "window_output_throughput" in t.con.sql(run_metrics).columns
+            _same(_rows(t.con, run_metrics), _rows(local.con, run_metrics))
+            _same(_rows(t.con, requests), _rows(local.con, requests))
+            _same(_rows(t.con, window), _rows(local.con, window))
+    finally:
+        local.close()
