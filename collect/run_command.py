@@ -16,10 +16,11 @@ from .engines.base import ENGINES, RunArgs, RunInterrupted, get_engine
 from .errors import CollectError
 
 _EXAMPLE = """
-Example (CPU, a config.json with random weights, 8 fixed-length prompts, 4 in flight):
+Example (CPU, seconds: the shipped tiny Qwen2-MoE config with random weights, 8 fixed-length prompts,
+4 in flight; tiny-olmoe is the other shipped config, any config.json path or model directory works too):
 
-    moecap-collect run --engine hf --model analyze/specs/models/allenai__OLMoE-1B-7B-0924.json \\
-        --random-weights --dataset synthetic:128x32 --num-prompts 8 --batch-size 4 --ignore-eos --out traces/
+    moecap-collect run --engine hf --model tiny-qwen2-moe --random-weights --dataset synthetic:128x32 \\
+        --num-prompts 8 --batch-size 4 --ignore-eos --device cpu --out traces/
 
 vLLM / SGLang hand every prompt to the engine at once with its concurrency limit set to --batch-size (as
 their own offline benchmarks do), after --warmup requests that are not recorded.
