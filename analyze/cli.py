@@ -290,6 +290,10 @@ def report(
 
     formats = parse_export(export)
     options = Options(gpu=gpu, gpu_overrides=gpu_overrides, window=window)
+    if gpu_overrides is not None:
+        from .specs.gpu import gpu_table
+
+        gpu_table(gpu_overrides)  # a bad override file is the only line, before any progress line
     with ReportProgress(err) as progress:
         analysis = analyze_paths(
             paths, options, cache_dir=cache_dir, strict=strict, progress=progress.loading
