@@ -20,9 +20,11 @@ unchanged (same parallel layout and GPU count), and efficiencies that carry over
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import duckdb
@@ -139,10 +141,44 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
             WHERE s.run_id = ? ORDER BY s.dp, s.pp, s.step""",
         params=[ctx.run.run_id],
     ).pl()
-    return df.with_columns(
+    df = df.with_columns(
         bytes_per_gpu=pl.col("bytes_total") / pl.col("gpus"),
         flops_per_gpu=pl.col("flops_total") / pl.col("gpus"),
     )
+    keys = ("dp", "pp", "step")
+    slow = compile_steps(analysis, ctx).cast({k: df.schema[k] for k in keys})  # type: ignore[dict-item]
+    df = df.join(slow, on=list(keys), how="left")
+    return df.with_columns(compile_step=pl.col("typical_s").is_not_null())
+
+
+def compile_steps(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
+    """The run's compile / JIT steps by `check`'s rule (analyze/slow_steps.py): dp, pp, step and the
+    time a step of that phase and size typically takes (`typical_s`, the rule's own estimate)."""
+    from ..slow_steps import slow_steps
+
+    frame = analysis.db.con.sql(
+        """SELECT dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns, t_start_ns, t_end_ns
+           FROM steps WHERE run_id = ?""",
+        params=[ctx.run.run_id],
+    ).pl()
+    rows = []
+    for s in slow_steps(frame):
+        dp, pp = (int(part[2:]) for part in s.rank.split("-")[:2])
+        rows.append({"dp": dp, "pp": pp, "step": s.step, "typical_s": s.typical_ms / 1e3})
+    schema = {"dp": pl.Int64, "pp": pl.Int64, "step": pl.Int64, "typical_s": pl.Float64}
+    return pl.DataFrame(rows, schema=schema).group_by("dp", "pp", "step").agg(pl.col("typical_s").max())
+
+
+def warm_times(df: pl.DataFrame) -> np.ndarray:
+    """Measured GPU time per step with each compile / JIT step's time replaced by its phase's typical
+    time (`compile_steps`): compilation is host CPU work done once, no GPU model predicts it, and a warm
+    run on the target does not repeat it. Every projected view (the baselines too) starts from these."""
+    t = df["time_s"].to_numpy().astype(np.float64)
+    if "typical_s" not in df.columns:  # a frame not from step_frame: no compile steps marked
+        return t
+    typical = df["typical_s"].to_numpy().astype(np.float64)
+    hit = np.isfinite(typical) & (typical < t)
+    return np.where(hit, typical, t)
 
 
 def run_settings(ctx: RunContext) -> dict[str, Any]:
@@ -151,8 +187,12 @@ def run_settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def _fittable(df: pl.DataFrame) -> pl.DataFrame:
+    """Steps a roofline can be fitted on: not drafts, not compile / JIT steps, with time, bytes, FLOPs."""
+    if "compile_step" not in df.columns:
+        df = df.with_columns(compile_step=pl.lit(False))
     return df.filter(
         ~pl.col("is_draft")
+        & ~pl.col("compile_step")
         & (pl.col("time_s") > 0)
         & pl.col("bytes_per_gpu").is_finite()
         & pl.col("flops_per_gpu").is_finite()
@@ -161,14 +201,26 @@ def _fittable(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+@functools.cache
+def prior_table() -> dict[str, Any]:
+    """The bundled priors (data/priors.yaml): {name: {value, source}}."""
+    import yaml
+
+    text = resources.files("moecap.analyze.whatif.data").joinpath("priors.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
 def _priors(gpu: GpuSpec, peak: float, dtype: str) -> tuple[float, float, str]:
-    """Priors for an efficiency the data cannot identify: the GPU table's measured matmul ceiling
-    (mamf_*) over its dense peak for FLOPs, else 0.8; 0.8 for bandwidth."""
+    """Priors for an efficiency the data cannot identify (data/priors.yaml): η_bw 0.85 (achievable HBM
+    bandwidth); η_f the GPU table's measured matmul ceiling (mamf_*) over its dense peak, else 0.8."""
+    table = prior_table()
+    bw = float(table["eta_bw"]["value"])
     key = "mamf_fp8_tflops" if dtype == "fp8" else "mamf_bf16_tflops"
     mamf = gpu.extra.get(key)
     if isinstance(mamf, (int, float)) and mamf > 0 and peak > 0:
-        return 0.8, min(1.0, mamf * 1e12 / peak), f"FLOP prior = {key} / dense peak of {gpu.name}"
-    return 0.8, 0.8, "FLOP prior = 0.8 (the GPU table has no measured matmul ceiling)"
+        return bw, min(1.0, mamf * 1e12 / peak), f"FLOP prior = {key} / dense peak of {gpu.name}"
+    fl = float(table["eta_flops"]["value"])
+    return bw, fl, f"FLOP prior = {fl:g} (the GPU table has no measured matmul ceiling)"
 
 
 def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
@@ -224,7 +276,7 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
             notes.append(
                 f"{which} efficiency not identified in fit(s) {', '.join(unidentified)} (every step {side}-bound); "
                 f"used {', '.join(map(str, sorted(used)))}, the larger of the bound the data implies and the prior"
-                + (f" ({prior_note})" if which == "FLOP" else " (0.8)")
+                + (f" ({prior_note})" if which == "FLOP" else f" (prior {bw_prior:g})")
             )
         low = {name: getattr(f, floor) for name, f in fits.items() if getattr(f, floor) is not None}
         if low:
@@ -282,8 +334,9 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
 
     projection: t_i + R_tgt(i) − R_src(i), R = the phase fit's roofline part max(B/(BW·η_bw),
     F/(P·η_f)); the fitted overhead and each step's residual are kept. Steps that cannot be
-    projected (no bytes, no GPU time) keep their measured time."""
-    t = df["time_s"].to_numpy().astype(np.float64)
+    projected (no bytes, no GPU time) keep their measured time. Every model starts from `warm_times`
+    (compile / JIT steps at their phase's typical time)."""
+    t = warm_times(df)
     B = df["bytes_per_gpu"].to_numpy().astype(np.float64)
     F = df["flops_per_gpu"].to_numpy().astype(np.float64)
     ok = np.isfinite(B) & np.isfinite(F) & (t > 0)

@@ -36,6 +36,7 @@ measured matmul ceiling where the GPU table has one) clipped to that bound; `*_i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -61,6 +62,16 @@ OUTLIER_MADS = 3.5
 residual are left out of the fit (not out of the projection, where each keeps its own residual)."""
 
 MAX_OUTLIER_FRACTION = 0.2
+
+IDENTIFIED_SD = 0.1
+"""An efficiency counts as identified by the data when they pin its log to within this standard error
+(±10 %); otherwise the prior is used (see `_log_slope_sd`). A batch-1 CUDA-graph decode trace, where
+every step moves the same bytes, pins nothing: η_bw and the per-step overhead are collinear."""
+
+SIGMA_FLOOR = 1e-4
+"""Floor of the relative residual scale (robust SD of (model − t)/t) in that test: 0.01 %, the timing
+resolution of a millisecond step, so a noiseless fit does not call rounding-level variation of the bytes
+informative. Real GPU steps jitter by ~1 %, which is what the test then uses."""
 
 
 @dataclass(frozen=True)
@@ -109,29 +120,33 @@ class RooflineFit:
         return d
 
 
-def _evaluate(a: float, b: float, c: float, B: np.ndarray, F: np.ndarray, t: np.ndarray) -> float:
-    return float(np.sum((np.maximum(a * B, b * F) + c - t) ** 2))
+def _evaluate(
+    a: float, b: float, c: float, B: np.ndarray, F: np.ndarray, t: np.ndarray, w: np.ndarray
+) -> float:
+    return float(np.sum(w * (np.maximum(a * B, b * F) + c - t) ** 2))
 
 
 def _split_fits(
     B: np.ndarray,
     F: np.ndarray,
     t: np.ndarray,
+    w: np.ndarray,
     ks: np.ndarray,
     a_fix: float | None = None,
     b_fix: float | None = None,
 ) -> np.ndarray:
-    """Least-squares (a, b, c) for each split k (steps [0, k) memory-bound), intensity-sorted inputs;
-    a / b held at a_fix / b_fix when given. Rows are NaN where a split's system is singular."""
+    """Weighted least-squares (a, b, c) for each split k (steps [0, k) memory-bound), intensity-sorted
+    inputs, weights w; a / b held at a_fix / b_fix when given. Rows are NaN where a split's system is
+    singular."""
     zero = np.zeros(1)
-    cB2 = np.concatenate([zero, np.cumsum(B * B)])
-    cB = np.concatenate([zero, np.cumsum(B)])
-    cBt = np.concatenate([zero, np.cumsum(B * t)])
-    cF2 = np.concatenate([zero, np.cumsum(F * F)])
-    cF = np.concatenate([zero, np.cumsum(F)])
-    cFt = np.concatenate([zero, np.cumsum(F * t)])
-    n = len(t)
-    st = float(np.sum(t))
+    cB2 = np.concatenate([zero, np.cumsum(w * B * B)])
+    cB = np.concatenate([zero, np.cumsum(w * B)])
+    cBt = np.concatenate([zero, np.cumsum(w * B * t)])
+    cF2 = np.concatenate([zero, np.cumsum(w * F * F)])
+    cF = np.concatenate([zero, np.cumsum(w * F)])
+    cFt = np.concatenate([zero, np.cumsum(w * F * t)])
+    n = float(np.sum(w))
+    st = float(np.sum(w * t))
     mB2, mB, mBt = cB2[ks], cB[ks], cBt[ks]
     fF2, fF, fFt = cF2[-1] - cF2[ks], cF[-1] - cF[ks], cFt[-1] - cFt[ks]
     # Scale the unknowns to O(1) so the systems are well conditioned (bytes ~1e10, FLOPs ~1e13).
@@ -165,21 +180,29 @@ def _split_fits(
     return out
 
 
-def _one_sided(x: np.ndarray, t: np.ndarray, s_fix: float | None = None) -> tuple[float, float]:
-    """Least squares t ≈ s·x + c with s > 0, c >= 0 (c = 0 refit when negative); s held at s_fix
-    when given."""
+def _one_sided(
+    x: np.ndarray, t: np.ndarray, w: np.ndarray, s_fix: float | None = None
+) -> tuple[float, float]:
+    """Weighted least squares t ≈ s·x + c with s > 0, c >= 0 (c = 0 refit when negative); s held at
+    s_fix when given."""
     if s_fix is not None:
-        return s_fix, max(0.0, float(np.mean(t - s_fix * x)))
+        return s_fix, max(0.0, float(np.average(t - s_fix * x, weights=w)))
     if len(x) >= 2 and np.ptp(x) > 0:
-        s, c = np.polyfit(x, t, 1)
+        s, c = np.polyfit(x, t, 1, w=np.sqrt(w))
         if s > 0 and c >= 0:
             return float(s), float(c)
-    s = float(np.dot(x, t) / np.dot(x, x)) if np.dot(x, x) > 0 else 0.0
+    xx = float(np.dot(w * x, x))
+    s = float(np.dot(w * x, t) / xx) if xx > 0 else 0.0
     return max(s, 0.0), 0.0
 
 
 def _fit(
-    B: np.ndarray, F: np.ndarray, t: np.ndarray, a_fix: float | None = None, b_fix: float | None = None
+    B: np.ndarray,
+    F: np.ndarray,
+    t: np.ndarray,
+    w: np.ndarray,
+    a_fix: float | None = None,
+    b_fix: float | None = None,
 ) -> tuple[float, float, float]:
     """Least squares (a, b, c) of t ≈ max(a·B, b·F) + c over intensity-sorted steps (see module doc)."""
     n = len(t)
@@ -188,21 +211,21 @@ def _fit(
         return bool(np.isfinite(p[0]) and p[0] > 0 and p[1] > 0 and p[2] >= 0)
 
     cands: list[tuple[float, float, float]] = []
-    a1, c1 = _one_sided(B, t, a_fix)
+    a1, c1 = _one_sided(B, t, w, a_fix)
     cands.append((a1, b_fix or 0.0, c1))
-    b0, c0 = _one_sided(F, t, b_fix)
+    b0, c0 = _one_sided(F, t, w, b_fix)
     cands.append((a_fix or 0.0, b0, c0))
     if a_fix is not None and b_fix is not None:
-        c = max(0.0, float(np.mean(t - np.maximum(a_fix * B, b_fix * F))))
+        c = max(0.0, float(np.average(t - np.maximum(a_fix * B, b_fix * F), weights=w)))
         cands.append((a_fix, b_fix, c))
     ks = np.unique(np.linspace(1, n - 1, min(_CANDIDATES, max(n - 1, 1))).round().astype(np.int64))
     ks = ks[(ks >= 1) & (ks <= n - 1)]
     if len(ks):
-        for p in _split_fits(B, F, t, ks, a_fix, b_fix):
+        for p in _split_fits(B, F, t, w, ks, a_fix, b_fix):
             if valid(p):
                 cands.append((float(p[0]), float(p[1]), float(p[2])))
-    best = min(cands, key=lambda p: _evaluate(p[0], p[1], p[2], B, F, t))
-    best_sse = _evaluate(best[0], best[1], best[2], B, F, t)
+    best = min(cands, key=lambda p: _evaluate(p[0], p[1], p[2], B, F, t, w))
+    best_sse = _evaluate(best[0], best[1], best[2], B, F, t, w)
     # Refine: re-partition by the fitted ridge, refit that split, while the true objective falls.
     for _ in range(30):
         a, b, c = best
@@ -211,10 +234,10 @@ def _fit(
         k = int(np.searchsorted(F / B, a / b, side="right"))
         if k <= 0 or k >= n:
             break
-        trial = _split_fits(B, F, t, np.array([k]), a_fix, b_fix)[0]
+        trial = _split_fits(B, F, t, w, np.array([k]), a_fix, b_fix)[0]
         if not valid(trial):
             break
-        sse = _evaluate(float(trial[0]), float(trial[1]), float(trial[2]), B, F, t)
+        sse = _evaluate(float(trial[0]), float(trial[1]), float(trial[2]), B, F, t, w)
         if sse >= best_sse * (1 - 1e-12):
             break
         best, best_sse = (float(trial[0]), float(trial[1]), float(trial[2])), sse
@@ -310,6 +333,21 @@ def _inliers(resid: np.ndarray, t: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _log_slope_sd(x: np.ndarray, t: np.ndarray, slope: float, sigma: float) -> float:
+    """How well steps pin the slope s of t ≈ c + s·x (relative residuals, c free): the standard error of
+    log s, sigma / ‖∂(pred/t)/∂log s with c profiled out‖. Infinite when x does not vary (every step moves
+    the same bytes: s and c are collinear)."""
+    if len(t) < 3 or slope <= 0:
+        return math.inf
+    u, z = slope * x / t, 1.0 / t
+    u_perp = u - z * (float(z @ u) / float(z @ z))
+    info = float(u_perp @ u_perp)
+    # Below float resolution of u the "variation" is rounding, not data.
+    if info <= (1e-9 * float(u @ u)):
+        return math.inf
+    return sigma / math.sqrt(info)
+
+
 def _fit_steps(
     B: np.ndarray,
     F: np.ndarray,
@@ -321,19 +359,34 @@ def _fit_steps(
     min_efficiency: float,
     intensity: np.ndarray,
 ) -> RooflineFit:
-    """One least-squares fit (floor, cap and priors applied) over intensity-sorted steps; `intensity`
-    (FLOP/byte) of all steps, for the bound of an efficiency the fitted steps do not identify."""
+    """One least-squares fit (identifiability, floor, cap and priors applied) over intensity-sorted
+    steps, relative residuals (weights 1/t²); `intensity` (FLOP/byte) of all steps, for the bound of an
+    efficiency the fitted steps do not identify."""
     n = len(t)
+    w = 1.0 / (t * t)
     notes = []
 
     a_fix = b_fix = None
     eta_bw_rejected = eta_fl_rejected = None
-    # Free fit; an efficiency below the floor is replaced by its prior and the fit redone (the other
-    # side may then pick up the correlation, so check again).
-    for _ in range(4):
-        a, b, c = _fit(B, F, t, a_fix, b_fix)
+    bw_sd = fl_sd = None
+    # Free fit; an efficiency the data do not pin, or one below the floor, is replaced by its prior and
+    # the fit redone (the other side may then pick up the correlation, so check again).
+    for _ in range(6):
+        a, b, c = _fit(B, F, t, w, a_fix, b_fix)
         mem_side = (a * B >= b * F) if a > 0 and b > 0 else np.full(n, b <= 0)
+        rel = (np.maximum(a * B, b * F) + c - t) / t
+        sigma = max(1.4826 * float(np.median(np.abs(rel - np.median(rel)))), SIGMA_FLOOR)
         changed = False
+        if a_fix is None and a > 0 and mem_side.any():
+            sd = _log_slope_sd(B[mem_side], t[mem_side], a, sigma)
+            if sd > IDENTIFIED_SD:
+                bw_sd, a_fix, changed = sd, 1.0 / (bandwidth * eta_bw_prior), True
+        if b_fix is None and b > 0 and (~mem_side).any():
+            sd = _log_slope_sd(F[~mem_side], t[~mem_side], b, sigma)
+            if sd > IDENTIFIED_SD:
+                fl_sd, b_fix, changed = sd, 1.0 / (peak_flops * eta_flops_prior), True
+        if changed:
+            continue
         if a_fix is None and a > 0 and mem_side.any() and 1.0 / (bandwidth * a) < min_efficiency:
             eta_bw_rejected = 1.0 / (bandwidth * a)
             a_fix = 1.0 / (bandwidth * eta_bw_prior)
@@ -352,6 +405,18 @@ def _fit_steps(
             changed = True
         if not changed:
             break
+    for what, sym, sd, prior, x in (
+        ("bandwidth", "η_bw", bw_sd, eta_bw_prior, B),
+        ("FLOP", "η_f", fl_sd, eta_flops_prior, F),
+    ):
+        if sd is not None:
+            spread = float(np.std(x) / np.mean(x)) if np.mean(x) > 0 else 0.0
+            pinned = "nothing" if math.isinf(sd) else f"±{sd * 100:.0f} %"
+            notes.append(
+                f"{what} efficiency not identified by these steps (their {'bytes' if sym == 'η_bw' else 'FLOPs'} "
+                f"spread {spread * 100:.2g} %, so the per-step overhead and {sym} are collinear; the data alone pin "
+                f"{sym} to {pinned}): prior {sym} = {prior:.3g} used, the overhead is what remains"
+            )
     for what, value, prior in (
         ("bandwidth", eta_bw_rejected, eta_bw_prior),
         ("FLOP", eta_fl_rejected, eta_flops_prior),
