@@ -48,7 +48,14 @@ WHATIF_SCHEMA = "moecap.whatif/1"
 MODELS = ("projection", "no_change", "bandwidth_ratio")
 FIT_PHASES = ("prefill", "decode", "mixed")
 MIN_PHASE_STEPS = 10
-"""A phase with fewer measured steps uses the fit over all steps."""
+"""A phase with fewer measured steps uses a pooled fit (prefill and mixed: PREFILL_POOL), else the fit over
+all steps."""
+PREFILL_LIKE = ("prefill", "mixed")
+PREFILL_POOL = "prefill+mixed"
+"""Prefill and mixed steps fitted together when one of them has too few steps for its own fit: both
+compute prompt tokens outside the decode CUDA graphs (vLLM runs them piecewise or eager, with a per-step
+cost of tens of ms the decode fit knows nothing about), so a decode-dominated fit over all steps would
+predict a 1024-token prefill at a tenth of its time."""
 
 ASSUMPTIONS = (
     "same batch composition and schedule: the engine forms the same batches in the same order",
@@ -112,7 +119,15 @@ class Calibration:
     """The runs, batch sizes and step count the fits used."""
 
     def fit_for(self, phase: str) -> RooflineFit:
-        return self.fits.get(phase) or self.fits["all"]
+        return self.fits[self.fit_name(phase)]
+
+    def fit_name(self, phase: str) -> str:
+        """The fit a phase uses: its own, else (prefill, mixed) the pooled prefill+mixed fit, else all."""
+        if phase in self.fits:
+            return phase
+        if phase in PREFILL_LIKE and PREFILL_POOL in self.fits:
+            return PREFILL_POOL
+        return "all"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,7 +136,7 @@ class Calibration:
             "bandwidth_bytes_per_s": self.gpu.memory_bandwidth,
             "peak_flops": self.peak_flops,
             "fits": {k: v.as_dict() for k, v in self.fits.items()},
-            "phase_uses": {p: p if p in self.fits else "all" for p in FIT_PHASES},
+            "phase_uses": {p: self.fit_name(p) for p in FIT_PHASES},
             "calibrated_on": self.calibrated_on,
             "notes": self.notes,
         }
@@ -148,7 +163,37 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     keys = ("dp", "pp", "step")
     slow = compile_steps(analysis, ctx).cast({k: df.schema[k] for k in keys})  # type: ignore[dict-item]
     df = df.join(slow, on=list(keys), how="left")
-    return df.with_columns(compile_step=pl.col("typical_s").is_not_null())
+    graph_max = cuda_graph_max_tokens(ctx)
+    return df.with_columns(
+        compile_step=pl.col("typical_s").is_not_null(),
+        graph_max_tokens=pl.lit(graph_max, pl.Int64),
+    )
+
+
+def cuda_graph_max_tokens(ctx: RunContext) -> int | None:
+    """The largest batch (tokens) the engine replays as a CUDA graph, from its recorded arguments
+    (vLLM `cudagraph_capture_sizes`, SGLang `cuda_graph_max_bs`); None when eager or not recorded."""
+    args = ctx.run.metadata.engine.args or {}
+    if args.get("enforce_eager") or args.get("disable_cuda_graph"):
+        return None
+    sizes = args.get("cudagraph_capture_sizes")
+    if isinstance(sizes, list) and sizes and all(isinstance(x, int) for x in sizes):
+        return max(sizes)
+    bs = args.get("cuda_graph_max_bs")
+    return bs if isinstance(bs, int) and bs > 0 else None
+
+
+def fit_groups(df: pl.DataFrame) -> np.ndarray:
+    """The fit each step belongs to: its phase, except that a prefill or mixed step small enough to run
+    inside the engine's CUDA graphs (num_tokens <= `graph_max_tokens`) is timed like a decode step: the
+    same graph replay, without the tens of ms of piecewise / eager launches of a large prefill."""
+    phase = pl.col("phase").cast(pl.String)
+    if "graph_max_tokens" not in df.columns:
+        return df.select(phase)["phase"].to_numpy()
+    graphed = phase.is_in(PREFILL_LIKE) & (pl.col("num_tokens") <= pl.col("graph_max_tokens")).fill_null(
+        False
+    )
+    return df.select(pl.when(graphed).then(pl.lit("decode")).otherwise(phase).alias("g"))["g"].to_numpy()
 
 
 def compile_steps(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
@@ -231,7 +276,7 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
         )
     peak = peak_flops_of(ctx.gpu, ctx.peak_dtype)
     bw_prior, fl_prior, prior_note = _priors(ctx.gpu, peak, ctx.peak_dtype)
-    usable = _fittable(df)
+    usable = _fittable(df).with_columns(fit_group=pl.Series(fit_groups(_fittable(df)), dtype=pl.String))
     if usable.height < 3:
         missing = df.filter(~pl.col("bytes_total").is_finite()).height
         why = f" ({missing} steps lack bytes: no expert counts)" if missing else ""
@@ -253,14 +298,23 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
 
     fits = {"all": fit(usable)}
     notes = []
+    short = []
     for phase in FIT_PHASES:
-        part = usable.filter(pl.col("phase") == phase)
+        part = usable.filter(pl.col("fit_group") == phase)
         if part.height >= MIN_PHASE_STEPS:
             fits[phase] = fit(part)
         elif part.height:
-            notes.append(
-                f"{phase}: {part.height} step(s), fewer than {MIN_PHASE_STEPS}; the fit over all steps is used"
-            )
+            short.append((phase, part.height))
+    pool = usable.filter(pl.col("fit_group").is_in(PREFILL_LIKE))
+    if any(phase in PREFILL_LIKE for phase, _ in short) and pool.height >= 3:
+        fits[PREFILL_POOL] = fit(pool)
+    for phase, n in short:
+        used = PREFILL_POOL if phase in PREFILL_LIKE and PREFILL_POOL in fits else "all"
+        notes.append(
+            f"{phase}: {n} step(s), fewer than {MIN_PHASE_STEPS}; the fit over "
+            + ("prefill and mixed steps" if used == PREFILL_POOL else "all steps")
+            + " is used"
+        )
     for which, bound, floor in (
         ("FLOP", "eta_flops_bound", "eta_flops_below_floor"),
         ("bandwidth", "eta_bw_bound", "eta_bw_below_floor"),
@@ -354,7 +408,7 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
         raise ValueError(f"unknown what-if model {model!r}")
     # Each step keeps its own residual (measured − model: warm-up, graph capture, GC pauses, noise):
     # only the roofline part the fit attributes to the GPU is swapped for the target's.
-    phases = df["phase"].to_numpy()
+    phases = fit_groups(df)
     for phase in np.unique(phases):
         sel = ok & (phases == phase)
         if not sel.any():
@@ -366,6 +420,29 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
         # A step measured faster than its own roofline part (model over-estimate): scale it instead.
         out[sel] = np.where(shifted > 0, shifted, t[sel] * dst / src)
     return out
+
+
+def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
+    """Per-step GPU time (s) on `gpu` from the phase fits alone (no step keeps its measured residual):
+    what the calibration predicts for steps it never saw, e.g. a batch size it was not fitted on.
+    Steps without bytes keep their warm time (`warm_times`)."""
+    t = warm_times(df)
+    B = df["bytes_per_gpu"].to_numpy().astype(np.float64)
+    F = df["flops_per_gpu"].to_numpy().astype(np.float64)
+    ok = np.isfinite(B) & np.isfinite(F) & (t > 0)
+    peak = peak_flops_of(gpu, cal.peak_dtype)
+    phases = fit_groups(df)
+    out = t.copy()
+    for phase in np.unique(phases):
+        sel = ok & (phases == phase)
+        if sel.any():
+            out[sel] = cal.fit_for(str(phase)).step_time(B[sel], F[sel], gpu.memory_bandwidth, peak)
+    return out
+
+
+def stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
+    """The request-time warp of a view (`_stream_warp`): public for the validation harness."""
+    return _stream_warp(df, gpu_time)
 
 
 def _walls(df: pl.DataFrame, gpu_time: np.ndarray) -> np.ndarray:

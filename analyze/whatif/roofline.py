@@ -333,17 +333,23 @@ def _inliers(resid: np.ndarray, t: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _log_slope_sd(x: np.ndarray, t: np.ndarray, slope: float, sigma: float) -> float:
-    """How well steps pin the slope s of t ≈ c + s·x (relative residuals, c free): the standard error of
-    log s, sigma / ‖∂(pred/t)/∂log s with c profiled out‖. Infinite when x does not vary (every step moves
-    the same bytes: s and c are collinear)."""
-    if len(t) < 3 or slope <= 0:
+def _log_slope_sd(target: np.ndarray, others: list[np.ndarray], sigma: float) -> float:
+    """How well the steps pin one slope of the (relative-residual) least squares: the standard error of
+    its log, sigma / ‖target ⊥ others‖, where `target` is ∂(pred/t)/∂log(slope) per step and `others`
+    the same for the other free parameters (the overhead's column 1/t, the other side's slope).
+    Infinite when the target column lies in their span: e.g. every step moves the same bytes, so the
+    bytes' slope and the overhead are collinear."""
+    if not target.any():
         return math.inf
-    u, z = slope * x / t, 1.0 / t
-    u_perp = u - z * (float(z @ u) / float(z @ z))
-    info = float(u_perp @ u_perp)
-    # Below float resolution of u the "variation" is rounding, not data.
-    if info <= (1e-9 * float(u @ u)):
+    basis = np.stack(others, axis=1) if others else np.zeros((len(target), 0))
+    if basis.shape[1]:
+        coef, *_ = np.linalg.lstsq(basis, target, rcond=None)
+        perp = target - basis @ coef
+    else:
+        perp = target
+    info = float(perp @ perp)
+    # Below float resolution of the column the "variation" is rounding, not data.
+    if info <= 1e-9 * float(target @ target):
         return math.inf
     return sigma / math.sqrt(info)
 
@@ -377,12 +383,15 @@ def _fit_steps(
         rel = (np.maximum(a * B, b * F) + c - t) / t
         sigma = max(1.4826 * float(np.median(np.abs(rel - np.median(rel)))), SIGMA_FLOOR)
         changed = False
+        u = np.where(mem_side, a * B / t, 0.0)  # ∂(pred/t)/∂log a
+        v = np.where(mem_side, 0.0, b * F / t)  # ∂(pred/t)/∂log b
+        z = 1.0 / t  # ∂(pred/t)/∂c
         if a_fix is None and a > 0 and mem_side.any():
-            sd = _log_slope_sd(B[mem_side], t[mem_side], a, sigma)
+            sd = _log_slope_sd(u, [z] + ([v] if b_fix is None and v.any() else []), sigma)
             if sd > IDENTIFIED_SD:
                 bw_sd, a_fix, changed = sd, 1.0 / (bandwidth * eta_bw_prior), True
         if b_fix is None and b > 0 and (~mem_side).any():
-            sd = _log_slope_sd(F[~mem_side], t[~mem_side], b, sigma)
+            sd = _log_slope_sd(v, [z] + ([u] if a_fix is None and u.any() else []), sigma)
             if sd > IDENTIFIED_SD:
                 fl_sd, b_fix, changed = sd, 1.0 / (peak_flops * eta_flops_prior), True
         if changed:
