@@ -371,14 +371,21 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_column("measured", justify="right")
         for m in models:
             table.add_column(m.replace("_", " ") + " (error)", justify="right")
+        table.add_column("closest")
+        lost = []
         for raw, entry in pair["metrics"].items():
             label, unit = unit_label(raw)
             table.add_row(
                 label,
                 _fmt(entry["measured"], unit),
                 *[_fmt(entry[m], unit) + _err(entry[f"{m}_error"]) for m in models],
+                (entry.get("best") or "—").replace("_", " "),
             )
+            if entry.get("baselines_beating_projection"):
+                lost.append(_beaten_line(label, entry, entry["baselines_beating_projection"]))
         console.print(table)
+        for line in lost:
+            console.print(f"[yellow]baseline beats the projection:[/] {line}", highlight=False)
         rows = pair["decode_by_batch_size"]
         if rows:
             bt = Table(title="decode step time (GPU) per batch size, ms", show_header=True)
@@ -404,8 +411,32 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
     for label, entry in summary["mean_abs_error"].items():
         st.add_row(label, *["—" if entry[m] is None else f"{entry[m] * 100:.1f}%" for m in models])
     console.print(st)
+    beaten = summary.get("baselines_beating_projection") or {}
+    for label, lost in beaten.items():
+        entry = summary["mean_abs_error"][label]
+        console.print(
+            f"[yellow]baseline beats the projection[/] (mean |error|): {label}: "
+            + ", ".join(f"{m.replace('_', ' ')} {entry[m] * 100:.1f}%" for m in lost)
+            + f" vs projection {entry['projection'] * 100:.1f}%",
+            highlight=False,
+        )
+    if not beaten:
+        console.print("the projection has the smallest mean |error| on every metric", highlight=False)
     for n in comparison.get("notes", []):
         console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def _beaten_line(label: str, entry: dict[str, Any], lost: list[str]) -> str:
+    """'TTFT mean, ms: bandwidth ratio -10.9% vs projection +19.5%'."""
+
+    def pct(m: str) -> str:
+        return f"{entry[f'{m}_error'] * 100:+.1f}%"
+
+    return (
+        f"{label}: "
+        + ", ".join(f"{m.replace('_', ' ')} {pct(m)}" for m in lost)
+        + f" vs projection {pct('projection')}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -57,6 +57,20 @@ def _error(pred: float | None, meas: float | None) -> float | None:
     return pred / meas - 1
 
 
+def verdict(errors: dict[str, float | None]) -> dict[str, Any]:
+    """Which model came closest (`best`) and the baselines that beat the projection
+    (`baselines_beating_projection`: strictly smaller |error|), from errors by model."""
+    known = {m: abs(e) for m, e in errors.items() if e is not None}
+    if not known:
+        return {"best": None, "baselines_beating_projection": []}
+    proj = known.get("projection")
+    beating = [m for m, e in known.items() if m != "projection" and proj is not None and e < proj]
+    return {
+        "best": min(known, key=lambda m: (known[m], m != "projection")),
+        "baselines_beating_projection": beating,
+    }
+
+
 def workload_key(ctx: RunContext) -> tuple[Any, ...]:
     """What makes two runs 'the same workload': model, engine, dataset, batch size."""
     md = ctx.run.metadata
@@ -176,6 +190,7 @@ def compare_pair(projected_run: dict[str, Any], target: str, measured: dict[str,
             pred = number_at(models[model], path)
             entry[model] = pred
             entry[f"{model}_error"] = _error(pred, meas)
+        entry.update(verdict({m: entry[f"{m}_error"] for m in MODELS}))
         metrics[label] = entry
     sizes = (projected_run.get("calibration") or {}).get("calibrated_on", {}).get("batch_sizes")
     return {"metrics": metrics, "decode_by_batch_size": _by_batch(measured, models, sizes)}
@@ -192,6 +207,7 @@ def _summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
             entry[model] = float(np.mean(errs)) if errs else None
         out[label] = entry
     rows = [r for c in comparisons for r in c["decode_by_batch_size"]]
+    beaten: dict[str, list[str]] = {}
     held_out = [r for r in rows if r.get("held_out")]
     groups = [("", rows)] + ([(" (held-out)", held_out)] if held_out else [])
     for suffix, group in groups:
@@ -201,8 +217,13 @@ def _summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
                 errs = [abs(r[f"{model}_{key}"]) for r in group if r.get(f"{model}_{key}") is not None]
                 entry[model] = float(np.mean(errs)) if errs else None
             out[f"decode step time{label} per batch size{suffix}"] = entry
+    for label, entry in out.items():
+        lost = verdict(entry)["baselines_beating_projection"]
+        if lost:
+            beaten[label] = lost
     return {
         "mean_abs_error": out,
+        "baselines_beating_projection": beaten,
         "pairs": len(comparisons),
         "batch_size_rows": len(rows),
         "held_out_batch_size_rows": len(held_out),

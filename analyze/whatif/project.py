@@ -445,6 +445,41 @@ def stream_warp(df: pl.DataFrame, gpu_time: np.ndarray) -> TimeWarp:
     return _stream_warp(df, gpu_time)
 
 
+HOST_BOUND_SHARE = 0.5
+"""Below this share of wall time scaling with the GPU, a run is called host-bound and the projection
+is said not to apply on another host."""
+
+
+def time_split(df: pl.DataFrame, cal: Calibration) -> dict[str, float] | None:
+    """Where the window's wall time goes under the fit: the roofline part (scales with the GPU), the
+    rest of the GPU span (fitted overhead and residuals: does not), and host gaps (measured, kept).
+    Shares of the summed wall time of the window's counted steps, warm times (compile steps out)."""
+    win = df.filter(pl.col("in_window") & pl.col("counted"))
+    if win.height == 0:
+        return None
+    t = warm_times(win)
+    wall = win["wall_s"].to_numpy().astype(np.float64)
+    B = win["bytes_per_gpu"].to_numpy().astype(np.float64)
+    F = win["flops_per_gpu"].to_numpy().astype(np.float64)
+    ok = np.isfinite(B) & np.isfinite(F) & (t > 0)
+    groups = fit_groups(win)
+    roof = np.zeros(len(t))
+    for g in np.unique(groups):
+        sel = ok & (groups == g)
+        if sel.any():
+            r = cal.fit_for(str(g)).roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
+            roof[sel] = np.minimum(r, t[sel])
+    busy = np.minimum(np.maximum(t, 0), np.maximum(wall, t))
+    total = float(np.sum(np.maximum(wall, t)))
+    if total <= 0:
+        return None
+    return {
+        "gpu_scaling_share": float(roof.sum()) / total,
+        "overhead_share": float((busy - roof).sum()) / total,
+        "host_gap_share": float((np.maximum(wall, t) - busy).sum()) / total,
+    }
+
+
 def _walls(df: pl.DataFrame, gpu_time: np.ndarray) -> np.ndarray:
     """Projected wall time per step: the GPU part scaled, the host gap kept."""
     t = df["time_s"].to_numpy().astype(np.float64)
@@ -693,6 +728,23 @@ def whatif_run(
     unprojectable = df.filter(~pl.col("bytes_per_gpu").is_finite() & (pl.col("time_s") > 0)).height
     if unprojectable:
         warnings.append(f"{unprojectable} step(s) without bytes (no expert counts) keep their measured time")
+    compiled = df.filter(pl.col("compile_step"))
+    if compiled.height:
+        warnings.append(
+            f"{compiled.height} compile / JIT step(s) (check's rule; {compiled['time_s'].sum():.3g} s measured) are "
+            "left out of the fit and take their phase's typical time in every projected view (compilation is "
+            "host work done once); the measured column keeps them"
+        )
+    split = time_split(df, cal)
+    if split is not None and split["gpu_scaling_share"] < HOST_BOUND_SHARE:
+        cpu = (ctx.run.metadata.extra or {}).get("host_cpu") or {}
+        host = f" (recorded host: {cpu.get('model')})" if cpu.get("model") else ""
+        warnings.append(
+            f"host-bound: only {split['gpu_scaling_share']:.0%} of the window's wall time scales with the GPU "
+            f"(per-step overhead {split['overhead_share']:.0%}, host gaps {split['host_gap_share']:.0%}); the "
+            f"projection holds the rest constant, which holds only on the same host{host}: on another host "
+            "the projection does not apply"
+        )
     out_targets: dict[str, Any] = {}
     for target in targets:
         models: dict[str, Any] = {}
@@ -723,6 +775,7 @@ def whatif_run(
             (r["window"] for r in analysis.document["runs"] if r["run_id"] == ctx.run.run_id), None
         ),
         "calibration": cal.as_dict(),
+        "time_split": split,
         "measured": measured,
         "targets": out_targets,
         "warnings": warnings + cal.notes,
