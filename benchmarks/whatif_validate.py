@@ -1,6 +1,6 @@
 """Validate `moecap-analyze whatif` on concurrency sweeps: calibrate on some batch sizes, test on the others.
 
-    python benchmarks/whatif_validate.py A_DIR [B_DIR] [--markdown] [--json OUT.json]
+    python benchmarks/whatif_validate.py A_DIR [B_DIR] [--json OUT.json]
 
 A_DIR, B_DIR: sweep folders (`moecap-collect sweep`) of the same workload on two GPUs, e.g.
 traces/h100-vllm-sweep and traces/h200-vllm-sweep. The runs of each folder are split by concurrency into
@@ -21,8 +21,9 @@ included.
 Per held-out batch size it prints, for the projection and both baselines, the error (predicted / measured
 − 1) of: decode step time (mean GPU time of the steady decode steps, `num_reqs` = the concurrency),
 prefill step time (mean), TPOT (mean), TTFT (mean) and output token throughput (requests); the measured
-values are those `moecap-analyze summary` prints (the same views). `--markdown` prints the table that
-docs/whatif.md carries (tests/analyze/whatif/test_whatif_validate.py checks they agree).
+reference values are a run's metrics by the same views as `moecap-analyze summary`, with its compile / JIT
+steps at their typical time (`reference`). It prints the Markdown table docs/whatif.md carries
+(tests/analyze/whatif/test_whatif_validate.py checks they agree).
 """
 
 from __future__ import annotations
@@ -296,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a_dir", type=Path)
     ap.add_argument("b_dir", type=Path, nargs="?")
-    ap.add_argument("--markdown", action="store_true", help="print the docs/whatif.md table")
     ap.add_argument("--json", type=Path, help="write every row as JSON")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args(argv)

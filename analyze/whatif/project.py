@@ -315,6 +315,26 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
             + ("prefill and mixed steps" if used == PREFILL_POOL else "all steps")
             + " is used"
         )
+    for which, sym, sd_key, prior in (
+        ("bandwidth", "η_bw", "eta_bw_data_sd", bw_prior),
+        ("FLOP", "η_f", "eta_flops_data_sd", fl_prior),
+    ):
+        pinned = {name: getattr(f, sd_key) for name, f in fits.items() if getattr(f, sd_key) is not None}
+        if pinned:
+            alone = ", ".join(
+                f"{name} {'nothing' if math.isinf(v) else f'±{v * 100:.0f} %'}" for name, v in pinned.items()
+            )
+            notes.append(
+                f"{which} efficiency not identified by the steps of fit(s) {', '.join(pinned)} (the data alone pin "
+                f"{sym} to: {alone}; steps that move about the same {'bytes' if sym == 'η_bw' else 'FLOPs'} make "
+                f"it collinear with the per-step overhead): prior {sym} = {prior:.3g} used "
+                + (
+                    "(achievable HBM bandwidth, analyze/whatif/data/priors.yaml)"
+                    if sym == "η_bw"
+                    else f"({prior_note})"
+                )
+                + "; calibrate on several batch sizes (--calibrate-on a sweep) to identify it"
+            )
     for which, bound, floor in (
         ("FLOP", "eta_flops_bound", "eta_flops_below_floor"),
         ("bandwidth", "eta_bw_bound", "eta_bw_below_floor"),
@@ -425,11 +445,11 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
 def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
     """Per-step GPU time (s) on `gpu` from the phase fits alone (no step keeps its measured residual):
     what the calibration predicts for steps it never saw, e.g. a batch size it was not fitted on.
-    Steps without bytes keep their warm time (`warm_times`)."""
+    Steps without bytes and idle steps (no tokens) keep their warm time (`warm_times`)."""
     t = warm_times(df)
     B = df["bytes_per_gpu"].to_numpy().astype(np.float64)
     F = df["flops_per_gpu"].to_numpy().astype(np.float64)
-    ok = np.isfinite(B) & np.isfinite(F) & (t > 0)
+    ok = np.isfinite(B) & np.isfinite(F) & (t > 0) & (df["num_tokens"].to_numpy() > 0)
     peak = peak_flops_of(gpu, cal.peak_dtype)
     phases = fit_groups(df)
     out = t.copy()

@@ -100,6 +100,10 @@ class RooflineFit:
     prior_note: str | None = None
     outliers: int = 0
     """Steps left out of the fit as outliers (see OUTLIER_MADS); the errors above include them."""
+    eta_bw_data_sd: float | None = None
+    """When the data did not pin η_bw (see IDENTIFIED_SD): the standard error of log η_bw they alone give
+    (inf when every step moves the same bytes); the prior was used."""
+    eta_flops_data_sd: float | None = None
 
     def step_time(
         self, nbytes: np.ndarray, flops: np.ndarray, bandwidth: float, peak_flops: float
@@ -486,4 +490,6 @@ def _fit_steps(
         eta_bw_below_floor=eta_bw_rejected,
         eta_flops_below_floor=eta_fl_rejected,
         prior_note="; ".join(notes) or None,
+        eta_bw_data_sd=bw_sd,
+        eta_flops_data_sd=fl_sd,
     )
