@@ -50,8 +50,9 @@ def whatif(
         list[str] | None,
         typer.Option(
             "--calibrate-on",
-            help="Fit the roofline on these traces (runs of the same model on the same GPU, e.g. a concurrency "
-            "sweep) instead of on each projected run itself (repeatable; files, directories or globs).",
+            help="Fit the roofline jointly on these traces (runs of the same model and engine on the same GPU, "
+            "e.g. a concurrency sweep: steps that move different bytes identify the per-step overhead and the "
+            "bandwidth efficiency) instead of on each projected run itself (repeatable; files, directories or globs).",
         ),
     ] = None,
     calibrate_batch_sizes: Annotated[

@@ -97,8 +97,8 @@ _STEP_COLUMNS = ", ".join(
 class CalibrationSpec:
     """Which measured steps the roofline is fitted on (default: every step of the projected run).
 
-    runs: calibrate on these runs instead (e.g. a concurrency sweep on the same GPU), using those of
-    the projected run's model measured on the same GPU. batch_sizes: only steps with this many
+    runs: calibrate on these runs instead (e.g. a concurrency sweep on the same GPU), jointly, using
+    those of the projected run's model served by the same engine on the same GPU. batch_sizes: only steps with this many
     requests, so the other batch sizes are held out and the comparison tells them apart."""
 
     runs: Analysis | None = None
@@ -381,13 +381,14 @@ def calibration_frame(
             c
             for c in spec.runs.contexts
             if c.run.metadata.model.id == ctx.run.metadata.model.id
+            and c.run.metadata.engine.name == ctx.run.metadata.engine.name
             and c.gpu is not None
             and c.gpu.name == gpu
         ]
         if not same:
             raise InputError(
                 f"run {ctx.run.run_id}: --calibrate-on holds no run of model {ctx.run.metadata.model.id} "
-                f"measured on {gpu}"
+                f"served by {ctx.run.metadata.engine.name} measured on {gpu}"
             )
         df = pl.concat([step_frame(spec.runs, c) for c in same], how="vertical_relaxed")
         runs = [c.run.run_id for c in same]

@@ -156,3 +156,32 @@ def test_compare_says_when_a_baseline_beats_the_projection(tmp_path):
     text = out.getvalue()
     assert re.search(r"baseline beats the projection: TPOT mean, ms: bandwidth ratio [+-]\d", text)
     assert "baseline beats the projection (mean |error|): TPOT mean (s)" in text
+
+
+def test_two_gpu_mode_recovers_a_known_model_and_beats_the_baselines(tmp_path):
+    """Simulated sweeps (benchmarks/synthetic_traces.py) of one workload on an H100 and an H200 whose
+    GPU times follow max(B/(BW·0.6), F/(P·0.5)) + 0.4 ms with 2 ms of host time per step: calibrated on
+    half the batch sizes, the projection of the other half onto the other GPU is the simulation's
+    truth, where "no change" and "bandwidth ratio" are not (the overhead does not scale)."""
+    from synthetic_traces import SimConfig, TimeModel, simulate_run
+    from test_whatif_projection import _analyzer_step_cost  # bytes/FLOPs by the analyzer's own formulas
+
+    cost = _analyzer_step_cost()
+    for tag, gpu, name in (("h100", "H100", "NVIDIA H100 80GB HBM3"), ("h200", "H200", "NVIDIA H200")):
+        spec = resolve_gpu(gpu)
+        model = TimeModel(spec.memory_bandwidth, spec.peak_flops("bf16"), 0.6, 0.5, 0.002, 0.0004)
+        for c in (1, 2, 4, 8):
+            cfg = SimConfig(
+                num_requests=2 * c, concurrency=c, prompt_len=(200, 400), output_len=16, token_budget=2048,
+                seed=c, gpu_name=name, time_model=model, run_id=f"20260101T000000Z-sim-{tag}-c{c}",
+                step_cost=cost,
+            )  # fmt: skip
+            simulate_run(tmp_path / tag, cfg)
+    rows = whatif_validate.validate(tmp_path / "h100", tmp_path / "h200", cache=tmp_path / "cache")
+    assert {r["direction"] for r in rows} == {"h100 → h200", "h200 → h100"}
+    assert {r["batch_size"] for r in rows} == {1, 2, 4, 8}
+    for r in rows:
+        if r["measured"] is None or r["metric"] == "prefill step time":
+            continue
+        assert abs(r["errors"]["projection"]) < 0.01, r
+        assert r["beats_baselines"], r
