@@ -29,6 +29,7 @@ steps at their typical time (`reference`). It prints the Markdown table docs/wha
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import sys
@@ -44,6 +45,7 @@ from moecap.analyze.document import number_at
 from moecap.analyze.pipeline import Analysis, analyze_paths
 from moecap.analyze.whatif.compare import compare_runs
 from moecap.analyze.whatif.project import (
+    HOST_BOUND_SHARE,
     CalibrationSpec,
     TimeWarp,
     View,
@@ -74,12 +76,15 @@ def concurrency(analysis: Analysis, ctx: Any) -> int | None:
     return int(c) if c is not None else None
 
 
-def run_files(folder: Path) -> dict[int, list[str]]:
-    """Trace files of each run of a sweep folder, by concurrency (read from the run metadata)."""
-    files = sorted(str(p) for p in folder.glob("*.arrow"))
+def run_files(source: str | Path, cache: Path | None = None) -> dict[int, list[str]]:
+    """Trace files of each run of a sweep folder (or of the files a glob names), by concurrency (read
+    from the run metadata)."""
+    path = Path(source)
+    found = path.glob("*.arrow") if path.is_dir() else (Path(p) for p in glob.glob(str(source)))
+    files = sorted(str(p) for p in found if str(p).endswith(".arrow"))
     if not files:
-        raise SystemExit(f"{folder}: no .arrow trace files")
-    a = analyze_paths(files, Options(window="all"))
+        raise SystemExit(f"{source}: no .arrow trace files")
+    a = analyze_paths(files, Options(window="all"), cache_dir=cache)
     out: dict[int, list[str]] = {}
     for ctx in a.contexts:
         c = concurrency(a, ctx)
@@ -138,12 +143,13 @@ def cross_gpu(
                 run = by_run[pair["source_run"]]
                 models = run["targets"][pair["target_gpu"]]["models"]
                 ref = reference(dst, dst_ctx[pair["compare_run"]])
+                split = run.get("time_split") or {}
+                host_bound = split.get("gpu_scaling_share", 1.0) < HOST_BOUND_SHARE
                 for label, path, tol in METRICS:
                     meas = _value(ref, label, path, c)
                     preds = {m: _value(models[m], label, path, c) for m in CROSS_MODELS}
-                    rows.append(
-                        _row(f"{direction[0]} → {direction[1]}", cal_sizes, c, label, tol, meas, preds)
-                    )
+                    row = _row(f"{direction[0]} → {direction[1]}", cal_sizes, c, label, tol, meas, preds)
+                    rows.append({**row, "host_bound": host_bound})
     return rows
 
 
@@ -268,8 +274,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if r["measured"] is None:
             continue
         yes = {True: "yes", False: "**no**", None: "—"}
+        batch = f"{r['batch_size']} (host-bound)" if r.get("host_bound") else str(r["batch_size"])
         out.append(
-            f"| {r['direction']} | {','.join(map(str, r['calibrated_on']))} | {r['batch_size']} | {r['metric']} | "
+            f"| {r['direction']} | {','.join(map(str, r['calibrated_on']))} | {batch} | {r['metric']} | "
             f"{_fmt(r['measured'], r['metric'])} | "
             + " | ".join(_pct(r["errors"][m]) for m in models)
             + f" | {yes[r['within_target']]} | {yes[r['beats_baselines']]} |"
@@ -286,21 +293,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def validate(a_dir: Path, b_dir: Path | None = None, cache: Path | None = None) -> list[dict[str, Any]]:
-    a_files = run_files(a_dir)
-    if b_dir is None:
-        return same_gpu(a_files, a_dir.name, cache)
-    return cross_gpu(a_files, run_files(b_dir), (a_dir.name, b_dir.name), cache)
+def validate(
+    a: str | Path,
+    b: str | Path | None = None,
+    cache: Path | None = None,
+    names: tuple[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Every row of the validation of sweep A (and B): see the module doc. `names`: how the two sides
+    are called in the rows (default: the folders' names)."""
+    names = names or (Path(a).name, Path(b).name if b is not None else "")
+    a_files = run_files(a, cache)
+    if b is None:
+        return same_gpu(a_files, names[0], cache)
+    return cross_gpu(a_files, run_files(b, cache), names, cache)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("a_dir", type=Path)
-    ap.add_argument("b_dir", type=Path, nargs="?")
+    ap.add_argument("a_dir", help="sweep folder (or a glob of trace files) of GPU A")
+    ap.add_argument("b_dir", nargs="?", help="the same workload on GPU B")
+    ap.add_argument(
+        "--names", help="what to call A and B in the table, e.g. H100,H200 (default: folder names)"
+    )
     ap.add_argument("--json", type=Path, help="write every row as JSON")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args(argv)
-    rows = validate(args.a_dir, args.b_dir, args.cache_dir)
+    names = tuple(args.names.split(",", 1)) if args.names else None
+    rows = validate(args.a_dir, args.b_dir, args.cache_dir, names)  # type: ignore[arg-type]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     sys.stdout.write(markdown(rows))

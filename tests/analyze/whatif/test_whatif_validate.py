@@ -64,15 +64,32 @@ def test_held_out_decode_step_time_and_tpot_beat_both_baselines(rows):
     assert min(abs(b1["errors"]["nearest"]), abs(b1["errors"]["bytes_ratio"])) > 0.10
 
 
-def test_docs_table_is_the_harness_output(rows):
+def _doc_block(name: str) -> str:
     doc = (ROOT / "docs" / "whatif.md").read_text()
     m = re.search(
-        r"<!-- whatif_validate traces/h100-vllm-sweep: begin -->\n(.*?)<!-- whatif_validate: end -->",
-        doc,
-        re.S,
+        rf"<!-- whatif_validate {re.escape(name)}: begin -->\n(.*?)<!-- whatif_validate: end -->", doc, re.S
     )
-    assert m, "docs/whatif.md lost its generated validation table"
-    assert m.group(1) == whatif_validate.markdown(rows)
+    assert m, f"docs/whatif.md lost its generated validation table {name}"
+    return m.group(1)
+
+
+def test_docs_table_is_the_harness_output(rows):
+    assert _doc_block("traces/h100-vllm-sweep") == whatif_validate.markdown(rows)
+
+
+def test_docs_hf_twins_table_is_the_harness_output_and_says_the_projection_loses(tmp_path):
+    traces = ROOT / "traces"
+    hf = whatif_validate.validate(
+        str(traces / "h100-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128-*"),
+        str(traces / "h200-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128-*"),
+        cache=tmp_path,
+        names=("H100 HF eager", "H200 HF eager"),
+    )
+    assert _doc_block("HF twins") == whatif_validate.markdown(hf)
+    # Host-bound runs: every source run is marked, and the bandwidth ratio beats the projection on decode.
+    assert all(r["host_bound"] for r in hf)
+    decode = [r for r in hf if r["metric"] == "decode step time"]
+    assert len(decode) == 6 and sum(not r["beats_baselines"] for r in decode) >= 4
 
 
 def test_batch_one_alone_uses_the_prior_and_says_so(tmp_path):
