@@ -171,16 +171,17 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
 
 
 def cuda_graph_max_tokens(ctx: RunContext) -> int | None:
-    """The largest batch (tokens) the engine replays as a CUDA graph, from its recorded arguments
-    (vLLM `cudagraph_capture_sizes`, SGLang `cuda_graph_max_bs`); None when eager or not recorded."""
+    """The largest batch (tokens) of any phase the engine replays as CUDA graphs, from its recorded
+    arguments: vLLM's `cudagraph_capture_sizes` (v1 captures piecewise graphs for prefill and mixed
+    batches of up to that many tokens too). None when eager, not recorded, or an engine whose graphs
+    cover decode only (SGLang's `cuda_graph_max_bs` counts decode requests; its prefills run eager)."""
     args = ctx.run.metadata.engine.args or {}
-    if args.get("enforce_eager") or args.get("disable_cuda_graph"):
+    if args.get("enforce_eager") or str(args.get("cudagraph_mode", "")).upper() == "NONE":
         return None
     sizes = args.get("cudagraph_capture_sizes")
     if isinstance(sizes, list) and sizes and all(isinstance(x, int) for x in sizes):
         return max(sizes)
-    bs = args.get("cuda_graph_max_bs")
-    return bs if isinstance(bs, int) and bs > 0 else None
+    return None
 
 
 def fit_groups(df: pl.DataFrame) -> np.ndarray:

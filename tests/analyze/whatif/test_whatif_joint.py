@@ -109,3 +109,21 @@ def test_verdict_names_the_closest_model_and_the_baselines_that_beat_the_project
         "best": None,
         "baselines_beating_projection": [],
     }
+
+
+def test_prefill_inside_the_cuda_graphs_is_timed_with_decode():
+    import polars as pl
+
+    from moecap.analyze.whatif.project import fit_groups
+
+    df = pl.DataFrame(
+        {
+            "phase": ["decode", "prefill", "prefill", "mixed", "mixed", "idle"],
+            "num_tokens": [64, 200, 1024, 256, 16384, 0],
+            "graph_max_tokens": [256] * 6,
+        }
+    )
+    assert fit_groups(df).tolist() == ["decode", "decode", "prefill", "decode", "mixed", "idle"]
+    # Eager engines (no recorded graph sizes): every step keeps its phase.
+    eager = df.with_columns(graph_max_tokens=pl.lit(None, pl.Int64))
+    assert fit_groups(eager).tolist() == ["decode", "prefill", "prefill", "mixed", "mixed", "idle"]

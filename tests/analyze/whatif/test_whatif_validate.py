@@ -118,6 +118,7 @@ def test_compile_steps_are_out_of_the_fit_and_the_projection(tmp_path):
     a = analyze_paths(_run(32), Options(), cache_dir=tmp_path)
     ctx = a.contexts[0]
     df = step_frame(a, ctx)
+    assert df["graph_max_tokens"].unique().to_list() == [256]  # vLLM's recorded cudagraph_capture_sizes
     jit = df.filter(pl.col("compile_step"))
     # check names step 647 (a 1,244.8 ms mixed step against a typical ~11.6 ms).
     assert jit["step"].to_list() == [647]
