@@ -7,7 +7,15 @@ dense peak P (FLOP/s):
 
 η_bw, η_f: achieved fractions of peak bandwidth and compute; c: a fixed per-step overhead (s) that
 does not scale with bytes or FLOPs (kernel launches, small kernels, synchronisation). The fit is
-least squares over the measured steps with a = 1/(BW·η_bw) > 0, b = 1/(P·η_f) > 0, c >= 0.
+least squares of the relative residuals (model − t)/t (weights 1/t²: a 3 ms batch-1 step counts as much
+as a 20 ms batch-128 one) over the measured steps — one run's or, for a joint fit across batch sizes,
+several runs' — with a = 1/(BW·η_bw) > 0, b = 1/(P·η_f) > 0, c >= 0.
+
+Identifiability: an efficiency is kept only when the steps pin it, i.e. the standard error of its log
+(`_log_slope_sd`: the residual scale over the part of its column that the other parameters' columns do
+not explain) is below IDENTIFIED_SD. Steps that all move the same bytes (batch 1 under CUDA graphs) make
+the bytes column collinear with the overhead's: η_bw is then the prior (the caller's `eta_bw_prior`, a
+physical achievable-bandwidth fraction) and c what remains, and the note says so.
 
 For a given (a, b) the step is memory-bound iff F_i/B_i <= a/b, so sorting the steps by arithmetic
 intensity turns the problem into a search over one split point: steps below it are fitted as
@@ -465,7 +473,7 @@ def _fit_steps(
     if refit_overhead:
         # A bound above 1 means the overhead c, not the roofline, carried the steps: with both
         # efficiencies at physical values, c is what remains on average.
-        c = max(0.0, float(np.mean(t - np.maximum(a * B, b * F))))
+        c = max(0.0, float(np.average(t - np.maximum(a * B, b * F), weights=w)))
         notes.append(
             "the implied bound is above 1 (the per-step overhead carries the time): the prior was used"
         )
