@@ -55,6 +55,14 @@ def whatif(
             "bandwidth efficiency) instead of on each projected run itself (repeatable; files, directories or globs).",
         ),
     ] = None,
+    calibrate_per_run: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-per-run",
+            help="Fit each run on its own steps only (default: jointly with the other runs given that share its "
+            "model, GPU and engine configuration, e.g. the batch sizes of a sweep).",
+        ),
+    ] = False,
     calibrate_batch_sizes: Annotated[
         str | None,
         typer.Option(
@@ -139,7 +147,11 @@ def whatif(
         cache_dir=cache_dir,
         strict=strict,
     )
-    calibration = None
+    if calibrate_per_run and calibrate_on:
+        raise typer.BadParameter(
+            "--calibrate-per-run and --calibrate-on exclude each other", param_hint="--calibrate-per-run"
+        )
+    calibration = CalibrationSpec(per_run=True) if calibrate_per_run else None
     if calibrate_on or sizes:
         runs = (
             analyze_paths(
@@ -151,7 +163,7 @@ def whatif(
             if calibrate_on
             else None
         )
-        calibration = CalibrationSpec(runs=runs, batch_sizes=sizes)
+        calibration = CalibrationSpec(runs=runs, batch_sizes=sizes, per_run=calibrate_per_run)
     if compare_to:
         other = analyze_paths(
             compare_to,
@@ -330,9 +342,12 @@ def print_whatif(document: dict[str, Any], console: Console | None = None, *, de
         on = cal.get("calibrated_on") or {}
         if on.get("runs") and (on["runs"] != [run["run_id"]] or on.get("batch_sizes")):
             sizes = f", batch sizes {','.join(map(str, on['batch_sizes']))}" if on.get("batch_sizes") else ""
-            console.print(
-                f"  calibrated on {safe(', '.join(on['runs']))}{sizes} ({on['steps']} steps)", highlight=False
+            which = (
+                f"jointly on {len(on['runs'])} runs"
+                if len(on["runs"]) > 2
+                else f"on {safe(', '.join(on['runs']))}"
             )
+            console.print(f"  calibrated {which}{sizes} ({on['steps']} steps)", highlight=False)
         for phase, fit in cal["fits"].items():
             ident = "" if fit["bandwidth_identified"] and fit["flops_identified"] else " (prior used)"
             console.print(

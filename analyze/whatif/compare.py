@@ -27,6 +27,7 @@ from .project import (
     MODELS,
     WHATIF_SCHEMA,
     CalibrationSpec,
+    Frames,
     TimeWarp,
     measured_power_fraction,
     projected_window_cost,
@@ -245,11 +246,12 @@ def compare_runs(
     projection errors against the paired run's measurements."""
     pairs, notes = pair_runs(source, other)
     runs, comparisons = [], []
+    frames: Frames = {}
     for src, dst in pairs:
         assert dst.gpu is not None
         targets = [dst.gpu, *[g for g in extra_targets if g.name != dst.gpu.name]]
         try:
-            projected = whatif_run(source, src, targets, settings, calibration)
+            projected = whatif_run(source, src, targets, settings, calibration, frames)
             measured = measured_view(other, dst, settings)
         except InputError as exc:
             if len(pairs) == 1:

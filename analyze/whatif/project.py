@@ -95,14 +95,59 @@ _STEP_COLUMNS = ", ".join(
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Which measured steps the roofline is fitted on (default: every step of the projected run).
+    """Which measured steps the roofline is fitted on.
 
-    runs: calibrate on these runs instead (e.g. a concurrency sweep on the same GPU), jointly, using
-    those of the projected run's model served by the same engine on the same GPU. batch_sizes: only steps with this many
-    requests, so the other batch sizes are held out and the comparison tells them apart."""
+    Default: jointly, the steps of every run given with the projected run that shares its model, GPU and
+    engine configuration (`same_config`): a sweep folder's runs at several batch sizes identify the
+    per-step overhead and η_bw that one batch size cannot. runs: calibrate on these runs instead (e.g. a
+    sweep on the same GPU, `--calibrate-on`), jointly, using those of the projected run's model served by
+    the same engine on the same GPU. per_run: each run on its own steps only. batch_sizes: only steps
+    with this many requests, so the other batch sizes are held out and the comparison tells them apart."""
 
     runs: Analysis | None = None
     batch_sizes: frozenset[int] | None = None
+    per_run: bool = False
+
+
+Frames = dict[tuple[int, str], pl.DataFrame]
+"""Step frames (`step_frame`) by (id of their Analysis, run id): built once per call of `whatif` /
+`compare_runs`, shared by every run's calibration (analyses of different windows stay apart)."""
+
+SIZING_ARGS = frozenset(
+    {
+        "model",
+        "served_model_name",
+        "tokenizer",
+        "max_num_seqs",
+        "max_requests_per_batch",
+        "max_running_requests",
+        "num_blocks",
+        "num_gpu_blocks",
+        "num_gpu_blocks_override",
+        "gpu_memory_utilization",
+        "mem_fraction_static",
+    }
+)
+"""Engine arguments that do not make two runs' steps different kinds of steps: paths, the request-count
+limit a concurrency sweep varies, and KV-cache sizing (blocks, memory fractions). Runs that differ only in
+these calibrate jointly by default; any other difference (CUDA graphs on / off, chunked prefill, dtype,
+version) keeps them apart."""
+
+
+def same_config(a: RunContext, b: RunContext) -> bool:
+    """Same model, GPU and engine configuration (name, version, arguments but SIZING_ARGS)."""
+    ma, mb = a.run.metadata, b.run.metadata
+    if (
+        ma.model.id != mb.model.id
+        or ma.engine.name != mb.engine.name
+        or ma.engine.version != mb.engine.version
+    ):
+        return False
+    if a.gpu is None or b.gpu is None or a.gpu.name != b.gpu.name:
+        return False
+    args_a, args_b = ma.engine.args or {}, mb.engine.args or {}
+    keys = (set(args_a) | set(args_b)) - SIZING_ARGS
+    return all(args_a.get(k) == args_b.get(k) for k in keys)
 
 
 @dataclass
@@ -371,12 +416,31 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
 
 
 def calibration_frame(
-    analysis: Analysis, ctx: RunContext, df: pl.DataFrame, spec: CalibrationSpec | None
+    analysis: Analysis,
+    ctx: RunContext,
+    df: pl.DataFrame,
+    spec: CalibrationSpec | None,
+    frames: Frames | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The steps to fit `ctx`'s roofline on (its own steps `df` unless `spec` says otherwise), and a
-    description of them for the output."""
+    """The steps to fit `ctx`'s roofline on (see CalibrationSpec), and a description of them for the
+    output. `frames`: step frames already built (reused, and filled)."""
+    frames = {} if frames is None else frames
+    frames.setdefault((id(analysis), ctx.run.run_id), df)
+
+    def frame(a: Analysis, c: RunContext) -> pl.DataFrame:
+        key = (id(a), c.run.run_id)
+        if key not in frames:
+            frames[key] = step_frame(a, c)
+        return frames[key]
+
     runs = [ctx.run.run_id]
-    if spec is not None and spec.runs is not None:
+    spec = spec or CalibrationSpec()
+    if spec.runs is None and not spec.per_run:
+        same = [c for c in analysis.contexts if c.run.run_id == ctx.run.run_id or same_config(c, ctx)]
+        if len(same) > 1:
+            df = pl.concat([frame(analysis, c) for c in same], how="vertical_relaxed")
+            runs = [c.run.run_id for c in same]
+    elif spec.runs is not None:
         gpu = ctx.gpu.name if ctx.gpu is not None else None
         same = [
             c
@@ -391,9 +455,9 @@ def calibration_frame(
                 f"run {ctx.run.run_id}: --calibrate-on holds no run of model {ctx.run.metadata.model.id} "
                 f"served by {ctx.run.metadata.engine.name} measured on {gpu}"
             )
-        df = pl.concat([step_frame(spec.runs, c) for c in same], how="vertical_relaxed")
+        df = pl.concat([frame(spec.runs, c) for c in same], how="vertical_relaxed")
         runs = [c.run.run_id for c in same]
-    sizes = sorted(spec.batch_sizes) if spec is not None and spec.batch_sizes else None
+    sizes = sorted(spec.batch_sizes) if spec.batch_sizes else None
     if sizes is not None:
         df = df.filter(pl.col("num_reqs").is_in(sizes))
         if df.height == 0:
@@ -728,11 +792,13 @@ def whatif_run(
     targets: Sequence[GpuSpec],
     settings: CostSettings,
     calibration: CalibrationSpec | None = None,
+    frames: Frames | None = None,
 ) -> dict[str, Any]:
     """The what-if document of one run: calibration, the measured view, and per target GPU the
-    projection and both baselines."""
-    df = step_frame(analysis, ctx)
-    cal_df, calibrated_on = calibration_frame(analysis, ctx, df, calibration)
+    projection and both baselines. `frames`: step frames shared between the runs of one call."""
+    key = (id(analysis), ctx.run.run_id)
+    df = frames[key] if frames and key in frames else step_frame(analysis, ctx)
+    cal_df, calibrated_on = calibration_frame(analysis, ctx, df, calibration, frames)
     cal = calibrate(cal_df, ctx)
     cal.calibrated_on = calibrated_on
     requests = analysis.db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[ctx.run.run_id]).pl()
@@ -833,12 +899,16 @@ def whatif(
 
     A run that cannot be projected (no steps, no expert counts, no GPU spec) gets {run_id, error};
     when no run can be, the first error is raised."""
-    runs = run_each(analysis.contexts, lambda ctx: whatif_run(analysis, ctx, targets, settings, calibration))
+    frames: Frames = {}
+    runs = run_each(
+        analysis.contexts, lambda ctx: whatif_run(analysis, ctx, targets, settings, calibration, frames)
+    )
     return {
         "schema": WHATIF_SCHEMA,
         "assumptions": list(ASSUMPTIONS),
         "models": {
-            "projection": "roofline with efficiencies and per-step overhead fitted per phase on the measured run",
+            "projection": "roofline with efficiencies and per-step overhead fitted per phase on the measured "
+            "run, jointly with the runs of the same configuration given with it (calibration.calibrated_on)",
             "no_change": "baseline: the measured step times",
             "bandwidth_ratio": "baseline: memory-bound steps (nominal roofline of the source GPU) scaled by the "
             "bandwidth ratio, compute-bound steps by the peak-FLOPs ratio",

@@ -25,7 +25,7 @@ from moecap.analyze.pipeline import analyze_paths
 from moecap.analyze.specs import resolve_gpu
 from moecap.analyze.whatif import compare_runs, whatif
 from moecap.analyze.whatif.cli import print_whatif
-from moecap.analyze.whatif.project import calibrate, step_frame, warm_times
+from moecap.analyze.whatif.project import CalibrationSpec, calibrate, step_frame, warm_times
 
 ROOT = Path(__file__).resolve().parents[3]
 SWEEP = ROOT / "traces" / "h100-vllm-sweep"
@@ -203,3 +203,29 @@ def test_two_gpu_mode_recovers_a_known_model_and_beats_the_baselines(tmp_path):
             continue
         assert abs(r["errors"]["projection"]) < 0.01, r
         assert r["beats_baselines"], r
+
+
+def test_runs_of_one_configuration_calibrate_jointly_by_default(tmp_path):
+    sweep = analyze_paths([str(SWEEP)], Options(), cache_dir=tmp_path)
+    doc = whatif(sweep, [resolve_gpu("H200")], load_cost_settings())
+    by_c = {r["batch_size"]: r for r in doc["runs"]}
+    one = by_c[1]["calibration"]
+    assert len(one["calibrated_on"]["runs"]) == 8  # the whole sweep: same model, GPU, engine arguments
+    assert one["fits"]["decode"]["bandwidth_identified"]
+    # Per run, batch 1 cannot identify η_bw and uses the prior.
+    alone = whatif(sweep, [resolve_gpu("H200")], load_cost_settings(), CalibrationSpec(per_run=True))
+    one = {r["batch_size"]: r for r in alone["runs"]}[1]["calibration"]
+    assert one["calibrated_on"]["runs"] == [by_c[1]["run_id"]]
+    assert not one["fits"]["decode"]["bandwidth_identified"] and one["fits"]["decode"]["eta_bw"] == 0.85
+
+
+def test_runs_of_another_configuration_stay_apart(tmp_path):
+    # HF eager and HF with CUDA graphs (use_cuda_graph differs) on the same GPU and model.
+    files = [
+        str(p) for p in sorted((ROOT / "traces").glob("h100-Qwen1.5-MoE-A2.7B-cb-*bs64-syn1024x128-n64.*"))
+    ]
+    a = analyze_paths(files, Options(), cache_dir=tmp_path)
+    assert len(a.contexts) == 2
+    doc = whatif(a, [resolve_gpu("H200")], load_cost_settings())
+    for run in doc["runs"]:
+        assert run["calibration"]["calibrated_on"]["runs"] == [run["run_id"]]
