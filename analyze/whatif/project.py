@@ -798,6 +798,15 @@ def whatif_run(
     projection and both baselines. `frames`: step frames shared between the runs of one call."""
     key = (id(analysis), ctx.run.run_id)
     df = frames[key] if frames and key in frames else step_frame(analysis, ctx)
+    own = _fittable(df).height
+    if own < 3:
+        # Joint calibration could fit other runs' steps, but none of this run's steps could be re-timed.
+        missing = df.filter(~pl.col("bytes_total").is_finite()).height
+        why = f" ({missing} steps lack bytes: no expert counts)" if missing else ""
+        raise InputError(
+            f"run {ctx.run.run_id}: too few steps with bytes, FLOPs and a GPU time to calibrate "
+            f"the roofline ({own}){why}"
+        )
     cal_df, calibrated_on = calibration_frame(analysis, ctx, df, calibration, frames)
     cal = calibrate(cal_df, ctx)
     cal.calibrated_on = calibrated_on
