@@ -310,6 +310,10 @@ def print_whatif_rows(document: dict[str, Any], console: Console) -> None:
     console.print(table)
     for e in errors:
         console.print(f"[yellow]note:[/] {e}", highlight=False)
+    for run in document["runs"]:
+        for w in run.get("warnings", []):
+            if w.startswith("host-bound:"):  # the one note a reader of the rows must not miss
+                console.print(f"[yellow]note:[/] {safe(run['run_id'])}: {safe(w)}", highlight=False)
 
 
 def print_whatif(document: dict[str, Any], console: Console | None = None, *, detail: bool = False) -> None:
