@@ -308,8 +308,8 @@ def validate(
     return cross_gpu(a_files, run_files(b, cache), names, cache)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("a_dir", help="sweep folder (or a glob of trace files) of GPU A")
     ap.add_argument("b_dir", nargs="?", help="the same workload on GPU B")
     ap.add_argument(
@@ -317,9 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", type=Path, help="write every row as JSON")
     ap.add_argument("--cache-dir", type=Path)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def rows_for(argv: list[str], cache: Path | None = None) -> list[dict[str, Any]]:
+    """The rows the command line `argv` (without the program name) validates; `cache` unless given."""
+    args = parser().parse_args(argv)
     names = tuple(args.names.split(",", 1)) if args.names else None
-    rows = validate(args.a_dir, args.b_dir, args.cache_dir, names)  # type: ignore[arg-type]
+    return validate(args.a_dir, args.b_dir, args.cache_dir or cache, names)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    rows = rows_for(sys.argv[1:] if argv is None else argv)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     sys.stdout.write(markdown(rows))

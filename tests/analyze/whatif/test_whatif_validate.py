@@ -11,7 +11,9 @@ must be exactly what the harness prints.
 from __future__ import annotations
 
 import io
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,20 +66,34 @@ def test_held_out_decode_step_time_and_tpot_beat_both_baselines(rows):
     assert min(abs(b1["errors"]["nearest"]), abs(b1["errors"]["bytes_ratio"])) > 0.10
 
 
-def _doc_block(name: str) -> str:
-    doc = (ROOT / "docs" / "whatif.md").read_text()
-    m = re.search(
-        rf"<!-- whatif_validate {re.escape(name)}: begin -->\n(.*?)<!-- whatif_validate: end -->", doc, re.S
-    )
-    assert m, f"docs/whatif.md lost its generated validation table {name}"
-    return m.group(1)
+DOC_BLOCK = re.compile(r"^<!-- whatif_validate (.*?): begin -->\n(.*?)^<!-- whatif_validate: end -->", re.S | re.M)
 
 
-def test_docs_table_is_the_harness_output(rows):
-    assert _doc_block("traces/h100-vllm-sweep") == whatif_validate.markdown(rows)
+def _doc_blocks() -> dict[str, str]:
+    """docs/whatif.md's generated tables by the harness arguments in their opening marker."""
+    return dict(DOC_BLOCK.findall((ROOT / "docs" / "whatif.md").read_text()))
 
 
-def test_docs_hf_twins_table_is_the_harness_output_and_says_the_projection_loses(tmp_path):
+def test_docs_tables_are_the_harness_output(rows, tmp_path):
+    """Every table docs/whatif.md carries is what the harness prints for the arguments its marker names
+    (run from the repository root); the H100 sweep's is among them."""
+    blocks = _doc_blocks()
+    assert blocks["traces/h100-vllm-sweep"] == whatif_validate.markdown(rows)
+    assert len(blocks) >= 2
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        for args, body in blocks.items():
+            if args == "traces/h100-vllm-sweep":
+                continue
+            assert body == whatif_validate.markdown(whatif_validate.rows_for(shlex.split(args), tmp_path)), (
+                args
+            )
+    finally:
+        os.chdir(cwd)
+
+
+def test_hf_twins_are_host_bound_and_the_projection_loses_there(tmp_path):
     traces = ROOT / "traces"
     hf = whatif_validate.validate(
         str(traces / "h100-Qwen1.5-MoE-A2.7B-cb-bs*-syn1024x128-*"),
@@ -85,7 +101,6 @@ def test_docs_hf_twins_table_is_the_harness_output_and_says_the_projection_loses
         cache=tmp_path,
         names=("H100 HF eager", "H200 HF eager"),
     )
-    assert _doc_block("HF twins") == whatif_validate.markdown(hf)
     # Host-bound runs: every source run is marked, and the bandwidth ratio beats the projection on decode.
     assert all(r["host_bound"] for r in hf)
     decode = [r for r in hf if r["metric"] == "decode step time"]
