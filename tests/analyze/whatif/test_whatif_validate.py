@@ -66,7 +66,9 @@ def test_held_out_decode_step_time_and_tpot_beat_both_baselines(rows):
     assert min(abs(b1["errors"]["nearest"]), abs(b1["errors"]["bytes_ratio"])) > 0.10
 
 
-DOC_BLOCK = re.compile(r"^<!-- whatif_validate (.*?): begin -->\n(.*?)^<!-- whatif_validate: end -->", re.S | re.M)
+DOC_BLOCK = re.compile(
+    r"^<!-- whatif_validate (.*?): begin -->\n(.*?)^<!-- whatif_validate: end -->", re.S | re.M
+)
 
 
 def _doc_blocks() -> dict[str, str]:
