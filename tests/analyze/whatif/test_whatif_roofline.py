@@ -88,7 +88,7 @@ def test_large_runs_are_subsampled_and_bad_rows_ignored():
 def test_an_implausibly_low_efficiency_becomes_overhead():
     """A launch-bound engine: ~110 ms steps whose time grows a little with context (bytes) because of
     per-token host work. A free fit would say "memory-bound at 0.75 % of peak" and scale the whole
-    step with bandwidth on another GPU; below the 10 % floor the time is overhead instead."""
+    step with bandwidth on another GPU; below the 30 % floor the time is overhead instead."""
     rng = np.random.default_rng(5)
     B = np.linspace(2.6e9, 2.9e9, 200)  # weights + a growing KV cache
     F = B * 2.0  # decode-like intensity
