@@ -353,7 +353,10 @@ def print_whatif(document: dict[str, Any], console: Console | None = None, *, de
             )
             console.print(f"  calibrated {which}{sizes} ({on['steps']} steps)", highlight=False)
         for phase, fit in cal["fits"].items():
-            ident = "" if fit["bandwidth_identified"] and fit["flops_identified"] else " (prior used)"
+            priors = [
+                n for n, k in (("η_bw", "bandwidth_identified"), ("η_f", "flops_identified")) if not fit[k]
+            ]
+            ident = f" (prior: {', '.join(priors)}; see the notes)" if priors else ""
             console.print(
                 f"  fit {phase:<8} η_bw {fit['eta_bw']:.3f}  η_f {fit['eta_flops']:.3f}  overhead "
                 f"{fit['overhead_s'] * 1e3:.3g} ms  steps {fit['n_steps']}  MAPE {fit['mape'] * 100:.2g} %{ident}"
