@@ -86,10 +86,13 @@ def run_files(source: str | Path, cache: Path | None = None) -> dict[int, list[s
         raise SystemExit(f"{source}: no .arrow trace files")
     a = analyze_paths(files, Options(window="all"), cache_dir=cache)
     out: dict[int, list[str]] = {}
-    for ctx in a.contexts:
+    # Several runs at one concurrency (a retried sweep point): the latest (run ids start with the time).
+    for ctx in sorted(a.contexts, key=lambda c: c.run.run_id):
         c = concurrency(a, ctx)
         if c is None:
             continue
+        if c in out:
+            print(f"{source}: several runs at concurrency {c}; using {ctx.run.run_id}", file=sys.stderr)
         out[c] = [f for f in files if Path(f).name.startswith(ctx.run.run_id + ".")]
     return out
 
