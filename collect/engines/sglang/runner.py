@@ -288,7 +288,7 @@ async def closed_loop(
 
     async def one(p: Any) -> RequestRecord:
         params = {"max_new_tokens": p.max_new_tokens, "ignore_eos": options.ignore_eos, "temperature": 0.0}
-        rec = RequestRecord.of(p, time.monotonic_ns(), engine_id=p.req_id)
+        rec = RequestRecord.of(p, time.monotonic_ns(), engine_req_id=p.req_id)
         stream = await engine.async_generate(
             input_ids=list(p.token_ids), sampling_params=params, stream=True, rid=p.req_id
         )
@@ -305,14 +305,14 @@ async def closed_loop(
                 # carry the new ids only.
                 rec.output_ids = ids if len(ids) == total else rec.output_ids + ids[-new:]
                 rec.first_token_ns = rec.first_token_ns or now
-                rec.chunk_ns.append(now)
+                rec.chunk_times_ns.append(now)
                 rec.chunk_tokens.append(new)
             if isinstance(meta.get("cached_tokens"), int):
-                rec.cached_tokens = meta["cached_tokens"]
+                rec.cached_prompt_tokens = meta["cached_tokens"]
             reason = meta.get("finish_reason")
             if reason is not None:
                 rec.finish_reason = str(reason.get("type")) if isinstance(reason, dict) else str(reason)
-        rec.finish_ns = time.monotonic_ns() if not rec.chunk_ns else rec.chunk_ns[-1]
+        rec.finish_ns = time.monotonic_ns() if not rec.chunk_times_ns else rec.chunk_times_ns[-1]
         return rec
 
     async def worker() -> None:

@@ -239,8 +239,8 @@ class VllmSession(OfflineSession):
                     continue
                 completion = out.outputs[0]
                 rec.add_tokens(now, completion.token_ids)  # DELTA: this step's tokens only
-                if rec.cached_tokens is None:
-                    rec.cached_tokens = getattr(out, "num_cached_tokens", None)
+                if rec.cached_prompt_tokens is None:
+                    rec.cached_prompt_tokens = getattr(out, "num_cached_tokens", None)
                 if out.finished:
                     rec.finish_ns = now
                     rec.finish_reason = str(completion.finish_reason) if completion.finish_reason else None
