@@ -228,7 +228,9 @@ class _EngineHelp(typer.core.TyperCommand):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         applies = _run_flags(ctx.meta.get("moecap_engine"))
-        hide = [p for p in self.params if applies is not None and p.name in RUN_FIELDS and p.name not in applies]
+        hide = [
+            p for p in self.params if applies is not None and p.name in RUN_FIELDS and p.name not in applies
+        ]
         for p in hide:
             p.hidden = True
         try:
