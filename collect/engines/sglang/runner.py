@@ -50,14 +50,7 @@ from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
 from ...workload import Prompt, RequestRecord
-from ..base import (
-    COMMON_RUN_FLAGS,
-    OfflineRunOptions,
-    OfflineSession,
-    Progress,
-    SessionEngine,
-    engine_fields,
-)
+from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, has_flag, model_id_of, parse_engine_flags, supervise_traced_server
 from . import adapter, compat
 

@@ -39,14 +39,7 @@ from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
 from ...workload import Prompt, RequestRecord
-from ..base import (
-    COMMON_RUN_FLAGS,
-    OfflineRunOptions,
-    OfflineSession,
-    Progress,
-    SessionEngine,
-    engine_fields,
-)
+from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, exec_traced_server, model_id_of, parse_engine_flags
 from . import adapter, compat
 
