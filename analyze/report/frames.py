@@ -213,7 +213,7 @@ def _scan(path: Any, columns: list[str]) -> Any:
 
 def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
     """The run's experts files that feed the views (one TP rank per (dp, pp), or the sum over its
-    ranks, as load.py rules)."""
+    ranks, as the loader rules: analyze/load/ranks.py)."""
     run = db.runs.get(run_id)
     if run is None:
         return []
