@@ -67,19 +67,34 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def leaderboard_frame(
-    document: dict[str, Any],
+    analysis: Any,
     *,
     sort: str = "throughput",
     created_at: dict[str, str] | None = None,
     group: bool = False,
 ) -> pl.DataFrame:
-    """The ranked table: one row per run, or with `group` one per configuration (KEY); best first
-    by `sort` (see SORT_KEYS); runs without the sort figure rank last. `created_at` (run_id -> ISO
-    time) picks the most recent run of a configuration; default: the timestamp that starts a
-    moecap run id."""
+    """The ranked table of an `Analysis`: `rank_runs` over `frames.runs_frame` (the façade's views
+    and frames, not metrics.json)."""
     if sort not in SORT_KEYS:
         raise InputError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
-    runs = runs_frame(document, run_labels(document))
+    return rank_runs(
+        runs_frame(analysis, run_labels(analysis)), sort=sort, created_at=created_at, group=group
+    )
+
+
+def rank_runs(
+    runs: pl.DataFrame,
+    *,
+    sort: str = "throughput",
+    created_at: dict[str, str] | None = None,
+    group: bool = False,
+) -> pl.DataFrame:
+    """Rank a `runs_frame`: one row per run, or with `group` one per configuration (KEY); best first
+    by `sort` (see SORT_KEYS); runs without the sort figure rank last. The most recent run of a
+    configuration (latest `created_at`, the trace metadata's unless given as run_id -> ISO time,
+    then run id) stands for it; the others are listed in `other_runs`."""
+    if sort not in SORT_KEYS:
+        raise InputError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
     if created_at:
         runs = runs.with_columns(
             created_at=pl.col("run_id").replace_strict(
@@ -132,8 +147,7 @@ def write_leaderboard(
 ) -> dict[str, Path]:
     """Write leaderboard.csv, leaderboard.json, leaderboard.html and the radar/Pareto chart
     exports under `out_dir`; returns name -> path."""
-    created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in getattr(analysis, "contexts", [])}
-    board = leaderboard_frame(analysis.document, sort=sort, created_at=created, group=group)
+    board = leaderboard_frame(analysis, sort=sort, group=group)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,7 @@ def write_leaderboard(
                 "schema": "moecap.leaderboard/1",
                 "sort": {"by": sort, "column": SORT_KEYS[sort][0], "higher_is_better": SORT_KEYS[sort][1]},
                 "key": list(KEY) if group else ["run_id"],
-                "formula": analysis.document.get("formula"),
+                "formula": "moecap",
                 "rows": board.to_dicts(),
             },
             indent=2,

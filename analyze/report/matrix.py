@@ -2,9 +2,10 @@
 model × hardware × task × batch size (× repeat), with TTFT, TPOT, throughput, S-MBU / S-MFU
 (prefill and decode) and cost per million output tokens.
 
-Every figure is `runs_frame`'s (frames.py), which reads the run's metrics document: nothing is
+Every figure is `runs_frame`'s (frames.py), which reads the analysis' views and frames: nothing is
 computed here, so a cell equals what `moecap-analyze` prints for that run alone. The task and repeat
-come from the run's `workload.sweep` entry (written by `moecap-collect sweep`), else the dataset.
+come from the run metadata's `workload.sweep` entry (written by `moecap-collect sweep`), else the
+dataset.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 the window's output tokens per second, S-MBU / S-MFU fractions of peak, cost in USD."""
 
 
-def matrix_frame(document: dict[str, Any]) -> pl.DataFrame:
-    """One row per run of `document`, COLUMNS in order, sorted by KEY."""
-    runs = runs_frame(document)
+def matrix_frame(analysis: Any) -> pl.DataFrame:
+    """One row per run of an `Analysis`, COLUMNS in order, sorted by KEY."""
+    runs = runs_frame(analysis)
     extra = pl.DataFrame(
-        [_sweep_fields(run) for run in document.get("runs", [])],
+        [_sweep_fields(ctx.run.run_id, ctx.run.metadata.workload) for ctx in analysis.contexts],
         schema={"run_id": pl.String, "task": pl.String, "repeat": pl.Int64, "sweep": pl.String},
     )
     frame = runs.join(extra, on="run_id", how="left").with_columns(
@@ -61,13 +62,13 @@ def matrix_frame(document: dict[str, Any]) -> pl.DataFrame:
     return frame.select([c for c, _, _ in COLUMNS] + ["sweep"])
 
 
-def _sweep_fields(run: dict[str, Any]) -> dict[str, Any]:
-    wl = run.get("workload") or {}
+def _sweep_fields(run_id: str, workload: dict[str, Any] | None) -> dict[str, Any]:
+    wl = workload or {}
     found = wl.get("sweep")
     sweep: dict[str, Any] = found if isinstance(found, dict) else {}
     repeat = sweep.get("repeat")
     return {
-        "run_id": run["run_id"],
+        "run_id": run_id,
         "task": sweep.get("task"),
         "repeat": int(repeat) if isinstance(repeat, int) else None,
         "sweep": sweep.get("name"),
@@ -101,9 +102,9 @@ def to_markdown(frame: pl.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
-def write_matrix(document: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_matrix(analysis: Any, out_dir: str | Path) -> dict[str, Path]:
     """Write matrix.csv, matrix.json and matrix.md under `out_dir`; returns format -> path."""
-    frame = matrix_frame(document)
+    frame = matrix_frame(analysis)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def write_matrix(document: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
             {
                 "schema": SCHEMA,
                 "key": list(KEY),
-                "formula": document.get("formula"),
+                "formula": "moecap",
                 "columns": {c: h for c, h, _ in COLUMNS},
                 "rows": frame.to_dicts(),
             },
