@@ -49,6 +49,7 @@ def exact_value(column: str, scale: int) -> str:
     """SQL: an `exact_sum` column (or a sum of them) as DOUBLE in the quantity's unit."""
     return f"({column}::DOUBLE / {scale})"
 
+
 COMPUTED_TOKENS_SQL = "(s.num_tokens > 0)"
 """A step that computed tokens: the only steps with an S-MBU / S-MFU."""
 
@@ -63,6 +64,12 @@ STEP_SMFU_SQL = (
     "THEN s.flops_total / (s.gpu_peak_flops * s.time_s * s.gpus) END"
 )
 """Per-step S-MFU (fraction): flops_total / (peak · t · g); null for an idle or zero-time step."""
+
+MEMORY_BOUND_S_SQL = "(s.bytes_total / (s.gpu_bandwidth * s.gpus))"
+"""Per-step roofline memory time (s): the step's bytes at the GPUs' full bandwidth."""
+
+COMPUTE_BOUND_S_SQL = "(s.flops_total / (s.gpu_peak_flops * s.gpus))"
+"""Per-step roofline compute time (s): the step's FLOPs at the GPUs' dense peak."""
 
 # (name, SQL type, unit, meaning) of every scalar per (run, phase): the columns of `run_metrics` and
 # the keys of metrics.json `steps.<phase>`, in this order.

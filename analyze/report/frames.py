@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 from ..load import TraceDB
 from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
-from ..metrics.steps import summary_rows
+from ..metrics.steps import COMPUTE_BOUND_S_SQL, MEMORY_BOUND_S_SQL, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 
 PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
@@ -245,9 +245,8 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str =
         WITH s AS (
             SELECT phase, num_tokens, time_s,
                    CASE WHEN isnan(active_experts) THEN NULL ELSE active_experts END AS active,
-                   bytes_total / (gpu_bandwidth * gpus) AS mem_s,
-                   flops_total / (gpu_peak_flops * gpus) AS comp_s
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
+                   {MEMORY_BOUND_S_SQL} AS mem_s, {COMPUTE_BOUND_S_SQL} AS comp_s
+            FROM step_metrics s WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
         ), w AS (
             SELECT phase, min(num_tokens) AS lo, count(DISTINCT num_tokens) AS distinct_tokens,
                    greatest(1, ceil((max(num_tokens) - min(num_tokens) + 1) / {per_phase}))::BIGINT AS width

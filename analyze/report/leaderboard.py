@@ -118,11 +118,13 @@ def rank_runs(
     return ranked.select([c for c, _, _ in COLUMNS] + extra)
 
 
-def _cell(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
+    """A table cell as text: "pct" / "pct2" a fraction as % with 1 / 2 decimals, "g4" 4 significant
+    digits, "f2" / "f1" fixed decimals (f1 with thousands separators); empty for no figure."""
     if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
         return ""
-    if fmt == "pct":
-        return f"{value * 100:.1f} %"
+    if fmt in ("pct", "pct2"):
+        return f"{value * 100:.{1 if fmt == 'pct' else 2}f} %"
     if fmt == "g4":
         return f"{value:.4g}"
     if fmt == "f2":
@@ -134,7 +136,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 def display_rows(board: pl.DataFrame) -> list[list[str]]:
     """The board's rows as formatted text cells, in COLUMNS order (empty = no figure)."""
-    return [[_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in board.iter_rows(named=True)]
+    return [[format_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in board.iter_rows(named=True)]
 
 
 def write_leaderboard(

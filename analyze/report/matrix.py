@@ -11,7 +11,6 @@ dataset.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import polars as pl
 
 from ..errors import InputError
 from .frames import runs_frame
+from .leaderboard import format_cell
 
 SCHEMA = "moecap.matrix/1"
 
@@ -35,10 +35,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ttft_ms", "TTFT ms", "f2"),
     ("tpot_ms", "TPOT ms", "f2"),
     ("window_output_throughput", "throughput tok/s", "f1"),
-    ("prefill_smbu", "prefill S-MBU", "pct"),
-    ("prefill_smfu", "prefill S-MFU", "pct"),
-    ("decode_smbu", "decode S-MBU", "pct"),
-    ("decode_smfu", "decode S-MFU", "pct"),
+    ("prefill_smbu", "prefill S-MBU", "pct2"),
+    ("prefill_smfu", "prefill S-MFU", "pct2"),
+    ("decode_smbu", "decode S-MBU", "pct2"),
+    ("decode_smfu", "decode S-MFU", "pct2"),
     ("cost_usd_per_m_output_tokens", "$ / 1M output tokens", "g4"),
     ("run_id", "run id", ""),
 )
@@ -75,23 +75,9 @@ def _sweep_fields(run_id: str, workload: dict[str, Any] | None) -> dict[str, Any
     }
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
-        return ""
-    if fmt == "pct":
-        return f"{value * 100:.2f} %"
-    if fmt == "g4":
-        return f"{value:.4g}"
-    if fmt == "f2":
-        return f"{value:.2f}"
-    if fmt == "f1":
-        return f"{value:,.1f}"
-    return str(value)
-
-
 def display_rows(frame: pl.DataFrame) -> list[list[str]]:
     """The rows as text cells in COLUMNS order (empty: no figure)."""
-    return [[_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in frame.iter_rows(named=True)]
+    return [[format_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in frame.iter_rows(named=True)]
 
 
 def to_markdown(frame: pl.DataFrame) -> str:

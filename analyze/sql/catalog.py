@@ -318,7 +318,11 @@ def _build() -> None:
                     "Mean over MoE layers of max expert load / mean expert load (layers with tokens); "
                     "NaN for a step that routed no token.",
                 ),
-                _c("imbalance_max", "ratio", "Largest per-layer max/mean load in the step; NaN as imbalance_mean."),
+                _c(
+                    "imbalance_max",
+                    "ratio",
+                    "Largest per-layer max/mean load in the step; NaN as imbalance_mean.",
+                ),
                 _c("layer_tokens_min", "tokens", "Fewest tokens routed in any one MoE layer."),
                 _c("layer_tokens_max", "tokens", "Most tokens routed in any one MoE layer."),
             ),

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from moecap.analyze.load import ranks as load_ranks
 from moecap.analyze.checks import check_run, tp_count_agreement
 from moecap.analyze.load import load_traces
+from moecap.analyze.load import ranks as load_ranks
 from moecap.schemas import (
     EngineInfo,
     ModelInfo,
