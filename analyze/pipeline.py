@@ -87,6 +87,7 @@ class Analysis:
     accuracy: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ACCURACY_SCHEMA))
     warnings: dict[str, list[str]] = field(default_factory=dict)
     """run_id -> what the analysis of that run warns about."""
+    _frames: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def cost_settings(self) -> CostSettings:
@@ -99,24 +100,29 @@ class Analysis:
         return [ctx.run.run_id for ctx in self.contexts]
 
     def run_metrics(self) -> pl.DataFrame:
-        """The `run_metrics` view (metrics/steps.py per run and phase over the run's window)."""
+        """The `run_metrics` view (metrics/steps.py per run and phase over the run's window); read
+        once (the views do not change after the analysis)."""
         from .sql.views import define_run_views
 
-        with self.db.defer_request_lists():
-            define_run_views(self.db.con)
-            return self.db.con.sql("SELECT * FROM run_metrics").pl()
+        if "run_metrics" not in self._frames:
+            with self.db.defer_request_lists():
+                define_run_views(self.db.con)
+                self._frames["run_metrics"] = self.db.con.sql("SELECT * FROM run_metrics").pl()
+        return self._frames["run_metrics"]
 
     def run_info(self) -> pl.DataFrame:
         """Per run, what identifies it: the `runs` table (trace metadata) with the GPU the metrics
         are computed for and its count (`run_settings`). Columns: run_id, model, engine,
         engine_version, gpu, num_gpus, batch_size, dataset, created_at."""
-        with self.db.defer_request_lists():
-            return self.db.con.sql(
-                """SELECT r.run_id, r.model_id AS model, r.engine, r.engine_version,
-                          coalesce(s.gpu, r.gpu_name) AS gpu, s.num_gpus::BIGINT AS num_gpus,
-                          r.batch_size::BIGINT AS batch_size, r.dataset, r.created_at
-                   FROM runs r LEFT JOIN run_settings s USING (run_id)"""
-            ).pl()
+        if "run_info" not in self._frames:
+            with self.db.defer_request_lists():
+                self._frames["run_info"] = self.db.con.sql(
+                    """SELECT r.run_id, r.model_id AS model, r.engine, r.engine_version,
+                              coalesce(s.gpu, r.gpu_name) AS gpu, s.num_gpus::BIGINT AS num_gpus,
+                              r.batch_size::BIGINT AS batch_size, r.dataset, r.created_at
+                       FROM runs r LEFT JOIN run_settings s USING (run_id)"""
+                ).pl()
+        return self._frames["run_info"]
 
 
 def analyze_paths(
