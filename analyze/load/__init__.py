@@ -13,11 +13,11 @@ DuckDB cannot re-scan an Arrow IPC stream, so every trace file is converted once
 cache keyed by (absolute path, size, mtime, schema version, cache layout version), streaming batch by
 batch (memory stays bounded for traces larger than memory). Expert counts are summarised during that
 pass: per step (activated experts, routed tokens, imbalance) and per (phase, layer, expert) totals,
-so reports never unnest millions of count vectors. Steps files are
-cached the same way: the scalar columns plus the per-step sums over each step's request lists that
-the step costs need (`metrics.step_costs.request_sums`); the request lists themselves (the largest
-part of a steps file) are cached on first use of the `steps` view's list columns (`TraceDB.con`),
-as the raw expert counts are on first use of `experts` / `expert_tokens`.
+so reports never unnest millions of count vectors. Steps files are cached the same way: the scalar
+columns plus the per-step sums over each step's request lists that the step costs need
+(`metrics.step_costs.request_sums`); the request lists themselves (the largest part of a steps file)
+are cached on first use of the `steps` view's list columns (`TraceDB.con`), as the raw expert counts
+are on first use of `experts` / `expert_tokens`.
 
 Views (columns documented in docs/sql.md):
   runs, steps, experts, expert_tokens (long form, lazy), expert_step_stats, expert_totals,

@@ -86,6 +86,9 @@ def cache_key(path: Path, version: str, extra: str = "") -> str:
 
 
 class ParquetSink:
+    """A Parquet file written batch by batch under a temporary name, moved into place on `close`
+    (a reader never sees a half-written cache file)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = path.with_suffix(".tmp")
