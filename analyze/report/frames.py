@@ -558,47 +558,37 @@ def runs_frame(analysis: Any, labels: dict[str, str] | None = None) -> pl.DataFr
         return part.select("run_id", *(pl.col(src).alias(dst) for dst, src in cols.items()))
 
     req = analysis.request_summary
-    frame = (
-        order.join(analysis.run_info(), on="run_id", how="left")
-        .join(phase("all", window_output_throughput="window_output_throughput"), on="run_id", how="left")
-        .join(phase("prefill", prefill_smbu="s_mbu", prefill_smfu="s_mfu"), on="run_id", how="left")
-        .join(phase("decode", decode_smbu="s_mbu", decode_smfu="s_mfu"), on="run_id", how="left")
-        .join(
-            req.select(
-                "run_id",
-                ttft_ms=pl.col("ttft_s_mean") * 1e3,
-                tpot_ms=pl.col("tpot_s_mean") * 1e3,
-                itl_ms=pl.col("itl_s_p50") * 1e3,
-                output_throughput="output_throughput",
-                request_throughput="request_throughput",
-            ),
-            on="run_id",
-            how="left",
-        )
-        .join(
-            analysis.costs.select(
-                "run_id",
-                cost_usd_per_m_output_tokens="usd_per_1m_output_tokens",
-                cost_band_low="band_low",
-                cost_band_high="band_high",
-            ),
-            on="run_id",
-            how="left",
-        )
-        .join(
-            analysis.accuracy.select(
-                "run_id", accuracy="exact_match", accuracy_correct="correct", accuracy_total="total"
-            ),
-            on="run_id",
-            how="left",
-        )
-        .sort("_order")
-        .with_columns(
-            run=pl.col("run_id").replace_strict(labels, default=pl.col("run_id"), return_dtype=pl.String),
-            warnings=pl.col("run_id").replace_strict(
-                {rid: len(w) for rid, w in analysis.warnings.items()}, default=0, return_dtype=pl.Int64
-            ),
-        )
+    parts = [
+        analysis.run_info(),
+        phase("all", window_output_throughput="window_output_throughput"),
+        phase("prefill", prefill_smbu="s_mbu", prefill_smfu="s_mfu"),
+        phase("decode", decode_smbu="s_mbu", decode_smfu="s_mfu"),
+        req.select(
+            "run_id",
+            ttft_ms=pl.col("ttft_s_mean") * 1e3,
+            tpot_ms=pl.col("tpot_s_mean") * 1e3,
+            itl_ms=pl.col("itl_s_p50") * 1e3,
+            output_throughput="output_throughput",
+            request_throughput="request_throughput",
+        ),
+        analysis.costs.select(
+            "run_id",
+            cost_usd_per_m_output_tokens="usd_per_1m_output_tokens",
+            cost_band_low="band_low",
+            cost_band_high="band_high",
+        ),
+        analysis.accuracy.select(
+            "run_id", accuracy="exact_match", accuracy_correct="correct", accuracy_total="total"
+        ),
+    ]
+    frame = order
+    for part in parts:  # one row per run in each; runs a part lacks get nulls
+        frame = frame.join(part, on="run_id", how="left")
+    frame = frame.sort("_order").with_columns(
+        run=pl.col("run_id").replace_strict(labels, default=pl.col("run_id"), return_dtype=pl.String),
+        warnings=pl.col("run_id").replace_strict(
+            {rid: len(w) for rid, w in analysis.warnings.items()}, default=0, return_dtype=pl.Int64
+        ),
     )
     floats = [c for c, t in RUNS_FRAME_SCHEMA.items() if t == pl.Float64]
     return frame.with_columns(pl.col(c).cast(pl.Float64).fill_nan(None) for c in floats).select(
