@@ -97,7 +97,7 @@ def cross_run_section(
     else:
         sec.notes.append("no request timings in any run: latency CDFs left out")
     where, lost = steps_predicate(db, list(labels), excluded)
-    tput = _add_groups(F.throughput_frame(db, labels, document, where=where), groups, labels)
+    tput = _add_groups(F.throughput_frame(db, labels, analysis, where=where), groups, labels)
     outliers = [
         f"{labels[rid]}: {len(ex.outliers)}" for rid, ex in lost.items() if ex.outliers and rid in labels
     ]
@@ -112,7 +112,7 @@ def cross_run_section(
         )
     else:
         sec.notes.append("no steps with wall time: throughput vs batch size left out")
-    runs = _add_groups(F.runs_frame(document, labels), groups, labels)
+    runs = _add_groups(F.runs_frame(analysis, labels), groups, labels)
     geometry, _ = C.radar_frame(runs)
     if geometry.filter(geometry["kind"] == "run").height:
         sec.figures.append(Figure("compare-cap_radar", "CAP radar", C.cap_radar(runs)))

@@ -111,15 +111,18 @@ def test_request_metrics_view_equals_metrics_json(analysis: Analysis, document: 
 def test_report_frames_and_leaderboard_show_metrics_json(
     analysis: Analysis, document: dict[str, Any]
 ) -> None:
-    frame = runs_frame(document)
-    board = leaderboard_frame(document)
-    labels = run_labels(document)
-    tput = throughput_frame(analysis.db, labels, document).filter(pl.col("kind") == "run")
+    # The report's frames and the leaderboard read the analysis' views and frames, not metrics.json.
+    frame = runs_frame(analysis)
+    board = leaderboard_frame(analysis)
+    labels = run_labels(analysis)
+    tput = throughput_frame(analysis.db, labels, analysis).filter(pl.col("kind") == "run")
     for run in _runs(document):
         steps, req = run["metrics"]["steps"], run["metrics"]["requests"]
         row = frame.filter(pl.col("run_id") == run["run_id"]).row(0, named=True)
         assert _same(row["window_output_throughput"], steps["all"]["window_output_throughput"])
         assert _same(row["output_throughput"], req.get("output_throughput"))
+        assert _same(row["ttft_ms"], None if req.get("ttft_s") is None else req["ttft_s"]["mean"] * 1e3)
+        assert _same(row["prefill_smbu"], (steps.get("prefill") or {}).get("s_mbu"))
         assert _same(row["decode_smbu"], (steps.get("decode") or {}).get("s_mbu"))
         assert _same(
             row["cost_usd_per_m_output_tokens"], run["metrics"]["cost"].get("usd_per_1m_output_tokens")
