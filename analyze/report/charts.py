@@ -55,6 +55,15 @@ def _require(df: pl.DataFrame, chart: str, *columns: str) -> None:
         )
 
 
+class SharedInlineData(alt.InlineData):
+    """Inline data that Altair's copies share instead of copying: every `.encode`, `.properties` and
+    layer deep-copies a chart with its data (a third of the report's chart time went to copying
+    rows), and a chart's rows are never changed once built."""
+
+    def __deepcopy__(self, memo: Any = None) -> SharedInlineData:
+        return self
+
+
 def inline_data(df: pl.DataFrame) -> alt.InlineData:
     """The frame as inline Vega data: JSON rows, or CSV text with a parse map when long."""
     df = df.with_columns(
@@ -67,8 +76,8 @@ def inline_data(df: pl.DataFrame) -> alt.InlineData:
     if df.height > CSV_ABOVE_ROWS:
         parse = {c: "number" for c, t in df.schema.items() if t.is_numeric()}
         parse.update({c: "boolean" for c, t in df.schema.items() if t == pl.Boolean})
-        return alt.InlineData(values=df.write_csv(), format=alt.DataFormat(type="csv", parse=parse))
-    return alt.InlineData(values=df.to_dicts())
+        return SharedInlineData(values=df.write_csv(), format=alt.DataFormat(type="csv", parse=parse))
+    return SharedInlineData(values=df.to_dicts())
 
 
 def _phase_scale(phases: Sequence[str]) -> alt.Scale:
@@ -229,7 +238,7 @@ def expert_load_over_time(load: Any, *, num_experts: int | None = None) -> alt.T
         .mark_rect()
         .encode(
             x=alt.X("step_start:Q", title="engine step", scale=alt.Scale(nice=False, zero=False)),
-            x2="step_stop:Q",
+            x2=alt.X2("step_stop:Q"),
             y=alt.Y("expert_label:N", title="layer · expert", sort=order),
             color=color,
             tooltip=[
@@ -274,7 +283,7 @@ def layer_imbalance(imbalance: Any) -> alt.TopLevelMixin:
     even = (
         alt.Chart(alt.InlineData(values=[{"even": 1.0}]))
         .mark_rule(strokeDash=[4, 4], color="#555")
-        .encode(y="even:Q")
+        .encode(y=alt.Y("even:Q"))
     )
     return alt.layer(base.mark_line(point=True), even).properties(
         width=WIDTH,
@@ -339,7 +348,9 @@ def activated_experts_vs_tokens(
             alt.Chart(inline_data(curve))
             .mark_line(strokeDash=[4, 4], color="#555")
             .encode(
-                x=x, y="uniform:Q", tooltip=[alt.Tooltip("uniform:Q", format=".1f", title="uniform routing")]
+                x=x,
+                y=alt.Y("uniform:Q"),
+                tooltip=[alt.Tooltip("uniform:Q", format=".1f", title="uniform routing")],
             )
         )
         subtitle += f" Dashed: uniform random top-{top_k} routing over {num_experts} experts."
@@ -399,7 +410,7 @@ def step_time_vs_tokens(steps: Any, *, note: str = "") -> alt.TopLevelMixin:
     spread = (
         alt.Chart()
         .mark_rule(opacity=0.5)
-        .encode(x=x, y=alt.Y("time_ms_p10:Q", title=y_title), y2="time_ms_p90:Q")
+        .encode(x=x, y=alt.Y("time_ms_p10:Q", title=y_title), y2=alt.Y2("time_ms_p90:Q"))
     )
     roofline = "datum.series == 'roofline bound'"
     bounds = (
@@ -419,7 +430,7 @@ def step_time_vs_tokens(steps: Any, *, note: str = "") -> alt.TopLevelMixin:
             strokeDash=alt.StrokeDashValue([4, 3], condition={"test": roofline, "value": [1, 0]}),
             strokeWidth=alt.StrokeWidthValue(1.2, condition={"test": roofline, "value": 5}),
             opacity=alt.OpacityValue(1.0, condition={"test": roofline, "value": 0.45}),
-            detail="series:N",
+            detail=alt.Detail("series:N"),
             tooltip=[
                 alt.Tooltip("series:N"),
                 alt.Tooltip("tokens:Q", format=",.1f"),
@@ -480,7 +491,7 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
         .encode(
             x=x,
             y=alt.Y("value:Q", title="utilisation", axis=alt.Axis(format="%")),
-            detail="line:N",
+            detail=alt.Detail("line:N"),
             color=alt.Color(
                 "metric:N",
                 title=None,
@@ -616,7 +627,7 @@ def latency_cdf(latency: Any, *, clip_quantile: float = 0.99) -> alt.TopLevelMix
                     "cdf:Q", title="fraction ≤ x", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])
                 ),
                 color=color,
-                detail="run:N",
+                detail=alt.Detail("run:N"),
                 tooltip=[
                     alt.Tooltip("run:N"),
                     alt.Tooltip("group:N"),
@@ -686,7 +697,7 @@ def throughput_vs_batch(throughput: Any) -> alt.TopLevelMixin:
         alt.Chart(data)
         .transform_filter("datum.kind == 'steps'")
         .mark_line(point=True, opacity=0.7)
-        .encode(**enc, detail="run:N")
+        .encode(**enc, detail=alt.Detail("run:N"))
     )
     runs = (
         alt.Chart(data)
@@ -865,13 +876,13 @@ def cap_radar(
         alt.Chart()
         .transform_filter("datum.kind == 'ring' || datum.kind == 'spoke'")
         .mark_line(color="#cccccc", strokeWidth=1)
-        .encode(x=x, y=y, detail="series:N", order="order:Q")
+        .encode(x=x, y=y, detail=alt.Detail("series:N"), order=alt.Order("order:Q"))
     )
     labels = (
         alt.Chart()
         .transform_filter("datum.kind == 'label'")
         .mark_text(fontSize=9 if panels else 11, color="#333", lineBreak="\n")
-        .encode(x=x, y=y, text="text:N")
+        .encode(x=x, y=y, text=alt.Text("text:N"))
     )
     colour_frame = geometry.filter(pl.col("kind") == "run")
     color = (
@@ -885,7 +896,7 @@ def cap_radar(
             x=x,
             y=y,
             color=color,
-            order="order:Q",
+            order=alt.Order("order:Q"),
             tooltip=[
                 alt.Tooltip("series:N", title="run"),
                 alt.Tooltip("group:N"),
@@ -996,13 +1007,13 @@ def pareto_front(runs: Any, y: str = "cost") -> alt.TopLevelMixin:
             "datum.y_low > 0 && datum.y_high > 0" if log_y else "datum.y_low != null && datum.y_high != null"
         )
         .mark_rule(opacity=0.45)
-        .encode(x=enc["x"], y="y_low:Q", y2="y_high:Q", color=enc["color"])
+        .encode(x=enc["x"], y=alt.Y("y_low:Q"), y2=alt.Y2("y_high:Q"), color=enc["color"])
     )
     front = (
         alt.Chart(data)
         .transform_filter("datum.on_front")
         .mark_line(color="#d62728", strokeDash=[5, 3])
-        .encode(x=enc["x"], y=enc["y"], order="x:Q")
+        .encode(x=enc["x"], y=enc["y"], order=alt.Order("x:Q"))
     )
     points = (
         alt.Chart(data)
