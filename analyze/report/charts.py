@@ -455,11 +455,12 @@ def step_time_vs_tokens(steps: Any, *, note: str = "") -> alt.TopLevelMixin:
     )
 
 
-def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
+def utilisation_over_time(timeline: Any, *, note: str = "") -> alt.TopLevelMixin:
     """S-MBU and S-MFU per time bin (ratio of sums over the bin's steps), with the metrics window
     shaded. The line breaks where bins hold no step (a long step or a pause): drawing across the gap
     would show a utilisation nothing measured. Columns: t_start_s, t_end_s, s_mbu, s_mfu; in_window
-    (fraction of the bin's steps in the window) optional."""
+    (fraction of the bin's steps in the window) optional. `note` (what the caller left out) goes
+    into the subtitle."""
     df = as_frame(timeline)
     _require(df, "utilisation_over_time", "t_start_s", "t_end_s", "s_mbu", "s_mfu")
     if "in_window" not in df.columns:
@@ -513,14 +514,16 @@ def utilisation_over_time(timeline: Any) -> alt.TopLevelMixin:
             f"The line breaks at {gaps} gap{'s' if gaps != 1 else ''} where no step started (a long step or a pause)."
             if gaps
             else "",
+            note,
         ),
     )
 
 
-def time_accounting(timeline: Any) -> alt.TopLevelMixin:
+def time_accounting(timeline: Any, *, note: str = "") -> alt.TopLevelMixin:
     """Mean GPU-busy time and host gap per step in each time bin, stacked: a host-bound engine shows
     a gap comparable to its GPU time. Columns: t_start_s, t_end_s, busy_ms_per_step,
-    host_gap_ms_per_step."""
+    host_gap_ms_per_step. `note` (what the caller left out, e.g. compile steps whose second would
+    flatten every other bin) goes into the subtitle."""
     df = as_frame(timeline)
     _require(df, "time_accounting", "t_start_s", "t_end_s", "busy_ms_per_step", "host_gap_ms_per_step")
     df = df.select("t_start_s", "t_end_s", "busy_ms_per_step", "host_gap_ms_per_step").with_columns(
@@ -557,6 +560,7 @@ def time_accounting(timeline: Any) -> alt.TopLevelMixin:
                 "GPU busy = the step's GPU span; host gap = time to the next step's start beyond it "
                 "(scheduling, Python).",
                 share,
+                note,
             ),
         )
     )

@@ -81,6 +81,7 @@ def cross_run_section(
 ) -> Section:
     """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
     coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
+    from .. import slow_steps as slow
     from .groups import run_groups, run_modes
     from .steps import steps_predicate
 
@@ -105,8 +106,10 @@ def cross_run_section(
     ]
     if outliers:
         sec.notes.append(
-            "Throughput vs batch size leaves out compile-outlier steps (time / roofline bound > "
-            f"{_factor():g}× the run's median): " + "; ".join(outliers) + "."
+            "Throughput vs batch size leaves out compile-outlier steps (the slow steps `check` names: "
+            f"≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it): "
+            + "; ".join(outliers)
+            + "."
         )
     if tput.height:
         sec.figures.append(
@@ -131,12 +134,6 @@ def cross_run_section(
     else:
         sec.notes.append("no run has throughput and cost/TPOT: Pareto front left out")
     return sec
-
-
-def _factor() -> float:
-    from .steps import COMPILE_OUTLIER_FACTOR
-
-    return COMPILE_OUTLIER_FACTOR
 
 
 def run_section(
@@ -186,6 +183,9 @@ def run_section(
     note = left_out.note()
     if note:
         sec.notes.append("Per-step charts (activated experts, step time): " + note)
+    time_note = left_out.note(idle=False)
+    if time_note:
+        sec.notes.append("Charts over time (S-MBU / S-MFU, GPU-busy vs host gap): " + time_note)
     steps = F.step_frame(db, rid, max_points=options.step_points, where=left_out.predicate())
     if steps.height:
         if steps["active_experts_per_layer"].drop_nulls().len():
@@ -205,14 +205,23 @@ def run_section(
         reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
         sec.notes.append(f"no per-step metrics ({reason}): step charts left out")
 
-    timeline = F.timeline_frame(db, rid, bins=options.time_bins)
+    # Over time, idle steps stay (their time was spent); compile steps go, as in the per-step charts.
+    timeline = F.timeline_frame(db, rid, bins=options.time_bins, where=left_out.predicate(idle=False))
     if timeline.height:
         if timeline["s_mfu"].drop_nulls().len():
             sec.figures.append(
-                Figure(f"{prefix}-utilisation", "S-MBU / S-MFU over time", C.utilisation_over_time(timeline))
+                Figure(
+                    f"{prefix}-utilisation",
+                    "S-MBU / S-MFU over time",
+                    C.utilisation_over_time(timeline, note=time_note),
+                )
             )
         sec.figures.append(
-            Figure(f"{prefix}-time_accounting", "GPU-busy vs host-gap time", C.time_accounting(timeline))
+            Figure(
+                f"{prefix}-time_accounting",
+                "GPU-busy vs host-gap time",
+                C.time_accounting(timeline, note=time_note),
+            )
         )
     _rank_view(db, rid, prefix, sec)
     return sec

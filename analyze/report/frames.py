@@ -273,7 +273,7 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str =
     return _order_phases(df).sort("phase_rank", "tokens").drop("phase_rank", "bucket")
 
 
-def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame:
+def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150, where: str = "TRUE") -> pl.DataFrame:
     """Steps binned over wall time (seconds from the run's first step; at most `bins` bins).
 
     Per bin: steps, tokens, busy_ms_per_step (mean GPU span), host_gap_ms_per_step (mean gap to the
@@ -281,7 +281,8 @@ def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame
     ratios of sums; S-MBU null where a step lacks expert counts), and in_window = the fraction of
     the bin's steps inside the run's metrics window (`run_windows`).
     Columns: bin, t_start_s, t_end_s, steps, tokens, busy_ms_per_step, host_gap_ms_per_step, s_mbu,
-    s_mfu, in_window.
+    s_mfu, in_window. `where` (SQL over step_metrics) leaves steps out of the bins (e.g. compile
+    steps: `steps.Excluded.predicate(idle=False)`); the bins still span every step.
     """
     schema = {
         "bin": pl.Int64,
@@ -309,7 +310,7 @@ def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame
     bin_sql = f"least(floor((s.t_start_ns - {int(n[2])}) / 1e9 / {width!r}), {k - 1})::BIGINT"
     source = f"""(SELECT s.*, {bin_sql} AS bin, coalesce({IN_WINDOW_SQL}, false) AS in_win
                   FROM step_metrics s JOIN run_windows w USING (run_id)
-                  WHERE s.run_id = ? AND NOT s.is_draft AND s.time_s > 0)"""
+                  WHERE s.run_id = ? AND NOT s.is_draft AND s.time_s > 0 AND ({where}))"""
     per_bin = summary_rows(db.con, source, params=[run_id], key="s.bin").get(run_id, {})
     in_win = dict(_q(db, f"SELECT bin, avg(in_win::INTEGER) FROM {source} GROUP BY bin", [run_id]).fetchall())
     rows = [
