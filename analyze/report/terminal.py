@@ -170,7 +170,8 @@ def wrap_name(text: str, width: int) -> str:
 def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], dict[str, int]]:
     """The columns that fit `width` terminal columns whole (by PRIORITY; shown in COLUMNS order) and
     each one's width: a column is as wide as its longest cell and its heading's longest word; the
-    run id may take fewer (down to RUN_ID_MIN or its longest segment) and wraps between segments."""
+    run id may take fewer (down to RUN_ID_MIN or its longest segment) and wraps between segments.
+    Width to spare goes to the run id, then to headings (whole on one line)."""
 
     def longest_word(text: str) -> int:
         return max(len(w) for w in text.split())
@@ -186,7 +187,14 @@ def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], dict
             chosen.append(key)
             used += need[key] + 3
     if "run_id" in chosen:  # spare width goes to the run id, up to its whole length
-        need["run_id"] += max(0, min(width - used, natural_id - need["run_id"]))
+        grow = max(0, min(width - used, natural_id - need["run_id"]))
+        need["run_id"] += grow
+        used += grow
+    heading = {k: h for k, h, _ in COLUMNS}
+    for key in chosen:  # then to headings, so they need not wrap
+        grow = max(0, min(width - used, len(heading[key]) - need[key]))
+        need[key] += grow
+        used += grow
     return [k for k, _, _ in COLUMNS if k in chosen], need
 
 
