@@ -137,9 +137,16 @@ def cross_run_section(
 
 
 def run_section(
-    analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions, left_out: Any = None
+    analysis: Any,
+    ctx: Any,
+    label: str,
+    index: int,
+    options: FigureOptions,
+    left_out: Any = None,
+    timeline: pl.DataFrame | None = None,
 ) -> Section:
-    """Expert, step and time-accounting charts of one run."""
+    """Expert, step and time-accounting charts of one run. `left_out` (steps.Excluded) and
+    `timeline` (frames.timeline_frame with the slow steps left out) when already computed."""
     db = analysis.db
     rid = ctx.run.run_id
     info = F.run_info(db, rid)
@@ -206,7 +213,8 @@ def run_section(
         sec.notes.append(f"no per-step metrics ({reason}): step charts left out")
 
     # Over time, idle steps stay (their time was spent); compile steps go, as in the per-step charts.
-    timeline = F.timeline_frame(db, rid, bins=options.time_bins, where=left_out.predicate(idle=False))
+    if timeline is None:
+        timeline = F.timeline_frame(db, rid, bins=options.time_bins, where=left_out.predicate(idle=False))
     if timeline.height:
         if timeline["s_mfu"].drop_nulls().len():
             sec.figures.append(
@@ -361,11 +369,14 @@ def _sections(
     from concurrent.futures import ThreadPoolExecutor
 
     from .groups import run_labels, run_modes
-    from .steps import excluded_steps_all
+    from .steps import excluded_steps_all, steps_predicate
 
     labels = run_labels(analysis.document, run_modes(analysis))
     runs = analysis.document.get("runs", [])
     excluded = excluded_steps_all(analysis.db, list(labels))
+    # Every run's time bins in one query (per run, planning the query cost more than running it).
+    slow_only, _ = steps_predicate(analysis.db, list(labels), excluded, idle=False)
+    timelines = F.timeline_frames(analysis.db, list(labels), bins=options.time_bins, where=slow_only)
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
     jobs: list[Callable[[Any], Section]] = [lambda a: cross_run_section(a, labels, options, excluded)]
     if whatif_gpus:
@@ -374,7 +385,9 @@ def _sections(
         rid = run["run_id"]
         if rid in by_id:
             jobs.append(
-                lambda a, i=i, rid=rid: run_section(a, by_id[rid], labels[rid], i, options, excluded.get(rid))
+                lambda a, i=i, rid=rid: run_section(
+                    a, by_id[rid], labels[rid], i, options, excluded.get(rid), timelines.get(rid)
+                )
             )
 
     def build(job: Callable[[Any], Section]) -> Section:

@@ -83,13 +83,13 @@ def excluded_steps(db: Any, run_id: str) -> Excluded:
 
 
 def steps_predicate(
-    db: Any, run_ids: list[str], lost: dict[str, Excluded] | None = None
+    db: Any, run_ids: list[str], lost: dict[str, Excluded] | None = None, *, idle: bool = True
 ) -> tuple[str, dict[str, Excluded]]:
-    """One SQL predicate over step_metrics leaving out every run's idle and slow steps, and what
-    each run lost (`lost`: already computed by excluded_steps_all)."""
+    """One SQL predicate over step_metrics leaving out every run's idle (unless `idle=False`) and
+    slow steps, and what each run lost (`lost`: already computed by excluded_steps_all)."""
     lost = lost if lost is not None else excluded_steps_all(db, run_ids)
     clauses = []
     for rid, ex in lost.items():
         quoted = rid.replace("'", "''")
-        clauses.append(f"(run_id = '{quoted}' AND {ex.predicate()})")
+        clauses.append(f"(run_id = '{quoted}' AND {ex.predicate(idle=idle)})")
     return ("(" + " OR ".join(clauses) + ")") if clauses else "TRUE", lost
