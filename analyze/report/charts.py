@@ -527,10 +527,12 @@ def utilisation_over_time(timeline: Any, *, note: str = "") -> alt.TopLevelMixin
 
 
 def time_accounting(timeline: Any, *, note: str = "") -> alt.TopLevelMixin:
-    """Mean GPU-busy time and host gap per step in each time bin, stacked: a host-bound engine shows
-    a gap comparable to its GPU time. Columns: t_start_s, t_end_s, busy_ms_per_step,
-    host_gap_ms_per_step. `note` (what the caller left out, e.g. compile steps whose second would
-    flatten every other bin) goes into the subtitle."""
+    """Mean GPU-busy time and host gap per step in each time bin, stacked, one bar per bin (from its
+    start to its end): a host-bound engine shows a gap comparable to its GPU time. Where no step ran
+    (a pause, or a step the caller left out) there is no bar, rather than the last bin's value drawn
+    across the gap. Columns: t_start_s, t_end_s, busy_ms_per_step, host_gap_ms_per_step. `note` (what
+    the caller left out, e.g. compile steps whose second would flatten every other bin) goes into the
+    subtitle."""
     df = as_frame(timeline)
     _require(df, "time_accounting", "t_start_s", "t_end_s", "busy_ms_per_step", "host_gap_ms_per_step")
     df = df.select("t_start_s", "t_end_s", "busy_ms_per_step", "host_gap_ms_per_step").with_columns(
@@ -539,20 +541,35 @@ def time_accounting(timeline: Any, *, note: str = "") -> alt.TopLevelMixin:
     busy = float(df["busy_ms_per_step"].fill_null(0).sum())
     gap = float(df["host_gap_ms_per_step"].fill_null(0).sum())
     share = f"GPU busy {busy / (busy + gap):.0%} of step time over the bins." if busy + gap > 0 else ""
+    # Stacked by hand (busy from 0, the gap on top): Vega-Lite does not stack bars that span x..x2.
+    b = pl.col("busy_ms_per_step").fill_null(0)
+    parts = pl.concat(
+        [
+            df.select("t_start_s", "t_end_s", "t_mid_s", part=pl.lit("GPU busy"), ms=b, lo=pl.lit(0.0), hi=b),
+            df.select(
+                "t_start_s",
+                "t_end_s",
+                "t_mid_s",
+                part=pl.lit("host gap"),
+                ms=pl.col("host_gap_ms_per_step").fill_null(0),
+                lo=b,
+                hi=b + pl.col("host_gap_ms_per_step").fill_null(0),
+            ),
+        ]
+    )
     return (
-        alt.Chart(inline_data(df))
-        .transform_fold(["busy_ms_per_step", "host_gap_ms_per_step"], as_=["part", "ms"])
-        .transform_calculate(part="datum.part == 'busy_ms_per_step' ? 'GPU busy' : 'host gap'")
-        .mark_area(interpolate="step-after", opacity=0.85)
+        alt.Chart(inline_data(parts))
+        .mark_rect(opacity=0.85)
         .encode(
-            x=alt.X("t_mid_s:Q", title="seconds from the first step"),
-            y=alt.Y("ms:Q", title="ms per step (mean in bin)", stack="zero"),
+            x=alt.X("t_start_s:Q", title="seconds from the first step"),
+            x2=alt.X2("t_end_s:Q"),
+            y=alt.Y("hi:Q", title="ms per step (mean in bin)"),
+            y2=alt.Y2("lo:Q"),
             color=alt.Color(
                 "part:N",
                 title=None,
                 scale=alt.Scale(domain=["GPU busy", "host gap"], range=["#1f77b4", "#bbbbbb"]),
             ),
-            order=alt.Order("part:N", sort="ascending"),
             tooltip=[
                 alt.Tooltip("part:N"),
                 alt.Tooltip("t_mid_s:Q", format=".2f", title="s"),
