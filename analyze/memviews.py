@@ -10,21 +10,25 @@ view reads its files again. The rows are the same, so every figure is the same.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import duckdb
 
 SHADOWED_VIEWS = {
-    "step_metrics": "*",
-    "expert_totals": "*",
-    "requests": "*",
-    "experts": "* EXCLUDE (counts)",
+    "step_metrics": ("*", True),
+    "expert_totals": ("*", False),
+    "requests": ("*", False),
+    "experts": ("* EXCLUDE (counts)", False),
 }
-"""view -> the columns kept. `experts` keeps its scalar columns only (its counts are read from the
-cached files as flat buffers where needed): a query naming `counts` inside the block fails loudly
-rather than reading a copy of every count."""
+"""view -> (the columns kept, whether to copy it run by run). `experts` keeps its scalar columns only
+(its counts are read from the cached files as flat buffers where needed): a query naming `counts`
+inside the block fails loudly rather than reading a copy of every count. `step_metrics` is a UNION ALL
+of per-run reads whose branches interleave differently from one process to the next: copied in one
+go, a run's float sums split differently across DuckDB's threads and their last bits changed from run
+to run. Copied run by run, each run's rows sit together in the order a per-run query reads them, and
+every figure is the same to the last bit. The other views read one list of files, in order."""
 
 MAX_ROWS = 2_000_000
 """A view with more rows than this is left as it is: its copy would cost memory (~0.3 kB a
@@ -32,18 +36,26 @@ MAX_ROWS = 2_000_000
 
 
 @contextmanager
-def in_memory(con: Any, extra_cursors: int = 0) -> Iterator[list[Any]]:
-    """Shadow the `SHADOWED_VIEWS` with in-memory copies on `con` and on `extra_cursors` new
-    cursors of its database; yields [con, *cursors]. The copies, temp views and cursors are
-    dropped afterwards. A view that does not exist (or lacks a column) is left as it is."""
+def in_memory(con: Any, extra_cursors: int = 0, views: Iterable[str] | None = None) -> Iterator[list[Any]]:
+    """Shadow the `SHADOWED_VIEWS` (or those named in `views`) with in-memory copies on `con` and on
+    `extra_cursors` new cursors of its database; yields [con, *cursors]. The copies, temp views and
+    cursors are dropped afterwards. A view that does not exist (or lacks a column) is left as it is."""
     shadowed = []
-    for view, columns in SHADOWED_VIEWS.items():
+    wanted = set(SHADOWED_VIEWS if views is None else views)
+    for view, (columns, per_run) in SHADOWED_VIEWS.items():
+        if view not in wanted:
+            continue
         table = f"main._moecap_mem_{view}"
         try:
             (rows,) = con.execute(f"SELECT count(*) FROM {view}").fetchone()
             if rows > MAX_ROWS:
                 continue
-            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {columns} FROM {view}")
+            if per_run:
+                con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {columns} FROM {view} WHERE false")
+                for (rid,) in con.execute(f"SELECT DISTINCT run_id FROM {view} ORDER BY run_id").fetchall():
+                    con.execute(f"INSERT INTO {table} SELECT {columns} FROM {view} WHERE run_id = ?", [rid])
+            else:
+                con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {columns} FROM {view}")
             shadowed.append((view, table))
         except duckdb.Error:
             continue

@@ -88,8 +88,10 @@ def analyze_paths(
         }
         define_window_views(db, windows)
         joins = client_engine_joins(db)
-        # Each run's ~15 queries read these views from memory, not by re-opening every run's files.
-        with in_memory(db.con):
+        # Each run's queries read these views from memory, not by re-opening every run's files.
+        # Not step_metrics: over a copy, DuckDB adds a run's float sums in another order than over
+        # the run's own file, and the last bits of metrics.json would change.
+        with in_memory(db.con, views=("expert_totals", "requests", "experts")):
             runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id], joins) for ctx in contexts]
     document = {
         "schema": METRICS_SCHEMA,
