@@ -48,3 +48,30 @@ def test_a_view_above_max_rows_or_absent_is_left_alone(tmp_path, monkeypatch):
         assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'requests'").fetchall() == [
             (0,)
         ]
+
+
+def test_the_metrics_are_the_same_to_the_last_bit_with_the_views_in_memory(tmp_path, monkeypatch):
+    # Two synthetic runs analysed with the pipeline's in-memory views and without them (a no-op in
+    # their place): metrics.json's runs must be equal, float for float.
+    import contextlib
+    import json
+
+    from synthetic_traces import SimConfig, simulate_run
+
+    import moecap.analyze.pipeline as P
+
+    for i, c in enumerate((2, 5)):
+        simulate_run(tmp_path / "t", SimConfig(concurrency=c, num_requests=10, run_id=f"r{i}", seed=c))
+
+    def runs() -> str:
+        doc = P.analyze_paths([tmp_path / "t"], cache_dir=tmp_path / "c").document
+        return json.dumps(doc["runs"], sort_keys=True, default=str)
+
+    with_memory = runs()
+
+    @contextlib.contextmanager
+    def files_only(con, extra_cursors=0, views=None):  # type: ignore[no-untyped-def]
+        yield [con]
+
+    monkeypatch.setattr(P, "in_memory", files_only)
+    assert runs() == with_memory
