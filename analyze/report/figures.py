@@ -7,7 +7,7 @@ the section says why, so every chart that is drawn has data.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import queue
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -355,7 +355,9 @@ def report_connections(analysis: Any, n: int) -> Iterator[queue.Queue[Any]]:
         for c in cursors[1:]:
             clone = copy.copy(db)
             clone._con = c
-            pool.put(dataclasses.replace(analysis, db=clone) if dataclasses.is_dataclass(analysis) else clone)
+            other = copy.copy(analysis)  # shares everything but the db, which has its own cursor
+            other.db = clone
+            pool.put(other)
         yield pool
 
 
@@ -378,17 +380,17 @@ def _sections(
     slow_only, _ = steps_predicate(analysis.db, list(labels), excluded, idle=False)
     timelines = F.timeline_frames(analysis.db, list(labels), bins=options.time_bins, where=slow_only)
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
+
+    def _run_job(a: Any, *, i: int, rid: str) -> Section:
+        return run_section(a, by_id[rid], labels[rid], i, options, excluded.get(rid), timelines.get(rid))
+
     jobs: list[Callable[[Any], Section]] = [lambda a: cross_run_section(a, labels, options, excluded)]
     if whatif_gpus:
         jobs.append(lambda a: whatif_section(a, labels, whatif_gpus))
     for i, run in enumerate(runs, start=1):
         rid = run["run_id"]
         if rid in by_id:
-            jobs.append(
-                lambda a, i=i, rid=rid: run_section(
-                    a, by_id[rid], labels[rid], i, options, excluded.get(rid), timelines.get(rid)
-                )
-            )
+            jobs.append(functools.partial(_run_job, i=i, rid=rid))
 
     def build(job: Callable[[Any], Section]) -> Section:
         own = pool.get()
