@@ -26,8 +26,8 @@ from moecap.analyze.report.leaderboard import leaderboard_frame
 from moecap.analyze.sql.views import define_derived_views
 from moecap.analyze.whatif import whatif
 from moecap.collect.datasets.base import Sample
-from moecap.collect.driver.client import RequestRecord
 from moecap.collect.driver.summary import summarize
+from moecap.collect.workload import RequestRecord
 
 TRACES = Path(__file__).resolve().parents[3] / "traces"
 REL = 1e-9
@@ -174,11 +174,7 @@ def _records(analysis: Analysis, run_id: str) -> list[RequestRecord]:
     out = []
     for i, r in enumerate(rows.iter_rows(named=True)):
         rec = RequestRecord(
-            i,
-            r["req_id"],
-            Sample(sample_id=str(i), dataset="trace", prompt=""),
-            "",
-            arrival_ns=r["arrival_ns"],
+            r["req_id"], Sample(sample_id=str(i), dataset="trace", prompt=""), r["arrival_ns"], index=i
         )
         rec.first_token_ns, rec.finish_ns = r["first_token_ns"], r["finish_ns"]
         rec.prompt_tokens, rec.output_tokens = r["prompt_tokens"], r["output_tokens"]
