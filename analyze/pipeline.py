@@ -31,6 +31,7 @@ from .analysis import (
 from .cost.constants import CostSettings
 from .cost.section import cost_section, settings_for
 from .load import TraceDB, load_traces, require_runs
+from .memviews import in_memory
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
 from .metrics.window import Window
@@ -157,7 +158,12 @@ def analyze_paths(
             for ctx in contexts
         }
         define_window_views(db, windows)
-        runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id]) for ctx in contexts]
+        joins = client_engine_joins(db)
+        # Each run's queries read these views from memory, not by re-opening every run's files.
+        # Not step_metrics: over a copy, DuckDB adds a run's float sums in another order than over
+        # the run's own file, and the last bits of metrics.json would change.
+        with in_memory(db.con, views=("expert_totals", "requests", "experts")):
+            runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id], joins) for ctx in contexts]
     frames = _section_frames(runs)
     document = {
         "schema": METRICS_SCHEMA,
@@ -238,41 +244,55 @@ def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
     return summary if summary.get("total") else None
 
 
-def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
-    """Client rows joined to the engine's steps by request id: how many join, and the gap between
-    the client's arrival and the first step that computed the request (queue + transport), s."""
-    if not db.con.execute("SELECT count(*) FROM requests WHERE run_id = ?", [rid]).fetchall()[0][0]:
-        return None
+_JOIN_NOTE = (
+    "client arrival (driver clock) to the start of the first engine step computing the request "
+    "(engine clock); both are the host's monotonic clock when driver and engine share a host"
+)
+
+
+def client_engine_joins(db: TraceDB) -> dict[str, dict[str, Any]]:
+    """run_id -> its client rows joined to the engine's steps by request id: how many join, and the
+    gap between the client's arrival and the first step that computed the request (queue +
+    transport), s. Runs without requests or without steps are absent. One query for every run
+    (per run, the steps view re-opened every run's files)."""
+    if not db.con.execute("SELECT count(*) FROM requests").fetchall()[0][0]:
+        return {}  # nothing to join: the steps' request lists need not be cached
     db.ensure_request_lists()  # the join reads steps.req_ids
+    with_steps = {r for (r,) in db.con.execute("SELECT DISTINCT run_id FROM steps").fetchall()}
     rows = db.con.execute(
         """WITH first_step AS (
-                SELECT rid, min(t_start_ns) AS first_ns FROM (
-                    SELECT unnest(req_ids) AS rid, t_start_ns FROM steps WHERE run_id = $rid)
-                GROUP BY rid)
-            SELECT count(*), count(f.rid),
+                SELECT run_id, rid, min(t_start_ns) AS first_ns FROM (
+                    SELECT run_id, unnest(req_ids) AS rid, t_start_ns FROM steps)
+                GROUP BY run_id, rid)
+            SELECT r.run_id, count(*), count(f.rid),
                    quantile_cont((f.first_ns - r.arrival_ns) / 1e9, [0.5, 0.9, 0.99]),
                    -- The mean of integer ns is exact (a hugeint sum), so it does not depend on the order
                    -- DuckDB's threads add the rows in; a mean of doubles differed in its last bits run to run.
                    avg(f.first_ns - r.arrival_ns) / 1e9
-            FROM requests r LEFT JOIN first_step f ON f.rid = coalesce(r.engine_req_id, r.req_id)
-            WHERE r.run_id = $rid""",
-        {"rid": rid},
-    ).fetchall()[0]
-    total, joined, q, mean = rows
-    if not total or not db.con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [rid]).fetchall()[0][0]:
-        return None
+            FROM requests r LEFT JOIN first_step f
+                 ON f.run_id = r.run_id AND f.rid = coalesce(r.engine_req_id, r.req_id)
+            GROUP BY r.run_id"""
+    ).fetchall()
     return {
-        "requests": total,
-        "joined": joined,
-        "arrival_to_first_step_s_mean": mean,
-        "arrival_to_first_step_s_p50_p90_p99": q,
-        "note": "client arrival (driver clock) to the start of the first engine step computing the request "
-        "(engine clock); both are the host's monotonic clock when driver and engine share a host",
+        rid: {
+            "requests": total,
+            "joined": joined,
+            "arrival_to_first_step_s_mean": mean,
+            "arrival_to_first_step_s_p50_p90_p99": q,
+            "note": _JOIN_NOTE,
+        }
+        for rid, total, joined, q, mean in rows
+        if total and rid in with_steps
     }
 
 
 def _run_document(
-    db: TraceDB, ctx: RunContext, options: Settings, cost: CostSettings, run_window: Window
+    db: TraceDB,
+    ctx: RunContext,
+    options: Settings,
+    cost: CostSettings,
+    run_window: Window,
+    joins: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     md = ctx.run.metadata
     warnings = list(ctx.warnings) + list(ctx.run.warnings)
@@ -323,7 +343,7 @@ def _run_document(
             for phase in sorted(totals["phase"].unique().to_list())
         }
     accuracy_doc = _accuracy(db, rid)
-    joined = _client_engine_join(db, rid)
+    joined = joins.get(rid)
     if joined:
         req_doc["client_engine_join"] = joined
     constants: dict[str, Any] = {}
