@@ -25,7 +25,6 @@ from functools import cached_property
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .decode_sums import NOT_APPLICABLE, DecodeSums, FloatArray, IntArray, decode_sums
 
@@ -271,9 +270,7 @@ class RecordArrays:
 def _true_mask(flags: pl.Series) -> BoolArray:
     """A Boolean series as a numpy bool array, null -> False. Unpacked from its Arrow bitmap: ~10x
     cheaper than `to_numpy`, which converts value by value."""
-    arr = flags.to_arrow()
-    if arr.null_count:
-        arr = pc.fill_null(arr, False)
+    arr = (flags.fill_null(False) if flags.null_count() else flags).to_arrow()
     if len(arr) == 0:
         return np.zeros(0, dtype=bool)
     bits = np.unpackbits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), bitorder="little")
