@@ -133,6 +133,7 @@ _DECODE_SCHEMA: dict[str, pl.DataType] = {
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_SCALAR = r"^(-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false)$"
 
 
 def load_reference_frame(path: str | Path) -> pl.DataFrame | None:
@@ -142,7 +143,8 @@ def load_reference_frame(path: str | Path) -> pl.DataFrame | None:
     `records_to_frame(load_reference_records(path))`, or None where it might not be: any other file
     shape (JSON Lines, ``{"records": ...}``, a byte-order mark, an escape sequence, NaN/Infinity), a
     value the reader refuses, an integer field that is not an exact integer, a null `req_id` (absent and
-    null differ there), first-record GPU fields of another type. The caller then reads it with
+    null differ there), a `forward_mode` or `req_id` that reads as a JSON number or bool (it may have
+    been one), first-record GPU fields of another type. The caller then reads it with
     `load_reference_records`, which also gives the errors. A record that writes one key twice is
     read with the first value here, the last by `json` (see docs/decisions.md, 2026-12-06)."""
     try:
@@ -164,6 +166,11 @@ def load_reference_frame(path: str | Path) -> pl.DataFrame | None:
             return None  # a null entry
         if entries.struct.field("req_id").null_count():
             return None  # a null or absent req_id: the reference tells them apart; json does too
+        # A number or bool where text belongs is written as text by both readers, but not always the
+        # same text (1e+20, -0.0), and json's frame refuses integers beyond int64: left to json.
+        for text in (frame.get_column("forward_mode"), entries.struct.field("req_id")):
+            if text.str.contains(_JSON_SCALAR).any():
+                return None
         int_fields = [
             pl.element().struct.field(name).cast(pl.Int64, strict=True)
             for name in ("req_pool_idx", "extend_len", "total_len")
