@@ -47,6 +47,8 @@ class PendingStep:
     """Whatever the adapter needs to finish the row (host facts, or device tensors to read back)."""
     aux_len: int = 0
     """Elements of the slot's auxiliary host row filled by `end` (see `StepReadback.end`)."""
+    counts_len: int = 0
+    """Elements of the slot's pinned counts row filled by `end` (0: no counts for this step)."""
 
 
 @dataclass
@@ -57,7 +59,8 @@ class ReadyStep:
     gpu_start_ns: int | None
     gpu_end_ns: int | None
     counts: Any | None
-    """numpy int32 [num_moe_layers * num_experts], layer-major; None when counts are off."""
+    """numpy int32: [num_moe_layers * num_experts] layer-major, or whatever flat int32 tensor `end` was
+    given instead (raw routing rows the adapter counts on the host); None when the step has none."""
     aux: Any | None = None
     """numpy int64 copy of the auxiliary device tensor given to `end`, if any."""
 
@@ -81,6 +84,7 @@ class StepReadback:
         ring: int = 32,
         with_counts: bool = True,
         anchor_interval_s: float = 1.0,
+        counts_capacity: int = 0,
     ) -> None:
         import torch
 
@@ -97,9 +101,8 @@ class StepReadback:
         self.counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.rows = list(self.counts.unbind(0))
         self.token_weight = torch.zeros(max(1, int(max_tokens)), dtype=torch.int32, device=self.device)
-        self._pinned = torch.zeros(
-            (self.ring, max(1, num_layers * num_experts)), dtype=torch.int32, pin_memory=self.is_cuda
-        )
+        width = max(1, num_layers * num_experts, int(counts_capacity))
+        self._pinned = torch.zeros((self.ring, width), dtype=torch.int32, pin_memory=self.is_cuda)
         self._aux = torch.zeros((self.ring, 1), dtype=torch.int64, pin_memory=self.is_cuda)
         self._free = deque(range(self.ring))
         self._pending: deque[PendingStep] = deque()
@@ -182,14 +185,27 @@ class StepReadback:
         n = mask.numel()
         self.token_weight[:n].copy_(mask.reshape(-1))
 
-    def end(self, slot: int, payload: Any, stream: Any = None, aux: torch.Tensor | None = None) -> None:
+    def end(
+        self,
+        slot: int,
+        payload: Any,
+        stream: Any = None,
+        aux: torch.Tensor | None = None,
+        counts: torch.Tensor | bool = True,
+    ) -> None:
         """Record the step's end event, then queue non-blocking copies of the counts and of `aux`
-        (a small 1-D integer device tensor of facts the host needs later) into the slot's pinned rows."""
+        (a small 1-D integer device tensor of facts the host needs later) into the slot's pinned rows.
+
+        `counts`: True copies `self.counts`; a flat int32 device tensor (at most `counts_capacity`
+        elements) is copied instead (e.g. raw routing rows the caller counts on the host: one copy,
+        no count kernels); False copies nothing (the step has no counts)."""
         if self.is_cuda:
             self._end[slot].record(stream)
-        if self.with_counts:
-            flat = self.counts.view(-1)
-            self._pinned[slot, : flat.numel()].copy_(flat, non_blocking=self.is_cuda)
+        counts_len = 0
+        if self.with_counts and counts is not False:
+            flat = self.counts.view(-1) if counts is True else counts.reshape(-1)
+            counts_len = int(flat.numel())
+            self._pinned[slot, :counts_len].copy_(flat, non_blocking=self.is_cuda)
         aux_len = 0
         if aux is not None:
             aux_len = int(aux.numel())
@@ -197,12 +213,12 @@ class StepReadback:
                 self.ensure_aux_capacity(aux_len)
             self._aux[slot, :aux_len].copy_(aux.reshape(-1), non_blocking=self.is_cuda)
         if self.is_cuda:
-            if self.with_counts or aux_len:
+            if counts_len or aux_len:
                 self._done[slot].record(stream)  # after the copies
                 self._slot_done[slot] = self._done[slot]
             else:
                 self._slot_done[slot] = self._end[slot]  # nothing queued after the end: one event less
-        self._pending.append(PendingStep(slot, payload, aux_len))
+        self._pending.append(PendingStep(slot, payload, aux_len, counts_len))
 
     def discard(self, slot: int) -> None:
         """Give back a slot claimed by `begin` for a step that did not run."""
@@ -239,7 +255,7 @@ class StepReadback:
             gpu_start = host_ns + round(ref.elapsed_time(self._start[p.slot]) * 1e6)
             gpu_end = host_ns + round(ref.elapsed_time(self._end[p.slot]) * 1e6)
         counts = None
-        if self.with_counts:
-            counts = self._pinned[p.slot, : self.num_layers * self.num_experts].numpy().copy()
+        if p.counts_len:
+            counts = self._pinned[p.slot, : p.counts_len].numpy().copy()
         aux = self._aux[p.slot, : p.aux_len].numpy().copy() if p.aux_len else None
         return ReadyStep(p.payload, gpu_start, gpu_end, counts, aux)

@@ -116,6 +116,98 @@ def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
     return SglangRunOptions(**common, engine_args={"mem_fraction_static": 0.8, "context_length": 4096})
 
 
+def _steps_recorded(llm: Any) -> int | None:
+    with contextlib.suppress(Exception):
+        stats = [x for x in llm.collective_rpc("moecap_control", args=("stats",)) if x]
+        return int(stats[0]["steps_recorded"]) if stats else None
+    return None
+
+
+def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
+    """Per label, medians over the decode steps whose keys fall in the label's [first, last) ranges:
+    GPU span (start event to end event, µs), GPU start-to-start interval of consecutive steps (µs), and
+    host time inside the step (`t_start`..`t_end`, µs). Tells GPU time added per step from host time."""
+    from moecap.schemas.reader import read_trace_file
+
+    files = sorted(folder.glob("*.steps.arrow"))
+    if not files:
+        return {"error": f"no steps file in {folder}"}
+    rows = read_trace_file(files[0]).table.select(
+        ["step", "phase", "t_start_ns", "t_end_ns", "gpu_start_ns", "gpu_end_ns"]).to_pylist()  # fmt: skip
+    by_key = {r["step"]: r for r in rows}
+    out: dict[str, Any] = {}
+    for label, spans in ranges.items():
+        gpu, interval, host = [], [], []
+        for first, last in spans:
+            for k in range(first, last):
+                r, nxt = by_key.get(k), by_key.get(k + 1)
+                if r is None or r["phase"] != "decode" or r["gpu_start_ns"] is None:
+                    continue
+                gpu.append((r["gpu_end_ns"] - r["gpu_start_ns"]) / 1e3)
+                host.append((r["t_end_ns"] - r["t_start_ns"]) / 1e3)
+                if nxt is not None and k + 1 < last and nxt["phase"] == "decode" and nxt["gpu_start_ns"]:
+                    interval.append((nxt["gpu_start_ns"] - r["gpu_start_ns"]) / 1e3)
+        out[label] = {"decode_steps": len(gpu), "gpu_span_us": median(gpu),
+                      "gpu_interval_us": median(interval), "host_in_step_us": median(host)}  # fmt: skip
+    return out
+
+
+def vllm_count_modes(batch: int, reps: int, out: Path) -> dict[str, Any]:
+    """Stage `modes-<batch>`: ONE engine with expert counts on; interleaved repeats of `LLM.generate` with
+    the routing rows counted on the device (index_add kernels on the engine's stream) and on the host
+    (one copy per step), switched between repeats by `moecap_control("count-on", …)`; the same counts
+    either way. Per mode: tok/s and per-step GPU span / interval / host time from the trace."""
+    from vllm import LLM, SamplingParams
+
+    from moecap.collect.engines.vllm.runner import VllmSession
+
+    opts = offline_options("vllm", "experts", batch, out)
+    opts.out = str(out / f"trace-vllm-modes-{batch}")
+    session = VllmSession(opts)
+    holder: dict[str, Any] = {}
+
+    def factory(kwargs: dict[str, Any]) -> Any:
+        holder["llm"] = LLM(**kwargs)
+        return holder["llm"].llm_engine
+
+    prompts = session.prompts(opts.dataset, opts.num_prompts)
+    session.start(engine_factory=factory)
+    llm = holder["llm"]
+    modes = ("device", "host")
+    tps: dict[str, list[float]] = {m: [] for m in modes}
+    ranges: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}
+    result: dict[str, Any] = {"scheduler": _vllm_scheduler(llm)}
+    try:
+        session.warmup(prompts, batch)
+        _, _, n_out = WORKLOADS[batch]
+        params = SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=0.0, detokenize=False)
+        for rep in range(reps):
+            for m in modes if rep % 2 == 0 else modes[::-1]:
+                llm.collective_rpc("moecap_control", args=("count-on", m))
+                llm.reset_prefix_cache()
+                first = _steps_recorded(llm)
+                t0 = time.perf_counter()
+                outs = llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], params,
+                                    use_tqdm=False)  # fmt: skip
+                wall = time.perf_counter() - t0
+                last = _steps_recorded(llm)
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                tps[m].append(tokens / wall)
+                if first is not None and last is not None:
+                    ranges[m].append((first, last))
+                log(f"vllm modes-{batch} rep {rep} count-on {m}: {tokens / wall:.1f} tok/s")
+    finally:
+        result["worker_stats"] = session.stop(write=False)
+    result.update({f"tok_s_{m}": [round(x, 1) for x in tps[m]] for m in modes})
+    result.update({f"median_{m}": median(tps[m]) for m in modes})
+    if tps["device"] and tps["host"]:
+        result["host_over_device"] = round(
+            statistics.median(tps["host"]) / statistics.median(tps["device"]), 4
+        )
+    result["spans"] = span_stats(Path(opts.out), ranges)
+    return result
+
+
 def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
@@ -137,6 +229,7 @@ def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
     gen_tps: list[float] = []
     run_tps: list[float] = []
     firsts: list[float] = []
+    gen_ranges: list[tuple[int, int]] = []
     try:
         session.warmup(prompts, batch)
         result["timing"] = dict(session.timing)
@@ -147,10 +240,14 @@ def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
             for what in order:
                 llm.reset_prefix_cache()
                 if what == "generate":
+                    first = _steps_recorded(llm) if mode != "off" else None
                     t0 = time.perf_counter()
                     outs = llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], params,
                                         use_tqdm=False)  # fmt: skip
                     wall = time.perf_counter() - t0
+                    last = _steps_recorded(llm) if mode != "off" else None
+                    if first is not None and last is not None:
+                        gen_ranges.append((first, last))
                     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
                     gen_tps.append(tokens / wall)
                 else:
@@ -163,6 +260,9 @@ def vllm_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
                 )
     finally:
         result["worker_stats"] = session.stop(write=False)
+    if gen_ranges:
+        with contextlib.suppress(Exception):
+            result["spans"] = span_stats(Path(opts.out), {"generate": gen_ranges})
     return _offline_result(result, gen_tps, run_tps, firsts)
 
 
@@ -435,6 +535,8 @@ def child(args: argparse.Namespace) -> None:
             result = serve_stage(args.engine, args.serve_reps, out, args.port)
         elif stage.startswith("cli-"):
             result = cli_stage(args.engine, int(stage.split("-")[1]), out)
+        elif stage.startswith("modes-"):
+            result = vllm_count_modes(int(stage.split("-")[1]), args.reps, out)
         else:
             mode, batch = stage.split("-")
             fn = vllm_offline if args.engine == "vllm" else sglang_offline

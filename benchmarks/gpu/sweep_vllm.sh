@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One vLLM sweep on one GPU: random-weight Qwen1.5-MoE-A2.7B (no checkpoint, no tokenizer: prompts are
-# token ids, skip_tokenizer_init), a fixed-length task at batch sizes 1, 32, 64, 128, one engine start.
-# Then the same command again, which must skip every point without starting the engine, and (with
-# KILL_AFTER=N) a run killed with SIGKILL after N recorded points plus the re-run that records the rest.
+# token ids, skip_tokenizer_init), synthetic:1024x128 at concurrencies $BATCH_SIZES (default 1, 2, 4, 8,
+# 16, 32, 64, 128 — the what-if twins: run it unchanged on the H100 and on the H200), 2 waves per point,
+# one engine start. With AGAIN=1 the same command again, which must skip every point without starting
+# the engine; with KILL_AFTER=N a run killed with SIGKILL after N recorded points plus the re-run that
+# records the rest.
 #
 #   bash benchmarks/gpu/sweep_vllm.sh OUT [PREFIX]        # run from the repository root, vLLM installed
 #
@@ -21,7 +23,7 @@ sweep() {
   exec python3 -c 'from moecap.collect.cli import main; main()' sweep \
     --engine vllm --model analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json --random-weights --dtype bf16 \
     --engine-args '--gpu-memory-utilization 0.85 --max-model-len 2048 --max-num-seqs 128' \
-    --task synthetic:1024x128 --batch-sizes 1,32,64,128 --waves 2 --name "$PREFIX-vllm-sweep" \
+    --task synthetic:1024x128 --batch-sizes "${BATCH_SIZES:-1,2,4,8,16,32,64,128}" --waves 2 --name "$PREFIX-vllm-sweep" \
     --out "$WORK/sweep" "$@"
 }
 if [ -n "${KILL_AFTER:-}" ]; then
@@ -35,10 +37,10 @@ if [ -n "${KILL_AFTER:-}" ]; then
   wait $pid 2>/dev/null
 fi
 # SIGINT at 420 s: whatever is left is closed and resumable, never lost
-timeout -s INT 420 bash -c "$(declare -f sweep); sweep" > "$OUT/sweep.log" 2>&1
+timeout -s INT "${SWEEP_TIMEOUT_S:-420}" bash -c "$(declare -f sweep); sweep" > "$OUT/sweep.log" 2>&1
 rc=$?
 echo "sweep exit $rc"; tail -n 12 "$OUT/sweep.log"
-if [ $rc -eq 0 ]; then
+if [ $rc -eq 0 ] && [ -n "${AGAIN:-}" ]; then
   (sweep) > "$OUT/sweep-again.log" 2>&1   # everything recorded: skips all, starts no engine
   echo "re-run exit $?"; tail -n 4 "$OUT/sweep-again.log"
 fi

@@ -4,7 +4,8 @@ definition, so `moecap-collect serve|run` sets the same variables whatever the e
 `MOECAP_TRACE_DIR` (on/off and where), `MOECAP_RUN_ID` (shared by every process of a run),
 `MOECAP_COUNTS=0` (steps only), `MOECAP_STRICT_ENGINE=1` (refuse an untested engine release),
 `MOECAP_MODEL_ID`, `MOECAP_WORKLOAD` (JSON for the run metadata), `MOECAP_STATS_DIR` (per-process
-tracer stats as JSON, for scripts).
+tracer stats as JSON, for scripts), `MOECAP_COUNT_ON=auto|device|host` (where vLLM's routing rows are
+counted; the counts are the same either way).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ENV_STRICT = "MOECAP_STRICT_ENGINE"
 ENV_MODEL_ID = "MOECAP_MODEL_ID"
 ENV_WORKLOAD = "MOECAP_WORKLOAD"
 ENV_STATS_DIR = "MOECAP_STATS_DIR"
+ENV_COUNT_ON = "MOECAP_COUNT_ON"
 
 
 def tracer_environment(
@@ -94,6 +96,8 @@ class TracerSettings:
     """Seconds without a pass after which an idle flusher (where the engine has one) writes rows."""
     ring: int = 32
     """Steps whose device readback may be in flight at once."""
+    count_on: str = "auto"
+    """Where expert counts are made from the routing rows: auto | device | host (engines that support it)."""
 
     @classmethod
     def from_env(cls, engine: str) -> TracerSettings | None:
@@ -107,4 +111,5 @@ class TracerSettings:
             model_id=os.environ.get(ENV_MODEL_ID) or None,
             workload=workload_from_env(),
             stats_dir=os.environ.get(ENV_STATS_DIR) or None,
+            count_on=os.environ.get(ENV_COUNT_ON, "auto").strip().lower() or "auto",
         )

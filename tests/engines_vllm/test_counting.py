@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from moecap.collect.engines.vllm.adapter import (  # noqa: E402
     CountPlan,
     copy_topk_rows,
+    count_rows_on_host,
     count_topk_rows,
     restore_local_rows,
 )
@@ -167,3 +168,16 @@ def test_restore_local_rows_layouts():
         gather=lambda t: torch.cat([t, t]),
     )
     assert how == "sp-gathered" and out.shape[0] == 5
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, CAP])
+def test_host_count_equals_the_device_count_bit_for_bit(n):
+    # Same buffer, ids in and out of range (-1 padding columns, ids >= E): same [L, E + 2] counts.
+    gen = torch.Generator().manual_seed(n)
+    buf, counts, plan = buffers()
+    buf.copy_(torch.randint(-2, E + 3, (CAP, L, K), generator=gen, dtype=torch.int32))
+    count_topk_rows(counts, buf, n, plan)
+    host = count_rows_on_host(buf.reshape(-1).numpy().copy(), n, L, E, K)
+    assert host.dtype.name == "int32" and host.shape == (L, E + 2)
+    assert host.tolist() == counts.tolist()
+    assert int(host.sum()) == n * L * K  # every id lands in exactly one column

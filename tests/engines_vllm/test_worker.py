@@ -98,7 +98,18 @@ def trace_files(folder):
     return read_trace_file(steps[0]), read_trace_file(experts[0])
 
 
-def test_real_worker_records_every_step_with_exact_counts(worker_class, vllm_env, trace_env):
+@pytest.mark.parametrize(
+    ("count_on", "host_cap"),
+    [("auto", None), ("device", None), ("host", None), ("auto", 3 * TOP_K * len(MOE_LAYERS) * 4)],
+    ids=["auto", "device", "host", "auto-mixed"],
+)
+def test_real_worker_records_every_step_with_exact_counts(
+    worker_class, vllm_env, trace_env, monkeypatch, count_on, host_cap
+):
+    # Counts made on the host (small steps) and on the device (large ones) must be the same counts.
+    monkeypatch.setenv("MOECAP_COUNT_ON", count_on)
+    if host_cap is not None:  # steps of more than 12 tokens go to the device, smaller ones to the host
+        monkeypatch.setattr(adapter, "HOST_COUNT_MAX_IDS", host_cap)
     model = make_model(plans={0: duplicating_plan})
     rec = RecordingModel(model)
     runner = FakeRunner(model)
@@ -144,6 +155,13 @@ def test_real_worker_records_every_step_with_exact_counts(worker_class, vllm_env
             assert int(got[layer].sum()) == n_real * TOP_K
         checked += 1
     assert checked == n_exec + 1
+    on_host = tracer.steps_counted_on_host  # after shutdown: the last step is emitted at the drain
+    ids_per_token = TOP_K * len(MOE_LAYERS)
+    small = sum(r["num_tokens"] * ids_per_token <= adapter.HOST_COUNT_MAX_IDS for r in rows)
+    expected = {"device": 0, "host": n_exec + 1, "auto": small}[count_on]
+    assert stats["count_on"] == count_on and on_host == expected
+    if host_cap is not None:
+        assert 0 < on_host < n_exec + 1  # both paths ran in one trace
     run = steps.run
     assert run.engine.name == "vllm" and run.engine.version
     assert run.model.id == "tiny/qwen2-moe" and run.model.config["model_type"] == "qwen2_moe"

@@ -16,9 +16,11 @@ in-process, one per TP/PP rank, one per DP rank — records:
   `SchedulerOutput` into the batch composition (request ids, new tokens, tokens already cached,
   per-request phase, spec tokens, logit rows); a CUDA event marks the start on the engine's stream.
 - AROUND `sample_tokens` (or right after `execute_model` when it returned its output itself): rows
-  `[:num_real_tokens]` of the buffer are counted into `[layers, experts]` with `scatter_add_` outside
-  any graph (padding rows never count), copied to pinned host memory with `non_blocking=True`, and a
-  CUDA event marks the end. Rows are emitted once their event has completed (checked at the next
+  `[:num_real_tokens]` of the buffer are counted into `[layers, experts]` (padding rows never count):
+  a small step's rows (≤ HOST_COUNT_MAX_IDS ids) are copied as they are to pinned host memory with
+  `non_blocking=True` and counted there once ready (no count kernels on the engine's stream); a large
+  step's are counted with `index_add_` outside any graph and the counts copied. A CUDA event marks
+  the end. Rows are emitted once their event has completed (checked at the next
   step, drained at shutdown): the plugin never synchronises the device on the hot path.
 - `execute_dummy_batch` (idle data-parallel ranks) makes an `idle` row.
 
@@ -50,6 +52,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from moecap.schemas import (
     EngineInfo,
@@ -273,6 +277,28 @@ def count_topk_rows(counts: torch.Tensor, buffer: torch.Tensor, n: int, plan: Co
     counts.view(-1).index_add_(0, idx.view(-1), plan.ones[: idx.numel()])
 
 
+HOST_COUNT_MAX_IDS = 16384
+"""Steps whose real routing rows hold at most this many ids (tokens x layers x top_k; 64 KiB of int32)
+are counted on the host (`count_rows_on_host`): one device-to-host copy and no count kernels on the
+engine's stream, which matters where a step is short (batch 1 decode: ~3 ms); larger steps are
+counted on the device (`count_topk_rows`), where one copy of every row would cost more than the count."""
+
+COUNT_ON = ("auto", "device", "host")
+"""Where a step's routing rows are counted: `auto` (host up to HOST_COUNT_MAX_IDS, else device)."""
+
+
+def count_rows_on_host(raw: np.ndarray, n: int, num_layers: int, num_experts: int, top_k: int) -> np.ndarray:
+    """`count_topk_rows` on the host: the first `n` token rows of a flat copy of the routing buffer
+    (`[n, L, K]` int32, row-major) counted into the same `[L, E + 2]` int32 layout (column 0: ids
+    below 0, 1..E the experts, E + 1: ids of E and above), so both paths give identical counts."""
+    width = num_experts + 2
+    ids = raw[: n * num_layers * top_k].reshape(n, num_layers, top_k).astype(np.int64)
+    np.clip(ids, -1, num_experts, out=ids)
+    ids += (np.arange(num_layers, dtype=np.int64) * width + 1).reshape(1, num_layers, 1)
+    counts = np.bincount(ids.ravel(), minlength=num_layers * width)
+    return counts.astype(np.int32).reshape(num_layers, width)
+
+
 def restore_local_rows(
     topk_ids: Any,
     *,
@@ -370,7 +396,10 @@ class VllmTracer(EngineTraceFiles):
             max_tokens=1,
             ring=settings.ring,
             with_counts=self.counting and self.active,
+            counts_capacity=HOST_COUNT_MAX_IDS if self.counting else 0,
         )
+        self.count_on = settings.count_on if settings.count_on in COUNT_ON else "auto"
+        self.steps_counted_on_host = 0
         _LIVE.add(self)
 
     # -- MoE layout and buffers --------------------------------------------------------------------
@@ -495,15 +524,25 @@ class VllmTracer(EngineTraceFiles):
         step, self._open = self._open, None
         if step is None:
             return
-        if self.readback.with_counts:
-            # The buffers may be inference tensors (vLLM's own context): in-place ops need the mode.
-            with self._torch.inference_mode():
-                self.readback.counts.zero_()
-                if step.n_real > 0 and self.buffer is not None:
-                    n = min(step.n_real, int(self.buffer.shape[0]))
-                    count_topk_rows(self.readback.counts, self.buffer, n, self.plan)
+        if self.readback.with_counts and self.buffer is not None:
+            n = max(0, min(step.n_real, int(self.buffer.shape[0])))
+            ids = n * int(self.buffer.shape[1]) * int(self.buffer.shape[2])
+            if self.count_on == "host" or (self.count_on == "auto" and ids <= HOST_COUNT_MAX_IDS):
+                if ids > HOST_COUNT_MAX_IDS:  # forced host mode: never copy past the pinned slot
+                    n = HOST_COUNT_MAX_IDS // (int(self.buffer.shape[1]) * int(self.buffer.shape[2]))
+                    ids = n * int(self.buffer.shape[1]) * int(self.buffer.shape[2])
+                # One device-to-host copy of the real rows; `_emit` counts them (count_rows_on_host).
+                step.row["_moecap_host_rows"] = n
                 step.row["t_end_ns"] = time.monotonic_ns()
-                self.readback.end(step.slot, step.row, step.stream)
+                self.readback.end(step.slot, step.row, step.stream, counts=self.buffer.view(-1)[:ids])
+            else:
+                # The buffers may be inference tensors (vLLM's own context): in-place ops need the mode.
+                with self._torch.inference_mode():
+                    self.readback.counts.zero_()
+                    if n > 0:
+                        count_topk_rows(self.readback.counts, self.buffer, n, self.plan)
+                    step.row["t_end_ns"] = time.monotonic_ns()
+                    self.readback.end(step.slot, step.row, step.stream)
         else:
             step.row["t_end_ns"] = time.monotonic_ns()
             self.readback.end(step.slot, step.row, step.stream)
@@ -523,9 +562,17 @@ class VllmTracer(EngineTraceFiles):
         row = item.payload
         row["gpu_start_ns"] = item.gpu_start_ns
         row["gpu_end_ns"] = item.gpu_end_ns
+        host_rows = row.pop("_moecap_host_rows", None)
         counts = None
-        if item.counts is not None and self.num_experts > 0 and not self.capture_errors:
+        if host_rows is not None and self.num_experts > 0 and not self.capture_errors:
+            raw = item.counts if item.counts is not None else np.zeros(0, dtype=np.int32)  # 0-token step
+            full = count_rows_on_host(raw, host_rows, len(self.layer_ids), self.num_experts, self.top_k)
+            self.steps_counted_on_host += 1
+        elif item.counts is not None and self.num_experts > 0 and not self.capture_errors:
             full = item.counts.reshape(len(self.layer_ids), self.num_experts + 2)
+        else:
+            full = None
+        if full is not None:
             self.invalid_ids += int(full[:, 0].sum() + full[:, -1].sum())
             counts = full[:, 1:-1].reshape(-1)  # a copy (not contiguous): the slot is reused
         writers = self.open_writers()
@@ -554,6 +601,7 @@ class VllmTracer(EngineTraceFiles):
         extra["vllm"] = {
             "profile": compat.profile().name,
             "capture": "BaseRouter.set_capture_fn -> [max_tokens, L, top_k] buffer, counted outside the graph",
+            "count_on": self.count_on,
             "worker_rank": {"tp": r.tp_rank, "tp_size": r.tp_size},
         }
         problem = compat.version_problem(version) if version else None
@@ -651,6 +699,8 @@ class VllmTracer(EngineTraceFiles):
             "in_flight": self.readback.in_flight,
             "readback_waits": self.readback.waits,
             "counting": self.counting,
+            "count_on": self.count_on,
+            "steps_counted_on_host": self.steps_counted_on_host,
             "counts_reason": self.counts_reason,
             "capture_layouts": sorted(self.capture_layouts),
             "capture_errors": list(self.capture_errors),
@@ -787,7 +837,8 @@ def _around_shutdown(original: Callable[..., Any], self: Any, *a: Any, **k: Any)
 
 def moecap_control(self: Any, command: str = "stats", *args: Any) -> Any:
     """Worker RPC (`llm.collective_rpc("moecap_control", args=("stats",))`): stats | flush | close |
-    pause | resume (pause: the steps until resume are not recorded, e.g. a client's warm-up)."""
+    pause | resume (pause: the steps until resume are not recorded, e.g. a client's warm-up) |
+    count-on auto|device|host (where the routing rows are counted; same counts either way)."""
     tracer = _tracer(self)
     if tracer is None:
         return None
@@ -797,6 +848,10 @@ def moecap_control(self: Any, command: str = "stats", *args: Any) -> Any:
         tracer.paused = True
     elif command == "resume":
         tracer.paused = False
+    elif command == "count-on":
+        if not args or args[0] not in COUNT_ON:
+            raise ValueError(f"moecap_control('count-on', MODE): MODE must be one of {', '.join(COUNT_ON)}")
+        tracer.count_on = args[0]
     elif command == "flush":
         tracer.drain()
         if tracer.writers is not None:
