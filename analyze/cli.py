@@ -438,6 +438,9 @@ def _register_commands(commands: Iterable[str] | None = None) -> None:
             raise
         module.register(app)
         _registered.add(name)
+    # `--help` lists commands in registration order: keep the table's order whatever was registered first.
+    order = {command: i for i, command in enumerate(COMMAND_MODULES)}
+    app.registered_commands.sort(key=lambda info: order.get(info.name or info.callback.__name__, len(order)))
 
 
 _BOOL_FLAGS = {"--strict", "--allow-writes", "--python"}

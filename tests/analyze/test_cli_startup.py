@@ -5,6 +5,7 @@ framework for `--version` and a mistyped command, only the asked command's modul
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,25 @@ def test_the_command_table_says_which_module_registers_which_command():
 def test_the_installed_script_runs_the_light_entry_point():
     lines = (ROOT / "pyproject.toml").read_text().splitlines()
     assert 'moecap-analyze = "moecap.analyze.entry:main"' in lines
+
+
+def test_the_command_list_keeps_its_order_when_one_command_ran_first(tmp_path):
+    code = (
+        "import contextlib, io, sys\n"
+        "from moecap.analyze import cli\n"
+        "for argv in (['fleet', '--help'], ['--help']):\n"
+        "    sys.argv = ['moecap-analyze', *argv]\n"
+        "    out = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(out): cli.main()\n"
+        "    except SystemExit: pass\n"
+        "print(out.getvalue())\n"
+    )
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    ).stdout
+    listed = [
+        name for line in out.splitlines() for name in entry.COMMAND_MODULES if line.startswith(f"│ {name} ")
+    ]
+    assert listed == list(entry.COMMAND_MODULES)
