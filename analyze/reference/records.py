@@ -193,14 +193,21 @@ def load_reference_frame(path: str | Path) -> pl.DataFrame | None:
 
 
 def _first_record(data: bytes) -> dict[str, Any] | None:
-    """The first record decoded by Python's json (its GPU fields are the reference's defaults)."""
-    try:
-        text = data.decode("utf-8")
-        at = _JSON_SPACE.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
-        first, _ = json.JSONDecoder().raw_decode(text, at)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError):
-        return None
-    return first if type(first) is dict else None
+    """The first record decoded by Python's json (its GPU fields are the reference's defaults), from the
+    file's first 64 kB where it fits there (a prefix that decodes to a whole object holds that object).
+    Called after polars' reader accepted the bytes, so they are valid UTF-8: ignoring errors only drops
+    a character cut at the prefix's end."""
+    for size in (1 << 16, len(data)):
+        text = data[:size].decode("utf-8", errors="ignore")
+        try:
+            at = _JSON_SPACE.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
+            first, _ = json.JSONDecoder().raw_decode(text, at)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            if size >= len(data):
+                return None
+            continue
+        return first if type(first) is dict else None
+    return None
 
 
 def _gpu_column(name: str, value: Any, dtype: pl.DataType) -> pl.Expr:

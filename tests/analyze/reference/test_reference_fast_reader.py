@@ -65,6 +65,12 @@ def _write(tmp_path: Path, text: str) -> Path:
         ],
         [{**PREFILL, "per_req_info": [{**ENTRY, "req_id": 'a"b\n', "req_pool_idx": -3}]}],
         [{**PREFILL, "per_req_info": [{**ENTRY, "extend_len": 512.0}]}],  # an integral float: 512 both
+        # A first record longer than the 64 kB the GPU defaults are first looked for in (non-ASCII ids:
+        # a character is cut at the prefix's end).
+        [
+            {**PREFILL, "gpu_num": 4, "per_req_info": [{**ENTRY, "req_id": f"ü{i}€"} for i in range(1500)]},
+            DECODE,
+        ],
     ],
 )
 def test_the_column_decoder_reads_what_json_reads(records: list[dict[str, Any]], tmp_path: Path) -> None:
