@@ -33,7 +33,7 @@ class _Group(TyperGroup):
     A bool flag coerced by type check is the same for None, True and False. A typer without this
     private hook keeps its own (a test notices the slower start-up)."""
 
-    def get_help_option(self, ctx):  # type: ignore[no-untyped-def]
+    def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
         if option is not None and getattr(option, "_runtime_param", False) is None:
             try:
@@ -440,7 +440,9 @@ def _register_commands(commands: Iterable[str] | None = None) -> None:
         _registered.add(name)
     # `--help` lists commands in registration order: keep the table's order whatever was registered first.
     order = {command: i for i, command in enumerate(COMMAND_MODULES)}
-    app.registered_commands.sort(key=lambda info: order.get(info.name or info.callback.__name__, len(order)))
+    app.registered_commands.sort(
+        key=lambda info: order.get(str(info.name or getattr(info.callback, "__name__", "")), len(order))
+    )
 
 
 _BOOL_FLAGS = {"--strict", "--allow-writes", "--python"}

@@ -102,7 +102,7 @@ def reference_document_for_records(
     config = load_model_config(model_config)
     name = model_name or config.get("_name_or_path") or model_config
     # Decoded straight into columns where that gives the same frame; else through Python's json.
-    records = load_reference_frame(path)
+    records: pl.DataFrame | list[dict[str, Any]] | None = load_reference_frame(path)
     if records is None:
         records = load_reference_records(path)
     result = reference_metrics(
