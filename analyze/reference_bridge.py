@@ -17,6 +17,7 @@ import polars as pl
 
 from .errors import InputError, SpecError
 from .reference import load_reference_records, reference_gpu_raw_type, reference_metrics
+from .reference.records import load_reference_frame
 from .specs import load_model_config
 
 if TYPE_CHECKING:
@@ -100,7 +101,10 @@ def reference_document_for_records(
         )
     config = load_model_config(model_config)
     name = model_name or config.get("_name_or_path") or model_config
-    records = load_reference_records(path)
+    # Decoded straight into columns where that gives the same frame; else through Python's json.
+    records: pl.DataFrame | list[dict[str, Any]] | None = load_reference_frame(path)
+    if records is None:
+        records = load_reference_records(path)
     result = reference_metrics(
         records,
         model_config=config,
