@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -313,7 +314,11 @@ def serve_command(
     `close_wait_s`), then reaches the server. `start_fn(argv, env, before_stop)` stands in for the
     supervisor in tests."""
     stats_dir = Path(tempfile.mkdtemp(prefix="moecap-sglang-stats-"))
-    server = PLUGIN.server("sglang", model, sglang_args, stats_dir=str(stats_dir), **serve)
+    try:
+        server = PLUGIN.server("sglang", model, sglang_args, stats_dir=str(stats_dir), **serve)
+    except BaseException:
+        shutil.rmtree(stats_dir, ignore_errors=True)  # a refused plan or preflight leaves nothing behind
+        raise
     plan = server.plan
 
     def before_stop() -> list[str]:
