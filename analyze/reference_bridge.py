@@ -105,16 +105,21 @@ def reference_document_for_records(
     records: pl.DataFrame | list[dict[str, Any]] | None = load_reference_frame(path)
     if records is None:
         records = load_reference_records(path)
-    result = reference_metrics(
-        records,
-        model_config=config,
-        model_name=name,
-        gpu=gpu,
-        num_gpus=num_gpus,
-        precision=precision,
-        num_requests=num_requests,
-        total_time_s=total_time_s,
-    )
+    try:
+        result = reference_metrics(
+            records,
+            model_config=config,
+            model_name=name,
+            gpu=gpu,
+            num_gpus=num_gpus,
+            precision=precision,
+            num_requests=num_requests,
+            total_time_s=total_time_s,
+        )
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise InputError(f"{path}: {exc}") from None  # a record's problem, named with its file
     return _document(str(path), name, result)
 
 

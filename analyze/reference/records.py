@@ -288,7 +288,15 @@ def _add_req_id_present(frame: pl.DataFrame, records: Sequence[Mapping[str, Any]
     )
     ambiguous = entries.filter(info.struct.field("req_id").is_null())
     rows, positions = ambiguous["_row"].to_list(), ambiguous["_pos"].to_list()
-    present = ["req_id" in records[r]["per_req_info"][q] for r, q in zip(rows, positions, strict=True)]
+    present = []
+    for r, q in zip(rows, positions, strict=True):
+        entry = records[r]["per_req_info"][q]
+        if not isinstance(entry, Mapping):
+            raise InputError(
+                f"record {r}: per_req_info[{q}] is {'null' if entry is None else type(entry).__name__}, "
+                "not an object with req_id, extend_len, total_len"
+            )
+        present.append("req_id" in entry)
     if not any(present):
         return frame.with_columns(info.cast(RECORD_SCHEMA["per_req_info"]))
     flags = pl.DataFrame({"_row": rows, "_pos": positions, "_null_present": present})
