@@ -28,6 +28,7 @@ from .metrics.step_costs import (
     SUM_NEW,
     StepCostModel,
     cost_model,
+    request_sums,
     step_costs_from_sums,
     sum_kv,
     sum_pairs,
@@ -211,7 +212,7 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     # (--model-config) gets them from one more streaming pass over the trace.
     rescanned = None
     if not windows <= sum_windows(pf.schema_arrow.names):
-        rescanned = step_request_sums(f.path, windows)
+        rescanned = step_request_sums(f.path, windows, request_sums)
         sum_columns = [c for c in sum_columns if c in rescanned.column_names]
     read_columns = ["run_id", "dp", "pp", "tp", "ep", *_STEP_COLUMNS]
     if rescanned is None:

@@ -9,15 +9,47 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
+from .entry import COMMAND_MODULES, COMMANDS, fail_if_mistyped
+from .entry import fail as _fail
 from .errors import AnalyzeError
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+class _Group(TyperGroup):
+    """typer's command group, with a `--help` flag that needs no pydantic when it is not given.
+
+    typer (0.2x) builds a pydantic TypeAdapter for the group's `--help` the first time it parses the
+    group's options, even when the flag is absent and its value None (which no adapter looks at), so
+    every `moecap-analyze CMD --help` imported pydantic (~60 ms on an idle machine; benchmarks/startup.py).
+    A bool flag coerced by type check is the same for None, True and False. A typer without this
+    private hook keeps its own (a test notices the slower start-up)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None and getattr(option, "_runtime_param", False) is None:
+            try:
+                from typer._coercion import PassThroughRuntimeParam
+            except ImportError:  # pragma: no cover - another typer
+                return option
+            descriptor = option.type_descriptor
+            if descriptor.annotation is bool:
+                option._runtime_param = PassThroughRuntimeParam(
+                    annotation=bool, parameter_info=descriptor.parameter_info
+                )
+        return option
+
+
 app = typer.Typer(
+    cls=_Group,
     name="moecap-analyze",
     help="Derive Cost/Accuracy/Performance metrics (S-MBU, S-MFU, TTFT, TPOT, expert load, …) from moecap traces "
     "or MoE-CAP record files.",
@@ -362,12 +394,6 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, form
     raise typer.Exit(1 if problems or db.errors else 0)
 
 
-_COMMANDS = {
-    "summary", "report", "check", "sql", "shell", "leaderboard", "whatif", "fleet",
-    "--help", "-h", "--version",
-}  # fmt: skip
-
-
 def _version_callback(value: bool) -> None:
     if value:
         from . import __version__
@@ -389,33 +415,21 @@ def _root(
     traces or MoE-CAP record files."""
 
 
-def _mistyped_command(word: str) -> str | None:
-    """The command `word` was probably meant to be ("sumary" -> "summary"), when `word` is no file,
-    directory or glob and is close to a command name; None otherwise."""
-    import difflib
-    import glob
-
-    if "/" in word or "." in word or word.startswith("-") or Path(word).exists() or glob.glob(word):
-        return None
-    names = sorted(c for c in _COMMANDS if not c.startswith("-"))
-    match = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
 # Sub-commands that live beside their library code register themselves here: each module defines
-# `register(app)`. A module that is not installed yet is skipped; an error inside one is not hidden.
-_COMMAND_MODULES = (
-    "moecap.analyze.report.cli",
-    "moecap.analyze.sql.cli",
-    "moecap.analyze.whatif.cli",
-    "moecap.analyze.fleet.cli",
-)
+# `register(app)`; `entry.COMMAND_MODULES` says which module holds which command. A module that is not
+# installed yet is skipped; an error inside one is not hidden.
+_COMMAND_MODULES = COMMAND_MODULES
+_registered: set[str] = set()
 
 
-def _register_commands() -> None:
+def _register_commands(commands: Iterable[str] | None = None) -> None:
+    """Register the modules of `commands` (default: every command), each once, in `--help` order."""
     import importlib
 
-    for name in _COMMAND_MODULES:
+    wanted = set(COMMAND_MODULES) if commands is None else set(commands)
+    for name in dict.fromkeys(m for c, m in COMMAND_MODULES.items() if m is not None and c in wanted):
+        if name in _registered:
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -423,9 +437,14 @@ def _register_commands() -> None:
                 continue
             raise
         module.register(app)
+        _registered.add(name)
+    # `--help` lists commands in registration order: keep the table's order whatever was registered first.
+    order = {command: i for i, command in enumerate(COMMAND_MODULES)}
+    app.registered_commands.sort(
+        key=lambda info: order.get(str(info.name or getattr(info.callback, "__name__", "")), len(order))
+    )
 
 
-_MAX_ERROR_CHARS = 1000
 _BOOL_FLAGS = {"--strict", "--allow-writes", "--python"}
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
@@ -436,18 +455,6 @@ def _bool_flag_given_a_value(argv: list[str]) -> str | None:
         if flag in _BOOL_FLAGS and value.lower() in _BOOL_WORDS and not Path(value).exists():
             return f"{flag} takes no value: write {flag} alone to turn it on, leave it out to keep it off ({value!r} is not a path)"
     return None
-
-
-def _fail(message: object, code: int = 2) -> None:
-    from .terminal import one_line
-
-    line = one_line(message)
-    if len(line) > _MAX_ERROR_CHARS:  # a message quoting a huge value (a parser's): its ends suffice
-        half = _MAX_ERROR_CHARS // 2
-        line = f"{line[:half]} … {line[-half:]}"
-    sys.stderr.write(f"moecap-analyze: error: {line}\n")
-    sys.stderr.flush()
-    sys.exit(code)
 
 
 def _trace_error() -> type[Exception]:
@@ -463,15 +470,13 @@ def main() -> None:
 
     Every user error ends here as one line on stderr and exit status 2: the analyzer's typed errors,
     trace errors and the command line's own (unknown option, bad value) alike."""
-    _register_commands()
     argv = sys.argv[1:]
-    if argv and argv[0] not in _COMMANDS:
-        meant = _mistyped_command(argv[0])
-        if meant is not None:
-            _fail(
-                f"no command or file {argv[0]!r}; did you mean '{meant}'? (moecap-analyze --help lists the commands)"
-            )
+    fail_if_mistyped(argv)
+    if argv and argv[0] not in COMMANDS:
         sys.argv.insert(1, "summary")
+    # Only the asked command's module (its options and help); every module for the command list.
+    first = sys.argv[1] if len(sys.argv) > 1 else None
+    _register_commands([first] if first in COMMAND_MODULES else None)
     flag_error = _bool_flag_given_a_value(sys.argv[1:])
     if flag_error:
         _fail(flag_error)

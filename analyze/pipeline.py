@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,14 +31,50 @@ from .analysis import (
 from .cost.constants import CostSettings
 from .cost.section import cost_section, settings_for
 from .load import TraceDB, load_traces, require_runs
+from .memviews import in_memory
 from .metrics.experts import expert_stats
 from .metrics.requests import request_metrics
 from .metrics.window import Window
 
+REQUEST_SUMMARY_SCHEMA: dict[str, Any] = {
+    "run_id": pl.String,
+    "requests": pl.Int64,
+    "succeeded": pl.Int64,
+    "ttft_s_mean": pl.Float64,
+    "tpot_s_mean": pl.Float64,
+    "itl_s_p50": pl.Float64,
+    "e2e_s_mean": pl.Float64,
+    "request_throughput": pl.Float64,
+    "output_throughput": pl.Float64,
+    "total_token_throughput": pl.Float64,
+}
+"""`Analysis.request_summary`: per run, the request-level figures of metrics/requests.py (seconds,
+requests/s, tokens/s; throughputs over the requests' makespan, as `vllm bench serve`)."""
+
+COST_SCHEMA: dict[str, Any] = {
+    "run_id": pl.String,
+    "usd_per_1m_output_tokens": pl.Float64,
+    "band_low": pl.Float64,
+    "band_high": pl.Float64,
+}
+"""`Analysis.costs`: per run, cost/section.py's headline USD per 1M output tokens and its band."""
+
+ACCURACY_SCHEMA: dict[str, Any] = {
+    "run_id": pl.String,
+    "exact_match": pl.Float64,
+    "correct": pl.Float64,
+    "total": pl.Float64,
+}
+"""`Analysis.accuracy`: per run with scorable outputs, exact match (fraction) and its counts."""
+
 
 @dataclass
 class Analysis:
-    """The loaded traces, their resolved contexts and the metrics document."""
+    """The loaded traces, their resolved contexts and what the analysis computed, as frames.
+
+    The façade (HolisticTraceAnalysis' shape): consumers read `run_info()`, `run_metrics()`
+    (the SQL views) and the per-run frames `request_summary`, `costs`, `accuracy`; `document` is
+    metrics.json, built from the same results and written only at the edge (`--out`)."""
 
     db: TraceDB
     contexts: list[RunContext]
@@ -47,11 +83,47 @@ class Analysis:
     """run_id -> that run's resolved metrics window (also the `run_windows` table)."""
     settings: Settings | None = None
     """What the analysis was asked for (GPU, window, SLOs, cost settings)."""
+    request_summary: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=REQUEST_SUMMARY_SCHEMA))
+    costs: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=COST_SCHEMA))
+    accuracy: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ACCURACY_SCHEMA))
+    warnings: dict[str, list[str]] = field(default_factory=dict)
+    """run_id -> what the analysis of that run warns about."""
+    _frames: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def cost_settings(self) -> CostSettings:
         """The cost constants and model every cost of this analysis uses."""
         return settings_for(self.settings or Settings())
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The runs in analysis order (metrics.json's order)."""
+        return [ctx.run.run_id for ctx in self.contexts]
+
+    def run_metrics(self) -> pl.DataFrame:
+        """The `run_metrics` view (metrics/steps.py per run and phase over the run's window); read
+        once (the views do not change after the analysis)."""
+        from .sql.views import define_run_views
+
+        if "run_metrics" not in self._frames:
+            with self.db.defer_request_lists():
+                define_run_views(self.db.con)
+                self._frames["run_metrics"] = self.db.con.sql("SELECT * FROM run_metrics").pl()
+        return self._frames["run_metrics"]
+
+    def run_info(self) -> pl.DataFrame:
+        """Per run, what identifies it: the `runs` table (trace metadata) with the GPU the metrics
+        are computed for and its count (`run_settings`). Columns: run_id, model, engine,
+        engine_version, gpu, num_gpus, batch_size, dataset, created_at."""
+        if "run_info" not in self._frames:
+            with self.db.defer_request_lists():
+                self._frames["run_info"] = self.db.con.sql(
+                    """SELECT r.run_id, r.model_id AS model, r.engine, r.engine_version,
+                              coalesce(s.gpu, r.gpu_name) AS gpu, s.num_gpus::BIGINT AS num_gpus,
+                              r.batch_size::BIGINT AS batch_size, r.dataset, r.created_at
+                       FROM runs r LEFT JOIN run_settings s USING (run_id)"""
+                ).pl()
+        return self._frames["run_info"]
 
 
 def analyze_paths(
@@ -86,7 +158,13 @@ def analyze_paths(
             for ctx in contexts
         }
         define_window_views(db, windows)
-        runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id]) for ctx in contexts]
+        joins = client_engine_joins(db)
+        # Each run's queries read these views from memory, not by re-opening every run's files.
+        # Not step_metrics: over a copy, DuckDB adds a run's float sums in another order than over
+        # the run's own file, and the last bits of metrics.json would change.
+        with in_memory(db.con, views=("expert_totals", "requests", "experts")):
+            runs = [_run_document(db, ctx, options, cost, windows[ctx.run.run_id], joins) for ctx in contexts]
+    frames = _section_frames(runs)
     document = {
         "schema": METRICS_SCHEMA,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -96,7 +174,63 @@ def analyze_paths(
         "load_errors": db.errors,
         "load_warnings": db.warnings,
     }
-    return Analysis(db=db, contexts=contexts, document=document, windows=windows, settings=options)
+    return Analysis(
+        db=db,
+        contexts=contexts,
+        document=document,
+        windows=windows,
+        settings=options,
+        request_summary=frames["requests"],
+        costs=frames["cost"],
+        accuracy=frames["accuracy"],
+        warnings={r["run_id"]: list(r["warnings"]) for r in runs},
+    )
+
+
+def _section_frames(runs: list[dict[str, Any]]) -> dict[str, pl.DataFrame]:
+    """The façade's per-run frames from each run's computed sections (the return values of
+    metrics/requests.py `request_metrics`, cost/section.py `cost_section` and the accuracy scorer)."""
+    requests, costs, accuracy = [], [], []
+    for run in runs:
+        rid, m = run["run_id"], run["metrics"]
+        req = m["requests"]
+        requests.append(
+            {
+                "run_id": rid,
+                "requests": req.get("requests"),
+                "succeeded": req.get("succeeded"),
+                "ttft_s_mean": (req.get("ttft_s") or {}).get("mean"),
+                "tpot_s_mean": (req.get("tpot_s") or {}).get("mean"),
+                "itl_s_p50": (req.get("itl_s") or {}).get("p50"),
+                "e2e_s_mean": (req.get("e2e_s") or {}).get("mean"),
+                "request_throughput": req.get("request_throughput"),
+                "output_throughput": req.get("output_throughput"),
+                "total_token_throughput": req.get("total_token_throughput"),
+            }
+        )
+        cost = m.get("cost") or {}
+        if cost.get("usd_per_1m_output_tokens") is not None:
+            band = cost.get("band_usd_per_1m_output_tokens") or [None, None]
+            costs.append(
+                {
+                    "run_id": rid,
+                    "usd_per_1m_output_tokens": cost["usd_per_1m_output_tokens"],
+                    "band_low": band[0],
+                    "band_high": band[1],
+                }
+            )
+        acc = m.get("accuracy")
+        if acc:
+            total = acc.get("total")
+            em = acc.get("exact_match")
+            if em is None and total:
+                em = acc.get("correct", 0) / total
+            accuracy.append({"run_id": rid, "exact_match": em, "correct": acc.get("correct"), "total": total})
+    return {
+        "requests": pl.DataFrame(requests, schema=REQUEST_SUMMARY_SCHEMA),
+        "cost": pl.DataFrame(costs, schema=COST_SCHEMA),
+        "accuracy": pl.DataFrame(accuracy, schema=ACCURACY_SCHEMA),
+    }
 
 
 def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
@@ -110,41 +244,55 @@ def _accuracy(db: TraceDB, rid: str) -> dict[str, Any] | None:
     return summary if summary.get("total") else None
 
 
-def _client_engine_join(db: TraceDB, rid: str) -> dict[str, Any] | None:
-    """Client rows joined to the engine's steps by request id: how many join, and the gap between
-    the client's arrival and the first step that computed the request (queue + transport), s."""
-    if not db.con.execute("SELECT count(*) FROM requests WHERE run_id = ?", [rid]).fetchall()[0][0]:
-        return None
+_JOIN_NOTE = (
+    "client arrival (driver clock) to the start of the first engine step computing the request "
+    "(engine clock); both are the host's monotonic clock when driver and engine share a host"
+)
+
+
+def client_engine_joins(db: TraceDB) -> dict[str, dict[str, Any]]:
+    """run_id -> its client rows joined to the engine's steps by request id: how many join, and the
+    gap between the client's arrival and the first step that computed the request (queue +
+    transport), s. Runs without requests or without steps are absent. One query for every run
+    (per run, the steps view re-opened every run's files)."""
+    if not db.con.execute("SELECT count(*) FROM requests").fetchall()[0][0]:
+        return {}  # nothing to join: the steps' request lists need not be cached
     db.ensure_request_lists()  # the join reads steps.req_ids
+    with_steps = {r for (r,) in db.con.execute("SELECT DISTINCT run_id FROM steps").fetchall()}
     rows = db.con.execute(
         """WITH first_step AS (
-                SELECT rid, min(t_start_ns) AS first_ns FROM (
-                    SELECT unnest(req_ids) AS rid, t_start_ns FROM steps WHERE run_id = $rid)
-                GROUP BY rid)
-            SELECT count(*), count(f.rid),
+                SELECT run_id, rid, min(t_start_ns) AS first_ns FROM (
+                    SELECT run_id, unnest(req_ids) AS rid, t_start_ns FROM steps)
+                GROUP BY run_id, rid)
+            SELECT r.run_id, count(*), count(f.rid),
                    quantile_cont((f.first_ns - r.arrival_ns) / 1e9, [0.5, 0.9, 0.99]),
                    -- The mean of integer ns is exact (a hugeint sum), so it does not depend on the order
                    -- DuckDB's threads add the rows in; a mean of doubles differed in its last bits run to run.
                    avg(f.first_ns - r.arrival_ns) / 1e9
-            FROM requests r LEFT JOIN first_step f ON f.rid = coalesce(r.engine_req_id, r.req_id)
-            WHERE r.run_id = $rid""",
-        {"rid": rid},
-    ).fetchall()[0]
-    total, joined, q, mean = rows
-    if not total or not db.con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [rid]).fetchall()[0][0]:
-        return None
+            FROM requests r LEFT JOIN first_step f
+                 ON f.run_id = r.run_id AND f.rid = coalesce(r.engine_req_id, r.req_id)
+            GROUP BY r.run_id"""
+    ).fetchall()
     return {
-        "requests": total,
-        "joined": joined,
-        "arrival_to_first_step_s_mean": mean,
-        "arrival_to_first_step_s_p50_p90_p99": q,
-        "note": "client arrival (driver clock) to the start of the first engine step computing the request "
-        "(engine clock); both are the host's monotonic clock when driver and engine share a host",
+        rid: {
+            "requests": total,
+            "joined": joined,
+            "arrival_to_first_step_s_mean": mean,
+            "arrival_to_first_step_s_p50_p90_p99": q,
+            "note": _JOIN_NOTE,
+        }
+        for rid, total, joined, q, mean in rows
+        if total and rid in with_steps
     }
 
 
 def _run_document(
-    db: TraceDB, ctx: RunContext, options: Settings, cost: CostSettings, run_window: Window
+    db: TraceDB,
+    ctx: RunContext,
+    options: Settings,
+    cost: CostSettings,
+    run_window: Window,
+    joins: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     md = ctx.run.metadata
     warnings = list(ctx.warnings) + list(ctx.run.warnings)
@@ -195,7 +343,7 @@ def _run_document(
             for phase in sorted(totals["phase"].unique().to_list())
         }
     accuracy_doc = _accuracy(db, rid)
-    joined = _client_engine_join(db, rid)
+    joined = joins.get(rid)
     if joined:
         req_doc["client_engine_join"] = joined
     constants: dict[str, Any] = {}

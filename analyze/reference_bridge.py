@@ -17,6 +17,7 @@ import polars as pl
 
 from .errors import InputError, SpecError
 from .reference import load_reference_records, reference_gpu_raw_type, reference_metrics
+from .reference.records import load_reference_frame
 from .specs import load_model_config
 
 if TYPE_CHECKING:
@@ -100,17 +101,25 @@ def reference_document_for_records(
         )
     config = load_model_config(model_config)
     name = model_name or config.get("_name_or_path") or model_config
-    records = load_reference_records(path)
-    result = reference_metrics(
-        records,
-        model_config=config,
-        model_name=name,
-        gpu=gpu,
-        num_gpus=num_gpus,
-        precision=precision,
-        num_requests=num_requests,
-        total_time_s=total_time_s,
-    )
+    # Decoded straight into columns where that gives the same frame; else through Python's json.
+    records: pl.DataFrame | list[dict[str, Any]] | None = load_reference_frame(path)
+    if records is None:
+        records = load_reference_records(path)
+    try:
+        result = reference_metrics(
+            records,
+            model_config=config,
+            model_name=name,
+            gpu=gpu,
+            num_gpus=num_gpus,
+            precision=precision,
+            num_requests=num_requests,
+            total_time_s=total_time_s,
+        )
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise InputError(f"{path}: {exc}") from None  # a record's problem, named with its file
     return _document(str(path), name, result)
 
 

@@ -8,8 +8,16 @@ steps (flat in the batch size) and duration per token for prefill / mixed steps 
 tokens they compute). A step is named when its cost is at least `FACTOR` x the median cost of its phase on
 that rank AND its duration exceeds the phase's typical duration (median cost, times its tokens where per
 token) by at least `MIN_EXCESS_MS` — so a 16k-token prefill among 256-token ones is not named (same cost
-per token), a 1.3 s JIT step among 12 ms decodes is. Phases with fewer than `MIN_PEERS` steps on a rank
-are not judged (no median to speak of).
+per token), a 1.3 s JIT step among 12 ms decodes is. A phase with fewer than `MIN_PEERS` steps on a rank
+has no median of its own to speak of: a prefill or mixed step there is judged against the median cost per
+token of the rank's prefill and mixed steps together when they are at least `MIN_POOLED`, its typical
+duration being no less than the rank's median decode step (a small mixed step reads the weights as a decode
+does: HF's 23-token mixed steps take what its decodes take, ~110 ms, not 23 x 0.03 ms). That names vLLM's one
+mixed step that compiles its MoE kernel (0.95 s for 1,162 tokens against ~80 ms at its prefills' cost per
+token); other phases with too few steps are not judged.
+
+This is the one definition: `moecap-analyze check` names these steps, and the report's per-step charts
+leave them out (analyze/report/steps.py).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import polars as pl
 FACTOR = 10.0
 MIN_EXCESS_MS = 100.0
 MIN_PEERS = 5
+MIN_POOLED = 3
 PER_TOKEN_PHASES = ("prefill", "mixed")
 
 
@@ -33,7 +42,10 @@ class SlowStep:
     phase: str
     duration_ms: float
     typical_ms: float
-    """What a step of this phase and size usually takes on this rank (the phase median, scaled)."""
+    """What a step of this phase and size usually takes on this rank (the median cost, scaled)."""
+    dp: int = 0
+    pp: int = 0
+    tp: int = 0
 
 
 def slow_steps(rows: Iterable[Mapping[str, Any]] | pl.DataFrame) -> list[SlowStep]:
@@ -68,18 +80,38 @@ def slow_steps(rows: Iterable[Mapping[str, Any]] | pl.DataFrame) -> list[SlowSte
         )
         .drop_nulls("d")
         .with_columns(scale=pl.when(per_token).then(pl.col("tokens")).otherwise(1))
-        .with_columns(cost=pl.col("d") / pl.col("scale"))
-        .with_columns(med=pl.col("cost").median().over("rank", "phase"), peers=pl.len().over("rank", "phase"))
-        .with_columns(typical=pl.col("med") * pl.col("scale"))
+        .with_columns(cost=pl.col("d") / pl.col("scale"), per_token=per_token)
+        .with_columns(
+            phase_med=pl.col("cost").median().over("rank", "phase"),
+            peers=pl.len().over("rank", "phase"),
+            pooled_med=pl.col("cost").filter(pl.col("per_token")).median().over("rank"),
+            pooled=pl.col("per_token").sum().over("rank"),
+            decode_d=pl.col("d").filter(pl.col("phase") == "decode").median().over("rank"),
+        )
+        .with_columns(
+            typical=pl.when(pl.col("peers") >= MIN_PEERS)
+            .then(pl.col("phase_med") * pl.col("scale"))
+            .when(pl.col("per_token") & (pl.col("pooled") >= MIN_POOLED))
+            .then(pl.max_horizontal(pl.col("pooled_med") * pl.col("scale"), pl.col("decode_d")))
+        )
         .filter(
-            (pl.col("peers") >= MIN_PEERS)
-            & (pl.col("cost") >= FACTOR * pl.col("med"))
+            pl.col("typical").is_not_null()
+            & (pl.col("d") >= FACTOR * pl.col("typical"))
             & (pl.col("d") - pl.col("typical") >= MIN_EXCESS_MS)
         )
         .sort("rank", "step")
     )
     return [
-        SlowStep(r["rank"], int(r["step"]), r["phase"], round(r["d"], 1), round(r["typical"], 1))
+        SlowStep(
+            r["rank"],
+            int(r["step"]),
+            r["phase"],
+            round(r["d"], 1),
+            round(r["typical"], 1),
+            int(r["dp"] or 0),
+            int(r["pp"] or 0),
+            int(r["tp"] or 0),
+        )
         for r in df.iter_rows(named=True)
     ]
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from typing import IO
 
-from rich.markup import escape
-
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
@@ -23,6 +21,8 @@ def plain(text: object) -> str:
 
 def markup(text: object) -> str:
     """`plain(text)` with rich markup escaped, for interpolation into a markup string."""
+    from rich.markup import escape  # not at module level: error lines are printed before rich loads
+
     return escape(plain(text))
 
 

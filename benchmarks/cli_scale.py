@@ -9,6 +9,10 @@
 * cold: `moecap-analyze DIR --out OUT` with an empty cache (every metric, metrics.json and tables);
 * help: `moecap-analyze --help`, beside `python -c pass` (interpreter start-up).
 
+With `--baseline DIR` (a folder holding another checkout as `DIR/moecap`, e.g. `git worktree add
+DIR/moecap REV`), each round also runs that version's cold analysis (`PYTHONPATH=DIR`), right after
+this one's, so before and after see the same machine load ("cold_baseline").
+
 Prints one JSON line: best-of-N seconds of each, and cold / floor.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,9 +50,10 @@ print(acc[0])
 """
 
 
-def _run(cmd: list[str]) -> float:
+def _run(cmd: list[str], pythonpath: str | None = None) -> float:
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -55,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("steps", type=int, nargs="?", default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", help="folder holding another version as <DIR>/moecap, run alternately")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from engine_like_trace import engine_like_trace
@@ -67,10 +74,16 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         size_mb = sum(p.stat().st_size for p in trace.glob("*.arrow")) / 1e6
         times: dict[str, list[float]] = {"floor": [], "cold": [], "help": [], "python": []}
+        if args.baseline:
+            times["cold_baseline"] = []
         for i in range(args.repeat):
             cache, out = Path(tmp) / f"cache{i}", Path(tmp) / f"out{i}"
             times["floor"].append(_run([sys.executable, "-c", FLOOR, str(trace)]))
-            times["cold"].append(_run([cli, str(trace), "--out", str(out), "--cache-dir", str(cache)]))
+            sides = [("cold", None)] + ([("cold_baseline", args.baseline)] if args.baseline else [])
+            for name, path in sides if i % 2 == 0 else sides[::-1]:  # alternate which goes first
+                shutil.rmtree(cache, ignore_errors=True)
+                cold = [cli, str(trace), "--out", f"{out}-{name}", "--cache-dir", str(cache)]
+                times[name].append(_run(cold, path))
             times["help"].append(_run([cli, "--help"]))
             times["python"].append(_run([sys.executable, "-c", "pass"]))
             shutil.rmtree(cache, ignore_errors=True)
@@ -83,6 +96,11 @@ def main() -> None:
                     "generate_s": round(gen_s, 1),
                     **{f"{k}_s": round(v, 2) for k, v in best.items()},
                     "cold_x_floor": round(best["cold"] / best["floor"], 2),
+                    **(
+                        {"cold_baseline_x_floor": round(best["cold_baseline"] / best["floor"], 2)}
+                        if args.baseline
+                        else {}
+                    ),
                     "all": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 }
             )

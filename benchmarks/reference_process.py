@@ -6,15 +6,23 @@ side and alternating (best of `--repeat`):
 
 * reference: `python benchmarks/reference_loop.py --records FILE`-equivalent: json.load + the
   per-record Python loop with the reference's call structure (what MoE-CAP's own script does);
-* moecap: `moecap-analyze FILE --formula reference --model-config ... --gpu ... --format json`.
+* moecap: `moecap-analyze FILE --formula reference --model-config ... --gpu ... --format json`;
+* import floor: a process that only imports the libraries ours loads on this path (typer, rich,
+  pydantic through typer's option parsing, numpy, polars, pyarrow): what no change inside moecap removes.
 
-Both print the same decoding S-MBU (checked). Prints one JSON line.
+Both print the same decoding S-MBU (checked). Prints one JSON line. `--before DIR`: also time, in the
+same rounds, another version of moecap (DIR holds its `moecap` folder, e.g. a `git worktree` of main
+linked as DIR/moecap), run as `python -c "from moecap.analyze.cli import main; main()" ARGS`; the
+load average at start and end is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,17 +49,29 @@ print(json.dumps({{"decoding_smbu": r["decoding_smbu"]}}))
 """
 
 
-def _time(cmd: list[str]) -> tuple[float, str]:
+CPU: dict[str, list[float]] = {}  # user + sys seconds of each process, by side
+
+
+def _time(cmd: list[str], env: dict[str, str] | None = None, side: str = "") -> tuple[float, str]:
+    """Wall seconds and stdout of one process; its CPU seconds (user + sys) go to CPU[side]: on a shared
+    machine the CPU time moves less with the load than the wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return time.perf_counter() - t0, out
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    CPU.setdefault(side, []).append(cpu)
+    return wall, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("records", type=int, nargs="?", default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--before", help="a folder holding another version's `moecap` package")
     args = ap.parse_args()
+    load_start = os.getloadavg()
     sys.path.insert(0, str(HERE))
     from reference_loop import synthetic_records
 
@@ -70,12 +90,19 @@ def main() -> None:
             "--formula", "reference", "--model-config", str(config), "--gpu", GPU,
             "--num-gpus", str(NUM_GPUS), "--format", "json",
         ]  # fmt: skip
-        loop_s, ours_s = [], []
+        floor_cmd = [sys.executable, "-c", "import typer, rich.console, pydantic, numpy, polars, pyarrow"]
+        before_cmd = [sys.executable, "-c", "from moecap.analyze.cli import main; main()", *ours_cmd[1:]]
+        before_env = {**os.environ, "PYTHONPATH": args.before} if args.before else None
+        loop_s, ours_s, before_s = [], [], []
         for _ in range(args.repeat):  # alternating, so both see the same machine load
-            t, out_loop = _time(loop_cmd)
+            t, out_loop = _time(loop_cmd, side="reference")
             loop_s.append(t)
-            t, out_ours = _time(ours_cmd)
+            t, out_ours = _time(ours_cmd, side="moecap")
             ours_s.append(t)
+            _time(floor_cmd, side="import floor")
+            if before_env is not None:
+                t, out_before = _time(before_cmd, before_env, side="before")
+                before_s.append(t)
         ref = json.loads(out_loop)["decoding_smbu"]
         ours = json.loads(out_ours)["runs"][0]["batch_metrics"]["decoding_smbu"]
         print(
@@ -88,6 +115,21 @@ def main() -> None:
                     "all_reference_s": [round(x, 3) for x in loop_s],
                     "all_moecap_s": [round(x, 3) for x in ours_s],
                     "same_decoding_smbu": abs(ref - ours) <= 1e-9 * abs(ref),
+                    **(
+                        {
+                            "before_s": round(min(before_s), 3),
+                            "before_x_faster": round(min(loop_s) / min(before_s), 2),
+                            "all_before_s": [round(x, 3) for x in before_s],
+                            "same_as_before": out_before == out_ours,
+                        }
+                        if before_s
+                        else {}
+                    ),
+                    "cpu_s_median": {k: round(statistics.median(v), 3) for k, v in CPU.items()},
+                    "cpu_x_faster_median": round(
+                        statistics.median(CPU["reference"]) / statistics.median(CPU["moecap"]), 2
+                    ),
+                    "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
                 }
             )
         )

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
     if app.registered_callback is None:
         app.callback()(_root)
     summary = "Run a workload on an engine and write its trace files (steps, experts, requests, outputs)."
-    app.command("run", help=summary + "\n" + _EXAMPLE)(run)
+    app.command("run", help=summary + "\n" + _EXAMPLE, cls=_EngineHelp)(run)
     serve_help = (
         "Start an engine's OpenAI-compatible server with per-step tracing on (steps, experts per rank)."
     )
@@ -216,6 +216,49 @@ def run(
         f"{result.run_id}: {result.steps} steps, {result.requests} requests, {result.output_tokens} output tokens "
         f"in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s) -> {result.out}/ [{files}]"
     )
+
+
+class _EngineHelp(typer.core.TyperCommand):
+    """`run --engine X --help` lists only the options that apply to X (`Engine.run_flags`); without
+    `--engine`, every option, grouped by the engines it applies to."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["moecap_engine"] = _engine_in(args)
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        applies = _run_flags(ctx.meta.get("moecap_engine"))
+        hide = [
+            p for p in self.params if applies is not None and p.name in RUN_FIELDS and p.name not in applies
+        ]
+        for p in hide:
+            p.hidden = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            for p in hide:
+                p.hidden = False
+
+
+RUN_FIELDS = frozenset(f.name for f in fields(RunArgs))
+"""`run` options that are `RunArgs` fields (the ones an engine may not take)."""
+
+
+def _engine_in(args: list[str]) -> str | None:
+    """The value of `--engine` among raw command-line `args`, if any."""
+    for i, a in enumerate(args):
+        if a == "--engine" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--engine="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _run_flags(engine: str | None) -> frozenset[str] | None:
+    """The `RunArgs` fields `engine` takes; None for no engine or an unknown one (help shows all)."""
+    if engine not in ENGINES:
+        return None
+    return get_engine(engine).run_flags
 
 
 def refuse_inapplicable(args: RunArgs, engine: str, applies: frozenset[str]) -> None:

@@ -32,6 +32,23 @@ def parse_release(text: str) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
+def release_problem(
+    label: str, version: str, lowest: tuple[int, int, int], highest: tuple[int, int, int], consequence: str
+) -> str | None:
+    """Why engine release `version` is outside [`lowest`, `highest`] (one line ending in `consequence`),
+    or None inside; shared by the engine adapters' version checks."""
+    supported = f"{'.'.join(map(str, lowest))} – {'.'.join(map(str, highest))}"
+    try:
+        v = parse_release(version)
+    except ValueError:
+        return (
+            f"{label} version {version!r} is not a release this adapter understands (supported: {supported})"
+        )
+    if v < lowest or v > highest:
+        return f"{label} {version} is outside the range the moecap {label} adapter supports ({supported}); {consequence}"
+    return None
+
+
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that shape a run (absent ones are left out)."""
     out = {}

@@ -121,34 +121,62 @@ def closed_loop_workload(
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class RequestRecord:
-    """What the client saw of one request (host monotonic ns); one `requests` row and one `outputs` row."""
+    """What the client saw of one request (host monotonic ns): one `requests` row and one `outputs` row.
+
+    The one record of every client: the in-process engine runners (`run`) hold token ids (`prompt_ids`,
+    `output_ids`); the HTTP driver (`drive`) holds what the server reported (`prompt_tokens` /
+    `output_tokens` from its usage, the text it streamed). Field names are the `requests` columns'.
+    """
 
     req_id: str
-    engine_id: str | None
-    """The engine's id for it where it differs (vLLM appends a suffix): `requests.engine_req_id`."""
-    prompt_ids: list[int]
     sample: Sample
-    max_new_tokens: int
-    arrival_ns: int
+    arrival_ns: int = 0
+    """When the request was handed over: to the engine (`run`), or to the HTTP client just before it
+    sends (`drive`, as `vllm bench serve` times it)."""
+    engine_req_id: str | None = None
+    """The engine's id for it (vLLM appends a suffix); written only where it differs from `req_id`."""
+    prompt_ids: list[int] | None = None
+    """The prompt's token ids where the client holds them (engine runners); then it counts the tokens."""
+    prompt_sent: str | None = None
+    """The prompt as recorded in `outputs` (the templated text, chat messages as JSON); None: the sample's."""
+    max_new_tokens: int | None = None
     first_token_ns: int | None = None
     finish_ns: int | None = None
+    prompt_tokens: int | None = None
+    """The server's count (usage); None: `len(prompt_ids)` where held."""
+    output_tokens: int | None = None
+    """The server's count (usage); None: the output ids held, else the tokens counted per chunk."""
+    cached_prompt_tokens: int | None = None
     output_ids: list[int] = field(default_factory=list)
-    chunk_ns: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    """Output text as it streamed (HTTP); `output_ids` are decoded instead where there is none."""
+    reasoning: list[str] = field(default_factory=list)
+    """Reasoning streamed apart from the answer (vLLM / SGLang reasoning parsers)."""
+    chunk_times_ns: list[int] = field(default_factory=list)
     """When each chunk of output tokens reached the client."""
     chunk_tokens: list[int] = field(default_factory=list)
-    cached_tokens: int | None = None
     queue_ns: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    retries: int = 0
     routed_experts: Any = None
     """The engine's own per-token routing ([tokens, layers, top_k]) where it returns one (vLLM's
     `enable_return_routed_experts`)."""
+    index: int = -1
+    """Position in the workload (the driver returns records in this order)."""
+    http_status: int | None = None
+    token_source: str | None = None
+    """HTTP: usage | logprobs | token_ids | events | response: how tokens per chunk were known."""
+    streamed: bool = True
+    """False when an HTTP server answered with one body (every token arrived at once)."""
 
     @classmethod
-    def of(cls, prompt: Prompt, arrival_ns: int, engine_id: str | None = None) -> RequestRecord:
+    def of(cls, prompt: Prompt, arrival_ns: int, engine_req_id: str | None = None) -> RequestRecord:
+        """The record of `prompt` handed to an engine at `arrival_ns`."""
         return cls(
-            prompt.req_id, engine_id, list(prompt.token_ids), prompt.sample, prompt.max_new_tokens, arrival_ns
-        )
+            prompt.req_id, prompt.sample, arrival_ns, engine_req_id=engine_req_id,
+            prompt_ids=list(prompt.token_ids), max_new_tokens=prompt.max_new_tokens,
+        )  # fmt: skip
 
     def add_tokens(self, now_ns: int, ids: Sequence[int]) -> None:
         """`ids` arrived at `now_ns` (one chunk)."""
@@ -156,44 +184,78 @@ class RequestRecord:
             return
         if self.first_token_ns is None:
             self.first_token_ns = now_ns
-        self.chunk_ns.append(now_ns)
+        self.chunk_times_ns.append(now_ns)
         self.chunk_tokens.append(len(ids))
         self.output_ids.extend(ids)
 
+    def reset_attempt(self) -> None:
+        """Forget a failed attempt before a retry (its timings do not describe the outcome)."""
+        self.first_token_ns = self.finish_ns = None
+        self.prompt_tokens = self.output_tokens = self.cached_prompt_tokens = None
+        self.chunk_times_ns, self.chunk_tokens, self.output_ids = [], [], []
+        self.finish_reason = self.error = self.engine_req_id = self.http_status = self.token_source = None
+        self.text, self.reasoning = [], []
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first_token_ns is not None
+
+    @property
+    def prompt_token_count(self) -> int | None:
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        return None if self.prompt_ids is None else len(self.prompt_ids)
+
+    @property
+    def output_token_count(self) -> int | None:
+        if self.output_tokens is not None:
+            return self.output_tokens
+        if self.prompt_ids is not None or self.output_ids:
+            return len(self.output_ids)
+        return None
+
+    def output_text(self, tokenizer: Any | None = None) -> str | None:
+        """The output: streamed text (reasoning in front, in the `<think>` tags the scorers strip), else
+        the output ids decoded (`tokenizer`) or as a JSON list; None when neither arrived."""
+        if self.text or self.reasoning:
+            content = "".join(self.text)
+            return f"<think>{''.join(self.reasoning)}</think>{content}" if self.reasoning else content
+        if self.output_ids:
+            if tokenizer is not None:
+                return tokenizer.decode(self.output_ids, skip_special_tokens=True)
+            return json.dumps(self.output_ids, separators=(",", ":"))
+        return None
+
     def requests_row(self) -> dict[str, Any]:
+        """The `requests` row (docs/trace-format.md)."""
+        engine_id = self.engine_req_id if self.engine_req_id not in (None, self.req_id) else None
         return {
             "req_id": self.req_id,
-            "engine_req_id": self.engine_id,
+            "engine_req_id": engine_id,
             "sample_id": self.sample.sample_id,
             "arrival_ns": self.arrival_ns,
             "first_token_ns": self.first_token_ns,
             "finish_ns": self.finish_ns,
-            "prompt_tokens": len(self.prompt_ids),
-            "output_tokens": len(self.output_ids),
-            "cached_prompt_tokens": self.cached_tokens,
-            "chunk_times_ns": self.chunk_ns or None,
+            "prompt_tokens": self.prompt_token_count,
+            "output_tokens": self.output_token_count,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "chunk_times_ns": self.chunk_times_ns or None,
             "chunk_tokens": self.chunk_tokens or None,
             "queue_ns": self.queue_ns,
             "preemptions": None,
             "finish_reason": self.finish_reason,
             "error": self.error,
-            "retries": 0,
+            "retries": self.retries,
         }
 
-    def outputs_row(self, tokenizer: Any | None) -> dict[str, Any]:
-        """The output as text (`tokenizer`), else as the JSON list of its token ids; None for a failure."""
-        if self.error is not None:
-            text = None
-        elif tokenizer is not None:
-            text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        else:
-            text = json.dumps(self.output_ids, separators=(",", ":"))
+    def outputs_row(self, tokenizer: Any | None = None) -> dict[str, Any]:
+        """The `outputs` row; output ids are decoded with `tokenizer` (else written as a JSON list)."""
         return {
             "req_id": self.req_id,
             "sample_id": self.sample.sample_id,
             "dataset": self.sample.dataset,
-            "prompt": self.sample.prompt_text,
-            "output": text,
+            "prompt": self.sample.prompt_text if self.prompt_sent is None else self.prompt_sent,
+            "output": self.output_text(tokenizer),
             "reference": self.sample.reference,
         }
 

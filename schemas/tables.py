@@ -136,7 +136,13 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ),
         _c("engine_req_id", pa.string(), True, "", "The engine's id for the request, where it differs."),
         _c("sample_id", pa.string(), True, "", "Dataset sample id (joins outputs.sample_id)."),
-        _c("arrival_ns", pa.int64(), False, "ns (host monotonic)", "When the client sent the request."),
+        _c(
+            "arrival_ns",
+            pa.int64(),
+            False,
+            "ns (host monotonic)",
+            "When the client sent the request (drive: just before its HTTP client sends it; run: handed to the engine).",
+        ),
         _c("first_token_ns", pa.int64(), True, "ns (host monotonic)", "When the first output token arrived."),
         _c(
             "finish_ns",

@@ -119,7 +119,7 @@ def _program(name: str, module: str) -> str:
     return f'"{sys.executable}" -c "{code}"'
 
 
-#: The shipped runs the examples read here (all of traces/ takes minutes per report on two cores; the
+#: The shipped runs the examples read here (all of traces/ takes 12-20 s per report on two cores; the
 #: wheel-install CI job runs README command 1 on all of them): one engine-and-driver run per engine and
 #: layout, and one workload on two GPUs (what-if has a measured twin).
 RUNS = (

@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import InputError, SpecError
 from ..specs import GpuSpec, resolve_gpu
+from ..specs.gpu import BUNDLED_YAML_LOADER
 
 COST_MODELS = ("ownership", "cloud")
 """ownership: amortised capex + energy (+ host, overheads); cloud: a $/GPU-hour rental price."""
@@ -145,7 +146,7 @@ _GPU_UNITS = {"price_usd": "USD per GPU", "usd_per_gpu_hour": "USD per GPU-hour"
 @functools.cache
 def _bundled_raw() -> dict[str, Any]:
     text = resources.files("moecap.analyze.cost.data").joinpath("cost_constants.yaml").read_text("utf-8")
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=BUNDLED_YAML_LOADER)
     assert isinstance(data, dict)
     return data
 

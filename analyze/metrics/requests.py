@@ -62,7 +62,7 @@ def request_table(requests: pl.DataFrame) -> pl.DataFrame:
     t, n, offsets, has = _chunks(requests)
     _, itl_tokens, itl_mean, itl_max = latency.itl_per_request(t, n, offsets)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rate = np.where((out_n > 1) & (e2e > ttft), (out_n - 1) / (e2e - ttft), np.nan)
+        rate = np.where(tpot > 0, 1.0 / tpot, np.nan)  # decode tokens per second: 1 / TPOT
     cols = {
         "ok": pl.Series(_ok(requests)),
         "ttft_s": pl.Series(ttft),

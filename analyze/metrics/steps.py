@@ -17,6 +17,9 @@ Rules stated once:
   A window of separate stretches is charged the stretches, not the time between them.
 * Pipeline stages each record the same engine step: steps and tokens count on stage 0, logit rows
   on the last stage; bytes, FLOPs and GPU time sum over every stage.
+* Sums are exact and do not depend on row order (`exact_sum`): DuckDB adds rows on several threads
+  in whatever order they come, and a sum of doubles then differs in its last bits from run to run;
+  every fractional quantity is summed as integers in fixed point (HUGEINT) and divided once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ from typing import Any
 from .window import COUNTED_SQL, IN_WINDOW_SQL
 
 QUANTILES = (0.5, 0.9, 0.99)
+
+BYTES_SCALE = 2**40
+"""Fixed point of byte and FLOP sums: units of 2^-40 (a per-step value above 2^12 keeps every bit
+of its double). HUGEINT holds sums up to 1.5e26 bytes or FLOPs."""
+SECONDS_SCALE = 2**60
+"""Fixed point of time sums: units of 2^-60 s (~1e-18 s: a step of 1 µs keeps all but its last
+bits). HUGEINT holds sums up to 1.5e20 s."""
+
+
+def exact_sum(expr: str, scale: int) -> str:
+    """SQL: Σ `expr` as a HUGEINT count of 1/`scale` units: each value rounded once to a multiple of
+    1/scale, then summed as integers, so the sum is exact whatever order the rows come in (a NaN or
+    null value is left out: the caller says where that makes the sum unknown). `exact_value` divides."""
+    return f"sum(TRY_CAST(round(({expr}) * {scale}) AS HUGEINT))"
+
+
+def exact_value(column: str, scale: int) -> str:
+    """SQL: an `exact_sum` column (or a sum of them) as DOUBLE in the quantity's unit."""
+    return f"({column}::DOUBLE / {scale})"
+
 
 COMPUTED_TOKENS_SQL = "(s.num_tokens > 0)"
 """A step that computed tokens: the only steps with an S-MBU / S-MFU."""
@@ -41,6 +64,12 @@ STEP_SMFU_SQL = (
     "THEN s.flops_total / (s.gpu_peak_flops * s.time_s * s.gpus) END"
 )
 """Per-step S-MFU (fraction): flops_total / (peak · t · g); null for an idle or zero-time step."""
+
+MEMORY_BOUND_S_SQL = "(s.bytes_total / (s.gpu_bandwidth * s.gpus))"
+"""Per-step roofline memory time (s): the step's bytes at the GPUs' full bandwidth."""
+
+COMPUTE_BOUND_S_SQL = "(s.flops_total / (s.gpu_peak_flops * s.gpus))"
+"""Per-step roofline compute time (s): the step's FLOPs at the GPUs' dense peak."""
 
 # (name, SQL type, unit, meaning) of every scalar per (run, phase): the columns of `run_metrics` and
 # the keys of metrics.json `steps.<phase>`, in this order.
@@ -101,6 +130,7 @@ def summary_sql(
     `key`: what groups are made of (default the step phase; the report's timeline groups by time
     bin); `unit`: what one result row summarises (default the run; the fleet's hourly aggregates
     pass a group of runs; step streams stay per run)."""
+    B, S = BYTES_SCALE, SECONDS_SCALE
     return f"""
 WITH per_stream AS (
     SELECT {unit} AS run_id,
@@ -110,13 +140,14 @@ WITH per_stream AS (
            sum(s.logit_rows) FILTER (WHERE s.pp = r.last_pp) AS output_tokens,
            sum(s.num_reqs) FILTER (WHERE s.pp = 0) AS reqs,
            count(*) AS rows_, count(*) FILTER (WHERE isnan(s.active_experts)) AS without_counts,
-           sum(s.bytes_total) FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS bytes_computed,
-           sum(s.flops_total) FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS flops_computed,
-           sum(s.time_s * s.gpus) FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS gpu_s_computed,
-           sum(s.bytes_total) AS bytes_total, sum(s.bytes_routed_experts) AS bytes_routed_experts,
-           sum(s.bytes_kv_read) AS bytes_kv_read, sum(s.flops_total) AS flops_total,
-           sum(s.time_s * s.gpus) AS gpu_seconds, sum(s.time_s) AS gpu_busy_s,
-           sum(s.host_gap_s) AS host_gap_s, sum(s.wall_s) AS wall_s,
+           {exact_sum("s.bytes_total", B)} FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS bytes_computed,
+           {exact_sum("s.flops_total", B)} FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS flops_computed,
+           {exact_sum("s.time_s * s.gpus", S)} FILTER (WHERE {COMPUTED_TOKENS_SQL}) AS gpu_s_computed,
+           {exact_sum("s.bytes_total", B)} AS bytes_total,
+           {exact_sum("s.bytes_routed_experts", B)} AS bytes_routed_experts,
+           {exact_sum("s.bytes_kv_read", B)} AS bytes_kv_read, {exact_sum("s.flops_total", B)} AS flops_total,
+           {exact_sum("s.time_s * s.gpus", S)} AS gpu_seconds, {exact_sum("s.time_s", S)} AS gpu_busy_s,
+           {exact_sum("s.host_gap_s", S)} AS host_gap_s, {exact_sum("s.wall_s", S)} AS wall_s,
            sum(s.active_experts) AS active_experts,
            any_value(s.gpu_bandwidth) AS bw, any_value(s.gpu_peak_flops) AS peak,
            any_value(r.num_moe_layers) AS num_moe_layers
@@ -134,10 +165,23 @@ WITH per_stream AS (
            sum(wall_s) AS wall_s, max(wall_s) AS window_s, sum(active_experts) AS active_experts,
            any_value(bw) AS bw, any_value(peak) AS peak, any_value(num_moe_layers) AS num_moe_layers
     FROM per_stream GROUP BY run_id, phase
+), exact AS (
+    SELECT * REPLACE (
+           CASE WHEN without_counts > 0 THEN NULL ELSE {exact_value("bytes_computed", B)} END AS bytes_computed,
+           {exact_value("flops_computed", B)} AS flops_computed,
+           {exact_value("gpu_s_computed", S)} AS gpu_s_computed,
+           CASE WHEN without_counts > 0 THEN NULL ELSE {exact_value("bytes_total", B)} END AS bytes_total,
+           CASE WHEN without_counts > 0 THEN NULL ELSE {exact_value("bytes_routed_experts", B)} END
+               AS bytes_routed_experts,
+           {exact_value("bytes_kv_read", B)} AS bytes_kv_read, {exact_value("flops_total", B)} AS flops_total,
+           {exact_value("gpu_seconds", S)} AS gpu_seconds, {exact_value("gpu_busy_s", S)} AS gpu_busy_s,
+           {exact_value("host_gap_s", S)} AS host_gap_s, {exact_value("wall_s", S)} AS wall_s,
+           {exact_value("window_s", S)} AS window_s)
+    FROM per_phase
 )
 SELECT run_id, phase,
        steps::BIGINT AS steps, tokens::BIGINT AS tokens, output_tokens::DOUBLE AS output_tokens,
-       CASE WHEN without_counts > 0 THEN NULL ELSE bytes_computed / (bw * gpu_s_computed) END AS s_mbu,
+       bytes_computed / (bw * gpu_s_computed) AS s_mbu,
        flops_computed / (peak * gpu_s_computed) AS s_mfu,
        gpu_busy_s / rows_ AS step_time_s_mean,
        wall_s / rows_ AS step_wall_s_mean,
@@ -149,7 +193,7 @@ SELECT run_id, phase,
        active_experts / nullif(steps, 0) AS activated_experts_per_step_mean,
        active_experts / nullif(steps, 0) / greatest(1, num_moe_layers) AS activated_experts_per_layer_mean,
        reqs / nullif(steps, 0) AS batch_size_mean
-FROM per_phase
+FROM exact
 """
 
 

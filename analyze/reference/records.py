@@ -37,6 +37,7 @@ except for `req_id` (kept exact through `req_id_present`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,119 @@ def load_reference_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+#: How the column decoder reads each metric field: numbers as Float64 (a JSON bool reads as 1/0, as the
+#: frame built from Python objects does), integers as their text (checked by an exact cast: a float,
+#: a bool or an integer beyond int64 fails it), strings as String. A value of another JSON type fails
+#: the read.
+_DECODE_ENTRY = {
+    "req_id": pl.String(),
+    "req_pool_idx": pl.String(),
+    "extend_len": pl.String(),
+    "total_len": pl.String(),
+    "is_last_chunk": pl.Boolean(),
+}
+_DECODE_SCHEMA: dict[str, pl.DataType] = {
+    "forward_mode": pl.String(),
+    "batch_size": pl.Float64(),
+    "seq_lens_sum": pl.Float64(),
+    "latency": pl.Float64(),
+    "ttft": pl.Float64(),
+    "expert_activation": pl.Float64(),
+    "per_req_info": pl.List(pl.Struct(_DECODE_ENTRY)),
+    "scheduled_tokens": pl.Float64(),
+}
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_SCALAR = r"^(-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false)$"
+
+
+def load_reference_frame(path: str | Path) -> pl.DataFrame | None:
+    """A JSON-list `batch_data.json` decoded straight into the record frame (RECORD_SCHEMA, the first
+    record's `gpu_num` / `gpu_raw_type` as the GPU columns), with polars' JSON reader: no Python object
+    per record, ~2x cheaper than `json` + `records_to_frame`. The same frame as
+    `records_to_frame(load_reference_records(path))`, or None where it might not be: any other file
+    shape (JSON Lines, ``{"records": ...}``, a byte-order mark, an escape sequence, NaN/Infinity), a
+    value the reader refuses, an integer field that is not an exact integer, a null `req_id` (absent and
+    null differ there), a `forward_mode` or `req_id` that reads as a JSON number or bool (it may have
+    been one), first-record GPU fields of another type. The caller then reads it with
+    `load_reference_records`, which also gives the errors. A record that writes one key twice is
+    read with the first value here, the last by `json` (see docs/decisions.md, 2026-12-06)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    start = data[:64].lstrip(b" \t\n\r")  # JSON's whitespace, as json.loads skips it
+    # JSON escapes (\uXXXX in keys or strings) are left to Python's json: it decodes them in keys too.
+    if not start.startswith(b"[") or b"\\u" in data:
+        return None
+    try:
+        frame = pl.read_json(data, schema=_DECODE_SCHEMA)
+        first = _first_record(data)
+        if frame.height == 0 or first is None:
+            return None
+        info = pl.col("per_req_info")
+        entries = frame.get_column("per_req_info").explode(empty_as_null=False).drop_nulls()
+        if entries.len() != frame.get_column("per_req_info").list.len().sum():
+            return None  # a null entry
+        if entries.struct.field("req_id").null_count():
+            return None  # a null or absent req_id: the reference tells them apart; json does too
+        # A number or bool where text belongs is written as text by both readers, but not always the
+        # same text (1e+20, -0.0), and json's frame refuses integers beyond int64: left to json.
+        for text in (frame.get_column("forward_mode"), entries.struct.field("req_id")):
+            if text.str.contains(_JSON_SCALAR).any():
+                return None
+        int_fields = [
+            pl.element().struct.field(name).cast(pl.Int64, strict=True)
+            for name in ("req_pool_idx", "extend_len", "total_len")
+        ]
+        frame = frame.with_columns(
+            info.list.eval(
+                pl.struct(
+                    pl.element().struct.field("req_id"),
+                    pl.element().struct.field("req_id").is_not_null().alias("req_id_present"),
+                    *int_fields,
+                    pl.element().struct.field("is_last_chunk"),
+                )
+            ),
+            _gpu_column("gpu_num", first.get("gpu_num"), pl.Int64()),
+            _gpu_column("gpu_raw_type", first.get("gpu_raw_type"), pl.String()),
+        )
+    except (Exception, pl.exceptions.PanicException):  # whatever the reader refuses: json decides
+        return None
+    return frame.select(list(RECORD_SCHEMA))
+
+
+def _first_record(data: bytes) -> dict[str, Any] | None:
+    """The first record decoded by Python's json (its GPU fields are the reference's defaults), from the
+    file's first 64 kB where it fits there (a prefix that decodes to a whole object holds that object).
+    Called after polars' reader accepted the bytes, so they are valid UTF-8: ignoring errors only drops
+    a character cut at the prefix's end."""
+    for size in (1 << 16, len(data)):
+        text = data[:size].decode("utf-8", errors="ignore")
+        try:
+            at = _JSON_SPACE.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
+            first, _ = json.JSONDecoder().raw_decode(text, at)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            if size >= len(data):
+                return None
+            continue
+        return first if type(first) is dict else None
+    return None
+
+
+def _gpu_column(name: str, value: Any, dtype: pl.DataType) -> pl.Expr:
+    """The first record's GPU field as a constant column of its documented type (Int64 or, for "N/A",
+    String for gpu_num; String for gpu_raw_type); a value of another type is refused (ValueError)."""
+    if value is None:
+        return pl.lit(None, dtype).alias(name)
+    if isinstance(value, str) or (
+        isinstance(value, int) and not isinstance(value, bool) and dtype == pl.Int64()
+    ):
+        return pl.lit(value, pl.String() if isinstance(value, str) else dtype).alias(name)
+    raise ValueError(f"{name} {value!r}")
+
+
 def _read_json_lines(p: Path, text: str) -> list[Any]:
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -174,7 +288,15 @@ def _add_req_id_present(frame: pl.DataFrame, records: Sequence[Mapping[str, Any]
     )
     ambiguous = entries.filter(info.struct.field("req_id").is_null())
     rows, positions = ambiguous["_row"].to_list(), ambiguous["_pos"].to_list()
-    present = ["req_id" in records[r]["per_req_info"][q] for r, q in zip(rows, positions, strict=True)]
+    present = []
+    for r, q in zip(rows, positions, strict=True):
+        entry = records[r]["per_req_info"][q]
+        if not isinstance(entry, Mapping):
+            raise InputError(
+                f"record {r}: per_req_info[{q}] is {'null' if entry is None else type(entry).__name__}, "
+                "not an object with req_id, extend_len, total_len"
+            )
+        present.append("req_id" in entry)
     if not any(present):
         return frame.with_columns(info.cast(RECORD_SCHEMA["per_req_info"]))
     flags = pl.DataFrame({"_row": rows, "_pos": positions, "_null_present": present})

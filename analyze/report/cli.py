@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -140,12 +140,11 @@ def leaderboard(
         strict=strict,
     )
     if layout == "moecap":
-        _print_matrix(analysis.document, format, out)
+        _print_matrix(analysis, format, out)
         return
-    created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in analysis.contexts}
-    board = leaderboard_frame(analysis.document, sort=sort, created_at=created, group=group)
+    board = leaderboard_frame(analysis, sort=sort, group=group)
     err = Console(stderr=True)
-    note = grouping_note(board, len(analysis.document.get("runs", [])))
+    note = grouping_note(board, len(analysis.run_ids))
     if note:
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if format == "csv":
@@ -176,14 +175,14 @@ def leaderboard(
         err.print(f"skipped: {e}", markup=False, highlight=False)
 
 
-def _print_matrix(document: dict, format: str, out: Path | None) -> None:
+def _print_matrix(analysis: Any, format: str, out: Path | None) -> None:
     """`--layout moecap`: the matrix table (report/matrix.py) on stdout, and its files with --out."""
     from rich.console import Console
     from rich.table import Table
 
     from .matrix import COLUMNS, display_rows, matrix_frame, write_matrix
 
-    frame = matrix_frame(document)
+    frame = matrix_frame(analysis)
     err = Console(stderr=True)
     if format == "csv":
         typer.echo(frame.select([c for c, _, _ in COLUMNS]).write_csv(), nl=False)
@@ -198,9 +197,9 @@ def _print_matrix(document: dict, format: str, out: Path | None) -> None:
             table.add_row(*[v or "n/a" for v in cells])
         Console(width=250).print(table)
     if out is not None:
-        written = write_matrix(document, out)
+        written = write_matrix(analysis, out)
         err.print(f"wrote {written['md']}, {written['csv'].name}, {written['json'].name}", markup=False)
-    for e in document.get("load_errors", []):
+    for e in analysis.db.errors:
         err.print(f"skipped: {e}", markup=False, highlight=False)
 
 

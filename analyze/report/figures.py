@@ -6,6 +6,9 @@ the section says why, so every chart that is drawn has data.
 
 from __future__ import annotations
 
+import copy
+import functools
+import queue
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import altair as alt
-import duckdb
 import polars as pl
 
 from . import charts as C
@@ -79,6 +81,7 @@ def cross_run_section(
 ) -> Section:
     """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
     coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
+    from .. import slow_steps as slow
     from .groups import run_groups, run_modes
     from .steps import steps_predicate
 
@@ -97,14 +100,16 @@ def cross_run_section(
     else:
         sec.notes.append("no request timings in any run: latency CDFs left out")
     where, lost = steps_predicate(db, list(labels), excluded)
-    tput = _add_groups(F.throughput_frame(db, labels, document, where=where), groups, labels)
+    tput = _add_groups(F.throughput_frame(db, labels, analysis, where=where), groups, labels)
     outliers = [
         f"{labels[rid]}: {len(ex.outliers)}" for rid, ex in lost.items() if ex.outliers and rid in labels
     ]
     if outliers:
         sec.notes.append(
-            "Throughput vs batch size leaves out compile-outlier steps (time / roofline bound > "
-            f"{_factor():g}× the run's median): " + "; ".join(outliers) + "."
+            "Throughput vs batch size leaves out compile-outlier steps (the slow steps `check` names: "
+            f"≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it): "
+            + "; ".join(outliers)
+            + "."
         )
     if tput.height:
         sec.figures.append(
@@ -112,7 +117,7 @@ def cross_run_section(
         )
     else:
         sec.notes.append("no steps with wall time: throughput vs batch size left out")
-    runs = _add_groups(F.runs_frame(document, labels), groups, labels)
+    runs = _add_groups(F.runs_frame(analysis, labels), groups, labels)
     geometry, _ = C.radar_frame(runs)
     if geometry.filter(geometry["kind"] == "run").height:
         sec.figures.append(Figure("compare-cap_radar", "CAP radar", C.cap_radar(runs)))
@@ -131,16 +136,17 @@ def cross_run_section(
     return sec
 
 
-def _factor() -> float:
-    from .steps import COMPILE_OUTLIER_FACTOR
-
-    return COMPILE_OUTLIER_FACTOR
-
-
 def run_section(
-    analysis: Any, ctx: Any, label: str, index: int, options: FigureOptions, left_out: Any = None
+    analysis: Any,
+    ctx: Any,
+    label: str,
+    index: int,
+    options: FigureOptions,
+    left_out: Any = None,
+    timeline: pl.DataFrame | None = None,
 ) -> Section:
-    """Expert, step and time-accounting charts of one run."""
+    """Expert, step and time-accounting charts of one run. `left_out` (steps.Excluded) and
+    `timeline` (frames.timeline_frame with the slow steps left out) when already computed."""
     db = analysis.db
     rid = ctx.run.run_id
     info = F.run_info(db, rid)
@@ -184,6 +190,9 @@ def run_section(
     note = left_out.note()
     if note:
         sec.notes.append("Per-step charts (activated experts, step time): " + note)
+    time_note = left_out.note(idle=False)
+    if time_note:
+        sec.notes.append("Charts over time (S-MBU / S-MFU, GPU-busy vs host gap): " + time_note)
     steps = F.step_frame(db, rid, max_points=options.step_points, where=left_out.predicate())
     if steps.height:
         if steps["active_experts_per_layer"].drop_nulls().len():
@@ -203,14 +212,24 @@ def run_section(
         reason = ctx.spec_error or ctx.gpu_error or "no steps with a positive duration"
         sec.notes.append(f"no per-step metrics ({reason}): step charts left out")
 
-    timeline = F.timeline_frame(db, rid, bins=options.time_bins)
+    # Over time, idle steps stay (their time was spent); compile steps go, as in the per-step charts.
+    if timeline is None:
+        timeline = F.timeline_frame(db, rid, bins=options.time_bins, where=left_out.predicate(idle=False))
     if timeline.height:
         if timeline["s_mfu"].drop_nulls().len():
             sec.figures.append(
-                Figure(f"{prefix}-utilisation", "S-MBU / S-MFU over time", C.utilisation_over_time(timeline))
+                Figure(
+                    f"{prefix}-utilisation",
+                    "S-MBU / S-MFU over time",
+                    C.utilisation_over_time(timeline, note=time_note),
+                )
             )
         sec.figures.append(
-            Figure(f"{prefix}-time_accounting", "GPU-busy vs host-gap time", C.time_accounting(timeline))
+            Figure(
+                f"{prefix}-time_accounting",
+                "GPU-busy vs host-gap time",
+                C.time_accounting(timeline, note=time_note),
+            )
         )
     _rank_view(db, rid, prefix, sec)
     return sec
@@ -221,6 +240,9 @@ def _rank_view(db: Any, rid: str, prefix: str, sec: Section) -> None:
     expert counts agree step by step (one row per rank, whatever the trace length)."""
     from . import ranks as R
 
+    run = db.runs.get(rid) if hasattr(db, "runs") else None
+    if run is not None and len(run.files_of("steps")) <= 1:
+        return  # one rank: nothing to compare (rank_frame would read its counts to say so)
     rf = R.rank_frame(db, rid)
     if rf.height <= 1:
         return
@@ -289,71 +311,109 @@ def whatif_section(analysis: Any, labels: dict[str, str], gpus: Sequence[str]) -
     return sec
 
 
+REPORT_THREADS = 2
+"""Threads building the sections. DuckDB and Polars release the GIL while they run, so on a 2-core
+machine one thread's queries overlap the other's chart building (Altair is pure Python)."""
+
+
 def report_sections(
     analysis: Any,
     options: FigureOptions | None = None,
     whatif_gpus: Sequence[str] = DEFAULT_WHATIF_GPUS,
     *,
     progress: Callable[[str, int, int], None] | None = None,
+    threads: int = REPORT_THREADS,
 ) -> list[Section]:
     """The cross-run section, the what-if section (unless `whatif_gpus` is empty), then one section
-    per run, in the document's run order. `progress("charts", done, total)` after each section."""
+    per run, in the document's run order, each figure's spec built. `progress("charts", done,
+    total)` after each section; `threads` > 1 builds sections concurrently, each thread on its own
+    DuckDB cursor (the sections and their order do not depend on it)."""
     from altair.utils.schemapi import debug_mode
 
     # debug_mode(False): Altair skips validating each schema object as it is built (jsonschema was a
     # third of the report's time over 27 runs); the chart tests validate every chart function's output.
-    with steps_in_memory(analysis.db), debug_mode(False):
-        return _sections(analysis, options or FigureOptions(), whatif_gpus, progress)
+    with report_connections(analysis, max(1, threads)) as pool, debug_mode(False):
+        return _sections(analysis, pool, options or FigureOptions(), whatif_gpus, progress)
 
 
 @contextmanager
-def steps_in_memory(db: Any) -> Iterator[None]:
-    """While the report queries it, shadow the `step_metrics` view (a UNION over every run's Parquet
-    files, re-read by each of the report's ~10 queries per run) with a temporary table of the same
-    rows; the view is back afterwards."""
-    con = getattr(db, "con", None)
+def report_connections(analysis: Any, n: int) -> Iterator[queue.Queue[Any]]:
+    """A queue of `n` analyses to build sections with: `analysis` itself and n - 1 copies whose db
+    uses its own cursor of the same database; on each, the views the report reads come from
+    memory (`memviews.in_memory`)."""
+    from ..memviews import in_memory
+
+    db = analysis.db
+    con = getattr(db, "con", None)  # first use of `con` caches request lists: before any thread
+    pool: queue.Queue[Any] = queue.Queue()
     if con is None:
-        yield
+        pool.put(analysis)
+        yield pool
         return
-    try:
-        con.execute("CREATE OR REPLACE TEMP TABLE _report_step_metrics AS SELECT * FROM step_metrics")
-        con.execute("ALTER TABLE temp._report_step_metrics RENAME TO step_metrics")
-    except duckdb.Error:
-        yield  # no step_metrics view (nothing to speed up)
-        return
-    try:
-        yield
-    finally:
-        con.execute("DROP TABLE IF EXISTS temp.step_metrics")
+    with in_memory(con, extra_cursors=n - 1) as cursors:
+        pool.put(analysis)
+        for c in cursors[1:]:
+            clone = copy.copy(db)
+            clone._con = c
+            other = copy.copy(analysis)  # shares everything but the db, which has its own cursor
+            other.db = clone
+            pool.put(other)
+        yield pool
 
 
 def _sections(
     analysis: Any,
+    pool: queue.Queue[Any],
     options: FigureOptions,
     whatif_gpus: Sequence[str],
     progress: Callable[[str, int, int], None] | None,
 ) -> list[Section]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from .groups import run_labels, run_modes
-    from .steps import excluded_steps_all
+    from .steps import excluded_steps_all, steps_predicate
 
     labels = run_labels(analysis.document, run_modes(analysis))
     runs = analysis.document.get("runs", [])
-    total = len(runs) + 1 + bool(whatif_gpus)
     excluded = excluded_steps_all(analysis.db, list(labels))
-    sections = [cross_run_section(analysis, labels, options, excluded)]
-    if progress:
-        progress("charts", 1, total)
-    if whatif_gpus:
-        sections.append(whatif_section(analysis, labels, whatif_gpus))
-        if progress:
-            progress("charts", 2, total)
+    # Every run's time bins in one query (per run, planning the query cost more than running it).
+    slow_only, _ = steps_predicate(analysis.db, list(labels), excluded, idle=False)
+    timelines = F.timeline_frames(analysis.db, list(labels), bins=options.time_bins, where=slow_only)
     by_id = {ctx.run.run_id: ctx for ctx in analysis.contexts}
+
+    def _run_job(a: Any, *, i: int, rid: str) -> Section:
+        return run_section(a, by_id[rid], labels[rid], i, options, excluded.get(rid), timelines.get(rid))
+
+    jobs: list[Callable[[Any], Section]] = [lambda a: cross_run_section(a, labels, options, excluded)]
+    if whatif_gpus:
+        jobs.append(lambda a: whatif_section(a, labels, whatif_gpus))
     for i, run in enumerate(runs, start=1):
-        ctx = by_id.get(run["run_id"])
-        if ctx is not None:
-            sections.append(
-                run_section(analysis, ctx, labels[run["run_id"]], i, options, excluded.get(run["run_id"]))
-            )
-        if progress:
-            progress("charts", total - len(runs) + i, total)
-    return sections
+        rid = run["run_id"]
+        if rid in by_id:
+            jobs.append(functools.partial(_run_job, i=i, rid=rid))
+
+    def build(job: Callable[[Any], Section]) -> Section:
+        own = pool.get()
+        try:
+            sec = job(own)
+            for fig in sec.figures:
+                fig.spec()  # in the thread too: to_dict is most of a chart's cost
+            return sec
+        finally:
+            pool.put(own)
+
+    total = len(jobs)
+    if pool.qsize() == 1:
+        sections = []
+        for done, job in enumerate(jobs, 1):
+            sections.append(build(job))
+            if progress:
+                progress("charts", done, total)
+        return sections
+    with ThreadPoolExecutor(max_workers=pool.qsize()) as ex:
+        futures = [ex.submit(build, job) for job in jobs]
+        for done, fut in enumerate(futures, 1):
+            fut.result()
+            if progress:
+                progress("charts", done, total)
+    return [f.result() for f in futures]

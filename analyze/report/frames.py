@@ -16,11 +16,10 @@ import numpy as np
 import polars as pl
 import pyarrow.dataset as pads
 
-from ..document import at as _get
 from ..load import TraceDB
 from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
-from ..metrics.steps import summary_rows
+from ..metrics.steps import COMPUTE_BOUND_S_SQL, MEMORY_BOUND_S_SQL, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 
 PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
@@ -213,7 +212,7 @@ def _scan(path: Any, columns: list[str]) -> Any:
 
 def _expert_files(db: TraceDB, run_id: str) -> list[Any]:
     """The run's experts files that feed the views (one TP rank per (dp, pp), or the sum over its
-    ranks, as load.py rules)."""
+    ranks, as the loader rules: analyze/load/ranks.py)."""
     run = db.runs.get(run_id)
     if run is None:
         return []
@@ -246,9 +245,8 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str =
         WITH s AS (
             SELECT phase, num_tokens, time_s,
                    CASE WHEN isnan(active_experts) THEN NULL ELSE active_experts END AS active,
-                   bytes_total / (gpu_bandwidth * gpus) AS mem_s,
-                   flops_total / (gpu_peak_flops * gpus) AS comp_s
-            FROM step_metrics WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
+                   {MEMORY_BOUND_S_SQL} AS mem_s, {COMPUTE_BOUND_S_SQL} AS comp_s
+            FROM step_metrics s WHERE run_id = ? AND NOT is_draft AND time_s > 0 AND ({where})
         ), w AS (
             SELECT phase, min(num_tokens) AS lo, count(DISTINCT num_tokens) AS distinct_tokens,
                    greatest(1, ceil((max(num_tokens) - min(num_tokens) + 1) / {per_phase}))::BIGINT AS width
@@ -273,7 +271,21 @@ def step_frame(db: TraceDB, run_id: str, *, max_points: int = 1500, where: str =
     return _order_phases(df).sort("phase_rank", "tokens").drop("phase_rank", "bucket")
 
 
-def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame:
+TIMELINE_SCHEMA = {
+    "bin": pl.Int64,
+    "t_start_s": pl.Float64,
+    "t_end_s": pl.Float64,
+    "steps": pl.Int64,
+    "tokens": pl.Int64,
+    "busy_ms_per_step": pl.Float64,
+    "host_gap_ms_per_step": pl.Float64,
+    "s_mbu": pl.Float64,
+    "s_mfu": pl.Float64,
+    "in_window": pl.Float64,
+}
+
+
+def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150, where: str = "TRUE") -> pl.DataFrame:
     """Steps binned over wall time (seconds from the run's first step; at most `bins` bins).
 
     Per bin: steps, tokens, busy_ms_per_step (mean GPU span), host_gap_ms_per_step (mean gap to the
@@ -281,56 +293,70 @@ def timeline_frame(db: TraceDB, run_id: str, *, bins: int = 150) -> pl.DataFrame
     ratios of sums; S-MBU null where a step lacks expert counts), and in_window = the fraction of
     the bin's steps inside the run's metrics window (`run_windows`).
     Columns: bin, t_start_s, t_end_s, steps, tokens, busy_ms_per_step, host_gap_ms_per_step, s_mbu,
-    s_mfu, in_window.
+    s_mfu, in_window. `where` (SQL over step_metrics) leaves steps out of the bins (e.g. compile
+    steps: `steps.Excluded.predicate(idle=False)`); the bins still span every step.
     """
-    schema = {
-        "bin": pl.Int64,
-        "t_start_s": pl.Float64,
-        "t_end_s": pl.Float64,
-        "steps": pl.Int64,
-        "tokens": pl.Int64,
-        "busy_ms_per_step": pl.Float64,
-        "host_gap_ms_per_step": pl.Float64,
-        "s_mbu": pl.Float64,
-        "s_mfu": pl.Float64,
-        "in_window": pl.Float64,
-    }
-    n = _one(
+    return timeline_frames(db, [run_id], bins=bins, where=where)[run_id]
+
+
+def timeline_frames(
+    db: TraceDB, run_ids: list[str], *, bins: int = 150, where: str = "TRUE"
+) -> dict[str, pl.DataFrame]:
+    """run_id -> its `timeline_frame`, for every run in two queries (the summary query costs
+    ~15 ms to plan: per run, that was most of the report's time for this frame)."""
+    out = {rid: pl.DataFrame(schema=TIMELINE_SCHEMA) for rid in run_ids}
+    if not run_ids:
+        return out
+    spans = _q(
         db,
-        "SELECT count(*), max(t_start_ns) - min(t_start_ns), min(t_start_ns) FROM step_metrics "
-        "WHERE run_id = ? AND NOT is_draft",
-        [run_id],
-    )
-    if not n or not n[0]:
-        return pl.DataFrame(schema=schema)
-    k = max(1, min(int(bins), int(n[0])))
-    span_s = max((n[1] or 0) / 1e9, 1e-9)
-    width = span_s / k
-    bin_sql = f"least(floor((s.t_start_ns - {int(n[2])}) / 1e9 / {width!r}), {k - 1})::BIGINT"
-    source = f"""(SELECT s.*, {bin_sql} AS bin, coalesce({IN_WINDOW_SQL}, false) AS in_win
+        "SELECT run_id, count(*), max(t_start_ns) - min(t_start_ns), min(t_start_ns) FROM step_metrics "
+        f"WHERE run_id IN ({', '.join('?' * len(run_ids))}) AND NOT is_draft GROUP BY run_id",
+        list(run_ids),
+    ).fetchall()
+    grid = {}  # run_id -> (first step's start ns, bin width s, bins)
+    for rid, n, span_ns, t0 in spans:
+        if n:
+            k = max(1, min(int(bins), int(n)))
+            grid[rid] = (int(t0), max((span_ns or 0) / 1e9, 1e-9) / k, k)
+    if not grid:
+        return out
+    values = ", ".join("(?, ?::BIGINT, ?::DOUBLE, ?::BIGINT)" for _ in grid)
+    params = [x for rid, (t0, width, k) in grid.items() for x in (rid, t0, width, k)]
+    source = f"""(SELECT s.*, least(floor((s.t_start_ns - p.t0) / 1e9 / p.width), p.k - 1)::BIGINT AS bin,
+                         coalesce({IN_WINDOW_SQL}, false) AS in_win
                   FROM step_metrics s JOIN run_windows w USING (run_id)
-                  WHERE s.run_id = ? AND NOT s.is_draft AND s.time_s > 0)"""
-    per_bin = summary_rows(db.con, source, params=[run_id], key="s.bin").get(run_id, {})
-    in_win = dict(_q(db, f"SELECT bin, avg(in_win::INTEGER) FROM {source} GROUP BY bin", [run_id]).fetchall())
-    rows = [
-        {
-            "bin": int(b),
-            "t_start_s": int(b) * width,
-            "t_end_s": (int(b) + 1) * width,
-            "steps": int(v["steps"] or 0),
-            "tokens": int(v["tokens"] or 0),
-            "busy_ms_per_step": None if v["step_time_s_mean"] is None else v["step_time_s_mean"] * 1e3,
-            "host_gap_ms_per_step": None
-            if v["step_wall_s_mean"] is None or v["step_time_s_mean"] is None
-            else (v["step_wall_s_mean"] - v["step_time_s_mean"]) * 1e3,
-            "s_mbu": v["s_mbu"],
-            "s_mfu": v["s_mfu"],
-            "in_window": float(in_win.get(int(b), 0.0)),
-        }
-        for b, v in per_bin.items()
-        if b != "all"
-    ]
-    return pl.DataFrame(rows, schema=schema).sort("bin")
+                       JOIN (VALUES {values}) AS p(run_id, t0, width, k) USING (run_id)
+                  WHERE NOT s.is_draft AND s.time_s > 0 AND ({where}))"""
+    per_run = summary_rows(db.con, source, params=params, key="s.bin")
+    in_win: dict[str, dict[int, float]] = {}
+    for rid, b, frac in _q(
+        db, f"SELECT run_id, bin, avg(in_win::INTEGER) FROM {source} GROUP BY run_id, bin", params
+    ).fetchall():
+        in_win.setdefault(rid, {})[int(b)] = float(frac)
+    for rid, per_bin in per_run.items():
+        if rid not in grid:
+            continue
+        width = grid[rid][1]
+        rows = [
+            {
+                "bin": int(b),
+                "t_start_s": int(b) * width,
+                "t_end_s": (int(b) + 1) * width,
+                "steps": int(v["steps"] or 0),
+                "tokens": int(v["tokens"] or 0),
+                "busy_ms_per_step": None if v["step_time_s_mean"] is None else v["step_time_s_mean"] * 1e3,
+                "host_gap_ms_per_step": None
+                if v["step_wall_s_mean"] is None or v["step_time_s_mean"] is None
+                else (v["step_wall_s_mean"] - v["step_time_s_mean"]) * 1e3,
+                "s_mbu": v["s_mbu"],
+                "s_mfu": v["s_mfu"],
+                "in_window": in_win.get(rid, {}).get(int(b), 0.0),
+            }
+            for b, v in per_bin.items()
+            if b != "all"
+        ]
+        out[rid] = pl.DataFrame(rows, schema=TIMELINE_SCHEMA).sort("bin")
+    return out
 
 
 # -- requests and runs ----------------------------------------------------------------------------
@@ -379,7 +405,7 @@ def latency_cdf_frame(db: TraceDB, labels: dict[str, str], *, points: int = 200)
 def throughput_frame(
     db: TraceDB,
     labels: dict[str, str],
-    document: dict[str, Any] | None = None,
+    analysis: Any | None = None,
     *,
     min_steps: int = 3,
     where: str = "TRUE",
@@ -388,8 +414,8 @@ def throughput_frame(
 
     kind = "steps": per run and batch size, the window_output_throughput (metrics/steps.py) of that
     run's steps with that many requests (groups of fewer than `min_steps` steps dropped); kind = "run":
-    the run's window throughput (metrics.json `steps.all.window_output_throughput`) at its
-    workload batch size. Columns: run, kind, batch_size, window_output_throughput, steps. `where`
+    the run's window throughput (`run_metrics`, phase `all`, of `analysis`) at its workload batch
+    size (`runs.batch_size`). Columns: run, kind, batch_size, window_output_throughput, steps. `where`
     (SQL over step_metrics) filters the steps, e.g. `steps.steps_predicate` leaving out idle and
     compile-outlier steps.
     """
@@ -426,28 +452,28 @@ def throughput_frame(
                 kind=pl.lit("steps"),
             ).select("run", "kind", "batch_size", "window_output_throughput", "steps")
         )
-    if document is not None:
-        rows = []
-        for run in document.get("runs", []):
-            if run.get("run_id") not in labels:
-                continue
-            wl = run.get("workload") or {}
-            bs = wl.get("batch_size") or wl.get("concurrency")
-            tps = (
-                ((run.get("metrics") or {}).get("steps") or {}).get("all", {}).get("window_output_throughput")
+    if analysis is not None:
+        runs = (
+            analysis.run_metrics()
+            .filter((pl.col("phase") == "all") & pl.col("run_id").is_in(list(labels)))
+            .join(analysis.run_info().select("run_id", "batch_size"), on="run_id", how="inner")
+            .filter(
+                pl.col("batch_size").is_not_null()
+                & (pl.col("batch_size") > 0)
+                & pl.col("window_output_throughput").is_not_null()
+                & (pl.col("window_output_throughput") != 0)
             )
-            if bs and tps:
-                rows.append(
-                    {
-                        "run": labels[run["run_id"]],
-                        "kind": "run",
-                        "batch_size": int(bs),
-                        "window_output_throughput": float(tps),
-                        "steps": int(run["metrics"]["steps"]["all"].get("steps") or 0),
-                    }
+        )
+        if runs.height:
+            parts.append(
+                runs.select(
+                    run=pl.col("run_id").replace_strict(labels, return_dtype=pl.String),
+                    kind=pl.lit("run"),
+                    batch_size=pl.col("batch_size").cast(pl.Int64),
+                    window_output_throughput=pl.col("window_output_throughput").cast(pl.Float64),
+                    steps=pl.col("steps").cast(pl.Int64),
                 )
-        if rows:
-            parts.append(pl.DataFrame(rows, schema=parts[0].schema if parts else None))
+            )
     if not parts:
         return pl.DataFrame(
             schema={
@@ -461,26 +487,22 @@ def throughput_frame(
     return pl.concat(parts).sort("run", "kind", "batch_size")
 
 
-def run_labels(document: dict[str, Any]) -> dict[str, str]:
+def run_labels(analysis: Any) -> dict[str, str]:
     """run_id -> a short, unique legend label: "model · engine · GPU×n · bs N", plus the dataset
-    where that alone repeats, plus "#i" (the run's 1-based position in the document, as the report
-    numbers its sections) where even that repeats."""
+    where that alone repeats, plus "#i" (the run's 1-based position in the analysis, as the report
+    numbers its sections) where even that repeats. From `Analysis.run_info()` (the `runs` and
+    `run_settings` tables)."""
+    info = {r["run_id"]: r for r in analysis.run_info().iter_rows(named=True)}
     base: dict[str, str] = {}
     datasets: dict[str, str] = {}
-    for run in document.get("runs", []):
+    for rid in analysis.run_ids:
+        run = info.get(rid, {})
         model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
-        engine = (run.get("engine") or {}).get("name") or "?"
-        gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get(
-            "name"
-        )
-        count = (run.get("gpu") or {}).get("count") or 1
-        wl = run.get("workload") or {}
-        bs = wl.get("batch_size") or wl.get("concurrency")
-        label = f"{model} · {engine} · {gpu or '?'}×{count}"
-        if bs:
-            label += f" · bs {bs}"
-        base[run["run_id"]] = label
-        datasets[run["run_id"]] = str(wl.get("dataset") or "")
+        label = f"{model} · {run.get('engine') or '?'} · {run.get('gpu') or '?'}×{run.get('num_gpus') or 1}"
+        if run.get("batch_size"):
+            label += f" · bs {run['batch_size']}"
+        base[rid] = label
+        datasets[rid] = str(run.get("dataset") or "")
 
     def repeated(labels: dict[str, str]) -> set[str]:
         seen: dict[str, int] = {}
@@ -508,90 +530,98 @@ def _float(x: Any) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else v
 
 
-def runs_frame(document: dict[str, Any], labels: dict[str, str] | None = None) -> pl.DataFrame:
-    """One row per run of a metrics document with the CAP figures the cross-run charts and the
-    leaderboard use. Missing figures are null (cost and accuracy come from other analyses and are
-    often absent).
+RUNS_FRAME_SCHEMA: dict[str, Any] = {
+    "run": pl.String,
+    "run_id": pl.String,
+    "model": pl.String,
+    "engine": pl.String,
+    "engine_version": pl.String,
+    "gpu": pl.String,
+    "num_gpus": pl.Int64,
+    "batch_size": pl.Int64,
+    "dataset": pl.String,
+    "created_at": pl.String,
+    "cost_usd_per_m_output_tokens": pl.Float64,
+    "cost_band_low": pl.Float64,
+    "cost_band_high": pl.Float64,
+    "accuracy": pl.Float64,
+    "accuracy_correct": pl.Float64,
+    "accuracy_total": pl.Float64,
+    "ttft_ms": pl.Float64,
+    "tpot_ms": pl.Float64,
+    "itl_ms": pl.Float64,
+    "window_output_throughput": pl.Float64,
+    "output_throughput": pl.Float64,
+    "request_throughput": pl.Float64,
+    "prefill_smbu": pl.Float64,
+    "prefill_smfu": pl.Float64,
+    "decode_smbu": pl.Float64,
+    "decode_smfu": pl.Float64,
+    "warnings": pl.Int64,
+}
 
-    Columns: run, run_id, model, engine, engine_version, gpu, num_gpus, batch_size, dataset,
-    created_at, cost_usd_per_m_output_tokens (+ cost_band_low/high: the cost model's sensitivity band),
-    accuracy (exact match, fraction), accuracy_correct,
-    accuracy_total, ttft_ms, tpot_ms, itl_ms (p50), window_output_throughput (tok/s over the metrics
+
+def runs_frame(analysis: Any, labels: dict[str, str] | None = None) -> pl.DataFrame:
+    """One row per run of an `Analysis` with the CAP figures the cross-run charts and the
+    leaderboard use, read from the façade: `run_info()` and `run_metrics()` (the SQL views) and the
+    per-run frames `request_summary`, `costs`, `accuracy`. Missing figures are null (cost and
+    accuracy are often absent); NaN reads as null.
+
+    Columns (RUNS_FRAME_SCHEMA): run, run_id, model, engine, engine_version, gpu, num_gpus,
+    batch_size, dataset, created_at, cost_usd_per_m_output_tokens (+ cost_band_low/high: the cost
+    model's sensitivity band), accuracy (exact match, fraction), accuracy_correct, accuracy_total,
+    ttft_ms, tpot_ms (means), itl_ms (p50), window_output_throughput (tok/s over the metrics
     window's busy time), output_throughput and request_throughput (over the requests' makespan),
     prefill_smbu, prefill_smfu, decode_smbu, decode_smfu, warnings.
     """
-    labels = labels or run_labels(document)
-    rows = []
-    for run in document.get("runs", []):
-        m = run.get("metrics") or {}
-        steps = m.get("steps") or {}
-        req = m.get("requests") or {}
-        acc: dict[str, Any] = m["accuracy"] if isinstance(m.get("accuracy"), dict) else {}
-        cost, cost_lo, cost_hi = cost_per_million_output_tokens(m)
-        gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
-        wl = run.get("workload") or {}
-        out_tps = _float(_get(steps, "all", "window_output_throughput"))
-        rows.append(
-            {
-                "run": labels.get(run["run_id"], run["run_id"]),
-                "run_id": run["run_id"],
-                "model": run.get("model"),
-                "engine": _get(run, "engine", "name"),
-                "engine_version": _get(run, "engine", "version"),
-                "gpu": gpu,
-                "num_gpus": _get(run, "gpu", "count"),
-                "batch_size": wl.get("batch_size") or wl.get("concurrency"),
-                "dataset": wl.get("dataset"),
-                "created_at": run.get("created_at") or _created_at(run["run_id"]),
-                "cost_usd_per_m_output_tokens": cost,
-                "cost_band_low": cost_lo,
-                "cost_band_high": cost_hi,
-                "accuracy": accuracy_fraction(m),
-                "accuracy_correct": _float(acc.get("correct")),
-                "accuracy_total": _float(acc.get("total")),
-                "ttft_ms": _ms(_get(req, "ttft_s", "mean")),
-                "tpot_ms": _ms(_get(req, "tpot_s", "mean")),
-                "itl_ms": _ms(_get(req, "itl_s", "p50")),
-                "window_output_throughput": out_tps,
-                "output_throughput": _float(req.get("output_throughput")),
-                "request_throughput": _float(req.get("request_throughput")),
-                "prefill_smbu": _float(_get(steps, "prefill", "s_mbu")),
-                "prefill_smfu": _float(_get(steps, "prefill", "s_mfu")),
-                "decode_smbu": _float(_get(steps, "decode", "s_mbu")),
-                "decode_smfu": _float(_get(steps, "decode", "s_mfu")),
-                "warnings": len(run.get("warnings") or []),
-            }
-        )
-    schema = {
-        "run": pl.String,
-        "run_id": pl.String,
-        "model": pl.String,
-        "engine": pl.String,
-        "engine_version": pl.String,
-        "gpu": pl.String,
-        "num_gpus": pl.Int64,
-        "batch_size": pl.Int64,
-        "dataset": pl.String,
-        "created_at": pl.String,
-        "cost_usd_per_m_output_tokens": pl.Float64,
-        "cost_band_low": pl.Float64,
-        "cost_band_high": pl.Float64,
-        "accuracy": pl.Float64,
-        "accuracy_correct": pl.Float64,
-        "accuracy_total": pl.Float64,
-        "ttft_ms": pl.Float64,
-        "tpot_ms": pl.Float64,
-        "itl_ms": pl.Float64,
-        "window_output_throughput": pl.Float64,
-        "output_throughput": pl.Float64,
-        "request_throughput": pl.Float64,
-        "prefill_smbu": pl.Float64,
-        "prefill_smfu": pl.Float64,
-        "decode_smbu": pl.Float64,
-        "decode_smfu": pl.Float64,
-        "warnings": pl.Int64,
-    }
-    return pl.DataFrame(rows, schema=schema)
+    labels = labels or run_labels(analysis)
+    ids = analysis.run_ids
+    order = pl.DataFrame(
+        {"run_id": ids, "_order": list(range(len(ids)))}, schema={"run_id": pl.String, "_order": pl.Int64}
+    )
+    steps = analysis.run_metrics().select("run_id", "phase", "window_output_throughput", "s_mbu", "s_mfu")
+
+    def phase(name: str, **cols: str) -> pl.DataFrame:
+        part = steps.filter(pl.col("phase") == name)
+        return part.select("run_id", *(pl.col(src).alias(dst) for dst, src in cols.items()))
+
+    req = analysis.request_summary
+    parts = [
+        analysis.run_info(),
+        phase("all", window_output_throughput="window_output_throughput"),
+        phase("prefill", prefill_smbu="s_mbu", prefill_smfu="s_mfu"),
+        phase("decode", decode_smbu="s_mbu", decode_smfu="s_mfu"),
+        req.select(
+            "run_id",
+            ttft_ms=pl.col("ttft_s_mean") * 1e3,
+            tpot_ms=pl.col("tpot_s_mean") * 1e3,
+            itl_ms=pl.col("itl_s_p50") * 1e3,
+            output_throughput="output_throughput",
+            request_throughput="request_throughput",
+        ),
+        analysis.costs.select(
+            "run_id",
+            cost_usd_per_m_output_tokens="usd_per_1m_output_tokens",
+            cost_band_low="band_low",
+            cost_band_high="band_high",
+        ),
+        analysis.accuracy.select(
+            "run_id", accuracy="exact_match", accuracy_correct="correct", accuracy_total="total"
+        ),
+    ]
+    frame = order
+    for part in parts:  # one row per run in each; runs a part lacks get nulls
+        frame = frame.join(part, on="run_id", how="left")
+    frame = frame.sort("_order").with_columns(
+        run=pl.col("run_id").replace_strict(labels, default=pl.col("run_id"), return_dtype=pl.String),
+        warnings=pl.col("run_id").replace_strict(
+            {rid: len(w) for rid, w in analysis.warnings.items()}, default=0, return_dtype=pl.Int64
+        ),
+    )
+    floats = [c for c, t in RUNS_FRAME_SCHEMA.items() if t == pl.Float64]
+    return frame.with_columns(pl.col(c).cast(pl.Float64).fill_nan(None) for c in floats).select(
+        pl.col(c).cast(t) for c, t in RUNS_FRAME_SCHEMA.items()
+    )
 
 
 _COST_KEYS = ("usd_per_1m_output_tokens", "usd_per_million_output_tokens", "usd_per_m_output_tokens")
@@ -620,17 +650,6 @@ def accuracy_fraction(metrics: dict[str, Any]) -> float | None:
         correct = _float(acc.get("correct"))
         em = None if correct is None else correct / float(acc["total"])
     return em
-
-
-def _created_at(run_id: str) -> str | None:
-    # run ids start with a UTC timestamp (20260101T000000Z-…); the document does not carry created_at.
-    head = run_id.split("-", 1)[0]
-    return head if len(head) == 16 and head.endswith("Z") else None
-
-
-def _ms(x: Any) -> float | None:
-    v = _float(x)
-    return None if v is None else v * 1e3
 
 
 def _order_phases(df: pl.DataFrame) -> pl.DataFrame:

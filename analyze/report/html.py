@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -238,6 +239,18 @@ def _fmt(value: Any, kind: str = "") -> str:
     return esc(value)
 
 
+def breakable(text: Any, limit: int = 48) -> str:
+    """Escaped `text` that a table cell may break only after - _ : / . , (a <wbr> there), never
+    inside a word. Beyond `limit` characters the middle is elided ("…") and the whole text is the
+    element's title (shown on hover)."""
+    if text is None:
+        return esc(None)
+    full = str(text)
+    shown = full if len(full) <= limit else full[: limit * 2 // 3] + "…" + full[-(limit // 3) :]
+    inner = "<wbr>".join(esc(part) for part in re.split(r"(?<=[-_:/.,])", shown) if part)
+    return inner if shown == full else f'<span title="{esc(full)}">{inner}</span>'
+
+
 def _pair(a: Any, b: Any) -> str:
     """Two fractions as percentages in one cell: "12.3 / 4.56"."""
     if a is None and b is None:
@@ -246,8 +259,9 @@ def _pair(a: Any, b: Any) -> str:
 
 
 def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, str] | None = None) -> str:
-    """One row per run, narrow enough for a 1,400 px window with dozens of runs: the run id wraps,
-    each column carries one unit, S-MBU / S-MFU share a cell per phase."""
+    """One row per run, narrow enough for a 1,280 px window with dozens of runs: run id, model and
+    dataset break only after - _ : / . (never mid-word; a long name is elided with the whole of it in
+    a title), each column carries one unit, S-MBU / S-MFU share a cell per phase."""
     modes = modes or {}
     head = (
         "<tr><th>#</th><th>run id</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>bs</th>"
@@ -270,11 +284,11 @@ def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, 
         i = len(rows) + 1
         cells = [
             f'<a href="#run-{i}">{i}</a>',
-            f"<code>{esc(run['run_id'])}</code>",
-            esc(str(run.get("model") or "").rstrip("/").split("/")[-1] or None),
+            f"<code>{breakable(run['run_id'], limit=80)}</code>",
+            breakable(str(run.get("model") or "").rstrip("/").split("/")[-1] or None),
             esc(engine) + (f"<br><span class=meta>{esc(mode)}</span>" if mode and mode != "?" else ""),
             esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}" if gpu else "no GPU recorded"),
-            esc(wl.get("dataset")),
+            breakable(wl.get("dataset")),
             esc(wl.get("batch_size") or wl.get("concurrency")),
             _fmt(_get(steps, "all", "steps")),
             _pair(_get(steps, "prefill", "s_mbu"), _get(steps, "prefill", "s_mfu")),
@@ -487,8 +501,8 @@ table.runs th { white-space: normal; min-width: 0; max-width: 90px; vertical-ali
 table.runs td { text-align: right; }
 table.runs td:nth-child(-n+6) { text-align: left; white-space: normal; }
 table.runs td:nth-child(1) { min-width: 0; white-space: nowrap; }
-table.runs td:nth-child(2) { min-width: 120px; max-width: 220px; overflow-wrap: anywhere; }
-table.runs td:nth-child(3), table.runs td:nth-child(6) { min-width: 0; max-width: 140px; overflow-wrap: anywhere; }
+table.runs td:nth-child(2) { min-width: 120px; max-width: 220px; overflow-wrap: break-word; }
+table.runs td:nth-child(3), table.runs td:nth-child(6) { min-width: 0; max-width: none; overflow-wrap: break-word; }
 table.board td:first-child { min-width: 0; }
 table.kv th { background: #f8f8f8; font-weight: 500; white-space: nowrap; }
 table.kv td, table.files td { word-break: break-all; }

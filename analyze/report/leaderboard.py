@@ -67,19 +67,34 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def leaderboard_frame(
-    document: dict[str, Any],
+    analysis: Any,
     *,
     sort: str = "throughput",
     created_at: dict[str, str] | None = None,
     group: bool = False,
 ) -> pl.DataFrame:
-    """The ranked table: one row per run, or with `group` one per configuration (KEY); best first
-    by `sort` (see SORT_KEYS); runs without the sort figure rank last. `created_at` (run_id -> ISO
-    time) picks the most recent run of a configuration; default: the timestamp that starts a
-    moecap run id."""
+    """The ranked table of an `Analysis`: `rank_runs` over `frames.runs_frame` (the façade's views
+    and frames, not metrics.json)."""
     if sort not in SORT_KEYS:
         raise InputError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
-    runs = runs_frame(document, run_labels(document))
+    return rank_runs(
+        runs_frame(analysis, run_labels(analysis)), sort=sort, created_at=created_at, group=group
+    )
+
+
+def rank_runs(
+    runs: pl.DataFrame,
+    *,
+    sort: str = "throughput",
+    created_at: dict[str, str] | None = None,
+    group: bool = False,
+) -> pl.DataFrame:
+    """Rank a `runs_frame`: one row per run, or with `group` one per configuration (KEY); best first
+    by `sort` (see SORT_KEYS); runs without the sort figure rank last. The most recent run of a
+    configuration (latest `created_at`, the trace metadata's unless given as run_id -> ISO time,
+    then run id) stands for it; the others are listed in `other_runs`."""
+    if sort not in SORT_KEYS:
+        raise InputError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
     if created_at:
         runs = runs.with_columns(
             created_at=pl.col("run_id").replace_strict(
@@ -103,11 +118,13 @@ def leaderboard_frame(
     return ranked.select([c for c, _, _ in COLUMNS] + extra)
 
 
-def _cell(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
+    """A table cell as text: "pct" / "pct2" a fraction as % with 1 / 2 decimals, "g4" 4 significant
+    digits, "f2" / "f1" fixed decimals (f1 with thousands separators); empty for no figure."""
     if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
         return ""
-    if fmt == "pct":
-        return f"{value * 100:.1f} %"
+    if fmt in ("pct", "pct2"):
+        return f"{value * 100:.{1 if fmt == 'pct' else 2}f} %"
     if fmt == "g4":
         return f"{value:.4g}"
     if fmt == "f2":
@@ -119,7 +136,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 def display_rows(board: pl.DataFrame) -> list[list[str]]:
     """The board's rows as formatted text cells, in COLUMNS order (empty = no figure)."""
-    return [[_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in board.iter_rows(named=True)]
+    return [[format_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in board.iter_rows(named=True)]
 
 
 def write_leaderboard(
@@ -132,8 +149,7 @@ def write_leaderboard(
 ) -> dict[str, Path]:
     """Write leaderboard.csv, leaderboard.json, leaderboard.html and the radar/Pareto chart
     exports under `out_dir`; returns name -> path."""
-    created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in getattr(analysis, "contexts", [])}
-    board = leaderboard_frame(analysis.document, sort=sort, created_at=created, group=group)
+    board = leaderboard_frame(analysis, sort=sort, group=group)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +166,7 @@ def write_leaderboard(
                 "schema": "moecap.leaderboard/1",
                 "sort": {"by": sort, "column": SORT_KEYS[sort][0], "higher_is_better": SORT_KEYS[sort][1]},
                 "key": list(KEY) if group else ["run_id"],
-                "formula": analysis.document.get("formula"),
+                "formula": "moecap",
                 "rows": board.to_dicts(),
             },
             indent=2,

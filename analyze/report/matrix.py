@@ -2,15 +2,15 @@
 model × hardware × task × batch size (× repeat), with TTFT, TPOT, throughput, S-MBU / S-MFU
 (prefill and decode) and cost per million output tokens.
 
-Every figure is `runs_frame`'s (frames.py), which reads the run's metrics document: nothing is
+Every figure is `runs_frame`'s (frames.py), which reads the analysis' views and frames: nothing is
 computed here, so a cell equals what `moecap-analyze` prints for that run alone. The task and repeat
-come from the run's `workload.sweep` entry (written by `moecap-collect sweep`), else the dataset.
+come from the run metadata's `workload.sweep` entry (written by `moecap-collect sweep`), else the
+dataset.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import polars as pl
 
 from ..errors import InputError
 from .frames import runs_frame
+from .leaderboard import format_cell
 
 SCHEMA = "moecap.matrix/1"
 
@@ -34,10 +35,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ttft_ms", "TTFT ms", "f2"),
     ("tpot_ms", "TPOT ms", "f2"),
     ("window_output_throughput", "throughput tok/s", "f1"),
-    ("prefill_smbu", "prefill S-MBU", "pct"),
-    ("prefill_smfu", "prefill S-MFU", "pct"),
-    ("decode_smbu", "decode S-MBU", "pct"),
-    ("decode_smfu", "decode S-MFU", "pct"),
+    ("prefill_smbu", "prefill S-MBU", "pct2"),
+    ("prefill_smfu", "prefill S-MFU", "pct2"),
+    ("decode_smbu", "decode S-MBU", "pct2"),
+    ("decode_smfu", "decode S-MFU", "pct2"),
     ("cost_usd_per_m_output_tokens", "$ / 1M output tokens", "g4"),
     ("run_id", "run id", ""),
 )
@@ -45,11 +46,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 the window's output tokens per second, S-MBU / S-MFU fractions of peak, cost in USD."""
 
 
-def matrix_frame(document: dict[str, Any]) -> pl.DataFrame:
-    """One row per run of `document`, COLUMNS in order, sorted by KEY."""
-    runs = runs_frame(document)
+def matrix_frame(analysis: Any) -> pl.DataFrame:
+    """One row per run of an `Analysis`, COLUMNS in order, sorted by KEY."""
+    runs = runs_frame(analysis)
     extra = pl.DataFrame(
-        [_sweep_fields(run) for run in document.get("runs", [])],
+        [_sweep_fields(ctx.run.run_id, ctx.run.metadata.workload) for ctx in analysis.contexts],
         schema={"run_id": pl.String, "task": pl.String, "repeat": pl.Int64, "sweep": pl.String},
     )
     frame = runs.join(extra, on="run_id", how="left").with_columns(
@@ -61,36 +62,22 @@ def matrix_frame(document: dict[str, Any]) -> pl.DataFrame:
     return frame.select([c for c, _, _ in COLUMNS] + ["sweep"])
 
 
-def _sweep_fields(run: dict[str, Any]) -> dict[str, Any]:
-    wl = run.get("workload") or {}
+def _sweep_fields(run_id: str, workload: dict[str, Any] | None) -> dict[str, Any]:
+    wl = workload or {}
     found = wl.get("sweep")
     sweep: dict[str, Any] = found if isinstance(found, dict) else {}
     repeat = sweep.get("repeat")
     return {
-        "run_id": run["run_id"],
+        "run_id": run_id,
         "task": sweep.get("task"),
         "repeat": int(repeat) if isinstance(repeat, int) else None,
         "sweep": sweep.get("name"),
     }
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
-        return ""
-    if fmt == "pct":
-        return f"{value * 100:.2f} %"
-    if fmt == "g4":
-        return f"{value:.4g}"
-    if fmt == "f2":
-        return f"{value:.2f}"
-    if fmt == "f1":
-        return f"{value:,.1f}"
-    return str(value)
-
-
 def display_rows(frame: pl.DataFrame) -> list[list[str]]:
     """The rows as text cells in COLUMNS order (empty: no figure)."""
-    return [[_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in frame.iter_rows(named=True)]
+    return [[format_cell(row[c], fmt) for c, _, fmt in COLUMNS] for row in frame.iter_rows(named=True)]
 
 
 def to_markdown(frame: pl.DataFrame) -> str:
@@ -101,9 +88,9 @@ def to_markdown(frame: pl.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
-def write_matrix(document: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_matrix(analysis: Any, out_dir: str | Path) -> dict[str, Path]:
     """Write matrix.csv, matrix.json and matrix.md under `out_dir`; returns format -> path."""
-    frame = matrix_frame(document)
+    frame = matrix_frame(analysis)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +103,7 @@ def write_matrix(document: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
             {
                 "schema": SCHEMA,
                 "key": list(KEY),
-                "formula": document.get("formula"),
+                "formula": "moecap",
                 "columns": {c: h for c, h, _ in COLUMNS},
                 "rows": frame.to_dicts(),
             },

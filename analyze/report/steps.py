@@ -1,12 +1,10 @@
-"""Which steps the per-step charts leave out, and why: idle steps (no tokens) and compile outliers.
+"""Which steps the per-step charts leave out, and why: idle steps (no tokens) and slow (compile) steps.
 
 An idle step (0 batch tokens) has no place on a batch-token axis (log scales cannot show 0) and
-no throughput; a compile step (vLLM's first mixed step, 1.1 s against ~7 ms) would bend a mean
-or a line by itself. A step is a compile outlier when its time over its own roofline bound is
-more than `COMPILE_OUTLIER_FACTOR` times the run's median of that ratio: a ratio, so a large
-prefill is not taken for an outlier (its bound is large too). Measured on the shipped traces:
-the vLLM runs' first steps sit at 50–90× their median, every HF and SGLang step below 8× (HF
-eager warm-up steps included), so 20 separates them with room on both sides.
+no throughput; a compile step (vLLM's first mixed step, 1.1 s against ~7 ms decodes) would bend a
+mean or a line by itself. The slow steps are the ones `moecap-analyze check` names, by the one rule
+in `analyze/slow_steps.py` (≥ 10x what a step of its phase and size usually takes on its rank, and
+≥ 100 ms over it); this module only applies it to every run and turns it into SQL and a sentence.
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPILE_OUTLIER_FACTOR = 20.0
-"""time / roofline bound above this many times the run's median marks a compile outlier."""
+from ..slow_steps import FACTOR, MIN_EXCESS_MS, slow_steps
 
 
 @dataclass
@@ -24,75 +21,75 @@ class Excluded:
 
     idle: int = 0
     outliers: list[tuple[int, int, int, float]] = field(default_factory=list)
-    """(dp, pp, step, wall time in s) of each compile outlier."""
+    """(dp, pp, step, duration in s) of each slow step (slow_steps' rule)."""
 
-    def predicate(self) -> str:
-        """SQL over step_metrics keeping every step that is neither idle nor an outlier."""
-        keep = "num_tokens > 0"
+    def predicate(self, idle: bool = True) -> str:
+        """SQL over step_metrics keeping every step that is neither idle nor slow (`idle=False`:
+        keeping idle steps, for charts over time where an idle step's time is time spent)."""
+        keep = ["num_tokens > 0"] if idle else []
         if self.outliers:
             keys = ", ".join(f"({dp}, {pp}, {step})" for dp, pp, step, _ in self.outliers)
-            keep += f" AND (dp, pp, step) NOT IN ({keys})"
-        return keep
+            keep.append(f"(dp, pp, step) NOT IN ({keys})")
+        return " AND ".join(keep) or "TRUE"
 
-    def note(self) -> str:
-        """One sentence naming what was left out ("" when nothing was)."""
+    def note(self, idle: bool = True) -> str:
+        """One sentence naming what was left out ("" when nothing was); `idle=False`: the slow
+        steps only (what `predicate(idle=False)` leaves out)."""
         parts = []
-        if self.idle:
+        if self.idle and idle:
             parts.append(f"{self.idle} idle (0-token) step{'s' if self.idle != 1 else ''}")
         if self.outliers:
-            steps = ", ".join(f"{step} ({wall:.2g} s)" for _, _, step, wall in self.outliers[:5])
+            steps = ", ".join(f"{step} ({d:.2g} s)" for _, _, step, d in self.outliers[:5])
             more = f" and {len(self.outliers) - 5} more" if len(self.outliers) > 5 else ""
             parts.append(
                 f"compile outlier step{'s' if len(self.outliers) != 1 else ''} {steps}{more} "
-                f"(> {COMPILE_OUTLIER_FACTOR:g}× the run's median time / roofline bound)"
+                f"(≥ {FACTOR:g}× a typical step of its phase and ≥ {MIN_EXCESS_MS:g} ms over it, "
+                "as `check` names them)"
             )
         return ("Left out: " + "; ".join(parts) + ".") if parts else ""
 
 
-def excluded_steps_all(
-    db: Any, run_ids: list[str], factor: float = COMPILE_OUTLIER_FACTOR
-) -> dict[str, Excluded]:
-    """run_id -> its idle steps and compile outliers (non-draft steps with a positive duration),
-    for every run in `run_ids`, in one query."""
+def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
+    """run_id -> its idle steps (non-draft, positive duration, 0 tokens, from step_metrics) and its
+    slow steps (`slow_steps` over the run's `steps` rows, as `check` reads them); two queries."""
     out = {rid: Excluded() for rid in run_ids}
     if not run_ids:
         return out
-    rows = db.con.sql(
-        f"""
-        WITH s AS (
-            SELECT run_id, dp, pp, step, num_tokens, wall_s,
-                   time_s / nullif(greatest(bytes_total / (gpu_bandwidth * gpus),
-                                            flops_total / (gpu_peak_flops * gpus)), 0) AS r
-            FROM step_metrics
-            WHERE run_id IN ({", ".join("?" * len(run_ids))}) AND NOT is_draft AND time_s > 0
-        ), m AS (SELECT run_id, median(r) AS med FROM s WHERE num_tokens > 0 AND r > 0 GROUP BY run_id)
-        SELECT s.run_id, dp, pp, step, num_tokens, wall_s, coalesce(r > ? * m.med, false) AS outlier
-        FROM s LEFT JOIN m USING (run_id)
-        WHERE num_tokens = 0 OR r > ? * m.med ORDER BY s.run_id, step
-        """,
-        params=[*run_ids, factor, factor],
-    ).fetchall()
-    for rid, dp, pp, step, tokens, wall, outlier in rows:
-        if not tokens:
-            out[rid].idle += 1
-        elif outlier:
-            out[rid].outliers.append((int(dp), int(pp), int(step), float(wall or 0.0)))
+    marks = ", ".join("?" * len(run_ids))
+    for rid, idle in db.con.sql(
+        f"""SELECT run_id, count(*) FROM step_metrics
+            WHERE run_id IN ({marks}) AND NOT is_draft AND time_s > 0 AND num_tokens = 0 GROUP BY run_id""",
+        params=list(run_ids),
+    ).fetchall():
+        out[rid].idle = int(idle)
+    steps = db.con.sql(
+        f"""SELECT run_id, dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns,
+                   t_start_ns, t_end_ns
+            FROM steps WHERE run_id IN ({marks})""",
+        params=list(run_ids),
+    ).pl()
+    for (rid,), rows in steps.partition_by("run_id", as_dict=True).items():
+        seen = set()
+        for s in slow_steps(rows.drop("run_id")):
+            if (s.dp, s.pp, s.step) not in seen:  # TP ranks of a stage share the step
+                seen.add((s.dp, s.pp, s.step))
+                out[rid].outliers.append((s.dp, s.pp, s.step, s.duration_ms / 1e3))
     return out
 
 
-def excluded_steps(db: Any, run_id: str, factor: float = COMPILE_OUTLIER_FACTOR) -> Excluded:
-    """The idle steps and compile outliers of `run_id`."""
-    return excluded_steps_all(db, [run_id], factor)[run_id]
+def excluded_steps(db: Any, run_id: str) -> Excluded:
+    """The idle and slow steps of `run_id`."""
+    return excluded_steps_all(db, [run_id])[run_id]
 
 
 def steps_predicate(
-    db: Any, run_ids: list[str], lost: dict[str, Excluded] | None = None
+    db: Any, run_ids: list[str], lost: dict[str, Excluded] | None = None, *, idle: bool = True
 ) -> tuple[str, dict[str, Excluded]]:
-    """One SQL predicate over step_metrics leaving out every run's idle steps and compile
-    outliers, and what each run lost (`lost`: already computed by excluded_steps_all)."""
+    """One SQL predicate over step_metrics leaving out every run's idle (unless `idle=False`) and
+    slow steps, and what each run lost (`lost`: already computed by excluded_steps_all)."""
     lost = lost if lost is not None else excluded_steps_all(db, run_ids)
     clauses = []
     for rid, ex in lost.items():
         quoted = rid.replace("'", "''")
-        clauses.append(f"(run_id = '{quoted}' AND {ex.predicate()})")
+        clauses.append(f"(run_id = '{quoted}' AND {ex.predicate(idle=idle)})")
     return ("(" + " OR ".join(clauses) + ")") if clauses else "TRUE", lost

@@ -7,6 +7,7 @@ the window as stated, and tables that fit the terminal (or do not wrap at all wh
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -127,20 +128,102 @@ def compact_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+PRIORITY = (
+    "index",
+    "run_id",
+    "model",
+    "tok_s",
+    "decode_smbu",
+    "tpot_ms",
+    "ttft_ms",
+    "gpu",
+    "engine",
+    "batch",
+    "usd",
+    "decode_smfu",
+    "window_steps",
+    "warnings",
+)
+"""Which columns a narrow terminal keeps first; the table shows them in COLUMNS order."""
+RUN_ID_MIN = 16
+"""Characters the run id column gets at least (its lines break after - _ : / only)."""
+
+
+def _segments(text: str) -> list[str]:
+    """`text` cut after each - _ : / (the places a name may break; not after a dot: "1.5", "0.26.0")."""
+    return [p for p in re.split(r"(?<=[-_:/])", text) if p]
+
+
+def wrap_name(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, broken only after - _ : / (a segment
+    longer than `width` stays whole on its line)."""
+    lines: list[str] = []
+    line = ""
+    for seg in _segments(text):
+        if line and len(line) + len(seg) > width:
+            lines.append(line)
+            line = ""
+        line += seg
+    return "\n".join([*lines, line])
+
+
+def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], dict[str, int]]:
+    """The columns that fit `width` terminal columns whole (by PRIORITY; shown in COLUMNS order) and
+    each one's width: a column is as wide as its longest cell and its heading's longest word; the
+    run id may take fewer (down to RUN_ID_MIN or its longest segment) and wraps between segments.
+    Width to spare goes to the run id, then to headings (whole on one line)."""
+
+    def longest_word(text: str) -> int:
+        return max(len(w) for w in text.split())
+
+    need = {key: max([longest_word(heading)] + [len(r[key]) for r in rows]) for key, heading, _ in COLUMNS}
+    natural_id = need["run_id"]
+    longest_seg = max((len(s) for r in rows for s in _segments(r["run_id"])), default=1)
+    need["run_id"] = max(longest_seg, min(natural_id, RUN_ID_MIN))
+    used = 1  # the table's left border; each column adds its cell, 2 padding and 1 border
+    chosen = []
+    for key in PRIORITY:
+        if used + need[key] + 3 <= width:
+            chosen.append(key)
+            used += need[key] + 3
+    if "run_id" in chosen:  # spare width goes to the run id, up to its whole length
+        grow = max(0, min(width - used, natural_id - need["run_id"]))
+        need["run_id"] += grow
+        used += grow
+    heading = {k: h for k, h, _ in COLUMNS}
+    for key in chosen:  # then to headings, so they need not wrap
+        grow = max(0, min(width - used, len(heading[key]) - need[key]))
+        need[key] += grow
+        used += grow
+    return [k for k, _, _ in COLUMNS if k in chosen], need
+
+
 def print_runs_table(document: dict[str, Any], console: Console) -> None:
-    """The one-row-per-run table, then each run's warnings counted (`--detail` lists them)."""
-    table = Table(title=f"{len(document.get('runs', []))} runs · one row per run (--detail: per-run tables)")
-    for key, heading, justify in COLUMNS:
-        table.add_column(
-            heading,
-            justify=justify,  # type: ignore[arg-type]
-            overflow="fold" if key == "run_id" else "ellipsis",
-            no_wrap=key != "run_id",
-            min_width=12 if key == "run_id" else None,
-        )
-    for row in compact_rows(document):
-        table.add_row(*[row[k] for k, _, _ in COLUMNS])
+    """The one-row-per-run table, as many columns as fit the console whole (no cell cut or wrapped
+    mid-word; the run id wraps between its parts), naming the columns left out."""
+    rows = compact_rows(document)
+    keys, widths = fit_columns(rows, console.width)
+    table = Table(title=f"{len(rows)} runs · one row per run (--detail: per-run tables)")
+    heading = {k: h for k, h, _ in COLUMNS}
+    for key, _, justify in COLUMNS:
+        if key in keys:
+            table.add_column(
+                heading[key],
+                justify=justify,  # type: ignore[arg-type]
+                width=widths[key],  # >= every cell: only a heading wraps, between its words
+                overflow="fold",
+            )
+    for row in rows:
+        table.add_row(*[wrap_name(row[k], widths[k]) if k == "run_id" else row[k] for k in keys])
     console.print(table)
+    left_out = [heading[k] for k, _, _ in COLUMNS if k not in keys]
+    if left_out:
+        console.print(
+            f"left out to fit {console.width} columns: {', '.join(left_out)} (a wider terminal shows them; "
+            "--format csv or json has every figure)",
+            markup=False,
+            highlight=False,
+        )
     windows = {window_text(r.get("window")) for r in document.get("runs", [])}
     if len(windows) == 1:
         console.print(f"window: {windows.pop()}", markup=False, highlight=False)

@@ -304,7 +304,8 @@ def _build() -> None:
         ViewDoc(
             "expert_step_stats",
             "one step of one recording process",
-            "Per-step expert statistics, computed from the counts while the trace is converted.",
+            "Per-step expert statistics (metrics/experts.py `step_statistics`), computed from the counts "
+            "while the trace is converted.",
             "moecap.analyze.load",
             (
                 *_IDENTITY,
@@ -314,9 +315,14 @@ def _build() -> None:
                 _c(
                     "imbalance_mean",
                     "ratio",
-                    "Mean over MoE layers of max expert load / mean expert load (layers with tokens).",
+                    "Mean over MoE layers of max expert load / mean expert load (layers with tokens); "
+                    "NaN for a step that routed no token.",
                 ),
-                _c("imbalance_max", "ratio", "Largest per-layer max/mean load in the step."),
+                _c(
+                    "imbalance_max",
+                    "ratio",
+                    "Largest per-layer max/mean load in the step; NaN as imbalance_mean.",
+                ),
                 _c("layer_tokens_min", "tokens", "Fewest tokens routed in any one MoE layer."),
                 _c("layer_tokens_max", "tokens", "Most tokens routed in any one MoE layer."),
             ),

@@ -37,12 +37,12 @@ def main() -> int:
             problems.append(f"{entry.slug}: {entry.status} ({entry.reason})")
         elif not all((args.folder / f).exists() for f in files):
             problems.append(f"{entry.slug}: files missing")
-    frame = matrix_frame(analyze_paths([args.folder], options, cache_dir=cache).document)
+    frame = matrix_frame(analyze_paths([args.folder], options, cache_dir=cache))
     print(to_markdown(frame))
     checks = {
         "ttft_ms": lambda m: m["requests"]["ttft_s"]["mean"] * 1e3,
         "tpot_ms": lambda m: m["requests"]["tpot_s"]["mean"] * 1e3,
-        "output_tokens_per_s": lambda m: m["steps"]["all"]["throughput_output_tokens_per_s"],
+        "window_output_throughput": lambda m: m["steps"]["all"]["window_output_throughput"],
         "prefill_smbu": lambda m: m["steps"]["prefill"]["s_mbu"],
         "prefill_smfu": lambda m: m["steps"]["prefill"]["s_mfu"],
         "decode_smbu": lambda m: m["steps"]["decode"]["s_mbu"],

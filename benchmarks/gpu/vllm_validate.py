@@ -240,7 +240,7 @@ def stage_trace(args: argparse.Namespace, eager: bool) -> dict[str, Any]:
     }
     rr = read_run(out)
     summary["check"] = check_invariant(rr)
-    routed = {r.engine_id: r.routed_experts for r in result.records if r.routed_experts is not None}
+    routed = {r.engine_req_id: r.routed_experts for r in result.records if r.routed_experts is not None}
     summary["oracle_requests"] = len(routed)
     if routed:
         shape = next(iter(routed.values())).shape

@@ -9,7 +9,8 @@ engine it started. See docs/driver.md.
 
 from __future__ import annotations
 
-from .client import RequestRecord, build_request
+from ..workload import RequestRecord
+from .client import build_request
 from .config import APIS, ENGINES, ClientConfig, LoadConfig
 from .drive import DriveResult, ServerInfo, drive, open_client_writers, probe_server
 from .sse import SSEDecoder

@@ -11,108 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from ..datasets import Sample, chat_messages
+from ..workload import RequestRecord
 from .config import ClientConfig
 from .events import MAX_COUNT, BadEvent, Choice, Usage, one_line, parse_event
 from .sse import SSEDecoder
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-
-
-@dataclass
-class RequestRecord:
-    """What the driver knows about one request; becomes one `requests` row and one `outputs` row."""
-
-    index: int
-    req_id: str
-    sample: Sample
-    prompt_sent: str
-    arrival_ns: int = 0
-    first_token_ns: int | None = None
-    finish_ns: int | None = None
-    prompt_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_prompt_tokens: int | None = None
-    chunk_times_ns: list[int] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    retries: int = 0
-    engine_req_id: str | None = None
-    http_status: int | None = None
-    token_source: str | None = None
-    """usage | logprobs | token_ids | events | response: how tokens per chunk were known."""
-    streamed: bool = True
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-
-    def reset_attempt(self) -> None:
-        """Forget a failed attempt before a retry (its timings do not describe the outcome)."""
-        self.first_token_ns = self.finish_ns = None
-        self.prompt_tokens = self.output_tokens = self.cached_prompt_tokens = None
-        self.chunk_times_ns, self.chunk_tokens = [], []
-        self.finish_reason = self.error = self.engine_req_id = self.http_status = self.token_source = None
-        self.text, self.reasoning = [], []
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.first_token_ns is not None
-
-    @property
-    def output_text(self) -> str | None:
-        if self.error is not None and not self.text and not self.reasoning:
-            return None
-        content = "".join(self.text)
-        if self.reasoning:
-            # Reasoning streamed apart from the answer (vLLM/SGLang reasoning parsers) is kept in front of
-            # it, in the tags the scorers strip.
-            return f"<think>{''.join(self.reasoning)}</think>{content}"
-        return content
-
-    def requests_row(self) -> dict[str, Any]:
-        engine_id = self.engine_req_id if self.engine_req_id and self.engine_req_id != self.req_id else None
-        return {
-            "req_id": self.req_id,
-            "engine_req_id": engine_id,
-            "sample_id": self.sample.sample_id,
-            "arrival_ns": self.arrival_ns,
-            "first_token_ns": self.first_token_ns,
-            "finish_ns": self.finish_ns,
-            "prompt_tokens": self.prompt_tokens,
-            "output_tokens": self.output_tokens,
-            "cached_prompt_tokens": self.cached_prompt_tokens,
-            "chunk_times_ns": self.chunk_times_ns if self.chunk_times_ns or self.ok else None,
-            "chunk_tokens": self.chunk_tokens if self.chunk_times_ns or self.ok else None,
-            "queue_ns": None,
-            "preemptions": None,
-            "finish_reason": self.finish_reason,
-            "error": self.error,
-            "retries": self.retries,
-        }
-
-    def outputs_row(self) -> dict[str, Any]:
-        return {
-            "req_id": self.req_id,
-            "sample_id": self.sample.sample_id,
-            "dataset": self.sample.dataset,
-            "prompt": self.prompt_sent,
-            "output": self.output_text,
-            "reference": self.sample.reference,
-        }
-
-    # -- stream accounting ---------------------------------------------------------------------
-    def _usage(self, usage: Usage) -> None:
-        if usage.prompt_tokens is not None:
-            self.prompt_tokens = usage.prompt_tokens
-        if usage.completion_tokens is not None:
-            self.output_tokens = usage.completion_tokens
-        if usage.cached_tokens is not None:
-            self.cached_prompt_tokens = usage.cached_tokens
 
 
 def build_request(
@@ -207,6 +117,15 @@ async def send_request(
         return
 
 
+def _apply_usage(rec: RequestRecord, usage: Usage) -> None:
+    if usage.prompt_tokens is not None:
+        rec.prompt_tokens = usage.prompt_tokens
+    if usage.completion_tokens is not None:
+        rec.output_tokens = usage.completion_tokens
+    if usage.cached_tokens is not None:
+        rec.cached_prompt_tokens = usage.cached_tokens
+
+
 def _finalize_counts(rec: RequestRecord) -> None:
     if rec.output_tokens is None and rec.chunk_tokens:
         total = int(sum(rec.chunk_tokens))
@@ -227,17 +146,23 @@ async def _attempt(
 ) -> bool:
     """One HTTP attempt; True when it failed in a way worth retrying (nothing was generated)."""
     state = _StreamState()
+    extensions: dict[str, Any] = {}
+    if cfg.arrival == "first-byte":
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            # The moment the request's first byte goes to the socket: connection set-up and the
+            # client's own send path are left out (the server's view).
+            if event.endswith("send_request_headers.started"):
+                rec.arrival_ns = _now()
+
+        extensions["trace"] = trace
+    # Arrival (TTFT's start) = just before the request is handed to the HTTP client, as `vllm bench
+    # serve` times it (`st = time.perf_counter()` before `session.post`): connection set-up, body
+    # encoding and the client's own send path count, as they do for any client of the server.
     rec.arrival_ns = _now()
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        # Arrival = the moment the request's first byte goes to the socket: connection set-up and the
-        # client's own request building are not the server's latency.
-        if event.endswith("send_request_headers.started"):
-            rec.arrival_ns = _now()
-
     try:
         async with http.stream(
-            "POST", cfg.endpoint, json=body, headers=headers, extensions={"trace": trace}
+            "POST", cfg.endpoint, json=body, headers=headers, extensions=extensions
         ) as resp:
             rec.http_status = resp.status_code
             if resp.status_code != 200:
@@ -357,7 +282,7 @@ def _event(data: str, t: int, rec: RequestRecord, state: _StreamState) -> None:
         rec.engine_req_id = ev.id
     counter_delta = None
     if ev.usage is not None:
-        rec._usage(ev.usage)
+        _apply_usage(rec, ev.usage)
         if ev.choice is not None and ev.usage.completion_tokens is not None:
             counter_delta = ev.usage.completion_tokens - (state.usage_counter or 0)
             state.usage_counter = ev.usage.completion_tokens
@@ -419,7 +344,7 @@ async def _read_whole(resp: httpx.Response, rec: RequestRecord) -> None:
         return
     rec.engine_req_id = ev.id
     if ev.usage is not None:
-        rec._usage(ev.usage)
+        _apply_usage(rec, ev.usage)
     if ev.choice is None:
         rec.error = "response without choices"
         return

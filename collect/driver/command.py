@@ -27,7 +27,7 @@ from moecap.schemas import DRIVER_ENGINE, EngineInfo, ModelInfo, MoEInfo, RunMet
 
 from ..datasets import DEFAULT_SYSTEM_PROMPT, SAMPLING_MODES, load_samples
 from ..errors import CollectError
-from .client import RequestRecord
+from ..workload import RequestRecord
 from .config import APIS, ENGINES, ClientConfig, LoadConfig
 from .drive import DriveResult, drive, open_client_writers, probe_server
 from .hub import check_hub_access
@@ -137,7 +137,22 @@ def drive_command(
     ] = None,
     ttft_slo_ms: Annotated[float | None, typer.Option("--ttft-slo-ms", hidden=True)] = None,
     tpot_slo_ms: Annotated[float | None, typer.Option("--tpot-slo-ms", hidden=True)] = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded requests sent first.")] = 0,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            "--warmup",
+            help="Unrecorded requests of the first samples' shapes sent first, --batch-size at a time "
+            "(default 1: as vllm bench serve's test request).",
+        ),
+    ] = 1,
+    arrival: Annotated[
+        str,
+        typer.Option(
+            "--arrival",
+            help="TTFT's start: request = just before the request is sent, as vllm bench serve; "
+            "first-byte = its first byte on the socket (no connection set-up).",
+        ),
+    ] = "request",
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", help="Longest wait for any data, first token included.")
     ] = 600.0,
@@ -205,6 +220,7 @@ def drive_command(
         read_timeout_s=timeout_s,
         request_timeout_s=request_timeout_s,
         max_retries=retries,
+        arrival=arrival,
     )
     load = LoadConfig(
         concurrency=batch_size,
@@ -315,7 +331,13 @@ async def _drive_and_record(
         else None
     )
     if recorder is not None:
-        await recorder.begin()
+        await recorder.status()  # a server without the endpoints fails here, before any file is written
+
+    async def start_recording() -> None:
+        # after the warm-up: its passes are not recorded
+        await recorder.clear()
+        await recorder.start()
+
     req_w, out_w = open_client_writers(out, run)
     progress = _RichProgress() if show_progress else None
     written: list[str] = []
@@ -329,6 +351,7 @@ async def _drive_and_record(
             progress=progress,
             stop=stop,
             stop_reason=stopper.reason,
+            before_measure=None if recorder is None else start_recording,
         )
     finally:
         req_w.close()
@@ -410,7 +433,7 @@ class _RichProgress:
 
     def advance(self, rec: RequestRecord) -> None:
         self._failed += rec.error is not None
-        self._tokens += rec.output_tokens or 0
+        self._tokens += rec.output_token_count or 0
         self._bar.update(self._task, advance=1, info=f"{self._tokens} tokens, {self._failed} failed")
 
     def close(self) -> None:

@@ -18,6 +18,9 @@ ENGINES = ("auto", "vllm", "sglang", "hf", "sllm", "openai")
 """Server kinds; they differ only in how the driver's request id reaches the engine (X-Request-Id header
 for all, plus a `rid` body field for SGLang) and in which version endpoint is asked."""
 
+ARRIVALS = ("request", "first-byte")
+"""When `arrival_ns` is stamped (`ClientConfig.arrival`)."""
+
 _ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -57,6 +60,10 @@ class ClientConfig:
     request_id_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
     preflight: bool = True
     """Check that the server answers (GET /v1/models) before sending the workload."""
+    arrival: str = "request"
+    """When a request's `arrival_ns` (TTFT's start) is taken: `request`, just before the HTTP client is
+    asked to send it (as `vllm bench serve` and SGLang's `bench_serving` do); `first-byte`, when its first
+    byte is written to the socket (leaves out connection set-up and the client's send path)."""
 
     def __post_init__(self) -> None:
         url = self.api_url.strip().rstrip("/")
@@ -78,6 +85,8 @@ class ClientConfig:
         self.api = self.api or "completions"
         if self.api not in APIS:
             raise CollectError(f"--api {self.api!r}: expected one of {', '.join(APIS)}")
+        if self.arrival not in ARRIVALS:
+            raise CollectError(f"--arrival {self.arrival!r}: expected one of {', '.join(ARRIVALS)}")
         if self.engine not in ENGINES:
             raise CollectError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if not 1 <= self.max_tokens <= MAX_TOKENS:
@@ -147,7 +156,8 @@ class LoadConfig:
     max_concurrency: int | None = None
     seed: int = 0
     warmup: int = 0
-    """Requests sent (and not recorded) before the measured workload, one at a time."""
+    """Requests sent (and not recorded) before the measured workload, at most the load's concurrency at a
+    time."""
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
 

@@ -24,7 +24,8 @@ from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
 
 from ..datasets import Sample
 from ..errors import CollectError
-from .client import RequestRecord, build_request, send_request
+from ..workload import RequestRecord
+from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
 from .summary import summarize
 
@@ -82,6 +83,7 @@ class DriveResult:
             "server_engine": self.server.engine,
             "server_version": self.server.version,
             "request_id_prefix": c.request_id_prefix,
+            "arrival": c.arrival,
             "interrupted": self.interrupted,
             **self.load.describe(),
         }
@@ -111,6 +113,7 @@ async def drive(
     transport: httpx.AsyncBaseTransport | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
     stop_reason: Callable[[], str] | None = None,
+    before_measure: Callable[[], Awaitable[Any]] | None = None,
 ) -> DriveResult:
     """Send every sample to `client`'s endpoint under `load`; write a `requests` and an `outputs` row per
     request as it finishes. Returns the records.
@@ -120,7 +123,8 @@ async def drive(
     are recorded in the rows, never raised. Setting `stop` ends the run early: no new requests, in-flight
     ones are cancelled and recorded as aborted, their error saying `stop_reason()` (default
     "interrupted") "before the response was complete". `transport` replaces the network (e.g. an in-process
-    server); streaming timestamps are only meaningful over a real socket.
+    server); streaming timestamps are only meaningful over a real socket. `before_measure` is awaited
+    after the warm-up, just before the measured requests (e.g. to start a server-side recorder).
     """
     load = load or LoadConfig()
     stop = stop or asyncio.Event()
@@ -142,7 +146,8 @@ async def drive(
     timeout = httpx.Timeout(
         connect=client.connect_timeout_s, read=client.read_timeout_s, write=client.read_timeout_s, pool=None
     )
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    # As `vllm bench serve`'s connector: at most `limit` connections (None: unbounded), kept alive 60 s.
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=60.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
         server = await probe_server(http, client) if client.preflight else ServerInfo(client.base_url)
         model = client.model or (server.models[0] if server.models else None)
@@ -151,13 +156,10 @@ async def drive(
         cfg = client
         if client.engine == "auto" and server.engine == "sglang":
             cfg = dataclasses.replace(client, engine="sglang")
-        for i in range(load.warmup):
-            if stop.is_set():
-                break
-            s = samples[i % len(samples)]
-            warm = RequestRecord(-1, f"{cfg.request_id_prefix}-warmup-{i}", s, "")
-            body, headers, _ = build_request(cfg, s, warm.req_id, model)
-            await _unless_stopped(send_request(http, cfg, warm, body, headers), stop)
+        if load.warmup and not stop.is_set():
+            await _unless_stopped(_warm_up(http, cfg, model, samples, load.warmup, limit), stop)
+        if before_measure is not None:
+            await before_measure()
         runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
         if stop_reason is not None:
             runner.stop_reason = stop_reason
@@ -175,6 +177,23 @@ async def drive(
         finished = time.monotonic_ns()
     records = sorted(runner.records, key=lambda r: r.index)
     return DriveResult(records, model, cfg, load, server, started, finished, interrupted=stop.is_set())
+
+
+async def _warm_up(
+    http: httpx.AsyncClient, cfg: ClientConfig, model: str, samples: list[Sample], n: int, limit: int | None
+) -> None:
+    """`n` unrecorded requests of the first samples (cycled), at most `limit` at a time (`vllm bench serve
+    --num-warmups` sends its warm-ups the same way)."""
+    sem = asyncio.Semaphore(limit or n)
+
+    async def one(i: int) -> None:
+        s = samples[i % len(samples)]
+        warm = RequestRecord(f"{cfg.request_id_prefix}-warmup-{i}", s)
+        body, headers, _ = build_request(cfg, s, warm.req_id, model)
+        async with sem:
+            await send_request(http, cfg, warm, body, headers)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
 
 
 async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo:
@@ -259,7 +278,7 @@ class _Runner:
     async def one(self, index: int, sample: Sample) -> None:
         req_id = f"{self.cfg.request_id_prefix}-{index:06d}"
         body, headers, prompt_sent = build_request(self.cfg, sample, req_id, self.model)
-        rec = RequestRecord(index, req_id, sample, prompt_sent)
+        rec = RequestRecord(req_id, sample, prompt_sent=prompt_sent, index=index)
         try:
             await send_request(self.http, self.cfg, rec, body, headers)
         except asyncio.CancelledError:
@@ -306,6 +325,9 @@ class _Runner:
                 w.cancel()
 
     async def open_loop(self, samples: list[Sample], load: LoadConfig) -> None:
+        """One task per request, created on its Poisson schedule (at `inf`: all in one pass of the event
+        loop, before any is sent); a task waits for a `max_concurrency` slot before it sends, as
+        `vllm bench serve` does, so a full slot delays the request, never the schedule of the others."""
         rate = float(load.request_rate or float("inf"))
         rng = random.Random(load.seed)
         sem = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
@@ -316,11 +338,12 @@ class _Runner:
         tasks: list[asyncio.Task[Any]] = []
 
         async def gated(index: int, sample: Sample) -> None:
-            try:
+            if sem is None:
                 await self.one(index, sample)
-            finally:
-                if sem is not None:
-                    sem.release()
+                return
+            async with sem:
+                if not self.stop.is_set():
+                    await self.one(index, sample)
 
         try:
             for index, sample in enumerate(samples):
@@ -329,36 +352,21 @@ class _Runner:
                 delay = t0 + due - loop.time()
                 if delay > 0 and await _stopped_within(self.stop, delay):
                     break
-                if sem is not None and not await _acquire_or_stop(sem, self.stop):
-                    break
                 if self.stop.is_set():
                     break
                 task = asyncio.create_task(gated(index, sample))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
                 tasks.append(task)
-            await asyncio.gather(*tasks)
+            # Tasks cancelled while waiting for a slot (a stop) were never sent: not an error.
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, Exception)), None)
+            if failure is not None:
+                raise failure
         finally:
             watcher.cancel()
             for t in tasks:
                 t.cancel()
-
-
-async def _acquire_or_stop(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
-    """Acquire `sem` unless `stop` is set first; True when acquired (and not stopping)."""
-    acquire = asyncio.ensure_future(sem.acquire())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if acquire.done() and not acquire.cancelled():
-        if stop.is_set():
-            sem.release()
-            return False
-        return True
-    acquire.cancel()
-    return False
 
 
 async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from moecap.schemas import latency
 
-from .client import RequestRecord
+from ..workload import RequestRecord
 
 
 def _nan(value: int | None) -> float:
@@ -42,8 +42,8 @@ def summarize(
         arrival_ns=[float(r.arrival_ns) for r in records],
         first_token_ns=[_nan(r.first_token_ns) for r in records],
         finish_ns=[_nan(r.finish_ns) for r in records],
-        output_tokens=[r.output_tokens or 0 for r in records],
-        prompt_tokens=[r.prompt_tokens or 0 for r in records],
+        output_tokens=[r.output_token_count or 0 for r in records],
+        prompt_tokens=[r.prompt_token_count or 0 for r in records],
         ok=[r.ok for r in records],
         chunk_times_ns=[t for r, k in zip(records, lengths) if k for t in r.chunk_times_ns],
         chunk_tokens=[n for r, k in zip(records, lengths) if k for n in r.chunk_tokens],

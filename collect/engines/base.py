@@ -26,7 +26,8 @@ yet), `prompts` any number of times, `start` (the engine, with or without tracin
 any number of times (all at once up to the engine's own concurrency limit, which is `batch_size`; a lower
 `concurrency` is a client closed loop), `stop` (closes the trace, stops the engine, writes `requests` /
 `outputs` for the records given). Subclasses supply the engine-specific hooks (`_build`, `_submit`,
-`_pause` / `_resume`, `_close_trace`, `_shutdown`, `_metadata`, `_tracing_env`).
+`_pause` / `_resume`, `_close_trace`, `_shutdown`, `_metadata`) and `plugin` (an `offline.EnginePlugin`:
+the preflight and the tracing environment).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from ..workload import (
     write_client_tables,
 )
 from ..writers import prepare_out_dir
-from .offline import gpu_sampler, load_tokenizer, model_dir, model_id_of, read_config
+from .offline import EnginePlugin, gpu_sampler, load_tokenizer, model_dir, model_id_of, read_config
 from .tracing_env import ENV_TRACE_DIR
 
 Progress = Callable[[int, int, int], None]
@@ -236,6 +237,10 @@ class OfflineSession:
     """The run metadata's `workload.driver`."""
     limit_arg: ClassVar[str] = ""
     """The engine field that caps requests in flight (set to `batch_size` unless given)."""
+    plugin: ClassVar[EnginePlugin]
+    """How the engine loads the tracer (preflight, tracing environment)."""
+    stats_dir: Path | None = None
+    """Where the engine-side tracers leave their stats, for engines whose tracers cannot be asked (SGLang)."""
 
     def __init__(self, options: OfflineRunOptions) -> None:
         o = options
@@ -277,11 +282,15 @@ class OfflineSession:
 
     # -- engine hooks ---------------------------------------------------------------------------------
     def _preflight(self, strict: bool, *, trace: bool) -> list[str]:
-        raise NotImplementedError
+        return self.plugin.preflight(strict, trace=trace)
 
     def _tracing_env(self) -> dict[str, str]:
         """The variables that turn the plugin on in every engine process."""
-        raise NotImplementedError
+        o = self.options
+        return self.plugin.env(
+            self.out, self.run_id, counts=o.counts, model_id=self.model_id, workload=self.workload,
+            strict=o.strict_engine, stats_dir=None if self.stats_dir is None else str(self.stats_dir),
+        )  # fmt: skip
 
     def _build(self, **kwargs: Any) -> Any:
         """The engine (tracing environment already set)."""
@@ -487,14 +496,17 @@ def run_offline(session: OfflineSession, *, progress: Progress | None = None) ->
 
 class SessionEngine:
     """The `Engine` methods of an engine with an `OfflineSession` (vLLM, SGLang); subclasses set
-    `session_cls`, `options_cls`, `option_extras` and provide `preflight`, `engine_args`, `serve`,
-    `trace_errors` and the descriptive attributes."""
+    `session_cls` (whose `plugin` gives `preflight`), `options_cls`, `option_extras` and provide
+    `engine_args`, `serve`, `trace_errors` and the descriptive attributes."""
 
     session_cls: ClassVar[type[OfflineSession]]
     options_cls: ClassVar[type[OfflineRunOptions]]
     option_extras: ClassVar[tuple[str, ...]] = ()
     """`RunArgs` fields the engine's options class adds to the shared ones."""
     serves = True
+
+    def preflight(self, strict: bool, *, trace: bool = True) -> list[str]:
+        return self.session_cls.plugin.preflight(strict, trace=trace)
 
     def engine_args(self, argv: Sequence[str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -512,6 +524,29 @@ class SessionEngine:
 
     def session(self, options: Any) -> OfflineSession:
         return self.session_cls(options)
+
+
+ENGINE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""`--dtype` short names as the engines spell them (others pass through)."""
+
+
+def engine_fields(options: OfflineRunOptions, names: dict[str, str]) -> dict[str, Any]:
+    """The neutral settings of `options` under an engine's own field names. `names` maps each concept to
+    the engine's field: seed, dtype, concurrency (`batch_size`; 0 leaves the engine's default), tokenizer,
+    eager (`cuda_graphs="off"`), max_batch_tokens. Random weights are `load_format="dummy"` in both."""
+    o = options
+    out: dict[str, Any] = {names["seed"]: o.seed, names["dtype"]: ENGINE_DTYPES.get(o.dtype, o.dtype)}
+    if o.batch_size > 0:
+        out[names["concurrency"]] = o.batch_size
+    if o.tokenizer:
+        out[names["tokenizer"]] = o.tokenizer
+    if o.random_weights:
+        out["load_format"] = "dummy"
+    if o.cuda_graphs == "off":
+        out[names["eager"]] = True
+    if o.max_batch_tokens:
+        out[names["max_batch_tokens"]] = o.max_batch_tokens
+    return out
 
 
 def offline_options(cls: type, args: RunArgs, engine_args: dict[str, Any], **extra: Any) -> Any:

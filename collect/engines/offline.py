@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,17 +174,25 @@ def supervise_traced_server(
             child.terminate()
 
 
-def parse_engine_flags(parse: Callable[[], Any], what: str, argv: Sequence[str]) -> Any:
-    """`parse()` (an engine's argparse over `argv`) with argparse's usage dump kept off stderr: a flag
-    the engine rejects becomes one `CollectError` line naming the flags and argparse's reason."""
+def parse_engine_flags(
+    parser: Any, model_flag: str, argv: Sequence[str], what: str, fields: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """`argv` (an engine's own CLI flags) parsed by the engine's own argparse `parser` (which requires
+    `model_flag`), as the fields whose values differ from the parser's defaults (only `fields` when
+    given; never the model). argparse's usage dump is kept off stderr: a flag the engine rejects becomes
+    one `CollectError` line naming the flags and argparse's reason."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return parse()
+            ns = parser.parse_args([model_flag, "placeholder", *argv])
+            defaults = parser.parse_args([model_flag, "placeholder"])
     except (SystemExit, Exception) as exc:
         lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
         reason = lines[-1].split("error: ", 1)[-1] if lines else str(exc) or type(exc).__name__
         raise CollectError(f"cannot parse {what} flags {shlex.join(argv)!r}: {reason}") from None
+    keep = set(fields) if fields is not None else set(vars(ns))
+    keep.discard(model_flag.lstrip("-").replace("-", "_"))
+    return {k: v for k, v in vars(ns).items() if k in keep and v != getattr(defaults, k, None)}
 
 
 def has_flag(args: Sequence[str], flag: str) -> bool:
@@ -200,26 +208,70 @@ def plugin_installed(group: str, value: str) -> bool:
     return any(ep.value == value for ep in importlib.metadata.entry_points(group=group))
 
 
-def engine_preflight(
-    check_version: Callable[[bool], str | None],
-    strict: bool,
-    *,
-    trace: bool,
-    group: str,
-    value: str,
-    label: str,
-    extra: str,
-) -> list[str]:
-    """The engine's release (`check_version`: a warning, or a `CollectError` when `strict`) and, when
-    tracing, moecap's entry point (a `CollectError` line when missing: the engine's processes would not
-    load the tracer). Returns the warnings."""
-    warning = check_version(strict)
-    if trace and not plugin_installed(group, value):
-        raise CollectError(
-            f"moecap's {group} entry point is not installed, so {label}'s engine processes would not load the "
-            f"tracer: install moecap into this environment (pip install -e . or pip install 'moecap[{extra}]')"
-        )
-    return [warning] if warning else []
+@dataclass(frozen=True)
+class EnginePlugin:
+    """How an engine takes moecap's tracer into its processes, the part vLLM's and SGLang's runners share:
+    the plugin entry point (`group`, `entry_point`), the engine's plugin allow-list variable
+    (`allow_list` = (variable, our plugin's name)) and the adapter's release check."""
+
+    label: str
+    """The engine's name in messages ("vLLM")."""
+    extra: str
+    """moecap's pip extra for it."""
+    group: str
+    entry_point: str
+    allow_list: tuple[str, str]
+    check_version: Callable[[bool], str | None]
+    """The adapter's release check: a warning, or a `CollectError` when strict."""
+
+    def installed(self) -> bool:
+        """True when the engine's plugin loader will find moecap's entry point."""
+        return plugin_installed(self.group, self.entry_point)
+
+    def preflight(self, strict: bool, *, trace: bool = True) -> list[str]:
+        """The engine's release and, when tracing, moecap's entry point (a `CollectError` line when missing:
+        the engine's processes would not load the tracer). Returns the warnings."""
+        warning = self.check_version(strict)
+        if trace and not self.installed():
+            raise CollectError(
+                f"moecap's {self.group} entry point is not installed, so {self.label}'s engine processes would not "
+                f"load the tracer: install moecap into this environment (pip install -e . or pip install "
+                f"'moecap[{self.extra}]')"
+            )
+        return [warning] if warning else []
+
+    def env(self, out: Any, run_id: str, **tracing: Any) -> dict[str, str]:
+        """The variables that turn the plugin on in every engine process (they inherit the environment);
+        `tracing`: `tracing_env.tracer_environment`'s options (counts, model_id, workload, strict, stats_dir)."""
+        from .tracing_env import tracer_environment
+
+        return tracer_environment(out, run_id, plugin_allow_list=self.allow_list, **tracing)
+
+    def server(
+        self,
+        engine: str,
+        model: str,
+        engine_argv: Sequence[str],
+        *,
+        out: str,
+        run_id: str | None = None,
+        counts: bool = True,
+        strict_engine: bool = False,
+        random_weights: bool = False,
+        stats_dir: str | None = None,
+    ) -> TracedServer:
+        """What `moecap-collect serve --engine ENGINE` starts the engine's server with: its plan
+        (`plan_server`), the preflight's warnings, and this process's environment plus tracing."""
+        plan = plan_server(engine, model, engine_argv, out=out, run_id=run_id, random_weights=random_weights)
+        warnings = self.preflight(strict_engine)
+        env = dict(os.environ)
+        env.update(
+            self.env(
+                plan.out_dir, plan.run_id, counts=counts, model_id=plan.model_id, workload={"driver": "external"},
+                strict=strict_engine, stats_dir=stats_dir,
+            )
+        )  # fmt: skip
+        return TracedServer(plan, warnings, env, counts)
 
 
 @dataclass
@@ -232,6 +284,16 @@ class ServePlan:
     target: str
     """The model argument for the engine (a scratch folder holding a lone config.json's copy)."""
     args: list[str]
+
+
+@dataclass
+class TracedServer:
+    """A server about to start with tracing on (`EnginePlugin.server`)."""
+
+    plan: ServePlan
+    warnings: list[str]
+    env: dict[str, str]
+    counts: bool
 
 
 def plan_server(

@@ -28,8 +28,9 @@ from typing import Any
 
 from moecap.schemas import EngineInfo, GpuInfo, ModelInfo, MoEInfo, RunMetadata, TraceWriter, trace_file_name
 
-from ..datasets import DATASETS, resolve_dataset
+from ..datasets import DATASETS, Sample, resolve_dataset
 from ..errors import CollectError
+from ..workload import RequestRecord
 from .records import gpus_from_records, write_reference_steps
 
 _KINDS = (
@@ -352,32 +353,20 @@ def _write_requests(
         ):
             out_count = float(r["output_tokens"])
             out_text = None if out_text == str(r["output_tokens"]) else out_text
-        req_rows.append(
-            {
-                "req_id": req_id,
-                "sample_id": f"{prefix}-{idx}",
-                "arrival_ns": 0,
-                "first_token_ns": first,
-                "finish_ns": finish,
-                "prompt_tokens": None if in_count is None else int(in_count),
-                "output_tokens": None if out_count is None else int(out_count),
-                "chunk_times_ns": chunks,
-                "chunk_tokens": None if chunks is None else [1] * len(chunks),
-                "error": None if error is None else str(error)[:500],
-                "retries": 0,
-            }
-        )
         prompt = _first(r, PROMPT_KEYS)
-        out_rows.append(
-            {
-                "req_id": req_id,
-                "sample_id": f"{prefix}-{idx}",
-                "dataset": dataset,
-                "prompt": "" if prompt is None or not isinstance(prompt, str) else prompt,
-                "output": None if error is not None and not out_text else out_text,
-                "reference": _text(_first(r, REFERENCE_KEYS)),
-            }
-        )
+        sample = Sample(
+            f"{prefix}-{idx}", dataset, prompt="" if not isinstance(prompt, str) else prompt,
+            reference=_text(_first(r, REFERENCE_KEYS)),
+        )  # fmt: skip
+        rec = RequestRecord(
+            req_id, sample, 0, first_token_ns=first, finish_ns=finish,
+            prompt_tokens=None if in_count is None else int(in_count),
+            output_tokens=None if out_count is None else int(out_count),
+            chunk_times_ns=chunks or [], chunk_tokens=[1] * len(chunks or []),
+            text=[out_text] if out_text else [], error=None if error is None else str(error)[:500],
+        )  # fmt: skip
+        req_rows.append(rec.requests_row())
+        out_rows.append(rec.outputs_row())
     paths = []
     for table, rows in (("requests", req_rows), ("outputs", out_rows)):
         try:

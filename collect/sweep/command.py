@@ -62,9 +62,10 @@ def sweep(
     repeats: int | None = typer.Option(
         None, "--repeats", min=1, help="Runs per (task, batch size); default 1."
     ),
-    max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", min=1, help="Output tokens per request (default: the task's)."
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Output tokens per request (default: the task's)."
     ),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, hidden=True),
     random_weights: bool | None = typer.Option(
         None, "--random-weights/--checkpoint-weights", help="Random weights from the config (no download)."
     ),
@@ -91,6 +92,8 @@ def sweep(
     ),
 ) -> None:
     """Run the matrix; see the examples above."""
+    if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
+        raise CollectError("--max-tokens and --max-new-tokens (its old name) disagree: pass one")
     overrides = {
         "engines": engine,
         "models": model,
@@ -100,7 +103,7 @@ def sweep(
         "num_prompts": num_prompts,
         "waves": waves,
         "repeats": repeats,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_tokens or max_new_tokens,
         "random_weights": random_weights,
         "dtype": dtype,
         "device": device,

@@ -137,6 +137,7 @@ _ALIASES = {
     "concurrencies": "batch_sizes",
     "concurrency": "batch_sizes",
     "batch_size": "batch_sizes",
+    "max_tokens": "max_new_tokens",  # the name `run` and `drive` use
 }
 _LISTS = {"engines", "models", "engine_args", "tasks", "batch_sizes"}
 _INTS = {"num_prompts", "waves", "repeats", "max_new_tokens", "seed", "max_batch_tokens"}

@@ -131,6 +131,13 @@ RECORD_FILES = [
         b'{"forward_mode": "decode"}\n' + b'{"x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n",
         "line 2: JSON nested too deeply",
     ),
+    (
+        "records_null_request_entry",
+        b'[{"forward_mode": "decode", "batch_size": 1, "seq_lens_sum": 9, "latency": 0.01,'
+        b' "expert_activation": 2.0, "gpu_num": 1, "gpu_raw_type": "H100",'
+        b' "per_req_info": [{"req_id": "a", "extend_len": 1, "total_len": 9}, null]}]',
+        "record 0: per_req_info[1] is null, not an object",
+    ),
 ]
 OUTCOMES |= {c[0]: ONE_LINE for c in RECORD_FILES}
 

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from moecap.analyze import load as load_module
 from moecap.analyze.checks import check_run, tp_count_agreement
 from moecap.analyze.load import load_traces
+from moecap.analyze.load import ranks as load_ranks
 from moecap.schemas import (
     EngineInfo,
     ModelInfo,
@@ -352,7 +352,7 @@ def test_many_steps_in_any_order_sum_in_bounded_blocks(tmp_path, monkeypatch):
         order = rng.permutation(n_steps) if tp == 2 else np.arange(n_steps)
         counts = {int(s): shares[tp, s].tolist() for s in order}
         write_rank(out, meta(tp, ranks), steps, counts, rows_per_batch=4)
-    monkeypatch.setattr(load_module, "_SUM_BLOCK_VALUES", 3 * L * E)
+    monkeypatch.setattr(load_ranks, "SUM_BLOCK_VALUES", 3 * L * E)
     db = load_traces([out], cache_dir=tmp_path / "c")
     total = shares.sum(axis=0)
     got = db.sql("SELECT step, counts FROM experts ORDER BY step").fetchall()

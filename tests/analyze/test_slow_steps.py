@@ -4,6 +4,8 @@ analyze/slow_steps.py by arithmetic done in the comments."""
 
 from __future__ import annotations
 
+import pytest
+
 from moecap.analyze.slow_steps import slow_step_findings, slow_steps
 
 MS = 1_000_000
@@ -63,3 +65,24 @@ def test_small_absolute_excess_few_peers_host_spans_and_draft_rows():
     rows += [_row(i, "decode", 4, 10.0, tp=1) for i in range(6)] + [_row(9, "decode", 4, 900.0, draft=True)]
     assert [(s.rank, s.step) for s in slow_steps(rows)] == [("dp0-pp0-tp0", 6)]
     assert slow_step_findings([_row(i, "decode", 1, 5.0) for i in range(6)]) == []
+
+
+def test_a_lone_mixed_compile_step_is_judged_against_the_pooled_cost_per_token():
+    # vLLM's shape: 2 prefills (2048 tokens in 118 ms, 1600 in 111 ms: 0.058 and 0.069 ms a token), one mixed
+    # step of 1162 tokens in 952 ms (0.82 ms a token) and 40 decodes of 6 ms. Mixed and prefill have fewer
+    # than 5 peers each, so both are judged against the pooled per-token median of the 3 (0.069 ms):
+    # the mixed step's typical time is max(1162 x 0.069 = 80.4, 6) ms; 952 >= 804 and 871 ms over: named.
+    # The prefills are at or under the pooled median: kept.
+    rows = [_row(0, "prefill", 2048, 118.0), _row(1, "mixed", 1162, 952.0), _row(2, "prefill", 1600, 111.0)]
+    rows += [_row(i, "decode", 16, 6.0) for i in range(3, 43)]
+    (s,) = slow_steps(rows)
+    assert (s.step, s.phase, s.dp, s.pp, s.tp) == (1, "mixed", 0, 0, 0)
+    assert s.typical_ms == pytest.approx(1162 * 111.0 / 1600, abs=0.1)
+    # HF's shape: a 23-token mixed step takes what a decode takes (host-bound, ~110 ms); per token that is
+    # 4.8 ms against 0.03 ms for its big steps, but its typical time is no less than the decode median
+    # (110 ms): 121 < 1100, kept.
+    rows = [_row(0, "prefill", 8192, 210.0), _row(1, "mixed", 8192, 234.0), _row(2, "mixed", 23, 121.0)]
+    rows += [_row(i, "decode", 16, 110.0) for i in range(3, 40)]
+    assert slow_steps(rows) == []
+    # A phase of too few steps that is not per token (idle here) is not judged.
+    assert slow_steps([_row(i, "idle", 0, 1.0) for i in range(2)] + [_row(2, "idle", 0, 900.0)]) == []

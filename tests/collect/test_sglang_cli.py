@@ -4,6 +4,7 @@ before anything starts; the options parse as for vLLM."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,14 @@ def test_the_old_flag_name_still_works_and_must_agree(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "moecap-collect: error: --max-tokens and --max-new-tokens (its old name) disagree: pass one"
     ]
+
+
+@pytest.mark.skipif(HAS_SGLANG, reason="a refused preflight needs a host without SGLang")
+def test_a_refused_serve_leaves_no_scratch_folder_behind(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    args = ["serve", "--engine", "sglang", "--out", str(tmp_path / "t"), "some/model"]
+    out = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "SGLang is not installed" in out.stderr
+    assert sorted(p.name for p in scratch.iterdir()) == []

@@ -114,12 +114,18 @@ def test_closed_loop_keeps_batch_size_in_flight_and_times_every_chunk(tmp_path, 
     by_id = {p.req_id: p for p in prompts}
     for rec in records:
         p = by_id[rec.req_id]
-        assert rec.engine_id == rec.req_id and rec.prompt_ids == p.token_ids
+        assert rec.engine_req_id == rec.req_id and rec.prompt_ids == p.token_ids
         assert rec.output_ids == [(p.token_ids[0] + j) % 97 for j in range(4)]
-        assert sum(rec.chunk_tokens) == 4 and len(rec.chunk_ns) == -(-4 // per_chunk)
-        assert rec.arrival_ns < rec.first_token_ns == rec.chunk_ns[0] <= rec.chunk_ns[-1] == rec.finish_ns
-        assert rec.chunk_ns == sorted(rec.chunk_ns)
-        assert rec.finish_reason == "length" and rec.cached_tokens == 0
+        assert sum(rec.chunk_tokens) == 4 and len(rec.chunk_times_ns) == -(-4 // per_chunk)
+        assert (
+            rec.arrival_ns
+            < rec.first_token_ns
+            == rec.chunk_times_ns[0]
+            <= rec.chunk_times_ns[-1]
+            == rec.finish_ns
+        )
+        assert rec.chunk_times_ns == sorted(rec.chunk_times_ns)
+        assert rec.finish_reason == "length" and rec.cached_prompt_tokens == 0
 
 
 def test_by_default_every_prompt_is_handed_over_at_once(tmp_path):
@@ -147,7 +153,7 @@ def test_the_client_tables_hold_the_loops_records(tmp_path):
             rec.first_token_ns,
             rec.finish_ns,
         )
-        assert row["chunk_times_ns"] == rec.chunk_ns and row["chunk_tokens"] == [1, 1]
+        assert row["chunk_times_ns"] == rec.chunk_times_ns and row["chunk_tokens"] == [1, 1]
         assert row["output_tokens"] == 2 and row["prompt_tokens"] == 6
 
 

@@ -140,7 +140,13 @@ def test_run_hands_every_prompt_over_at_once_like_llm_generate(tmp_path, scripte
     assert sorted(r.req_id for r in result.records) == [f"r{i}" for i in range(6)]
     for rec in result.records:
         assert len(rec.output_ids) == 5 and rec.chunk_tokens == [1] * 5
-        assert rec.arrival_ns <= rec.first_token_ns == rec.chunk_ns[0] <= rec.finish_ns == rec.chunk_ns[-1]
+        assert (
+            rec.arrival_ns
+            <= rec.first_token_ns
+            == rec.chunk_times_ns[0]
+            <= rec.finish_ns
+            == rec.chunk_times_ns[-1]
+        )
     assert result.output_tokens == 30
     t = result.timing
     assert t["warmup_requests"] == 3 and t["engine_start_s"] >= 0 and t["warmup_s"] >= 0

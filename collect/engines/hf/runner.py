@@ -436,7 +436,7 @@ def execute_cb(
 
         def submit() -> None:
             p = queue.popleft()
-            rec = RequestRecord.of(p, time.monotonic_ns(), engine_id=p.req_id)
+            rec = RequestRecord.of(p, time.monotonic_ns(), engine_req_id=p.req_id)
             in_flight[p.req_id] = rec
             manager.add_request(
                 p.token_ids,
@@ -481,7 +481,7 @@ def _fill_cb_record(
 ) -> None:
     rec.output_ids = [int(t) for t in out.generated_tokens]
     stamps = [clock(t) for t in (out.timestamps or [])]
-    rec.chunk_ns = stamps
+    rec.chunk_times_ns = stamps
     rec.chunk_tokens = [1] * len(stamps)
     rec.first_token_ns = stamps[0] if stamps else None
     start, end = out.lifespan
@@ -567,11 +567,11 @@ def execute_generate(
                         tokens, reason = tokens[: j + 1], "stop"
                         break
             times = streamer.times_ns[: len(tokens)]
-            rec = RequestRecord.of(p, arrival, engine_id=p.req_id)
+            rec = RequestRecord.of(p, arrival, engine_req_id=p.req_id)
             rec.first_token_ns = times[0] if times else None
             rec.finish_ns = times[-1] if times else None
             rec.output_ids = [int(t) for t in tokens]
-            rec.chunk_ns, rec.chunk_tokens = times, [1] * len(times)
+            rec.chunk_times_ns, rec.chunk_tokens = times, [1] * len(times)
             rec.queue_ns, rec.finish_reason = 0, reason
             records.append(rec)
             t_last = max(t_last, rec.finish_ns or arrival)

@@ -40,7 +40,6 @@ log = logging.getLogger("moecap.collect.engines.sglang")
 
 MIN_VERSION = (0, 5, 16)
 MAX_VERSION = (0, 5, 23)
-SUPPORTED_RANGE = "0.5.16 – 0.5.23"
 VALIDATED = {
     "0.5.16": "real classes on CPU; GPU run by benchmarks/gpu/sglang_validate.py",
     "0.5.23": "real classes on CPU (ForwardBatch, ModelRunner.forward, HookRegistry, recorder)",
@@ -100,13 +99,7 @@ def installed_version() -> str | None:
 
 def version_problem(version: str) -> str | None:
     """A one-line warning when `version` is outside the supported range, else None."""
-    try:
-        v = parse_version(version)
-    except ValueError:
-        return f"cannot read the SGLang version {version!r}; supported: {SUPPORTED_RANGE}"
-    if v < MIN_VERSION or v > MAX_VERSION:
-        return f"SGLang {version} is untested (supported: {SUPPORTED_RANGE}); the adapter may miss fields"
-    return None
+    return runtime.release_problem("SGLang", version, MIN_VERSION, MAX_VERSION, "the adapter may miss fields")
 
 
 # ---------------------------------------------------------------------------------------------------

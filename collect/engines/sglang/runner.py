@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,25 +51,8 @@ from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
 from ...workload import Prompt, RequestRecord
-from ..base import (
-    COMMON_RUN_FLAGS,
-    OfflineRunOptions,
-    OfflineSession,
-    Progress,
-    RunResult,
-    SessionEngine,
-    run_offline,
-)
-from ..offline import (
-    engine_preflight,
-    has_flag,
-    model_id_of,
-    parse_engine_flags,
-    plan_server,
-    supervise_traced_server,
-)
-from ..offline import plugin_installed as _plugin_installed
-from ..tracing_env import tracer_environment
+from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
+from ..offline import EnginePlugin, has_flag, model_id_of, parse_engine_flags, supervise_traced_server
 from . import adapter, compat
 
 ENTRY_POINT = "moecap.collect.engines.sglang:register"
@@ -91,35 +74,17 @@ class SglangRunOptions(OfflineRunOptions):
 # ---------------------------------------------------------------------------------------------------
 # Environment and arguments shared with SGLang's processes
 # ---------------------------------------------------------------------------------------------------
-def plugin_installed() -> bool:
-    """True when SGLang's `load_plugins()` will find moecap's entry point (moecap installed, editable or not)."""
-    return _plugin_installed(compat.PLUGIN_GROUP, ENTRY_POINT)
-
-
-def preflight(strict: bool, *, trace: bool = True) -> list[str]:
-    """Check SGLang (and the plugin, when tracing) before anything starts; returns warnings (raises
-    `CollectError`)."""
-    return engine_preflight(
-        adapter.check_version, strict, trace=trace, group=compat.PLUGIN_GROUP, value=ENTRY_POINT, label="SGLang",
-        extra="sglang",
-    )  # fmt: skip
-
-
-def tracing_env(
-    out: Path,
-    run_id: str,
-    *,
-    counts: bool,
-    model_id: str,
-    workload: dict[str, Any],
-    strict: bool,
-    stats_dir: str | None = None,
-) -> dict[str, str]:
-    """The variables that turn the plugin on in every SGLang process (they inherit the environment)."""
-    return tracer_environment(
-        out, run_id, counts=counts, model_id=model_id, workload=workload, strict=strict,
-        stats_dir=stats_dir, plugin_allow_list=("SGLANG_PLUGINS", compat.PLUGIN_NAME),
-    )  # fmt: skip
+PLUGIN = EnginePlugin(
+    label="SGLang", extra="sglang", group=compat.PLUGIN_GROUP, entry_point=ENTRY_POINT,
+    allow_list=("SGLANG_PLUGINS", compat.PLUGIN_NAME), check_version=adapter.check_version,
+)  # fmt: skip
+tracing_env = PLUGIN.env
+"""The variables that turn the plugin on in every SGLang process (they inherit the environment)."""
+plugin_installed = PLUGIN.installed
+"""True when SGLang's `load_plugins()` will find moecap's entry point (moecap installed, editable or not)."""
+preflight = PLUGIN.preflight
+"""Check SGLang (and the plugin, when tracing) before anything starts; returns warnings (raises
+`CollectError`)."""
 
 
 def recorder_args(args: Sequence[str], *, counts: bool) -> list[str]:
@@ -155,53 +120,26 @@ def sglang_argv(argv: Sequence[str]) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(prog="moecap-collect run --engine sglang", exit_on_error=False)
     ServerArgs.add_cli_args(parser)
-    ns, defaults = parse_engine_flags(
-        lambda: (
-            parser.parse_args(["--model-path", "placeholder", *argv]),
-            parser.parse_args(["--model-path", "placeholder"]),
-        ),
-        "SGLang server",
-        argv,
-    )
-    names = set(compat.server_arg_names(ServerArgs)) or set(vars(ns))
-    return {
-        k: v
-        for k, v in vars(ns).items()
-        if k in names and k != "model_path" and v != getattr(defaults, k, None)
-    }
+    fields = compat.server_arg_names(ServerArgs) or None
+    return parse_engine_flags(parser, "--model-path", argv, "SGLang server", fields)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The offline run: one engine session, one or more workload points
 # ---------------------------------------------------------------------------------------------------
-def run(options: SglangRunOptions, *, progress: Progress | None = None) -> RunResult:
-    """Run `options`' workload on SGLang (tracing on unless `options.trace` is False); see the module
-    docstring."""
-    return run_offline(SglangSession(options), progress=progress)
-
-
 class SglangSession(OfflineSession):
     """One `sglang.Engine` held open for several workload points (`base.OfflineSession`)."""
 
     engine_name = "sglang"
     driver = "sglang-offline-engine-admission"
     limit_arg = "max_running_requests"
+    plugin = PLUGIN
     options: SglangRunOptions
 
     def __init__(self, options: SglangRunOptions) -> None:
         super().__init__(options)
         self.stats_dir = self.scratch / "stats"
         self.kwargs = engine_kwargs(options, self.model, tokenizer=self.tokenizer is not None)
-
-    def _preflight(self, strict: bool, *, trace: bool) -> list[str]:
-        return preflight(strict, trace=trace)
-
-    def _tracing_env(self) -> dict[str, str]:
-        o = self.options
-        return tracing_env(
-            self.out, self.run_id, counts=o.counts, model_id=self.model_id, workload=self.workload,
-            strict=o.strict_engine, stats_dir=str(self.stats_dir),
-        )  # fmt: skip
 
     def _build(self) -> Any:
         import sglang
@@ -231,24 +169,21 @@ class SglangSession(OfflineSession):
         self.engine.shutdown()
 
 
+FIELDS = {
+    "seed": "random_seed", "dtype": "dtype", "concurrency": "max_running_requests", "tokenizer": "tokenizer_path",
+    "eager": "disable_cuda_graph", "max_batch_tokens": "chunked_prefill_size",
+}  # fmt: skip
+"""The run's neutral settings as `ServerArgs` fields (`base.engine_fields`)."""
+
+
 def engine_kwargs(options: SglangRunOptions, model: str, *, tokenizer: bool) -> dict[str, Any]:
     """The `sglang.Engine(**kwargs)` of a run (ServerArgs field names)."""
     kwargs: dict[str, Any] = {
         "model_path": model,
-        "random_seed": options.seed,
-        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
         "skip_tokenizer_init": not tokenizer,
         "log_level": "error",
-        "max_running_requests": options.batch_size,
+        **engine_fields(options, FIELDS),
     }
-    if options.tokenizer:
-        kwargs["tokenizer_path"] = options.tokenizer
-    if options.random_weights:
-        kwargs["load_format"] = "dummy"
-    if options.cuda_graphs == "off":
-        kwargs["disable_cuda_graph"] = True
-    if options.max_batch_tokens:
-        kwargs["chunked_prefill_size"] = options.max_batch_tokens
     kwargs.update(options.engine_args)
     kwargs.update(recorder_kwargs(kwargs, counts=options.counts and options.trace))
     return kwargs
@@ -265,22 +200,15 @@ def drive(
     """`prompts` on the engine's own event loop (`Engine.loop`, where its tokenizer manager runs): all at
     once (`concurrency` None; SGLang admits them), or a closed loop of `concurrency` in flight."""
     loop = getattr(engine, "loop", None)
-    coro = closed_loop(engine, prompts, options, progress, concurrency=concurrency)
+    coro = _closed_loop(engine, prompts, options, progress, concurrency)
     if loop is None:
         return asyncio.run(coro)
     return loop.run_until_complete(coro)
 
 
-async def closed_loop(
-    engine: Any,
-    prompts: Sequence[Any],
-    options: SglangRunOptions,
-    progress: Any = None,
-    *,
-    concurrency: int | None = None,
-) -> tuple[list[RequestRecord], float]:
-    """`concurrency` requests in flight over `prompts` (default: all of them; token ids, greedy); see the
-    module docstring."""
+async def _closed_loop(engine: Any, prompts: Any, options: Any, progress: Any, concurrency: Any) -> Any:
+    """`drive` on the running loop: `concurrency` requests in flight over `prompts` (None: all of them;
+    token ids, greedy); see the module docstring."""
     pending = deque(prompts)
     done: list[RequestRecord] = []
     tokens = 0
@@ -288,7 +216,7 @@ async def closed_loop(
 
     async def one(p: Any) -> RequestRecord:
         params = {"max_new_tokens": p.max_new_tokens, "ignore_eos": options.ignore_eos, "temperature": 0.0}
-        rec = RequestRecord.of(p, time.monotonic_ns(), engine_id=p.req_id)
+        rec = RequestRecord.of(p, time.monotonic_ns(), engine_req_id=p.req_id)
         stream = await engine.async_generate(
             input_ids=list(p.token_ids), sampling_params=params, stream=True, rid=p.req_id
         )
@@ -305,14 +233,14 @@ async def closed_loop(
                 # carry the new ids only.
                 rec.output_ids = ids if len(ids) == total else rec.output_ids + ids[-new:]
                 rec.first_token_ns = rec.first_token_ns or now
-                rec.chunk_ns.append(now)
+                rec.chunk_times_ns.append(now)
                 rec.chunk_tokens.append(new)
             if isinstance(meta.get("cached_tokens"), int):
-                rec.cached_tokens = meta["cached_tokens"]
+                rec.cached_prompt_tokens = meta["cached_tokens"]
             reason = meta.get("finish_reason")
             if reason is not None:
                 rec.finish_reason = str(reason.get("type")) if isinstance(reason, dict) else str(reason)
-        rec.finish_ns = time.monotonic_ns() if not rec.chunk_ns else rec.chunk_ns[-1]
+        rec.finish_ns = time.monotonic_ns() if not rec.chunk_times_ns else rec.chunk_times_ns[-1]
         return rec
 
     async def worker() -> None:
@@ -372,47 +300,35 @@ def serve_command(
     model: str,
     sglang_args: Sequence[str],
     *,
-    out: str,
-    run_id: str | None = None,
-    counts: bool = True,
-    strict_engine: bool = False,
-    random_weights: bool = False,
     close_wait_s: float = 10.0,
     start_fn: Callable[[list[str], dict[str, str], Callable[[], list[str]]], int] | None = None,
+    **serve: Any,
 ) -> int:
-    """Run SGLang's server with tracing on until it stops; returns its exit status. The run's `steps` /
-    `experts` files appear in `out` per recording rank; the workload driver (`moecap-collect drive`)
-    writes `requests` / `outputs` there with the same run id (printed).
+    """Run SGLang's server with tracing on until it stops; returns its exit status. `serve`:
+    `EnginePlugin.server`'s options (out, run_id, counts, strict_engine, random_weights). The run's
+    `steps` / `experts` files appear in `out` per recording rank; the workload driver (`moecap-collect
+    drive`) writes `requests` / `outputs` there with the same run id (printed).
 
     SGLang's shutdown SIGKILLs its schedulers, so the server runs under a supervisor: a stop signal
     (Ctrl-C, SIGTERM) first asks every recording scheduler to close its files (`request_close`, at most
     `close_wait_s`), then reaches the server. `start_fn(argv, env, before_stop)` stands in for the
     supervisor in tests."""
-    plan = plan_server("sglang", model, sglang_args, out=out, run_id=run_id, random_weights=random_weights)
-    warnings = preflight(strict_engine)
-    args = plan.args + recorder_args(plan.args, counts=counts)
     stats_dir = Path(tempfile.mkdtemp(prefix="moecap-sglang-stats-"))
-    env = dict(os.environ)
-    env.update(
-        tracing_env(
-            plan.out_dir,
-            plan.run_id,
-            counts=counts,
-            model_id=plan.model_id,
-            workload={"driver": "external"},
-            strict=strict_engine,
-            stats_dir=str(stats_dir),
-        )
-    )
+    try:
+        server = PLUGIN.server("sglang", model, sglang_args, stats_dir=str(stats_dir), **serve)
+    except BaseException:
+        shutil.rmtree(stats_dir, ignore_errors=True)  # a refused plan or preflight leaves nothing behind
+        raise
+    plan = server.plan
 
     def before_stop() -> list[str]:
         return adapter.request_close(stats_dir, close_wait_s)[1]
 
-    argv = serve_argv(plan.target, args)
+    argv = serve_argv(plan.target, plan.args + recorder_args(plan.args, counts=server.counts))
     if start_fn is not None:
-        return start_fn(argv, env, before_stop)
+        return start_fn(argv, server.env, before_stop)
     return supervise_traced_server(
-        argv, env, engine="SGLang", run_id=plan.run_id, out_dir=plan.out_dir, warnings=warnings,
+        argv, server.env, engine="SGLang", run_id=plan.run_id, out_dir=plan.out_dir, warnings=server.warnings,
         before_stop=before_stop,
     )  # fmt: skip
 
@@ -436,9 +352,6 @@ the trace files before SGLang's shutdown kills its schedulers):
     moecap-collect serve --engine sglang --out traces/ Qwen/Qwen1.5-MoE-A2.7B --tp-size 2
 """
 
-    def preflight(self, strict: bool, *, trace: bool = True) -> list[str]:
-        return preflight(strict, trace=trace)
-
     def engine_args(self, argv: Sequence[str]) -> dict[str, Any]:
         return sglang_argv(argv)
 
@@ -447,6 +360,11 @@ the trace files before SGLang's shutdown kills its schedulers):
 
     def trace_errors(self, stats: Sequence[dict[str, Any]]) -> list[str]:
         return [f"the SGLang schedulers' tracer stopped ({e})" for s in stats for e in s.get("errors") or []]
+
+
+run = SglangEngine().run
+"""Run `options`' workload on SGLang (tracing on unless `options.trace` is False): one session, one
+workload point (`base.run_offline`); see the module docstring."""
 
 
 __all__ = ["SglangEngine", "SglangRunOptions", "SglangSession", "plugin_installed", "run", "serve_command"]

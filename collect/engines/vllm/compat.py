@@ -53,7 +53,6 @@ log = logging.getLogger("moecap.collect.engines.vllm")
 
 MIN_VERSION = (0, 26, 0)
 MAX_VERSION = (0, 33, 0)
-SUPPORTED_RANGE = "0.26.0 – 0.33.0"
 VALIDATED = {
     "0.26.0": "H100: CUDA graphs + torch.compile, Qwen1.5-MoE-A2.7B (random weights); real classes on CPU",
     "0.33.0": "real classes on CPU (scheduler output, Worker, routers, plugin loader)",
@@ -84,16 +83,13 @@ def installed_version() -> str | None:
 
 def version_problem(version: str) -> str | None:
     """Why `version` is outside the supported range (one line), or None when it is inside."""
-    try:
-        v = parse_version(version)
-    except ValueError:
-        return f"vLLM version {version!r} is not a version this adapter understands (supported: {SUPPORTED_RANGE})"
-    if v < MIN_VERSION or v > MAX_VERSION:
-        return (
-            f"vLLM {version} is outside the range the moecap vLLM adapter supports ({SUPPORTED_RANGE}); "
-            "its internals may differ: steps or expert counts may be wrong or missing"
-        )
-    return None
+    return runtime.release_problem(
+        "vLLM",
+        version,
+        MIN_VERSION,
+        MAX_VERSION,
+        "its internals may differ: steps or expert counts may be wrong or missing",
+    )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ server (`vllm serve`) in place of this process, with tracing on in every engine 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import deque
@@ -40,18 +39,8 @@ from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
 from ...workload import Prompt, RequestRecord
-from ..base import (
-    COMMON_RUN_FLAGS,
-    OfflineRunOptions,
-    OfflineSession,
-    Progress,
-    RunResult,
-    SessionEngine,
-    run_offline,
-)
-from ..offline import engine_preflight, exec_traced_server, model_id_of, parse_engine_flags, plan_server
-from ..offline import plugin_installed as _plugin_installed
-from ..tracing_env import tracer_environment
+from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
+from ..offline import EnginePlugin, exec_traced_server, model_id_of, parse_engine_flags
 from . import adapter, compat
 
 ENTRY_POINT = "moecap.collect.engines.vllm:register"
@@ -66,30 +55,19 @@ class VllmRunOptions(OfflineRunOptions):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Environment shared with vLLM's processes
+# The plugin in vLLM's processes
 # ---------------------------------------------------------------------------------------------------
-def tracing_env(
-    out: Any, run_id: str, *, counts: bool, model_id: str, workload: dict[str, Any], strict: bool
-) -> dict[str, str]:
-    """The variables that turn the plugin on in every vLLM process (they inherit the environment)."""
-    return tracer_environment(
-        out, run_id, counts=counts, model_id=model_id, workload=workload, strict=strict,
-        plugin_allow_list=("VLLM_PLUGINS", "moecap"),
-    )  # fmt: skip
-
-
-def plugin_installed() -> bool:
-    """True when vLLM's plugin loader will find moecap's entry point (moecap installed, editable or not)."""
-    return _plugin_installed(compat.PLUGIN_GROUP, ENTRY_POINT)
-
-
-def preflight(strict: bool, *, trace: bool = True) -> list[str]:
-    """Check vLLM (and the plugin, when tracing) before anything starts; returns warnings (raises
-    `CollectError`)."""
-    return engine_preflight(
-        adapter.check_version, strict, trace=trace, group=compat.PLUGIN_GROUP, value=ENTRY_POINT, label="vLLM",
-        extra="vllm",
-    )  # fmt: skip
+PLUGIN = EnginePlugin(
+    label="vLLM", extra="vllm", group=compat.PLUGIN_GROUP, entry_point=ENTRY_POINT,
+    allow_list=("VLLM_PLUGINS", "moecap"), check_version=adapter.check_version,
+)  # fmt: skip
+tracing_env = PLUGIN.env
+"""The variables that turn the plugin on in every vLLM process (they inherit the environment)."""
+plugin_installed = PLUGIN.installed
+"""True when vLLM's plugin loader will find moecap's entry point (moecap installed, editable or not)."""
+preflight = PLUGIN.preflight
+"""Check vLLM (and the plugin, when tracing) before anything starts; returns warnings (raises
+`CollectError`)."""
 
 
 def vllm_argv(argv: Sequence[str]) -> dict[str, Any]:
@@ -107,33 +85,13 @@ def vllm_argv(argv: Sequence[str]) -> dict[str, Any]:
         from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef,attr-defined]
 
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="moecap-collect run --engine vllm"))
-    ns, defaults = parse_engine_flags(
-        lambda: (
-            parser.parse_args(["--model", "placeholder", *argv]),
-            parser.parse_args(["--model", "placeholder"]),
-        ),
-        "vLLM engine",
-        argv,
-    )
-    out = {}
-    for f in dataclasses.fields(EngineArgs):
-        if f.name == "model" or not hasattr(ns, f.name):
-            continue
-        value = getattr(ns, f.name)
-        if value != getattr(defaults, f.name):
-            out[f.name] = value
-    return out
+    fields = [f.name for f in dataclasses.fields(EngineArgs)]
+    return parse_engine_flags(parser, "--model", argv, "vLLM engine", fields)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The offline run: one engine session, one or more workload points
 # ---------------------------------------------------------------------------------------------------
-def run(options: VllmRunOptions, *, progress: Progress | None = None) -> RunResult:
-    """Run `options`' workload on vLLM (tracing on unless `options.trace` is False); see the module
-    docstring."""
-    return run_offline(VllmSession(options), progress=progress)
-
-
 class VllmSession(OfflineSession):
     """One vLLM engine held open for several workload points (`base.OfflineSession`). `start` takes an
     `engine_factory(kwargs)` building the `LLMEngine` from `engine_kwargs` instead (a benchmark's
@@ -144,15 +102,7 @@ class VllmSession(OfflineSession):
     limit_arg = "max_num_seqs"
     options: VllmRunOptions
 
-    def _preflight(self, strict: bool, *, trace: bool) -> list[str]:
-        return preflight(strict, trace=trace)
-
-    def _tracing_env(self) -> dict[str, str]:
-        o = self.options
-        return tracing_env(
-            self.out, self.run_id, counts=o.counts, model_id=self.model_id, workload=self.workload,
-            strict=o.strict_engine,
-        )  # fmt: skip
+    plugin = PLUGIN
 
     def _build(self, engine_factory: Callable[[dict[str, Any]], Any] | None = None) -> Any:
         kwargs = engine_kwargs(self.options, self.model, text_prompts=self.tokenizer is not None)
@@ -239,8 +189,8 @@ class VllmSession(OfflineSession):
                     continue
                 completion = out.outputs[0]
                 rec.add_tokens(now, completion.token_ids)  # DELTA: this step's tokens only
-                if rec.cached_tokens is None:
-                    rec.cached_tokens = getattr(out, "num_cached_tokens", None)
+                if rec.cached_prompt_tokens is None:
+                    rec.cached_prompt_tokens = getattr(out, "num_cached_tokens", None)
                 if out.finished:
                     rec.finish_ns = now
                     rec.finish_reason = str(completion.finish_reason) if completion.finish_reason else None
@@ -253,25 +203,21 @@ class VllmSession(OfflineSession):
         return done
 
 
+FIELDS = {
+    "seed": "seed", "dtype": "dtype", "concurrency": "max_num_seqs", "tokenizer": "tokenizer",
+    "eager": "enforce_eager", "max_batch_tokens": "max_num_batched_tokens",
+}  # fmt: skip
+"""The run's neutral settings as `EngineArgs` fields (`base.engine_fields`)."""
+
+
 def engine_kwargs(options: VllmRunOptions, model: str, text_prompts: bool) -> dict[str, Any]:
     """The `EngineArgs` fields of a run (also `LLM(**kwargs)`'s keyword arguments)."""
     kwargs: dict[str, Any] = {
         "model": model,
-        "seed": options.seed,
-        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(options.dtype, options.dtype),
         "skip_tokenizer_init": not text_prompts and options.tokenizer is None,
         "disable_log_stats": True,  # as `LLM(...)`: no per-step stats in the client
+        **engine_fields(options, FIELDS),
     }
-    if options.batch_size > 0:  # 0: vLLM's own default (a sweep whose points pick their concurrency)
-        kwargs["max_num_seqs"] = options.batch_size
-    if options.tokenizer:
-        kwargs["tokenizer"] = options.tokenizer
-    if options.random_weights:
-        kwargs["load_format"] = "dummy"
-    if options.cuda_graphs == "off":
-        kwargs["enforce_eager"] = True
-    if options.max_batch_tokens:
-        kwargs["max_num_batched_tokens"] = options.max_batch_tokens
     if options.block_size:
         kwargs["block_size"] = options.block_size
     kwargs.update(options.engine_args)
@@ -324,32 +270,18 @@ def serve_command(
     model: str,
     vllm_args: Sequence[str],
     *,
-    out: str,
-    run_id: str | None = None,
-    counts: bool = True,
-    strict_engine: bool = False,
-    random_weights: bool = False,
     exec_fn: Callable[[str, list[str], dict[str, str]], Any] | None = None,
+    **serve: Any,
 ) -> tuple[list[str], dict[str, str]]:
     """Replace this process by `vllm serve MODEL ARGS…` with tracing on (returns only when `exec_fn`
-    does, i.e. in tests). The run's `steps` / `experts` files appear in `out` per recording rank; the
-    workload driver writes `requests` / `outputs` there with the same run id (printed)."""
-    plan = plan_server("vllm", model, vllm_args, out=out, run_id=run_id, random_weights=random_weights)
-    warnings = preflight(strict_engine)
-    env = dict(os.environ)
-    env.update(
-        tracing_env(
-            plan.out_dir,
-            plan.run_id,
-            counts=counts,
-            model_id=plan.model_id,
-            workload={"driver": "external"},
-            strict=strict_engine,
-        )
-    )
+    does, i.e. in tests); `serve`: `EnginePlugin.server`'s options (out, run_id, counts, strict_engine,
+    random_weights). The run's `steps` / `experts` files appear in `out` per recording rank; the workload
+    driver writes `requests` / `outputs` there with the same run id (printed)."""
+    server = PLUGIN.server("vllm", model, vllm_args, **serve)
+    plan = server.plan
     return exec_traced_server(
-        serve_argv(plan.target, plan.args), env, engine="vLLM", run_id=plan.run_id, out_dir=plan.out_dir,
-        warnings=warnings, exec_fn=exec_fn,
+        serve_argv(plan.target, plan.args), server.env, engine="vLLM", run_id=plan.run_id, out_dir=plan.out_dir,
+        warnings=server.warnings, exec_fn=exec_fn,
     )  # fmt: skip
 
 
@@ -376,9 +308,6 @@ Random weights from a config.json (no checkpoint download):
         analyze/specs/models/Qwen__Qwen1.5-MoE-A2.7B.json --skip-tokenizer-init
 """
 
-    def preflight(self, strict: bool, *, trace: bool = True) -> list[str]:
-        return preflight(strict, trace=trace)
-
     def engine_args(self, argv: Sequence[str]) -> dict[str, Any]:
         return vllm_argv(argv)
 
@@ -390,6 +319,11 @@ Random weights from a config.json (no checkpoint download):
         return [
             f"the vLLM workers' tracer did not answer ({s['error']})" for s in stats if s and "error" in s
         ]
+
+
+run = VllmEngine().run
+"""Run `options`' workload on vLLM (tracing on unless `options.trace` is False): one session, one
+workload point (`base.run_offline`); see the module docstring."""
 
 
 __all__ = ["VllmEngine", "VllmRunOptions", "VllmSession", "plugin_installed", "run", "serve_command"]

@@ -19,6 +19,7 @@ _BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
 if str(_BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(_BENCHMARKS))
 
+import engine_like_trace as _engine_like  # noqa: E402
 import synthetic_traces  # noqa: E402
 
 QWEN15_MOE_CONFIG = synthetic_traces.QWEN15_MOE_CONFIG
@@ -26,6 +27,7 @@ SimConfig = synthetic_traces.SimConfig
 TimeModel = synthetic_traces.TimeModel
 simulate_run = synthetic_traces.simulate_run
 run_metadata = synthetic_traces.run_metadata
+engine_like_trace = _engine_like.engine_like_trace
 
 
 def steps_batch(

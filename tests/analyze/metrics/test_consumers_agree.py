@@ -26,8 +26,8 @@ from moecap.analyze.report.leaderboard import leaderboard_frame
 from moecap.analyze.sql.views import define_derived_views
 from moecap.analyze.whatif import whatif
 from moecap.collect.datasets.base import Sample
-from moecap.collect.driver.client import RequestRecord
 from moecap.collect.driver.summary import summarize
+from moecap.collect.workload import RequestRecord
 
 TRACES = Path(__file__).resolve().parents[3] / "traces"
 REL = 1e-9
@@ -111,15 +111,18 @@ def test_request_metrics_view_equals_metrics_json(analysis: Analysis, document: 
 def test_report_frames_and_leaderboard_show_metrics_json(
     analysis: Analysis, document: dict[str, Any]
 ) -> None:
-    frame = runs_frame(document)
-    board = leaderboard_frame(document)
-    labels = run_labels(document)
-    tput = throughput_frame(analysis.db, labels, document).filter(pl.col("kind") == "run")
+    # The report's frames and the leaderboard read the analysis' views and frames, not metrics.json.
+    frame = runs_frame(analysis)
+    board = leaderboard_frame(analysis)
+    labels = run_labels(analysis)
+    tput = throughput_frame(analysis.db, labels, analysis).filter(pl.col("kind") == "run")
     for run in _runs(document):
         steps, req = run["metrics"]["steps"], run["metrics"]["requests"]
         row = frame.filter(pl.col("run_id") == run["run_id"]).row(0, named=True)
         assert _same(row["window_output_throughput"], steps["all"]["window_output_throughput"])
         assert _same(row["output_throughput"], req.get("output_throughput"))
+        assert _same(row["ttft_ms"], None if req.get("ttft_s") is None else req["ttft_s"]["mean"] * 1e3)
+        assert _same(row["prefill_smbu"], (steps.get("prefill") or {}).get("s_mbu"))
         assert _same(row["decode_smbu"], (steps.get("decode") or {}).get("s_mbu"))
         assert _same(
             row["cost_usd_per_m_output_tokens"], run["metrics"]["cost"].get("usd_per_1m_output_tokens")
@@ -174,11 +177,7 @@ def _records(analysis: Analysis, run_id: str) -> list[RequestRecord]:
     out = []
     for i, r in enumerate(rows.iter_rows(named=True)):
         rec = RequestRecord(
-            i,
-            r["req_id"],
-            Sample(sample_id=str(i), dataset="trace", prompt=""),
-            "",
-            arrival_ns=r["arrival_ns"],
+            r["req_id"], Sample(sample_id=str(i), dataset="trace", prompt=""), r["arrival_ns"], index=i
         )
         rec.first_token_ns, rec.finish_ns = r["first_token_ns"], r["finish_ns"]
         rec.prompt_tokens, rec.output_tokens = r["prompt_tokens"], r["output_tokens"]

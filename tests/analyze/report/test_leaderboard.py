@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
 
+import polars as pl
 import pytest
 from conftest import EVIL_MODEL, RUNS
 
 from moecap.analyze.errors import InputError
-from moecap.analyze.report.leaderboard import COLUMNS, grouping_note, leaderboard_frame
+from moecap.analyze.report.frames import runs_frame
+from moecap.analyze.report.leaderboard import COLUMNS, grouping_note, leaderboard_frame, rank_runs
 
 
 def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
@@ -47,57 +48,60 @@ def test_cli_ranks_every_configuration_by_throughput(leaderboard_run, analysis):
 
 
 def test_sort_direction_follows_the_metric(analysis):
-    tpot = leaderboard_frame(analysis.document, sort="tpot")["tpot_ms"].to_list()
+    tpot = leaderboard_frame(analysis, sort="tpot")["tpot_ms"].to_list()
     assert tpot == sorted(tpot)
-    cost = leaderboard_frame(analysis.document, sort="cost")["cost_usd_per_m_output_tokens"].to_list()
+    cost = leaderboard_frame(analysis, sort="cost")["cost_usd_per_m_output_tokens"].to_list()
     assert cost == sorted(cost)
     with pytest.raises(InputError, match="--sort 'speed'"):
-        leaderboard_frame(analysis.document, sort="speed")
+        leaderboard_frame(analysis, sort="speed")
 
 
 def test_runs_without_the_sort_figure_rank_last(analysis):
-    doc = copy.deepcopy(analysis.document)
-    doc["runs"][0]["metrics"]["accuracy"] = {"exact_match": 0.25}
-    doc["runs"][1]["metrics"]["accuracy"] = {"correct": 9, "total": 10}
-    board = leaderboard_frame(doc, sort="accuracy")
+    runs = runs_frame(analysis).with_columns(accuracy=pl.Series([0.25, 0.9, None, None], dtype=pl.Float64))
+    board = rank_runs(runs, sort="accuracy")
     assert board["accuracy"].to_list() == [0.9, 0.25, None, None]
     assert board["rank"].to_list() == [1, 2, 3, 4]
 
 
-def _with_rerun(analysis) -> dict:  # type: ignore[no-untyped-def]
-    doc = copy.deepcopy(analysis.document)
-    newer = copy.deepcopy(doc["runs"][1])
-    newer["run_id"] = "20270101T000000Z-rerun"
-    newer["metrics"]["steps"]["all"]["window_output_throughput"] = 1.0
-    doc["runs"].append(newer)
-    return doc
+def _with_rerun(analysis) -> pl.DataFrame:  # type: ignore[no-untyped-def]
+    """The analysis' runs plus a later rerun of the second run's configuration (slower)."""
+    runs = runs_frame(analysis)
+    newer = runs.slice(1, 1).with_columns(
+        run_id=pl.lit("20270101T000000Z-rerun"),
+        window_output_throughput=pl.lit(1.0),
+        created_at=pl.lit("2027-01-01T00:00:00+00:00"),
+    )
+    return pl.concat([runs, newer])
 
 
 def test_runs_sharing_a_configuration_keep_their_own_rows_by_default(analysis):
-    doc = _with_rerun(analysis)
-    board = leaderboard_frame(doc)
+    runs = _with_rerun(analysis)
+    board = rank_runs(runs)
     assert board.height == len(RUNS) + 1
     assert sorted(board["run_id"].to_list()) == sorted([r[0] for r in RUNS] + ["20270101T000000Z-rerun"])
     assert board["other_runs"].null_count() == board.height
-    assert grouping_note(board, len(doc["runs"])) is None
+    assert grouping_note(board, runs.height) is None
 
 
 def test_one_row_per_configuration_with_group_the_latest_run_stands_for_it(analysis):
-    doc = _with_rerun(analysis)
-    board = leaderboard_frame(doc, group=True)
+    runs = _with_rerun(analysis)
+    board = rank_runs(runs, group=True)
     assert board.height == len(RUNS)
-    assert grouping_note(board, len(doc["runs"])).startswith(
-        f"{len(RUNS) + 1} runs grouped into {len(RUNS)} rows"
-    )
+    assert grouping_note(board, runs.height).startswith(f"{len(RUNS) + 1} runs grouped into {len(RUNS)} rows")
     row = board.filter(board["run_id"] == "20270101T000000Z-rerun").row(0, named=True)
     assert row["other_runs"] == RUNS[1][0] and row["rank"] == len(RUNS)
-    # created_at from the traces decides, not the run id.
-    board = leaderboard_frame(
-        doc,
+    # created_at decides (the traces' unless given), not the run id.
+    board = rank_runs(
+        runs,
         created_at={"20270101T000000Z-rerun": "2020-01-01T00:00:00+00:00", RUNS[1][0]: "2026-01-01"},
         group=True,
     )
     assert RUNS[1][0] in board["run_id"].to_list()
+
+
+def test_created_at_is_the_trace_metadatas(analysis):
+    created = {ctx.run.run_id: ctx.run.metadata.created_at for ctx in analysis.contexts}
+    assert dict(runs_frame(analysis).select("run_id", "created_at").iter_rows()) == created
 
 
 def test_cli_user_errors_are_one_line(cli, trace_dir, cache_dir):

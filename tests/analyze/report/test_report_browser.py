@@ -38,6 +38,34 @@ _INSPECT = """() => Object.entries(window.moecapEmbeds).map(([id, r]) => {
 })"""
 
 
+# Where the summary table's name cells (run id, model, dataset) break a line: [cell text, the character
+# before the break, the one after] for each break, from the rendered glyphs' positions.
+_LINE_BREAKS = """() => {
+  const out = [];
+  for (const td of document.querySelectorAll('table.runs td:nth-child(2), table.runs td:nth-child(3), table.runs td:nth-child(6)')) {
+    const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+    let prev = null, prevTop = null;
+    while (walker.nextNode()) {
+      const node = walker.currentNode;
+      for (let i = 0; i < node.length; i++) {
+        const range = document.createRange();
+        range.setStart(node, i); range.setEnd(node, i + 1);
+        const rect = range.getClientRects()[0];
+        if (!rect) continue;
+        if (prevTop !== null && rect.top > prevTop + 2) out.push([td.innerText, prev, node.data[i]]);
+        prevTop = rect.top; prev = node.data[i];
+      }
+    }
+  }
+  return out;
+}"""
+
+
+def _mid_word(breaks: list[list[str]]) -> list[list[str]]:
+    """The breaks not after a separator (- _ : / . , or a space) nor before a space."""
+    return [b for b in breaks if b[1] not in "-_:/., " and b[2] != " "]
+
+
 def _chromium() -> str:
     path = os.environ.get("MOECAP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
@@ -55,9 +83,9 @@ def browser():  # type: ignore[no-untyped-def]
         b.close()
 
 
-def _open(browser, path: Path):  # type: ignore[no-untyped-def]
+def _open(browser, path: Path, width: int = 1300):  # type: ignore[no-untyped-def]
     """Open a page offline; returns (page, console messages, blocked requests)."""
-    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page = browser.new_page(viewport={"width": width, "height": 1000})
     messages: list[tuple[str, str]] = []
     blocked: list[str] = []
     page.on("console", lambda m: messages.append((m.type, m.text)))
@@ -193,7 +221,7 @@ def test_shipped_runs_report_names_modes_leaves_out_compile_and_idle_steps(brows
     left out of the per-step charts (and named), and every chart passes the checks."""
     from chart_checks import CHART_FACTS, problems
 
-    page, messages, _ = _open(browser, shipped_report / "report.html")
+    page, messages, _ = _open(browser, shipped_report / "report.html", width=1280)
     assert page.evaluate("window.moecapErrors") == []
     assert [m for m in messages if m[0] in ("error", "pageerror")] == []
     facts = page.evaluate(CHART_FACTS)
@@ -211,8 +239,26 @@ def test_shipped_runs_report_names_modes_leaves_out_compile_and_idle_steps(brows
     # The throughput-vs-batch note names the runs whose compile steps were left out.
     compare = page.inner_text("#compare")
     assert "leaves out compile-outlier steps" in compare
-    # The one-row-per-run table fits a 1,300 px window without horizontal scrolling.
+    # The one-row-per-run table fits a 1,280 px window without horizontal scrolling, and its run ids,
+    # models and datasets break lines only between words ("synthetic:" | "1024x128", not "synth" | "etic").
     width = page.evaluate(
         "(() => { const t = document.querySelector('table.runs'); return [t.scrollWidth, t.parentElement.clientWidth]; })()"
     )
     assert width[0] <= width[1], width
+    breaks = page.evaluate(_LINE_BREAKS)
+    assert breaks, "no name wraps at all: the check below would pass vacuously"
+    assert _mid_word(breaks) == [], breaks
+
+
+def test_the_line_break_check_catches_a_mid_word_break(browser, tmp_path):
+    # The same cells with the old CSS (break anywhere) in a narrow column: the check must see it.
+    from moecap.analyze.report.html import render_page
+
+    body = (
+        '<table class="summary runs" style="width:300px"><tr><td>1</td><td><code>r</code></td><td>m</td>'
+        '<td>e</td><td>g</td><td style="max-width:60px;overflow-wrap:anywhere">synthetic:1024x128</td></tr></table>'
+    )
+    path = tmp_path / "wrap.html"
+    path.write_text(render_page("wrap", body, {}), encoding="utf-8")
+    page, _, _ = _open(browser, path, width=1280)
+    assert _mid_word(page.evaluate(_LINE_BREAKS)) != []

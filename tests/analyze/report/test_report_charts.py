@@ -192,8 +192,16 @@ def test_timeline_charts_fold_their_series():
         t.get("fold") == ["s_mbu", "s_mfu"] for layer in util["layer"] for t in layer.get("transform", [])
     )
     acct = C.time_accounting(tl).to_dict()
-    assert acct["transform"][0]["fold"] == ["busy_ms_per_step", "host_gap_ms_per_step"]
-    assert acct["encoding"]["y"]["stack"] == "zero"
+    # One bar per bin from its start to its end, busy from 0 and the gap stacked on it (by hand).
+    rows = [r for d in acct["datasets"].values() for r in d]
+    got = sorted((r["t_start_s"], r["t_end_s"], r["part"], r["lo"], r["hi"]) for r in rows)
+    assert got == [
+        (0.0, 1.0, "GPU busy", 0.0, 5.0),
+        (0.0, 1.0, "host gap", 5.0, 6.0),
+        (1.0, 2.0, "GPU busy", 0.0, 6.0),
+        (1.0, 2.0, "host gap", 6.0, 10.0),
+    ]
+    assert acct["encoding"]["x2"]["field"] == "t_end_s" and acct["encoding"]["y2"]["field"] == "lo"
     assert "GPU busy 69%" in json.dumps(acct["title"])  # 11 / (11 + 5)
 
 

@@ -105,7 +105,7 @@ def test_timeline_smbu_is_null_without_expert_counts(analysis):
 
 
 def test_latency_cdfs_are_monotone_end_at_one_and_are_reduced(analysis):
-    labels = F.run_labels(analysis.document)
+    labels = F.run_labels(analysis)
     lat = F.latency_cdf_frame(analysis.db, labels, points=8)
     assert set(lat["metric"].unique()) == {"TTFT", "TPOT", "ITL"}
     for (_run, _metric), g in lat.group_by("run", "metric"):
@@ -122,22 +122,43 @@ def test_latency_cdfs_are_monotone_end_at_one_and_are_reduced(analysis):
 
 
 def test_runs_frame_reads_cost_and_accuracy_when_present_and_nulls_otherwise(analysis):
-    import copy
+    import dataclasses
 
-    doc = copy.deepcopy(analysis.document)
-    doc["runs"][0]["metrics"]["accuracy"] = {"correct": 3, "total": 4}
-    doc["runs"][1]["metrics"]["accuracy"] = {"exact_match": 0.5, "correct": 1, "total": 2}
-    doc["runs"][2]["metrics"].pop("cost", None)
-    doc["runs"][1]["metrics"]["cost"] = {"usd_per_million_output_tokens": 2.5}
-    runs = F.runs_frame(doc)
-    assert runs.height == len(RUNS)
+    ids = analysis.run_ids
+    accuracy = pl.DataFrame(
+        {"run_id": ids[:2], "exact_match": [0.75, 0.5], "correct": [3.0, 1.0], "total": [4.0, 2.0]}
+    )
+    costs = analysis.costs.filter(pl.col("run_id") != ids[2]).with_columns(
+        usd_per_1m_output_tokens=pl.when(pl.col("run_id") == ids[1])
+        .then(2.5)
+        .otherwise(pl.col("usd_per_1m_output_tokens"))
+    )
+    runs = F.runs_frame(dataclasses.replace(analysis, accuracy=accuracy, costs=costs))
+    assert runs.height == len(RUNS) and runs["run_id"].to_list() == ids
     assert runs["accuracy"].to_list()[:3] == [0.75, 0.5, None]
     assert runs["cost_usd_per_m_output_tokens"][1] == 2.5
     assert runs["cost_usd_per_m_output_tokens"][2] is None
     assert runs["window_output_throughput"].null_count() == 0
 
 
+def test_section_frames_take_exact_match_or_correct_over_total():
+    from moecap.analyze.pipeline import _section_frames
+
+    def run(rid, accuracy, cost):
+        return {"run_id": rid, "metrics": {"requests": {"requests": 0}, "accuracy": accuracy, "cost": cost}}
+
+    frames = _section_frames(
+        [
+            run("a", {"correct": 3, "total": 4}, {"usd_per_1m_output_tokens": 2.0}),
+            run("b", {"exact_match": 0.5, "correct": 1, "total": 2}, {"error": "no GPU spec"}),
+            run("c", None, {"usd_per_1m_output_tokens": 1.0, "band_usd_per_1m_output_tokens": [0.5, 2.0]}),
+        ]
+    )
+    assert frames["accuracy"].select("run_id", "exact_match").rows() == [("a", 0.75), ("b", 0.5)]
+    assert frames["cost"].rows() == [("a", 2.0, None, None), ("c", 1.0, 0.5, 2.0)]
+
+
 def test_run_labels_are_unique_and_short(analysis):
-    labels = F.run_labels(analysis.document)
+    labels = F.run_labels(analysis)
     assert len(set(labels.values())) == len(labels)
     assert all("bs " in v for v in labels.values())

@@ -145,3 +145,26 @@ def test_whatif_section_projects_every_run_with_counts_onto_the_other_gpus(page)
             assert tps > by[(run, "H100-SXM-80GB", "measured")], (run, gpu)
     assert "nocounts" in section and "not projected" in section
     assert "same batch composition" in section  # the assumptions are stated
+
+
+def test_sections_built_on_two_threads_equal_those_built_on_one(analysis):
+    """Threads (each on its own DuckDB cursor, views read from memory) change nothing but the time:
+    the same sections, in the same order, with the same notes and byte-identical chart specs; and
+    the views are the files' again afterwards."""
+    import json
+
+    from moecap.analyze.report.figures import report_sections
+
+    def build(threads: int) -> list:
+        return [
+            (s.id, s.title, s.notes, [(f.slug, json.dumps(f.spec(), sort_keys=True)) for f in s.figures])
+            for s in report_sections(analysis, threads=threads)
+        ]
+
+    one, two = build(1), build(2)
+    assert len(one) == 2 + 4 and [s[0] for s in one] == [s[0] for s in two]
+    assert one == two
+    temp = analysis.db.con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE temporary AND NOT internal"
+    ).fetchall()
+    assert temp == []

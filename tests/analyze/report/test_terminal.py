@@ -112,3 +112,66 @@ def test_check_speaks_json_and_csv_too(cli, trace_dir, cache_dir):
     for run in doc["runs"]:  # the CSV holds each finding once, or "ok"
         mine = [r["finding"] for r in rows if r["run_id"] == run["run_id"]]
         assert mine == (run["findings"] or ["ok"])
+
+
+def _in_a_terminal(args: list, columns: int) -> str:
+    """The CLI's stdout on a real pseudo-terminal `columns` wide (its window size set with TIOCSWINSZ,
+    and $COLUMNS), escape codes stripped."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import sys
+    import termios
+
+    argv = [sys.executable, "-c", "from moecap.analyze.cli import main; main()", *map(str, args)]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, its stdout and stderr the terminal
+        env = {**os.environ, "COLUMNS": str(columns), "LINES": "60", "TERM": "xterm-256color"}
+        os.execvpe(argv[0], argv, env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 60, columns, 0, 0))
+    out = b""
+    while select.select([fd], [], [], 120)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode("utf-8", "replace")).replace("\r", "")
+
+
+def test_in_a_real_terminal_the_run_table_fits_and_breaks_no_word(trace_dir, cache_dir):
+    """Under a pseudo-terminal of 60, 80, 120 and 200 columns: every line fits, one row per run, each
+    cell whole (no "…"), the run id wrapped only after - _ : /, and the columns left out named."""
+    import re
+
+    ids = [run_id for run_id, *_ in RUNS]
+    for columns in (60, 80, 120, 200):
+        text = _in_a_terminal([trace_dir, "--cache-dir", cache_dir], columns)
+        lines = text.splitlines()
+        assert max(len(ln) for ln in lines) <= columns, (columns, text)
+        table = [ln for ln in lines if ln.startswith("│")]
+        cells = [[c.strip() for c in ln.strip("│").split("│")] for ln in table]
+        assert [row[0] for row in cells if row[0]] == [str(i) for i in range(1, len(RUNS) + 1)], text
+        assert "…" not in "".join(table), text
+        # The run id column (2nd) of each run's lines, joined, is the run id; each line but the last
+        # ends at a separator, so no id is cut inside a word.
+        starts = [i for i, row in enumerate(cells) if row[0]] + [len(cells)]
+        for run_id, a, b in zip(sorted(ids), starts, starts[1:], strict=False):
+            parts = [row[1] for row in cells[a:b] if row[1]]
+            assert "".join(parts) == run_id, (columns, parts)
+            assert all(re.search(r"[-_:/]$", p) for p in parts[:-1]), (columns, parts)
+        header = " ".join(ln for ln in lines if ln.startswith("┃"))
+        left_out = next((ln for ln in lines if ln.startswith("left out to fit")), None)
+        if columns >= 200:
+            assert left_out is None and "warnings" in header, text
+        else:  # the least needed columns go first, and the note says which
+            assert left_out is not None and f"fit {columns} columns" in left_out, text
+            assert "warnings" in text.split("left out to fit")[1]
+            assert "run id" in header and "#" in header

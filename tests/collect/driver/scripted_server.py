@@ -20,6 +20,9 @@ never ends.
 Also: GET /v1/models, GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
 chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
 recording endpoints (start / stop / dump / clear / status), whose records describe finished requests.
+Scenario `barrier n=N group=G wait_s=S` holds each request until N requests of group G are open at once
+(or S seconds passed), then streams as `stream` from that moment; GET /_released says, per request id,
+how many were open at its release and whether it timed out.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ STATE = {
     "records": [],
     "control": [],
     "pass_id": 0,
+    "barriers": {},
+    "released": {},
 }
 LOCK = threading.Lock()
+BARRIER = threading.Condition()
 DUMP_KEY = "records"
 RECORDING_ENDPOINTS = True
 MODELS_BODY: str | None = None
@@ -148,6 +154,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/_control":
             with LOCK:
                 return self._json(200, STATE["control"])
+        if url.path == "/_released":
+            with BARRIER:
+                return self._json(200, STATE["released"])
         if url.path == "/_seen":
             with LOCK:
                 return self._json(200, STATE["seen"])
@@ -196,6 +205,10 @@ class Handler(BaseHTTPRequestHandler):
         if name == "hang":
             time.sleep(float(opts.get("s", 30)))
             return None
+        if name == "barrier":
+            arrived = self._barrier(
+                rid, opts.get("group", ""), int(opts.get("n", 2)), float(opts.get("wait_s", 20))
+            )
         ttft = float(opts.get("ttft_ms", 5)) / 1e3
         itl = float(opts.get("itl_ms", 2)) / 1e3
         n_tok = int(opts.get("tokens", body.get("max_tokens", 4)))
@@ -285,6 +298,21 @@ class Handler(BaseHTTPRequestHandler):
         self._record_passes(rid, n_tok)
         return None
 
+    def _barrier(self, rid: str, group: str, n: int, wait_s: float) -> float:
+        """Hold the request until `n` requests of `group` are open here (or `wait_s` passed); the
+        schedule then starts at the release. Records how many were open and whether it timed out."""
+        with BARRIER:
+            waiting = STATE["barriers"].setdefault(group, [])
+            waiting.append(rid)
+            BARRIER.notify_all()
+            full = BARRIER.wait_for(lambda: len(waiting) >= n, timeout=wait_s)
+            STATE["released"][rid] = {
+                "open": len(waiting),
+                "timed_out": not full,
+                "t_ns": time.monotonic_ns(),
+            }
+        return time.monotonic()
+
     def _record_passes(self, rid: str, n_tok: int) -> None:
         """MoE-CAP-shaped records for one finished request: a prefill pass, then one decode pass per token."""
         with LOCK:
@@ -355,6 +383,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # a burst of connections, as uvicorn's backlog takes (socketserver's is 5)
 
 
 def main() -> None:

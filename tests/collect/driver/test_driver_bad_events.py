@@ -93,7 +93,7 @@ def test_a_bad_stream_event_fails_its_request_and_the_run_goes_on(scripted, tmp_
         assert rec.error == f"1 malformed stream event(s); first: {reason}"
         # the good events around the bad one still count, and the row keeps them
         assert rec.chunk_tokens == [1, 1, 1, 1] and rec.output_tokens == 4
-        assert rec.output_text == " alpha beta gamma delta"
+        assert rec.output_text() == " alpha beta gamma delta"
     by_id = {r["req_id"]: r for r in rows}
     for rec in records:
         assert by_id[rec.req_id]["error"] == rec.error
@@ -119,7 +119,7 @@ def test_a_bad_chat_delta_fails_its_request(scripted, tmp_path):
         bad.error
         == "1 malformed stream event(s); first: choices[0].delta.content: expected a string, got a list of 1"
     )
-    assert good.ok and good.output_text == " alpha beta"
+    assert good.ok and good.output_text() == " alpha beta"
 
 
 BAD_RESPONSES = [

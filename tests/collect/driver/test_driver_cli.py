@@ -117,7 +117,8 @@ def test_batch_recording_writes_a_steps_table(tmp_path):
         control = srv.get("/_seen")
     assert proc.returncode == 0, proc.stderr
     steps = read_trace_file(out / "rec.dp0-pp0-tp0.steps.arrow")
-    assert steps.table.num_rows == 2 * 3  # per request: a prefill pass + 2 decode passes
+    # per request: a prefill pass + 2 decode passes; the warm-up request (default 1) is not recorded
+    assert steps.table.num_rows == 2 * 3
     assert steps.run.engine.name == "http"
     ref = steps.run.extra["moecap_reference"]
     assert ref["columns"]["expert_activation"] == [5.5, 3.25, 3.25] * 2
@@ -199,6 +200,8 @@ def test_a_stop_signal_stops_cleanly_and_keeps_what_was_done(scripted, tmp_path,
             "2",
             "--max-tokens",
             "30",
+            "--warmup",
+            "0",  # the schedule below counts from the first recorded request
             "--out",
             str(out),
             "--run-id",

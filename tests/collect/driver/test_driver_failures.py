@@ -57,7 +57,9 @@ def test_each_failure_is_recorded_and_the_run_continues(scripted, tmp_path):
     assert by["ctx400"].error.startswith("HTTP 400: This model's maximum context length is 64 tokens.")
     drop = by["drop"]
     assert drop.error.startswith("stream dropped after 3 chunks")
-    assert drop.chunk_tokens == [1, 1, 1] and drop.output_text == " alpha beta gamma"  # what arrived is kept
+    assert (
+        drop.chunk_tokens == [1, 1, 1] and drop.output_text() == " alpha beta gamma"
+    )  # what arrived is kept
     assert by["badjson"].error == "1 malformed stream event(s); first: '{this is not json'"
     assert by["badjson"].chunk_tokens == [1, 1, 1, 1]  # the good events still count
     ns = by["nonstream"]

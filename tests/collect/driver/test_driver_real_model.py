@@ -36,7 +36,8 @@ def run(hf_server, tmp_path_factory, datasets_dir_module):
         run_id="real-model", engine=EngineInfo(name="client"), model=ModelInfo(id="tiny-qwen2-moe-random")
     )
     req_w, out_w = open_client_writers(out, meta)
-    cfg = ClientConfig(api_url=hf_server.url, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # arrival at the first byte on the socket: compared with the server's kernel receive time below
+    cfg = ClientConfig(api_url=hf_server.url, max_tokens=MAX_TOKENS, ignore_eos=True, arrival="first-byte")
     res = asyncio.run(
         drive(samples, cfg, LoadConfig(concurrency=2, warmup=1), requests_writer=req_w, outputs_writer=out_w)
     )
@@ -96,7 +97,8 @@ def test_rows_in_the_trace_files(run):
     assert all(
         len(r["chunk_times_ns"]) == len(r["chunk_tokens"]) and r["output_tokens"] == MAX_TOKENS for r in reqs
     )
-    assert [o["reference"] for o in outs] == ["29", "1625", "56", "-75"]
+    by_sample = {o["sample_id"]: o["reference"] for o in outs}
+    assert [by_sample[r.sample.sample_id] for r in res.records] == ["29", "1625", "56", "-75"]
     assert all(o["output"] for o in outs)
 
 

@@ -54,7 +54,10 @@ def test_options_an_engine_does_not_take_are_named_defaults_pass():
 def test_start_delays_are_read_off_the_records():
     # Hand-over at 100, 100.5 and 101 ms; first tokens at 130 and 160 ms (one request never got one).
     s = Sample(sample_id="0", dataset="d", prompt_token_ids=[1])
-    recs = [RequestRecord("a", None, [1], s, 4, 100_000_000), RequestRecord("b", None, [1], s, 4, 100_500_000),
-            RequestRecord("c", None, [1], s, 4, 101_000_000)]  # fmt: skip
+    recs = [
+        RequestRecord("a", s, 100_000_000),
+        RequestRecord("b", s, 100_500_000),
+        RequestRecord("c", s, 101_000_000),
+    ]
     recs[0].first_token_ns, recs[1].first_token_ns = 160_000_000, 130_000_000
     assert start_delays(recs) == {"submit_s": 0.001, "first_token_s": 0.03}
