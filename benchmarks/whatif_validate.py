@@ -36,18 +36,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from moecap.analyze.analysis import Options
 from moecap.analyze.cost import load_cost_settings
 from moecap.analyze.document import number_at
 from moecap.analyze.pipeline import Analysis, analyze_paths
-from moecap.analyze.whatif.compare import compare_runs
+from moecap.analyze.whatif.compare import compare_runs, measured_view
 from moecap.analyze.whatif.project import (
     HOST_BOUND_SHARE,
     CalibrationSpec,
-    TimeWarp,
     View,
     calibrate,
     model_times,
@@ -55,7 +53,6 @@ from moecap.analyze.whatif.project import (
     step_frame,
     stream_warp,
     views_metrics,
-    warm_times,
 )
 
 #: (label, path into a view's metrics, tolerance of issue #21's "Done when").
@@ -163,8 +160,8 @@ def same_gpu(a_files: dict[int, list[str]], name: str, cache: Path | None) -> li
         cal_a = _load(a_files, cal_sizes, cache)
         cal_frames = [step_frame(cal_a, ctx) for ctx in cal_a.contexts]
         cal_views = {}
-        for ctx, df in zip(cal_a.contexts, cal_frames, strict=True):
-            cal_views[concurrency(cal_a, ctx)] = reference(cal_a, ctx, df)
+        for ctx in cal_a.contexts:
+            cal_views[concurrency(cal_a, ctx)] = reference(cal_a, ctx)
         held_a = _load(a_files, held, cache)
         for ctx in held_a.contexts:
             c = concurrency(held_a, ctx)
@@ -172,13 +169,10 @@ def same_gpu(a_files: dict[int, list[str]], name: str, cache: Path | None) -> li
             cal = calibrate(pl.concat(cal_frames, how="vertical_relaxed"), ctx)
             assert ctx.gpu is not None
             predicted = model_times(df, cal, ctx.gpu)
-            warm = warm_times(df)
-            measured, model = views_metrics(
+            measured = reference(held_a, ctx)
+            (model,) = views_metrics(
                 df,
-                [
-                    View(warm, ctx.gpu, stream_warp(df, warm)),
-                    View(predicted, ctx.gpu, stream_warp(df, predicted)),
-                ],
+                [View(predicted, ctx.gpu, stream_warp(df, predicted))],
                 ctx.peak_dtype,
                 _requests(held_a, ctx),
                 run_settings(ctx),
@@ -210,18 +204,12 @@ def _requests(a: Analysis, ctx: Any) -> pl.DataFrame:
     return a.db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[ctx.run.run_id]).pl()
 
 
-def reference(a: Analysis, ctx: Any, df: pl.DataFrame | None = None) -> dict[str, Any]:
+def reference(a: Analysis, ctx: Any) -> dict[str, Any]:
     """A run's metrics with its compile / JIT steps (check's rule) at their phase's typical time, the
-    rest as measured: what a warm run would have shown, the reference every prediction is held to (the
-    predictions leave compilation out too). Equal to the measured metrics of a run without such steps."""
-    assert ctx.gpu is not None
-    df = step_frame(a, ctx) if df is None else df
-    warm = warm_times(df)
-    measured = df["time_s"].to_numpy().astype(np.float64)
-    warp = TimeWarp.identity() if np.array_equal(warm, measured) else stream_warp(df, warm)
-    return views_metrics(
-        df, [View(warm, ctx.gpu, warp)], ctx.peak_dtype, _requests(a, ctx), run_settings(ctx)
-    )[0]
+    rest as measured (`measured_view(warm=True)`): what a warm run would have shown, the reference every
+    prediction is held to (the predictions leave compilation out too). Equal to the measured metrics of
+    a run without such steps."""
+    return measured_view(a, ctx, load_cost_settings(), warm=True)
 
 
 def _decode_bytes(df: pl.DataFrame, c: int) -> float:

@@ -392,6 +392,9 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
         table = Table(show_header=True)
         table.add_column("metric")
         table.add_column("measured", justify="right")
+        warm = "reference_target" in pair  # the target ran compile steps: errors are against its warm view
+        if warm:
+            table.add_column("warm reference", justify="right")
         for m in models:
             table.add_column(m.replace("_", " ") + " (error)", justify="right")
         table.add_column("closest")
@@ -401,6 +404,7 @@ def _print_comparison(comparison: dict[str, Any], console: Console) -> None:
             table.add_row(
                 label,
                 _fmt(entry["measured"], unit),
+                *([_fmt(entry.get("reference"), unit)] if warm else []),
                 *[_fmt(entry[m], unit) + _err(entry[f"{m}_error"]) for m in models],
                 (entry.get("best") or "—").replace("_", " "),
             )

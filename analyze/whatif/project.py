@@ -254,8 +254,7 @@ def compile_steps(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     ).pl()
     rows = []
     for s in slow_steps(frame):
-        dp, pp = (int(part[2:]) for part in s.rank.split("-")[:2])
-        rows.append({"dp": dp, "pp": pp, "step": s.step, "typical_s": s.typical_ms / 1e3})
+        rows.append({"dp": s.dp, "pp": s.pp, "step": s.step, "typical_s": s.typical_ms / 1e3})
     schema = {"dp": pl.Int64, "pp": pl.Int64, "step": pl.Int64, "typical_s": pl.Float64}
     return pl.DataFrame(rows, schema=schema).group_by("dp", "pp", "step").agg(pl.col("typical_s").max())
 

@@ -435,16 +435,38 @@ def test_calibration_errors_name_what_is_missing(traces, tmp_path):
 def test_no_change_reproduces_the_measured_requests_of_a_real_async_trace(tmp_path):
     # vLLM's async scheduling: a step's host start precedes the previous step's GPU end, so step
     # boundaries do not tile the timeline; unchanged step times must still give unchanged requests.
+    from moecap.analyze.whatif.compare import measured_view
+    from moecap.analyze.whatif.project import View, run_settings, stream_warp, views_metrics
+
     root = Path(__file__).resolve().parents[3] / "traces"
     files = sorted(root.glob("vllm-0.26.0-qwen15moe-graphs.*.arrow"))
     assert files, "the shipped vLLM trace"
     a = analyze_paths([str(p) for p in files], Options(), cache_dir=tmp_path / "cache")
-    run = whatif(a, [H200], load_cost_settings())["runs"][0]
-    measured = run["measured"]["requests"]
-    same = run["targets"]["H200-SXM-141GB"]["models"]["no_change"]["requests"]
+    ctx = a.contexts[0]
+    df = step_frame(a, ctx)
+    t = df["time_s"].to_numpy().astype(np.float64)
+    requests = a.db.con.sql("SELECT * FROM requests WHERE run_id = ?", params=[ctx.run.run_id]).pl()
+    identity, warped = views_metrics(
+        df,
+        [View(t, ctx.gpu, TimeWarp.identity()), View(t, ctx.gpu, stream_warp(df, t))],
+        ctx.peak_dtype,
+        requests,
+        run_settings(ctx),
+    )
     for key, stat in (("ttft_s", "mean"), ("tpot_s", "mean"), ("e2e_s", "mean"), ("itl_s", "p50")):
-        assert same[key][stat] == pytest.approx(measured[key][stat], rel=1e-9), key
-    assert same["output_throughput"] == pytest.approx(measured["output_throughput"], rel=1e-9)
+        assert warped["requests"][key][stat] == pytest.approx(identity["requests"][key][stat], rel=1e-9), key
+    assert warped["requests"]["output_throughput"] == pytest.approx(identity["requests"]["output_throughput"])
+    # The no-change view is the warm run: its one JIT step (check's rule names it) at its typical time,
+    # the rest as measured, i.e. the compare-to reference of a run with compile steps.
+    run = whatif(a, [H200], load_cost_settings())["runs"][0]
+    same = run["targets"]["H200-SXM-141GB"]["models"]["no_change"]["requests"]
+    warm = measured_view(a, ctx, load_cost_settings(), warm=True)
+    assert warm["compile_steps"] == 1
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        assert same[key]["mean"] == pytest.approx(warm["requests"][key]["mean"], rel=1e-9), key
+    assert (
+        same["ttft_s"]["mean"] < run["measured"]["requests"]["ttft_s"]["mean"] - 0.5
+    )  # 1.1 s of JIT left out
 
 
 def test_cli_several_runs_print_one_row_per_run_and_target_in_labelled_units(app, traces, tmp_path):
