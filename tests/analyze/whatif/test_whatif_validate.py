@@ -246,3 +246,30 @@ def test_runs_of_another_configuration_stay_apart(tmp_path):
     doc = whatif(a, [resolve_gpu("H200")], load_cost_settings())
     for run in doc["runs"]:
         assert run["calibration"]["calibrated_on"]["runs"] == [run["run_id"]]
+
+
+def test_compare_holds_the_projection_to_the_targets_warm_reference(tmp_path):
+    """The vLLM twins each have one JIT step (1.13 s on the H100, 0.95 s on the H200) that check names:
+    the projection leaves it out, so it is compared with the H200 run without its own; the measured
+    column still shows what metrics.json says."""
+    traces = ROOT / "traces"
+    src = analyze_paths(
+        [str(p) for p in sorted(traces.glob("vllm-0.26.0-qwen15moe-graphs.*"))], Options(), cache_dir=tmp_path
+    )
+    dst = analyze_paths(
+        [str(p) for p in sorted(traces.glob("h200-vllm-0.26.0-qwen15moe-graphs.*"))],
+        Options(),
+        cache_dir=tmp_path,
+    )
+    doc = compare_runs(src, dst, load_cost_settings())
+    (pair,) = doc["comparison"]["pairs"]
+    ttft = pair["metrics"]["TTFT mean (s)"]
+    summary_ttft = dst.document["runs"][0]["metrics"]["requests"]["ttft_s"]["mean"]
+    assert ttft["measured"] == pytest.approx(summary_ttft, rel=1e-9)  # metrics.json's, JIT step and all
+    assert ttft["reference"] < ttft["measured"] - 0.5  # the 0.95 s JIT step at its typical time
+    assert ttft["projection_error"] == pytest.approx(ttft["projection"] / ttft["reference"] - 1)
+    assert pair["reference_target"]["compile_steps"] == 1
+    assert any("warm reference" in n for n in doc["comparison"]["notes"])
+    out = io.StringIO()
+    print_whatif(doc, Console(file=out, width=220, color_system=None))
+    assert "warm reference" in out.getvalue()
