@@ -348,14 +348,15 @@ def report(
 
 @app.command()
 def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, format: Fmt = "table") -> None:
-    """Reconcile the tables of each run and print warnings (exit 1 if any).
+    """Reconcile the tables of each run and print warnings (exit 1 if any), and notes about the
+    measurement (steps that compiled kernels inside the window: exit 1 only with --strict).
 
-    --format json: [{"run_id", "findings": [...]}, ...] (skipped files under "skipped");
-    --format csv: one row per finding (run_id, finding; "ok" rows for clean runs).
+    --format json: [{"run_id", "findings": [...], "notes": [...]}, ...] (skipped files under "skipped");
+    --format csv: one row per finding or note ("note: ..."; run_id, finding; "ok" rows for clean runs).
 
     Example: moecap-analyze check traces/
     """
-    from .checks import check_run
+    from .checks import check_notes, check_run
     from .load import load_traces, require_runs
 
     if format not in ("table", "json", "csv"):
@@ -364,34 +365,39 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, form
     require_runs(db)
     from .terminal import one_line, plain
 
-    results = [(run.run_id, [one_line(f) for f in check_run(db, run)]) for run in db.runs.values()]
+    results = [
+        (run.run_id, [one_line(f) for f in check_run(db, run)], [one_line(n) for n in check_notes(db, run)])
+        for run in db.runs.values()
+    ]
     skipped = [one_line(e) for e in db.errors]
     if format == "json":
-        typer.echo(
-            json.dumps(
-                {"runs": [{"run_id": rid, "findings": f} for rid, f in results], "skipped": skipped}, indent=2
-            )
-        )
+        runs = [{"run_id": rid, "findings": f, "notes": n} for rid, f, n in results]
+        typer.echo(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
     elif format == "csv":
         import csv
 
         writer = csv.writer(sys.stdout)
         writer.writerow(["run_id", "finding"])
-        for rid, findings in results:
-            for f in findings or ["ok"]:
+        for rid, findings, notes in results:
+            for f in [*findings, *(f"note: {n}" for n in notes)] or ["ok"]:
                 writer.writerow([rid, f])
         for e in skipped:
             writer.writerow(["", f"skipped: {e}"])
     else:
-        for rid, findings in results:
-            status = "ok" if not findings else f"{len(findings)} warning(s)"
+        for rid, findings, notes in results:
+            status = f"{len(findings)} warning(s)" if findings else "ok"
+            if notes:
+                status += f", {len(notes)} note(s)"
             typer.echo(f"{plain(rid)}: {status}")
             for f in findings:
                 typer.echo(f"  - {f}")
+            for n in notes:
+                typer.echo(f"  - note: {n}")
         for e in skipped:
             typer.echo(f"skipped: {e}")
-    problems = sum(len(f) for _, f in results)
-    raise typer.Exit(1 if problems or db.errors else 0)
+    problems = sum(len(f) for _, f, _ in results)
+    noted = sum(len(n) for _, _, n in results)
+    raise typer.Exit(1 if problems or db.errors or (strict and noted) else 0)
 
 
 def _version_callback(value: bool) -> None:
