@@ -206,7 +206,7 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
         flops_per_gpu=pl.col("flops_total") / pl.col("gpus"),
     )
     keys = ("dp", "pp", "step")
-    slow = compile_steps(analysis, ctx).cast({k: df.schema[k] for k in keys})  # type: ignore[dict-item]
+    slow = compile_steps(analysis, ctx).cast({k: df.schema[k] for k in keys})
     df = df.join(slow, on=list(keys), how="left")
     graph_max = cuda_graph_max_tokens(ctx)
     return df.with_columns(
@@ -387,14 +387,14 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
         unidentified = [name for name, f in fits.items() if getattr(f, bound) is not None]
         if unidentified:
             side = "memory" if which == "FLOP" else "compute"
-            used = {
+            used_etas = {
                 round(f.eta_flops if which == "FLOP" else f.eta_bw, 3)
                 for n, f in fits.items()
                 if n in unidentified
             }
             notes.append(
                 f"{which} efficiency not identified in fit(s) {', '.join(unidentified)} (every step {side}-bound); "
-                f"used {', '.join(map(str, sorted(used)))}, the larger of the bound the data implies and the prior"
+                f"used {', '.join(map(str, sorted(used_etas)))}, the larger of the bound the data implies and the prior"
                 + (f" ({prior_note})" if which == "FLOP" else f" (prior {bw_prior:g})")
             )
         low = {name: getattr(f, floor) for name, f in fits.items() if getattr(f, floor) is not None}

@@ -430,13 +430,13 @@ def _fit_steps(
             changed = True
         if not changed:
             break
-    for what, sym, sd, prior, x in (
+    for what, sym, rel_sd, prior, x in (
         ("bandwidth", "η_bw", bw_sd, eta_bw_prior, B),
         ("FLOP", "η_f", fl_sd, eta_flops_prior, F),
     ):
-        if sd is not None:
+        if rel_sd is not None:
             spread = float(np.std(x) / np.mean(x)) if np.mean(x) > 0 else 0.0
-            pinned = "nothing" if math.isinf(sd) else f"±{sd * 100:.0f} %"
+            pinned = "nothing" if math.isinf(rel_sd) else f"±{rel_sd * 100:.0f} %"
             notes.append(
                 f"{what} efficiency not identified by these steps (their {'bytes' if sym == 'η_bw' else 'FLOPs'} "
                 f"spread {spread * 100:.2g} %, so the per-step overhead and {sym} are collinear; the data alone pin "
