@@ -21,6 +21,7 @@ from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
 from ..metrics.steps import COMPUTE_BOUND_S_SQL, MEMORY_BOUND_S_SQL, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
+from .groups import disambiguate
 
 PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
 
@@ -504,22 +505,7 @@ def run_labels(analysis: Any) -> dict[str, str]:
         base[rid] = label
         datasets[rid] = str(run.get("dataset") or "")
 
-    def repeated(labels: dict[str, str]) -> set[str]:
-        seen: dict[str, int] = {}
-        for label in labels.values():
-            seen[label] = seen.get(label, 0) + 1
-        return {label for label, n in seen.items() if n > 1}
-
-    dup = repeated(base)
-    labels = {
-        rid: (f"{label} · {datasets[rid]}" if label in dup and datasets[rid] else label)
-        for rid, label in base.items()
-    }
-    dup = repeated(labels)
-    return {
-        rid: (f"{label} · #{i}" if label in dup else label)
-        for i, (rid, label) in enumerate(labels.items(), 1)
-    }
+    return disambiguate(base, datasets, lambda i, rid: f"#{i}")
 
 
 def _float(x: Any) -> float | None:

@@ -9,6 +9,7 @@ one group stay separate lines (Vega-Lite `detail`), and the tooltip names the ru
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Callable
 from typing import Any
 
 TABLEAU10 = (
@@ -79,19 +80,17 @@ def run_modes(analysis: Any) -> dict[str, str]:
 def run_groups(document: dict[str, Any], modes: dict[str, str] | None = None) -> dict[str, str]:
     """run_id -> "model · engine · GPU×n · mode": the colour key of the cross-run charts."""
     modes = modes or {}
-    out = {}
-    for run in document.get("runs", []):
-        model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
-        engine = (run.get("engine") or {}).get("name") or "?"
-        gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get(
-            "name"
-        )
-        count = (run.get("gpu") or {}).get("count") or 1
-        mode = modes.get(run["run_id"], "?")
-        out[run["run_id"]] = f"{model} · {engine} · {_short_gpu(gpu)}×{count}" + (
-            f" · {mode}" if mode != "?" else ""
-        )
-    return out
+    return {run["run_id"]: _group_label(run, modes) for run in document.get("runs", [])}
+
+
+def _group_label(run: dict[str, Any], modes: dict[str, str]) -> str:
+    """ "model · engine · GPU×n · mode" of one run of the metrics document (mode left out when unknown)."""
+    model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
+    engine = (run.get("engine") or {}).get("name") or "?"
+    gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get("name")
+    count = (run.get("gpu") or {}).get("count") or 1
+    mode = modes.get(run["run_id"], "?")
+    return f"{model} · {engine} · {_short_gpu(gpu)}×{count}" + (f" · {mode}" if mode != "?" else "")
 
 
 def _short_gpu(name: Any) -> str:
@@ -108,18 +107,18 @@ def run_labels(document: dict[str, Any], modes: dict[str, str] | None = None) ->
     base: dict[str, str] = {}
     datasets: dict[str, str] = {}
     for run in document.get("runs", []):
-        model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
-        engine = (run.get("engine") or {}).get("name") or "?"
-        gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get(
-            "name"
-        )
-        count = (run.get("gpu") or {}).get("count") or 1
         wl = run.get("workload") or {}
         bs = wl.get("batch_size") or wl.get("concurrency")
-        mode = modes.get(run["run_id"], "?")
-        label = f"{model} · {engine} · {_short_gpu(gpu)}×{count}" + (f" · {mode}" if mode != "?" else "")
-        base[run["run_id"]] = label + (f" · bs {bs}" if bs else "")
+        base[run["run_id"]] = _group_label(run, modes) + (f" · bs {bs}" if bs else "")
         datasets[run["run_id"]] = str(wl.get("dataset") or "")
+    return disambiguate(base, datasets, lambda i, rid: rid)
+
+
+def disambiguate(
+    base: dict[str, str], datasets: dict[str, str], last_resort: Callable[[int, str], str]
+) -> dict[str, str]:
+    """run_id -> label: `base`, plus the dataset where the label alone repeats, plus
+    `last_resort(position from 1, run_id)` where even that does."""
 
     def repeated(labels: dict[str, str]) -> set[str]:
         seen: dict[str, int] = {}
@@ -129,8 +128,11 @@ def run_labels(document: dict[str, Any], modes: dict[str, str] | None = None) ->
 
     dup = repeated(base)
     labels = {
-        rid: (f"{lab} · {datasets[rid]}" if lab in dup and datasets[rid] else lab)
-        for rid, lab in base.items()
+        rid: (f"{label} · {datasets[rid]}" if label in dup and datasets[rid] else label)
+        for rid, label in base.items()
     }
     dup = repeated(labels)
-    return {rid: (f"{lab} · {rid}" if lab in dup else lab) for rid, lab in labels.items()}
+    return {
+        rid: (f"{label} · {last_resort(i, rid)}" if label in dup else label)
+        for i, (rid, label) in enumerate(labels.items(), 1)
+    }
