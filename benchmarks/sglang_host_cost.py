@@ -16,9 +16,11 @@ work, not the CUDA launch latency (~3-5 µs of host time per launch on an H100 h
 
 Per layer: the ATen ops the select-experts gatherer runs for one MoE layer (inside every replayed graph
 on a GPU), counted with a TorchDispatchMode — SGLang's own method, the plugin's masking wrapper around
-it, and the plugin's fused count (one Triton kernel on CUDA: no ATen op; on the CPU here it is the
-torch fallback, so its op count is reported too).
-Reported: median µs per pass over `--repeats` interleaved blocks of `--passes` passes.
+it (the old path, still used where the fused kernel is not), and the plugin's fused count (one Triton
+kernel, no ATen op).
+Reported: median CPU µs of the calling (scheduler) thread per pass over `--repeats` interleaved blocks of
+`--passes` passes (thread CPU time, so other processes on a shared host do not inflate it; the writer
+thread's work is not in it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,29 @@ sys.path.insert(0, str(ROOT / "tests" / "engines_sglang"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def measure(mode: str, batch: int, passes: int, repeats: int) -> list[float]:
+VIEWS = {"view", "_unsafe_view", "alias", "detach", "select", "slice", "unsqueeze", "squeeze", "reshape",
+         "expand", "as_strided", "t", "transpose", "lift_fresh"}  # fmt: skip
+"""ATen ops that make views or wrap host data (no device kernel)."""
+
+
+def _op_counter():  # type: ignore[no-untyped-def]
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = str(func.overloadpacket.__name__)
+            if name not in VIEWS:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+def measure(mode: str, batch: int, passes: int, repeats: int, ops: list | None = None) -> list[float]:
     import pytest
     import torch
     from sglang_objects import Sgl, make_batch
@@ -68,10 +92,15 @@ def measure(mode: str, batch: int, passes: int, repeats: int) -> list[float]:
         batches = [make_batch("DECODE", rids, seq_lens=[257 + s] * batch) for s in range(passes)]
         per_pass = []
         for _ in range(repeats):
-            t0 = time.perf_counter_ns()
+            t0 = time.thread_time_ns()  # this thread's CPU time: robust to other processes on the host
             for fb in batches:
                 runner.forward(fb)
-            per_pass.append((time.perf_counter_ns() - t0) / len(batches) / 1e3)
+            per_pass.append((time.thread_time_ns() - t0) / len(batches) / 1e3)
+        if ops is not None:  # the device ops of one more steady decode pass (SGLang's own included)
+            fb = make_batch("DECODE", rids, seq_lens=[257 + passes] * batch)
+            with _op_counter() as c:
+                runner.forward(fb)
+            ops.extend(c.ops)
         tracer = env.adapter.current_tracer()
         if mode == "experts":
             assert tracer is not None and tracer.counting, tracer and tracer.counts_reason
@@ -83,25 +112,12 @@ def measure(mode: str, batch: int, passes: int, repeats: int) -> list[float]:
 
 
 def layer_ops(num_tokens: int = 64, top_k: int = 4, num_experts: int = 60) -> dict[str, object]:
-    """ATen ops per MoE layer and pass: SGLang's gatherer method, + the plugin's masking wrapper, and
-    the plugin's fused count (its CPU fallback here; on CUDA it is one Triton kernel)."""
+    """ATen ops per MoE layer and pass: SGLang's gatherer method, and the plugin's old path (its masking
+    wrapper + SGLang's method); the fused path is one Triton kernel."""
     import torch
     from sglang_objects import location_metadata
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from moecap.collect.engines.sglang import compat
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            name = str(func.overloadpacket.__name__)
-            if not name.startswith(("view", "_unsafe_view", "alias", "detach", "select", "slice", "unsqueeze",
-                                    "reshape", "expand", "as_strided")):  # fmt: skip
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
 
     ed = importlib.import_module(compat.GATHERER_CLASS[0])
     cls = getattr(ed, compat.GATHERER_CLASS[1])
@@ -119,16 +135,15 @@ def layer_ops(num_tokens: int = 64, top_k: int = 4, num_experts: int = 60) -> di
     ids = torch.randint(0, num_experts, (num_tokens, top_k), dtype=torch.int32)
     live = torch.full((), num_tokens - 3, dtype=torch.int32)
     out: dict[str, object] = {}
-    with Count() as c:
+    with _op_counter() as c:
         original(g, 0, ids)
     out["sglang_method"] = c.ops
-    with Count() as c:
+    with _op_counter() as c:
         compat.legacy_masked_count(g, 0, ids, live, original)
     out["plugin_before_wrapper_plus_sglang"] = c.ops
-    with Count() as c:
-        compat.fused_count(g, 0, ids, live)
-    out["plugin_after_cpu_fallback"] = c.ops
-    out["plugin_after_cuda"] = "1 Triton kernel (moecap.collect.engines.sglang.fused_count), no ATen op"
+    out["plugin_after"] = (
+        "1 Triton kernel (fused_count.launch; its CPU check: tests/engines_sglang/test_fused_count.py)"
+    )
     return out
 
 
@@ -150,12 +165,23 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved: one block of each mode per round
             for mode in samples:
                 samples[mode] += measure(mode, batch, args.passes, 1)
-        row = {m: round(statistics.median(v), 2) for m, v in samples.items()}
-        row["steps_added_us"] = round(row["steps"] - row["off"], 2)
-        row["experts_added_us"] = round(row["experts"] - row["off"], 2)
-        row["experts_over_steps_us"] = round(row["experts"] - row["steps"], 2)
+        row: dict[str, object] = {m: round(statistics.median(v), 2) for m, v in samples.items()}
+        row.update({f"{m}_min": round(min(v), 2) for m, v in samples.items()})
+        for m in ("", "_min"):
+            row[f"steps_added_us{m}"] = round(row[f"steps{m}"] - row[f"off{m}"], 2)  # type: ignore[operator]
+            row[f"experts_added_us{m}"] = round(row[f"experts{m}"] - row[f"off{m}"], 2)  # type: ignore[operator]
+            row[f"experts_over_steps_us{m}"] = round(row[f"experts{m}"] - row[f"steps{m}"], 2)  # type: ignore[operator]
+        pass_ops = {}
+        for mode in samples:
+            names: list[str] = []
+            measure(mode, batch, 20, 1, ops=names)
+            pass_ops[mode] = names
+        row["device_ops_per_pass"] = {m: (len(v), v) for m, v in pass_ops.items()}
         result[f"batch_{batch}"] = row
-        print(f"batch {batch}: µs per pass {row}", flush=True)
+        brief = {k: v for k, v in row.items() if k != "device_ops_per_pass"}
+        print(f"batch {batch}: µs per pass {brief}", flush=True)
+        for m, (n, names) in row["device_ops_per_pass"].items():  # type: ignore[union-attr]
+            print(f"batch {batch}: {m}: {n} device ops per pass {names}", flush=True)
     with __import__("contextlib").suppress(AttributeError):
         ops = layer_ops()
         result["ops_per_layer"] = {k: (len(v), v) if isinstance(v, list) else v for k, v in ops.items()}

@@ -461,6 +461,7 @@ def mask_padded_rows_in_gatherer() -> bool:
     release has no such class."""
     from . import fused_count
 
+    id_dtypes = fused_count.id_dtypes()  # compiled for these before capture; others: the old path
     cls = gatherer_class()
     if cls is None:
         return False
@@ -473,7 +474,7 @@ def mask_padded_rows_in_gatherer() -> bool:
         live = _LIVE_TOKENS.get(key)
         if live is None:
             return original(self, layer_idx, topk_ids)
-        if fused_count.is_ready(key):
+        if topk_ids.dtype in id_dtypes and fused_count.is_ready(key):
             return fused_count.launch(self._data, layer_idx, topk_ids, live)
         return legacy_masked_count(self, layer_idx, topk_ids, live, original)
 

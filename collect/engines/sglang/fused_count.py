@@ -58,6 +58,14 @@ def _build_kernel() -> Any:
     return count_live_ids
 
 
+def id_dtypes() -> tuple[Any, ...]:
+    """The id dtypes `prepare` compiles and checks the kernel for (any other takes the old path, so no
+    compile ever happens inside a graph capture)."""
+    import torch
+
+    return (torch.int32, torch.int64)
+
+
 def kernel() -> Any:
     """The Triton kernel (built on first use, so `TRITON_INTERPRET=1` set by a test takes effect)."""
     global _KERNEL
@@ -134,7 +142,7 @@ def _check(dev: Any, sglang_method: Any, live: Any) -> bool:
     layers, experts, tokens, top_k = 3, 37, 300, 6
     saved = live.clone()
     try:
-        for dtype in (torch.int32, torch.int64):
+        for dtype in id_dtypes():
             wide = torch.randint(-1, experts, (tokens, top_k + 2), generator=gen).to(dtype).to(dev)
             # contiguous with padded rows; a strided view (SGLang hands over routed columns only when it
             # fuses shared experts) with padded rows; an unaligned view, nothing padded.
