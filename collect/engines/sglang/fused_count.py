@@ -86,16 +86,6 @@ def launch(counts: Any, layer_idx: int, topk_ids: Any, live: Any) -> None:
     kernel()[grid](ids, counts, live, n, k, ids.stride(0), ids.stride(1), int(layer_idx) * e, e, BLOCK=BLOCK)
 
 
-def reference(counts: Any, layer_idx: int, topk_ids: Any, live: Any) -> None:
-    """The same count in torch ops (the definition the kernel is checked against; not the hot path)."""
-    import torch
-
-    ids = topk_ids if topk_ids.dim() == 2 else topk_ids.reshape(topk_ids.shape[0], -1)
-    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
-    ok = (rows < live) & (ids >= 0) & (ids < counts.shape[1])
-    counts[layer_idx].scatter_add_(0, ids.masked_fill(~ok, 0).long().flatten(), ok.int().flatten())
-
-
 def enabled() -> bool:
     return os.environ.get(ENV_FUSED, "1").strip().lower() not in ("0", "false", "no", "off")
 
