@@ -775,6 +775,42 @@ def projected_window_cost(
     }
 
 
+def facade_measured(analysis: Analysis, run_id: str, computed: dict[str, Any]) -> dict[str, Any]:
+    """The measured column: the analysis' own figures, read from its façade — per phase the `run_metrics`
+    view, the request headline figures `request_summary` — over the view `views_metrics` computed on the
+    measured times (by the same definitions), which adds what the façade does not carry (step-time
+    quantiles, decode per batch size, request percentiles). So `whatif` never calls a number "measured"
+    that `summary` computes differently (issue #19)."""
+    rm = analysis.run_metrics().filter(pl.col("run_id") == run_id)
+    for row in rm.iter_rows(named=True):
+        phase = computed["phases"].get(row["phase"])
+        if phase is not None:
+            phase.update({k: row[k] for k in phase if k in row})
+    req = computed.get("requests")
+    summary = analysis.request_summary.filter(pl.col("run_id") == run_id)
+    if req is not None and summary.height:
+        row = summary.row(0, named=True)
+        for key in ("requests", "succeeded", "request_throughput", "output_throughput", "total_token_throughput"):
+            if key in req:
+                req[key] = row[key]
+        for key, col in (("ttft_s", "ttft_s_mean"), ("tpot_s", "tpot_s_mean"), ("e2e_s", "e2e_s_mean")):
+            if isinstance(req.get(key), dict) and "mean" in req[key]:
+                req[key]["mean"] = row[col]
+    return computed
+
+
+def facade_cost(analysis: Analysis, run_id: str, cost: dict[str, Any]) -> dict[str, Any]:
+    """The measured cost's headline USD per 1M output tokens and band from the façade's `costs` frame (the
+    analysis' cost section; the projections' cost is computed the same way on their windows)."""
+    row = analysis.costs.filter(pl.col("run_id") == run_id)
+    if row.height:
+        r = row.row(0, named=True)
+        cost["usd_per_1m_output_tokens"] = r["usd_per_1m_output_tokens"]
+        if r["band_low"] is not None:
+            cost["band_usd_per_1m_output_tokens"] = [r["band_low"], r["band_high"]]
+    return cost
+
+
 def measured_power_fraction(analysis: Analysis, ctx: RunContext) -> float | None:
     run = next((r for r in analysis.document["runs"] if r["run_id"] == ctx.run.run_id), None)
     if run is None or ctx.gpu is None or not ctx.gpu.tdp_w:
@@ -819,9 +855,10 @@ def whatif_run(
             gpu_time = project_times(df, cal, target, model)
             views.append(View(gpu_time, target, _stream_warp(df, gpu_time)))
     computed = iter(views_metrics(df, views, ctx.peak_dtype, requests, row))
-    measured = next(computed)
+    measured = facade_measured(analysis, ctx.run.run_id, next(computed))
     power_fraction = measured_power_fraction(analysis, ctx)
     measured["cost"] = projected_window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
+    measured["cost"] = facade_cost(analysis, ctx.run.run_id, measured["cost"])
     warnings = []
     unprojectable = df.filter(~pl.col("bytes_per_gpu").is_finite() & (pl.col("time_s") > 0)).height
     if unprojectable:
