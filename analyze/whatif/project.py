@@ -42,7 +42,7 @@ from ..metrics.steps import quantile_rows, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 from ..pipeline import Analysis
 from ..specs import GpuSpec
-from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline
+from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline, fit_with_floor
 
 WHATIF_SCHEMA = "moecap.whatif/1"
 MODELS = ("projection", "no_change", "bandwidth_ratio")
@@ -196,6 +196,10 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     every run-level step metric counts) and per-GPU bytes / FLOPs, ordered by stream and step."""
     df = analysis.db.con.sql(
         f"""SELECT {_STEP_COLUMNS}, coalesce({IN_WINDOW_SQL}, false) AS in_window,
+                   CASE WHEN s.time_source = 'gpu' AND s.span_start_ns > s.t_start_ns
+                        THEN (s.span_start_ns - s.t_start_ns) / 1e9 ELSE 0.0 END AS head_s,
+                   CASE WHEN s.time_source = 'gpu' AND s.t_end_ns < s.span_end_ns - 0.1 * (s.span_end_ns - s.span_start_ns)
+                        THEN (s.t_end_ns - s.t_start_ns) / 1e9 END AS issue_s,
                    coalesce({COUNTED_SQL}, false) AS counted
             FROM step_metrics s JOIN run_windows w USING (run_id)
             WHERE s.run_id = ? ORDER BY s.dp, s.pp, s.step""",
@@ -341,18 +345,37 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
             eta_flops_prior=fl_prior,
         )
 
+    def floored(part: pl.DataFrame) -> RooflineFit:
+        # Prefill-like steps outside the CUDA graphs: the host's issue time floors the span (fit_with_floor),
+        # the GPU's fixed cost per step is the decode steps' when these steps cannot tell it from the slope.
+        if "head_s" not in part.columns:
+            return fit(part)
+        dec = fits.get("decode")
+        return fit_with_floor(
+            part["bytes_per_gpu"].to_numpy(),
+            part["flops_per_gpu"].to_numpy(),
+            part["time_s"].to_numpy(),
+            part["head_s"].to_numpy(),
+            part["issue_s"].to_numpy() if "issue_s" in part.columns else None,
+            bandwidth=ctx.gpu.memory_bandwidth,  # type: ignore[union-attr]
+            peak_flops=peak,
+            eta_bw_prior=bw_prior,
+            eta_flops_prior=fl_prior,
+            overhead_prior=dec.overhead_s if dec is not None else None,
+        )
+
     fits = {"all": fit(usable)}
     notes = []
     short = []
-    for phase in FIT_PHASES:
+    for phase in ("decode", *[p for p in FIT_PHASES if p != "decode"]):
         part = usable.filter(pl.col("fit_group") == phase)
         if part.height >= MIN_PHASE_STEPS:
-            fits[phase] = fit(part)
+            fits[phase] = floored(part) if phase in PREFILL_LIKE else fit(part)
         elif part.height:
             short.append((phase, part.height))
     pool = usable.filter(pl.col("fit_group").is_in(PREFILL_LIKE))
     if any(phase in PREFILL_LIKE for phase, _ in short) and pool.height >= 3:
-        fits[PREFILL_POOL] = fit(pool)
+        fits[PREFILL_POOL] = floored(pool)
     for phase, n in short:
         used = PREFILL_POOL if phase in PREFILL_LIKE and PREFILL_POOL in fits else "all"
         notes.append(
@@ -503,8 +526,24 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
         dst = fit.roofline_time(B[sel], F[sel], target.memory_bandwidth, tgt_peak)
         shifted = t[sel] + (dst - src)
         # A step measured faster than its own roofline part (model over-estimate): scale it instead.
-        out[sel] = np.where(shifted > 0, shifted, t[sel] * dst / src)
+        moved = np.where(shifted > 0, shifted, t[sel] * dst / src)
+        # Host floor (steps outside the CUDA graphs, fit_with_floor): a step the host paced keeps its span
+        # unless the target's GPU work exceeds it; a GPU-paced one moves, down to its floor (never above
+        # its measured span: a faster GPU does not slow a step).
+        floor = fit.floor_time(_heads(df)[sel], int(sel.sum()))
+        paced = floor > src + fit.overhead_s
+        out[sel] = np.where(
+            paced, np.maximum(t[sel], dst + fit.overhead_s), np.maximum(moved, np.minimum(floor, t[sel]))
+        )
     return out
+
+
+def _heads(df: pl.DataFrame) -> np.ndarray:
+    """Per step, how long the GPU was still busy with earlier steps when its host work began (s; 0 when
+    not recorded): what a host floor is reduced by (fit_with_floor)."""
+    if "head_s" not in df.columns:
+        return np.zeros(df.height)
+    return np.nan_to_num(df["head_s"].to_numpy().astype(np.float64))
 
 
 def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
@@ -521,7 +560,9 @@ def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
     for phase in np.unique(phases):
         sel = ok & (phases == phase)
         if sel.any():
-            out[sel] = cal.fit_for(str(phase)).step_time(B[sel], F[sel], gpu.memory_bandwidth, peak)
+            out[sel] = cal.fit_for(str(phase)).step_time(
+                B[sel], F[sel], gpu.memory_bandwidth, peak, _heads(df)[sel]
+            )
     return out
 
 
@@ -554,8 +595,11 @@ def time_split(df: pl.DataFrame, cal: Calibration) -> dict[str, float] | None:
     for g in np.unique(groups):
         sel = ok & (groups == g)
         if sel.any():
-            r = cal.fit_for(str(g)).roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
-            roof[sel] = np.minimum(r, t[sel])
+            fit = cal.fit_for(str(g))
+            r = fit.roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
+            # A step the host paced (fit_with_floor) does not speed up with the GPU.
+            paced = fit.floor_time(_heads(win)[sel], int(sel.sum())) > r + fit.overhead_s
+            roof[sel] = np.where(paced, 0.0, np.minimum(r, t[sel]))
     busy = np.minimum(np.maximum(t, 0), np.maximum(wall, t))
     total = float(np.sum(np.maximum(wall, t)))
     if total <= 0:
