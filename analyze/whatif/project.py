@@ -834,7 +834,13 @@ def facade_measured(analysis: Analysis, run_id: str, computed: dict[str, Any]) -
     summary = analysis.request_summary.filter(pl.col("run_id") == run_id)
     if req is not None and summary.height:
         row = summary.row(0, named=True)
-        for key in ("requests", "succeeded", "request_throughput", "output_throughput", "total_token_throughput"):
+        for key in (
+            "requests",
+            "succeeded",
+            "request_throughput",
+            "output_throughput",
+            "total_token_throughput",
+        ):
             if key in req:
                 req[key] = row[key]
         for key, col in (("ttft_s", "ttft_s_mean"), ("tpot_s", "tpot_s_mean"), ("e2e_s", "e2e_s_mean")):

@@ -554,7 +554,9 @@ def _fit_through(B: np.ndarray, F: np.ndarray, y: np.ndarray, w: np.ndarray) -> 
     return best
 
 
-def _held_overhead(fit: RooflineFit, B: np.ndarray, F: np.ndarray, t: np.ndarray, overhead: float) -> RooflineFit:
+def _held_overhead(
+    fit: RooflineFit, B: np.ndarray, F: np.ndarray, t: np.ndarray, overhead: float
+) -> RooflineFit:
     """`fit` redone with the overhead held at `overhead` and the efficiencies the steps' side(s) need
     fitted (within [MIN_EFFICIENCY, 1]; a side without steps keeps `fit`'s value)."""
     a, b = _fit_through(B, F, np.maximum(t - overhead, 0.0), 1.0 / (t * t))

@@ -108,7 +108,11 @@ def test_first_use_peers_are_later_steps_of_one_to_two_times_the_size_in_the_pha
     # the first rule's 10x. First use: later peers of 15,425-30,850 tokens are the two 16,384-token steps,
     # median 157.5 ms; 1258 >= 236 and 1100 ms over: named.
     rows = [_row(i, "mixed", 16384, 158.0) for i in range(6)]
-    rows += [_row(6, "mixed", 15425, 1258.0), _row(7, "mixed", 16384, 158.0), _row(8, "prefill", 16384, 157.0)]
+    rows += [
+        _row(6, "mixed", 15425, 1258.0),
+        _row(7, "mixed", 16384, 158.0),
+        _row(8, "prefill", 16384, 157.0),
+    ]
     rows += [_row(i, "decode", 64, 15.0) for i in range(9, 40)]
     (s,) = slow_steps(rows)
     assert (s.step, s.rule, s.typical_ms) == (6, "first use", 157.5)
