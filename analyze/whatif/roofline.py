@@ -655,9 +655,9 @@ def fit_with_floor(
             return None
         return replace(work_fit(mask), host_floor_s=float(L))
 
-    best = work_fit(np.ones(len(t), dtype=bool))
+    plain = best = work_fit(np.ones(len(t), dtype=bool))
     if not len(shown):
-        return best
+        return plain
     best_loss = loss(best)
     # Only a step the GPU started with the host (its head start under FLOOR_TOL of its span) shows the
     # floor whole: the candidates are their spans, up to what the shown issue times allow.
@@ -675,15 +675,17 @@ def fit_with_floor(
     # The candidate search says which steps the host paced; the floor is their median span (each is a
     # direct reading of the issue time, the argmin only one of them).
     paced_mask = best.floor_time(h, len(t)) > best.step_time(B, F, bandwidth, peak_flops)
-    if paced_mask.any():
-        best = replace(best, host_floor_s=float(np.median(t[paced_mask] + h[paced_mask])))
+    if not paced_mask.any():  # a floor that paces no step only dropped steps from the fit: none
+        return plain
+    L = float(np.median(t[paced_mask] + h[paced_mask]))
+    best = replace(best, host_floor_s=L)
     floor = best.floor_time(h, len(t))
     work = best.step_time(B, F, bandwidth, peak_flops)
     paced = int(np.sum(floor > work))
     resid = best.step_time(B, F, bandwidth, peak_flops, h) - t
     ss_tot = float(np.sum((t - t.mean()) ** 2))
     note = (
-        f"host floor {best.host_floor_s * 1e3:.3g} ms (kernels issued one by one outside the CUDA graphs): "
+        f"host floor {L * 1e3:.3g} ms (kernels issued one by one outside the CUDA graphs): "
         f"{paced} of {len(t)} steps paced by the host"
     )
     return replace(
