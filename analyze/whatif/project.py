@@ -916,7 +916,7 @@ def whatif_run(
     compiled = df.filter(pl.col("compile_step"))
     if compiled.height:
         warnings.append(
-            f"{compiled.height} compile / JIT step(s) (check's rule; {compiled['time_s'].sum():.3g} s measured) are "
+            f"{compiled.height} compile / JIT step(s) or first-use warm-up step(s) (check's rules; {compiled['time_s'].sum():.3g} s measured) are "
             "left out of the fit and take their phase's typical time in every projected view (compilation is "
             "host work done once); the measured column keeps them"
         )
