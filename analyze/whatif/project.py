@@ -258,9 +258,21 @@ def compile_steps(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     ).pl()
     rows = []
     for s in slow_steps(frame):
-        rows.append({"dp": s.dp, "pp": s.pp, "step": s.step, "typical_s": s.typical_ms / 1e3})
-    schema = {"dp": pl.Int64, "pp": pl.Int64, "step": pl.Int64, "typical_s": pl.Float64}
-    return pl.DataFrame(rows, schema=schema).group_by("dp", "pp", "step").agg(pl.col("typical_s").max())
+        rows.append(
+            {"dp": s.dp, "pp": s.pp, "step": s.step, "typical_s": s.typical_ms / 1e3, "slow_rule": s.rule}
+        )
+    schema = {
+        "dp": pl.Int64,
+        "pp": pl.Int64,
+        "step": pl.Int64,
+        "typical_s": pl.Float64,
+        "slow_rule": pl.String,
+    }
+    return (
+        pl.DataFrame(rows, schema=schema)
+        .group_by("dp", "pp", "step")
+        .agg(pl.col("typical_s").max(), pl.col("slow_rule").first())
+    )
 
 
 def warm_times(df: pl.DataFrame) -> np.ndarray:
@@ -427,6 +439,13 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
                 f"{which} efficiency fitted below the floor {MIN_EFFICIENCY:g} ({fitted}): {which.lower()}s do not "
                 "limit these steps (e.g. a launch-bound engine); the prior was used and the rest of the step time "
                 "is treated as per-step overhead that does not scale with the GPU"
+            )
+    for name, f in fits.items():
+        if f.host_floor_s is not None:
+            notes.append(
+                f"{name}: host floor {f.host_floor_s * 1e3:.3g} ms — outside the CUDA graphs the host issues each "
+                f"kernel, and a step the GPU starts with its host spans at least that ({f.host_paced} of "
+                f"{f.n_steps} calibration steps were paced by it); kept on another GPU, as host time is"
             )
     for name, f in fits.items():
         if f.eta_bw > 1 or f.eta_flops > 1:
@@ -915,10 +934,16 @@ def whatif_run(
         warnings.append(f"{unprojectable} step(s) without bytes (no expert counts) keep their measured time")
     compiled = df.filter(pl.col("compile_step"))
     if compiled.height:
+        named = ", ".join(
+            f"{r['step']} ({r['phase']}, {r['time_s'] * 1e3:.4g} ms, {r['slow_rule'] or 'compile'})"
+            for r in compiled.head(5).iter_rows(named=True)
+        )
+        more = f" and {compiled.height - 5} more" if compiled.height > 5 else ""
         warnings.append(
-            f"{compiled.height} compile / JIT step(s) or first-use warm-up step(s) (check's rules; {compiled['time_s'].sum():.3g} s measured) are "
-            "left out of the fit and take their phase's typical time in every projected view (compilation is "
-            "host work done once); the measured column keeps them"
+            f"{compiled.height} compile / JIT or first-use warm-up step(s) (check's rules: step {named}{more}; "
+            f"{compiled['time_s'].sum():.3g} s measured) are left out of the fit and take their phase's typical "
+            "time in every projected view (compilation and warm-up are host work done once); the measured "
+            "column keeps them"
         )
     split = time_split(df, cal)
     if split is not None and split["gpu_scaling_share"] < HOST_BOUND_SHARE:

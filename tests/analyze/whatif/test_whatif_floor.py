@@ -91,3 +91,26 @@ def test_the_overhead_is_held_at_the_prior_when_one_size_cannot_split_it_from_th
     assert fit.step_time(*one)[0] == pytest.approx(work(np.array([8192.0]))[0], rel=1e-3)
     free = _fit(tokens[keep], span[keep], head[keep], issue[keep], eta_flops_prior=0.8)
     assert free.overhead_s > 0.01 and free.step_time(*one)[0] / work(np.array([8192.0]))[0] - 1 > 0.10
+
+
+def test_the_sweep_fit_has_a_floor_and_says_which_steps_it_held_out(tmp_path):
+    """On the shipped H100 vLLM sweep (all eight runs jointly) the prefill fit has a host floor of 57-75 ms
+    (the spans of the small prefills started with their host), the c64 run's two warm-up / compile steps
+    are named with their rule, and the notes say both."""
+    from pathlib import Path
+
+    from moecap.analyze.analysis import Options
+    from moecap.analyze.cost import load_cost_settings
+    from moecap.analyze.pipeline import analyze_paths
+    from moecap.analyze.specs import resolve_gpu
+    from moecap.analyze.whatif import whatif
+
+    sweep = Path(__file__).resolve().parents[3] / "traces" / "h100-vllm-sweep"
+    a = analyze_paths([str(sweep)], Options(), cache_dir=tmp_path)
+    doc = whatif(a, [resolve_gpu("H200")], load_cost_settings())
+    c64 = next(r for r in doc["runs"] if r["workload"]["concurrency"] == 64)
+    floor = c64["calibration"]["fits"]["prefill"]["host_floor_s"]
+    assert 0.057 <= floor <= 0.075
+    assert any("host floor" in w for w in c64["warnings"])
+    (held,) = [w for w in c64["warnings"] if "warm-up step(s)" in w]
+    assert "906 (mixed, 1259 ms, first use)" in held and "909 (mixed, 1229 ms, compile)" in held
