@@ -242,7 +242,10 @@ def _start(
             session.stop()
         text = str(exc).strip().splitlines()
         raise _StartFailed(text[0] if text else type(exc).__name__) from None
-    log(f"sweep: engine ready in {time.monotonic() - t0:.1f} s")
+    if getattr(session, "engine_per_point", False):
+        log(f"sweep: {config.engine} starts one engine per point, as `run` does (docs/sweep.md)")
+    else:
+        log(f"sweep: engine ready in {time.monotonic() - t0:.1f} s")
     return session
 
 
