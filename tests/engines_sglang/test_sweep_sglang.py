@@ -127,9 +127,11 @@ def test_each_point_is_the_run_of_its_command_line(engines, tmp_path):
         run_id = entry["run_id"]
         # named as the vLLM sweep names its points: <UTC stamp>-<engine>-<slug>-<4 hex>
         assert re.fullmatch(rf"\d{{8}}T\d{{6}}Z-sglang-{re.escape(p.slug)}-[0-9a-f]{{4}}", run_id)
+        # (the stand-in has no scheduler, so no steps / experts files)
         assert entry["attempts"][-1]["files"] == [
-            f"{run_id}.client.outputs.arrow", f"{run_id}.client.requests.arrow",
-        ]  # fmt: skip  (the stand-in has no scheduler, so no steps / experts files)
+            f"{run_id}.client.outputs.arrow",
+            f"{run_id}.client.requests.arrow",
+        ]
         kwargs = sweep_engine.kwargs
         assert kwargs["max_running_requests"] == p.batch_size  # the point's batch size, in SGLang
         assert (kwargs["mem_fraction_static"], kwargs["context_length"]) == (0.8, 2048)  # SGLang's parser
