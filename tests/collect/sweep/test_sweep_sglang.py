@@ -136,3 +136,44 @@ def test_the_printed_command_quotes_engine_args_as_one_argument(tmp_path):
     line = shlex.join(point_run_argv(p.config, p, "r", tmp_path))
     assert "--engine-args '--mem-fraction-static 0.8 --context-length 2048'" in line
     assert shlex.split(line)[-4:] == ["--run-id", "r", "--out", str(tmp_path)]
+
+
+def _script_sweep_args(script: str) -> list[str]:
+    """The `moecap-collect sweep …` arguments of a GPU script's `sweep()` function (python3 stubbed)."""
+    body = Path(ROOT, script).read_text()
+    func = body[body.index("sweep() {") : body.index("\n}\n", body.index("sweep() {")) + 3]
+    shell = "python3() { printf '%s\\n' \"$@\"; }\n" + func.replace("exec python3", "python3")
+    shell += "PREFIX=h100 WORK=/work-dir\nsweep\n"
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout
+    args = out.splitlines()
+    return args[args.index("sweep") + 1 :]
+
+
+@pytest.mark.skipif(not NO_SGLANG, reason="SGLang is installed here: the engine would start")
+def test_the_gpu_script_sweeps_the_vllm_twins_matrix_on_sglang(tmp_path):
+    """benchmarks/gpu/sweep_sglang.sh records the points sweep_vllm.sh records (same model, weights, dtype,
+    task, concurrencies, waves), with SGLang's flags; its arguments pass the real `sweep` command."""
+    ours, vllm = (
+        _script_sweep_args("benchmarks/gpu/sweep_sglang.sh"),
+        _script_sweep_args("benchmarks/gpu/sweep_vllm.sh"),
+    )
+
+    def opt(args: list[str], name: str) -> str:
+        return args[args.index(name) + 1]
+
+    for name in ("--model", "--dtype", "--task", "--batch-sizes", "--waves"):
+        assert opt(ours, name) == opt(vllm, name), name
+    assert "--random-weights" in ours and opt(ours, "--engine") == "sglang"
+    assert opt(ours, "--engine-args") == "--mem-fraction-static 0.8 --context-length 2048"
+    assert opt(ours, "--name") == "h100-sglang-sweep" and opt(ours, "--out") == "/work-dir/sweep"
+    args = list(ours)
+    args[args.index("--out") + 1] = str(tmp_path / "sweep")
+    proc = subprocess.run([*CLI, "sweep", *args, "--no-table"], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # no SGLang here: every point failed
+    points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"].values()
+    got = sorted((p["point"]["batch_size"], p["point"]["num_prompts"]) for p in points)
+    assert got == [(c, 2 * c) for c in (1, 2, 4, 8, 16, 32, 64, 128)]
+    assert {p["point"]["config"]["engine_args"] for p in points} == {
+        "--mem-fraction-static 0.8 --context-length 2048"
+    }
