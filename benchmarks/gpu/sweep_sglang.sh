@@ -6,7 +6,7 @@
 #
 # Each point is `moecap-collect run --engine sglang` with the point's batch size as SGLang's
 # max_running_requests, so SGLang starts once PER POINT (docs/sweep.md says why): 8 engine starts of
-# ~40-120 s. One call stops itself with SIGINT at $SWEEP_TIMEOUT_S (default 540 s, under the device's
+# ~40-120 s. One call stops itself with SIGINT at $SWEEP_TIMEOUT_S (default 500 s, under the device's
 # 600 s per command): the point in flight is closed and marked interrupted, the finished ones are kept.
 # Call the script again on the same machine to record the rest ($WORK is off $OUT); it prints
 # "sweep exit 0" once every point is recorded. With AGAIN=1 (after a complete sweep) the same command
@@ -46,9 +46,12 @@ if [ -n "${KILL_AFTER:-}" ]; then
   wait $pid 2>/dev/null
   sleep 5  # SGLang's schedulers die with their parent (PR_SET_PDEATHSIG); let the GPU memory go
 fi
-# SIGINT at $SWEEP_TIMEOUT_S: the point in flight is closed and resumable, finished points are kept
+# SIGINT at $SWEEP_TIMEOUT_S to the sweep alone (--foreground: not to SGLang's schedulers, which the sweep
+# asks to close their files before it shuts the engine down, as `run` does): the point in flight is closed
+# and resumable, finished points are kept; SIGKILL 45 s later if the stop hangs (the schedulers die with
+# their parent; the point is then `killed` and recorded again by the next call).
 n=$(ls "$OUT"/sweep*.log 2>/dev/null | wc -l)
-timeout -s INT "${SWEEP_TIMEOUT_S:-540}" bash -c "$(declare -f sweep); sweep" > "$OUT/sweep-$n.log" 2>&1
+timeout --foreground -k 45 -s INT "${SWEEP_TIMEOUT_S:-500}" bash -c "$(declare -f sweep); sweep" > "$OUT/sweep-$n.log" 2>&1
 rc=$?
 echo "sweep exit $rc"; grep -E "recorded|FAILED|interrupted|skipped|engine start" "$OUT/sweep-$n.log" | tail -n 14
 if [ $rc -eq 0 ] && [ -n "${AGAIN:-}" ]; then

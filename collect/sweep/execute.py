@@ -211,9 +211,11 @@ def _run_group(
                 continue
             state.finish(p, "done", summary=result.summary())
             outcome.recorded.append(p.key)
+            started = result.extra.get("engine_start_s")
             log(
                 f"{tag}: recorded {run_id} — {result.requests} requests, {result.output_tokens} output tokens, "
                 f"{result.steps} steps in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s)"
+                + (f"; engine start {started:.1f} s" if isinstance(started, (int, float)) else "")
             )
     finally:
         if session is not None:
