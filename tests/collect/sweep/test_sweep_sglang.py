@@ -127,6 +127,11 @@ def test_a_points_options_are_what_run_parses_from_its_command_line(tmp_path, mo
         assert (ours.max_new_tokens, ours.ignore_eos, ours.counts) == (
             p.max_new_tokens, p.ignore_eos, p.config.counts,
         )  # fmt: skip
+        c = p.config
+        assert (ours.model, ours.random_weights, ours.dtype, ours.seed, ours.tokenizer, ours.cuda_graphs) == (
+            c.model, c.random_weights, c.dtype, c.seed, c.tokenizer, c.cuda_graphs,
+        )  # fmt: skip
+        assert (ours.max_batch_tokens, ours.dataset_path) == (p.max_batch_tokens, p.dataset_path)
         assert ours.warmup is None and ours.trace  # run's default warm-up (one batch), tracing on
     assert len(seen) == 2
 
