@@ -116,8 +116,10 @@ Frames = dict[tuple[int, str], pl.DataFrame]
 SIZING_ARGS = frozenset(
     {
         "model",
+        "model_path",
         "served_model_name",
         "tokenizer",
+        "tokenizer_path",
         "max_num_seqs",
         "max_requests_per_batch",
         "max_running_requests",
@@ -128,8 +130,10 @@ SIZING_ARGS = frozenset(
         "mem_fraction_static",
     }
 )
-"""Engine arguments that do not make two runs' steps different kinds of steps: paths, the request-count
-limit a concurrency sweep varies, and KV-cache sizing (blocks, memory fractions). Runs that differ only in
+"""Engine arguments that do not make two runs' steps different kinds of steps: paths (vLLM's `model` /
+`tokenizer`, SGLang's `model_path` / `tokenizer_path`, which name the per-engine scratch copy of a
+random-weight config: an SGLang sweep starts one engine per point), the request-count limit a
+concurrency sweep varies, and KV-cache sizing (blocks, memory fractions). Runs that differ only in
 these calibrate jointly by default; any other difference (CUDA graphs on / off, chunked prefill, dtype,
 version) keeps them apart."""
 
