@@ -75,10 +75,11 @@ def main() -> None:
         sys.stdout.flush()
         sys.exit(0)
     fail_if_mistyped(argv)
-    from .lean import main as lean_main
+    if any("reference" in arg for arg in argv):  # `--formula reference`: perhaps a lean command line
+        from .lean import main as lean_main
 
-    if lean_main(argv):  # reference mode on record files, without typer, pydantic or polars
-        sys.exit(0)
+        if lean_main(argv):  # reference mode on record files, without typer, pydantic or polars
+            sys.exit(0)
     from .cli import main as cli_main
 
     cli_main()
