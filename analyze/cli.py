@@ -19,7 +19,6 @@ from .cost.options import CostModelFlag, CostOverrides, GpuHour, GpuPrice
 from .entry import COMMAND_MODULES, COMMANDS, fail_if_mistyped
 from .entry import fail as _fail
 from .errors import AnalyzeError
-from .lean import is_record_file
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -163,6 +162,7 @@ def summary(
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
+    from .lean import is_record_file
     from .output import write_outputs
     from .settings import Settings as Options
     from .specs import load_model_config
