@@ -39,9 +39,9 @@ from .record_file import parse_reference_records
 
 #: Integers this exact as float64; a larger one is left to the frame (its conversion rules).
 _MAX_EXACT = 2.0**53
-_NONE = type(None)
-_NUMBER_TYPES = frozenset({int, float, _NONE})
-_INT_TYPES = frozenset({int, _NONE})
+_NONE: type = type(None)
+_NUMBER_TYPES: frozenset[type] = frozenset({int, float, _NONE})
+_INT_TYPES: frozenset[type] = frozenset({int, _NONE})
 _NUMERIC = ("latency", "expert_activation", "seq_lens_sum", "batch_size", "ttft", "scheduled_tokens")
 
 

@@ -15,7 +15,7 @@ Error policy (documented in docs/decisions.md):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from moecap.analyze.errors import InputError, SpecError
 
@@ -51,9 +51,10 @@ def _first_record_defaults(records: Records) -> tuple[Any, Any]:
     if isinstance(records, RecordColumns):
         first = records.first
     elif _is_frame(records):
-        first = {name: records.get_column(name)[0] for name in ("gpu_num", "gpu_raw_type") if name in records}
+        frame = cast("pl.DataFrame", records)
+        first = {name: frame.get_column(name)[0] for name in ("gpu_num", "gpu_raw_type") if name in frame}
     else:
-        first = records[0]
+        first = cast(Sequence[Mapping[str, Any]], records)[0]
         if not isinstance(first, Mapping):
             raise InputError(f"record 0 is a {type(first).__name__}, not a mapping")
     gpu_num = first.get("gpu_num")
@@ -72,8 +73,9 @@ def _record_arrays(records: Records) -> RecordArrays:
     from .records import normalize_frame, records_to_frame
 
     if _is_frame(records):
-        return record_arrays(normalize_frame(records))
-    return record_arrays(normalize_frame(records_to_frame(records, gpu_columns=False)))
+        return record_arrays(normalize_frame(cast("pl.DataFrame", records)))
+    rows = cast(Sequence[Mapping[str, Any]], records)
+    return record_arrays(normalize_frame(records_to_frame(rows, gpu_columns=False)))
 
 
 def _is_frame(records: Records) -> bool:
