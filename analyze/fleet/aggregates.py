@@ -6,7 +6,7 @@ hour) group as its unit, over the steps every run-level metric counts (`metrics.
 and each run's stored `run_settings` row (so S-MBU / S-MFU are the same ratio of sums, steps and
 tokens count on the first pipeline stage, logit rows on each run's last). TPOT quantiles are taken
 over `request_metrics.tpot_s` (the local per-request rows). Cost charges each run's headline rate
-(`runs.usd_per_hour`, from its metrics.json cost section) for the busy time of its steps in the
+(`runs.usd_per_hour`: the `Analysis.costs` frame of its local analysis) for the busy time of its steps in the
 hour (`window_s` of the same SQL with the hour as the group), as the run's cost section charges it.
 Columns: `layout.FLEET_HOURLY` (docs/fleet-dataset.md).
 """
