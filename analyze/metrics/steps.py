@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moecap.schemas.tables import PHASES
+
 from .window import COUNTED_SQL, IN_WINDOW_SQL
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -246,7 +248,24 @@ def summary_rows(
             v = r[name]
             values[name] = v if sqltype == "BIGINT" or v is None else _num(v)
         out.setdefault(r["run_id"], {})[r["phase"]] = values
-    return out
+    # DuckDB returns the groups in no fixed order: metrics.json's keys (and every table printed from
+    # them) come in one order, `all` first, then the phases as the trace schema lists them.
+    return {
+        rid: dict(sorted(groups.items(), key=lambda kv: _group_order(kv[0]))) for rid, groups in out.items()
+    }
+
+
+def _group_order(group: str) -> tuple[int, float, str]:
+    """Sort key of a summary group: `all`, the trace schema's phases in order, numbers (batch sizes,
+    time bins) by value, then any other text."""
+    if group == "all":
+        return (0, 0.0, "")
+    if group in PHASES:
+        return (1, float(PHASES.index(group)), "")
+    try:
+        return (2, float(group), "")
+    except ValueError:
+        return (3, 0.0, group)
 
 
 def quantile_rows(

@@ -288,3 +288,12 @@ def test_report_summary_table_shows_metrics_json(analysis: Analysis, document: d
         assert cells[14] == ("n/a" if cost is None else f"{cost:,.3g}"), run["run_id"]
         assert cells[16] == str(len(run["warnings"])), run["run_id"]
     assert n >= 20
+
+
+def test_metrics_json_lists_the_phases_in_one_order(document: dict[str, Any]) -> None:
+    """`all` first, then prefill, decode, mixed, idle, verify: the same file for the same traces
+    (DuckDB hands the groups back in no fixed order)."""
+    order = ["all", "prefill", "decode", "mixed", "idle", "verify", "unknown"]
+    for run in _runs(document):
+        keys = list(run["metrics"]["steps"])
+        assert keys == sorted(keys, key=order.index), (run["run_id"], keys)
