@@ -67,6 +67,20 @@ STEP_SMFU_SQL = (
 )
 """Per-step S-MFU (fraction): flops_total / (peak · t · g); null for an idle or zero-time step."""
 
+
+def step_time_s(gpu_start_ns: Any, gpu_end_ns: Any, t_start_ns: Any, t_end_ns: Any) -> tuple[Any, Any]:
+    """Per step (`time_s`, `has_gpu`): the step's busy time, s — its GPU span where the engine
+    recorded one (`has_gpu`), else its host span. Arrays of ns (GPU times NaN where missing)."""
+    import numpy as np
+
+    g0 = np.asarray(gpu_start_ns, dtype=np.float64)
+    g1 = np.asarray(gpu_end_ns, dtype=np.float64)
+    t0 = np.asarray(t_start_ns, dtype=np.int64)
+    t1 = np.asarray(t_end_ns, dtype=np.int64)
+    has_gpu = ~(np.isnan(g0) | np.isnan(g1))
+    return np.where(has_gpu, (g1 - g0) / 1e9, (t1 - t0) / 1e9), has_gpu
+
+
 MEMORY_BOUND_S_SQL = "(s.bytes_total / (s.gpu_bandwidth * s.gpus))"
 """Per-step roofline memory time (s): the step's bytes at the GPUs' full bandwidth."""
 
