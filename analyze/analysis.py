@@ -38,6 +38,7 @@ from .metrics.steps import (
     STEP_SMBU_SQL,
     STEP_SMFU_SQL,
     WINDOW_STEPS_SQL,
+    host_gap_and_wall_s,
     quantile_rows,
     step_time_s,
     summary_rows,
@@ -243,9 +244,9 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     def flush(cols: dict[str, Any], next_span_start: np.ndarray) -> None:
         cols.pop("_span_start")
         end = cols.pop("_span_end")
-        gap = np.maximum(next_span_start - end, 0) / 1e9
+        gap, wall = host_gap_and_wall_s(cols.pop("_busy"), end, next_span_start)
         cols["host_gap_s"] = pa.array(gap)
-        cols["wall_s"] = pa.array(cols.pop("_busy") + gap)
+        cols["wall_s"] = pa.array(wall)
         writer.write(pa.table(cols))
 
     try:

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from moecap.schemas.latency import QUANTILES  # one set of percentiles for steps and requests
 from moecap.schemas.tables import PHASES
 
 from .window import COUNTED_SQL, IN_WINDOW_SQL
-
-QUANTILES = (0.5, 0.9, 0.99)
 
 BYTES_SCALE = 2**40
 """Fixed point of byte and FLOP sums: units of 2^-40 (a per-step value above 2^12 keeps every bit
@@ -79,6 +78,16 @@ def step_time_s(gpu_start_ns: Any, gpu_end_ns: Any, t_start_ns: Any, t_end_ns: A
     t1 = np.asarray(t_end_ns, dtype=np.int64)
     has_gpu = ~(np.isnan(g0) | np.isnan(g1))
     return np.where(has_gpu, (g1 - g0) / 1e9, (t1 - t0) / 1e9), has_gpu
+
+
+def host_gap_and_wall_s(time_s: Any, span_end_ns: Any, next_span_start_ns: Any) -> tuple[Any, Any]:
+    """Per step (`host_gap_s`, `wall_s`): the gap from the step's span end to the next step's span
+    start on its stream, s (0 where they overlap), and the step's wall time = time_s + host gap (the
+    window's busy time sums these)."""
+    import numpy as np
+
+    gap = np.maximum(np.asarray(next_span_start_ns) - np.asarray(span_end_ns), 0) / 1e9
+    return gap, time_s + gap
 
 
 MEMORY_BOUND_S_SQL = "(s.bytes_total / (s.gpu_bandwidth * s.gpus))"
