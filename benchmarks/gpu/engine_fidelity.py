@@ -40,6 +40,8 @@ most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkou
 SGLang (a second lease: SGLang 0.5.16 wheels, see gpu/README.md; `export PYTHONPATH=/root/sgl` if installed
 with --target): the same commands with `--engine sglang` (engine start ~120 s; `--stages off-64,off-1` then
 `steps-64,experts-64`, `steps-1,experts-1`, `serve`).
+Control for the experts cost (SGLang's own select-experts recorder on, no moecap plugin), same lease:
+  source benchmarks/gpu/env.sh && cd benchmarks/gpu && python sglang_recorder_cost.py $OUT 1,64
 
 Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
 (Markdown) from the fetched JSON files.
@@ -562,36 +564,40 @@ def _gpu_name() -> str | None:
 
 
 def summarize(folders: list[str]) -> str:
-    """A Markdown table of every fidelity JSON under `folders`."""
-    found: dict[tuple[str, str], dict[str, Any]] = {}
+    """A Markdown table of every fidelity JSON under `folders` (a stage run twice is two rows; the
+    overhead table compares each plugin stage with the median of its batch size's `off-` runs)."""
+    found: list[tuple[str, str, str, dict[str, Any]]] = []
     for f in folders:
         for p in sorted(Path(f).rglob("fidelity-*.json")):
             data = json.loads(p.read_text())
-            found[(data.get("engine", "?"), data.get("stage", "?"))] = data
+            found.append((data.get("engine", "?"), data.get("stage", "?"), p.stem, data))
+    found.sort(key=lambda x: (x[0], x[1], x[2]))
+    offline = ("off-", "steps-", "experts-", "recorder-")
     lines = ["| engine | stage | GPU | engine's own tok/s (median) | `run` tok/s (median) | run / own | first token s |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    off: dict[tuple[str, str], float] = {}
-    for (engine, stage), d in sorted(found.items()):
-        if stage.startswith(("off-", "steps-", "experts-")) and d.get("ok"):
+    offs: dict[tuple[str, str], list[float]] = {}
+    for engine, stage, _, d in found:
+        if stage.startswith(offline) and d.get("ok"):
             lines.append(f"| {engine} | {stage} | {d.get('gpu')} | {d.get('engine_own_median')} | "
                          f"{d.get('run_median')} | {d.get('run_over_engine_own')} | "
                          f"{median(d.get('run_first_token_s') or [])} |")  # fmt: skip
             if stage.startswith("off-"):
-                off[(engine, stage[4:])] = d.get("engine_own_median") or 0
+                offs.setdefault((engine, stage[4:]), []).append(d.get("engine_own_median") or 0)
         elif not d.get("ok"):
             lines.append(
                 f"| {engine} | {stage} | {d.get('gpu')} | failed: {str(d.get('error'))[:80]} | | | |"
             )
+    off = {k: statistics.median(v) for k, v in offs.items()}
     lines += ["", "| engine | stage | `run` overhead vs engine's own without plugin | engine's own with plugin vs without |",
               "|---|---|---|---|"]  # fmt: skip
-    for (engine, stage), d in sorted(found.items()):
-        if stage.startswith(("steps-", "experts-")) and d.get("ok"):
+    for engine, stage, _, d in found:
+        if stage.startswith(offline[1:]) and d.get("ok"):
             base = off.get((engine, stage.split("-")[1]))
             if base:
                 run_loss = 100 * (1 - (d.get("run_median") or 0) / base)
                 own_loss = 100 * (1 - (d.get("engine_own_median") or 0) / base)
                 lines.append(f"| {engine} | {stage} | {run_loss:.2f} % | {own_loss:.2f} % |")
-    for (engine, stage), d in sorted(found.items()):
+    for engine, stage, _, d in found:
         if stage == "serve" and d.get("ok"):
             lines += ["", f"{engine} serve ({d.get('gpu')}): medians {json.dumps(d.get('medians'))}",
                       f"drive / bench: b64 {d.get('drive_over_bench_b64')}, b1 {d.get('drive_over_bench_b1')}"]  # fmt: skip

@@ -81,3 +81,24 @@ def test_summary_table_rows_ratios_and_overheads(tmp_path):
     # plugin against without: 1 - 4850/4884 = 0.70 %.
     assert "| vllm | experts-64 | 3.00 % | 0.70 % |" in table
     assert "| vllm | steps-1 | None | failed: no result (timeout or crash) | | | |" in table
+
+
+def test_summary_keeps_repeated_stages_and_compares_with_the_median_baseline(tmp_path):
+    """A stage run twice on one lease (a second engine) is two rows, and each plugin stage is compared with
+    the median of that batch size's `off-` runs; the recorder control stage is listed and compared too."""
+
+    def put(name: str, stage: str, own: float) -> None:
+        data = {"ok": True, "engine": "sglang", "stage": stage, "gpu": "H100", "engine_own_median": own,
+                "run_median": own, "run_over_engine_own": 1.0, "run_first_token_s": [0.02]}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+
+    put("fidelity-sglang-off-1", "off-1", 300.0)
+    put("fidelity-sglang-off-1-again", "off-1", 296.0)
+    put("fidelity-sglang-off-1-third", "off-1", 310.0)  # median of 296, 300, 310 = 300
+    put("fidelity-sglang-experts-1", "experts-1", 285.0)
+    put("fidelity-sglang-recorder-1", "recorder-1", 303.0)
+    table = ef.summarize([str(tmp_path)])
+    assert table.count("| sglang | off-1 | H100 |") == 3
+    # 1 - 285/300 = 5.00 %; 1 - 303/300 = -1.00 %
+    assert "| sglang | experts-1 | 5.00 % | 5.00 % |" in table
+    assert "| sglang | recorder-1 | -1.00 % | -1.00 % |" in table
