@@ -43,6 +43,8 @@ from typing import Any
 
 import polars as pl
 
+from .metrics.steps import step_time_s
+
 FACTOR = 10.0
 MIN_EXCESS_MS = 100.0
 MIN_PEERS = 5
@@ -70,6 +72,22 @@ class SlowStep:
     step of its shape, >= WARMUP_FACTOR x the later steps of that size)."""
 
 
+def _duration_ms(df: pl.DataFrame) -> pl.Series:
+    """Each step's time_s (metrics/steps.py `step_time_s`: GPU span, else host span) in ms; null
+    where neither span is known."""
+    import numpy as np
+
+    def ns(name: str) -> np.ndarray:
+        return df[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+    host = df["t_start_ns"].is_not_null() & df["t_end_ns"].is_not_null()
+    t0 = df["t_start_ns"].fill_null(0).cast(pl.Int64).to_numpy()
+    t1 = df["t_end_ns"].fill_null(0).cast(pl.Int64).to_numpy()
+    time_s, has_gpu = step_time_s(ns("gpu_start_ns"), ns("gpu_end_ns"), t0, t1)
+    known = has_gpu | host.to_numpy()
+    return pl.Series("d", np.where(known, time_s * 1e3, np.nan)).fill_nan(None)
+
+
 def slow_steps(rows: Iterable[Mapping[str, Any]] | pl.DataFrame) -> list[SlowStep]:
     """The steps the module docstring's rule names, in rank and step order. `rows`: `steps` rows (dp, pp,
     tp, step, phase, num_tokens, gpu/host start and end ns), as mappings or a Polars frame (vectorised:
@@ -89,15 +107,13 @@ def slow_steps(rows: Iterable[Mapping[str, Any]] | pl.DataFrame) -> list[SlowSte
     rank = pl.format(
         "dp{}-pp{}-tp{}", pl.col("dp").fill_null(0), pl.col("pp").fill_null(0), pl.col("tp").fill_null(0)
     )
+    # The step's time_s as step_metrics has it (GPU span where recorded, else the host span), in ms;
+    # null where neither span is known.
     df = (
         df.with_columns(
             rank=rank,
             phase=pl.col("phase").cast(pl.String),
-            # GPU span where recorded, else the host span (ms)
-            d=pl.coalesce(
-                pl.col("gpu_end_ns") - pl.col("gpu_start_ns"), pl.col("t_end_ns") - pl.col("t_start_ns")
-            )
-            / 1e6,
+            d=_duration_ms(df),
             tokens=pl.max_horizontal(pl.col("num_tokens").fill_null(0), pl.lit(1)),
         )
         .drop_nulls("d")
