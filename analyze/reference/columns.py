@@ -20,6 +20,7 @@ sums over requests do not depend on that order (`continuous._request_sums`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ from .record_file import parse_reference_records
 #: Integers this exact as float64; a larger one is left to the frame (its conversion rules).
 _MAX_EXACT = 2.0**53
 _NONE: type = type(None)
+#: The req_id of an entry without that field (`_Entries.of_dicts`).
+_ABSENT: Any = type("_Absent", (), {"__repr__": lambda self: "<absent>"})()
 _NUMBER_TYPES: frozenset[type] = frozenset({int, float, _NONE})
 _INT_TYPES: frozenset[type] = frozenset({int, _NONE})
 _NUMERIC = ("latency", "expert_activation", "seq_lens_sum", "batch_size", "ttft", "scheduled_tokens")
@@ -87,21 +90,48 @@ def _float_column(values: list[Any], types: frozenset[type] = _NUMBER_TYPES) -> 
 
 
 class _Entries:
-    """The plain per_req_info entries of every prefill pass, in record then entry order."""
+    """The plain per_req_info entries of every prefill pass, in record then entry order, as columns.
 
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
-        self.entries = entries
-        self.req_id = [e.get("req_id") for e in entries]
-        self.pool = [e.get("req_pool_idx") for e in entries]
-        self.last = [e.get("is_last_chunk") for e in entries]
-        self.ok = set(map(type, self.req_id)) <= {str, _NONE} and set(map(type, self.last)) <= {bool, _NONE}
-        pool = _float_column(self.pool, _INT_TYPES) if self.ok else None
-        extend = _float_column([e.get("extend_len") for e in entries], _INT_TYPES) if pool else None
-        total = _float_column([e.get("total_len") for e in entries], _INT_TYPES) if extend else None
+    `req_id` holds `absent` where an entry has no req_id field (None where it is null); the other
+    columns hold None where the field is absent or null. `n_keys`: the entries' keys in all."""
+
+    def __init__(
+        self,
+        req_id: list[Any],
+        pool: list[Any],
+        last: list[Any],
+        extend_len: list[Any],
+        total_len: list[Any],
+        *,
+        absent: Any,
+        n_keys: int,
+    ) -> None:
+        self.n, self.n_keys, self.absent = len(req_id), n_keys, absent
+        self.req_id, self.pool, self.last = req_id, pool, last
+        self.ok = set(map(type, req_id)) <= {str, _NONE, type(absent)} and set(map(type, last)) <= {
+            bool,
+            _NONE,
+        }
+        pool_col = _float_column(pool, _INT_TYPES) if self.ok else None
+        extend = _float_column(extend_len, _INT_TYPES) if pool_col else None
+        total = _float_column(total_len, _INT_TYPES) if extend else None
         self.ok = total is not None
         if extend is not None and total is not None:
             self.extend = np.where(extend.nulls, 0.0, extend.values) if extend.null_count else extend.values
             self.total, self.total_null = total.values, total.nulls
+
+    @classmethod
+    def of_dicts(cls, entries: list[dict[str, Any]]) -> _Entries:
+        """The entries as Python's `json` gives them."""
+        return cls(
+            [e.get("req_id", _ABSENT) for e in entries],
+            [e.get("req_pool_idx") for e in entries],
+            [e.get("is_last_chunk") for e in entries],
+            [e.get("extend_len") for e in entries],
+            [e.get("total_len") for e in entries],
+            absent=_ABSENT,
+            n_keys=sum(map(len, entries)),
+        )
 
     def arrays(self, select: IntArray | None, prefill_pos: IntArray) -> EntryArrays:
         """EntryArrays of all entries (select None) or of the entries at `select`, grouped by request
@@ -109,17 +139,16 @@ class _Entries:
         req_pool_idx, else the None key (`requests`); req_id if not null, else req_pool_idx, where either
         is set (`server_requests`). A string id and an integer slot are never equal, so the raw values
         serve as keys."""
-        entries, req_id, pool, last = self.entries, self.req_id, self.pool, self.last
+        req_id, pool, last, absent = self.req_id, self.pool, self.last, self.absent
         extend, total, total_null = self.extend, self.total, self.total_null
         if select is not None:
             rows = select.tolist()
-            entries = [entries[i] for i in rows]
             req_id, pool, last = [req_id[i] for i in rows], [pool[i] for i in rows], [last[i] for i in rows]
             extend, total, total_null = extend[select], total[select], total_null[select]
-        n = len(entries)
-        if None in req_id:
-            request_key = [r if "req_id" in e else p for r, p, e in zip(req_id, pool, entries, strict=True)]
-            server_key = [p if r is None else r for r, p in zip(req_id, pool, strict=True)]
+        n = len(req_id)
+        if None in req_id or absent in req_id:
+            request_key = [p if r is absent else r for r, p in zip(req_id, pool, strict=True)]
+            server_key = [p if r is None or r is absent else r for r, p in zip(req_id, pool, strict=True)]
             requests, server_requests = _grouping(request_key), _grouping(server_key)
             server_keyed = np.fromiter((k is not None for k in server_key), dtype=bool, count=n)
         else:  # every entry keyed by its req_id, by both rules
@@ -144,15 +173,15 @@ class RecordColumns:
 
     def __init__(
         self,
-        records: list[dict[str, Any]],
+        first: dict[str, Any],
         modes: list[Any],
         prefill_index: IntArray,
         columns: dict[str, _NumpyColumn],
         info: list[Any],
         entries: _Entries,
     ) -> None:
-        self.first = records[0]
-        self.n = len(records)
+        self.first = first
+        self.n = len(modes)
         self._modes = modes
         self.prefill_index = prefill_index
         self.mode_nulls = modes.count(None)
@@ -167,7 +196,7 @@ class RecordColumns:
 
     @property
     def n_entries(self) -> int:
-        return len(self._entries.entries)
+        return self._entries.n
 
     def decode_like_mask(self) -> BoolArray:
         modes = DECODE_LIKE_MODES
@@ -207,33 +236,53 @@ def record_columns(records: list[dict[str, Any]]) -> RecordColumns | None:
     None where some value is not plain (module docstring): the frame then reads them."""
     if not records:
         return None
-    modes = [r.get("forward_mode") for r in records]
+
+    def entries(flat: list[Any]) -> _Entries | None:
+        return _Entries.of_dicts(flat) if all(type(e) is dict for e in flat) else None
+
+    return columns_of(
+        records[0],
+        [r.get("forward_mode") for r in records],
+        lambda name: [r.get(name) for r in records],
+        [r.get("per_req_info") for r in records],
+        entries,
+    )
+
+
+def columns_of(
+    first: dict[str, Any],
+    modes: list[Any],
+    values: Callable[[str], list[Any]],
+    info_all: list[Any],
+    entries_of: Callable[[list[Any]], _Entries | None],
+) -> RecordColumns | None:
+    """`RecordColumns` of records given field by field, or None where a value is not plain: `modes`
+    (forward_mode of each record), `values(name)` (a numeric field of each record), `info_all` (their
+    per_req_info) - None where absent or null - and `entries_of`, which takes the entries of every
+    prefill pass in order (None where one is not an entry)."""
     if not set(map(type, modes)) <= {str, _NONE}:
         return None
     prefill = _positions(modes, "prefill")
     columns: dict[str, _NumpyColumn] = {}
     for name in _NUMERIC:
-        column = _float_column([r.get(name) for r in records])
+        column = _float_column(values(name))
         if column is None:
             return None
         columns[name] = column
-    info_all = [r.get("per_req_info") for r in records]
     info = [info_all[i] for i in prefill]
-    if info_all.count(None) != len(records) - (len(info) - info.count(None)):
+    if info_all.count(None) != len(modes) - (len(info) - info.count(None)):
         return None  # per_req_info on a record that is not a prefill pass
-    flat: list[dict[str, Any]] = []
+    flat: list[Any] = []
     for entry_list in info:
         if entry_list is None:
             continue
         if type(entry_list) is not list:
             return None
         flat.extend(entry_list)
-    if not all(type(e) is dict for e in flat):
+    entries = entries_of(flat)
+    if entries is None or not entries.ok:
         return None
-    entries = _Entries(flat)
-    if not entries.ok:
-        return None
-    return RecordColumns(records, modes, np.array(prefill, dtype=np.int64), columns, info, entries)
+    return RecordColumns(first, modes, np.array(prefill, dtype=np.int64), columns, info, entries)
 
 
 def _positions(values: list[Any], value: str) -> list[int]:
@@ -262,14 +311,25 @@ def read_record_columns(path: str | Path) -> RecordColumns | None:
     may be written twice in one object. For the last, every ':' in the file must be a key's - there
     must be exactly as many as the records and their per_req_info entries have keys - since
     `records.load_reference_frame`, which reads a JSON list today, keeps a repeated key's first value
-    where Python's `json` keeps the last."""
+    where Python's `json` keeps the last.
+
+    Decoded by msgspec where it is installed and reads the file as `json` would (`typed_read`), else
+    by Python's `json`: the same columns either way."""
     try:
         data = Path(path).read_bytes()
+    except OSError:
+        return None
+    from .typed_read import typed_record_columns
+
+    typed = typed_record_columns(data)
+    if typed is not None:
+        return typed
+    try:
         records = parse_reference_records(Path(path), data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, AnalyzeError):
+    except (UnicodeDecodeError, AnalyzeError):
         return None
     columns = record_columns(records)
     if columns is None:
         return None
-    keys = sum(map(len, records)) + sum(map(len, columns._entries.entries))
+    keys = sum(map(len, records)) + columns._entries.n_keys
     return columns if data.count(b":") == keys else None
