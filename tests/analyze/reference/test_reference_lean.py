@@ -309,3 +309,195 @@ def test_bad_input_gives_the_full_commands_one_line_error(setup: str, tmp_path: 
     assert (
         got["code"] == 2 and got["err"].startswith("moecap-analyze: error: ") and got["err"].count("\n") == 1
     )
+
+
+# --- msgspec's typed decoding (`reference.typed_read`): the same columns as Python's json, or none ---
+
+typed_read = pytest.importorskip("moecap.analyze.reference.typed_read")
+
+
+def _json_columns(data: bytes) -> Any:
+    """The columns of Python's json path alone (msgspec left out), as `read_record_columns` takes them."""
+    from moecap.analyze.errors import AnalyzeError
+    from moecap.analyze.reference.columns import record_columns
+    from moecap.analyze.reference.record_file import parse_reference_records
+
+    try:
+        records = parse_reference_records(Path("batch_data.json"), data.decode("utf-8"))
+    except (UnicodeDecodeError, AnalyzeError):
+        return None
+    columns = record_columns(records)
+    if columns is None:
+        return None
+    keys = sum(map(len, records)) + columns._entries.n_keys
+    return columns if data.count(b":") == keys else None
+
+
+def _assert_same_columns(a: Any, b: Any) -> None:
+    import numpy as np
+
+    from moecap.analyze.reference.columns import _NUMERIC
+
+    assert a.n == b.n and a._modes == b._modes and list(a.prefill_index) == list(b.prefill_index)
+    assert {k: a.first.get(k) for k in ("gpu_num", "gpu_raw_type")} == {
+        k: b.first.get(k) for k in ("gpu_num", "gpu_raw_type")
+    }
+    for name in _NUMERIC:
+        x, y = a.column(name), b.column(name)
+        assert np.array_equal(x.values, y.values, equal_nan=True), name
+        assert np.array_equal(x.nulls, y.nulls) and x.null_count == y.null_count, name
+    assert a._info == [None if i is None else len(i) for i in b._info] or len(a._info) == len(b._info)
+    ea, eb = a._entries, b._entries
+    assert ea.n == eb.n and ea.pool == eb.pool and ea.last == eb.last
+    assert [r is ea.absent for r in ea.req_id] == [r is eb.absent for r in eb.req_id]
+    assert [None if r is ea.absent else r for r in ea.req_id] == [
+        None if r is eb.absent else r for r in eb.req_id
+    ]
+    assert np.array_equal(ea.extend, eb.extend) and np.array_equal(ea.total, eb.total, equal_nan=True)
+    assert np.array_equal(ea.total_null, eb.total_null)
+
+
+def _text(records: list[dict[str, Any]]) -> str:
+    return json.dumps(records)
+
+
+def test_typed_decoding_gives_json_columns_for_every_generated_variant_and_oracle_case() -> None:
+    cases = [_text(records) for records in _variants().values()]
+    cases += [_text(c["records"]) for c in METRICS if isinstance(c["records"], list)]
+    taken = 0
+    for text in cases:
+        data = text.encode()
+        typed, plain = typed_read.typed_record_columns(data), _json_columns(data)
+        if typed is None:
+            continue
+        taken += 1
+        assert plain is not None
+        _assert_same_columns(typed, plain)
+    assert taken >= len(_variants()) + len(METRICS) // 2, taken
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+_BASE = json.dumps(load_loop_module().synthetic_records(60, seed=5))
+
+#: (case, file text, whether Python's json path takes it): msgspec leaves each of these to json.
+_LEFT_TO_JSON = {
+    "key-twice": (_edit(_BASE, '"latency": ', '"latency": 1.0, "latency": '), False),
+    "key-twice-in-entry": (_edit(_BASE, '"extend_len": ', '"extend_len": 1, "extend_len": '), False),
+    "nan-number": (_edit(_BASE, '"latency": ', '"latency": NaN, "x1": '), False),
+    "nan-gpu-num": (_edit(_BASE, '"gpu_num": 8', '"gpu_num": NaN'), True),
+    "infinity-gpu-num": (_edit(_BASE, '"gpu_num": 8', '"gpu_num": -Infinity'), True),
+    "beyond-float64": (_edit(_BASE, '"latency": ', '"latency": 1e400, "x1": '), False),
+    "huge-int": (_edit(_BASE, '"latency": ', '"latency": 123456789012345678901234567890, "x1": '), False),
+    "non-ascii-id": (_BASE.replace('_1"', '_\u00e9"').replace("\\u00e9", "\u00e9"), True),
+    "escaped-id": (_BASE.replace('_1"', '_\\u0031"'), True),
+    "unknown-key": (_BASE.replace('"gpu_num": ', '"rank": 0, "gpu_num": '), True),
+    "records-object": ('{"records": ' + _BASE + "}", False),
+    "json-lines": ("\n".join(json.dumps(r) for r in json.loads(_BASE)) + "\n", True),
+    "bool-number": (_edit(_BASE, '"latency": ', '"latency": true, "x1": '), False),
+    "text-number": (_edit(_BASE, '"batch_size": ', '"batch_size": "4", "x1": '), False),
+    "int-id": (_edit(_BASE, '"req_id": "', '"req_id": 7, "x1": "'), False),
+    "trailing": (_BASE + " x", False),
+    "empty": ("[]", False),
+}
+
+
+@pytest.mark.parametrize("case", list(_LEFT_TO_JSON))
+def test_typed_decoding_leaves_what_json_might_read_otherwise_to_json(case: str, tmp_path: Path) -> None:
+    text, json_takes = _LEFT_TO_JSON[case]
+    data = text.encode()
+    assert typed_read.typed_record_columns(data) is None
+    path = tmp_path / "batch_data.json"
+    path.write_bytes(data)
+    got = read_record_columns(path)
+    assert (got is not None) == json_takes
+    if json_takes:
+        _assert_same_columns(got, _json_columns(data))
+
+
+def test_typed_decoding_reads_nulls_and_absent_fields_as_json_does() -> None:
+    records = json.loads(_BASE)
+    records[2]["latency"] = None
+    records[3]["forward_mode"] = None
+    records[4]["per_req_info"] = None
+    del records[5]["batch_size"]
+    del records[6]["gpu_num"]
+    records[0]["gpu_num"] = None
+    entries = [e for r in records[1:] for e in r.get("per_req_info") or []]
+    assert len(entries) >= 4
+    entries[0]["req_id"] = None  # a null id (keyed by it) and an absent one (keyed by the slot)
+    del entries[1]["req_id"]
+    entries[2]["is_last_chunk"] = None
+    entries[3]["total_len"] = None
+    data = json.dumps(records).encode()
+    typed = typed_read.typed_record_columns(data)
+    assert typed is not None
+    _assert_same_columns(typed, _json_columns(data))
+    assert typed.first == {"gpu_raw_type": "NVIDIA-H200-141GB", "gpu_num": None}
+
+
+def test_typed_decoding_rounds_numbers_as_python_does() -> None:
+    import random
+    import struct
+
+    rng = random.Random(11)
+    texts = []
+    while len(texts) < 3000:
+        kind = rng.random()
+        if kind < 0.4:  # any float64, subnormals included, shortest repr
+            value = struct.unpack("d", rng.randbytes(8))[0]
+            text = repr(abs(value))
+        elif kind < 0.7:  # 17-25 significant digits: rounding matters
+            text = f"{rng.randint(1, 10**25)}.{rng.randint(0, 10**20)}e{rng.randint(-320, 300)}"
+        else:
+            text = f"{rng.random() * 10 ** rng.randint(-8, 8):.{rng.randint(1, 20)}f}"
+        if "n" not in text and float(text) < 2.0**53 and float(text) > 0:
+            texts.append(text)
+    raw = ("[" + ",".join(f'{{"forward_mode": "decode", "latency": {t}}}' for t in texts) + "]").encode()
+    typed, plain = typed_read.typed_record_columns(raw), _json_columns(raw)
+    assert typed is not None and plain is not None
+    assert typed.column("latency").values.tobytes() == plain.column("latency").values.tobytes()
+
+
+def test_without_msgspec_the_json_path_reads_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = _files(tmp_path, _synthetic(300), CONFIG)
+    with_msgspec = read_record_columns(path)
+    monkeypatch.setattr(typed_read, "msgspec", None)
+    assert typed_read.typed_record_columns(path.read_bytes()) is None
+    without = read_record_columns(path)
+    assert with_msgspec is not None and without is not None
+    _assert_same_columns(with_msgspec, without)
+
+
+_NO_MSGSPEC = "import sys; sys.modules['msgspec'] = None\n"
+
+
+def test_the_lean_process_without_msgspec_prints_the_full_commands_output(tmp_path: Path) -> None:
+    path, config = _files(tmp_path, _synthetic(300), CONFIG)
+    args = [str(path), "--formula", "reference", "--model-config", str(config), "--format", "json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MSGSPEC + _PROBE, json.dumps(args)],
+        capture_output=True, text=True, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert (
+        result["code"] == 0 and "msgspec._core" not in result["modules"] and "polars" not in result["modules"]
+    )
+    assert result["out"] == _full_process(args, tmp_path).stdout
+
+
+@pytest.mark.parametrize("case", ["bool-number", "text-number", "int-id", "key-twice", "nan-number"])
+def test_records_msgspec_rejects_give_the_full_commands_output_or_one_line_error(
+    case: str, tmp_path: Path
+) -> None:
+    path, config = _files(tmp_path, [], CONFIG)
+    path.write_text(_LEFT_TO_JSON[case][0])
+    args = [str(path), "--formula", "reference", "--model-config", str(config), "--format", "json"]
+    got, want = _entry(args, tmp_path), _full_process(args, tmp_path)
+    assert (got["code"], got["out"], got["err"]) == (want.returncode, want.stdout, want.stderr)
+    assert "Traceback" not in got["err"] and got["err"].count("\n") <= 1
