@@ -65,10 +65,13 @@ class _NumpyColumn:
         return self.values[index] if values is None else values, nulls
 
 
-def _float_column(values: list[Any], types: frozenset[type] = _NUMBER_TYPES) -> _NumpyColumn | None:
+def _float_column(
+    values: list[Any], types: frozenset[type] = _NUMBER_TYPES, seen: set[type] | None = None
+) -> _NumpyColumn | None:
     """`values` as a float column when each is None or a finite number of `types` (integers below
-    2**53 in size); else None."""
-    seen = set(map(type, values))
+    2**53 in size); else None. `seen`: the types of `values`, where the caller has them."""
+    if seen is None:
+        seen = set(map(type, values))
     if not seen <= types:
         return None
     n, n_null = len(values), values.count(None)
@@ -243,7 +246,7 @@ def record_columns(records: list[dict[str, Any]]) -> RecordColumns | None:
     return columns_of(
         records[0],
         [r.get("forward_mode") for r in records],
-        lambda name: [r.get(name) for r in records],
+        lambda name: _float_column([r.get(name) for r in records]),
         [r.get("per_req_info") for r in records],
         entries,
     )
@@ -252,12 +255,12 @@ def record_columns(records: list[dict[str, Any]]) -> RecordColumns | None:
 def columns_of(
     first: dict[str, Any],
     modes: list[Any],
-    values: Callable[[str], list[Any]],
+    column_of: Callable[[str], _NumpyColumn | None],
     info_all: list[Any],
     entries_of: Callable[[list[Any]], _Entries | None],
 ) -> RecordColumns | None:
     """`RecordColumns` of records given field by field, or None where a value is not plain: `modes`
-    (forward_mode of each record), `values(name)` (a numeric field of each record), `info_all` (their
+    (forward_mode of each record), `column_of(name)` (a numeric field's `_float_column`), `info_all` (their
     per_req_info) - None where absent or null - and `entries_of`, which takes the entries of every
     prefill pass in order (None where one is not an entry)."""
     if not set(map(type, modes)) <= {str, _NONE}:
@@ -265,7 +268,7 @@ def columns_of(
     prefill = _positions(modes, "prefill")
     columns: dict[str, _NumpyColumn] = {}
     for name in _NUMERIC:
-        column = _float_column(values(name))
+        column = column_of(name)
         if column is None:
             return None
         columns[name] = column

@@ -35,7 +35,7 @@ try:
 except ImportError:  # optional: Python's json reads the file then
     msgspec = None  # type: ignore[assignment]
 
-from .columns import RecordColumns, _Entries, columns_of
+from .columns import _NONE, RecordColumns, _Entries, _float_column, _NumpyColumn, columns_of
 
 if msgspec is not None:
     _Number = int | float | None | UnsetType
@@ -81,18 +81,24 @@ def typed_record_columns(data: bytes) -> RecordColumns | None:
         return None
     keys = 0
 
-    def present(values: list[Any]) -> list[Any]:
-        """`values` with None for UNSET; counts the fields present."""
+    def field(name: str, items: list[Any] = records) -> tuple[list[Any], set[type]]:
+        """The field's values (None where absent) and their types; counts the fields present."""
         nonlocal keys
-        if _UNSET_TYPE not in set(map(type, values)):
-            keys += len(values)
-            return values
-        unset = values.count(UNSET)
-        keys += len(values) - unset
-        return [None] * len(values) if unset == len(values) else [None if v is UNSET else v for v in values]
+        values = list(map(attrgetter(name), items))
+        seen = set(map(type, values))
+        n = len(values)
+        if _UNSET_TYPE in seen:
+            unset = values.count(UNSET)
+            seen.discard(_UNSET_TYPE)
+            seen.add(_NONE)
+            values = [None] * n if unset == n else [None if v is UNSET else v for v in values]
+            n -= unset
+        keys += n
+        return values, seen
 
-    def field(name: str, items: list[Any] = records) -> list[Any]:
-        return present(list(map(attrgetter(name), items)))
+    def column_of(name: str) -> _NumpyColumn | None:
+        values, seen = field(name)
+        return _float_column(values, seen=seen)
 
     def entries_of(flat: list[Any]) -> _Entries:
         nonlocal keys
@@ -100,10 +106,10 @@ def typed_record_columns(data: bytes) -> RecordColumns | None:
         keys += len(req_id) - req_id.count(UNSET)
         return _Entries(
             req_id,
-            field("req_pool_idx", flat),
-            field("is_last_chunk", flat),
-            field("extend_len", flat),
-            field("total_len", flat),
+            field("req_pool_idx", flat)[0],
+            field("is_last_chunk", flat)[0],
+            field("extend_len", flat)[0],
+            field("total_len", flat)[0],
             absent=UNSET,
             n_keys=0,
         )
@@ -111,7 +117,8 @@ def typed_record_columns(data: bytes) -> RecordColumns | None:
     head = records[0]
     first = {k: v for k in ("gpu_num", "gpu_raw_type") if (v := getattr(head, k)) is not UNSET}
     field("gpu_num"), field("gpu_raw_type")  # only their keys are counted
-    columns = columns_of(first, field("forward_mode"), field, field("per_req_info"), entries_of)
+    modes, info = field("forward_mode")[0], field("per_req_info")[0]
+    columns = columns_of(first, modes, column_of, info, entries_of)
     if columns is None:
         return None
     return columns if data.count(b":") == keys else None
