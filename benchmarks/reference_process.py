@@ -7,9 +7,12 @@ side and alternating (best of `--repeat`):
 * reference: `python benchmarks/reference_loop.py --records FILE`-equivalent: json.load + the
   per-record Python loop with the reference's call structure (what MoE-CAP's own script does);
 * moecap: `moecap-analyze FILE --formula reference --model-config ... --gpu ... --format json`;
-* decode floor: a process that only imports numpy and `json.load`s the file: what reference mode on
-  this file costs before any moecap code runs (the lean path, `moecap.analyze.lean`, loads numpy and
-  decodes with the standard library's json; no typer, rich, pydantic or polars).
+* decode floor: a process that only imports numpy and `json.load`s the file: what reference mode
+  cost before any moecap code ran while the lean path (`moecap.analyze.lean`) decoded with the
+  standard library's json (no typer, rich, pydantic or polars);
+* typed decode floor: a process that imports numpy and the msgspec record types
+  (`reference.typed_read`, which the lean path now decodes with where msgspec is installed) and
+  decodes the file into them: what is left before the columns and the formulas.
 
 Both print the same decoding S-MBU (checked). Prints one JSON line. `--before DIR`: also time, in the
 same rounds, another version of moecap (DIR holds its `moecap` folder, e.g. a `git worktree` of main
@@ -20,6 +23,7 @@ load average at start and end is printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -92,6 +96,12 @@ def main() -> None:
             "--num-gpus", str(NUM_GPUS), "--format", "json",
         ]  # fmt: skip
         floor_cmd = [sys.executable, "-c", f"import json, numpy; json.load(open({str(path)!r}))"]
+        typed_floor_cmd = [
+            sys.executable,
+            "-c",
+            "from moecap.analyze.reference.typed_read import _DECODER; "
+            f"_DECODER.decode(open({str(path)!r}, 'rb').read())",
+        ]
         before_cmd = [sys.executable, "-c", "from moecap.analyze.cli import main; main()", *ours_cmd[1:]]
         before_env = {**os.environ, "PYTHONPATH": args.before} if args.before else None
         loop_s, ours_s, before_s = [], [], []
@@ -101,6 +111,8 @@ def main() -> None:
             t, out_ours = _time(ours_cmd, side="moecap")
             ours_s.append(t)
             _time(floor_cmd, side="decode floor")
+            with contextlib.suppress(subprocess.CalledProcessError):  # without msgspec: no typed floor
+                _time(typed_floor_cmd, side="typed decode floor")
             if before_env is not None:
                 t, out_before = _time(before_cmd, before_env, side="before")
                 before_s.append(t)

@@ -74,7 +74,7 @@ def _float_column(
         seen = set(map(type, values))
     if not seen <= types:
         return None
-    n, n_null = len(values), values.count(None)
+    n, n_null = len(values), values.count(None) if _NONE in seen else 0
     if n_null == n:
         return _NumpyColumn(np.full(n, np.nan), np.ones(n, dtype=bool))
     array = np.array(values, dtype=np.float64)  # None -> NaN

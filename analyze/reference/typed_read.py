@@ -116,7 +116,8 @@ def typed_record_columns(data: bytes) -> RecordColumns | None:
 
     head = records[0]
     first = {k: v for k in ("gpu_num", "gpu_raw_type") if (v := getattr(head, k)) is not UNSET}
-    field("gpu_num"), field("gpu_raw_type")  # only their keys are counted
+    for name in ("gpu_num", "gpu_raw_type"):  # only their keys are counted
+        keys += len(records) - list(map(attrgetter(name), records)).count(UNSET)
     modes, info = field("forward_mode")[0], field("per_req_info")[0]
     columns = columns_of(first, modes, column_of, info, entries_of)
     if columns is None:
