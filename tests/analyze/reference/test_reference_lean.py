@@ -401,6 +401,7 @@ _LEFT_TO_JSON = {
     "text-number": (_edit(_BASE, '"batch_size": ', '"batch_size": "4", "x1": '), False),
     "int-id": (_edit(_BASE, '"req_id": "', '"req_id": 7, "x1": "'), False),
     "trailing": (_BASE + " x", False),
+    "form-feed": (_edit(_BASE, '"latency": ', '"latency": \f'), False),  # not JSON whitespace to either
     "empty": ("[]", False),
 }
 
