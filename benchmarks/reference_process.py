@@ -16,8 +16,9 @@ side and alternating (best of `--repeat`):
 
 Both print the same decoding S-MBU (checked). Prints one JSON line. `--before DIR`: also time, in the
 same rounds, another version of moecap (DIR holds its `moecap` folder, e.g. a `git worktree` of main
-linked as DIR/moecap), run as `python -c "from moecap.analyze.cli import main; main()" ARGS`; the
-load average at start and end is printed too.
+linked as DIR/moecap), run as `python -c "from moecap.analyze.entry import main; main()" ARGS` (the
+console script's entry point; `cli` for a version without `entry.py`); the load average at start and
+end is printed too.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def main() -> None:
             "from moecap.analyze.reference.typed_read import _DECODER; "
             f"_DECODER.decode(open({str(path)!r}, 'rb').read())",
         ]
-        before_cmd = [sys.executable, "-c", "from moecap.analyze.cli import main; main()", *ours_cmd[1:]]
+        # The console script's entry point where that version has one (`entry`: lean paths), else `cli`.
+        entry = "entry" if args.before and (Path(args.before) / "moecap/analyze/entry.py").exists() else "cli"
+        before_cmd = [sys.executable, "-c", f"from moecap.analyze.{entry} import main; main()", *ours_cmd[1:]]
         before_env = {**os.environ, "PYTHONPATH": args.before} if args.before else None
         loop_s, ours_s, before_s = [], [], []
         for _ in range(args.repeat):  # alternating, so both see the same machine load
