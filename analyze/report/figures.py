@@ -106,10 +106,10 @@ def cross_run_section(
     ]
     if outliers:
         sec.notes.append(
-            "Throughput vs batch size leaves out compile-outlier steps (the slow steps `check` names: "
-            f"≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it): "
-            + "; ".join(outliers)
-            + "."
+            "Throughput vs batch size leaves out compile-outlier and warm-up steps (the slow steps `check` "
+            f"names: ≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it; or "
+            f"the first of their shape at ≥ {slow.WARMUP_FACTOR:g}× the later ones, "
+            f"≥ {slow.MIN_WARMUP_EXCESS_MS:g} ms over them): " + "; ".join(outliers) + "."
         )
     if tput.height:
         sec.figures.append(
