@@ -14,7 +14,8 @@ decodes with `json`, `columns.read_record_columns`) in every other case:
 * anything msgspec rejects: not a JSON list at the top level (`{"records": ...}`, JSON Lines),
   NaN / Infinity (which `json` reads), a number beyond float64 (`1e400`: `json` reads infinity),
   a key other than `_Record`'s / `_Entry`'s, a value of another type than the struct's (a bool for
-  a number, an integer request id, ...), malformed JSON;
+  a number, an integer request id, an array or object as gpu_num / gpu_raw_type: JSON scalars only,
+  so no nested value that `json` might find too deep is taken), malformed JSON;
 * a key written twice in one object (msgspec keeps the last value, as `json` does, but the record
   frame keeps the first): as on the `json` path, the file's ':' must number exactly the keys the
   records and entries have (absent fields are `UNSET`, so the keys present are counted);
