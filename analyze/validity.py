@@ -50,17 +50,33 @@ def _out_of_range(values: np.ndarray) -> np.ndarray:
     return (values < 0) | (values >= MAX_NS)
 
 
-def _bounds(col: pa.Array) -> tuple[float, float] | None:
-    """(min, max) of a numeric or list column's values (exact Python numbers), None when it has none
-    (Arrow kernels: no copy)."""
-    values = pc.list_flatten(col) if pa.types.is_list(col.type) else col
+def _list_values(col: pa.Array) -> pa.Array:
+    """A list column's values, in order (`pc.list_flatten`; a slice of the child array, no kernel
+    call, when no list is null)."""
+    if col.null_count:
+        return pc.list_flatten(col)
+    offsets = col.offsets
+    return col.values.slice(offsets[0].as_py(), offsets[-1].as_py() - offsets[0].as_py())
+
+
+def _bounds(col: pa.Array, need_max: bool = True) -> tuple[float, float] | None:
+    """(min, max) of a numeric or list column's values (exact Python numbers; max None unless
+    `need_max`), None when it has none (no copy)."""
+    values = _list_values(col) if pa.types.is_list(col.type) else col
+    if pa.types.is_integer(values.type) and not values.null_count:
+        # The common case (every column the step and expert rules bound): numpy over Arrow's own
+        # buffer, a few µs against ~20 µs of Arrow kernel set-up per call on a 256-row batch.
+        ints = values.to_numpy(zero_copy_only=True)
+        if not len(ints):
+            return None
+        return int(ints.min()), (int(ints.max()) if need_max else None)
     mm = pc.min_max(values)
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
     return None if lo is None else (lo, hi)
 
 
 def _any_below(col: pa.Array, limit: float) -> bool:
-    b = _bounds(col)
+    b = _bounds(col, need_max=False)
     return b is not None and b[0] < limit
 
 
