@@ -34,7 +34,15 @@ from .metrics.step_costs import (
     sum_pairs,
     sum_windows,
 )
-from .metrics.steps import STEP_SMBU_SQL, STEP_SMFU_SQL, WINDOW_STEPS_SQL, quantile_rows, summary_rows
+from .metrics.steps import (
+    STEP_SMBU_SQL,
+    STEP_SMFU_SQL,
+    WINDOW_STEPS_SQL,
+    host_gap_and_wall_s,
+    quantile_rows,
+    step_time_s,
+    summary_rows,
+)
 from .metrics.window import RUN_WINDOWS_COLUMNS, Window, WindowSpec, resolve_window
 from .parquet_writer import BackgroundParquetWriter
 from .settings import METRICS_SCHEMA, Options, Settings  # noqa: F401 (the names this module used to define)
@@ -236,9 +244,9 @@ def _compute_step_metrics(ctx: RunContext, f: LoadedFile, target: Path) -> None:
     def flush(cols: dict[str, Any], next_span_start: np.ndarray) -> None:
         cols.pop("_span_start")
         end = cols.pop("_span_end")
-        gap = np.maximum(next_span_start - end, 0) / 1e9
+        gap, wall = host_gap_and_wall_s(cols.pop("_busy"), end, next_span_start)
         cols["host_gap_s"] = pa.array(gap)
-        cols["wall_s"] = pa.array(cols.pop("_busy") + gap)
+        cols["wall_s"] = pa.array(wall)
         writer.write(pa.table(cols))
 
     try:
@@ -312,12 +320,9 @@ def _step_metric_batches(
         )
         t_start = batch.column("t_start_ns").to_numpy().astype(np.int64)
         t_end = batch.column("t_end_ns").to_numpy().astype(np.int64)
-        g0 = batch.column("gpu_start_ns").to_numpy(zero_copy_only=False)
-        g1 = batch.column("gpu_end_ns").to_numpy(zero_copy_only=False)
-        g0f = np.asarray(g0, dtype=np.float64)
-        g1f = np.asarray(g1, dtype=np.float64)
-        has_gpu = ~(np.isnan(g0f) | np.isnan(g1f))
-        busy = np.where(has_gpu, (g1f - g0f) / 1e9, (t_end - t_start) / 1e9)
+        g0f = np.asarray(batch.column("gpu_start_ns").to_numpy(zero_copy_only=False), dtype=np.float64)
+        g1f = np.asarray(batch.column("gpu_end_ns").to_numpy(zero_copy_only=False), dtype=np.float64)
+        busy, has_gpu = step_time_s(g0f, g1f, t_start, t_end)
         cols = {
             "run_id": batch.column("run_id"),
             "dp": batch.column("dp"),

@@ -127,10 +127,6 @@ def _progress_printer(enabled: bool):
     return progress
 
 
-def _is_record_file(path: str) -> bool:
-    return path.endswith((".json", ".jsonl"))
-
-
 @app.command()
 def summary(
     paths: Paths,
@@ -166,6 +162,7 @@ def summary(
 
     Example: moecap-analyze traces/*.arrow --out results/
     """
+    from .lean import is_record_file
     from .output import write_outputs
     from .settings import Settings as Options
     from .specs import load_model_config
@@ -183,8 +180,8 @@ def summary(
         model_config=load_model_config(model_config) if model_config else None,
         num_gpus=num_gpus,
     )
-    record_files = [p for p in paths if _is_record_file(p)]
-    trace_paths = [p for p in paths if not _is_record_file(p)]
+    record_files = [p for p in paths if is_record_file(p)]
+    trace_paths = [p for p in paths if not is_record_file(p)]
     if formula == "reference":
         from types import SimpleNamespace
 
@@ -240,12 +237,10 @@ def summary(
         )
     if out is not None:
         write_outputs(analysis, out, "csv" if format == "csv" else "parquet", defer_request_lists=True)
-    if format == "json":
-        from .output import document_json
+    if format in ("json", "csv"):
+        from .output import print_document
 
-        typer.echo(document_json(analysis.document, ascii_only=True))
-    elif format == "csv":
-        _print_csv(analysis.document)
+        print_document(analysis.document, format)
     else:
         _print_runs(analysis.document, detail=detail)
         if out is not None:
@@ -258,28 +253,6 @@ def _note_missing_steps(analysis) -> None:
 
     if analysis.db is not None and not has_step_metrics(analysis):
         err.print(f"note: {NO_STEPS_NOTE}", markup=False, highlight=False)
-
-
-def _print_csv(document: dict) -> None:
-    import csv
-
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["run_id", "section", "phase", "metric", "value"])
-    for run in document["runs"]:
-        if "batch_metrics" in run:
-            for k, v in {**run["batch_metrics"], **run["run_level"]}.items():
-                writer.writerow([run["run_id"], "reference", "", k, v])
-            continue
-        for phase, values in run["metrics"]["steps"].items():
-            for k, v in values.items():
-                if not isinstance(v, list):
-                    writer.writerow([run["run_id"], "steps", phase, k, v])
-        for k, v in run["metrics"]["requests"].items():
-            if isinstance(v, dict):
-                for kk, vv in v.items():
-                    writer.writerow([run["run_id"], "requests", "", f"{k}.{kk}", vv])
-            elif not isinstance(v, list):
-                writer.writerow([run["run_id"], "requests", "", k, v])
 
 
 @app.command()

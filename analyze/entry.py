@@ -1,7 +1,8 @@
 """`moecap-analyze`'s console-script entry point, and the command table `cli` registers from.
 
 What needs no command-line framework is answered here before typer, rich and pydantic are imported:
-`--version` alone, and a mistyped command (the one-line "did you mean" error). Everything else goes to
+`--version` alone, a mistyped command (the one-line "did you mean" error), and reference mode on
+MoE-CAP record files with the options `lean` knows (it also does without polars). Everything else goes to
 `cli.main`, which imports only the module of the command asked for (every module for the command
 list of `--help`). Measured by `benchmarks/startup.py`.
 """
@@ -64,7 +65,8 @@ def fail_if_mistyped(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """`moecap-analyze`: `--version` and mistyped commands here, everything else in `cli.main`."""
+    """`moecap-analyze`: `--version`, mistyped commands and lean reference mode here, everything else
+    in `cli.main`."""
     argv = sys.argv[1:]
     if argv == ["--version"]:
         from . import __version__
@@ -73,6 +75,11 @@ def main() -> None:
         sys.stdout.flush()
         sys.exit(0)
     fail_if_mistyped(argv)
+    if any("reference" in arg for arg in argv):  # `--formula reference`: perhaps a lean command line
+        from .lean import main as lean_main
+
+        if lean_main(argv):  # reference mode on record files, without typer, pydantic or polars
+            sys.exit(0)
     from .cli import main as cli_main
 
     cli_main()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 from .terminal import markup
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def write_outputs(
@@ -61,6 +62,38 @@ NO_STEPS_NOTE = f"no run has a steps table {_NO_STEPS_WHY}"
 RUN_WITHOUT_STEPS = f"the run has no steps table {_NO_STEPS_WHY}"
 
 
+def print_document(document: dict[str, Any], fmt: str) -> None:
+    """The document on stdout as `summary --format json` (ASCII-only JSON and a newline) or csv."""
+    if fmt == "json":
+        sys.stdout.write(document_json(document, ascii_only=True) + "\n")
+        sys.stdout.flush()
+    else:
+        print_csv(document)
+
+
+def print_csv(document: dict[str, Any]) -> None:
+    """The document's metrics as CSV rows on stdout: run_id, section, phase, metric, value."""
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["run_id", "section", "phase", "metric", "value"])
+    for run in document["runs"]:
+        if "batch_metrics" in run:
+            for k, v in {**run["batch_metrics"], **run["run_level"]}.items():
+                writer.writerow([run["run_id"], "reference", "", k, v])
+            continue
+        for phase, values in run["metrics"]["steps"].items():
+            for k, v in values.items():
+                if not isinstance(v, list):
+                    writer.writerow([run["run_id"], "steps", phase, k, v])
+        for k, v in run["metrics"]["requests"].items():
+            if isinstance(v, dict):
+                for kk, vv in v.items():
+                    writer.writerow([run["run_id"], "requests", "", f"{k}.{kk}", vv])
+            elif not isinstance(v, list):
+                writer.writerow([run["run_id"], "requests", "", k, v])
+
+
 def document_json(document: Any, indent: int | None = 2, *, ascii_only: bool = False) -> str:
     """`document` as strict JSON (RFC 8259): NaN and ±Infinity, which strict parsers refuse, become
     null; numpy values become numbers or lists; anything else unknown becomes its string.
@@ -96,6 +129,9 @@ def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 3) -> str
 
 def print_summary(document: dict[str, Any], console: Console | None = None) -> None:
     """A compact table per run (moecap formula) or the reference batch metrics."""
+    from rich.console import Console  # rich only for the tables: JSON and CSV print without it
+    from rich.table import Table
+
     console = console or Console()
     for run in document.get("runs", []):
         if run.get("formula") == "reference" or document.get("formula") == "reference":

@@ -56,8 +56,11 @@ COST_SCHEMA: dict[str, Any] = {
     "usd_per_1m_output_tokens": pl.Float64,
     "band_low": pl.Float64,
     "band_high": pl.Float64,
+    "usd_per_hour": pl.Float64,
 }
-"""`Analysis.costs`: per run, cost/section.py's headline USD per 1M output tokens and its band."""
+"""`Analysis.costs`: per run, cost/section.py's headline USD per 1M output tokens, its band, and the
+headline scope's rate (USD per hour of the run's GPUs; null where the headline cost model has no
+price)."""
 
 ACCURACY_SCHEMA: dict[str, Any] = {
     "run_id": pl.String,
@@ -209,14 +212,16 @@ def _section_frames(runs: list[dict[str, Any]]) -> dict[str, pl.DataFrame]:
             }
         )
         cost = m.get("cost") or {}
-        if cost.get("usd_per_1m_output_tokens") is not None:
+        head = (cost.get("scopes") or {}).get(cost.get("headline_scope") or "") or {}
+        if cost.get("usd_per_1m_output_tokens") is not None or head.get("usd_per_hour") is not None:
             band = cost.get("band_usd_per_1m_output_tokens") or [None, None]
             costs.append(
                 {
                     "run_id": rid,
-                    "usd_per_1m_output_tokens": cost["usd_per_1m_output_tokens"],
+                    "usd_per_1m_output_tokens": cost.get("usd_per_1m_output_tokens"),
                     "band_low": band[0],
                     "band_high": band[1],
+                    "usd_per_hour": head.get("usd_per_hour"),
                 }
             )
         acc = m.get("accuracy")

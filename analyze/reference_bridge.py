@@ -10,17 +10,18 @@ averaged over MoE layers, gpu_num / gpu_raw_type from the run; prefill steps car
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
-
 from .errors import InputError, SpecError
-from .reference import load_reference_records, reference_gpu_raw_type, reference_metrics
-from .reference.records import load_reference_frame
+from .reference.metrics import Records, reference_metrics
+from .reference.tables import reference_gpu_raw_type
 from .specs import load_model_config
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from .load import TraceDB
     from .settings import Settings as Options
 
@@ -30,6 +31,8 @@ def records_from_trace(
 ) -> pl.DataFrame:
     """The run's steps as a MoE-CAP record frame (see module docstring), built with column
     expressions, no loop over steps. `max_records`: only the first that many (in step order)."""
+    import polars as pl
+
     rid = run_id.replace("'", "''")
     n_moe = db.con.execute(f"SELECT num_moe_layers FROM runs WHERE run_id = '{rid}'").fetchall()[0][0] or 1
     frame = (
@@ -93,18 +96,17 @@ def reference_document_for_records(
     precision: str | None,
     num_requests: int | None = None,
     total_time_s: float | None = None,
+    read: Callable[[Path], Records] | None = None,
 ) -> dict[str, Any]:
-    """One metrics.json run object from a MoE-CAP record file."""
+    """One metrics.json run object from a MoE-CAP record file. `read`: how the records are read
+    (default `read_records`; `moecap.analyze.lean` passes a reader without a frame library)."""
     if not model_config:
         raise InputError(
             f"{path}: MoE-CAP records carry no model config; pass --model-config (a config.json or a registry name)"
         )
     config = load_model_config(model_config)
     name = model_name or config.get("_name_or_path") or model_config
-    # Decoded straight into columns where that gives the same frame; else through Python's json.
-    records: pl.DataFrame | list[dict[str, Any]] | None = load_reference_frame(path)
-    if records is None:
-        records = load_reference_records(path)
+    records = (read or read_records)(path)
     try:
         result = reference_metrics(
             records,
@@ -121,6 +123,16 @@ def reference_document_for_records(
             raise
         raise InputError(f"{path}: {exc}") from None  # a record's problem, named with its file
     return _document(str(path), name, result)
+
+
+def read_records(path: Path) -> Records:
+    """A record file decoded straight into the record frame where that gives the same frame, else
+    through Python's json (which also gives the one-line errors)."""
+    from .reference.record_file import load_reference_records
+    from .reference.records import load_reference_frame
+
+    frame = load_reference_frame(path)
+    return load_reference_records(path) if frame is None else frame
 
 
 def reference_document_for_run(

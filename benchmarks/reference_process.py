@@ -7,8 +7,9 @@ side and alternating (best of `--repeat`):
 * reference: `python benchmarks/reference_loop.py --records FILE`-equivalent: json.load + the
   per-record Python loop with the reference's call structure (what MoE-CAP's own script does);
 * moecap: `moecap-analyze FILE --formula reference --model-config ... --gpu ... --format json`;
-* import floor: a process that only imports the libraries ours loads on this path (typer, rich,
-  pydantic through typer's option parsing, numpy, polars, pyarrow): what no change inside moecap removes.
+* decode floor: a process that only imports numpy and `json.load`s the file: what reference mode on
+  this file costs before any moecap code runs (the lean path, `moecap.analyze.lean`, loads numpy and
+  decodes with the standard library's json; no typer, rich, pydantic or polars).
 
 Both print the same decoding S-MBU (checked). Prints one JSON line. `--before DIR`: also time, in the
 same rounds, another version of moecap (DIR holds its `moecap` folder, e.g. a `git worktree` of main
@@ -90,7 +91,7 @@ def main() -> None:
             "--formula", "reference", "--model-config", str(config), "--gpu", GPU,
             "--num-gpus", str(NUM_GPUS), "--format", "json",
         ]  # fmt: skip
-        floor_cmd = [sys.executable, "-c", "import typer, rich.console, pydantic, numpy, polars, pyarrow"]
+        floor_cmd = [sys.executable, "-c", f"import json, numpy; json.load(open({str(path)!r}))"]
         before_cmd = [sys.executable, "-c", "from moecap.analyze.cli import main; main()", *ours_cmd[1:]]
         before_env = {**os.environ, "PYTHONPATH": args.before} if args.before else None
         loop_s, ours_s, before_s = [], [], []
@@ -99,7 +100,7 @@ def main() -> None:
             loop_s.append(t)
             t, out_ours = _time(ours_cmd, side="moecap")
             ours_s.append(t)
-            _time(floor_cmd, side="import floor")
+            _time(floor_cmd, side="decode floor")
             if before_env is not None:
                 t, out_before = _time(before_cmd, before_env, side="before")
                 before_s.append(t)

@@ -40,11 +40,16 @@ def e2e_s(arrival_ns: Any, finish_ns: Any) -> np.ndarray:
     return (_f(finish_ns) - _f(arrival_ns)) / 1e9
 
 
+def decode_s(ttft: np.ndarray, e2e: np.ndarray) -> np.ndarray:
+    """Decode time, s: E2E − TTFT (first token to finish)."""
+    return e2e - ttft
+
+
 def tpot_s(ttft: np.ndarray, e2e: np.ndarray, output_tokens: Any) -> np.ndarray:
-    """Time per output token after the first, s: (E2E − TTFT) / (output tokens − 1); NaN for ≤ 1 token."""
+    """Time per output token after the first, s: decode time / (output tokens − 1); NaN for ≤ 1 token."""
     n = _f(output_tokens)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 1, (e2e - ttft) / (n - 1), np.nan)
+        return np.where(n > 1, decode_s(ttft, e2e) / (n - 1), np.nan)
 
 
 def itl_per_request(
@@ -128,7 +133,7 @@ def request_summary(
     if ok.any():
         makespan = (float(np.nanmax(_f(finish_ns)[ok])) - float(np.nanmin(arrival))) / 1e9
     decode = out_n > 1
-    weighted = float((e2e - ttft)[decode].sum() / (out_n[decode] - 1).sum()) if decode.any() else None
+    weighted = float(decode_s(ttft, e2e)[decode].sum() / (out_n[decode] - 1).sum()) if decode.any() else None
     total_out = int(out_n.sum())
     total_prompt = int(prompt_n.sum())
     out: dict[str, Any] = {

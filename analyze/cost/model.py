@@ -1,4 +1,4 @@
-"""The cost formulas (metrics.md 8.9) and a cost estimate with its sensitivity band.
+"""The cost formulas (docs/metrics.md §13) and a cost estimate with its sensitivity band.
 
 Ownership model, for N GPUs held for T seconds:
     capex  = (P_gpu + C_host) · N · f_capex · T / (L · 365.25 · 86400 · u)
@@ -76,9 +76,29 @@ def ownership_usd(
     }
 
 
+def usd_for_duration(usd_per_hour: float, duration_s: float) -> float:
+    """USD charged for `duration_s` seconds at `usd_per_hour`."""
+    return usd_per_hour * duration_s / 3600
+
+
+def usd_for_duration_sql(usd_per_hour: str, duration_s: str) -> str:
+    """`usd_for_duration` as a SQL expression over two SQL expressions (the fleet's hourly cost)."""
+    return f"({usd_per_hour} * {duration_s} / 3600)"
+
+
+def usd_per_1m(usd: float, tokens: float) -> float | None:
+    """USD per 1M tokens (None where there is no token)."""
+    return usd / tokens * 1e6 if tokens else None
+
+
+def usd_per_1m_sql(usd: str, tokens: str) -> str:
+    """`usd_per_1m` as a SQL expression (null where there is no token)."""
+    return f"({usd} / nullif({tokens}, 0) * 1e6)"
+
+
 def cloud_usd(*, duration_s: float, num_gpus: float, usd_per_gpu_hour: float) -> float:
     """Rental cost of `num_gpus` GPUs for `duration_s` seconds at `usd_per_gpu_hour`, USD."""
-    return usd_per_gpu_hour * num_gpus * duration_s / 3600
+    return usd_for_duration(usd_per_gpu_hour * num_gpus, duration_s)
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,8 @@ class Work:
 def unit_costs(total_usd: float, work: Work) -> dict[str, float | None]:
     """USD per 1M output tokens, per 1M total tokens and per request (None where the count is 0)."""
     return {
-        "usd_per_1m_output_tokens": total_usd / work.output_tokens * 1e6 if work.output_tokens else None,
-        "usd_per_1m_total_tokens": total_usd / work.total_tokens * 1e6 if work.total_tokens else None,
+        "usd_per_1m_output_tokens": usd_per_1m(total_usd, work.output_tokens),
+        "usd_per_1m_total_tokens": usd_per_1m(total_usd, work.total_tokens),
         "usd_per_request": total_usd / work.requests if work.requests else None,
     }
 

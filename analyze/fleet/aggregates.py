@@ -6,13 +6,14 @@ hour) group as its unit, over the steps every run-level metric counts (`metrics.
 and each run's stored `run_settings` row (so S-MBU / S-MFU are the same ratio of sums, steps and
 tokens count on the first pipeline stage, logit rows on each run's last). TPOT quantiles are taken
 over `request_metrics.tpot_s` (the local per-request rows). Cost charges each run's headline rate
-(`runs.usd_per_hour`, from its metrics.json cost section) for the busy time of its steps in the
+(`runs.usd_per_hour`: the `Analysis.costs` frame of its local analysis) for the busy time of its steps in the
 hour (`window_s` of the same SQL with the hour as the group), as the run's cost section charges it.
 Columns: `layout.FLEET_HOURLY` (docs/fleet-dataset.md).
 """
 
 from __future__ import annotations
 
+from ..cost.model import usd_for_duration_sql, usd_per_1m_sql
 from ..metrics.steps import summary_sql
 from ..metrics.window import COUNTED_SQL
 
@@ -39,7 +40,7 @@ per_run AS (
     JOIN run_hours h USING (run_id, phase) JOIN runs r USING (run_id)
 ),
 per_group AS (
-    SELECT model, gpu, engine, hour, count(*) AS runs, sum(usd_per_hour * window_s / 3600) AS cost_usd
+    SELECT model, gpu, engine, hour, count(*) AS runs, sum({usd_for_duration_sql("usd_per_hour", "window_s")}) AS cost_usd
     FROM per_run GROUP BY ALL
 ),
 req AS (
@@ -56,7 +57,7 @@ SELECT model, gpu, engine, hour, coalesce(per_group.runs, 0) AS runs,
        coalesce(req.requests, 0) AS requests,
        req.tpot_q[1] AS tpot_s_p50, req.tpot_q[2] AS tpot_s_p90, req.tpot_q[3] AS tpot_s_p99,
        per_group.cost_usd,
-       per_group.cost_usd / nullif(summary.output_tokens, 0) * 1e6 AS usd_per_1m_output_tokens
+       {usd_per_1m_sql("per_group.cost_usd", "summary.output_tokens")} AS usd_per_1m_output_tokens
 FROM summary
 FULL JOIN req USING (model, gpu, engine, hour)
 LEFT JOIN per_group USING (model, gpu, engine, hour)

@@ -128,7 +128,8 @@ TABLES: dict[str, Table] = {
                     "DOUBLE",
                     "USD/h",
                     "The run's headline cost rate: the cost section's window scope (else run scope) "
-                    "`total_usd / duration_s × 3600` for the run's GPUs.",
+                    "`total_usd / duration_s × 3600` for the run's GPUs (`Analysis.costs`); null where "
+                    "the headline cost model has no price.",
                 ),
             ),
         ),

@@ -109,13 +109,17 @@ def analyze_group(
         result.errors.extend(_rename(e, names) for e in analysis.db.errors)
         define_request_views(analysis.db.con)
         docs = {r["run_id"]: r for r in analysis.document["runs"]}
+        rates = dict(analysis.costs.select("run_id", "usd_per_hour").iter_rows())
         for ctx in analysis.contexts:
-            doc = json.loads(_rename(json.dumps(docs[ctx.run.run_id], default=str), names))
-            written = _write_run(analysis.db, ctx, doc, group, dataset)
+            rid = ctx.run.run_id
+            # metrics.json's entry, written at the edge (the dataset's `runs.metrics_json`); every
+            # figure the dataset's tables hold comes from the views and the façade's frames.
+            doc = _rename(json.dumps(docs[rid], default=str, sort_keys=True), names)
+            written = _write_run(analysis.db, ctx, doc, rates.get(rid), group, dataset)
             for table, (out, rows) in written.items():
                 result.rows[table] = result.rows.get(table, 0) + rows
                 result.outputs.append(out)
-            result.warnings.extend(doc.get("warnings", []))
+            result.warnings.extend(_rename(w, names) for w in analysis.warnings.get(rid, []))
         _commit(dataset, group, result)
         result.ok = True
         return result
@@ -148,7 +152,7 @@ def _anchor_sql(ctx: Any, kinds: tuple[str, ...]) -> str:
 
 
 def _write_run(
-    db: Any, ctx: Any, doc: dict[str, Any], group: RunGroup, dataset: str
+    db: Any, ctx: Any, doc: str, usd_per_hour: float | None, group: RunGroup, dataset: str
 ) -> dict[str, tuple[str, int]]:
     md = ctx.run.metadata
     rid = ctx.run.run_id.replace("'", "''")
@@ -182,13 +186,13 @@ def _write_run(
     run_row = con.sql(f"SELECT * FROM runs WHERE run_id = '{rid}'").to_arrow_table()
     complete = all(f.complete for f in ctx.run.files)
     extra = {
-        "metrics_json": json.dumps(doc, default=str, sort_keys=True),
+        "metrics_json": doc,
         "host": md.host,
         "complete": complete,
         "input_files": len(group.objects),
         "input_bytes": sum(o.size for o in group.objects),
         "analyzed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "usd_per_hour": usd_per_hour(doc),
+        "usd_per_hour": usd_per_hour,  # `Analysis.costs` (cost/section.py's headline scope)
     }
     types = {c.name: c.type for c in TABLES["runs"].added}
     arrow_types = {"VARCHAR": pa.string(), "BOOLEAN": pa.bool_(), "INTEGER": pa.int32(), "BIGINT": pa.int64()}
@@ -197,34 +201,6 @@ def _write_run(
     path = _table_path(dataset, "runs", parts, ctx.run.run_id)
     written["runs"] = (path, _write_stream(run_row.to_reader(), path))
     return written
-
-
-def usd_per_hour(doc: dict[str, Any]) -> float | None:
-    """The run's headline cost rate (USD per hour of its GPUs), read from its metrics.json cost
-    section: the headline scope's `usd_per_hour` where the cost model gives one, else its
-    `total_usd / duration_s × 3600`."""
-    cost = (doc.get("metrics") or {}).get("cost") or {}
-    scope = (cost.get("scopes") or {}).get(cost.get("headline_scope") or "")
-    if not isinstance(scope, dict):
-        return None
-    found = _find(scope, "usd_per_hour")
-    if found is not None:
-        return found
-    total, duration = _find(scope, "total_usd"), scope.get("duration_s")
-    return total / duration * 3600 if total is not None and duration else None
-
-
-def _find(tree: Any, key: str) -> float | None:
-    """The first numeric `key` in a nested dict (depth first, in key order)."""
-    if isinstance(tree, dict):
-        value = tree.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        for v in tree.values():
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def _table_path(dataset: str, table: str, parts: dict[str, str], run_id: str) -> str:

@@ -67,7 +67,7 @@ def request_table(requests: pl.DataFrame) -> pl.DataFrame:
         "ok": pl.Series(_ok(requests)),
         "ttft_s": pl.Series(ttft),
         "e2e_s": pl.Series(e2e),
-        "decode_s": pl.Series(e2e - ttft),
+        "decode_s": pl.Series(latency.decode_s(ttft, e2e)),
         "tpot_s": pl.Series(tpot),
         "decode_tokens_per_s": pl.Series(rate),
         "itl_tokens": pl.Series(np.where(has, itl_tokens, -1)),

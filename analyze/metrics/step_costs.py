@@ -93,7 +93,7 @@ def cost_model(
         + n_moe
         * (
             spec.top_k * up["routed_expert"].linear_params
-            # Matmul weights only (§8.3): biases (DeepSeek-V2 mlp_bias, the gpt-oss router bias,
+            # Matmul weights only (docs/metrics.md §4): biases (DeepSeek-V2 mlp_bias, the gpt-oss router bias,
             # DeepSeek-V3's e_score_correction_bias) are no matmul; Qwen2's shared gate is (D -> 1).
             + up["shared_experts"].linear_params
             + (D if spec.shared_expert_gate else 0)

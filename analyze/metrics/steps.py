@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .window import COUNTED_SQL, IN_WINDOW_SQL
+from moecap.schemas.latency import QUANTILES  # one set of percentiles for steps and requests
+from moecap.schemas.tables import PHASES
 
-QUANTILES = (0.5, 0.9, 0.99)
+from .window import COUNTED_SQL, IN_WINDOW_SQL
 
 BYTES_SCALE = 2**40
 """Fixed point of byte and FLOP sums: units of 2^-40 (a per-step value above 2^12 keeps every bit
@@ -64,6 +65,30 @@ STEP_SMFU_SQL = (
     "THEN s.flops_total / (s.gpu_peak_flops * s.time_s * s.gpus) END"
 )
 """Per-step S-MFU (fraction): flops_total / (peak · t · g); null for an idle or zero-time step."""
+
+
+def step_time_s(gpu_start_ns: Any, gpu_end_ns: Any, t_start_ns: Any, t_end_ns: Any) -> tuple[Any, Any]:
+    """Per step (`time_s`, `has_gpu`): the step's busy time, s — its GPU span where the engine
+    recorded one (`has_gpu`), else its host span. Arrays of ns (GPU times NaN where missing)."""
+    import numpy as np
+
+    g0 = np.asarray(gpu_start_ns, dtype=np.float64)
+    g1 = np.asarray(gpu_end_ns, dtype=np.float64)
+    t0 = np.asarray(t_start_ns, dtype=np.int64)
+    t1 = np.asarray(t_end_ns, dtype=np.int64)
+    has_gpu = ~(np.isnan(g0) | np.isnan(g1))
+    return np.where(has_gpu, (g1 - g0) / 1e9, (t1 - t0) / 1e9), has_gpu
+
+
+def host_gap_and_wall_s(time_s: Any, span_end_ns: Any, next_span_start_ns: Any) -> tuple[Any, Any]:
+    """Per step (`host_gap_s`, `wall_s`): the gap from the step's span end to the next step's span
+    start on its stream, s (0 where they overlap), and the step's wall time = time_s + host gap (the
+    window's busy time sums these)."""
+    import numpy as np
+
+    gap = np.maximum(np.asarray(next_span_start_ns) - np.asarray(span_end_ns), 0) / 1e9
+    return gap, time_s + gap
+
 
 MEMORY_BOUND_S_SQL = "(s.bytes_total / (s.gpu_bandwidth * s.gpus))"
 """Per-step roofline memory time (s): the step's bytes at the GPUs' full bandwidth."""
@@ -246,7 +271,24 @@ def summary_rows(
             v = r[name]
             values[name] = v if sqltype == "BIGINT" or v is None else _num(v)
         out.setdefault(r["run_id"], {})[r["phase"]] = values
-    return out
+    # DuckDB returns the groups in no fixed order: metrics.json's keys (and every table printed from
+    # them) come in one order, `all` first, then the phases as the trace schema lists them.
+    return {
+        rid: dict(sorted(groups.items(), key=lambda kv: _group_order(kv[0]))) for rid, groups in out.items()
+    }
+
+
+def _group_order(group: str) -> tuple[int, float, str]:
+    """Sort key of a summary group: `all`, the trace schema's phases in order, numbers (batch sizes,
+    time bins) by value, then any other text."""
+    if group == "all":
+        return (0, 0.0, "")
+    if group in PHASES:
+        return (1, float(PHASES.index(group)), "")
+    try:
+        return (2, float(group), "")
+    except ValueError:
+        return (3, 0.0, group)
 
 
 def quantile_rows(

@@ -9,11 +9,15 @@ Extracted once per run from a frame with the metric columns (`records.normalize_
   `per_req_info` - only prefill passes have those, and they are a small share of a trace;
 * per `per_req_info` entry (`EntryArrays`): the entry fields and two integer request keys.
 
+The records come from a `RecordSource`: a polars frame (`record_arrays`; polars and pyarrow are
+imported for it only) or the numpy columns of `columns.record_columns`, which reference mode on a
+record file uses without loading a frame library (`moecap.analyze.lean`).
+
 Decode steps are usually ~95 % of a trace, so nothing here builds a temporary as long as the trace:
-the numeric columns are polars' own buffers (zero-copy), a null mask is built only for a column
-that has nulls and only when asked for, the mode masks come from one string comparison each through
-their Arrow bitmaps, and `per_req_info` is read through its Arrow offsets, touching the prefill
-passes' entries only.
+the frame's numeric columns are polars' own buffers (zero-copy), a null mask is built only for a
+column that has nulls and only when asked for, the mode masks come from one string comparison each
+through their Arrow bitmaps, and `per_req_info` is read through its Arrow offsets, touching the
+prefill passes' entries only.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import polars as pl
-import pyarrow as pa
 
 from .decode_sums import NOT_APPLICABLE, DecodeSums, FloatArray, IntArray, decode_sums
+
+if TYPE_CHECKING:
+    import polars as pl
+    import pyarrow as pa
 
 BoolArray = np.ndarray
 
@@ -40,8 +47,13 @@ _PREFILL_ONLY_FIELDS = (
     ("scheduled_tokens", "scheduled_tokens", "scheduled_null"),
 )
 
-#: String views reach pyarrow without a copy from pyarrow 16 on; older versions get large strings.
-_COMPAT = pl.CompatLevel.newest() if int(pa.__version__.split(".")[0]) >= 16 else pl.CompatLevel.oldest()
+
+def _compat_level() -> pl.CompatLevel:
+    """String views reach pyarrow without a copy from pyarrow 16 on; older versions get large strings."""
+    import polars as pl
+    import pyarrow as pa
+
+    return pl.CompatLevel.newest() if int(pa.__version__.split(".")[0]) >= 16 else pl.CompatLevel.oldest()
 
 
 @dataclass(frozen=True)
@@ -166,25 +178,53 @@ class EntryArrays:
         return len(self.prefill_pos)
 
 
-class _Column:
-    """One numeric record column: float values (NaN where null) and, built on first use, its null mask."""
+class Column(Protocol):
+    """One numeric record column as `RecordArrays` reads it."""
 
-    def __init__(self, column: pl.Series) -> None:
-        self._column = column
-        self.null_count = column.null_count()
-        # Float64 without nulls: polars' own buffer, no copy.
-        self.values: FloatArray = column.cast(pl.Float64).to_numpy()
+    values: FloatArray
+    """float64, NaN where null."""
+    null_count: int
 
-    @cached_property
-    def nulls(self) -> BoolArray:
-        if self.null_count == 0:
-            return np.zeros(len(self.values), dtype=bool)
-        return _true_mask(self._column.is_null())
+    @property
+    def nulls(self) -> BoolArray: ...
 
     def at(self, index: IntArray, values: FloatArray | None = None) -> tuple[FloatArray, BoolArray]:
         """(values, null mask) at the given record indices (`values`: already gathered)."""
-        nulls = self.nulls[index] if self.null_count else np.zeros(len(index), dtype=bool)
-        return self.values[index] if values is None else values, nulls
+        ...
+
+
+class RecordSource(Protocol):
+    """What `RecordArrays` reads from the records: a polars frame (`_FrameSource`) or the columns of
+    `columns.record_columns` (no frame library). Both give the same arrays for the same records."""
+
+    n: int
+    prefill_index: IntArray
+    """Ascending record indices of the records whose forward_mode is "prefill"."""
+    mode_nulls: int
+    decode_count: int
+    """Records whose forward_mode is "decode"."""
+
+    def decode_like_mask(self) -> BoolArray: ...
+
+    def mode_null_mask(self) -> BoolArray: ...
+
+    def column(self, name: str) -> Column:
+        """latency, expert_activation, seq_lens_sum or batch_size."""
+        ...
+
+    def values_at(self, name: str, index: IntArray) -> tuple[FloatArray, BoolArray]:
+        """(values, null mask) of ttft or scheduled_tokens at the given record indices."""
+        ...
+
+    def info_counts(self, index: IntArray) -> IntArray | None:
+        """Entries of `per_req_info` at the given (prefill) records, 0 where null; None when no record
+        has it."""
+        ...
+
+    def entries(self, pos: IntArray, counts: IntArray) -> EntryArrays:
+        """The entries of the prefill passes at positions `pos` of the last `info_counts` index (each
+        with counts[i] > 0 entries), in record then entry order."""
+        ...
 
 
 class RecordArrays:
@@ -197,19 +237,19 @@ class RecordArrays:
     qualify, else `NOT_APPLICABLE`.
     """
 
-    def __init__(self, frame: pl.DataFrame) -> None:
-        n = frame.height
+    def __init__(self, source: RecordSource) -> None:
+        n = source.n
         self.n = n
-        self._mode = mode = frame.get_column("forward_mode")
-        self.prefill_index: IntArray = np.flatnonzero(_true_mask(mode == "prefill"))
+        self._source = source
+        self.prefill_index: IntArray = source.prefill_index
         self.n_prefill = len(self.prefill_index)
-        self.mode_nulls = mode.null_count()
-        self.decode_is_rest = self.n_prefill + int((mode == "decode").sum()) == n
+        self.mode_nulls = source.mode_nulls
+        self.decode_is_rest = self.n_prefill + source.decode_count == n
 
-        self._latency = _Column(frame.get_column("latency"))
-        self._activation = _Column(frame.get_column("expert_activation"))
-        self._seq = _Column(frame.get_column("seq_lens_sum"))
-        self._batch = _Column(frame.get_column("batch_size"))
+        self._latency = source.column("latency")
+        self._activation = source.column("expert_activation")
+        self._seq = source.column("seq_lens_sum")
+        self._batch = source.column("batch_size")
         self.latency = self._latency.values
         self.activation = self._activation.values
         self.seq_lens_sum = self._seq.values
@@ -230,7 +270,7 @@ class RecordArrays:
             )
             if self.activation_nulls:
                 at_prefill[1] = self.activation[self.prefill_index]
-        self.prefill_passes, self.entries = _prefill_passes(frame, self, at_prefill)
+        self.prefill_passes, self.entries = _prefill_passes(source, self, at_prefill)
 
     @cached_property
     def prefill(self) -> BoolArray:
@@ -242,13 +282,13 @@ class RecordArrays:
     def decode_like(self) -> BoolArray:
         if self.decode_is_rest:
             return ~self.prefill
-        return _true_mask(self._mode.is_in(DECODE_LIKE_MODES))
+        return self._source.decode_like_mask()
 
     @cached_property
     def mode_null(self) -> BoolArray:
         if self.mode_nulls == 0:
             return np.zeros(self.n, dtype=bool)
-        return _true_mask(self._mode.is_null())
+        return self._source.mode_null_mask()
 
     @property
     def latency_null(self) -> BoolArray:
@@ -267,6 +307,125 @@ class RecordArrays:
         return self._batch.nulls
 
 
+def _prefill_passes(
+    source: RecordSource, arr: RecordArrays, at_prefill: list[FloatArray] | None
+) -> tuple[PrefillArrays, EntryArrays]:
+    """The prefill passes' arrays; `at_prefill`: latency, activation, seq_lens_sum, batch_size already
+    gathered at them (by the decode pass), or None."""
+    index = arr.prefill_index
+    fields: dict[str, np.ndarray] = {}
+    for i, (column, name, null_name) in enumerate(
+        (
+            (arr._latency, "latency", "latency_null"),
+            (arr._activation, "activation", "activation_null"),
+            (arr._seq, "seq_lens_sum", "seq_null"),
+            (arr._batch, "batch_size", "batch_null"),
+        )
+    ):
+        fields[name], fields[null_name] = column.at(index, None if at_prefill is None else at_prefill[i])
+    for column_name, name, null_name in _PREFILL_ONLY_FIELDS:
+        fields[name], fields[null_name] = source.values_at(column_name, index)
+
+    counts = source.info_counts(index) if len(index) else None
+    if counts is None:
+        # No prefill pass, or no per_req_info anywhere: no entries.
+        passes = PrefillArrays(index=index, has_info=np.zeros(len(index), dtype=bool), **fields)
+        return passes, _no_entries()
+    passes = PrefillArrays(index=index, has_info=counts > 0, **fields)
+    # The entries of the usable passes: with per_req_info, and not a warm-up probe.
+    with np.errstate(invalid="ignore"):
+        usable = passes.has_info & ~(~passes.seq_null & (passes.seq_lens_sum <= 10))
+    pos = np.flatnonzero(usable)
+    if not len(pos):
+        return passes, _no_entries()  # no per_req_info on a usable pass: skip the grouping
+    return passes, source.entries(pos, counts[pos])
+
+
+def _no_entries() -> EntryArrays:
+    empty = Grouping.of(np.empty(0, dtype=np.uint64))
+    return EntryArrays(
+        prefill_pos=np.empty(0, dtype=np.int64),
+        extend_len=np.empty(0),
+        total_len=np.empty(0),
+        total_null=np.empty(0, dtype=bool),
+        is_last_chunk=np.empty(0, dtype=bool),
+        requests=empty,
+        server_requests=empty,
+        server_keyed=np.empty(0, dtype=bool),
+    )
+
+
+# --- The record frame as a source: polars and pyarrow, imported by `record_arrays` only. ----------
+
+
+class _Column:
+    """One numeric frame column: float values (NaN where null) and, built on first use, its null mask."""
+
+    def __init__(self, column: pl.Series) -> None:
+        import polars as pl
+
+        self._column = column
+        self.null_count = column.null_count()
+        # Float64 without nulls: polars' own buffer, no copy.
+        self.values: FloatArray = column.cast(pl.Float64).to_numpy()
+
+    @cached_property
+    def nulls(self) -> BoolArray:
+        if self.null_count == 0:
+            return np.zeros(len(self.values), dtype=bool)
+        return _true_mask(self._column.is_null())
+
+    def at(self, index: IntArray, values: FloatArray | None = None) -> tuple[FloatArray, BoolArray]:
+        """(values, null mask) at the given record indices (`values`: already gathered)."""
+        nulls = self.nulls[index] if self.null_count else np.zeros(len(index), dtype=bool)
+        return self.values[index] if values is None else values, nulls
+
+
+class _FrameSource:
+    """A normalised record frame (`records.normalize_frame`) as a `RecordSource`: the numeric columns
+    are polars' own buffers (zero-copy), the mode masks come from one string comparison each through
+    their Arrow bitmaps, and `per_req_info` is read through its Arrow offsets."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self._frame = frame
+        self.n = frame.height
+        self._mode = mode = frame.get_column("forward_mode")
+        self.prefill_index: IntArray = np.flatnonzero(_true_mask(mode == "prefill"))
+        self.mode_nulls = mode.null_count()
+        self.decode_count = int((mode == "decode").sum())
+        self._lists: pa.Array | None = None
+        self._starts: IntArray = np.empty(0, dtype=np.int64)
+
+    def decode_like_mask(self) -> BoolArray:
+        return _true_mask(self._mode.is_in(DECODE_LIKE_MODES))
+
+    def mode_null_mask(self) -> BoolArray:
+        return _true_mask(self._mode.is_null())
+
+    def column(self, name: str) -> _Column:
+        return _Column(self._frame.get_column(name))
+
+    def values_at(self, name: str, index: IntArray) -> tuple[FloatArray, BoolArray]:
+        return _values_at(self._frame.get_column(name), index)
+
+    def info_counts(self, index: IntArray) -> IntArray | None:
+        info = self._frame.get_column("per_req_info")
+        if info.null_count() == len(info):
+            return None  # no per_req_info anywhere: no Arrow export
+        lists = info.to_arrow(compat_level=_compat_level())
+        # The offsets buffer read directly: pyarrow's to_numpy would import pandas on first use (~0.1 s).
+        offsets = np.frombuffer(lists.buffers()[1], dtype=np.int64)[
+            lists.offset : lists.offset + len(lists) + 1
+        ]
+        self._lists, self._offsets = lists, offsets
+        self._starts = starts = offsets[index]
+        return np.where(_valid_at(lists, index), offsets[1:][index] - starts, 0)
+
+    def entries(self, pos: IntArray, counts: IntArray) -> EntryArrays:
+        assert self._lists is not None
+        return _entries(self._lists, self._offsets, self._starts[pos], counts, pos)
+
+
 def _true_mask(flags: pl.Series) -> BoolArray:
     """A Boolean series as a numpy bool array, null -> False. Unpacked from its Arrow bitmap: ~10x
     cheaper than `to_numpy`, which converts value by value."""
@@ -278,6 +437,8 @@ def _true_mask(flags: pl.Series) -> BoolArray:
 
 
 def _values(column: pl.Series) -> tuple[FloatArray, BoolArray]:
+    import polars as pl
+
     nulls = _true_mask(column.is_null()) if column.null_count() else np.zeros(len(column), dtype=bool)
     return column.cast(pl.Float64).to_numpy(), nulls
 
@@ -290,6 +451,8 @@ def _zero_filled(column: pl.Series) -> FloatArray:
 def _values_at(column: pl.Series, index: IntArray) -> tuple[FloatArray, BoolArray]:
     """(values, null mask) of a column at the given record indices, without converting the whole column
     when it has nulls (an all-null column costs nothing)."""
+    import polars as pl
+
     nulls = column.null_count()
     if nulls == len(column):
         return np.full(len(index), np.nan), np.ones(len(index), dtype=bool)
@@ -313,39 +476,6 @@ def _valid_at(array: pa.Array, rows: IntArray) -> BoolArray:
     return ((bitmap[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool)
 
 
-def _prefill_passes(
-    frame: pl.DataFrame, arr: RecordArrays, at_prefill: list[FloatArray] | None
-) -> tuple[PrefillArrays, EntryArrays]:
-    """The prefill passes' arrays; `at_prefill`: latency, activation, seq_lens_sum, batch_size already
-    gathered at them (by the decode pass), or None."""
-    index = arr.prefill_index
-    fields: dict[str, np.ndarray] = {}
-    for i, (column, name, null_name) in enumerate(
-        (
-            (arr._latency, "latency", "latency_null"),
-            (arr._activation, "activation", "activation_null"),
-            (arr._seq, "seq_lens_sum", "seq_null"),
-            (arr._batch, "batch_size", "batch_null"),
-        )
-    ):
-        fields[name], fields[null_name] = column.at(index, None if at_prefill is None else at_prefill[i])
-    for column_name, name, null_name in _PREFILL_ONLY_FIELDS:
-        fields[name], fields[null_name] = _values_at(frame.get_column(column_name), index)
-
-    info = frame.get_column("per_req_info")
-    if not len(index) or info.null_count() == len(info):
-        # No prefill pass, or no per_req_info anywhere: no Arrow export, no entries.
-        passes = PrefillArrays(index=index, has_info=np.zeros(len(index), dtype=bool), **fields)
-        return passes, _no_entries()
-    lists = info.to_arrow(compat_level=_COMPAT)
-    # The offsets buffer read directly: pyarrow's to_numpy would import pandas on first use (~0.1 s).
-    offsets = np.frombuffer(lists.buffers()[1], dtype=np.int64)[lists.offset : lists.offset + len(lists) + 1]
-    starts = offsets[index]
-    counts = np.where(_valid_at(lists, index), offsets[1:][index] - starts, 0)
-    passes = PrefillArrays(index=index, has_info=counts > 0, **fields)
-    return passes, _entries(lists, offsets, starts, counts, passes)
-
-
 def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArray]:
     """Request groupings by 64-bit hashes of the req_id or the pool slot (0 for the None key).
 
@@ -366,6 +496,8 @@ def _request_groupings(info: pl.DataFrame) -> tuple[Grouping, Grouping, BoolArra
     server_keyed = server_by_id | server_by_pool
     # Both rules pick the same field for every entry (no present-but-null req_id): one grouping.
     same_rule = bool(np.array_equal(by_id, server_by_id) and np.array_equal(by_pool, server_by_pool))
+
+    import polars as pl
 
     def n_unique(series: pl.Series, mask: BoolArray) -> int:
         if not mask.any():
@@ -426,20 +558,6 @@ def _hashes_are_exact(exact: bool) -> bool:
     return exact
 
 
-def _no_entries() -> EntryArrays:
-    empty = Grouping.of(np.empty(0, dtype=np.uint64))
-    return EntryArrays(
-        prefill_pos=np.empty(0, dtype=np.int64),
-        extend_len=np.empty(0),
-        total_len=np.empty(0),
-        total_null=np.empty(0, dtype=bool),
-        is_last_chunk=np.empty(0, dtype=bool),
-        requests=empty,
-        server_requests=empty,
-        server_keyed=np.empty(0, dtype=bool),
-    )
-
-
 class _ArrowArray:
     """A pyarrow array seen only through the Arrow C data interface, so that polars imports it as such:
     `pl.from_arrow` first imports pyarrow.compute (~40 ms, a quarter of a 1e5-record reference run's
@@ -453,15 +571,12 @@ class _ArrowArray:
 
 
 def _entries(
-    lists: pa.Array, offsets: IntArray, starts: IntArray, counts: IntArray, passes: PrefillArrays
+    lists: pa.Array, offsets: IntArray, starts: IntArray, counts: IntArray, pos: IntArray
 ) -> EntryArrays:
-    """The entries of the usable prefill passes, taken from the list column's Arrow child array."""
-    with np.errstate(invalid="ignore"):
-        usable = passes.has_info & ~(~passes.seq_null & (passes.seq_lens_sum <= 10))
-    pos = np.flatnonzero(usable)
-    if not len(pos):
-        return _no_entries()  # no per_req_info on a usable pass: skip the grouping
-    starts, counts = starts[pos], counts[pos]
+    """The entries of the prefill passes at `pos` (their entries start at `starts` and number `counts`
+    in the list column), taken from the list column's Arrow child array."""
+    import polars as pl
+
     total = int(counts.sum())
     # Every record's entries (the offsets index this child array directly), as polars, without a copy.
     child = pl.Series(_ArrowArray(lists.values))
@@ -489,4 +604,4 @@ def _entries(
 
 def record_arrays(frame: pl.DataFrame) -> RecordArrays:
     """Arrays of a normalised record frame (see `records.normalize_frame`)."""
-    return RecordArrays(frame)
+    return RecordArrays(_FrameSource(frame))

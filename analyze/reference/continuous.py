@@ -21,6 +21,7 @@ reason; `reference_metrics` turns it into null metrics + `reason`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -410,13 +411,29 @@ def _per_group_min(n_groups: int, gid: IntArray, positions: IntArray) -> IntArra
     return out
 
 
+def _exact_sum(values: FloatArray) -> float:
+    """The correctly rounded sum (math.fsum): the same float whatever order the values come in. With a
+    NaN or infinity among them (or a sum beyond the float range) numpy's sum, which is NaN or ±inf in
+    any order, where fsum would raise."""
+    if np.isfinite(values).all():
+        try:
+            return math.fsum(values.tolist())
+        except OverflowError:
+            pass
+    return float(values.sum())
+
+
 def _request_sums(requests: _Requests, sizes: ReferenceModelSizes, sc: _Scales) -> _Sums:
-    """Sums of the per-request prefill samples (c := tokens, t := latency_sum, X := tokens / t)."""
+    """Sums of the per-request prefill samples (c := tokens, t := latency_sum, X := tokens / t).
+
+    Exact sums: the requests come in the order of their grouping (hashes of the ids for a frame, first
+    appearance for `columns.record_columns`), and both must give the same bytes (docs/decisions.md,
+    2026-12-06, reference mode without a frame library)."""
     t, c, a = requests.latency_sum, requests.tokens, requests.activation
     with np.errstate(divide="ignore", invalid="ignore"):
         # prefill_tp = tokens / ttft if ttft > 0 else 0 (NaN > 0 is False in Python too).
         x = np.where(t > 0, c / t, 0.0)
-    ttft_sum = float(t.sum())
+    ttft_sum = _exact_sum(t)
     zero = t == 0
     if zero.any():
         if sizes.family != "generic":
@@ -427,6 +444,6 @@ def _request_sums(requests: _Requests, sizes: ReferenceModelSizes, sc: _Scales) 
             )
         t = np.where(zero, 1.0, t)  # the generic path's `ttft or 1`
     coef = sc.coef
-    w_over_t = float(((coef.w0 + coef.wa * a + coef.k * c) / t).sum())
-    c_x = float(((coef.c0 + coef.s * c) * x).sum())
-    return sc.sums(len(t), w_over_t, c_x, float(x.sum()), ttft_sum, float(c.sum()))
+    w_over_t = _exact_sum((coef.w0 + coef.wa * a + coef.k * c) / t)
+    c_x = _exact_sum((coef.c0 + coef.s * c) * x)
+    return sc.sums(len(t), w_over_t, c_x, _exact_sum(x), ttft_sum, _exact_sum(c))

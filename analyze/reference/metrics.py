@@ -15,21 +15,24 @@ Error policy (documented in docs/decisions.md):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from moecap.analyze.errors import InputError, SpecError
 
-from .arrays import record_arrays
+from .arrays import RecordArrays
+from .columns import RecordColumns
 from .continuous import CONTINUOUS_KEYS, ReferenceCrash, ReferenceHardware, continuous_metrics
 from .model import normalize_model_id, reference_family, reference_model_sizes
 from .precision import check_cli_precision, reference_effective_precision, reference_precision_bytes
-from .records import normalize_frame, records_to_frame
 from .run_level import run_level_values
 from .tables import reference_peak_bw, reference_peak_flops, resolve_reference_gpu
 
-Records = Sequence[Mapping[str, Any]] | pl.DataFrame
+if TYPE_CHECKING:
+    import polars as pl
+
+#: A list of record dicts, a record frame, or the records' numpy columns (`columns.record_columns`,
+#: no frame library). polars is imported only for the first two.
+Records = Union[Sequence[Mapping[str, Any]], "pl.DataFrame", RecordColumns]
 
 
 def reference_hardware(gpu: str | None, precision: str) -> ReferenceHardware:
@@ -45,10 +48,13 @@ def _first_record_defaults(records: Records) -> tuple[Any, Any]:
     """(gpu_num, gpu_raw_type) of the first record, the reference's defaults; a null gpu_num counts as
     absent (1)."""
     first: Mapping[str, Any]
-    if isinstance(records, pl.DataFrame):
-        first = {name: records.get_column(name)[0] for name in ("gpu_num", "gpu_raw_type") if name in records}
+    if isinstance(records, RecordColumns):
+        first = records.first
+    elif _is_frame(records):
+        frame = cast("pl.DataFrame", records)
+        first = {name: frame.get_column(name)[0] for name in ("gpu_num", "gpu_raw_type") if name in frame}
     else:
-        first = records[0]
+        first = cast(Sequence[Mapping[str, Any]], records)[0]
         if not isinstance(first, Mapping):
             raise InputError(f"record 0 is a {type(first).__name__}, not a mapping")
     gpu_num = first.get("gpu_num")
@@ -57,6 +63,24 @@ def _first_record_defaults(records: Records) -> tuple[Any, Any]:
     elif isinstance(gpu_num, str):
         gpu_num = _parse_number(gpu_num)
     return gpu_num, first.get("gpu_raw_type")
+
+
+def _record_arrays(records: Records) -> RecordArrays:
+    """The arrays the formulas read: from the numpy columns as they are, else through the frame."""
+    if isinstance(records, RecordColumns):
+        return RecordArrays(records)
+    from .arrays import record_arrays
+    from .records import normalize_frame, records_to_frame
+
+    if _is_frame(records):
+        return record_arrays(normalize_frame(cast("pl.DataFrame", records)))
+    rows = cast(Sequence[Mapping[str, Any]], records)
+    return record_arrays(normalize_frame(records_to_frame(rows, gpu_columns=False)))
+
+
+def _is_frame(records: Records) -> bool:
+    """A polars DataFrame (told without importing polars)."""
+    return type(records).__module__.startswith("polars")
 
 
 def _parse_number(text: str) -> Any:
@@ -83,8 +107,8 @@ def reference_metrics(
     """MoE-CAP's published metrics for one run, reproduced exactly (metrics.md sections 1-6).
 
     Args:
-        records: per-pass records (list of dicts as in `batch_data.json`, or a frame as documented in
-            `records`).
+        records: per-pass records (list of dicts as in `batch_data.json`, a frame as documented in
+            `records`, or their numpy columns from `columns.record_columns`).
         model_config: the model's config.json as a dict.
         model_name: HF id (``org/model``) or local path; family dispatch uses its case-sensitive substrings.
         gpu: reference GPU key (``NVIDIA-A100-SXM4-80GB``) or moecap GPU name (``H100-SXM-80GB``);
@@ -120,11 +144,7 @@ def reference_metrics(
     precision_bytes = reference_precision_bytes(used_dtype)
     hw = reference_hardware(gpu_key, used_dtype)
 
-    if isinstance(records, pl.DataFrame):
-        frame = normalize_frame(records)
-    else:
-        frame = normalize_frame(records_to_frame(records, gpu_columns=False))
-    arrays = record_arrays(frame)
+    arrays = _record_arrays(records)
 
     continuous: dict[str, Any] | None
     reason: str | None = None

@@ -46,6 +46,8 @@ import polars as pl
 
 from moecap.analyze.errors import InputError
 
+from .record_file import load_reference_records  # noqa: F401 - its former home; still imported from here
+
 PER_REQ_INFO_FIELDS: dict[str, pl.DataType] = {
     "req_id": pl.String(),
     "req_id_present": pl.Boolean(),
@@ -67,47 +69,6 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "per_req_info": pl.List(pl.Struct(PER_REQ_INFO_FIELDS)),
     "scheduled_tokens": pl.Float64(),
 }
-
-_EXPECTED = 'a JSON list of records, {"records": [...]}, or JSON Lines (one record object per line)'
-
-
-def load_reference_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a MoE-CAP `batch_data.json`: a JSON list, ``{"records": [...]}``, or JSONL; one dict per pass.
-
-    Raises InputError (one line naming the file) for a missing, empty or differently shaped file.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"{p}: cannot read ({exc.__class__.__name__}: {exc}); expected {_EXPECTED}"
-        ) from None
-    if not text.strip():
-        raise InputError(f"{p}: empty file; expected {_EXPECTED}")
-    try:
-        doc: Any = json.loads(text)
-    except json.JSONDecodeError:
-        doc = _read_json_lines(p, text)
-    except RecursionError:
-        raise InputError(f"{p}: JSON nested too deeply to read; expected {_EXPECTED}") from None
-    if isinstance(doc, Mapping):
-        if "records" in doc:
-            doc = doc["records"]
-        elif "forward_mode" in doc:  # JSON Lines with a single record
-            doc = [doc]
-        else:
-            raise InputError(f"{p}: a JSON object without a 'records' list; expected {_EXPECTED}")
-    if not isinstance(doc, list):
-        raise InputError(f"{p}: top-level JSON {type(doc).__name__}; expected {_EXPECTED}")
-    if not all(type(r) is dict for r in doc):
-        bad = next(i for i, r in enumerate(doc) if type(r) is not dict)
-        raise InputError(
-            f"{p}: record {bad} is a {type(doc[bad]).__name__}, not an object; expected {_EXPECTED}"
-        )
-    records: list[dict[str, Any]] = doc
-    return records
-
 
 #: How the column decoder reads each metric field: numbers as Float64 (a JSON bool reads as 1/0, as the
 #: frame built from Python objects does), integers as their text (checked by an exact cast: a float,
@@ -220,22 +181,6 @@ def _gpu_column(name: str, value: Any, dtype: pl.DataType) -> pl.Expr:
     ):
         return pl.lit(value, pl.String() if isinstance(value, str) else dtype).alias(name)
     raise ValueError(f"{name} {value!r}")
-
-
-def _read_json_lines(p: Path, text: str) -> list[Any]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{p}: line {lineno} is not JSON ({exc.msg}); expected {_EXPECTED}") from None
-        except RecursionError:
-            raise InputError(
-                f"{p}: line {lineno}: JSON nested too deeply to read; expected {_EXPECTED}"
-            ) from None
-    return out
 
 
 def records_to_frame(records: Sequence[Mapping[str, Any]], *, gpu_columns: bool = True) -> pl.DataFrame:

@@ -82,11 +82,11 @@ def cross_run_section(
     """Latency CDFs, throughput vs batch size, CAP radar and the Pareto front across the runs,
     coloured by group (model · engine · GPU · CUDA graphs or eager) rather than one colour per run."""
     from .. import slow_steps as slow
-    from .groups import run_groups, run_modes
+    from .groups import info_rows, run_groups, run_modes
     from .steps import steps_predicate
 
-    db, document = analysis.db, analysis.document
-    groups = run_groups(document, run_modes(analysis))
+    db = analysis.db
+    groups = run_groups(info_rows(analysis), run_modes(analysis))
     sec = Section(id="compare", title="Across runs")
     n_groups = len(set(groups.values()))
     if len(groups) > n_groups:
@@ -106,10 +106,10 @@ def cross_run_section(
     ]
     if outliers:
         sec.notes.append(
-            "Throughput vs batch size leaves out compile-outlier steps (the slow steps `check` names: "
-            f"≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it): "
-            + "; ".join(outliers)
-            + "."
+            "Throughput vs batch size leaves out compile-outlier and warm-up steps (the slow steps `check` "
+            f"names: ≥ {slow.FACTOR:g}× a typical step of their phase, ≥ {slow.MIN_EXCESS_MS:g} ms over it; or "
+            f"the first of their shape at ≥ {slow.WARMUP_FACTOR:g}× the later ones, "
+            f"≥ {slow.MIN_WARMUP_EXCESS_MS:g} ms over them): " + "; ".join(outliers) + "."
         )
     if tput.height:
         sec.figures.append(
@@ -370,11 +370,10 @@ def _sections(
 ) -> list[Section]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .groups import run_labels, run_modes
+    from .groups import info_rows, run_labels, run_modes
     from .steps import excluded_steps_all, steps_predicate
 
-    labels = run_labels(analysis.document, run_modes(analysis))
-    runs = analysis.document.get("runs", [])
+    labels = run_labels(info_rows(analysis), run_modes(analysis))
     excluded = excluded_steps_all(analysis.db, list(labels))
     # Every run's time bins in one query (per run, planning the query cost more than running it).
     slow_only, _ = steps_predicate(analysis.db, list(labels), excluded, idle=False)
@@ -387,8 +386,7 @@ def _sections(
     jobs: list[Callable[[Any], Section]] = [lambda a: cross_run_section(a, labels, options, excluded)]
     if whatif_gpus:
         jobs.append(lambda a: whatif_section(a, labels, whatif_gpus))
-    for i, run in enumerate(runs, start=1):
-        rid = run["run_id"]
+    for i, rid in enumerate(analysis.run_ids, start=1):
         if rid in by_id:
             jobs.append(functools.partial(_run_job, i=i, rid=rid))
 

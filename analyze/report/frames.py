@@ -21,7 +21,7 @@ from ..metrics.experts import layer_statistics, token_matrix
 from ..metrics.requests import itl_samples, request_table
 from ..metrics.steps import COMPUTE_BOUND_S_SQL, MEMORY_BOUND_S_SQL, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
-from .groups import disambiguate
+from .groups import disambiguate, group_label, info_rows
 
 PHASE_ORDER = ("prefill", "mixed", "decode", "verify", "idle", "unknown")
 
@@ -492,28 +492,16 @@ def run_labels(analysis: Any) -> dict[str, str]:
     """run_id -> a short, unique legend label: "model · engine · GPU×n · bs N", plus the dataset
     where that alone repeats, plus "#i" (the run's 1-based position in the analysis, as the report
     numbers its sections) where even that repeats. From `Analysis.run_info()` (the `runs` and
-    `run_settings` tables)."""
-    info = {r["run_id"]: r for r in analysis.run_info().iter_rows(named=True)}
+    `run_settings` tables), as the charts' labels (`groups.run_labels`)."""
     base: dict[str, str] = {}
     datasets: dict[str, str] = {}
-    for rid in analysis.run_ids:
-        run = info.get(rid, {})
-        model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
-        label = f"{model} · {run.get('engine') or '?'} · {run.get('gpu') or '?'}×{run.get('num_gpus') or 1}"
-        if run.get("batch_size"):
-            label += f" · bs {run['batch_size']}"
-        base[rid] = label
-        datasets[rid] = str(run.get("dataset") or "")
-
+    for row in info_rows(analysis):
+        rid = row["run_id"]
+        base[rid] = group_label(row, short_gpu=False) + (
+            f" · bs {row['batch_size']}" if row.get("batch_size") else ""
+        )
+        datasets[rid] = str(row.get("dataset") or "")
     return disambiguate(base, datasets, lambda i, rid: f"#{i}")
-
-
-def _float(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) or math.isinf(v) else v
 
 
 RUNS_FRAME_SCHEMA: dict[str, Any] = {
@@ -608,34 +596,6 @@ def runs_frame(analysis: Any, labels: dict[str, str] | None = None) -> pl.DataFr
     return frame.with_columns(pl.col(c).cast(pl.Float64).fill_nan(None) for c in floats).select(
         pl.col(c).cast(t) for c, t in RUNS_FRAME_SCHEMA.items()
     )
-
-
-_COST_KEYS = ("usd_per_1m_output_tokens", "usd_per_million_output_tokens", "usd_per_m_output_tokens")
-
-
-def cost_per_million_output_tokens(
-    metrics: dict[str, Any],
-) -> tuple[float | None, float | None, float | None]:
-    """(USD per 1M output tokens, band low, band high) from a run's `metrics.cost`, or Nones."""
-    cost = metrics.get("cost")
-    if not isinstance(cost, dict):
-        return None, None, None
-    value = next((_float(cost[k]) for k in _COST_KEYS if k in cost), None)
-    band = cost.get("band_usd_per_1m_output_tokens")
-    lo, hi = (_float(band[0]), _float(band[1])) if isinstance(band, list) and len(band) == 2 else (None, None)
-    return value, lo, hi
-
-
-def accuracy_fraction(metrics: dict[str, Any]) -> float | None:
-    """Exact match in [0, 1] from a run's `metrics.accuracy` ({exact_match} or {correct, total})."""
-    acc = metrics.get("accuracy")
-    if not isinstance(acc, dict):
-        return None
-    em = _float(acc.get("exact_match"))
-    if em is None and _float(acc.get("total")):
-        correct = _float(acc.get("correct"))
-        em = None if correct is None else correct / float(acc["total"])
-    return em
 
 
 def _order_phases(df: pl.DataFrame) -> pl.DataFrame:

@@ -77,20 +77,27 @@ def run_modes(analysis: Any) -> dict[str, str]:
     return modes
 
 
-def run_groups(document: dict[str, Any], modes: dict[str, str] | None = None) -> dict[str, str]:
-    """run_id -> "model · engine · GPU×n · mode": the colour key of the cross-run charts."""
+def info_rows(analysis: Any) -> list[dict[str, Any]]:
+    """The rows of `Analysis.run_info()` in the analysis' run order: what every run label is built
+    from (model, engine, gpu, num_gpus, batch_size, dataset)."""
+    info = {r["run_id"]: r for r in analysis.run_info().iter_rows(named=True)}
+    return [info.get(rid, {"run_id": rid}) for rid in analysis.run_ids]
+
+
+def group_label(row: dict[str, Any], mode: str = "?", *, short_gpu: bool = True) -> str:
+    """ "model · engine · GPU×n · mode" of one `run_info` row (mode left out when unknown;
+    `short_gpu`: a leading "NVIDIA " dropped from the GPU's name)."""
+    model = str(row.get("model") or "?").rstrip("/").split("/")[-1]
+    gpu = _short_gpu(row.get("gpu")) if short_gpu else str(row.get("gpu") or "?")
+    label = f"{model} · {row.get('engine') or '?'} · {gpu}×{row.get('num_gpus') or 1}"
+    return label + (f" · {mode}" if mode != "?" else "")
+
+
+def run_groups(rows: list[dict[str, Any]], modes: dict[str, str] | None = None) -> dict[str, str]:
+    """run_id -> "model · engine · GPU×n · mode": the colour key of the cross-run charts
+    (`rows`: `info_rows(analysis)`)."""
     modes = modes or {}
-    return {run["run_id"]: _group_label(run, modes) for run in document.get("runs", [])}
-
-
-def _group_label(run: dict[str, Any], modes: dict[str, str]) -> str:
-    """ "model · engine · GPU×n · mode" of one run of the metrics document (mode left out when unknown)."""
-    model = str(run.get("model") or "?").rstrip("/").split("/")[-1]
-    engine = (run.get("engine") or {}).get("name") or "?"
-    gpu = ((run.get("constants") or {}).get("gpu") or {}).get("name") or (run.get("gpu") or {}).get("name")
-    count = (run.get("gpu") or {}).get("count") or 1
-    mode = modes.get(run["run_id"], "?")
-    return f"{model} · {engine} · {_short_gpu(gpu)}×{count}" + (f" · {mode}" if mode != "?" else "")
+    return {row["run_id"]: group_label(row, modes.get(row["run_id"], "?")) for row in rows}
 
 
 def _short_gpu(name: Any) -> str:
@@ -99,18 +106,19 @@ def _short_gpu(name: Any) -> str:
     return text[len("NVIDIA ") :] if text.startswith("NVIDIA ") else text
 
 
-def run_labels(document: dict[str, Any], modes: dict[str, str] | None = None) -> dict[str, str]:
+def run_labels(rows: list[dict[str, Any]], modes: dict[str, str] | None = None) -> dict[str, str]:
     """run_id -> a legend label that tells runs apart by what differs: "model · engine · GPU×n ·
     mode · bs N" (mode = CUDA graphs or eager, when known), then the dataset where that alone
-    repeats, then the run id where even that does: never a bare "#18" that names nothing."""
+    repeats, then the run id where even that does: never a bare "#18" that names nothing.
+    `rows`: `info_rows(analysis)` (the façade's `run_info`)."""
     modes = modes or {}
     base: dict[str, str] = {}
     datasets: dict[str, str] = {}
-    for run in document.get("runs", []):
-        wl = run.get("workload") or {}
-        bs = wl.get("batch_size") or wl.get("concurrency")
-        base[run["run_id"]] = _group_label(run, modes) + (f" · bs {bs}" if bs else "")
-        datasets[run["run_id"]] = str(wl.get("dataset") or "")
+    for row in rows:
+        rid = row["run_id"]
+        bs = row.get("batch_size")
+        base[rid] = group_label(row, modes.get(rid, "?")) + (f" · bs {bs}" if bs else "")
+        datasets[rid] = str(row.get("dataset") or "")
     return disambiguate(base, datasets, lambda i, rid: rid)
 
 

@@ -20,13 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from .. import __version__
 from ..document import at as _get
 from ..errors import InputError
 from .export import export_chart, vegalite_version
 from .figures import DEFAULT_WHATIF_GPUS, FigureOptions, Section, report_sections
-from .frames import accuracy_fraction, cost_per_million_output_tokens
-from .groups import run_labels, run_modes
+from .frames import runs_frame
+from .groups import info_rows, run_labels, run_modes
 
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -133,7 +135,7 @@ def render_report(
     """The report page as a string."""
     document = analysis.document
     exports = exports or {}
-    labels = run_labels(document, run_modes(analysis))
+    labels = run_labels(info_rows(analysis), run_modes(analysis))
     specs: dict[str, Any] = {}
     body = [
         "<header>",
@@ -142,7 +144,7 @@ def render_report(
         f"generated {esc(document.get('generated_at') or _now())} by moecap {esc(document.get('moecap_version') or __version__)}</p>",
         _toc(sections),
         "</header>",
-        _summary(document, labels, run_modes(analysis)),
+        _summary(analysis, labels, run_modes(analysis)),
     ]
     n = 0
     for sec in sections:
@@ -232,6 +234,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return f"{value * 100:.1f}"
     if kind == "ms":
         return f"{value * 1e3:.2f}"
+    if kind == "ms_as_is":  # a value in ms already
+        return f"{value:.2f}"
     if kind == "num":
         return f"{value:,.1f}" if abs(value) < 1e5 else f"{value:,.0f}"
     if kind == "usd":
@@ -258,10 +262,11 @@ def _pair(a: Any, b: Any) -> str:
     return f"{_fmt(a, 'pct1')} / {_fmt(b, 'pct1')}"
 
 
-def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, str] | None = None) -> str:
+def _summary(analysis: Any, labels: dict[str, str], modes: dict[str, str] | None = None) -> str:
     """One row per run, narrow enough for a 1,280 px window with dozens of runs: run id, model and
     dataset break only after - _ : / . (never mid-word; a long name is elided with the whole of it in
-    a title), each column carries one unit, S-MBU / S-MFU share a cell per phase."""
+    a title), each column carries one unit, S-MBU / S-MFU share a cell per phase. Every figure is the
+    façade's (`frames.runs_frame`, the `run_metrics` view), as the leaderboard's."""
     modes = modes or {}
     head = (
         "<tr><th>#</th><th>run id</th><th>model</th><th>engine</th><th>GPU</th><th>dataset</th><th>bs</th>"
@@ -269,43 +274,45 @@ def _summary(document: dict[str, Any], labels: dict[str, str], modes: dict[str, 
         "<th>GPU busy %</th><th>TTFT mean ms</th><th>TPOT mean ms</th><th>gen tok/s</th>"
         "<th>$ / 1M out tok</th><th>accuracy %</th><th>warn&shy;ings</th></tr>"
     )
+    window = {
+        r["run_id"]: r
+        for r in analysis.run_metrics()
+        .filter(pl.col("phase") == "all")
+        .select("run_id", "steps", "gpu_busy_fraction")
+        .iter_rows(named=True)
+    }
     rows: list[str] = []
-    for run in document.get("runs", []):
-        m = run.get("metrics") or {}
-        steps = m.get("steps") or {}
-        req = m.get("requests") or {}
-        wl = run.get("workload") or {}
-        gpu = _get(run, "constants", "gpu", "name") or _get(run, "gpu", "name")
-        em = accuracy_fraction(m)
-        cost, _, _ = cost_per_million_output_tokens(m)
-        tps = _get(steps, "all", "window_output_throughput")
+    for run in runs_frame(analysis, labels).iter_rows(named=True):
+        w = window.get(run["run_id"], {})
+        gpu, em, cost = run["gpu"], run["accuracy"], run["cost_usd_per_m_output_tokens"]
         mode = modes.get(run["run_id"])
-        engine = f"{_get(run, 'engine', 'name') or ''} {_get(run, 'engine', 'version') or ''}".strip()
+        engine = f"{run['engine'] or ''} {run['engine_version'] or ''}".strip()
         i = len(rows) + 1
         cells = [
             f'<a href="#run-{i}">{i}</a>',
             f"<code>{breakable(run['run_id'], limit=80)}</code>",
-            breakable(str(run.get("model") or "").rstrip("/").split("/")[-1] or None),
+            breakable(str(run["model"] or "").rstrip("/").split("/")[-1] or None),
             esc(engine) + (f"<br><span class=meta>{esc(mode)}</span>" if mode and mode != "?" else ""),
-            esc(f"{gpu} ×{_get(run, 'gpu', 'count') or 1}" if gpu else "no GPU recorded"),
-            breakable(wl.get("dataset")),
-            esc(wl.get("batch_size") or wl.get("concurrency")),
-            _fmt(_get(steps, "all", "steps")),
-            _pair(_get(steps, "prefill", "s_mbu"), _get(steps, "prefill", "s_mfu")),
-            _pair(_get(steps, "decode", "s_mbu"), _get(steps, "decode", "s_mfu")),
-            _fmt(_get(steps, "all", "gpu_busy_fraction"), "pct1"),
-            _fmt(_get(req, "ttft_s", "mean"), "ms"),
-            _fmt(_get(req, "tpot_s", "mean"), "ms"),
-            _fmt(tps, "num"),
+            esc(f"{gpu} ×{run['num_gpus'] or 1}" if gpu else "no GPU recorded"),
+            breakable(run["dataset"]),
+            esc(run["batch_size"]),
+            _fmt(w.get("steps")),
+            _pair(run["prefill_smbu"], run["prefill_smfu"]),
+            _pair(run["decode_smbu"], run["decode_smfu"]),
+            _fmt(w.get("gpu_busy_fraction"), "pct1"),
+            _fmt(run["ttft_ms"], "ms_as_is"),
+            _fmt(run["tpot_ms"], "ms_as_is"),
+            _fmt(run["window_output_throughput"], "num"),
             _fmt(cost, "usd") if cost is not None else '<span class="na">n/a</span>',
             _fmt(em, "pct1") if em is not None else '<span class="na">n/a</span>',
-            str(len(run.get("warnings") or [])),
+            str(run["warnings"]),
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    warnings = []
-    for run in document.get("runs", []):
-        for w in run.get("warnings") or []:
-            warnings.append(f"<li><code>{esc(run['run_id'])}</code>: {esc(w)}</li>")
+    warnings = [
+        f"<li><code>{esc(rid)}</code>: {esc(w)}</li>"
+        for rid in analysis.run_ids
+        for w in analysis.warnings.get(rid, [])
+    ]
     out = [
         '<section id="summary"><h2>Summary</h2>',
         "<p class=meta>S-MBU / S-MFU: ratio of sums over each run's metrics window (docs/metrics.md §6); "

@@ -21,13 +21,17 @@ shares differ by design).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import altair as alt
 import polars as pl
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..checks import compare_counts, expert_counts
 from ..load import LoadedFile, TraceDB
+from ..metrics.steps import step_time_s
 from .charts import as_frame, inline_data
 
 _SCHEMA = {
@@ -51,10 +55,6 @@ _SCHEMA = {
 }
 
 
-def _p(path: Any) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def rank_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
     """One row per engine-side rank of `run_id` (columns in the module docstring); empty if unknown."""
     run = db.runs.get(run_id)
@@ -73,11 +73,15 @@ def rank_frame(db: TraceDB, run_id: str) -> pl.DataFrame:
     for f in sorted(steps_files, key=lambda f: (f.run.rank.dp, f.run.rank.pp, f.run.rank.tp)):
         r = f.run.rank
         key = (r.dp, r.pp, r.tp)
-        steps, tokens, busy = db.con.execute(
-            f"""SELECT count(*), coalesce(sum(num_tokens), 0)::BIGINT,
-                       coalesce(sum(coalesce(gpu_end_ns - gpu_start_ns, t_end_ns - t_start_ns)) / 1e9, 0)
-                FROM read_parquet({_p(f.parquet["step_scalars"])})"""
-        ).fetchall()[0]
+        scalars = pq.read_table(
+            f.parquet["step_scalars"],
+            columns=["num_tokens", "gpu_start_ns", "gpu_end_ns", "t_start_ns", "t_end_ns"],
+        )
+        steps, tokens = scalars.num_rows, int(pc.sum(scalars["num_tokens"]).as_py() or 0)
+        # Each step's time_s as step_metrics has it (metrics/steps.py), summed without rounding.
+        busy = math.fsum(
+            step_time_s(*(scalars[c].to_numpy(zero_copy_only=False) for c in scalars.column_names[1:]))[0]
+        )
         mine = experts.get(key)
         expert_steps = routed = agreeing = compared = None
         summed = (r.dp, r.pp) in run.sum_stages

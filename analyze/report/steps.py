@@ -4,7 +4,8 @@ An idle step (0 batch tokens) has no place on a batch-token axis (log scales can
 no throughput; a compile step (vLLM's first mixed step, 1.1 s against ~7 ms decodes) would bend a
 mean or a line by itself. The slow steps are the ones `moecap-analyze check` names, by the one rule
 in `analyze/slow_steps.py` (≥ 10x what a step of its phase and size usually takes on its rank, and
-≥ 100 ms over it); this module only applies it to every run and turns it into SQL and a sentence.
+≥ 100 ms over it; or the first step of its shape at ≥ 1.5x, and 20 ms over, the later steps of that
+shape); this module only applies it to every run and turns it into SQL and a sentence.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..slow_steps import FACTOR, MIN_EXCESS_MS, slow_steps
+from ..slow_steps import FACTOR, MIN_EXCESS_MS, MIN_WARMUP_EXCESS_MS, WARMUP_FACTOR, slow_steps
 
 
 @dataclass
@@ -21,7 +22,9 @@ class Excluded:
 
     idle: int = 0
     outliers: list[tuple[int, int, int, float]] = field(default_factory=list)
-    """(dp, pp, step, duration in s) of each slow step (slow_steps' rule)."""
+    """(dp, pp, step, duration in s) of each slow step (slow_steps' rules)."""
+    warmups: set[tuple[int, int, int]] = field(default_factory=set)
+    """(dp, pp, step) of the slow steps named by the first-use rule (the rest by the compile rule)."""
 
     def predicate(self, idle: bool = True) -> str:
         """SQL over step_metrics keeping every step that is neither idle nor slow (`idle=False`:
@@ -38,15 +41,26 @@ class Excluded:
         parts = []
         if self.idle and idle:
             parts.append(f"{self.idle} idle (0-token) step{'s' if self.idle != 1 else ''}")
-        if self.outliers:
-            steps = ", ".join(f"{step} ({d:.2g} s)" for _, _, step, d in self.outliers[:5])
-            more = f" and {len(self.outliers) - 5} more" if len(self.outliers) > 5 else ""
+        compile_ = [o for o in self.outliers if o[:3] not in self.warmups]
+        warmup = [o for o in self.outliers if o[:3] in self.warmups]
+        if compile_:
             parts.append(
-                f"compile outlier step{'s' if len(self.outliers) != 1 else ''} {steps}{more} "
-                f"(≥ {FACTOR:g}× a typical step of its phase and ≥ {MIN_EXCESS_MS:g} ms over it, "
-                "as `check` names them)"
+                f"compile outlier {_steps(compile_)} (≥ {FACTOR:g}× a typical step of its phase and "
+                f"≥ {MIN_EXCESS_MS:g} ms over it, as `check` names them)"
+            )
+        if warmup:
+            parts.append(
+                f"warm-up {_steps(warmup)} (the first of its shape, ≥ {WARMUP_FACTOR:g}× and "
+                f"≥ {MIN_WARMUP_EXCESS_MS:g} ms over the later steps of that shape, as `check` names them)"
             )
         return ("Left out: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _steps(outliers: list[tuple[int, int, int, float]]) -> str:
+    """'step 1 (0.95 s)' / 'steps 1 (0.95 s), 7 (0.2 s) and 3 more'."""
+    steps = ", ".join(f"{step} ({d:.2g} s)" for _, _, step, d in outliers[:5])
+    more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
+    return f"step{'s' if len(outliers) != 1 else ''} {steps}{more}"
 
 
 def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
@@ -74,6 +88,8 @@ def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
             if (s.dp, s.pp, s.step) not in seen:  # TP ranks of a stage share the step
                 seen.add((s.dp, s.pp, s.step))
                 out[rid].outliers.append((s.dp, s.pp, s.step, s.duration_ms / 1e3))
+                if s.rule != "compile":
+                    out[rid].warmups.add((s.dp, s.pp, s.step))
     return out
 
 

@@ -10,19 +10,62 @@
 Definitions, byte rules and sources: docs/specs.md.
 """
 
-from .gpu import FLOPS_DTYPES, GpuSpec, gpu_names, gpu_table, normalize_gpu_name, resolve_gpu
-from .model import MlaDims, ModelSpec, Precision, model_spec_from_config, supported_families
-from .params import MODULE_CLASSES, LinearWeight, ModuleClass, ParamGroup
-from .quant import (
-    DTYPE_BYTES,
-    SUPPORTED_QUANT_METHODS,
-    ClassPrecision,
-    QuantScheme,
-    WeightFormat,
-    normalize_dtype,
-    parse_quantization,
-)
-from .registry import list_registry, load_model_config, load_model_spec
+from typing import TYPE_CHECKING, Any
+
+#: Where each public name lives, loaded on first use (PEP 562): reading a config.json
+#: (`registry.load_model_config`) needs neither the GPU table nor its YAML loader.
+_EXPORTS = {
+    "FLOPS_DTYPES": "gpu",
+    "GpuSpec": "gpu",
+    "gpu_names": "gpu",
+    "gpu_table": "gpu",
+    "normalize_gpu_name": "gpu",
+    "resolve_gpu": "gpu",
+    "MlaDims": "model",
+    "ModelSpec": "model",
+    "Precision": "model",
+    "model_spec_from_config": "model",
+    "supported_families": "model",
+    "MODULE_CLASSES": "params",
+    "LinearWeight": "params",
+    "ModuleClass": "params",
+    "ParamGroup": "params",
+    "DTYPE_BYTES": "quant",
+    "SUPPORTED_QUANT_METHODS": "quant",
+    "ClassPrecision": "quant",
+    "QuantScheme": "quant",
+    "WeightFormat": "quant",
+    "normalize_dtype": "quant",
+    "parse_quantization": "quant",
+    "list_registry": "registry",
+    "load_model_config": "registry",
+    "load_model_spec": "registry",
+}
+
+if TYPE_CHECKING:
+    from .gpu import FLOPS_DTYPES, GpuSpec, gpu_names, gpu_table, normalize_gpu_name, resolve_gpu
+    from .model import MlaDims, ModelSpec, Precision, model_spec_from_config, supported_families
+    from .params import MODULE_CLASSES, LinearWeight, ModuleClass, ParamGroup
+    from .quant import (
+        DTYPE_BYTES,
+        SUPPORTED_QUANT_METHODS,
+        ClassPrecision,
+        QuantScheme,
+        WeightFormat,
+        normalize_dtype,
+        parse_quantization,
+    )
+    from .registry import list_registry, load_model_config, load_model_spec
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "DTYPE_BYTES",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, SpecError
-from .model import ModelSpec, model_spec_from_config
+
+if TYPE_CHECKING:
+    from .model import ModelSpec
 
 _PACKAGE = "moecap.analyze.specs.models"
 
@@ -66,4 +68,6 @@ def load_model_config(name_or_path: str | Path) -> dict[str, Any]:
 
 def load_model_spec(name_or_path: str | Path, **kwargs: Any) -> ModelSpec:
     """`model_spec_from_config(load_model_config(name_or_path), **kwargs)`."""
+    from .model import model_spec_from_config  # reading a config alone needs no model formulas
+
     return model_spec_from_config(load_model_config(name_or_path), **kwargs)

@@ -86,7 +86,9 @@ ORDER BY r.run_id, decode_batch_size
 SELECT run_id, num_reqs AS batch_size, count(*) AS steps,
        avg(time_s) * 1e3 AS step_ms_mean,
        quantile_cont(time_s, 0.9) * 1e3 AS step_ms_p90,
-       sum(bytes_total) / (any_value(gpu_bandwidth) * sum(time_s * gpus)) AS s_mbu
+       -- run_metrics' rule: a ratio of sums over the steps that computed tokens
+       sum(bytes_total) FILTER (WHERE num_tokens > 0)
+           / (any_value(gpu_bandwidth) * sum(time_s * gpus) FILTER (WHERE num_tokens > 0)) AS s_mbu
 FROM step_metrics
 WHERE phase = 'decode' AND NOT is_draft AND time_s > 0
 GROUP BY run_id, num_reqs

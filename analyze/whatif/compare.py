@@ -276,7 +276,7 @@ def compare_runs(
         comp = compare_pair(projected, dst.gpu.name, measured, reference)
         if reference is not None:
             notes.append(
-                f"{dst.run.run_id}: {measured['compile_steps']} compile / JIT step(s) (check's rule); the errors are "
+                f"{dst.run.run_id}: {measured['compile_steps']} compile / JIT or first-use warm-up step(s) (check's rules); the errors are "
                 "against its warm reference (those steps at their typical time, as in every projected view), "
                 "not against its measured (metrics.json) values, which the table shows too"
             )

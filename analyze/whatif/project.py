@@ -42,7 +42,7 @@ from ..metrics.steps import quantile_rows, summary_rows
 from ..metrics.window import COUNTED_SQL, IN_WINDOW_SQL
 from ..pipeline import Analysis
 from ..specs import GpuSpec
-from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline
+from .roofline import MIN_EFFICIENCY, RooflineFit, fit_roofline, fit_with_floor
 
 WHATIF_SCHEMA = "moecap.whatif/1"
 MODELS = ("projection", "no_change", "bandwidth_ratio")
@@ -116,8 +116,10 @@ Frames = dict[tuple[int, str], pl.DataFrame]
 SIZING_ARGS = frozenset(
     {
         "model",
+        "model_path",
         "served_model_name",
         "tokenizer",
+        "tokenizer_path",
         "max_num_seqs",
         "max_requests_per_batch",
         "max_running_requests",
@@ -128,8 +130,10 @@ SIZING_ARGS = frozenset(
         "mem_fraction_static",
     }
 )
-"""Engine arguments that do not make two runs' steps different kinds of steps: paths, the request-count
-limit a concurrency sweep varies, and KV-cache sizing (blocks, memory fractions). Runs that differ only in
+"""Engine arguments that do not make two runs' steps different kinds of steps: paths (vLLM's `model` /
+`tokenizer`, SGLang's `model_path` / `tokenizer_path`, which name the per-engine scratch copy of a
+random-weight config: an SGLang sweep starts one engine per point), the request-count limit a
+concurrency sweep varies, and KV-cache sizing (blocks, memory fractions). Runs that differ only in
 these calibrate jointly by default; any other difference (CUDA graphs on / off, chunked prefill, dtype,
 version) keeps them apart."""
 
@@ -196,6 +200,10 @@ def step_frame(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     every run-level step metric counts) and per-GPU bytes / FLOPs, ordered by stream and step."""
     df = analysis.db.con.sql(
         f"""SELECT {_STEP_COLUMNS}, coalesce({IN_WINDOW_SQL}, false) AS in_window,
+                   CASE WHEN s.time_source = 'gpu' AND s.span_start_ns > s.t_start_ns
+                        THEN (s.span_start_ns - s.t_start_ns) / 1e9 ELSE 0.0 END AS head_s,
+                   CASE WHEN s.time_source = 'gpu' AND s.t_end_ns < s.span_end_ns - 0.1 * (s.span_end_ns - s.span_start_ns)
+                        THEN (s.t_end_ns - s.t_start_ns) / 1e9 END AS issue_s,
                    coalesce({COUNTED_SQL}, false) AS counted
             FROM step_metrics s JOIN run_windows w USING (run_id)
             WHERE s.run_id = ? ORDER BY s.dp, s.pp, s.step""",
@@ -254,9 +262,21 @@ def compile_steps(analysis: Analysis, ctx: RunContext) -> pl.DataFrame:
     ).pl()
     rows = []
     for s in slow_steps(frame):
-        rows.append({"dp": s.dp, "pp": s.pp, "step": s.step, "typical_s": s.typical_ms / 1e3})
-    schema = {"dp": pl.Int64, "pp": pl.Int64, "step": pl.Int64, "typical_s": pl.Float64}
-    return pl.DataFrame(rows, schema=schema).group_by("dp", "pp", "step").agg(pl.col("typical_s").max())
+        rows.append(
+            {"dp": s.dp, "pp": s.pp, "step": s.step, "typical_s": s.typical_ms / 1e3, "slow_rule": s.rule}
+        )
+    schema = {
+        "dp": pl.Int64,
+        "pp": pl.Int64,
+        "step": pl.Int64,
+        "typical_s": pl.Float64,
+        "slow_rule": pl.String,
+    }
+    return (
+        pl.DataFrame(rows, schema=schema)
+        .group_by("dp", "pp", "step")
+        .agg(pl.col("typical_s").max(), pl.col("slow_rule").first())
+    )
 
 
 def warm_times(df: pl.DataFrame) -> np.ndarray:
@@ -341,18 +361,37 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
             eta_flops_prior=fl_prior,
         )
 
+    def floored(part: pl.DataFrame) -> RooflineFit:
+        # Prefill-like steps outside the CUDA graphs: the host's issue time floors the span (fit_with_floor),
+        # the GPU's fixed cost per step is the decode steps' when these steps cannot tell it from the slope.
+        if "head_s" not in part.columns:
+            return fit(part)
+        dec = fits.get("decode")
+        return fit_with_floor(
+            part["bytes_per_gpu"].to_numpy(),
+            part["flops_per_gpu"].to_numpy(),
+            part["time_s"].to_numpy(),
+            part["head_s"].to_numpy(),
+            part["issue_s"].to_numpy() if "issue_s" in part.columns else None,
+            bandwidth=ctx.gpu.memory_bandwidth,  # type: ignore[union-attr]
+            peak_flops=peak,
+            eta_bw_prior=bw_prior,
+            eta_flops_prior=fl_prior,
+            overhead_prior=dec.overhead_s if dec is not None else None,
+        )
+
     fits = {"all": fit(usable)}
     notes = []
     short = []
-    for phase in FIT_PHASES:
+    for phase in ("decode", *[p for p in FIT_PHASES if p != "decode"]):
         part = usable.filter(pl.col("fit_group") == phase)
         if part.height >= MIN_PHASE_STEPS:
-            fits[phase] = fit(part)
+            fits[phase] = floored(part) if phase in PREFILL_LIKE else fit(part)
         elif part.height:
             short.append((phase, part.height))
     pool = usable.filter(pl.col("fit_group").is_in(PREFILL_LIKE))
     if any(phase in PREFILL_LIKE for phase, _ in short) and pool.height >= 3:
-        fits[PREFILL_POOL] = fit(pool)
+        fits[PREFILL_POOL] = floored(pool)
     for phase, n in short:
         used = PREFILL_POOL if phase in PREFILL_LIKE and PREFILL_POOL in fits else "all"
         notes.append(
@@ -404,6 +443,13 @@ def calibrate(df: pl.DataFrame, ctx: RunContext) -> Calibration:
                 f"{which} efficiency fitted below the floor {MIN_EFFICIENCY:g} ({fitted}): {which.lower()}s do not "
                 "limit these steps (e.g. a launch-bound engine); the prior was used and the rest of the step time "
                 "is treated as per-step overhead that does not scale with the GPU"
+            )
+    for name, f in fits.items():
+        if f.host_floor_s is not None:
+            notes.append(
+                f"{name}: host floor {f.host_floor_s * 1e3:.3g} ms — outside the CUDA graphs the host issues each "
+                f"kernel, and a step the GPU starts with its host spans at least that ({f.host_paced} of "
+                f"{f.n_steps} calibration steps were paced by it); kept on another GPU, as host time is"
             )
     for name, f in fits.items():
         if f.eta_bw > 1 or f.eta_flops > 1:
@@ -503,8 +549,24 @@ def project_times(df: pl.DataFrame, cal: Calibration, target: GpuSpec, model: st
         dst = fit.roofline_time(B[sel], F[sel], target.memory_bandwidth, tgt_peak)
         shifted = t[sel] + (dst - src)
         # A step measured faster than its own roofline part (model over-estimate): scale it instead.
-        out[sel] = np.where(shifted > 0, shifted, t[sel] * dst / src)
+        moved = np.where(shifted > 0, shifted, t[sel] * dst / src)
+        # Host floor (steps outside the CUDA graphs, fit_with_floor): a step the host paced keeps its span
+        # unless the target's GPU work exceeds it; a GPU-paced one moves, down to its floor (never above
+        # its measured span: a faster GPU does not slow a step).
+        floor = fit.floor_time(_heads(df)[sel], int(sel.sum()))
+        paced = floor > src + fit.overhead_s
+        out[sel] = np.where(
+            paced, np.maximum(t[sel], dst + fit.overhead_s), np.maximum(moved, np.minimum(floor, t[sel]))
+        )
     return out
+
+
+def _heads(df: pl.DataFrame) -> np.ndarray:
+    """Per step, how long the GPU was still busy with earlier steps when its host work began (s; 0 when
+    not recorded): what a host floor is reduced by (fit_with_floor)."""
+    if "head_s" not in df.columns:
+        return np.zeros(df.height)
+    return np.nan_to_num(df["head_s"].to_numpy().astype(np.float64))
 
 
 def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
@@ -521,7 +583,9 @@ def model_times(df: pl.DataFrame, cal: Calibration, gpu: GpuSpec) -> np.ndarray:
     for phase in np.unique(phases):
         sel = ok & (phases == phase)
         if sel.any():
-            out[sel] = cal.fit_for(str(phase)).step_time(B[sel], F[sel], gpu.memory_bandwidth, peak)
+            out[sel] = cal.fit_for(str(phase)).step_time(
+                B[sel], F[sel], gpu.memory_bandwidth, peak, _heads(df)[sel]
+            )
     return out
 
 
@@ -554,8 +618,11 @@ def time_split(df: pl.DataFrame, cal: Calibration) -> dict[str, float] | None:
     for g in np.unique(groups):
         sel = ok & (groups == g)
         if sel.any():
-            r = cal.fit_for(str(g)).roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
-            roof[sel] = np.minimum(r, t[sel])
+            fit = cal.fit_for(str(g))
+            r = fit.roofline_time(B[sel], F[sel], cal.gpu.memory_bandwidth, cal.peak_flops)
+            # A step the host paced (fit_with_floor) does not speed up with the GPU.
+            paced = fit.floor_time(_heads(win)[sel], int(sel.sum())) > r + fit.overhead_s
+            roof[sel] = np.where(paced, 0.0, np.minimum(r, t[sel]))
     busy = np.minimum(np.maximum(t, 0), np.maximum(wall, t))
     total = float(np.sum(np.maximum(wall, t)))
     if total <= 0:
@@ -775,6 +842,48 @@ def projected_window_cost(
     }
 
 
+def facade_measured(analysis: Analysis, run_id: str, computed: dict[str, Any]) -> dict[str, Any]:
+    """The measured column: the analysis' own figures, read from its façade — per phase the `run_metrics`
+    view, the request headline figures `request_summary` — over the view `views_metrics` computed on the
+    measured times (by the same definitions), which adds what the façade does not carry (step-time
+    quantiles, decode per batch size, request percentiles). So `whatif` never calls a number "measured"
+    that `summary` computes differently (issue #19)."""
+    rm = analysis.run_metrics().filter(pl.col("run_id") == run_id)
+    for row in rm.iter_rows(named=True):
+        phase = computed["phases"].get(row["phase"])
+        if phase is not None:
+            phase.update({k: row[k] for k in phase if k in row})
+    req = computed.get("requests")
+    summary = analysis.request_summary.filter(pl.col("run_id") == run_id)
+    if req is not None and summary.height:
+        row = summary.row(0, named=True)
+        for key in (
+            "requests",
+            "succeeded",
+            "request_throughput",
+            "output_throughput",
+            "total_token_throughput",
+        ):
+            if key in req:
+                req[key] = row[key]
+        for key, col in (("ttft_s", "ttft_s_mean"), ("tpot_s", "tpot_s_mean"), ("e2e_s", "e2e_s_mean")):
+            if isinstance(req.get(key), dict) and "mean" in req[key]:
+                req[key]["mean"] = row[col]
+    return computed
+
+
+def facade_cost(analysis: Analysis, run_id: str, cost: dict[str, Any]) -> dict[str, Any]:
+    """The measured cost's headline USD per 1M output tokens and band from the façade's `costs` frame (the
+    analysis' cost section; the projections' cost is computed the same way on their windows)."""
+    row = analysis.costs.filter(pl.col("run_id") == run_id)
+    if row.height:
+        r = row.row(0, named=True)
+        cost["usd_per_1m_output_tokens"] = r["usd_per_1m_output_tokens"]
+        if r["band_low"] is not None:
+            cost["band_usd_per_1m_output_tokens"] = [r["band_low"], r["band_high"]]
+    return cost
+
+
 def measured_power_fraction(analysis: Analysis, ctx: RunContext) -> float | None:
     run = next((r for r in analysis.document["runs"] if r["run_id"] == ctx.run.run_id), None)
     if run is None or ctx.gpu is None or not ctx.gpu.tdp_w:
@@ -819,19 +928,26 @@ def whatif_run(
             gpu_time = project_times(df, cal, target, model)
             views.append(View(gpu_time, target, _stream_warp(df, gpu_time)))
     computed = iter(views_metrics(df, views, ctx.peak_dtype, requests, row))
-    measured = next(computed)
+    measured = facade_measured(analysis, ctx.run.run_id, next(computed))
     power_fraction = measured_power_fraction(analysis, ctx)
     measured["cost"] = projected_window_cost(ctx.gpu, ctx.num_gpus, measured, settings, power_fraction)
+    measured["cost"] = facade_cost(analysis, ctx.run.run_id, measured["cost"])
     warnings = []
     unprojectable = df.filter(~pl.col("bytes_per_gpu").is_finite() & (pl.col("time_s") > 0)).height
     if unprojectable:
         warnings.append(f"{unprojectable} step(s) without bytes (no expert counts) keep their measured time")
     compiled = df.filter(pl.col("compile_step"))
     if compiled.height:
+        named = ", ".join(
+            f"{r['step']} ({r['phase']}, {r['time_s'] * 1e3:.4g} ms, {r['slow_rule'] or 'compile'})"
+            for r in compiled.head(5).iter_rows(named=True)
+        )
+        more = f" and {compiled.height - 5} more" if compiled.height > 5 else ""
         warnings.append(
-            f"{compiled.height} compile / JIT step(s) (check's rule; {compiled['time_s'].sum():.3g} s measured) are "
-            "left out of the fit and take their phase's typical time in every projected view (compilation is "
-            "host work done once); the measured column keeps them"
+            f"{compiled.height} compile / JIT or first-use warm-up step(s) (check's rules: step {named}{more}; "
+            f"{compiled['time_s'].sum():.3g} s measured) are left out of the fit and take their phase's typical "
+            "time in every projected view (compilation and warm-up are host work done once); the measured "
+            "column keeps them"
         )
     split = time_split(df, cal)
     if split is not None and split["gpu_scaling_share"] < HOST_BOUND_SHARE:

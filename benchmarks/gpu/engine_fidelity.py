@@ -43,6 +43,19 @@ with --target): the same commands with `--engine sglang` (engine start ~120 s; `
 Control for the experts cost (SGLang's own select-experts recorder on, no moecap plugin), same lease:
   source benchmarks/gpu/env.sh && cd benchmarks/gpu && python sglang_recorder_cost.py $OUT 1,64
 
+SGLang experts cost A/B (issue #20: one fused Triton count per MoE layer instead of the padding mask +
+SGLang's 6-8 ops; no per-pass zero / index_select / copy; the live-token fill only on change). Stage
+`experts-N` runs the plugin as shipped (the trace metadata's `count_path` says `fused`), stage
+`expertsunfused-N` the same plugin with `MOECAP_SGLANG_FUSED_COUNTS=0` (`count_path` `masked`: the old
+in-graph ops; the host-side savings stay). Both record per decode pass the GPU span, GPU start-to-start
+interval and host time (`spans`: interval ≈ span = GPU-bound; interval > span = the GPU waits for the
+host). Same lease, one device call per line, engines one after another (off twice: engine-to-engine noise):
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages off-1,experts-1 --out $OUT
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages expertsunfused-1,off-1 --out $OUT/again
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages off-64,experts-64 --out $OUT
+  source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages expertsunfused-64,steps-1 --out $OUT
+Done when `experts-1` and `experts-64` are within 3 % of the `off-` medians (`--summarize $OUT $OUT/again`).
+
 Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
 (Markdown) from the fetched JSON files.
 """
@@ -101,12 +114,18 @@ def plugin_path(out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # Offline stages
 # ---------------------------------------------------------------------------------------------------
+EXPERT_MODES = ("experts", "expertsunfused")
+"""Offline modes with expert counts. `expertsunfused` (SGLang): the same plugin with the fused per-layer
+count switched off (`MOECAP_SGLANG_FUSED_COUNTS=0`: the padding mask + SGLang's own gatherer method in
+every MoE layer, as before issue #20's fix) — the A/B of the in-graph count kernels."""
+
+
 def offline_options(engine: str, mode: str, batch: int, out: Path) -> Any:
     n, n_in, n_out = WORKLOADS[batch]
     common = dict(
         model=str(MODEL), dataset=f"synthetic:{n_in}x{n_out}", num_prompts=n, batch_size=batch,
         out=str(out / f"trace-{engine}-{mode}-{batch}"), random_weights=True, dtype="bfloat16", ignore_eos=True,
-        counts=mode == "experts", trace=mode != "off", run_id=f"fidelity-{engine}-{mode}-b{batch}-{int(time.time())}",
+        counts=mode in EXPERT_MODES, trace=mode != "off", run_id=f"fidelity-{engine}-{mode}-b{batch}-{int(time.time())}",
         gpu_sample_interval_s=None,
     )  # fmt: skip
     if engine == "vllm":
@@ -125,10 +144,12 @@ def _steps_recorded(llm: Any) -> int | None:
     return None
 
 
-def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
-    """Per label, medians over the decode steps whose keys fall in the label's [first, last) ranges:
-    GPU span (start event to end event, µs), GPU start-to-start interval of consecutive steps (µs), and
-    host time inside the step (`t_start`..`t_end`, µs). Tells GPU time added per step from host time."""
+def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]] | None) -> dict[str, Any]:
+    """Per label, medians over the decode steps whose keys fall in the label's [first, last) ranges
+    (None: one label `all`, every step of the file): GPU span (start event to end event, µs), GPU
+    start-to-start interval of consecutive steps (µs), and host time inside the step (`t_start`..`t_end`,
+    µs). Tells GPU time added per step from host time: interval ≈ span means the GPU runs back to back
+    (GPU-bound); interval > span means it waits for the host."""
     from moecap.schemas.reader import read_trace_file
 
     files = sorted(folder.glob("*.steps.arrow"))
@@ -137,6 +158,8 @@ def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]]) -> dict[s
     rows = read_trace_file(files[0]).table.select(
         ["step", "phase", "t_start_ns", "t_end_ns", "gpu_start_ns", "gpu_end_ns"]).to_pylist()  # fmt: skip
     by_key = {r["step"]: r for r in rows}
+    if ranges is None:
+        ranges = {"all": [(min(by_key), max(by_key) + 1)]} if by_key else {}
     out: dict[str, Any] = {}
     for label, spans in ranges.items():
         gpu, interval, host = [], [], []
@@ -282,9 +305,12 @@ def _vllm_scheduler(llm: Any) -> dict[str, Any]:
 
 
 def sglang_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any]:
+    from moecap.collect.engines.sglang import fused_count
     from moecap.collect.engines.sglang.runner import SglangSession
 
     opts = offline_options("sglang", mode, batch, out)
+    if mode == "expertsunfused":  # this stage's process only; SGLang's scheduler inherits it
+        os.environ[fused_count.ENV_FUSED] = "0"
     session = SglangSession(opts)
     prompts = session.prompts(opts.dataset, opts.num_prompts)
     session.start()
@@ -320,6 +346,14 @@ def sglang_offline(mode: str, batch: int, reps: int, out: Path) -> dict[str, Any
                 )
     finally:
         result["tracer_stats"] = session.stop(write=False)
+    if mode != "off":
+        with contextlib.suppress(Exception):
+            result["spans"] = span_stats(Path(opts.out), None)  # every decode pass, generate and run
+        with contextlib.suppress(Exception):
+            from moecap.schemas.reader import read_trace_file
+
+            (steps,) = sorted(Path(opts.out).glob("*.steps.arrow"))[:1]
+            result["count_path"] = read_trace_file(steps).run.extra["sglang"].get("count_path")
     return _offline_result(result, gen_tps, run_tps, firsts)
 
 
@@ -572,15 +606,21 @@ def summarize(folders: list[str]) -> str:
             data = json.loads(p.read_text())
             found.append((data.get("engine", "?"), data.get("stage", "?"), p.stem, data))
     found.sort(key=lambda x: (x[0], x[1], x[2]))
-    offline = ("off-", "steps-", "experts-", "recorder-")
+    offline = ("off-", "steps-", "experts-", "expertsunfused-", "recorder-")
     lines = ["| engine | stage | GPU | engine's own tok/s (median) | `run` tok/s (median) | run / own | first token s |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     offs: dict[tuple[str, str], list[float]] = {}
+    span_lines = ["", "| engine | stage | count path | decode steps | GPU span µs | GPU start-to-start µs | host in step µs |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
     for engine, stage, _, d in found:
         if stage.startswith(offline) and d.get("ok"):
             lines.append(f"| {engine} | {stage} | {d.get('gpu')} | {d.get('engine_own_median')} | "
                          f"{d.get('run_median')} | {d.get('run_over_engine_own')} | "
                          f"{median(d.get('run_first_token_s') or [])} |")  # fmt: skip
+            spans = (d.get("spans") or {}).get("all") or (d.get("spans") or {}).get("generate")
+            if spans and spans.get("decode_steps"):
+                span_lines.append(f"| {engine} | {stage} | {d.get('count_path', '')} | {spans['decode_steps']} | "
+                                  f"{spans['gpu_span_us']} | {spans['gpu_interval_us']} | {spans['host_in_step_us']} |")  # fmt: skip
             if stage.startswith("off-"):
                 offs.setdefault((engine, stage[4:]), []).append(d.get("engine_own_median") or 0)
         elif not d.get("ok"):
@@ -597,6 +637,8 @@ def summarize(folders: list[str]) -> str:
                 run_loss = 100 * (1 - (d.get("run_median") or 0) / base)
                 own_loss = 100 * (1 - (d.get("engine_own_median") or 0) / base)
                 lines.append(f"| {engine} | {stage} | {run_loss:.2f} % | {own_loss:.2f} % |")
+    if len(span_lines) > 3:
+        lines += span_lines
     for engine, stage, _, d in found:
         if stage == "serve" and d.get("ok"):
             lines += ["", f"{engine} serve ({d.get('gpu')}): medians {json.dumps(d.get('medians'))}",

@@ -3,7 +3,8 @@ run per point, with one engine start per engine configuration, resumable after a
 
 Rooms: `matrix` (what to run: command line / YAML → points and their identity), `state` (what became of
 each point: `<out>/sweep.json`), `session` (the narrow engine interface: start, run a point, stop; HF here,
-vLLM in `vllm_session`), `execute` (the loop, stop signals, the table at the end), `command` (the CLI).
+vLLM in `vllm_session`, SGLang — one engine per point — in `sglang_session`), `execute` (the loop, stop
+signals, the table at the end), `command` (the CLI).
 """
 
 from .execute import SweepOutcome, run_sweep, show_table, table_command

@@ -22,6 +22,7 @@ The same from a YAML file (keys = the long option names, lists for the matrix ax
 
 Re-running the same command skips the points already recorded. vLLM, one engine per batch size as
 MoE-CAP's guide restarts its server: --engine vllm --engine-args "--max-num-seqs {batch_size}".
+SGLang (--engine sglang) starts one engine per point, each exactly as `run --engine sglang` starts it.
 """
 
 
@@ -38,14 +39,14 @@ def sweep(
     config: Path | None = typer.Option(
         None, "--config", help="A YAML file with the matrix (see docs/sweep.md)."
     ),
-    engine: list[str] = typer.Option([], "--engine", help="hf | vllm (repeatable)."),
+    engine: list[str] = typer.Option([], "--engine", help="hf | vllm | sglang (repeatable)."),
     model: list[str] = typer.Option(
         [], "--model", help="config.json, model directory or hub id (repeatable)."
     ),
     engine_args: list[str] = typer.Option(
         [],
         "--engine-args",
-        help='vLLM flags as one string (repeatable); "{batch_size}" is replaced per point.',
+        help='vLLM / SGLang flags as one string (repeatable); "{batch_size}" is replaced per point.',
     ),
     task: list[str] = typer.Option(
         [],

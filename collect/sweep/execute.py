@@ -211,9 +211,11 @@ def _run_group(
                 continue
             state.finish(p, "done", summary=result.summary())
             outcome.recorded.append(p.key)
+            started = result.extra.get("engine_start_s")
             log(
                 f"{tag}: recorded {run_id} — {result.requests} requests, {result.output_tokens} output tokens, "
                 f"{result.steps} steps in {result.wall_s:.1f} s ({result.tokens_per_s:.1f} tok/s)"
+                + (f"; engine start {started:.1f} s" if isinstance(started, (int, float)) else "")
             )
     finally:
         if session is not None:
@@ -242,7 +244,10 @@ def _start(
             session.stop()
         text = str(exc).strip().splitlines()
         raise _StartFailed(text[0] if text else type(exc).__name__) from None
-    log(f"sweep: engine ready in {time.monotonic() - t0:.1f} s")
+    if getattr(session, "engine_per_point", False):
+        log(f"sweep: {config.engine} starts one engine per point, as `run` does (docs/sweep.md)")
+    else:
+        log(f"sweep: engine ready in {time.monotonic() - t0:.1f} s")
     return session
 
 

@@ -8,7 +8,8 @@ A matrix is engines × models × engine-args × tasks × batch sizes (concurrenc
 re-run skips what is already recorded), and `EngineConfig` is the part that decides whether the engine
 can be reused: points with equal configs share one started engine. `{batch_size}` in the engine args
 is replaced per point, so `--max-num-seqs {batch_size}` makes one engine per batch size, as MoE-CAP's
-guide restarts its server per batch size.
+guide restarts its server per batch size. SGLang starts one engine per point whatever the config
+(`sglang_session.py`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import Any
 
 from ..errors import CollectError
 
-ENGINES = ("hf", "vllm")
-"""Engines a sweep drives (SGLang: see docs/sweep.md)."""
+ENGINES = ("hf", "vllm", "sglang")
+"""Engines a sweep drives (SGLang: one engine per point, see docs/sweep.md)."""
+
+_SGLANG_LIMIT = re.compile(r"--max-running-requests(?:=|\s+)(\S+)")
 
 _PADDED = re.compile(r"^(?P<name>[A-Za-z0-9_-]+):(?P<n_in>\d+)x(?P<n_out>\d+)$")
 
@@ -37,7 +40,7 @@ class EngineConfig:
     engine: str
     model: str
     engine_args: str = ""
-    """Engine flags as one string (vLLM's CLI flags), `{batch_size}` already replaced."""
+    """Engine flags as one string (vLLM's or SGLang's CLI flags), `{batch_size}` already replaced."""
     random_weights: bool = False
     dtype: str = "auto"
     device: str = "auto"
@@ -266,8 +269,15 @@ def _check(spec: SweepSpec, source: str) -> None:
             raise CollectError(f"{source}: {name}: at least one value is needed")
     for engine in spec.engines:
         if engine not in ENGINES:
-            extra = " (SGLang sweeps: not yet, see docs/sweep.md)" if engine == "sglang" else ""
-            raise CollectError(f"{source}: engines: {engine!r} is not one of {', '.join(ENGINES)}{extra}")
+            raise CollectError(f"{source}: engines: {engine!r} is not one of {', '.join(ENGINES)}")
+    if "sglang" in spec.engines:
+        for args in spec.engine_args:
+            m = _SGLANG_LIMIT.search(args)
+            if m is not None and m.group(1) != "{batch_size}":
+                raise CollectError(
+                    f"{source}: engine_args {args!r}: SGLang's --max-running-requests is each point's batch "
+                    "size (the sweep sets it, as `run --batch-size` does); leave it out"
+                )
     for task in spec.tasks:
         check_task(task, f"{source}: tasks")
     if (spec.num_prompts is None) == (spec.waves is None):
@@ -279,7 +289,8 @@ def _check(spec: SweepSpec, source: str) -> None:
         raise CollectError(f"{source}: cuda_graphs: expected auto, on or off, got {spec.cuda_graphs!r}")
     if spec.engines == ["hf"] and any(a.strip() for a in spec.engine_args):
         raise CollectError(
-            f"{source}: engine_args are vLLM's flags; the hf engine takes dtype, device and attn_implementation"
+            f"{source}: engine_args are vLLM's or SGLang's flags; the hf engine takes dtype, device and "
+            "attn_implementation"
         )
     for args in spec.engine_args:
         try:

@@ -6,7 +6,8 @@
     session.stop()
 
 Implemented here over the existing runners (`engines/hf/runner.py` in process, `engines/vllm/runner.py`'s
-offline engine in `vllm_session.py`); when the engines' own session API lands this module is where
+offline engine in `vllm_session.py`, `engines/sglang/runner.py`'s session in `sglang_session.py`: one
+engine per point there, as `run` starts it); when the engines' own session API lands this module is where
 the sweep is re-pointed at it. A session raises `PointInterrupted` after closing the point's files
 on Ctrl-C / SIGTERM, and any other `CollectError` for a point that failed (the sweep goes on).
 """
@@ -65,14 +66,18 @@ class EngineSession(Protocol):
 
 
 def open_session(engine: str) -> EngineSession:
-    """A session for `engine` (hf | vllm)."""
+    """A session for `engine` (hf | vllm | sglang)."""
     if engine == "hf":
         return HFSession()
     if engine == "vllm":
         from .vllm_session import VllmSession
 
         return VllmSession()
-    raise CollectError(f"sweep: engine {engine!r} has no session (hf, vllm)")
+    if engine == "sglang":
+        from .sglang_session import SglangSweepSession
+
+        return SglangSweepSession()
+    raise CollectError(f"sweep: engine {engine!r} has no session (hf, vllm, sglang)")
 
 
 class HFSession:

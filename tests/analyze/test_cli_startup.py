@@ -66,6 +66,8 @@ def test_a_commands_help_imports_its_own_module_only_and_no_pydantic(command, tm
     assert not _top(result["modules"]) & (DATA | {"pydantic"})
     home = entry.COMMAND_MODULES[command]
     assert {m for m in MODULES if m in loaded} == ({home} if home else set())
+    # Help is never the lean reference path's: it neither loads nor consults it.
+    assert not {m for m in loaded if m.startswith(("moecap.analyze.lean", "moecap.analyze.reference"))}
 
 
 def test_the_command_list_imports_every_command_module_and_no_data_library(tmp_path):

@@ -86,3 +86,55 @@ def test_a_lone_mixed_compile_step_is_judged_against_the_pooled_cost_per_token()
     assert slow_steps(rows) == []
     # A phase of too few steps that is not per token (idle here) is not judged.
     assert slow_steps([_row(i, "idle", 0, 1.0) for i in range(2)] + [_row(2, "idle", 0, 900.0)]) == []
+
+
+def test_the_first_step_of_a_shape_is_named_against_the_later_steps_of_its_size():
+    # The engine's first prefill after a start (vLLM c1 of the H100 sweep): 1024 tokens in 139.5 ms, the run's
+    # second 1024-token prefill 68.9 ms, 254 decodes of 3 ms. Two prefills: too few for the first rule. First
+    # use: 139.5 >= 1.5 x 68.9 = 103.4 and 70.6 ms >= 20 ms over it: named, typical 68.9 ms.
+    rows = [_row(0, "prefill", 1024, 139.5)] + [_row(i, "decode", 1, 3.0) for i in range(1, 128)]
+    rows += [_row(128, "prefill", 1024, 68.9)] + [_row(i, "decode", 1, 3.0) for i in range(129, 256)]
+    (s,) = slow_steps(rows)
+    assert (s.step, s.phase, s.duration_ms, s.typical_ms, s.rule) == (0, "prefill", 139.5, 68.9, "first use")
+    # The second one, not the first of its shape, is never judged by this rule, however slow.
+    rows[128] = _row(128, "prefill", 1024, 300.0)
+    rows[0] = _row(0, "prefill", 1024, 70.0)
+    assert slow_steps(rows) == []
+
+
+def test_first_use_peers_are_later_steps_of_one_to_two_times_the_size_in_the_phase_group():
+    # A 15,425-token mixed step of 1,258 ms (a Triton kernel compiled for its shape) before two 16,384-token
+    # mixed steps of 158 and 157 ms, after six 16,384-token ones: per token it is 8.5x the median, under
+    # the first rule's 10x. First use: later peers of 15,425-30,850 tokens are the two 16,384-token steps,
+    # median 157.5 ms; 1258 >= 236 and 1100 ms over: named.
+    rows = [_row(i, "mixed", 16384, 158.0) for i in range(6)]
+    rows += [
+        _row(6, "mixed", 15425, 1258.0),
+        _row(7, "mixed", 16384, 158.0),
+        _row(8, "prefill", 16384, 157.0),
+    ]
+    rows += [_row(i, "decode", 64, 15.0) for i in range(9, 40)]
+    (s,) = slow_steps(rows)
+    assert (s.step, s.rule, s.typical_ms) == (6, "first use", 157.5)
+    # Peers only count within 1-2x its tokens: a later 40,000-token step (over 2x) says nothing, a later
+    # smaller one neither (a step may take longer than a smaller one): no peer, not judged.
+    far = [_row(0, "prefill", 1024, 139.5), _row(1, "prefill", 4096, 60.0), _row(2, "prefill", 512, 20.0)]
+    assert slow_steps(far) == []
+
+
+def test_first_use_needs_both_the_factor_and_the_absolute_excess():
+    # 1.4x a later peer (84 vs 60 ms): warm steps of one shape spread about +-15 %; not named.
+    assert slow_steps([_row(0, "prefill", 2048, 84.0), _row(1, "prefill", 2048, 60.0)]) == []
+    # 1.5x a 3 ms decode (the first decode after a prefill), 1.5 ms over: under 20 ms, not named.
+    rows = [_row(0, "decode", 1, 4.5)] + [_row(i, "decode", 1, 3.0) for i in range(1, 4)]
+    assert slow_steps(rows) == []
+    # HF eager's cold first decode (687 ms, later decodes 134 ms): named by this rule, idle steps never.
+    rows = [_row(0, "decode", 1, 687.0)] + [_row(i, "decode", 1, 134.0) for i in range(1, 4)]
+    assert [(s.step, s.rule, s.typical_ms) for s in slow_steps(rows)] == [(0, "first use", 134.0)]
+    assert slow_steps([_row(0, "idle", 0, 90.0), _row(1, "idle", 0, 0.01)]) == []
+
+
+def test_a_step_both_rules_name_is_listed_once_as_compile():
+    # 1312 ms among 12 ms decodes, and the first decode of its shape: the first rule's entry only.
+    rows = [_row(0, "decode", 64, 1312.0)] + [_row(i, "decode", 64, 12.0) for i in range(1, 10)]
+    assert [(s.step, s.rule) for s in slow_steps(rows)] == [(0, "compile")]

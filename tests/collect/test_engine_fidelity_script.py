@@ -102,3 +102,42 @@ def test_summary_keeps_repeated_stages_and_compares_with_the_median_baseline(tmp
     # 1 - 285/300 = 5.00 %; 1 - 303/300 = -1.00 %
     assert "| sglang | experts-1 | 5.00 % | 5.00 % |" in table
     assert "| sglang | recorder-1 | -1.00 % | -1.00 % |" in table
+
+
+def test_spans_of_every_decode_pass_tell_gpu_time_from_waiting(tmp_path):
+    """`span_stats(folder, None)` (the SGLang stages: no per-repeat ranges): medians over every decode pass
+    of the steps file. Hand-built passes: GPU 100 µs each, started every 150 µs (the GPU waits 50 µs for
+    the host), 30 µs of host time inside each; a prefill pass is left out."""
+    meta = RunMetadata(run_id="spans", engine=EngineInfo(name="sglang"), model=ModelInfo(id="m"))
+    w = TraceWriter(tmp_path / trace_file_name(meta, "steps"), "steps", meta)
+    us = 1_000
+    for step in range(1, 7):
+        t = step * 150 * us
+        w.write({"step": step, "phase": "prefill" if step == 1 else "decode", "is_draft": False,
+                 "num_reqs": 1, "num_tokens": 256 if step == 1 else 1, "t_start_ns": t, "t_end_ns": t + 30 * us,
+                 "gpu_start_ns": t, "gpu_end_ns": t + (400 if step == 1 else 100) * us,
+                 "req_ids": ["a"], "req_prefix_lens": [0], "req_new_tokens": [1]})  # fmt: skip
+    w.close()
+    spans = ef.span_stats(tmp_path, None)["all"]
+    assert spans["decode_steps"] == 5
+    assert spans["gpu_span_us"] == 100.0 and spans["host_in_step_us"] == 30.0
+    assert spans["gpu_interval_us"] == 150.0, "start to start of consecutive decode passes"
+
+
+def test_the_unfused_experts_stage_is_compared_and_its_spans_listed(tmp_path):
+    def put(stage: str, own: float, **extra: object) -> None:
+        data = {"ok": True, "engine": "sglang", "stage": stage, "gpu": "H100", "engine_own_median": own,
+                "run_median": own, "run_over_engine_own": 1.0, "run_first_token_s": [0.02], **extra}  # fmt: skip
+        (tmp_path / f"fidelity-sglang-{stage}.json").write_text(json.dumps(data))
+
+    span = {"all": {"decode_steps": 10240, "gpu_span_us": 3100.0, "gpu_interval_us": 3350.0,
+                    "host_in_step_us": 420.0}}  # fmt: skip
+    put("off-1", 300.0)
+    put("experts-1", 297.0, count_path="fused", spans=span)
+    put("expertsunfused-1", 285.0, count_path="masked")
+    table = ef.summarize([str(tmp_path)])
+    assert "| sglang | experts-1 | 1.00 % | 1.00 % |" in table  # 1 - 297/300
+    assert "| sglang | expertsunfused-1 | 5.00 % | 5.00 % |" in table  # 1 - 285/300
+    assert "| sglang | experts-1 | fused | 10240 | 3100.0 | 3350.0 | 420.0 |" in table
+    assert ef.offline_options("sglang", "expertsunfused", 1, tmp_path).counts is True
+    assert ef.offline_options("sglang", "steps", 1, tmp_path).counts is False

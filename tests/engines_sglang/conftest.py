@@ -50,13 +50,16 @@ def sgl(sglang_version, monkeypatch, tmp_path):
 
     from sglang_objects import Sgl
 
-    from moecap.collect.engines.sglang import compat
+    from moecap.collect.engines.sglang import compat, fused_count
 
     # register() patches SGLang's select-experts gatherer class: undo it (and the live-token
     # scalars) after each test.
     gatherer = getattr(importlib.import_module(compat.GATHERER_CLASS[0]), compat.GATHERER_CLASS[1])
     monkeypatch.setattr(gatherer, "on_select_experts", gatherer.on_select_experts)
     monkeypatch.setattr(compat, "_LIVE_TOKENS", {})
+    monkeypatch.setattr(compat, "_LIVE_SET", {})
+    fused_count.reset_for_tests()
     env = Sgl(monkeypatch, tmp_path)
     yield env
     env.close()
+    fused_count.reset_for_tests()

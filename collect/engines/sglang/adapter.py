@@ -200,6 +200,7 @@ class SglangTracer(EngineTraceFiles):
             max_tokens=1,
             ring=settings.ring,
             with_counts=self.counting and self.is_recorder,
+            counts_capacity=int(self._source.numel()) if self._source is not None else 0,
         )
         self._host = (runtime.gpu_infos() if self.device.type == "cuda" else [], runtime.host_facts())
         self._flusher: threading.Thread | None = None
@@ -237,6 +238,7 @@ class SglangTracer(EngineTraceFiles):
         )
         self._source: Any = None
         self._index: Any = None
+        self._host_rows: Any = None
         self._map: Any = None
         self._map_cols: slice | None = None
         self.scope = ""
@@ -286,24 +288,33 @@ class SglangTracer(EngineTraceFiles):
             )
             self._source = None
             return
+        if self._map is None and self.layer_ids != list(range(rows)):
+            # Dense or other-stage layers among the buffer's rows: the whole buffer is read back and
+            # the MoE rows picked on the host (no device op per pass).
+            import numpy as np
+
+            self._host_rows = np.asarray(self.layer_ids, dtype=np.intp)
+        self.count_path = compat.count_path(self.device)
         if not rec.recording:
             rec.start_record()
         self.counting = True
 
-    def _copy_counts(self) -> None:
-        """This pass's counts from SGLang's gatherer into `readback.counts` (device ops on the current
-        stream; shapes fixed, no host sync)."""
+    def _copy_counts(self) -> Any:
+        """What `readback.end` copies to the host for this pass: without EPLB, SGLang's gatherer buffer
+        itself (the copy is queued on the forward stream, before the next pass's reset: no device op
+        of ours); under EPLB, `readback.counts` after converting physical to logical ids on the device
+        (shapes fixed, no host sync)."""
+        if self._map is None:
+            return self._source
         torch = self._torch
         dst = self.readback.counts
         phys = self._source.index_select(0, self._index)
-        if self._map is None:
-            dst.copy_(phys)
-            return
         m = self._map.index_select(0, self._index.to(self._map.device))
         if self._map_cols is not None:
             m = m[:, self._map_cols]
         dst.zero_()
         dst.scatter_add_(1, m.to(device=dst.device, dtype=torch.long), phys.to(dst.dtype))
+        return True
 
     # -- passes ---------------------------------------------------------------------------------------
     def _stream(self) -> Any:
@@ -330,7 +341,8 @@ class SglangTracer(EngineTraceFiles):
                 stream = self._stream()
                 # Before the pass's kernels (same stream): how many leading rows are real tokens.
                 compat.set_live_tokens(self.device, row["num_tokens"])
-                slot = self.readback.begin(stream)
+                # Counts are overwritten (`_copy_counts`), never accumulated: no zeroing launch.
+                slot = self.readback.begin(stream, zero_counts=False)
             row["t_start_ns"] = time.monotonic_ns()
         except Exception as exc:
             self._fail(exc)
@@ -353,9 +365,9 @@ class SglangTracer(EngineTraceFiles):
                     self.eager_passes += 1
                 self.modes[fields["mode"]] = self.modes.get(fields["mode"], 0) + 1
                 counts = self.readback.with_counts and not is_draft
-                if counts:
-                    self._copy_counts()
-                self.readback.end(slot, (row, counts), stream)
+                self.readback.end(
+                    slot, (row, counts), stream, counts=self._copy_counts() if counts else False
+                )
                 self.steps_recorded += 1
         except Exception as exc:
             self._fail(exc)
@@ -384,6 +396,8 @@ class SglangTracer(EngineTraceFiles):
         if writers is None:
             return
         counts = item.counts if with_counts and item.counts is not None else None
+        if counts is not None and self._host_rows is not None:
+            counts = counts.reshape(-1, self.num_experts)[self._host_rows].reshape(-1)
         writers.step(row, counts)
         self.steps_written += 1
 
@@ -419,6 +433,7 @@ class SglangTracer(EngineTraceFiles):
             "counts_scope": "sum_over_ranks" if self.sum_over_ranks else "replicated",
             "gatherer_scope": self.scope,
             "eplb_conversion": self._map is not None,
+            "count_path": getattr(self, "count_path", None),
             "moe_a2a_backend": r.a2a_backend,
             "ranks": {"tp": r.tp_rank, "attn_tp": r.attn_tp_rank, "attn_dp": r.attn_dp_rank, "ep": r.ep_rank},
             "draft_step_base": DRAFT_STEP_BASE,
@@ -672,7 +687,9 @@ def _before_graph_capture(*args: Any, **kwargs: Any) -> None:
         if runner is not None and compat.masks_by_live_tokens(runner):
             import torch
 
-            compat.allocate_live_tokens(SglangTracer._device(runner, torch))
+            device = SglangTracer._device(runner, torch)
+            compat.allocate_live_tokens(device)
+            compat.prepare_fused(device)  # compiles the fused count before the graphs capture it
     except Exception as exc:  # never stop the engine; counts then include graph padding
         log.warning("moecap: no padding mask for expert counts (%s: %s)", type(exc).__name__, exc)
     return None

@@ -386,6 +386,8 @@ CAPTURE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_g
 _NO_LIMIT = 2**31 - 1
 _LIVE_TOKENS: dict[str, Any] = {}
 """str(device) -> int32 device scalar: the real tokens of the pass in flight (no limit until set)."""
+_LIVE_SET: dict[str, int] = {}
+"""str(device) -> the value last written to its scalar (host copy: an unchanged value needs no launch)."""
 
 
 def allocate_live_tokens(device: Any) -> Any:
@@ -396,52 +398,113 @@ def allocate_live_tokens(device: Any) -> Any:
     key = str(torch.device(device))
     if key not in _LIVE_TOKENS:
         _LIVE_TOKENS[key] = torch.full((), _NO_LIMIT, dtype=torch.int32, device=device)
+        _LIVE_SET[key] = _NO_LIMIT
     return _LIVE_TOKENS[key]
 
 
 def set_live_tokens(device: Any, num_tokens: int | None) -> bool:
     """Tell the gatherer how many leading rows of this pass are real (None: no limit). A device fill
-    on the current stream, ordered before the pass's kernels; no host sync. False when no scalar was
-    allocated for `device` (masking off)."""
-    live = _LIVE_TOKENS.get(str(device))
+    on the current stream, ordered before the pass's kernels, and only when the value changes (steady
+    decode at one batch size: no launch at all); no host sync. False when no scalar was allocated for
+    `device` (masking off)."""
+    key = str(device)
+    live = _LIVE_TOKENS.get(key)
     if live is None:
         return False
-    live.fill_(_NO_LIMIT if num_tokens is None else int(num_tokens))
+    value = _NO_LIMIT if num_tokens is None else int(num_tokens)
+    if _LIVE_SET.get(key) != value:
+        live.fill_(value)
+        _LIVE_SET[key] = value
     return True
 
 
 def reset_live_tokens() -> None:
-    for live in _LIVE_TOKENS.values():
+    for key, live in _LIVE_TOKENS.items():
         live.fill_(_NO_LIMIT)
+        _LIVE_SET[key] = _NO_LIMIT
+
+
+def gatherer_class() -> Any:
+    """SGLang's `_SelectExpertsSinglePassGatherer` (None when this release has none)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(GATHERER_CLASS[0]), GATHERER_CLASS[1])
+    except Exception:
+        return None
+
+
+def sglang_count_method() -> Any:
+    """SGLang's own `on_select_experts` of the gatherer (under the plugin's patch, if applied)."""
+    cls = gatherer_class()
+    method = getattr(cls, "on_select_experts", None)
+    return getattr(method, "__wrapped__", method)
+
+
+def legacy_masked_count(gatherer: Any, layer_idx: int, topk_ids: Any, live: Any, sglang_method: Any) -> Any:
+    """The unfused path: rows >= `live` become −1 (3 ops), then SGLang's own method counts (6 ops in
+    0.5.16, 8 in 0.5.23). Used where the fused kernel is not (CPU, no Triton, or its check failed)."""
+    import torch
+
+    if topk_ids.dim() >= 1 and topk_ids.shape[0] > 0:
+        rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+        pad = (rows >= live).reshape(-1, *([1] * (topk_ids.dim() - 1)))
+        topk_ids = topk_ids.masked_fill(pad, -1)
+    return sglang_method(gatherer, layer_idx, topk_ids)
 
 
 def mask_padded_rows_in_gatherer() -> bool:
     """Patch the select-experts gatherer class (idempotent) so rows >= the live token count of their
-    device are dropped (id -1) from what it counts. False when this release has no such class."""
-    import importlib
+    device are dropped (id -1) from what it counts: one fused kernel per layer where `prepare_fused`
+    compiled and checked it on that device, else the mask and SGLang's own method. Devices without a
+    live-token scalar (attention-DP, all-to-all MoE) keep SGLang's method untouched. False when this
+    release has no such class."""
+    from . import fused_count
 
-    import torch
-
-    try:
-        cls = getattr(importlib.import_module(GATHERER_CLASS[0]), GATHERER_CLASS[1])
-    except Exception:
+    id_dtypes = fused_count.id_dtypes()  # compiled for these before capture; others: the old path
+    cls = gatherer_class()
+    if cls is None:
         return False
     original = cls.on_select_experts
     if getattr(original, "_moecap_masks_padding", False):
         return True
 
     def on_select_experts(self: Any, layer_idx: int, topk_ids: Any) -> Any:
-        live = _LIVE_TOKENS.get(str(topk_ids.device))
-        if live is not None and topk_ids.dim() >= 1 and topk_ids.shape[0] > 0:
-            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
-            pad = (rows >= live).reshape(-1, *([1] * (topk_ids.dim() - 1)))
-            topk_ids = topk_ids.masked_fill(pad, -1)
-        return original(self, layer_idx, topk_ids)
+        key = str(topk_ids.device)
+        live = _LIVE_TOKENS.get(key)
+        if live is None:
+            return original(self, layer_idx, topk_ids)
+        if topk_ids.dtype in id_dtypes and fused_count.is_ready(key):
+            return fused_count.launch(self._data, layer_idx, topk_ids, live)
+        return legacy_masked_count(self, layer_idx, topk_ids, live, original)
 
     on_select_experts._moecap_masks_padding = True  # type: ignore[attr-defined]
     on_select_experts.__wrapped__ = original  # type: ignore[attr-defined]
     cls.on_select_experts = on_select_experts
     return True
+
+
+def prepare_fused(device: Any) -> bool:
+    """Before graph capture, on a device whose live-token scalar exists: compile the fused count and
+    check it against SGLang's own method (`fused_count.prepare`). True when the fused path is on."""
+    from . import fused_count
+
+    live = _LIVE_TOKENS.get(str(device))
+    method = sglang_count_method()
+    if live is None or method is None:
+        return False
+    return fused_count.prepare(device, method, live)
+
+
+def count_path(device: Any) -> str:
+    """How the gatherer counts on `device`: 'fused' (one kernel per layer, padded rows masked),
+    'masked' (padded rows masked, then SGLang's method) or 'sglang' (SGLang's method untouched)."""
+    from . import fused_count
+
+    key = str(device)
+    if key not in _LIVE_TOKENS:
+        return "sglang"
+    return "fused" if fused_count.is_ready(key) else "masked"
 
 
 def masks_by_live_tokens(model_runner: Any) -> bool:

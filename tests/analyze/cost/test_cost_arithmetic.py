@@ -154,3 +154,28 @@ def test_tdp_energy_is_noted_not_hidden():
     doc = estimate_cost(gpu, 1, Work(10, 1000, 1000), tdp, load_cost_settings())
     assert any("upper bound" in n for n in doc["notes"])
     assert doc["energy"]["source"] == "tdp"
+
+
+@pytest.mark.parametrize(
+    ("rate", "seconds", "tokens", "usd", "per_1m"),
+    [
+        (2.5, 1800.0, 250_000, 1.25, 5.0),  # half an hour at 2.5 USD/h; 1.25 USD / 0.25 M tokens
+        (3.0, 7200.0, 0, 6.0, None),  # no token: no unit cost
+    ],
+)
+def test_sql_forms_of_the_cost_formulas_are_the_python_ones(rate, seconds, tokens, usd, per_1m):
+    """The fleet's hourly cost runs the SQL forms; they give the hand-derived values, as the Python ones."""
+    import duckdb
+
+    from moecap.analyze.cost.model import usd_for_duration, usd_for_duration_sql, usd_per_1m, usd_per_1m_sql
+
+    assert usd_for_duration(rate, seconds) == pytest.approx(usd)
+    assert usd_per_1m(usd, tokens) == (None if per_1m is None else pytest.approx(per_1m))
+    con = duckdb.connect()
+    got_usd, got_unit = con.execute(
+        f"SELECT {usd_for_duration_sql('r', 's')}, {usd_per_1m_sql('u', 't')} "
+        "FROM (SELECT ?::DOUBLE AS r, ?::DOUBLE AS s, ?::DOUBLE AS u, ?::BIGINT AS t)",
+        [rate, seconds, usd, tokens],
+    ).fetchall()[0]
+    assert got_usd == usd_for_duration(rate, seconds)
+    assert got_unit == usd_per_1m(usd, tokens)

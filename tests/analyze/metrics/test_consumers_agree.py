@@ -1,8 +1,9 @@
 """For every shipped trace, each metric has the same value in every consumer that shows it.
 
 Consumers: metrics.json (`--out`), the terminal summary, the `run_metrics` / `request_metrics` SQL
-views, the report's frames, the leaderboard, `whatif`'s measured column, and the collector's driver
-summary (over the same requests rebuilt as the driver's records). They all run the definitions of
+views, the report's frames and its HTML summary table, the leaderboard, `whatif`'s measured column,
+the fleet dataset (each run analysed alone by the fleet task, read back through `open_dataset`), and
+the collector's driver summary (over the same requests rebuilt as the driver's records). They all run the definitions of
 `moecap.analyze.metrics` / `moecap.schemas.latency`; this test is what keeps it that way.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,13 @@ import pytest
 from rich.console import Console
 
 from moecap.analyze.cost import load_cost_settings
+from moecap.analyze.fleet import open_dataset
+from moecap.analyze.fleet.discover import discover
+from moecap.analyze.fleet.task import analyze_group
 from moecap.analyze.output import print_summary, write_outputs
 from moecap.analyze.pipeline import Analysis, analyze_paths
 from moecap.analyze.report.frames import run_labels, runs_frame, throughput_frame
+from moecap.analyze.report.html import render_report
 from moecap.analyze.report.leaderboard import leaderboard_frame
 from moecap.analyze.sql.views import define_derived_views
 from moecap.analyze.whatif import whatif
@@ -201,3 +207,93 @@ def test_driver_summary_is_metrics_json(analysis: Analysis, document: dict[str, 
             assert _same(s[key], req[key]), (run["run_id"], key)
         checked += 1
     assert checked >= 15
+
+
+@pytest.fixture(scope="module")
+def fleet_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every shipped trace run analysed by the fleet task (alone, as a Ray worker runs it; no Ray
+    needed: the task is a plain function) into one local dataset."""
+    dataset = str(tmp_path_factory.mktemp("fleet") / "dataset")
+    folders = [str(d) for d in (TRACES, *sorted(TRACES.rglob("*"))) if d.is_dir() and any(d.glob("*.arrow"))]
+    groups = discover(folders)
+    assert groups
+    for group in groups:
+        result = analyze_group(group, dataset, scratch=str(tmp_path_factory.mktemp("scratch")))
+        assert result.ok, (group.run_id, result.errors)
+    return dataset
+
+
+def _headline_rate(cost: dict[str, Any]) -> float | None:
+    """USD per hour of the run's GPUs, by hand from the headline scope's total and duration."""
+    scope = (cost.get("scopes") or {}).get(cost.get("headline_scope") or "") or {}
+    total, duration = scope.get("total_usd"), scope.get("duration_s")
+    return total / duration * 3600 if total is not None and duration else None
+
+
+def test_fleet_dataset_shows_metrics_json(fleet_dataset: str, document: dict[str, Any]) -> None:
+    with open_dataset(fleet_dataset) as t:
+        rel = t.con.sql("SELECT * FROM run_metrics")
+        rows = {(r[0], r[1]): dict(zip(rel.columns, r, strict=True)) for r in rel.fetchall()}
+        rates = dict(t.con.sql("SELECT run_id, usd_per_hour FROM runs").fetchall())
+        requests = {
+            r[0]: r[1:]
+            for r in t.con.sql(
+                "SELECT run_id, avg(ttft_s), avg(tpot_s), avg(e2e_s), sum(output_tokens) FROM request_metrics "
+                "WHERE ok GROUP BY run_id"
+            ).fetchall()
+        }
+    n = 0
+    for run in _runs(document):
+        rid = run["run_id"]
+        for phase, values in run["metrics"]["steps"].items():
+            row = rows[(rid, phase)]
+            for name in STEP_METRICS:
+                assert _same(row[name], values[name]), (rid, phase, name)
+                n += 1
+        assert _same(rates[rid], _headline_rate(run["metrics"]["cost"])), rid
+    for run in document["runs"]:
+        req = run["metrics"]["requests"]
+        if req.get("succeeded") and run["run_id"] in rates:
+            ttft, tpot, e2e, out = requests[run["run_id"]]
+            assert _same(ttft, req["ttft_s"]["mean"]) and _same(tpot, req["tpot_s"]["mean"]), run["run_id"]
+            assert _same(e2e, req["e2e_s"]["mean"]) and out == req["output_tokens"], run["run_id"]
+    assert n > 100
+    assert sum(r is not None for r in rates.values()) >= 15  # the shipped runs are costed
+
+
+def _cells(html: str) -> list[list[str]]:
+    """The text of each row of the report's summary table (tags dropped, entities left)."""
+    table = html.split('<table class="summary runs">', 1)[1].split("</table>", 1)[0]
+    rows = table.split("<tr>")[2:]  # [0] before the head, [1] the head
+    return [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", row)] for row in rows]
+
+
+def test_report_summary_table_shows_metrics_json(analysis: Analysis, document: dict[str, Any]) -> None:
+    rows = _cells(render_report(analysis, []))
+    assert len(rows) == len(document["runs"])
+    n = 0
+    for run, cells in zip(document["runs"], rows, strict=True):
+        steps, req = run["metrics"]["steps"], run["metrics"]["requests"]
+        assert cells[1] == run["run_id"]
+        if steps:
+            w = steps["all"]["window_output_throughput"]
+            assert cells[7] == str(steps["all"]["steps"]), run["run_id"]
+            assert cells[10] == f"{steps['all']['gpu_busy_fraction'] * 100:.1f}", run["run_id"]
+            assert cells[13] == (f"{w:,.1f}" if abs(w) < 1e5 else f"{w:,.0f}"), run["run_id"]
+            n += 1
+        if req.get("succeeded"):
+            assert cells[11] == f"{req['ttft_s']['mean'] * 1e3:.2f}", run["run_id"]
+            assert cells[12] == f"{req['tpot_s']['mean'] * 1e3:.2f}", run["run_id"]
+        cost = run["metrics"]["cost"].get("usd_per_1m_output_tokens")
+        assert cells[14] == ("n/a" if cost is None else f"{cost:,.3g}"), run["run_id"]
+        assert cells[16] == str(len(run["warnings"])), run["run_id"]
+    assert n >= 20
+
+
+def test_metrics_json_lists_the_phases_in_one_order(document: dict[str, Any]) -> None:
+    """`all` first, then prefill, decode, mixed, idle, verify: the same file for the same traces
+    (DuckDB hands the groups back in no fixed order)."""
+    order = ["all", "prefill", "decode", "mixed", "idle", "verify", "unknown"]
+    for run in _runs(document):
+        keys = list(run["metrics"]["steps"])
+        assert keys == sorted(keys, key=order.index), (run["run_id"], keys)

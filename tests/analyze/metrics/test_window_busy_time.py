@@ -126,3 +126,22 @@ def test_window_text_is_parsed_once_with_one_line_errors() -> None:
 
     with pytest.raises(InputError, match=r"--window 'stedy': expected steady, all, steps:A-B or time:A-B"):
         WindowSpec.parse("stedy")
+
+
+def test_step_time_is_the_gpu_span_else_the_host_span_and_wall_time_adds_the_gap() -> None:
+    import numpy as np
+
+    from moecap.analyze.metrics.steps import host_gap_and_wall_s, step_time_s
+
+    # Step 1: GPU span 2 ms (host 3 ms); step 2: no GPU span, host 5 ms; step 3: GPU span 1 ms.
+    g0 = np.array([1_000_000.0, np.nan, 9_000_000.0])
+    g1 = np.array([3_000_000.0, np.nan, 10_000_000.0])
+    t0 = np.array([0, 4_000_000, 8_500_000])
+    t1 = np.array([3_000_000, 9_000_000, 10_500_000])
+    time_s, has_gpu = step_time_s(g0, g1, t0, t1)
+    assert has_gpu.tolist() == [True, False, True]
+    assert time_s.tolist() == pytest.approx([0.002, 0.005, 0.001])
+    # Spans on the GPU timeline: [1, 3], [4, 9], [9, 10] ms; the next starts 1 ms, 0 ms and (last) 0 ms later.
+    gap, wall = host_gap_and_wall_s(time_s, np.array([3e6, 9e6, 10e6]), np.array([4e6, 8.9e6, 10e6]))
+    assert gap.tolist() == pytest.approx([0.001, 0.0, 0.0])  # an overlap (8.9 < 9 ms) is no gap
+    assert wall.tolist() == pytest.approx([0.003, 0.005, 0.001])

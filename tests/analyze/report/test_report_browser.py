@@ -238,7 +238,7 @@ def test_shipped_runs_report_names_modes_leaves_out_compile_and_idle_steps(brows
     assert any("1 idle (0-token) step" in n and "compile outlier step 1 (0.95 s)" in n for n in notes), notes
     # The throughput-vs-batch note names the runs whose compile steps were left out.
     compare = page.inner_text("#compare")
-    assert "leaves out compile-outlier steps" in compare
+    assert "leaves out compile-outlier and warm-up steps" in compare
     # The one-row-per-run table fits a 1,280 px window without horizontal scrolling, and its run ids,
     # models and datasets break lines only between words ("synthetic:" | "1024x128", not "synth" | "etic").
     width = page.evaluate(

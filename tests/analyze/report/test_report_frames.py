@@ -152,10 +152,23 @@ def test_section_frames_take_exact_match_or_correct_over_total():
             run("a", {"correct": 3, "total": 4}, {"usd_per_1m_output_tokens": 2.0}),
             run("b", {"exact_match": 0.5, "correct": 1, "total": 2}, {"error": "no GPU spec"}),
             run("c", None, {"usd_per_1m_output_tokens": 1.0, "band_usd_per_1m_output_tokens": [0.5, 2.0]}),
+            # A rate but no output token to charge: the rate (the headline scope's) is kept.
+            run(
+                "d",
+                None,
+                {
+                    "headline_scope": "run",
+                    "scopes": {"window": {"usd_per_hour": 9.0}, "run": {"usd_per_hour": 7.2}},
+                },
+            ),
         ]
     )
     assert frames["accuracy"].select("run_id", "exact_match").rows() == [("a", 0.75), ("b", 0.5)]
-    assert frames["cost"].rows() == [("a", 2.0, None, None), ("c", 1.0, 0.5, 2.0)]
+    assert frames["cost"].rows() == [
+        ("a", 2.0, None, None, None),
+        ("c", 1.0, 0.5, 2.0, None),
+        ("d", None, None, None, 7.2),
+    ]
 
 
 def test_run_labels_are_unique_and_short(analysis):

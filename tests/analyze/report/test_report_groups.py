@@ -35,29 +35,32 @@ def test_palette_never_repeats(n):
     assert all(len(c) == 7 and c.startswith("#") for c in colours)
 
 
-def _doc():
+def _rows():
+    """`info_rows(analysis)` of four runs (the façade's `run_info` columns)."""
+
     def run(rid, bs, dataset="synthetic:1024x128"):
         return {
             "run_id": rid,
             "model": "Qwen/Qwen1.5-MoE-A2.7B",
-            "engine": {"name": "hf"},
-            "gpu": {"name": "NVIDIA H100 80GB HBM3", "count": 1},
-            "constants": {"gpu": {"name": "H100-SXM-80GB"}},
-            "workload": {"batch_size": bs, "dataset": dataset},
+            "engine": "hf",
+            "gpu": "H100-SXM-80GB",
+            "num_gpus": 1,
+            "batch_size": bs,
+            "dataset": dataset,
         }
 
-    return {"runs": [run("eager16", 16), run("graphs16", 16), run("eager16b", 16), run("eager1", 1)]}
+    return [run("eager16", 16), run("graphs16", 16), run("eager16b", 16), run("eager1", 1)]
 
 
 def test_labels_name_the_mode_and_fall_back_to_the_run_id_not_a_number():
     modes = {"eager16": "eager", "graphs16": "CUDA graphs", "eager16b": "eager", "eager1": "eager"}
-    labels = run_labels(_doc(), modes)
+    labels = run_labels(_rows(), modes)
     assert labels["graphs16"] == "Qwen1.5-MoE-A2.7B · hf · H100-SXM-80GB×1 · CUDA graphs · bs 16"
     assert labels["eager1"] == "Qwen1.5-MoE-A2.7B · hf · H100-SXM-80GB×1 · eager · bs 1"
     # Two eager bs-16 runs on the same dataset: told apart by their ids.
     assert labels["eager16"].endswith("· eager16") and labels["eager16b"].endswith("· eager16b")
     assert len(set(labels.values())) == 4 and not any("#" in v for v in labels.values())
-    groups = run_groups(_doc(), modes)
+    groups = run_groups(_rows(), modes)
     assert len(set(groups.values())) == 2  # eager and graphs, whatever the batch size
 
 

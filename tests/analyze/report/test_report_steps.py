@@ -156,3 +156,15 @@ def test_utilisation_line_breaks_at_a_gap():
     rows = [v for d in spec.get("datasets", {}).values() for v in d]
     assert [r["segment"] for r in rows] == [0, 0, 1, 1]
     assert "breaks at 1 gap" in " ".join(spec["title"]["subtitle"])
+
+
+def test_note_names_warm_up_steps_by_their_own_rule():
+    """A step named by the first-use rule is called a warm-up step with that rule's bounds, not a
+    compile outlier with the 10x rule's (hand-built exclusion)."""
+    from moecap.analyze.report.steps import Excluded
+
+    ex = Excluded(idle=0, outliers=[(0, 0, 0, 0.1395), (0, 0, 40, 1.258)], warmups={(0, 0, 0)})
+    note = ex.note()
+    assert "compile outlier step 40 (1.3 s) (≥ 10× a typical step" in note
+    assert "warm-up step 0 (0.14 s) (the first of its shape, ≥ 1.5× and ≥ 20 ms over" in note
+    assert Excluded(outliers=[(0, 0, 1, 1.1)]).note().startswith("Left out: compile outlier step 1 (1.1 s)")

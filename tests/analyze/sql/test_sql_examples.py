@@ -148,7 +148,7 @@ def _(got: pl.DataFrame, t: Tables, raw: dict[str, RawRun]) -> None:
     assert np.allclose(got["step_ms_p90"].to_numpy(), expected["p90"].to_numpy(), rtol=1e-9)
     s_mbu = (
         t.lazy("step_metrics")
-        .filter(pl.col("phase") == "decode")
+        .filter((pl.col("phase") == "decode") & (pl.col("num_tokens") > 0))  # idle steps have no S-MBU
         .group_by("run_id", "num_reqs")
         .agg(
             s=pl.col("bytes_total").sum()

@@ -144,7 +144,7 @@ def test_compile_steps_are_out_of_the_fit_and_the_projection(tmp_path):
     assert warm[df["step"].to_list().index(647)] == pytest.approx(jit["typical_s"][0])
     doc = whatif(a, [resolve_gpu("H200")], load_cost_settings())
     run = doc["runs"][0]
-    assert any("compile / JIT step" in w for w in run["warnings"])
+    assert any("step 647 (mixed, 1245 ms, compile)" in w for w in run["warnings"])
     # The measured column keeps the compile step; the no-change view does not.
     measured = run["measured"]["requests"]["ttft_s"]["mean"]
     same = run["targets"]["H200-SXM-141GB"]["models"]["no_change"]["requests"]["ttft_s"]["mean"]

@@ -105,7 +105,7 @@ def test_yaml_file_with_command_line_overrides(tmp_path):
         ),
         (
             "engine: tgi\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\n",
-            "engines: 'tgi' is not one of hf, vllm",
+            "engines: 'tgi' is not one of hf, vllm, sglang",
         ),
         ("engine: hf\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\n", "exactly one of num_prompts"),
         (
@@ -119,6 +119,16 @@ def test_yaml_file_with_command_line_overrides(tmp_path):
         (
             "engine: vllm\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\nengine_args: '--x {bs}'\n",
             "only {batch_size}",
+        ),
+        (
+            "engine: sglang\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\n"
+            "engine_args: '--mem-fraction-static 0.8 --max-running-requests 128'\n",
+            "SGLang's --max-running-requests is each point's batch size",
+        ),
+        (
+            "engine: [vllm, sglang]\nmodel: m\ntasks: [synthetic:8x2]\nbatch_sizes: [1]\nwaves: 1\n"
+            "engine_args: '--max-running-requests=64'\n",
+            "SGLang's --max-running-requests is each point's batch size",
         ),
         ("engine: hf\nmodel: m\ntasks: [synthetic:8x2\n", "not valid YAML (line"),
         ("- just\n- a list\n", "expected a mapping"),
@@ -139,9 +149,22 @@ def test_command_line_errors_name_the_command_line():
         load_spec(None, {"engines": ["hf"], "models": ["m"], "batch_sizes": "1", "waves": 1})
 
 
-def test_engine_args_apply_to_vllm_only():
-    with pytest.raises(CollectError, match="engine_args are vLLM's flags"):
+def test_engine_args_apply_to_vllm_and_sglang_only():
+    with pytest.raises(CollectError, match="engine_args are vLLM's or SGLang's flags"):
         build_spec({**BASE, "engine_args": "--max-num-seqs 4"})
     both = expand(build_spec({**BASE, "engines": ["hf", "vllm"], "engine_args": ["--a 1", "--a 2"]}))
     configs = [(c.engine, c.engine_args) for c, _ in group_by_config(both)]
     assert configs == [("hf", ""), ("vllm", "--a 1"), ("vllm", "--a 2")]
+
+
+def test_sglang_points_are_one_config_per_engine_args_and_may_name_the_batch_size():
+    spec = build_spec(
+        {**BASE, "engines": ["sglang"], "tasks": ["synthetic:32x8"], "batch_sizes": [1, 4],
+         "engine_args": ["--mem-fraction-static 0.8 --max-running-requests {batch_size}"]}
+    )  # fmt: skip
+    points = expand(spec)
+    assert [(p.batch_size, p.config.engine_args) for p in points] == [
+        (1, "--mem-fraction-static 0.8 --max-running-requests 1"),
+        (4, "--mem-fraction-static 0.8 --max-running-requests 4"),
+    ]
+    assert all(p.config.engine == "sglang" for p in points)
