@@ -50,16 +50,41 @@ def _out_of_range(values: np.ndarray) -> np.ndarray:
     return (values < 0) | (values >= MAX_NS)
 
 
+def _list_values(col: pa.Array) -> pa.Array:
+    """A list column's values, in order (`pc.list_flatten`; a slice of the child array, no kernel
+    call, when no list is null)."""
+    if col.null_count:
+        return pc.list_flatten(col)
+    offsets = col.offsets
+    return col.values.slice(offsets[0].as_py(), offsets[-1].as_py() - offsets[0].as_py())
+
+
+def _integer_values(col: pa.Array) -> np.ndarray | None:
+    """An integer column's (or list column's) values as numpy over Arrow's own buffer (no copy),
+    None for another type or with nulls. The common case: every column the step and expert rules
+    bound; a few µs against ~20 µs of Arrow kernel set-up per call on a 256-row batch."""
+    values = _list_values(col) if pa.types.is_list(col.type) else col
+    if pa.types.is_integer(values.type) and not values.null_count:
+        return values.to_numpy(zero_copy_only=True)
+    return None
+
+
 def _bounds(col: pa.Array) -> tuple[float, float] | None:
     """(min, max) of a numeric or list column's values (exact Python numbers), None when it has none
-    (Arrow kernels: no copy)."""
-    values = pc.list_flatten(col) if pa.types.is_list(col.type) else col
+    (no copy)."""
+    ints = _integer_values(col)
+    if ints is not None:
+        return (int(ints.min()), int(ints.max())) if len(ints) else None
+    values = _list_values(col) if pa.types.is_list(col.type) else col
     mm = pc.min_max(values)
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
     return None if lo is None else (lo, hi)
 
 
 def _any_below(col: pa.Array, limit: float) -> bool:
+    ints = _integer_values(col)
+    if ints is not None:
+        return bool(len(ints)) and int(ints.min()) < limit
     b = _bounds(col)
     return b is not None and b[0] < limit
 

@@ -112,8 +112,9 @@ def identity_of(run: RunMetadata) -> dict[str, Any]:
     return {"run_id": run.run_id, "dp": run.rank.dp, "pp": run.rank.pp, "tp": run.rank.tp, "ep": run.rank.ep}
 
 
-def with_identity(batch: pa.RecordBatch, identity: dict[str, Any]) -> pa.RecordBatch:
-    """`batch` with the identity columns in front (phase as plain strings)."""
+def with_identity(batch: pa.RecordBatch | pa.Table, identity: dict[str, Any]) -> Any:
+    """`batch` (a record batch or a table) with the identity columns in front (phase as plain
+    strings)."""
     n = batch.num_rows
     cols = [
         pa.array(np.full(n, v, dtype=np.int32))
@@ -126,7 +127,8 @@ def with_identity(batch: pa.RecordBatch, identity: dict[str, Any]) -> pa.RecordB
     if "phase" in batch.schema.names:
         i = batch.schema.names.index("phase")
         arrays[len(cols) + i] = batch.column(i).cast(pa.string())
-    return pa.RecordBatch.from_arrays(arrays, names=[*names, *batch.schema.names])
+    build = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
+    return build(arrays, names=[*names, *batch.schema.names])
 
 
 def identity_schema(kind_schema: pa.Schema) -> pa.Schema:

@@ -36,6 +36,10 @@ from .runs import LoadedFile
 SLICE_ROWS = 8192
 """Expert-count rows summarised at a time: bounds memory whatever the writer's batch size."""
 
+SCALAR_ROWS = 1 << 16
+"""Steps whose cached scalars are written together (one Parquet row group): a collector's batches
+of a few hundred steps each cost a row group's fixed encoding work otherwise."""
+
 RequestSums = Callable[[pa.RecordBatch, Iterable[int]], dict[str, pa.Array]]
 """(steps batch, attention windows) -> per-step sums over each step's request lists, by column name."""
 
@@ -131,8 +135,17 @@ def _convert_steps(
     sink = BackgroundParquetWriter(target.with_suffix(".tmp"), **STEP_SCALARS_OPTIONS)
     lists = set(_list_columns("steps"))
     windows = _sum_windows(run)
+    held: list[pa.RecordBatch] = []
+    held_rows = 0
+
+    def flush() -> None:
+        nonlocal held, held_rows
+        if held:
+            sink.write(with_identity(pa.Table.from_batches(held), identity))
+        held, held_rows = [], 0
 
     def on_batch(batch: pa.RecordBatch) -> None:
+        nonlocal held_rows
         check_batch_nulls(path, "steps", batch)
         try:
             batch = rows.apply(batch)
@@ -144,10 +157,16 @@ def _convert_steps(
             [batch.column(i) for i in keep] + list(sums.values()),
             names=[batch.schema.names[i] for i in keep] + list(sums),
         )
-        sink.write(with_identity(scalars, identity))
+        if held and not scalars.schema.equals(held[0].schema):
+            flush()  # (a schema change mid-file: the writer reports it, as for one batch)
+        held.append(scalars)
+        held_rows += scalars.num_rows
+        if held_rows >= SCALAR_ROWS:
+            flush()
 
     try:
         scan = scan_trace_file(path, on_batch)
+        flush()
     except BaseException:
         sink.abort()
         raise

@@ -5,8 +5,8 @@
   top 10 % experts, dead experts (no token in the run), normalised entropy (1 = uniform).
 * Per step (the `expert_statistics` columns of `expert_step_stats`): from per-(step, layer)
   reductions over the expert axis that the loader computes while it streams the counts (tokens,
-  busiest expert's tokens, experts with a token): activated experts, routed tokens, imbalance
-  mean / max over layers, fewest / most tokens in one layer.
+  busiest expert's tokens) and each step's count of (layer, expert) pairs with a token: activated
+  experts, routed tokens, imbalance mean / max over layers, fewest / most tokens in one layer.
 
 Both imbalances are `imbalance_ratio`: max / mean tokens per expert = max · E / Σ tokens.
 """
@@ -38,13 +38,14 @@ STEP_STATISTICS: tuple[tuple[str, str], ...] = (
 
 
 def step_statistics(
-    layer_tokens: np.ndarray, layer_max: np.ndarray, layer_active: np.ndarray, num_experts: int
+    layer_tokens: np.ndarray, layer_max: np.ndarray, active_experts: np.ndarray, num_experts: int
 ) -> dict[str, np.ndarray]:
     """Per step (rows of the [steps, MoE layers] inputs: tokens routed in the layer, the busiest
-    expert's tokens, experts with a token), the STEP_STATISTICS columns: activated (layer, expert)
-    pairs, routed tokens (Σ over layers, = tokens × top_k), imbalance_ratio's mean and max over the
-    layers that routed a token (NaN for a step that routed none), fewest / most tokens in a layer.
-    Vectorised over the whole block; no loop over steps."""
+    expert's tokens; `active_experts` [steps]: (layer, expert) pairs with a token), the
+    STEP_STATISTICS columns: activated (layer, expert) pairs, routed tokens (Σ over layers, =
+    tokens × top_k), imbalance_ratio's mean and max over the layers that routed a token (NaN for a
+    step that routed none), fewest / most tokens in a layer. Vectorised over the whole block; no
+    loop over steps."""
     rows = layer_tokens.shape[0]
     imbalance = imbalance_ratio(layer_max, layer_tokens, num_experts)
     routed = ~np.isnan(imbalance)
@@ -58,7 +59,7 @@ def step_statistics(
         imbalance_max = np.full(rows, -np.inf)
         tokens_min = tokens_max = np.zeros(rows, np.int64)
     return {
-        "active_experts": layer_active.sum(axis=1, dtype=np.int32),
+        "active_experts": np.asarray(active_experts, np.int32),
         "routed_tokens": layer_tokens.sum(axis=1, dtype=np.int64),
         "imbalance_mean": np.where(layers_routed > 0, imbalance_mean, np.nan),
         "imbalance_max": np.where(layers_routed > 0, imbalance_max, np.nan),

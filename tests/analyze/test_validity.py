@@ -93,6 +93,24 @@ def test_experts_rows_of_left_out_steps_go_with_them() -> None:
     }
 
 
+def test_rules_see_only_the_rows_of_a_sliced_batch() -> None:
+    # Batches arrive as slices of larger ones (a reader's zero-copy views): a bad value outside the
+    # slice, in a list column's shared child array or a scalar column's buffer, is no row of it.
+    rows = [_step(0, req_new_tokens=[-3]), _step(1), _step(2), _step(3, num_tokens=-1, req_prefix_lens=[-1])]
+    batch = _batch("steps", rows)
+    f = RowFilter("steps")
+    assert _kept(f, batch.slice(1, 2)) == [1, 2] and not f.left_out
+    assert _kept(RowFilter("steps"), batch.slice(2, 2)) == [2]  # step 3 is in this slice: left out
+    counts = _batch("experts", [{"step": s, "counts": [1, -1 if s in (0, 3) else 1]} for s in range(4)])
+    assert _kept(RowFilter("experts"), counts.slice(1, 2)) == [1, 2]
+    nulls = _batch(
+        "steps", [_step(0, req_prefix_lens=None, req_new_tokens=None), _step(1, req_new_tokens=[-2])]
+    )
+    f = RowFilter("steps")
+    assert _kept(f, nulls) == [0]  # a null list holds no value; the fallback path finds the negative
+    assert dict(f.left_out) == {"a negative token or request count (int32 overflow?)": 1}
+
+
 def test_request_rules() -> None:
     base = {
         "arrival_ns": 100,

@@ -25,7 +25,7 @@ COUNTS = np.array(
 
 
 def _reductions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return counts.sum(axis=2), counts.max(axis=2), (counts > 0).sum(axis=2)
+    return counts.sum(axis=2), counts.max(axis=2), (counts > 0).sum(axis=(1, 2))
 
 
 def test_step_statistics_hand_derived():
