@@ -118,3 +118,22 @@ def test_the_command_list_keeps_its_order_when_one_command_ran_first(tmp_path):
         name for line in out.splitlines() for name in entry.COMMAND_MODULES if line.startswith(f"│ {name} ")
     ]
     assert listed == list(entry.COMMAND_MODULES)
+
+
+def test_the_entry_point_raises_the_young_generation_threshold_and_keeps_collecting_cycles():
+    """The analyzer process collects its young generation every GC_GEN0_THRESHOLD allocations, not
+    CPython's 700; garbage collection stays on (reference cycles are still freed)."""
+    code = (
+        "import gc, sys\n"
+        "from moecap.analyze import entry\n"
+        "default = gc.get_threshold()\n"
+        "sys.argv = ['moecap-analyze', 'summary', '--help']\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(default[0], gc.get_threshold()[0], gc.isenabled(), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    default, now, enabled = done.stderr.split()[-3:]
+    assert int(default) == 700 and int(now) == 100_000 and enabled == "True"
