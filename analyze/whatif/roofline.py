@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -153,6 +153,28 @@ class RooflineFit:
         d["bandwidth_achieved_bytes_per_s"] = self.eta_bw * self.bandwidth
         d["flops_achieved_per_s"] = self.eta_flops * self.peak_flops
         return d
+
+
+class FitQuality(TypedDict):
+    rmse_s: float
+    mape: float
+    r2: float | None
+
+
+def fit_quality(resid: np.ndarray, t: np.ndarray) -> FitQuality:
+    """How well predictions with residuals `resid` (s) fit step times `t` (s): RMSE (s), mean absolute
+    relative error, and R² (None when the times do not vary)."""
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    return {
+        "rmse_s": float(np.sqrt(np.mean(resid**2))),
+        "mape": float(np.mean(np.abs(resid) / t)),
+        "r2": 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
+    }
+
+
+def join_notes(first: str | None, then: str) -> str:
+    """`first; then`, or `then` alone when there is no first note."""
+    return f"{first}; {then}" if first else then
 
 
 def _evaluate(
@@ -336,21 +358,18 @@ def fit_roofline(
         keep = inliers
         fit = fit_on(keep)
     resid = fit.step_time(B, F, bandwidth, peak_flops) - t
-    ss_tot = float(np.sum((t - t.mean()) ** 2))
     outliers = int(len(t) - keep.sum())
     note = fit.prior_note
     if outliers:
         extra = f"{outliers} of {len(t)} steps left out of the fit as outliers (residual > {OUTLIER_MADS:g} robust SD)"
-        note = f"{note}; {extra}" if note else extra
+        note = join_notes(note, extra)
     return replace(
         fit,
         n_steps=len(t),
         memory_bound_fraction=float(
             np.mean(B / (bandwidth * fit.eta_bw) >= F / (peak_flops * fit.eta_flops))
         ),
-        rmse_s=float(np.sqrt(np.mean(resid**2))),
-        mape=float(np.mean(np.abs(resid) / t)),
-        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
+        **fit_quality(resid, t),
         prior_note=note,
         outliers=outliers,
     )
@@ -502,7 +521,6 @@ def _fit_steps(
         )
     pred = np.maximum(a * B, b * F) + c
     resid = pred - t
-    ss_tot = float(np.sum((t - t.mean()) ** 2))
     return RooflineFit(
         eta_bw=1.0 / (bandwidth * a),
         eta_flops=1.0 / (peak_flops * b),
@@ -511,9 +529,7 @@ def _fit_steps(
         flops_identified=fl_identified,
         n_steps=n,
         memory_bound_fraction=float(np.mean(a * B >= b * F)),
-        rmse_s=float(np.sqrt(np.mean(resid**2))),
-        mape=float(np.mean(np.abs(resid) / t)),
-        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
+        **fit_quality(resid, t),
         bandwidth=bandwidth,
         peak_flops=peak_flops,
         eta_bw_bound=eta_bw_bound,
@@ -567,7 +583,6 @@ def _held_overhead(
         eta_f = min(1.0, max(MIN_EFFICIENCY, 1.0 / (fit.peak_flops * b)))
     held = replace(fit, eta_bw=eta_bw, eta_flops=eta_f, overhead_s=overhead)
     resid = held.step_time(B, F, fit.bandwidth, fit.peak_flops) - t
-    ss_tot = float(np.sum((t - t.mean()) ** 2))
     note = (
         f"the GPU work's split between overhead and slope is not identified by these steps: overhead held at "
         f"{overhead * 1e3:.3g} ms (the decode steps' per-step overhead), η fitted"
@@ -576,10 +591,8 @@ def _held_overhead(
         held,
         bandwidth_identified=a > 0,
         flops_identified=b > 0,
-        rmse_s=float(np.sqrt(np.mean(resid**2))),
-        mape=float(np.mean(np.abs(resid) / t)),
-        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
-        prior_note=f"{fit.prior_note}; {note}" if fit.prior_note else note,
+        **fit_quality(resid, t),
+        prior_note=join_notes(fit.prior_note, note),
     )
 
 
@@ -683,7 +696,6 @@ def fit_with_floor(
     work = best.step_time(B, F, bandwidth, peak_flops)
     paced = int(np.sum(floor > work))
     resid = best.step_time(B, F, bandwidth, peak_flops, h) - t
-    ss_tot = float(np.sum((t - t.mean()) ** 2))
     note = (
         f"host floor {L * 1e3:.3g} ms (kernels issued one by one outside the CUDA graphs): "
         f"{paced} of {len(t)} steps paced by the host"
@@ -692,8 +704,6 @@ def fit_with_floor(
         best,
         host_paced=paced,
         n_steps=len(t),
-        rmse_s=float(np.sqrt(np.mean(resid**2))),
-        mape=float(np.mean(np.abs(resid) / t)),
-        r2=1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
-        prior_note=f"{best.prior_note}; {note}" if best.prior_note else note,
+        **fit_quality(resid, t),
+        prior_note=join_notes(best.prior_note, note),
     )
