@@ -239,6 +239,8 @@ class SglangTracer(EngineTraceFiles):
         self._source: Any = None
         self._index: Any = None
         self._host_rows: Any = None
+        self.count_path: str | None = None
+        """'fused' | 'masked' | 'sglang' once counting is set up (compat.count_path)."""
         self._map: Any = None
         self._map_cols: slice | None = None
         self.scope = ""
@@ -433,7 +435,7 @@ class SglangTracer(EngineTraceFiles):
             "counts_scope": "sum_over_ranks" if self.sum_over_ranks else "replicated",
             "gatherer_scope": self.scope,
             "eplb_conversion": self._map is not None,
-            "count_path": getattr(self, "count_path", None),
+            "count_path": self.count_path,
             "moe_a2a_backend": r.a2a_backend,
             "ranks": {"tp": r.tp_rank, "attn_tp": r.attn_tp_rank, "attn_dp": r.attn_dp_rank, "ep": r.ep_rank},
             "draft_step_base": DRAFT_STEP_BASE,

@@ -97,7 +97,7 @@ def is_ready(device: Any) -> bool:
 
 def prepare(device: Any, sglang_method: Any, live: Any) -> bool:
     """Compile the kernel on `device` (before graph capture) and check it against SGLang's own gatherer
-    method (`sglang_method(gatherer, layer_idx, ids)`, ids already masked as the old path does) on random
+    method (`sglang_method(gatherer, layer_idx, ids)`, behind the old path's padding mask) on random
     ids with −1 and padded rows, for int32 and int64 ids and a strided view. True when every count
     matched; False (logged) when Triton is missing, the device is not CUDA (unless `TRITON_INTERPRET=1`),
     the switch is off, or anything differs — the plugin then keeps the old path."""
@@ -128,6 +128,8 @@ def _check(dev: Any, sglang_method: Any, live: Any) -> bool:
 
     import torch
 
+    from .compat import legacy_masked_count  # the path this kernel replaces: its reference
+
     gen = torch.Generator().manual_seed(20)
     layers, experts, tokens, top_k = 3, 37, 300, 6
     saved = live.clone()
@@ -148,8 +150,7 @@ def _check(dev: Any, sglang_method: Any, live: Any) -> bool:
                     _data=torch.zeros((layers, experts), dtype=torch.int32, device=dev),
                     _expert_location_metadata=types.SimpleNamespace(num_physical_experts=experts),
                 )
-                rows = torch.arange(ids.shape[0], device=dev).unsqueeze(1)
-                sglang_method(theirs, 1, ids.masked_fill(rows >= live, -1))
+                legacy_masked_count(theirs, 1, ids, live, sglang_method)
                 if not torch.equal(fused, theirs._data):
                     return False
     finally:
