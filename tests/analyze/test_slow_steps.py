@@ -4,6 +4,7 @@ analyze/slow_steps.py by arithmetic done in the comments."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 
 from moecap.analyze.slow_steps import slow_step_findings, slow_steps
@@ -138,3 +139,42 @@ def test_a_step_both_rules_name_is_listed_once_as_compile():
     # 1312 ms among 12 ms decodes, and the first decode of its shape: the first rule's entry only.
     rows = [_row(0, "decode", 64, 1312.0)] + [_row(i, "decode", 64, 12.0) for i in range(1, 10)]
     assert [(s.step, s.rule) for s in slow_steps(rows)] == [(0, "compile")]
+
+
+def test_first_use_peer_medians_equal_the_brute_force_definition():
+    """Each candidate's typical is the median of the LATER steps of its rank and group with n..2n tokens
+    (checked against a plain per-candidate loop on random steps with ties, gaps and two ranks)."""
+    import random
+    import statistics
+
+    from moecap.analyze.slow_steps import WARMUP_SIZE_WINDOW, _later_peer_medians
+
+    rng = random.Random(7)
+    rows = [
+        {
+            "rank": r,
+            "group": "per-token",
+            "step": s,
+            "n": rng.choice([0, 1, 5, 8, 16, 17, 40]),
+            "d": rng.uniform(1, 90),
+        }
+        for r in ("dp0-pp0-tp0", "dp1-pp0-tp0")
+        for s in range(300)
+    ]
+    steps = pl.DataFrame(rows)
+    cand = steps.filter(pl.col("step") % 37 == 0)
+    got = {
+        (r["rank"], r["step"]): r["typical_b"] for r in _later_peer_medians(steps, cand).iter_rows(named=True)
+    }
+    want = {}
+    for c in cand.iter_rows(named=True):
+        peers = [
+            x["d"]
+            for x in rows
+            if x["rank"] == c["rank"]
+            and x["step"] > c["step"]
+            and c["n"] <= x["n"] <= WARMUP_SIZE_WINDOW * c["n"]
+        ]
+        if peers:
+            want[(c["rank"], c["step"])] = statistics.median(peers)
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want)
