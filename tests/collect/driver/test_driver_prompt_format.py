@@ -157,3 +157,17 @@ def test_text_samples_pass_through_unchanged(words):
 
     s = Sample("q-1", "gsm8k", prompt="how many?")
     assert ids_as_text([s], str(words), spec="gsm8k") == [s]
+
+
+def test_prompts_that_miss_their_length_are_one_warning_line(capsys):
+    from moecap.collect.driver.command import _warn_lengths
+
+    tok = build_tokenizer()
+    texts = ids_as_text(synthetic_samples("synthetic:64x4", 30, vocab_size=len(tok)), tok, spec="x")
+    missed = sum(s.extra["text_tokens"] != 64 for s in texts)
+    assert missed > 0
+    _warn_lengths(texts)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"moecap-collect: warning: --prompt-format text: {missed} of 30 prompts re-encode")
+    assert err.rstrip().endswith("requests.prompt_tokens records the server's count")
