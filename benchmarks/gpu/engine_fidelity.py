@@ -18,10 +18,13 @@ Offline stages (`<mode>-<batch>`, mode off | steps | experts): ONE engine built 
 reset before each. Mode off: no plugin (so (a) is the engine's own baseline and (b) is `run --no-trace`);
 steps / experts: the plugin on (`--no-counts` / default), so (a) is the engine with our plugin and (b) is
 `run`. Medians, ratios and start-up delays go to OUT/fidelity-<engine>-<stage>.json.
-Stage `serve`: `moecap-collect serve` (steps + experts on) once; then `--serve-reps` interleaved repeats at
-b64 and b1 of `moecap-collect drive` and the engine's serving benchmark (`vllm bench serve`; SGLang
-`python -m sglang.benchmark.serving`, OpenAI completions backend, random ids) against it; mean TTFT, mean
-TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the server.
+Stage `serve`: `moecap-collect serve` (steps + experts on) once; then `--serve-reps` (default 5) interleaved
+repeats at b64 and b1 of `moecap-collect drive` and the engine's serving benchmark (`vllm bench serve
+--dataset-name random`; SGLang `python -m sglang.benchmark.serving`, OpenAI completions backend,
+`random-ids`) against it, both sending the same kind of request: text for vLLM (drive `--prompt-format
+text`: the random ids decoded with the tokenizer, as bench's random dataset), token ids for SGLang; mean
+TTFT, mean TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the
+server.
 
 ON THE H100 (vLLM 0.26.0 installed from wheels per ../shared/gpu/README.md; each line one device call of at
 most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkout `moecap` without pip):
@@ -33,7 +36,8 @@ most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkou
   source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages steps-1,experts-1 --out $OUT
       # ~200 s (b1 repeats: ~3 s each)
   source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages serve --out $OUT
-      # ~300 s (server start ~60 s warm; each `vllm bench serve` pays ~15 s of imports)
+      # ~400 s (server start ~60-100 s; ~55 s per repeat, each `vllm bench serve` paying ~15 s of imports:
+      # 273-329 s with 3 repeats, estimated for the default 5), inside the 570 s --budget-s
   # optional, ~90 s: the real CLI end to end once (engine start + warm-up + run), its own printed figures
   source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages cli-64 --out $OUT
 
@@ -434,11 +438,27 @@ def drive_metrics(folder: Path, run_id: str) -> dict[str, Any]:
     }
 
 
-def run_drive(url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str) -> dict[str, Any]:
+BENCH_PROMPT_FORMAT = {"vllm": "text", "sglang": "ids"}
+"""`drive --prompt-format` per engine: the request its own serving benchmark sends. `vllm bench serve
+--dataset-name random` sends text (random ids decoded with the tokenizer, which the server tokenizes
+again); SGLang's `--dataset-name random-ids` sends token ids."""
+
+
+def drive_argv(
+    engine: str, url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str
+) -> list[str]:
+    """`moecap-collect drive`'s arguments for one serve-stage round at `batch`."""
     n, n_in, n_out = WORKLOADS[batch]
-    cmd = [sys.executable, "-c", CLI, "drive", "--api-url", url, "--dataset", f"synthetic:{n_in}x{n_out}",
-           "--num-prompts", str(n), "--batch-size", str(batch), "--ignore-eos", "--tokenizer", str(tok),
-           "--seed", str(seed), "--out", str(folder), "--run-id", run_id, "--no-progress"]  # fmt: skip
+    return ["drive", "--api-url", url, "--dataset", f"synthetic:{n_in}x{n_out}", "--num-prompts", str(n),
+            "--batch-size", str(batch), "--ignore-eos", "--tokenizer", str(tok),
+            "--prompt-format", BENCH_PROMPT_FORMAT[engine], "--seed", str(seed), "--out", str(folder),
+            "--run-id", run_id, "--no-progress"]  # fmt: skip
+
+
+def run_drive(
+    engine: str, url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", CLI, *drive_argv(engine, url, tok, batch, seed, folder, run_id)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         return {"error": f"drive exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
@@ -517,7 +537,7 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
         result["server_start_s"] = round(time.time() - t0, 1)
         log(f"serve {engine}: up in {result['server_start_s']} s")
         # One untimed round of each tool (first shapes, connection pools), then interleaved repeats.
-        run_drive(url, tok, 64, 999, folder, f"{run_id}-warm")
+        run_drive(engine, url, tok, 64, 999, folder, f"{run_id}-warm")
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
         for rep in range(reps):
@@ -525,7 +545,7 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
                 order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
                 for what in order:
                     if what == "drive":
-                        m = run_drive(url, tok, batch, rep, folder, f"{run_id}-drive-b{batch}-r{rep}")
+                        m = run_drive(engine, url, tok, batch, rep, folder, f"{run_id}-drive-b{batch}-r{rep}")
                     else:
                         m = run_bench(engine, url, served, tok, batch, rep, folder)
                     rows.setdefault(f"{what}-b{batch}", []).append(m)
@@ -646,18 +666,23 @@ def summarize(folders: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     ap.add_argument("--stages", default="off-64,off-1")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "fidelity-out"))
     ap.add_argument("--reps", type=int, default=7)  # H100 run 1: 2 of 5 b64 repeats were transients
-    ap.add_argument("--serve-reps", type=int, default=3)
+    # 3 were too few: one of three b64 drive repeats on the H100 had a 1 s TTFT outlier
+    ap.add_argument("--serve-reps", type=int, default=5)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--budget-s", type=float, default=570, help="skip stages that would start after this")
     ap.add_argument("--summarize", nargs="+", metavar="DIR")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.summarize:
         print(summarize(args.summarize))
         return

@@ -25,7 +25,7 @@ from .registry import (
     resolve_dataset,
 )
 from .synthetic import parse_synthetic, synthetic_samples
-from .text import apply_chat_template, chat_messages, load_tokenizer, pad_samples
+from .text import apply_chat_template, chat_messages, ids_as_text, load_tokenizer, pad_samples
 
 _PADDED = re.compile(r"^(?P<name>[A-Za-z0-9_-]+):(?P<n_in>\d+)x(?P<n_out>\d+)$")
 
@@ -90,6 +90,7 @@ __all__ = [
     "apply_chat_template",
     "chat_messages",
     "dataset_names",
+    "ids_as_text",
     "load_samples",
     "load_tokenizer",
     "pad_samples",

@@ -8,6 +8,7 @@ loaded with transformers lazily.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 from ..errors import CollectError
@@ -111,3 +112,67 @@ def apply_chat_template(samples: list[Sample], tokenizer: Any, *, default_system
             extra["system_merged"] = True
         out.append(dataclasses.replace(s, prompt=text, extra=extra))
     return out
+
+
+RETOKENIZE_ROUNDS = 10
+"""Decode / re-encode rounds `ids_as_text` spends fitting a prompt's length (`vllm bench serve`'s
+`gen_prompt_decode_to_target_len` allows as many)."""
+
+
+def ids_as_text(samples: list[Sample], tokenizer: Any, *, spec: str) -> list[Sample]:
+    """Token-id samples as text prompts, built as `vllm bench serve --dataset-name random` builds its
+    own: the ids decoded with the served model's tokenizer.
+
+    Decoding then re-encoding need not give the ids back (a BPE tokenizer merges tokens across the
+    joins: GPT-2 reads `[' calls', 'here']` back as `[' call', 'sh', 'ere']`), so, as vLLM's random
+    dataset does, the text is re-encoded without special tokens and cut (or extended with the sample's
+    own ids, cycled) to the target, then decoded again, for at most RETOKENIZE_ROUNDS rounds. The target
+    is the sample's length less the special tokens the server adds to a text prompt (a BOS), so the
+    server counts as many prompt tokens as it would for the ids. A prompt that still misses it is sent as
+    it is; the driver records the server's count. `extra["text_tokens"]` holds this tokenizer's count of
+    the text with special tokens (what the server should report); text samples pass through.
+    """
+    if tokenizer is None:
+        raise CollectError(
+            f"dataset {spec}: sending token ids as text needs the model's tokenizer (--tokenizer)"
+        )
+    tok = load_tokenizer(tokenizer)
+    vocab = len(tok)
+    special = int(tok.num_special_tokens_to_add()) if hasattr(tok, "num_special_tokens_to_add") else 0
+    out = []
+    for s in samples:
+        if s.prompt_token_ids is None:
+            out.append(s)
+            continue
+        ids = list(s.prompt_token_ids)
+        too_big = next((i for i in ids if not 0 <= i < vocab), None)
+        if too_big is not None:
+            raise CollectError(
+                f"dataset {spec}: token id {too_big} of sample {s.sample_id} is outside the tokenizer's "
+                f"{vocab} ids; cannot send it as text"
+            )
+        text, n_text = _decode_to_length(tok, ids, max(len(ids) - special, 1))
+        out.append(
+            dataclasses.replace(
+                s,
+                prompt=text,
+                prompt_token_ids=None,
+                extra={**s.extra, "token_ids_decoded": len(ids), "text_tokens": n_text + special},
+            )
+        )
+    return out
+
+
+def _decode_to_length(tok: Any, ids: list[int], target: int) -> tuple[str, int]:
+    """(text, its length encoded without special tokens): `ids` decoded, then fitted to `target` tokens."""
+    seq = list(ids)
+    for round_ in range(RETOKENIZE_ROUNDS + 1):
+        text = tok.decode(seq)
+        seq = list(tok.encode(text, add_special_tokens=False))
+        if len(seq) == target or round_ == RETOKENIZE_ROUNDS:
+            break
+        if len(seq) > target:
+            seq = seq[:target]
+        else:
+            seq += list(itertools.islice(itertools.cycle(ids), target - len(seq)))
+    return text, len(seq)

@@ -25,10 +25,10 @@ import typer
 
 from moecap.schemas import DRIVER_ENGINE, EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
 
-from ..datasets import DEFAULT_SYSTEM_PROMPT, SAMPLING_MODES, load_samples
+from ..datasets import DEFAULT_SYSTEM_PROMPT, SAMPLING_MODES, Sample, ids_as_text, load_samples
 from ..errors import CollectError
 from ..workload import RequestRecord
-from .config import APIS, ENGINES, ClientConfig, LoadConfig
+from .config import APIS, ENGINES, PROMPT_FORMATS, ClientConfig, LoadConfig
 from .drive import DriveResult, drive, open_client_writers, probe_server
 from .hub import check_hub_access
 from .summary import format_summary
@@ -116,8 +116,21 @@ def drive_command(
     ] = 0,
     tokenizer: Annotated[
         str | None,
-        typer.Option("--tokenizer", help="Tokenizer id/path (padding to <in> tokens, --chat-template)."),
+        typer.Option(
+            "--tokenizer",
+            help="Tokenizer id/path (padding to <in> tokens, --chat-template, --prompt-format text).",
+        ),
     ] = None,
+    prompt_format: Annotated[
+        str,
+        typer.Option(
+            "--prompt-format",
+            help=f"{' | '.join(PROMPT_FORMATS)}: how synthetic:<in>x<out> prompts are sent. ids (auto): as token "
+            "ids; text: decoded with --tokenizer, as vllm bench serve --dataset-name random sends them (re-encoded "
+            "and fitted to <in> tokens as it does; a BPE tokenizer may still miss by a few, and requests.prompt_tokens "
+            "is the server's count).",
+        ),
+    ] = "auto",
     chat_template: Annotated[
         bool,
         typer.Option(
@@ -231,7 +244,10 @@ def drive_command(
         slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
         slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3,
     )
-    check_hub_access(dataset, dataset_path, tokenizer if (chat_template or _padded(dataset)) else None)
+    as_text = _ids_as_text(prompt_format, dataset, tokenizer)
+    check_hub_access(
+        dataset, dataset_path, tokenizer if (chat_template or _padded(dataset) or as_text) else None
+    )
     samples = load_samples(
         dataset,
         num_prompts,
@@ -244,6 +260,9 @@ def drive_command(
         chat_template=chat_template,
         system_prompt=system_prompt,
     )
+    if as_text:
+        samples = ids_as_text(samples, tokenizer, spec=dataset)
+        _warn_lengths(samples)
     if len(samples) < num_prompts:
         typer.echo(
             f"moecap-collect: warning: --num-prompts {num_prompts} but dataset {dataset} has "
@@ -262,6 +281,7 @@ def drive_command(
         "num_prompts_requested": num_prompts,
         "chat_template": chat_template,
         "tokenizer": tokenizer,
+        "prompt_format": "text" if any(s.prompt is not None for s in samples) else "ids",
         "system_prompt": client.system_prompt,
     }
     stopper = _Stopper()
@@ -471,6 +491,35 @@ def _one_of(value: float | None, old: float | None, flag: str, old_flag: str) ->
     if value is not None and old is not None and value != old:
         raise CollectError(f"{flag} {value:g} and {old_flag} {old:g} disagree; give {flag} only")
     return value if value is not None else old
+
+
+def _ids_as_text(prompt_format: str, dataset: str, tokenizer: str | None) -> bool:
+    """Whether token-id prompts are to be decoded to text (`--prompt-format`); checked before anything is
+    loaded or sent."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise CollectError(f"--prompt-format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    token_ids = dataset.startswith("synthetic:")
+    if prompt_format == "ids" and not token_ids:
+        raise CollectError(
+            f"--prompt-format ids: dataset {dataset} has text prompts; only synthetic:<in>x<out> prompts are token ids"
+        )
+    if prompt_format == "text" and token_ids and tokenizer is None:
+        raise CollectError(
+            "--prompt-format text needs --tokenizer (the served model's tokenizer decodes the token ids)"
+        )
+    return prompt_format == "text" and token_ids
+
+
+def _warn_lengths(samples: list[Sample]) -> None:
+    """One warning line when some decoded prompts do not re-encode to their token-id length."""
+    off = [s for s in samples if s.extra.get("text_tokens") != s.extra.get("token_ids_decoded")]
+    if off:
+        typer.echo(
+            f"moecap-collect: warning: --prompt-format text: {len(off)} of {len(samples)} prompts re-encode to "
+            f"another length than their token ids with this tokenizer (e.g. {off[0].extra['text_tokens']} for "
+            f"{off[0].extra['token_ids_decoded']}); requests.prompt_tokens records the server's count",
+            err=True,
+        )
 
 
 def _padded(dataset: str) -> bool:

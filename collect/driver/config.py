@@ -21,6 +21,11 @@ for all, plus a `rid` body field for SGLang) and in which version endpoint is as
 ARRIVALS = ("request", "first-byte")
 """When `arrival_ns` is stamped (`ClientConfig.arrival`)."""
 
+PROMPT_FORMATS = ("auto", "ids", "text")
+"""How token-id prompts (`synthetic:<in>x<out>`) are sent: `ids` as token ids (`auto`, the default, does
+so); `text` decoded with the served model's tokenizer, as `vllm bench serve --dataset-name random` sends
+its prompts, so the server tokenizes them as it does that benchmark's. Text datasets are sent as text."""
+
 _ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 

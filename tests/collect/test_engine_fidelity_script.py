@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, TraceWriter, trace_file_name
+from moecap.schemas import EngineInfo, ModelInfo, RunMetadata, TraceWriter, read_trace_file, trace_file_name
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("engine_fidelity", ROOT / "benchmarks/gpu/engine_fidelity.py")
@@ -141,3 +141,29 @@ def test_the_unfused_experts_stage_is_compared_and_its_spans_listed(tmp_path):
     assert "| sglang | experts-1 | fused | 10240 | 3100.0 | 3350.0 | 420.0 |" in table
     assert ef.offline_options("sglang", "expertsunfused", 1, tmp_path).counts is True
     assert ef.offline_options("sglang", "steps", 1, tmp_path).counts is False
+
+
+def test_drive_sends_what_each_engines_own_benchmark_sends(scripted, tmp_path):
+    """The serve stage's `drive` round, run for real against the loopback server with the stage's own
+    word-level tokenizer: for vLLM the prompts go as text (what `vllm bench serve --dataset-name random`
+    sends: random ids decoded with the tokenizer), for SGLang as token ids (its `random-ids`)."""
+    from sglang_validate import word_level_tokenizer
+
+    config = json.loads(ef.MODEL.read_text())
+    tok = word_level_tokenizer(tmp_path / "tok", int(config["vocab_size"]), int(config["eos_token_id"]))
+    n, n_in, _ = ef.WORKLOADS[1]
+    m = ef.run_drive("vllm", scripted.url, tok, 1, 0, tmp_path, "fid-b1")
+    assert m["completed"] == n, m
+    req = read_trace_file(tmp_path / "fid-b1.client.requests.arrow")
+    ids = set(req.table.column("req_id").to_pylist())
+    prompts = [s["body"]["prompt"] for s in scripted.get("/_seen") if s["id"] in ids]
+    assert len(prompts) == n
+    assert all(isinstance(p, str) and len(p.split()) == n_in and p.startswith("t") for p in prompts)
+    assert req.run.workload["prompt_format"] == "text"
+    sglang = ef.drive_argv("sglang", scripted.url, tok, 1, 0, tmp_path, "x")
+    assert sglang[sglang.index("--prompt-format") + 1] == "ids"
+
+
+def test_serve_stage_repeats_five_times_by_default():
+    """Three repeats were too few: one of three b64 drive repeats had a 1 s TTFT outlier (H100)."""
+    assert ef.parser().parse_args([]).serve_reps == 5

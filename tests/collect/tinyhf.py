@@ -38,3 +38,25 @@ def build_tokenizer():
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def save_word_level_tokenizer(folder, vocab_size: int = 32000):
+    """A tokenizer directory (for `--tokenizer`) with one word per id: id i is `t<i>`, 0 is `<unk>`, 1 `</s>`.
+    Ids decode to `t<i> t<j> …` and that text encodes back to the same ids (what a random-weight model's
+    fidelity run uses, benchmarks/gpu/sglang_validate.py)."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(2, vocab_size)}
+    vocab.update({"<unk>": 0, "</s>": 1})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "eos_token": "</s>"})
+    )
+    return folder
