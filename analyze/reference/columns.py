@@ -327,8 +327,14 @@ def read_record_columns(path: str | Path) -> RecordColumns | None:
     typed = typed_record_columns(data)
     if typed is not None:
         return typed
+    return json_record_columns(Path(path), data)
+
+
+def json_record_columns(path: Path, data: bytes) -> RecordColumns | None:
+    """`read_record_columns` by Python's `json` alone (`path` names the file in errors): the fallback
+    where msgspec is missing or reads the file otherwise."""
     try:
-        records = parse_reference_records(Path(path), data.decode("utf-8"))
+        records = parse_reference_records(path, data.decode("utf-8"))
     except (UnicodeDecodeError, AnalyzeError):
         return None
     columns = record_columns(records)
