@@ -438,6 +438,13 @@ def drive_metrics(folder: Path, run_id: str) -> dict[str, Any]:
     }
 
 
+def serve_seed(batch: int, rep: int) -> int:
+    """The seed both tools get for one serve round. One per (batch, rep): drive's synthetic prompts of a seed
+    are one sequence, so with the rep alone as seed its b1 prompts were the first four of its b64 prompts —
+    prefix-cache hits on an engine that caches prefixes — where vLLM's random dataset draws anew per size."""
+    return 100 * batch + rep
+
+
 BENCH_PROMPT_FORMAT = {"vllm": "text", "sglang": "ids"}
 """`drive --prompt-format` per engine: the request its own serving benchmark sends. `vllm bench serve
 --dataset-name random` sends text (random ids decoded with the tokenizer, which the server tokenizes
@@ -543,11 +550,12 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
         for rep in range(reps):
             for batch in (64, 1):
                 order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
+                seed = serve_seed(batch, rep)
                 for what in order:
                     if what == "drive":
-                        m = run_drive(engine, url, tok, batch, rep, folder, f"{run_id}-drive-b{batch}-r{rep}")
+                        m = run_drive(engine, url, tok, batch, seed, folder, f"{run_id}-drive-b{batch}-r{rep}")
                     else:
-                        m = run_bench(engine, url, served, tok, batch, rep, folder)
+                        m = run_bench(engine, url, served, tok, batch, seed, folder)
                     rows.setdefault(f"{what}-b{batch}", []).append(m)
                     log(f"serve {engine} rep {rep} {what} b{batch}: {m}")
         result["raw"] = rows
@@ -607,6 +615,17 @@ def child(args: argparse.Namespace) -> None:
     result.update(engine=args.engine, stage=stage, stage_s=round(time.time() - t0, 1), gpu=_gpu_name())
     path = out / f"fidelity-{args.engine}-{stage}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
+
+
+def keep_earlier(path: Path) -> None:
+    """A stage listed twice (`off-1,experts-1,off-1`: engine-to-engine noise) writes the same file name:
+    the earlier result moves to `<name>-<n>.json` (first free n) so that `--summarize` sees both."""
+    if not path.exists():
+        return
+    n = 2
+    while path.with_name(f"{path.stem}-{n}.json").exists():
+        n += 1
+    path.rename(path.with_name(f"{path.stem}-{n}.json"))
 
 
 def _gpu_name() -> str | None:
@@ -702,6 +721,7 @@ def main() -> None:
             log(f"skip {stage}: {left:.0f} s left")
             continue
         log(f"{args.engine} stage {stage} ({left:.0f} s left)")
+        keep_earlier(out / f"fidelity-{args.engine}-{stage}.json")
         cmd = [sys.executable, __file__, "--stage", stage, "--engine", args.engine, "--out", str(out),
                "--reps", str(args.reps), "--serve-reps", str(args.serve_reps), "--port", str(args.port)]  # fmt: skip
         proc = subprocess.Popen(cmd, start_new_session=True)

@@ -167,3 +167,39 @@ def test_drive_sends_what_each_engines_own_benchmark_sends(scripted, tmp_path):
 def test_serve_stage_repeats_five_times_by_default():
     """Three repeats were too few: one of three b64 drive repeats had a 1 s TTFT outlier (H100)."""
     assert ef.parser().parse_args([]).serve_reps == 5
+
+
+def test_a_stage_listed_twice_keeps_both_results(tmp_path):
+    """`--stages off-1,experts-1,off-1` writes fidelity-sglang-off-1.json twice: the earlier one is moved
+    aside before the second run, and the summary lists and uses both."""
+
+    def run_stage(stage: str, own: float) -> None:  # what main() does around each stage's child
+        path = tmp_path / f"fidelity-sglang-{stage}.json"
+        ef.keep_earlier(path)
+        path.write_text(json.dumps({"ok": True, "engine": "sglang", "stage": stage, "gpu": "H100",
+                                    "engine_own_median": own, "run_median": own, "run_over_engine_own": 1.0,
+                                    "run_first_token_s": [0.02]}))  # fmt: skip
+
+    run_stage("off-1", 300.0)
+    run_stage("experts-1", 294.0)
+    run_stage("off-1", 290.0)
+    run_stage("off-1", 310.0)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["fidelity-sglang-experts-1.json", "fidelity-sglang-off-1-2.json",
+                     "fidelity-sglang-off-1-3.json", "fidelity-sglang-off-1.json"]  # fmt: skip
+    table = ef.summarize([str(tmp_path)])
+    assert table.count("| sglang | off-1 | H100 |") == 3
+    assert "| sglang | experts-1 | 2.00 % | 2.00 % |" in table  # 1 - 294 / median(300, 290, 310)
+
+
+def test_serve_rounds_never_reuse_a_seed():
+    """Same seed, same synthetic prompts: a b1 round seeded like a b64 round would send prompts the engine
+    has cached. Every (batch, rep) of a 5-repeat stage gets its own seed, and drive's prompts differ."""
+    from moecap.collect.datasets.synthetic import synthetic_samples
+
+    seeds = [ef.serve_seed(b, r) for b in (64, 1) for r in range(5)]
+    assert len(set(seeds)) == len(seeds)
+    b64 = synthetic_samples("synthetic:256x128", 64, seed=ef.serve_seed(64, 0))
+    b1 = synthetic_samples("synthetic:256x128", 4, seed=ef.serve_seed(1, 0))
+    firsts = {tuple(s.prompt_token_ids[:16]) for s in b64}
+    assert not any(tuple(s.prompt_token_ids[:16]) in firsts for s in b1)
