@@ -553,7 +553,9 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
                 seed = serve_seed(batch, rep)
                 for what in order:
                     if what == "drive":
-                        m = run_drive(engine, url, tok, batch, seed, folder, f"{run_id}-drive-b{batch}-r{rep}")
+                        m = run_drive(
+                            engine, url, tok, batch, seed, folder, f"{run_id}-drive-b{batch}-r{rep}"
+                        )
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
                     rows.setdefault(f"{what}-b{batch}", []).append(m)

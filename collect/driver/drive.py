@@ -27,7 +27,11 @@ from ..errors import CollectError
 from ..workload import RequestRecord
 from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
+from .pool import ClientPool
 from .summary import summarize
+
+PREFILL_CAP = 256
+"""Clients made before the warm-up when the concurrency is unbounded (more are made as needed)."""
 
 
 class RowSink(Protocol):
@@ -146,10 +150,15 @@ async def drive(
     timeout = httpx.Timeout(
         connect=client.connect_timeout_s, read=client.read_timeout_s, write=client.read_timeout_s, pool=None
     )
-    # As `vllm bench serve`'s connector: at most `limit` connections (None: unbounded), kept alive 60 s.
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=60.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
-        server = await probe_server(http, client) if client.preflight else ServerInfo(client.base_url)
+    # As `vllm bench serve`'s connector: a connection per request in flight (at most `limit`), kept alive
+    # 60 s; but one client per connection (pool.py says why).
+    async with ClientPool(timeout=timeout, keepalive_s=60.0, transport=transport) as pool:
+        pool.prefill(min(limit or len(samples), len(samples), PREFILL_CAP))
+        if client.preflight:
+            async with pool.lend() as http:
+                server = await probe_server(http, client)
+        else:
+            server = ServerInfo(client.base_url)
         model = client.model or (server.models[0] if server.models else None)
         if model is None:
             raise CollectError(f"--model not given and {client.base_url}/v1/models lists no model")
@@ -157,10 +166,10 @@ async def drive(
         if client.engine == "auto" and server.engine == "sglang":
             cfg = dataclasses.replace(client, engine="sglang")
         if load.warmup and not stop.is_set():
-            await _unless_stopped(_warm_up(http, cfg, model, samples, load.warmup, limit), stop)
+            await _unless_stopped(_warm_up(pool, cfg, model, samples, load.warmup, limit), stop)
         if before_measure is not None:
             await before_measure()
-        runner = _Runner(http, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
+        runner = _Runner(pool, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
         if stop_reason is not None:
             runner.stop_reason = stop_reason
         started = time.monotonic_ns()
@@ -180,7 +189,7 @@ async def drive(
 
 
 async def _warm_up(
-    http: httpx.AsyncClient, cfg: ClientConfig, model: str, samples: list[Sample], n: int, limit: int | None
+    pool: ClientPool, cfg: ClientConfig, model: str, samples: list[Sample], n: int, limit: int | None
 ) -> None:
     """`n` unrecorded requests of the first samples (cycled), at most `limit` at a time (`vllm bench serve
     --num-warmups` sends its warm-ups the same way)."""
@@ -190,7 +199,7 @@ async def _warm_up(
         s = samples[i % len(samples)]
         warm = RequestRecord(f"{cfg.request_id_prefix}-warmup-{i}", s)
         body, headers, _ = build_request(cfg, s, warm.req_id, model)
-        async with sem:
+        async with sem, pool.lend() as http:
             await send_request(http, cfg, warm, body, headers)
 
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -259,7 +268,7 @@ async def _get_json(http: httpx.AsyncClient, cfg: ClientConfig, path: str, timeo
 class _Runner:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        pool: ClientPool,
         cfg: ClientConfig,
         model: str,
         requests_writer: RowSink | None,
@@ -268,7 +277,7 @@ class _Runner:
         stop: asyncio.Event,
         on_record: Callable[[RequestRecord], None] | None,
     ) -> None:
-        self.http, self.cfg, self.model = http, cfg, model
+        self.pool, self.cfg, self.model = pool, cfg, model
         self.requests_writer, self.outputs_writer = requests_writer, outputs_writer
         self.progress, self.stop, self.on_record = progress, stop, on_record
         self.records: list[RequestRecord] = []
@@ -280,7 +289,8 @@ class _Runner:
         body, headers, prompt_sent = build_request(self.cfg, sample, req_id, self.model)
         rec = RequestRecord(req_id, sample, prompt_sent=prompt_sent, index=index)
         try:
-            await send_request(self.http, self.cfg, rec, body, headers)
+            async with self.pool.lend() as http:
+                await send_request(http, self.cfg, rec, body, headers)
         except asyncio.CancelledError:
             if self.stop.is_set():
                 rec.error = f"{self.stop_reason()} before the response was complete"
