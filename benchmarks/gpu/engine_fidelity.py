@@ -24,7 +24,8 @@ repeats at b64 and b1 of `moecap-collect drive` and the engine's serving benchma
 `random-ids`) against it, both sending the same kind of request: text for vLLM (drive `--prompt-format
 text`: the random ids decoded with the tokenizer, as bench's random dataset), token ids for SGLang; mean
 TTFT, mean TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the
-server.
+server, and read from its own steps file how the engine prefilled each round (`schedule`: a burst that
+arrives at once fills the first steps to the token budget; one that trickles in needs more steps).
 
 ON THE H100 (vLLM 0.26.0 installed from wheels per ../shared/gpu/README.md; each line one device call of at
 most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkout `moecap` without pip):
@@ -178,6 +179,39 @@ def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]] | None) ->
                     interval.append((nxt["gpu_start_ns"] - r["gpu_start_ns"]) / 1e3)
         out[label] = {"decode_steps": len(gpu), "gpu_span_us": median(gpu),
                       "gpu_interval_us": median(interval), "host_in_step_us": median(host)}  # fmt: skip
+    return out
+
+
+def round_schedules(
+    folder: Path, windows: list[dict[str, Any]], first: int = 8
+) -> dict[str, list[dict[str, Any]]]:
+    """How the engine scheduled each serve round's prompts, read from the server's own steps file: per
+    round (a [t0_ns, t1_ns) window of the host's monotonic clock, which the plugin stamps steps with), the
+    steps that prefilled prompt tokens (a request's chunk of more than one new token), the new prompt
+    tokens of the first `first` of them, and the span from the first such step's start to the last one's
+    end (ms). A burst that reaches the server at once fills the first steps to the token budget; one that
+    arrives spread out starts with a few prompts and needs more steps (issue #20: drive vs bench TTFT)."""
+    from moecap.schemas.reader import read_trace_file
+
+    files = sorted(folder.glob("*.steps.arrow"))
+    if not files:
+        return {}
+    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", "req_new_tokens"]).to_pylist()
+    rows.sort(key=lambda r: r["t_start_ns"])
+    out: dict[str, list[dict[str, Any]]] = {}
+    for w in windows:
+        steps = [
+            (r["t_start_ns"], r["t_end_ns"], sum(n for n in (r["req_new_tokens"] or []) if n > 1))
+            for r in rows
+            if w["t0_ns"] <= r["t_start_ns"] < w["t1_ns"]
+        ]
+        prefill = [s for s in steps if s[2] > 0]
+        out.setdefault(w["key"], []).append({
+            "prefill_steps": len(prefill),
+            "prefill_tokens": sum(s[2] for s in prefill),
+            "first_prefill_tokens": [s[2] for s in prefill[:first]],
+            "prefill_span_ms": round((prefill[-1][1] - prefill[0][0]) / 1e6, 2) if prefill else None,
+        })  # fmt: skip
     return out
 
 
@@ -529,6 +563,7 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
                 "--context-length", "4096", "--max-running-requests", "64", "--log-level", "warning"]  # fmt: skip
     server_log = out / f"serve-{engine}.log"
     result: dict[str, Any] = {"argv": cmd[3:], "run_id": run_id}
+    windows: list[dict[str, Any]] = []  # each measured round's [t0_ns, t1_ns): round_schedules
     t0 = time.time()
     with open(server_log, "w") as logf:
         srv = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -552,12 +587,14 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
                 order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
                 seed = serve_seed(batch, rep)
                 for what in order:
+                    t0_ns = time.monotonic_ns()
                     if what == "drive":
                         m = run_drive(
                             engine, url, tok, batch, seed, folder, f"{run_id}-drive-b{batch}-r{rep}"
                         )
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
+                    windows.append({"key": f"{what}-b{batch}", "t0_ns": t0_ns, "t1_ns": time.monotonic_ns()})
                     rows.setdefault(f"{what}-b{batch}", []).append(m)
                     log(f"serve {engine} rep {rep} {what} b{batch}: {m}")
         result["raw"] = rows
@@ -585,6 +622,8 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(srv.pid, signal.SIGKILL)
     result["trace_files"] = sorted(p.name for p in folder.glob(f"{run_id}.dp*.arrow"))
+    with contextlib.suppress(Exception):  # a diagnostic: never lose the stage's figures over it
+        result["schedule"] = round_schedules(folder, windows)
     result["server_log_tail"] = server_log.read_text()[-2000:]
     return result
 
@@ -684,6 +723,10 @@ def summarize(folders: list[str]) -> str:
         if stage == "serve" and d.get("ok"):
             lines += ["", f"{engine} serve ({d.get('gpu')}): medians {json.dumps(d.get('medians'))}",
                       f"drive / bench: b64 {d.get('drive_over_bench_b64')}, b1 {d.get('drive_over_bench_b1')}"]  # fmt: skip
+            for key, rounds in sorted((d.get("schedule") or {}).items()):
+                lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
+                             f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "
+                             f"{[r['prefill_span_ms'] for r in rounds]}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -203,3 +203,39 @@ def test_serve_rounds_never_reuse_a_seed():
     b1 = synthetic_samples("synthetic:256x128", 4, seed=ef.serve_seed(1, 0))
     firsts = {tuple(s.prompt_token_ids[:16]) for s in b64}
     assert not any(tuple(s.prompt_token_ids[:16]) in firsts for s in b1)
+
+
+def test_round_schedules_read_how_the_engine_prefilled_each_round(tmp_path):
+    """Hand-built server steps: round A (a burst) prefills 2048 + 2048 prompt tokens in two steps beside
+    decodes; round B (a trickle) 256, then 512, then 3328 after a pure decode step. Steps outside both
+    windows are ignored; a one-token entry is a decode, not a prefill."""
+    meta = RunMetadata(run_id="sched", engine=EngineInfo(name="vllm"), model=ModelInfo(id="m"))
+    w = TraceWriter(tmp_path / trace_file_name(meta, "steps"), "steps", meta)
+    ms = 1_000_000
+    steps = [  # (t_start ms, t_end ms, req_new_tokens)
+        (5, 8, [256]),  # before round A: left out
+        (100, 130, [256] * 8),
+        (130, 160, [1, 1] + [256] * 8),
+        (160, 173, [1] * 16),
+        (300, 310, [256]),
+        (310, 325, [1, 256, 256]),
+        (325, 338, [1, 1, 1]),
+        (338, 390, [1, 1, 1] + [256] * 13),
+    ]
+    for i, (t0, t1, new) in enumerate(steps):
+        w.write({"step": i, "phase": "mixed", "is_draft": False, "num_reqs": len(new), "num_tokens": sum(new),
+                 "t_start_ns": t0 * ms, "t_end_ns": t1 * ms, "req_ids": [f"r{j}" for j in range(len(new))],
+                 "req_prefix_lens": [0] * len(new), "req_new_tokens": new})  # fmt: skip
+    w.close()
+    windows = [{"key": "bench-b64", "t0_ns": 90 * ms, "t1_ns": 200 * ms},
+               {"key": "drive-b64", "t0_ns": 290 * ms, "t1_ns": 400 * ms}]  # fmt: skip
+    sched = ef.round_schedules(tmp_path, windows)
+    assert sched["bench-b64"] == [{"prefill_steps": 2, "prefill_tokens": 4096,
+                                   "first_prefill_tokens": [2048, 2048], "prefill_span_ms": 60.0}]  # fmt: skip
+    assert sched["drive-b64"] == [{"prefill_steps": 3, "prefill_tokens": 4096,
+                                   "first_prefill_tokens": [256, 512, 3328], "prefill_span_ms": 90.0}]  # fmt: skip
+    serve = {"ok": True, "engine": "vllm", "stage": "serve", "gpu": "H100", "medians": {}, "schedule": sched}
+    (tmp_path / "fidelity-vllm-serve.json").write_text(json.dumps(serve))
+    table = ef.summarize([str(tmp_path)])
+    assert "bench-b64: prefill steps per round [2], first steps' prompt tokens [2048, 2048]" in table
+    assert "drive-b64: prefill steps per round [3], first steps' prompt tokens [256, 512, 3328]" in table
