@@ -61,6 +61,15 @@ host). Same lease, one device call per line, engines one after another (off twic
   source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages expertsunfused-64,steps-1 --out $OUT
 Done when `experts-1` and `experts-64` are within 3 % of the `off-` medians (`--summarize $OUT $OUT/again`).
 
+BOTH ENGINES IN ONE LEASE (as run 2026-12-07 on an H100, 23 min of device time): a wheel-part call takes ~4 s,
+so bring vLLM's 8 parts (`wheel_parts.sh`), install (~40 s), start a long vLLM stage DETACHED so it runs
+while SGLang's 11 parts travel, and queue the SGLang stages behind it in a second detached job (its
+`--target` install first; it waits for the first job's rc file, then `pip uninstall -y vllm`):
+  bash benchmarks/gpu/detach.sh vserve 'source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine vllm --stages serve --budget-s 900 --out /root/fidv'
+  bash benchmarks/gpu/detach.sh sgl '<pip install --target /root/sx …>; while [ ! -f /root/jobs/vserve.rc ]; do sleep 2; done; python3 -m pip uninstall -y -q vllm; export PYTHONPATH=/root/sx; source benchmarks/gpu/env.sh && python benchmarks/gpu/engine_fidelity.py --engine sglang --reps 5 --stages off-1,experts-1,off-64,experts-64 --budget-s 960 --out /root/fids'
+then poll (`sleep 150; tail /root/jobs/*.log`: every call keeps the machine) and tar the JSON into $OUT.
+Seen: vLLM serve stage 528 s (server up in 158 s); SGLang stages 133 s cold, 68-82 s warm each.
+
 Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
 (Markdown) from the fetched JSON files.
 """
