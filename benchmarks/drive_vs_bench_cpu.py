@@ -186,7 +186,8 @@ def main() -> None:
     from engine_fidelity import drive_metrics
     from sglang_validate import word_level_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="drive-vs-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="drive-vs-bench-")
+    work = Path(tmp.name)
     tok = word_level_tokenizer(work / "tokenizer", 32000, 0)
     env = {**os.environ, "PYTHONPATH": args.bench_path}
     pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if args.pin else (lambda cpu: [])
@@ -226,6 +227,7 @@ def main() -> None:
                       f"arrival spread {spread:.1f} ms", flush=True)  # fmt: skip
     finally:
         srv.kill()
+        tmp.cleanup()
     print("\n| client | TTFT ms (its own, median) | the server's TTFT ms | arrival spread ms |")
     print("|---|---|---|---|")
     for tool, vals in rows.items():

@@ -77,6 +77,7 @@ Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -207,12 +208,13 @@ def round_schedules(
         return {}
     rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", "req_new_tokens"]).to_pylist()
     rows.sort(key=lambda r: r["t_start_ns"])
+    starts = [r["t_start_ns"] for r in rows]
     out: dict[str, list[dict[str, Any]]] = {}
     for w in windows:
+        lo, hi = bisect.bisect_left(starts, w["t0_ns"]), bisect.bisect_left(starts, w["t1_ns"])
         steps = [
             (r["t_start_ns"], r["t_end_ns"], sum(n for n in (r["req_new_tokens"] or []) if n > 1))
-            for r in rows
-            if w["t0_ns"] <= r["t_start_ns"] < w["t1_ns"]
+            for r in rows[lo:hi]
         ]
         prefill = [s for s in steps if s[2] > 0]
         out.setdefault(w["key"], []).append({
@@ -631,8 +633,10 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(srv.pid, signal.SIGKILL)
     result["trace_files"] = sorted(p.name for p in folder.glob(f"{run_id}.dp*.arrow"))
-    with contextlib.suppress(Exception):  # a diagnostic: never lose the stage's figures over it
+    try:  # a diagnostic: never lose the stage's figures over it
         result["schedule"] = round_schedules(folder, windows)
+    except Exception as exc:
+        result["schedule_error"] = f"{type(exc).__name__}: {exc}"
     result["server_log_tail"] = server_log.read_text()[-2000:]
     return result
 

@@ -54,7 +54,7 @@ class ClientPool:
 
     @property
     def size(self) -> int:
-        """Clients made so far (the most requests that were in flight at once)."""
+        """Clients made so far: those prefilled, or the most requests in flight at once if more."""
         return len(self._all)
 
     @contextlib.asynccontextmanager
