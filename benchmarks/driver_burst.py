@@ -2,18 +2,19 @@
 
 64 streaming requests started at once (closed loop, --batch-size 64) against the scripted loopback server,
 which stamps when each request's bytes reached its socket (the kernel's SO_TIMESTAMPNS). Per run: the
-spread of those arrivals (last - first) and the mean send delay (server arrival - the driver's TTFT
-start). Two ways of holding connections, interleaved, each with a cold pool (one warm-up request, as
-`vllm bench serve`'s test request) and a warm one (64 warm-up requests: every later wave of a long run):
+spread of those arrivals (last - first) and the mean send delay (server arrival - the client's TTFT
+start). Two clients, interleaved, each with cold connections (one warm-up request, as `vllm bench serve`'s
+test request) and warm ones (64 warm-up requests: every later wave of a long run):
 
-  per-request   drive as shipped: one httpx client (one connection) lent to each request in flight
-  shared-pool   one httpx connection pool for all requests (drive before 2026-12-07; passed here as a
-                shared transport)
+  drive         drive as shipped (an aiohttp session set up as vllm bench serve's, collect/driver/session.py)
+  bench-like    a bare aiohttp session and request loop written as vllm bench serve 0.26's
+                (TCPConnector(limit=64, keepalive 60 s), `st` taken before `session.post`, iter_any)
 
     python benchmarks/driver_burst.py [--repeats 5] [--burst 64]
 
 A server that receives the burst spread out schedules its first arrivals alone and reports another TTFT
-(on the H100, vLLM 0.26.0 b64, the shared pool measured 20.6 % below `vllm bench serve`).
+(on the H100, vLLM 0.26.0 b64, drive's former shared httpx pool measured 20.6 % below `vllm bench serve`;
+this benchmark then showed it spreading the burst over 159 ms cold / 346 ms warm, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import httpx
+import time
+
+import aiohttp
 
 from moecap.collect.datasets import Sample
 from moecap.collect.driver import ClientConfig, LoadConfig, drive
@@ -33,30 +36,51 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "collect"))
 from loopback import SCRIPTED, start_server  # noqa: E402
 
-MODES = ("per-request", "shared-pool")
+MODES = ("drive", "bench-like")
+SCENARIO = "stream ttft_ms=20 itl_ms=5 tokens=4"
 
 
 def one_run(url: str, server, mode: str, warm: int, burst: int) -> tuple[float, float]:
     """(arrival spread ms, mean send delay ms) of one burst."""
-    transport = None
-    if mode == "shared-pool":
-        limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst, keepalive_expiry=60.0)
-        transport = httpx.AsyncHTTPTransport(limits=limits)
-    samples = [
-        Sample(f"b{i}", "scripted", prompt="stream ttft_ms=20 itl_ms=5 tokens=4") for i in range(burst)
-    ]
-    res = asyncio.run(
-        drive(
-            samples,
-            ClientConfig(api_url=url, max_tokens=4),
-            LoadConfig(concurrency=burst, warmup=warm),
-            transport=transport,
+    if mode == "drive":
+        samples = [Sample(f"b{i}", "scripted", prompt=SCENARIO) for i in range(burst)]
+        res = asyncio.run(
+            drive(samples, ClientConfig(api_url=url, max_tokens=4), LoadConfig(concurrency=burst, warmup=warm))
         )
-    )
-    arrived = {r.req_id: server.timings(r.req_id)["arrived_ns"] for r in res.records}
+        starts = {r.req_id: r.arrival_ns for r in res.records}
+    else:
+        starts = asyncio.run(bench_like(url, warm, burst))
+    arrived = {rid: server.timings(rid)["arrived_ns"] for rid in starts}
     spread = (max(arrived.values()) - min(arrived.values())) / 1e6
-    delay = statistics.mean((arrived[r.req_id] - r.arrival_ns) / 1e6 for r in res.records)
+    delay = statistics.mean((arrived[rid] - st) / 1e6 for rid, st in starts.items())
     return spread, delay
+
+
+async def bench_like(url: str, warm: int, burst: int) -> dict[str, int]:
+    """The burst as `vllm bench serve` sends it: its session, `st` before `session.post`. Request id ->
+    start (monotonic ns)."""
+    connector = aiohttp.TCPConnector(
+        limit=burst, limit_per_host=burst, ttl_dns_cache=300, keepalive_timeout=60, force_close=False
+    )
+    starts: dict[str, int] = {}
+    run = time.monotonic_ns()
+    async with aiohttp.ClientSession(
+        connector=connector, trust_env=True, timeout=aiohttp.ClientTimeout(total=6 * 60 * 60)
+    ) as session:
+
+        async def one(rid: str, record: bool) -> None:
+            payload = {"model": "m", "prompt": SCENARIO, "max_tokens": 4, "stream": True,
+                       "stream_options": {"include_usage": True}}  # fmt: skip
+            st = time.monotonic_ns()
+            async with session.post(f"{url}/v1/completions", json=payload, headers={"x-request-id": rid}) as resp:
+                async for _ in resp.content.iter_any():
+                    pass
+            if record:
+                starts[rid] = st
+
+        await asyncio.gather(*(one(f"w{run}-{i}", False) for i in range(warm)))
+        await asyncio.gather(*(one(f"b{run}-{i}", True) for i in range(burst)))
+    return starts
 
 
 def main() -> None:
@@ -75,11 +99,11 @@ def main() -> None:
                     print(f"rep {rep} {mode:12s} warm-up {warm:3d}: spread {r[0]:7.1f} ms, send delay {r[1]:7.1f} ms",
                           flush=True)  # fmt: skip
     print(
-        "\n| pool | warm-up requests | arrival spread ms (median) | send delay ms (median) | spread / per-request |"
+        "\n| client | warm-up requests | arrival spread ms (median) | send delay ms (median) | spread / bench-like |"
     )
     print("|---|---|---|---|---|")
     for warm in (1, args.burst):
-        base = statistics.median(s for s, _ in rows[("per-request", warm)])
+        base = statistics.median(s for s, _ in rows[("bench-like", warm)])
         for mode in MODES:
             spread = statistics.median(s for s, _ in rows[(mode, warm)])
             delay = statistics.median(d for _, d in rows[(mode, warm)])

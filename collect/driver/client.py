@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ..datasets import Sample, chat_messages
 from ..workload import RequestRecord
 from .config import ClientConfig
 from .events import MAX_COUNT, BadEvent, Choice, Usage, one_line, parse_event
+from .session import FIRST_BYTE_KEY
 from .sse import SSEDecoder
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -82,7 +83,7 @@ def error_message(body: bytes) -> str:
 
 
 async def send_request(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     cfg: ClientConfig,
     rec: RequestRecord,
     body: dict[str, Any],
@@ -138,7 +139,7 @@ def _finalize_counts(rec: RequestRecord) -> None:
 
 
 async def _attempt(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     cfg: ClientConfig,
     rec: RequestRecord,
     body: dict[str, Any],
@@ -146,55 +147,49 @@ async def _attempt(
 ) -> bool:
     """One HTTP attempt; True when it failed in a way worth retrying (nothing was generated)."""
     state = _StreamState()
-    extensions: dict[str, Any] = {}
-    if cfg.arrival == "first-byte":
-
-        async def trace(event: str, info: dict[str, Any]) -> None:
-            # The moment the request's first byte goes to the socket: connection set-up and the
-            # client's own send path are left out (the server's view).
-            if event.endswith("send_request_headers.started"):
-                rec.arrival_ns = _now()
-
-        extensions["trace"] = trace
+    trace_ctx = {FIRST_BYTE_KEY: rec} if cfg.arrival == "first-byte" else None
     # Arrival (TTFT's start) = just before the request is handed to the HTTP client, as `vllm bench
     # serve` times it (`st = time.perf_counter()` before `session.post`): connection set-up, body
-    # encoding and the client's own send path count, as they do for any client of the server.
+    # encoding and the client's own send path count, as they do for any client of the server. With
+    # --arrival first-byte the session's trace hook stamps it again when the first byte goes out.
     rec.arrival_ns = _now()
     try:
-        async with http.stream(
-            "POST", cfg.endpoint, json=body, headers=headers, extensions=extensions
-        ) as resp:
-            rec.http_status = resp.status_code
-            if resp.status_code != 200:
+        async with http.post(cfg.endpoint, json=body, headers=headers, trace_request_ctx=trace_ctx) as resp:
+            rec.http_status = resp.status
+            if resp.status != 200:
                 raw = await _read_bounded(resp)
                 rec.finish_ns = _now()
-                rec.error = f"HTTP {resp.status_code}: {error_message(raw) or resp.reason_phrase}"
+                rec.error = f"HTTP {resp.status}: {error_message(raw) or resp.reason or ''}"
                 rec.finish_reason = "error"
-                return resp.status_code in RETRY_STATUSES
+                return resp.status in RETRY_STATUSES
             ctype = resp.headers.get("content-type", "")
             if cfg.stream and "json" not in ctype:
                 await _read_stream(resp, rec, state)
             else:
                 await _read_whole(resp, rec)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+    except aiohttp.ConnectionTimeoutError:
         rec.finish_ns = _now()
-        rec.error = f"cannot connect to {cfg.base_url}: {_exc_text(exc)}"
+        rec.error = f"cannot connect to {cfg.base_url}: no connection within --connect-timeout-s {cfg.connect_timeout_s:g} s"
         return True
-    except httpx.ReadTimeout:
+    except aiohttp.ClientConnectorError as exc:
+        rec.finish_ns = _now()
+        rec.error = f"cannot connect to {cfg.base_url}: {_exc_text(exc.os_error)}"
+        return True
+    except aiohttp.SocketTimeoutError:
         rec.finish_ns = _now()
         if rec.first_token_ns is None:
             rec.error = f"no first token within --timeout-s {cfg.read_timeout_s:g} s"
         else:
             rec.error = f"stream stalled for more than --timeout-s {cfg.read_timeout_s:g} s after {len(rec.chunk_times_ns)} chunks"
         return False
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
         rec.finish_ns = state.last_ns or _now()
         if state.bytes_seen == 0 and rec.http_status is None:
             rec.error = f"server closed the connection without a response: {_exc_text(exc)}"
             return True
         rec.error = f"stream dropped after {len(rec.chunk_times_ns)} chunks: {_exc_text(exc)}"
         return False
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         rec.finish_ns = _now()
         rec.error = f"{type(exc).__name__}: {_exc_text(exc)}"
         return False
@@ -206,9 +201,9 @@ def _exc_text(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-async def _read_bounded(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int = 64 * 1024) -> bytes:
     out = bytearray()
-    async for chunk in resp.aiter_bytes():
+    async for chunk in resp.content.iter_any():
         out += chunk
         if len(out) >= limit:
             break
@@ -230,9 +225,9 @@ class _StreamState:
     first_malformed: str = ""
 
 
-async def _read_stream(resp: httpx.Response, rec: RequestRecord, state: _StreamState) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, state: _StreamState) -> None:
     decoder = SSEDecoder()
-    async for raw in resp.aiter_bytes():
+    async for raw in resp.content.iter_any():
         t = _now()
         state.bytes_seen += len(raw)
         state.last_ns = t
@@ -319,7 +314,7 @@ def _tokens_in(choice: Choice, counter_delta: int | None, has_text: bool) -> tup
     return (1 if has_text else 0), "events"
 
 
-async def _read_whole(resp: httpx.Response, rec: RequestRecord) -> None:
+async def _read_whole(resp: aiohttp.ClientResponse, rec: RequestRecord) -> None:
     """A server that answered with one JSON document (stream off, or a server that does not stream)."""
     raw = await _read_bounded(resp, MAX_EVENT_BYTES + 1)
     t = _now()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 from moecap.schemas import DRIVER_ENGINE, EngineInfo, ModelInfo, MoEInfo, RunMetadata, new_run_id
@@ -31,6 +30,7 @@ from ..workload import RequestRecord
 from .config import APIS, ENGINES, PROMPT_FORMATS, ClientConfig, LoadConfig
 from .drive import DriveResult, drive, open_client_writers, probe_server
 from .hub import check_hub_access
+from .session import open_session
 from .summary import format_summary
 
 EXIT_INTERRUPTED = 130
@@ -320,7 +320,9 @@ async def _drive_and_record(
 
     # Ask the server first: an unreachable one fails here, before any file is written, and the run
     # metadata gets the model it really serves.
-    async with httpx.AsyncClient() as http:
+    async with open_session(
+        1, connect_timeout_s=client.connect_timeout_s, read_timeout_s=client.read_timeout_s
+    ) as http:
         server = await probe_server(http, client)
     model_name = client.model or (server.models[0] if server.models else None)
     if model_name is None:

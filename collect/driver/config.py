@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import yarl
 
 from ..datasets import DEFAULT_SYSTEM_PROMPT
 from ..errors import CollectError
@@ -120,17 +120,22 @@ _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 
 
 def _check_url(given: str, url: str) -> None:
-    """A base URL httpx can connect to: a host, and a port in range."""
+    """A base URL the HTTP client can connect to: a host, and a port in range."""
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises on a port out of range
-        httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
+    except ValueError as exc:
         raise CollectError(
             f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]"
         ) from None
     if not parts.hostname:
         raise CollectError(f"--api-url {given!r}: no host; expected http://host:port[/v1/completions]")
+    try:
+        yarl.URL(url)
+    except ValueError as exc:
+        raise CollectError(
+            f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]"
+        ) from None
 
 
 def _check_seconds(flag: str, value: float, *, zero_ok: bool = False) -> None:

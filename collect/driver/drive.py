@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import random
 import time
 from collections import deque
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
 
@@ -27,11 +28,8 @@ from ..errors import CollectError
 from ..workload import RequestRecord
 from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
-from .pool import ClientPool
+from .session import open_session
 from .summary import summarize
-
-PREFILL_CAP = 256
-"""Clients made before the warm-up when the concurrency is unbounded (more are made as needed)."""
 
 
 class RowSink(Protocol):
@@ -114,7 +112,7 @@ async def drive(
     outputs_writer: RowSink | None = None,
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    trace_configs: Sequence[aiohttp.TraceConfig] = (),
     on_record: Callable[[RequestRecord], None] | None = None,
     stop_reason: Callable[[], str] | None = None,
     before_measure: Callable[[], Awaitable[Any]] | None = None,
@@ -126,8 +124,8 @@ async def drive(
     cannot be sent through the chosen API. Per-request failures (HTTP errors, dropped streams, timeouts)
     are recorded in the rows, never raised. Setting `stop` ends the run early: no new requests, in-flight
     ones are cancelled and recorded as aborted, their error saying `stop_reason()` (default
-    "interrupted") "before the response was complete". `transport` replaces the network (e.g. an in-process
-    server); streaming timestamps are only meaningful over a real socket. `before_measure` is awaited
+    "interrupted") "before the response was complete". `trace_configs` adds aiohttp trace hooks to the
+    session (e.g. a test's delay in the client's send path). `before_measure` is awaited
     after the warm-up, just before the measured requests (e.g. to start a server-side recorder).
     """
     load = load or LoadConfig()
@@ -147,16 +145,17 @@ async def drive(
                 "prompts already carry a chat template; send them with --api completions, or drop --chat-template"
             )
     limit = load.concurrency if not load.open_loop else load.max_concurrency
-    timeout = httpx.Timeout(
-        connect=client.connect_timeout_s, read=client.read_timeout_s, write=client.read_timeout_s, pool=None
+    # As `vllm bench serve`'s session: a connection per request in flight (at most `limit`), kept alive
+    # 60 s (session.py says why this matters).
+    session = open_session(
+        limit,
+        connect_timeout_s=client.connect_timeout_s,
+        read_timeout_s=client.read_timeout_s,
+        trace_configs=trace_configs,
     )
-    # As `vllm bench serve`'s connector: a connection per request in flight (at most `limit`), kept alive
-    # 60 s; but one client per connection (pool.py says why).
-    async with ClientPool(timeout=timeout, keepalive_s=60.0, transport=transport) as pool:
-        pool.prefill(min(limit or len(samples), len(samples), PREFILL_CAP))
+    async with session:
         if client.preflight:
-            async with pool.lend() as http:
-                server = await probe_server(http, client)
+            server = await probe_server(session, client)
         else:
             server = ServerInfo(client.base_url)
         model = client.model or (server.models[0] if server.models else None)
@@ -166,10 +165,10 @@ async def drive(
         if client.engine == "auto" and server.engine == "sglang":
             cfg = dataclasses.replace(client, engine="sglang")
         if load.warmup and not stop.is_set():
-            await _unless_stopped(_warm_up(pool, cfg, model, samples, load.warmup, limit), stop)
+            await _unless_stopped(_warm_up(session, cfg, model, samples, load.warmup, limit), stop)
         if before_measure is not None:
             await before_measure()
-        runner = _Runner(pool, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
+        runner = _Runner(session, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
         if stop_reason is not None:
             runner.stop_reason = stop_reason
         started = time.monotonic_ns()
@@ -189,7 +188,12 @@ async def drive(
 
 
 async def _warm_up(
-    pool: ClientPool, cfg: ClientConfig, model: str, samples: list[Sample], n: int, limit: int | None
+    session: aiohttp.ClientSession,
+    cfg: ClientConfig,
+    model: str,
+    samples: list[Sample],
+    n: int,
+    limit: int | None,
 ) -> None:
     """`n` unrecorded requests of the first samples (cycled), at most `limit` at a time (`vllm bench serve
     --num-warmups` sends its warm-ups the same way)."""
@@ -199,13 +203,13 @@ async def _warm_up(
         s = samples[i % len(samples)]
         warm = RequestRecord(f"{cfg.request_id_prefix}-warmup-{i}", s)
         body, headers, _ = build_request(cfg, s, warm.req_id, model)
-        async with sem, pool.lend() as http:
-            await send_request(http, cfg, warm, body, headers)
+        async with sem:
+            await send_request(session, cfg, warm, body, headers)
 
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo:
+async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> ServerInfo:
     """GET /v1/models (and the SGLang / vLLM info endpoints): is the server there, what does it serve?
 
     A server that cannot be reached, or does not answer within the connect timeout (min. 5 s), is a
@@ -213,33 +217,36 @@ async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo
     """
     info = ServerInfo(cfg.base_url)
     wait = max(cfg.connect_timeout_s, 5.0)
-    probe_timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=wait, write=wait, pool=wait)
+    probe_timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=wait)
     try:
-        resp = await http.get(cfg.base_url + "/v1/models", headers=cfg.headers, timeout=probe_timeout)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        async with http.get(cfg.base_url + "/v1/models", headers=cfg.headers, timeout=probe_timeout) as resp:
+            status, body = resp.status, await resp.read()
+    except aiohttp.ConnectionTimeoutError:
         raise CollectError(
-            f"cannot reach the server at {cfg.base_url} ({' '.join(str(exc).split()) or type(exc).__name__}); "
+            f"cannot reach the server at {cfg.base_url} (no connection within {cfg.connect_timeout_s:g} s); "
             "is it running, and is --api-url right?"
         ) from None
-    except httpx.TimeoutException:
+    except aiohttp.ClientConnectorError as exc:
+        raise CollectError(
+            f"cannot reach the server at {cfg.base_url} ({' '.join(str(exc.os_error).split()) or type(exc).__name__}); "
+            "is it running, and is --api-url right?"
+        ) from None
+    except aiohttp.ServerTimeoutError:
         raise CollectError(
             f"the server at {cfg.base_url} accepted the connection but did not answer GET /v1/models within {wait:g} s"
         ) from None
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise CollectError(
             f"the server at {cfg.base_url} failed GET /v1/models: {type(exc).__name__}: {exc}"
         ) from None
-    if resp.status_code == 200:
-        try:
-            doc = resp.json()
-        except (ValueError, RecursionError):
-            doc = None
+    if status == 200:
+        doc = _json_or_none(body)
         data = doc.get("data") if isinstance(doc, dict) else None
         if isinstance(data, list):
             info.models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-    elif resp.status_code in (401, 403):
+    elif status in (401, 403):
         raise CollectError(
-            f"the server at {cfg.base_url} refused GET /v1/models (HTTP {resp.status_code}); pass --header 'Authorization: Bearer …'"
+            f"the server at {cfg.base_url} refused GET /v1/models (HTTP {status}); pass --header 'Authorization: Bearer …'"
         )
     if cfg.engine in ("auto", "sglang"):
         doc = await _get_json(http, cfg, "/get_model_info", probe_timeout)
@@ -257,18 +264,27 @@ async def probe_server(http: httpx.AsyncClient, cfg: ClientConfig) -> ServerInfo
     return info
 
 
-async def _get_json(http: httpx.AsyncClient, cfg: ClientConfig, path: str, timeout: httpx.Timeout) -> Any:
+def _json_or_none(body: bytes) -> Any:
     try:
-        resp = await http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout)
-        return resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, RecursionError):
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+async def _get_json(
+    http: aiohttp.ClientSession, cfg: ClientConfig, path: str, timeout: aiohttp.ClientTimeout
+) -> Any:
+    try:
+        async with http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout) as resp:
+            return _json_or_none(await resp.read()) if resp.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
 
 
 class _Runner:
     def __init__(
         self,
-        pool: ClientPool,
+        session: aiohttp.ClientSession,
         cfg: ClientConfig,
         model: str,
         requests_writer: RowSink | None,
@@ -277,7 +293,7 @@ class _Runner:
         stop: asyncio.Event,
         on_record: Callable[[RequestRecord], None] | None,
     ) -> None:
-        self.pool, self.cfg, self.model = pool, cfg, model
+        self.session, self.cfg, self.model = session, cfg, model
         self.requests_writer, self.outputs_writer = requests_writer, outputs_writer
         self.progress, self.stop, self.on_record = progress, stop, on_record
         self.records: list[RequestRecord] = []
@@ -289,8 +305,7 @@ class _Runner:
         body, headers, prompt_sent = build_request(self.cfg, sample, req_id, self.model)
         rec = RequestRecord(req_id, sample, prompt_sent=prompt_sent, index=index)
         try:
-            async with self.pool.lend() as http:
-                await send_request(http, self.cfg, rec, body, headers)
+            await send_request(self.session, self.cfg, rec, body, headers)
         except asyncio.CancelledError:
             if self.stop.is_set():
                 rec.error = f"{self.stop_reason()} before the response was complete"

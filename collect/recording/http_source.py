@@ -15,9 +15,10 @@ file on the server host instead; import that file with `moecap-collect import-mo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ..errors import CollectError
 
@@ -32,40 +33,46 @@ class BatchRecorder:
         *,
         headers: dict[str, str] | None = None,
         timeout_s: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.headers = headers or {}
-        self.timeout = httpx.Timeout(max(timeout_s, 5.0), read=max(timeout_s, 300.0))
-        self.transport = transport
+        # a dump of a long run's records can take minutes to build on the server
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=max(timeout_s, 5.0), sock_read=max(timeout_s, 300.0)
+        )
 
     async def _call(self, method: str, path: str) -> Any:
         payload = {"model": self.model} if self.model else {}
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, transport=self.transport) as http:
+            async with aiohttp.ClientSession(timeout=self.timeout, trust_env=True) as http:
                 if method == "GET":
-                    resp = await http.get(self.base_url + path, params=payload, headers=self.headers)
+                    request = http.get(self.base_url + path, params=payload, headers=self.headers)
                 else:
-                    resp = await http.post(self.base_url + path, json=payload, headers=self.headers)
-        except httpx.HTTPError as exc:
+                    request = http.post(self.base_url + path, json=payload, headers=self.headers)
+                async with request as resp:
+                    status, body = resp.status, await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise CollectError(
+                f"batch recording: {method} {self.base_url}{path} failed (cannot connect: {exc.os_error})"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise CollectError(
                 f"batch recording: {method} {self.base_url}{path} failed ({type(exc).__name__}: {exc})"
             ) from None
-        if resp.status_code == 404:
+        text = body.decode("utf-8", "replace")
+        if status == 404:
             raise CollectError(
                 f"batch recording: the server at {self.base_url} has no {path} endpoint; serve the model with "
                 "MoE-CAP's `python -m moe_cap.systems.vllm` or a ServerlessLLM `vllm_moecap` backend"
             )
-        if resp.status_code != 200:
-            raise CollectError(
-                f"batch recording: {method} {path} answered HTTP {resp.status_code}: {resp.text[:200]}"
-            )
+        if status != 200:
+            raise CollectError(f"batch recording: {method} {path} answered HTTP {status}: {text[:200]}")
         try:
-            return resp.json()
-        except ValueError:
+            return json.loads(text)
+        except (ValueError, RecursionError):
             raise CollectError(
-                f"batch recording: {method} {path} did not answer JSON: {resp.text[:120]!r}"
+                f"batch recording: {method} {path} did not answer JSON: {text[:120]!r}"
             ) from None
 
     async def status(self) -> dict[str, Any]:

@@ -7,9 +7,9 @@ Against the scripted loopback server (its own process; one monotonic clock on th
 sent fewer at once would leave it waiting (the server then says it timed out).
 
 The time between "the client asks to send" and "the first byte is on the socket" (connection set-up,
-waiting for a connection, the client's own send path) cannot be made long on loopback on purpose; a
-transport that waits a fixed time before handing the request to the real HTTP transport stands in for
-it, so the two ways of stamping the arrival differ by a known amount.
+waiting for a connection, the client's own send path) cannot be made long on loopback on purpose; an
+aiohttp trace hook that waits a fixed time when the request starts (aiohttp awaits it before it
+connects) stands in for it, so the two ways of stamping the arrival differ by a known amount.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import httpx
+import aiohttp
 import pytest
 
 from moecap.collect.datasets import Sample
@@ -29,19 +29,15 @@ TTFT_MS = 80.0
 SLOW_SEND_MS = 150.0
 
 
-class SlowSend(httpx.AsyncBaseTransport):
-    """The real HTTP transport, reached `delay_s` after the client hands a request over."""
+def slow_send(delay_s: float) -> aiohttp.TraceConfig:
+    """Trace hooks under which every request reaches the socket `delay_s` after the client is handed it."""
 
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.inner = httpx.AsyncHTTPTransport()
+    async def wait(*_: object) -> None:
+        await asyncio.sleep(delay_s)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(self.delay_s)
-        return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(wait)
+    return trace
 
 
 def _burst(scripted, load: LoadConfig) -> tuple[list, dict]:
@@ -80,7 +76,7 @@ def test_ttft_starts_just_before_the_request_is_sent(scripted):
     def run(**arrival: str):
         cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=3, preflight=False, **arrival)
         res = asyncio.run(
-            drive(samples, cfg, LoadConfig(concurrency=4), transport=SlowSend(SLOW_SEND_MS / 1e3))
+            drive(samples, cfg, LoadConfig(concurrency=4), trace_configs=[slow_send(SLOW_SEND_MS / 1e3)])
         )
         assert all(r.ok for r in res.records)
         return [(r, scripted.timings(r.req_id)) for r in res.records]
