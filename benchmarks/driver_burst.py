@@ -23,9 +23,8 @@ import argparse
 import asyncio
 import statistics
 import sys
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -45,7 +44,9 @@ def one_run(url: str, server, mode: str, warm: int, burst: int) -> tuple[float, 
     if mode == "drive":
         samples = [Sample(f"b{i}", "scripted", prompt=SCENARIO) for i in range(burst)]
         res = asyncio.run(
-            drive(samples, ClientConfig(api_url=url, max_tokens=4), LoadConfig(concurrency=burst, warmup=warm))
+            drive(
+                samples, ClientConfig(api_url=url, max_tokens=4), LoadConfig(concurrency=burst, warmup=warm)
+            )
         )
         starts = {r.req_id: r.arrival_ns for r in res.records}
     else:
@@ -72,7 +73,9 @@ async def bench_like(url: str, warm: int, burst: int) -> dict[str, int]:
             payload = {"model": "m", "prompt": SCENARIO, "max_tokens": 4, "stream": True,
                        "stream_options": {"include_usage": True}}  # fmt: skip
             st = time.monotonic_ns()
-            async with session.post(f"{url}/v1/completions", json=payload, headers={"x-request-id": rid}) as resp:
+            async with session.post(
+                f"{url}/v1/completions", json=payload, headers={"x-request-id": rid}
+            ) as resp:
                 async for _ in resp.content.iter_any():
                     pass
             if record:
