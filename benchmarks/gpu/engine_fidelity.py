@@ -554,7 +554,9 @@ def run_bench(
     }
 
 
-def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
+def serve_stage(
+    engine: str, reps: int, out: Path, port: int, batches: tuple[int, ...] = (64, 1)
+) -> dict[str, Any]:
     from sglang_validate import word_level_tokenizer
 
     config = json.loads(MODEL.read_text())
@@ -594,7 +596,7 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
         for rep in range(reps):
-            for batch in (64, 1):
+            for batch in batches:
                 order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
                 seed = serve_seed(batch, rep)
                 for what in order:
@@ -616,7 +618,7 @@ def serve_stage(engine: str, reps: int, out: Path, port: int) -> dict[str, Any]:
             }
             for key, ms in rows.items()
         }
-        for batch in (64, 1):
+        for batch in batches:
             d, b = result["medians"].get(f"drive-b{batch}"), result["medians"].get(f"bench-b{batch}")
             if d and b:
                 result[f"drive_over_bench_b{batch}"] = {
@@ -650,7 +652,8 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.time()
     try:
         if stage == "serve":
-            result = serve_stage(args.engine, args.serve_reps, out, args.port)
+            batches = tuple(int(b) for b in args.serve_batches.split(","))
+            result = serve_stage(args.engine, args.serve_reps, out, args.port, batches)
         elif stage.startswith("cli-"):
             result = cli_stage(args.engine, int(stage.split("-")[1]), out)
         elif stage.startswith("modes-"):
@@ -752,6 +755,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=7)  # H100 run 1: 2 of 5 b64 repeats were transients
     # 3 were too few: one of three b64 drive repeats on the H100 had a 1 s TTFT outlier
     ap.add_argument("--serve-reps", type=int, default=5)
+    ap.add_argument("--serve-batches", default="64,1", help="the serve stage's batch sizes (of 64, 1)")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--budget-s", type=float, default=570, help="skip stages that would start after this")
     ap.add_argument("--summarize", nargs="+", metavar="DIR")
@@ -781,7 +785,8 @@ def main() -> None:
         log(f"{args.engine} stage {stage} ({left:.0f} s left)")
         keep_earlier(out / f"fidelity-{args.engine}-{stage}.json")
         cmd = [sys.executable, __file__, "--stage", stage, "--engine", args.engine, "--out", str(out),
-               "--reps", str(args.reps), "--serve-reps", str(args.serve_reps), "--port", str(args.port)]  # fmt: skip
+               "--reps", str(args.reps), "--serve-reps", str(args.serve_reps), "--serve-batches", args.serve_batches,
+               "--port", str(args.port)]  # fmt: skip
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             proc.wait(timeout=max(30, left - 5))
