@@ -15,7 +15,8 @@ Absolute figures mean nothing; the two clients' difference on the same server do
 contract venv of `.ci/vllm-venv.sh`; `--bench-path` puts its vLLM 0.26.0 folder on PYTHONPATH); it also
 runs the server. `--pin` puts the server on CPU 0 and the clients on CPU 1. Rounds: 64 prompts of 256
 words (the word-level tokenizer written here: one word per token) × 128 output tokens, 64 at once, the
-tools interleaved, each with one warm-up/test request.
+tools interleaved, each with one warm-up/test request; `--batch 1`: 4 prompts × 256 out, one at a time
+(the GPU fidelity script's b1).
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--port", type=int, default=8231)
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
+    ap.add_argument("--batch", type=int, choices=(1, 64), default=64)
     ap.add_argument("--drive-args", default="", help="more drive flags, e.g. --no-continuous-usage")
     args = ap.parse_args()
     if args.serve:
@@ -192,6 +194,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": args.bench_path}
     pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if args.pin else (lambda cpu: [])
     url = f"http://127.0.0.1:{args.port}"
+    n, n_out = (64, 128) if args.batch == 64 else (4, 256)
     bench_code = (
         "import argparse, sys; from vllm.benchmarks.serve import add_cli_args, main; "
         "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
@@ -207,8 +210,8 @@ def main() -> None:
                 if tool == "drive":
                     run_id = f"d{rep}"
                     subprocess.run([*pin(1), sys.executable, "-c", "from moecap.collect.cli import main; main()", "drive",
-                                    "--api-url", url, "--dataset", "synthetic:256x128", "--num-prompts", "64",
-                                    "--batch-size", "64", "--ignore-eos", "--tokenizer", str(tok), "--prompt-format",
+                                    "--api-url", url, "--dataset", f"synthetic:256x{n_out}", "--num-prompts", str(n),
+                                    "--batch-size", str(args.batch), "--ignore-eos", "--tokenizer", str(tok), "--prompt-format",
                                     "text", "--seed", str(seed), "--out", str(work), "--run-id", run_id, "--no-progress",
                                     *args.drive_args.split()],
                                    check=True, capture_output=True)  # fmt: skip
@@ -216,12 +219,12 @@ def main() -> None:
                 else:
                     subprocess.run([*pin(1), args.bench_python, "-c", bench_code, "--backend", "vllm", "--base-url", url,
                                     "--model", "emu", "--tokenizer", str(tok), "--dataset-name", "random",
-                                    "--random-input-len", "256", "--random-output-len", "128", "--random-range-ratio", "0",
-                                    "--num-prompts", "64", "--max-concurrency", "64", "--ignore-eos", "--seed", str(seed),
+                                    "--random-input-len", "256", "--random-output-len", str(n_out), "--random-range-ratio", "0",
+                                    "--num-prompts", str(n), "--max-concurrency", str(args.batch), "--ignore-eos", "--seed", str(seed),
                                     "--save-result", "--result-dir", str(work), "--result-filename", "bench.json",
                                     "--disable-tqdm", "--num-warmups", "0"], check=True, capture_output=True, env=env)  # fmt: skip
                     ttft = json.loads((work / "bench.json").read_text())["mean_ttft_ms"]
-                spread, server_ttft = server_view(url, 64)
+                spread, server_ttft = server_view(url, n)
                 rows[tool].append((ttft, server_ttft, spread))
                 print(f"rep {rep} {tool}: client TTFT {ttft:.1f} ms, server TTFT {server_ttft:.1f} ms, "
                       f"arrival spread {spread:.1f} ms", flush=True)  # fmt: skip
