@@ -70,6 +70,10 @@ while SGLang's 11 parts travel, and queue the SGLang stages behind it in a secon
 then poll (`sleep 150; tail /root/jobs/*.log`: every call keeps the machine) and tar the JSON into $OUT.
 Seen: vLLM serve stage 528 s (server up in 158 s); SGLang stages 133 s cold, 68-82 s warm each.
 
+NEXT vLLM serve stage (after drive moved to aiohttp, 2026-12-07): add `--drive-variant=--no-continuous-usage`
+(a third tool per round: drive asking for usage only at the end, as bench does; ~12 s more per round) to
+see whether drive's default usage-in-every-chunk moves its TTFT; `--serve-batches 64` when time is short.
+
 Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
 (Markdown) from the fetched JSON files.
 """
@@ -87,6 +91,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -497,20 +502,34 @@ again); SGLang's `--dataset-name random-ids` sends token ids."""
 
 
 def drive_argv(
-    engine: str, url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str
+    engine: str,
+    url: str,
+    tok: Path,
+    batch: int,
+    seed: int,
+    folder: Path,
+    run_id: str,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """`moecap-collect drive`'s arguments for one serve-stage round at `batch`."""
+    """`moecap-collect drive`'s arguments for one serve-stage round at `batch` (plus `extra` flags)."""
     n, n_in, n_out = WORKLOADS[batch]
     return ["drive", "--api-url", url, "--dataset", f"synthetic:{n_in}x{n_out}", "--num-prompts", str(n),
             "--batch-size", str(batch), "--ignore-eos", "--tokenizer", str(tok),
             "--prompt-format", BENCH_PROMPT_FORMAT[engine], "--seed", str(seed), "--out", str(folder),
-            "--run-id", run_id, "--no-progress"]  # fmt: skip
+            "--run-id", run_id, "--no-progress", *extra]  # fmt: skip
 
 
 def run_drive(
-    engine: str, url: str, tok: Path, batch: int, seed: int, folder: Path, run_id: str
+    engine: str,
+    url: str,
+    tok: Path,
+    batch: int,
+    seed: int,
+    folder: Path,
+    run_id: str,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", CLI, *drive_argv(engine, url, tok, batch, seed, folder, run_id)]
+    cmd = [sys.executable, "-c", CLI, *drive_argv(engine, url, tok, batch, seed, folder, run_id, extra)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         return {"error": f"drive exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
@@ -555,8 +574,16 @@ def run_bench(
 
 
 def serve_stage(
-    engine: str, reps: int, out: Path, port: int, batches: tuple[int, ...] = (64, 1)
+    engine: str,
+    reps: int,
+    out: Path,
+    port: int,
+    batches: tuple[int, ...] = (64, 1),
+    drive_variant: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """The serve stage (module docstring). With `drive_variant` (drive flags, e.g. `--no-continuous-usage`)
+    a third tool, `drivevar`, runs drive with them in every round, so one server answers whether a drive
+    setting moves its figures (`drivevar_over_bench_b<N>`)."""
     from sglang_validate import word_level_tokenizer
 
     config = json.loads(MODEL.read_text())
@@ -595,15 +622,18 @@ def serve_stage(
         run_drive(engine, url, tok, 64, 999, folder, f"{run_id}-warm")
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
+        tools = ("drive", "bench", "drivevar") if drive_variant else ("drive", "bench")
+        result["drive_variant"] = list(drive_variant)
         for rep in range(reps):
             for batch in batches:
-                order = ("drive", "bench") if rep % 2 == 0 else ("bench", "drive")
+                order = tools[rep % len(tools) :] + tools[: rep % len(tools)]
                 seed = serve_seed(batch, rep)
                 for what in order:
                     t0_ns = time.monotonic_ns()
-                    if what == "drive":
+                    if what != "bench":
+                        extra = drive_variant if what == "drivevar" else ()
                         m = run_drive(
-                            engine, url, tok, batch, seed, folder, f"{run_id}-drive-b{batch}-r{rep}"
+                            engine, url, tok, batch, seed, folder, f"{run_id}-{what}-b{batch}-r{rep}", extra
                         )
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
@@ -619,11 +649,13 @@ def serve_stage(
             for key, ms in rows.items()
         }
         for batch in batches:
-            d, b = result["medians"].get(f"drive-b{batch}"), result["medians"].get(f"bench-b{batch}")
-            if d and b:
-                result[f"drive_over_bench_b{batch}"] = {
-                    k: round(d[k] / b[k], 4) for k in d if d[k] is not None and b[k]
-                }
+            b = result["medians"].get(f"bench-b{batch}")
+            for tool in (t for t in tools if t != "bench"):
+                d = result["medians"].get(f"{tool}-b{batch}")
+                if d and b:
+                    result[f"{tool}_over_bench_b{batch}"] = {
+                        k: round(d[k] / b[k], 4) for k in d if d[k] is not None and b[k]
+                    }
         time.sleep(2.0)
         srv.send_signal(signal.SIGINT)  # a user's Ctrl-C
         try:
@@ -653,7 +685,8 @@ def child(args: argparse.Namespace) -> None:
     try:
         if stage == "serve":
             batches = tuple(int(b) for b in args.serve_batches.split(","))
-            result = serve_stage(args.engine, args.serve_reps, out, args.port, batches)
+            variant = args.drive_variant.split()
+            result = serve_stage(args.engine, args.serve_reps, out, args.port, batches, variant)
         elif stage.startswith("cli-"):
             result = cli_stage(args.engine, int(stage.split("-")[1]), out)
         elif stage.startswith("modes-"):
@@ -739,6 +772,9 @@ def summarize(folders: list[str]) -> str:
         if stage == "serve" and d.get("ok"):
             lines += ["", f"{engine} serve ({d.get('gpu')}): medians {json.dumps(d.get('medians'))}",
                       f"drive / bench: b64 {d.get('drive_over_bench_b64')}, b1 {d.get('drive_over_bench_b1')}"]  # fmt: skip
+            if d.get("drive_variant"):
+                lines.append(f"drive {' '.join(d['drive_variant'])} / bench: b64 {d.get('drivevar_over_bench_b64')}, "
+                             f"b1 {d.get('drivevar_over_bench_b1')}")  # fmt: skip
             for key, rounds in sorted((d.get("schedule") or {}).items()):
                 lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
                              f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "
@@ -756,6 +792,11 @@ def parser() -> argparse.ArgumentParser:
     # 3 were too few: one of three b64 drive repeats on the H100 had a 1 s TTFT outlier
     ap.add_argument("--serve-reps", type=int, default=5)
     ap.add_argument("--serve-batches", default="64,1", help="the serve stage's batch sizes (of 64, 1)")
+    ap.add_argument(
+        "--drive-variant",
+        default="",
+        help="drive flags for a third serve-stage tool, given with '=': --drive-variant=--no-continuous-usage",
+    )
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--budget-s", type=float, default=570, help="skip stages that would start after this")
     ap.add_argument("--summarize", nargs="+", metavar="DIR")
@@ -786,6 +827,7 @@ def main() -> None:
         keep_earlier(out / f"fidelity-{args.engine}-{stage}.json")
         cmd = [sys.executable, __file__, "--stage", stage, "--engine", args.engine, "--out", str(out),
                "--reps", str(args.reps), "--serve-reps", str(args.serve_reps), "--serve-batches", args.serve_batches,
+               f"--drive-variant={args.drive_variant}",
                "--port", str(args.port)]  # fmt: skip
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:

@@ -164,6 +164,31 @@ def test_drive_sends_what_each_engines_own_benchmark_sends(scripted, tmp_path):
     assert sglang[sglang.index("--prompt-format") + 1] == "ids"
 
 
+def test_a_drive_variant_round_sends_its_flags(scripted, tmp_path):
+    """`--drive-variant=--no-continuous-usage`: the third tool's drive asks for usage only at the end, as
+    `vllm bench serve` does; the default drive asks for it in every chunk. Both against the loopback server."""
+    from sglang_validate import word_level_tokenizer
+
+    config = json.loads(ef.MODEL.read_text())
+    tok = word_level_tokenizer(tmp_path / "tok", int(config["vocab_size"]), int(config["eos_token_id"]))
+    args = ef.parser().parse_args(["--drive-variant=--no-continuous-usage"])
+    assert args.drive_variant.split() == ["--no-continuous-usage"]
+    usage_opts = {}
+    for run_id, extra in (("fid-default", ()), ("fid-variant", args.drive_variant.split())):
+        m = ef.run_drive("vllm", scripted.url, tok, 1, 0, tmp_path, run_id, extra)
+        assert m["completed"] == ef.WORKLOADS[1][0], m
+        ids = set(
+            read_trace_file(tmp_path / f"{run_id}.client.requests.arrow").table.column("req_id").to_pylist()
+        )
+        usage_opts[run_id] = {
+            json.dumps(s["body"].get("stream_options"), sort_keys=True)
+            for s in scripted.get("/_seen")
+            if s["id"] in ids
+        }
+    assert usage_opts["fid-default"] == {'{"continuous_usage_stats": true, "include_usage": true}'}
+    assert usage_opts["fid-variant"] == {'{"include_usage": true}'}
+
+
 def test_serve_stage_repeats_five_times_by_default():
     """Three repeats were too few: one of three b64 drive repeats had a 1 s TTFT outlier (H100)."""
     assert ef.parser().parse_args([]).serve_reps == 5
