@@ -519,21 +519,13 @@ def drive_argv(
             "--run-id", run_id, "--no-progress", *extra]  # fmt: skip
 
 
-def run_drive(
-    engine: str,
-    url: str,
-    tok: Path,
-    batch: int,
-    seed: int,
-    folder: Path,
-    run_id: str,
-    extra: Sequence[str] = (),
-) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", CLI, *drive_argv(engine, url, tok, batch, seed, folder, run_id, extra)]
+def run_drive(argv: list[str]) -> dict[str, Any]:
+    """Run `moecap-collect drive` with `argv` (from `drive_argv`); its metrics from the trace it wrote."""
+    cmd = [sys.executable, "-c", CLI, *argv]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         return {"error": f"drive exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
-    return drive_metrics(folder, run_id)
+    return drive_metrics(Path(argv[argv.index("--out") + 1]), argv[argv.index("--run-id") + 1])
 
 
 def run_bench(
@@ -619,7 +611,7 @@ def serve_stage(
         result["server_start_s"] = round(time.time() - t0, 1)
         log(f"serve {engine}: up in {result['server_start_s']} s")
         # One untimed round of each tool (first shapes, connection pools), then interleaved repeats.
-        run_drive(engine, url, tok, 64, 999, folder, f"{run_id}-warm")
+        run_drive(drive_argv(engine, url, tok, 64, 999, folder, f"{run_id}-warm"))
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
         tools = ("drive", "bench", "drivevar") if drive_variant else ("drive", "bench")
@@ -632,9 +624,8 @@ def serve_stage(
                     t0_ns = time.monotonic_ns()
                     if what != "bench":
                         extra = drive_variant if what == "drivevar" else ()
-                        m = run_drive(
-                            engine, url, tok, batch, seed, folder, f"{run_id}-{what}-b{batch}-r{rep}", extra
-                        )
+                        rid = f"{run_id}-{what}-b{batch}-r{rep}"
+                        m = run_drive(drive_argv(engine, url, tok, batch, seed, folder, rid, extra))
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
                     windows.append({"key": f"{what}-b{batch}", "t0_ns": t0_ns, "t1_ns": time.monotonic_ns()})

@@ -152,7 +152,7 @@ def test_drive_sends_what_each_engines_own_benchmark_sends(scripted, tmp_path):
     config = json.loads(ef.MODEL.read_text())
     tok = word_level_tokenizer(tmp_path / "tok", int(config["vocab_size"]), int(config["eos_token_id"]))
     n, n_in, _ = ef.WORKLOADS[1]
-    m = ef.run_drive("vllm", scripted.url, tok, 1, 0, tmp_path, "fid-b1")
+    m = ef.run_drive(ef.drive_argv("vllm", scripted.url, tok, 1, 0, tmp_path, "fid-b1"))
     assert m["completed"] == n, m
     req = read_trace_file(tmp_path / "fid-b1.client.requests.arrow")
     ids = set(req.table.column("req_id").to_pylist())
@@ -175,7 +175,7 @@ def test_a_drive_variant_round_sends_its_flags(scripted, tmp_path):
     assert args.drive_variant.split() == ["--no-continuous-usage"]
     usage_opts = {}
     for run_id, extra in (("fid-default", ()), ("fid-variant", args.drive_variant.split())):
-        m = ef.run_drive("vllm", scripted.url, tok, 1, 0, tmp_path, run_id, extra)
+        m = ef.run_drive(ef.drive_argv("vllm", scripted.url, tok, 1, 0, tmp_path, run_id, extra))
         assert m["completed"] == ef.WORKLOADS[1][0], m
         ids = set(
             read_trace_file(tmp_path / f"{run_id}.client.requests.arrow").table.column("req_id").to_pylist()
