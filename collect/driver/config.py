@@ -121,21 +121,16 @@ _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 
 def _check_url(given: str, url: str) -> None:
     """A base URL the HTTP client can connect to: a host, and a port in range."""
+    expected = "expected http://host:port[/v1/completions]"
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises on a port out of range
+        if parts.hostname:
+            yarl.URL(url)  # what aiohttp will parse
     except ValueError as exc:
-        raise CollectError(
-            f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]"
-        ) from None
+        raise CollectError(f"--api-url {given!r}: {exc}; {expected}") from None
     if not parts.hostname:
-        raise CollectError(f"--api-url {given!r}: no host; expected http://host:port[/v1/completions]")
-    try:
-        yarl.URL(url)
-    except ValueError as exc:
-        raise CollectError(
-            f"--api-url {given!r}: {exc}; expected http://host:port[/v1/completions]"
-        ) from None
+        raise CollectError(f"--api-url {given!r}: no host; {expected}")
 
 
 def _check_seconds(flag: str, value: float, *, zero_ok: bool = False) -> None:
