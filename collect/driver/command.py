@@ -154,8 +154,8 @@ def drive_command(
         int,
         typer.Option(
             "--warmup",
-            help="Unrecorded requests of the first samples' shapes sent first, --batch-size at a time "
-            "(default 1: as vllm bench serve's test request).",
+            help="Unrecorded requests shaped as the first samples sent first, --batch-size at a time; their "
+            "prompts are reordered so they fill no prefix cache a measured request could use.",
         ),
     ] = 1,
     arrival: Annotated[

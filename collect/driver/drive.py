@@ -25,7 +25,7 @@ from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
 
 from ..datasets import Sample
 from ..errors import CollectError
-from ..workload import RequestRecord
+from ..workload import WARMUP_SEED_OFFSET, RequestRecord, warmup_sample
 from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
 from .session import open_session
@@ -165,7 +165,7 @@ async def drive(
         if client.engine == "auto" and server.engine == "sglang":
             cfg = dataclasses.replace(client, engine="sglang")
         if load.warmup and not stop.is_set():
-            await _unless_stopped(_warm_up(session, cfg, model, samples, load.warmup, limit), stop)
+            await _unless_stopped(_warm_up(session, cfg, model, samples, load.warmup, limit, load.seed), stop)
         if before_measure is not None:
             await before_measure()
         runner = _Runner(session, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
@@ -194,13 +194,16 @@ async def _warm_up(
     samples: list[Sample],
     n: int,
     limit: int | None,
+    seed: int,
 ) -> None:
-    """`n` unrecorded requests of the first samples (cycled), at most `limit` at a time (`vllm bench serve
-    --num-warmups` sends its warm-ups the same way)."""
+    """`n` unrecorded requests shaped as the first samples (cycled; `workload.warmup_sample`: the prompt
+    reordered, so that the prefix cache they fill serves no measured request), at most `limit` at a time."""
     sem = asyncio.Semaphore(limit or n)
+    rng = random.Random(seed + WARMUP_SEED_OFFSET)
+    shaped = [warmup_sample(samples[i % len(samples)], rng) for i in range(n)]
 
     async def one(i: int) -> None:
-        s = samples[i % len(samples)]
+        s = shaped[i]
         warm = RequestRecord(f"{cfg.request_id_prefix}-warmup-{i}", s)
         body, headers, _ = build_request(cfg, s, warm.req_id, model)
         async with sem:

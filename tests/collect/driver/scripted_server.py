@@ -4,7 +4,7 @@
         -> prints "PORT <n>", serves on 127.0.0.1:<n> until its stdin closes (TEXT: the /v1/models body)
 
 Each request's behaviour comes from its prompt (or last chat message): a scenario name then key=value
-options, e.g. "stream ttft_ms=300 itl_ms=20 tokens=12 groups=1,3,2". Token k (0-based) is "generated"
+options in any order, e.g. "stream ttft_ms=300 itl_ms=20 tokens=12 groups=1,3,2". Token k (0-based) is "generated"
 at ttft_ms + k*itl_ms after the request arrived; a chunk is sent when its last token is generated, so
 a chunk of g tokens follows the previous one by g*itl_ms. Sleeps are absolute-deadline `time.sleep`s in
 this process (sub-millisecond on Linux), and every chunk frame is one write on a TCP_NODELAY socket.
@@ -89,9 +89,9 @@ def _sleep_until(deadline: float) -> None:
 
 
 def parse_scenario(text: str) -> tuple[str, dict[str, str]]:
-    parts = text.split()
-    name = parts[0] if parts else "stream"
-    opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    parts = text.split()  # in any order: drive's warm-ups reorder a prompt's words
+    name = next((p for p in parts if "=" not in p), "stream")
+    opts = dict(p.split("=", 1) for p in parts if "=" in p)
     return name, opts
 
 
