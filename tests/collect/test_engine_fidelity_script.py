@@ -219,10 +219,11 @@ def test_a_stage_listed_twice_keeps_both_results(tmp_path):
 
 def test_serve_rounds_never_reuse_a_seed():
     """Same seed, same synthetic prompts: a b1 round seeded like a b64 round would send prompts the engine
-    has cached. Every (batch, rep) of a 5-repeat stage gets its own seed, and drive's prompts differ."""
+    has cached. Every (batch, rep, drive tool) of a 5-repeat stage gets its own seed, and drive's prompts
+    differ."""
     from moecap.collect.datasets.synthetic import synthetic_samples
 
-    seeds = [ef.serve_seed(b, r) for b in (64, 1) for r in range(5)]
+    seeds = [ef.serve_seed(b, r, t) for b in (64, 1) for r in range(5) for t in ("drive", "drivevar")]
     assert len(set(seeds)) == len(seeds)
     b64 = synthetic_samples("synthetic:256x128", 64, seed=ef.serve_seed(64, 0))
     b1 = synthetic_samples("synthetic:256x128", 4, seed=ef.serve_seed(1, 0))
