@@ -231,6 +231,41 @@ def round_schedules(
     return out
 
 
+def ttft_outside_step(folder: Path, windows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per b1 round (one request in flight): the mean over its requests of the client's TTFT minus the
+    duration of the engine step that prefilled the request (its first step in the server's own steps file),
+    ms: the part of TTFT the engine's step does not explain — HTTP, tokenisation, scheduling, the client.
+    At b1 the step itself varies by ±15 % from request to request (H100, vLLM 0.26: 41–58 ms for the same
+    256 tokens), which swamps a few-ms difference between two clients' means; this removes it. The i-th
+    request the server saw in the window is the client's i-th (one at a time); warm-ups come first, so the
+    last `len(ttfts)` requests are the measured ones (drive's warm-up ids are also marked `warmup`)."""
+    from moecap.schemas.reader import read_trace_file
+
+    files = sorted(folder.glob("*.steps.arrow"))
+    if not files:
+        return {}
+    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", "req_ids"]).to_pylist()
+    rows.sort(key=lambda r: r["t_start_ns"])
+    starts = [r["t_start_ns"] for r in rows]
+    out: dict[str, list[float]] = {}
+    for w in windows:
+        ttfts = w.get("ttfts_ms") or []
+        if w.get("batch") != 1 or not ttfts:
+            continue
+        lo, hi = bisect.bisect_left(starts, w["t0_ns"]), bisect.bisect_left(starts, w["t1_ns"])
+        first_step: dict[str, float] = {}
+        for r in rows[lo:hi]:
+            for rid in r["req_ids"] or []:
+                if "warmup" not in rid and rid not in first_step:
+                    first_step[rid] = (r["t_end_ns"] - r["t_start_ns"]) / 1e6
+        steps = list(first_step.values())[-len(ttfts) :]
+        if len(steps) == len(ttfts):
+            out.setdefault(w["key"], []).append(
+                round(statistics.mean(t - d for t, d in zip(ttfts, steps)), 3)
+            )
+    return out
+
+
 def vllm_count_modes(batch: int, reps: int, out: Path) -> dict[str, Any]:
     """Stage `modes-<batch>`: ONE engine with expert counts on; interleaved repeats of `LLM.generate` with
     the routing rows counted on the device (index_add kernels on the engine's stream) and on the host
@@ -471,7 +506,10 @@ def drive_metrics(folder: Path, run_id: str) -> dict[str, Any]:
 
     (path,) = sorted(folder.glob(f"{run_id}*.requests.arrow"))
     rows = read_trace_file(path).table.to_pylist()
-    ok = [r for r in rows if r["first_token_ns"] is not None and r["finish_ns"] is not None]
+    ok = sorted(
+        (r for r in rows if r["first_token_ns"] is not None and r["finish_ns"] is not None),
+        key=lambda r: r["req_id"],
+    )
     ttft = [(r["first_token_ns"] - r["arrival_ns"]) / 1e6 for r in ok]
     tpot = [
         (r["finish_ns"] - r["first_token_ns"]) / 1e6 / (r["output_tokens"] - 1)
@@ -485,6 +523,7 @@ def drive_metrics(folder: Path, run_id: str) -> dict[str, Any]:
         "mean_tpot_ms": round(statistics.mean(tpot), 4) if tpot else None,
         "output_throughput": round(sum(r["output_tokens"] for r in ok) / dur, 2) if ok else None,
         "duration_s": round(dur, 3),
+        "ttfts_ms": [round(t, 3) for t in ttft],
     }
 
 
@@ -556,7 +595,7 @@ def run_bench(
                "--model", served, "--tokenizer", str(tok), "--dataset-name", "random-ids",
                "--random-input-len", str(n_in), "--random-output-len", str(n_out), "--random-range-ratio", "1",
                "--num-prompts", str(n), "--max-concurrency", str(batch), "--seed", str(seed),
-               "--output-file", str(result_file), "--disable-tqdm",
+               "--output-file", str(result_file), "--disable-tqdm", "--output-details",
                "--flush-cache"]  # fmt: skip
         # its warm-up is request 0 itself; without the flush request 0 is a prefix-cache hit, and drive's
         # warm-ups (reordered prompts) leave no such hit: the two would not measure the same workload
@@ -571,6 +610,7 @@ def run_bench(
         "mean_tpot_ms": data.get("mean_tpot_ms"),
         "output_throughput": data.get("output_throughput"),
         "duration_s": data.get("duration"),
+        "ttfts_ms": [round(1000 * t, 3) for t in data.get("ttfts") or []],  # per request, in request order
     }
 
 
@@ -637,9 +677,12 @@ def serve_stage(
                         m = run_drive(drive_argv(engine, url, tok, batch, seed, folder, rid, extra))
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
-                    windows.append({"key": f"{what}-b{batch}", "t0_ns": t0_ns, "t1_ns": time.monotonic_ns()})
+                    windows.append({"key": f"{what}-b{batch}", "t0_ns": t0_ns, "t1_ns": time.monotonic_ns(),
+                                    "batch": batch, "ttfts_ms": m.get("ttfts_ms")})  # fmt: skip
                     rows.setdefault(f"{what}-b{batch}", []).append(m)
-                    log(f"serve {engine} rep {rep} {what} b{batch}: {m}")
+                    log(
+                        f"serve {engine} rep {rep} {what} b{batch}: { {k: v for k, v in m.items() if k != 'ttfts_ms'} }"
+                    )
         result["raw"] = rows
         result["medians"] = {
             key: {
@@ -667,8 +710,10 @@ def serve_stage(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(srv.pid, signal.SIGKILL)
     result["trace_files"] = sorted(p.name for p in folder.glob(f"{run_id}.dp*.arrow"))
-    try:  # a diagnostic: never lose the stage's figures over it
+    result["windows"] = windows
+    try:  # diagnostics: never lose the stage's figures over them
         result["schedule"] = round_schedules(folder, windows)
+        result["ttft_outside_step"] = ttft_outside_step(folder, windows)
     except Exception as exc:
         result["schedule_error"] = f"{type(exc).__name__}: {exc}"
     result["server_log_tail"] = server_log.read_text()[-2000:]
@@ -775,6 +820,17 @@ def summarize(folders: list[str]) -> str:
             if d.get("drive_variant"):
                 lines.append(f"drive {' '.join(d['drive_variant'])} / bench: b64 {d.get('drivevar_over_bench_b64')}, "
                              f"b1 {d.get('drivevar_over_bench_b1')}")  # fmt: skip
+            outside = {
+                k: statistics.median(v) for k, v in sorted((d.get("ttft_outside_step") or {}).items()) if v
+            }
+            if outside:
+                ratio = {
+                    k: round(v / outside["bench-b1"], 4)
+                    for k, v in outside.items()
+                    if outside.get("bench-b1")
+                }
+                lines.append(f"b1 TTFT outside the engine's prefill step, ms (median of rounds): "
+                             f"{json.dumps({k: round(v, 2) for k, v in sorted(outside.items())})}; / bench {ratio}")  # fmt: skip
             for key, rounds in sorted((d.get("schedule") or {}).items()):
                 lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
                              f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "

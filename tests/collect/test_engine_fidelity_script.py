@@ -265,3 +265,51 @@ def test_round_schedules_read_how_the_engine_prefilled_each_round(tmp_path):
     table = ef.summarize([str(tmp_path)])
     assert "bench-b64: prefill steps per round [2], first steps' prompt tokens [2048, 2048]" in table
     assert "drive-b64: prefill steps per round [3], first steps' prompt tokens [256, 512, 3328]" in table
+
+
+def test_b1_ttft_outside_the_engine_step_pairs_each_request_with_its_prefill(tmp_path):
+    """Hand-built server steps, one request at a time: each request's client TTFT minus the duration of the
+    step that first holds it. Drive's round starts with a marked warm-up, bench's with an unmarked one (SGLang's
+    bench warms up with request 0 itself): both are left out, the last len(ttfts) requests are the measured
+    ones. Decode steps after a prefill do not count; a b64 window is not paired (many requests per step)."""
+    meta = RunMetadata(run_id="out", engine=EngineInfo(name="vllm"), model=ModelInfo(id="m"))
+    w = TraceWriter(tmp_path / trace_file_name(meta, "steps"), "steps", meta)
+    ms = 1_000_000
+    steps = [  # (t_start ms, t_end ms, request ids)
+        (100, 140, ["d-warmup-0"]), (140, 143, ["d-warmup-0"]),
+        (200, 240, ["d-000000"]), (240, 243, ["d-000000"]),
+        (300, 350, ["d-000001"]), (350, 353, ["d-000001"]),
+        (400, 445, ["d-000002"]),
+        (1000, 1044, ["b-w"]), (1100, 1141, ["b-0"]), (1141, 1144, ["b-0"]), (1200, 1255, ["b-1"]),
+        (1300, 1342, ["b-2"]),
+        (2000, 2100, [f"x-{i}" for i in range(64)]),
+    ]  # fmt: skip
+    for i, (t0, t1, ids) in enumerate(steps):
+        w.write({"step": i, "phase": "mixed", "is_draft": False, "num_reqs": len(ids), "num_tokens": len(ids),
+                 "t_start_ns": t0 * ms, "t_end_ns": t1 * ms, "req_ids": ids, "req_prefix_lens": [0] * len(ids),
+                 "req_new_tokens": [1] * len(ids)})  # fmt: skip
+    w.close()
+    windows = [
+        {"key": "drive-b1", "batch": 1, "t0_ns": 90 * ms, "t1_ns": 500 * ms, "ttfts_ms": [48.0, 59.0, 53.0]},
+        {
+            "key": "bench-b1",
+            "batch": 1,
+            "t0_ns": 990 * ms,
+            "t1_ns": 1400 * ms,
+            "ttfts_ms": [50.0, 64.0, 50.0],
+        },
+        {"key": "drive-b64", "batch": 64, "t0_ns": 1990 * ms, "t1_ns": 2200 * ms, "ttfts_ms": [150.0] * 64},
+    ]
+    out = ef.ttft_outside_step(tmp_path, windows)
+    # drive: 48-40, 59-50, 53-45 -> mean 8.333; bench: 50-41, 64-55, 50-42 -> mean 8.667
+    assert out == {"drive-b1": [8.333], "bench-b1": [8.667]}
+    serve = {
+        "ok": True,
+        "engine": "vllm",
+        "stage": "serve",
+        "gpu": "H100",
+        "medians": {},
+        "ttft_outside_step": out,
+    }
+    (tmp_path / "fidelity-vllm-serve.json").write_text(json.dumps(serve))
+    assert "/ bench {'bench-b1': 1.0, 'drive-b1': 0.9615}" in ef.summarize([str(tmp_path)])
