@@ -70,9 +70,11 @@ while SGLang's 11 parts travel, and queue the SGLang stages behind it in a secon
 then poll (`sleep 150; tail /root/jobs/*.log`: every call keeps the machine) and tar the JSON into $OUT.
 Seen: vLLM serve stage 528 s (server up in 158 s); SGLang stages 133 s cold, 68-82 s warm each.
 
-NEXT vLLM serve stage (after drive moved to aiohttp, 2026-12-07): add `--drive-variant=--no-continuous-usage`
-(a third tool per round: drive asking for usage only at the end, as bench does; ~12 s more per round) to
-see whether drive's default usage-in-every-chunk moves its TTFT; `--serve-batches 64` when time is short.
+Run 2026-12-07 (fourth H100 lease, benchmarks/README.md): `--drive-variant=--no-continuous-usage` moved
+drive's b1 TTFT outside the engine's step by ~0.6 ms (to bench's); b64 TTFT was not settled. NEXT serve
+stages (both engines): `--drive-variant="--warmup 0"` (drive's burst follows its warm-up at once, and on
+SGLang it reached the scheduler over three steps where bench's arrived in one; bench_serving sleeps 1 s after
+its warm-up, vllm bench serve sends none), `--serve-reps 5`; `--serve-batches 64` when time is short.
 
 Here, afterwards: `python benchmarks/gpu/engine_fidelity.py --summarize DIR [DIR…]` prints the table
 (Markdown) from the fetched JSON files.
@@ -235,7 +237,7 @@ def ttft_outside_step(folder: Path, windows: list[dict[str, Any]]) -> dict[str, 
     """Per b1 round (one request in flight): the mean over its requests of the client's TTFT minus the
     duration of the engine step that prefilled the request (its first step in the server's own steps file),
     ms: the part of TTFT the engine's step does not explain — HTTP, tokenisation, scheduling, the client.
-    At b1 the step itself varies by ±15 % from request to request (H100, vLLM 0.26: 41–58 ms for the same
+    At b1 the step itself varies from request to request (H100, vLLM 0.26: 37–81 ms for the same
     256 tokens), which swamps a few-ms difference between two clients' means; this removes it. The i-th
     request the server saw in the window is the client's i-th (one at a time); warm-ups come first, so the
     last `len(ttfts)` requests are the measured ones (drive's warm-up ids are also marked `warmup`)."""
