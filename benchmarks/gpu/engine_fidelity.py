@@ -93,7 +93,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,23 @@ def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]] | None) ->
     return out
 
 
+def steps_by_window(
+    folder: Path, windows: list[dict[str, Any]], column: str
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Each window with the server's steps (t_start_ns, t_end_ns and `column`) that started inside it, in
+    time order; nothing when `folder` has no steps file."""
+    from moecap.schemas.reader import read_trace_file
+
+    files = sorted(folder.glob("*.steps.arrow"))
+    if not files:
+        return
+    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", column]).to_pylist()
+    rows.sort(key=lambda r: r["t_start_ns"])
+    starts = [r["t_start_ns"] for r in rows]
+    for w in windows:
+        yield w, rows[bisect.bisect_left(starts, w["t0_ns"]) : bisect.bisect_left(starts, w["t1_ns"])]
+
+
 def round_schedules(
     folder: Path, windows: list[dict[str, Any]], first: int = 8
 ) -> dict[str, list[dict[str, Any]]]:
@@ -208,20 +225,11 @@ def round_schedules(
     tokens of the first `first` of them, and the span from the first such step's start to the last one's
     end (ms). A burst that reaches the server at once fills the first steps to the token budget; one that
     arrives spread out starts with a few prompts and needs more steps (issue #20: drive vs bench TTFT)."""
-    from moecap.schemas.reader import read_trace_file
-
-    files = sorted(folder.glob("*.steps.arrow"))
-    if not files:
-        return {}
-    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", "req_new_tokens"]).to_pylist()
-    rows.sort(key=lambda r: r["t_start_ns"])
-    starts = [r["t_start_ns"] for r in rows]
     out: dict[str, list[dict[str, Any]]] = {}
-    for w in windows:
-        lo, hi = bisect.bisect_left(starts, w["t0_ns"]), bisect.bisect_left(starts, w["t1_ns"])
+    for w, in_window in steps_by_window(folder, windows, "req_new_tokens"):
         steps = [
             (r["t_start_ns"], r["t_end_ns"], sum(n for n in (r["req_new_tokens"] or []) if n > 1))
-            for r in rows[lo:hi]
+            for r in in_window
         ]
         prefill = [s for s in steps if s[2] > 0]
         out.setdefault(w["key"], []).append({
@@ -241,22 +249,13 @@ def ttft_outside_step(folder: Path, windows: list[dict[str, Any]]) -> dict[str, 
     256 tokens), which swamps a few-ms difference between two clients' means; this removes it. The i-th
     request the server saw in the window is the client's i-th (one at a time); warm-ups come first, so the
     last `len(ttfts)` requests are the measured ones (drive's warm-up ids are also marked `warmup`)."""
-    from moecap.schemas.reader import read_trace_file
-
-    files = sorted(folder.glob("*.steps.arrow"))
-    if not files:
-        return {}
-    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", "req_ids"]).to_pylist()
-    rows.sort(key=lambda r: r["t_start_ns"])
-    starts = [r["t_start_ns"] for r in rows]
     out: dict[str, list[float]] = {}
-    for w in windows:
+    for w, in_window in steps_by_window(folder, windows, "req_ids"):
         ttfts = w.get("ttfts_ms") or []
         if w.get("batch") != 1 or not ttfts:
             continue
-        lo, hi = bisect.bisect_left(starts, w["t0_ns"]), bisect.bisect_left(starts, w["t1_ns"])
         first_step: dict[str, float] = {}
-        for r in rows[lo:hi]:
+        for r in in_window:
             for rid in r["req_ids"] or []:
                 if "warmup" not in rid and rid not in first_step:
                     first_step[rid] = (r["t_end_ns"] - r["t_start_ns"]) / 1e6
