@@ -30,8 +30,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 """Output budget of a sample that names none, when `--max-tokens` is not given."""
 
 WARMUP_PREFIX = "moecap-warmup-"
-"""Request ids of warm-up requests start with this; an engine tracer that cannot be paused from the
-client (SGLang's schedulers) skips the passes whose first request carries it."""
+"""Request ids of warm-up requests (`run`, `drive`) start with this; an engine tracer that cannot be paused
+from the client (SGLang's schedulers) skips the passes whose first request carries it."""
 
 WARMUP_SEED_OFFSET = 7919
 """Added to the run's seed for the warm-up ids (a prime, so the streams never coincide)."""

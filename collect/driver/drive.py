@@ -25,7 +25,7 @@ from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
 
 from ..datasets import Sample
 from ..errors import CollectError
-from ..workload import WARMUP_SEED_OFFSET, RequestRecord, warmup_sample
+from ..workload import WARMUP_PREFIX, WARMUP_SEED_OFFSET, RequestRecord, warmup_sample
 from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
 from .session import open_session
@@ -204,7 +204,8 @@ async def _warm_up(
 
     async def one(i: int) -> None:
         s = shaped[i]
-        warm = RequestRecord(f"{cfg.request_id_prefix}-warmup-{i}", s)
+        # `moecap-warmup-…`: SGLang's tracer under `moecap-collect serve` leaves such passes unrecorded
+        warm = RequestRecord(f"{WARMUP_PREFIX}{cfg.request_id_prefix}-{i}", s)
         body, headers, _ = build_request(cfg, s, warm.req_id, model)
         async with sem:
             await send_request(session, cfg, warm, body, headers)

@@ -13,15 +13,19 @@ import pytest
 
 from moecap.collect.datasets import Sample
 from moecap.collect.driver import ClientConfig, LoadConfig, drive
-from moecap.collect.workload import warmup_sample
+from moecap.collect.workload import WARMUP_PREFIX, warmup_sample
 
 
 def _received(scripted, prefix: str) -> tuple[list[dict], list[dict]]:
-    """(warm-up bodies in warm-up order, measured bodies) the server saw from the run whose request ids start
-    with `prefix` (they go out concurrently, so the server may see them in another order)."""
-    seen = [s for s in scripted.get("/_seen") if s["id"].startswith(prefix)]
-    warm = sorted((s for s in seen if "-warmup-" in s["id"]), key=lambda s: int(s["id"].rsplit("-", 1)[1]))
-    measured = [s["body"] for s in seen if "-warmup-" not in s["id"]]
+    """(warm-up bodies in warm-up order, measured bodies) the server saw from the run with request-id prefix
+    `prefix` (warm-ups go out concurrently, so the server may see them in another order). Warm-up ids start
+    with `moecap-warmup-` (SGLang's tracer leaves those passes out), measured ones with the prefix."""
+    seen = scripted.get("/_seen")
+    warm = sorted(
+        (s for s in seen if s["id"].startswith(f"{WARMUP_PREFIX}{prefix}-")),
+        key=lambda s: int(s["id"].rsplit("-", 1)[1]),
+    )
+    measured = [s["body"] for s in seen if s["id"].startswith(f"{prefix}-")]
     return [s["body"] for s in warm], measured
 
 
@@ -34,7 +38,7 @@ def test_token_id_warmups_keep_the_lengths_and_share_no_first_token(scripted):
     )
     res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=2, warmup=6, seed=11)))
     assert all(r.ok for r in res.records) and len(res.records) == 4
-    warm, measured = _received(scripted, "ids-")
+    warm, measured = _received(scripted, "ids")
     assert len(warm) == 6 and len(measured) == 4
     firsts = {tuple(b["prompt"][:1]) for b in measured}
     for i, body in enumerate(warm):
@@ -55,7 +59,7 @@ def test_text_warmups_reorder_the_words_and_the_server_still_sees_the_workload(s
     )
     res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=1, warmup=3, seed=0)))
     assert all(r.ok and r.output_tokens == 3 for r in res.records)
-    warm, measured = _received(scripted, "txt-")
+    warm, measured = _received(scripted, "txt")
     assert [b["prompt"] for b in measured] == [s.prompt for s in samples]
     for body, sample in zip(warm, samples, strict=True):
         assert Counter(body["prompt"].split(" ")) == Counter(sample.prompt.split(" "))
@@ -85,3 +89,24 @@ def test_the_first_element_moves_even_when_the_shuffle_keeps_it():
     # a two-element prompt keeps its order for about half of the seeds: every seed must still move it
     s = Sample("two", "x", prompt_token_ids=[1, 2])
     assert {tuple(warmup_sample(s, random.Random(k)).prompt_token_ids) for k in range(20)} == {(2, 1)}
+
+
+def test_sglang_sees_the_warmup_rid_its_tracer_skips(scripted):
+    # SGLang's tracer under `serve` leaves a pass out when its first request's rid starts with WARMUP_PREFIX
+    # (collect/engines/sglang/adapter.py); drive sends its request id as the `rid` body field to SGLang.
+    samples = [Sample("g", "scripted", prompt="stream ttft_ms=2 itl_ms=1 tokens=2 pad")]
+    cfg = ClientConfig(
+        api_url=scripted.url,
+        model="m",
+        max_tokens=2,
+        preflight=False,
+        engine="sglang",
+        request_id_prefix="sgl",
+    )
+    res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=1, warmup=2, seed=0)))
+    assert all(r.ok for r in res.records)
+    seen = [s for s in scripted.get("/_seen") if "sgl-" in s["id"]]
+    warm = [s["rid"] for s in seen if s["id"].startswith(WARMUP_PREFIX)]
+    measured = [s["rid"] for s in seen if not s["id"].startswith(WARMUP_PREFIX)]
+    assert sorted(warm) == [f"{WARMUP_PREFIX}sgl-0", f"{WARMUP_PREFIX}sgl-1"]
+    assert measured == ["sgl-000000"]
