@@ -678,12 +678,11 @@ def serve_stage(
                         m = run_drive(drive_argv(engine, url, tok, batch, seed, folder, rid, extra))
                     else:
                         m = run_bench(engine, url, served, tok, batch, seed, folder)
+                    # per-request TTFTs go with the round's window (ttft_outside_step), the rest to `raw`
                     windows.append({"key": f"{what}-b{batch}", "t0_ns": t0_ns, "t1_ns": time.monotonic_ns(),
-                                    "batch": batch, "ttfts_ms": m.get("ttfts_ms")})  # fmt: skip
+                                    "batch": batch, "ttfts_ms": m.pop("ttfts_ms", None)})  # fmt: skip
                     rows.setdefault(f"{what}-b{batch}", []).append(m)
-                    log(
-                        f"serve {engine} rep {rep} {what} b{batch}: { {k: v for k, v in m.items() if k != 'ttfts_ms'} }"
-                    )
+                    log(f"serve {engine} rep {rep} {what} b{batch}: {m}")
         result["raw"] = rows
         result["medians"] = {
             key: {
@@ -825,11 +824,8 @@ def summarize(folders: list[str]) -> str:
                 k: statistics.median(v) for k, v in sorted((d.get("ttft_outside_step") or {}).items()) if v
             }
             if outside:
-                ratio = {
-                    k: round(v / outside["bench-b1"], 4)
-                    for k, v in outside.items()
-                    if outside.get("bench-b1")
-                }
+                bench = outside.get("bench-b1")
+                ratio = {k: round(v / bench, 4) for k, v in outside.items()} if bench else {}
                 lines.append(f"b1 TTFT outside the engine's prefill step, ms (median of rounds): "
                              f"{json.dumps({k: round(v, 2) for k, v in sorted(outside.items())})}; / bench {ratio}")  # fmt: skip
             for key, rounds in sorted((d.get("schedule") or {}).items()):
