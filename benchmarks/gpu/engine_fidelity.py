@@ -200,16 +200,16 @@ def span_stats(folder: Path, ranges: dict[str, list[tuple[int, int]]] | None) ->
 
 
 def steps_by_window(
-    folder: Path, windows: list[dict[str, Any]], column: str
+    folder: Path, windows: list[dict[str, Any]], *columns: str
 ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Each window with the server's steps (t_start_ns, t_end_ns and `column`) that started inside it, in
+    """Each window with the server's steps (t_start_ns, t_end_ns and `columns`) that started inside it, in
     time order; nothing when `folder` has no steps file."""
     from moecap.schemas.reader import read_trace_file
 
     files = sorted(folder.glob("*.steps.arrow"))
     if not files:
         return
-    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", column]).to_pylist()
+    rows = read_trace_file(files[0]).table.select(["t_start_ns", "t_end_ns", *columns]).to_pylist()
     rows.sort(key=lambda r: r["t_start_ns"])
     starts = [r["t_start_ns"] for r in rows]
     for w in windows:
@@ -264,6 +264,53 @@ def ttft_outside_step(folder: Path, windows: list[dict[str, Any]]) -> dict[str, 
             out.setdefault(w["key"], []).append(
                 round(statistics.mean(t - d for t, d in zip(ttfts, steps)), 3)
             )
+    return out
+
+
+def b64_ttft_split(folder: Path, windows: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Per b64 round, its mean TTFT (ms) split in two with the server's own steps file:
+    `engine` — the mean over the round's requests of (the end of the step that finished the request's
+    prompt − the start of the step that first held the round's first request), the engine's batching of
+    the burst once it has begun; `rest` — mean TTFT − `engine`: from the client's send to the engine's first
+    step, plus the way back (HTTP, tokenisation, hand-over, the client). Two clients whose `rest` agree but
+    whose `engine` differ reached the engine with differently spread bursts, which the engine batched
+    differently (issue #20, H100 SGLang: drive's `rest` within 5 ms of bench_serving's, its `engine` 8-11 % longer).
+    A request's prompt is finished by its last step with more than one new token (a prefill chunk); the
+    step's end is its GPU end where recorded. Warm-ups (ids marked `warmup`, or a lone first request over
+    0.5 s before the next: SGLang's bench warms up with an unmarked one) are left out, and only the last
+    `len(ttfts)` requests in order of first step are counted."""
+    out: dict[str, list[dict[str, float]]] = {}
+    cols = ("gpu_end_ns", "req_ids", "req_new_tokens")
+    for w, in_window in steps_by_window(folder, windows, *cols):
+        ttfts = w.get("ttfts_ms") or []
+        if w.get("batch") != 64 or not ttfts:
+            continue
+        first: dict[str, int] = {}
+        done: dict[str, int] = {}
+        for r in in_window:
+            end = r["gpu_end_ns"] or r["t_end_ns"]
+            for rid, new in zip(r["req_ids"] or [], r["req_new_tokens"] or []):
+                if "warmup" in rid:
+                    continue
+                first.setdefault(rid, r["t_start_ns"])
+                if new > 1:
+                    done[rid] = end
+        order = sorted(first, key=first.__getitem__)
+        if len(order) > 1 and first[order[1]] - first[order[0]] > 500_000_000:
+            order = order[1:]
+        order = [rid for rid in order if rid in done][-len(ttfts) :]
+        if len(order) != len(ttfts):
+            continue
+        t0 = first[order[0]]
+        engine = statistics.mean((done[rid] - t0) / 1e6 for rid in order)
+        ttft = statistics.mean(ttfts)
+        out.setdefault(w["key"], []).append(
+            {
+                "mean_ttft_ms": round(ttft, 2),
+                "engine_ms": round(engine, 2),
+                "rest_ms": round(ttft - engine, 2),
+            }
+        )
     return out
 
 
@@ -714,6 +761,7 @@ def serve_stage(
     try:  # diagnostics: never lose the stage's figures over them
         result["schedule"] = round_schedules(folder, windows)
         result["ttft_outside_step"] = ttft_outside_step(folder, windows)
+        result["b64_ttft_split"] = b64_ttft_split(folder, windows)
     except Exception as exc:
         result["schedule_error"] = f"{type(exc).__name__}: {exc}"
     result["server_log_tail"] = server_log.read_text()[-2000:]
@@ -828,6 +876,16 @@ def summarize(folders: list[str]) -> str:
                 ratio = {k: round(v / bench, 4) for k, v in outside.items()} if bench else {}
                 lines.append(f"b1 TTFT outside the engine's prefill step, ms (median of rounds): "
                              f"{json.dumps({k: round(v, 2) for k, v in sorted(outside.items())})}; / bench {ratio}")  # fmt: skip
+            split = {
+                k: {
+                    part: round(statistics.median(r[part] for r in v), 1) for part in ("engine_ms", "rest_ms")
+                }
+                for k, v in sorted((d.get("b64_ttft_split") or {}).items())
+                if v
+            }
+            if split:
+                lines.append(f"b64 TTFT split, ms (median of rounds; engine: first step to prompt done, rest: the "
+                             f"client's send to the first step and the way back): {json.dumps(split)}")  # fmt: skip
             for key, rounds in sorted((d.get("schedule") or {}).items()):
                 lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
                              f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "

@@ -313,3 +313,55 @@ def test_b1_ttft_outside_the_engine_step_pairs_each_request_with_its_prefill(tmp
     }
     (tmp_path / "fidelity-vllm-serve.json").write_text(json.dumps(serve))
     assert "/ bench {'bench-b1': 1.0, 'drive-b1': 0.9615}" in ef.summarize([str(tmp_path)])
+
+
+def test_b64_ttft_split_separates_the_engines_batching_from_the_rest(tmp_path):
+    """Hand-built server steps for two b64 rounds: each round's mean TTFT = `engine` (from the start of the
+    step that first holds the round's first request to the end of the step that finishes each prompt,
+    averaged) + `rest`. Bench's round starts with an unmarked warm-up 0.5 s before the others, drive's with a
+    marked one; both are left out. A prompt split over two steps is finished by the second; the step's GPU
+    end counts where recorded, its host end otherwise; decode steps (one new token) finish nothing."""
+    meta = RunMetadata(run_id="out", engine=EngineInfo(name="sglang"), model=ModelInfo(id="m"))
+    w = TraceWriter(tmp_path / trace_file_name(meta, "steps"), "steps", meta)
+    ms = 1_000_000
+    steps = [  # (t_start ms, t_end ms, gpu_end ms or None, {request id: new tokens})
+        (100, 110, None, {"d-warmup-0": 256}),
+        (200, 215, None, {"d-0": 256}),
+        (215, 265, None, {"d-0": 1, "d-1": 256, "d-2": 256, "d-3": 128}),
+        (265, 300, None, {"d-0": 1, "d-1": 1, "d-2": 1, "d-3": 128}),
+        (300, 310, None, {"d-0": 1, "d-1": 1, "d-2": 1, "d-3": 1}),
+        (1000, 1010, 1012, {"b-w": 256}),
+        (1600, 1615, 1620, {"b-0": 256, "b-1": 256}),
+        (1615, 1640, 1650, {"b-0": 1, "b-1": 1, "b-2": 256, "b-3": 256}),
+        (1650, 1660, 1662, {"b-0": 1, "b-1": 1, "b-2": 1, "b-3": 1}),
+    ]
+    for i, (t0, t1, g1, reqs) in enumerate(steps):
+        w.write({"step": i, "phase": "mixed", "is_draft": False, "num_reqs": len(reqs),
+                 "num_tokens": sum(reqs.values()), "t_start_ns": t0 * ms, "t_end_ns": t1 * ms,
+                 "gpu_end_ns": None if g1 is None else g1 * ms, "req_ids": list(reqs),
+                 "req_prefix_lens": [0] * len(reqs), "req_new_tokens": list(reqs.values())})  # fmt: skip
+    w.close()
+    windows = [
+        {"key": "drive-b64", "batch": 64, "t0_ns": 90 * ms, "t1_ns": 400 * ms, "ttfts_ms": [25.0, 75.0, 75.0, 110.0]},
+        {"key": "bench-b64", "batch": 64, "t0_ns": 990 * ms, "t1_ns": 1700 * ms, "ttfts_ms": [30.0, 30.0, 60.0, 60.0]},
+        {"key": "drive-b1", "batch": 1, "t0_ns": 90 * ms, "t1_ns": 400 * ms, "ttfts_ms": [25.0]},
+    ]  # fmt: skip
+    out = ef.b64_ttft_split(tmp_path, windows)
+    # drive: prompts done at 215, 265, 265, 300 from a first step at 200 -> engine (15+65+65+100)/4 = 61.25,
+    # mean TTFT 71.25 -> rest 10; bench: done at 1620, 1620, 1650, 1650 from 1600 -> engine 35, TTFT 45, rest 10
+    assert out == {
+        "drive-b64": [{"mean_ttft_ms": 71.25, "engine_ms": 61.25, "rest_ms": 10.0}],
+        "bench-b64": [{"mean_ttft_ms": 45.0, "engine_ms": 35.0, "rest_ms": 10.0}],
+    }
+    serve = {
+        "ok": True,
+        "engine": "sglang",
+        "stage": "serve",
+        "gpu": "H100",
+        "medians": {},
+        "b64_ttft_split": out,
+    }
+    (tmp_path / "fidelity-sglang-serve.json").write_text(json.dumps(serve))
+    table = ef.summarize([str(tmp_path)])
+    assert '"bench-b64": {"engine_ms": 35.0, "rest_ms": 10.0}' in table
+    assert '"drive-b64": {"engine_ms": 61.2, "rest_ms": 10.0}' in table
