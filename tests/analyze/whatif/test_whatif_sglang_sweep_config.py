@@ -49,3 +49,29 @@ def test_per_point_engines_of_an_sglang_sweep_calibrate_jointly(metadata):
 def test_runs_whose_steps_differ_stay_apart(metadata, field, value):
     assert metadata.engine.args[field] != value
     assert not same_config(_ctx(metadata), _ctx(metadata, **{field: value}))
+
+
+SWEEP = ROOT / "traces" / "h100-sglang-sweep"
+
+
+def test_the_real_sglang_sweep_calibrates_as_one_configuration():
+    """The shipped H100 SGLang sweep (eight engines, c1..c128): every run is the same configuration as
+    every other, so `whatif` on the folder fits all eight jointly. SGLang's recorded server arguments there
+    also differ in `pp_max_micro_batch_size`, which SGLang sets from `max_running_requests` at start; a
+    sizing argument this check once missed, fitting each run alone."""
+    from moecap.analyze.analysis import Options
+    from moecap.analyze.cost import load_cost_settings
+    from moecap.analyze.pipeline import analyze_paths
+    from moecap.analyze.specs import resolve_gpu
+    from moecap.analyze.whatif import whatif
+
+    files = sorted(str(p) for p in SWEEP.glob("*.arrow"))
+    a = analyze_paths(files, Options())
+    assert len(a.contexts) == 8
+    micro = {ctx.run.metadata.engine.args["pp_max_micro_batch_size"] for ctx in a.contexts}
+    assert micro == {1, 2, 4, 8, 16, 32, 64, 128}
+    first = a.contexts[0]
+    assert all(same_config(first, ctx) for ctx in a.contexts[1:])
+    report = whatif(a, [resolve_gpu("H200")], load_cost_settings())
+    for run in report["runs"]:
+        assert len(run["calibration"]["calibrated_on"]["runs"]) == 8, run["run_id"]

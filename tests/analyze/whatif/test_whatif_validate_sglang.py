@@ -2,9 +2,10 @@
 one engine per point, so every run's recorded server arguments name its own scratch `model_path` and its
 own `max_running_requests`, and SGLang's arguments carry no vLLM capture sizes.
 
-No GPU here and no SGLang sweep recorded yet, so the folders are the shipped H100 vLLM sweep's real steps
-and requests (c1, c2, c4, c8) with the run metadata an SGLang sweep point writes (engine, its server
-arguments from the shipped SGLang 0.5.16 run, driver, the `sweep` entry); the second folder says H200.
+Only the H100 half of the SGLang twins is recorded (`traces/h100-sglang-sweep/`, whose same-GPU table
+docs/whatif.md checks), so for two folders these are the shipped H100 vLLM sweep's real steps and requests
+(c1, c2, c4, c8) with the run metadata an SGLang sweep point writes (engine, its server arguments from the
+shipped SGLang 0.5.16 run, driver, the `sweep` entry); the second folder says H200.
 This checks the harness's mechanics on SGLang metadata (every held-out batch size, both directions, the
 same-GPU mode), not the accuracy of the numbers, which needs the real twins (docs/sweep.md)."""
 
