@@ -270,13 +270,14 @@ def ttft_outside_step(folder: Path, windows: list[dict[str, Any]]) -> dict[str, 
 def b64_ttft_split(folder: Path, windows: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     """Per b64 round, its mean TTFT (ms) split in two with the server's own steps file:
     `engine` — the mean over the round's requests of (the end of the step that finished the request's
-    prompt − the start of the step that first held the round's first request), the engine's batching of
-    the burst once it has begun; `rest` — mean TTFT − `engine`: from the client's send to the engine's first
-    step, plus the way back (HTTP, tokenisation, hand-over, the client). Two clients whose `rest` agree but
-    whose `engine` differ reached the engine with differently spread bursts, which the engine batched
-    differently (issue #20, H100 SGLang: drive's `rest` within 5 ms of bench_serving's, its `engine` 8-11 % longer).
-    A request's prompt is finished by its last step with more than one new token (a prefill chunk); the
-    step's end is its GPU end where recorded. Warm-ups (ids marked `warmup`, or a lone first request over
+    prompt − the start of the step that first held the round's first request): how much later than the
+    first the others reached the scheduler, plus the engine's batching of them; `rest` — mean TTFT −
+    `engine`: the first request's way from the client's send to the engine's first step, plus the way back
+    (HTTP, tokenisation, hand-over, the client). Two clients whose `rest` agree but whose `engine` differ
+    delivered their bursts to the scheduler differently spread (issue #20, H100 SGLang: drive's `rest`
+    within 5 ms of bench_serving's, its `engine` 8-11 % longer: its other requests reached the scheduler
+    17-43 ms after its first, bench's from 7 ms on). A request's prompt is finished by its last step with
+    more than one new token (a prefill chunk); the step's end is its GPU end where recorded. Warm-ups (ids marked `warmup`, or a lone first request over
     0.5 s before the next: SGLang's bench warms up with an unmarked one) are left out, and only the last
     `len(ttfts)` requests in order of first step are counted."""
     out: dict[str, list[dict[str, float]]] = {}
