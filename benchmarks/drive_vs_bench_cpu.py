@@ -10,6 +10,11 @@ Absolute figures mean nothing; the two clients' difference on the same server do
 
     python benchmarks/drive_vs_bench_cpu.py --bench-python ~/.cache/moecap/vllm-venv-*/bin/python \\
         --bench-path ~/.cache/moecap/vllm-venv-*/vllm-0.26.0 [--repeats 6] [--pin]
+    python benchmarks/drive_vs_bench_cpu.py --bench sglang --bench-python ~/.cache/moecap/sglang-venv-*/bin/python
+
+`--bench sglang`: SGLang 0.5.16's `python -m sglang.benchmark.serving` (OpenAI completions backend,
+`--dataset-name random-ids`, as the GPU fidelity script runs it; drive then sends token ids too) in place
+of `vllm bench serve`.
 
 `--bench-python`: a Python where `vllm.benchmarks.serve` imports and aiohttp is installed (the vLLM
 contract venv of `.ci/vllm-venv.sh`; `--bench-path` puts its vLLM 0.26.0 folder on PYTHONPATH); it also
@@ -104,7 +109,7 @@ def serve(port: int) -> None:
             n += 1
             choice = {
                 "index": 0,
-                "text": " w",
+                "text": " t1",  # a word of the tokenizer written here (benchmarks re-tokenize outputs)
                 "logprobs": None,
                 "finish_reason": "length" if n == r.n_out else None,
             }
@@ -137,6 +142,9 @@ def serve(port: int) -> None:
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "emu", "object": "model"}]})
 
+    async def server_info(_: web.Request) -> web.Response:  # SGLang's bench asks; nothing to tell
+        return web.json_response({})
+
     async def stats(_: web.Request) -> web.Response:
         done = [{"t_arr": r.t_arr, "ttft": r.t_first - r.t_arr} for r in seen if r.t_first is not None]
         seen.clear()
@@ -146,6 +154,8 @@ def serve(port: int) -> None:
         app = web.Application()
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/v1/models", models)
+        for path in ("/get_server_info", "/server_info"):
+            app.router.add_get(path, server_info)
         app.router.add_get("/_stats", stats)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -178,6 +188,7 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
     ap.add_argument("--batch", type=int, choices=(1, 64), default=64)
     ap.add_argument("--drive-args", default="", help="more drive flags, e.g. --no-continuous-usage")
+    ap.add_argument("--bench", choices=("vllm", "sglang"), default="vllm", help="whose serving benchmark")
     args = ap.parse_args()
     if args.serve:
         serve(args.serve)
@@ -195,6 +206,7 @@ def main() -> None:
     pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if args.pin else (lambda cpu: [])
     url = f"http://127.0.0.1:{args.port}"
     n, n_out = (64, 128) if args.batch == 64 else (4, 256)
+    prompt_format = "ids" if args.bench == "sglang" else "text"  # what each benchmark sends
     bench_code = (
         "import argparse, sys; from vllm.benchmarks.serve import add_cli_args, main; "
         "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
@@ -212,10 +224,18 @@ def main() -> None:
                     subprocess.run([*pin(1), sys.executable, "-c", "from moecap.collect.cli import main; main()", "drive",
                                     "--api-url", url, "--dataset", f"synthetic:256x{n_out}", "--num-prompts", str(n),
                                     "--batch-size", str(args.batch), "--ignore-eos", "--tokenizer", str(tok), "--prompt-format",
-                                    "text", "--seed", str(seed), "--out", str(work), "--run-id", run_id, "--no-progress",
+                                    prompt_format, "--seed", str(seed), "--out", str(work), "--run-id", run_id, "--no-progress",
                                     *args.drive_args.split()],
                                    check=True, capture_output=True)  # fmt: skip
                     ttft = drive_metrics(work, run_id)["mean_ttft_ms"]
+                elif args.bench == "sglang":
+                    out = work / f"sglang-{rep}.jsonl"
+                    subprocess.run([*pin(1), args.bench_python, "-m", "sglang.benchmark.serving", "--backend", "sglang-oai",
+                                    "--base-url", url, "--model", "emu", "--tokenizer", str(tok), "--dataset-name", "random-ids",
+                                    "--random-input-len", "256", "--random-output-len", str(n_out), "--random-range-ratio", "1",
+                                    "--num-prompts", str(n), "--max-concurrency", str(args.batch), "--seed", str(seed),
+                                    "--output-file", str(out), "--disable-tqdm"], check=True, capture_output=True, env=env)  # fmt: skip
+                    ttft = json.loads(out.read_text().strip().splitlines()[-1])["mean_ttft_ms"]
                 else:
                     subprocess.run([*pin(1), args.bench_python, "-c", bench_code, "--backend", "vllm", "--base-url", url,
                                     "--model", "emu", "--tokenizer", str(tok), "--dataset-name", "random",

@@ -183,6 +183,14 @@ def drive_command(
             help="Ask for usage in every chunk (tokens per chunk).",
         ),
     ] = True,
+    connection_reuse: Annotated[
+        bool,
+        typer.Option(
+            "--connection-reuse/--no-connection-reuse",
+            help="Keep connections open between requests, as vllm bench serve; --no-connection-reuse: a new "
+            "connection per request, as SGLang's bench_serving (a burst then reaches the server together).",
+        ),
+    ] = True,
     extra_body: Annotated[
         str | None, typer.Option("--extra-body", help="JSON object merged into every request body.")
     ] = None,
@@ -226,6 +234,7 @@ def drive_command(
         temperature=temperature,
         engine=engine,
         continuous_usage=continuous_usage,
+        reuse_connections=connection_reuse,
         system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
         extra_body=body,
         headers=headers,

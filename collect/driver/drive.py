@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +82,7 @@ class DriveResult:
             "ignore_eos": c.ignore_eos,
             "temperature": c.temperature,
             "continuous_usage": c.continuous_usage,
+            "reuse_connections": c.reuse_connections,
             "extra_body": c.extra_body,
             "server_engine": self.server.engine,
             "server_version": self.server.version,
@@ -146,12 +148,16 @@ async def drive(
             )
     limit = load.concurrency if not load.open_loop else load.max_concurrency
     # As `vllm bench serve`'s session: a connection per request in flight (at most `limit`), kept alive
-    # 60 s (session.py says why this matters).
+    # 60 s (session.py says why this matters); --no-connection-reuse: a new one per request, as SGLang's
+    # bench_serving.
     session = open_session(
         limit,
         connect_timeout_s=client.connect_timeout_s,
         read_timeout_s=client.read_timeout_s,
         trace_configs=trace_configs,
+        reuse=client.reuse_connections,
+        url=client.base_url,
+        headers=client.headers,
     )
     async with session:
         if client.preflight:
@@ -171,20 +177,37 @@ async def drive(
         runner = _Runner(session, cfg, model, requests_writer, outputs_writer, progress, stop, on_record)
         if stop_reason is not None:
             runner.stop_reason = stop_reason
-        started = time.monotonic_ns()
-        if progress is not None:
-            progress.start(len(samples))
-        try:
-            if load.open_loop:
-                await runner.open_loop(samples, load)
-            else:
-                await runner.closed_loop(samples, load.concurrency)
-        finally:
+        with _long_lived_objects_frozen():
+            started = time.monotonic_ns()
             if progress is not None:
-                progress.close()
-        finished = time.monotonic_ns()
+                progress.start(len(samples))
+            try:
+                if load.open_loop:
+                    await runner.open_loop(samples, load)
+                else:
+                    await runner.closed_loop(samples, load.concurrency)
+            finally:
+                if progress is not None:
+                    progress.close()
+            finished = time.monotonic_ns()
     records = sorted(runner.records, key=lambda r: r.index)
     return DriveResult(records, model, cfg, load, server, started, finished, interrupted=stop.is_set())
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """The measured requests run with every object that exists before them (datasets, tokenizer, the
+    engine-free client's imports) moved out of the garbage collector's view (`gc.freeze`), so a full
+    collection inside the window walks only what the run itself made. Without it one fell inside a burst
+    of 64 token-id prompts on this 2-core host: 52 ms, 20 ms into the dispatch, holding every request not
+    yet sent (the CLI against `benchmarks/drive_vs_bench_cpu.py`'s emulated engine, traced with gc
+    callbacks; docs/decisions.md 2026-12-07). Undone afterwards (`gc.unfreeze`)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 async def _warm_up(

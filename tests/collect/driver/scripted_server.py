@@ -183,7 +183,10 @@ class Handler(BaseHTTPRequestHandler):
         name, opts = parse_scenario(text)
         rid = self.headers.get("X-Request-Id", "")
         with LOCK:
-            STATE["seen"].append({"id": rid, "rid": body.get("rid"), "body": body})
+            STATE["seen"].append(
+                {"id": rid, "rid": body.get("rid"), "body": body, "target": self.path,
+                 "authorization": self.headers.get("Authorization")}
+            )  # fmt: skip
             attempt = STATE["attempts"][rid] = STATE["attempts"].get(rid, 0) + 1
         if name == "http500":
             return self._json(
@@ -278,7 +281,11 @@ class Handler(BaseHTTPRequestHandler):
             sent.append({"t_ns": time.monotonic_ns(), "tokens": g})
             if name == "drop" and len(sent) == 3:
                 with LOCK:
-                    STATE["timings"][rid] = {"arrived_ns": int(arrived * 1e9), "chunks": sent}
+                    STATE["timings"][rid] = {
+                        "arrived_ns": int(arrived * 1e9),
+                        "chunks": sent,
+                        "peer_port": self.client_address[1],
+                    }
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
@@ -294,7 +301,11 @@ class Handler(BaseHTTPRequestHandler):
         self._event("[DONE]")
         self._chunk(b"")
         with LOCK:
-            STATE["timings"][rid] = {"arrived_ns": int(arrived * 1e9), "chunks": sent}
+            STATE["timings"][rid] = {
+                "arrived_ns": int(arrived * 1e9),
+                "chunks": sent,
+                "peer_port": self.client_address[1],
+            }
         self._record_passes(rid, n_tok)
         return None
 
