@@ -201,13 +201,16 @@ def _long_lived_objects_frozen() -> Iterator[None]:
     collection inside the window walks only what the run itself made. Without it one fell inside a burst
     of 64 token-id prompts on this 2-core host: 52 ms, 20 ms into the dispatch, holding every request not
     yet sent (the CLI against `benchmarks/drive_vs_bench_cpu.py`'s emulated engine, traced with gc
-    callbacks; docs/decisions.md 2026-12-07). Undone afterwards (`gc.unfreeze`)."""
+    callbacks; docs/decisions.md 2026-12-07). Undone afterwards (`gc.unfreeze`) unless the process had
+    frozen objects of its own before (unfreezing would thaw those too)."""
+    ours = gc.get_freeze_count() == 0
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 async def _warm_up(
