@@ -204,8 +204,7 @@ def _long_lived_objects_frozen() -> Iterator[None]:
     callbacks; docs/decisions.md 2026-12-07). Undone afterwards (`gc.unfreeze`) unless the process had
     frozen objects of its own before (unfreezing would thaw those too)."""
     ours = gc.get_freeze_count() == 0
-    gc.collect()
-    gc.freeze()
+    gc.freeze()  # no gc.collect() first: in a large process it takes long enough to delay the run itself
     try:
         yield
     finally:
