@@ -305,7 +305,8 @@ async def _get_json(
 ) -> Any:
     try:
         async with http.get(cfg.base_url + path, headers=cfg.headers, timeout=timeout) as resp:
-            return _json_or_none(await resp.read()) if resp.status == 200 else None
+            body = await resp.read()  # also a 404's: an unread body can cost the connection its reuse
+            return _json_or_none(body) if resp.status == 200 else None
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
 
