@@ -12,9 +12,10 @@ Absolute figures mean nothing; the two clients' difference on the same server do
         --bench-path ~/.cache/moecap/vllm-venv-*/vllm-0.26.0 [--repeats 6] [--pin]
     python benchmarks/drive_vs_bench_cpu.py --bench sglang --bench-python ~/.cache/moecap/sglang-venv-*/bin/python
 
-`--bench sglang`: SGLang 0.5.16's `python -m sglang.benchmark.serving` (OpenAI completions backend,
+`--bench sglang`: SGLang's `python -m sglang.benchmark.serving` (OpenAI completions backend,
 `--dataset-name random-ids`, as the GPU fidelity script runs it; drive then sends token ids too) in place
-of `vllm bench serve`.
+of `vllm bench serve`. It imports `datasets`, which the SGLang contract venv leaves out: install it
+beside, not into, that venv (`pip install --target DIR datasets`, then `--bench-path DIR`).
 
 `--bench-python`: a Python where `vllm.benchmarks.serve` imports and aiohttp is installed (the vLLM
 contract venv of `.ci/vllm-venv.sh`; `--bench-path` puts its vLLM 0.26.0 folder on PYTHONPATH); it also
