@@ -134,10 +134,10 @@ SIZING_ARGS = frozenset(
 """Engine arguments that do not make two runs' steps different kinds of steps: paths (vLLM's `model` /
 `tokenizer`, SGLang's `model_path` / `tokenizer_path`, which name the per-engine scratch copy of a
 random-weight config: an SGLang sweep starts one engine per point), the request-count limit a
-concurrency sweep varies (with SGLang's `pp_max_micro_batch_size`, which SGLang derives from it at start:
-seen on the real H100 sweep, 2026-12-07), and KV-cache sizing (blocks, memory fractions). Runs that differ only in
-these calibrate jointly by default; any other difference (CUDA graphs on / off, chunked prefill, dtype,
-version) keeps them apart."""
+concurrency sweep varies (with SGLang's `pp_max_micro_batch_size`, which SGLang derives from it at
+start: seen on the real H100 sweep, 2026-12-07), and KV-cache sizing (blocks, memory fractions). Runs that
+differ only in these calibrate jointly by default; any other difference (CUDA graphs on / off, chunked
+prefill, dtype, version) keeps them apart."""
 
 
 def same_config(a: RunContext, b: RunContext) -> bool:

@@ -277,9 +277,9 @@ def b64_ttft_split(folder: Path, windows: list[dict[str, Any]]) -> dict[str, lis
     delivered their bursts to the scheduler differently spread (issue #20, H100 SGLang: drive's `rest`
     within 5 ms of bench_serving's, its `engine` 8-11 % longer: its other requests reached the scheduler
     17-43 ms after its first, bench's from 7 ms on). A request's prompt is finished by its last step with
-    more than one new token (a prefill chunk); the step's end is its GPU end where recorded. Warm-ups (ids marked `warmup`, or a lone first request over
-    0.5 s before the next: SGLang's bench warms up with an unmarked one) are left out, and only the last
-    `len(ttfts)` requests in order of first step are counted."""
+    more than one new token (a prefill chunk); the step's end is its GPU end where recorded. Warm-ups (ids
+    marked `warmup`, or a lone first request over 0.5 s before the next: SGLang's bench warms up with an
+    unmarked one) are left out, and only the last `len(ttfts)` requests in order of first step count."""
     out: dict[str, list[dict[str, float]]] = {}
     cols = ("gpu_end_ns", "req_ids", "req_new_tokens")
     for w, in_window in steps_by_window(folder, windows, *cols):

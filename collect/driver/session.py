@@ -79,14 +79,12 @@ def open_session(
     # aiohttp refuses a keep-alive timeout on a connector that closes every connection.
     keep: dict[str, Any] = {"keepalive_timeout": 60} if reuse else {"force_close": True}
     connector = aiohttp.TCPConnector(limit=limit or 0, limit_per_host=limit or 0, ttl_dns_cache=300, **keep)
+    own_auth = any(k.lower() == "authorization" for k in headers or {})
+    environment = from_environment(url, authorization=own_auth) if url else {}
     return aiohttp.ClientSession(
         connector=connector,
-        trust_env=False,
-        **(
-            from_environment(url, authorization=any(k.lower() == "authorization" for k in headers or {}))
-            if url
-            else {}
-        ),
+        trust_env=False,  # the environment is read once, above, not in a thread per request
+        **environment,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s),
         trace_configs=[first_byte, *trace_configs],
     )

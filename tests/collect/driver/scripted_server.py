@@ -129,6 +129,10 @@ class Handler(BaseHTTPRequestHandler):
         data = obj if isinstance(obj, str) else json.dumps(obj)
         self._chunk(f"data: {data}\n\n".encode())
 
+    def _timings(self, arrived: float, sent: list) -> dict:
+        """What GET /_timings returns for a request: its arrival, its chunks, the client port it came from."""
+        return {"arrived_ns": int(arrived * 1e9), "chunks": sent, "peer_port": self.client_address[1]}
+
     def _body(self) -> dict:
         n = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(n) if n else b""
@@ -281,11 +285,7 @@ class Handler(BaseHTTPRequestHandler):
             sent.append({"t_ns": time.monotonic_ns(), "tokens": g})
             if name == "drop" and len(sent) == 3:
                 with LOCK:
-                    STATE["timings"][rid] = {
-                        "arrived_ns": int(arrived * 1e9),
-                        "chunks": sent,
-                        "peer_port": self.client_address[1],
-                    }
+                    STATE["timings"][rid] = self._timings(arrived, sent)
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
@@ -301,11 +301,7 @@ class Handler(BaseHTTPRequestHandler):
         self._event("[DONE]")
         self._chunk(b"")
         with LOCK:
-            STATE["timings"][rid] = {
-                "arrived_ns": int(arrived * 1e9),
-                "chunks": sent,
-                "peer_port": self.client_address[1],
-            }
+            STATE["timings"][rid] = self._timings(arrived, sent)
         self._record_passes(rid, n_tok)
         return None
 

@@ -142,15 +142,14 @@ def test_sending_a_request_takes_no_thread_hop(scripted, no_proxy_env, monkeypat
     """A request goes out from the event loop without waiting for a worker thread. `vllm bench serve`'s
     session (aiohttp `trust_env=True`) looks up .netrc and the proxy environment in aiohttp's thread pool for
     every request, two hops each, which held a 64-request burst in the client (driver_burst.py)."""
-    loop_cls = asyncio.get_event_loop_policy().new_event_loop().__class__
     calls: list[object] = []
-    original = loop_cls.run_in_executor
+    original = asyncio.BaseEventLoop.run_in_executor
 
     def counting(self, executor, func, *args):
         calls.append(func)
         return original(self, executor, func, *args)
 
-    monkeypatch.setattr(loop_cls, "run_in_executor", counting)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
     samples = [Sample(f"h{i}", "scripted", prompt="stream ttft_ms=2 tokens=2") for i in range(16)]
     cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=2, preflight=False)
     res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=16, warmup=0)))
