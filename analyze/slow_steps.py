@@ -18,16 +18,20 @@ token); other phases with too few steps are not judged.
 
 Second rule, first use (`WARMUP_FACTOR`, `MIN_WARMUP_EXCESS_MS`): engines pay one-off costs the first
 time they meet a step shape — Triton JIT-compiles a kernel specialization, an autotuner tries its configs,
-the first step after the engine starts runs cold host paths — and a later step of the same shape shows what
-the warm one costs, which is direct evidence where the per-token median above is an extrapolation. So a
-step that is the first of its phase with its token count on its rank is named when it took at least
-`WARMUP_FACTOR` x, and `MIN_WARMUP_EXCESS_MS` more than, the median of the LATER steps of its phase group
+the first step after the engine starts runs cold host paths — and another step of at least its size shows
+what the warm one costs, which is direct evidence where the per-token median above is an extrapolation. So
+a step that is the first of its phase with its token count on its rank is named when it took at least
+`WARMUP_FACTOR` x, and `MIN_WARMUP_EXCESS_MS` more than, the median of the OTHER steps of its phase group
 (prefill and mixed together, else the phase; idle steps are not judged) whose token count is at least its
-own and at most twice it (a step is no slower than a warm one of at least its size; the factor-2 window
-keeps the comparison tight). On the shipped H100 vLLM sweep that names the engine's first prefill after a
+own and at most twice it (a warm step is no slower than one of at least its size, before or after it —
+an earlier peer that was itself cold only raises the median, so it can hide a slow step, never invent
+one; the factor-2 window keeps the comparison tight). On the shipped H100 vLLM sweep that names the engine's first prefill after a
 start (1024 tokens: 139.5 ms against 68.9 ms for the run's second one; 8192 tokens: 166.6 vs 81.6 ms) and
 a 15,425-token mixed step that compiled its MoE kernel (1,258 ms against 157-159 ms for the 16,384-token
-steps after it; 8.5x its per-token typical, under the first rule's 10x). 1.5x: warm steps of one shape
+steps after it; 8.5x its per-token typical, under the first rule's 10x); on the H100 SGLang sweep, c16's
+7,167-token prefill chunk (the second wave's remainder, the run's only token count not divisible by 16,
+for which Triton compiles another specialization): 498 ms against 103 ms for the three 8,192-token chunks
+BEFORE it (there are none after). 1.5x: warm steps of one shape
 agree within about +-15 % there (the two prefills of c2, c4, c16; the 16,384-token mixed steps 155-175 ms);
 20 ms keeps ms-scale jitter (a decode step of 3 ms taking 4.5 ms after a prefill) out.
 
@@ -53,7 +57,7 @@ PER_TOKEN_PHASES = ("prefill", "mixed")
 WARMUP_FACTOR = 1.5
 MIN_WARMUP_EXCESS_MS = 20.0
 WARMUP_SIZE_WINDOW = 2.0
-"""First-use rule: later peers have between 1 and this many times the step's tokens."""
+"""First-use rule: peers (earlier or later steps) have between 1 and this many times the step's tokens."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class SlowStep:
     tp: int = 0
     rule: str = "compile"
     """Which rule named it: "compile" (>= FACTOR x its phase's typical cost) or "first use" (the first
-    step of its shape, >= WARMUP_FACTOR x the later steps of that size)."""
+    step of its shape, >= WARMUP_FACTOR x the other steps of 1-2x its size)."""
 
 
 def _duration_ms(df: pl.DataFrame) -> pl.Series:
@@ -162,7 +166,7 @@ _OUT = ["rank", "step", "phase", "d", "typical", "dp", "pp", "tp", "rule"]
 def _first_use(df: pl.DataFrame) -> pl.DataFrame:
     """The first-use rule of the module doc over the frame `slow_steps` builds (rank, step, phase, d, tokens,
     per_token): the first step of each (rank, phase, token count) set against the median duration of the
-    later steps of its phase group with 1-WARMUP_SIZE_WINDOW x its tokens."""
+    other steps of its phase group with 1-WARMUP_SIZE_WINDOW x its tokens."""
     steps = df.filter(pl.col("phase") != "idle").with_columns(
         group=pl.when(pl.col("per_token")).then(pl.lit("per-token")).otherwise(pl.col("phase")),
         n=pl.col("num_tokens").fill_null(0),
@@ -173,7 +177,7 @@ def _first_use(df: pl.DataFrame) -> pl.DataFrame:
     )
     if cand.is_empty():
         return cand.with_columns(typical=pl.lit(None, pl.Float64), rule=pl.lit("first use"))
-    typical = _later_peer_medians(steps, cand)
+    typical = _peer_medians(steps, cand)
     return (
         cand.drop("typical")
         .join(typical, on=["rank", "step"])
@@ -186,11 +190,11 @@ def _first_use(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _later_peer_medians(steps: pl.DataFrame, cand: pl.DataFrame) -> pl.DataFrame:
-    """(rank, step, typical_b): for each candidate, the median duration of the LATER steps of its (rank,
+def _peer_medians(steps: pl.DataFrame, cand: pl.DataFrame) -> pl.DataFrame:
+    """(rank, step, typical_b): for each candidate, the median duration of the OTHER steps of its (rank,
     group) with n to WARMUP_SIZE_WINDOW x n tokens; candidates without such peers are absent. Per group the
-    steps are sorted by tokens once, so a candidate's size window is one slice (searchsorted) and only its
-    later steps are kept: memory O(steps), where a candidate x step join grew as their product (1,500 first
+    steps are sorted by tokens once, so a candidate's size window is one slice (searchsorted) without the
+    candidate itself: memory O(steps), where a candidate x step join grew as their product (1,500 first
     uses x 22,755 mixed steps at 1e5 engine-like steps)."""
     import numpy as np
 
@@ -210,11 +214,11 @@ def _later_peer_medians(steps: pl.DataFrame, cand: pl.DataFrame) -> pl.DataFrame
         hi = np.searchsorted(n, WARMUP_SIZE_WINDOW * c_n, side="right")
         for i in range(len(c_n)):
             window = slice(lo[i], hi[i])
-            later = d[window][step[window] > c_step[i]]
-            if later.size:
+            others = d[window][step[window] != c_step[i]]
+            if others.size:
                 out_rank.append(rank)
                 out_step.append(int(c_step[i]))
-                out_med.append(float(np.median(later)))
+                out_med.append(float(np.median(others)))
     return pl.DataFrame(
         {"rank": out_rank, "step": out_step, "typical_b": out_med},
         schema={"rank": pl.String, "step": steps.schema["step"], "typical_b": pl.Float64},
@@ -234,7 +238,7 @@ def slow_step_findings(rows: Iterable[Mapping[str, Any]] | pl.DataFrame, *, show
     )
     return [
         f"{len(found)} step(s) took >= {FACTOR:g}x their phase's median on their rank, or, the first of their "
-        f"shape, >= {WARMUP_FACTOR:g}x the later steps of their size (likely kernel compilation / JIT, "
+        f"shape, >= {WARMUP_FACTOR:g}x the other steps of their size (likely kernel compilation / JIT, "
         f"autotuning, a cold first step or graph capture inside the recorded window; `run --warmup` keeps it "
         f"out): {first}"
     ]

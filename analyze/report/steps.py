@@ -4,8 +4,8 @@ An idle step (0 batch tokens) has no place on a batch-token axis (log scales can
 no throughput; a compile step (vLLM's first mixed step, 1.1 s against ~7 ms decodes) would bend a
 mean or a line by itself. The slow steps are the ones `moecap-analyze check` names, by the one rule
 in `analyze/slow_steps.py` (≥ 10x what a step of its phase and size usually takes on its rank, and
-≥ 100 ms over it; or the first step of its shape at ≥ 1.5x, and 20 ms over, the later steps of that
-shape); this module only applies it to every run and turns it into SQL and a sentence.
+≥ 100 ms over it; or the first step of its shape at ≥ 1.5x, and 20 ms over, the other steps of
+1-2x its size); this module only applies it to every run and turns it into SQL and a sentence.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Excluded:
         if warmup:
             parts.append(
                 f"warm-up {_steps(warmup)} (the first of its shape, ≥ {WARMUP_FACTOR:g}× and "
-                f"≥ {MIN_WARMUP_EXCESS_MS:g} ms over the later steps of that shape, as `check` names them)"
+                f"≥ {MIN_WARMUP_EXCESS_MS:g} ms over the other steps of 1–2× its size, as `check` names them)"
             )
         return ("Left out: " + "; ".join(parts) + ".") if parts else ""
 

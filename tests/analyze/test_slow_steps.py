@@ -89,7 +89,7 @@ def test_a_lone_mixed_compile_step_is_judged_against_the_pooled_cost_per_token()
     assert slow_steps([_row(i, "idle", 0, 1.0) for i in range(2)] + [_row(2, "idle", 0, 900.0)]) == []
 
 
-def test_the_first_step_of_a_shape_is_named_against_the_later_steps_of_its_size():
+def test_the_first_step_of_a_shape_is_named_against_the_other_steps_of_its_size():
     # The engine's first prefill after a start (vLLM c1 of the H100 sweep): 1024 tokens in 139.5 ms, the run's
     # second 1024-token prefill 68.9 ms, 254 decodes of 3 ms. Two prefills: too few for the first rule. First
     # use: 139.5 >= 1.5 x 68.9 = 103.4 and 70.6 ms >= 20 ms over it: named, typical 68.9 ms.
@@ -103,11 +103,11 @@ def test_the_first_step_of_a_shape_is_named_against_the_later_steps_of_its_size(
     assert slow_steps(rows) == []
 
 
-def test_first_use_peers_are_later_steps_of_one_to_two_times_the_size_in_the_phase_group():
+def test_first_use_peers_are_other_steps_of_one_to_two_times_the_size_in_the_phase_group():
     # A 15,425-token mixed step of 1,258 ms (a Triton kernel compiled for its shape) before two 16,384-token
     # mixed steps of 158 and 157 ms, after six 16,384-token ones: per token it is 8.5x the median, under
-    # the first rule's 10x. First use: later peers of 15,425-30,850 tokens are the two 16,384-token steps,
-    # median 157.5 ms; 1258 >= 236 and 1100 ms over: named.
+    # the first rule's 10x. First use: peers of 15,425-30,850 tokens are the eight 16,384-token steps
+    # around it (158 ms x 7, 157 ms), median 158 ms; 1258 >= 237 and 1100 ms over: named.
     rows = [_row(i, "mixed", 16384, 158.0) for i in range(6)]
     rows += [
         _row(6, "mixed", 15425, 1258.0),
@@ -116,11 +116,29 @@ def test_first_use_peers_are_later_steps_of_one_to_two_times_the_size_in_the_pha
     ]
     rows += [_row(i, "decode", 64, 15.0) for i in range(9, 40)]
     (s,) = slow_steps(rows)
-    assert (s.step, s.rule, s.typical_ms) == (6, "first use", 157.5)
-    # Peers only count within 1-2x its tokens: a later 40,000-token step (over 2x) says nothing, a later
-    # smaller one neither (a step may take longer than a smaller one): no peer, not judged.
+    assert (s.step, s.rule, s.typical_ms) == (6, "first use", 158.0)
+    # Peers only count within 1-2x its tokens: a 40,000-token step (over 2x) says nothing, a smaller one
+    # neither (a step may take longer than a smaller one), before or after it: no peer, not judged.
     far = [_row(0, "prefill", 1024, 139.5), _row(1, "prefill", 4096, 60.0), _row(2, "prefill", 512, 20.0)]
     assert slow_steps(far) == []
+    far = [_row(0, "prefill", 40000, 300.0), _row(1, "prefill", 512, 20.0), _row(2, "prefill", 1024, 139.5)]
+    assert slow_steps(far) == []
+
+
+def test_first_use_peers_may_come_before_the_step():
+    # H100 SGLang sweep, c16: the second wave's prompts are prefilled in chunks of 8,192 tokens and one of
+    # 7,167 (the only count not divisible by 16: Triton compiles another specialization), 498 ms, after three
+    # 8,192-token chunks of ~103 ms and before a 1,024-token prefill only. No later step of 7,167-14,334
+    # tokens exists; the earlier ones are peers: 498 >= 1.5 x 103.1 and 395 ms over: named, typical 103.1.
+    rows = [_row(0, "prefill", 8192, 103.06), _row(1, "prefill", 8192, 103.11)]
+    rows += [_row(i, "decode", 16, 8.6) for i in range(2, 130)]
+    rows += [_row(130, "prefill", 8192, 103.36), _row(131, "prefill", 7167, 497.9)]
+    rows += [_row(i, "decode", 15, 8.4) for i in range(132, 260)] + [_row(260, "prefill", 1024, 21.7)]
+    (s,) = slow_steps(rows)
+    assert (s.step, s.phase, s.rule, s.typical_ms) == (131, "prefill", "first use", 103.1)
+    # The same step at 1.4x its earlier peers (a warm chunk of that size): not named.
+    rows[131] = _row(131, "prefill", 7167, 144.0)
+    assert slow_steps(rows) == []
 
 
 def test_first_use_needs_both_the_factor_and_the_absolute_excess():
@@ -142,12 +160,12 @@ def test_a_step_both_rules_name_is_listed_once_as_compile():
 
 
 def test_first_use_peer_medians_equal_the_brute_force_definition():
-    """Each candidate's typical is the median of the LATER steps of its rank and group with n..2n tokens
+    """Each candidate's typical is the median of the OTHER steps of its rank and group with n..2n tokens
     (checked against a plain per-candidate loop on random steps with ties, gaps and two ranks)."""
     import random
     import statistics
 
-    from moecap.analyze.slow_steps import WARMUP_SIZE_WINDOW, _later_peer_medians
+    from moecap.analyze.slow_steps import WARMUP_SIZE_WINDOW, _peer_medians
 
     rng = random.Random(7)
     rows = [
@@ -164,7 +182,7 @@ def test_first_use_peer_medians_equal_the_brute_force_definition():
     steps = pl.DataFrame(rows)
     cand = steps.filter(pl.col("step") % 37 == 0)
     got = {
-        (r["rank"], r["step"]): r["typical_b"] for r in _later_peer_medians(steps, cand).iter_rows(named=True)
+        (r["rank"], r["step"]): r["typical_b"] for r in _peer_medians(steps, cand).iter_rows(named=True)
     }
     want = {}
     for c in cand.iter_rows(named=True):
@@ -172,9 +190,29 @@ def test_first_use_peer_medians_equal_the_brute_force_definition():
             x["d"]
             for x in rows
             if x["rank"] == c["rank"]
-            and x["step"] > c["step"]
+            and x["step"] != c["step"]
             and c["n"] <= x["n"] <= WARMUP_SIZE_WINDOW * c["n"]
         ]
         if peers:
             want[(c["rank"], c["step"])] = statistics.median(peers)
     assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want)
+
+
+def test_check_names_the_jit_chunk_of_the_shipped_sglang_sweep(tmp_path):
+    """The real H100 SGLang sweep, c16: `moecap-analyze check` names its 7,167-token prefill chunk (step 263,
+    ~498 ms; the three 8,192-token chunks before it took ~103 ms) as the first of its shape."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sweep = Path(__file__).resolve().parents[2] / "traces" / "h100-sglang-sweep"
+    files = sorted(str(p) for p in sweep.glob("*-c16-r0-*.arrow"))
+    assert files, "the shipped SGLang sweep's c16 run is missing"
+    code = "from moecap.analyze.cli import main; main()"
+    r = subprocess.run(
+        [sys.executable, "-c", code, "check", *files, "--cache-dir", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
+    out = r.stdout + r.stderr
+    assert "dp0-pp0-tp0 step 263 (prefill, 497.9 ms vs ~103.1 ms, first of its shape)" in out, out
