@@ -181,9 +181,7 @@ def test_first_use_peer_medians_equal_the_brute_force_definition():
     ]
     steps = pl.DataFrame(rows)
     cand = steps.filter(pl.col("step") % 37 == 0)
-    got = {
-        (r["rank"], r["step"]): r["typical_b"] for r in _peer_medians(steps, cand).iter_rows(named=True)
-    }
+    got = {(r["rank"], r["step"]): r["typical_b"] for r in _peer_medians(steps, cand).iter_rows(named=True)}
     want = {}
     for c in cand.iter_rows(named=True):
         peers = [
