@@ -184,13 +184,14 @@ def drive_command(
         ),
     ] = True,
     connection_reuse: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--connection-reuse/--no-connection-reuse",
             help="Keep connections open between requests, as vllm bench serve; --no-connection-reuse: a new "
-            "connection per request, as SGLang's bench_serving (a burst then reaches the server together).",
+            "connection per request, as SGLang's bench_serving (a burst then reaches the server together). "
+            "Default: as the server's engine's own benchmark (no reuse for SGLang).",
         ),
-    ] = True,
+    ] = None,
     extra_body: Annotated[
         str | None, typer.Option("--extra-body", help="JSON object merged into every request body.")
     ] = None,

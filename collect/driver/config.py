@@ -65,11 +65,13 @@ class ClientConfig:
     request_id_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
     preflight: bool = True
     """Check that the server answers (GET /v1/models) before sending the workload."""
-    reuse_connections: bool = True
-    """Keep connections open between requests (as `vllm bench serve`). False: a new connection for every
-    request, as SGLang's `bench_serving` (a session per request): each request pays its TCP connect, and a
-    burst reaches the server together rather than behind a request that found a connection already open
-    (the server probe's or a warm-up's)."""
+    reuse_connections: bool | None = None
+    """Keep connections open between requests (True, as `vllm bench serve`), or open a new connection for
+    every request (False, as SGLang's `bench_serving`, a session per request: each request pays its TCP
+    connect, and a burst reaches the server together rather than behind a request that found a connection
+    already open, the server probe's or a warm-up's). None: as the server's engine's own serving benchmark
+    does, False for an SGLang server and True otherwise (decided after the probe; `DriveResult.client`
+    holds the choice)."""
     arrival: str = "request"
     """When a request's `arrival_ns` (TTFT's start) is taken: `request`, just before the HTTP client is
     asked to send it (as `vllm bench serve` and SGLang's `bench_serving` do); `first-byte`, when its first

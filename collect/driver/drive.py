@@ -147,19 +147,23 @@ async def drive(
                 "prompts already carry a chat template; send them with --api completions, or drop --chat-template"
             )
     limit = load.concurrency if not load.open_loop else load.max_concurrency
-    # As `vllm bench serve`'s session: a connection per request in flight (at most `limit`), kept alive
-    # 60 s (session.py says why this matters); --no-connection-reuse: a new one per request, as SGLang's
-    # bench_serving.
-    session = open_session(
-        limit,
-        connect_timeout_s=client.connect_timeout_s,
-        read_timeout_s=client.read_timeout_s,
-        trace_configs=trace_configs,
-        reuse=client.reuse_connections,
-        url=client.base_url,
-        headers=client.headers,
-    )
-    async with session:
+
+    def session_for(reuse: bool) -> aiohttp.ClientSession:
+        # As `vllm bench serve`'s session: a connection per request in flight (at most `limit`), kept alive
+        # 60 s (session.py says why this matters); reuse False: a new one per request, as SGLang's
+        # bench_serving.
+        return open_session(
+            limit,
+            connect_timeout_s=client.connect_timeout_s,
+            read_timeout_s=client.read_timeout_s,
+            trace_configs=trace_configs,
+            reuse=reuse,
+            url=client.base_url,
+            headers=client.headers,
+        )
+
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(session_for(client.reuse_connections is not False))
         if client.preflight:
             server = await probe_server(session, client)
         else:
@@ -170,6 +174,14 @@ async def drive(
         cfg = client
         if client.engine == "auto" and server.engine == "sglang":
             cfg = dataclasses.replace(client, engine="sglang")
+        if cfg.reuse_connections is None:
+            # As the engine's own serving benchmark: SGLang's bench_serving opens a connection per request,
+            # `vllm bench serve` keeps them alive (the probe's connection then stays, as its test request's)
+            reuse = (server.engine or cfg.engine) != "sglang"
+            cfg = dataclasses.replace(cfg, reuse_connections=reuse)
+            if not reuse:
+                await session.close()
+                session = await stack.enter_async_context(session_for(False))
         if load.warmup and not stop.is_set():
             await _unless_stopped(_warm_up(session, cfg, model, samples, load.warmup, limit, load.seed), stop)
         if before_measure is not None:

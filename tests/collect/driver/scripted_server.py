@@ -1,6 +1,6 @@
 """A scripted OpenAI-compatible server for the driver tests (stdlib only), run as its own process.
 
-    python scripted_server.py [--dump-key records|batches] [--models-body TEXT]
+    python scripted_server.py [--dump-key records|batches] [--models-body TEXT] [--as-sglang]
         -> prints "PORT <n>", serves on 127.0.0.1:<n> until its stdin closes (TEXT: the /v1/models body)
 
 Each request's behaviour comes from its prompt (or last chat message): a scenario name then key=value
@@ -17,7 +17,7 @@ tokens "#### N" (a GSM8K-style answer). `inject=<percent-encoded text>` sends on
 data after chunk `at=K` (default 1) of a stream; `bloat_mib=N` sends, after chunk 1, an event of N MiB that
 never ends.
 
-Also: GET /v1/models, GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
+Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info), GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
 chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
 recording endpoints (start / stop / dump / clear / status), whose records describe finished requests.
 Scenario `barrier n=N group=G wait_s=S` holds each request until N requests of group G are open at once
@@ -53,6 +53,7 @@ BARRIER = threading.Condition()
 DUMP_KEY = "records"
 RECORDING_ENDPOINTS = True
 MODELS_BODY: str | None = None
+AS_SGLANG = False
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
 
 
@@ -164,6 +165,10 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/_seen":
             with LOCK:
                 return self._json(200, STATE["seen"])
+        if url.path == "/get_model_info" and AS_SGLANG:  # SGLang 0.5's info endpoints, as drive probes them
+            return self._json(200, {"model_path": "scripted-model", "is_generation": True})
+        if url.path == "/get_server_info" and AS_SGLANG:
+            return self._json(200, {"version": "0.5.16"})
         if url.path == "/batch_recording_status" and RECORDING_ENDPOINTS:
             with LOCK:
                 STATE["control"].append(("status", q.get("model", [None])[0]))
@@ -394,12 +399,13 @@ class Server(ThreadingHTTPServer):
 
 
 def main() -> None:
-    global DUMP_KEY, RECORDING_ENDPOINTS, MODELS_BODY
+    global DUMP_KEY, RECORDING_ENDPOINTS, MODELS_BODY, AS_SGLANG
     if "--dump-key" in sys.argv:
         DUMP_KEY = sys.argv[sys.argv.index("--dump-key") + 1]
     if "--models-body" in sys.argv:
         MODELS_BODY = sys.argv[sys.argv.index("--models-body") + 1]
     RECORDING_ENDPOINTS = "--no-recording" not in sys.argv
+    AS_SGLANG = "--as-sglang" in sys.argv
     server = Server(("127.0.0.1", 0), Handler)
     print(f"PORT {server.server_address[1]}", flush=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()

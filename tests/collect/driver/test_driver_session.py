@@ -67,6 +67,39 @@ def test_without_reuse_every_request_opens_its_own_connection(scripted):
     assert len(set(ports)) == 6 and seen["reused"] == 0 and seen["created"] >= 8
 
 
+@pytest.fixture(scope="module")
+def scripted_sglang():
+    """The scripted server answering SGLang's info endpoints (`/get_model_info`, `/get_server_info`)."""
+    from loopback import SCRIPTED, start_server
+
+    with start_server(SCRIPTED, "--as-sglang") as server:
+        yield server
+
+
+@pytest.mark.parametrize("as_sglang", [True, False])
+def test_by_default_connections_follow_the_servers_own_benchmark(scripted, scripted_sglang, as_sglang):
+    """No --connection-reuse flag: an SGLang server gets a new connection per request (as its
+    bench_serving opens them; the H100 b64 comparison agreed within 1 % that way), any other server one
+    kept-alive connection per request in flight (as `vllm bench serve`). An explicit flag wins."""
+    server = scripted_sglang if as_sglang else scripted
+    samples = [Sample(f"a{i}", "scripted", prompt="stream ttft_ms=5 itl_ms=2 tokens=2") for i in range(6)]
+    for reuse, want in ((None, not as_sglang), (True, True), (False, False)):
+        trace, seen = _counting()
+        cfg = ClientConfig(api_url=server.url, model="m", max_tokens=2, reuse_connections=reuse)
+        res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=1, warmup=1), trace_configs=[trace]))
+        assert all(r.ok for r in res.records), [r.error for r in res.records if not r.ok]
+        assert res.workload()["server_engine"] == ("sglang" if as_sglang else None)
+        assert res.workload()["reuse_connections"] is want, (reuse, as_sglang)
+        ports = _ports(server, res)
+        if want:
+            # the probe's connection (kept, as `vllm bench serve` keeps its test request's) carries all
+            assert len(set(ports)) == 1 and seen["reused"] >= 7
+        else:
+            # every measured request on its own connection; decided after the probe, whose keep-alive
+            # connection carried its two SGLang info GETs after /v1/models and was then closed
+            assert len(set(ports)) == 6 and seen["reused"] == (2 if reuse is None else 0)
+
+
 def test_a_server_that_is_not_there_is_one_line_per_request(free_port):
     samples = [Sample("x", "scripted", prompt="stream tokens=1")]
     cfg = ClientConfig(api_url=f"http://127.0.0.1:{free_port}", model="m", preflight=False, max_retries=0)
