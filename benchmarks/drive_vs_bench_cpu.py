@@ -15,7 +15,9 @@ Absolute figures mean nothing; the two clients' difference on the same server do
 `--bench sglang`: SGLang's `python -m sglang.benchmark.serving` (OpenAI completions backend,
 `--dataset-name random-ids`, as the GPU fidelity script runs it; drive then sends token ids too) in place
 of `vllm bench serve`. It imports `datasets`, which the SGLang contract venv leaves out: install it
-beside, not into, that venv (`pip install --target DIR datasets`, then `--bench-path DIR`).
+beside, not into, that venv (`pip install --target DIR datasets`, then `--bench-path DIR`). The emulated
+server answers no engine-info endpoint, so drive keeps its connections alive here unless told
+(`--drive-args=--no-connection-reuse`, what it does by default against a real SGLang server).
 
 `--bench-python`: a Python where `vllm.benchmarks.serve` imports and aiohttp is installed (the vLLM
 contract venv of `.ci/vllm-venv.sh`; `--bench-path` puts its vLLM 0.26.0 folder on PYTHONPATH); it also
