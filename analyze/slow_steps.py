@@ -25,15 +25,15 @@ a step that is the first of its phase with its token count on its rank is named 
 (prefill and mixed together, else the phase; idle steps are not judged) whose token count is at least its
 own and at most twice it (a warm step is no slower than one of at least its size, before or after it —
 an earlier peer that was itself cold only raises the median, so it can hide a slow step, never invent
-one; the factor-2 window keeps the comparison tight). On the shipped H100 vLLM sweep that names the engine's first prefill after a
-start (1024 tokens: 139.5 ms against 68.9 ms for the run's second one; 8192 tokens: 166.6 vs 81.6 ms) and
-a 15,425-token mixed step that compiled its MoE kernel (1,258 ms against 157-159 ms for the 16,384-token
-steps after it; 8.5x its per-token typical, under the first rule's 10x); on the H100 SGLang sweep, c16's
-7,167-token prefill chunk (the second wave's remainder, the run's only token count not divisible by 16,
-for which Triton compiles another specialization): 498 ms against 103 ms for the three 8,192-token chunks
-BEFORE it (there are none after). 1.5x: warm steps of one shape
-agree within about +-15 % there (the two prefills of c2, c4, c16; the 16,384-token mixed steps 155-175 ms);
-20 ms keeps ms-scale jitter (a decode step of 3 ms taking 4.5 ms after a prefill) out.
+one; the factor-2 window keeps the comparison tight). On the shipped H100 vLLM sweep that names the
+engine's first prefill after a start (1024 tokens: 139.5 ms against 68.9 ms for the run's second one;
+8192 tokens: 166.6 vs 81.6 ms) and a 15,425-token mixed step that compiled its MoE kernel (1,258 ms
+against 157-159 ms for the 16,384-token steps around it; 8.5x its per-token typical, under the first
+rule's 10x); on the H100 SGLang sweep, c16's 7,167-token prefill chunk (the second wave's remainder, the
+run's only token count not divisible by 16, for which Triton compiles another specialization): 498 ms
+against 103 ms for the three 8,192-token chunks BEFORE it (there are none after). 1.5x: warm steps of one
+shape agree within about +-15 % there (the two prefills of c2, c4, c16; the 16,384-token mixed steps
+155-175 ms); 20 ms keeps ms-scale jitter (a decode step of 3 ms taking 4.5 ms after a prefill) out.
 
 This is the one definition: `moecap-analyze check` names these steps, and the report's per-step charts
 leave them out (analyze/report/steps.py).
