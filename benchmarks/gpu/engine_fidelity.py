@@ -222,9 +222,12 @@ def round_schedules(
     """How the engine scheduled each serve round's prompts, read from the server's own steps file: per
     round (a [t0_ns, t1_ns) window of the host's monotonic clock, which the plugin stamps steps with), the
     steps that prefilled prompt tokens (a request's chunk of more than one new token), the new prompt
-    tokens of the first `first` of them, and the span from the first such step's start to the last one's
-    end (ms). A burst that reaches the server at once fills the first steps to the token budget; one that
-    arrives spread out starts with a few prompts and needs more steps (issue #20: drive vs bench TTFT)."""
+    tokens of the first `first` of them, the span from the first such step's start to the last one's end
+    (ms), and the longest of them (its prompt tokens and host span, ms: an engine-side stall, e.g. a kernel
+    compiled for a chunk size met for the first time, shows there; the sixth H100 lease saw two rounds with
+    spans of 622 and 810 ms and could not tell which step held them). A burst that reaches the server at once
+    fills the first steps to the token budget; one that arrives spread out starts with a few prompts and
+    needs more steps (issue #20: drive vs bench TTFT)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for w, in_window in steps_by_window(folder, windows, "req_new_tokens"):
         steps = [
@@ -232,11 +235,14 @@ def round_schedules(
             for r in in_window
         ]
         prefill = [s for s in steps if s[2] > 0]
+        longest = max(prefill, key=lambda s: s[1] - s[0], default=None)
         out.setdefault(w["key"], []).append({
             "prefill_steps": len(prefill),
             "prefill_tokens": sum(s[2] for s in prefill),
             "first_prefill_tokens": [s[2] for s in prefill[:first]],
             "prefill_span_ms": round((prefill[-1][1] - prefill[0][0]) / 1e6, 2) if prefill else None,
+            "longest_prefill": {"tokens": longest[2], "ms": round((longest[1] - longest[0]) / 1e6, 2)}
+            if longest else None,
         })  # fmt: skip
     return out
 
@@ -890,8 +896,15 @@ def summarize(folders: list[str]) -> str:
             for key, rounds in sorted((d.get("schedule") or {}).items()):
                 lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
                              f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "
-                             f"{[r['prefill_span_ms'] for r in rounds]}")  # fmt: skip
+                             f"{[r['prefill_span_ms'] for r in rounds]}"
+                             + (f", longest prefill step (tokens, ms) {longest}"
+                                if (longest := [_pair(r.get('longest_prefill')) for r in rounds if r.get('longest_prefill')])
+                                else ""))  # fmt: skip
     return "\n".join(lines)
+
+
+def _pair(step: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    return (step["tokens"], step["ms"]) if step else None
 
 
 def parser() -> argparse.ArgumentParser:

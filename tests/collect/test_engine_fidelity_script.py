@@ -257,14 +257,17 @@ def test_round_schedules_read_how_the_engine_prefilled_each_round(tmp_path):
                {"key": "drive-b64", "t0_ns": 290 * ms, "t1_ns": 400 * ms}]  # fmt: skip
     sched = ef.round_schedules(tmp_path, windows)
     assert sched["bench-b64"] == [{"prefill_steps": 2, "prefill_tokens": 4096,
-                                   "first_prefill_tokens": [2048, 2048], "prefill_span_ms": 60.0}]  # fmt: skip
+                                   "first_prefill_tokens": [2048, 2048], "prefill_span_ms": 60.0,
+                                   "longest_prefill": {"tokens": 2048, "ms": 30.0}}]  # fmt: skip
     assert sched["drive-b64"] == [{"prefill_steps": 3, "prefill_tokens": 4096,
-                                   "first_prefill_tokens": [256, 512, 3328], "prefill_span_ms": 90.0}]  # fmt: skip
+                                   "first_prefill_tokens": [256, 512, 3328], "prefill_span_ms": 90.0,
+                                   "longest_prefill": {"tokens": 3328, "ms": 52.0}}]  # fmt: skip
     serve = {"ok": True, "engine": "vllm", "stage": "serve", "gpu": "H100", "medians": {}, "schedule": sched}
     (tmp_path / "fidelity-vllm-serve.json").write_text(json.dumps(serve))
     table = ef.summarize([str(tmp_path)])
     assert "bench-b64: prefill steps per round [2], first steps' prompt tokens [2048, 2048]" in table
     assert "drive-b64: prefill steps per round [3], first steps' prompt tokens [256, 512, 3328]" in table
+    assert "prefill span ms [90.0], longest prefill step (tokens, ms) [(3328, 52.0)]" in table
 
 
 def test_b1_ttft_outside_the_engine_step_pairs_each_request_with_its_prefill(tmp_path):
