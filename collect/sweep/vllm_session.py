@@ -206,8 +206,13 @@ class VllmSession:
             driver="vllm-offline-closed-loop",
         )
         workload.update(workload_extra)
-        # Warm-up at the point's batch size, not recorded (tracing is closed between points).
-        warm = self._prompts(point, seed + WARMUP_SEED_OFFSET, point.batch_size, WARMUP_MAX_TOKENS)
+        # Warm-up at the point's batch size, not recorded (tracing is closed between points); one step of
+        # it off the multiple of 16 tokens (workload.off_sixteen says why).
+        from ..workload import off_sixteen
+
+        warm = off_sixteen(
+            self._prompts(point, seed + WARMUP_SEED_OFFSET, point.batch_size, WARMUP_MAX_TOKENS)
+        )
         self._submit(warm, options, point.batch_size)
         with contextlib.suppress(Exception):
             self.engine.reset_prefix_cache()
