@@ -894,17 +894,13 @@ def summarize(folders: list[str]) -> str:
                 lines.append(f"b64 TTFT split, ms (median of rounds; engine: first step to prompt done, rest: the "
                              f"client's send to the first step and the way back): {json.dumps(split)}")  # fmt: skip
             for key, rounds in sorted((d.get("schedule") or {}).items()):
-                lines.append(f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
-                             f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "
-                             f"{[r['prefill_span_ms'] for r in rounds]}"
-                             + (f", longest prefill step (tokens, ms) {longest}"
-                                if (longest := [_pair(r.get('longest_prefill')) for r in rounds if r.get('longest_prefill')])
-                                else ""))  # fmt: skip
+                line = (f"{key}: prefill steps per round {[r['prefill_steps'] for r in rounds]}, first steps' "
+                        f"prompt tokens {rounds[0]['first_prefill_tokens'] if rounds else []}, prefill span ms "
+                        f"{[r['prefill_span_ms'] for r in rounds]}")  # fmt: skip
+                # results before 2026-12-07 have no longest prefill step
+                longest = [(s["tokens"], s["ms"]) for r in rounds if (s := r.get("longest_prefill"))]
+                lines.append(f"{line}, longest prefill step (tokens, ms) {longest}" if longest else line)
     return "\n".join(lines)
-
-
-def _pair(step: dict[str, Any] | None) -> tuple[Any, Any] | None:
-    return (step["tokens"], step["ms"]) if step else None
 
 
 def parser() -> argparse.ArgumentParser:

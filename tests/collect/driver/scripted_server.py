@@ -17,8 +17,8 @@ tokens "#### N" (a GSM8K-style answer). `inject=<percent-encoded text>` sends on
 data after chunk `at=K` (default 1) of a stream; `bloat_mib=N` sends, after chunk 1, an event of N MiB that
 never ends.
 
-Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info), GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each
-chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
+Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info),
+GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
 recording endpoints (start / stop / dump / clear / status), whose records describe finished requests.
 Scenario `barrier n=N group=G wait_s=S` holds each request until N requests of group G are open at once
 (or S seconds passed), then streams as `stream` from that moment; GET /_released says, per request id,
