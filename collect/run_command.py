@@ -207,7 +207,8 @@ def run(
     if t:
         typer.echo(
             f"moecap-collect: engine start {t.get('engine_start_s', 0):.1f} s, warm-up {t.get('warmup_s', 0):.1f} s "
-            f"({int(t.get('warmup_requests', 0))} requests), prompts handed over in "
+            f"({int(t.get('warmup_ladder_steps', 0))} ladder steps, {int(t.get('warmup_requests', 0))} requests), "
+            f"prompts handed over in "
             f"{1e3 * t.get('submit_s', 0):.1f} ms, first token after {1e3 * t.get('first_token_s', 0):.1f} ms",
             err=True,
         )

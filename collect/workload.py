@@ -85,7 +85,7 @@ def default_warmup(num_prompts: int, batch_size: int) -> int:
 
 def warmup_prompts(prompts: Sequence[Prompt], n: int, *, vocab_size: int, seed: int) -> list[Prompt]:
     """`n` prompts with the lengths and output budgets of `prompts[:n]` (cycled when n is larger), ids
-    drawn uniformly from [100, vocab_size) and request ids `WARMUP_PREFIX<i>`; then `off_sixteen`."""
+    drawn uniformly from [100, vocab_size) and request ids `WARMUP_PREFIX<i>`."""
     if n <= 0 or not prompts:
         return []
     rng = random.Random(seed + WARMUP_SEED_OFFSET)
@@ -95,20 +95,70 @@ def warmup_prompts(prompts: Sequence[Prompt], n: int, *, vocab_size: int, seed: 
         shape = prompts[i % len(prompts)]
         ids = [rng.randrange(low, vocab_size) for _ in range(len(shape.token_ids))]
         out.append(replace(shape, req_id=f"{WARMUP_PREFIX}{i}", token_ids=ids))
-    return off_sixteen(out)
+    return out
 
 
-def off_sixteen(warm: list[Prompt]) -> list[Prompt]:
-    """`warm` with its last prompt one token shorter when the prompts' tokens add up to a multiple of 16
-    (and there are at least two, so the workload's own length stays warmed up): the warm-up wave's token
-    total is then odd, so at least one of its steps has a token count off the multiple of 16. Triton
-    specializes integer arguments on divisibility by 16 and compiles a kernel again the first time a count
-    off it comes (H100, Triton 3.6: `benchmarks/gpu/triton_specialization.py`); in both shipped H100
-    sweeps the compile steps inside the recorded window were exactly such steps (docs/sweep.md), which a
-    warm-up of whole prompts never forms."""
-    if len(warm) < 2 or sum(len(p.token_ids) for p in warm) % 16 or len(warm[-1].token_ids) < 2:
-        return warm
-    return [*warm[:-1], replace(warm[-1], token_ids=warm[-1].token_ids[:-1])]
+LADDER_FIRST_TOKENS = 16
+"""The smallest step size of the residue ladder (tokens)."""
+
+
+def ladder_sizes(reach: int) -> list[int]:
+    """The residue ladder's base sizes for steps of up to `reach` tokens: multiples of 16, each about √2 ×
+    the one before (16, 32, 48, 64, 96, 128, 176, 256, …), the last the largest with room for 15 more
+    tokens within `reach`."""
+    top = (reach - 15) // 16 * 16
+    sizes: list[int] = []
+    k = 0
+    while top >= LADDER_FIRST_TOKENS:
+        size = 16 * round(2 ** (k / 2))
+        k += 1
+        if size >= top:
+            return [*sizes, top]
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def residue_ladder(
+    *, step_budget: int, max_prompt_tokens: int, max_requests: int, vocab_size: int, seed: int
+) -> list[list[Prompt]]:
+    """Warm-up groups that make the engine run a step of every token count s + r, r = 0…15, for each
+    ladder size s (`ladder_sizes`) up to the largest step the run can form (`step_budget`, the engine's
+    prefill tokens per step, or `max_requests` × `max_prompt_tokens` when smaller).
+
+    Hand each group over alone, after the one before has finished: its prompts (⌈count /
+    max_prompt_tokens⌉ of them, lengths within one token of each other, one output token each) are
+    admitted together and prefilled in one step of exactly that count. Why: Triton compiles a kernel once
+    per launch configuration, and vLLM and SGLang pick the fused-MoE tile configuration by the step's
+    token count M (vLLM 0.26 bf16: six ranges, 32 / 96 / 512 / 7,740 among their edges for 60 experts) and
+    Triton specializes integer arguments on divisibility by 16 (the expert-sorted length is 4·M + 7,620
+    there: divisible exactly when M mod 4 = 3); so the first step of each (range, M mod 16) class
+    compiles — 0.1-1.2 s on an H100 (`benchmarks/gpu/triton_specialization.py`; docs/sweep.md). A warm-up
+    of whole prompts meets only a few classes; the recorded window then met the others (H100 vLLM sweep:
+    15,425 tokens at 64 in flight, 569 at 128, ~1.1 s each). Ids are drawn like `warmup_prompts`' (no
+    prefix shared with anything), request ids `WARMUP_PREFIX` + `ladder-<count>-<i>`."""
+    reach = min(step_budget, max_requests * max_prompt_tokens)
+    if reach < LADDER_FIRST_TOKENS + 15 or max_prompt_tokens < 1:
+        return []
+    rng = random.Random(seed + 2 * WARMUP_SEED_OFFSET)
+    low = min(100, max(0, vocab_size - 1))
+    groups = []
+    for size in ladder_sizes(reach):
+        for count in range(size, size + 16):
+            n = -(-count // max_prompt_tokens)
+            lengths = [count // n + (i < count % n) for i in range(n)]
+            groups.append(
+                [
+                    Prompt(
+                        f"{WARMUP_PREFIX}ladder-{count}-{i}",
+                        [rng.randrange(low, vocab_size) for _ in range(length)],
+                        1,
+                        Sample(f"ladder-{count}-{i}", "warm-up"),
+                    )
+                    for i, length in enumerate(lengths)
+                ]
+            )
+    return groups
 
 
 T = TypeVar("T")

@@ -53,6 +53,7 @@ from ..workload import (
     closed_loop_workload,
     default_warmup,
     make_prompts,
+    residue_ladder,
     warmup_prompts,
     write_client_tables,
 )
@@ -311,6 +312,10 @@ class OfflineSession:
         (records, wall s from the first hand-over to the last token)."""
         raise NotImplementedError
 
+    def _step_budget(self) -> int | None:
+        """The most prompt tokens the started engine prefills in one step (None: not known, no ladder)."""
+        return None
+
     def _pause(self) -> None:
         """Stop recording (the warm-up follows); engines whose tracer skips warm-up ids do nothing."""
 
@@ -377,21 +382,40 @@ class OfflineSession:
         self._sampler = self._sampler_cm.__enter__()
 
     def warmup(self, prompts: Sequence[Prompt], n: int) -> None:
-        """Run `n` requests of `prompts`' shapes (fresh ids), not recorded."""
+        """Unrecorded: the residue ladder (`workload.residue_ladder`: one step of every token count class
+        the run can form, when the engine tells its step budget), then `n` requests of `prompts`' shapes
+        (fresh ids)."""
         if n <= 0:
             self.timing["warmup_s"] = 0.0
             return
         warm = warmup_prompts(prompts, n, vocab_size=self.vocab, seed=self.options.seed)
+        budget = self._step_budget()
+        ladder = (
+            residue_ladder(
+                step_budget=budget,
+                max_prompt_tokens=max(len(p.token_ids) for p in prompts),
+                max_requests=self.max_in_flight,
+                vocab_size=self.vocab,
+                seed=self.options.seed,
+            )
+            if budget and prompts
+            else []
+        )
         t0 = time.monotonic()
         if self.options.trace:
             self._pause()
         try:
+            for group in ladder:
+                self._submit(group, None, None)
+            t_ladder = time.monotonic()
             self._submit(warm, None, None)
         finally:
             if self.options.trace:
                 self._resume()
         self.timing["warmup_s"] = round(time.monotonic() - t0, 3)
         self.timing["warmup_requests"] = n
+        self.timing["warmup_ladder_steps"] = len(ladder)
+        self.timing["warmup_ladder_s"] = round(t_ladder - t0, 3)
 
     def run_point(
         self, prompts: Sequence[Prompt], *, concurrency: int | None = None, progress: Progress | None = None

@@ -93,6 +93,8 @@ class VllmSession:
         self.model_id = ""
         self.warnings: list[str] = []
         self._saved_env: dict[str, str | None] = {}
+        self._ladder_reach = 0
+        """Step sizes up to this many tokens have had their residue ladder on this engine."""
 
     def start(self, config: EngineConfig, out: Path) -> None:
         from ..engines.offline import load_tokenizer, model_dir, model_id_of, read_config
@@ -179,6 +181,27 @@ class VllmSession:
         limit = int(self.options.engine_args.get("max_num_seqs") or 0)
         return submitter._submit(prompts, None if limit and concurrency >= limit else concurrency, None)
 
+    def _ladder(self, prompts: list[Any], options: Any, batch_size: int, seed: int) -> None:
+        """The residue ladder's groups above `_ladder_reach`, each handed over alone."""
+        from ..engines.vllm.runner import step_budget
+        from ..workload import residue_ladder
+
+        budget = step_budget(self.engine)
+        if not budget or not prompts:
+            return
+        longest = max(len(p.token_ids) for p in prompts)
+        groups = residue_ladder(
+            step_budget=budget,
+            max_prompt_tokens=longest,
+            max_requests=batch_size,
+            vocab_size=self.vocab,
+            seed=seed,
+        )
+        for group in groups:
+            if sum(len(p.token_ids) for p in group) > self._ladder_reach:
+                self._submit(group, options, len(group))
+        self._ladder_reach = max(self._ladder_reach, min(budget, batch_size * longest))
+
     def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
         from ..engines.base import client_run_metadata
         from ..engines.offline import gpu_sampler
@@ -206,13 +229,11 @@ class VllmSession:
             driver="vllm-offline-closed-loop",
         )
         workload.update(workload_extra)
-        # Warm-up at the point's batch size, not recorded (tracing is closed between points); one step of
-        # it off the multiple of 16 tokens (workload.off_sixteen says why).
-        from ..workload import off_sixteen
-
-        warm = off_sixteen(
-            self._prompts(point, seed + WARMUP_SEED_OFFSET, point.batch_size, WARMUP_MAX_TOKENS)
-        )
+        # Warm-up, not recorded (tracing is closed between points): the residue ladder for the step sizes
+        # this point can form beyond what earlier points' ladders covered (workload.residue_ladder says
+        # why), then one wave at the point's batch size.
+        self._ladder(prompts, options, point.batch_size, seed)
+        warm = self._prompts(point, seed + WARMUP_SEED_OFFSET, point.batch_size, WARMUP_MAX_TOKENS)
         self._submit(warm, options, point.batch_size)
         with contextlib.suppress(Exception):
             self.engine.reset_prefix_cache()

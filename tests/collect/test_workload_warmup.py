@@ -1,11 +1,19 @@
-"""The warm-up's one step off the multiple of 16 tokens (collect/workload.py `off_sixteen`): both shipped H100
-sweeps compiled Triton kernels inside the recorded window at exactly the steps whose token count was not a
-multiple of 16, which a warm-up of whole 1,024-token prompts never forms."""
+"""The warm-up's residue ladder (collect/workload.py `residue_ladder`): the H100 vLLM sweep compiled Triton
+kernels inside the recorded window at steps whose (tile-configuration range, token count mod 16) class no
+warm-up step had met — 15,425 tokens at 64 in flight, 569 at 128 (docs/sweep.md). The ladder hands the
+engine groups that each fill one step of a chosen token count: every residue mod 16 at sizes about √2
+apart, up to the largest step the run can form."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import pytest
+
 from moecap.collect.datasets import Sample
-from moecap.collect.workload import WARMUP_PREFIX, Prompt, off_sixteen, warmup_prompts
+from moecap.collect.engines.base import OfflineSession
+from moecap.collect.workload import WARMUP_PREFIX, Prompt, ladder_sizes, residue_ladder, warmup_prompts
 
 
 def _prompts(lengths: list[int]) -> list[Prompt]:
@@ -14,31 +22,124 @@ def _prompts(lengths: list[int]) -> list[Prompt]:
     ]
 
 
-def _chunks(total: int, budget: int) -> list[int]:
-    """A wave of `total` prompt tokens prefilled in steps of at most `budget` tokens (chunked prefill)."""
-    return [budget] * (total // budget) + ([total % budget] if total % budget else [])
+def _vllm_026_bf16_tile(m: int, experts: int = 60) -> tuple[int, ...]:
+    """vLLM 0.26's default bf16 fused-MoE launch configuration for a step of `m` tokens (`get_default_config`,
+    fused_moe.py, read from the wheel): the Triton kernel compiles once per configuration and argument
+    specialization. Written out here as vLLM states it, to check the ladder against a real range layout."""
+    block_m = 16 if m <= 32 else 32 if m <= 96 else 64 if m <= 512 else 128
+    return (
+        block_m,
+        64 if m <= 64 else 128,
+        128 if m <= 64 else 64,
+        16 if m // experts > 128 else 1,
+        4 if m <= 128 else 8,
+        4 if m <= 32 else 3,
+    )
 
 
-def test_a_warm_up_of_whole_prompts_gets_one_token_less_at_its_end():
+def _specialization(m: int, top_k: int = 4, experts: int = 60) -> tuple[bool, bool]:
+    """Triton's divisibility-by-16 of the kernel's two token-dependent integers: `num_valid_tokens` = m·top_k
+    and the expert-sorted length EM = m·top_k + experts·(BLOCK_SIZE_M − 1) (`moe_align_block_size`)."""
+    block_m = _vllm_026_bf16_tile(m, experts)[0]
+    return ((m * top_k) % 16 == 0, (m * top_k + experts * (block_m - 1)) % 16 == 0)
+
+
+def test_the_ladder_meets_every_compile_class_the_recorded_sweep_met_cold():
+    groups = residue_ladder(
+        step_budget=16384, max_prompt_tokens=1024, max_requests=128, vocab_size=151936, seed=0
+    )
+    counts = [sum(len(p.token_ids) for p in g) for g in groups]
+    met = {(_vllm_026_bf16_tile(m), _specialization(m)) for m in counts}
+    # Every class a step of 1..16,384 tokens can fall in is met (above 512 vLLM runs no CUDA graph) ...
+    every = {(_vllm_026_bf16_tile(m), _specialization(m)) for m in range(1, 16385)}
+    assert every <= met
+    # ... including the two that compiled inside the H100 sweep's recorded window (not met by a warm-up of
+    # whole 1,024-token prompts, whose steps are multiples of 1,024 and the tail of each wave).
+    for cold in (15425, 569):
+        assert (_vllm_026_bf16_tile(cold), _specialization(cold)) in met
+    whole_waves = {m for wave in (1, 2, 4, 8, 16, 32, 64, 128) for m in range(1024, wave * 1024 + 1, 1024)}
+    assert (_vllm_026_bf16_tile(15425), _specialization(15425)) not in {
+        (_vllm_026_bf16_tile(m), _specialization(m)) for m in whole_waves if m <= 16384
+    }
+
+
+@pytest.mark.parametrize(
+    "budget, longest, in_flight", [(16384, 1024, 128), (8192, 1024, 16), (16384, 256, 1)]
+)
+def test_each_group_is_one_step_of_its_count_and_fits_what_the_run_allows(budget, longest, in_flight):
+    groups = residue_ladder(
+        step_budget=budget, max_prompt_tokens=longest, max_requests=in_flight, vocab_size=32000, seed=3
+    )
+    reach = min(budget, longest * in_flight)
+    counts = [sum(len(p.token_ids) for p in g) for g in groups]
+    assert max(counts) <= reach and len(counts) == len(set(counts))
+    for size in ladder_sizes(reach):
+        assert {c % 16 for c in counts if size <= c < size + 16} == set(range(16))
+    sizes = ladder_sizes(reach)
+    assert all(a < b <= 2 * a for a, b in itertools.pairwise(sizes))  # no range skipped
+    for g, count in zip(groups, counts, strict=True):
+        lengths = [len(p.token_ids) for p in g]
+        assert len(g) == math.ceil(count / longest) <= in_flight
+        assert max(lengths) <= longest and max(lengths) - min(lengths) <= 1
+        assert all(p.max_new_tokens == 1 and p.req_id.startswith(WARMUP_PREFIX) for p in g)
+        assert all(100 <= t < 32000 for p in g for t in p.token_ids)
+    # No two prompts share a first block (a prefix cache would prefill fewer tokens than the count).
+    heads = [tuple(p.token_ids[:16]) for g in groups for p in g if len(p.token_ids) >= 16]
+    assert len(heads) == len(set(heads))
+
+
+def test_nothing_to_climb_when_the_run_forms_only_tiny_steps():
+    assert residue_ladder(step_budget=30, max_prompt_tokens=8, max_requests=4, vocab_size=1000, seed=0) == []
+    assert ladder_sizes(31) == [16] and ladder_sizes(30) == []
+
+
+class _Recording(OfflineSession):
+    """`OfflineSession`'s warm-up with the engine replaced by a record of what was handed over."""
+
+    def __init__(self, budget: int | None, in_flight: int) -> None:
+        self.options = type("O", (), {"seed": 0, "trace": True})()
+        self.vocab, self.max_in_flight, self.timing = 32000, in_flight, {}
+        self.budget, self.handed, self.paused = budget, [], []
+
+    def _step_budget(self):
+        return self.budget
+
+    def _submit(self, prompts, concurrency, progress):
+        self.handed.append((list(prompts), concurrency, list(self.paused)))
+        return [], 0.0
+
+    def _pause(self):
+        self.paused.append("pause")
+
+    def _resume(self):
+        self.paused.append("resume")
+
+
+def test_run_warm_up_climbs_the_ladder_group_by_group_then_sends_the_workload_shapes():
+    s = _Recording(budget=4096, in_flight=8)
+    shapes = _prompts([512] * 8)
+    s.warmup(shapes, 8)
+    *ladder, (last, last_concurrency, state) = s.handed
+    expected = residue_ladder(
+        step_budget=4096, max_prompt_tokens=512, max_requests=8, vocab_size=32000, seed=0
+    )
+    assert [[p.token_ids for p in g] for g, _, _ in ladder] == [[p.token_ids for p in g] for g in expected]
+    assert all(c is None and st == ["pause"] for _, c, st in ladder)  # all at once, tracing paused
+    assert [len(p.token_ids) for p in last] == [512] * 8 and last_concurrency is None and state == ["pause"]
+    assert s.paused == ["pause", "resume"]
+    assert s.timing["warmup_ladder_steps"] == len(expected) > 0
+
+
+def test_an_engine_that_does_not_tell_its_step_budget_gets_the_shapes_only():
+    s = _Recording(budget=None, in_flight=8)
+    s.warmup(_prompts([512] * 8), 8)
+    assert len(s.handed) == 1 and s.timing["warmup_ladder_steps"] == 0
+    s = _Recording(budget=4096, in_flight=8)
+    s.warmup(_prompts([512] * 8), 0)  # --warmup 0: nothing at all
+    assert s.handed == []
+
+
+def test_warm_up_shapes_keep_the_workload_lengths_with_ids_of_their_own():
     warm = warmup_prompts(_prompts([1024] * 64), 64, vocab_size=32000, seed=0)
-    lengths = [len(p.token_ids) for p in warm]
-    assert lengths == [1024] * 63 + [1023] and sum(lengths) == 65535
+    assert [len(p.token_ids) for p in warm] == [1024] * 64
     assert all(p.req_id.startswith(WARMUP_PREFIX) and min(p.token_ids) >= 100 for p in warm)
-    # Whatever multiple of 16 the engine chunks prefills at (SGLang 8,192, vLLM 16,384, ...), the wave now
-    # has a step off the multiple of 16 — before, none.
-    for budget in (512, 2048, 8192, 16384):
-        assert any(c % 16 for c in _chunks(sum(lengths), budget))
-        assert not any(c % 16 for c in _chunks(64 * 1024, budget))
-
-
-def test_what_already_has_such_a_step_or_cannot_spare_a_token_is_left_alone():
-    six = _prompts([6, 6])  # 12 tokens: already off the multiple of 16
-    assert off_sixteen(six) == six
-    one = _prompts([1024])  # one prompt: shortening it would leave the workload's own length cold
-    assert off_sixteen(one) == one
-    tiny = _prompts([15, 1])  # the last prompt has one token to give
-    assert off_sixteen(tiny) == tiny
-    pair = _prompts([8, 8])
-    out = off_sixteen(pair)
-    assert [p.token_ids for p in out] == [pair[0].token_ids, pair[1].token_ids[:-1]]
-    assert [p.req_id for p in out] == ["r0", "r1"] and pair[1].token_ids == list(range(100, 108))

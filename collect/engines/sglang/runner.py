@@ -152,6 +152,9 @@ class SglangSession(OfflineSession):
     def _metadata(self) -> RunMetadata:
         return self.client_metadata(*engine_facts(self.config, self.kwargs, self.options))
 
+    def _step_budget(self) -> int | None:
+        return step_budget(self.engine)
+
     def _submit(
         self, prompts: Sequence[Prompt], concurrency: int | None, progress: Progress | None
     ) -> tuple[list[RequestRecord], float]:
@@ -273,6 +276,15 @@ def wait_for_tracers(stats_dir: Path, timeout_s: float) -> list[dict[str, Any]]:
         if settled or time.monotonic() >= deadline:
             return stats
         time.sleep(0.25)
+
+
+def step_budget(engine: Any) -> int | None:
+    """The engine's prompt tokens per prefill step: the smaller of its resolved `chunked_prefill_size`
+    (-1: chunking off) and `max_prefill_tokens` (`Engine.server_args`; None if unknown)."""
+    sa = getattr(engine, "server_args", None)
+    limits = [getattr(sa, name, None) for name in ("chunked_prefill_size", "max_prefill_tokens")]
+    positive = [int(x) for x in limits if isinstance(x, int) and x > 0]
+    return min(positive) if positive else None
 
 
 def engine_facts(

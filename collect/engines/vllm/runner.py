@@ -120,6 +120,9 @@ class VllmSession(OfflineSession):
     def _metadata(self) -> RunMetadata:
         return self.client_metadata(*engine_facts(self.engine, self.options))
 
+    def _step_budget(self) -> int | None:
+        return step_budget(self.engine)
+
     def _pause(self) -> None:
         _rpc(self.engine, "pause")
 
@@ -240,6 +243,13 @@ def _rpc(engine: Any, command: str) -> list[dict[str, Any]]:
     except Exception as exc:
         return [{"error": f"{type(exc).__name__}: {exc}"}]
     return [r for r in result if r is not None] if isinstance(result, list) else [result]
+
+
+def step_budget(engine: Any) -> int | None:
+    """The engine's prompt tokens per step (`scheduler_config.max_num_batched_tokens`; None if unknown)."""
+    sc = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+    budget = getattr(sc, "max_num_batched_tokens", None)
+    return int(budget) if isinstance(budget, int) and budget > 0 else None
 
 
 def engine_facts(engine: Any, options: VllmRunOptions) -> tuple[Any, ...]:
