@@ -379,3 +379,54 @@ def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
     assert meta.workload["driver"] == "sglang-offline-engine-admission" and meta.workload["concurrency"] == 2
     assert meta.workload["num_prompts"] == 5 and meta.extra["timing"]["warmup_requests"] == 2
     assert (meta.moe.num_experts, meta.moe.top_k, meta.model.random_weights) == (8, 2, True)
+
+
+def test_the_warm_up_climbs_the_residue_ladder_from_sglangs_resolved_server_args(
+    sglang_version, tmp_path, monkeypatch
+):
+    """The step budget comes from the engine's own resolved `ServerArgs` (`Engine.server_args`: the
+    smaller of `chunked_prefill_size` and `max_prefill_tokens`); with 2 in flight × 24-token prompts the
+    run can form steps of up to 48 tokens, so the warm-up first hands over 32 groups of 16…47 prompt tokens,
+    one group at a time and in that order, then the workload's shapes."""
+    import sglang
+    from sglang.srt.server_args import ServerArgs
+
+    made: list[FakeEngine] = []
+
+    def engine(**kwargs: Any) -> FakeEngine:
+        made.append(FakeEngine(**kwargs))
+        made[-1].server_args = ServerArgs(
+            **kwargs, device="cpu"
+        )  # as SGLang resolves them (0.5.16 needs a device)
+        return made[-1]
+
+    monkeypatch.setattr(sglang, "Engine", engine)
+    monkeypatch.delenv(adapter.ENV_TRACE_DIR, raising=False)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8,
+                "num_experts_per_tok": 2, "vocab_size": 1000, "hidden_size": 64, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "intermediate_size": 128, "moe_intermediate_size": 32,
+                "max_position_embeddings": 512,
+            }
+        )
+    )  # fmt: skip
+    options = _options(
+        tmp_path / "out", model=str(cfg), random_weights=True, dataset="synthetic:24x2", num_prompts=4,
+        run_id="run-l", cuda_graphs="off", max_batch_tokens=64, flush_wait_s=0.1, gpu_sample_interval_s=None,
+    )  # fmt: skip
+    result = sglang_run.run(options)
+    (eng,) = made
+    assert sglang_run.step_budget(eng) == 64 == eng.server_args.chunked_prefill_size
+    rids = [c["rid"] for c in eng.calls]
+    ladder = [r for r in rids if "ladder" in r]
+    counts = [int(r.split("ladder-")[1].split("-")[0]) for r in ladder]
+    per_count = {c: sum(len(x["input_ids"]) for x in eng.calls if f"ladder-{c}-" in x["rid"]) for c in counts}
+    assert list(per_count) == list(range(16, 48))  # every count 16…47, in order
+    assert all(per_count[c] == c for c in per_count) and counts == sorted(counts)
+    shapes = [i for i, r in enumerate(rids) if r.startswith(WARMUP_PREFIX) and "ladder" not in r]
+    workload = [i for i, r in enumerate(rids) if not r.startswith(WARMUP_PREFIX)]
+    assert rids.index(ladder[-1]) < shapes[0] and shapes[-1] < workload[0] and len(workload) == 4
+    assert result.timing["warmup_ladder_steps"] == 32 and result.requests == 4

@@ -107,6 +107,38 @@ def scripted(monkeypatch):
     adapter._reset_for_tests()
 
 
+def _scheduler_config(max_num_batched_tokens: int, max_num_seqs: int) -> Any:
+    """vLLM's own `SchedulerConfig` (0.33 requires `is_encoder_decoder`, 0.26 has a default)."""
+    from vllm.config import SchedulerConfig
+
+    kw = dict(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=4096)
+    try:
+        return SchedulerConfig(**kw)
+    except Exception:
+        return SchedulerConfig(**kw, is_encoder_decoder=False)
+
+
+@pytest.fixture
+def budgeted(monkeypatch):
+    """`scripted`, the stand-in carrying vLLM's own `VllmConfig` with a `SchedulerConfig` sized by the real
+    `EngineArgs` (`max_num_batched_tokens` from `--max-batch-tokens`; no model config)."""
+    from vllm.config import VllmConfig
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    built: dict[str, Any] = {}
+
+    def from_engine_args(engine_args: Any, usage_context: Any = None, **_: Any) -> ScriptedEngine:
+        engine = ScriptedEngine(engine_args.max_num_seqs)
+        sc = _scheduler_config(engine_args.max_num_batched_tokens, engine_args.max_num_seqs)
+        engine.vllm_config = VllmConfig(scheduler_config=sc)
+        built["engine"] = engine
+        return engine
+
+    monkeypatch.setattr(LLMEngine, "from_engine_args", from_engine_args)
+    yield built
+    adapter._reset_for_tests()
+
+
 def _options(tmp_path, **kw: Any) -> vllm_run.VllmRunOptions:
     from vllm_objects import write_tiny_config
 
@@ -198,3 +230,38 @@ def test_a_lower_concurrency_point_is_a_client_closed_loop(tmp_path, scripted):
     assert {p.req_id for p in again}.isdisjoint(p.req_id for p in prompts)  # unique within a session
     # Closed loop: the later hand-overs wait for finished requests, so they come after the first token.
     assert delays["submit_s"] > delays["first_token_s"] >= 0
+
+
+def test_the_warm_up_climbs_the_residue_ladder_one_step_per_group_before_the_shapes(tmp_path, budgeted):
+    """With the engine's step budget known (64 tokens here; 3 in flight × 12-token prompts = 36 reachable)
+    the warm-up first hands over 16 groups of 16…31 prompt tokens, each alone and stepped to its end
+    before the next, tracer paused; then the workload's shapes; none of it recorded."""
+    from moecap.collect.workload import residue_ladder
+
+    result = vllm_run.run(_options(tmp_path, max_batch_tokens=64))
+    engine: ScriptedEngine = budgeted["engine"]
+    assert vllm_run.step_budget(engine) == 64
+    events = engine.events
+    ladder = [rid for kind, rid in events if kind == "add" and "ladder" in rid]
+    expected = residue_ladder(step_budget=64, max_prompt_tokens=12, max_requests=3, vocab_size=1, seed=0)
+    assert len(expected) == 16 and len(ladder) == sum(len(g) for g in expected)
+    groups: list[list[str]] = []
+    for i, (kind, rid) in enumerate(events):
+        if kind == "add" and "ladder" in rid:
+            if events[i - 1][0] != "add":
+                groups.append([])
+            groups[-1].append(rid)
+    assert [len(g) for g in groups] == [len(g) for g in expected]  # each group handed over alone
+    counts = [int(g[0].split("ladder-")[1].split("-")[0]) for g in groups]
+    assert counts == list(range(16, 32))
+    rpcs = [i for i, (kind, _) in enumerate(events) if kind == "rpc"]
+    first_ladder = events.index(("add", ladder[0]))
+    shapes = [
+        i
+        for i, (kind, rid) in enumerate(events)
+        if kind == "add" and rid.startswith(WARMUP_PREFIX) and "ladder" not in rid
+    ]
+    workload = [i for i, (kind, rid) in enumerate(events) if kind == "add" and rid.startswith("r")]
+    assert rpcs[0] < first_ladder < events.index(("add", ladder[-1])) < shapes[0] < rpcs[1] < workload[0]
+    assert sorted(r.req_id for r in result.records) == [f"r{i}" for i in range(6)]
+    assert result.timing["warmup_ladder_steps"] == 16 and result.timing["warmup_requests"] == 3
