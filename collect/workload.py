@@ -5,9 +5,11 @@ engine is imported here.
 
 Warm-up: a first batch through an engine pays one-off costs the workload should not carry (Triton kernels
 compiled for the first shapes they meet — vLLM's `fused_moe_kernel`, ~1.3 s on an H100 — allocator growth,
-lazy imports). genai-perf and the engines' own benchmarks warm up first; `run --warmup N` sends N requests
-shaped like the workload's first N (same prompt and output lengths) with token ids of their own, so the
-prefix cache the warm-up fills cannot serve the measured prompts. `drive --warmup N` (which may not know the
+lazy imports). genai-perf and the engines' own benchmarks warm up first; `run --warmup N` climbs the
+residue ladder (`residue_ladder`: a step of every token-count class the run can form, so no Triton kernel
+first meets a step size inside the window) and then sends N requests shaped like the workload's first N
+(same prompt and output lengths) with token ids of their own, so the prefix cache the warm-up fills cannot
+serve the measured prompts. `drive --warmup N` (which may not know the
 vocabulary, and may send text) sends the first samples' prompts with their words or ids shuffled, for the
 same reason.
 """
