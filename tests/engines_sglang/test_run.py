@@ -320,30 +320,52 @@ def test_run_command_hands_engine_args_to_sglangs_parser(sglang_version, tmp_pat
     assert not (tmp_path / "t").exists()
 
 
-def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
-    sglang_version, tmp_path, monkeypatch
-):
+def _tiny_config(folder: Path) -> Path:
+    """A Qwen2-MoE config.json small enough for SGLang's `ServerArgs` to resolve on a CPU."""
+    cfg = folder / "cfg.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8,
+                "num_experts_per_tok": 2, "vocab_size": 1000, "hidden_size": 64, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "intermediate_size": 128, "moe_intermediate_size": 32,
+                "max_position_embeddings": 512,
+            }
+        )
+    )  # fmt: skip
+    return cfg
+
+
+def _patch_engine(monkeypatch: Any, *, resolve_server_args: bool = False) -> list[FakeEngine]:
+    """`sglang.Engine` answering `FakeEngine`s (collected in the returned list); with `resolve_server_args`
+    each carries SGLang's own `ServerArgs` built from its kwargs, as `Engine.server_args` (device "cpu":
+    0.5.16 resolves a device)."""
     import sglang
     from sglang.srt.server_args import ServerArgs
-
-    from moecap.collect.engines.sglang import compat
 
     made: list[FakeEngine] = []
 
     def engine(**kwargs: Any) -> FakeEngine:
         made.append(FakeEngine(**kwargs))
+        if resolve_server_args:
+            made[-1].server_args = ServerArgs(**kwargs, device="cpu")
         return made[-1]
 
     monkeypatch.setattr(sglang, "Engine", engine)
     monkeypatch.delenv(adapter.ENV_TRACE_DIR, raising=False)
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(
-        json.dumps(
-            {"model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1000}
-        )
-    )
+    return made
+
+
+def test_run_builds_the_engine_from_server_args_and_writes_the_client_tables(
+    sglang_version, tmp_path, monkeypatch
+):
+    from sglang.srt.server_args import ServerArgs
+
+    from moecap.collect.engines.sglang import compat
+
+    made = _patch_engine(monkeypatch)
     options = _options(
-        tmp_path / "out", model=str(cfg), random_weights=True, max_new_tokens=3, run_id="run-s",
+        tmp_path / "out", model=str(_tiny_config(tmp_path)), random_weights=True, max_new_tokens=3, run_id="run-s",
         cuda_graphs="off", max_batch_tokens=256, flush_wait_s=0.1, gpu_sample_interval_s=None,
     )  # fmt: skip
     result = sglang_run.run(options)
@@ -388,34 +410,11 @@ def test_the_warm_up_climbs_the_residue_ladder_from_sglangs_resolved_server_args
     smaller of `chunked_prefill_size` and `max_prefill_tokens`); with 2 in flight × 24-token prompts the
     run can form steps of up to 48 tokens, so the warm-up first hands over 32 groups of 16…47 prompt tokens,
     one group at a time and in that order, then the workload's shapes."""
-    import sglang
-    from sglang.srt.server_args import ServerArgs
-
-    made: list[FakeEngine] = []
-
-    def engine(**kwargs: Any) -> FakeEngine:
-        made.append(FakeEngine(**kwargs))
-        made[-1].server_args = ServerArgs(
-            **kwargs, device="cpu"
-        )  # as SGLang resolves them (0.5.16 needs a device)
-        return made[-1]
-
-    monkeypatch.setattr(sglang, "Engine", engine)
-    monkeypatch.delenv(adapter.ENV_TRACE_DIR, raising=False)
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8,
-                "num_experts_per_tok": 2, "vocab_size": 1000, "hidden_size": 64, "num_attention_heads": 4,
-                "num_hidden_layers": 2, "intermediate_size": 128, "moe_intermediate_size": 32,
-                "max_position_embeddings": 512,
-            }
-        )
-    )  # fmt: skip
+    made = _patch_engine(monkeypatch, resolve_server_args=True)
     options = _options(
-        tmp_path / "out", model=str(cfg), random_weights=True, dataset="synthetic:24x2", num_prompts=4,
-        run_id="run-l", cuda_graphs="off", max_batch_tokens=64, flush_wait_s=0.1, gpu_sample_interval_s=None,
+        tmp_path / "out", model=str(_tiny_config(tmp_path)), random_weights=True, dataset="synthetic:24x2",
+        num_prompts=4, run_id="run-l", cuda_graphs="off", max_batch_tokens=64, flush_wait_s=0.1,
+        gpu_sample_interval_s=None,
     )  # fmt: skip
     result = sglang_run.run(options)
     (eng,) = made
