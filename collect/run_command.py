@@ -127,7 +127,8 @@ def run(
         None,
         "--warmup",
         min=0,
-        help="Unrecorded warm-up requests of the workload's shapes first (default: one batch; 0: none).",
+        help="Unrecorded warm-up requests of the workload's shapes first, after a residue ladder of one "
+        "step per token-count class (vLLM, SGLang; default: one batch; 0: no warm-up at all).",
         rich_help_panel=ALL,
     ),
     no_warmup: bool = typer.Option(False, "--no-warmup", hidden=True, help="Same as --warmup 0."),
