@@ -132,9 +132,9 @@ def residue_ladder(
     max_prompt_tokens⌉ of them, lengths within one token of each other, one output token each) are
     admitted together and prefilled in one step of exactly that count. Why: Triton compiles a kernel once
     per launch configuration, and vLLM and SGLang pick the fused-MoE tile configuration by the step's
-    token count M (vLLM 0.26 bf16: six ranges, 32 / 96 / 512 / 7,740 among their edges for 60 experts) and
-    Triton specializes integer arguments on divisibility by 16 (the expert-sorted length is 4·M + 7,620
-    there: divisible exactly when M mod 4 = 3); so the first step of each (range, M mod 16) class
+    token count M (vLLM 0.26 bf16, 60 experts: seven ranges, edges at 32, 64, 96, 128, 512 and 7,740) and
+    Triton specializes integer arguments on divisibility by 16 (above 512 tokens the expert-sorted length
+    is 4·M + 7,620: divisible exactly when M mod 4 = 3); so the first step of each (range, M mod 16) class
     compiles — 0.1-1.2 s on an H100 (`benchmarks/gpu/triton_specialization.py`; docs/sweep.md). A warm-up
     of whole prompts meets only a few classes; the recorded window then met the others (H100 vLLM sweep:
     15,425 tokens at 64 in flight, 569 at 128, ~1.1 s each). Ids are drawn like `warmup_prompts`' (no
