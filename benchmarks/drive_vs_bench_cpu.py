@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
     ap.add_argument("--batch", type=int, choices=(1, 64), default=64)
     ap.add_argument("--drive-args", default="", help="more drive flags, e.g. --no-continuous-usage")
+    ap.add_argument("--bench-args", default="", help="more bench flags, e.g. --ready-check-timeout-sec 60")
     ap.add_argument("--bench", choices=("vllm", "sglang"), default="vllm", help="whose serving benchmark")
     args = ap.parse_args()
     if args.serve:
@@ -237,7 +238,8 @@ def main() -> None:
                                     "--base-url", url, "--model", "emu", "--tokenizer", str(tok), "--dataset-name", "random-ids",
                                     "--random-input-len", "256", "--random-output-len", str(n_out), "--random-range-ratio", "1",
                                     "--num-prompts", str(n), "--max-concurrency", str(args.batch), "--seed", str(seed),
-                                    "--output-file", str(out), "--disable-tqdm"], check=True, capture_output=True, env=env)  # fmt: skip
+                                    "--output-file", str(out), "--disable-tqdm", *args.bench_args.split()],
+                                   check=True, capture_output=True, env=env)  # fmt: skip
                     ttft = json.loads(out.read_text().strip().splitlines()[-1])["mean_ttft_ms"]
                 else:
                     subprocess.run([*pin(1), args.bench_python, "-c", bench_code, "--backend", "vllm", "--base-url", url,
@@ -245,7 +247,8 @@ def main() -> None:
                                     "--random-input-len", "256", "--random-output-len", str(n_out), "--random-range-ratio", "0",
                                     "--num-prompts", str(n), "--max-concurrency", str(args.batch), "--ignore-eos", "--seed", str(seed),
                                     "--save-result", "--result-dir", str(work), "--result-filename", "bench.json",
-                                    "--disable-tqdm", "--num-warmups", "0"], check=True, capture_output=True, env=env)  # fmt: skip
+                                    "--disable-tqdm", "--num-warmups", "0", *args.bench_args.split()],
+                                   check=True, capture_output=True, env=env)  # fmt: skip
                     ttft = json.loads((work / "bench.json").read_text())["mean_ttft_ms"]
                 spread, server_ttft = server_view(url, n)
                 rows[tool].append((ttft, server_ttft, spread))
