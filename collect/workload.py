@@ -121,12 +121,24 @@ def ladder_sizes(reach: int) -> list[int]:
     return sizes
 
 
+def ladder_reach(*, step_budget: int, max_prompt_tokens: int, max_requests: int) -> int:
+    """The largest step a run can form (tokens): the engine's prefill tokens per step, or
+    `max_requests` × `max_prompt_tokens` when smaller."""
+    return min(step_budget, max_requests * max_prompt_tokens)
+
+
 def residue_ladder(
-    *, step_budget: int, max_prompt_tokens: int, max_requests: int, vocab_size: int, seed: int
+    *,
+    step_budget: int,
+    max_prompt_tokens: int,
+    max_requests: int,
+    vocab_size: int,
+    seed: int,
+    covered: int = 0,
 ) -> list[list[Prompt]]:
     """Warm-up groups that make the engine run a step of every token count s + r, r = 0…15, for each
-    ladder size s (`ladder_sizes`) up to the largest step the run can form (`step_budget`, the engine's
-    prefill tokens per step, or `max_requests` × `max_prompt_tokens` when smaller).
+    ladder size s (`ladder_sizes`) up to the largest step the run can form (`ladder_reach`), leaving out
+    the counts up to `covered` (climbed on this engine already: none are built).
 
     Hand each group over alone, after the one before has finished: its prompts (⌈count /
     max_prompt_tokens⌉ of them, lengths within one token of each other, one output token each) are
@@ -139,14 +151,16 @@ def residue_ladder(
     of whole prompts meets only a few classes; the recorded window then met the others (H100 vLLM sweep:
     15,425 tokens at 64 in flight, 569 at 128, ~1.1 s each). Ids are drawn like `warmup_prompts`' (no
     prefix shared with anything), request ids `WARMUP_PREFIX` + `ladder-<count>-<i>`."""
-    reach = min(step_budget, max_requests * max_prompt_tokens)
+    reach = ladder_reach(
+        step_budget=step_budget, max_prompt_tokens=max_prompt_tokens, max_requests=max_requests
+    )
     if reach < LADDER_FIRST_TOKENS + 15 or max_prompt_tokens < 1:
         return []
     rng = random.Random(seed + 2 * WARMUP_SEED_OFFSET)
     low = min(100, max(0, vocab_size - 1))
     groups = []
     for size in ladder_sizes(reach):
-        for count in range(size, size + 16):
+        for count in range(max(size, covered + 1), size + 16):
             n = -(-count // max_prompt_tokens)
             lengths = [count // n + (i < count % n) for i in range(n)]
             groups.append(

@@ -184,23 +184,19 @@ class VllmSession:
     def _ladder(self, prompts: list[Any], options: Any, batch_size: int, seed: int) -> None:
         """The residue ladder's groups above `_ladder_reach`, each handed over alone."""
         from ..engines.vllm.runner import step_budget
-        from ..workload import residue_ladder
+        from ..workload import ladder_reach, residue_ladder
 
         budget = step_budget(self.engine)
         if not budget or not prompts:
             return
-        longest = max(len(p.token_ids) for p in prompts)
-        groups = residue_ladder(
+        limits = dict(
             step_budget=budget,
-            max_prompt_tokens=longest,
+            max_prompt_tokens=max(len(p.token_ids) for p in prompts),
             max_requests=batch_size,
-            vocab_size=self.vocab,
-            seed=seed,
         )
-        for group in groups:
-            if sum(len(p.token_ids) for p in group) > self._ladder_reach:
-                self._submit(group, options, len(group))
-        self._ladder_reach = max(self._ladder_reach, min(budget, batch_size * longest))
+        for group in residue_ladder(**limits, vocab_size=self.vocab, seed=seed, covered=self._ladder_reach):
+            self._submit(group, options, len(group))
+        self._ladder_reach = max(self._ladder_reach, ladder_reach(**limits))
 
     def run_point(self, point: Point, run_id: str, workload_extra: dict[str, Any]) -> PointResult:
         from ..engines.base import client_run_metadata

@@ -13,7 +13,14 @@ import pytest
 
 from moecap.collect.datasets import Sample
 from moecap.collect.engines.base import OfflineSession
-from moecap.collect.workload import WARMUP_PREFIX, Prompt, ladder_sizes, residue_ladder, warmup_prompts
+from moecap.collect.workload import (
+    WARMUP_PREFIX,
+    Prompt,
+    ladder_reach,
+    ladder_sizes,
+    residue_ladder,
+    warmup_prompts,
+)
 
 
 def _prompts(lengths: list[int]) -> list[Prompt]:
@@ -143,3 +150,15 @@ def test_warm_up_shapes_keep_the_workload_lengths_with_ids_of_their_own():
     warm = warmup_prompts(_prompts([1024] * 64), 64, vocab_size=32000, seed=0)
     assert [len(p.token_ids) for p in warm] == [1024] * 64
     assert all(p.req_id.startswith(WARMUP_PREFIX) and min(p.token_ids) >= 100 for p in warm)
+
+
+def test_a_later_point_climbs_only_what_earlier_points_did_not():
+    """The vLLM sweep's points share one engine: a point that can form larger steps climbs the counts
+    above what the earlier points' ladders reached, and nothing below."""
+    kw = dict(step_budget=16384, max_prompt_tokens=1024, vocab_size=32000, seed=0)
+    full = residue_ladder(**kw, max_requests=4)
+    covered = ladder_reach(step_budget=16384, max_prompt_tokens=1024, max_requests=2)
+    rest = residue_ladder(**kw, max_requests=4, covered=covered)
+    count = lambda g: sum(len(p.token_ids) for p in g)  # noqa: E731
+    assert [count(g) for g in rest] == [count(g) for g in full if count(g) > covered] and covered == 2048
+    assert residue_ladder(**kw, max_requests=4, covered=4096) == []
