@@ -220,9 +220,19 @@ def _add_req_id_present(frame: pl.DataFrame, records: Sequence[Mapping[str, Any]
     """Add `per_req_info[].req_id_present`. Only entries whose req_id is null are ambiguous (absent key or
     explicit null); for those, and only those, the source dicts are consulted."""
     info = pl.col("per_req_info")
+    # Rebuilt field by field in the documented order: polars 2 casts structs only between equal field
+    # orders, and with_fields would append req_id_present last.
+    entry = pl.element().struct
     frame = frame.with_columns(
         info.list.eval(
-            pl.element().struct.with_fields(pl.field("req_id").is_not_null().alias("req_id_present"))
+            pl.struct(
+                [
+                    entry.field("req_id").is_not_null().alias(name)
+                    if name == "req_id_present"
+                    else entry.field(name).cast(dtype)
+                    for name, dtype in PER_REQ_INFO_FIELDS.items()
+                ]
+            )
         )
     )
     entries = (
