@@ -121,6 +121,22 @@ def ladder_sizes(reach: int) -> list[int]:
     return sizes
 
 
+STEP_BUDGET_ARGS = {
+    "sglang": ("chunked_prefill_size", "max_prefill_tokens"),
+    "vllm": ("max_num_batched_tokens",),
+}
+"""Per engine, its settings (SGLang `ServerArgs`, vLLM `SchedulerConfig` fields, as resolved) that bound
+the prompt tokens of one step; `prefill_step_budget` takes their values."""
+
+
+def prefill_step_budget(*limits: object) -> int | None:
+    """The most prompt tokens an engine prefills in one step, from its limits on that (SGLang:
+    `chunked_prefill_size`, -1 meaning chunking off, and `max_prefill_tokens`; vLLM:
+    `max_num_batched_tokens`): the smallest positive integer among them; None when none is."""
+    positive = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and x > 0]
+    return min(positive) if positive else None
+
+
 def ladder_reach(*, step_budget: int, max_prompt_tokens: int, max_requests: int) -> int:
     """The largest step a run can form (tokens): the engine's prefill tokens per step, or
     `max_requests` × `max_prompt_tokens` when smaller."""

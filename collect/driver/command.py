@@ -158,6 +158,16 @@ def drive_command(
             "prompts are reordered so they fill no prefix cache a measured request could use.",
         ),
     ] = 1,
+    warmup_ladder: Annotated[
+        str,
+        typer.Option(
+            "--warmup-ladder",
+            help="With --warmup, first one step of every token count class the engine's kernels compile for "
+            "(the residue ladder, as run's), as one-token token-id prompts: auto = up to the prefill tokens "
+            "per step the server tells (SGLang; vLLM only with VLLM_SERVER_DEV_MODE=1), N = up to N tokens "
+            "(vLLM: its --max-num-batched-tokens), off.",
+        ),
+    ] = "auto",
     arrival: Annotated[
         str,
         typer.Option(
@@ -251,6 +261,7 @@ def drive_command(
         max_concurrency=max_concurrency,
         seed=seed,
         warmup=warmup,
+        warmup_ladder=warmup_ladder,
         slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
         slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3,
     )
@@ -300,6 +311,14 @@ def drive_command(
             samples, client, load, out, run_id, config, workload, batch_recording, progress, stopper
         )
     )
+    ladder = result.ladder
+    if ladder.steps:
+        typer.echo(
+            f"warm-up: residue ladder of {ladder.steps} steps up to {ladder.reach} tokens in {ladder.seconds:.1f} s",
+            err=True,
+        )
+    if ladder.note:
+        typer.echo(f"moecap-collect: note: {ladder.note}", err=True)
     typer.echo(format_summary(result.summary()), err=True)
     for path in steps_written:
         typer.echo(f"wrote {path}", err=True)

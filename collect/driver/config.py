@@ -170,10 +170,21 @@ class LoadConfig:
     warmup: int = 0
     """Requests sent (and not recorded) before the measured workload, at most the load's concurrency at a
     time."""
+    warmup_ladder: str = "off"
+    """With a warm-up, first the residue ladder (`workload.residue_ladder`: one step of every token count
+    class the engine's kernels compile for): `auto`, up to the prefill tokens per step the server tells
+    (SGLang; vLLM in dev mode); a number of tokens, up to that; `off`, none."""
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
 
     def __post_init__(self) -> None:
+        self.warmup_ladder = str(self.warmup_ladder).strip().lower()
+        if self.warmup_ladder not in ("auto", "off") and not (
+            self.warmup_ladder.isdigit() and int(self.warmup_ladder) > 0
+        ):
+            raise CollectError(
+                f"--warmup-ladder {self.warmup_ladder!r}: expected auto, off or a number of tokens > 0"
+            )
         if self.concurrency < 1:
             raise CollectError(f"--batch-size must be at least 1 (got {self.concurrency})")
         if self.request_rate is not None and not self.request_rate > 0:
@@ -185,6 +196,11 @@ class LoadConfig:
         for flag, slo in (("--slo-ttft-ms", self.slo_ttft_s), ("--slo-tpot-ms", self.slo_tpot_s)):
             if slo is not None and not (math.isfinite(slo) and slo > 0):
                 raise CollectError(f"{flag} must be a finite number > 0 (got {slo * 1e3:g})")
+
+    @property
+    def ladder_budget(self) -> int | None:
+        """The step budget `--warmup-ladder` gives (tokens); None for auto and off."""
+        return int(self.warmup_ladder) if self.warmup_ladder.isdigit() else None
 
     @property
     def open_loop(self) -> bool:
@@ -203,6 +219,7 @@ class LoadConfig:
         else:
             out = {"mode": "closed_loop", "concurrency": self.concurrency}
         out["warmup_requests"] = self.warmup
+        out["warmup_ladder"] = self.warmup_ladder if self.warmup else "off"
         if self.slo_ttft_s is not None or self.slo_tpot_s is not None:
             out["slo"] = {"ttft_s": self.slo_ttft_s, "tpot_s": self.slo_tpot_s}
         return out

@@ -26,7 +26,16 @@ from moecap.schemas import RunMetadata, TraceWriter, trace_file_name
 
 from ..datasets import Sample
 from ..errors import CollectError
-from ..workload import WARMUP_PREFIX, WARMUP_SEED_OFFSET, RequestRecord, warmup_sample
+from ..workload import (
+    STEP_BUDGET_ARGS,
+    WARMUP_PREFIX,
+    WARMUP_SEED_OFFSET,
+    RequestRecord,
+    ladder_reach,
+    prefill_step_budget,
+    residue_ladder,
+    warmup_sample,
+)
 from .client import build_request, send_request
 from .config import ClientConfig, LoadConfig
 from .session import open_session
@@ -51,6 +60,35 @@ class ServerInfo:
     models: list[str] = field(default_factory=list)
     engine: str | None = None
     version: str | None = None
+    step_budget: int | None = None
+    """Most prompt tokens the server prefills in one step (`workload.STEP_BUDGET_ARGS`), as its info
+    endpoint tells: SGLang's /server_info (older: /get_server_info), vLLM's /server_info (only with
+    VLLM_SERVER_DEV_MODE=1); None: not told."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt the server accepts (tokens): SGLang's max_req_input_len − 1, else the served model's
+    max_model_len − 1 from /v1/models; None: not told."""
+    max_requests: int | None = None
+    """Most requests the server runs at once (SGLang max_running_requests, vLLM max_num_seqs); None: not told."""
+
+
+@dataclass
+class LadderOutcome:
+    """What drive's residue ladder did (`workload.residue_ladder`): `steps` groups sent (one engine step
+    each, if the server admits a group together), up to `reach` tokens, in `seconds`; `note` says why it
+    was skipped or stopped early (None when it was climbed in full or not asked for)."""
+
+    steps: int = 0
+    reach: int = 0
+    seconds: float = 0.0
+    note: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "reach_tokens": self.reach,
+            "seconds": round(self.seconds, 3),
+            "note": self.note,
+        }
 
 
 @dataclass
@@ -65,6 +103,7 @@ class DriveResult:
     started_ns: int
     finished_ns: int
     interrupted: bool = False
+    ladder: LadderOutcome = field(default_factory=LadderOutcome)
 
     def summary(self) -> dict[str, Any]:
         """Counts, latency percentiles, throughput and (with SLOs) goodput, as the console prints them."""
@@ -90,6 +129,7 @@ class DriveResult:
             "arrival": c.arrival,
             "interrupted": self.interrupted,
             **self.load.describe(),
+            "warmup_ladder_done": self.ladder.describe(),
         }
 
 
@@ -182,6 +222,9 @@ async def drive(
             if not reuse:
                 await session.close()
                 session = await stack.enter_async_context(session_for(False))
+        ladder = LadderOutcome()
+        if load.warmup and load.warmup_ladder != "off" and not stop.is_set():
+            await _unless_stopped(_climb_ladder(session, cfg, model, samples, load, server, ladder), stop)
         if load.warmup and not stop.is_set():
             await _unless_stopped(_warm_up(session, cfg, model, samples, load.warmup, limit, load.seed), stop)
         if before_measure is not None:
@@ -203,7 +246,9 @@ async def drive(
                     progress.close()
             finished = time.monotonic_ns()
     records = sorted(runner.records, key=lambda r: r.index)
-    return DriveResult(records, model, cfg, load, server, started, finished, interrupted=stop.is_set())
+    return DriveResult(
+        records, model, cfg, load, server, started, finished, interrupted=stop.is_set(), ladder=ladder
+    )
 
 
 @contextlib.contextmanager
@@ -250,6 +295,74 @@ async def _warm_up(
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
+LADDER_VOCAB_FALLBACK = 1000
+"""Ids a ladder prompt draws from (below this) when no token-id sample shows the vocabulary: any served
+LLM's vocabulary is larger."""
+
+
+async def _climb_ladder(
+    session: aiohttp.ClientSession,
+    cfg: ClientConfig,
+    model: str,
+    samples: list[Sample],
+    load: LoadConfig,
+    server: ServerInfo,
+    out: LadderOutcome,
+) -> None:
+    """The residue ladder (`workload.residue_ladder`), unrecorded, before the shaped warm-up: one group of
+    fresh token-id prompts (one output token each, through the completions API whatever `cfg.api`) at a
+    time, all of a group sent together and the next only after it finished, so the server can prefill each
+    group in one step of exactly its token count. The server schedules as requests arrive, so a group of
+    several prompts may be split over steps (a single prompt cannot be: groups up to the longest prompt
+    are one prompt each). Fills `out`; a failed request stops the climb (named in `out.note`)."""
+    budget = load.ladder_budget or server.step_budget
+    if budget is None:
+        out.note = (
+            "no residue ladder: the server does not tell its prefill tokens per step"
+            + (" (vLLM: only with VLLM_SERVER_DEV_MODE=1)" if server.engine == "vllm" else "")
+            + "; pass --warmup-ladder <tokens> (vLLM: its --max-num-batched-tokens)"
+        )
+        return
+    max_prompt = server.max_prompt_tokens or budget
+    max_requests = server.max_requests or budget
+    out.reach = ladder_reach(step_budget=budget, max_prompt_tokens=max_prompt, max_requests=max_requests)
+    known = [max(s.prompt_token_ids) for s in samples if s.prompt_token_ids]
+    vocab = max(known) + 1 if known else LADDER_VOCAB_FALLBACK
+    groups = residue_ladder(
+        step_budget=budget, max_prompt_tokens=max_prompt, max_requests=max_requests, vocab_size=vocab,
+        seed=load.seed,
+    )  # fmt: skip
+    ids_cfg = dataclasses.replace(cfg, api_url=cfg.base_url, api="completions")
+    t0 = time.monotonic()
+    try:
+        for group in groups:
+            records = [
+                RequestRecord(
+                    f"{WARMUP_PREFIX}{cfg.request_id_prefix}-{p.req_id.removeprefix(WARMUP_PREFIX)}",
+                    Sample(
+                        p.sample.sample_id, p.sample.dataset, prompt_token_ids=p.token_ids, max_new_tokens=1
+                    ),
+                )
+                for p in group
+            ]
+            await asyncio.gather(
+                *(
+                    send_request(
+                        session, ids_cfg, rec, *build_request(ids_cfg, rec.sample, rec.req_id, model)[:2]
+                    )
+                    for rec in records
+                )
+            )
+            out.steps += 1
+            failed = next((r for r in records if not r.ok), None)
+            if failed is not None:
+                tokens = sum(len(r.sample.prompt_token_ids or ()) for r in records)
+                out.note = f"residue ladder stopped at its {tokens}-token step: {failed.error}"
+                return
+    finally:
+        out.seconds = time.monotonic() - t0
+
+
 async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> ServerInfo:
     """GET /v1/models (and the SGLang / vLLM info endpoints): is the server there, what does it serve?
 
@@ -285,6 +398,9 @@ async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> Server
         data = doc.get("data") if isinstance(doc, dict) else None
         if isinstance(data, list):
             info.models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            model_len = _positive_int(_model_card(data, cfg.model).get("max_model_len"))
+            if model_len is not None and model_len > 1:
+                info.max_prompt_tokens = model_len - 1
     elif status in (401, 403):
         raise CollectError(
             f"the server at {cfg.base_url} refused GET /v1/models (HTTP {status}); pass --header 'Authorization: Bearer …'"
@@ -293,16 +409,79 @@ async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> Server
         doc = await _get_json(http, cfg, "/get_model_info", probe_timeout)
         if isinstance(doc, dict) and "model_path" in doc:
             info.engine = "sglang"
-            server_info = await _get_json(http, cfg, "/get_server_info", probe_timeout)
-            if isinstance(server_info, dict) and server_info.get("version"):
-                info.version = str(server_info["version"])
+            # /server_info since SGLang 0.5.x (/get_server_info still answers, logging a deprecation)
+            server_info = await _get_json(http, cfg, "/server_info", probe_timeout)
+            if not isinstance(server_info, dict):
+                server_info = await _get_json(http, cfg, "/get_server_info", probe_timeout)
+            if isinstance(server_info, dict):
+                if server_info.get("version"):
+                    info.version = str(server_info["version"])
+                _take_limits(info, sglang_limits(server_info))
     if info.engine is None and cfg.engine in ("auto", "vllm"):
         doc = await _get_json(http, cfg, "/version", probe_timeout)
         if isinstance(doc, dict) and isinstance(doc.get("version"), str):
             info.engine, info.version = "vllm", doc["version"]
+            # the dev-mode endpoint (VLLM_SERVER_DEV_MODE=1); absent otherwise
+            dev = await _get_json(http, cfg, "/server_info?config_format=json", probe_timeout)
+            if isinstance(dev, dict):
+                _take_limits(info, vllm_limits(dev))
     if info.engine is None and cfg.engine not in ("auto",):
         info.engine = cfg.engine
     return info
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a server's info endpoint tells about its steps (fields as `ServerInfo`'s; None: not told)."""
+
+    step_budget: int | None = None
+    max_requests: int | None = None
+    max_prompt_tokens: int | None = None
+
+
+def sglang_limits(server_info: dict[str, Any]) -> ServerLimits:
+    """From SGLang's /server_info body (its resolved `ServerArgs` and scheduler info): the smaller positive
+    of chunked_prefill_size and max_prefill_tokens, max_running_requests, and max_req_input_len − 1
+    (SGLang refuses a prompt of max_req_input_len tokens)."""
+    input_len = _positive_int(server_info.get("max_req_input_len"))
+    return ServerLimits(
+        step_budget=prefill_step_budget(*(server_info.get(n) for n in STEP_BUDGET_ARGS["sglang"])),
+        max_requests=_positive_int(server_info.get("max_running_requests")),
+        max_prompt_tokens=input_len - 1 if input_len is not None and input_len > 1 else None,
+    )
+
+
+def vllm_limits(server_info: dict[str, Any]) -> ServerLimits:
+    """From vLLM's dev-mode /server_info?config_format=json body (its `VllmConfig` dumped as JSON):
+    scheduler_config's max_num_batched_tokens and max_num_seqs, model_config's max_model_len − 1 (room
+    for one output token)."""
+    vc = server_info.get("vllm_config")
+    sc = vc.get("scheduler_config") if isinstance(vc, dict) else None
+    mc = vc.get("model_config") if isinstance(vc, dict) else None
+    sc = sc if isinstance(sc, dict) else {}
+    model_len = _positive_int(mc.get("max_model_len")) if isinstance(mc, dict) else None
+    return ServerLimits(
+        step_budget=prefill_step_budget(*(sc.get(n) for n in STEP_BUDGET_ARGS["vllm"])),
+        max_requests=_positive_int(sc.get("max_num_seqs")),
+        max_prompt_tokens=model_len - 1 if model_len is not None and model_len > 1 else None,
+    )
+
+
+def _take_limits(info: ServerInfo, limits: ServerLimits) -> None:
+    """Set what `limits` tells on `info` (a value not told keeps what /v1/models said)."""
+    for name in ("step_budget", "max_requests", "max_prompt_tokens"):
+        if getattr(limits, name) is not None:
+            setattr(info, name, getattr(limits, name))
+
+
+def _positive_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _model_card(data: list[Any], model: str | None) -> dict[str, Any]:
+    """The /v1/models entry of `model` (the first entry when None or not listed); {} when none."""
+    cards = [m for m in data if isinstance(m, dict)]
+    return next((m for m in cards if m.get("id") == model), cards[0] if cards else {})
 
 
 def _json_or_none(body: bytes) -> Any:

@@ -429,3 +429,28 @@ def test_the_warm_up_climbs_the_residue_ladder_from_sglangs_resolved_server_args
     workload = [i for i, r in enumerate(rids) if not r.startswith(WARMUP_PREFIX)]
     assert rids.index(ladder[-1]) < shapes[0] and shapes[-1] < workload[0] and len(workload) == 4
     assert result.timing["warmup_ladder_steps"] == 32 and result.requests == 4
+
+
+def test_drive_reads_the_step_budget_from_sglangs_server_info(sglang_version, tmp_path):
+    """`drive --warmup-ladder auto` against SGLang: its /server_info body is `dataclasses.asdict` of the
+    resolved `ServerArgs` merged with the scheduler's info (`max_total_num_tokens`, `max_req_input_len`;
+    http_server.server_info in 0.5.16). From SGLang's own `ServerArgs`, `sglang_limits` gives the budget
+    the offline runner reads from the engine, the in-flight limit and the longest prompt it accepts."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sglang.srt.server_args import ServerArgs
+
+    from moecap.collect.driver.drive import sglang_limits
+
+    sa = ServerArgs(model_path=str(_tiny_config(tmp_path)), chunked_prefill_size=64, max_prefill_tokens=48,
+                    max_running_requests=3, device="cpu")  # fmt: skip
+    body = {
+        **dataclasses.asdict(sa),
+        "status": "ready",
+        "max_total_num_tokens": 4096,
+        "max_req_input_len": 25,
+    }
+    limits = sglang_limits(json.loads(json.dumps(body, default=str)))
+    assert limits.step_budget == sglang_run.step_budget(SimpleNamespace(server_args=sa)) == 48
+    assert (limits.max_requests, limits.max_prompt_tokens) == (3, 24)

@@ -265,3 +265,25 @@ def test_the_warm_up_climbs_the_residue_ladder_one_step_per_group_before_the_sha
     assert rpcs[0] < first_ladder < events.index(("add", ladder[-1])) < shapes[0] < rpcs[1] < workload[0]
     assert sorted(r.req_id for r in result.records) == [f"r{i}" for i in range(6)]
     assert result.timing["warmup_ladder_steps"] == 16 and result.timing["warmup_requests"] == 3
+
+
+def test_drive_reads_the_step_budget_from_vllms_own_dev_mode_server_info(monkeypatch):
+    """`drive --warmup-ladder auto` against vLLM: the body vLLM's own dev-mode endpoint
+    (`GET /server_info?config_format=json`, VLLM_SERVER_DEV_MODE=1) returns for a real `VllmConfig` gives
+    `vllm_limits` the budget the offline runner reads from the engine (its system-environment part, which
+    runs collect_env, is left out)."""
+    import asyncio
+    import json
+
+    from vllm.config import VllmConfig
+    from vllm.entrypoints.serve.dev.server_info import api_router
+
+    from moecap.collect.driver.drive import vllm_limits
+
+    monkeypatch.setattr(api_router, "_get_system_env_info_cached", lambda: {})
+    vc = VllmConfig(scheduler_config=_scheduler_config(96, 5))
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(vllm_config=vc)))
+    response = asyncio.run(api_router.show_server_info(request, config_format="json"))
+    limits = vllm_limits(json.loads(response.body))
+    assert limits.step_budget == vllm_run.step_budget(SimpleNamespace(vllm_config=vc)) == 96
+    assert limits.max_requests == 5

@@ -50,7 +50,7 @@ from typing import Any
 from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
-from ...workload import Prompt, RequestRecord
+from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget
 from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, has_flag, model_id_of, parse_engine_flags, supervise_traced_server
 from . import adapter, compat
@@ -282,9 +282,7 @@ def step_budget(engine: Any) -> int | None:
     """The engine's prompt tokens per prefill step: the smaller of its resolved `chunked_prefill_size`
     (-1: chunking off) and `max_prefill_tokens` (`Engine.server_args`; None if unknown)."""
     sa = getattr(engine, "server_args", None)
-    limits = [getattr(sa, name, None) for name in ("chunked_prefill_size", "max_prefill_tokens")]
-    positive = [int(x) for x in limits if isinstance(x, int) and x > 0]
-    return min(positive) if positive else None
+    return prefill_step_budget(*(getattr(sa, name, None) for name in STEP_BUDGET_ARGS["sglang"]))
 
 
 def engine_facts(

@@ -38,7 +38,7 @@ from typing import Any
 from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
-from ...workload import Prompt, RequestRecord
+from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget
 from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, exec_traced_server, model_id_of, parse_engine_flags
 from . import adapter, compat
@@ -248,8 +248,7 @@ def _rpc(engine: Any, command: str) -> list[dict[str, Any]]:
 def step_budget(engine: Any) -> int | None:
     """The engine's prompt tokens per step (`scheduler_config.max_num_batched_tokens`; None if unknown)."""
     sc = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
-    budget = getattr(sc, "max_num_batched_tokens", None)
-    return int(budget) if isinstance(budget, int) and budget > 0 else None
+    return prefill_step_budget(*(getattr(sc, name, None) for name in STEP_BUDGET_ARGS["vllm"]))
 
 
 def engine_facts(engine: Any, options: VllmRunOptions) -> tuple[Any, ...]:

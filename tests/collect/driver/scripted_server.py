@@ -1,6 +1,7 @@
 """A scripted OpenAI-compatible server for the driver tests (stdlib only), run as its own process.
 
-    python scripted_server.py [--dump-key records|batches] [--models-body TEXT] [--as-sglang]
+    python scripted_server.py [--dump-key records|batches] [--models-body TEXT] [--as-sglang] [--as-vllm]
+        [--server-info JSON] [--max-prompt-ids N]
         -> prints "PORT <n>", serves on 127.0.0.1:<n> until its stdin closes (TEXT: the /v1/models body)
 
 Each request's behaviour comes from its prompt (or last chat message): a scenario name then key=value
@@ -17,7 +18,9 @@ tokens "#### N" (a GSM8K-style answer). `inject=<percent-encoded text>` sends on
 data after chunk `at=K` (default 1) of a stream; `bloat_mib=N` sends, after chunk 1, an event of N MiB that
 never ends.
 
-Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info),
+Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info; with --as-vllm
+vLLM's /version), GET /server_info (the --server-info body, else 404: SGLang's info endpoint and vLLM's
+dev-mode one), a token-id prompt longer than --max-prompt-ids answered as ctx400,
 GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
 recording endpoints (start / stop / dump / clear / status), whose records describe finished requests.
 Scenario `barrier n=N group=G wait_s=S` holds each request until N requests of group G are open at once
@@ -54,6 +57,9 @@ DUMP_KEY = "records"
 RECORDING_ENDPOINTS = True
 MODELS_BODY: str | None = None
 AS_SGLANG = False
+AS_VLLM = False
+SERVER_INFO: str | None = None
+MAX_PROMPT_IDS: int | None = None
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
 
 
@@ -167,6 +173,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, STATE["seen"])
         if url.path == "/get_model_info" and AS_SGLANG:  # SGLang 0.5's info endpoints, as drive probes them
             return self._json(200, {"model_path": "scripted-model", "is_generation": True})
+        if url.path == "/server_info" and SERVER_INFO is not None:
+            return self._json(200, json.loads(SERVER_INFO))
+        if url.path == "/version" and AS_VLLM:
+            return self._json(200, {"version": "0.26.0"})
         if url.path == "/get_server_info" and AS_SGLANG:
             return self._json(200, {"version": "0.5.16"})
         if url.path == "/batch_recording_status" and RECORDING_ENDPOINTS:
@@ -188,7 +198,8 @@ class Handler(BaseHTTPRequestHandler):
         chat = url.path.endswith("chat/completions")
         text = body["messages"][-1]["content"] if chat else body.get("prompt", "")
         if isinstance(text, list):  # token ids: a plain stream of max_tokens
-            text = f"stream tokens={body.get('max_tokens', 4)}"
+            too_long = MAX_PROMPT_IDS is not None and len(text) > MAX_PROMPT_IDS
+            text = "ctx400" if too_long else f"stream tokens={body.get('max_tokens', 4)}"
         name, opts = parse_scenario(text)
         rid = self.headers.get("X-Request-Id", "")
         with LOCK:
@@ -399,7 +410,12 @@ class Server(ThreadingHTTPServer):
 
 
 def main() -> None:
-    global DUMP_KEY, RECORDING_ENDPOINTS, MODELS_BODY, AS_SGLANG
+    global DUMP_KEY, RECORDING_ENDPOINTS, MODELS_BODY, AS_SGLANG, AS_VLLM, SERVER_INFO, MAX_PROMPT_IDS
+    if "--server-info" in sys.argv:
+        SERVER_INFO = sys.argv[sys.argv.index("--server-info") + 1]
+    if "--max-prompt-ids" in sys.argv:
+        MAX_PROMPT_IDS = int(sys.argv[sys.argv.index("--max-prompt-ids") + 1])
+    AS_VLLM = "--as-vllm" in sys.argv
     if "--dump-key" in sys.argv:
         DUMP_KEY = sys.argv[sys.argv.index("--dump-key") + 1]
     if "--models-body" in sys.argv:

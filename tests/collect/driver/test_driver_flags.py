@@ -73,6 +73,10 @@ def test_good_edge_values_are_accepted():
             "moecap-collect: error: --header 'X-A': the value must be printable ASCII",
         ),
         (["--num-prompts", "0"], "moecap-collect: error: --num-prompts must be at least 1 (got 0)"),
+        (
+            ["--warmup-ladder", "8k"],
+            "moecap-collect: error: --warmup-ladder '8k': expected auto, off or a number of tokens > 0",
+        ),
     ],
 )
 def test_through_the_cli_one_line_exit_2(args, line, free_port, tmp_path):
