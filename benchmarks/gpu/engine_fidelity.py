@@ -601,6 +601,12 @@ BENCH_PROMPT_FORMAT = {"vllm": "text", "sglang": "ids"}
 again); SGLang's `--dataset-name random-ids` sends token ids."""
 
 
+VLLM_SERVE_STEP_BUDGET = 8192
+"""`--max-num-batched-tokens` of the vLLM serve stage: vLLM 0.26's own default for its API server on a GPU
+of 70 GiB or more other than an A100 (`EngineArgs` defaults; the H100's prefill steps reached 7,936
+tokens, 2026-12-07), passed so that drive's ladder knows it."""
+
+
 def drive_argv(
     engine: str,
     url: str,
@@ -610,13 +616,15 @@ def drive_argv(
     folder: Path,
     run_id: str,
     extra: Sequence[str] = (),
+    ladder: str = "off",
 ) -> list[str]:
-    """`moecap-collect drive`'s arguments for one serve-stage round at `batch` (plus `extra` flags)."""
+    """`moecap-collect drive`'s arguments for one serve-stage round at `batch` (plus `extra` flags). The
+    measured rounds climb no residue ladder (`ladder` off: the untimed first round climbed it)."""
     n, n_in, n_out = WORKLOADS[batch]
     return ["drive", "--api-url", url, "--dataset", f"synthetic:{n_in}x{n_out}", "--num-prompts", str(n),
             "--batch-size", str(batch), "--ignore-eos", "--tokenizer", str(tok),
             "--prompt-format", BENCH_PROMPT_FORMAT[engine], "--seed", str(seed), "--out", str(folder),
-            "--run-id", run_id, "--no-progress", *extra]  # fmt: skip
+            "--run-id", run_id, "--no-progress", "--warmup-ladder", ladder, *extra]  # fmt: skip
 
 
 def run_drive(argv: list[str]) -> dict[str, Any]:
@@ -625,7 +633,9 @@ def run_drive(argv: list[str]) -> dict[str, Any]:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         return {"error": f"drive exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}"}
-    return drive_metrics(Path(argv[argv.index("--out") + 1]), argv[argv.index("--run-id") + 1])
+    metrics = drive_metrics(Path(argv[argv.index("--out") + 1]), argv[argv.index("--run-id") + 1])
+    metrics["ladder"] = next((line for line in p.stderr.splitlines() if "residue ladder" in line), None)
+    return metrics
 
 
 def run_bench(
@@ -693,7 +703,8 @@ def serve_stage(
            "--random-weights", str(MODEL), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     if engine == "vllm":
         cmd += ["--tokenizer", str(tok), "--dtype", "bfloat16", "--gpu-memory-utilization", "0.85",
-                "--max-model-len", "4096", "--max-num-seqs", "64"]  # fmt: skip
+                "--max-model-len", "4096", "--max-num-seqs", "64",
+                "--max-num-batched-tokens", str(VLLM_SERVE_STEP_BUDGET)]  # fmt: skip
     else:
         cmd += ["--tokenizer-path", str(tok), "--dtype", "bfloat16", "--mem-fraction-static", "0.8",
                 "--context-length", "4096", "--max-running-requests", "64", "--log-level", "warning"]  # fmt: skip
@@ -714,8 +725,11 @@ def serve_stage(
             raise RuntimeError(f"server not up in 400 s: {server_log.read_text()[-2000:]}")
         result["server_start_s"] = round(time.time() - t0, 1)
         log(f"serve {engine}: up in {result['server_start_s']} s")
-        # One untimed round of each tool (first shapes, connection pools), then interleaved repeats.
-        run_drive(drive_argv(engine, url, tok, 64, 999, folder, f"{run_id}-warm"))
+        # One untimed round of each tool (first shapes, connection pools; drive's climbs the residue
+        # ladder: SGLang tells its step budget, vLLM's is the one passed above), then interleaved repeats.
+        ladder = str(VLLM_SERVE_STEP_BUDGET) if engine == "vllm" else "auto"
+        warm = run_drive(drive_argv(engine, url, tok, 64, 999, folder, f"{run_id}-warm", ladder=ladder))
+        result["warm_round"] = {k: warm.get(k) for k in ("ladder", "error")}
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
         tools = ("drive", "bench", "drivevar") if drive_variant else ("drive", "bench")
