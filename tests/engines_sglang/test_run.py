@@ -432,10 +432,11 @@ def test_the_warm_up_climbs_the_residue_ladder_from_sglangs_resolved_server_args
 
 
 def test_drive_reads_the_step_budget_from_sglangs_server_info(sglang_version, tmp_path):
-    """`drive --warmup-ladder auto` against SGLang: its /server_info body is `dataclasses.asdict` of the
-    resolved `ServerArgs` merged with the scheduler's info (`max_total_num_tokens`, `max_req_input_len`;
-    http_server.server_info in 0.5.16). From SGLang's own `ServerArgs`, `sglang_limits` gives the budget
-    the offline runner reads from the engine, the in-flight limit and the longest prompt it accepts."""
+    """`drive --warmup-ladder auto` against SGLang: its /server_info body is the resolved `ServerArgs`
+    merged with the scheduler's info (`max_total_num_tokens`, `max_req_input_len`), built by SGLang's own
+    `build_server_info` (0.5.23) or, where that does not exist, as 0.5.16's http_server.server_info builds
+    it (`dataclasses.asdict`). From SGLang's own `ServerArgs`, `sglang_limits` gives the budget the offline
+    runner reads from the engine, the in-flight limit and the longest prompt it accepts."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -445,12 +446,13 @@ def test_drive_reads_the_step_budget_from_sglangs_server_info(sglang_version, tm
 
     sa = ServerArgs(model_path=str(_tiny_config(tmp_path)), chunked_prefill_size=64, max_prefill_tokens=48,
                     max_running_requests=3, device="cpu")  # fmt: skip
-    body = {
-        **dataclasses.asdict(sa),
-        "status": "ready",
-        "max_total_num_tokens": 4096,
-        "max_req_input_len": 25,
-    }
+    scheduler_info = {"status": "ready", "max_total_num_tokens": 4096, "max_req_input_len": 25}
+    try:
+        from sglang.srt.utils.common import build_server_info
+    except ImportError:  # 0.5.16
+        body = {**dataclasses.asdict(sa), **scheduler_info}
+    else:
+        body = build_server_info(sa, scheduler_info)
     limits = sglang_limits(json.loads(json.dumps(body, default=str)))
     assert limits.step_budget == sglang_run.step_budget(SimpleNamespace(server_args=sa)) == 48
     assert (limits.max_requests, limits.max_prompt_tokens) == (3, 24)
