@@ -179,6 +179,47 @@ def server_view(url: str, n: int) -> tuple[float, float]:
     return (max(arrivals) - min(arrivals)) * 1e3, statistics.mean(x["ttft"] for x in done) * 1e3
 
 
+BENCH_WITH_GC_LOG = """
+import argparse, gc, json, sys, time
+import vllm.benchmarks.serve as serve
+log, started = [], {}
+def _on_gc(phase, info):
+    if phase == "start":
+        started["t"] = time.perf_counter()
+    else:
+        log.append((started.get("t", 0.0), time.perf_counter(), info["generation"]))
+gc.callbacks.append(_on_gc)
+_benchmark = serve.benchmark
+async def _timed(*a, **k):
+    t0 = time.perf_counter()
+    try:
+        return await _benchmark(*a, **k)
+    finally:
+        t1 = time.perf_counter()
+        inside = [(round((s - t0) * 1e3, 1), round((e - s) * 1e3, 1), g) for s, e, g in log if t0 <= s < t1]
+        print("MOECAP_GC " + json.dumps(inside), file=sys.stderr, flush=True)
+serve.benchmark = _timed
+p = argparse.ArgumentParser(); serve.add_cli_args(p); serve.main(p.parse_args(sys.argv[1:]))
+"""
+"""`vllm bench serve` as its CLI runs it, with a log of the garbage collections its process makes while
+`benchmark()` (the measured run) is running: (start ms after the run began, duration ms, generation) per
+collection, printed to stderr. drive freezes its older objects for its measured requests (docs/decisions.md);
+bench does not, and a full collection in the burst holds every request not yet sent."""
+
+
+def bench_collections(stderr: str) -> str:
+    """The collections `BENCH_WITH_GC_LOG` printed, summed: 'N (gen 2: K, X ms; first within 1 s: …)'."""
+    line = next((x for x in stderr.splitlines() if x.startswith("MOECAP_GC ")), None)
+    if line is None:
+        return "not logged"
+    log = json.loads(line.removeprefix("MOECAP_GC "))
+    full = [c for c in log if c[2] == 2]
+    burst = [c for c in log if c[0] < 1000]
+    return (f"{len(log)} ({sum(c[1] for c in log):.1f} ms), gen 2: {len(full)} ({sum(c[1] for c in full):.1f} ms); "
+            f"in its first second: {len(burst)} ({sum(c[1] for c in burst):.1f} ms, "
+            f"longest {max((c[1] for c in burst), default=0):.1f} ms)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -211,10 +252,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     n, n_out = (64, 128) if args.batch == 64 else (4, 256)
     prompt_format = "ids" if args.bench == "sglang" else "text"  # what each benchmark sends
-    bench_code = (
-        "import argparse, sys; from vllm.benchmarks.serve import add_cli_args, main; "
-        "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
-    )
+    bench_code = BENCH_WITH_GC_LOG
     srv = subprocess.Popen([*pin(0), args.bench_python, __file__, "--serve", str(args.port)], env=env,
                            stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -242,7 +280,7 @@ def main() -> None:
                                    check=True, capture_output=True, env=env)  # fmt: skip
                     ttft = json.loads(out.read_text().strip().splitlines()[-1])["mean_ttft_ms"]
                 else:
-                    subprocess.run([*pin(1), args.bench_python, "-c", bench_code, "--backend", "vllm", "--base-url", url,
+                    p = subprocess.run([*pin(1), args.bench_python, "-c", bench_code, "--backend", "vllm", "--base-url", url,
                                     "--model", "emu", "--tokenizer", str(tok), "--dataset-name", "random",
                                     "--random-input-len", "256", "--random-output-len", str(n_out), "--random-range-ratio", "0",
                                     "--num-prompts", str(n), "--max-concurrency", str(args.batch), "--ignore-eos", "--seed", str(seed),
@@ -250,6 +288,8 @@ def main() -> None:
                                     "--disable-tqdm", "--num-warmups", "0", *args.bench_args.split()],
                                    check=True, capture_output=True, env=env)  # fmt: skip
                     ttft = json.loads((work / "bench.json").read_text())["mean_ttft_ms"]
+                    gcs = bench_collections(p.stderr.decode(errors="replace"))
+                    print(f"rep {rep} bench: garbage collections inside its measured run: {gcs}", flush=True)
                 spread, server_ttft = server_view(url, n)
                 rows[tool].append((ttft, server_ttft, spread))
                 print(f"rep {rep} {tool}: client TTFT {ttft:.1f} ms, server TTFT {server_ttft:.1f} ms, "

@@ -22,7 +22,9 @@ Stage `serve`: `moecap-collect serve` (steps + experts on) once; then `--serve-r
 repeats at b64 and b1 of `moecap-collect drive` and the engine's serving benchmark (`vllm bench serve
 --dataset-name random`; SGLang `python -m sglang.benchmark.serving`, OpenAI completions backend,
 `random-ids`) against it, both sending the same kind of request: text for vLLM (drive `--prompt-format
-text`: the random ids decoded with the tokenizer, as bench's random dataset), token ids for SGLang; mean
+text`: the random ids decoded with the tokenizer, as bench's random dataset), token ids for SGLang, greedy
+both (drive's default temperature 0; `vllm bench serve` 0.26 sends none unless `--temperature 0`, leaving
+the server's default — 1.0 here, random sampling — which the runs up to 2026-12-07 did); mean
 TTFT, mean TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the
 server, and read from its own steps file how the engine prefilled each round (`schedule`: a burst that
 arrives at once fills the first steps to the token budget; one that trickles in needs more steps).
@@ -649,7 +651,7 @@ def run_bench(
                "--random-input-len", str(n_in), "--random-output-len", str(n_out), "--random-range-ratio", "0",
                "--num-prompts", str(n), "--max-concurrency", str(batch), "--ignore-eos", "--seed", str(seed),
                "--save-result", "--result-dir", str(folder), "--result-filename", result_file.name,
-               "--disable-tqdm", "--num-warmups", "0", "--save-detailed"]  # fmt: skip
+               "--disable-tqdm", "--num-warmups", "0", "--save-detailed", "--temperature", "0"]  # fmt: skip
     else:
         backend = "sglang-oai"
         with contextlib.suppress(Exception):
