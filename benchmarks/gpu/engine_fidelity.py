@@ -27,7 +27,11 @@ both (drive's default temperature 0; `vllm bench serve` 0.26 sends none unless `
 the server's default — 1.0 here, random sampling — which the runs up to 2026-12-07 did); mean
 TTFT, mean TPOT and output throughput computed by the same definitions for both; then Ctrl-C (SIGINT) the
 server, and read from its own steps file how the engine prefilled each round (`schedule`: a burst that
-arrives at once fills the first steps to the token budget; one that trickles in needs more steps).
+arrives at once fills the first steps to the token budget; one that trickles in needs more steps). The
+untimed first drive round climbs drive's residue ladder (vLLM with `--max-num-batched-tokens 8192` passed,
+SGLang from its /server_info); for vLLM, whose plugin records those steps, `ladder_steps` says how many
+ladder groups the engine prefilled in one step of exactly their count (the rest were split: the measure of
+whether the ladder reaches its classes through a server).
 
 ON THE H100 (vLLM 0.26.0 installed from wheels per ../shared/gpu/README.md; each line one device call of at
 most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkout `moecap` without pip):
@@ -89,6 +93,7 @@ import bisect
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -216,6 +221,30 @@ def steps_by_window(
     starts = [r["t_start_ns"] for r in rows]
     for w in windows:
         yield w, rows[bisect.bisect_left(starts, w["t0_ns"]) : bisect.bisect_left(starts, w["t1_ns"])]
+
+
+LADDER_ID = re.compile(r"-ladder-(\d+)")
+
+
+def ladder_formation(folder: Path, window: dict[str, Any]) -> dict[str, Any] | None:
+    """How drive's residue ladder reached the engine, from the server's own steps in `window` (the warm
+    round): per ladder group (its requests' ids carry its token count, `…-ladder-<count>[-<i>]`), whether
+    all its requests were prefilled in one step whose token count (every request's new tokens) is the
+    group's count. None where the steps name no ladder request (SGLang's tracer leaves warm-up passes out)."""
+    for _, steps in steps_by_window(folder, [window], "req_ids", "req_new_tokens"):
+        totals = [sum(r["req_new_tokens"] or []) for r in steps]
+        where: dict[int, set[int]] = {}
+        for i, r in enumerate(steps):
+            for rid in r["req_ids"] or []:
+                if m := LADDER_ID.search(str(rid)):
+                    where.setdefault(int(m.group(1)), set()).add(i)
+        if not where:
+            return None
+        whole = {c for c, at in where.items() if len(at) == 1 and totals[min(at)] == c}
+        missed = sorted(set(where) - whole)
+        return {"groups": len(where), "one_step_of_its_count": len(whole), "missed": len(missed),
+                "missed_counts": missed[:64]}  # fmt: skip
+    return None
 
 
 def round_schedules(
@@ -730,7 +759,9 @@ def serve_stage(
         # One untimed round of each tool (first shapes, connection pools; drive's climbs the residue
         # ladder: SGLang tells its step budget, vLLM's is the one passed above), then interleaved repeats.
         ladder = str(VLLM_SERVE_STEP_BUDGET) if engine == "vllm" else "auto"
+        warm_window = {"key": "warm", "t0_ns": time.monotonic_ns()}
         warm = run_drive(drive_argv(engine, url, tok, 64, 999, folder, f"{run_id}-warm", ladder=ladder))
+        warm_window["t1_ns"] = time.monotonic_ns()
         result["warm_round"] = {k: warm.get(k) for k in ("ladder", "error")}
         run_bench(engine, url, served, tok, 64, 999, folder)
         rows: dict[str, list[dict[str, Any]]] = {}
@@ -783,6 +814,7 @@ def serve_stage(
     result["windows"] = windows
     try:  # diagnostics: never lose the stage's figures over them
         result["schedule"] = round_schedules(folder, windows)
+        result["ladder_steps"] = ladder_formation(folder, warm_window)
         result["ttft_outside_step"] = ttft_outside_step(folder, windows)
         result["b64_ttft_split"] = b64_ttft_split(folder, windows)
     except Exception as exc:
@@ -916,6 +948,12 @@ def summarize(folders: list[str]) -> str:
                 # results before 2026-12-07 have no longest prefill step
                 longest = [(s["tokens"], s["ms"]) for r in rounds if (s := r.get("longest_prefill"))]
                 lines.append(f"{line}, longest prefill step (tokens, ms) {longest}" if longest else line)
+            warm = d.get("warm_round") or {}
+            if warm.get("ladder"):
+                lines.append(f"warm round: {warm['ladder']}")
+            if lad := d.get("ladder_steps"):
+                lines.append(f"ladder groups prefilled in one step of their count: {lad['one_step_of_its_count']} "
+                             f"of {lad['groups']}; not: {lad['missed_counts']}")  # fmt: skip
     return "\n".join(lines)
 
 

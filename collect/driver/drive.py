@@ -310,11 +310,13 @@ async def _climb_ladder(
     out: LadderOutcome,
 ) -> None:
     """The residue ladder (`workload.residue_ladder`), unrecorded, before the shaped warm-up: one group of
-    fresh token-id prompts (one output token each, through the completions API whatever `cfg.api`) at a
-    time, all of a group sent together and the next only after it finished, so the server can prefill each
-    group in one step of exactly its token count. The server schedules as requests arrive, so a group of
-    several prompts may be split over steps (a single prompt cannot be: groups up to the longest prompt
-    are one prompt each). Fills `out`; a failed request stops the climb (named in `out.note`)."""
+    fresh token-id prompts (one output token each, not streamed, through the completions API whatever
+    `cfg.api`) at a time, each group one request and the next only after it finished, so the server can
+    prefill each group in one step of exactly its token count. A group of several prompts (longer than the
+    longest prompt) goes as one batched request (`prompt` a list of token-id lists, the OpenAI batch form),
+    which the server hands to its scheduler at once; an engine that starts a step as soon as one request
+    is in (vLLM's engine core, SGLang's scheduler) may still split it over two steps. A group of one prompt
+    cannot be split. Fills `out`; a failed request stops the climb (named in `out.note`)."""
     budget = load.ladder_budget or server.step_budget
     if budget is None:
         out.note = (
@@ -332,32 +334,24 @@ async def _climb_ladder(
         step_budget=budget, max_prompt_tokens=max_prompt, max_requests=max_requests, vocab_size=vocab,
         seed=load.seed,
     )  # fmt: skip
-    ids_cfg = dataclasses.replace(cfg, api_url=cfg.base_url, api="completions")
+    ids_cfg = dataclasses.replace(cfg, api_url=cfg.base_url, api="completions", stream=False)
     t0 = time.monotonic()
     try:
         for group in groups:
-            records = [
-                RequestRecord(
-                    f"{WARMUP_PREFIX}{cfg.request_id_prefix}-{p.req_id.removeprefix(WARMUP_PREFIX)}",
-                    Sample(
-                        p.sample.sample_id, p.sample.dataset, prompt_token_ids=p.token_ids, max_new_tokens=1
-                    ),
-                )
-                for p in group
-            ]
-            await asyncio.gather(
-                *(
-                    send_request(
-                        session, ids_cfg, rec, *build_request(ids_cfg, rec.sample, rec.req_id, model)[:2]
-                    )
-                    for rec in records
-                )
+            count = sum(len(p.token_ids) for p in group)
+            rec = RequestRecord(
+                f"{WARMUP_PREFIX}{cfg.request_id_prefix}-ladder-{count}",
+                Sample(f"ladder-{count}", "warm-up", prompt_token_ids=group[0].token_ids, max_new_tokens=1),
             )
+            body, headers, _ = build_request(ids_cfg, rec.sample, rec.req_id, model)
+            if len(group) > 1:  # the OpenAI batch form: one request, its prompts handed over together
+                body["prompt"] = [p.token_ids for p in group]
+                if "rid" in body:  # SGLang: one id per prompt
+                    body["rid"] = [f"{rec.req_id}-{i}" for i in range(len(group))]
+            await send_request(session, ids_cfg, rec, body, headers)
             out.steps += 1
-            failed = next((r for r in records if not r.ok), None)
-            if failed is not None:
-                tokens = sum(len(r.sample.prompt_token_ids or ()) for r in records)
-                out.note = f"residue ladder stopped at its {tokens}-token step: {failed.error}"
+            if not rec.ok:
+                out.note = f"residue ladder stopped at its {count}-token step: {rec.error}"
                 return
     finally:
         out.seconds = time.monotonic() - t0

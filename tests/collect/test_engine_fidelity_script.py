@@ -368,3 +368,36 @@ def test_b64_ttft_split_separates_the_engines_batching_from_the_rest(tmp_path):
     table = ef.summarize([str(tmp_path)])
     assert '"bench-b64": {"engine_ms": 35.0, "rest_ms": 10.0}' in table
     assert '"drive-b64": {"engine_ms": 61.2, "rest_ms": 10.0}' in table
+
+
+def test_ladder_formation_counts_groups_prefilled_in_one_step_of_their_count(tmp_path):
+    """Hand-built vLLM server steps of drive's ladder (ids as vLLM names a batched request's prompts,
+    `cmpl-<X-Request-Id>-<i>`): 16 tokens alone in one step (formed); 17 tokens as one prompt beside a
+    1-token decode (its step holds 18: not formed); 40 tokens as two prompts split over two steps (not);
+    41 tokens as two prompts in one step (formed). Steps outside the window and unrelated ids are ignored."""
+    meta = RunMetadata(run_id="lad", engine=EngineInfo(name="vllm"), model=ModelInfo(id="m"))
+    w = TraceWriter(tmp_path / trace_file_name(meta, "steps"), "steps", meta)
+    pre = "cmpl-moecap-warmup-ab12-ladder-"
+    steps = [  # (t_start ms, ids, new tokens)
+        (1, [pre + "99"], [99]),  # before the window
+        (10, [pre + "16"], [16]),
+        (20, ["other", pre + "17"], [1, 17]),
+        (30, [pre + "40-0"], [20]),
+        (40, [pre + "40-1"], [20]),
+        (50, [pre + "41-0", pre + "41-1"], [21, 20]),
+        (60, ["r0"], [256]),
+    ]
+    for i, (t0, ids, new) in enumerate(steps):
+        w.write({"step": i, "phase": "prefill", "is_draft": False, "num_reqs": len(new), "num_tokens": sum(new),
+                 "t_start_ns": t0 * MS, "t_end_ns": (t0 + 5) * MS, "req_ids": ids,
+                 "req_prefix_lens": [0] * len(new), "req_new_tokens": new})  # fmt: skip
+    w.close()
+    got = ef.ladder_formation(tmp_path, {"key": "warm", "t0_ns": 5 * MS, "t1_ns": 100 * MS})
+    assert got == {"groups": 4, "one_step_of_its_count": 2, "missed": 2, "missed_counts": [17, 40]}
+    assert ef.ladder_formation(tmp_path, {"key": "none", "t0_ns": 55 * MS, "t1_ns": 100 * MS}) is None
+    serve = {"ok": True, "engine": "vllm", "stage": "serve", "gpu": "H100", "medians": {}, "ladder_steps": got,
+             "warm_round": {"ladder": "warm-up: residue ladder of 4 steps up to 8192 tokens in 1.0 s"}}  # fmt: skip
+    (tmp_path / "fidelity-vllm-serve.json").write_text(json.dumps(serve))
+    table = ef.summarize([str(tmp_path)])
+    assert "warm round: warm-up: residue ladder of 4 steps" in table
+    assert "ladder groups prefilled in one step of their count: 2 of 4; not: [17, 40]" in table

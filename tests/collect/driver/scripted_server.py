@@ -20,7 +20,8 @@ never ends.
 
 Also: GET /v1/models (with --as-sglang also SGLang's /get_model_info and /get_server_info; with --as-vllm
 vLLM's /version), GET /server_info (the --server-info body, else 404: SGLang's info endpoint and vLLM's
-dev-mode one), a token-id prompt longer than --max-prompt-ids answered as ctx400,
+dev-mode one), token-id prompts (one, or a batch: a list of lists) streamed or not as `stream` says, and
+answered as ctx400 when one is longer than --max-prompt-ids,
 GET /_timings?id=<X-Request-Id> (server-side monotonic send times of each chunk), GET /_seen (ids, rid body fields and bodies received), GET /_control (batch-recording calls and their `model`), and the MoE-CAP / ServerlessLLM batch
 recording endpoints (start / stop / dump / clear / status), whose records describe finished requests.
 Scenario `barrier n=N group=G wait_s=S` holds each request until N requests of group G are open at once
@@ -197,9 +198,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"detail": "Not Found"})
         chat = url.path.endswith("chat/completions")
         text = body["messages"][-1]["content"] if chat else body.get("prompt", "")
-        if isinstance(text, list):  # token ids: a plain stream of max_tokens
-            too_long = MAX_PROMPT_IDS is not None and len(text) > MAX_PROMPT_IDS
-            text = "ctx400" if too_long else f"stream tokens={body.get('max_tokens', 4)}"
+        if isinstance(text, list):  # token ids (one prompt, or a batch of them): max_tokens, as asked
+            prompts = text if text and isinstance(text[0], list) else [text]
+            too_long = MAX_PROMPT_IDS is not None and max(map(len, prompts)) > MAX_PROMPT_IDS
+            kind = "stream" if body.get("stream", True) else "nonstream"
+            text = "ctx400" if too_long else f"{kind} tokens={body.get('max_tokens', 4)}"
         name, opts = parse_scenario(text)
         rid = self.headers.get("X-Request-Id", "")
         with LOCK:
@@ -248,6 +251,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(data)
                 return None
+            with LOCK:
+                STATE["timings"][rid] = self._timings(
+                    arrived, [{"t_ns": time.monotonic_ns(), "tokens": n_tok}]
+                )
             return self._json(
                 200,
                 {

@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-from collections import defaultdict
 
 import pytest
 from loopback import SCRIPTED, start_server
@@ -32,18 +31,22 @@ SGLANG_INFO = {
 }
 
 
-def _ladder(server, prefix: str) -> dict[int, list[dict]]:
-    """Per ladder count, the server's view of its requests: body, arrival and last chunk (ns)."""
-    groups: dict[int, list[dict]] = defaultdict(list)
+def _ladder(server, prefix: str) -> dict[int, dict]:
+    """Per ladder count, the server's view of its one request: body, prompts (lists of ids), SGLang rid(s),
+    arrival and answer (ns)."""
+    groups: dict[int, dict] = {}
     for seen in server.get("/_seen"):
-        m = re.fullmatch(rf"{WARMUP_PREFIX}{prefix}-ladder-(\d+)-(\d+)", seen["id"])
+        m = re.fullmatch(rf"{WARMUP_PREFIX}{prefix}-ladder-(\d+)", seen["id"])
         if m:
+            assert int(m.group(1)) not in groups  # one request per count
             t = server.get(f"/_timings?id={seen['id']}")
-            groups[int(m.group(1))].append(
-                {"body": seen["body"], "rid": seen["rid"], "target": seen["target"],
-                 "arrived": t["arrived_ns"], "done": t["chunks"][-1]["t_ns"]}
-            )  # fmt: skip
-    return dict(groups)
+            prompt = seen["body"]["prompt"]
+            groups[int(m.group(1))] = {
+                "body": seen["body"], "rid": seen["rid"], "target": seen["target"],
+                "prompts": prompt if isinstance(prompt[0], list) else [prompt],
+                "arrived": t["arrived_ns"], "done": t["chunks"][-1]["t_ns"],
+            }  # fmt: skip
+    return groups
 
 
 def _samples(n: int = 3) -> list[Sample]:
@@ -62,21 +65,24 @@ def test_sglang_server_gets_one_group_per_count_one_after_another():
     # so every count from 16 to 95 once.
     assert sorted(groups) == list(range(16, 96))
     assert res.ladder.steps == 80 and res.ladder.reach == 96 and res.ladder.note is None
-    for count, reqs in groups.items():
-        lengths = sorted(len(r["body"]["prompt"]) for r in reqs)
+    for count, g in groups.items():
+        lengths = sorted(map(len, g["prompts"]))
         assert sum(lengths) == count
-        assert len(reqs) == -(-count // 40) and lengths[-1] - lengths[0] <= 1  # as few prompts as fit 40
-        for r in reqs:
-            assert r["target"] == "/v1/completions"  # token ids: completions, whatever the run's API
-            assert r["body"]["max_tokens"] == 1 and all(isinstance(t, int) for t in r["body"]["prompt"])
-            assert r["rid"].startswith(WARMUP_PREFIX)  # SGLang's tracer leaves these passes out
+        assert len(lengths) == -(-count // 40) and lengths[-1] - lengths[0] <= 1  # as few prompts as fit 40
+        assert (len(lengths) > 1) == isinstance(g["body"]["prompt"][0], list)  # several: the batch form
+        assert g["target"] == "/v1/completions"  # token ids: completions, whatever the run's API
+        assert g["body"]["max_tokens"] == 1 and g["body"]["stream"] is False
+        assert all(isinstance(t, int) for p in g["prompts"] for t in p)
+        rids = g["rid"] if isinstance(g["rid"], list) else [g["rid"]]
+        assert len(rids) == len(lengths)  # SGLang: one id per prompt of the batch
+        assert all(r.startswith(WARMUP_PREFIX) for r in rids)  # SGLang's tracer leaves these passes out
     order = sorted(groups)
     for before, after in itertools.pairwise(order):
-        # the next group goes out only after the one before has finished
-        assert min(r["arrived"] for r in groups[after]) >= max(r["done"] for r in groups[before])
-    ids = [t for reqs in groups.values() for r in reqs for t in r["body"]["prompt"]]
+        # the next group goes out only after the one before has been answered
+        assert groups[after]["arrived"] >= groups[before]["done"]
+    ids = [t for g in groups.values() for p in g["prompts"] for t in p]
     assert max(ids) < 1000  # text samples show no vocabulary: ids below any served LLM's vocabulary size
-    firsts = [tuple(r["body"]["prompt"][:4]) for reqs in groups.values() for r in reqs]
+    firsts = [tuple(p[:4]) for g in groups.values() for p in g["prompts"]]
     assert len(set(firsts)) == len(firsts)  # no prompt is a prefix-cache hit for another
 
 
@@ -103,8 +109,8 @@ def test_vllm_dev_mode_server_info_gives_the_budget_and_the_prompt_length():
         groups = _ladder(srv, "dev")
     # budget 40, prompts of up to 20 tokens, 4 at once: reach 40; sizes 16 (and 32 would not leave +15)
     assert sorted(groups) == list(range(16, 32)) and res.ladder.reach == 40
-    assert max(len(r["body"]["prompt"]) for reqs in groups.values() for r in reqs) == 20  # max_model_len − 1
-    assert sorted(len(r["body"]["prompt"]) for r in groups[31]) == [15, 16]
+    assert max(len(p) for g in groups.values() for p in g["prompts"]) == 20  # max_model_len − 1
+    assert sorted(map(len, groups[31]["prompts"])) == [15, 16]
     assert all(r.ok for r in res.records)
 
 
@@ -119,7 +125,7 @@ def test_a_given_budget_serves_a_server_that_tells_none_and_a_refusal_stops_the_
         )  # fmt: skip
         seen = srv.get("/_seen")
     assert p.returncode == 0, p.stderr
-    counts = sorted({int(m.group(1)) for s in seen if (m := re.search(r"-ladder-(\d+)-0$", s["id"]))})
+    counts = sorted(int(m.group(1)) for s in seen if (m := re.search(r"-ladder-(\d+)$", s["id"])))
     assert counts == list(range(16, 35))  # 16…33 answered, 34 refused, nothing after it
     note = [line for line in p.stderr.splitlines() if "residue ladder stopped" in line]
     assert len(note) == 1 and "34-token step" in note[0] and "maximum context length" in note[0]
