@@ -151,14 +151,19 @@ def residue_ladder(
     vocab_size: int,
     seed: int,
     covered: int = 0,
+    prompt_cap: int | None = None,
 ) -> list[list[Prompt]]:
     """Warm-up groups that make the engine run a step of every token count s + r, r = 0…15, for each
-    ladder size s (`ladder_sizes`) up to the largest step the run can form (`ladder_reach`), leaving out
-    the counts up to `covered` (climbed on this engine already: none are built).
+    ladder size s (`ladder_sizes`) up to the largest step the run can form (`ladder_reach`, from the run's
+    `max_prompt_tokens`), leaving out the counts up to `covered` (climbed on this engine already: none are
+    built).
 
-    Hand each group over alone, after the one before has finished: its prompts (⌈count /
-    max_prompt_tokens⌉ of them, lengths within one token of each other, one output token each) are
-    admitted together and prefilled in one step of exactly that count. Why: Triton compiles a kernel once
+    Hand each group over alone, after the one before has finished: its prompts (⌈count / cap⌉ of them,
+    cap = the longest prompt the engine takes, `prompt_cap`, when it is longer than the run's; lengths
+    within one token of each other, one output token each) are admitted together and prefilled in one step
+    of exactly that count. As few prompts as possible: an engine that starts a step as soon as one request
+    is in (vLLM's engine core, SGLang's scheduler) can split a group of several over two steps, never a
+    group of one. Why the ladder: Triton compiles a kernel once
     per launch configuration, and vLLM and SGLang pick the fused-MoE tile configuration by the step's
     token count M (vLLM 0.26 bf16, 60 experts: seven ranges, edges at 32, 64, 96, 128, 512 and 7,740) and
     Triton specializes integer arguments on divisibility by 16 (above 512 tokens the expert-sorted length
@@ -174,10 +179,11 @@ def residue_ladder(
         return []
     rng = random.Random(seed + 2 * WARMUP_SEED_OFFSET)
     low = min(100, max(0, vocab_size - 1))
+    cap = max(max_prompt_tokens, prompt_cap or 0)
     groups = []
     for size in ladder_sizes(reach):
         for count in range(max(size, covered + 1), size + 16):
-            n = -(-count // max_prompt_tokens)
+            n = -(-count // cap)
             lengths = [count // n + (i < count % n) for i in range(n)]
             groups.append(
                 [

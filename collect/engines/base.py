@@ -316,6 +316,11 @@ class OfflineSession:
         """The most prompt tokens the started engine prefills in one step (None: not known, no ladder)."""
         return None
 
+    def _longest_prompt(self) -> int | None:
+        """The longest prompt the started engine takes with one output token (None: not known; the ladder's
+        groups then use prompts no longer than the workload's)."""
+        return None
+
     def _pause(self) -> None:
         """Stop recording (the warm-up follows); engines whose tracer skips warm-up ids do nothing."""
 
@@ -397,6 +402,7 @@ class OfflineSession:
                 max_requests=self.max_in_flight,
                 vocab_size=self.vocab,
                 seed=self.options.seed,
+                prompt_cap=self._longest_prompt(),
             )
             if budget and prompts
             else []

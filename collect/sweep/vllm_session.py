@@ -183,7 +183,7 @@ class VllmSession:
 
     def _ladder(self, prompts: list[Any], options: Any, batch_size: int, seed: int) -> None:
         """The residue ladder's groups above `_ladder_reach`, each handed over alone."""
-        from ..engines.vllm.runner import step_budget
+        from ..engines.vllm.runner import longest_prompt, step_budget
         from ..workload import ladder_reach, residue_ladder
 
         budget = step_budget(self.engine)
@@ -194,7 +194,10 @@ class VllmSession:
             max_prompt_tokens=max(len(p.token_ids) for p in prompts),
             max_requests=batch_size,
         )
-        for group in residue_ladder(**limits, vocab_size=self.vocab, seed=seed, covered=self._ladder_reach):
+        cap = longest_prompt(self.engine)
+        for group in residue_ladder(
+            **limits, vocab_size=self.vocab, seed=seed, covered=self._ladder_reach, prompt_cap=cap
+        ):
             self._submit(group, options, len(group))
         self._ladder_reach = max(self._ladder_reach, ladder_reach(**limits))
 

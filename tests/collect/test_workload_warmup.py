@@ -95,6 +95,21 @@ def test_each_group_is_one_step_of_its_count_and_fits_what_the_run_allows(budget
     assert len(heads) == len(set(heads))
 
 
+@pytest.mark.parametrize("cap", [4095, 8191, 100_000])
+def test_the_engines_longest_prompt_makes_fewer_prompts_per_group_not_a_longer_reach(cap):
+    """A run of 256-token prompts, 64 in flight, 16,384-token budget: the reach is 16,384 with or without
+    the engine's longer prompt limit; with it each group is ⌈count / cap⌉ prompts (one up to the cap, two
+    above it when the cap is 8,191) instead of up to 64."""
+    limits = dict(step_budget=16384, max_prompt_tokens=256, max_requests=64, vocab_size=32000, seed=5)
+    plain, capped = residue_ladder(**limits), residue_ladder(**limits, prompt_cap=cap)
+    count = lambda g: sum(len(p.token_ids) for p in g)  # noqa: E731
+    assert [count(g) for g in capped] == [count(g) for g in plain]  # the same steps, the same reach
+    assert max(count(g) for g in capped) == 16383 and max(len(g) for g in plain) == 64
+    for g in capped:
+        assert len(g) == math.ceil(count(g) / cap) and max(len(p.token_ids) for p in g) <= cap
+    assert residue_ladder(**limits, prompt_cap=100) == plain  # a cap below the run's prompts changes nothing
+
+
 def test_nothing_to_climb_when_the_run_forms_only_tiny_steps():
     assert residue_ladder(step_budget=30, max_prompt_tokens=8, max_requests=4, vocab_size=1000, seed=0) == []
     assert ladder_sizes(31) == [16] and ladder_sizes(30) == []

@@ -336,10 +336,13 @@ def _tiny_config(folder: Path) -> Path:
     return cfg
 
 
-def _patch_engine(monkeypatch: Any, *, resolve_server_args: bool = False) -> list[FakeEngine]:
+def _patch_engine(
+    monkeypatch: Any, *, resolve_server_args: bool = False, max_req_input_len: int | None = None
+) -> list[FakeEngine]:
     """`sglang.Engine` answering `FakeEngine`s (collected in the returned list); with `resolve_server_args`
     each carries SGLang's own `ServerArgs` built from its kwargs, as `Engine.server_args` (device "cpu":
-    0.5.16 resolves a device)."""
+    0.5.16 resolves a device); with `max_req_input_len`, a tokenizer manager holding it, as the engine's
+    does once its scheduler is up."""
     import sglang
     from sglang.srt.server_args import ServerArgs
 
@@ -349,6 +352,8 @@ def _patch_engine(monkeypatch: Any, *, resolve_server_args: bool = False) -> lis
         made.append(FakeEngine(**kwargs))
         if resolve_server_args:
             made[-1].server_args = ServerArgs(**kwargs, device="cpu")
+        if max_req_input_len is not None:
+            made[-1].tokenizer_manager = argparse.Namespace(max_req_input_len=max_req_input_len)
         return made[-1]
 
     monkeypatch.setattr(sglang, "Engine", engine)
@@ -456,3 +461,21 @@ def test_drive_reads_the_step_budget_from_sglangs_server_info(sglang_version, tm
     limits = sglang_limits(json.loads(json.dumps(body, default=str)))
     assert limits.step_budget == sglang_run.step_budget(SimpleNamespace(server_args=sa)) == 48
     assert (limits.max_requests, limits.max_prompt_tokens) == (3, 24)
+
+
+def test_ladder_groups_use_prompts_as_long_as_the_engine_takes(sglang_version, tmp_path, monkeypatch):
+    """The engine's tokenizer manager says 64 (prompts of up to 63 tokens): every ladder group of 16…47
+    tokens is then one prompt of exactly its count (the workload's 24-token prompts would need two), so the
+    scheduler cannot split a group over two passes."""
+    made = _patch_engine(monkeypatch, resolve_server_args=True, max_req_input_len=64)
+    options = _options(
+        tmp_path / "out", model=str(_tiny_config(tmp_path)), random_weights=True, dataset="synthetic:24x2",
+        num_prompts=4, run_id="run-cap", cuda_graphs="off", max_batch_tokens=64, flush_wait_s=0.1,
+        gpu_sample_interval_s=None,
+    )  # fmt: skip
+    sglang_run.run(options)
+    (eng,) = made
+    assert sglang_run.longest_prompt(eng) == 63
+    ladder = [c for c in eng.calls if "ladder" in c["rid"]]
+    assert [c["rid"] for c in ladder] == [f"{WARMUP_PREFIX}ladder-{n}-0" for n in range(16, 48)]
+    assert [len(c["input_ids"]) for c in ladder] == list(range(16, 48))

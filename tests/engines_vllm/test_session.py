@@ -118,19 +118,31 @@ def _scheduler_config(max_num_batched_tokens: int, max_num_seqs: int) -> Any:
         return SchedulerConfig(**kw, is_encoder_decoder=False)
 
 
-@pytest.fixture
-def budgeted(monkeypatch):
+@pytest.fixture(params=[None], ids=["no-model-config"])
+def budgeted(monkeypatch, request, tmp_path):
     """`scripted`, the stand-in carrying vLLM's own `VllmConfig` with a `SchedulerConfig` sized by the real
-    `EngineArgs` (`max_num_batched_tokens` from `--max-batch-tokens`; no model config)."""
-    from vllm.config import VllmConfig
+    `EngineArgs` (`max_num_batched_tokens` from `--max-batch-tokens`); no model config, or (parametrized
+    indirectly with a length) vLLM's own `ModelConfig` of the tiny model with that `max_model_len`."""
+    from vllm.config import ModelConfig, VllmConfig
     from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm_objects import write_tiny_config
 
     built: dict[str, Any] = {}
+    model_len = request.param
 
     def from_engine_args(engine_args: Any, usage_context: Any = None, **_: Any) -> ScriptedEngine:
         engine = ScriptedEngine(engine_args.max_num_seqs)
         sc = _scheduler_config(engine_args.max_num_batched_tokens, engine_args.max_num_seqs)
-        engine.vllm_config = VllmConfig(scheduler_config=sc)
+        if model_len is None:
+            engine.vllm_config = VllmConfig(scheduler_config=sc)
+        else:
+            folder = tmp_path / "model-config"
+            folder.mkdir(exist_ok=True)
+            write_tiny_config(folder)
+            mc = ModelConfig(
+                model=str(folder), skip_tokenizer_init=True, dtype="float32", max_model_len=model_len
+            )
+            engine.vllm_config = VllmConfig(model_config=mc, scheduler_config=sc)
         built["engine"] = engine
         return engine
 
@@ -265,6 +277,20 @@ def test_the_warm_up_climbs_the_residue_ladder_one_step_per_group_before_the_sha
     assert rpcs[0] < first_ladder < events.index(("add", ladder[-1])) < shapes[0] < rpcs[1] < workload[0]
     assert sorted(r.req_id for r in result.records) == [f"r{i}" for i in range(6)]
     assert result.timing["warmup_ladder_steps"] == 16 and result.timing["warmup_requests"] == 3
+
+
+@pytest.mark.parametrize("budgeted", [40], indirect=True, ids=["max-model-len-40"])
+def test_ladder_groups_use_prompts_as_long_as_the_engine_takes(tmp_path, budgeted):
+    """With vLLM's own `ModelConfig` saying 40 tokens (39 of prompt with one output token), every ladder
+    group of 16…31 tokens is one prompt (the workload's prompts are 12 tokens: without the model config
+    they are 2-3 prompts each), so no engine can split a group over two steps; the reach stays the run's
+    (3 in flight × 12 tokens)."""
+    result = vllm_run.run(_options(tmp_path, max_batch_tokens=64))
+    engine: ScriptedEngine = budgeted["engine"]
+    assert vllm_run.longest_prompt(engine) == 39
+    ladder = [rid for kind, rid in engine.events if kind == "add" and "ladder" in rid]
+    assert ladder == [f"{WARMUP_PREFIX}ladder-{c}-0" for c in range(16, 32)]
+    assert result.timing["warmup_ladder_steps"] == 16
 
 
 def test_drive_reads_the_step_budget_from_vllms_own_dev_mode_server_info(monkeypatch):

@@ -155,6 +155,9 @@ class SglangSession(OfflineSession):
     def _step_budget(self) -> int | None:
         return step_budget(self.engine)
 
+    def _longest_prompt(self) -> int | None:
+        return longest_prompt(self.engine)
+
     def _submit(
         self, prompts: Sequence[Prompt], concurrency: int | None, progress: Progress | None
     ) -> tuple[list[RequestRecord], float]:
@@ -283,6 +286,14 @@ def step_budget(engine: Any) -> int | None:
     (-1: chunking off) and `max_prefill_tokens` (`Engine.server_args`; None if unknown)."""
     sa = getattr(engine, "server_args", None)
     return prefill_step_budget(*(getattr(sa, name, None) for name in STEP_BUDGET_ARGS["sglang"]))
+
+
+def longest_prompt(engine: Any) -> int | None:
+    """The longest prompt the engine takes: its scheduler's `max_req_input_len` − 1 (SGLang refuses a
+    prompt of that length; the engine's tokenizer manager holds it once the scheduler is up); None if
+    unknown."""
+    n = getattr(getattr(engine, "tokenizer_manager", None), "max_req_input_len", None)
+    return n - 1 if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
 
 
 def engine_facts(

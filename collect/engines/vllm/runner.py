@@ -123,6 +123,9 @@ class VllmSession(OfflineSession):
     def _step_budget(self) -> int | None:
         return step_budget(self.engine)
 
+    def _longest_prompt(self) -> int | None:
+        return longest_prompt(self.engine)
+
     def _pause(self) -> None:
         _rpc(self.engine, "pause")
 
@@ -249,6 +252,14 @@ def step_budget(engine: Any) -> int | None:
     """The engine's prompt tokens per step (`scheduler_config.max_num_batched_tokens`; None if unknown)."""
     sc = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
     return prefill_step_budget(*(getattr(sc, name, None) for name in STEP_BUDGET_ARGS["vllm"]))
+
+
+def longest_prompt(engine: Any) -> int | None:
+    """The longest prompt the engine takes with one output token: `model_config.max_model_len` − 1 (vLLM
+    checks at start-up that one sequence of that length fits its KV cache); None if unknown."""
+    mc = getattr(getattr(engine, "vllm_config", None), "model_config", None)
+    n = getattr(mc, "max_model_len", None)
+    return n - 1 if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
 
 
 def engine_facts(engine: Any, options: VllmRunOptions) -> tuple[Any, ...]:
