@@ -29,9 +29,9 @@ TTFT, mean TPOT and output throughput computed by the same definitions for both;
 server, and read from its own steps file how the engine prefilled each round (`schedule`: a burst that
 arrives at once fills the first steps to the token budget; one that trickles in needs more steps). The
 untimed first drive round climbs drive's residue ladder (vLLM with `--max-num-batched-tokens 8192` passed,
-SGLang from its /server_info); for vLLM, whose plugin records those steps, `ladder_steps` says how many
-ladder groups the engine prefilled in one step of exactly their count (the rest were split: the measure of
-whether the ladder reaches its classes through a server).
+SGLang from its /server_info); the server runs with MOECAP_RECORD_WARMUP=1 (the tracers record warm-up
+steps too), and `ladder_steps` says how many ladder groups the engine prefilled in one step of exactly
+their count (the rest were split: the measure of whether the ladder reaches its classes through a server).
 
 ON THE H100 (vLLM 0.26.0 installed from wheels per ../shared/gpu/README.md; each line one device call of at
 most 10 minutes, back to back; `source benchmarks/gpu/env.sh` makes this checkout `moecap` without pip):
@@ -230,7 +230,8 @@ def ladder_formation(folder: Path, window: dict[str, Any]) -> dict[str, Any] | N
     """How drive's residue ladder reached the engine, from the server's own steps in `window` (the warm
     round): per ladder group (its requests' ids carry its token count, `…-ladder-<count>[-<i>]`), whether
     all its requests were prefilled in one step whose token count (every request's new tokens) is the
-    group's count. None where the steps name no ladder request (SGLang's tracer leaves warm-up passes out)."""
+    group's count. None where the steps name no ladder request (the tracers leave warm-up steps out unless
+    MOECAP_RECORD_WARMUP=1, which the serve stage sets)."""
     for _, steps in steps_by_window(folder, [window], "req_ids", "req_new_tokens"):
         totals = [sum(r["req_new_tokens"] or []) for r in steps]
         where: dict[int, set[int]] = {}
@@ -744,7 +745,10 @@ def serve_stage(
     windows: list[dict[str, Any]] = []  # each measured round's [t0_ns, t1_ns): round_schedules
     t0 = time.time()
     with open(server_log, "w") as logf:
-        srv = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        # MOECAP_RECORD_WARMUP: the tracers record drive's warm-ups too (left out by default), so
+        # `ladder_steps` can see how the engine formed the warm round's ladder groups.
+        env = {**os.environ, "MOECAP_RECORD_WARMUP": "1"}
+        srv = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         while time.time() - t0 < 400:
             if srv.poll() is not None:

@@ -5,7 +5,9 @@ definition, so `moecap-collect serve|run` sets the same variables whatever the e
 `MOECAP_COUNTS=0` (steps only), `MOECAP_STRICT_ENGINE=1` (refuse an untested engine release),
 `MOECAP_MODEL_ID`, `MOECAP_WORKLOAD` (JSON for the run metadata), `MOECAP_STATS_DIR` (per-process
 tracer stats as JSON, for scripts), `MOECAP_COUNT_ON=auto|device|host` (where vLLM's routing rows are
-counted; the counts are the same either way).
+counted; the counts are the same either way), `MOECAP_RECORD_WARMUP=1` (record the steps of a client's
+warm-up too, which the tracers leave out: a diagnostic, e.g. to see how an engine formed drive's residue
+ladder).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ ENV_MODEL_ID = "MOECAP_MODEL_ID"
 ENV_WORKLOAD = "MOECAP_WORKLOAD"
 ENV_STATS_DIR = "MOECAP_STATS_DIR"
 ENV_COUNT_ON = "MOECAP_COUNT_ON"
+ENV_RECORD_WARMUP = "MOECAP_RECORD_WARMUP"
 
 
 def tracer_environment(
@@ -98,6 +101,8 @@ class TracerSettings:
     """Steps whose device readback may be in flight at once."""
     count_on: str = "auto"
     """Where expert counts are made from the routing rows: auto | device | host (engines that support it)."""
+    record_warmup: bool = False
+    """Record the steps of a client's warm-up (request ids with `workload.WARMUP_PREFIX`) too."""
 
     @classmethod
     def from_env(cls, engine: str) -> TracerSettings | None:
@@ -112,4 +117,5 @@ class TracerSettings:
             workload=workload_from_env(),
             stats_dir=os.environ.get(ENV_STATS_DIR) or None,
             count_on=os.environ.get(ENV_COUNT_ON, "auto").strip().lower() or "auto",
+            record_warmup=env_flag(ENV_RECORD_WARMUP, "0"),
         )

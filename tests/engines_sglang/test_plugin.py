@@ -78,6 +78,22 @@ def test_warm_up_passes_are_run_but_not_recorded(sgl):
     assert all(not any(x.startswith(WARMUP_PREFIX) for x in row["req_ids"]) for row in rows)
 
 
+def test_record_warmup_keeps_warm_up_passes(sgl, monkeypatch):
+    # MOECAP_RECORD_WARMUP=1 (a diagnostic: how did the engine form drive's ladder?) records them too.
+    from moecap.collect.workload import WARMUP_PREFIX
+
+    monkeypatch.setenv("MOECAP_RECORD_WARMUP", "1")
+    sgl.install()
+    sgl.set_recorder()
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    r = sgl.runner([ids, ids])
+    r.forward(_decode([f"{WARMUP_PREFIX}ab-ladder-17-0", f"{WARMUP_PREFIX}ab-ladder-17-1"], [4, 5]))
+    r.forward(_decode(["a", "b"], [4, 5]))
+    rows, _ = sgl.rows()
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["req_ids"] == [f"{WARMUP_PREFIX}ab-ladder-17-0", f"{WARMUP_PREFIX}ab-ladder-17-1"]
+
+
 def test_padding_after_forward_does_not_leak_into_the_row(sgl):
     sgl.install()
     sgl.set_recorder()

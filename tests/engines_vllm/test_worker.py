@@ -302,3 +302,54 @@ def test_a_paused_tracer_records_nothing_until_resumed(worker_class, vllm_env, t
     rows = steps.table.to_pylist()
     assert [r["step"] for r in rows] == list(range(len(outputs)))
     assert all(rid == "a" for r in rows for rid in r["req_ids"]) and experts.num_rows == len(rows)
+
+
+def test_a_clients_warm_up_steps_are_not_recorded(worker_class, vllm_env, trace_env):
+    """drive's warm-up and residue ladder reach a traced `vllm serve` with ids vLLM names
+    `cmpl-moecap-warmup-…-<i>`: their steps are left out, as `run` pauses the tracer for its own; the
+    measured requests after them are recorded from step 0, counted exactly."""
+    model = make_model(plans={0: duplicating_plan})
+    rec = RecordingModel(model)
+    runner = FakeRunner(model)
+    worker = make_worker(vllm_env, runner)
+    worker.load_model()
+    worker.initialize_from_config(kv_cache_config())
+    sched = ToyScheduler(24, runner="v2", seed=7)
+    sched.add("cmpl-moecap-warmup-ab12-ladder-17-0", prompt_len=17, max_tokens=1)
+    sched.add("cmpl-moecap-warmup-ab12-3-0", prompt_len=9, max_tokens=3)
+    warm = drive(worker, sched, steps_with_dummy=())
+    for i in range(3):
+        sched.add(f"cmpl-ab12-00000{i}-0", prompt_len=5 + 4 * i, max_tokens=3)
+    measured = drive(worker, sched, steps_with_dummy=())
+    stats = worker.moecap_control("stats")
+    worker.shutdown()
+
+    steps, experts = trace_files(trace_env)
+    rows = steps.table.to_pylist()
+    assert stats["warmup_steps_skipped"] == len(warm) > 0 and stats["steps_recorded"] == len(measured)
+    assert [r["step"] for r in rows] == list(range(len(measured)))
+    assert all("warmup" not in rid for r in rows for rid in r["req_ids"])
+    assert sum(r["num_tokens"] for r in rows) == sum(so.total_num_scheduled_tokens for so, _ in measured)
+    counts = {r["step"]: r["counts"] for r in experts.table.to_pylist()}
+    forwards = list(zip(runner.inputs, rec.per_forward))[len(warm) :]  # the warm-up's forwards ran too
+    for r, ((_x, n_real), routed) in zip(rows, forwards, strict=True):
+        assert n_real == r["num_tokens"]
+        got = torch.tensor(counts[r["step"]]).reshape(len(MOE_LAYERS), NUM_EXPERTS)
+        want = torch.bincount(routed[0][:n_real].reshape(-1).long(), minlength=NUM_EXPERTS)
+        assert torch.equal(got[0], want.to(got.dtype))
+
+
+def test_record_warmup_keeps_a_clients_warm_up_steps(worker_class, vllm_env, trace_env, monkeypatch):
+    """MOECAP_RECORD_WARMUP=1 (a diagnostic: how did the engine form drive's ladder?) records them too."""
+    monkeypatch.setenv("MOECAP_RECORD_WARMUP", "1")
+    worker = make_worker(vllm_env, FakeRunner(make_model()))
+    worker.load_model()
+    worker.initialize_from_config(kv_cache_config())
+    sched = ToyScheduler(24, runner="v2", seed=7)
+    sched.add("cmpl-moecap-warmup-ab12-ladder-17-0", prompt_len=17, max_tokens=1)
+    warm = drive(worker, sched, steps_with_dummy=())
+    stats = worker.moecap_control("stats")
+    worker.shutdown()
+    steps, _ = trace_files(trace_env)
+    assert stats["warmup_steps_skipped"] == 0 and steps.num_rows == len(warm) > 0
+    assert steps.table.to_pylist()[0]["req_ids"] == ["cmpl-moecap-warmup-ab12-ladder-17-0"]

@@ -332,7 +332,7 @@ class SglangTracer(EngineTraceFiles):
             is_draft = bool(getattr(runner, "is_draft_worker", False))
             fields = compat.batch_fields(forward_batch)
             rids = fields.get("rids")
-            if rids and str(rids[0]).startswith(WARMUP_PREFIX):
+            if rids and str(rids[0]).startswith(WARMUP_PREFIX) and not self.settings.record_warmup:
                 # A client's warm-up (`run --warmup`): it finishes before the workload starts, so the
                 # first request says it all. Not recorded.
                 return original(runner, forward_batch, *a, **k)

@@ -68,6 +68,7 @@ from moecap.schemas import (
 from ... import runtime
 from ...counting import ReadyStep, StepReadback
 from ...errors import CollectError
+from ...workload import WARMUP_PREFIX
 from ...writers import EngineTraceFiles
 
 # The environment contract shared by the engine adapters (re-exported: `adapter.ENV_*`).
@@ -376,6 +377,8 @@ class VllmTracer(EngineTraceFiles):
         self.step_key = 0
         self.steps_recorded = 0
         self.steps_written = 0
+        self.warmup_steps_skipped = 0
+        """Steps of a client's warm-up (`is_client_warmup`), not recorded."""
         self.writers: Any = None
         self.metadata: RunMetadata | None = None
         self._open: _OpenStep | None = None
@@ -696,6 +699,7 @@ class VllmTracer(EngineTraceFiles):
             "recorder": self.is_recorder,
             "steps_recorded": self.steps_recorded,
             "steps_written": self.steps_written,
+            "warmup_steps_skipped": self.warmup_steps_skipped,
             "in_flight": self.readback.in_flight,
             "readback_waits": self.readback.waits,
             "counting": self.counting,
@@ -784,11 +788,26 @@ def _recording(worker: Any) -> VllmTracer | None:
     return tracer
 
 
+def is_client_warmup(so: Any) -> bool:
+    """Whether a step serves a client's warm-up: its first request's id holds `WARMUP_PREFIX` (drive's
+    warm-up and residue ladder send it as X-Request-Id, which vLLM's server wraps as `cmpl-<id>-<i>`).
+    A warm-up finishes before the workload starts, so the first request says it all (as SGLang's tracer
+    judges a pass); one dict lookup per step."""
+    first = next(iter(so.num_scheduled_tokens), None)
+    return first is not None and WARMUP_PREFIX in first
+
+
 def _around_execute_model(
     original: Callable[..., Any], self: Any, scheduler_output: Any, *a: Any, **k: Any
 ) -> Any:
     tracer = _recording(self)
     if tracer is None:
+        return original(self, scheduler_output, *a, **k)
+    if is_client_warmup(scheduler_output) and not tracer.settings.record_warmup:
+        # Not recorded (as `run` pauses the tracer for its warm-up); the tracker still learns the step's
+        # new and finished requests.
+        tracer.tracker.observe(scheduler_output)
+        tracer.warmup_steps_skipped += 1
         return original(self, scheduler_output, *a, **k)
     tracer.begin_batch(scheduler_output)
     try:
