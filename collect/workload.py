@@ -129,12 +129,25 @@ STEP_BUDGET_ARGS = {
 the prompt tokens of one step; `prefill_step_budget` takes their values."""
 
 
+def positive_int(value: object) -> int | None:
+    """`value` when it is an integer above 0 (a bool is not), else None: an engine setting read as told."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def prefill_step_budget(*limits: object) -> int | None:
     """The most prompt tokens an engine prefills in one step, from its limits on that (SGLang:
     `chunked_prefill_size`, -1 meaning chunking off, and `max_prefill_tokens`; vLLM:
     `max_num_batched_tokens`): the smallest positive integer among them; None when none is."""
-    positive = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and x > 0]
+    positive = [n for n in map(positive_int, limits) if n is not None]
     return min(positive) if positive else None
+
+
+def prompt_room(length_limit: object) -> int | None:
+    """The longest prompt an engine takes with one output token, from its length limit: vLLM's
+    `max_model_len` (prompt + output) or SGLang's `max_req_input_len` (a prompt must be shorter), so
+    limit − 1 either way; None when the limit is not an integer above 1."""
+    limit = positive_int(length_limit)
+    return limit - 1 if limit is not None and limit > 1 else None
 
 
 def ladder_reach(*, step_budget: int, max_prompt_tokens: int, max_requests: int) -> int:

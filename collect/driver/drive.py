@@ -32,7 +32,9 @@ from ..workload import (
     WARMUP_SEED_OFFSET,
     RequestRecord,
     ladder_reach,
+    positive_int,
     prefill_step_budget,
+    prompt_room,
     residue_ladder,
     warmup_sample,
 )
@@ -392,9 +394,7 @@ async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> Server
         data = doc.get("data") if isinstance(doc, dict) else None
         if isinstance(data, list):
             info.models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-            model_len = _positive_int(_model_card(data, cfg.model).get("max_model_len"))
-            if model_len is not None and model_len > 1:
-                info.max_prompt_tokens = model_len - 1
+            info.max_prompt_tokens = prompt_room(_model_card(data, cfg.model).get("max_model_len"))
     elif status in (401, 403):
         raise CollectError(
             f"the server at {cfg.base_url} refused GET /v1/models (HTTP {status}); pass --header 'Authorization: Bearer …'"
@@ -437,11 +437,10 @@ def sglang_limits(server_info: dict[str, Any]) -> ServerLimits:
     """From SGLang's /server_info body (its resolved `ServerArgs` and scheduler info): the smaller positive
     of chunked_prefill_size and max_prefill_tokens, max_running_requests, and max_req_input_len − 1
     (SGLang refuses a prompt of max_req_input_len tokens)."""
-    input_len = _positive_int(server_info.get("max_req_input_len"))
     return ServerLimits(
         step_budget=prefill_step_budget(*(server_info.get(n) for n in STEP_BUDGET_ARGS["sglang"])),
-        max_requests=_positive_int(server_info.get("max_running_requests")),
-        max_prompt_tokens=input_len - 1 if input_len is not None and input_len > 1 else None,
+        max_requests=positive_int(server_info.get("max_running_requests")),
+        max_prompt_tokens=prompt_room(server_info.get("max_req_input_len")),
     )
 
 
@@ -453,11 +452,10 @@ def vllm_limits(server_info: dict[str, Any]) -> ServerLimits:
     sc = vc.get("scheduler_config") if isinstance(vc, dict) else None
     mc = vc.get("model_config") if isinstance(vc, dict) else None
     sc = sc if isinstance(sc, dict) else {}
-    model_len = _positive_int(mc.get("max_model_len")) if isinstance(mc, dict) else None
     return ServerLimits(
         step_budget=prefill_step_budget(*(sc.get(n) for n in STEP_BUDGET_ARGS["vllm"])),
-        max_requests=_positive_int(sc.get("max_num_seqs")),
-        max_prompt_tokens=model_len - 1 if model_len is not None and model_len > 1 else None,
+        max_requests=positive_int(sc.get("max_num_seqs")),
+        max_prompt_tokens=prompt_room(mc.get("max_model_len")) if isinstance(mc, dict) else None,
     )
 
 
@@ -466,10 +464,6 @@ def _take_limits(info: ServerInfo, limits: ServerLimits) -> None:
     for name in ("step_budget", "max_requests", "max_prompt_tokens"):
         if getattr(limits, name) is not None:
             setattr(info, name, getattr(limits, name))
-
-
-def _positive_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _model_card(data: list[Any], model: str | None) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from typing import Any
 from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
-from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget
+from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget, prompt_room
 from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, has_flag, model_id_of, parse_engine_flags, supervise_traced_server
 from . import adapter, compat
@@ -292,8 +292,7 @@ def longest_prompt(engine: Any) -> int | None:
     """The longest prompt the engine takes: its scheduler's `max_req_input_len` − 1 (SGLang refuses a
     prompt of that length; the engine's tokenizer manager holds it once the scheduler is up); None if
     unknown."""
-    n = getattr(getattr(engine, "tokenizer_manager", None), "max_req_input_len", None)
-    return n - 1 if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
+    return prompt_room(getattr(getattr(engine, "tokenizer_manager", None), "max_req_input_len", None))
 
 
 def engine_facts(

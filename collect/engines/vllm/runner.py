@@ -38,7 +38,7 @@ from typing import Any
 from moecap.schemas import EngineInfo, ModelInfo, MoEInfo, RunMetadata
 
 from ...errors import CollectError
-from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget
+from ...workload import STEP_BUDGET_ARGS, Prompt, RequestRecord, prefill_step_budget, prompt_room
 from ..base import COMMON_RUN_FLAGS, OfflineRunOptions, OfflineSession, Progress, SessionEngine, engine_fields
 from ..offline import EnginePlugin, exec_traced_server, model_id_of, parse_engine_flags
 from . import adapter, compat
@@ -258,8 +258,7 @@ def longest_prompt(engine: Any) -> int | None:
     """The longest prompt the engine takes with one output token: `model_config.max_model_len` − 1 (vLLM
     checks at start-up that one sequence of that length fits its KV cache); None if unknown."""
     mc = getattr(getattr(engine, "vllm_config", None), "model_config", None)
-    n = getattr(mc, "max_model_len", None)
-    return n - 1 if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
+    return prompt_room(getattr(mc, "max_model_len", None))
 
 
 def engine_facts(engine: Any, options: VllmRunOptions) -> tuple[Any, ...]:
