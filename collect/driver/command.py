@@ -202,6 +202,14 @@ def drive_command(
             "Default: as the server's engine's own benchmark (no reuse for SGLang).",
         ),
     ] = None,
+    env_per_request: Annotated[
+        bool,
+        typer.Option(
+            "--env-per-request",
+            help="Look up proxies and .netrc for every request, as vllm bench serve's client does (default: "
+            "once per run); to reproduce that tool's client cost when comparing TTFT with it.",
+        ),
+    ] = False,
     extra_body: Annotated[
         str | None, typer.Option("--extra-body", help="JSON object merged into every request body.")
     ] = None,
@@ -246,6 +254,7 @@ def drive_command(
         engine=engine,
         continuous_usage=continuous_usage,
         reuse_connections=connection_reuse,
+        env_per_request=env_per_request,
         system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
         extra_body=body,
         headers=headers,

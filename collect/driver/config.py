@@ -72,6 +72,10 @@ class ClientConfig:
     already open, the server probe's or a warm-up's). None: as the server's engine's own serving benchmark
     does, False for an SGLang server and True otherwise (decided after the probe; `DriveResult.client`
     holds the choice)."""
+    env_per_request: bool = False
+    """Look up proxies and .netrc for every request, in aiohttp's thread pool (`trust_env=True`, as `vllm bench
+    serve` does), rather than once per session: reproduces that tool's client cost (session.py), for
+    telling a difference in TTFT between the two apart from the server's."""
     arrival: str = "request"
     """When a request's `arrival_ns` (TTFT's start) is taken: `request`, just before the HTTP client is
     asked to send it (as `vllm bench serve` and SGLang's `bench_serving` do); `first-byte`, when its first

@@ -124,6 +124,7 @@ class DriveResult:
             "temperature": c.temperature,
             "continuous_usage": c.continuous_usage,
             "reuse_connections": c.reuse_connections,
+            "env_per_request": c.env_per_request,
             "extra_body": c.extra_body,
             "server_engine": self.server.engine,
             "server_version": self.server.version,
@@ -202,6 +203,7 @@ async def drive(
             reuse=reuse,
             url=client.base_url,
             headers=client.headers,
+            env_per_request=client.env_per_request,
         )
 
     async with contextlib.AsyncExitStack() as stack:

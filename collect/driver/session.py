@@ -65,6 +65,7 @@ def open_session(
     reuse: bool = True,
     url: str | None = None,
     headers: dict[str, str] | None = None,
+    env_per_request: bool = False,
 ) -> aiohttp.ClientSession:
     """A session with at most `limit` connections (None or 0: unbounded), each kept alive 60 s; with
     `reuse` False, each closed after its request (a new connection per request, `Connection: close`).
@@ -72,7 +73,8 @@ def open_session(
     `connect_timeout_s` bounds the TCP (and TLS) connect; `read_timeout_s` every wait for data (the first
     token included). Proxies and .netrc credentials from the environment apply to `url`'s host, as in `vllm
     bench serve`, looked up once here (`from_environment`) rather than per request; `headers` are the
-    requests' own (an Authorization header among them wins over .netrc). Call inside a running event loop;
+    requests' own (an Authorization header among them wins over .netrc); with `env_per_request`, aiohttp looks
+    them up for every request instead (`trust_env=True`, `vllm bench serve`'s cost). Call inside a running event loop;
     close it (`async with`)."""
     first_byte = aiohttp.TraceConfig()
     first_byte.on_request_headers_sent.append(_stamp_first_byte)
@@ -80,10 +82,10 @@ def open_session(
     keep: dict[str, Any] = {"keepalive_timeout": 60} if reuse else {"force_close": True}
     connector = aiohttp.TCPConnector(limit=limit or 0, limit_per_host=limit or 0, ttl_dns_cache=300, **keep)
     own_auth = any(k.lower() == "authorization" for k in headers or {})
-    environment = from_environment(url, authorization=own_auth) if url else {}
+    environment = from_environment(url, authorization=own_auth) if url and not env_per_request else {}
     return aiohttp.ClientSession(
         connector=connector,
-        trust_env=False,  # the environment is read once, above, not in a thread per request
+        trust_env=env_per_request,  # else the environment is read once, above, not in a thread per request
         **environment,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s),
         trace_configs=[first_byte, *trace_configs],

@@ -191,6 +191,46 @@ def test_sending_a_request_takes_no_thread_hop(scripted, no_proxy_env, monkeypat
     assert calls == []
 
 
+def test_env_per_request_looks_the_environment_up_per_request_as_vllm_bench_does(
+    scripted, no_proxy_env, monkeypatch, tmp_path
+):
+    """--env-per-request reproduces `vllm bench serve`'s client (aiohttp `trust_env=True`): every request
+    looks up .netrc and the proxies in a worker thread, so a .netrc written after the session opened
+    applies to the requests sent after it (read once, it would not), and the run metadata says so."""
+    calls: list[object] = []
+    original = asyncio.BaseEventLoop.run_in_executor
+
+    def counting(self, executor, func, *args):
+        calls.append(func)
+        return original(self, executor, func, *args)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
+    netrc = tmp_path / "netrc"
+    no_proxy_env.setenv("NETRC", str(netrc))  # no file yet: no credentials when the session opens
+    samples = [Sample(f"e{i}", "scripted", prompt="stream ttft_ms=2 tokens=2") for i in range(4)]
+
+    def write_netrc(rec) -> None:
+        netrc.write_text("machine 127.0.0.1 login moe password cap\n")
+        netrc.chmod(0o600)
+
+    for per_request in (False, True):
+        netrc.unlink(missing_ok=True)
+        calls.clear()
+        prefix = f"envper{int(per_request)}"
+        cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=2, preflight=False,
+                           env_per_request=per_request, request_id_prefix=prefix)  # fmt: skip
+        res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=1, warmup=0), on_record=write_netrc))
+        assert all(r.ok for r in res.records), [r.error for r in res.records if not r.ok]
+        assert res.workload()["env_per_request"] is per_request
+        seen = [s["authorization"] for s in _seen(scripted, prefix)]
+        if per_request:
+            assert len(calls) >= len(samples)
+            assert seen == [None] + ["Basic bW9lOmNhcA=="] * 3  # moe:cap, from the second request on
+        else:
+            assert calls == []
+            assert seen == [None] * 4
+
+
 def test_the_measured_requests_run_with_the_older_objects_frozen(scripted):
     """A full garbage collection inside a burst held every request not yet sent (52 ms on a 2-core host,
     64 token-id prompts); drive runs its measured requests with the objects made before them frozen out of
