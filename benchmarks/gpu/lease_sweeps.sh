@@ -3,12 +3,16 @@
 # left (drive, bench and drive --env-per-request, which pays bench's client cost). Run DETACHED once vLLM is
 # installed (benchmarks/gpu/detach.sh), while SGLang's wheel parts still travel:
 #
-#   bash benchmarks/gpu/detach.sh lease 'bash benchmarks/gpu/lease_sweeps.sh h200 /root/sgx/sgwheels'
-#   tail /root/jobs/lease.log                 # poll; cat /root/jobs/lease.rc once it has ended
+# The lease, from the repository root here (parts: wheel_parts.sh, SGLang's with ALREADY=.gpu-wheels/vllm/wheels):
+#   calls 1-7:  carry .gpu-wheels/vllm/partNN;  mkdir -p /root/w/v && cp .gpu-wheels/vllm/partNN /root/w/v/
+#   call 8:     carry vllm/part07 and sglang/part09 (small last parts fit one call); copy both, then
+#               cat /root/w/v/part* | tar -x -C /root && python3 -m pip install -q --no-deps --no-index /root/wheels/*.whl
+#               && bash benchmarks/gpu/detach.sh lease 'bash benchmarks/gpu/lease_sweeps.sh h200 /root/sgx/wheels'
+#   calls 9-17: SGLang's parts 00-08 into /root/w/s/; the last one unpacks (wheel_parts.sh's header) and
+#               touches /root/sgx/wheels/.complete
+#   then poll (`sleep 240; tail -n 5 /root/jobs/lease.log`) and tar /root/vsw /root/ssw /root/fidv into $OUT.
+# Seen: a part call ~4 s; vLLM sweep ~3.5 min with its engine start; SGLang sweep ~6 min (8 engine starts).
 #
-# The SGLang half waits for SGWHEELS/.complete (written by the call that unpacks SGLang's last part), then
-# swaps vLLM out (`pip uninstall vllm`, SGLang --target on PYTHONPATH, as docs/whatif.md says), and vLLM comes
-# back (from /root/wheels) for the serve stage. Leaves /root/vsw/sweep, /root/ssw/sweep, /root/fidv.
 set -u
 PREFIX=${1:?usage: lease_sweeps.sh PREFIX SGWHEELS}
 SGWHEELS=${2:?usage: lease_sweeps.sh PREFIX SGWHEELS}
