@@ -172,10 +172,9 @@ def test_netrc_credentials_apply_unless_the_requests_carry_their_own(scripted, n
     assert [s["authorization"] for s in _seen(scripted, "ownauth")] == ["Bearer token-1"]
 
 
-def test_sending_a_request_takes_no_thread_hop(scripted, no_proxy_env, monkeypatch):
-    """A request goes out from the event loop without waiting for a worker thread. `vllm bench serve`'s
-    session (aiohttp `trust_env=True`) looks up .netrc and the proxy environment in aiohttp's thread pool for
-    every request, two hops each, which held a 64-request burst in the client (driver_burst.py)."""
+@pytest.fixture
+def executor_calls(monkeypatch) -> list[object]:
+    """The functions the event loop hands to a worker thread (run_in_executor) while the test runs."""
     calls: list[object] = []
     original = asyncio.BaseEventLoop.run_in_executor
 
@@ -184,27 +183,26 @@ def test_sending_a_request_takes_no_thread_hop(scripted, no_proxy_env, monkeypat
         return original(self, executor, func, *args)
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
+    return calls
+
+
+def test_sending_a_request_takes_no_thread_hop(scripted, no_proxy_env, executor_calls):
+    """A request goes out from the event loop without waiting for a worker thread. `vllm bench serve`'s
+    session (aiohttp `trust_env=True`) looks up .netrc and the proxy environment in aiohttp's thread pool for
+    every request, two hops each, which held a 64-request burst in the client (driver_burst.py)."""
     samples = [Sample(f"h{i}", "scripted", prompt="stream ttft_ms=2 tokens=2") for i in range(16)]
     cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=2, preflight=False)
     res = asyncio.run(drive(samples, cfg, LoadConfig(concurrency=16, warmup=0)))
     assert all(r.ok for r in res.records)
-    assert calls == []
+    assert executor_calls == []
 
 
 def test_env_per_request_looks_the_environment_up_per_request_as_vllm_bench_does(
-    scripted, no_proxy_env, monkeypatch, tmp_path
+    scripted, no_proxy_env, executor_calls, tmp_path
 ):
     """--env-per-request reproduces `vllm bench serve`'s client (aiohttp `trust_env=True`): every request
     looks up .netrc and the proxies in a worker thread, so a .netrc written after the session opened
     applies to the requests sent after it (read once, it would not), and the run metadata says so."""
-    calls: list[object] = []
-    original = asyncio.BaseEventLoop.run_in_executor
-
-    def counting(self, executor, func, *args):
-        calls.append(func)
-        return original(self, executor, func, *args)
-
-    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
     netrc = tmp_path / "netrc"
     no_proxy_env.setenv("NETRC", str(netrc))  # no file yet: no credentials when the session opens
     samples = [Sample(f"e{i}", "scripted", prompt="stream ttft_ms=2 tokens=2") for i in range(4)]
@@ -215,7 +213,7 @@ def test_env_per_request_looks_the_environment_up_per_request_as_vllm_bench_does
 
     for per_request in (False, True):
         netrc.unlink(missing_ok=True)
-        calls.clear()
+        executor_calls.clear()
         prefix = f"envper{int(per_request)}"
         cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=2, preflight=False,
                            env_per_request=per_request, request_id_prefix=prefix)  # fmt: skip
@@ -224,10 +222,10 @@ def test_env_per_request_looks_the_environment_up_per_request_as_vllm_bench_does
         assert res.workload()["env_per_request"] is per_request
         seen = [s["authorization"] for s in _seen(scripted, prefix)]
         if per_request:
-            assert len(calls) >= len(samples)
+            assert len(executor_calls) >= len(samples)
             assert seen == [None] + ["Basic bW9lOmNhcA=="] * 3  # moe:cap, from the second request on
         else:
-            assert calls == []
+            assert executor_calls == []
             assert seen == [None] * 4
 
 
