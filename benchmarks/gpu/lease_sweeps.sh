@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease, the what-if twins of both engines on one GPU, then vLLM's serve stage (issue #20) in the time
 # left (drive, bench and drive --env-per-request, which pays bench's client cost). Run DETACHED once vLLM is
-# installed (benchmarks/gpu/detach.sh), while SGLang's wheel parts still travel:
+# installed (benchmarks/gpu/detach.sh), while SGLang's wheel parts still travel.
 #
 # The lease, from the repository root here (parts: wheel_parts.sh, SGLang's with ALREADY=.gpu-wheels/vllm/wheels):
 #   calls 1-7:  carry .gpu-wheels/vllm/partNN;  mkdir -p /root/w/v && cp .gpu-wheels/vllm/partNN /root/w/v/

@@ -25,6 +25,8 @@ import aiohttp
 from aiohttp import helpers
 from yarl import URL
 
+from ..errors import CollectError
+
 FIRST_BYTE_KEY = "moecap_first_byte"
 """Key of a request's `trace_request_ctx` holding the record whose `arrival_ns` is stamped when the
 request's first byte is handed to the socket (`--arrival first-byte`)."""
@@ -73,15 +75,21 @@ def open_session(
     `connect_timeout_s` bounds the TCP (and TLS) connect; `read_timeout_s` every wait for data (the first
     token included). Proxies and .netrc credentials from the environment apply to `url`'s host, as in `vllm
     bench serve`, looked up once here (`from_environment`) rather than per request; `headers` are the
-    requests' own (an Authorization header among them wins over .netrc); with `env_per_request`, aiohttp looks
-    them up for every request instead (`trust_env=True`, `vllm bench serve`'s cost). Call inside a running event loop;
-    close it (`async with`)."""
+    requests' own (an Authorization header among them wins over .netrc). With `env_per_request` aiohttp looks
+    them up for every request instead (`trust_env=True`, `vllm bench serve`'s cost); aiohttp then refuses a
+    request carrying its own Authorization header where .netrc also has the host, so that is refused here,
+    once. Call inside a running event loop; close it (`async with`)."""
     first_byte = aiohttp.TraceConfig()
     first_byte.on_request_headers_sent.append(_stamp_first_byte)
     # aiohttp refuses a keep-alive timeout on a connector that closes every connection.
     keep: dict[str, Any] = {"keepalive_timeout": 60} if reuse else {"force_close": True}
     connector = aiohttp.TCPConnector(limit=limit or 0, limit_per_host=limit or 0, ttl_dns_cache=300, **keep)
     own_auth = any(k.lower() == "authorization" for k in headers or {})
+    if env_per_request and own_auth and url and "headers" in from_environment(url):
+        raise CollectError(
+            f"--env-per-request: .netrc has credentials for {URL(url).host} and the requests carry an "
+            "Authorization header; aiohttp refuses both on one request (drop the header or the .netrc entry)"
+        )
     environment = from_environment(url, authorization=own_auth) if url and not env_per_request else {}
     return aiohttp.ClientSession(
         connector=connector,

@@ -11,6 +11,7 @@ import pytest
 
 from moecap.collect.datasets import Sample
 from moecap.collect.driver import ClientConfig, LoadConfig, drive
+from moecap.collect.errors import CollectError
 
 
 def _counting() -> tuple[aiohttp.TraceConfig, dict[str, int]]:
@@ -227,6 +228,23 @@ def test_env_per_request_looks_the_environment_up_per_request_as_vllm_bench_does
         else:
             assert executor_calls == []
             assert seen == [None] * 4
+
+
+def test_env_per_request_with_own_authorization_and_a_netrc_entry_is_one_clear_error(
+    scripted, no_proxy_env, tmp_path
+):
+    """aiohttp (trust_env) raises on every request that carries an Authorization header when .netrc also
+    has the host; drive says so once, before sending anything, instead of failing each request."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login moe password cap\n")
+    netrc.chmod(0o600)
+    no_proxy_env.setenv("NETRC", str(netrc))
+    samples = [Sample("x", "scripted", prompt="stream ttft_ms=2 tokens=2")]
+    cfg = ClientConfig(api_url=scripted.url, model="m", max_tokens=2, env_per_request=True,
+                       headers={"Authorization": "Bearer t"}, request_id_prefix="envauth")  # fmt: skip
+    with pytest.raises(CollectError, match=r"^--env-per-request: .netrc has credentials for 127.0.0.1"):
+        asyncio.run(drive(samples, cfg, LoadConfig(concurrency=1, warmup=0)))
+    assert _seen(scripted, "envauth") == []
 
 
 def test_the_measured_requests_run_with_the_older_objects_frozen(scripted):
