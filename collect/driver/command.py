@@ -323,7 +323,8 @@ def drive_command(
     ladder = result.ladder
     if ladder.steps:
         typer.echo(
-            f"warm-up: residue ladder of {ladder.steps} steps up to {ladder.reach} tokens in {ladder.seconds:.1f} s",
+            f"warm-up: residue ladder of {ladder.steps} steps up to {ladder.reach} tokens (the largest step "
+            f"{'this workload' if ladder.bound == 'workload' else 'the server'} can form) in {ladder.seconds:.1f} s",
             err=True,
         )
     if ladder.note:

@@ -83,11 +83,15 @@ class LadderOutcome:
     reach: int = 0
     seconds: float = 0.0
     note: str | None = None
+    bound: str = "server"
+    """What set `reach`: "workload" (the run's longest token-id prompt or its requests in flight) or
+    "server" (what the server can form in a step)."""
 
     def describe(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
             "reach_tokens": self.reach,
+            "reach_bound": self.bound,
             "seconds": round(self.seconds, 3),
             "note": self.note,
         }
@@ -329,14 +333,16 @@ async def _climb_ladder(
             + "; pass --warmup-ladder <tokens> (vLLM: its --max-num-batched-tokens)"
         )
         return
-    max_prompt = server.max_prompt_tokens or budget
-    max_requests = server.max_requests or budget
+    room, server_requests = server.max_prompt_tokens or budget, server.max_requests or budget
+    max_prompt, max_requests = _workload_limits(samples, load, room, server_requests)
     out.reach = ladder_reach(step_budget=budget, max_prompt_tokens=max_prompt, max_requests=max_requests)
+    server_reach = ladder_reach(step_budget=budget, max_prompt_tokens=room, max_requests=server_requests)
+    out.bound = "workload" if out.reach < server_reach else "server"
     known = [max(s.prompt_token_ids) for s in samples if s.prompt_token_ids]
     vocab = max(known) + 1 if known else LADDER_VOCAB_FALLBACK
     groups = residue_ladder(
         step_budget=budget, max_prompt_tokens=max_prompt, max_requests=max_requests, vocab_size=vocab,
-        seed=load.seed,
+        seed=load.seed, prompt_cap=room,
     )  # fmt: skip
     ids_cfg = dataclasses.replace(cfg, api_url=cfg.base_url, api="completions", stream=False)
     t0 = time.monotonic()
@@ -359,6 +365,21 @@ async def _climb_ladder(
                 return
     finally:
         out.seconds = time.monotonic() - t0
+
+
+def _workload_limits(
+    samples: list[Sample], load: LoadConfig, room: int, server_requests: int
+) -> tuple[int, int]:
+    """The longest prompt (tokens) and most requests in flight the ladder climbs for: the run's own — its longest token-id prompt, its concurrency (open loop: its
+    `max_concurrency`, else every sample; never more than its samples) — within the server's `room` and `server_requests`, as `run`'s
+    warm-up (`engines.base`). Text prompts have no token count here (the server tokenizes them, a chat
+    template adds its own): the climb then goes to the longest prompt the server takes."""
+    in_flight = min(
+        (load.max_concurrency or len(samples)) if load.open_loop else load.concurrency, len(samples)
+    )
+    lengths = [len(s.prompt_token_ids or ()) for s in samples if s.prompt is None]
+    longest = max(lengths) if samples and len(lengths) == len(samples) else room
+    return min(longest, room), min(max(in_flight, 1), server_requests)
 
 
 async def probe_server(http: aiohttp.ClientSession, cfg: ClientConfig) -> ServerInfo:

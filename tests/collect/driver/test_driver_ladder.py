@@ -58,13 +58,14 @@ def test_sglang_server_gets_one_group_per_count_one_after_another():
         cfg = ClientConfig(api_url=srv.url + "/v1/chat/completions", model="m", max_tokens=3,
                            request_id_prefix="lad")  # fmt: skip
         chat = [Sample(f"c{i}", "scripted", prompt=f"stream tokens=2 w{i} x y") for i in range(3)]
-        res = asyncio.run(drive(chat, cfg, LoadConfig(concurrency=2, warmup=1, warmup_ladder="auto")))
+        res = asyncio.run(drive(chat, cfg, LoadConfig(concurrency=3, warmup=1, warmup_ladder="auto")))
         groups = _ladder(srv, "lad")
     assert all(r.ok for r in res.records) and len(res.records) == 3
-    # Budget min(96, 16384); reach min(96, 8 × 40): sizes 16, 32, 48, 64, 80 (the last with room for +15),
-    # so every count from 16 to 95 once.
+    # Budget min(96, 16384); text prompts (no token count here) of up to 40 tokens, 3 in flight: reach
+    # min(96, 3 × 40); sizes 16, 32, 48, 64, 80 (the last with room for +15), so every count 16…95 once.
     assert sorted(groups) == list(range(16, 96))
     assert res.ladder.steps == 80 and res.ladder.reach == 96 and res.ladder.note is None
+    assert res.ladder.bound == "server"
     for count, g in groups.items():
         lengths = sorted(map(len, g["prompts"]))
         assert sum(lengths) == count
@@ -105,9 +106,10 @@ def test_vllm_dev_mode_server_info_gives_the_budget_and_the_prompt_length():
                             "model_config": {"max_model_len": 21}}}  # fmt: skip
     with start_server(SCRIPTED, "--as-vllm", "--server-info", json.dumps(info)) as srv:
         cfg = ClientConfig(api_url=srv.url, model="m", max_tokens=2, request_id_prefix="dev")
-        res = asyncio.run(drive(_samples(1), cfg, LoadConfig(warmup=1, warmup_ladder="auto")))
+        text = [Sample(f"t{i}", "scripted", prompt=f"stream tokens=2 t{i}") for i in range(4)]
+        res = asyncio.run(drive(text, cfg, LoadConfig(concurrency=4, warmup=1, warmup_ladder="auto")))
         groups = _ladder(srv, "dev")
-    # budget 40, prompts of up to 20 tokens, 4 at once: reach 40; sizes 16 (and 32 would not leave +15)
+    # budget 40, text prompts of up to 20 tokens, 4 at once: reach 40; sizes 16 (32 would not leave +15)
     assert sorted(groups) == list(range(16, 32)) and res.ladder.reach == 40
     assert max(len(p) for g in groups.values() for p in g["prompts"]) == 20  # max_model_len − 1
     assert sorted(map(len, groups[31]["prompts"])) == [15, 16]
@@ -115,12 +117,14 @@ def test_vllm_dev_mode_server_info_gives_the_budget_and_the_prompt_length():
 
 
 def test_a_given_budget_serves_a_server_that_tells_none_and_a_refusal_stops_the_climb(tmp_path):
-    # 33 ids at most: the climb reaches 33, and the 34-token group is refused (the server's context error);
-    # the ladder stops there and the measured requests still run.
+    # Four 12-token prompts at once form steps of up to 48 tokens (ladder sizes 16, 32). 33 ids at most:
+    # the climb reaches 33, and the 34-token group is refused (the server's context error); the ladder
+    # stops there and the measured requests still run.
     with start_server(SCRIPTED, "--max-prompt-ids", "33") as srv:
         p = subprocess.run(
-            [*CLI, "drive", "--api-url", srv.url, "--dataset", "synthetic:12x2", "--num-prompts", "2",
-             "--out", str(tmp_path), "--run-id", "given", "--max-tokens", "2", "--warmup-ladder", "64"],
+            [*CLI, "drive", "--api-url", srv.url, "--dataset", "synthetic:12x2", "--num-prompts", "4",
+             "--batch-size", "4", "--out", str(tmp_path), "--run-id", "given", "--max-tokens", "2",
+             "--warmup-ladder", "64"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         seen = srv.get("/_seen")
@@ -130,7 +134,47 @@ def test_a_given_budget_serves_a_server_that_tells_none_and_a_refusal_stops_the_
     note = [line for line in p.stderr.splitlines() if "residue ladder stopped" in line]
     assert len(note) == 1 and "34-token step" in note[0] and "maximum context length" in note[0]
     measured = [s for s in seen if not s["id"].startswith(WARMUP_PREFIX)]
-    assert len(measured) == 2
+    assert len(measured) == 4
+
+
+_IDS = [Sample(f"i{i}", "random", prompt_token_ids=[300 + i] * 20) for i in range(3)]
+_TEXT = [Sample(f"t{i}", "scripted", prompt=f"stream tokens=2 t{i}") for i in range(3)]
+_CASES = [
+    # 20-token id prompts, 2 in flight: steps of up to 40 tokens, not the server's 96
+    (LoadConfig(concurrency=2, warmup=1, warmup_ladder="auto"), _IDS, 40, "workload"),
+    # one at a time: 20 tokens, below the ladder's first size with its +15 (31): no climb at all
+    (LoadConfig(concurrency=1, warmup=1, warmup_ladder="auto"), _IDS, 20, "workload"),
+    # open loop, all at once, 3 samples: 60; at most 2 at a time: 40
+    (LoadConfig(request_rate=float("inf"), warmup=1, warmup_ladder="auto"), _IDS, 60, "workload"),
+    (
+        LoadConfig(request_rate=float("inf"), max_concurrency=2, warmup=1, warmup_ladder="auto"),
+        _IDS,
+        40,
+        "workload",
+    ),
+    # more in flight than samples: 3 at most
+    (LoadConfig(concurrency=8, warmup=1, warmup_ladder="auto"), _IDS, 60, "workload"),
+    # text prompts: no token count here, so the server's longest prompt (40); 2 in flight: 80
+    (LoadConfig(concurrency=2, warmup=1, warmup_ladder="auto"), _TEXT, 80, "workload"),
+    # ... 3 in flight: 120, the server's budget (96) binds
+    (LoadConfig(concurrency=3, warmup=1, warmup_ladder="auto"), _TEXT, 96, "server"),
+]
+
+
+@pytest.mark.parametrize(("load", "samples", "reach", "bound"), _CASES)
+def test_the_climb_stops_at_the_largest_step_the_workload_can_form(load, samples, reach, bound):
+    # as run's warm-up: a batch-1 run of short prompts pays no climb to the server's budget
+    with start_server(SCRIPTED, "--as-sglang", "--server-info", json.dumps(SGLANG_INFO)) as srv:
+        cfg = ClientConfig(
+            api_url=srv.url + "/v1/completions", model="m", max_tokens=2, request_id_prefix="wl"
+        )
+        res = asyncio.run(drive(samples, cfg, load))
+        groups = _ladder(srv, "wl")
+    assert all(r.ok for r in res.records) and len(res.records) == 3
+    assert (res.ladder.reach, res.ladder.bound) == (reach, bound)
+    top = (reach - 15) // 16 * 16  # the last ladder size (`ladder_sizes`)
+    assert sorted(groups) == (list(range(16, top + 16)) if top >= 16 else [])
+    assert res.ladder.steps == len(groups)
 
 
 @pytest.mark.parametrize("flags", [["--warmup-ladder", "off"], ["--warmup", "0", "--warmup-ladder", "64"]])
