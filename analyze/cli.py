@@ -321,8 +321,9 @@ def report(
 
 @app.command()
 def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, format: Fmt = "table") -> None:
-    """Reconcile the tables of each run and print warnings (exit 1 if any), and notes about the
-    measurement (steps that compiled kernels inside the window: exit 1 only with --strict).
+    """Reconcile each run's tables: warnings (exit 1), notes on the measurement (exit 1 with --strict).
+
+    Notes name steps that compiled kernels inside the measured window.
 
     --format json: [{"run_id", "findings": [...], "notes": [...]}, ...] (skipped files under "skipped");
     --format csv: one row per finding or note ("note: ..."; run_id, finding; "ok" rows for clean runs).

@@ -54,9 +54,10 @@ def fleet(
     usd_per_gpu_hour: GpuHour = None,
     show: Annotated[int, typer.Option("--show", help="fleet_hourly rows to print (0: none).")] = 20,
 ) -> None:
-    """Analyse every run under INPUTS on Ray; write step metrics, requests, expert totals and per-run
-    metrics.json entries as a hive-partitioned Parquet dataset (docs/fleet-dataset.md), then print
-    the fleet's hourly aggregates. Runs already analysed from the same objects are skipped.
+    """Analyse every run under INPUTS on Ray into a Parquet dataset; print the fleet's hourly aggregates.
+
+    Writes step metrics, requests, expert totals and per-run metrics.json entries as a hive-partitioned
+    Parquet dataset (docs/fleet-dataset.md). Runs already analysed from the same objects are skipped.
     Exit 1 when some file or run could not be analysed (each is named; the others are written).
 
     Example: moecap-analyze fleet s3://traces/2026-12-06/ --dataset s3://traces-analysed/fleet --ray auto

@@ -104,8 +104,9 @@ def leaderboard(
         ),
     ] = "ranked",
 ) -> None:
-    """Rank runs, one row per run (--group: one per model, engine, GPU, batch size, dataset), like the
-    MoE-CAP leaderboard.
+    """Rank runs like the MoE-CAP leaderboard: one row per run (--group: per configuration).
+
+    --group: one row per model, engine, GPU, batch size and dataset.
 
     Example: moecap-analyze leaderboard traces/*.arrow --sort cost --out board/
 

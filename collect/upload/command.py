@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 _EXAMPLE = """
+
 Example: moecap-collect upload traces/ s3://fleet-traces/raw --watch   (beside `moecap-collect serve`)
 """
 
@@ -36,6 +37,7 @@ def upload(
     ] = 600.0,
 ) -> None:
     """Upload closed trace files to DEST/date=…/host=…/run=…/ (recovered ones under …/recovered/).
+
     Exit 1 when some upload failed after its retries."""
     from .uploader import BackgroundUploader
 
