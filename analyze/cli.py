@@ -325,7 +325,7 @@ def check(paths: Paths, strict: Strict = False, cache_dir: CacheDir = None, form
 
     Notes name steps that compiled kernels inside the measured window.
 
-    --format json: [{"run_id", "findings": [...], "notes": [...]}, ...] (skipped files under "skipped");
+    --format json: {"runs": [{"run_id", "findings": [...], "notes": [...]}, ...], "skipped": [...]};
     --format csv: one row per finding or note ("note: ..."; run_id, finding; "ok" rows for clean runs).
 
     Example: moecap-analyze check traces/

@@ -246,12 +246,17 @@ def _err(value: Any) -> str:
     return "" if value is None else f" ({value * 100:+.1f}%)"
 
 
-CSV_COLUMNS = ("run_id", "source_gpu", "target_gpu", "model", *(label for label, _, _ in _ROWS))
+CSV_COLUMNS = (
+    "run_id", "source_gpu", "target_gpu", "model", *(label for label, _, _ in _ROWS),
+    "compile steps in measured", "compile s in measured",
+)  # fmt: skip
 
 
 def write_whatif_csv(document: dict[str, Any], stream: Any) -> None:
     """One CSV row per run, target GPU and model (measured, projection, no_change, bandwidth_ratio),
-    the _ROWS metrics in their labelled units; runs not projected are left out."""
+    the _ROWS metrics in their labelled units, then the run's compile / JIT steps (check's rule: count,
+    seconds), which its measured row keeps and every other model leaves out; runs not projected are left
+    out."""
     import csv
 
     writer = csv.writer(stream)
@@ -263,7 +268,9 @@ def write_whatif_csv(document: dict[str, Any], stream: Any) -> None:
             models = {"measured": run["measured"], **t["models"]}
             for name, metrics in models.items():
                 cells = [_raw(at(metrics, *path), unit) for _, path, unit in _ROWS]
-                writer.writerow([run["run_id"], run["source_gpu"], target, name, *cells])
+                compiled = run.get("compile_steps") or {}
+                extra = [compiled.get("steps", ""), _raw(compiled.get("seconds"), "")]
+                writer.writerow([run["run_id"], run["source_gpu"], target, name, *cells, *extra])
 
 
 def _raw(value: Any, unit: str) -> str:
@@ -310,10 +317,19 @@ def print_whatif_rows(document: dict[str, Any], console: Console) -> None:
     console.print(table)
     for e in errors:
         console.print(f"[yellow]note:[/] {e}", highlight=False)
-    for run in document["runs"]:
+    for run in document["runs"]:  # the notes a reader of the rows must not miss
         for w in run.get("warnings", []):
-            if w.startswith("host-bound:"):  # the one note a reader of the rows must not miss
+            if w.startswith("host-bound:"):
                 console.print(f"[yellow]note:[/] {safe(run['run_id'])}: {safe(w)}", highlight=False)
+        compiled = run.get("compile_steps") or {}
+        if compiled.get("steps"):
+            console.print(
+                f"[yellow]note:[/] {safe(run['run_id'])}: {compiled['steps']} compile / JIT step(s) "
+                f"({compiled['seconds']:.3g} s) are in its measured columns and out of every projection, so "
+                f"measured -> projected also takes them away (--gpu {safe(str(run['source_gpu']))}: that "
+                "alone; moecap-analyze check names them)",
+                highlight=False,
+            )
 
 
 def print_whatif(document: dict[str, Any], console: Console | None = None, *, detail: bool = False) -> None:

@@ -992,6 +992,7 @@ def whatif_run(
         ),
         "calibration": cal.as_dict(),
         "time_split": split,
+        "compile_steps": {"steps": compiled.height, "seconds": float(compiled["time_s"].sum())},
         "measured": measured,
         "targets": out_targets,
         "warnings": warnings + cal.notes,

@@ -273,3 +273,34 @@ def test_compare_holds_the_projection_to_the_targets_warm_reference(tmp_path):
     out = io.StringIO()
     print_whatif(doc, Console(file=out, width=220, color_system=None))
     assert "warm reference" in out.getvalue()
+
+
+def test_the_rows_view_says_when_measured_to_projected_also_drops_compile_steps(tmp_path):
+    # c64 holds two ~1.2 s compile steps that its measured columns keep and every projection leaves out, so
+    # its H200 row reads ~1.7x where the GPU change alone is ~1.35x; c128 holds none. The note and the CSV
+    # columns give the count and seconds; `moecap-analyze check --format json` names the same steps.
+    import csv
+    import json
+    import subprocess
+
+    cli = [sys.executable, "-c", "from moecap.analyze.cli import main; main()"]
+    files = _run(64) + _run(128)
+    common = ["--gpu", "H200", "--cache-dir", str(tmp_path)]
+    env = {**os.environ, "COLUMNS": "400"}
+    table = subprocess.run([*cli, "whatif", *files, *common], capture_output=True, text=True, env=env)
+    assert table.returncode == 0, table.stderr
+    notes = [line for line in table.stdout.splitlines() if "compile / JIT step(s)" in line]
+    assert len(notes) == 1 and "-c64-" in notes[0] and "--gpu H100-SXM-80GB" in notes[0]
+    checked = subprocess.run([*cli, "check", *_run(64), "--format", "json", "--cache-dir", str(tmp_path)],
+                             capture_output=True, text=True)  # fmt: skip
+    named = json.loads(checked.stdout)["runs"][0]["notes"][0]
+    steps = re.findall(r"step (\d+) \(\w+, ([\d.]+) ms", named)
+    assert len(steps) == 2
+    seconds = sum(float(ms) for _, ms in steps) / 1e3
+    assert re.search(rf"{len(steps)} compile / JIT step\(s\) \({seconds:.3g} s\)", notes[0])
+    raw = subprocess.run([*cli, "whatif", *files, *common, "--format", "csv"], capture_output=True, text=True)
+    rows = list(csv.DictReader(io.StringIO(raw.stdout)))
+    by_run = {r["run_id"].split("-")[-3]: r for r in rows if r["model"] == "projection"}
+    assert by_run["c64"]["compile steps in measured"] == "2"
+    assert float(by_run["c64"]["compile s in measured"]) == pytest.approx(seconds, rel=1e-3)
+    assert by_run["c128"]["compile steps in measured"] == "0"
