@@ -388,7 +388,8 @@ class OfflineSession:
 
     def warmup(self, prompts: Sequence[Prompt], n: int) -> None:
         """Unrecorded: the residue ladder (`workload.residue_ladder`: one step of every token count class
-        the run can form, when the engine tells its step budget), then `n` requests of `prompts`' shapes
+        the run can form — its longest prompt × its requests in flight, never more than `prompts` — when the
+        engine tells its step budget), then `n` requests of `prompts`' shapes
         (fresh ids)."""
         if n <= 0:
             self.timing["warmup_s"] = 0.0
@@ -399,7 +400,7 @@ class OfflineSession:
             residue_ladder(
                 step_budget=budget,
                 max_prompt_tokens=max(len(p.token_ids) for p in prompts),
-                max_requests=self.max_in_flight,
+                max_requests=min(self.max_in_flight, len(prompts)),
                 vocab_size=self.vocab,
                 seed=self.options.seed,
                 prompt_cap=self._longest_prompt(),

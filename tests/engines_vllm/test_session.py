@@ -279,6 +279,16 @@ def test_the_warm_up_climbs_the_residue_ladder_one_step_per_group_before_the_sha
     assert result.timing["warmup_ladder_steps"] == 16 and result.timing["warmup_requests"] == 3
 
 
+def test_the_ladder_climbs_no_higher_than_the_prompts_can_fill(tmp_path, budgeted):
+    """Two 12-token prompts at batch size 8 form steps of at most 24 tokens: below the ladder's first size
+    with its +15 (31), so no climb, though 8 × 12 would reach 64."""
+    result = vllm_run.run(_options(tmp_path, max_batch_tokens=64, batch_size=8, num_prompts=2))
+    engine: ScriptedEngine = budgeted["engine"]
+    assert vllm_run.step_budget(engine) == 64
+    assert not [rid for kind, rid in engine.events if kind == "add" and "ladder" in rid]
+    assert result.timing["warmup_ladder_steps"] == 0 and len(result.records) == 2
+
+
 @pytest.mark.parametrize("budgeted", [40], indirect=True, ids=["max-model-len-40"])
 def test_ladder_groups_use_prompts_as_long_as_the_engine_takes(tmp_path, budgeted):
     """With vLLM's own `ModelConfig` saying 40 tokens (39 of prompt with one output token), every ladder
