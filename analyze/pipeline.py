@@ -76,7 +76,7 @@ class Analysis:
     """The loaded traces, their resolved contexts and what the analysis computed, as frames.
 
     The façade (HolisticTraceAnalysis' shape): consumers read `run_info()`, `run_metrics()`
-    (the SQL views) and the per-run frames `request_summary`, `costs`, `accuracy`; `document` is
+    (the SQL views), `slow_step_totals()` and the per-run frames `request_summary`, `costs`, `accuracy`; `document` is
     metrics.json, built from the same results and written only at the edge (`--out`)."""
 
     db: TraceDB
@@ -113,6 +113,23 @@ class Analysis:
                 define_run_views(self.db.con)
                 self._frames["run_metrics"] = self.db.con.sql("SELECT * FROM run_metrics").pl()
         return self._frames["run_metrics"]
+
+    def slow_step_totals(self) -> pl.DataFrame:
+        """Per run, the steps `check` names (compile / JIT or first-use warm-up, analyze/slow_steps.py)
+        and their summed duration: run_id, compile_steps, compile_s (seconds). Every run has a row."""
+        from .slow_steps import slow_steps_by_run
+
+        if "slow_step_totals" not in self._frames:
+            found = slow_steps_by_run(self.db, self.run_ids)
+            self._frames["slow_step_totals"] = pl.DataFrame(
+                {
+                    "run_id": list(found),
+                    "compile_steps": [len(v) for v in found.values()],
+                    "compile_s": [sum(s.duration_ms for s in v) / 1e3 for v in found.values()],
+                },
+                schema={"run_id": pl.String, "compile_steps": pl.Int64, "compile_s": pl.Float64},
+            )
+        return self._frames["slow_step_totals"]
 
     def run_info(self) -> pl.DataFrame:
         """Per run, what identifies it: the `runs` table (trace metadata) with the GPU the metrics

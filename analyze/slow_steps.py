@@ -242,3 +242,26 @@ def slow_step_findings(rows: Iterable[Mapping[str, Any]] | pl.DataFrame, *, show
         f"autotuning, a cold first step or graph capture inside the recorded window; `run --warmup` keeps it "
         f"out): {first}"
     ]
+
+
+STEP_COLUMNS = "dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns, t_start_ns, t_end_ns"
+"""The `steps` columns the rule reads."""
+
+
+def slow_steps_by_run(db: Any, run_ids: list[str]) -> dict[str, list[SlowStep]]:
+    """run_id -> its slow steps (both rules) over its `steps` rows in `db` (a TraceDB), one per
+    (dp, pp, step): the TP ranks of a stage share the step, so the first rank's naming stands for it."""
+    out: dict[str, list[SlowStep]] = {rid: [] for rid in run_ids}
+    if not run_ids:
+        return out
+    marks = ", ".join("?" * len(run_ids))
+    rows = db.con.sql(
+        f"SELECT run_id, {STEP_COLUMNS} FROM steps WHERE run_id IN ({marks})", params=list(run_ids)
+    ).pl()
+    for (rid,), part in rows.partition_by("run_id", as_dict=True).items():
+        seen = set()
+        for s in slow_steps(part.drop("run_id")):
+            if (s.dp, s.pp, s.step) not in seen:
+                seen.add((s.dp, s.pp, s.step))
+                out[rid].append(s)
+    return out

@@ -112,6 +112,7 @@ def leaderboard(
 
     A sweep's table (moecap-collect sweep): moecap-analyze leaderboard sweep-out/ --layout moecap
     """
+    import polars as pl
     from rich.console import Console
     from rich.table import Table
 
@@ -162,13 +163,27 @@ def leaderboard(
                 justify="left" if c in _LEFT else "right",
                 overflow="fold" if c == "run_id" else "ellipsis",
             )
-        for cells in display_rows(board):
+        tps = TERMINAL_COLUMNS.index("window_output_throughput")
+        for cells, compiled in zip(display_rows(board), board["compile_steps"], strict=True):
             row = [cells[index[c]] or "n/a" for c in TERMINAL_COLUMNS]
             row[TERMINAL_COLUMNS.index("model")] = (
                 row[TERMINAL_COLUMNS.index("model")].rstrip("/").split("/")[-1]
             )
+            if compiled:
+                row[tps] += " †"
             table.add_row(*row)
         console_for().print(table)
+        marked = board.filter(pl.col("compile_steps") > 0)
+        if marked.height:
+            err.print(
+                f"note: † {marked.height} run(s) hold compile / JIT or first-use warm-up steps "
+                f"({int(marked['compile_steps'].sum())} in all, {marked['compile_s'].sum():.3g} s; "
+                "moecap-analyze check names them): their figures include that one-off time where it falls in "
+                "the window (`run --warmup` keeps it out; CSV/JSON: compile_steps, compile_s)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     if out is not None:
         written = write_leaderboard(analysis, out, sort=sort, export=formats, group=group)
         err.print(f"wrote {written['html']}, {written['csv'].name}, {written['json'].name}", markup=False)

@@ -531,6 +531,8 @@ RUNS_FRAME_SCHEMA: dict[str, Any] = {
     "prefill_smfu": pl.Float64,
     "decode_smbu": pl.Float64,
     "decode_smfu": pl.Float64,
+    "compile_steps": pl.Int64,
+    "compile_s": pl.Float64,
     "warnings": pl.Int64,
 }
 
@@ -546,7 +548,9 @@ def runs_frame(analysis: Any, labels: dict[str, str] | None = None) -> pl.DataFr
     model's sensitivity band), accuracy (exact match, fraction), accuracy_correct, accuracy_total,
     ttft_ms, tpot_ms (means), itl_ms (p50), window_output_throughput (tok/s over the metrics
     window's busy time), output_throughput and request_throughput (over the requests' makespan),
-    prefill_smbu, prefill_smfu, decode_smbu, decode_smfu, warnings.
+    prefill_smbu, prefill_smfu, decode_smbu, decode_smfu, compile_steps and compile_s (the steps
+    `check` names as compile / JIT or first-use warm-up, `analyze/slow_steps.py`, and their summed time:
+    the figures above include them), warnings.
     """
     labels = labels or run_labels(analysis)
     ids = analysis.run_ids
@@ -582,6 +586,7 @@ def runs_frame(analysis: Any, labels: dict[str, str] | None = None) -> pl.DataFr
         analysis.accuracy.select(
             "run_id", accuracy="exact_match", accuracy_correct="correct", accuracy_total="total"
         ),
+        analysis.slow_step_totals(),
     ]
     frame = order
     for part in parts:  # one row per run in each; runs a part lacks get nulls

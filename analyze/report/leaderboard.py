@@ -60,6 +60,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prefill_smfu", "prefill S-MFU", "pct"),
     ("decode_smbu", "decode S-MBU", "pct"),
     ("decode_smfu", "decode S-MFU", "pct"),
+    ("compile_steps", "compile / JIT steps", ""),
+    ("compile_s", "compile / JIT s", "f2"),
     ("run_id", "run id", ""),
     ("other_runs", "other runs", ""),
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..slow_steps import FACTOR, MIN_EXCESS_MS, MIN_WARMUP_EXCESS_MS, WARMUP_FACTOR, slow_steps
+from ..slow_steps import FACTOR, MIN_EXCESS_MS, MIN_WARMUP_EXCESS_MS, WARMUP_FACTOR, slow_steps_by_run
 
 
 @dataclass
@@ -76,20 +76,11 @@ def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
         params=list(run_ids),
     ).fetchall():
         out[rid].idle = int(idle)
-    steps = db.con.sql(
-        f"""SELECT run_id, dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns,
-                   t_start_ns, t_end_ns
-            FROM steps WHERE run_id IN ({marks})""",
-        params=list(run_ids),
-    ).pl()
-    for (rid,), rows in steps.partition_by("run_id", as_dict=True).items():
-        seen = set()
-        for s in slow_steps(rows.drop("run_id")):
-            if (s.dp, s.pp, s.step) not in seen:  # TP ranks of a stage share the step
-                seen.add((s.dp, s.pp, s.step))
-                out[rid].outliers.append((s.dp, s.pp, s.step, s.duration_ms / 1e3))
-                if s.rule != "compile":
-                    out[rid].warmups.add((s.dp, s.pp, s.step))
+    for rid, slow in slow_steps_by_run(db, run_ids).items():
+        for s in slow:
+            out[rid].outliers.append((s.dp, s.pp, s.step, s.duration_ms / 1e3))
+            if s.rule != "compile":
+                out[rid].warmups.add((s.dp, s.pp, s.step))
     return out
 
 

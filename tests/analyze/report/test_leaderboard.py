@@ -118,3 +118,42 @@ def test_terminal_table_shows_whole_run_ids_and_says_when_it_groups(cli, trace_d
     assert "grouped" not in r.stderr
     g = cli("leaderboard", trace_dir, "--cache-dir", cache_dir, "--export", "none", "--group")
     assert g.returncode == 0 and "grouped" not in g.stderr  # 4 distinct configurations: nothing folded
+
+
+def test_runs_holding_compile_steps_are_marked_as_check_names_them(tmp_path):
+    # The shipped H100 vLLM sweep: four of its eight runs hold steps `check` names (a ~1.2 s Triton JIT
+    # at c32 and c64, a slow first prefill at c1 and c8). The leaderboard marks their throughput with †
+    # and carries the count and seconds in CSV; both agree with `check --format json`, read on its own.
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sweep = str(Path(__file__).resolve().parents[3] / "traces" / "h100-vllm-sweep")
+    cli = [sys.executable, "-c", "from moecap.analyze.cli import main; main()"]
+    cache = ["--cache-dir", str(tmp_path)]
+    checked = json.loads(
+        subprocess.run(
+            [*cli, "check", sweep, "--format", "json", *cache], capture_output=True, text=True
+        ).stdout
+    )
+    named = {}
+    for run in checked["runs"]:
+        ms = [float(m) for note in run["notes"] for m in re.findall(r"step \d+ \(\w+, ([\d.]+) ms", note)]
+        named[run["run_id"]] = (len(ms), sum(ms) / 1e3)
+    assert sum(1 for n, _ in named.values() if n) == 4
+    raw = subprocess.run(
+        [*cli, "leaderboard", sweep, "--format", "csv", *cache], capture_output=True, text=True
+    )
+    rows = list(csv.DictReader(io.StringIO(raw.stdout)))
+    assert len(rows) == 8
+    for r in rows:
+        n, seconds = named[r["run_id"]]
+        assert int(r["compile_steps"]) == n
+        assert float(r["compile_s"]) == pytest.approx(seconds, abs=1e-3)
+    env = {**os.environ, "COLUMNS": "300"}
+    table = subprocess.run([*cli, "leaderboard", sweep, *cache], capture_output=True, text=True, env=env)
+    marked = {line.split("│")[2].strip() for line in table.stdout.splitlines() if "†" in line}
+    assert marked == {rid for rid, (n, _) in named.items() if n}
+    assert re.search(r"note: † 4 run\(s\) hold compile / JIT .*\(5 in all, ", table.stderr)
