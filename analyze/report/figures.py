@@ -351,6 +351,12 @@ def report_connections(analysis: Any, n: int) -> Iterator[queue.Queue[Any]]:
         yield pool
         return
     with in_memory(con, extra_cursors=n - 1) as cursors:
+        # The façade's frames are computed once and shared by the copies below (one `_frames` dict):
+        # computed here, before any thread, not by two threads at once, whose cursors would both
+        # (re)define the run views and meet DuckDB's catalog write-write conflict.
+        for frame in ("run_info", "run_metrics", "slow_step_totals"):
+            if callable(getattr(analysis, frame, None)):
+                getattr(analysis, frame)()
         pool.put(analysis)
         for c in cursors[1:]:
             clone = copy.copy(db)

@@ -168,3 +168,30 @@ def test_sections_built_on_two_threads_equal_those_built_on_one(analysis):
         "SELECT view_name FROM duckdb_views() WHERE temporary AND NOT internal"
     ).fetchall()
     assert temp == []
+
+
+def test_threads_find_the_facade_frames_computed_once_before_them(trace_dir, cache_dir, monkeypatch):
+    """A report built on threads shares one set of façade frames (`run_metrics()` & co.). Computed
+    lazily inside the threads, two of them (re)defined the run views at once, on two cursors: DuckDB's
+    "Catalog write-write conflict on create … run_metrics" (seen in CI, 2026-12-08). Here defining the
+    views is made slow, so threads that both miss the cache overlap; they must not both define them."""
+    import threading
+    import time
+
+    from moecap.analyze.analysis import Options
+    from moecap.analyze.pipeline import analyze_paths
+    from moecap.analyze.report.figures import report_sections
+    from moecap.analyze.sql import views
+
+    fresh = analyze_paths([trace_dir], Options(), cache_dir=cache_dir)
+    real, calls = views.define_run_views, []
+
+    def slow_define(con):  # type: ignore[no-untyped-def]
+        calls.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return real(con)
+
+    monkeypatch.setattr(views, "define_run_views", slow_define)
+    sections = report_sections(fresh, whatif_gpus=("H200",), threads=3)
+    assert len(sections) == 2 + 4
+    assert len(calls) == 1 and calls[0] == threading.main_thread().name
