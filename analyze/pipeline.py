@@ -76,8 +76,9 @@ class Analysis:
     """The loaded traces, their resolved contexts and what the analysis computed, as frames.
 
     The façade (HolisticTraceAnalysis' shape): consumers read `run_info()`, `run_metrics()`
-    (the SQL views), `slow_step_totals()` and the per-run frames `request_summary`, `costs`, `accuracy`; `document` is
-    metrics.json, built from the same results and written only at the edge (`--out`)."""
+    (the SQL views), `slow_steps()` / `slow_step_totals()` and the per-run frames `request_summary`,
+    `costs`, `accuracy`; `document` is metrics.json, built from the same results and written only at the
+    edge (`--out`)."""
 
     db: TraceDB
     contexts: list[RunContext]
@@ -114,22 +115,27 @@ class Analysis:
                 self._frames["run_metrics"] = self.db.con.sql("SELECT * FROM run_metrics").pl()
         return self._frames["run_metrics"]
 
-    def slow_step_totals(self) -> pl.DataFrame:
-        """Per run, the steps `check` names (compile / JIT or first-use warm-up, analyze/slow_steps.py)
-        and their summed duration: run_id, compile_steps, compile_s (seconds). Every run has a row."""
-        from .slow_steps import slow_steps_by_run
+    def slow_steps(self) -> pl.DataFrame:
+        """The steps `check` names (compile / JIT or first-use warm-up, analyze/slow_steps.py), one row
+        per (run, dp, pp, step); columns `slow_steps.SLOW_STEPS_SCHEMA`. Computed once."""
+        from .slow_steps import slow_steps_frame
 
-        if "slow_step_totals" not in self._frames:
-            found = slow_steps_by_run(self.db, self.run_ids)
-            self._frames["slow_step_totals"] = pl.DataFrame(
-                {
-                    "run_id": list(found),
-                    "compile_steps": [len(v) for v in found.values()],
-                    "compile_s": [sum(s.duration_ms for s in v) / 1e3 for v in found.values()],
-                },
-                schema={"run_id": pl.String, "compile_steps": pl.Int64, "compile_s": pl.Float64},
-            )
-        return self._frames["slow_step_totals"]
+        if "slow_steps" not in self._frames:
+            self._frames["slow_steps"] = slow_steps_frame(self.db, self.run_ids)
+        return self._frames["slow_steps"]
+
+    def slow_step_totals(self) -> pl.DataFrame:
+        """Per run (every run has a row), the count and summed duration of its `slow_steps()`:
+        run_id, compile_steps, compile_s (seconds)."""
+        totals = (
+            self.slow_steps()
+            .group_by("run_id")
+            .agg(compile_steps=pl.len().cast(pl.Int64), compile_s=pl.col("duration_s").sum())
+        )
+        runs = pl.DataFrame({"run_id": self.run_ids}, schema={"run_id": pl.String})
+        return runs.join(totals, on="run_id", how="left").with_columns(
+            pl.col("compile_steps").fill_null(0), pl.col("compile_s").fill_null(0.0)
+        )
 
     def run_info(self) -> pl.DataFrame:
         """Per run, what identifies it: the `runs` table (trace metadata) with the GPU the metrics

@@ -247,21 +247,35 @@ def slow_step_findings(rows: Iterable[Mapping[str, Any]] | pl.DataFrame, *, show
 STEP_COLUMNS = "dp, pp, tp, step, phase, num_tokens, is_draft, gpu_start_ns, gpu_end_ns, t_start_ns, t_end_ns"
 """The `steps` columns the rule reads."""
 
+SLOW_STEPS_SCHEMA = {
+    "run_id": pl.String,
+    "dp": pl.Int64,
+    "pp": pl.Int64,
+    "step": pl.Int64,
+    "phase": pl.String,
+    "duration_s": pl.Float64,
+    "rule": pl.String,
+}
+"""`slow_steps_frame`'s columns: one row per named step; `rule` is "compile" or "first use"."""
 
-def slow_steps_by_run(db: Any, run_ids: list[str]) -> dict[str, list[SlowStep]]:
-    """run_id -> its slow steps (both rules) over its `steps` rows in `db` (a TraceDB), one per
-    (dp, pp, step): the TP ranks of a stage share the step, so the first rank's naming stands for it."""
-    out: dict[str, list[SlowStep]] = {rid: [] for rid in run_ids}
-    if not run_ids:
-        return out
-    marks = ", ".join("?" * len(run_ids))
-    rows = db.con.sql(
-        f"SELECT run_id, {STEP_COLUMNS} FROM steps WHERE run_id IN ({marks})", params=list(run_ids)
-    ).pl()
-    for (rid,), part in rows.partition_by("run_id", as_dict=True).items():
-        seen = set()
-        for s in slow_steps(part.drop("run_id")):
-            if (s.dp, s.pp, s.step) not in seen:
-                seen.add((s.dp, s.pp, s.step))
-                out[rid].append(s)
-    return out
+
+def slow_steps_frame(db: Any, run_ids: list[str]) -> pl.DataFrame:
+    """The slow steps (both rules) of `run_ids` over their `steps` rows in `db` (a TraceDB), one row per
+    (run, dp, pp, step): the TP ranks of a stage share the step, so the first rank's naming stands for it.
+    Columns: SLOW_STEPS_SCHEMA."""
+    found: list[dict[str, Any]] = []
+    if run_ids:
+        marks = ", ".join("?" * len(run_ids))
+        rows = db.con.sql(
+            f"SELECT run_id, {STEP_COLUMNS} FROM steps WHERE run_id IN ({marks})", params=list(run_ids)
+        ).pl()
+        for (rid,), part in rows.partition_by("run_id", as_dict=True).items():
+            seen = set()
+            for s in slow_steps(part.drop("run_id")):
+                if (s.dp, s.pp, s.step) not in seen:
+                    seen.add((s.dp, s.pp, s.step))
+                    found.append(
+                        {"run_id": rid, "dp": s.dp, "pp": s.pp, "step": s.step, "phase": s.phase,
+                         "duration_s": s.duration_ms / 1e3, "rule": s.rule}
+                    )  # fmt: skip
+    return pl.DataFrame(found, schema=SLOW_STEPS_SCHEMA)

@@ -354,9 +354,9 @@ def report_connections(analysis: Any, n: int) -> Iterator[queue.Queue[Any]]:
         # The façade's frames are computed once and shared by the copies below (one `_frames` dict):
         # computed here, before any thread, not by two threads at once, whose cursors would both
         # (re)define the run views and meet DuckDB's catalog write-write conflict.
-        for frame in ("run_info", "run_metrics", "slow_step_totals"):
-            if callable(getattr(analysis, frame, None)):
-                getattr(analysis, frame)()
+        analysis.run_info()
+        analysis.run_metrics()
+        analysis.slow_steps()
         pool.put(analysis)
         for c in cursors[1:]:
             clone = copy.copy(db)
@@ -380,7 +380,7 @@ def _sections(
     from .steps import excluded_steps_all, steps_predicate
 
     labels = run_labels(info_rows(analysis), run_modes(analysis))
-    excluded = excluded_steps_all(analysis.db, list(labels))
+    excluded = excluded_steps_all(analysis.db, list(labels), analysis.slow_steps())
     # Every run's time bins in one query (per run, planning the query cost more than running it).
     slow_only, _ = steps_predicate(analysis.db, list(labels), excluded, idle=False)
     timelines = F.timeline_frames(analysis.db, list(labels), bins=options.time_bins, where=slow_only)

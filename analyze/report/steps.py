@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..slow_steps import FACTOR, MIN_EXCESS_MS, MIN_WARMUP_EXCESS_MS, WARMUP_FACTOR, slow_steps_by_run
+import polars as pl
+
+from ..slow_steps import FACTOR, MIN_EXCESS_MS, MIN_WARMUP_EXCESS_MS, WARMUP_FACTOR, slow_steps_frame
 
 
 @dataclass
@@ -63,9 +65,10 @@ def _steps(outliers: list[tuple[int, int, int, float]]) -> str:
     return f"step{'s' if len(outliers) != 1 else ''} {steps}{more}"
 
 
-def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
+def excluded_steps_all(db: Any, run_ids: list[str], slow: pl.DataFrame | None = None) -> dict[str, Excluded]:
     """run_id -> its idle steps (non-draft, positive duration, 0 tokens, from step_metrics) and its
-    slow steps (`slow_steps` over the run's `steps` rows, as `check` reads them); two queries."""
+    slow steps (`slow`: `slow_steps.slow_steps_frame`'s rows, e.g. the façade's `Analysis.slow_steps()`,
+    computed here when not given — as `check` reads them)."""
     out = {rid: Excluded() for rid in run_ids}
     if not run_ids:
         return out
@@ -76,11 +79,12 @@ def excluded_steps_all(db: Any, run_ids: list[str]) -> dict[str, Excluded]:
         params=list(run_ids),
     ).fetchall():
         out[rid].idle = int(idle)
-    for rid, slow in slow_steps_by_run(db, run_ids).items():
-        for s in slow:
-            out[rid].outliers.append((s.dp, s.pp, s.step, s.duration_ms / 1e3))
-            if s.rule != "compile":
-                out[rid].warmups.add((s.dp, s.pp, s.step))
+    found = slow if slow is not None else slow_steps_frame(db, run_ids)
+    for s in found.filter(pl.col("run_id").is_in(run_ids)).iter_rows(named=True):
+        key = (s["dp"], s["pp"], s["step"])
+        out[s["run_id"]].outliers.append((*key, s["duration_s"]))
+        if s["rule"] != "compile":
+            out[s["run_id"]].warmups.add(key)
     return out
 
 

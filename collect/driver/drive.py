@@ -370,10 +370,11 @@ async def _climb_ladder(
 def _workload_limits(
     samples: list[Sample], load: LoadConfig, room: int, server_requests: int
 ) -> tuple[int, int]:
-    """The longest prompt (tokens) and most requests in flight the ladder climbs for: the run's own — its longest token-id prompt, its concurrency (open loop: its
-    `max_concurrency`, else every sample; never more than its samples) — within the server's `room` and `server_requests`, as `run`'s
-    warm-up (`engines.base`). Text prompts have no token count here (the server tokenizes them, a chat
-    template adds its own): the climb then goes to the longest prompt the server takes."""
+    """The longest prompt (tokens) and most requests in flight the ladder climbs for: the run's own — its
+    longest token-id prompt, its concurrency (open loop: its `max_concurrency`, else every sample; never
+    more than its samples) — within the server's `room` and `server_requests`, as `run`'s warm-up
+    (`engines.base`). Text prompts have no token count here (the server tokenizes them, a chat template
+    adds its own): the climb then goes to the longest prompt the server takes."""
     in_flight = min(
         (load.max_concurrency or len(samples)) if load.open_loop else load.concurrency, len(samples)
     )
